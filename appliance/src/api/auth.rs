@@ -1,0 +1,338 @@
+//! Who is calling: sessions (cookie or bearer), CSRF on cookie-authenticated writes,
+//! roles, password hashing and the login rate limiter.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+use argon2::Argon2;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{Method, header};
+use base64::Engine as _;
+use rand::RngCore as _;
+use rusqlite::{Connection, OptionalExtension as _, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::RequestMeta;
+
+pub const SESSION_COOKIE: &str = "labrack_session";
+pub const CSRF_HEADER: &str = "x-csrf-token";
+pub const STAFF_SESSION_SECS: i64 = 12 * 3600;
+pub const PARTICIPANT_SESSION_SECS: i64 = 7 * 24 * 3600;
+
+/// Staff roles, most to least powerful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// everything, including staff accounts
+    Admin,
+    /// events, their state, teams and participants
+    Organizer,
+    /// teams and participants of existing events
+    Staff,
+    /// read-only
+    Judge,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Organizer => "organizer",
+            Self::Staff => "staff",
+            Self::Judge => "judge",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "admin" => Some(Self::Admin),
+            "organizer" => Some(Self::Organizer),
+            "staff" => Some(Self::Staff),
+            "judge" => Some(Self::Judge),
+            _ => None,
+        }
+    }
+}
+
+/// Who a session belongs to.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Principal {
+    Staff { id: i64, username: String, role: Role, must_change_password: bool },
+    Participant { id: i64, name: String, team_id: i64, event_id: i64 },
+}
+
+impl Principal {
+    /// How the audit log names this caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Self::Staff { username, .. } => format!("staff:{username}"),
+            Self::Participant { id, .. } => format!("participant:{id}"),
+        }
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub token_hash: String,
+    pub csrf_token: String,
+    pub meta: RequestMeta,
+}
+
+/// Paths a staff member who must still change the one-time password may call.
+const ALLOWED_BEFORE_PASSWORD_CHANGE: [&str; 3] = ["/api/v1/auth/session", "/api/v1/auth/password", "/api/v1/auth/logout"];
+
+impl Caller {
+    /// The staff member's role if it is one of `allowed`; otherwise 403.
+    pub fn require_staff(&self, allowed: &[Role]) -> Result<(i64, Role), ApiError> {
+        match &self.principal {
+            Principal::Staff { id, role, .. } if allowed.contains(role) => Ok((*id, *role)),
+            Principal::Staff { role, .. } => {
+                Err(ApiError::forbidden(format!("the {} role may not do this", role.as_str())))
+            }
+            Principal::Participant { .. } => Err(ApiError::forbidden("participants may not do this")),
+        }
+    }
+
+    pub fn actor(&self) -> String {
+        self.principal.actor()
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let meta = RequestMeta::from_parts(parts);
+        let (token, from_cookie) = session_token(parts)
+            .ok_or_else(|| ApiError::Unauthenticated("no session: log in first".into()))?;
+        let token_hash = hash_secret(&token);
+        let lookup_hash = token_hash.clone();
+        let now = unix_now();
+        let found = state.db.read(move |conn| load_session(conn, &lookup_hash, now)).await?;
+        let (principal, csrf_token) =
+            found.ok_or_else(|| ApiError::Unauthenticated("session expired or unknown: log in again".into()))?;
+        let writes = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        if from_cookie && writes {
+            let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if !constant_time_eq(sent.as_bytes(), csrf_token.as_bytes()) {
+                return Err(ApiError::forbidden("missing or wrong X-CSRF-Token header"));
+            }
+        }
+        if let Principal::Staff { must_change_password: true, .. } = principal {
+            if !ALLOWED_BEFORE_PASSWORD_CHANGE.contains(&parts.uri.path()) {
+                return Err(ApiError::forbidden("change the one-time password first (POST /api/v1/auth/password)"));
+            }
+        }
+        Ok(Self { principal, token_hash, csrf_token, meta })
+    }
+}
+
+/// The session token and whether it came from the cookie (true) or a bearer header.
+fn session_token(parts: &Parts) -> Option<(String, bool)> {
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return value.strip_prefix("Bearer ").map(|t| (t.trim().to_owned(), false));
+    }
+    for value in parts.headers.get_all(header::COOKIE) {
+        let Ok(text) = value.to_str() else { continue };
+        for pair in text.split(';') {
+            if let Some((name, token)) = pair.trim().split_once('=') {
+                if name == SESSION_COOKIE && !token.is_empty() {
+                    return Some((token.to_owned(), true));
+                }
+            }
+        }
+    }
+    None
+}
+
+fn load_session(conn: &Connection, token_hash: &str, now: i64) -> Result<Option<(Principal, String)>, ApiError> {
+    let row = conn
+        .query_row(
+            "SELECT s.csrf_token, s.staff_id, st.username, st.role, st.must_change_password,
+                    s.participant_id, p.name, p.team_id, p.event_id
+             FROM sessions s
+             LEFT JOIN staff st ON st.id = s.staff_id
+             LEFT JOIN participants p ON p.id = s.participant_id
+             WHERE s.token_hash = ?1 AND s.expires_at > ?2",
+            params![token_hash, now],
+            |r| {
+                let csrf: String = r.get(0)?;
+                let staff_id: Option<i64> = r.get(1)?;
+                let principal = match staff_id {
+                    Some(id) => {
+                        let role: String = r.get(3)?;
+                        Some(Principal::Staff {
+                            id,
+                            username: r.get(2)?,
+                            role: Role::parse(&role).unwrap_or(Role::Judge),
+                            must_change_password: r.get(4)?,
+                        })
+                    }
+                    None => match r.get::<_, Option<i64>>(5)? {
+                        Some(id) => Some(Principal::Participant {
+                            id,
+                            name: r.get(6)?,
+                            team_id: r.get(7)?,
+                            event_id: r.get(8)?,
+                        }),
+                        None => None,
+                    },
+                };
+                Ok(principal.map(|p| (p, csrf)))
+            },
+        )
+        .optional()?;
+    Ok(row.flatten())
+}
+
+/// Creates a session row; returns (token, csrf token). Runs inside a write.
+pub fn create_session(conn: &Connection, principal: &Principal) -> Result<(String, String), ApiError> {
+    let token = random_token();
+    let csrf = random_token();
+    let (staff_id, participant_id, lifetime) = match principal {
+        Principal::Staff { id, .. } => (Some(*id), None, STAFF_SESSION_SECS),
+        Principal::Participant { id, .. } => (None, Some(*id), PARTICIPANT_SESSION_SECS),
+    };
+    let now = unix_now();
+    // Expired sessions are swept as new ones are made, so the table stays small.
+    conn.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now])?;
+    conn.execute(
+        "INSERT INTO sessions (token_hash, staff_id, participant_id, csrf_token, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![hash_secret(&token), staff_id, participant_id, csrf, super::now_rfc3339(), now + lifetime],
+    )?;
+    Ok((token, csrf))
+}
+
+/// The Set-Cookie value for a session.
+pub fn session_cookie(token: &str, secure: bool, max_age: i64) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}")
+}
+
+/// 32 random bytes, URL-safe base64.
+pub fn random_token() -> String {
+    let mut bytes = [0_u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// SHA-256 hex of a high-entropy secret (session tokens, join codes): stored instead of it.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+pub fn hash_password(password: &str) -> Result<String, ApiError> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| ApiError::Internal(format!("argon2: {e}")))
+}
+
+/// Verifies against a stored argon2id hash; `None` burns the same time against a dummy.
+pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let dummy = DUMMY.get_or_init(|| hash_password("labrack-dummy-password").unwrap_or_default());
+    let target = stored.unwrap_or(dummy);
+    let Ok(parsed) = PasswordHash::new(target) else { return false };
+    Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok() && stored.is_some()
+}
+
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Counts failures per key in a fixed window; refuses once `max_failures` is reached.
+pub struct RateLimiter {
+    max_failures: u32,
+    window: Duration,
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(max_failures: u32, window: Duration) -> Self {
+        Self { max_failures, window, failures: Mutex::new(HashMap::new()) }
+    }
+
+    /// Err with the seconds to wait if any key is over its limit.
+    pub fn check(&self, keys: &[String]) -> Result<(), ApiError> {
+        let Ok(mut failures) = self.failures.lock() else { return Ok(()) };
+        let now = Instant::now();
+        for key in keys {
+            if let Some((count, since)) = failures.get(key).copied() {
+                let elapsed = now.duration_since(since);
+                if elapsed >= self.window {
+                    failures.remove(key);
+                } else if count >= self.max_failures {
+                    let wait = self.window.saturating_sub(elapsed).as_secs().max(1);
+                    return Err(ApiError::RateLimited { retry_after_secs: wait });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn record_failure(&self, keys: &[String]) {
+        let Ok(mut failures) = self.failures.lock() else { return };
+        let now = Instant::now();
+        if failures.len() > 100_000 {
+            let window = self.window;
+            failures.retain(|_, (_, since)| now.duration_since(*since) < window);
+        }
+        for key in keys {
+            let entry = failures.entry(key.clone()).or_insert((0, now));
+            entry.0 += 1;
+        }
+    }
+
+    pub fn clear(&self, keys: &[String]) {
+        if let Ok(mut failures) = self.failures.lock() {
+            for key in keys {
+                failures.remove(key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limiter_blocks_after_max_failures_and_clears() {
+        let limiter = RateLimiter::new(3, Duration::from_secs(60));
+        let keys = vec!["ip:1".to_owned()];
+        for _ in 0..3 {
+            assert!(limiter.check(&keys).is_ok());
+            limiter.record_failure(&keys);
+        }
+        assert!(matches!(limiter.check(&keys), Err(ApiError::RateLimited { .. })));
+        assert!(limiter.check(&["ip:2".to_owned()]).is_ok());
+        limiter.clear(&keys);
+        assert!(limiter.check(&keys).is_ok());
+    }
+
+    #[test]
+    fn passwords_verify_only_against_their_hash() {
+        let hash = hash_password("correct horse battery").expect("hash");
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse battery", Some(&hash)));
+        assert!(!verify_password("wrong", Some(&hash)));
+        assert!(!verify_password("correct horse battery", None));
+    }
+}

@@ -1,0 +1,132 @@
+//! Request extractors that fail with problem documents: strict JSON (unknown fields
+//! rejected, the failing field named), CSV bodies, and request metadata for the audit log.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// Largest JSON body any endpoint accepts.
+pub const JSON_LIMIT: usize = 64 * 1024;
+/// Largest CSV upload.
+pub const CSV_LIMIT: usize = 1024 * 1024;
+
+/// A JSON body parsed strictly into `T` (which should `deny_unknown_fields`).
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        require_content_type(req.headers(), "application/json")?;
+        let body = read_limited(req, JSON_LIMIT).await?;
+        let mut deserializer = serde_json::Deserializer::from_slice(&body);
+        let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+            let path = error.path().to_string();
+            let inner = error.into_inner();
+            let message = inner.to_string();
+            let field = if path != "." {
+                Some(path.clone())
+            } else {
+                // serde names an unknown or missing field only in its message: `name`.
+                message.split('`').nth(1).map(str::to_owned)
+            };
+            let detail = if path == "." { message } else { format!("{path}: {message}") };
+            if inner.is_data() {
+                ApiError::Invalid { detail, field }
+            } else {
+                ApiError::Malformed { detail: format!("body is not valid JSON: {detail}"), field: None }
+            }
+        })?;
+        deserializer.end().map_err(|e| ApiError::Malformed { detail: format!("trailing data after JSON: {e}"), field: None })?;
+        Ok(Self(value))
+    }
+}
+
+/// A UTF-8 CSV body (`text/csv`).
+#[derive(Debug)]
+pub struct CsvBody(pub String);
+
+impl<S: Send + Sync> FromRequest<S> for CsvBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        require_content_type(req.headers(), "text/csv")?;
+        let body = read_limited(req, CSV_LIMIT).await?;
+        let text = String::from_utf8(body.to_vec())
+            .map_err(|e| ApiError::Malformed { detail: format!("csv is not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()), field: None })?;
+        Ok(Self(text))
+    }
+}
+
+fn require_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(), ApiError> {
+    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if essence == expected {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType { expected })
+    }
+}
+
+async fn read_limited(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| ApiError::TooLarge { limit })
+}
+
+/// Where a request came from and its id: what the audit log records.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    pub remote_addr: String,
+    pub request_id: String,
+}
+
+impl RequestMeta {
+    pub(crate) fn from_parts(parts: &Parts) -> Self {
+        let remote_addr = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_string())
+            .unwrap_or_else(|| "local".to_owned());
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        Self { remote_addr, request_id }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self::from_parts(parts))
+    }
+}
+
+/// A path parameter that answers a problem document when it does not parse.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(value) = axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(value))
+    }
+}

@@ -1,0 +1,192 @@
+//! The HTTP API (v1), its middleware and the static web UI.
+//!
+//! Architecture invariant: handlers never write to SQLite directly; they hand a closure
+//! to the group-commit writer, and every state-changing closure appends its audit row in
+//! the same savepoint as the change, so the audit log and the state never disagree.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub use validate::{email as validate_email, name as validate_name};
+pub mod events;
+pub mod ops;
+pub mod people;
+pub mod session;
+pub mod staff;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use rusqlite::{Connection, params};
+use tracing::Instrument as _;
+use utoipa::OpenApi as _;
+
+use crate::db::Db;
+use crate::metrics::Metrics;
+use auth::RateLimiter;
+use error::ApiError;
+use extract::RequestMeta;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub metrics: Arc<Metrics>,
+    /// failed logins per IP and per username
+    pub login_limiter: Arc<RateLimiter>,
+    /// failed joins per IP
+    pub join_limiter: Arc<RateLimiter>,
+    /// whether cookies get the Secure attribute (false only in the plain-HTTP dev mode)
+    pub secure_cookies: bool,
+    /// where the built web UI lives
+    pub web_dir: Option<PathBuf>,
+}
+
+impl AppState {
+    pub fn new(db: Db, metrics: Arc<Metrics>, secure_cookies: bool, web_dir: Option<PathBuf>) -> Self {
+        Self {
+            db,
+            metrics,
+            login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
+            join_limiter: Arc::new(RateLimiter::new(30, Duration::from_secs(300))),
+            secure_cookies,
+            web_dir,
+        }
+    }
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "LabRack appliance API", version = "1", description = "Control plane of the LabRack edge appliance. Errors are application/problem+json (RFC 9457)."),
+    paths(
+        session::login, session::logout, session::current, session::change_password, session::join,
+        staff::list, staff::create,
+        events::list, events::create, events::get_one, events::update, events::transition,
+        people::list_teams, people::create_team, people::get_team,
+        people::list_participants, people::create_participant, people::import_participants, people::regenerate_join_code,
+        people::me, ops::audit_log,
+    ),
+    components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
+    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit")),
+)]
+pub struct ApiDoc;
+
+/// Builds the whole application: API, ops endpoints and the web UI.
+pub fn app(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/auth/login", post(session::login))
+        .route("/v1/auth/logout", post(session::logout))
+        .route("/v1/auth/session", get(session::current))
+        .route("/v1/auth/password", post(session::change_password))
+        .route("/v1/join", post(session::join))
+        .route("/v1/staff", get(staff::list).post(staff::create))
+        .route("/v1/events", get(events::list).post(events::create))
+        .route("/v1/events/{event_id}", get(events::get_one).patch(events::update))
+        .route("/v1/events/{event_id}/transition", post(events::transition))
+        .route("/v1/events/{event_id}/teams", get(people::list_teams).post(people::create_team))
+        .route("/v1/events/{event_id}/participants", get(people::list_participants).post(people::create_participant))
+        .route("/v1/events/{event_id}/participants/import", post(people::import_participants))
+        .route("/v1/teams/{team_id}", get(people::get_team))
+        .route("/v1/participants/{participant_id}/join-code", post(people::regenerate_join_code))
+        .route("/v1/me", get(people::me))
+        .route("/v1/audit", get(ops::audit_log))
+        .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
+        .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::map_response(no_store));
+
+    let web = ops::web_ui(state.web_dir.clone());
+    Router::new()
+        .nest("/api", api)
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(web)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Request id, tracing span, security headers and metrics for every request.
+async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let incoming = request.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|id| {
+        !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    let request_id = match incoming {
+        Some(id) => id.to_owned(),
+        None => format!("{:08x}-{:06x}", std::process::id(), REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed)),
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        request.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| if request.uri().path().starts_with("/api/") { "/api/*".into() } else { "/*".into() });
+    let span = tracing::info_span!("request", %request_id, %method, %route);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    state.metrics.observe(&method, &route, status, elapsed);
+    span.in_scope(|| tracing::debug!(status, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "request finished"));
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert(X_REQUEST_ID.clone(), value);
+    }
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"),
+    );
+    response
+}
+
+/// Now, as RFC 3339 UTC with second precision.
+pub fn now_rfc3339() -> String {
+    format_time(time::OffsetDateTime::now_utc())
+}
+
+pub fn format_time(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// Appends one audit row. Call inside the same write as the change it records.
+pub fn audit(
+    conn: &Connection,
+    actor: &str,
+    meta: &RequestMeta,
+    action: &str,
+    target: Option<&str>,
+    detail: serde_json::Value,
+) -> Result<(), ApiError> {
+    conn.execute(
+        "INSERT INTO audit_log (at, actor, action, target, remote_addr, request_id, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![now_rfc3339(), actor, action, target, meta.remote_addr, meta.request_id, detail.to_string()],
+    )?;
+    Ok(())
+}
+
+pub use events::random_code as events_random_code;

@@ -1,0 +1,245 @@
+//! Logging in and out, the session, password change and participant join.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use rusqlite::{OptionalExtension as _, params};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::{
+    self, Caller, PARTICIPANT_SESSION_SECS, Principal, Role, STAFF_SESSION_SECS, create_session, hash_secret,
+    session_cookie,
+};
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, RequestMeta};
+use super::{AppState, audit};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+    /// also return the session token in the body, for clients that send it as a bearer
+    /// token (scripts, the desktop console) instead of keeping the cookie
+    #[serde(default)]
+    pub bearer: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionInfo {
+    pub principal: Principal,
+    /// send as `X-CSRF-Token` on every cookie-authenticated write
+    pub csrf_token: String,
+    /// only when asked for with `bearer: true`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+fn with_cookie(state: &AppState, token: &str, lifetime: i64, body: SessionInfo) -> Response {
+    let mut response = Json(body).into_response();
+    if let Ok(value) = HeaderValue::from_str(&session_cookie(token, state.secure_cookies, lifetime)) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// Staff login with username and password.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 429, body = Problem)))]
+pub async fn login(State(state): State<AppState>, meta: RequestMeta, ApiJson(req): ApiJson<LoginRequest>) -> Result<Response, ApiError> {
+    if req.username.len() > 64 || req.password.len() > 256 {
+        return Err(ApiError::Unauthenticated("wrong username or password".into()));
+    }
+    let keys = vec![format!("ip:{}", meta.remote_addr), format!("user:{}", req.username.to_lowercase())];
+    state.login_limiter.check(&keys).inspect_err(|_| {
+        state.metrics.login_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })?;
+    let username = req.username.clone();
+    let found = state
+        .db
+        .read(move |conn| {
+            conn.query_row(
+                "SELECT id, username, password_hash, role, must_change_password FROM staff WHERE username = ?1",
+                [&username],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, bool>(4)?)),
+            )
+            .optional()
+            .map_err(ApiError::from)
+        })
+        .await?;
+    let stored = found.as_ref().map(|f| f.2.clone());
+    let password = req.password.clone();
+    let verified = tokio::task::spawn_blocking(move || auth::verify_password(&password, stored.as_deref()))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let Some((id, username, _, role, must_change_password)) = found.filter(|_| verified) else {
+        state.login_limiter.record_failure(&keys);
+        tracing::info!(remote_addr = %meta.remote_addr, "login failed");
+        return Err(ApiError::Unauthenticated("wrong username or password".into()));
+    };
+    state.login_limiter.clear(&keys[1..]);
+    let principal = Principal::Staff { id, username, role: Role::parse(&role).unwrap_or(Role::Judge), must_change_password };
+    let session_principal = principal.clone();
+    let (token, csrf) = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let created = create_session(conn, &session_principal)?;
+            audit(conn, &session_principal.actor(), &meta, "auth.login", None, serde_json::json!({}))?;
+            Ok::<_, ApiError>(created)
+        })
+        .await?;
+    let body = SessionInfo { principal, csrf_token: csrf, token: req.bearer.then(|| token.clone()) };
+    Ok(with_cookie(&state, &token, STAFF_SESSION_SECS, body))
+}
+
+/// Ends the current session.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 204), (status = 401, body = Problem)))]
+pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    let token_hash = caller.token_hash.clone();
+    state
+        .db
+        .writer()
+        .write(move |conn| {
+            conn.execute("DELETE FROM sessions WHERE token_hash = ?1", [&token_hash])?;
+            audit(conn, &caller.actor(), &caller.meta, "auth.logout", None, serde_json::json!({}))
+        })
+        .await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if let Ok(value) = HeaderValue::from_str(&session_cookie("", state.secure_cookies, 0)) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+/// The current session's principal and CSRF token.
+#[utoipa::path(get, path = "/api/v1/auth/session", tag = "auth", responses((status = 200, body = SessionInfo), (status = 401, body = Problem)))]
+pub async fn current(caller: Caller) -> Json<SessionInfo> {
+    Json(SessionInfo { principal: caller.principal, csrf_token: caller.csrf_token, token: None })
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    pub current_password: String,
+    /// 12 to 256 characters
+    pub new_password: String,
+}
+
+/// Changes the caller's own password (staff). Other sessions of the account end.
+#[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = PasswordChange,
+    responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 422, body = Problem)))]
+pub async fn change_password(State(state): State<AppState>, caller: Caller, ApiJson(req): ApiJson<PasswordChange>) -> Result<Json<SessionInfo>, ApiError> {
+    let Principal::Staff { id, username, role, .. } = caller.principal.clone() else {
+        return Err(ApiError::forbidden("participants have no password"));
+    };
+    validate_password(&req.new_password, "new_password")?;
+    if req.new_password == req.current_password {
+        return Err(ApiError::invalid("new_password", "the new password must differ from the current one"));
+    }
+    let stored: String = state
+        .db
+        .read(move |conn| conn.query_row("SELECT password_hash FROM staff WHERE id = ?1", [id], |r| r.get(0)).map_err(ApiError::from))
+        .await?;
+    let current = req.current_password.clone();
+    let new_password = req.new_password.clone();
+    let (verified, new_hash) = tokio::task::spawn_blocking(move || {
+        (auth::verify_password(&current, Some(&stored)), auth::hash_password(&new_password))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if !verified {
+        return Err(ApiError::invalid("current_password", "the current password is wrong"));
+    }
+    let new_hash = new_hash?;
+    let token_hash = caller.token_hash.clone();
+    let actor = caller.actor();
+    let meta = caller.meta.clone();
+    state
+        .db
+        .writer()
+        .write(move |conn| {
+            conn.execute("UPDATE staff SET password_hash = ?1, must_change_password = 0 WHERE id = ?2", params![new_hash, id])?;
+            conn.execute("DELETE FROM sessions WHERE staff_id = ?1 AND token_hash <> ?2", params![id, token_hash])?;
+            audit(conn, &actor, &meta, "auth.password_changed", Some(&format!("staff:{id}")), serde_json::json!({}))
+        })
+        .await?;
+    Ok(Json(SessionInfo {
+        principal: Principal::Staff { id, username, role, must_change_password: false },
+        csrf_token: caller.csrf_token,
+        token: None,
+    }))
+}
+
+pub fn validate_password(password: &str, field: &str) -> Result<(), ApiError> {
+    let chars = password.chars().count();
+    if !(12..=256).contains(&chars) {
+        return Err(ApiError::invalid(field, "password must be 12 to 256 characters"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// the event's code, shown on the venue screen
+    pub event_code: String,
+    /// the participant's personal join code
+    pub join_code: String,
+    #[serde(default)]
+    pub bearer: bool,
+}
+
+/// Participant join: event code + personal join code → participant session.
+#[utoipa::path(post, path = "/api/v1/join", tag = "auth", request_body = JoinRequest,
+    responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 409, body = Problem), (status = 429, body = Problem)))]
+pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req): ApiJson<JoinRequest>) -> Result<Response, ApiError> {
+    let keys = vec![format!("ip:{}", meta.remote_addr)];
+    state.join_limiter.check(&keys).inspect_err(|_| {
+        state.metrics.login_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })?;
+    let event_code = normalize_code(&req.event_code);
+    let code_hash = hash_secret(&normalize_code(&req.join_code));
+    let limiter = state.join_limiter.clone();
+    let failure_keys = keys.clone();
+    let result = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let found = conn
+                .query_row(
+                    "SELECT p.id, p.name, p.team_id, p.event_id, e.state FROM participants p
+                     JOIN events e ON e.id = p.event_id WHERE p.join_code_hash = ?1 AND e.code = ?2",
+                    params![code_hash, event_code],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, String>(4)?)),
+                )
+                .optional()?;
+            let Some((id, name, team_id, event_id, event_state)) = found else {
+                return Err(ApiError::Unauthenticated("unknown event code or join code".into()));
+            };
+            if matches!(event_state.as_str(), "ended" | "archived") {
+                return Err(ApiError::conflict(Some("event_code"), format!("the event has {event_state}; joining is closed")));
+            }
+            conn.execute("UPDATE participants SET joined_at = COALESCE(joined_at, ?1) WHERE id = ?2", params![super::now_rfc3339(), id])?;
+            let principal = Principal::Participant { id, name, team_id, event_id };
+            let (token, csrf) = create_session(conn, &principal)?;
+            audit(conn, &principal.actor(), &meta, "participant.joined", Some(&format!("team:{team_id}")), serde_json::json!({}))?;
+            Ok((principal, token, csrf))
+        })
+        .await
+        .map_err(ApiError::from);
+    let (principal, token, csrf) = result.inspect_err(|e| {
+        if matches!(e, ApiError::Unauthenticated(_)) {
+            limiter.record_failure(&failure_keys);
+        }
+    })?;
+    let body = SessionInfo { principal, csrf_token: csrf, token: req.bearer.then(|| token.clone()) };
+    Ok(with_cookie(&state, &token, PARTICIPANT_SESSION_SECS, body))
+}
+
+/// Codes are typed by people: case, spaces and dashes do not matter.
+pub fn normalize_code(code: &str) -> String {
+    code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect()
+}

@@ -1,0 +1,153 @@
+//! Command line: `labrack serve`, `labrack admin …`. Settings come from flags, then
+//! `LABRACK_*` environment variables, then a TOML config file (`--config`), then defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "labrack", version, about = "LabRack edge appliance for on-site hackathons and lab events")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the appliance: control plane, API and web UI.
+    Serve(ServeArgs),
+    /// Administrative tasks on a data directory.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Give a staff account a new one-time password (printed) and end its sessions.
+    ResetPassword {
+        /// the staff account's username
+        username: String,
+        #[arg(long, env = "LABRACK_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// one JSON object per line (default)
+    Json,
+    /// human-readable lines
+    Text,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, log_format
+    #[arg(long, env = "LABRACK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// where the database and TLS material live [default: ./data]
+    #[arg(long, env = "LABRACK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// address to listen on [default: 0.0.0.0:8443]; port 0 picks a free port
+    #[arg(long, env = "LABRACK_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// serve plain HTTP instead of HTTPS (development only: cookies lose `Secure`)
+    #[arg(long, env = "LABRACK_DEV_HTTP")]
+    pub dev_http: bool,
+    /// directory of the built web UI [default: ./web/dist]
+    #[arg(long, env = "LABRACK_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
+    /// extra DNS names or IP addresses for the server certificate (comma-separated)
+    #[arg(long, env = "LABRACK_TLS_NAMES", value_delimiter = ',')]
+    pub tls_names: Vec<String>,
+    /// log format [default: json]
+    #[arg(long, env = "LABRACK_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The config file's shape: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    dev_http: Option<bool>,
+    web_dir: Option<PathBuf>,
+    tls_names: Option<Vec<String>>,
+    log_format: Option<LogFormat>,
+}
+
+/// Fully resolved settings for `labrack serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub dev_http: bool,
+    pub web_dir: PathBuf,
+    pub tls_names: Vec<String>,
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> anyhow::Result<ServeConfig> {
+        let file = match &self.config {
+            Some(path) => load_config_file(path)?,
+            None => ConfigFile::default(),
+        };
+        Ok(ServeConfig {
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data")),
+            listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
+            dev_http: self.dev_http || file.dev_http.unwrap_or(false),
+            web_dir: self.web_dir.or(file.web_dir).unwrap_or_else(|| PathBuf::from("./web/dist")),
+            tls_names: if self.tls_names.is_empty() { file.tls_names.unwrap_or_default() } else { self.tls_names },
+            log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Json),
+        })
+    }
+}
+
+fn load_config_file(path: &Path) -> anyhow::Result<ConfigFile> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => crate::serve::serve(args.resolve()?),
+        Command::Admin(AdminCommand::ResetPassword { username, data_dir }) => {
+            let password = crate::serve::reset_password(&data_dir, &username)?;
+            println!("labrack: one-time password for {username}: {password}");
+            println!("(it must be changed at the next login)");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("labrack-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("labrack.toml");
+        std::fs::write(&path, "data_dir = \"/srv/labrack\"\nlisten = \"127.0.0.1:9000\"\nlog_format = \"text\"\n").expect("write");
+        let cli = Cli::try_parse_from(["labrack", "serve", "--config", path.to_str().expect("utf8"), "--listen", "127.0.0.1:9001"]).expect("parse");
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        let config = args.resolve().expect("resolve");
+        assert_eq!(config.data_dir, PathBuf::from("/srv/labrack"));
+        assert_eq!(config.listen, "127.0.0.1:9001".parse().expect("addr"));
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert!(!config.dev_http);
+        std::fs::write(&path, "colour = \"blue\"\n").expect("write");
+        let cli = Cli::try_parse_from(["labrack", "serve", "--config", path.to_str().expect("utf8")]).expect("parse");
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        let error = args.resolve().expect_err("unknown key refused");
+        assert!(format!("{error:#}").contains("colour"), "{error:#}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

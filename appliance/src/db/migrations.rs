@@ -1,0 +1,127 @@
+//! Versioned schema migrations, applied in order at start; `PRAGMA user_version` records
+//! the last one applied. Never edit a released migration: add a new one.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// The migrations, in order. Index + 1 is the schema version it produces.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: staff, events, teams, participants, sessions, audit log
+    r#"
+CREATE TABLE staff (
+    id INTEGER PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'organizer', 'staff', 'judge')),
+    must_change_password INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    code TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('draft', 'live', 'frozen', 'ended', 'archived')),
+    starts_at TEXT NOT NULL,
+    ends_at TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE teams (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (event_id, name COLLATE NOCASE)
+);
+CREATE TABLE participants (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER NOT NULL REFERENCES teams(id),
+    name TEXT NOT NULL,
+    email TEXT,
+    join_code_hash TEXT NOT NULL UNIQUE,
+    joined_at TEXT,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX participants_by_event ON participants(event_id);
+CREATE INDEX participants_by_team ON participants(team_id);
+CREATE TABLE sessions (
+    token_hash TEXT PRIMARY KEY,
+    staff_id INTEGER REFERENCES staff(id),
+    participant_id INTEGER REFERENCES participants(id),
+    csrf_token TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    CHECK ((staff_id IS NULL) <> (participant_id IS NULL))
+);
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT,
+    remote_addr TEXT,
+    request_id TEXT,
+    detail TEXT
+);
+CREATE TRIGGER audit_log_is_append_only_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+CREATE TRIGGER audit_log_is_append_only_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
+"#,
+];
+
+/// Applies every migration newer than the database's `user_version`, each in its own
+/// transaction. Refuses a database written by a newer LabRack.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if current > known {
+        return Err(StoreError::Sqlite(rusqlite::Error::InvalidParameterName(format!(
+            "database schema version {current} is newer than this labrack ({known})"
+        ))));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index + 1)?;
+        tx.commit()?;
+        tracing::info!(version = index + 1, "applied schema migration");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_from_empty_and_are_idempotent() {
+        let mut conn = Connection::open_in_memory().expect("in-memory db");
+        migrate(&mut conn).expect("first run");
+        migrate(&mut conn).expect("second run is a no-op");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!(version, i64::try_from(MIGRATIONS.len()).expect("fits"));
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(tables, 6);
+    }
+
+    #[test]
+    fn audit_log_rejects_update_and_delete() {
+        let mut conn = Connection::open_in_memory().expect("in-memory db");
+        migrate(&mut conn).expect("migrate");
+        conn.execute("INSERT INTO audit_log (at, actor, action) VALUES ('t', 'a', 'x')", []).expect("insert");
+        assert!(conn.execute("UPDATE audit_log SET action = 'y'", []).is_err());
+        assert!(conn.execute("DELETE FROM audit_log", []).is_err());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let mut conn = Connection::open_in_memory().expect("in-memory db");
+        conn.pragma_update(None, "user_version", 999).expect("set version");
+        assert!(migrate(&mut conn).is_err());
+    }
+}

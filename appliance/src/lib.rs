@@ -1,0 +1,9 @@
+//! The LabRack appliance: control plane, API and web UI (`labrack serve`).
+
+pub mod api;
+pub mod cli;
+pub mod db;
+pub mod metrics;
+pub mod roster;
+pub mod serve;
+pub mod tls;

@@ -1,0 +1,138 @@
+//! Parsing a participant roster (CSV: `team,name,email`). Pure: no I/O, every bad row is
+//! reported with its line number, and a roster with any bad row yields no rows at all.
+
+use std::collections::HashMap;
+
+use crate::api::error::RowError;
+
+/// Most rows one import accepts.
+pub const MAX_ROWS: usize = 5_000;
+
+/// One valid row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RosterRow {
+    pub line: u64,
+    pub team: String,
+    pub name: String,
+    pub email: Option<String>,
+}
+
+/// Parses and validates a whole roster.
+pub fn parse(text: &str) -> Result<Vec<RosterRow>, Vec<RowError>> {
+    let mut errors = Vec::new();
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).trim(csv::Trim::All).from_reader(text.as_bytes());
+    let mut records = reader.records();
+    let header = match records.next() {
+        Some(Ok(header)) => header,
+        Some(Err(e)) => return Err(vec![RowError { line: 1, reason: format!("unreadable header: {e}") }]),
+        None => return Err(vec![RowError { line: 1, reason: "the file is empty; expected a header line `team,name,email`".into() }]),
+    };
+    let columns: Vec<String> = header.iter().map(|c| c.trim_start_matches('\u{feff}').to_ascii_lowercase()).collect();
+    let expected_with_email = ["team", "name", "email"];
+    if columns != expected_with_email[..2] && columns != expected_with_email {
+        return Err(vec![RowError { line: 1, reason: format!("header must be `team,name,email` (or `team,name`), found `{}`", columns.join(",")) }]);
+    }
+    let width = columns.len();
+    let mut rows = Vec::new();
+    let mut seen: HashMap<(String, String), u64> = HashMap::new();
+    for record in records {
+        let record = match record {
+            Ok(record) => record,
+            Err(e) => {
+                let line = e.position().map_or(0, csv::Position::line);
+                errors.push(RowError { line, reason: format!("unreadable row: {e}") });
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, csv::Position::line);
+        if record.iter().all(str::is_empty) {
+            continue;
+        }
+        if record.len() != width {
+            errors.push(RowError { line, reason: format!("expected {width} fields, found {}", record.len()) });
+            continue;
+        }
+        if rows.len() + errors.len() >= MAX_ROWS {
+            errors.push(RowError { line, reason: format!("too many rows: at most {MAX_ROWS} per import") });
+            break;
+        }
+        let team = record.get(0).unwrap_or_default();
+        let name = record.get(1).unwrap_or_default();
+        let email = record.get(2).filter(|e| !e.is_empty());
+        let mut reasons = Vec::new();
+        let team = crate::api::validate_name("team", team, 100).map_err(|e| reasons.push(e.to_string())).ok();
+        let name = crate::api::validate_name("name", name, 200).map_err(|e| reasons.push(e.to_string())).ok();
+        let email = crate::api::validate_email("email", email).map_err(|e| reasons.push(e.to_string())).ok().flatten();
+        if let (Some(team), Some(name)) = (&team, &name) {
+            let key = (team.to_lowercase(), name.to_lowercase());
+            if let Some(first) = seen.insert(key, line) {
+                reasons.push(format!("duplicate of line {first}: {name} is already in team {team}"));
+            }
+        }
+        match (team, name, reasons.is_empty()) {
+            (Some(team), Some(name), true) => rows.push(RosterRow { line, team, name, email }),
+            _ => errors.push(RowError { line, reason: reasons.join("; ") }),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    if rows.is_empty() {
+        return Err(vec![RowError { line: 2, reason: "no participants: the file has a header but no rows".into() }]);
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(result: Result<Vec<RosterRow>, Vec<RowError>>) -> Vec<u64> {
+        result.err().unwrap_or_default().iter().map(|e| e.line).collect()
+    }
+
+    #[test]
+    fn good_roster() {
+        let rows = parse("team,name,email\nRed, Ada ,ada@x.io\nRed,Bob,\n\nBlue,Cy,\n").expect("valid");
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0], RosterRow { line: 2, team: "Red".into(), name: "Ada".into(), email: Some("ada@x.io".into()) });
+        assert_eq!(rows[2].line, 5);
+        assert!(parse("\u{feff}Team,Name\nRed,Ada\n").is_ok());
+    }
+
+    #[test]
+    fn every_bad_row_is_reported_with_its_line() {
+        let text = "team,name,email\nRed,,\nRed,Ada,not-an-email\nRed,Bob,,extra\nRed,Cy,\nred,cy,\n";
+        assert_eq!(lines(parse(text)), vec![2, 3, 4, 6]);
+        let errors = parse(text).err().unwrap_or_default();
+        assert!(errors[0].reason.contains("name must not be empty"), "{}", errors[0].reason);
+        assert!(errors[2].reason.contains("expected 3 fields, found 4"));
+        assert!(errors[3].reason.contains("duplicate of line 5"));
+    }
+
+    #[test]
+    fn header_and_empty_files() {
+        assert_eq!(lines(parse("")), vec![1]);
+        assert_eq!(lines(parse("who,what\nRed,Ada\n")), vec![1]);
+        assert_eq!(lines(parse("team,name\n")), vec![2]);
+    }
+
+    #[test]
+    fn quoted_fields_and_multiline_positions() {
+        let rows = parse("team,name\n\"Red, the team\",\"Ada \"\"A\"\" L\"\nBlue,Bo\n").expect("valid");
+        assert_eq!(rows[0].team, "Red, the team");
+        assert_eq!(rows[0].name, "Ada \"A\" L");
+        assert_eq!(rows[1].line, 3);
+    }
+
+    #[test]
+    fn too_many_rows() {
+        let mut text = String::from("team,name\n");
+        for i in 0..=MAX_ROWS {
+            text.push_str(&format!("T{},P{i}\n", i % 50));
+        }
+        let errors = parse(&text).err().unwrap_or_default();
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].reason.contains("too many rows"));
+    }
+}

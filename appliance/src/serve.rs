@@ -1,0 +1,156 @@
+//! `labrack serve`: opens the data directory, bootstraps the first admin, serves HTTPS
+//! and shuts down cleanly on SIGTERM/SIGINT (stop accepting, finish in-flight requests
+//! and queued writes, exit 0).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rusqlite::params;
+
+use crate::api::{self, AppState, auth};
+use crate::cli::{LogFormat, ServeConfig};
+use crate::db::{self, Db};
+use crate::metrics::Metrics;
+
+pub const DB_FILE: &str = "labrack.db";
+
+pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    runtime.block_on(run(config))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(true).flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let db = Db::open(&config.data_dir.join(DB_FILE), metrics.clone()).context("opening the database")?;
+    let first_admin_password = bootstrap_first_admin(&db).await?;
+
+    let listener = std::net::TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let handle = axum_server::Handle::<SocketAddr>::new();
+    let state = AppState::new(db.clone(), metrics, !config.dev_http, Some(config.web_dir.clone()));
+    let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
+
+    let shown_host = if local.ip().is_unspecified() { "127.0.0.1".to_owned() } else { local.ip().to_string() };
+    let (scheme, fingerprint) = if config.dev_http { ("http", None) } else { ("https", Some(())) };
+    let url = format!("{scheme}://{}/", SocketAddr::new(shown_host.parse()?, local.port()));
+    let server = if fingerprint.is_some() {
+        let identity = crate::tls::load_or_create(&config.data_dir, &config.tls_names)?;
+        println!("labrack: ca certificate {}", identity.files.ca_cert.display());
+        println!("labrack: ca fingerprint SHA256:{}", identity.ca_fingerprint);
+        let tls = axum_server::tls_rustls::RustlsConfig::from_config(identity.server_config);
+        let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+        tokio::spawn(async move { server.serve(app).await })
+    } else {
+        tracing::warn!("serving plain HTTP (--dev-http): for development only");
+        let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+        tokio::spawn(async move { server.serve(app).await })
+    };
+    if let Some(password) = first_admin_password {
+        println!("labrack: one-time password for admin: {password}");
+        println!("labrack: log in as admin with it; you will be asked to choose a new password");
+    }
+    println!("labrack: listening on {url}");
+    tracing::info!(%url, data_dir = %config.data_dir.display(), startup_ms = started.elapsed().as_millis(), "labrack serving");
+
+    tokio::spawn(shutdown_on_signal(handle));
+    server.await.context("server task")?.context("server")?;
+    // Everything accepted has been answered; let the writer finish what is queued.
+    db.writer().shutdown();
+    tracing::info!("labrack stopped");
+    Ok(())
+}
+
+async fn shutdown_on_signal(handle: axum_server::Handle<SocketAddr>) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                handle.graceful_shutdown(Some(Duration::from_secs(10)));
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    handle.graceful_shutdown(Some(Duration::from_secs(10)));
+}
+
+/// A readable one-time password: 4 groups of 4 from the unambiguous alphabet (80 bits).
+fn one_time_password() -> String {
+    let raw = api::events_random_code(16);
+    format!("{}-{}-{}-{}", &raw[..4], &raw[4..8], &raw[8..12], &raw[12..])
+}
+
+/// Creates `admin` with a one-time password when there is no staff account yet.
+async fn bootstrap_first_admin(db: &Db) -> anyhow::Result<Option<String>> {
+    let password = one_time_password();
+    let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let created = db
+        .writer()
+        .write(move |conn| {
+            let any: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM staff)", [], |r| r.get(0))?;
+            if any {
+                return Ok(false);
+            }
+            conn.execute(
+                "INSERT INTO staff (username, password_hash, role, must_change_password, created_at) VALUES ('admin', ?1, 'admin', 1, ?2)",
+                params![hash, api::now_rfc3339()],
+            )?;
+            conn.execute(
+                "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?1, 'system', 'staff.bootstrap_admin', 'staff:admin', '{}')",
+                [api::now_rfc3339()],
+            )?;
+            Ok::<_, rusqlite::Error>(true)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the first admin: {e:?}"))?;
+    Ok(created.then_some(password))
+}
+
+/// `labrack admin reset-password`: works while the server runs (SQLite serialises writers).
+pub fn reset_password(data_dir: &Path, username: &str) -> anyhow::Result<String> {
+    let path = data_dir.join(DB_FILE);
+    anyhow::ensure!(path.exists(), "no database at {}", path.display());
+    let mut conn = db::open_connection(&path, false)?;
+    db::migrate(&mut conn)?;
+    let password = one_time_password();
+    let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tx = conn.transaction()?;
+    let id: i64 = tx
+        .query_row("SELECT id FROM staff WHERE username = ?1", [username], |r| r.get(0))
+        .with_context(|| format!("no staff account named {username:?}"))?;
+    tx.execute("UPDATE staff SET password_hash = ?1, must_change_password = 1 WHERE id = ?2", params![hash, id])?;
+    tx.execute("DELETE FROM sessions WHERE staff_id = ?1", [id])?;
+    tx.execute(
+        "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?1, 'system:cli', 'auth.password_reset', ?2, '{}')",
+        params![api::now_rfc3339(), format!("staff:{id}")],
+    )?;
+    tx.commit()?;
+    Ok(password)
+}

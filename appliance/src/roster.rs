@@ -33,18 +33,28 @@ pub fn parse(text: &str) -> Result<Vec<RosterRow>, Vec<RowError>> {
         return Err(vec![RowError { line: 1, reason: format!("header must be `team,name,email` (or `team,name`), found `{}`", columns.join(",")) }]);
     }
     let width = columns.len();
+    // Physical line of a byte offset (the csv crate's own count skips blank lines).
+    let line_of = |position: Option<&csv::Position>| -> u64 {
+        let mut byte = position.map_or(0, |p| usize::try_from(p.byte()).unwrap_or(usize::MAX)).min(text.len());
+        // A record's position can point at blank lines before it; the record starts after them.
+        while text.as_bytes().get(byte).is_some_and(|b| matches!(b, b'\r' | b'\n')) {
+            byte += 1;
+        }
+        let newlines = text.as_bytes()[..byte].iter().filter(|b| **b == b'\n').count();
+        u64::try_from(newlines).unwrap_or(u64::MAX).saturating_add(1)
+    };
     let mut rows = Vec::new();
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
     for record in records {
         let record = match record {
             Ok(record) => record,
             Err(e) => {
-                let line = e.position().map_or(0, csv::Position::line);
+                let line = line_of(e.position());
                 errors.push(RowError { line, reason: format!("unreadable row: {e}") });
                 continue;
             }
         };
-        let line = record.position().map_or(0, csv::Position::line);
+        let line = line_of(record.position());
         if record.iter().all(str::is_empty) {
             continue;
         }

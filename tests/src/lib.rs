@@ -1,1 +1,194 @@
-//! Shared helpers live in the test files; this crate only hosts end-to-end tests.
+//! Helpers for end-to-end tests: start the real `labrack` binary on a temp data dir and
+//! talk to it over HTTPS, trusting only the CA it generated.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+/// The `labrack` binary: `$LABRACK_BIN` (set by `cargo xtask test`), else the one beside
+/// the test executable's target directory.
+pub fn labrack_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("LABRACK_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/e2e-HASH → target/debug/labrack
+    exe.parent().and_then(Path::parent).map(|dir| dir.join("labrack")).unwrap_or_default()
+}
+
+/// A temp data directory removed on drop.
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    pub fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("labrack-e2e-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok();
+        Self(dir)
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `labrack serve`.
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub admin_password: Option<String>,
+    pub ca_fingerprint: Option<String>,
+    pub stdout_lines: Vec<String>,
+}
+
+impl Server {
+    /// Starts the server on `listen` (use `127.0.0.1:0` for a free port) and waits until it
+    /// prints where it listens.
+    pub fn start(data_dir: &Path, listen: &str) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, listen, &[])
+    }
+
+    /// Like [`Server::start`] with extra `labrack serve` arguments.
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let binary = labrack_bin();
+        let mut child = Command::new(&binary)
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("LABRACK_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let mut seen = Vec::new();
+        let (mut url, mut admin_password, mut ca_fingerprint) = (None, None, None);
+        for line in lines.by_ref() {
+            let line = line?;
+            if let Some(rest) = line.strip_prefix("labrack: one-time password for admin: ") {
+                admin_password = Some(rest.trim().to_owned());
+            }
+            if let Some(rest) = line.strip_prefix("labrack: ca fingerprint ") {
+                ca_fingerprint = Some(rest.trim().to_owned());
+            }
+            let done = line.strip_prefix("labrack: listening on ").map(|rest| rest.trim().trim_end_matches('/').to_owned());
+            seen.push(line);
+            if done.is_some() {
+                url = done;
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let Some(url) = url else {
+            let status = child.wait()?;
+            bail!("labrack exited before listening ({status}); printed: {seen:?}");
+        };
+        Ok(Self { child, url, admin_password, ca_fingerprint, stdout_lines: seen })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
+        signal(self.child.id(), "TERM")?;
+        Ok(self.child.wait()?)
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill_hard(mut self) -> anyhow::Result<()> {
+        signal(self.child.id(), "KILL")?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status()?;
+    anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
+    Ok(())
+}
+
+/// An HTTPS client that trusts only the appliance's CA (no system roots).
+pub fn client_trusting(data_dir: &Path) -> anyhow::Result<reqwest::Client> {
+    let pem = std::fs::read(data_dir.join("tls/ca.pem")).context("reading the generated CA")?;
+    Ok(reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .tls_built_in_root_certs(false)
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+/// A small API client with a bearer token.
+#[derive(Clone)]
+pub struct Api {
+    pub client: reqwest::Client,
+    pub base: String,
+    pub token: Option<String>,
+}
+
+impl Api {
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+        self.send(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post_csv(&self, path: &str, csv: &str) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.client.post(format!("{}{path}", self.base)).header("content-type", "text/csv").body(csv.to_owned());
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Logs in as admin with the one-time password, sets `new_password`, keeps the token.
+    pub async fn first_admin_login(&mut self, otp: &str, new_password: &str) -> anyhow::Result<()> {
+        let (status, body) = self.post("/api/v1/auth/login", json!({"username": "admin", "password": otp, "bearer": true})).await?;
+        anyhow::ensure!(status == 200, "login: {status} {body}");
+        self.token = body["token"].as_str().map(str::to_owned);
+        let (status, body) = self.post("/api/v1/auth/password", json!({"current_password": otp, "new_password": new_password})).await?;
+        anyhow::ensure!(status == 200, "password change: {status} {body}");
+        Ok(())
+    }
+
+    pub async fn login(&mut self, username: &str, password: &str) -> anyhow::Result<()> {
+        let (status, body) = self.post("/api/v1/auth/login", json!({"username": username, "password": password, "bearer": true})).await?;
+        anyhow::ensure!(status == 200, "login: {status} {body}");
+        self.token = body["token"].as_str().map(str::to_owned);
+        Ok(())
+    }
+}

@@ -1,1 +1,115 @@
-fn main() {}
+//! `cargo xtask …`: the developer and CI entry points. CI calls exactly what a developer
+//! runs (`.ci/run` → `cargo xtask test`), so the two never drift.
+
+mod bench;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+
+use util::{cargo, project_root, run};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  run [ARGS…]       build the web UI and labrack (release) and start `labrack serve`
+                    on ./data; extra ARGS go to `labrack serve`
+  test              install missing system packages (apt-get), build everything,
+                    run every test: Rust (nextest) and browser (Chromium)
+  test --no-install skip the apt-get step
+  bench api         durable-write benchmark against a running release labrack
+                    [--requests N] [--concurrency N] [--runs N]
+  web               build the web UI only
+";
+
+/// Debian packages the test command needs, with the command that shows each is present.
+const SYSTEM_PACKAGES: &[&str] = &["chromium", "ca-certificates"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => cmd_run(&args[1..]),
+        Some("test") => cmd_test(&args[1..]),
+        Some("bench") => bench::cmd_bench(&args[1..]),
+        Some("web") => build_web(),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown command {other:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_run(extra: &[String]) -> anyhow::Result<()> {
+    build_web()?;
+    run(cargo().args(["build", "--release", "-p", "labrack"]))?;
+    let binary = util::target_dir().join("release/labrack");
+    let mut command = std::process::Command::new(binary);
+    command.current_dir(project_root()).args(["serve", "--log-format", "text"]).args(extra);
+    run(&mut command)
+}
+
+fn cmd_test(args: &[String]) -> anyhow::Result<()> {
+    let install = !args.iter().any(|a| a == "--no-install");
+    if let Some(unknown) = args.iter().find(|a| a.as_str() != "--no-install") {
+        bail!("unknown test option {unknown:?}");
+    }
+    let started = std::time::Instant::now();
+    if install {
+        util::ensure_debian_packages(SYSTEM_PACKAGES)?;
+        util::ensure_node()?;
+    }
+    build_web()?;
+    util::step("building labrack and the test binaries");
+    run(cargo().args(["build", "--workspace"]))?;
+    util::step("Rust tests (cargo nextest)");
+    run(cargo()
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .env("LABRACK_BIN", util::target_dir().join("debug/labrack")))?;
+    util::step("browser tests (Debian Chromium, headless)");
+    browser_tests()?;
+    util::step(&format!("all tests passed in {:.0} s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn build_web() -> anyhow::Result<()> {
+    let web = project_root().join("web");
+    util::step("building the web UI");
+    let lock = web.join("package-lock.json");
+    let stamp = web.join("node_modules/.package-lock.json");
+    let fresh = util::modified(&stamp).zip(util::modified(&lock)).is_some_and(|(installed, wanted)| installed >= wanted);
+    if !fresh {
+        run(std::process::Command::new("npm").current_dir(&web).args(["ci", "--no-audit", "--no-fund"]))
+            .context("installing the web UI's npm packages")?;
+    }
+    run(std::process::Command::new("npm").current_dir(&web).args(["run", "build"]))
+}
+
+/// Starts a real `labrack serve` on a fresh data dir and runs the Chromium tests against it.
+fn browser_tests() -> anyhow::Result<()> {
+    let data = util::temp_dir("browser")?;
+    let server = util::Server::start(&util::target_dir().join("debug/labrack"), &data, &[])?;
+    let screenshots: PathBuf = util::target_dir().join("screenshots");
+    std::fs::create_dir_all(&screenshots)?;
+    let mut node = std::process::Command::new("node");
+    node.current_dir(project_root().join("web"))
+        .args(["--test", "--test-reporter=spec", "tests/"])
+        .env("LABRACK_URL", &server.url)
+        .env("LABRACK_ADMIN_PASSWORD", server.admin_password.as_deref().unwrap_or_default())
+        .env("LABRACK_SCREENSHOT_DIR", &screenshots);
+    let result = run(&mut node);
+    server.stop()?;
+    let _ = std::fs::remove_dir_all(&data);
+    result?;
+    println!("xtask: screenshots in {}", screenshots.display());
+    Ok(())
+}

@@ -129,7 +129,9 @@ impl FromRequestParts<AppState> for Caller {
             }
         }
         if let Principal::Staff { must_change_password: true, .. } = principal {
-            if !ALLOWED_BEFORE_PASSWORD_CHANGE.contains(&parts.uri.path()) {
+            // Inside the nested /api router the URI is stripped of its prefix; use the original.
+            let path = parts.extensions.get::<axum::extract::OriginalUri>().map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
+            if !ALLOWED_BEFORE_PASSWORD_CHANGE.contains(&path.as_str()) {
                 return Err(ApiError::forbidden("change the one-time password first (POST /api/v1/auth/password)"));
             }
         }

@@ -1,0 +1,310 @@
+//! Handler tests, in-process: the authorization matrix, the bad-input table, sessions,
+//! CSRF, the one-time password gate, rate limiting and the OpenAPI document.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::{As, TestApp, join, seed};
+use serde_json::{Value, json};
+
+/// Every API endpoint, with a body that is valid for it.
+fn endpoints(s: &common::Seed) -> Vec<(&'static str, String, Option<Value>)> {
+    let e = s.event_id;
+    vec![
+        ("GET", "/api/v1/staff".into(), None),
+        ("POST", "/api/v1/staff".into(), Some(json!({"username": format!("new{}", rand()), "password": "a-long-password-1", "role": "judge"}))),
+        ("GET", "/api/v1/events".into(), None),
+        ("POST", "/api/v1/events".into(), Some(json!({"name": "Other", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-01T10:00:00Z"}))),
+        ("GET", format!("/api/v1/events/{e}"), None),
+        ("PATCH", format!("/api/v1/events/{e}"), Some(json!({"name": "Renamed"}))),
+        ("POST", format!("/api/v1/events/{e}/transition"), Some(json!({"to": "live"}))),
+        ("GET", format!("/api/v1/events/{e}/teams"), None),
+        ("POST", format!("/api/v1/events/{e}/teams"), Some(json!({"name": format!("T{}", rand())}))),
+        ("GET", format!("/api/v1/events/{e}/participants"), None),
+        ("POST", format!("/api/v1/events/{e}/participants"), Some(json!({"team_id": s.team_a, "name": format!("P{}", rand())}))),
+        ("POST", format!("/api/v1/participants/{}/join-code", s.participant_a), None),
+        ("GET", format!("/api/v1/teams/{}", s.team_b), None),
+        ("GET", "/api/v1/audit".into(), None),
+        ("GET", "/api/v1/me".into(), None),
+    ]
+}
+
+fn rand() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Which callers may use each endpoint (by index in `endpoints`).
+fn allowed(role: &str, index: usize) -> bool {
+    let staff_read = ["admin", "organizer", "staff", "judge"].contains(&role);
+    let event_write = ["admin", "organizer"].contains(&role);
+    let people_write = ["admin", "organizer", "staff"].contains(&role);
+    match index {
+        0 | 1 => role == "admin",
+        2 | 4 | 7 | 9 => staff_read,
+        3 | 5 | 6 => event_write,
+        8 | 10 | 11 => people_write,
+        12 => staff_read, // team B: not participant A's team
+        13 => event_write,
+        14 => role == "participant",
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn authorization_matrix_every_role_times_every_endpoint() {
+    let app = TestApp::new().await;
+    let mut callers = Vec::new();
+    for role in ["admin", "organizer", "staff", "judge"] {
+        callers.push((role, As::Bearer(app.staff(&format!("{role}1"), role).await)));
+    }
+    let organizer = callers[1].1.clone();
+    let s = seed(&app, &organizer).await;
+    callers.push(("participant", As::Bearer(join(&app, &s.event_code, &s.code_a).await)));
+    callers.push(("nobody", As::Nobody));
+
+    for (role, who) in &callers {
+        for (index, (method, path, body)) in endpoints(&s).into_iter().enumerate() {
+            let mut body = body;
+            if index == 6 {
+                // Toggle live ⇄ frozen so every allowed caller makes a legal transition.
+                let event = app.call("GET", &format!("/api/v1/events/{}", s.event_id), &organizer, None).await;
+                let to = if event.body["state"] == "live" { "frozen" } else { "live" };
+                body = Some(json!({"to": to}));
+            }
+            let before = app.snapshot().await;
+            let reply = app.call(method, &path, who, body).await;
+            let what = format!("{role} {method} {path}: {} {}", reply.status, reply.body);
+            if *role == "nobody" {
+                reply.problem(401);
+                assert_eq!(before, app.snapshot().await, "refused request changed state: {what}");
+            } else if allowed(role, index) {
+                assert!(reply.status.is_success(), "{what}");
+            } else {
+                reply.problem(403);
+                assert_eq!(before, app.snapshot().await, "refused request changed state: {what}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn participant_sees_only_its_own_team_without_contact_details() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let participant = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let own = app.call("GET", &format!("/api/v1/teams/{}", s.team_a), &participant, None).await;
+    assert_eq!(own.status, StatusCode::OK);
+    assert_eq!(own.body["participants"][0]["name"], "Ada");
+    assert_eq!(own.body["participants"][0]["email"], Value::Null);
+    app.call("GET", &format!("/api/v1/teams/{}", s.team_b), &participant, None).await.problem(403);
+    let me = app.call("GET", "/api/v1/me", &participant, None).await;
+    assert_eq!(me.body["team"]["name"], "Alpha");
+    assert_eq!(me.body["event"]["code"], Value::String(s.event_code.clone()));
+    // The staff view still has the e-mail.
+    let staff_view = app.call("GET", &format!("/api/v1/teams/{}", s.team_a), &organizer, None).await;
+    assert_eq!(staff_view.body["participants"][0]["email"], "ada@x.io");
+}
+
+/// (description, method, path, content type, body, expected status, expected field)
+type BadCase = (&'static str, &'static str, String, &'static str, Vec<u8>, u16, Option<&'static str>);
+
+#[tokio::test]
+async fn bad_input_gets_a_problem_and_changes_nothing() {
+    let app = TestApp::new().await;
+    let organizer_token = app.staff("org", "organizer").await;
+    let organizer = As::Bearer(organizer_token.clone());
+    let s = seed(&app, &organizer).await;
+    let e = s.event_id;
+    let json_ct = "application/json";
+    let events = "/api/v1/events".to_owned();
+    let teams = format!("/api/v1/events/{e}/teams");
+    let import = format!("/api/v1/events/{e}/participants/import");
+    let big = format!("{{\"name\":\"{}\"}}", "x".repeat(70 * 1024)).into_bytes();
+    let cases: Vec<BadCase> = vec![
+        ("malformed json", "POST", events.clone(), json_ct, b"{\"name\": ".to_vec(), 400, None),
+        ("trailing garbage", "POST", teams.clone(), json_ct, b"{\"name\":\"A\"} x".to_vec(), 400, None),
+        ("wrong type", "POST", events.clone(), json_ct, br#"{"name": 5, "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-01T10:00:00Z"}"#.to_vec(), 422, Some("name")),
+        ("unknown field", "POST", teams.clone(), json_ct, br#"{"name": "Z", "colour": "red"}"#.to_vec(), 422, Some("colour")),
+        ("missing field", "POST", events.clone(), json_ct, br#"{"name": "X"}"#.to_vec(), 422, Some("starts_at")),
+        ("empty name", "POST", teams.clone(), json_ct, br#"{"name": "   "}"#.to_vec(), 422, Some("name")),
+        ("bad timestamp", "POST", events.clone(), json_ct, br#"{"name": "X", "starts_at": "soon", "ends_at": "2026-12-01T10:00:00Z"}"#.to_vec(), 422, Some("starts_at")),
+        ("end before start", "POST", events.clone(), json_ct, br#"{"name": "X", "starts_at": "2026-12-02T09:00:00Z", "ends_at": "2026-12-01T10:00:00Z"}"#.to_vec(), 422, Some("ends_at")),
+        ("oversize body", "POST", teams.clone(), json_ct, big, 413, None),
+        ("wrong content type", "POST", teams.clone(), "text/plain", b"{\"name\":\"A\"}".to_vec(), 415, None),
+        ("duplicate team", "POST", teams.clone(), json_ct, br#"{"name": "alpha"}"#.to_vec(), 409, Some("name")),
+        ("team of another event", "POST", format!("/api/v1/events/{e}/participants"), json_ct, br#"{"team_id": 999, "name": "Q"}"#.to_vec(), 422, Some("team_id")),
+        ("bad email", "POST", format!("/api/v1/events/{e}/participants"), json_ct, format!(r#"{{"team_id": {}, "name": "Q", "email": "nope"}}"#, s.team_a).into_bytes(), 422, Some("email")),
+        ("illegal transition", "POST", format!("/api/v1/events/{e}/transition"), json_ct, br#"{"to": "archived"}"#.to_vec(), 409, Some("to")),
+        ("stale transition", "POST", format!("/api/v1/events/{e}/transition"), json_ct, br#"{"to": "frozen", "from": "live"}"#.to_vec(), 409, Some("from")),
+        ("unknown state", "POST", format!("/api/v1/events/{e}/transition"), json_ct, br#"{"to": "paused"}"#.to_vec(), 422, Some("to")),
+        ("empty patch", "PATCH", format!("/api/v1/events/{e}"), json_ct, b"{}".to_vec(), 422, Some("body")),
+        ("bad path id", "GET", "/api/v1/events/abc".into(), json_ct, Vec::new(), 400, Some("path")),
+        ("missing event", "POST", "/api/v1/events/424242/teams".into(), json_ct, br#"{"name": "Z"}"#.to_vec(), 404, None),
+        ("csv with bad rows", "POST", import.clone(), "text/csv", b"team,name,email\nGamma,,\nGamma,Cy,bad\nGamma,Di,,x\n".to_vec(), 422, None),
+        ("csv duplicate of existing", "POST", import.clone(), "text/csv", b"team,name\nGamma,Zed\nalpha,ada\n".to_vec(), 422, None),
+        ("csv bad header", "POST", import.clone(), "text/csv", b"who,what\nA,B\n".to_vec(), 422, None),
+        ("csv not utf-8", "POST", import.clone(), "text/csv", b"team,name\nA,\xff\xfe\n".to_vec(), 400, None),
+        ("csv as json", "POST", import.clone(), json_ct, b"{}".to_vec(), 415, None),
+        ("audit limit", "GET", "/api/v1/audit?limit=0".into(), json_ct, Vec::new(), 422, Some("limit")),
+        ("unknown query", "GET", "/api/v1/audit?sort=x".into(), json_ct, Vec::new(), 400, Some("query")),
+        ("unknown route", "GET", "/api/v1/nope".into(), json_ct, Vec::new(), 404, None),
+        ("wrong method", "DELETE", events.clone(), json_ct, Vec::new(), 405, None),
+    ];
+    let before = app.snapshot().await;
+    for (what, method, path, content_type, body, status, field) in cases {
+        let reply = app.raw(method, &path, &organizer, content_type, body).await;
+        assert_eq!(reply.status.as_u16(), status, "{what}: {}", reply.body);
+        assert_eq!(reply.content_type, "application/problem+json", "{what}");
+        if let Some(field) = field {
+            assert_eq!(reply.body["field"], field, "{what}: {}", reply.body);
+        }
+        assert_eq!(before, app.snapshot().await, "{what} changed stored state");
+    }
+    // The CSV row errors name every bad line.
+    let reply = app.raw("POST", &import, &organizer, "text/csv", "team,name,email\nGamma,,\nGamma,Cy,bad\nGamma,Di,,x\n").await;
+    let lines: Vec<u64> = reply.body["errors"].as_array().expect("errors").iter().filter_map(|e| e["line"].as_u64()).collect();
+    assert_eq!(lines, vec![2, 3, 4]);
+    let reply = app.raw("POST", &import, &organizer, "text/csv", "team,name\nGamma,Zed\nalpha,ada\n").await;
+    assert_eq!(reply.body["errors"][0]["line"], 3, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn ended_events_refuse_changes_and_joins() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    for to in ["live", "ended"] {
+        let reply = app.call("POST", &format!("/api/v1/events/{}/transition", s.event_id), &organizer, Some(json!({"to": to}))).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    let before = app.snapshot().await;
+    app.call("POST", &format!("/api/v1/events/{}/teams", s.event_id), &organizer, Some(json!({"name": "Late"}))).await.problem(409);
+    app.call("PATCH", &format!("/api/v1/events/{}", s.event_id), &organizer, Some(json!({"name": "Late"}))).await.problem(409);
+    app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": s.event_code, "join_code": s.code_b}))).await.problem(409);
+    assert_eq!(before, app.snapshot().await);
+}
+
+#[tokio::test]
+async fn join_codes_are_forgiving_to_type_and_regeneration_revokes_the_old_one() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let sloppy = s.code_a.to_lowercase().replace('-', " ");
+    join(&app, &s.event_code.to_lowercase(), &sloppy).await;
+    app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": "ZZZZZZ", "join_code": s.code_a}))).await.problem(401);
+    let renewed = app.call("POST", &format!("/api/v1/participants/{}/join-code", s.participant_a), &organizer, None).await;
+    assert_eq!(renewed.status, StatusCode::OK);
+    app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": s.event_code, "join_code": s.code_a}))).await.problem(401);
+    join(&app, &s.event_code, renewed.body["join_code"].as_str().expect("code")).await;
+    let people = app.call("GET", &format!("/api/v1/events/{}/participants", s.event_id), &organizer, None).await;
+    let ada = people.body["participants"].as_array().expect("list").iter().find(|p| p["name"] == "Ada").cloned().expect("ada");
+    assert!(ada["joined_at"].is_string());
+}
+
+#[tokio::test]
+async fn cookie_sessions_need_the_csrf_token_for_writes_and_logout_ends_them() {
+    let app = TestApp::new().await;
+    app.staff("org", "organizer").await;
+    let login = app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "correct-horse-battery"}))).await;
+    assert_eq!(login.status, StatusCode::OK);
+    assert!(login.body.get("token").is_none(), "token leaked into a cookie login");
+    let cookie = login.set_cookie.expect("set-cookie");
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    let token = cookie.split(';').next().and_then(|kv| kv.split_once('=')).map(|(_, v)| v.to_owned()).expect("token");
+    let csrf = login.body["csrf_token"].as_str().expect("csrf").to_owned();
+    let body = json!({"name": "E", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-01T10:00:00Z"});
+    let before = app.snapshot().await;
+    app.call("POST", "/api/v1/events", &As::Cookie(token.clone(), None), Some(body.clone())).await.problem(403);
+    app.call("POST", "/api/v1/events", &As::Cookie(token.clone(), Some("wrong".into())), Some(body.clone())).await.problem(403);
+    assert_eq!(before, app.snapshot().await);
+    let reads = app.call("GET", "/api/v1/events", &As::Cookie(token.clone(), None), None).await;
+    assert_eq!(reads.status, StatusCode::OK, "reads need no CSRF token");
+    let created = app.call("POST", "/api/v1/events", &As::Cookie(token.clone(), Some(csrf.clone())), Some(body)).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let out = app.call("POST", "/api/v1/auth/logout", &As::Cookie(token.clone(), Some(csrf)), None).await;
+    assert_eq!(out.status, StatusCode::NO_CONTENT);
+    app.call("GET", "/api/v1/events", &As::Cookie(token, None), None).await.problem(401);
+}
+
+#[tokio::test]
+async fn one_time_password_must_be_changed_before_anything_else() {
+    let app = TestApp::new().await;
+    let admin = As::Bearer(app.staff("boss", "admin").await);
+    let created = app.call("POST", "/api/v1/staff", &admin, Some(json!({"username": "newbie", "password": "initial-password-1", "role": "staff"}))).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let newbie = As::Bearer(app.login("newbie", "initial-password-1").await);
+    app.call("GET", "/api/v1/events", &newbie, None).await.problem(403);
+    let session = app.call("GET", "/api/v1/auth/session", &newbie, None).await;
+    assert_eq!(session.body["principal"]["must_change_password"], true);
+    let short = app.call("POST", "/api/v1/auth/password", &newbie, Some(json!({"current_password": "initial-password-1", "new_password": "short"}))).await;
+    assert_eq!(short.problem(422)["field"], "new_password");
+    let wrong = app.call("POST", "/api/v1/auth/password", &newbie, Some(json!({"current_password": "nope-nope-nope", "new_password": "a-much-better-password"}))).await;
+    assert_eq!(wrong.problem(422)["field"], "current_password");
+    let changed = app.call("POST", "/api/v1/auth/password", &newbie, Some(json!({"current_password": "initial-password-1", "new_password": "a-much-better-password"}))).await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.body);
+    assert_eq!(app.call("GET", "/api/v1/events", &newbie, None).await.status, StatusCode::OK);
+    app.login("newbie", "a-much-better-password").await;
+    let dup = app.call("POST", "/api/v1/staff", &admin, Some(json!({"username": "NEWBIE", "password": "initial-password-1", "role": "staff"}))).await;
+    assert_eq!(dup.problem(409)["field"], "username");
+}
+
+#[tokio::test]
+async fn logins_are_rate_limited() {
+    let app = TestApp::new().await;
+    app.staff("org", "organizer").await;
+    for _ in 0..10 {
+        app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "wrong-password!"}))).await.problem(401);
+    }
+    // Even the right password is refused while limited.
+    let limited = app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "correct-horse-battery"}))).await;
+    limited.problem(429);
+}
+
+#[tokio::test]
+async fn audit_log_records_who_what_and_where() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    join(&app, &s.event_code, &s.code_a).await;
+    let page = app.call("GET", "/api/v1/audit?limit=10", &organizer, None).await;
+    let actions: Vec<&str> = page.body["entries"].as_array().expect("entries").iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(actions, vec!["participant.joined", "participants.imported", "event.created", "auth.login"]);
+    let created = &page.body["entries"][2];
+    assert_eq!(created["actor"], "staff:org");
+    assert_eq!(created["target"], format!("event:{}", s.event_id));
+    assert!(created["remote_addr"].is_string() && created["request_id"].is_string());
+}
+
+#[tokio::test]
+async fn openapi_document_lists_every_route() {
+    let app = TestApp::new().await;
+    let doc = app.call("GET", "/api/openapi.json", &As::Nobody, None).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    let paths = doc.body["paths"].as_object().expect("paths");
+    for path in [
+        "/api/v1/auth/login", "/api/v1/auth/logout", "/api/v1/auth/session", "/api/v1/auth/password", "/api/v1/join",
+        "/api/v1/staff", "/api/v1/events", "/api/v1/events/{event_id}", "/api/v1/events/{event_id}/transition",
+        "/api/v1/events/{event_id}/teams", "/api/v1/events/{event_id}/participants", "/api/v1/events/{event_id}/participants/import",
+        "/api/v1/teams/{team_id}", "/api/v1/participants/{participant_id}/join-code", "/api/v1/me", "/api/v1/audit",
+    ] {
+        assert!(paths.contains_key(path), "{path} missing from openapi.json");
+    }
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics() {
+    let app = TestApp::new().await;
+    assert_eq!(app.call("GET", "/healthz", &As::Nobody, None).await.status, StatusCode::OK);
+    assert_eq!(app.call("GET", "/readyz", &As::Nobody, None).await.status, StatusCode::OK);
+    app.call("GET", "/api/v1/events", &As::Nobody, None).await;
+    let metrics = app.call("GET", "/metrics", &As::Nobody, None).await;
+    let text = metrics.body.as_str().expect("text").to_owned();
+    assert!(text.contains("labrack_http_requests_total{method=\"GET\",route=\"/api/v1/events\",status=\"401\"} 1"), "{text}");
+    assert!(text.contains("labrack_writer_queue_depth 0"));
+    assert!(text.contains("labrack_http_request_duration_seconds_bucket"));
+}

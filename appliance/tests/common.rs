@@ -1,0 +1,200 @@
+//! In-process test harness: the real router on a real SQLite file in a temp dir, driven
+//! with `tower::ServiceExt::oneshot`.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt as _;
+use labrack::api::{self, AppState, auth};
+use labrack::db::Db;
+use labrack::metrics::Metrics;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+pub struct TestApp {
+    pub router: Router,
+    pub db: Db,
+    pub dir: PathBuf,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub set_cookie: Option<String>,
+    pub body: Value,
+}
+
+impl Reply {
+    /// Asserts a problem document with this status; returns it.
+    #[track_caller]
+    pub fn problem(&self, status: u16) -> &Value {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.body);
+        assert_eq!(self.content_type, "application/problem+json", "body: {}", self.body);
+        assert_eq!(self.body["status"], status);
+        assert!(self.body["detail"].as_str().is_some_and(|d| !d.is_empty()), "no detail: {}", self.body);
+        &self.body
+    }
+}
+
+/// How a request authenticates.
+#[derive(Clone, Debug)]
+pub enum As {
+    Nobody,
+    Bearer(String),
+    /// session cookie plus the CSRF token to send (None: send none)
+    Cookie(String, Option<String>),
+}
+
+impl TestApp {
+    pub async fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("labrack-api-test-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let metrics = Arc::new(Metrics::default());
+        let db = Db::open(&dir.join("labrack.db"), metrics.clone()).expect("open db");
+        let state = AppState::new(db.clone(), metrics, true, None);
+        Self { router: api::app(state), db, dir }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, who: &As, body: Option<Value>) -> Reply {
+        let mut builder = Request::builder().method(method).uri(path);
+        match who {
+            As::Nobody => {}
+            As::Bearer(token) => builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}")),
+            As::Cookie(token, csrf) => {
+                builder = builder.header(header::COOKIE, format!("{}={token}", auth::SESSION_COOKIE));
+                if let Some(csrf) = csrf {
+                    builder = builder.header(auth::CSRF_HEADER, csrf);
+                }
+            }
+        }
+        let request = match body {
+            Some(body) => builder.header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_string())),
+            None => builder.body(Body::empty()),
+        };
+        self.send(request.expect("request")).await
+    }
+
+    pub async fn raw(&self, method: &str, path: &str, who: &As, content_type: &str, body: impl Into<Body>) -> Reply {
+        let mut builder = Request::builder().method(method).uri(path).header(header::CONTENT_TYPE, content_type);
+        if let As::Bearer(token) = who {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        self.send(builder.body(body.into()).expect("request")).await
+    }
+
+    pub async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.router.clone().oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let set_cookie = response.headers().get(header::SET_COOKIE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Reply { status, content_type, set_cookie, body }
+    }
+
+    /// Creates a staff account directly and logs it in; returns its bearer token.
+    pub async fn staff(&self, username: &str, role: &str) -> String {
+        let hash = auth::hash_password("correct-horse-battery").expect("hash");
+        let (name, role_name) = (username.to_owned(), role.to_owned());
+        self.db
+            .writer()
+            .write(move |conn| {
+                conn.execute(
+                    "INSERT INTO staff (username, password_hash, role, must_change_password, created_at) VALUES (?1, ?2, ?3, 0, 'now')",
+                    rusqlite::params![name, hash, role_name],
+                )
+            })
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("insert staff");
+        self.login(username, "correct-horse-battery").await
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> String {
+        let reply = self.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": username, "password": password, "bearer": true}))).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply.body["token"].as_str().expect("token").to_owned()
+    }
+
+    /// Every row of every table except sessions, as text: a fingerprint of stored state.
+    pub async fn snapshot(&self) -> String {
+        self.db
+            .read(|conn| {
+                let mut out = String::new();
+                for table in ["staff", "events", "teams", "participants", "audit_log"] {
+                    let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY rowid"))?;
+                    let columns = stmt.column_count();
+                    let mut rows = stmt.query([])?;
+                    while let Some(row) = rows.next()? {
+                        out.push_str(table);
+                        for i in 0..columns {
+                            let value: rusqlite::types::Value = row.get(i)?;
+                            out.push_str(&format!("|{value:?}"));
+                        }
+                        out.push('\n');
+                    }
+                }
+                Ok::<_, labrack::db::StoreError>(out)
+            })
+            .await
+            .expect("snapshot")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.db.writer().shutdown();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
+}
+
+/// An event with two teams and a participant in each; returns ids and join codes.
+pub struct Seed {
+    pub event_id: i64,
+    pub event_code: String,
+    pub team_a: i64,
+    pub team_b: i64,
+    pub participant_a: i64,
+    pub code_a: String,
+    pub code_b: String,
+}
+
+pub async fn seed(app: &TestApp, organizer: &As) -> Seed {
+    let event = app
+        .call("POST", "/api/v1/events", organizer, Some(json!({"name": "Hack", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})))
+        .await;
+    assert_eq!(event.status, StatusCode::CREATED, "{}", event.body);
+    let event_id = event.body["id"].as_i64().expect("id");
+    let import = app
+        .raw("POST", &format!("/api/v1/events/{event_id}/participants/import"), organizer, "text/csv", "team,name,email\nAlpha,Ada,ada@x.io\nBeta,Bob,\n")
+        .await;
+    assert_eq!(import.status, StatusCode::OK, "{}", import.body);
+    let people = import.body["participants"].as_array().expect("participants");
+    Seed {
+        event_id,
+        event_code: event.body["code"].as_str().expect("code").to_owned(),
+        team_a: people[0]["participant"]["team_id"].as_i64().expect("team"),
+        team_b: people[1]["participant"]["team_id"].as_i64().expect("team"),
+        participant_a: people[0]["participant"]["id"].as_i64().expect("id"),
+        code_a: people[0]["join_code"].as_str().expect("code").to_owned(),
+        code_b: people[1]["join_code"].as_str().expect("code").to_owned(),
+    }
+}
+
+pub async fn join(app: &TestApp, event_code: &str, join_code: &str) -> String {
+    let reply = app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": event_code, "join_code": join_code, "bearer": true}))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    reply.body["token"].as_str().expect("token").to_owned()
+}

@@ -1,0 +1,245 @@
+// Typed client for the LabRack JSON API (same origin, cookie session + CSRF header).
+
+export type StaffRole = "admin" | "organizer" | "staff" | "judge";
+
+export interface StaffPrincipal {
+  kind: "staff";
+  id: string | number;
+  username: string;
+  role: StaffRole;
+  must_change_password: boolean;
+}
+
+export interface ParticipantPrincipal {
+  kind: "participant";
+  id: string | number;
+  name: string;
+  team_id: string | number;
+  event_id: string | number;
+}
+
+export type Principal = StaffPrincipal | ParticipantPrincipal;
+
+export interface AuthResponse {
+  principal: Principal;
+  csrf_token: string;
+}
+
+export type EventState = "draft" | "live" | "frozen" | "ended" | "archived";
+
+export interface LabEvent {
+  id: string | number;
+  name: string;
+  code: string;
+  state: EventState;
+  starts_at: string;
+  ends_at: string;
+  created_at: string;
+  updated_at: string;
+  team_count: number;
+  participant_count: number;
+}
+
+export interface Team {
+  id: string | number;
+  event_id: string | number;
+  name: string;
+  participant_count: number;
+  created_at: string;
+}
+
+export interface Participant {
+  id: string | number;
+  event_id: string | number;
+  team_id: string | number;
+  team_name: string;
+  name: string;
+  email: string | null;
+  joined_at: string | null;
+  created_at: string;
+}
+
+export interface IssuedJoinCode {
+  participant: Participant;
+  join_code: string;
+}
+
+export interface ImportResult {
+  imported: number;
+  teams_created: number;
+  participants: IssuedJoinCode[];
+}
+
+export interface MeResponse {
+  participant: Participant;
+  team: { id: string | number; name: string };
+  event: {
+    id: string | number;
+    name: string;
+    code: string;
+    state: EventState;
+    starts_at: string;
+    ends_at: string;
+  };
+  teammates: { id: string | number; name: string; joined: boolean }[];
+}
+
+export interface RowError {
+  line: number;
+  reason: string;
+}
+
+/** RFC 9457 problem details as answered by the server. */
+export interface Problem {
+  type?: string;
+  title?: string;
+  status?: number;
+  detail?: string;
+  field?: string;
+  errors?: RowError[];
+}
+
+export class ApiError extends Error {
+  readonly status: number;
+  readonly problem: Problem;
+  constructor(status: number, problem: Problem) {
+    super(problem.detail || problem.title || `Request failed (HTTP ${status})`);
+    this.name = "ApiError";
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+// The CSRF token lives only in memory (never in storage or URLs).
+let csrfToken: string | null = null;
+
+export function setCsrfToken(token: string | null): void {
+  csrfToken = token;
+}
+
+/** Called when an authenticated request answers 401 (session expired / logged out elsewhere). */
+let onUnauthorized: (() => void) | null = null;
+export function setUnauthorizedHandler(fn: () => void): void {
+  onUnauthorized = fn;
+}
+
+interface RequestOptions {
+  /** Send a raw CSV body instead of JSON. */
+  csv?: string;
+  /** JSON body. */
+  json?: unknown;
+  /** If false, a 401 is returned to the caller without triggering the global handler. */
+  sessionRequired?: boolean;
+}
+
+async function readProblem(res: Response): Promise<Problem> {
+  const type = res.headers.get("content-type") ?? "";
+  try {
+    if (type.includes("json")) {
+      const body = (await res.json()) as unknown;
+      if (body && typeof body === "object") return body as Problem;
+    } else {
+      const text = (await res.text()).trim();
+      if (text) return { status: res.status, title: res.statusText, detail: text.slice(0, 500) };
+    }
+  } catch {
+    // fall through to the generic problem
+  }
+  return { status: res.status, title: res.statusText || `HTTP ${res.status}` };
+}
+
+export async function request<T>(method: string, path: string, opts: RequestOptions = {}): Promise<T> {
+  const headers: Record<string, string> = {
+    Accept: "application/json, application/problem+json",
+  };
+  let body: string | undefined;
+  if (opts.csv !== undefined) {
+    headers["Content-Type"] = "text/csv";
+    body = opts.csv;
+  } else if (opts.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(opts.json);
+  }
+  if (method !== "GET" && method !== "HEAD" && csrfToken) {
+    headers["X-CSRF-Token"] = csrfToken;
+  }
+
+  let res: Response;
+  try {
+    res = await fetch(path, { method, headers, body, credentials: "same-origin", cache: "no-store" });
+  } catch {
+    throw new ApiError(0, {
+      title: "Network error",
+      detail: "Could not reach the LabRack server. Check your connection and try again.",
+    });
+  }
+
+  if (!res.ok) {
+    const problem = await readProblem(res);
+    if (res.status === 401 && opts.sessionRequired !== false && onUnauthorized) {
+      onUnauthorized();
+    }
+    if (res.status === 429 && !problem.detail) {
+      const retry = res.headers.get("retry-after");
+      problem.detail = retry
+        ? `Too many attempts. Try again in ${retry} seconds.`
+        : "Too many attempts. Please wait a moment and try again.";
+    }
+    throw new ApiError(res.status, problem);
+  }
+  if (res.status === 204) return undefined as T;
+  const text = await res.text();
+  return (text ? JSON.parse(text) : undefined) as T;
+}
+
+type Id = string | number;
+const enc = (id: Id): string => encodeURIComponent(String(id));
+
+export const api = {
+  // --- auth ---
+  session: () => request<AuthResponse>("GET", "/api/v1/auth/session", { sessionRequired: false }),
+  login: (username: string, password: string) =>
+    request<AuthResponse>("POST", "/api/v1/auth/login", {
+      json: { username, password },
+      sessionRequired: false,
+    }),
+  logout: () => request<void>("POST", "/api/v1/auth/logout", { sessionRequired: false }),
+  changePassword: (current_password: string, new_password: string) =>
+    request<AuthResponse>("POST", "/api/v1/auth/password", {
+      json: { current_password, new_password },
+      sessionRequired: false,
+    }),
+  join: (event_code: string, join_code: string) =>
+    request<AuthResponse>("POST", "/api/v1/join", {
+      json: { event_code, join_code },
+      sessionRequired: false,
+    }),
+
+  // --- events ---
+  listEvents: () => request<{ events: LabEvent[] }>("GET", "/api/v1/events"),
+  createEvent: (body: { name: string; starts_at: string; ends_at: string }) =>
+    request<LabEvent>("POST", "/api/v1/events", { json: body }),
+  getEvent: (id: Id) => request<LabEvent>("GET", `/api/v1/events/${enc(id)}`),
+  updateEvent: (id: Id, body: { name?: string; starts_at?: string; ends_at?: string }) =>
+    request<LabEvent>("PATCH", `/api/v1/events/${enc(id)}`, { json: body }),
+  transition: (id: Id, to: EventState, from?: EventState) =>
+    request<LabEvent>("POST", `/api/v1/events/${enc(id)}/transition`, { json: { to, from } }),
+
+  // --- teams & participants ---
+  listTeams: (eventId: Id) => request<{ teams: Team[] }>("GET", `/api/v1/events/${enc(eventId)}/teams`),
+  createTeam: (eventId: Id, name: string) =>
+    request<Team>("POST", `/api/v1/events/${enc(eventId)}/teams`, { json: { name } }),
+  getTeam: (teamId: Id) =>
+    request<{ team: Team; participants: Participant[] }>("GET", `/api/v1/teams/${enc(teamId)}`),
+  listParticipants: (eventId: Id) =>
+    request<{ participants: Participant[] }>("GET", `/api/v1/events/${enc(eventId)}/participants`),
+  createParticipant: (eventId: Id, body: { team_id: Id; name: string; email?: string }) =>
+    request<IssuedJoinCode>("POST", `/api/v1/events/${enc(eventId)}/participants`, { json: body }),
+  regenerateJoinCode: (participantId: Id) =>
+    request<IssuedJoinCode>("POST", `/api/v1/participants/${enc(participantId)}/join-code`),
+  importCsv: (eventId: Id, csv: string) =>
+    request<ImportResult>("POST", `/api/v1/events/${enc(eventId)}/participants/import`, { csv }),
+
+  // --- participant ---
+  me: () => request<MeResponse>("GET", "/api/v1/me"),
+};

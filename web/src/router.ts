@@ -1,0 +1,139 @@
+// Hash router with session-aware guards.
+//   #/login  #/join  #/password  #/events  #/events/ID  #/me
+
+import { h, replace } from "./dom";
+import { renderHeader } from "./layout";
+import { renderEvent } from "./pages/event";
+import { renderEvents } from "./pages/events";
+import { renderJoin } from "./pages/join";
+import { renderLogin } from "./pages/login";
+import { renderMe } from "./pages/me";
+import { renderPassword } from "./pages/password";
+import { currentPrincipal, takeFlash } from "./session";
+
+export type Route =
+  | { name: "login" }
+  | { name: "join" }
+  | { name: "password" }
+  | { name: "events" }
+  | { name: "event"; id: string }
+  | { name: "me" }
+  | { name: "home" }
+  | { name: "notfound"; path: string };
+
+export function parseHash(hash: string): Route {
+  const path = hash.replace(/^#/, "").split("?")[0].replace(/\/+$/, "");
+  if (path === "" || path === "/") return { name: "home" };
+  if (path === "/login") return { name: "login" };
+  if (path === "/join") return { name: "join" };
+  if (path === "/password") return { name: "password" };
+  if (path === "/events") return { name: "events" };
+  if (path === "/me") return { name: "me" };
+  const m = /^\/events\/([^/]+)$/.exec(path);
+  if (m) return { name: "event", id: decodeURIComponent(m[1]) };
+  return { name: "notfound", path };
+}
+
+/** Where the current principal should land by default. */
+export function homeHash(): string {
+  const p = currentPrincipal();
+  if (!p) return "#/login";
+  if (p.kind === "participant") return "#/me";
+  return p.must_change_password ? "#/password" : "#/events";
+}
+
+/** Returns a hash to redirect to, or null if the route may be shown. */
+function guard(route: Route): string | null {
+  const p = currentPrincipal();
+  if (route.name === "home") return homeHash();
+  if (route.name === "notfound") return null;
+  if (!p) {
+    return route.name === "login" || route.name === "join" ? null : "#/login";
+  }
+  if (p.kind === "participant") {
+    return route.name === "me" ? null : "#/me";
+  }
+  // staff
+  if (p.must_change_password) return route.name === "password" ? null : "#/password";
+  if (route.name === "login" || route.name === "join" || route.name === "me") return "#/events";
+  return null;
+}
+
+let mainEl: HTMLElement;
+let headerEl: HTMLElement;
+let started = false;
+
+export function startRouter(main: HTMLElement, header: HTMLElement): void {
+  mainEl = main;
+  headerEl = header;
+  if (!started) {
+    started = true;
+    window.addEventListener("hashchange", () => render());
+  }
+  render();
+}
+
+/** Navigate to a hash route (re-renders even if it is the current one). */
+export function navigate(hash: string): void {
+  if (location.hash === hash) render();
+  else location.hash = hash;
+}
+
+function render(): void {
+  let route = parseHash(location.hash);
+  for (let i = 0; i < 3; i++) {
+    const redirect = guard(route);
+    if (!redirect) break;
+    history.replaceState(null, "", redirect);
+    route = parseHash(redirect);
+  }
+
+  renderHeader(headerEl, route);
+
+  // A fresh container per navigation: async work of the previous page writes into a detached node.
+  const page = h("div", { class: `page page-${route.name}`, testid: `page-${route.name}` });
+  const flash = takeFlash();
+  if (flash) {
+    page.append(
+      h(
+        "p",
+        { class: flash.kind === "error" ? "flash flash-error" : "flash", role: flash.kind === "error" ? "alert" : "status", testid: "flash" },
+        flash.text,
+      ),
+    );
+  }
+
+  switch (route.name) {
+    case "login":
+      renderLogin(page);
+      break;
+    case "join":
+      renderJoin(page);
+      break;
+    case "password":
+      renderPassword(page);
+      break;
+    case "events":
+      renderEvents(page);
+      break;
+    case "event":
+      renderEvent(page, route.id);
+      break;
+    case "me":
+      renderMe(page);
+      break;
+    case "home":
+      break;
+    case "notfound":
+      document.title = "Not found · LabRack";
+      page.append(
+        h("h1", { tabindex: -1 }, "Page not found"),
+        h("p", null, "There is nothing at this address. ", h("a", { href: homeHash() }, "Go to the start page"), "."),
+      );
+      break;
+  }
+  replace(mainEl, page);
+  const target = page.querySelector<HTMLElement>("[data-autofocus]") ?? page.querySelector<HTMLElement>("h1");
+  target?.focus();
+  window.scrollTo(0, 0);
+}

@@ -70,7 +70,7 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     }
     build_web()?;
     util::step("building labrack and the test binaries");
-    run(cargo().args(["build", "--workspace"]))?;
+    run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     util::step("Rust tests (cargo nextest)");
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])

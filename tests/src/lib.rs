@@ -56,8 +56,12 @@ impl Server {
 
     /// Like [`Server::start`] with extra `labrack serve` arguments.
     pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        let binary = labrack_bin();
-        let mut child = Command::new(&binary)
+        Self::start_binary(&labrack_bin(), data_dir, listen, extra)
+    }
+
+    /// Starts a given `labrack` binary (xtask uses the release build for benchmarks).
+    pub fn start_binary(binary: &Path, data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
@@ -91,6 +95,11 @@ impl Server {
             bail!("labrack exited before listening ({status}); printed: {seen:?}");
         };
         Ok(Self { child, url, admin_password, ca_fingerprint, stdout_lines: seen })
+    }
+
+    /// The generated CA certificate of a server started on `data_dir`.
+    pub fn ca_cert(data_dir: &Path) -> PathBuf {
+        data_dir.join("tls/ca.pem")
     }
 
     pub fn pid(&self) -> u32 {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::util::{self, Server, cargo, run};
+use crate::util::{self, cargo, run};
 
 struct Options {
     requests: usize,
@@ -99,8 +99,9 @@ fn rss_mb(pid: u32, field: &str) -> f64 {
 async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<RunResult> {
     let data = util::temp_dir("bench")?;
     let spawned = Instant::now();
-    let server = Server::start(binary, &data, &[])?;
-    let ca = std::fs::read(&server.ca_cert)?;
+    let server = util::start_server(binary, &data)?;
+    let pid = server.pid();
+    let ca = std::fs::read(labrack_e2e::Server::ca_cert(&data))?;
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
         .tls_built_in_root_certs(false)
@@ -119,7 +120,7 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
     }
     let cold_start_ms = spawned.elapsed().as_secs_f64() * 1000.0;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle_rss_mb = rss_mb(server.pid, "VmRSS:");
+    let idle_rss_mb = rss_mb(pid, "VmRSS:");
 
     // Seed: admin password, one event, 2,000 participants in 20 teams.
     let otp = server.admin_password.clone().context("no one-time password printed")?;
@@ -185,7 +186,7 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
         errors += e;
     }
     let elapsed = started.elapsed();
-    let peak_rss_mb = rss_mb(server.pid, "VmHWM:");
+    let peak_rss_mb = rss_mb(pid, "VmHWM:");
     latencies.sort();
     let pct = |p: f64| {
         let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
@@ -200,7 +201,7 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
         peak_rss_mb,
         errors,
     };
-    server.stop()?;
+    anyhow::ensure!(server.terminate()?.success(), "labrack did not exit cleanly");
     let _ = std::fs::remove_dir_all(&data);
     Ok(result)
 }

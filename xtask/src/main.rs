@@ -97,7 +97,7 @@ fn build_web() -> anyhow::Result<()> {
 /// Starts a real `labrack serve` on a fresh data dir and runs the Chromium tests against it.
 fn browser_tests() -> anyhow::Result<()> {
     let data = util::temp_dir("browser")?;
-    let server = util::Server::start(&util::target_dir().join("debug/labrack"), &data, &[])?;
+    let server = util::start_server(&util::target_dir().join("debug/labrack"), &data)?;
     let screenshots: PathBuf = util::target_dir().join("screenshots");
     std::fs::create_dir_all(&screenshots)?;
     let mut node = std::process::Command::new("node");
@@ -107,7 +107,8 @@ fn browser_tests() -> anyhow::Result<()> {
         .env("LABRACK_ADMIN_PASSWORD", server.admin_password.as_deref().unwrap_or_default())
         .env("LABRACK_SCREENSHOT_DIR", &screenshots);
     let result = run(&mut node);
-    server.stop()?;
+    let status = server.terminate()?;
+    anyhow::ensure!(status.success(), "labrack exited with {status} after SIGTERM");
     let _ = std::fs::remove_dir_all(&data);
     result?;
     println!("xtask: screenshots in {}", screenshots.display());

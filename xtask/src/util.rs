@@ -1,8 +1,7 @@
 //! Helpers: process running, paths, apt-get, a managed `labrack serve` process.
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
@@ -94,66 +93,9 @@ pub(crate) fn ensure_node() -> anyhow::Result<()> {
     ensure_debian_packages(&["nodejs", "npm"])
 }
 
-/// A running `labrack serve` on a data dir, with what it printed at start.
-pub(crate) struct Server {
-    child: Child,
-    pub(crate) url: String,
-    pub(crate) admin_password: Option<String>,
-    pub(crate) ca_cert: PathBuf,
-    pub(crate) pid: u32,
-}
-
-impl Server {
-    pub(crate) fn start(binary: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .arg("--web-dir")
-            .arg(project_root().join("web/dist"))
-            .args(extra)
-            .env("LABRACK_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let mut admin_password = None;
-        let mut url = None;
-        for line in lines.by_ref() {
-            let line = line?;
-            if let Some(rest) = line.strip_prefix("labrack: one-time password for admin: ") {
-                admin_password = Some(rest.trim().to_owned());
-            }
-            if let Some(rest) = line.strip_prefix("labrack: listening on ") {
-                url = Some(rest.trim().trim_end_matches('/').to_owned());
-                break;
-            }
-        }
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        let Some(url) = url else {
-            let status = child.wait()?;
-            bail!("labrack exited before listening: {status}");
-        };
-        let pid = child.id();
-        Ok(Self { child, url, admin_password, ca_cert: data_dir.join("tls/ca.pem"), pid })
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
-        let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("labrack exited with {status} after SIGTERM");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts `binary serve` on a free loopback port and `data_dir`, serving the built web UI.
+pub(crate) fn start_server(binary: &Path, data_dir: &Path) -> anyhow::Result<labrack_e2e::Server> {
+    let web = project_root().join("web/dist");
+    let web = web.to_str().context("web dir path is not UTF-8")?;
+    labrack_e2e::Server::start_binary(binary, data_dir, "127.0.0.1:0", &["--web-dir", web])
 }

@@ -159,13 +159,15 @@ fn session_token(parts: &Parts) -> Option<(String, bool)> {
 
 fn load_session(conn: &Connection, token_hash: &str, now: i64) -> Result<Option<(Principal, String)>, ApiError> {
     let row = conn
-        .query_row(
+        .prepare_cached(
             "SELECT s.csrf_token, s.staff_id, st.username, st.role, st.must_change_password,
                     s.participant_id, p.name, p.team_id, p.event_id
              FROM sessions s
              LEFT JOIN staff st ON st.id = s.staff_id
              LEFT JOIN participants p ON p.id = s.participant_id
              WHERE s.token_hash = ?1 AND s.expires_at > ?2",
+        )?
+        .query_row(
             params![token_hash, now],
             |r| {
                 let csrf: String = r.get(0)?;
@@ -207,12 +209,12 @@ pub fn create_session(conn: &Connection, principal: &Principal) -> Result<(Strin
     };
     let now = unix_now();
     // Expired sessions are swept as new ones are made, so the table stays small.
-    conn.execute("DELETE FROM sessions WHERE expires_at <= ?1", [now])?;
-    conn.execute(
+    conn.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?.execute([now])?;
+    conn.prepare_cached(
         "INSERT INTO sessions (token_hash, staff_id, participant_id, csrf_token, created_at, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![hash_secret(&token), staff_id, participant_id, csrf, super::now_rfc3339(), now + lifetime],
-    )?;
+    )?
+    .execute(params![hash_secret(&token), staff_id, participant_id, csrf, super::now_rfc3339(), now + lifetime])?;
     Ok((token, csrf))
 }
 

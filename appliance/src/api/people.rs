@@ -101,13 +101,17 @@ fn load_participant(conn: &Connection, id: i64) -> Result<Participant, ApiError>
     .ok_or(ApiError::NotFound("participant"))
 }
 
-/// Refuses changes to an event that has ended.
+/// Refuses changes to an event that has ended. Reads only the state: this runs inside
+/// every team and participant write, so it must not count rows.
 fn open_event(conn: &Connection, event_id: i64) -> Result<(), ApiError> {
-    let event = load_event(conn, event_id)?;
-    if event.state.accepts_changes() {
-        Ok(())
-    } else {
-        Err(ApiError::conflict(None, format!("the event is {}; teams and participants can no longer change", event.state.as_str())))
+    let state: String = conn
+        .prepare_cached("SELECT state FROM events WHERE id = ?1")?
+        .query_row([event_id], |r| r.get(0))
+        .optional()?
+        .ok_or(ApiError::NotFound("event"))?;
+    match EventState::parse(&state) {
+        Some(state) if state.accepts_changes() => Ok(()),
+        _ => Err(ApiError::conflict(None, format!("the event is {state}; teams and participants can no longer change"))),
     }
 }
 

@@ -55,6 +55,8 @@ CREATE TABLE sessions (
     expires_at INTEGER NOT NULL,
     CHECK ((staff_id IS NULL) <> (participant_id IS NULL))
 );
+CREATE INDEX sessions_by_expiry ON sessions(expires_at);
+CREATE INDEX sessions_by_staff ON sessions(staff_id);
 CREATE TABLE audit_log (
     id INTEGER PRIMARY KEY,
     at TEXT NOT NULL,

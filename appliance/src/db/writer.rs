@@ -142,13 +142,13 @@ fn run_batch(conn: &Connection, batch: impl Iterator<Item = Job>) {
     }
     let mut finished = Vec::new();
     for job in batch {
-        if let Err(error) = conn.execute_batch("SAVEPOINT request") {
+        if let Err(error) = conn.prepare_cached("SAVEPOINT request").and_then(|mut s| s.execute([])) {
             finished.push(Ran { ok: false, finish: Box::new(move |_| drop(error)) });
             continue;
         }
         let ran = job(conn);
-        let closing = if ran.ok { "RELEASE request" } else { "ROLLBACK TO request; RELEASE request" };
-        if let Err(error) = conn.execute_batch(closing) {
+        let closing = if ran.ok { conn.prepare_cached("RELEASE request").and_then(|mut s| s.execute([])).map(drop) } else { conn.execute_batch("ROLLBACK TO request; RELEASE request") };
+        if let Err(error) = closing {
             tracing::error!(%error, "savepoint close failed");
         }
         finished.push(ran);

@@ -1,5 +1,6 @@
-//! Acknowledged writes survive `kill -9`: many concurrent writers, the server killed
-//! mid-stream, then every write that got a success answer must be there after restart.
+//! Acknowledged writes survive `kill -9` and SIGTERM: many concurrent writers, the server
+//! stopped mid-stream, then every write that got a success answer must be there after restart
+//! (and a SIGTERM stop must exit 0).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,21 @@ use tokio::sync::Mutex;
 
 #[tokio::test]
 async fn every_acknowledged_write_survives_kill_9() -> anyhow::Result<()> {
+    writes_survive_a_stop(Stop::Kill9).await
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_writes_and_exits_0() -> anyhow::Result<()> {
+    writes_survive_a_stop(Stop::Sigterm).await
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Kill9,
+    Sigterm,
+}
+
+async fn writes_survive_a_stop(stop: Stop) -> anyhow::Result<()> {
     let data = DataDir::new("durability");
     let server = Server::start(&data.0, "127.0.0.1:0")?;
     let otp = server.admin_password.clone().expect("otp");
@@ -41,7 +57,13 @@ async fn every_acknowledged_write_survives_kill_9() -> anyhow::Result<()> {
             break;
         }
     }
-    server.kill_hard()?;
+    match stop {
+        Stop::Kill9 => server.kill_hard()?,
+        Stop::Sigterm => {
+            let status = server.terminate()?;
+            assert!(status.success(), "SIGTERM under load must exit 0, got {status}");
+        }
+    }
     for writer in writers {
         writer.await?;
     }

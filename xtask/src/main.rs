@@ -67,6 +67,7 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     if install {
         util::ensure_debian_packages(SYSTEM_PACKAGES)?;
         util::ensure_node()?;
+        util::ensure_nextest()?;
     }
     build_web()?;
     util::step("building labrack and the test binaries");

@@ -82,6 +82,15 @@ pub(crate) fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     apt(&args)
 }
 
+/// cargo-nextest, from crates.io if absent (a fresh Debian machine has only rustup's cargo).
+pub(crate) fn ensure_nextest() -> anyhow::Result<()> {
+    if cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    step("installing cargo-nextest (once)");
+    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["install", "cargo-nextest", "--locked"]))
+}
+
 /// Node.js ≥ 18 with npm, from Debian if absent.
 pub(crate) fn ensure_node() -> anyhow::Result<()> {
     let version = Command::new("node").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());

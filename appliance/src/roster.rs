@@ -145,4 +145,30 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert!(errors[0].reason.contains("too many rows"));
     }
+
+    /// A cheap fuzz oracle run as an ordinary test: arbitrary bytes never panic, and every
+    /// reported line exists in the input.
+    #[test]
+    fn arbitrary_input_never_panics_and_lines_are_real() {
+        let alphabet: &[u8] = b"team,name,email\n\r\"a@b.c ,\xc3\xa9x";
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..5_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = usize::try_from(state % 200).unwrap_or(0);
+            let mut bytes = b"team,name,email\n".to_vec();
+            let mut s = state;
+            for _ in 0..len {
+                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                bytes.push(alphabet[usize::try_from(s >> 59).unwrap_or(0) % alphabet.len()]);
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let line_count = u64::try_from(text.lines().count()).unwrap_or(u64::MAX).max(1);
+            match parse(&text) {
+                Ok(rows) => assert!(rows.iter().all(|r| r.line >= 2 && r.line <= line_count)),
+                Err(errors) => assert!(errors.iter().all(|e| e.line >= 1 && e.line <= line_count + 1), "{errors:?} in {text:?}"),
+            }
+        }
+    }
 }

@@ -72,6 +72,8 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     build_web()?;
     util::step("building labrack and the test binaries");
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
+    util::step("lints (cargo clippy, warnings are errors)");
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     util::step("Rust tests (cargo nextest)");
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])

@@ -147,11 +147,10 @@ fn session_token(parts: &Parts) -> Option<(String, bool)> {
     for value in parts.headers.get_all(header::COOKIE) {
         let Ok(text) = value.to_str() else { continue };
         for pair in text.split(';') {
-            if let Some((name, token)) = pair.trim().split_once('=') {
-                if name == SESSION_COOKIE && !token.is_empty() {
+            if let Some((name, token)) = pair.trim().split_once('=')
+                && name == SESSION_COOKIE && !token.is_empty() {
                     return Some((token.to_owned(), true));
                 }
-            }
         }
     }
     None

@@ -248,11 +248,10 @@ pub async fn transition(
         .writer()
         .write(move |conn| {
             let current = load_event(conn, event_id)?;
-            if let Some(expected) = req.from {
-                if expected != current.state {
+            if let Some(expected) = req.from
+                && expected != current.state {
                     return Err(ApiError::conflict(Some("from"), format!("the event is {}, not {}", current.state.as_str(), expected.as_str())));
                 }
-            }
             if !current.state.can_become(req.to) {
                 return Err(ApiError::conflict(Some("to"), format!("an event cannot go from {} to {}", current.state.as_str(), req.to.as_str())));
             }

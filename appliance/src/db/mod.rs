@@ -98,10 +98,9 @@ impl Db {
     }
 
     fn put_reader(&self, conn: Connection) {
-        if let Ok(mut pool) = self.readers.lock() {
-            if pool.len() < 16 {
+        if let Ok(mut pool) = self.readers.lock()
+            && pool.len() < 16 {
                 pool.push(conn);
             }
-        }
     }
 }

@@ -25,10 +25,13 @@ pub enum WriteError<E> {
     Store(StoreError),
 }
 
+/// Answers the request once the batch's commit outcome is known (`Some` = commit failed).
+type Finish = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
+
 /// What a queued job hands back once it ran inside the batch.
 struct Ran {
     ok: bool,
-    finish: Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>,
+    finish: Finish,
 }
 
 type Job = Box<dyn FnOnce(&Connection) -> Ran + Send>;

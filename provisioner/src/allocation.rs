@@ -1,0 +1,311 @@
+//! The allocation state machine, as a pure function of (allocation, input, now):
+//!
+//! ```text
+//! requested → provisioning → active → releasing → released
+//!                  │                      │
+//!                  └→ failed              └→ release_failed
+//! ```
+//!
+//! Tasks that fail are retried with exponential backoff; after `max_attempts` the
+//! allocation gives up into `failed` / `release_failed` with the last error as reason.
+//! Results for tasks that are not the one in flight (late duplicates, earlier attempts)
+//! are ignored, so re-delivery is harmless.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{HostTask, PROTOCOL_VERSION, TaskId, TaskKind, TaskOutcome};
+
+/// Where an allocation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllocationState {
+    Requested,
+    Provisioning,
+    Active,
+    Releasing,
+    Released,
+    Failed,
+    ReleaseFailed,
+}
+
+impl AllocationState {
+    /// No task will ever be issued again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Released)
+    }
+}
+
+/// Retry policy for host tasks.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: 5, base_backoff: Duration::from_secs(2), max_backoff: Duration::from_secs(60) }
+    }
+}
+
+impl RetryPolicy {
+    /// Wait before attempt `attempt + 1` after `attempt` failed: base × 2^(attempt-1), capped.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1_u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.base_backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+}
+
+/// One allocation and the reconciler's bookkeeping for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub id: i64,
+    pub host_id: i64,
+    pub template: String,
+    pub state: AllocationState,
+    /// attempt number of the task in flight or last tried (1-based; 0 before any)
+    pub attempt: u32,
+    /// the task whose result we wait for
+    pub in_flight: Option<TaskId>,
+    /// when the next attempt may be issued (ms since the epoch), after a failure
+    pub retry_at_ms: Option<u64>,
+    /// why the allocation failed, for staff
+    pub reason: Option<String>,
+}
+
+impl Allocation {
+    pub fn new(id: i64, host_id: i64, template: impl Into<String>) -> Self {
+        Self {
+            id,
+            host_id,
+            template: template.into(),
+            state: AllocationState::Requested,
+            attempt: 0,
+            in_flight: None,
+            retry_at_ms: None,
+            reason: None,
+        }
+    }
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// time passed: issue what is due (the first provision, a retry)
+    Tick,
+    /// a host reported a task
+    Report { id: TaskId, outcome: TaskOutcome },
+    /// staff or the event asked to free the lab
+    ReleaseRequested,
+    /// staff gave up on the host: mark released without its help
+    ForceRelease,
+    /// the host missed its heartbeats
+    HostUnhealthy,
+}
+
+/// What the caller must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// deliver this task to the host (idempotent: the id is stable)
+    Issue(HostTask),
+    /// the state changed; persist and audit it
+    Changed { from: AllocationState, to: AllocationState },
+    /// the input did not apply (stale report, release of a released lab, …)
+    Ignored { why: &'static str },
+}
+
+/// Advances `alloc` by one input at time `now_ms`.
+pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPolicy) -> Vec<Output> {
+    use AllocationState as S;
+    let mut out = Vec::new();
+    match (alloc.state, input) {
+        (S::Requested, Input::Tick) => {
+            transition(alloc, S::Provisioning, &mut out);
+            issue(alloc, 1, &mut out);
+        }
+        (S::Provisioning | S::Releasing, Input::Tick) => {
+            if alloc.in_flight.is_none() && alloc.retry_at_ms.is_some_and(|at| now_ms >= at) {
+                let next = alloc.attempt + 1;
+                issue(alloc, next, &mut out);
+            }
+        }
+        (S::Provisioning | S::Releasing, Input::Report { id, outcome }) => {
+            if alloc.in_flight.as_ref() != Some(&id) {
+                out.push(Output::Ignored { why: "report for a task that is not in flight" });
+                return out;
+            }
+            alloc.in_flight = None;
+            match outcome {
+                TaskOutcome::Succeeded => {
+                    alloc.retry_at_ms = None;
+                    let to = if alloc.state == S::Provisioning { S::Active } else { S::Released };
+                    transition(alloc, to, &mut out);
+                }
+                TaskOutcome::Failed { error } => {
+                    if alloc.attempt >= policy.max_attempts {
+                        alloc.retry_at_ms = None;
+                        alloc.reason = Some(format!("gave up after {} attempts: {error}", alloc.attempt));
+                        let to = if alloc.state == S::Provisioning { S::Failed } else { S::ReleaseFailed };
+                        transition(alloc, to, &mut out);
+                    } else {
+                        let wait = u64::try_from(policy.backoff(alloc.attempt).as_millis()).unwrap_or(u64::MAX);
+                        alloc.retry_at_ms = Some(now_ms.saturating_add(wait));
+                        alloc.reason = Some(error);
+                    }
+                }
+            }
+        }
+        (S::Active | S::Failed | S::ReleaseFailed, Input::ReleaseRequested) => {
+            transition(alloc, S::Releasing, &mut out);
+            issue(alloc, 1, &mut out);
+        }
+        (S::Requested, Input::ReleaseRequested) | (_, Input::ForceRelease) if alloc.state != S::Released => {
+            alloc.in_flight = None;
+            alloc.retry_at_ms = None;
+            transition(alloc, S::Released, &mut out);
+        }
+        (S::Provisioning | S::Active, Input::HostUnhealthy) => {
+            alloc.in_flight = None;
+            alloc.retry_at_ms = None;
+            alloc.reason = Some("the host stopped sending heartbeats".into());
+            transition(alloc, S::Failed, &mut out);
+        }
+        (S::Releasing, Input::HostUnhealthy) => {
+            alloc.in_flight = None;
+            alloc.retry_at_ms = None;
+            alloc.reason = Some("the host stopped sending heartbeats while releasing".into());
+            transition(alloc, S::ReleaseFailed, &mut out);
+        }
+        (_, Input::Tick) => {}
+        (_, Input::Report { .. }) => out.push(Output::Ignored { why: "no task is in flight in this state" }),
+        (_, Input::ReleaseRequested) => out.push(Output::Ignored { why: "already releasing or released" }),
+        (_, Input::ForceRelease) => out.push(Output::Ignored { why: "already released" }),
+        (_, Input::HostUnhealthy) => {}
+    }
+    out
+}
+
+fn transition(alloc: &mut Allocation, to: AllocationState, out: &mut Vec<Output>) {
+    let from = alloc.state;
+    alloc.state = to;
+    if matches!(to, AllocationState::Provisioning | AllocationState::Releasing) {
+        alloc.attempt = 0;
+    }
+    out.push(Output::Changed { from, to });
+}
+
+fn issue(alloc: &mut Allocation, attempt: u32, out: &mut Vec<Output>) {
+    let kind = match alloc.state {
+        AllocationState::Releasing => TaskKind::Release { allocation_id: alloc.id },
+        _ => TaskKind::Provision { allocation_id: alloc.id, template: alloc.template.clone() },
+    };
+    let id = TaskId::new(alloc.id, kind.name(), attempt);
+    alloc.attempt = attempt;
+    alloc.in_flight = Some(id.clone());
+    alloc.retry_at_ms = None;
+    out.push(Output::Issue(HostTask { version: PROTOCOL_VERSION, id, host_id: alloc.host_id, kind }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AllocationState as S;
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy { max_attempts: 3, base_backoff: Duration::from_secs(2), max_backoff: Duration::from_secs(60) }
+    }
+
+    fn issued(out: &[Output]) -> Option<&HostTask> {
+        out.iter().find_map(|o| if let Output::Issue(task) = o { Some(task) } else { None })
+    }
+
+    fn fail(alloc: &mut Allocation, now: u64) -> Vec<Output> {
+        let id = alloc.in_flight.clone().expect("a task in flight");
+        step(alloc, Input::Report { id, outcome: TaskOutcome::Failed { error: "boom".into() } }, now, &policy())
+    }
+
+    fn succeed(alloc: &mut Allocation, now: u64) -> Vec<Output> {
+        let id = alloc.in_flight.clone().expect("a task in flight");
+        step(alloc, Input::Report { id, outcome: TaskOutcome::Succeeded }, now, &policy())
+    }
+
+    #[test]
+    fn happy_path_requested_to_released() {
+        let mut a = Allocation::new(9, 2, "gpu");
+        let out = step(&mut a, Input::Tick, 0, &policy());
+        assert_eq!(out[0], Output::Changed { from: S::Requested, to: S::Provisioning });
+        let task = issued(&out).expect("provision task");
+        assert_eq!(task.id.0, "alloc-9-provision-1");
+        assert_eq!(task.kind, TaskKind::Provision { allocation_id: 9, template: "gpu".into() });
+        assert_eq!(succeed(&mut a, 10), vec![Output::Changed { from: S::Provisioning, to: S::Active }]);
+        let out = step(&mut a, Input::ReleaseRequested, 20, &policy());
+        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-9-release-1"));
+        succeed(&mut a, 30);
+        assert_eq!(a.state, S::Released);
+        assert!(a.state.is_terminal());
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_then_give_up_with_a_reason() {
+        let mut a = Allocation::new(1, 1, "t");
+        step(&mut a, Input::Tick, 0, &policy());
+        assert!(fail(&mut a, 1_000).is_empty());
+        assert_eq!(a.retry_at_ms, Some(3_000), "2 s after the first failure");
+        assert!(issued(&step(&mut a, Input::Tick, 2_999, &policy())).is_none(), "not before the backoff");
+        let retry = step(&mut a, Input::Tick, 3_000, &policy());
+        assert_eq!(issued(&retry).map(|t| t.id.0.as_str()), Some("alloc-1-provision-2"));
+        fail(&mut a, 4_000);
+        assert_eq!(a.retry_at_ms, Some(8_000), "4 s after the second failure");
+        step(&mut a, Input::Tick, 8_000, &policy());
+        let out = fail(&mut a, 9_000);
+        assert_eq!(out, vec![Output::Changed { from: S::Provisioning, to: S::Failed }]);
+        assert_eq!(a.reason.as_deref(), Some("gave up after 3 attempts: boom"));
+        assert!(issued(&step(&mut a, Input::Tick, 100_000, &policy())).is_none());
+    }
+
+    #[test]
+    fn stale_and_duplicate_reports_are_ignored() {
+        let mut a = Allocation::new(1, 1, "t");
+        step(&mut a, Input::Tick, 0, &policy());
+        let first = a.in_flight.clone().expect("in flight");
+        fail(&mut a, 0);
+        step(&mut a, Input::Tick, 2_000, &policy());
+        // A late success for attempt 1 must not activate the allocation.
+        let out = step(&mut a, Input::Report { id: first, outcome: TaskOutcome::Succeeded }, 2_100, &policy());
+        assert!(matches!(out[..], [Output::Ignored { .. }]));
+        assert_eq!(a.state, S::Provisioning);
+        succeed(&mut a, 2_200);
+        let again = step(&mut a, Input::Report { id: TaskId::new(1, "provision", 2), outcome: TaskOutcome::Succeeded }, 2_300, &policy());
+        assert!(matches!(again[..], [Output::Ignored { .. }]), "a duplicate report changes nothing");
+        assert_eq!(a.state, S::Active);
+    }
+
+    #[test]
+    fn unhealthy_hosts_fail_their_allocations_and_staff_can_force_release() {
+        let mut a = Allocation::new(1, 1, "t");
+        step(&mut a, Input::Tick, 0, &policy());
+        succeed(&mut a, 1);
+        step(&mut a, Input::HostUnhealthy, 2, &policy());
+        assert_eq!(a.state, S::Failed);
+        // Release of a failed lab is tried (the host may come back) ...
+        step(&mut a, Input::ReleaseRequested, 3, &policy());
+        assert_eq!(a.state, S::Releasing);
+        step(&mut a, Input::HostUnhealthy, 4, &policy());
+        assert_eq!(a.state, S::ReleaseFailed);
+        // ... and staff can always force it.
+        let out = step(&mut a, Input::ForceRelease, 5, &policy());
+        assert_eq!(out, vec![Output::Changed { from: S::ReleaseFailed, to: S::Released }]);
+        assert!(matches!(step(&mut a, Input::ForceRelease, 6, &policy())[..], [Output::Ignored { .. }]));
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RetryPolicy::default();
+        let secs: Vec<u64> = (1..=7).map(|n| p.backoff(n).as_secs()).collect();
+        assert_eq!(secs, vec![2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(p.backoff(200), p.max_backoff);
+    }
+}

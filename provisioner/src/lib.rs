@@ -1,0 +1,12 @@
+//! The provisioner's I/O-free core, shared by the appliance and `labrack-host`:
+//!
+//! - [`template`]: lab templates organizers write in TOML, validated with line-precise errors;
+//! - [`allocation`]: the allocation state machine and its reconciler step (time is a
+//!   parameter, outputs are typed host tasks);
+//! - [`protocol`]: the versioned wire types of the appliance↔host task protocol.
+//!
+//! Architecture invariant: this crate knows nothing of HTTP, SQLite, clocks or sockets.
+
+pub mod allocation;
+pub mod protocol;
+pub mod template;

@@ -44,6 +44,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     let handle = axum_server::Handle::<SocketAddr>::new();
+    let signals = ShutdownSignals::register()?;
     let state = AppState::new(db.clone(), metrics, !config.dev_http, Some(config.web_dir.clone()));
     let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
 
@@ -69,7 +70,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     println!("labrack: listening on {url}");
     tracing::info!(%url, data_dir = %config.data_dir.display(), startup_ms = started.elapsed().as_millis(), "labrack serving");
 
-    tokio::spawn(shutdown_on_signal(handle));
+    tokio::spawn(signals.shutdown(handle));
     server.await.context("server task")?.context("server")?;
     // Everything accepted has been answered; let the writer finish what is queued.
     db.writer().shutdown();
@@ -77,28 +78,30 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_on_signal(handle: axum_server::Handle<SocketAddr>) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                let _ = ctrl_c.await;
-                handle.graceful_shutdown(Some(Duration::from_secs(10)));
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+/// Signal streams registered before the server says it listens, so a SIGTERM sent the
+/// moment after start-up is already handled gracefully (not the default kill).
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn register() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down: no new connections, finishing in-flight requests");
-    handle.graceful_shutdown(Some(Duration::from_secs(10)));
+
+    async fn shutdown(mut self, handle: axum_server::Handle<SocketAddr>) {
+        tokio::select! {
+            _ = self.terminate.recv() => {},
+            _ = self.interrupt.recv() => {},
+        }
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        handle.graceful_shutdown(Some(Duration::from_secs(10)));
+    }
 }
 
 /// A readable one-time password: 4 groups of 4 from the unambiguous alphabet (80 bits).

@@ -101,3 +101,16 @@ async fn plain_http_only_with_the_dev_flag() -> anyhow::Result<()> {
     assert!(dev.terminate()?.success());
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_right_after_start_is_still_a_clean_exit() -> anyhow::Result<()> {
+    // Signal handlers are registered before "listening" is printed; a supervisor that
+    // stops the appliance at once must still get a graceful exit 0, every time.
+    for round in 0..5 {
+        let data = DataDir::new("early-term");
+        let server = Server::start_with(&data.0, "127.0.0.1:0", &["--dev-http"])?;
+        let status = server.terminate()?;
+        assert!(status.success(), "round {round}: {status}");
+    }
+    Ok(())
+}

@@ -73,14 +73,7 @@ export interface ImportResult {
 export interface MeResponse {
   participant: Participant;
   team: { id: string | number; name: string };
-  event: {
-    id: string | number;
-    name: string;
-    code: string;
-    state: EventState;
-    starts_at: string;
-    ends_at: string;
-  };
+  event: Pick<LabEvent, "id" | "name" | "code" | "state" | "starts_at" | "ends_at">;
   teammates: { id: string | number; name: string; joined: boolean }[];
 }
 

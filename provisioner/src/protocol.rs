@@ -68,6 +68,57 @@ pub struct TaskReport {
     pub outcome: TaskOutcome,
 }
 
+/// A host's telemetry sample (sent with heartbeats).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    pub version: u32,
+    /// CPU use over the sampling interval, 0–100 (all cores)
+    pub cpu_percent: f32,
+    pub cpu_count: u32,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub disks: Vec<DiskUsage>,
+    pub gpus: GpuTelemetry,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskUsage {
+    pub mount_point: String,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// GPUs as NVML sees them, or why there are none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum GpuTelemetry {
+    /// no NVIDIA driver or library on this host: a normal state, not an error
+    NoGpu { reason: String },
+    Present { driver_version: Option<String>, devices: Vec<GpuDevice> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuDevice {
+    pub index: u32,
+    pub name: String,
+    pub utilization_percent: Option<u32>,
+    pub memory_total_bytes: Option<u64>,
+    pub memory_used_bytes: Option<u64>,
+    pub temperature_celsius: Option<u32>,
+    pub power_watts: Option<f32>,
+    pub processes: Vec<GpuProcess>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuProcess {
+    pub pid: u32,
+    pub used_memory_bytes: Option<u64>,
+}
+
 /// Why a message from a peer was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {

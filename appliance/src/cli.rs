@@ -46,7 +46,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, log_format
+    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, log_format, secret_key_file, host_heartbeat_secs
     #[arg(long, env = "LABRACK_CONFIG")]
     pub config: Option<PathBuf>,
     /// where the database and TLS material live [default: ./data]
@@ -67,6 +67,12 @@ pub struct ServeArgs {
     /// log format [default: json]
     #[arg(long, env = "LABRACK_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// the 32-byte key that seals lab credentials at rest [default: DATA_DIR/secret.key]
+    #[arg(long, env = "LABRACK_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
+    /// seconds between lab-host heartbeats; three missed mark a host unhealthy [default: 5]
+    #[arg(long, env = "LABRACK_HOST_HEARTBEAT_SECS")]
+    pub host_heartbeat_secs: Option<u64>,
 }
 
 /// The config file's shape: every key optional.
@@ -79,6 +85,8 @@ struct ConfigFile {
     web_dir: Option<PathBuf>,
     tls_names: Option<Vec<String>>,
     log_format: Option<LogFormat>,
+    secret_key_file: Option<PathBuf>,
+    host_heartbeat_secs: Option<u64>,
 }
 
 /// Fully resolved settings for `labrack serve`.
@@ -90,6 +98,8 @@ pub struct ServeConfig {
     pub web_dir: PathBuf,
     pub tls_names: Vec<String>,
     pub log_format: LogFormat,
+    pub secret_key_file: PathBuf,
+    pub host_heartbeat_secs: u64,
 }
 
 impl ServeArgs {
@@ -98,8 +108,13 @@ impl ServeArgs {
             Some(path) => load_config_file(path)?,
             None => ConfigFile::default(),
         };
+        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data"));
+        let host_heartbeat_secs = self.host_heartbeat_secs.or(file.host_heartbeat_secs).unwrap_or(5);
+        anyhow::ensure!((1..=300).contains(&host_heartbeat_secs), "host_heartbeat_secs must be between 1 and 300");
         Ok(ServeConfig {
-            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data")),
+            secret_key_file: self.secret_key_file.or(file.secret_key_file).unwrap_or_else(|| data_dir.join("secret.key")),
+            host_heartbeat_secs,
+            data_dir,
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
             dev_http: self.dev_http || file.dev_http.unwrap_or(false),
             web_dir: self.web_dir.or(file.web_dir).unwrap_or_else(|| PathBuf::from("./web/dist")),

@@ -3,7 +3,9 @@
 pub mod api;
 pub mod cli;
 pub mod db;
+pub mod labs;
 pub mod metrics;
 pub mod roster;
+pub mod secrets;
 pub mod serve;
 pub mod tls;

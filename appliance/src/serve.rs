@@ -45,7 +45,11 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     let handle = axum_server::Handle::<SocketAddr>::new();
     let signals = ShutdownSignals::register()?;
-    let state = AppState::new(db.clone(), metrics, !config.dev_http, Some(config.web_dir.clone()));
+    let secrets = crate::secrets::SecretBox::load_or_create(&config.secret_key_file).context("loading the secret key")?;
+    let mut state = AppState::new(db.clone(), metrics, !config.dev_http, Some(config.web_dir.clone()), secrets);
+    state.heartbeat = Duration::from_secs(config.host_heartbeat_secs);
+    let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
+    let shutdown = state.shutdown.clone();
     let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
 
     let shown_host = if local.ip().is_unspecified() { "127.0.0.1".to_owned() } else { local.ip().to_string() };
@@ -70,8 +74,10 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     println!("labrack: listening on {url}");
     tracing::info!(%url, data_dir = %config.data_dir.display(), startup_ms = started.elapsed().as_millis(), "labrack serving");
 
-    tokio::spawn(signals.shutdown(handle));
+    tokio::spawn(signals.shutdown(handle, shutdown.clone()));
     server.await.context("server task")?.context("server")?;
+    shutdown.send_replace(true);
+    let _ = reconciler.await;
     // Everything accepted has been answered; let the writer finish what is queued.
     db.writer().shutdown();
     tracing::info!("labrack stopped");
@@ -94,12 +100,14 @@ impl ShutdownSignals {
         })
     }
 
-    async fn shutdown(mut self, handle: axum_server::Handle<SocketAddr>) {
+    async fn shutdown(mut self, handle: axum_server::Handle<SocketAddr>, stop: Arc<tokio::sync::watch::Sender<bool>>) {
         tokio::select! {
             _ = self.terminate.recv() => {},
             _ = self.interrupt.recv() => {},
         }
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        // Long polls answer at once; the reconciler stops after its current pass.
+        stop.send_replace(true);
         handle.graceful_shutdown(Some(Duration::from_secs(10)));
     }
 }

@@ -56,7 +56,7 @@ impl TestApp {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let metrics = Arc::new(Metrics::default());
         let db = Db::open(&dir.join("labrack.db"), metrics.clone()).expect("open db");
-        let state = AppState::new(db.clone(), metrics, true, None);
+        let state = AppState::new(db.clone(), metrics, true, None, labrack::secrets::SecretBox::from_key(&[9; 32]));
         Self { router: api::app(state), db, dir }
     }
 

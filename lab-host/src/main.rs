@@ -1,19 +1,80 @@
-//! `labrack-host`: the agent on each lab machine. Today it reports telemetry; enrolment
-//! and the pulled task loop (issue 3) come next.
+//! `labrack-host`: the agent on each lab machine. It enrols once with a one-time token,
+//! then pulls typed tasks from the appliance, runs each at most once, spools results and
+//! telemetry while the appliance is unreachable, and makes lab desktops (`local-user`).
 
+mod agent;
+mod client;
+mod identity;
+mod runtime;
+mod spool;
 mod telemetry;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: labrack-host telemetry [--interval-ms N]
+use clap::{Parser, Subcommand};
 
-  telemetry   print one telemetry sample (CPU, memory, disks, NVIDIA GPUs) as JSON
-";
+#[derive(Debug, Parser)]
+#[command(name = "labrack-host", version, about = "LabRack lab-host agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enrol this machine with an appliance using a one-time token from the staff UI.
+    Enrol {
+        /// the appliance, e.g. https://10.0.0.1:8443
+        #[arg(long)]
+        appliance: String,
+        /// the one-time enrolment token
+        #[arg(long, env = "LABRACK_ENROL_TOKEN")]
+        token: String,
+        /// the appliance's CA certificate (data/tls/ca.pem on the appliance)
+        #[arg(long)]
+        ca: PathBuf,
+        /// this host's name in the inventory [default: the hostname]
+        #[arg(long)]
+        name: Option<String>,
+        /// where the appliance reaches this host's RDP and SSH servers [default: the local address towards the appliance]
+        #[arg(long)]
+        address: Option<String>,
+        /// how many labs this host may run at once
+        #[arg(long, default_value_t = 4)]
+        capacity: u32,
+        #[arg(long, env = "LABRACK_HOST_STATE_DIR", default_value_os_t = agent::default_state_dir().to_path_buf())]
+        state_dir: PathBuf,
+        /// enrol again even though this state dir holds an identity
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the agent: pull and run tasks, send heartbeats with telemetry.
+    Run {
+        #[arg(long, env = "LABRACK_HOST_STATE_DIR", default_value_os_t = agent::default_state_dir().to_path_buf())]
+        state_dir: PathBuf,
+        /// the port of this host's RDP server (xrdp)
+        #[arg(long, default_value_t = 3389)]
+        rdp_port: u16,
+        /// the port of this host's SSH server
+        #[arg(long, default_value_t = 22)]
+        ssh_port: u16,
+        /// prefix of the Linux users made for labs
+        #[arg(long, default_value = "lr-")]
+        user_prefix: String,
+    },
+    /// Print one telemetry sample (CPU, memory, disks, NVIDIA GPUs) as JSON.
+    Telemetry {
+        /// CPU use is measured over this many milliseconds
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+    },
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("labrack-host: error: {error:#}");
@@ -22,23 +83,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &[String]) -> anyhow::Result<()> {
-    match args.first().map(String::as_str) {
-        Some("telemetry") => {
-            let interval = match (args.get(1).map(String::as_str), args.get(2)) {
-                (None, _) => Duration::from_millis(500),
-                (Some("--interval-ms"), Some(ms)) => {
-                    Duration::from_millis(ms.parse().map_err(|_| anyhow::anyhow!("--interval-ms needs a number, got {ms:?}"))?)
-                }
-                (Some(other), _) => anyhow::bail!("unknown option {other:?}\n\n{USAGE}"),
-            };
-            println!("{}", serde_json::to_string_pretty(&telemetry::sample(interval))?);
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Telemetry { interval_ms } => {
+            println!("{}", serde_json::to_string_pretty(&telemetry::sample(Duration::from_millis(interval_ms)))?);
             Ok(())
         }
-        Some("-h" | "--help" | "help") | None => {
-            print!("{USAGE}");
+        Command::Enrol { appliance, token, ca, name, address, capacity, state_dir, force } => {
+            init_logging();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let options = agent::EnrolOptions { appliance, token, ca, name, address, capacity, state_dir: state_dir.clone(), force };
+            let config = runtime.block_on(agent::enrol(options))?;
+            println!("labrack-host: enrolled as host {} ({}) with {}", config.host_id, config.name, config.appliance);
+            println!("labrack-host: identity saved in {}; start it with `labrack-host run`", state_dir.display());
             Ok(())
         }
-        Some(other) => anyhow::bail!("unknown command {other:?}\n\n{USAGE}"),
+        Command::Run { state_dir, rdp_port, ssh_port, user_prefix } => {
+            init_logging();
+            runtime::local_user::check_prefix(&user_prefix)?;
+            // Fault injection for the restart tests; undocumented for operators on purpose.
+            let pause_in_task = std::env::var("LABRACK_HOST_TEST_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
+            let options = agent::RunOptions { state_dir, runtime: runtime::RuntimeSettings { user_prefix, rdp_port, ssh_port }, pause_in_task };
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(agent::run(options))
+        }
     }
 }

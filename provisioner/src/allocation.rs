@@ -2,9 +2,12 @@
 //!
 //! ```text
 //! requested → provisioning → active → releasing → released
-//!                  │                      │
-//!                  └→ failed              └→ release_failed
+//!                  │             │ ↺ reset   │
+//!                  └→ failed  ←──┘           └→ release_failed
 //! ```
+//!
+//! A reset keeps the allocation `active` while its task is in flight; a reset that keeps
+//! failing gives up into `failed`.
 //!
 //! Tasks that fail are retried with exponential backoff; after `max_attempts` the
 //! allocation gives up into `failed` / `release_failed` with the last error as reason.
@@ -15,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{HostTask, PROTOCOL_VERSION, TaskId, TaskKind, TaskOutcome};
+use crate::protocol::{DesktopAccess, HostTask, PROTOCOL_VERSION, TaskId, TaskKind, TaskOutcome};
 
 /// Where an allocation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +68,10 @@ pub struct Allocation {
     pub id: i64,
     pub host_id: i64,
     pub template: String,
+    /// the template's desktop runtime and home skeleton, copied at allocation time so a
+    /// later template edit does not change a running lab
+    pub runtime: String,
+    pub skeleton: String,
     pub state: AllocationState,
     /// attempt number of the task in flight or last tried (1-based; 0 before any)
     pub attempt: u32,
@@ -77,11 +84,13 @@ pub struct Allocation {
 }
 
 impl Allocation {
-    pub fn new(id: i64, host_id: i64, template: impl Into<String>) -> Self {
+    pub fn new(id: i64, host_id: i64, template: &crate::template::Template) -> Self {
         Self {
             id,
             host_id,
-            template: template.into(),
+            template: template.name.clone(),
+            runtime: template.runtime.clone(),
+            skeleton: template.skeleton.clone(),
             state: AllocationState::Requested,
             attempt: 0,
             in_flight: None,
@@ -100,6 +109,8 @@ pub enum Input {
     Report { id: TaskId, outcome: TaskOutcome },
     /// staff or the event asked to free the lab
     ReleaseRequested,
+    /// staff or the team asked to restore the desktop to the template
+    ResetRequested,
     /// staff gave up on the host: mark released without its help
     ForceRelease,
     /// the host missed its heartbeats
@@ -113,6 +124,10 @@ pub enum Output {
     Issue(HostTask),
     /// the state changed; persist and audit it
     Changed { from: AllocationState, to: AllocationState },
+    /// the host reported (new) desktop credentials; store them encrypted
+    Desktop(DesktopAccess),
+    /// a reset finished; the allocation stays active
+    ResetDone,
     /// the input did not apply (stale report, release of a released lab, …)
     Ignored { why: &'static str },
 }
@@ -126,29 +141,36 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
             transition(alloc, S::Provisioning, &mut out);
             issue(alloc, 1, &mut out);
         }
-        (S::Provisioning | S::Releasing, Input::Tick) => {
+        (S::Provisioning | S::Releasing | S::Active, Input::Tick) => {
             if alloc.in_flight.is_none() && alloc.retry_at_ms.is_some_and(|at| now_ms >= at) {
                 let next = alloc.attempt + 1;
                 issue(alloc, next, &mut out);
             }
         }
-        (S::Provisioning | S::Releasing, Input::Report { id, outcome }) => {
+        (S::Provisioning | S::Releasing | S::Active, Input::Report { id, outcome }) => {
             if alloc.in_flight.as_ref() != Some(&id) {
                 out.push(Output::Ignored { why: "report for a task that is not in flight" });
                 return out;
             }
             alloc.in_flight = None;
             match outcome {
-                TaskOutcome::Succeeded => {
+                TaskOutcome::Succeeded { desktop } => {
                     alloc.retry_at_ms = None;
-                    let to = if alloc.state == S::Provisioning { S::Active } else { S::Released };
-                    transition(alloc, to, &mut out);
+                    alloc.reason = None;
+                    if let Some(desktop) = desktop {
+                        out.push(Output::Desktop(desktop));
+                    }
+                    match alloc.state {
+                        S::Provisioning => transition(alloc, S::Active, &mut out),
+                        S::Releasing => transition(alloc, S::Released, &mut out),
+                        _ => out.push(Output::ResetDone),
+                    }
                 }
                 TaskOutcome::Failed { error } => {
                     if alloc.attempt >= policy.max_attempts {
                         alloc.retry_at_ms = None;
                         alloc.reason = Some(format!("gave up after {} attempts: {error}", alloc.attempt));
-                        let to = if alloc.state == S::Provisioning { S::Failed } else { S::ReleaseFailed };
+                        let to = if alloc.state == S::Releasing { S::ReleaseFailed } else { S::Failed };
                         transition(alloc, to, &mut out);
                     } else {
                         let wait = u64::try_from(policy.backoff(alloc.attempt).as_millis()).unwrap_or(u64::MAX);
@@ -156,6 +178,13 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
                         alloc.reason = Some(error);
                     }
                 }
+            }
+        }
+        (S::Active, Input::ResetRequested) => {
+            if alloc.in_flight.is_some() || alloc.retry_at_ms.is_some() {
+                out.push(Output::Ignored { why: "a reset is already under way" });
+            } else {
+                issue(alloc, 1, &mut out);
             }
         }
         (S::Active | S::Failed | S::ReleaseFailed, Input::ReleaseRequested) => {
@@ -182,6 +211,7 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
         (_, Input::Tick) => {}
         (_, Input::Report { .. }) => out.push(Output::Ignored { why: "no task is in flight in this state" }),
         (_, Input::ReleaseRequested) => out.push(Output::Ignored { why: "already releasing or released" }),
+        (_, Input::ResetRequested) => out.push(Output::Ignored { why: "only an active lab can be reset" }),
         (_, Input::ForceRelease) => out.push(Output::Ignored { why: "already released" }),
         (_, Input::HostUnhealthy) => {}
     }
@@ -200,7 +230,13 @@ fn transition(alloc: &mut Allocation, to: AllocationState, out: &mut Vec<Output>
 fn issue(alloc: &mut Allocation, attempt: u32, out: &mut Vec<Output>) {
     let kind = match alloc.state {
         AllocationState::Releasing => TaskKind::Release { allocation_id: alloc.id },
-        _ => TaskKind::Provision { allocation_id: alloc.id, template: alloc.template.clone() },
+        AllocationState::Active => TaskKind::Reset { allocation_id: alloc.id, skeleton: alloc.skeleton.clone() },
+        _ => TaskKind::Provision {
+            allocation_id: alloc.id,
+            template: alloc.template.clone(),
+            runtime: alloc.runtime.clone(),
+            skeleton: alloc.skeleton.clone(),
+        },
     };
     let id = TaskId::new(alloc.id, kind.name(), attempt);
     alloc.attempt = attempt;
@@ -229,18 +265,42 @@ mod tests {
 
     fn succeed(alloc: &mut Allocation, now: u64) -> Vec<Output> {
         let id = alloc.in_flight.clone().expect("a task in flight");
-        step(alloc, Input::Report { id, outcome: TaskOutcome::Succeeded }, now, &policy())
+        step(alloc, Input::Report { id, outcome: TaskOutcome::done() }, now, &policy())
+    }
+
+    fn template(name: &str) -> crate::template::Template {
+        crate::template::Template {
+            name: name.into(),
+            runtime: "local-user".into(),
+            gpus: 0,
+            gpu_memory_mib: None,
+            skeleton: "/srv/skel".into(),
+            checks: Vec::new(),
+        }
+    }
+
+    fn alloc(id: i64, host: i64, name: &str) -> Allocation {
+        Allocation::new(id, host, &template(name))
+    }
+
+    fn desktop(password: &str) -> DesktopAccess {
+        DesktopAccess { username: "lr-a9".into(), password: password.into(), rdp_port: 3389, ssh_port: 22 }
     }
 
     #[test]
     fn happy_path_requested_to_released() {
-        let mut a = Allocation::new(9, 2, "gpu");
+        let mut a = alloc(9, 2, "gpu");
         let out = step(&mut a, Input::Tick, 0, &policy());
         assert_eq!(out[0], Output::Changed { from: S::Requested, to: S::Provisioning });
         let task = issued(&out).expect("provision task");
         assert_eq!(task.id.0, "alloc-9-provision-1");
-        assert_eq!(task.kind, TaskKind::Provision { allocation_id: 9, template: "gpu".into() });
-        assert_eq!(succeed(&mut a, 10), vec![Output::Changed { from: S::Provisioning, to: S::Active }]);
+        assert_eq!(
+            task.kind,
+            TaskKind::Provision { allocation_id: 9, template: "gpu".into(), runtime: "local-user".into(), skeleton: "/srv/skel".into() }
+        );
+        let id = a.in_flight.clone().expect("in flight");
+        let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop("one")) } }, 10, &policy());
+        assert_eq!(out, vec![Output::Desktop(desktop("one")), Output::Changed { from: S::Provisioning, to: S::Active }]);
         let out = step(&mut a, Input::ReleaseRequested, 20, &policy());
         assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-9-release-1"));
         succeed(&mut a, 30);
@@ -250,7 +310,7 @@ mod tests {
 
     #[test]
     fn failures_back_off_exponentially_then_give_up_with_a_reason() {
-        let mut a = Allocation::new(1, 1, "t");
+        let mut a = alloc(1, 1, "t");
         step(&mut a, Input::Tick, 0, &policy());
         assert!(fail(&mut a, 1_000).is_empty());
         assert_eq!(a.retry_at_ms, Some(3_000), "2 s after the first failure");
@@ -268,24 +328,24 @@ mod tests {
 
     #[test]
     fn stale_and_duplicate_reports_are_ignored() {
-        let mut a = Allocation::new(1, 1, "t");
+        let mut a = alloc(1, 1, "t");
         step(&mut a, Input::Tick, 0, &policy());
         let first = a.in_flight.clone().expect("in flight");
         fail(&mut a, 0);
         step(&mut a, Input::Tick, 2_000, &policy());
         // A late success for attempt 1 must not activate the allocation.
-        let out = step(&mut a, Input::Report { id: first, outcome: TaskOutcome::Succeeded }, 2_100, &policy());
+        let out = step(&mut a, Input::Report { id: first, outcome: TaskOutcome::done() }, 2_100, &policy());
         assert!(matches!(out[..], [Output::Ignored { .. }]));
         assert_eq!(a.state, S::Provisioning);
         succeed(&mut a, 2_200);
-        let again = step(&mut a, Input::Report { id: TaskId::new(1, "provision", 2), outcome: TaskOutcome::Succeeded }, 2_300, &policy());
+        let again = step(&mut a, Input::Report { id: TaskId::new(1, "provision", 2), outcome: TaskOutcome::done() }, 2_300, &policy());
         assert!(matches!(again[..], [Output::Ignored { .. }]), "a duplicate report changes nothing");
         assert_eq!(a.state, S::Active);
     }
 
     #[test]
     fn unhealthy_hosts_fail_their_allocations_and_staff_can_force_release() {
-        let mut a = Allocation::new(1, 1, "t");
+        let mut a = alloc(1, 1, "t");
         step(&mut a, Input::Tick, 0, &policy());
         succeed(&mut a, 1);
         step(&mut a, Input::HostUnhealthy, 2, &policy());
@@ -299,6 +359,50 @@ mod tests {
         let out = step(&mut a, Input::ForceRelease, 5, &policy());
         assert_eq!(out, vec![Output::Changed { from: S::ReleaseFailed, to: S::Released }]);
         assert!(matches!(step(&mut a, Input::ForceRelease, 6, &policy())[..], [Output::Ignored { .. }]));
+    }
+
+    #[test]
+    fn resets_keep_the_lab_active_rotate_credentials_and_retry() {
+        let mut a = alloc(9, 2, "gpu");
+        step(&mut a, Input::Tick, 0, &policy());
+        succeed(&mut a, 1);
+        let out = step(&mut a, Input::ResetRequested, 2, &policy());
+        let task = issued(&out).expect("reset task");
+        assert_eq!(task.id.0, "alloc-9-reset-1");
+        assert_eq!(task.kind, TaskKind::Reset { allocation_id: 9, skeleton: "/srv/skel".into() });
+        assert_eq!(a.state, S::Active);
+        assert!(matches!(step(&mut a, Input::ResetRequested, 3, &policy())[..], [Output::Ignored { .. }]), "one reset at a time");
+        fail(&mut a, 4);
+        assert!(matches!(step(&mut a, Input::ResetRequested, 5, &policy())[..], [Output::Ignored { .. }]), "a retry is pending");
+        let retry = step(&mut a, Input::Tick, 2_004, &policy());
+        assert_eq!(issued(&retry).map(|t| t.id.0.as_str()), Some("alloc-9-reset-2"));
+        let id = a.in_flight.clone().expect("in flight");
+        let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop("two")) } }, 2_100, &policy());
+        assert_eq!(out, vec![Output::Desktop(desktop("two")), Output::ResetDone]);
+        assert_eq!((a.state, a.in_flight.clone(), a.reason.clone()), (S::Active, None, None));
+        // A reset that keeps failing gives up into failed; a second reset starts from attempt 1.
+        step(&mut a, Input::ResetRequested, 3_000, &policy());
+        assert_eq!(a.attempt, 1);
+        for now in [3_001, 10_000, 20_000] {
+            step(&mut a, Input::Tick, now, &policy());
+            fail(&mut a, now);
+        }
+        assert_eq!(a.state, S::Failed);
+        assert!(matches!(step(&mut a, Input::ResetRequested, 30_000, &policy())[..], [Output::Ignored { .. }]));
+    }
+
+    #[test]
+    fn release_during_a_reset_wins_and_the_late_reset_report_is_ignored() {
+        let mut a = alloc(4, 1, "t");
+        step(&mut a, Input::Tick, 0, &policy());
+        succeed(&mut a, 1);
+        step(&mut a, Input::ResetRequested, 2, &policy());
+        let reset = a.in_flight.clone().expect("reset in flight");
+        let out = step(&mut a, Input::ReleaseRequested, 3, &policy());
+        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-4-release-1"));
+        let late = step(&mut a, Input::Report { id: reset, outcome: TaskOutcome::done() }, 4, &policy());
+        assert!(matches!(late[..], [Output::Ignored { .. }]));
+        assert_eq!(a.state, S::Releasing);
     }
 
     #[test]

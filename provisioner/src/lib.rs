@@ -1,5 +1,6 @@
 //! The provisioner's I/O-free core, shared by the appliance and `labrack-host`:
 //!
+//! - [`inventory`]: placement of a new lab on the enrolled host with room and GPUs;
 //! - [`template`]: lab templates organizers write in TOML, validated with line-precise errors;
 //! - [`allocation`]: the allocation state machine and its reconciler step (time is a
 //!   parameter, outputs are typed host tasks);
@@ -8,5 +9,6 @@
 //! Architecture invariant: this crate knows nothing of HTTP, SQLite, clocks or sockets.
 
 pub mod allocation;
+pub mod inventory;
 pub mod protocol;
 pub mod template;

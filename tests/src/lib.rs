@@ -201,3 +201,177 @@ impl Api {
         Ok(())
     }
 }
+
+impl Api {
+    /// PUTs a TOML file (lab templates).
+    pub async fn put_toml(&self, path: &str, toml: &str) -> anyhow::Result<(u16, Value)> {
+        let mut request = self.client.put(format!("{}{path}", self.base)).header("content-type", "application/toml").body(toml.to_owned());
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Polls `GET path` until `done` holds for the body, or fails after `timeout` with the
+    /// last body seen.
+    pub async fn wait_for(&self, path: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get(path).await?;
+            if status == 200 && done(&body) {
+                return Ok(body);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting on {path}; last answer {status}: {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The `labrack-host` binary beside `labrack`.
+pub fn labrack_host_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("LABRACK_HOST_BIN") {
+        return PathBuf::from(path);
+    }
+    labrack_bin().with_file_name("labrack-host")
+}
+
+/// `labrack-host enrol` into `state_dir`; returns (success, stdout + stderr).
+pub fn enrol_host(server_url: &str, data_dir: &Path, token: &str, name: &str, state_dir: &Path) -> anyhow::Result<(bool, String)> {
+    let output = Command::new(labrack_host_bin())
+        .args(["enrol", "--appliance", server_url, "--token", token, "--name", name, "--address", "127.0.0.1", "--ca"])
+        .arg(Server::ca_cert(data_dir))
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env("LABRACK_LOG", "warn")
+        .output()
+        .context("running labrack-host enrol")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    Ok((output.status.success(), text))
+}
+
+/// A running `labrack-host run`, its log lines collected for the test to wait on.
+pub struct LabHost {
+    child: Child,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl LabHost {
+    /// Starts the agent with a recognisable user prefix and extra environment.
+    pub fn start(state_dir: &Path, user_prefix: &str, rdp_port: u16, ssh_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut command = Command::new(labrack_host_bin());
+        command
+            .args(["run", "--user-prefix", user_prefix, "--rdp-port", &rdp_port.to_string(), "--ssh-port", &ssh_port.to_string(), "--state-dir"])
+            .arg(state_dir)
+            .env("LABRACK_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().context("starting labrack-host run")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[labrack-host] {line}");
+                if let Ok(mut log) = sink.lock() {
+                    log.push(line);
+                }
+            }
+        });
+        Ok(Self { child, log })
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.log.lock().map(|log| log.iter().any(|l| l.contains(needle))).unwrap_or(false) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("labrack-host never logged {needle:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill_hard(mut self) -> anyhow::Result<()> {
+        signal(self.child.id(), "KILL")?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
+        signal(self.child.id(), "TERM")?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for LabHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes every Linux user whose name starts with the prefix, on creation and on drop,
+/// so a failed test leaves no lab users behind.
+pub struct LabUsers {
+    pub prefix: String,
+}
+
+impl LabUsers {
+    /// A fresh prefix `lrt{n}-` unique to this test run.
+    pub fn new() -> Self {
+        let prefix = format!("lrt{}-", rand_suffix());
+        let users = Self { prefix };
+        users.sweep();
+        users
+    }
+
+    pub fn list(&self) -> Vec<String> {
+        std::fs::read_to_string("/etc/passwd")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(':').next())
+            .filter(|name| name.starts_with(&self.prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn sweep(&self) {
+        for name in self.list() {
+            let _ = Command::new("pkill").args(["-KILL", "-u", &name]).status();
+            let _ = Command::new("userdel").args(["--remove", &name]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+impl Default for LabUsers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for LabUsers {
+    fn drop(&mut self) {
+        self.sweep();
+    }
+}
+
+fn rand_suffix() -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    (nanos ^ std::process::id().rotate_left(16)) % 100_000
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

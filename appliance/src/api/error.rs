@@ -48,6 +48,9 @@ pub enum ApiError {
     /// an uploaded file has bad rows; nothing was imported
     #[error("{} bad rows", .0.len())]
     BadRows(Vec<RowError>),
+    /// an uploaded file has errors; nothing was changed
+    #[error("{} errors in the file", .0.len())]
+    BadFile(Vec<RowError>),
     /// no valid session
     #[error("{0}")]
     Unauthenticated(String),
@@ -101,6 +104,7 @@ impl ApiError {
             Self::Malformed { .. } => (StatusCode::BAD_REQUEST, "malformed-request", "Malformed request"),
             Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation-failed", "Validation failed"),
             Self::BadRows(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad-rows", "The file has bad rows; nothing was imported"),
+            Self::BadFile(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad-file", "The file has errors; nothing was changed"),
             Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated", "Authentication required"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             Self::NotFound(_) | Self::NoRoute(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
@@ -127,7 +131,7 @@ impl IntoResponse for ApiError {
             Self::Malformed { field, .. } | Self::Invalid { field, .. } | Self::Conflict { field, .. } => {
                 (field.clone(), None)
             }
-            Self::BadRows(rows) => (None, Some(rows.clone())),
+            Self::BadRows(rows) | Self::BadFile(rows) => (None, Some(rows.clone())),
             _ => (None, None),
         };
         let detail = match &self {

@@ -25,27 +25,32 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         require_content_type(req.headers(), "application/json")?;
         let body = read_limited(req, JSON_LIMIT).await?;
-        let mut deserializer = serde_json::Deserializer::from_slice(&body);
-        let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-            let path = error.path().to_string();
-            let inner = error.into_inner();
-            let message = inner.to_string();
-            let field = if path != "." {
-                Some(path.clone())
-            } else {
-                // serde names an unknown or missing field only in its message: `name`.
-                message.split('`').nth(1).map(str::to_owned)
-            };
-            let detail = if path == "." { message } else { format!("{path}: {message}") };
-            if inner.is_data() {
-                ApiError::Invalid { detail, field }
-            } else {
-                ApiError::Malformed { detail: format!("body is not valid JSON: {detail}"), field: None }
-            }
-        })?;
-        deserializer.end().map_err(|e| ApiError::Malformed { detail: format!("trailing data after JSON: {e}"), field: None })?;
-        Ok(Self(value))
+        parse_json(&body).map(Self)
     }
+}
+
+/// Parses JSON strictly into `T`, naming the failing field.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        let message = inner.to_string();
+        let field = if path != "." {
+            Some(path.clone())
+        } else {
+            // serde names an unknown or missing field only in its message: `name`.
+            message.split('`').nth(1).map(str::to_owned)
+        };
+        let detail = if path == "." { message } else { format!("{path}: {message}") };
+        if inner.is_data() {
+            ApiError::Invalid { detail, field }
+        } else {
+            ApiError::Malformed { detail: format!("body is not valid JSON: {detail}"), field: None }
+        }
+    })?;
+    deserializer.end().map_err(|e| ApiError::Malformed { detail: format!("trailing data after JSON: {e}"), field: None })?;
+    Ok(value)
 }
 
 /// A UTF-8 CSV body (`text/csv`).
@@ -64,7 +69,7 @@ impl<S: Send + Sync> FromRequest<S> for CsvBody {
     }
 }
 
-fn require_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(), ApiError> {
+pub(crate) fn require_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(), ApiError> {
     let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if essence == expected {
@@ -74,7 +79,7 @@ fn require_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(
     }
 }
 
-async fn read_limited(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_limited(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -9,6 +9,8 @@ pub mod error;
 pub mod extract;
 pub use validate::{email as validate_email, name as validate_name};
 pub mod events;
+pub mod hosts;
+pub mod labs;
 pub mod ops;
 pub mod people;
 pub mod session;
@@ -32,6 +34,7 @@ use utoipa::OpenApi as _;
 
 use crate::db::Db;
 use crate::metrics::Metrics;
+use crate::secrets::SecretBox;
 use auth::RateLimiter;
 use error::ApiError;
 use extract::RequestMeta;
@@ -49,11 +52,26 @@ pub struct AppState {
     pub secure_cookies: bool,
     /// where the built web UI lives
     pub web_dir: Option<PathBuf>,
+    /// seals lab desktop credentials at rest
+    pub secrets: Arc<SecretBox>,
+    /// bumped whenever host tasks are issued: wakes long polls
+    pub host_wake: Arc<tokio::sync::watch::Sender<u64>>,
+    /// set once at shutdown: ends long polls and background loops
+    pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+    /// how often hosts send heartbeats; three missed mark a host unhealthy
+    pub heartbeat: Duration,
+    /// failed enrolments per IP
+    pub enrol_limiter: Arc<RateLimiter>,
 }
 
 impl AppState {
-    pub fn new(db: Db, metrics: Arc<Metrics>, secure_cookies: bool, web_dir: Option<PathBuf>) -> Self {
+    pub fn new(db: Db, metrics: Arc<Metrics>, secure_cookies: bool, web_dir: Option<PathBuf>, secrets: SecretBox) -> Self {
         Self {
+            secrets: Arc::new(secrets),
+            host_wake: Arc::new(tokio::sync::watch::Sender::new(0)),
+            shutdown: Arc::new(tokio::sync::watch::Sender::new(false)),
+            heartbeat: Duration::from_secs(5),
+            enrol_limiter: Arc::new(RateLimiter::new(20, Duration::from_secs(300))),
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
@@ -61,6 +79,11 @@ impl AppState {
             secure_cookies,
             web_dir,
         }
+    }
+
+    /// Wakes every host long poll to look for new tasks.
+    pub fn wake_hosts(&self) {
+        self.host_wake.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -75,9 +98,12 @@ impl AppState {
         people::list_teams, people::create_team, people::get_team,
         people::list_participants, people::create_participant, people::import_participants, people::regenerate_join_code,
         people::me, ops::audit_log,
+        hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::poll, hosts::report, hosts::heartbeat,
+        labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
+        labs::my_allocation, labs::reset, labs::release, labs::force_release,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
-    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit")),
+    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs")),
 )]
 pub struct ApiDoc;
 
@@ -100,6 +126,20 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/participants/{participant_id}/join-code", post(people::regenerate_join_code))
         .route("/v1/me", get(people::me))
         .route("/v1/audit", get(ops::audit_log))
+        .route("/v1/hosts", get(hosts::list))
+        .route("/v1/hosts/enrolment-tokens", post(hosts::create_enrolment_token))
+        .route("/v1/hosts/enrol", post(hosts::enrol))
+        .route("/v1/host/poll", post(hosts::poll))
+        .route("/v1/host/report", post(hosts::report))
+        .route("/v1/host/heartbeat", post(hosts::heartbeat))
+        .route("/v1/templates", get(labs::list_templates).put(labs::put_templates))
+        .route("/v1/events/{event_id}/allocations", get(labs::list_allocations))
+        .route("/v1/teams/{team_id}/allocation", post(labs::allocate))
+        .route("/v1/allocations/{allocation_id}", get(labs::get_allocation))
+        .route("/v1/allocations/{allocation_id}/reset", post(labs::reset))
+        .route("/v1/allocations/{allocation_id}/release", post(labs::release))
+        .route("/v1/allocations/{allocation_id}/force-release", post(labs::force_release))
+        .route("/v1/me/allocation", get(labs::my_allocation))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
         .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

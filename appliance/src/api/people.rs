@@ -103,7 +103,7 @@ fn load_participant(conn: &Connection, id: i64) -> Result<Participant, ApiError>
 
 /// Refuses changes to an event that has ended. Reads only the state: this runs inside
 /// every team and participant write, so it must not count rows.
-fn open_event(conn: &Connection, event_id: i64) -> Result<(), ApiError> {
+pub(crate) fn open_event(conn: &Connection, event_id: i64) -> Result<(), ApiError> {
     let state: String = conn
         .prepare_cached("SELECT state FROM events WHERE id = ?1")?
         .query_row([event_id], |r| r.get(0))

@@ -72,6 +72,79 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 CREATE TRIGGER audit_log_is_append_only_delete BEFORE DELETE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 "#,
+    // 2: lab hosts, enrolment tokens, lab templates, allocations, host tasks
+    r#"
+CREATE TABLE hosts (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    public_key BLOB NOT NULL,
+    address TEXT NOT NULL,
+    gpus INTEGER NOT NULL,
+    capacity INTEGER NOT NULL,
+    enrolled_at TEXT NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    healthy INTEGER NOT NULL DEFAULT 1,
+    telemetry TEXT
+);
+CREATE TABLE enrolment_tokens (
+    id INTEGER PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    note TEXT,
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    used_at TEXT,
+    host_id INTEGER REFERENCES hosts(id)
+);
+CREATE TABLE lab_templates (
+    name TEXT PRIMARY KEY,
+    runtime TEXT NOT NULL,
+    gpus INTEGER NOT NULL,
+    gpu_memory_mib INTEGER,
+    skeleton TEXT NOT NULL,
+    checks TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE lab_template_source (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    toml TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE allocations (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER NOT NULL REFERENCES teams(id),
+    host_id INTEGER NOT NULL REFERENCES hosts(id),
+    template TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    skeleton TEXT NOT NULL,
+    gpus INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    in_flight TEXT,
+    retry_at_ms INTEGER,
+    reason TEXT,
+    desktop_user TEXT,
+    desktop_secret BLOB,
+    rdp_port INTEGER,
+    ssh_port INTEGER,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE UNIQUE INDEX allocations_one_live_per_team ON allocations(team_id) WHERE state <> 'released';
+CREATE INDEX allocations_by_host ON allocations(host_id, state);
+CREATE INDEX allocations_retry ON allocations(retry_at_ms) WHERE retry_at_ms IS NOT NULL;
+CREATE TABLE host_tasks (
+    id TEXT PRIMARY KEY,
+    host_id INTEGER NOT NULL REFERENCES hosts(id),
+    allocation_id INTEGER NOT NULL REFERENCES allocations(id),
+    body TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    done_ms INTEGER,
+    outcome TEXT
+);
+CREATE INDEX host_tasks_pending ON host_tasks(host_id, created_ms) WHERE done_ms IS NULL;
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own
@@ -108,7 +181,7 @@ mod tests {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(tables, 6);
+        assert_eq!(tables, 12);
     }
 
     #[test]

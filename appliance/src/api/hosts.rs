@@ -1,0 +1,400 @@
+//! Lab hosts: enrolment tokens (staff), enrolment (token), and the host protocol —
+//! long-polled tasks, task reports and heartbeats — where every call is signed with the
+//! host's Ed25519 key.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{FromRequest, OriginalUri, Request, State};
+use axum::http::{StatusCode, header};
+use base64::Engine as _;
+use labrack_provisioner::allocation::Input;
+use labrack_provisioner::protocol::{
+    self, EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse, TaskReport, Telemetry,
+};
+use ring::signature::{ED25519, UnparsedPublicKey};
+use rusqlite::{OptionalExtension as _, params};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use utoipa::ToSchema;
+
+use super::auth::{Caller, Role, hash_secret, random_token};
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, RequestMeta, parse_json, read_limited, require_content_type};
+use super::{AppState, audit, format_time, now_rfc3339};
+use crate::labs::{self, unix_ms};
+
+const HOST_READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
+const HOST_ADMINS: [Role; 2] = [Role::Admin, Role::Organizer];
+/// Largest body a host may send (telemetry of a many-GPU host fits easily).
+const HOST_BODY_LIMIT: usize = 256 * 1024;
+/// Longest a poll may wait.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewEnrolmentToken {
+    /// lifetime in seconds, 60 to 604800 (a week); default 3600
+    pub ttl_secs: Option<u64>,
+    /// what the token is for, e.g. the rack slot
+    pub note: Option<String>,
+}
+
+/// A one-time enrolment token, shown once.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IssuedEnrolmentToken {
+    pub token: String,
+    pub expires_at: String,
+}
+
+/// Creates a one-time, expiring enrolment token for `labrack-host enrol`.
+#[utoipa::path(post, path = "/api/v1/hosts/enrolment-tokens", tag = "hosts", request_body = NewEnrolmentToken,
+    responses((status = 201, body = IssuedEnrolmentToken), (status = 403, body = Problem), (status = 422, body = Problem)))]
+pub async fn create_enrolment_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewEnrolmentToken>,
+) -> Result<(StatusCode, Json<IssuedEnrolmentToken>), ApiError> {
+    caller.require_staff(&HOST_ADMINS)?;
+    let ttl = req.ttl_secs.unwrap_or(3600);
+    if !(60..=604_800).contains(&ttl) {
+        return Err(ApiError::invalid("ttl_secs", "must be between 60 and 604800 seconds"));
+    }
+    let note = match req.note {
+        Some(note) => Some(super::validate::name("note", &note, 200)?),
+        None => None,
+    };
+    let token = format!("lrh_{}", random_token());
+    let hash = hash_secret(&token);
+    let expires_ms = unix_ms().saturating_add(ttl * 1000);
+    let expires_at = format_time(
+        time::OffsetDateTime::from_unix_timestamp(i64::try_from(expires_ms / 1000).unwrap_or(0)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+    );
+    state
+        .db
+        .writer()
+        .write(move |conn| {
+            conn.execute(
+                "INSERT INTO enrolment_tokens (token_hash, note, created_by, created_at, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash, note, caller.actor(), now_rfc3339(), i64::try_from(expires_ms).unwrap_or(i64::MAX)],
+            )?;
+            let id = conn.last_insert_rowid();
+            audit(conn, &caller.actor(), &caller.meta, "host.enrolment_token_created", Some(&format!("enrolment_token:{id}")), serde_json::json!({"ttl_secs": ttl, "note": note}))?;
+            Ok::<_, ApiError>(())
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(IssuedEnrolmentToken { token, expires_at })))
+}
+
+/// An enrolled host as staff see it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostView {
+    pub id: i64,
+    pub name: String,
+    pub address: String,
+    pub gpus: u32,
+    pub capacity: u32,
+    /// labs on it that are not released
+    pub labs_in_use: u32,
+    pub healthy: bool,
+    pub last_seen_at: String,
+    pub enrolled_at: String,
+    /// the last telemetry sample (CPU, memory, disks, GPUs), as the host sent it
+    #[schema(value_type = Object)]
+    pub telemetry: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostList {
+    pub hosts: Vec<HostView>,
+    /// hosts send telemetry this often; three missed beats mark one unhealthy
+    pub heartbeat_secs: u64,
+}
+
+/// Lists enrolled hosts with health, capacity and telemetry.
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = HostList), (status = 403, body = Problem)))]
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<HostList>, ApiError> {
+    caller.require_staff(&HOST_READERS)?;
+    let hosts = state
+        .db
+        .read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT h.id, h.name, h.address, h.gpus, h.capacity,
+                        (SELECT count(*) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released'),
+                        h.healthy, h.last_seen_ms, h.enrolled_at, h.telemetry
+                 FROM hosts h ORDER BY h.name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let last_seen: i64 = r.get(7)?;
+                let telemetry: Option<String> = r.get(9)?;
+                Ok(HostView {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    address: r.get(2)?,
+                    gpus: r.get(3)?,
+                    capacity: r.get(4)?,
+                    labs_in_use: r.get(5)?,
+                    healthy: r.get(6)?,
+                    last_seen_at: format_time(
+                        time::OffsetDateTime::from_unix_timestamp(last_seen / 1000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+                    ),
+                    enrolled_at: r.get(8)?,
+                    telemetry: telemetry.and_then(|t| serde_json::from_str(&t).ok()),
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+        })
+        .await?;
+    Ok(Json(HostList { hosts, heartbeat_secs: state.heartbeat.as_secs() }))
+}
+
+/// Trades a one-time enrolment token for a host identity (its public key).
+#[utoipa::path(post, path = "/api/v1/hosts/enrol", tag = "hosts", request_body(content = Object, description = "EnrolRequest of the host protocol"),
+    responses((status = 201, description = "EnrolResponse"), (status = 401, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
+pub async fn enrol(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    ApiJson(req): ApiJson<EnrolRequest>,
+) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
+    let keys = [format!("ip:{}", meta.remote_addr)];
+    state.enrol_limiter.check(&keys)?;
+    if req.version != PROTOCOL_VERSION {
+        return Err(ApiError::invalid("version", format!("protocol version {} is not supported (this appliance speaks {PROTOCOL_VERSION})", req.version)));
+    }
+    let name = super::validate::name("name", &req.name, 64)?;
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        return Err(ApiError::invalid("name", "use letters, digits, '-', '_' and '.' only"));
+    }
+    let public_key = base64::engine::general_purpose::STANDARD
+        .decode(req.public_key.trim())
+        .ok()
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| ApiError::invalid("public_key", "must be a base64 Ed25519 public key (32 bytes)"))?;
+    let address = super::validate::name("address", &req.address, 253)?;
+    if !address.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+        return Err(ApiError::invalid("address", "must be a host name or IP address"));
+    }
+    if req.gpus > 64 {
+        return Err(ApiError::invalid("gpus", "at most 64"));
+    }
+    if !(1..=256).contains(&req.capacity) {
+        return Err(ApiError::invalid("capacity", "must be between 1 and 256"));
+    }
+    let token_hash = hash_secret(req.token.trim());
+    let now = unix_ms();
+    let (gpus, capacity) = (req.gpus, req.capacity);
+    let result = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let token: Option<(i64, i64, Option<String>)> = conn
+                .query_row("SELECT id, expires_at_ms, used_at FROM enrolment_tokens WHERE token_hash = ?1", [&token_hash], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            let token_id = match token {
+                None => return Err(ApiError::Unauthenticated("unknown enrolment token".into())),
+                Some((_, _, Some(_))) => return Err(ApiError::Unauthenticated("this enrolment token was already used".into())),
+                Some((_, expires, None)) if expires <= i64::try_from(now).unwrap_or(i64::MAX) => {
+                    return Err(ApiError::Unauthenticated("this enrolment token has expired".into()));
+                }
+                Some((id, _, None)) => id,
+            };
+            let taken: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM hosts WHERE name = ?1)", [&name], |r| r.get(0))?;
+            if taken {
+                return Err(ApiError::conflict(Some("name"), format!("a host named {name:?} is already enrolled")));
+            }
+            conn.execute(
+                "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![name, public_key, address, gpus, capacity, now_rfc3339(), i64::try_from(now).unwrap_or(i64::MAX)],
+            )?;
+            let host_id = conn.last_insert_rowid();
+            conn.execute("UPDATE enrolment_tokens SET used_at = ?2, host_id = ?3 WHERE id = ?1", params![token_id, now_rfc3339(), host_id])?;
+            audit(conn, &format!("host:{host_id}"), &meta, "host.enrolled", Some(&format!("host:{host_id}")), serde_json::json!({"name": name, "address": address, "gpus": gpus, "capacity": capacity}))?;
+            Ok(host_id)
+        })
+        .await
+        .map_err(ApiError::from);
+    match result {
+        Ok(host_id) => {
+            state.enrol_limiter.clear(&keys);
+            Ok((StatusCode::CREATED, Json(EnrolResponse { host_id, heartbeat_secs: u32::try_from(state.heartbeat.as_secs()).unwrap_or(5) })))
+        }
+        Err(error) => {
+            if matches!(error, ApiError::Unauthenticated(_)) {
+                state.enrol_limiter.record_failure(&keys);
+            }
+            Err(error)
+        }
+    }
+}
+
+/// A call signed by an enrolled host, with its JSON body parsed strictly.
+#[derive(Debug)]
+pub struct HostCall<T> {
+    pub host_id: i64,
+    pub body: T,
+    pub meta: RequestMeta,
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let meta = RequestMeta::from_parts(&parts);
+        let auth = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(protocol::parse_host_auth)
+            .ok_or_else(|| ApiError::Unauthenticated(format!("host calls need `Authorization: {} host=ID,ts=MS,sig=BASE64`", protocol::HOST_AUTH_SCHEME)))?;
+        let (host_id, timestamp_ms, signature) = auth;
+        if unix_ms().abs_diff(timestamp_ms) > protocol::HOST_CLOCK_SKEW_MS {
+            return Err(ApiError::Unauthenticated("the signed timestamp is too far from the appliance's clock".into()));
+        }
+        let path = parts.extensions.get::<OriginalUri>().map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
+        let method = parts.method.as_str().to_owned();
+        require_content_type(&parts.headers, "application/json")?;
+        let bytes = read_limited(Request::from_parts(parts, body), HOST_BODY_LIMIT).await?;
+        let public_key: Option<Vec<u8>> = state
+            .db
+            .read(move |conn| {
+                conn.query_row("SELECT public_key FROM hosts WHERE id = ?1", [host_id], |r| r.get(0)).optional().map_err(ApiError::from)
+            })
+            .await?;
+        let public_key = public_key.ok_or_else(|| ApiError::Unauthenticated("unknown host: enrol first".into()))?;
+        let signature = base64::engine::general_purpose::STANDARD
+            .decode(signature)
+            .map_err(|_| ApiError::Unauthenticated("the signature is not base64".into()))?;
+        let digest = hex::encode(sha2::Sha256::digest(&bytes));
+        let message = protocol::signing_message(&method, &path, timestamp_ms, &digest);
+        UnparsedPublicKey::new(&ED25519, &public_key)
+            .verify(&message, &signature)
+            .map_err(|_| ApiError::Unauthenticated("bad host signature".into()))?;
+        let body = parse_json(&bytes)?;
+        Ok(Self { host_id, body, meta })
+    }
+}
+
+fn pending_tasks(conn: &rusqlite::Connection, host_id: i64) -> Result<Vec<HostTask>, ApiError> {
+    let bodies: Vec<String> = conn
+        .prepare_cached("SELECT body FROM host_tasks WHERE host_id = ?1 AND done_ms IS NULL ORDER BY created_ms, id")?
+        .query_map([host_id], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    bodies.iter().map(|b| serde_json::from_str(b).map_err(|e| ApiError::Internal(e.to_string()))).collect()
+}
+
+/// Long poll: the host's pending tasks, as soon as there is one or after `wait_ms`.
+#[utoipa::path(post, path = "/api/v1/host/poll", tag = "hosts", request_body(content = Object, description = "PollRequest (signed)"),
+    responses((status = 200, description = "PollResponse"), (status = 401, body = Problem)))]
+pub async fn poll(State(state): State<AppState>, call: HostCall<PollRequest>) -> Result<Json<PollResponse>, ApiError> {
+    if call.body.version != PROTOCOL_VERSION {
+        return Err(ApiError::invalid("version", format!("this appliance speaks protocol version {PROTOCOL_VERSION}")));
+    }
+    let wait = Duration::from_millis(call.body.wait_ms).min(MAX_POLL_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut wake = state.host_wake.subscribe();
+    let mut shutdown = state.shutdown.subscribe();
+    let host_id = call.host_id;
+    loop {
+        wake.borrow_and_update();
+        let tasks = state.db.read(move |conn| pending_tasks(conn, host_id)).await?;
+        if !tasks.is_empty() || tokio::time::Instant::now() >= deadline || *shutdown.borrow() {
+            return Ok(Json(PollResponse { tasks }));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = wake.changed() => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReportAck {
+    /// false when the report was a duplicate or the task had been withdrawn
+    pub applied: bool,
+}
+
+/// A host reports how one of its tasks ended. Idempotent: a repeated report is
+/// acknowledged and changes nothing.
+#[utoipa::path(post, path = "/api/v1/host/report", tag = "hosts", request_body(content = Object, description = "TaskReport (signed)"),
+    responses((status = 200, body = ReportAck), (status = 401, body = Problem), (status = 404, body = Problem)))]
+pub async fn report(State(state): State<AppState>, call: HostCall<TaskReport>) -> Result<Json<ReportAck>, ApiError> {
+    let report = call.body;
+    if report.version != PROTOCOL_VERSION {
+        return Err(ApiError::invalid("version", format!("this appliance speaks protocol version {PROTOCOL_VERSION}")));
+    }
+    let host_id = call.host_id;
+    let meta = call.meta;
+    let secrets = state.secrets.clone();
+    let (applied, issued) = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let task: Option<(i64, i64, Option<i64>)> = conn
+                .query_row("SELECT host_id, allocation_id, done_ms FROM host_tasks WHERE id = ?1", [&report.id.0], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            // Another host's task looks exactly like a missing one.
+            let (allocation_id, done) = match task {
+                Some((owner, allocation_id, done)) if owner == host_id => (allocation_id, done.is_some()),
+                _ => return Err(ApiError::NotFound("task")),
+            };
+            if done {
+                return Ok((false, false));
+            }
+            let now = unix_ms();
+            let mut recorded = report.outcome.clone();
+            if let protocol::TaskOutcome::Succeeded { desktop } = &mut recorded {
+                *desktop = None; // the password goes only into the sealed column
+            }
+            conn.execute(
+                "UPDATE host_tasks SET done_ms = ?2, outcome = ?3 WHERE id = ?1",
+                params![report.id.0, i64::try_from(now).unwrap_or(i64::MAX), serde_json::to_string(&recorded).unwrap_or_default()],
+            )?;
+            let applied = labs::apply(conn, &secrets, allocation_id, Input::Report { id: report.id, outcome: report.outcome }, now, &format!("host:{host_id}"), &meta)?;
+            Ok::<_, ApiError>((applied.ignored.is_none(), applied.issued))
+        })
+        .await?;
+    if issued {
+        state.wake_hosts();
+    }
+    Ok(Json(ReportAck { applied }))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeartbeatAck {
+    pub heartbeat_secs: u64,
+}
+
+/// Heartbeat with a telemetry sample.
+#[utoipa::path(post, path = "/api/v1/host/heartbeat", tag = "hosts", request_body(content = Object, description = "Telemetry (signed)"),
+    responses((status = 200, body = HeartbeatAck), (status = 401, body = Problem)))]
+pub async fn heartbeat(State(state): State<AppState>, call: HostCall<Telemetry>) -> Result<Json<HeartbeatAck>, ApiError> {
+    if call.body.version != PROTOCOL_VERSION {
+        return Err(ApiError::invalid("version", format!("this appliance speaks protocol version {PROTOCOL_VERSION}")));
+    }
+    let host_id = call.host_id;
+    let meta = call.meta;
+    let sample = serde_json::to_string(&call.body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    state
+        .db
+        .writer()
+        .write(move |conn| {
+            let was_healthy: bool = conn.query_row("SELECT healthy FROM hosts WHERE id = ?1", [host_id], |r| r.get(0))?;
+            conn.execute(
+                "UPDATE hosts SET last_seen_ms = ?2, healthy = 1, telemetry = ?3 WHERE id = ?1",
+                params![host_id, i64::try_from(unix_ms()).unwrap_or(i64::MAX), sample],
+            )?;
+            if !was_healthy {
+                audit(conn, &format!("host:{host_id}"), &meta, "host.recovered", Some(&format!("host:{host_id}")), serde_json::json!({}))?;
+            }
+            Ok::<_, ApiError>(())
+        })
+        .await?;
+    Ok(Json(HeartbeatAck { heartbeat_secs: state.heartbeat.as_secs() }))
+}

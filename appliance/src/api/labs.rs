@@ -1,0 +1,435 @@
+//! Lab templates (a declarative TOML file) and lab allocations: placing a team's lab on a
+//! host, resetting and releasing it, and what a team may see of its own lab (never the
+//! desktop credentials).
+
+use axum::Json;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
+use labrack_provisioner::allocation::{Allocation, Input};
+use labrack_provisioner::inventory::{self, HostSlot};
+use labrack_provisioner::template;
+use rusqlite::{Connection, OptionalExtension as _, params};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::{Caller, Principal, Role};
+use super::error::{ApiError, Problem, RowError};
+use super::extract::{ApiJson, ApiPath, read_limited, require_content_type};
+use super::{AppState, audit, now_rfc3339};
+use crate::labs::{self, unix_ms};
+
+const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
+const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
+const TEMPLATE_ADMINS: [Role; 2] = [Role::Admin, Role::Organizer];
+const TEMPLATE_LIMIT: usize = 256 * 1024;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckView {
+    pub name: String,
+    pub script: String,
+    pub timeout_secs: u32,
+    pub weight: u32,
+    pub dimension: String,
+    pub hidden: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateView {
+    pub name: String,
+    pub runtime: String,
+    pub gpus: u32,
+    pub gpu_memory_mib: Option<u64>,
+    pub skeleton: String,
+    pub checks: Vec<CheckView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateSet {
+    pub templates: Vec<TemplateView>,
+    /// the TOML file as last uploaded (empty before the first upload)
+    pub source: String,
+    pub updated_at: Option<String>,
+}
+
+/// A TOML body (`application/toml`).
+#[derive(Debug)]
+pub struct TomlBody(pub String);
+
+impl<S: Send + Sync> FromRequest<S> for TomlBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        require_content_type(req.headers(), "application/toml")?;
+        let body = read_limited(req, TEMPLATE_LIMIT).await?;
+        let text = String::from_utf8(body.to_vec()).map_err(|e| ApiError::Malformed {
+            detail: format!("the file is not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+            field: None,
+        })?;
+        Ok(Self(text))
+    }
+}
+
+fn load_templates(conn: &Connection) -> Result<TemplateSet, ApiError> {
+    let mut stmt = conn.prepare("SELECT name, runtime, gpus, gpu_memory_mib, skeleton, checks FROM lab_templates ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        let checks: String = r.get(5)?;
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, Option<i64>>(3)?, r.get::<_, String>(4)?, checks))
+    })?;
+    let mut templates = Vec::new();
+    for row in rows {
+        let (name, runtime, gpus, gpu_memory_mib, skeleton, checks) = row?;
+        let checks: Vec<serde_json::Value> = serde_json::from_str(&checks).unwrap_or_default();
+        let checks = checks
+            .into_iter()
+            .map(|c| CheckView {
+                name: c["name"].as_str().unwrap_or_default().to_owned(),
+                script: c["script"].as_str().unwrap_or_default().to_owned(),
+                timeout_secs: u32::try_from(c["timeout_secs"].as_u64().unwrap_or(0)).unwrap_or(0),
+                weight: u32::try_from(c["weight"].as_u64().unwrap_or(0)).unwrap_or(0),
+                dimension: c["dimension"].as_str().unwrap_or_default().to_owned(),
+                hidden: c["hidden"].as_bool().unwrap_or(false),
+            })
+            .collect();
+        templates.push(TemplateView {
+            name,
+            runtime,
+            gpus,
+            gpu_memory_mib: gpu_memory_mib.and_then(|v| u64::try_from(v).ok()),
+            skeleton,
+            checks,
+        });
+    }
+    let source: Option<(String, String)> =
+        conn.query_row("SELECT toml, updated_at FROM lab_template_source WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    let (source, updated_at) = match source {
+        Some((text, at)) => (text, Some(at)),
+        None => (String::new(), None),
+    };
+    Ok(TemplateSet { templates, source, updated_at })
+}
+
+/// The lab templates.
+#[utoipa::path(get, path = "/api/v1/templates", tag = "labs", responses((status = 200, body = TemplateSet), (status = 403, body = Problem)))]
+pub async fn list_templates(State(state): State<AppState>, caller: Caller) -> Result<Json<TemplateSet>, ApiError> {
+    caller.require_staff(&READERS)?;
+    Ok(Json(state.db.read(load_templates).await?))
+}
+
+/// Replaces every lab template with the uploaded TOML file. A file with any error changes
+/// nothing; the problem lists every error with its line.
+#[utoipa::path(put, path = "/api/v1/templates", tag = "labs", request_body(content = String, content_type = "application/toml"),
+    responses((status = 200, body = TemplateSet), (status = 403, body = Problem), (status = 422, body = Problem)))]
+pub async fn put_templates(State(state): State<AppState>, caller: Caller, TomlBody(text): TomlBody) -> Result<Json<TemplateSet>, ApiError> {
+    caller.require_staff(&TEMPLATE_ADMINS)?;
+    let parsed = template::parse(&text).map_err(|errors| {
+        ApiError::BadFile(errors.into_iter().map(|e| RowError { line: u64::try_from(e.line).unwrap_or(0), reason: e.message }).collect())
+    })?;
+    let set = state
+        .db
+        .writer()
+        .write(move |conn| {
+            conn.execute("DELETE FROM lab_templates", [])?;
+            let now = now_rfc3339();
+            for t in &parsed {
+                let checks: Vec<serde_json::Value> = t
+                    .checks
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({"name": c.name, "script": c.script, "timeout_secs": c.timeout_secs,
+                            "weight": c.weight, "dimension": c.dimension, "hidden": c.hidden})
+                    })
+                    .collect();
+                conn.execute(
+                    "INSERT INTO lab_templates (name, runtime, gpus, gpu_memory_mib, skeleton, checks, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        t.name,
+                        t.runtime,
+                        t.gpus,
+                        t.gpu_memory_mib.and_then(|v| i64::try_from(v).ok()),
+                        t.skeleton,
+                        serde_json::Value::Array(checks).to_string(),
+                        now
+                    ],
+                )?;
+            }
+            conn.execute(
+                "INSERT INTO lab_template_source (id, toml, updated_at) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET toml = excluded.toml, updated_at = excluded.updated_at",
+                params![text, now],
+            )?;
+            let names: Vec<&str> = parsed.iter().map(|t| t.name.as_str()).collect();
+            audit(conn, &caller.actor(), &caller.meta, "templates.replaced", None, serde_json::json!({"templates": names}))?;
+            load_templates(conn)
+        })
+        .await?;
+    Ok(Json(set))
+}
+
+/// A lab allocation as staff and its own team see it: state and placement, never the
+/// desktop credentials.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AllocationView {
+    pub id: i64,
+    pub event_id: i64,
+    pub team_id: i64,
+    pub team_name: String,
+    pub host_id: i64,
+    pub host_name: String,
+    pub template: String,
+    /// requested, provisioning, active, releasing, released, failed, release_failed
+    pub state: String,
+    /// a reset (or a retry) is under way
+    pub busy: bool,
+    /// why the lab failed or what the last attempt hit
+    pub reason: Option<String>,
+    /// the desktop is ready to open (terminal, stream)
+    pub desktop_ready: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const VIEW_COLUMNS: &str = "a.id, a.event_id, a.team_id, t.name, a.host_id, h.name, a.template, a.state,
+    (a.in_flight IS NOT NULL OR a.retry_at_ms IS NOT NULL), a.reason,
+    (a.state = 'active' AND a.desktop_secret IS NOT NULL), a.created_at, a.updated_at";
+const VIEW_FROM: &str = "allocations a JOIN teams t ON t.id = a.team_id JOIN hosts h ON h.id = a.host_id";
+
+fn view_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AllocationView> {
+    Ok(AllocationView {
+        id: r.get(0)?,
+        event_id: r.get(1)?,
+        team_id: r.get(2)?,
+        team_name: r.get(3)?,
+        host_id: r.get(4)?,
+        host_name: r.get(5)?,
+        template: r.get(6)?,
+        state: r.get(7)?,
+        busy: r.get(8)?,
+        reason: r.get(9)?,
+        desktop_ready: r.get(10)?,
+        created_at: r.get(11)?,
+        updated_at: r.get(12)?,
+    })
+}
+
+pub fn load_view(conn: &Connection, id: i64) -> Result<AllocationView, ApiError> {
+    conn.query_row(&format!("SELECT {VIEW_COLUMNS} FROM {VIEW_FROM} WHERE a.id = ?1"), [id], view_from_row)
+        .optional()?
+        .ok_or(ApiError::NotFound("allocation"))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AllocationList {
+    pub allocations: Vec<AllocationView>,
+}
+
+/// An event's lab allocations (released ones included).
+#[utoipa::path(get, path = "/api/v1/events/{event_id}/allocations", tag = "labs", params(("event_id" = i64, Path)),
+    responses((status = 200, body = AllocationList), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn list_allocations(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<AllocationList>, ApiError> {
+    caller.require_staff(&READERS)?;
+    let allocations = state
+        .db
+        .read(move |conn| {
+            super::events::load_event(conn, event_id)?;
+            let mut stmt = conn.prepare(&format!("SELECT {VIEW_COLUMNS} FROM {VIEW_FROM} WHERE a.event_id = ?1 ORDER BY a.id"))?;
+            let rows = stmt.query_map([event_id], view_from_row)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+        })
+        .await?;
+    Ok(Json(AllocationList { allocations }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAllocation {
+    /// the lab template's name
+    pub template: String,
+}
+
+fn host_slots(conn: &Connection) -> Result<Vec<HostSlot>, ApiError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT h.id, h.healthy, h.capacity, h.gpus,
+                (SELECT count(*) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released'),
+                (SELECT coalesce(sum(a.gpus), 0) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released')
+         FROM hosts h",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(HostSlot { host_id: r.get(0)?, healthy: r.get(1)?, capacity: r.get(2)?, gpus: r.get(3)?, labs_in_use: r.get(4)?, gpus_in_use: r.get(5)? })
+    })?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+}
+
+/// Allocates a lab to a team: placed automatically on the healthy host with room and the
+/// GPUs the template needs, then provisioned by that host.
+#[utoipa::path(post, path = "/api/v1/teams/{team_id}/allocation", tag = "labs", params(("team_id" = i64, Path)), request_body = NewAllocation,
+    responses((status = 201, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn allocate(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(team_id): ApiPath<i64>,
+    ApiJson(req): ApiJson<NewAllocation>,
+) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+    caller.require_staff(&OPERATORS)?;
+    let secrets = state.secrets.clone();
+    let view = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let event_id: i64 = conn
+                .query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0))
+                .optional()?
+                .ok_or(ApiError::NotFound("team"))?;
+            super::people::open_event(conn, event_id)?;
+            let template: Option<(String, String, u32, String)> = conn
+                .query_row("SELECT name, runtime, gpus, skeleton FROM lab_templates WHERE name = ?1", [&req.template], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()?;
+            let Some((name, runtime, gpus, skeleton)) = template else {
+                return Err(ApiError::invalid("template", format!("no lab template named {:?}", req.template)));
+            };
+            let live: Option<i64> = conn
+                .query_row("SELECT id FROM allocations WHERE team_id = ?1 AND state <> 'released'", [team_id], |r| r.get(0))
+                .optional()?;
+            if let Some(existing) = live {
+                return Err(ApiError::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
+            }
+            let host_id = inventory::place(&host_slots(conn)?, gpus).map_err(|e| ApiError::conflict(Some("template"), e.to_string()))?;
+            let now = now_rfc3339();
+            conn.execute(
+                "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8)",
+                params![event_id, team_id, host_id, name, runtime, skeleton, gpus, now],
+            )?;
+            let id = conn.last_insert_rowid();
+            let detail = serde_json::json!({"team_id": team_id, "host_id": host_id, "template": name});
+            audit(conn, &caller.actor(), &caller.meta, "allocation.created", Some(&format!("allocation:{id}")), detail)?;
+            labs::apply(conn, &secrets, id, Input::Tick, unix_ms(), &caller.actor(), &caller.meta)?;
+            load_view(conn, id)
+        })
+        .await?;
+    state.wake_hosts();
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Whether the caller may see this allocation: staff, or a participant of its team.
+fn may_read(caller: &Caller, team_id: i64) -> Result<(), ApiError> {
+    match &caller.principal {
+        Principal::Staff { .. } => caller.require_staff(&READERS).map(|_| ()),
+        Principal::Participant { team_id: own, .. } if *own == team_id => Ok(()),
+        // Another team's lab looks exactly like a missing one.
+        Principal::Participant { .. } => Err(ApiError::NotFound("allocation")),
+    }
+}
+
+/// One allocation (staff, or its own team).
+#[utoipa::path(get, path = "/api/v1/allocations/{allocation_id}", tag = "labs", params(("allocation_id" = i64, Path)),
+    responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn get_allocation(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+    let view = state.db.read(move |conn| load_view(conn, id)).await?;
+    may_read(&caller, view.team_id)?;
+    Ok(Json(view))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MyAllocation {
+    /// the team's current lab, if it has one that is not released
+    pub allocation: Option<AllocationView>,
+}
+
+/// The participant's team's current lab.
+#[utoipa::path(get, path = "/api/v1/me/allocation", tag = "labs", responses((status = 200, body = MyAllocation), (status = 403, body = Problem)))]
+pub async fn my_allocation(State(state): State<AppState>, caller: Caller) -> Result<Json<MyAllocation>, ApiError> {
+    let Principal::Participant { team_id, .. } = caller.principal else {
+        return Err(ApiError::forbidden("only participants have a team lab"));
+    };
+    let allocation = state
+        .db
+        .read(move |conn| {
+            let id: Option<i64> = conn
+                .query_row("SELECT id FROM allocations WHERE team_id = ?1 AND state <> 'released'", [team_id], |r| r.get(0))
+                .optional()?;
+            id.map(|id| load_view(conn, id)).transpose()
+        })
+        .await?;
+    Ok(Json(MyAllocation { allocation }))
+}
+
+/// Which staff action on an allocation.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Reset,
+    Release,
+    ForceRelease,
+}
+
+async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result<Json<AllocationView>, ApiError> {
+    match action {
+        // A team may reset its own lab; staff any.
+        Action::Reset => {
+            if let Principal::Participant { .. } = caller.principal {
+            } else {
+                caller.require_staff(&OPERATORS)?;
+            }
+        }
+        Action::Release => {
+            caller.require_staff(&OPERATORS)?;
+        }
+        Action::ForceRelease => {
+            caller.require_staff(&TEMPLATE_ADMINS)?;
+        }
+    }
+    let secrets = state.secrets.clone();
+    let view = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let stored = labs::load(conn, id)?.ok_or(ApiError::NotFound("allocation"))?;
+            if let Principal::Participant { team_id, .. } = &caller.principal
+                && *team_id != stored.team_id
+            {
+                return Err(ApiError::NotFound("allocation"));
+            }
+            let (input, verb) = match action {
+                Action::Reset => (Input::ResetRequested, "allocation.reset_requested"),
+                Action::Release => (Input::ReleaseRequested, "allocation.release_requested"),
+                Action::ForceRelease => (Input::ForceRelease, "allocation.force_released"),
+            };
+            // Dry-run first so a refused action leaves no audit row behind.
+            let mut probe: Allocation = stored.alloc.clone();
+            let outputs = labrack_provisioner::allocation::step(&mut probe, input.clone(), unix_ms(), &Default::default());
+            if let Some(why) = outputs.iter().find_map(|o| match o {
+                labrack_provisioner::allocation::Output::Ignored { why } => Some(*why),
+                _ => None,
+            }) {
+                return Err(ApiError::conflict(None, format!("the lab is {}: {why}", labs::state_name(stored.alloc.state))));
+            }
+            audit(conn, &caller.actor(), &caller.meta, verb, Some(&format!("allocation:{id}")), serde_json::json!({}))?;
+            labs::apply(conn, &secrets, id, input, unix_ms(), &caller.actor(), &caller.meta)?;
+            load_view(conn, id)
+        })
+        .await?;
+    state.wake_hosts();
+    Ok(Json(view))
+}
+
+/// Restores the lab from its template (ends the session, rotates the password).
+#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/reset", tag = "labs", params(("allocation_id" = i64, Path)),
+    responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn reset(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+    act(state, caller, id, Action::Reset).await
+}
+
+/// Releases the lab: the host removes its user and everything it owned.
+#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/release", tag = "labs", params(("allocation_id" = i64, Path)),
+    responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn release(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+    act(state, caller, id, Action::Release).await
+}
+
+/// Marks the lab released without the host's help (the host is gone for good).
+#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/force-release", tag = "labs", params(("allocation_id" = i64, Path)),
+    responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn force_release(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+    act(state, caller, id, Action::ForceRelease).await
+}

@@ -1,0 +1,260 @@
+//! Lab allocations in SQLite: loading and saving the provisioner's pure state machine,
+//! turning its outputs into host-task rows, sealed credentials and audit rows, and the
+//! reconciler loop that drives time (retries) and host health.
+//!
+//! Architecture invariant: an allocation changes only through [`apply`], inside a writer
+//! closure, so its state, its tasks and its audit rows always commit together.
+
+use std::time::Duration;
+
+use labrack_provisioner::allocation::{self, Allocation, AllocationState, Input, Output, RetryPolicy};
+use labrack_provisioner::protocol::{DesktopAccess, TaskId};
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use crate::api::error::ApiError;
+use crate::api::extract::RequestMeta;
+use crate::api::{AppState, audit};
+use crate::secrets::SecretBox;
+
+/// How the reconciler signs its audit rows.
+pub const RECONCILER: &str = "system:reconciler";
+
+/// The allocation as stored, with what the state machine does not need.
+#[derive(Debug, Clone)]
+pub struct StoredAllocation {
+    pub alloc: Allocation,
+    pub event_id: i64,
+    pub team_id: i64,
+    pub gpus: u32,
+}
+
+pub fn state_name(state: AllocationState) -> &'static str {
+    match state {
+        AllocationState::Requested => "requested",
+        AllocationState::Provisioning => "provisioning",
+        AllocationState::Active => "active",
+        AllocationState::Releasing => "releasing",
+        AllocationState::Released => "released",
+        AllocationState::Failed => "failed",
+        AllocationState::ReleaseFailed => "release_failed",
+    }
+}
+
+pub fn parse_state(text: &str) -> Option<AllocationState> {
+    Some(match text {
+        "requested" => AllocationState::Requested,
+        "provisioning" => AllocationState::Provisioning,
+        "active" => AllocationState::Active,
+        "releasing" => AllocationState::Releasing,
+        "released" => AllocationState::Released,
+        "failed" => AllocationState::Failed,
+        "release_failed" => AllocationState::ReleaseFailed,
+        _ => return None,
+    })
+}
+
+pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT id, host_id, template, runtime, skeleton, state, attempt, in_flight, retry_at_ms, reason, event_id, team_id, gpus
+             FROM allocations WHERE id = ?1",
+        )?
+        .query_row([id], |r| {
+            let state: String = r.get(5)?;
+            let attempt: i64 = r.get(6)?;
+            let retry_at: Option<i64> = r.get(8)?;
+            let gpus: i64 = r.get(12)?;
+            Ok((
+                Allocation {
+                    id: r.get(0)?,
+                    host_id: r.get(1)?,
+                    template: r.get(2)?,
+                    runtime: r.get(3)?,
+                    skeleton: r.get(4)?,
+                    state: parse_state(&state).unwrap_or(AllocationState::Failed),
+                    attempt: u32::try_from(attempt).unwrap_or(0),
+                    in_flight: r.get::<_, Option<String>>(7)?.map(TaskId),
+                    retry_at_ms: retry_at.and_then(|v| u64::try_from(v).ok()),
+                    reason: r.get(9)?,
+                },
+                r.get(10)?,
+                r.get(11)?,
+                u32::try_from(gpus).unwrap_or(0),
+            ))
+        })
+        .optional()?;
+    Ok(row.map(|(alloc, event_id, team_id, gpus)| StoredAllocation { alloc, event_id, team_id, gpus }))
+}
+
+fn save(conn: &Connection, alloc: &Allocation) -> Result<(), ApiError> {
+    conn.prepare_cached(
+        "UPDATE allocations SET state = ?2, attempt = ?3, in_flight = ?4, retry_at_ms = ?5, reason = ?6, updated_at = ?7 WHERE id = ?1",
+    )?
+    .execute(params![
+        alloc.id,
+        state_name(alloc.state),
+        alloc.attempt,
+        alloc.in_flight.as_ref().map(|t| t.0.as_str()),
+        alloc.retry_at_ms.and_then(|v| i64::try_from(v).ok()),
+        alloc.reason,
+        crate::api::now_rfc3339(),
+    ])?;
+    Ok(())
+}
+
+/// The associated data a desktop password is sealed with.
+pub fn secret_context(allocation_id: i64) -> String {
+    format!("allocation:{allocation_id}:desktop-password")
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// a task was issued: wake the host's long poll
+    pub issued: bool,
+    pub ignored: Option<&'static str>,
+}
+
+/// Feeds one input to an allocation's state machine and persists everything it says, in
+/// the caller's (writer) transaction.
+pub fn apply(
+    conn: &Connection,
+    secrets: &SecretBox,
+    id: i64,
+    input: Input,
+    now_ms: u64,
+    actor: &str,
+    meta: &RequestMeta,
+) -> Result<Applied, ApiError> {
+    let mut stored = load(conn, id)?.ok_or(ApiError::NotFound("allocation"))?;
+    let outputs = allocation::step(&mut stored.alloc, input, now_ms, &RetryPolicy::default());
+    let alloc = &stored.alloc;
+    let mut applied = Applied::default();
+    let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+    for output in outputs {
+        match output {
+            Output::Issue(task) => {
+                let body = serde_json::to_string(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO host_tasks (id, host_id, allocation_id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![task.id.0, task.host_id, alloc.id, body, now])?;
+                applied.issued = true;
+            }
+            Output::Desktop(desktop) => store_desktop(conn, secrets, alloc.id, &desktop)?,
+            Output::Changed { from, to } => {
+                let detail = serde_json::json!({"from": state_name(from), "to": state_name(to), "reason": alloc.reason});
+                audit(conn, actor, meta, "allocation.state", Some(&format!("allocation:{}", alloc.id)), detail)?;
+            }
+            Output::ResetDone => {
+                audit(conn, actor, meta, "allocation.reset_done", Some(&format!("allocation:{}", alloc.id)), serde_json::json!({}))?;
+            }
+            Output::Ignored { why } => applied.ignored = Some(why),
+        }
+    }
+    // A task that is no longer awaited (force-release, unhealthy host, release during a
+    // reset) is withdrawn so the host stops seeing it.
+    conn.prepare_cached(
+        "UPDATE host_tasks SET done_ms = ?2, outcome = '{\"result\":\"cancelled\"}'
+         WHERE allocation_id = ?1 AND done_ms IS NULL AND id IS NOT ?3",
+    )?
+    .execute(params![alloc.id, now, alloc.in_flight.as_ref().map(|t| t.0.as_str())])?;
+    if alloc.state == AllocationState::Released {
+        // The desktop is gone; so are its credentials.
+        conn.execute("UPDATE allocations SET desktop_secret = NULL WHERE id = ?1", [alloc.id])?;
+    }
+    save(conn, alloc)?;
+    Ok(applied)
+}
+
+fn store_desktop(conn: &Connection, secrets: &SecretBox, id: i64, desktop: &DesktopAccess) -> Result<(), ApiError> {
+    let sealed = secrets.seal(&secret_context(id), desktop.password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    conn.execute(
+        "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5 WHERE id = ?1",
+        params![id, desktop.username, sealed, desktop.rdp_port, desktop.ssh_port],
+    )?;
+    Ok(())
+}
+
+/// The desktop's address and credentials, decrypted, for the appliance's own use (the
+/// terminal bridge and the streamer). Never serialised to a client.
+pub struct DesktopSecret {
+    pub host_address: String,
+    pub username: String,
+    pub password: String,
+    pub rdp_port: u16,
+    pub ssh_port: u16,
+}
+
+pub fn desktop_secret(conn: &Connection, secrets: &SecretBox, id: i64) -> Result<Option<DesktopSecret>, ApiError> {
+    let row = conn
+        .query_row(
+            "SELECT h.address, a.desktop_user, a.desktop_secret, a.rdp_port, a.ssh_port FROM allocations a
+             JOIN hosts h ON h.id = a.host_id WHERE a.id = ?1 AND a.state = 'active' AND a.desktop_secret IS NOT NULL",
+            [id],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, u16>(3)?, r.get::<_, u16>(4)?)),
+        )
+        .optional()?;
+    let Some((host_address, username, sealed, rdp_port, ssh_port)) = row else { return Ok(None) };
+    let password = secrets.open(&secret_context(id), &sealed).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let password = String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Some(DesktopSecret { host_address, username, password, rdp_port, ssh_port }))
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One reconciler pass: hosts that missed three heartbeats become unhealthy (and their
+/// labs are told so); allocations whose backoff has elapsed get their retry.
+pub fn reconcile(conn: &Connection, secrets: &SecretBox, now_ms: u64, heartbeat: Duration) -> Result<bool, ApiError> {
+    let meta = RequestMeta { remote_addr: "local".into(), request_id: String::new() };
+    let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+    let silence = i64::try_from(heartbeat.as_millis().saturating_mul(3)).unwrap_or(i64::MAX);
+    let mut issued = false;
+    let lost: Vec<(i64, String)> = conn
+        .prepare_cached("SELECT id, name FROM hosts WHERE healthy = 1 AND last_seen_ms < ?1")?
+        .query_map([now.saturating_sub(silence)], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (host_id, name) in lost {
+        conn.execute("UPDATE hosts SET healthy = 0 WHERE id = ?1", [host_id])?;
+        audit(conn, RECONCILER, &meta, "host.unhealthy", Some(&format!("host:{host_id}")), serde_json::json!({"name": name}))?;
+        tracing::warn!(host_id, %name, "lab host missed its heartbeats: marked unhealthy");
+        let labs: Vec<i64> = conn
+            .prepare_cached("SELECT id FROM allocations WHERE host_id = ?1 AND state IN ('provisioning', 'active', 'releasing')")?
+            .query_map([host_id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for id in labs {
+            apply(conn, secrets, id, Input::HostUnhealthy, now_ms, RECONCILER, &meta)?;
+        }
+    }
+    let due: Vec<i64> = conn
+        .prepare_cached("SELECT id FROM allocations WHERE retry_at_ms IS NOT NULL AND retry_at_ms <= ?1")?
+        .query_map([now], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in due {
+        issued |= apply(conn, secrets, id, Input::Tick, now_ms, RECONCILER, &meta)?.issued;
+    }
+    Ok(issued)
+}
+
+/// Runs [`reconcile`] every second until shutdown.
+pub async fn run_reconciler(state: AppState) {
+    let mut shutdown = state.shutdown.subscribe();
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let secrets = state.secrets.clone();
+        let heartbeat = state.heartbeat;
+        let result = state.db.writer().write(move |conn| reconcile(conn, &secrets, unix_ms(), heartbeat)).await;
+        match result {
+            Ok(true) => state.wake_hosts(),
+            Ok(false) => {}
+            Err(error) => tracing::error!(error = ?ApiError::from(error), "reconciler pass failed"),
+        }
+    }
+}

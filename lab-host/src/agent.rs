@@ -1,0 +1,275 @@
+//! `enrol` and `run`: the agent's life.
+//!
+//! `run` is three loops sharing the spool: the poller long-polls for tasks and runs each
+//! new task id once; the heartbeat queues a telemetry sample every few seconds; the sender
+//! delivers queued reports and samples in order, retrying with backoff while the
+//! appliance is unreachable.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use labrack_provisioner::protocol::{
+    EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse, TaskOutcome, TaskReport,
+};
+use tokio::sync::Notify;
+
+use crate::client::{CallError, HostClient, decode, http_client};
+use crate::identity::{self, HostConfig};
+use crate::runtime::{self, RuntimeSettings};
+use crate::spool::{Message, Spool, TaskMark};
+use crate::telemetry;
+
+pub(crate) struct EnrolOptions {
+    pub(crate) appliance: String,
+    pub(crate) token: String,
+    pub(crate) ca: PathBuf,
+    pub(crate) name: Option<String>,
+    pub(crate) address: Option<String>,
+    pub(crate) capacity: u32,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) force: bool,
+}
+
+/// The local address this machine uses to reach `url`'s host: what the appliance will
+/// most likely reach it by.
+fn address_towards(url: &reqwest::Url) -> Option<String> {
+    let host = url.host_str()?;
+    let port = url.port_or_known_default()?;
+    let target = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(['[', ']']), port)).ok()?.next()?;
+    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let socket = std::net::UdpSocket::bind(bind).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip().to_string())
+}
+
+pub(crate) async fn enrol(options: EnrolOptions) -> anyhow::Result<HostConfig> {
+    if options.state_dir.join(identity::CONFIG_FILE).exists() && !options.force {
+        anyhow::bail!(
+            "this host is already enrolled ({}); pass --force to enrol again with a new token",
+            options.state_dir.join(identity::CONFIG_FILE).display()
+        );
+    }
+    let url = reqwest::Url::parse(&options.appliance).with_context(|| format!("--appliance {:?} is not a URL", options.appliance))?;
+    anyhow::ensure!(url.scheme() == "https", "--appliance must be an https:// URL");
+    let ca_pem = std::fs::read(&options.ca).with_context(|| format!("reading --ca {}", options.ca.display()))?;
+    let http = http_client(&ca_pem, Duration::from_secs(30))?;
+    let name = match options.name {
+        Some(name) => name,
+        None => sysinfo::System::host_name().context("the host has no name; pass --name")?,
+    };
+    let address = match options.address {
+        Some(address) => address,
+        None => address_towards(&url).context("could not work out this host's address; pass --address")?,
+    };
+    let gpus = match telemetry::gpus() {
+        labrack_provisioner::protocol::GpuTelemetry::Present { devices, .. } => u32::try_from(devices.len()).unwrap_or(0),
+        labrack_provisioner::protocol::GpuTelemetry::NoGpu { .. } => 0,
+    };
+    let (pkcs8, public_key) = identity::generate_key()?;
+    let request = EnrolRequest {
+        version: PROTOCOL_VERSION,
+        token: options.token,
+        name: name.clone(),
+        public_key,
+        address,
+        gpus,
+        capacity: options.capacity,
+    };
+    let base = options.appliance.trim_end_matches('/');
+    let response = http
+        .post(format!("{base}/api/v1/hosts/enrol"))
+        .json(&request)
+        .send()
+        .await
+        .with_context(|| format!("reaching the appliance at {base}"))?;
+    let enrolled: EnrolResponse = decode(response).await.map_err(|e| anyhow::anyhow!("enrolment failed: {e}"))?;
+    let config = HostConfig { appliance: base.to_owned(), host_id: enrolled.host_id, name, heartbeat_secs: enrolled.heartbeat_secs };
+    identity::save(&options.state_dir, &config, &pkcs8, &ca_pem)?;
+    Ok(config)
+}
+
+pub(crate) struct RunOptions {
+    pub(crate) state_dir: PathBuf,
+    pub(crate) runtime: RuntimeSettings,
+    /// test-only fault injection: pause this long after marking a task started
+    pub(crate) pause_in_task: Option<Duration>,
+}
+
+struct Shared {
+    client: HostClient,
+    spool: Spool,
+    wake_sender: Notify,
+    host_id: i64,
+}
+
+pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let identity = identity::load(&options.state_dir)?;
+    let spool = Spool::open(&options.state_dir.join("spool")).context("opening the spool")?;
+    // A task marked started but never finished died with the previous agent: report it
+    // failed instead of running it again (the appliance retries under a new task id).
+    for id in spool.interrupted()? {
+        tracing::warn!(task = %id.0, "task was interrupted by an agent restart; reporting it failed, not running it again");
+        let outcome = TaskOutcome::Failed { error: "the lab-host agent stopped while this task ran; it is not run twice".into() };
+        spool.finish(&TaskReport { version: PROTOCOL_VERSION, id, outcome })?;
+    }
+    let http = http_client(&identity.ca_pem, Duration::from_secs(45))?;
+    let config = identity.config;
+    let shared = Arc::new(Shared {
+        client: HostClient::new(http, &config.appliance, config.host_id, identity.key),
+        spool,
+        wake_sender: Notify::new(),
+        host_id: config.host_id,
+    });
+    tracing::info!(host_id = config.host_id, name = %config.name, appliance = %config.appliance, "labrack-host running");
+    println!("labrack-host: running as host {} ({})", config.host_id, config.name);
+
+    let sender = tokio::spawn(send_loop(shared.clone()));
+    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), Duration::from_secs(u64::from(config.heartbeat_secs.max(1)))));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut backoff = Backoff::default();
+    loop {
+        let polled = tokio::select! {
+            polled = shared.client.call::<_, PollResponse>("/api/v1/host/poll", &PollRequest { version: PROTOCOL_VERSION, wait_ms: 25_000 }) => polled,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        };
+        match polled {
+            Ok(response) => {
+                backoff.reset();
+                for task in response.tasks {
+                    // A task runs to the end even if a signal arrives meanwhile.
+                    run_one(&shared, &options, task).await?;
+                }
+            }
+            Err(error) => {
+                let wait = backoff.next();
+                tracing::warn!(%error, retry_in_ms = wait.as_millis(), "poll failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = terminate.recv() => break,
+                    _ = interrupt.recv() => break,
+                }
+            }
+        }
+    }
+    tracing::info!(waiting = shared.spool.waiting(), "labrack-host stopping; spooled messages are kept for the next start");
+    sender.abort();
+    heartbeat.abort();
+    Ok(())
+}
+
+async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> anyhow::Result<()> {
+    if task.host_id != shared.host_id {
+        tracing::error!(task = %task.id.0, for_host = task.host_id, "got another host's task; ignoring it");
+        return Ok(());
+    }
+    match shared.spool.mark(&task.id)? {
+        Some(TaskMark::Done) => {
+            // Its report is queued or delivered; the appliance will stop re-sending it.
+            shared.wake_sender.notify_one();
+            return Ok(());
+        }
+        Some(TaskMark::Started) => return Ok(()),
+        None => {}
+    }
+    if !shared.spool.start(&task.id)? {
+        return Ok(());
+    }
+    tracing::info!(task = %task.id.0, kind = task.kind.name(), "running task");
+    if let Some(pause) = options.pause_in_task {
+        tokio::time::sleep(pause).await;
+    }
+    let started = std::time::Instant::now();
+    let settings = options.runtime.clone();
+    let kind = task.kind.clone();
+    let outcome = tokio::task::spawn_blocking(move || runtime::run_task(&settings, &kind))
+        .await
+        .unwrap_or_else(|e| TaskOutcome::Failed { error: format!("the task panicked: {e}") });
+    match &outcome {
+        TaskOutcome::Succeeded { .. } => tracing::info!(task = %task.id.0, ms = started.elapsed().as_millis(), "task succeeded"),
+        TaskOutcome::Failed { error } => tracing::warn!(task = %task.id.0, %error, "task failed"),
+    }
+    shared.spool.finish(&TaskReport { version: PROTOCOL_VERSION, id: task.id, outcome })?;
+    shared.wake_sender.notify_one();
+    Ok(())
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, every: Duration) {
+    loop {
+        let sample = tokio::task::spawn_blocking(|| telemetry::sample(Duration::from_millis(200))).await;
+        match sample {
+            Ok(sample) => match shared.spool.push_telemetry(&sample) {
+                Ok(true) => shared.wake_sender.notify_one(),
+                Ok(false) => tracing::warn!("spool is full: telemetry sample dropped"),
+                Err(error) => tracing::error!(%error, "could not spool telemetry"),
+            },
+            Err(error) => tracing::error!(%error, "telemetry sampling failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn send_loop(shared: Arc<Shared>) {
+    let mut backoff = Backoff::default();
+    loop {
+        let next = match shared.spool.peek() {
+            Ok(next) => next,
+            Err(error) => {
+                tracing::error!(%error, "spool unreadable");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Some((key, message)) = next else {
+            // Wake on new messages, and look again now and then regardless.
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.wake_sender.notified()).await;
+            continue;
+        };
+        let result = match &message {
+            Message::Report(report) => shared.client.call::<_, serde_json::Value>("/api/v1/host/report", report).await.map(|_| ()),
+            Message::Telemetry(sample) => shared.client.call::<_, serde_json::Value>("/api/v1/host/heartbeat", sample).await.map(|_| ()),
+        };
+        match result {
+            Ok(()) => {
+                backoff.reset();
+                if let Err(error) = shared.spool.ack(&key) {
+                    tracing::error!(%error, "could not remove a delivered message");
+                }
+            }
+            Err(CallError::Refused { status, detail }) if status != 401 => {
+                // The appliance will never take it (e.g. a report for a withdrawn task).
+                tracing::warn!(status, %detail, "appliance refused a spooled message; dropping it");
+                let _ = shared.spool.ack(&key);
+            }
+            Err(error) => {
+                let wait = backoff.next();
+                tracing::warn!(%error, waiting = shared.spool.waiting(), retry_in_ms = wait.as_millis(), "delivery failed; kept in the spool");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// 0.5 s, 1 s, 2 s … capped at 10 s.
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        Duration::from_millis(500).saturating_mul(1 << self.failures.saturating_sub(1).min(5)).min(Duration::from_secs(10))
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+pub(crate) fn default_state_dir() -> &'static Path {
+    Path::new("/var/lib/labrack-host")
+}

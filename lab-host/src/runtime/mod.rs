@@ -1,0 +1,32 @@
+//! Desktop runtimes: how a host makes, resets and removes an allocation's desktop.
+
+pub(crate) mod local_user;
+
+use labrack_provisioner::protocol::{DesktopAccess, TaskKind, TaskOutcome};
+
+/// Settings every runtime needs.
+#[derive(Debug, Clone)]
+pub(crate) struct RuntimeSettings {
+    /// prefix of the Linux users made for allocations (`{prefix}a{allocation}`)
+    pub(crate) user_prefix: String,
+    /// the port of the host's RDP server (xrdp)
+    pub(crate) rdp_port: u16,
+    /// the port of the host's SSH server
+    pub(crate) ssh_port: u16,
+}
+
+/// Runs one task and says how it ended; never panics on bad input.
+pub(crate) fn run_task(settings: &RuntimeSettings, kind: &TaskKind) -> TaskOutcome {
+    let result = match kind {
+        TaskKind::Provision { allocation_id, runtime, skeleton, .. } => match runtime.as_str() {
+            "local-user" => local_user::provision(settings, *allocation_id, skeleton).map(Some),
+            other => Err(anyhow::anyhow!("this host does not know the desktop runtime {other:?}")),
+        },
+        TaskKind::Reset { allocation_id, skeleton } => local_user::reset(settings, *allocation_id, skeleton).map(Some),
+        TaskKind::Release { allocation_id } => local_user::release(settings, *allocation_id).map(|()| None),
+    };
+    match result {
+        Ok(desktop) => TaskOutcome::Succeeded { desktop: desktop.map(|d: DesktopAccess| d) },
+        Err(error) => TaskOutcome::Failed { error: format!("{error:#}") },
+    }
+}

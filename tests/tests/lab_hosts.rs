@@ -1,0 +1,422 @@
+//! Lab hosts end to end, as root on this machine: the real `labrack` appliance, the real
+//! `labrack-host` agent, real Linux users made by the `local-user` runtime. Users made here
+//! carry a per-run prefix (`lrt{n}-`) and are removed even when a test fails.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine as _;
+use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host, free_port};
+use ring::signature::Ed25519KeyPair;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+
+const LONG: Duration = Duration::from_secs(40);
+
+struct Fixture {
+    data: DataDir,
+    _skeleton: DataDir,
+    server: Option<Server>,
+    url: String,
+    admin: Api,
+    event_id: i64,
+    team_id: i64,
+    other_team_id: i64,
+    users: LabUsers,
+}
+
+fn write_skeleton(dir: &Path) {
+    std::fs::create_dir_all(dir.join("project")).expect("skeleton dir");
+    std::fs::write(dir.join("README.txt"), "welcome to the lab\n").expect("readme");
+    std::fs::write(dir.join("project/main.py"), "print('hello')\n").expect("main.py");
+    std::fs::write(dir.join(".xsession"), "exec xterm\n").expect(".xsession");
+}
+
+async fn fixture(tag: &str, listen: &str) -> anyhow::Result<Fixture> {
+    let data = DataDir::new(tag);
+    let skeleton = DataDir::new(&format!("{tag}-skel"));
+    write_skeleton(&skeleton.0);
+    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1"])?;
+    let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
+    admin.first_admin_login(server.admin_password.as_deref().expect("otp"), "a-strong-admin-password").await?;
+    let (status, event) = admin
+        .post("/api/v1/events", json!({"name": "Lab Day", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"}))
+        .await?;
+    anyhow::ensure!(status == 201, "{event}");
+    let event_id = event["id"].as_i64().expect("event id");
+    let (_, red) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Red"})).await?;
+    let (_, blue) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Blue"})).await?;
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
+    anyhow::ensure!(status == 200, "{body}");
+    Ok(Fixture {
+        data,
+        _skeleton: skeleton,
+        url: server.url.clone(),
+        server: Some(server),
+        admin,
+        event_id,
+        team_id: red["id"].as_i64().expect("team id"),
+        other_team_id: blue["id"].as_i64().expect("team id"),
+        users: LabUsers::new(),
+    })
+}
+
+impl Fixture {
+    async fn token(&self) -> anyhow::Result<String> {
+        let (status, body) = self.admin.post("/api/v1/hosts/enrolment-tokens", json!({"note": "rack 1"})).await?;
+        anyhow::ensure!(status == 201, "{body}");
+        Ok(body["token"].as_str().expect("token").to_owned())
+    }
+
+    async fn enrol(&self, name: &str, state: &Path) -> anyhow::Result<()> {
+        let token = self.token().await?;
+        let (ok, text) = enrol_host(&self.url, &self.data.0, &token, name, state)?;
+        anyhow::ensure!(ok, "enrol failed: {text}");
+        Ok(())
+    }
+
+    fn start_host(&self, state: &Path, env: &[(&str, &str)]) -> anyhow::Result<LabHost> {
+        LabHost::start(state, &self.users.prefix, 3389, 22, env)
+    }
+
+    async fn allocate(&self, team_id: i64) -> anyhow::Result<i64> {
+        let (status, body) = self.admin.post(&format!("/api/v1/teams/{team_id}/allocation"), json!({"template": "desk"})).await?;
+        anyhow::ensure!(status == 201, "allocate: {status} {body}");
+        Ok(body["id"].as_i64().expect("allocation id"))
+    }
+
+    async fn wait_state(&self, id: i64, state: &str) -> anyhow::Result<Value> {
+        let want = state.to_owned();
+        self.admin
+            .wait_for(&format!("/api/v1/allocations/{id}"), LONG, move |a| a["state"] == want.as_str() && a["busy"] == false)
+            .await
+    }
+
+    fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.data.0.join("labrack.db")).expect("open the appliance's database")
+    }
+
+    async fn participant(&self, team_id: i64) -> anyhow::Result<Api> {
+        let (_, event) = self.admin.get(&format!("/api/v1/events/{}", self.event_id)).await?;
+        let (status, issued) = self
+            .admin
+            .post(&format!("/api/v1/events/{}/participants", self.event_id), json!({"team_id": team_id, "name": format!("p{team_id}")}))
+            .await?;
+        anyhow::ensure!(status == 201, "{issued}");
+        let mut api = Api { client: self.admin.client.clone(), base: self.url.clone(), token: None };
+        let (status, joined) = api
+            .post("/api/v1/join", json!({"event_code": event["code"], "join_code": issued["join_code"], "bearer": true}))
+            .await?;
+        anyhow::ensure!(status == 200, "{joined}");
+        api.token = joined["token"].as_str().map(str::to_owned);
+        Ok(api)
+    }
+}
+
+fn user_exists(name: &str) -> bool {
+    Command::new("id").arg(name).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn shadow_hash(name: &str) -> String {
+    std::fs::read_to_string("/etc/shadow")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}:")))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_lab_is_provisioned_reset_and_released_on_a_real_host() -> anyhow::Result<()> {
+    let fx = fixture("lab-life", "127.0.0.1:0").await?;
+    let state = DataDir::new("lab-life-host");
+    fx.enrol("host-a", &state.0).await?;
+    let host = fx.start_host(&state.0, &[])?;
+    let hosts = fx
+        .admin
+        .wait_for("/api/v1/hosts", LONG, |h| h["hosts"][0]["telemetry"]["cpu_count"].as_u64().is_some_and(|n| n > 0))
+        .await?;
+    assert_eq!(hosts["hosts"][0]["name"], "host-a");
+    assert_eq!(hosts["hosts"][0]["healthy"], true);
+    assert_eq!(hosts["hosts"][0]["telemetry"]["gpus"]["status"], "no_gpu", "no NVIDIA here: the clean no-GPU path");
+
+    let id = fx.allocate(fx.team_id).await?;
+    let active = fx.wait_state(id, "active").await?;
+    assert_eq!(active["desktop_ready"], true);
+    assert_eq!(active["host_name"], "host-a");
+    let user = format!("{}a{id}", fx.users.prefix);
+    assert!(user_exists(&user), "the lab user {user} exists");
+    let home = std::path::PathBuf::from(format!("/home/{user}"));
+    assert_eq!(std::fs::read_to_string(home.join("README.txt"))?, "welcome to the lab\n");
+    let uid: u32 = String::from_utf8(Command::new("id").args(["-u", &user]).output()?.stdout)?.trim().parse()?;
+    assert_eq!(std::fs::metadata(home.join("project/main.py"))?.uid(), uid, "the home belongs to the lab user");
+
+    // The team sees its lab, never the credentials; the sealed password is not in the clear.
+    let red = fx.participant(fx.team_id).await?;
+    let (status, mine) = red.get("/api/v1/me/allocation").await?;
+    assert_eq!(status, 200);
+    assert_eq!(mine["allocation"]["id"], id);
+    let text = mine.to_string();
+    assert!(!text.contains("password") && !text.contains(&user), "no credentials for browsers: {text}");
+    let sealed: Vec<u8> = fx.db().query_row("SELECT desktop_secret FROM allocations WHERE id = ?1", [id], |r| r.get(0))?;
+    assert_eq!(sealed.len(), 12 + 20 + 16, "nonce + 20-character password + tag");
+
+    // Work happens; then a reset: sessions end, the home is restored, the password rotates.
+    std::fs::write(home.join("scratch.txt"), "work in progress")?;
+    std::fs::remove_file(home.join("README.txt"))?;
+    let mut session = Command::new("runuser").args(["-u", &user, "--", "sleep", "600"]).spawn()?;
+    let before = shadow_hash(&user);
+    let (status, resetting) = red.post(&format!("/api/v1/allocations/{id}/reset"), json!({})).await?;
+    assert_eq!(status, 200, "a team may reset its own lab: {resetting}");
+    assert_eq!(resetting["busy"], true);
+    fx.wait_state(id, "active").await?;
+    assert!(!home.join("scratch.txt").exists(), "the reset removed the team's file");
+    assert_eq!(std::fs::read_to_string(home.join("README.txt"))?, "welcome to the lab\n");
+    assert_ne!(shadow_hash(&user), before, "the password was rotated");
+    let ended = session.wait()?;
+    assert!(!ended.success(), "the user's session was ended: {ended}");
+    let resealed: Vec<u8> = fx.db().query_row("SELECT desktop_secret FROM allocations WHERE id = ?1", [id], |r| r.get(0))?;
+    assert_ne!(resealed, sealed);
+
+    // Release: the user and everything it owned are gone.
+    std::fs::write(format!("/tmp/{user}-leftover"), "x")?;
+    Command::new("chown").args([&user, &format!("/tmp/{user}-leftover")]).status()?;
+    let (status, _) = fx.admin.post(&format!("/api/v1/allocations/{id}/release"), json!({})).await?;
+    assert_eq!(status, 200);
+    fx.wait_state(id, "released").await?;
+    assert!(!user_exists(&user), "the lab user was removed");
+    assert!(!home.exists(), "its home was removed");
+    assert!(!Path::new(&format!("/tmp/{user}-leftover")).exists(), "its temp files were removed");
+    let secret: Option<Vec<u8>> = fx.db().query_row("SELECT desktop_secret FROM allocations WHERE id = ?1", [id], |r| r.get(0))?;
+    assert!(secret.is_none(), "credentials are dropped with the desktop");
+    let (status, again) = fx.admin.post(&format!("/api/v1/allocations/{id}/release"), json!({})).await?;
+    assert_eq!(status, 409, "releasing twice is refused: {again}");
+
+    let (_, audit) = fx.admin.get("/api/v1/audit?limit=200").await?;
+    let transitions: Vec<String> = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["action"] == "allocation.state" && e["target"] == format!("allocation:{id}").as_str())
+        .map(|e| format!("{}->{}", e["detail"]["from"].as_str().unwrap_or("?"), e["detail"]["to"].as_str().unwrap_or("?")))
+        .collect();
+    let mut expected = vec!["requested->provisioning", "provisioning->active", "active->releasing", "releasing->released"];
+    let mut seen = transitions.clone();
+    seen.sort();
+    expected.sort_unstable();
+    assert_eq!(seen, expected, "{transitions:?}");
+    drop(host);
+    Ok(())
+}
+
+#[tokio::test]
+async fn enrolment_tokens_are_one_time_and_expire() -> anyhow::Result<()> {
+    let fx = fixture("enrol", "127.0.0.1:0").await?;
+    let token = fx.token().await?;
+    let first = DataDir::new("enrol-a");
+    let (ok, text) = enrol_host(&fx.url, &fx.data.0, &token, "host-a", &first.0)?;
+    assert!(ok, "{text}");
+    let second = DataDir::new("enrol-b");
+    let (ok, text) = enrol_host(&fx.url, &fx.data.0, &token, "host-b", &second.0)?;
+    assert!(!ok && text.contains("already used"), "a reused token is refused: {text}");
+    assert!(!second.0.join("host.toml").exists(), "nothing saved on refusal");
+
+    let stale = fx.token().await?;
+    // Let the token's hour pass: move its expiry into the past.
+    let hash = hex::encode(sha2::Sha256::digest(stale.as_bytes()));
+    let moved = fx.db().execute("UPDATE enrolment_tokens SET expires_at_ms = 1 WHERE token_hash = ?1", [&hash])?;
+    assert_eq!(moved, 1);
+    let (ok, text) = enrol_host(&fx.url, &fx.data.0, &stale, "host-c", &second.0)?;
+    assert!(!ok && text.contains("expired"), "an expired token is refused: {text}");
+    let (ok, text) = enrol_host(&fx.url, &fx.data.0, "lrh_not-a-token", "host-c", &second.0)?;
+    assert!(!ok && text.contains("unknown enrolment token"), "{text}");
+    let (ok, text) = enrol_host(&fx.url, &fx.data.0, &fx.token().await?, "host-a", &second.0)?;
+    assert!(!ok && text.contains("already enrolled"), "host names are unique: {text}");
+
+    let (_, hosts) = fx.admin.get("/api/v1/hosts").await?;
+    assert_eq!(hosts["hosts"].as_array().map(Vec::len), Some(1), "only the first enrolment made a host");
+    Ok(())
+}
+
+/// Signs host-protocol calls with a host's key, as `labrack-host` does.
+struct Signer {
+    host_id: i64,
+    key: Ed25519KeyPair,
+}
+
+impl Signer {
+    fn load(state: &Path) -> anyhow::Result<Self> {
+        let config: toml::Table = toml::from_str(&std::fs::read_to_string(state.join("host.toml"))?)?;
+        let key = Ed25519KeyPair::from_pkcs8(&std::fs::read(state.join("host.key"))?).map_err(|_| anyhow::anyhow!("key"))?;
+        Ok(Self { host_id: config["host_id"].as_integer().expect("host_id"), key })
+    }
+
+    fn header(&self, claimed_host: i64, path: &str, body: &[u8]) -> String {
+        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+        let digest = hex::encode(sha2::Sha256::digest(body));
+        let message = format!("labrack-host-v1\nPOST\n{path}\n{ts}\n{digest}");
+        let sig = base64::engine::general_purpose::STANDARD.encode(self.key.sign(message.as_bytes()).as_ref());
+        format!("LabrackHost host={claimed_host},ts={ts},sig={sig}")
+    }
+
+    async fn post(&self, api: &Api, claimed_host: i64, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let bytes = serde_json::to_vec(body)?;
+        let response = api
+            .client
+            .post(format!("{}{path}", api.base))
+            .header("content-type", "application/json")
+            .header("authorization", self.header(claimed_host, path, &bytes))
+            .body(bytes)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+}
+
+#[tokio::test]
+async fn hosts_see_and_answer_only_their_own_tasks_and_teams_only_their_own_lab() -> anyhow::Result<()> {
+    let fx = fixture("isolation", "127.0.0.1:0").await?;
+    let (state_a, state_b) = (DataDir::new("iso-a"), DataDir::new("iso-b"));
+    fx.enrol("host-a", &state_a.0).await?;
+    fx.enrol("host-b", &state_b.0).await?;
+    let (a, b) = (Signer::load(&state_a.0)?, Signer::load(&state_b.0)?);
+    let id = fx.allocate(fx.team_id).await?;
+    let (_, view) = fx.admin.get(&format!("/api/v1/allocations/{id}")).await?;
+    assert_eq!(view["host_id"], a.host_id, "ties go to the lowest host id");
+
+    let poll = json!({"version": 1, "wait_ms": 0});
+    let (status, mine) = a.post(&fx.admin, a.host_id, "/api/v1/host/poll", &poll).await?;
+    assert_eq!(status, 200, "{mine}");
+    let task_id = mine["tasks"][0]["id"].as_str().expect("host A has the provision task").to_owned();
+    let (status, theirs) = b.post(&fx.admin, b.host_id, "/api/v1/host/poll", &poll).await?;
+    assert_eq!((status, theirs["tasks"].as_array().map(Vec::len)), (200, Some(0)), "host B sees none of A's tasks");
+
+    let report = json!({"version": 1, "id": task_id, "outcome": {"result": "failed", "error": "sabotage"}});
+    let (status, refused) = b.post(&fx.admin, b.host_id, "/api/v1/host/report", &report).await?;
+    assert_eq!(status, 404, "B cannot answer A's task: {refused}");
+    let (status, refused) = b.post(&fx.admin, a.host_id, "/api/v1/host/report", &report).await?;
+    assert_eq!(status, 401, "B cannot pass for A: {refused}");
+    assert_eq!(refused["detail"], "bad host signature");
+    let unsigned = fx.admin.client.post(format!("{}/api/v1/host/poll", fx.admin.base)).json(&poll).send().await?;
+    assert_eq!(unsigned.status(), 401);
+    // A signature binds the body: the same header with another body is refused.
+    let header = a.header(a.host_id, "/api/v1/host/report", br#"{"version":1}"#);
+    let moved = fx
+        .admin
+        .client
+        .post(format!("{}/api/v1/host/report", fx.admin.base))
+        .header("content-type", "application/json")
+        .header("authorization", header)
+        .body(serde_json::to_vec(&report)?)
+        .send()
+        .await?;
+    assert_eq!(moved.status(), 401);
+    let (_, view) = fx.admin.get(&format!("/api/v1/allocations/{id}")).await?;
+    assert_eq!((view["state"].as_str(), view["reason"].is_null()), (Some("provisioning"), true), "nothing changed");
+
+    // A's own report is taken once; a repeat is acknowledged and changes nothing.
+    let (status, ack) = a.post(&fx.admin, a.host_id, "/api/v1/host/report", &report).await?;
+    assert_eq!((status, ack["applied"].as_bool()), (200, Some(true)));
+    let (status, ack) = a.post(&fx.admin, a.host_id, "/api/v1/host/report", &report).await?;
+    assert_eq!((status, ack["applied"].as_bool()), (200, Some(false)));
+
+    // Teams: Blue cannot see or reset Red's lab.
+    let blue = fx.participant(fx.other_team_id).await?;
+    let (status, _) = blue.get(&format!("/api/v1/allocations/{id}")).await?;
+    assert_eq!(status, 404);
+    let (status, _) = blue.post(&format!("/api/v1/allocations/{id}/reset"), json!({})).await?;
+    assert_eq!(status, 404);
+    let (status, _) = blue.post(&format!("/api/v1/allocations/{id}/release"), json!({})).await?;
+    assert_eq!(status, 403);
+    let (_, none) = blue.get("/api/v1/me/allocation").await?;
+    assert!(none["allocation"].is_null());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_host_killed_mid_task_completes_the_lab_exactly_once() -> anyhow::Result<()> {
+    let fx = fixture("kill-host", "127.0.0.1:0").await?;
+    let state = DataDir::new("kill-host-state");
+    fx.enrol("host-k", &state.0).await?;
+    let host = fx.start_host(&state.0, &[("LABRACK_HOST_TEST_PAUSE_MS", "60000")])?;
+    let id = fx.allocate(fx.team_id).await?;
+    host.wait_for_log("running task", LONG).await?;
+    host.kill_hard()?;
+    let host = fx.start_host(&state.0, &[])?;
+    fx.wait_state(id, "active").await?;
+    let tasks: Vec<(String, String)> = fx
+        .db()
+        .prepare("SELECT id, outcome FROM host_tasks WHERE allocation_id = ?1 ORDER BY created_ms, id")?
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    assert_eq!(tasks[0].0, format!("alloc-{id}-provision-1"));
+    assert!(tasks[0].1.contains("not run twice"), "the interrupted task was reported, not re-run: {tasks:?}");
+    assert_eq!(tasks[1].0, format!("alloc-{id}-provision-2"));
+    assert!(tasks[1].1.contains("succeeded"), "{tasks:?}");
+    let activations: i64 = fx.db().query_row(
+        "SELECT count(*) FROM audit_log WHERE action = 'allocation.state' AND target = ?1 AND detail LIKE '%\"to\":\"active\"%'",
+        [format!("allocation:{id}")],
+        |r| r.get(0),
+    )?;
+    assert_eq!(activations, 1, "the lab became active exactly once");
+    assert_eq!(fx.users.list(), vec![format!("{}a{id}", fx.users.prefix)], "exactly one lab user");
+    drop(host);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_result_finished_while_the_appliance_is_down_arrives_after_restart() -> anyhow::Result<()> {
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let mut fx = fixture("down", &listen).await?;
+    let state = DataDir::new("down-host");
+    fx.enrol("host-d", &state.0).await?;
+    let host = fx.start_host(&state.0, &[("LABRACK_HOST_TEST_PAUSE_MS", "1500")])?;
+    let id = fx.allocate(fx.team_id).await?;
+    host.wait_for_log("running task", LONG).await?;
+    // The appliance stops while the host works.
+    let status = fx.server.take().expect("server").terminate()?;
+    assert!(status.success(), "{status}");
+    host.wait_for_log("task succeeded", LONG).await?;
+    host.wait_for_log("delivery failed; kept in the spool", LONG).await?;
+    let stuck: String = fx.db().query_row("SELECT state FROM allocations WHERE id = ?1", [id], |r| r.get(0))?;
+    assert_eq!(stuck, "provisioning", "the appliance is down: nothing arrived yet");
+    // It comes back where the host knows it; the spooled report arrives.
+    fx.server = Some(Server::start_with(&fx.data.0, &listen, &["--host-heartbeat-secs", "1"])?);
+    fx.wait_state(id, "active").await?;
+    drop(host);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_silent_host_turns_unhealthy_and_its_lab_fails_then_recovers() -> anyhow::Result<()> {
+    let fx = fixture("silent", "127.0.0.1:0").await?;
+    let state = DataDir::new("silent-host");
+    fx.enrol("host-s", &state.0).await?;
+    let host = fx.start_host(&state.0, &[])?;
+    let id = fx.allocate(fx.team_id).await?;
+    fx.wait_state(id, "active").await?;
+    host.kill_hard()?;
+    fx.admin.wait_for("/api/v1/hosts", LONG, |h| h["hosts"][0]["healthy"] == false).await?;
+    let failed = fx.wait_state(id, "failed").await?;
+    assert!(failed["reason"].as_str().is_some_and(|r| r.contains("heartbeats")), "{failed}");
+    let (status, body) = fx.admin.post(&format!("/api/v1/teams/{}/allocation", fx.other_team_id), json!({"template": "desk"})).await?;
+    assert_eq!(status, 409, "no healthy host for a new lab: {body}");
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("no healthy lab host")), "{body}");
+
+    // The host comes back; staff release the failed lab and the host cleans it up.
+    let host = fx.start_host(&state.0, &[])?;
+    fx.admin.wait_for("/api/v1/hosts", LONG, |h| h["hosts"][0]["healthy"] == true).await?;
+    let (status, _) = fx.admin.post(&format!("/api/v1/allocations/{id}/release"), json!({})).await?;
+    assert_eq!(status, 200);
+    fx.wait_state(id, "released").await?;
+    assert!(fx.users.list().is_empty(), "the host removed the lab user");
+    drop(host);
+    Ok(())
+}

@@ -126,7 +126,10 @@ impl TestApp {
         self.db
             .read(|conn| {
                 let mut out = String::new();
-                for table in ["staff", "events", "teams", "participants", "audit_log"] {
+                for table in [
+                    "staff", "events", "teams", "participants", "audit_log", "hosts", "enrolment_tokens",
+                    "lab_templates", "lab_template_source", "allocations", "host_tasks",
+                ] {
                     let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY rowid"))?;
                     let columns = stmt.column_count();
                     let mut rows = stmt.query([])?;
@@ -197,4 +200,39 @@ pub async fn join(app: &TestApp, event_code: &str, join_code: &str) -> String {
     let reply = app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": event_code, "join_code": join_code, "bearer": true}))).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     reply.body["token"].as_str().expect("token").to_owned()
+}
+
+/// Inserts an enrolled host directly (its agent is not needed in-process); returns its id.
+pub async fn insert_host(app: &TestApp, name: &str, capacity: u32) -> i64 {
+    let name = name.to_owned();
+    app.db
+        .writer()
+        .write(move |conn| {
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            conn.execute(
+                "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms) VALUES (?1, zeroblob(32), '127.0.0.1', 0, ?2, 'now', ?3)",
+                rusqlite::params![name, capacity, i64::try_from(now_ms).unwrap_or(i64::MAX)],
+            )?;
+            Ok::<_, rusqlite::Error>(conn.last_insert_rowid())
+        })
+        .await
+        .map_err(|e| format!("{e:?}"))
+        .expect("insert host")
+}
+
+/// Sets an allocation's state directly, as if its host had reported.
+pub async fn force_state(app: &TestApp, allocation_id: i64, state: &str) {
+    let state = state.to_owned();
+    app.db
+        .writer()
+        .write(move |conn| {
+            conn.execute(
+                "UPDATE allocations SET state = ?2, in_flight = NULL, retry_at_ms = NULL WHERE id = ?1",
+                rusqlite::params![allocation_id, state],
+            )?;
+            conn.execute("UPDATE host_tasks SET done_ms = 1, outcome = 'test' WHERE allocation_id = ?1", [allocation_id])
+        })
+        .await
+        .map_err(|e| format!("{e:?}"))
+        .expect("force state");
 }

@@ -1,0 +1,181 @@
+//! Lab endpoints in-process: who may touch templates, hosts and allocations, and what bad
+//! input gets (a problem document naming the field, and no change to stored state).
+
+mod common;
+
+use common::{As, TestApp, force_state, insert_host, join, seed};
+use serde_json::json;
+
+const TEMPLATES: &str = "[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"/srv/skel\"\n";
+
+async fn with_templates(app: &TestApp, organizer: &As) {
+    let reply = app.raw("PUT", "/api/v1/templates", organizer, "application/toml", TEMPLATES).await;
+    assert_eq!(reply.status.as_u16(), 200, "{}", reply.body);
+}
+
+/// A fresh team with an allocation in `state`; returns (team id, allocation id).
+async fn allocation_in(app: &TestApp, organizer: &As, event_id: i64, state: &str) -> (i64, i64) {
+    let team = app.call("POST", &format!("/api/v1/events/{event_id}/teams"), organizer, Some(json!({"name": format!("T{}", next())}))).await;
+    let team_id = team.body["id"].as_i64().expect("team id");
+    let alloc = app.call("POST", &format!("/api/v1/teams/{team_id}/allocation"), organizer, Some(json!({"template": "desk"}))).await;
+    assert_eq!(alloc.status.as_u16(), 201, "{}", alloc.body);
+    let id = alloc.body["id"].as_i64().expect("allocation id");
+    force_state(app, id, state).await;
+    (team_id, id)
+}
+
+fn next() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test]
+async fn lab_authorization_matrix() {
+    let app = TestApp::new().await;
+    let mut callers = Vec::new();
+    for role in ["admin", "organizer", "staff", "judge"] {
+        callers.push((role, As::Bearer(app.staff(&format!("{role}1"), role).await)));
+    }
+    let organizer = callers[1].1.clone();
+    let s = seed(&app, &organizer).await;
+    insert_host(&app, "rack-1", 256).await;
+    with_templates(&app, &organizer).await;
+    // Participant A's team has a lab; the participant may see and reset it, nothing else.
+    let own = app.call("POST", &format!("/api/v1/teams/{}/allocation", s.team_a), &organizer, Some(json!({"template": "desk"}))).await;
+    let own_id = own.body["id"].as_i64().expect("id");
+    force_state(&app, own_id, "active").await;
+    callers.push(("participant", As::Bearer(join(&app, &s.event_code, &s.code_a).await)));
+    callers.push(("nobody", As::Nobody));
+
+    let staff_read: &[&str] = &["admin", "organizer", "staff", "judge"];
+    let operators: &[&str] = &["admin", "organizer", "staff"];
+    let admins: &[&str] = &["admin", "organizer"];
+    for (role, who) in &callers {
+        // (what, method, path, body, roles allowed, how a participant is refused)
+        let (team, active) = allocation_in(&app, &organizer, s.event_id, "active").await;
+        let (_, active2) = allocation_in(&app, &organizer, s.event_id, "active").await;
+        let (_, failed) = allocation_in(&app, &organizer, s.event_id, "failed").await;
+        let fresh_team = app.call("POST", &format!("/api/v1/events/{}/teams", s.event_id), &organizer, Some(json!({"name": format!("F{}", next())}))).await;
+        let fresh_team = fresh_team.body["id"].as_i64().expect("team");
+        let cases: Vec<(&str, &str, String, Option<serde_json::Value>, &[&str], u16)> = vec![
+            ("list hosts", "GET", "/api/v1/hosts".into(), None, staff_read, 403),
+            ("enrolment token", "POST", "/api/v1/hosts/enrolment-tokens".into(), Some(json!({})), admins, 403),
+            ("list templates", "GET", "/api/v1/templates".into(), None, staff_read, 403),
+            ("list allocations", "GET", format!("/api/v1/events/{}/allocations", s.event_id), None, staff_read, 403),
+            ("allocate", "POST", format!("/api/v1/teams/{fresh_team}/allocation"), Some(json!({"template": "desk"})), operators, 403),
+            ("another team's lab", "GET", format!("/api/v1/allocations/{active}"), None, staff_read, 404),
+            ("reset another team's lab", "POST", format!("/api/v1/allocations/{active}/reset"), None, operators, 404),
+            ("release", "POST", format!("/api/v1/allocations/{active2}/release"), None, operators, 403),
+            ("force-release", "POST", format!("/api/v1/allocations/{failed}/force-release"), None, admins, 403),
+        ];
+        let _ = team;
+        for (what, method, path, body, allowed, participant_refusal) in cases {
+            let before = app.snapshot().await;
+            let reply = app.call(method, &path, who, body).await;
+            let said = format!("{role} {what} ({method} {path}): {} {}", reply.status, reply.body);
+            if *role == "nobody" {
+                reply.problem(401);
+                assert_eq!(before, app.snapshot().await, "refused request changed state: {said}");
+            } else if allowed.contains(role) {
+                assert!(reply.status.is_success(), "{said}");
+            } else {
+                let expected = if *role == "participant" { participant_refusal } else { 403 };
+                reply.problem(expected);
+                assert_eq!(before, app.snapshot().await, "refused request changed state: {said}");
+            }
+        }
+    }
+    // The participant's own lab: visible and resettable by its team.
+    let participant = &callers[4].1;
+    let mine = app.call("GET", "/api/v1/me/allocation", participant, None).await;
+    assert_eq!(mine.body["allocation"]["id"], own_id);
+    let view = app.call("GET", &format!("/api/v1/allocations/{own_id}"), participant, None).await;
+    assert_eq!(view.status.as_u16(), 200);
+    let reset = app.call("POST", &format!("/api/v1/allocations/{own_id}/reset"), participant, None).await;
+    assert_eq!((reset.status.as_u16(), reset.body["busy"].as_bool()), (200, Some(true)), "{}", reset.body);
+    for staff in &callers[..4] {
+        app.call("GET", "/api/v1/me/allocation", &staff.1, None).await.problem(403);
+    }
+    // Templates are replaced by organizers and admins only.
+    for (role, who) in &callers {
+        let reply = app.raw("PUT", "/api/v1/templates", who, "application/toml", TEMPLATES).await;
+        match *role {
+            "admin" | "organizer" => assert_eq!(reply.status.as_u16(), 200, "{role}"),
+            "nobody" => assert_eq!(reply.problem(401)["status"], 401),
+            _ => assert_eq!(reply.problem(403)["status"], 403, "{role}"),
+        }
+    }
+}
+
+type BadCase = (&'static str, &'static str, String, &'static str, Vec<u8>, u16, Option<&'static str>);
+
+#[tokio::test]
+async fn bad_lab_input_gets_a_problem_and_changes_nothing() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    with_templates(&app, &organizer).await;
+    let json_ct = "application/json";
+    let team = format!("/api/v1/teams/{}/allocation", s.team_a);
+    let enrol = "/api/v1/hosts/enrol".to_owned();
+    let key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let enrol_body = |field: &str, value: serde_json::Value| {
+        let mut body = json!({"version": 1, "token": "lrh_x", "name": "h1", "public_key": key, "address": "10.0.0.2", "gpus": 0, "capacity": 4});
+        body[field] = value;
+        body.to_string().into_bytes()
+    };
+    let cases: Vec<BadCase> = vec![
+        ("template syntax error", "PUT", "/api/v1/templates".into(), "application/toml", b"[[template]]\nname = \"a\"\nruntime = \"local-user\"\nskeleton = \n".to_vec(), 422, None),
+        ("template unknown runtime", "PUT", "/api/v1/templates".into(), "application/toml", b"[[template]]\nname = \"a\"\nruntime = \"vm\"\nskeleton = \"/s\"\n".to_vec(), 422, None),
+        ("template as json", "PUT", "/api/v1/templates".into(), json_ct, b"{}".to_vec(), 415, None),
+        ("template not utf-8", "PUT", "/api/v1/templates".into(), "application/toml", b"name = \"\xff\"\n".to_vec(), 400, None),
+        ("template too large", "PUT", "/api/v1/templates".into(), "application/toml", vec![b'#'; 300 * 1024], 413, None),
+        ("unknown template", "POST", team.clone(), json_ct, br#"{"template": "gpu-monster"}"#.to_vec(), 422, Some("template")),
+        ("no host enrolled", "POST", team.clone(), json_ct, br#"{"template": "desk"}"#.to_vec(), 409, Some("template")),
+        ("allocate unknown team", "POST", "/api/v1/teams/4242/allocation".into(), json_ct, br#"{"template": "desk"}"#.to_vec(), 404, None),
+        ("allocate extra field", "POST", team.clone(), json_ct, br#"{"template": "desk", "host": 1}"#.to_vec(), 422, Some("host")),
+        ("token ttl too short", "POST", "/api/v1/hosts/enrolment-tokens".into(), json_ct, br#"{"ttl_secs": 5}"#.to_vec(), 422, Some("ttl_secs")),
+        ("token ttl too long", "POST", "/api/v1/hosts/enrolment-tokens".into(), json_ct, br#"{"ttl_secs": 9999999}"#.to_vec(), 422, Some("ttl_secs")),
+        ("enrol bad key", "POST", enrol.clone(), json_ct, enrol_body("public_key", json!("short")), 422, Some("public_key")),
+        ("enrol bad name", "POST", enrol.clone(), json_ct, enrol_body("name", json!("rack 1; rm")), 422, Some("name")),
+        ("enrol bad address", "POST", enrol.clone(), json_ct, enrol_body("address", json!("http://x/")), 422, Some("address")),
+        ("enrol zero capacity", "POST", enrol.clone(), json_ct, enrol_body("capacity", json!(0)), 422, Some("capacity")),
+        ("enrol other version", "POST", enrol.clone(), json_ct, enrol_body("version", json!(2)), 422, Some("version")),
+        ("enrol unknown token", "POST", enrol.clone(), json_ct, enrol_body("token", json!("lrh_nope")), 401, None),
+        ("host poll unsigned", "POST", "/api/v1/host/poll".into(), json_ct, br#"{"version": 1, "wait_ms": 0}"#.to_vec(), 401, None),
+        ("missing allocation", "GET", "/api/v1/allocations/999".into(), json_ct, Vec::new(), 404, None),
+        ("reset missing allocation", "POST", "/api/v1/allocations/999/reset".into(), json_ct, Vec::new(), 404, None),
+    ];
+    let before = app.snapshot().await;
+    for (what, method, path, content_type, body, status, field) in cases {
+        let reply = app.raw(method, &path, &organizer, content_type, body).await;
+        assert_eq!(reply.status.as_u16(), status, "{what}: {}", reply.body);
+        assert_eq!(reply.content_type, "application/problem+json", "{what}");
+        if let Some(field) = field {
+            assert_eq!(reply.body["field"], field, "{what}: {}", reply.body);
+        }
+        assert_eq!(before, app.snapshot().await, "{what} changed stored state");
+    }
+    // Template errors name their lines.
+    let reply = app
+        .raw("PUT", "/api/v1/templates", &organizer, "application/toml", "[[template]]\nname = \"a\"\nruntime = \"vm\"\nskeleton = \"relative\"\n")
+        .await;
+    let lines: Vec<u64> = reply.body["errors"].as_array().expect("errors").iter().filter_map(|e| e["line"].as_u64()).collect();
+    assert_eq!(lines, vec![3, 4], "{}", reply.body);
+
+    // Out of order: a lab that is not active cannot be reset; a released one not released again.
+    insert_host(&app, "rack-1", 4).await;
+    let alloc = app.call("POST", &team, &organizer, Some(json!({"template": "desk"}))).await;
+    let id = alloc.body["id"].as_i64().expect("id");
+    let again = app.call("POST", &team, &organizer, Some(json!({"template": "desk"}))).await;
+    again.problem(409);
+    let before = app.snapshot().await;
+    app.call("POST", &format!("/api/v1/allocations/{id}/reset"), &organizer, None).await.problem(409);
+    assert_eq!(before, app.snapshot().await, "a refused reset leaves no audit row");
+    force_state(&app, id, "released").await;
+    let before = app.snapshot().await;
+    app.call("POST", &format!("/api/v1/allocations/{id}/release"), &organizer, None).await.problem(409);
+    app.call("POST", &format!("/api/v1/allocations/{id}/force-release"), &organizer, None).await.problem(409);
+    assert_eq!(before, app.snapshot().await);
+}

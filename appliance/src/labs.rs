@@ -170,8 +170,8 @@ pub fn apply(
 fn store_desktop(conn: &Connection, secrets: &SecretBox, id: i64, desktop: &DesktopAccess) -> Result<(), ApiError> {
     let sealed = secrets.seal(&secret_context(id), desktop.password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
     conn.execute(
-        "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5 WHERE id = ?1",
-        params![id, desktop.username, sealed, desktop.rdp_port, desktop.ssh_port],
+        "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5, ssh_host_key = ?6 WHERE id = ?1",
+        params![id, desktop.username, sealed, desktop.rdp_port, desktop.ssh_port, desktop.ssh_host_key],
     )?;
     Ok(())
 }
@@ -184,21 +184,31 @@ pub struct DesktopSecret {
     pub password: String,
     pub rdp_port: u16,
     pub ssh_port: u16,
+    pub ssh_host_key: Option<String>,
 }
 
 pub fn desktop_secret(conn: &Connection, secrets: &SecretBox, id: i64) -> Result<Option<DesktopSecret>, ApiError> {
     let row = conn
         .query_row(
-            "SELECT h.address, a.desktop_user, a.desktop_secret, a.rdp_port, a.ssh_port FROM allocations a
+            "SELECT h.address, a.desktop_user, a.desktop_secret, a.rdp_port, a.ssh_port, a.ssh_host_key FROM allocations a
              JOIN hosts h ON h.id = a.host_id WHERE a.id = ?1 AND a.state = 'active' AND a.desktop_secret IS NOT NULL",
             [id],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?, r.get::<_, u16>(3)?, r.get::<_, u16>(4)?)),
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, u16>(3)?,
+                    r.get::<_, u16>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            },
         )
         .optional()?;
-    let Some((host_address, username, sealed, rdp_port, ssh_port)) = row else { return Ok(None) };
+    let Some((host_address, username, sealed, rdp_port, ssh_port, ssh_host_key)) = row else { return Ok(None) };
     let password = secrets.open(&secret_context(id), &sealed).map_err(|e| ApiError::Internal(e.to_string()))?;
     let password = String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Some(DesktopSecret { host_address, username, password, rdp_port, ssh_port }))
+    Ok(Some(DesktopSecret { host_address, username, password, rdp_port, ssh_port, ssh_host_key }))
 }
 
 pub fn unix_ms() -> u64 {

@@ -30,6 +30,9 @@ fn next() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// (what, method, path, body, roles allowed, how a participant is refused)
+type MatrixCase<'a> = (&'a str, &'a str, String, Option<serde_json::Value>, &'a [&'a str], u16);
+
 #[tokio::test]
 async fn lab_authorization_matrix() {
     let app = TestApp::new().await;
@@ -58,7 +61,7 @@ async fn lab_authorization_matrix() {
         let (_, failed) = allocation_in(&app, &organizer, s.event_id, "failed").await;
         let fresh_team = app.call("POST", &format!("/api/v1/events/{}/teams", s.event_id), &organizer, Some(json!({"name": format!("F{}", next())}))).await;
         let fresh_team = fresh_team.body["id"].as_i64().expect("team");
-        let cases: Vec<(&str, &str, String, Option<serde_json::Value>, &[&str], u16)> = vec![
+        let cases: Vec<MatrixCase<'_>> = vec![
             ("list hosts", "GET", "/api/v1/hosts".into(), None, staff_read, 403),
             ("enrolment token", "POST", "/api/v1/hosts/enrolment-tokens".into(), Some(json!({})), admins, 403),
             ("list templates", "GET", "/api/v1/templates".into(), None, staff_read, 403),

@@ -63,6 +63,9 @@ enum Command {
         /// prefix of the Linux users made for labs
         #[arg(long, default_value = "lr-")]
         user_prefix: String,
+        /// the SSH server's public host key, reported to the appliance for verification
+        #[arg(long, default_value = "/etc/ssh/ssh_host_ed25519_key.pub")]
+        ssh_host_key_file: PathBuf,
     },
     /// Print one telemetry sample (CPU, memory, disks, NVIDIA GPUs) as JSON.
     Telemetry {
@@ -103,12 +106,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("labrack-host: identity saved in {}; start it with `labrack-host run`", state_dir.display());
             Ok(())
         }
-        Command::Run { state_dir, rdp_port, ssh_port, user_prefix } => {
+        Command::Run { state_dir, rdp_port, ssh_port, user_prefix, ssh_host_key_file } => {
             init_logging();
             runtime::local_user::check_prefix(&user_prefix)?;
+            let ssh_host_key = match std::fs::read_to_string(&ssh_host_key_file) {
+                Ok(line) => Some(line.trim().to_owned()),
+                Err(error) => {
+                    tracing::warn!(file = %ssh_host_key_file.display(), %error, "no SSH host key to report: browser terminals will be refused");
+                    None
+                }
+            };
             // Fault injection for the restart tests; undocumented for operators on purpose.
             let pause_in_task = std::env::var("LABRACK_HOST_TEST_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
-            let options = agent::RunOptions { state_dir, runtime: runtime::RuntimeSettings { user_prefix, rdp_port, ssh_port }, pause_in_task };
+            let options = agent::RunOptions { state_dir, runtime: runtime::RuntimeSettings { user_prefix, rdp_port, ssh_port, ssh_host_key }, pause_in_task };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(options))
         }

@@ -82,6 +82,9 @@ pub struct DesktopAccess {
     pub rdp_port: u16,
     /// the host's SSH server
     pub ssh_port: u16,
+    /// the SSH server's public host key (OpenSSH line), so the appliance can verify it
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_key: Option<String>,
 }
 
 impl std::fmt::Debug for DesktopAccess {
@@ -91,6 +94,7 @@ impl std::fmt::Debug for DesktopAccess {
             .field("password", &"<redacted>")
             .field("rdp_port", &self.rdp_port)
             .field("ssh_port", &self.ssh_port)
+            .field("ssh_host_key", &self.ssh_host_key)
             .finish()
     }
 }

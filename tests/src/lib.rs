@@ -261,11 +261,12 @@ pub struct LabHost {
 
 impl LabHost {
     /// Starts the agent with a recognisable user prefix and extra environment.
-    pub fn start(state_dir: &Path, user_prefix: &str, rdp_port: u16, ssh_port: u16, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    pub fn start(state_dir: &Path, user_prefix: &str, rdp_port: u16, ssh_port: u16, env: &[(&str, &str)], extra: &[&str]) -> anyhow::Result<Self> {
         let mut command = Command::new(labrack_host_bin());
         command
             .args(["run", "--user-prefix", user_prefix, "--rdp-port", &rdp_port.to_string(), "--ssh-port", &ssh_port.to_string(), "--state-dir"])
             .arg(state_dir)
+            .args(extra)
             .env("LABRACK_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -374,4 +375,79 @@ fn rand_suffix() -> u32 {
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A real OpenSSH server on 127.0.0.1 with its own host key, accepting passwords only
+/// for users of the given prefix.
+pub struct Sshd {
+    child: Child,
+    pub port: u16,
+    /// the host's public key file (`ssh-ed25519 …`), what a lab host reports
+    pub host_key_pub: PathBuf,
+    _dir: DataDir,
+}
+
+impl Sshd {
+    pub fn start(user_prefix: &str) -> anyhow::Result<Self> {
+        let dir = DataDir::new("sshd");
+        let key = dir.0.join("host_key");
+        let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().context("ssh-keygen")?;
+        anyhow::ensure!(keygen.success(), "ssh-keygen failed");
+        let port = free_port()?;
+        let config = dir.0.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nPasswordAuthentication yes\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin no\nAllowUsers {user_prefix}*\nStrictModes no\n",
+                key.display(),
+                dir.0.join("sshd.pid").display()
+            ),
+        )?;
+        std::fs::create_dir_all("/run/sshd")?;
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting /usr/sbin/sshd (apt package openssh-server)")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "sshd did not start listening on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, port, host_key_pub: key.with_extension("pub"), _dir: dir })
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A WebSocket over TLS to the appliance, trusting only its CA, with a bearer token.
+pub type AppSocket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+pub async fn websocket(data_dir: &Path, base_url: &str, path: &str, bearer: &str) -> anyhow::Result<AppSocket> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let pem = std::fs::read(data_dir.join("tls/ca.pem"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let authority = base_url.trim_start_matches("https://").trim_end_matches('/').to_owned();
+    let tcp = tokio::net::TcpStream::connect(&authority).await?;
+    let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(server_name, tcp).await?;
+    let mut request = format!("wss://{authority}{path}").into_client_request()?;
+    request.headers_mut().insert("authorization", format!("Bearer {bearer}").parse()?);
+    let (socket, _) = tokio_tungstenite::client_async(request, tls).await?;
+    Ok(socket)
 }

@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
-use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host, free_port};
+use futures_util::{SinkExt as _, StreamExt as _};
+use labrack_e2e::{Api, AppSocket, DataDir, LabHost, LabUsers, Server, Sshd, client_trusting, enrol_host, free_port, websocket};
+use tokio_tungstenite::tungstenite::Message;
 use ring::signature::Ed25519KeyPair;
 use serde_json::{Value, json};
 use sha2::Digest as _;
@@ -79,7 +81,7 @@ impl Fixture {
     }
 
     fn start_host(&self, state: &Path, env: &[(&str, &str)]) -> anyhow::Result<LabHost> {
-        LabHost::start(state, &self.users.prefix, 3389, 22, env)
+        LabHost::start(state, &self.users.prefix, 3389, 22, env, &[])
     }
 
     async fn allocate(&self, team_id: i64) -> anyhow::Result<i64> {
@@ -417,6 +419,96 @@ async fn a_silent_host_turns_unhealthy_and_its_lab_fails_then_recovers() -> anyh
     assert_eq!(status, 200);
     fx.wait_state(id, "released").await?;
     assert!(fx.users.list().is_empty(), "the host removed the lab user");
+    drop(host);
+    Ok(())
+}
+
+/// Reads terminal output until it contains `needle` (or the socket says something else).
+async fn read_until(ws: &mut AppSocket, needle: &str) -> anyhow::Result<String> {
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let next = tokio::time::timeout_at(deadline, ws.next()).await.map_err(|_| anyhow::anyhow!("no {needle:?} in terminal output: {seen:?}"))?;
+        match next {
+            Some(Ok(Message::Binary(bytes))) => seen.push_str(&String::from_utf8_lossy(&bytes)),
+            Some(Ok(Message::Text(text))) => seen.push_str(text.as_str()),
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("terminal closed before {needle:?} ({other:?}); output so far {seen:?}"),
+        }
+        if seen.contains(needle) {
+            return Ok(seen);
+        }
+    }
+}
+
+async fn hello(fx: &Fixture, token: &str, ticket: &str) -> anyhow::Result<(AppSocket, String)> {
+    let mut ws = websocket(&fx.data.0, &fx.url, "/api/v1/terminal", token).await?;
+    ws.send(Message::Text(json!({"ticket": ticket, "cols": 100, "rows": 30}).to_string().into())).await?;
+    let first = match tokio::time::timeout(LONG, ws.next()).await? {
+        Some(Ok(Message::Text(text))) => text.to_string(),
+        other => anyhow::bail!("unexpected first answer {other:?}"),
+    };
+    Ok((ws, first))
+}
+
+#[tokio::test]
+async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_with_the_tab() -> anyhow::Result<()> {
+    let fx = fixture("terminal", "127.0.0.1:0").await?;
+    let sshd = Sshd::start(&fx.users.prefix)?;
+    let state = DataDir::new("terminal-host");
+    fx.enrol("host-t", &state.0).await?;
+    let key = sshd.host_key_pub.display().to_string();
+    let host = LabHost::start(&state.0, &fx.users.prefix, 3389, sshd.port, &[], &["--ssh-host-key-file", &key])?;
+    let id = fx.allocate(fx.team_id).await?;
+    fx.wait_state(id, "active").await?;
+    let user = format!("{}a{id}", fx.users.prefix);
+    let red = fx.participant(fx.team_id).await?;
+    let red_token = red.token.clone().expect("token");
+    let ticket_path = format!("/api/v1/allocations/{id}/terminal-ticket");
+
+    let (status, ticket) = red.post(&ticket_path, json!({})).await?;
+    assert_eq!(status, 201, "{ticket}");
+    let ticket = ticket["ticket"].as_str().expect("ticket").to_owned();
+    let (mut ws, first) = hello(&fx, &red_token, &ticket).await?;
+    assert_eq!(first, r#"{"type":"ready"}"#);
+    ws.send(Message::Binary("echo $((6*7))-$(whoami); stty size\n".as_bytes().to_vec().into())).await?;
+    let seen = read_until(&mut ws, "30 100").await?;
+    assert!(seen.contains(&format!("42-{user}")), "the command ran as the lab user: {seen:?}");
+    ws.send(Message::Text(json!({"type": "resize", "cols": 120, "rows": 40}).to_string().into())).await?;
+    ws.send(Message::Binary("stty size\n".as_bytes().to_vec().into())).await?;
+    read_until(&mut ws, "40 120").await?;
+    let shells = || Command::new("pgrep").args(["-u", &user]).output().map(|o| String::from_utf8_lossy(&o.stdout).lines().count()).unwrap_or(0);
+    assert!(shells() > 0, "the lab user's shell runs");
+    // Closing the tab closes the SSH channel: the user's shell goes away.
+    ws.close(None).await?;
+    drop(ws);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shells() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the shell outlived the closed terminal");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A ticket works once, only for its own session, only for the lab's team.
+    let (_, first) = hello(&fx, &red_token, &ticket).await?;
+    assert!(first.contains("unknown or already used"), "{first}");
+    let (status, staff_ticket) = fx.admin.post(&ticket_path, json!({})).await?;
+    assert_eq!(status, 201, "staff may open any lab's terminal");
+    let (_, first) = hello(&fx, &red_token, staff_ticket["ticket"].as_str().expect("ticket")).await?;
+    assert!(first.contains("another session"), "{first}");
+    let blue = fx.participant(fx.other_team_id).await?;
+    let (status, _) = blue.post(&ticket_path, json!({})).await?;
+    assert_eq!(status, 404, "another team's terminal does not exist for Blue");
+    let (_, first) = hello(&fx, &red_token, "not-a-ticket").await?;
+    assert!(first.contains("unknown or already used"), "{first}");
+
+    // A machine answering with another host key never gets the password.
+    let other = DataDir::new("other-key");
+    Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(other.0.join("k")).status()?;
+    let wrong = std::fs::read_to_string(other.0.join("k.pub"))?;
+    fx.db().execute("UPDATE allocations SET ssh_host_key = ?2 WHERE id = ?1", rusqlite::params![id, wrong.trim()])?;
+    let (_, ticket) = red.post(&ticket_path, json!({})).await?;
+    let (_, first) = hello(&fx, &red_token, ticket["ticket"].as_str().expect("ticket")).await?;
+    assert!(first.contains("host key does not match"), "{first}");
     drop(host);
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod ops;
 pub mod people;
 pub mod session;
 pub mod staff;
+pub mod terminal;
 pub mod validate;
 
 use std::path::PathBuf;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub heartbeat: Duration,
     /// failed enrolments per IP
     pub enrol_limiter: Arc<RateLimiter>,
+    /// single-use tickets for browser terminals
+    pub terminal_tickets: Arc<terminal::TicketStore>,
 }
 
 impl AppState {
@@ -72,6 +75,7 @@ impl AppState {
             shutdown: Arc::new(tokio::sync::watch::Sender::new(false)),
             heartbeat: Duration::from_secs(5),
             enrol_limiter: Arc::new(RateLimiter::new(20, Duration::from_secs(300))),
+            terminal_tickets: Arc::new(terminal::TicketStore::default()),
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
@@ -100,7 +104,7 @@ impl AppState {
         people::me, ops::audit_log,
         hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
-        labs::my_allocation, labs::reset, labs::release, labs::force_release,
+        labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
     tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs")),
@@ -140,6 +144,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/allocations/{allocation_id}/release", post(labs::release))
         .route("/v1/allocations/{allocation_id}/force-release", post(labs::force_release))
         .route("/v1/me/allocation", get(labs::my_allocation))
+        .route("/v1/allocations/{allocation_id}/terminal-ticket", post(terminal::ticket))
+        .route("/v1/terminal", get(terminal::socket))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
         .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

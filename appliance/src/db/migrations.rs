@@ -128,6 +128,7 @@ CREATE TABLE allocations (
     desktop_secret BLOB,
     rdp_port INTEGER,
     ssh_port INTEGER,
+    ssh_host_key TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );

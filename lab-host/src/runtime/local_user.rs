@@ -161,7 +161,13 @@ pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton
     let home = home_of(&name)?;
     fill_home(&name, &home, skeleton)?;
     let password = set_password(&name)?;
-    Ok(DesktopAccess { username: name, password, rdp_port: settings.rdp_port, ssh_port: settings.ssh_port })
+    Ok(DesktopAccess {
+        username: name,
+        password,
+        rdp_port: settings.rdp_port,
+        ssh_port: settings.ssh_port,
+        ssh_host_key: settings.ssh_host_key.clone(),
+    })
 }
 
 pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str) -> anyhow::Result<DesktopAccess> {
@@ -175,7 +181,13 @@ pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &s
     let home = home_of(&name)?;
     fill_home(&name, &home, skeleton)?;
     let password = set_password(&name)?;
-    Ok(DesktopAccess { username: name, password, rdp_port: settings.rdp_port, ssh_port: settings.ssh_port })
+    Ok(DesktopAccess {
+        username: name,
+        password,
+        rdp_port: settings.rdp_port,
+        ssh_port: settings.ssh_port,
+        ssh_host_key: settings.ssh_host_key.clone(),
+    })
 }
 
 pub(crate) fn release(settings: &RuntimeSettings, allocation_id: i64) -> anyhow::Result<()> {

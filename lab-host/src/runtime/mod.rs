@@ -13,6 +13,8 @@ pub(crate) struct RuntimeSettings {
     pub(crate) rdp_port: u16,
     /// the port of the host's SSH server
     pub(crate) ssh_port: u16,
+    /// the SSH server's public host key, reported so the appliance can verify it
+    pub(crate) ssh_host_key: Option<String>,
 }
 
 /// Runs one task and says how it ended; never panics on bad input.

@@ -1,0 +1,260 @@
+//! The browser terminal: a single-use ticket, then a WebSocket bridged to the lab user's
+//! shell over SSH.
+//!
+//! 1. `POST /api/v1/allocations/{id}/terminal-ticket` (the lab's own team, or staff)
+//!    returns a ticket that lives 30 s, works once, and only with the same session.
+//! 2. The browser opens `GET /api/v1/terminal` as a WebSocket (its session cookie comes
+//!    along) and sends `{"ticket": "…", "cols": 80, "rows": 24}` as its first message: the
+//!    ticket never appears in a URL.
+//! 3. After `{"type":"ready"}`, binary frames carry keystrokes in and output out; a text
+//!    frame `{"type":"resize","cols":…,"rows":…}` resizes the PTY; closing the socket
+//!    closes the SSH channel. The desktop password stays in the appliance.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use labrack_streamer::terminal::{self, TerminalInput, TerminalOutput, TerminalTarget};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::{Caller, Principal, Role, hash_secret, random_token};
+use super::error::{ApiError, Problem};
+use super::extract::ApiPath;
+use super::{AppState, audit};
+use crate::labs;
+
+const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
+const TICKET_TTL: Duration = Duration::from_secs(30);
+const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(10);
+
+/// What a ticket is good for.
+#[derive(Debug, Clone)]
+struct Ticket {
+    allocation_id: i64,
+    session_hash: String,
+    actor: String,
+    expires: Instant,
+}
+
+/// Outstanding terminal tickets, by hash; each is taken out on first use.
+#[derive(Debug, Default)]
+pub struct TicketStore {
+    tickets: Mutex<HashMap<String, Ticket>>,
+}
+
+impl TicketStore {
+    fn issue(&self, ticket: Ticket) -> String {
+        let raw = random_token();
+        if let Ok(mut tickets) = self.tickets.lock() {
+            let now = Instant::now();
+            tickets.retain(|_, t| t.expires > now);
+            tickets.insert(hash_secret(&raw), ticket);
+        }
+        raw
+    }
+
+    /// Takes the ticket out (single use) if it exists, is fresh and belongs to `session_hash`.
+    fn redeem(&self, raw: &str, session_hash: &str) -> Result<Ticket, ApiError> {
+        let ticket = self.tickets.lock().ok().and_then(|mut t| t.remove(&hash_secret(raw)));
+        match ticket {
+            None => Err(ApiError::Unauthenticated("unknown or already used terminal ticket".into())),
+            Some(t) if t.expires <= Instant::now() => Err(ApiError::Unauthenticated("the terminal ticket expired".into())),
+            Some(t) if t.session_hash != session_hash => Err(ApiError::forbidden("the terminal ticket belongs to another session")),
+            Some(t) => Ok(t),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TerminalTicket {
+    /// send it as the first WebSocket message; it works once, within `expires_in_secs`
+    pub ticket: String,
+    pub expires_in_secs: u64,
+    /// the WebSocket path to open
+    pub path: String,
+}
+
+/// Who may open a lab's terminal: its own team, or operators.
+fn may_open(caller: &Caller, team_id: i64) -> Result<(), ApiError> {
+    match &caller.principal {
+        Principal::Participant { team_id: own, .. } if *own == team_id => Ok(()),
+        Principal::Participant { .. } => Err(ApiError::NotFound("allocation")),
+        Principal::Staff { .. } => caller.require_staff(&OPERATORS).map(|_| ()),
+    }
+}
+
+/// Issues a single-use ticket for the lab's browser terminal.
+#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/terminal-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
+    responses((status = 201, body = TerminalTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<(StatusCode, Json<TerminalTicket>), ApiError> {
+    let view = state.db.read(move |conn| super::labs::load_view(conn, id)).await?;
+    may_open(&caller, view.team_id)?;
+    if !view.desktop_ready || view.busy {
+        return Err(ApiError::conflict(None, format!("the lab is {}{}; its terminal opens once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
+    }
+    let raw = state.terminal_tickets.issue(Ticket {
+        allocation_id: id,
+        session_hash: caller.token_hash.clone(),
+        actor: caller.actor(),
+        expires: Instant::now() + TICKET_TTL,
+    });
+    Ok((StatusCode::CREATED, Json(TerminalTicket { ticket: raw, expires_in_secs: TICKET_TTL.as_secs(), path: "/api/v1/terminal".into() })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hello {
+    ticket: String,
+    #[serde(default = "default_cols")]
+    cols: u16,
+    #[serde(default = "default_rows")]
+    rows: u16,
+}
+
+fn default_cols() -> u16 {
+    80
+}
+
+fn default_rows() -> u16 {
+    24
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Control {
+    Resize { cols: u16, rows: u16 },
+}
+
+/// The terminal WebSocket (see the module docs for the protocol).
+pub async fn socket(State(state): State<AppState>, caller: Caller, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    // Cross-site WebSocket hijacking: a browser always sends Origin; it must be us.
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
+        if origin_host != host {
+            return Err(ApiError::forbidden("the WebSocket must be opened from the appliance's own pages"));
+        }
+    }
+    Ok(upgrade.max_message_size(64 * 1024).on_upgrade(move |ws| async move {
+        if let Err(error) = bridge(state, caller, ws).await {
+            tracing::info!(%error, "terminal ended");
+        }
+    }))
+}
+
+fn json_text(value: serde_json::Value) -> Message {
+    Message::Text(value.to_string().into())
+}
+
+async fn refuse(mut ws: WebSocket, detail: &str) -> anyhow::Result<()> {
+    let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": detail}))).await;
+    let _ = ws.send(Message::Close(None)).await;
+    anyhow::bail!("{detail}")
+}
+
+async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::Result<()> {
+    let first = match tokio::time::timeout(FIRST_MESSAGE_WAIT, ws.recv()).await {
+        Ok(Some(Ok(Message::Text(text)))) => text,
+        _ => return refuse(ws, "send {\"ticket\": …} as the first message").await,
+    };
+    let hello: Hello = match serde_json::from_str(first.as_str()) {
+        Ok(hello) => hello,
+        Err(e) => return refuse(ws, &format!("the first message is not a terminal hello: {e}")).await,
+    };
+    let ticket = match state.terminal_tickets.redeem(&hello.ticket, &caller.token_hash) {
+        Ok(ticket) => ticket,
+        Err(error) => return refuse(ws, &error.to_string()).await,
+    };
+    let secrets = state.secrets.clone();
+    let allocation_id = ticket.allocation_id;
+    let desktop = state.db.read(move |conn| labs::desktop_secret(conn, &secrets, allocation_id)).await;
+    let desktop = match desktop {
+        Ok(Some(desktop)) => desktop,
+        Ok(None) => return refuse(ws, "the lab is no longer active").await,
+        Err(error) => return refuse(ws, &error.to_string()).await,
+    };
+    let Some(host_key) = desktop.ssh_host_key.clone() else {
+        return refuse(ws, "the lab host did not report its SSH host key; the terminal cannot verify it").await;
+    };
+    let target = TerminalTarget { host: desktop.host_address, port: desktop.ssh_port, username: desktop.username, password: desktop.password, host_key };
+    let (cols, rows) = (hello.cols, hello.rows);
+    let opened = tokio::task::spawn_blocking(move || terminal::open(&target, cols, rows)).await?;
+    let mut term = match opened {
+        Ok(term) => term,
+        Err(error) => return refuse(ws, &error.to_string()).await,
+    };
+    let actor = ticket.actor.clone();
+    let meta = caller.meta.clone();
+    state
+        .db
+        .writer()
+        .write(move |conn| audit(conn, &actor, &meta, "terminal.opened", Some(&format!("allocation:{allocation_id}")), serde_json::json!({})))
+        .await
+        .map_err(|e| anyhow::anyhow!("{:?}", ApiError::from(e)))?;
+    ws.send(json_text(serde_json::json!({"type": "ready"}))).await?;
+    loop {
+        tokio::select! {
+            incoming = ws.recv() => match incoming {
+                Some(Ok(Message::Binary(bytes))) => {
+                    if term.input.send(TerminalInput::Data(bytes.to_vec())).is_err() { break; }
+                }
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<Control>(text.as_str()) {
+                    Ok(Control::Resize { cols, rows }) => {
+                        if term.input.send(TerminalInput::Resize { cols, rows }).is_err() { break; }
+                    }
+                    Err(e) => {
+                        let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": format!("unknown control message: {e}")}))).await;
+                    }
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            },
+            outgoing = term.output.recv() => match outgoing {
+                Some(TerminalOutput::Data(bytes)) => {
+                    if ws.send(Message::Binary(bytes.into())).await.is_err() { break; }
+                }
+                Some(TerminalOutput::Exit(status)) => {
+                    let _ = ws.send(json_text(serde_json::json!({"type": "exit", "status": status}))).await;
+                    let _ = ws.send(Message::Close(None)).await;
+                    break;
+                }
+                Some(TerminalOutput::Error(detail)) => {
+                    let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": detail}))).await;
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    // Closing the tab closes the channel: the pump sees Close (or a dropped sender).
+    let _ = term.input.send(TerminalInput::Close);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(session: &str, ttl: Duration) -> Ticket {
+        Ticket { allocation_id: 1, session_hash: session.into(), actor: "participant:1".into(), expires: Instant::now() + ttl }
+    }
+
+    #[test]
+    fn tickets_are_single_use_session_bound_and_expire() {
+        let store = TicketStore::default();
+        let raw = store.issue(ticket("s1", TICKET_TTL));
+        assert!(matches!(store.redeem(&raw, "s2"), Err(ApiError::Forbidden(_))), "another session");
+        assert!(matches!(store.redeem(&raw, "s1"), Err(ApiError::Unauthenticated(_))), "a refused try still uses it up");
+        let raw = store.issue(ticket("s1", TICKET_TTL));
+        assert_eq!(store.redeem(&raw, "s1").expect("valid").allocation_id, 1);
+        assert!(matches!(store.redeem(&raw, "s1"), Err(ApiError::Unauthenticated(_))), "single use");
+        let stale = store.issue(ticket("s1", Duration::ZERO));
+        assert!(matches!(store.redeem(&stale, "s1"), Err(ApiError::Unauthenticated(detail)) if detail.contains("expired")));
+    }
+}

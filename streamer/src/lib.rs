@@ -1,0 +1,8 @@
+//! The streamer: what puts a lab into a browser tab.
+//!
+//! - [`terminal`]: the SSH bridge behind the browser terminal (ssh2), verified against the
+//!   host key the lab host reported.
+//!
+//! The RDP → WebRTC desktop pipeline (issue 4) will live here too.
+
+pub mod terminal;

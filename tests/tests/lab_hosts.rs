@@ -40,7 +40,8 @@ async fn fixture(tag: &str, listen: &str) -> anyhow::Result<Fixture> {
     let data = DataDir::new(tag);
     let skeleton = DataDir::new(&format!("{tag}-skel"));
     write_skeleton(&skeleton.0);
-    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1"])?;
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
+    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1", "--web-dir", &web])?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
     admin.first_admin_login(server.admin_password.as_deref().expect("otp"), "a-strong-admin-password").await?;
     let (status, event) = admin
@@ -509,6 +510,57 @@ async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_w
     let (_, ticket) = red.post(&ticket_path, json!({})).await?;
     let (_, first) = hello(&fx, &red_token, ticket["ticket"].as_str().expect("ticket")).await?;
     assert!(first.contains("host key does not match"), "{first}");
+    drop(host);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_browser_terminal_runs_a_command_in_chromium() -> anyhow::Result<()> {
+    let fx = fixture("browser-terminal", "127.0.0.1:0").await?;
+    let sshd = Sshd::start(&fx.users.prefix)?;
+    let state = DataDir::new("browser-terminal-host");
+    fx.enrol("host-b", &state.0).await?;
+    let key = sshd.host_key_pub.display().to_string();
+    let host = LabHost::start(&state.0, &fx.users.prefix, 3389, sshd.port, &[], &["--ssh-host-key-file", &key])?;
+    let id = fx.allocate(fx.team_id).await?;
+    fx.wait_state(id, "active").await?;
+    let user = format!("{}a{id}", fx.users.prefix);
+    let (_, event) = fx.admin.get(&format!("/api/v1/events/{}", fx.event_id)).await?;
+    let (status, issued) = fx
+        .admin
+        .post(&format!("/api/v1/events/{}/participants", fx.event_id), json!({"team_id": fx.team_id, "name": "Browser"}))
+        .await?;
+    assert_eq!(status, 201, "{issued}");
+
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+    anyhow::ensure!(web.join("node_modules/playwright-core").exists(), "run `npm ci` in web/ (cargo xtask test does)");
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg("tests/drive-terminal.mjs")
+        .current_dir(&web)
+        .env("LABRACK_URL", &fx.url)
+        .env("LABRACK_EVENT_CODE", event["code"].as_str().expect("code"))
+        .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().expect("join code"))
+        .env("LABRACK_EXPECT", format!("42-{user}"));
+    if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
+        command.env("LABRACK_SCREENSHOT_DIR", dir);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output()).await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("resized"), "{stdout}");
+    // The tab is closed: its shell must go away.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Command::new("pgrep").args(["-u", &user]).output()?.status.success() {
+        assert!(std::time::Instant::now() < deadline, "the shell outlived the closed tab");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let opened: i64 = fx.db().query_row(
+        "SELECT count(*) FROM audit_log WHERE action = 'terminal.opened' AND target = ?1",
+        [format!("allocation:{id}")],
+        |r| r.get(0),
+    )?;
+    assert_eq!(opened, 1, "every terminal is audited");
     drop(host);
     Ok(())
 }

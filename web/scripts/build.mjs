@@ -10,11 +10,16 @@ const dist = join(root, "dist");
 const watch = process.argv.includes("--watch");
 
 const STATIC_FILES = ["index.html", "style.css", "favicon.svg"];
+// Third-party stylesheets copied as they are (from the lockfile-pinned packages).
+const VENDOR_FILES = [["node_modules/@xterm/xterm/css/xterm.css", "xterm.css"]];
 
 async function copyStatic() {
   await mkdir(dist, { recursive: true });
   for (const f of STATIC_FILES) {
     await copyFile(join(root, f), join(dist, f));
+  }
+  for (const [from, to] of VENDOR_FILES) {
+    await copyFile(join(root, from), join(dist, to));
   }
 }
 

@@ -77,6 +77,71 @@ export interface MeResponse {
   teammates: { id: string | number; name: string; joined: boolean }[];
 }
 
+export type AllocationState =
+  | "requested"
+  | "provisioning"
+  | "active"
+  | "releasing"
+  | "released"
+  | "failed"
+  | "release_failed";
+
+export interface Allocation {
+  id: number;
+  event_id: number;
+  team_id: number;
+  team_name: string;
+  host_id: number;
+  host_name: string;
+  template: string;
+  state: AllocationState;
+  busy: boolean;
+  reason: string | null;
+  desktop_ready: boolean;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface GpuDevice {
+  index: number;
+  name: string;
+  utilization_percent: number | null;
+  memory_total_bytes: number | null;
+  memory_used_bytes: number | null;
+  temperature_celsius: number | null;
+  power_watts: number | null;
+}
+
+export interface Telemetry {
+  cpu_percent: number;
+  cpu_count: number;
+  memory_total_bytes: number;
+  memory_used_bytes: number;
+  gpus: { status: "no_gpu"; reason: string } | { status: "present"; driver_version: string | null; devices: GpuDevice[] };
+}
+
+export interface LabHost {
+  id: number;
+  name: string;
+  address: string;
+  gpus: number;
+  capacity: number;
+  labs_in_use: number;
+  healthy: boolean;
+  last_seen_at: string;
+  enrolled_at: string;
+  telemetry: Telemetry | null;
+}
+
+export interface LabTemplate {
+  name: string;
+  runtime: string;
+  gpus: number;
+  gpu_memory_mib: number | null;
+  skeleton: string;
+  checks: { name: string; dimension: string; weight: number; hidden: boolean }[];
+}
+
 export interface RowError {
   line: number;
   reason: string;
@@ -119,6 +184,8 @@ export function setUnauthorizedHandler(fn: () => void): void {
 interface RequestOptions {
   /** Send a raw CSV body instead of JSON. */
   csv?: string;
+  /** Send a raw TOML body instead of JSON. */
+  toml?: string;
   /** JSON body. */
   json?: unknown;
   /** If false, a 401 is returned to the caller without triggering the global handler. */
@@ -149,6 +216,9 @@ export async function request<T>(method: string, path: string, opts: RequestOpti
   if (opts.csv !== undefined) {
     headers["Content-Type"] = "text/csv";
     body = opts.csv;
+  } else if (opts.toml !== undefined) {
+    headers["Content-Type"] = "application/toml";
+    body = opts.toml;
   } else if (opts.json !== undefined) {
     headers["Content-Type"] = "application/json";
     body = JSON.stringify(opts.json);
@@ -235,4 +305,24 @@ export const api = {
 
   // --- participant ---
   me: () => request<MeResponse>("GET", "/api/v1/me"),
+  myAllocation: () => request<{ allocation: Allocation | null }>("GET", "/api/v1/me/allocation"),
+
+  // --- lab hosts, templates, allocations ---
+  listHosts: () => request<{ hosts: LabHost[]; heartbeat_secs: number }>("GET", "/api/v1/hosts"),
+  createEnrolmentToken: (body: { ttl_secs?: number; note?: string }) =>
+    request<{ token: string; expires_at: string }>("POST", "/api/v1/hosts/enrolment-tokens", { json: body }),
+  listTemplates: () =>
+    request<{ templates: LabTemplate[]; source: string; updated_at: string | null }>("GET", "/api/v1/templates"),
+  putTemplates: (toml: string) =>
+    request<{ templates: LabTemplate[]; source: string; updated_at: string | null }>("PUT", "/api/v1/templates", { toml }),
+  listAllocations: (eventId: Id) =>
+    request<{ allocations: Allocation[] }>("GET", `/api/v1/events/${enc(eventId)}/allocations`),
+  allocate: (teamId: Id, template: string) =>
+    request<Allocation>("POST", `/api/v1/teams/${enc(teamId)}/allocation`, { json: { template } }),
+  getAllocation: (id: Id) => request<Allocation>("GET", `/api/v1/allocations/${enc(id)}`),
+  resetAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/reset`),
+  releaseAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/release`),
+  forceReleaseAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/force-release`),
+  terminalTicket: (id: Id) =>
+    request<{ ticket: string; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/terminal-ticket`),
 };

@@ -26,6 +26,8 @@ export function renderHeader(header: HTMLElement, route: Route): void {
 
   if (p?.kind === "staff" && !p.must_change_password) {
     nav.push(link("#/events", "Events", "nav-events", route.name === "events" || route.name === "event"));
+    nav.push(link("#/hosts", "Lab hosts", "nav-hosts", route.name === "hosts"));
+    nav.push(link("#/templates", "Templates", "nav-templates", route.name === "templates"));
     nav.push(link("#/password", "Change password", "nav-password", route.name === "password"));
   }
 

@@ -1,11 +1,13 @@
 // Hash router with session-aware guards.
-//   #/login  #/join  #/password  #/events  #/events/ID  #/me
+//   #/login  #/join  #/password  #/events  #/events/ID  #/me  #/hosts  #/templates  #/terminal/ID
 
 import { h, replace } from "./dom";
 import { renderHeader } from "./layout";
 import { renderEvent } from "./pages/event";
 import { renderEvents } from "./pages/events";
 import { renderJoin } from "./pages/join";
+import { renderHosts, renderTemplates } from "./pages/labs";
+import { renderTerminal } from "./pages/terminal";
 import { renderLogin } from "./pages/login";
 import { renderMe } from "./pages/me";
 import { renderPassword } from "./pages/password";
@@ -18,6 +20,9 @@ export type Route =
   | { name: "events" }
   | { name: "event"; id: string }
   | { name: "me" }
+  | { name: "hosts" }
+  | { name: "templates" }
+  | { name: "terminal"; id: string }
   | { name: "home" }
   | { name: "notfound"; path: string };
 
@@ -29,8 +34,12 @@ export function parseHash(hash: string): Route {
   if (path === "/password") return { name: "password" };
   if (path === "/events") return { name: "events" };
   if (path === "/me") return { name: "me" };
+  if (path === "/hosts") return { name: "hosts" };
+  if (path === "/templates") return { name: "templates" };
   const m = /^\/events\/([^/]+)$/.exec(path);
   if (m) return { name: "event", id: decodeURIComponent(m[1]) };
+  const t = /^\/terminal\/([^/]+)$/.exec(path);
+  if (t) return { name: "terminal", id: decodeURIComponent(t[1]) };
   return { name: "notfound", path };
 }
 
@@ -51,7 +60,7 @@ function guard(route: Route): string | null {
     return route.name === "login" || route.name === "join" ? null : "#/login";
   }
   if (p.kind === "participant") {
-    return route.name === "me" ? null : "#/me";
+    return route.name === "me" || route.name === "terminal" ? null : "#/me";
   }
   // staff
   if (p.must_change_password) return route.name === "password" ? null : "#/password";
@@ -121,6 +130,15 @@ function render(): void {
       break;
     case "me":
       renderMe(page);
+      break;
+    case "hosts":
+      renderHosts(page);
+      break;
+    case "templates":
+      renderTemplates(page);
+      break;
+    case "terminal":
+      renderTerminal(page, route.id);
       break;
     case "home":
       break;

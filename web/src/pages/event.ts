@@ -14,6 +14,7 @@ import {
 } from "../dom";
 import { formatDateTime, formatRange, localInputToRfc3339, toLocalInputValue, TRANSITIONS } from "../format";
 import { canManageEvents, canManageParticipants, currentStaff } from "../session";
+import { labsSection } from "./labs";
 
 const CSV_EXAMPLE = "team,name,email\nRocket Owls,Ada Lovelace,ada@example.com\nRocket Owls,Grace Hopper,\n";
 
@@ -70,6 +71,7 @@ export function renderEvent(root: HTMLElement, eventId: string): void {
       manageParticipants ? addParticipantForm() : "",
     ),
     manageParticipants ? importSection() : "",
+    labsSection(eventId, () => teams),
   );
 
   // ---------- loading ----------

@@ -1,6 +1,7 @@
-import { api, MeResponse } from "../api";
+import { Allocation, api, MeResponse } from "../api";
 import { pageHeading, stateBadge } from "../components";
-import { errorBox, h, replace, showError } from "../dom";
+import { confirmButton, errorBox, h, replace, showError } from "../dom";
+import { labBadge } from "./labs";
 import { formatDateTime, formatDuration } from "../format";
 
 const REFRESH_MS = 30_000;
@@ -10,9 +11,60 @@ export function renderMe(root: HTMLElement): void {
   const error = errorBox("me-error");
   const body = h("div", { testid: "me-body", "aria-busy": "true" }, h("p", { class: "muted" }, "Loading…"));
   const countdown = h("p", { class: "countdown", testid: "countdown", "aria-live": "off" });
-  root.append(heading, error, body);
+  const lab = h("section", { class: "card", "aria-labelledby": "me-lab-h", testid: "me-lab" });
+  const labError = errorBox("lab-error");
+  root.append(heading, error, body, lab);
 
   let data: MeResponse | null = null;
+
+  function renderLab(a: Allocation | null): void {
+    const title = h("h2", { id: "me-lab-h" }, "Your lab");
+    if (!a) {
+      replace(lab, title, h("p", { class: "muted", testid: "no-lab" }, "Your team has no lab yet. The organizers will set it up."));
+      return;
+    }
+    replace(
+      lab,
+      title,
+      labError,
+      h("dl", { class: "facts" }, h("dt", null, "Lab"), h("dd", null, a.template), h("dt", null, "State"), h("dd", null, labBadge(a))),
+      a.reason ? h("p", { class: "muted", testid: "lab-reason" }, a.reason) : "",
+      a.state === "active" && !a.busy
+        ? h(
+            "p",
+            { class: "actions" },
+            h("a", { class: "button", href: `#/terminal/${a.id}`, testid: "open-terminal" }, "Open terminal"),
+            " ",
+            confirmButton({
+              label: "Reset lab",
+              confirmLabel: "Yes, erase my changes",
+              testid: "reset-lab",
+              onConfirm: async () => {
+                try {
+                  renderLab(await api.resetAllocation(a.id));
+                } catch (err) {
+                  showError(labError, err);
+                }
+              },
+            }),
+          )
+        : "",
+    );
+  }
+
+  async function loadLab(): Promise<void> {
+    try {
+      const { allocation } = await api.myAllocation();
+      if (root.isConnected) renderLab(allocation);
+    } catch (err) {
+      if (root.isConnected) showError(labError, err);
+    }
+  }
+  void loadLab();
+  const labPoll = window.setInterval(() => {
+    if (!root.isConnected) return window.clearInterval(labPoll);
+    if (document.visibilityState === "visible") void loadLab();
+  }, 3000);
 
   function tick(): void {
     if (!data) return;

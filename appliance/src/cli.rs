@@ -33,6 +33,24 @@ pub enum AdminCommand {
         #[arg(long, env = "LABRACK_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
     },
+    /// Log in to a lab's desktop over RDP as the streamer does and report what it shows.
+    ProbeDesktop {
+        /// the allocation id
+        allocation: i64,
+        #[arg(long, env = "LABRACK_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        #[arg(long, env = "LABRACK_SECRET_KEY_FILE")]
+        secret_key_file: Option<PathBuf>,
+        /// watch the desktop at most this many seconds
+        #[arg(long, default_value_t = 20)]
+        watch_secs: u64,
+        /// succeed as soon as this colour (RRGGBB) covers a quarter of the screen; fail if it never does
+        #[arg(long)]
+        expect_rgb: Option<String>,
+        /// write what the desktop showed as a PPM image
+        #[arg(long)]
+        ppm: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -136,6 +154,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let password = crate::serve::reset_password(&data_dir, &username)?;
             println!("labrack: one-time password for {username}: {password}");
             println!("(it must be changed at the next login)");
+            Ok(())
+        }
+        Command::Admin(AdminCommand::ProbeDesktop { allocation, data_dir, secret_key_file, watch_secs, expect_rgb, ppm }) => {
+            let expect_rgb = expect_rgb.as_deref().map(crate::probe::parse_rgb).transpose()?;
+            let options = crate::probe::ProbeOptions {
+                data_dir,
+                secret_key_file,
+                allocation,
+                watch: std::time::Duration::from_secs(watch_secs),
+                expect_rgb,
+                ppm,
+            };
+            println!("{}", crate::probe::probe(&options)?);
             Ok(())
         }
     }

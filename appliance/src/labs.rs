@@ -170,8 +170,9 @@ pub fn apply(
 fn store_desktop(conn: &Connection, secrets: &SecretBox, id: i64, desktop: &DesktopAccess) -> Result<(), ApiError> {
     let sealed = secrets.seal(&secret_context(id), desktop.password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
     conn.execute(
-        "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5, ssh_host_key = ?6 WHERE id = ?1",
-        params![id, desktop.username, sealed, desktop.rdp_port, desktop.ssh_port, desktop.ssh_host_key],
+        "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5, ssh_host_key = ?6, rdp_cert_sha256 = ?7
+         WHERE id = ?1",
+        params![id, desktop.username, sealed, desktop.rdp_port, desktop.ssh_port, desktop.ssh_host_key, desktop.rdp_cert_sha256],
     )?;
     Ok(())
 }
@@ -185,12 +186,13 @@ pub struct DesktopSecret {
     pub rdp_port: u16,
     pub ssh_port: u16,
     pub ssh_host_key: Option<String>,
+    pub rdp_cert_sha256: Option<String>,
 }
 
 pub fn desktop_secret(conn: &Connection, secrets: &SecretBox, id: i64) -> Result<Option<DesktopSecret>, ApiError> {
     let row = conn
         .query_row(
-            "SELECT h.address, a.desktop_user, a.desktop_secret, a.rdp_port, a.ssh_port, a.ssh_host_key FROM allocations a
+            "SELECT h.address, a.desktop_user, a.desktop_secret, a.rdp_port, a.ssh_port, a.ssh_host_key, a.rdp_cert_sha256 FROM allocations a
              JOIN hosts h ON h.id = a.host_id WHERE a.id = ?1 AND a.state = 'active' AND a.desktop_secret IS NOT NULL",
             [id],
             |r| {
@@ -201,14 +203,15 @@ pub fn desktop_secret(conn: &Connection, secrets: &SecretBox, id: i64) -> Result
                     r.get::<_, u16>(3)?,
                     r.get::<_, u16>(4)?,
                     r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             },
         )
         .optional()?;
-    let Some((host_address, username, sealed, rdp_port, ssh_port, ssh_host_key)) = row else { return Ok(None) };
+    let Some((host_address, username, sealed, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256)) = row else { return Ok(None) };
     let password = secrets.open(&secret_context(id), &sealed).map_err(|e| ApiError::Internal(e.to_string()))?;
     let password = String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Some(DesktopSecret { host_address, username, password, rdp_port, ssh_port, ssh_host_key }))
+    Ok(Some(DesktopSecret { host_address, username, password, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256 }))
 }
 
 pub fn unix_ms() -> u64 {

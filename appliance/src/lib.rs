@@ -5,6 +5,7 @@ pub mod cli;
 pub mod db;
 pub mod labs;
 pub mod metrics;
+pub mod probe;
 pub mod roster;
 pub mod secrets;
 pub mod serve;

@@ -66,6 +66,9 @@ enum Command {
         /// the SSH server's public host key, reported to the appliance for verification
         #[arg(long, default_value = "/etc/ssh/ssh_host_ed25519_key.pub")]
         ssh_host_key_file: PathBuf,
+        /// the RDP server's TLS certificate (PEM), whose fingerprint the appliance pins
+        #[arg(long, default_value = "/etc/xrdp/cert.pem")]
+        rdp_cert_file: PathBuf,
     },
     /// Print one telemetry sample (CPU, memory, disks, NVIDIA GPUs) as JSON.
     Telemetry {
@@ -106,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("labrack-host: identity saved in {}; start it with `labrack-host run`", state_dir.display());
             Ok(())
         }
-        Command::Run { state_dir, rdp_port, ssh_port, user_prefix, ssh_host_key_file } => {
+        Command::Run { state_dir, rdp_port, ssh_port, user_prefix, ssh_host_key_file, rdp_cert_file } => {
             init_logging();
             runtime::local_user::check_prefix(&user_prefix)?;
             let ssh_host_key = match std::fs::read_to_string(&ssh_host_key_file) {
@@ -116,11 +119,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     None
                 }
             };
+            let rdp_cert_sha256 = match certificate_sha256(&rdp_cert_file) {
+                Ok(digest) => Some(digest),
+                Err(error) => {
+                    tracing::warn!(file = %rdp_cert_file.display(), error = %format!("{error:#}"), "no RDP certificate to report: desktops cannot be streamed");
+                    None
+                }
+            };
             // Fault injection for the restart tests; undocumented for operators on purpose.
             let pause_in_task = std::env::var("LABRACK_HOST_TEST_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
-            let options = agent::RunOptions { state_dir, runtime: runtime::RuntimeSettings { user_prefix, rdp_port, ssh_port, ssh_host_key }, pause_in_task };
+            let options = agent::RunOptions { state_dir, runtime: runtime::RuntimeSettings { user_prefix, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256 }, pause_in_task };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(options))
         }
     }
+}
+
+/// SHA-256 (hex) of the first certificate in a PEM file.
+fn certificate_sha256(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use sha2::Digest as _;
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().context("no certificate in the file")??;
+    Ok(hex::encode(sha2::Sha256::digest(der.as_ref())))
 }

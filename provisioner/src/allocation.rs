@@ -284,7 +284,7 @@ mod tests {
     }
 
     fn desktop(password: &str) -> DesktopAccess {
-        DesktopAccess { username: "lr-a9".into(), password: password.into(), rdp_port: 3389, ssh_port: 22, ssh_host_key: None }
+        DesktopAccess { username: "lr-a9".into(), password: password.into(), rdp_port: 3389, ssh_port: 22, ssh_host_key: None, rdp_cert_sha256: None }
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct DesktopAccess {
     /// the SSH server's public host key (OpenSSH line), so the appliance can verify it
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_host_key: Option<String>,
+    /// SHA-256 (hex) of the RDP server's TLS certificate, so the appliance can pin it
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdp_cert_sha256: Option<String>,
 }
 
 impl std::fmt::Debug for DesktopAccess {
@@ -95,6 +98,7 @@ impl std::fmt::Debug for DesktopAccess {
             .field("rdp_port", &self.rdp_port)
             .field("ssh_port", &self.ssh_port)
             .field("ssh_host_key", &self.ssh_host_key)
+            .field("rdp_cert_sha256", &self.rdp_cert_sha256)
             .finish()
     }
 }

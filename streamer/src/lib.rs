@@ -5,4 +5,5 @@
 //!
 //! The RDP → WebRTC desktop pipeline (issue 4) will live here too.
 
+pub mod rdp;
 pub mod terminal;

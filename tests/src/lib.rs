@@ -451,3 +451,56 @@ pub async fn websocket(data_dir: &Path, base_url: &str, path: &str, bearer: &str
     let (socket, _) = tokio_tungstenite::client_async(request, tls).await?;
     Ok(socket)
 }
+
+/// A real xrdp (with its session manager and xorgxrdp) on 127.0.0.1:`port`. Its session
+/// manager uses the fixed port 3350, so one runs at a time.
+pub struct Xrdp {
+    sesman: Child,
+    xrdp: Child,
+    pub port: u16,
+    _dir: DataDir,
+}
+
+impl Xrdp {
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = DataDir::new("xrdp");
+        let port = free_port()?;
+        let ini = std::fs::read_to_string("/etc/xrdp/xrdp.ini").context("xrdp.ini (apt package xrdp)")?;
+        let ini: String = ini
+            .lines()
+            .map(|line| if line.trim_start().starts_with("port=") && line.contains("3389") { format!("port=tcp://127.0.0.1:{port}") } else { line.to_owned() })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(dir.0.join("xrdp.ini"), ini)?;
+        std::fs::create_dir_all("/var/run/xrdp")?;
+        let quiet = |c: &mut Command| {
+            c.stdout(Stdio::null()).stderr(Stdio::null());
+        };
+        let mut sesman = Command::new("/usr/sbin/xrdp-sesman");
+        sesman.args(["--nodaemon", "-c", "/etc/xrdp/sesman.ini"]);
+        quiet(&mut sesman);
+        let sesman = sesman.spawn().context("starting xrdp-sesman")?;
+        let mut xrdp = Command::new("/usr/sbin/xrdp");
+        xrdp.args(["--nodaemon", "-c"]).arg(dir.0.join("xrdp.ini"));
+        quiet(&mut xrdp);
+        let xrdp = xrdp.spawn().context("starting xrdp")?;
+        // Built first so a failed start still stops both processes.
+        let started = Self { sesman, xrdp, port, _dir: dir };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() || (std::net::TcpStream::connect("127.0.0.1:3350").is_err() && std::net::TcpStream::connect("[::1]:3350").is_err())
+        {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "xrdp did not start listening on {port} (and its session manager on 3350)");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(started)
+    }
+}
+
+impl Drop for Xrdp {
+    fn drop(&mut self) {
+        let _ = self.xrdp.kill();
+        let _ = self.xrdp.wait();
+        let _ = self.sesman.kill();
+        let _ = self.sesman.wait();
+    }
+}

@@ -536,7 +536,7 @@ async fn the_browser_terminal_runs_a_command_in_chromium() -> anyhow::Result<()>
     anyhow::ensure!(web.join("node_modules/playwright-core").exists(), "run `npm ci` in web/ (cargo xtask test does)");
     let mut command = tokio::process::Command::new("node");
     command
-        .arg("tests/drive-terminal.mjs")
+        .arg("e2e/drive-terminal.mjs")
         .current_dir(&web)
         .env("LABRACK_URL", &fx.url)
         .env("LABRACK_EVENT_CODE", event["code"].as_str().expect("code"))
@@ -562,5 +562,64 @@ async fn the_browser_terminal_runs_a_command_in_chromium() -> anyhow::Result<()>
     )?;
     assert_eq!(opened, 1, "every terminal is audited");
     drop(host);
+    Ok(())
+}
+
+fn probe_desktop(fx: &Fixture, id: i64, expect_rgb: &str) -> anyhow::Result<(bool, String)> {
+    let output = Command::new(labrack_e2e::labrack_bin())
+        .args(["admin", "probe-desktop", &id.to_string(), "--watch-secs", "30", "--expect-rgb", expect_rgb, "--data-dir"])
+        .arg(&fx.data.0)
+        .output()?;
+    Ok((output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))))
+}
+
+#[tokio::test]
+async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyhow::Result<()> {
+    let fx = fixture("rdp", "127.0.0.1:0").await?;
+    // The template's desktop paints its background a known colour, so the probe can tell
+    // the lab user's own live session from a login screen or a black frame.
+    let skeleton = DataDir::new("rdp-skel");
+    write_skeleton(&skeleton.0);
+    std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
+    assert_eq!(status, 200, "{body}");
+    let xrdp = labrack_e2e::Xrdp::start()?;
+    let state = DataDir::new("rdp-host");
+    fx.enrol("host-r", &state.0).await?;
+    let host = LabHost::start(&state.0, &fx.users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    let id = fx.allocate(fx.team_id).await?;
+    fx.wait_state(id, "active").await?;
+
+    let (ok, text) = tokio::task::spawn_blocking({
+        let data = fx.data.0.clone();
+        move || {
+            let output = Command::new(labrack_e2e::labrack_bin())
+                .args(["admin", "probe-desktop", &id.to_string(), "--watch-secs", "30", "--expect-rgb", "1e90ff", "--data-dir"])
+                .arg(&data)
+                .output()?;
+            anyhow::Ok((output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))))
+        }
+    })
+    .await??;
+    assert!(ok, "the lab desktop shows the session's colour over RDP: {text}");
+    let user = format!("{}a{id}", fx.users.prefix);
+    assert!(Command::new("pgrep").args(["-u", &user, "Xorg"]).output()?.status.success(), "the lab user's X session runs: {text}");
+
+    // A reset ends that session and rotates the password: the old session is gone and a
+    // fresh login with the new credentials draws the desktop again.
+    let (status, _) = fx.admin.post(&format!("/api/v1/allocations/{id}/reset"), json!({})).await?;
+    assert_eq!(status, 200);
+    fx.wait_state(id, "active").await?;
+    assert!(!Command::new("pgrep").args(["-u", &user]).output()?.status.success(), "the reset ended the session");
+    let (ok, text) = probe_desktop(&fx, id, "1e90ff")?;
+    assert!(ok, "after the reset the desktop comes back: {text}");
+
+    // A certificate that does not match the host's report is refused.
+    fx.db().execute("UPDATE allocations SET rdp_cert_sha256 = ?2 WHERE id = ?1", rusqlite::params![id, "00".repeat(32)])?;
+    let (ok, text) = probe_desktop(&fx, id, "1e90ff")?;
+    assert!(!ok && text.contains("certificate does not match"), "{text}");
+    drop(host);
+    drop(xrdp);
     Ok(())
 }

@@ -25,7 +25,21 @@ commands:
 ";
 
 /// Debian packages the test command needs, with the command that shows each is present.
-const SYSTEM_PACKAGES: &[&str] = &["chromium", "ca-certificates"];
+/// What the tests need from Debian: the browser, real sshd for the lab terminal, the RDP
+/// server and X tools for lab desktops, and the C toolchain bits ssh2 builds against.
+const SYSTEM_PACKAGES: &[&str] = &[
+    "chromium",
+    "ca-certificates",
+    "openssh-server",
+    "xrdp",
+    "xorgxrdp",
+    "xterm",
+    "x11-xserver-utils",
+    "dbus-x11",
+    "ssl-cert",
+    "libssl-dev",
+    "pkg-config",
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -77,7 +91,8 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     util::step("Rust tests (cargo nextest)");
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-        .env("LABRACK_BIN", util::target_dir().join("debug/labrack")))?;
+        .env("LABRACK_BIN", util::target_dir().join("debug/labrack"))
+        .env("LABRACK_SCREENSHOT_DIR", util::target_dir().join("screenshots")))?;
     util::step("browser tests (Debian Chromium, headless)");
     browser_tests()?;
     util::step(&format!("all tests passed in {:.0} s", started.elapsed().as_secs_f64()));

@@ -129,6 +129,7 @@ CREATE TABLE allocations (
     rdp_port INTEGER,
     ssh_port INTEGER,
     ssh_host_key TEXT,
+    rdp_cert_sha256 TEXT,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );

@@ -167,6 +167,7 @@ pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton
         rdp_port: settings.rdp_port,
         ssh_port: settings.ssh_port,
         ssh_host_key: settings.ssh_host_key.clone(),
+        rdp_cert_sha256: settings.rdp_cert_sha256.clone(),
     })
 }
 
@@ -187,6 +188,7 @@ pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &s
         rdp_port: settings.rdp_port,
         ssh_port: settings.ssh_port,
         ssh_host_key: settings.ssh_host_key.clone(),
+        rdp_cert_sha256: settings.rdp_cert_sha256.clone(),
     })
 }
 

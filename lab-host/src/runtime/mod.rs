@@ -15,6 +15,8 @@ pub(crate) struct RuntimeSettings {
     pub(crate) ssh_port: u16,
     /// the SSH server's public host key, reported so the appliance can verify it
     pub(crate) ssh_host_key: Option<String>,
+    /// SHA-256 (hex) of the RDP server's certificate, reported so the appliance can pin it
+    pub(crate) rdp_cert_sha256: Option<String>,
 }
 
 /// Runs one task and says how it ended; never panics on bad input.

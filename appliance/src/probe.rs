@@ -1,0 +1,108 @@
+//! `labrack admin probe-desktop`: logs in to a lab's desktop over RDP exactly as the
+//! streamer will (decrypted credentials, pinned certificate) and reports what it shows.
+//! Staff use it to tell "the lab is broken" from "the browser is".
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use labrack_streamer::rdp::{self, DesktopTarget, Snapshot};
+
+use crate::secrets::SecretBox;
+
+pub struct ProbeOptions {
+    pub data_dir: PathBuf,
+    pub secret_key_file: Option<PathBuf>,
+    pub allocation: i64,
+    pub watch: Duration,
+    pub expect_rgb: Option<[u8; 3]>,
+    pub ppm: Option<PathBuf>,
+}
+
+/// Share of the screen (per mille) the expected colour must cover.
+const EXPECTED_SHARE: u32 = 250;
+/// How far each channel may drift: RemoteFX is lossy, so #1e90ff may arrive as #1c90fc.
+const CHANNEL_TOLERANCE: u8 = 12;
+
+/// Whether two colours are the same up to codec loss.
+pub fn close_to(seen: [u8; 3], wanted: [u8; 3]) -> bool {
+    seen.iter().zip(wanted).all(|(a, b)| a.abs_diff(b) <= CHANNEL_TOLERANCE)
+}
+
+pub fn parse_rgb(text: &str) -> anyhow::Result<[u8; 3]> {
+    let hex = text.trim().trim_start_matches('#');
+    anyhow::ensure!(hex.len() == 6, "a colour is six hex digits, like 1e90ff (got {text:?})");
+    let bytes = hex::decode(hex).with_context(|| format!("{text:?} is not hex"))?;
+    Ok([bytes[0], bytes[1], bytes[2]])
+}
+
+pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
+    let db_path = options.data_dir.join(crate::serve::DB_FILE);
+    anyhow::ensure!(db_path.exists(), "no database at {}", db_path.display());
+    let key_path = options.secret_key_file.clone().unwrap_or_else(|| options.data_dir.join("secret.key"));
+    anyhow::ensure!(key_path.exists(), "no secret key at {}", key_path.display());
+    let secrets = SecretBox::load_or_create(&key_path)?;
+    let conn = crate::db::open_connection(&db_path, true)?;
+    let desktop = crate::labs::desktop_secret(&conn, &secrets, options.allocation)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_context(|| format!("allocation {} is not active or has no desktop yet", options.allocation))?;
+    let cert_sha256 = desktop.rdp_cert_sha256.clone().context("the lab host did not report its RDP certificate; it cannot be verified")?;
+    let target = DesktopTarget {
+        host: desktop.host_address,
+        port: desktop.rdp_port,
+        username: desktop.username,
+        password: desktop.password,
+        cert_sha256,
+        width: 1024,
+        height: 768,
+    };
+    let expect = options.expect_rgb;
+    let shot = rdp::snapshot(&target, options.watch, |s| expect.is_some_and(|rgb| close_to(s.dominant_rgb, rgb) && s.dominant_per_mille >= EXPECTED_SHARE))?;
+    if let Some(path) = &options.ppm {
+        write_ppm(path, &shot)?;
+    }
+    let summary = serde_json::json!({
+        "allocation": options.allocation,
+        "width": shot.width,
+        "height": shot.height,
+        "updates": shot.updates,
+        "connect_ms": shot.connect_ms,
+        "first_update_ms": shot.first_update_ms,
+        "dominant_rgb": format!("#{}", hex::encode(shot.dominant_rgb)),
+        "dominant_per_mille": shot.dominant_per_mille,
+    });
+    if let Some(rgb) = expect {
+        anyhow::ensure!(
+            close_to(shot.dominant_rgb, rgb) && shot.dominant_per_mille >= EXPECTED_SHARE,
+            "the desktop does not show #{} (saw {summary})",
+            hex::encode(rgb)
+        );
+    }
+    Ok(summary)
+}
+
+fn write_ppm(path: &Path, shot: &Snapshot) -> anyhow::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    write!(out, "P6\n{} {}\n255\n", shot.width, shot.height)?;
+    for pixel in shot.rgba.chunks_exact(4) {
+        out.write_all(&pixel[..3])?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_parse() {
+        assert_eq!(parse_rgb("#1e90ff").expect("colour"), [0x1e, 0x90, 0xff]);
+        assert_eq!(parse_rgb("000000").expect("colour"), [0, 0, 0]);
+        assert!(parse_rgb("blue").is_err());
+        assert!(parse_rgb("#12345").is_err());
+        assert!(close_to([0x1c, 0x90, 0xfc], [0x1e, 0x90, 0xff]), "codec loss is tolerated");
+        assert!(!close_to([0, 0, 0], [0x1e, 0x90, 0xff]), "a black screen is not the desktop");
+    }
+}

@@ -1,0 +1,308 @@
+//! The RDP side of a lab desktop (IronRDP, blocking): connect over TLS to the host's RDP
+//! server with the lab user's credentials (autologon), pinning the server certificate the
+//! lab host reported, and decode what it draws into a framebuffer.
+//!
+//! Today this backs the desktop probe (`labrack admin probe-desktop`): proof that a lab's
+//! desktop is live, and what it shows. The WebRTC pipeline (issue 4) builds on it.
+
+use std::io::Write as _;
+use std::net::{TcpStream, ToSocketAddrs as _};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ironrdp_connector::{ClientConnector, Config, ConnectionOutcome, Credentials, DesktopSize, ServerName};
+use ironrdp_graphics::image_processing::PixelFormat;
+use ironrdp_pdu::gcc;
+use ironrdp_pdu::rdp::capability_sets::{MajorPlatformType, RailSupportLevel};
+use ironrdp_session::image::DecodedImage;
+use ironrdp_session::{ActiveStageBuilder, ActiveStageOutput};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName as TlsName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use sha2::Digest as _;
+
+/// Where and how to log in. `Debug` hides the password.
+#[derive(Clone)]
+pub struct DesktopTarget {
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: String,
+    /// SHA-256 (hex) of the RDP server's certificate, as the lab host reported it
+    pub cert_sha256: String,
+    pub width: u16,
+    pub height: u16,
+}
+
+impl std::fmt::Debug for DesktopTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DesktopTarget").field("host", &self.host).field("port", &self.port).field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DesktopError {
+    #[error("cannot reach the lab's RDP server at {address}: {source}")]
+    Connect { address: String, source: std::io::Error },
+    #[error("the lab's RDP certificate does not match the one its host reported")]
+    CertificateMismatch,
+    #[error("TLS with the lab's RDP server failed: {0}")]
+    Tls(String),
+    #[error("RDP connection failed: {0}")]
+    Rdp(String),
+    #[error("the RDP server redirected the connection; redirection is not supported")]
+    Redirected,
+    #[error("no desktop update arrived within {0:?}")]
+    NoPicture(Duration),
+}
+
+/// What a look at the desktop saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub width: u16,
+    pub height: u16,
+    /// graphics updates received
+    pub updates: u32,
+    pub connect_ms: u64,
+    pub first_update_ms: Option<u64>,
+    /// the most frequent colour and its share of the screen (per mille)
+    pub dominant_rgb: [u8; 3],
+    pub dominant_per_mille: u32,
+    /// RGBA pixels, row-major
+    pub rgba: Vec<u8>,
+}
+
+/// Accepts exactly the certificate whose SHA-256 the lab host reported (xrdp's certificate
+/// is self-signed, so a CA cannot vouch for it; the pin can).
+#[derive(Debug)]
+struct PinnedCertificate {
+    sha256: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCertificate {
+    fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &TlsName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+        if sha2::Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256.as_slice() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("certificate pin mismatch".into()))
+        }
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn config(target: &DesktopTarget) -> Config {
+    Config {
+        desktop_size: DesktopSize { width: target.width, height: target.height },
+        monitor_layout: None,
+        desktop_scale_factor: 0,
+        desktop_physical_size: None,
+        desktop_orientation: None,
+        device_scale_factor: None,
+        monitor_extended_layout: None,
+        relative_mouse_input: false,
+        enable_tls: true,
+        enable_credssp: false,
+        enable_standard_rdp_security: false,
+        credentials: Credentials::UsernamePassword { username: target.username.clone(), password: target.password.clone() },
+        domain: None,
+        client_build: 0,
+        client_name: "labrack".into(),
+        keyboard_type: gcc::KeyboardType::IBM_ENHANCED,
+        keyboard_subtype: 0,
+        keyboard_functional_keys_count: 12,
+        keyboard_layout: 0x409,
+        connection_type: gcc::ConnectionType::Lan,
+        ime_file_name: String::new(),
+        bitmap: ironrdp_pdu::rdp::capability_sets::client_codecs_capabilities(&["remotefx"])
+            .ok()
+            .map(|codecs| ironrdp_connector::BitmapConfig { lossy_compression: false, color_depth: 32, codecs }),
+        dig_product_id: String::new(),
+        client_dir: String::new(),
+        alternate_shell: String::new(),
+        work_dir: String::new(),
+        remote_application_mode: false,
+        rail_support_level: RailSupportLevel::empty(),
+        platform: MajorPlatformType::UNIX,
+        hardware_id: None,
+        request_data: None,
+        // xrdp logs the user in from these credentials instead of drawing a login dialog.
+        autologon: true,
+        enable_audio_playback: false,
+        enable_audio_capture: false,
+        performance_flags: Default::default(),
+        license_cache: None,
+        timezone_info: Default::default(),
+        compression_type: None,
+        enable_server_pointer: false,
+        pointer_software_rendering: true,
+        multitransport_flags: None,
+        support_dyn_vc_gfx_protocol: false,
+    }
+}
+
+/// Kerberos is never used (NLA is off, TLS only): refuse any network request.
+struct NoNetwork;
+
+impl ironrdp_connector::sspi::network_client::NetworkClient for NoNetwork {
+    fn send(&self, _: &ironrdp_connector::sspi::generator::NetworkRequest) -> ironrdp_connector::sspi::Result<Vec<u8>> {
+        Err(ironrdp_connector::sspi::Error::new(ironrdp_connector::sspi::ErrorKind::NoAuthenticatingAuthority, "no network client: Kerberos is not used"))
+    }
+}
+
+/// Connects, logs in and watches the desktop for `watch` (or until `done` says the picture
+/// is what the caller waits for), then disconnects. Blocking.
+pub fn snapshot(target: &DesktopTarget, watch: Duration, done: impl Fn(&Snapshot) -> bool) -> Result<Snapshot, DesktopError> {
+    let started = Instant::now();
+    let address = format!("{}:{}", target.host, target.port);
+    let connect_error = |source| DesktopError::Connect { address: address.clone(), source };
+    let socket = address.to_socket_addrs().map_err(connect_error)?.next().ok_or_else(|| connect_error(std::io::ErrorKind::NotFound.into()))?;
+    let tcp = TcpStream::connect_timeout(&socket, Duration::from_secs(5)).map_err(connect_error)?;
+    tcp.set_read_timeout(Some(Duration::from_millis(250))).map_err(connect_error)?;
+    let _ = tcp.set_nodelay(true);
+    let client_addr = tcp.local_addr().map_err(connect_error)?;
+
+    let mut connector = ClientConnector::new(config(target), client_addr);
+    let mut framed = ironrdp_blocking::Framed::new(tcp);
+    let should_upgrade = ironrdp_blocking::connect_begin(&mut framed, &mut connector).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+    let tcp = framed.into_inner_no_leftover();
+
+    let pin = hex::decode(target.cert_sha256.trim()).map_err(|_| DesktopError::CertificateMismatch)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls_config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DesktopError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCertificate { sha256: pin, provider }))
+        .with_no_client_auth();
+    tls_config.resumption = rustls::client::Resumption::disabled();
+    let name = TlsName::try_from(target.host.clone()).map_err(|e| DesktopError::Tls(e.to_string()))?;
+    let connection = rustls::ClientConnection::new(Arc::new(tls_config), name).map_err(|e| DesktopError::Tls(e.to_string()))?;
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    if let Err(error) = tls.flush() {
+        return Err(if error.to_string().contains("pin mismatch") { DesktopError::CertificateMismatch } else { DesktopError::Tls(error.to_string()) });
+    }
+    let server_public_key = tls
+        .conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| {
+            use x509_cert::der::Decode as _;
+            let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
+            cert.tbs_certificate.subject_public_key_info.subject_public_key.as_bytes().map(<[u8]>::to_vec)
+        })
+        .ok_or_else(|| DesktopError::Tls("the server sent no usable certificate".into()))?;
+
+    let upgraded = ironrdp_blocking::mark_as_upgraded(should_upgrade, &mut connector);
+    let mut framed = ironrdp_blocking::Framed::new(tls);
+    let outcome = ironrdp_blocking::connect_finalize(upgraded, connector, &mut framed, &mut NoNetwork, ServerName::new(target.host.clone()), server_public_key, None)
+        .map_err(|e| DesktopError::Rdp(e.to_string()))?;
+    let ConnectionOutcome::Connected(result) = outcome else { return Err(DesktopError::Redirected) };
+    let connect_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+
+    let mut image = DecodedImage::new(PixelFormat::RgbA32, result.desktop_size.width, result.desktop_size.height);
+    let mut stage = ActiveStageBuilder {
+        static_channels: result.static_channels,
+        user_channel_id: result.user_channel_id,
+        io_channel_id: result.io_channel_id,
+        message_channel_id: result.message_channel_id,
+        share_id: result.share_id,
+        compression_type: None,
+        enable_server_pointer: result.enable_server_pointer,
+        pointer_software_rendering: result.pointer_software_rendering,
+    }
+    .build();
+    let mut updates = 0_u32;
+    let mut first_update_ms = None;
+    let deadline = Instant::now() + watch;
+    let mut last_check = Instant::now();
+    loop {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let (action, payload) = match framed.read_pdu() {
+            Ok(frame) => frame,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                // The desktop is idle: judge what it shows now.
+                if updates > 0 {
+                    let shot = summarise(&image, updates, connect_ms, first_update_ms);
+                    if done(&shot) {
+                        return Ok(shot);
+                    }
+                }
+                continue;
+            }
+            Err(e) => return Err(DesktopError::Rdp(format!("reading from the RDP server: {e}"))),
+        };
+        let outputs = stage.process(&mut image, action, &payload, None).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        for output in outputs {
+            match output {
+                ActiveStageOutput::ResponseFrame(frame) => framed.write_all(&frame).map_err(|e| DesktopError::Rdp(e.to_string()))?,
+                ActiveStageOutput::GraphicsUpdate(_) => {
+                    updates += 1;
+                    first_update_ms.get_or_insert_with(|| u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+                }
+                ActiveStageOutput::Terminate(reason) => return Err(DesktopError::Rdp(format!("the server ended the session: {reason:?}"))),
+                _ => {}
+            }
+        }
+        // Judging the picture costs a pass over it: at most every 200 ms.
+        if updates > 0 && last_check.elapsed() >= Duration::from_millis(200) {
+            last_check = Instant::now();
+            let shot = summarise(&image, updates, connect_ms, first_update_ms);
+            if done(&shot) {
+                return Ok(shot);
+            }
+        }
+    }
+    if updates == 0 {
+        return Err(DesktopError::NoPicture(watch));
+    }
+    Ok(summarise(&image, updates, connect_ms, first_update_ms))
+}
+
+fn summarise(image: &DecodedImage, updates: u32, connect_ms: u64, first_update_ms: Option<u64>) -> Snapshot {
+    let rgba = image.data().to_vec();
+    let (dominant_rgb, dominant_per_mille) = dominant(&rgba);
+    Snapshot { width: image.width(), height: image.height(), updates, connect_ms, first_update_ms, dominant_rgb, dominant_per_mille, rgba }
+}
+
+/// The most frequent RGB colour and its share, in per mille of the pixels.
+pub fn dominant(rgba: &[u8]) -> ([u8; 3], u32) {
+    let mut counts: std::collections::HashMap<[u8; 3], u32> = std::collections::HashMap::new();
+    for pixel in rgba.chunks_exact(4) {
+        *counts.entry([pixel[0], pixel[1], pixel[2]]).or_default() += 1;
+    }
+    let total = u64::try_from(rgba.len() / 4).unwrap_or(u64::MAX).max(1);
+    counts
+        .into_iter()
+        .max_by_key(|(colour, count)| (*count, *colour))
+        .map_or(([0; 3], 0), |(colour, count)| (colour, u32::try_from(u64::from(count) * 1000 / total).unwrap_or(1000)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dominant_colour_and_share() {
+        let mut pixels = Vec::new();
+        for _ in 0..3 {
+            pixels.extend_from_slice(&[30, 144, 255, 255]);
+        }
+        pixels.extend_from_slice(&[0, 0, 0, 255]);
+        assert_eq!(dominant(&pixels), ([30, 144, 255], 750));
+        assert_eq!(dominant(&[]), ([0, 0, 0], 0));
+    }
+}

@@ -56,7 +56,8 @@ pub fn parse_state(text: &str) -> Option<AllocationState> {
 pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiError> {
     let row = conn
         .prepare_cached(
-            "SELECT id, host_id, template, runtime, skeleton, state, attempt, in_flight, retry_at_ms, reason, event_id, team_id, gpus
+            "SELECT id, host_id, template, runtime, skeleton, state, attempt, in_flight, retry_at_ms, reason, event_id, team_id, gpus,
+                    tasks_issued
              FROM allocations WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -64,6 +65,7 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
             let attempt: i64 = r.get(6)?;
             let retry_at: Option<i64> = r.get(8)?;
             let gpus: i64 = r.get(12)?;
+            let tasks_issued: i64 = r.get(13)?;
             Ok((
                 Allocation {
                     id: r.get(0)?,
@@ -73,6 +75,7 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
                     skeleton: r.get(4)?,
                     state: parse_state(&state).unwrap_or(AllocationState::Failed),
                     attempt: u32::try_from(attempt).unwrap_or(0),
+                    tasks_issued: u32::try_from(tasks_issued).unwrap_or(0),
                     in_flight: r.get::<_, Option<String>>(7)?.map(TaskId),
                     retry_at_ms: retry_at.and_then(|v| u64::try_from(v).ok()),
                     reason: r.get(9)?,
@@ -88,7 +91,8 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
 
 fn save(conn: &Connection, alloc: &Allocation) -> Result<(), ApiError> {
     conn.prepare_cached(
-        "UPDATE allocations SET state = ?2, attempt = ?3, in_flight = ?4, retry_at_ms = ?5, reason = ?6, updated_at = ?7 WHERE id = ?1",
+        "UPDATE allocations SET state = ?2, attempt = ?3, in_flight = ?4, retry_at_ms = ?5, reason = ?6, updated_at = ?7, tasks_issued = ?8
+         WHERE id = ?1",
     )?
     .execute(params![
         alloc.id,
@@ -98,6 +102,7 @@ fn save(conn: &Connection, alloc: &Allocation) -> Result<(), ApiError> {
         alloc.retry_at_ms.and_then(|v| i64::try_from(v).ok()),
         alloc.reason,
         crate::api::now_rfc3339(),
+        alloc.tasks_issued,
     ])?;
     Ok(())
 }

@@ -75,6 +75,9 @@ pub struct Allocation {
     pub state: AllocationState,
     /// attempt number of the task in flight or last tried (1-based; 0 before any)
     pub attempt: u32,
+    /// tasks ever issued for this allocation; numbers task ids, so every request (a second
+    /// reset, a retry) gets an id no host has seen
+    pub tasks_issued: u32,
     /// the task whose result we wait for
     pub in_flight: Option<TaskId>,
     /// when the next attempt may be issued (ms since the epoch), after a failure
@@ -93,6 +96,7 @@ impl Allocation {
             skeleton: template.skeleton.clone(),
             state: AllocationState::Requested,
             attempt: 0,
+            tasks_issued: 0,
             in_flight: None,
             retry_at_ms: None,
             reason: None,
@@ -238,7 +242,8 @@ fn issue(alloc: &mut Allocation, attempt: u32, out: &mut Vec<Output>) {
             skeleton: alloc.skeleton.clone(),
         },
     };
-    let id = TaskId::new(alloc.id, kind.name(), attempt);
+    alloc.tasks_issued = alloc.tasks_issued.saturating_add(1);
+    let id = TaskId::new(alloc.id, kind.name(), alloc.tasks_issued);
     alloc.attempt = attempt;
     alloc.in_flight = Some(id.clone());
     alloc.retry_at_ms = None;
@@ -302,7 +307,7 @@ mod tests {
         let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop("one")) } }, 10, &policy());
         assert_eq!(out, vec![Output::Desktop(desktop("one")), Output::Changed { from: S::Provisioning, to: S::Active }]);
         let out = step(&mut a, Input::ReleaseRequested, 20, &policy());
-        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-9-release-1"));
+        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-9-release-2"), "the allocation's second task");
         succeed(&mut a, 30);
         assert_eq!(a.state, S::Released);
         assert!(a.state.is_terminal());
@@ -368,20 +373,22 @@ mod tests {
         succeed(&mut a, 1);
         let out = step(&mut a, Input::ResetRequested, 2, &policy());
         let task = issued(&out).expect("reset task");
-        assert_eq!(task.id.0, "alloc-9-reset-1");
+        assert_eq!(task.id.0, "alloc-9-reset-2");
         assert_eq!(task.kind, TaskKind::Reset { allocation_id: 9, skeleton: "/srv/skel".into() });
         assert_eq!(a.state, S::Active);
         assert!(matches!(step(&mut a, Input::ResetRequested, 3, &policy())[..], [Output::Ignored { .. }]), "one reset at a time");
         fail(&mut a, 4);
         assert!(matches!(step(&mut a, Input::ResetRequested, 5, &policy())[..], [Output::Ignored { .. }]), "a retry is pending");
         let retry = step(&mut a, Input::Tick, 2_004, &policy());
-        assert_eq!(issued(&retry).map(|t| t.id.0.as_str()), Some("alloc-9-reset-2"));
+        assert_eq!(issued(&retry).map(|t| t.id.0.as_str()), Some("alloc-9-reset-3"));
         let id = a.in_flight.clone().expect("in flight");
         let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop("two")) } }, 2_100, &policy());
         assert_eq!(out, vec![Output::Desktop(desktop("two")), Output::ResetDone]);
         assert_eq!((a.state, a.in_flight.clone(), a.reason.clone()), (S::Active, None, None));
-        // A reset that keeps failing gives up into failed; a second reset starts from attempt 1.
-        step(&mut a, Input::ResetRequested, 3_000, &policy());
+        // A second reset gets an id no host has seen (a host runs each id once) and starts
+        // from attempt 1; one that keeps failing gives up into failed.
+        let out = step(&mut a, Input::ResetRequested, 3_000, &policy());
+        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-9-reset-4"));
         assert_eq!(a.attempt, 1);
         for now in [3_001, 10_000, 20_000] {
             step(&mut a, Input::Tick, now, &policy());
@@ -399,7 +406,7 @@ mod tests {
         step(&mut a, Input::ResetRequested, 2, &policy());
         let reset = a.in_flight.clone().expect("reset in flight");
         let out = step(&mut a, Input::ReleaseRequested, 3, &policy());
-        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-4-release-1"));
+        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-4-release-3"));
         let late = step(&mut a, Input::Report { id: reset, outcome: TaskOutcome::done() }, 4, &policy());
         assert!(matches!(late[..], [Output::Ignored { .. }]));
         assert_eq!(a.state, S::Releasing);

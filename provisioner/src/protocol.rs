@@ -6,15 +6,16 @@ use serde::{Deserialize, Serialize};
 /// The protocol version this build speaks; a peer with another major version is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Identifies one task: `alloc-{allocation}-{kind}-{attempt}`. Re-delivering the same task
-/// reuses the id; a retry after a failure gets a new attempt number and so a new id.
+/// Identifies one task: `alloc-{allocation}-{kind}-{n}`, where n counts the tasks issued for
+/// the allocation. Re-delivering the same task reuses the id; a retry or a new request
+/// (a second reset) gets a new n and so a new id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct TaskId(pub String);
 
 impl TaskId {
-    pub fn new(allocation_id: i64, kind: &str, attempt: u32) -> Self {
-        Self(format!("alloc-{allocation_id}-{kind}-{attempt}"))
+    pub fn new(allocation_id: i64, kind: &str, n: u32) -> Self {
+        Self(format!("alloc-{allocation_id}-{kind}-{n}"))
     }
 }
 

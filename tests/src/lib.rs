@@ -241,7 +241,12 @@ pub fn labrack_host_bin() -> PathBuf {
 
 /// `labrack-host enrol` into `state_dir`; returns (success, stdout + stderr).
 pub fn enrol_host(server_url: &str, data_dir: &Path, token: &str, name: &str, state_dir: &Path) -> anyhow::Result<(bool, String)> {
-    let output = Command::new(labrack_host_bin())
+    enrol_host_binary(&labrack_host_bin(), server_url, data_dir, token, name, state_dir)
+}
+
+/// [`enrol_host`] with a given `labrack-host` binary (benchmarks use the release build).
+pub fn enrol_host_binary(binary: &Path, server_url: &str, data_dir: &Path, token: &str, name: &str, state_dir: &Path) -> anyhow::Result<(bool, String)> {
+    let output = Command::new(binary)
         .args(["enrol", "--appliance", server_url, "--token", token, "--name", name, "--address", "127.0.0.1", "--ca"])
         .arg(Server::ca_cert(data_dir))
         .arg("--state-dir")
@@ -262,7 +267,20 @@ pub struct LabHost {
 impl LabHost {
     /// Starts the agent with a recognisable user prefix and extra environment.
     pub fn start(state_dir: &Path, user_prefix: &str, rdp_port: u16, ssh_port: u16, env: &[(&str, &str)], extra: &[&str]) -> anyhow::Result<Self> {
-        let mut command = Command::new(labrack_host_bin());
+        Self::start_binary(&labrack_host_bin(), state_dir, user_prefix, rdp_port, ssh_port, env, extra)
+    }
+
+    /// [`LabHost::start`] with a given binary (benchmarks use the release build).
+    pub fn start_binary(
+        binary: &Path,
+        state_dir: &Path,
+        user_prefix: &str,
+        rdp_port: u16,
+        ssh_port: u16,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary);
         command
             .args(["run", "--user-prefix", user_prefix, "--rdp-port", &rdp_port.to_string(), "--ssh-port", &ssh_port.to_string(), "--state-dir"])
             .arg(state_dir)
@@ -274,13 +292,18 @@ impl LabHost {
         for (key, value) in env {
             command.env(key, value);
         }
+        // LABRACK_HOST_QUIET in `env`: keep the agent's log for waiting, but do not echo it.
+        let quiet = env.iter().any(|(key, _)| *key == "LABRACK_HOST_QUIET");
         let mut child = command.spawn().context("starting labrack-host run")?;
         let stderr = child.stderr.take().context("stderr")?;
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = log.clone();
         std::thread::spawn(move || {
+            let echo = !quiet;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[labrack-host] {line}");
+                if echo {
+                    eprintln!("[labrack-host] {line}");
+                }
                 if let Ok(mut log) = sink.lock() {
                     log.push(line);
                 }

@@ -184,6 +184,12 @@ async fn a_lab_is_provisioned_reset_and_released_on_a_real_host() -> anyhow::Res
     assert!(!ended.success(), "the user's session was ended: {ended}");
     let resealed: Vec<u8> = fx.db().query_row("SELECT desktop_secret FROM allocations WHERE id = ?1", [id], |r| r.get(0))?;
     assert_ne!(resealed, sealed);
+    // A second reset is a new task, not a repeat of the first.
+    std::fs::write(home.join("scratch.txt"), "more work")?;
+    let (status, _) = fx.admin.post(&format!("/api/v1/allocations/{id}/reset"), json!({})).await?;
+    assert_eq!(status, 200);
+    fx.wait_state(id, "active").await?;
+    assert!(!home.join("scratch.txt").exists(), "the second reset ran too");
 
     // Release: the user and everything it owned are gone.
     std::fs::write(format!("/tmp/{user}-leftover"), "x")?;

@@ -24,7 +24,8 @@ struct Options {
 pub(crate) fn cmd_bench(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("api") => bench_api(parse_options(&args[1..])?),
-        other => bail!("unknown benchmark {other:?}; available: api"),
+        Some("reset") => crate::bench_reset::bench_reset(&args[1..]),
+        other => bail!("unknown benchmark {other:?}; available: api, reset"),
     }
 }
 

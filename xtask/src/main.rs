@@ -2,6 +2,7 @@
 //! runs (`.ci/run` → `cargo xtask test`), so the two never drift.
 
 mod bench;
+mod bench_reset;
 mod util;
 
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ commands:
                     run every test: Rust (nextest) and browser (Chromium)
   test --no-install skip the apt-get step
   bench api         durable-write benchmark against a running release labrack
+  bench reset       lab reset time end to end (release labrack + labrack-host + xrdp)
                     [--requests N] [--concurrency N] [--runs N]
   web               build the web UI only
 ";

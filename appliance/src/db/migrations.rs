@@ -121,6 +121,7 @@ CREATE TABLE allocations (
     gpus INTEGER NOT NULL,
     state TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 0,
+    tasks_issued INTEGER NOT NULL DEFAULT 0,
     in_flight TEXT,
     retry_at_ms INTEGER,
     reason TEXT,

@@ -291,6 +291,10 @@ async fn openapi_document_lists_every_route() {
         "/api/v1/staff", "/api/v1/events", "/api/v1/events/{event_id}", "/api/v1/events/{event_id}/transition",
         "/api/v1/events/{event_id}/teams", "/api/v1/events/{event_id}/participants", "/api/v1/events/{event_id}/participants/import",
         "/api/v1/teams/{team_id}", "/api/v1/participants/{participant_id}/join-code", "/api/v1/me", "/api/v1/audit",
+        "/api/v1/hosts", "/api/v1/hosts/enrolment-tokens", "/api/v1/hosts/enrol", "/api/v1/host/poll", "/api/v1/host/report",
+        "/api/v1/host/heartbeat", "/api/v1/templates", "/api/v1/events/{event_id}/allocations", "/api/v1/teams/{team_id}/allocation",
+        "/api/v1/allocations/{allocation_id}", "/api/v1/allocations/{allocation_id}/reset", "/api/v1/allocations/{allocation_id}/release",
+        "/api/v1/allocations/{allocation_id}/force-release", "/api/v1/allocations/{allocation_id}/terminal-ticket", "/api/v1/me/allocation",
     ] {
         assert!(paths.contains_key(path), "{path} missing from openapi.json");
     }

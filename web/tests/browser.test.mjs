@@ -230,6 +230,40 @@ test("staff set-up and participant join, end to end", { timeout: 180_000 }, asyn
     const liveRow = page.locator(tid("event-row"), { hasText: eventName });
     await liveRow.locator(`${tid("event-row-state")}[data-state="live"]`).waitFor();
 
+    // ---- lab templates, hosts, and the event's Labs card ---------------------------------
+    await page.click(tid("nav-templates"));
+    await hashIs("#/templates");
+    await page.fill(tid("templates-source"), '[[template]]\nname = "desk"\nruntime = "vm"\nskeleton = "relative"\n');
+    await page.click(tid("templates-save"));
+    await page.locator(tid("template-error")).first().waitFor();
+    const templateErrors = await page.locator(tid("template-error")).allTextContents();
+    assert.ok(templateErrors.some((e) => e.startsWith("Line 3")), `runtime error on line 3: ${templateErrors}`);
+    assert.ok(templateErrors.some((e) => e.startsWith("Line 4")), `skeleton error on line 4: ${templateErrors}`);
+    await screenshot("templates-errors");
+    await page.fill(tid("templates-source"), '[[template]]\nname = "desk"\nruntime = "local-user"\nskeleton = "/srv/labrack/skel/desk"\n');
+    await page.click(tid("templates-save"));
+    await page.locator(tid("template-row")).first().waitFor();
+    assert.match(await page.textContent(tid("templates-status")), /Saved 1 template/);
+    assert.equal(await page.locator(tid("template-error")).count(), 0);
+
+    await page.click(tid("nav-hosts"));
+    await hashIs("#/hosts");
+    await page.locator(tid("no-hosts")).waitFor();
+    await page.click(tid("token-create"));
+    const enrolmentToken = (await page.textContent(tid("token-value"))).trim();
+    assert.match(enrolmentToken, /^lrh_/);
+    await screenshot("hosts-token");
+
+    await page.evaluate((h) => (location.hash = h), eventHash);
+    await page.locator(tid("labs-section")).waitFor();
+    await page.locator(`${tid("lab-team")} option`).first().waitFor({ state: "attached" });
+    await page.locator(`${tid("lab-template")} option[value="desk"]`).waitFor({ state: "attached" });
+    await page.click(tid("lab-allocate"));
+    await page.locator(`${tid("labs-error")}:visible`).waitFor();
+    assert.match(await page.textContent(tid("labs-error")), /no lab host is enrolled/);
+    assert.equal(await page.locator(tid("no-labs")).count(), 1, "a refused allocation creates nothing");
+    await screenshot("labs-no-host");
+
     // ---- log out -----------------------------------------------------------------------
     await page.click(tid("logout"));
     await hashIs("#/login");
@@ -276,6 +310,7 @@ test("staff set-up and participant join, end to end", { timeout: 180_000 }, asyn
     // ---- security rules observed in traffic ------------------------------------------
     for (const r of requests) {
       assert.ok(!r.url.includes(joinCode), `join code must never appear in a URL: ${r.url}`);
+      assert.ok(!r.url.includes(enrolmentToken), `enrolment token must never appear in a URL: ${r.url}`);
       assert.ok(!r.url.includes(ADMIN_PASSWORD) && !r.url.includes(newPassword), `password in URL: ${r.url}`);
       assert.ok(!/csrf/i.test(r.url), `CSRF token must not be in a URL: ${r.url}`);
     }

@@ -139,9 +139,15 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
         match polled {
             Ok(response) => {
                 backoff.reset();
+                let mut ran = false;
                 for task in response.tasks {
                     // A task runs to the end even if a signal arrives meanwhile.
-                    run_one(&shared, &options, task).await?;
+                    ran |= run_one(&shared, &options, task).await?;
+                }
+                if !ran {
+                    // Everything offered is already done here and its report on its way:
+                    // do not spin on the same answer while the report is delivered.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
             Err(error) => {
@@ -161,22 +167,23 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> anyhow::Result<()> {
+/// Runs a task unless this host has seen its id before; says whether it ran.
+async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> anyhow::Result<bool> {
     if task.host_id != shared.host_id {
         tracing::error!(task = %task.id.0, for_host = task.host_id, "got another host's task; ignoring it");
-        return Ok(());
+        return Ok(false);
     }
     match shared.spool.mark(&task.id)? {
         Some(TaskMark::Done) => {
             // Its report is queued or delivered; the appliance will stop re-sending it.
             shared.wake_sender.notify_one();
-            return Ok(());
+            return Ok(false);
         }
-        Some(TaskMark::Started) => return Ok(()),
+        Some(TaskMark::Started) => return Ok(false),
         None => {}
     }
     if !shared.spool.start(&task.id)? {
-        return Ok(());
+        return Ok(false);
     }
     tracing::info!(task = %task.id.0, kind = task.kind.name(), "running task");
     if let Some(pause) = options.pause_in_task {
@@ -194,7 +201,7 @@ async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> 
     }
     shared.spool.finish(&TaskReport { version: PROTOCOL_VERSION, id: task.id, outcome })?;
     shared.wake_sender.notify_one();
-    Ok(())
+    Ok(true)
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, every: Duration) {

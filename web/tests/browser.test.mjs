@@ -211,7 +211,9 @@ test("staff set-up and participant join, end to end", { timeout: 180_000 }, asyn
     assert.equal((await adaRow.locator(tid("join-code-team")).textContent()).trim(), "Rocket Owls");
     const joinCode = (await adaRow.locator(tid("join-code")).textContent()).trim();
     assert.ok(joinCode.length > 0, "join code is shown");
+    // The participants and teams lists refresh separately after an import: wait for both.
     await page.locator(tid("participant-row")).nth(2).waitFor();
+    await page.locator(tid("team-row")).nth(2).waitFor();
     assert.equal(await page.locator(tid("participant-row")).count(), 3);
     assert.equal(await page.locator(tid("team-row")).count(), 3);
     await screenshot("csv-imported");

@@ -5,5 +5,7 @@
 //!
 //! The RDP → WebRTC desktop pipeline (issue 4) will live here too.
 
+pub mod convert;
+pub mod encode;
 pub mod rdp;
 pub mod terminal;

@@ -28,7 +28,7 @@ commands:
 
 /// Debian packages the test command needs, with the command that shows each is present.
 /// What the tests need from Debian: the browser, real sshd for the lab terminal, the RDP
-/// server and X tools for lab desktops, and the C toolchain bits ssh2 builds against.
+/// server and X tools for lab desktops, and the C toolchain bits ssh2 and OpenH264 build with.
 const SYSTEM_PACKAGES: &[&str] = &[
     "chromium",
     "ca-certificates",
@@ -41,6 +41,7 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "ssl-cert",
     "libssl-dev",
     "pkg-config",
+    "nasm",
 ];
 
 fn main() -> ExitCode {

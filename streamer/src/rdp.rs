@@ -161,106 +161,169 @@ impl ironrdp_connector::sspi::network_client::NetworkClient for NoNetwork {
     }
 }
 
-/// Connects, logs in and watches the desktop for `watch` (or until `done` says the picture
-/// is what the caller waits for), then disconnects. Blocking.
-pub fn snapshot(target: &DesktopTarget, watch: Duration, done: impl Fn(&Snapshot) -> bool) -> Result<Snapshot, DesktopError> {
-    let started = Instant::now();
-    let address = format!("{}:{}", target.host, target.port);
-    let connect_error = |source| DesktopError::Connect { address: address.clone(), source };
-    let socket = address.to_socket_addrs().map_err(connect_error)?.next().ok_or_else(|| connect_error(std::io::ErrorKind::NotFound.into()))?;
-    let tcp = TcpStream::connect_timeout(&socket, Duration::from_secs(5)).map_err(connect_error)?;
-    tcp.set_read_timeout(Some(Duration::from_millis(250))).map_err(connect_error)?;
-    let _ = tcp.set_nodelay(true);
-    let client_addr = tcp.local_addr().map_err(connect_error)?;
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-    let mut connector = ClientConnector::new(config(target), client_addr);
-    let mut framed = ironrdp_blocking::Framed::new(tcp);
-    let should_upgrade = ironrdp_blocking::connect_begin(&mut framed, &mut connector).map_err(|e| DesktopError::Rdp(e.to_string()))?;
-    let tcp = framed.into_inner_no_leftover();
+/// A logged-in RDP session: the decoded desktop and the damage since the last look.
+pub struct DesktopSession {
+    framed: ironrdp_blocking::Framed<TlsStream>,
+    stage: ironrdp_session::ActiveStage,
+    image: DecodedImage,
+    started: Instant,
+    pub connect_ms: u64,
+}
 
-    let pin = hex::decode(target.cert_sha256.trim()).map_err(|_| DesktopError::CertificateMismatch)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls_config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| DesktopError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCertificate { sha256: pin, provider }))
-        .with_no_client_auth();
-    tls_config.resumption = rustls::client::Resumption::disabled();
-    let name = TlsName::try_from(target.host.clone()).map_err(|e| DesktopError::Tls(e.to_string()))?;
-    let connection = rustls::ClientConnection::new(Arc::new(tls_config), name).map_err(|e| DesktopError::Tls(e.to_string()))?;
-    let mut tls = rustls::StreamOwned::new(connection, tcp);
-    if let Err(error) = tls.flush() {
-        return Err(if error.to_string().contains("pin mismatch") { DesktopError::CertificateMismatch } else { DesktopError::Tls(error.to_string()) });
+impl std::fmt::Debug for DesktopSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DesktopSession").field("width", &self.image.width()).field("height", &self.image.height()).finish_non_exhaustive()
     }
-    let server_public_key = tls
-        .conn
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|cert| {
-            use x509_cert::der::Decode as _;
-            let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
-            cert.tbs_certificate.subject_public_key_info.subject_public_key.as_bytes().map(<[u8]>::to_vec)
-        })
-        .ok_or_else(|| DesktopError::Tls("the server sent no usable certificate".into()))?;
+}
 
-    let upgraded = ironrdp_blocking::mark_as_upgraded(should_upgrade, &mut connector);
-    let mut framed = ironrdp_blocking::Framed::new(tls);
-    let outcome = ironrdp_blocking::connect_finalize(upgraded, connector, &mut framed, &mut NoNetwork, ServerName::new(target.host.clone()), server_public_key, None)
-        .map_err(|e| DesktopError::Rdp(e.to_string()))?;
-    let ConnectionOutcome::Connected(result) = outcome else { return Err(DesktopError::Redirected) };
-    let connect_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+/// What one [`DesktopSession::pump`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pump {
+    /// nothing arrived within the read timeout
+    Idle,
+    /// these rectangles of the picture changed (inclusive pixel bounds made exclusive)
+    Damage(Vec<crate::convert::Rect>),
+}
 
-    let mut image = DecodedImage::new(PixelFormat::RgbA32, result.desktop_size.width, result.desktop_size.height);
-    let mut stage = ActiveStageBuilder {
-        static_channels: result.static_channels,
-        user_channel_id: result.user_channel_id,
-        io_channel_id: result.io_channel_id,
-        message_channel_id: result.message_channel_id,
-        share_id: result.share_id,
-        compression_type: None,
-        enable_server_pointer: result.enable_server_pointer,
-        pointer_software_rendering: result.pointer_software_rendering,
-    }
-    .build();
-    let mut updates = 0_u32;
-    let mut first_update_ms = None;
-    let deadline = Instant::now() + watch;
-    let mut last_check = Instant::now();
-    loop {
-        if Instant::now() >= deadline {
-            break;
+impl DesktopSession {
+    /// Connects over TLS (certificate pinned), logs in (autologon) and enters the active stage.
+    /// Reads then wait at most `read_timeout` in [`DesktopSession::pump`].
+    pub fn connect(target: &DesktopTarget, read_timeout: Duration) -> Result<Self, DesktopError> {
+        let started = Instant::now();
+        let address = format!("{}:{}", target.host, target.port);
+        let connect_error = |source| DesktopError::Connect { address: address.clone(), source };
+        let socket = address.to_socket_addrs().map_err(connect_error)?.next().ok_or_else(|| connect_error(std::io::ErrorKind::NotFound.into()))?;
+        let tcp = TcpStream::connect_timeout(&socket, Duration::from_secs(5)).map_err(connect_error)?;
+        tcp.set_read_timeout(Some(read_timeout.max(Duration::from_millis(1)))).map_err(connect_error)?;
+        let _ = tcp.set_nodelay(true);
+        let client_addr = tcp.local_addr().map_err(connect_error)?;
+
+        let mut connector = ClientConnector::new(config(target), client_addr);
+        let mut framed = ironrdp_blocking::Framed::new(tcp);
+        let should_upgrade = ironrdp_blocking::connect_begin(&mut framed, &mut connector).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let tcp = framed.into_inner_no_leftover();
+
+        let pin = hex::decode(target.cert_sha256.trim()).map_err(|_| DesktopError::CertificateMismatch)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls_config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| DesktopError::Tls(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCertificate { sha256: pin, provider }))
+            .with_no_client_auth();
+        tls_config.resumption = rustls::client::Resumption::disabled();
+        let name = TlsName::try_from(target.host.clone()).map_err(|e| DesktopError::Tls(e.to_string()))?;
+        let connection = rustls::ClientConnection::new(Arc::new(tls_config), name).map_err(|e| DesktopError::Tls(e.to_string()))?;
+        let mut tls = rustls::StreamOwned::new(connection, tcp);
+        if let Err(error) = tls.flush() {
+            return Err(if error.to_string().contains("pin mismatch") { DesktopError::CertificateMismatch } else { DesktopError::Tls(error.to_string()) });
         }
-        let (action, payload) = match framed.read_pdu() {
+        let server_public_key = tls
+            .conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| {
+                use x509_cert::der::Decode as _;
+                let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
+                cert.tbs_certificate.subject_public_key_info.subject_public_key.as_bytes().map(<[u8]>::to_vec)
+            })
+            .ok_or_else(|| DesktopError::Tls("the server sent no usable certificate".into()))?;
+
+        let upgraded = ironrdp_blocking::mark_as_upgraded(should_upgrade, &mut connector);
+        let mut framed = ironrdp_blocking::Framed::new(tls);
+        let outcome = ironrdp_blocking::connect_finalize(upgraded, connector, &mut framed, &mut NoNetwork, ServerName::new(target.host.clone()), server_public_key, None)
+            .map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let ConnectionOutcome::Connected(result) = outcome else { return Err(DesktopError::Redirected) };
+        let connect_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let image = DecodedImage::new(PixelFormat::RgbA32, result.desktop_size.width, result.desktop_size.height);
+        let stage = ActiveStageBuilder {
+            static_channels: result.static_channels,
+            user_channel_id: result.user_channel_id,
+            io_channel_id: result.io_channel_id,
+            message_channel_id: result.message_channel_id,
+            share_id: result.share_id,
+            compression_type: None,
+            enable_server_pointer: result.enable_server_pointer,
+            pointer_software_rendering: result.pointer_software_rendering,
+        }
+        .build();
+        Ok(Self { framed, stage, image, started, connect_ms })
+    }
+
+    pub fn width(&self) -> u16 {
+        self.image.width()
+    }
+
+    pub fn height(&self) -> u16 {
+        self.image.height()
+    }
+
+    /// The desktop as RGBA, row-major, `width × 4` bytes per row.
+    pub fn rgba(&self) -> &[u8] {
+        self.image.data()
+    }
+
+    pub fn since_connect(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Reads what the server sent (waiting at most the read timeout) and applies it.
+    pub fn pump(&mut self) -> Result<Pump, DesktopError> {
+        let (action, payload) = match self.framed.read_pdu() {
             Ok(frame) => frame,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                // The desktop is idle: judge what it shows now.
-                if updates > 0 {
-                    let shot = summarise(&image, updates, connect_ms, first_update_ms);
-                    if done(&shot) {
-                        return Ok(shot);
-                    }
-                }
-                continue;
-            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return Ok(Pump::Idle),
             Err(e) => return Err(DesktopError::Rdp(format!("reading from the RDP server: {e}"))),
         };
-        let outputs = stage.process(&mut image, action, &payload, None).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let outputs = self.stage.process(&mut self.image, action, &payload, None).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        self.apply(outputs)
+    }
+
+    /// Sends keyboard and mouse input.
+    pub fn send_input(&mut self, events: &[ironrdp_pdu::input::fast_path::FastPathInputEvent]) -> Result<Pump, DesktopError> {
+        let outputs = self.stage.process_fastpath_input(&mut self.image, events).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        self.apply(outputs)
+    }
+
+    fn apply(&mut self, outputs: Vec<ActiveStageOutput>) -> Result<Pump, DesktopError> {
+        let mut damage = Vec::new();
         for output in outputs {
             match output {
-                ActiveStageOutput::ResponseFrame(frame) => framed.write_all(&frame).map_err(|e| DesktopError::Rdp(e.to_string()))?,
-                ActiveStageOutput::GraphicsUpdate(_) => {
-                    updates += 1;
-                    first_update_ms.get_or_insert_with(|| u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-                }
+                ActiveStageOutput::ResponseFrame(frame) => self.framed.write_all(&frame).map_err(|e| DesktopError::Rdp(e.to_string()))?,
+                ActiveStageOutput::GraphicsUpdate(rect) => damage.push(crate::convert::Rect {
+                    left: u32::from(rect.left),
+                    top: u32::from(rect.top),
+                    right: u32::from(rect.right) + 1,
+                    bottom: u32::from(rect.bottom) + 1,
+                }),
                 ActiveStageOutput::Terminate(reason) => return Err(DesktopError::Rdp(format!("the server ended the session: {reason:?}"))),
                 _ => {}
             }
         }
-        // Judging the picture costs a pass over it: at most every 200 ms.
-        if updates > 0 && last_check.elapsed() >= Duration::from_millis(200) {
+        Ok(if damage.is_empty() { Pump::Idle } else { Pump::Damage(damage) })
+    }
+}
+
+/// Connects, logs in and watches the desktop for `watch` (or until `done` says the picture
+/// is what the caller waits for), then disconnects. Blocking.
+pub fn snapshot(target: &DesktopTarget, watch: Duration, done: impl Fn(&Snapshot) -> bool) -> Result<Snapshot, DesktopError> {
+    let mut session = DesktopSession::connect(target, Duration::from_millis(250))?;
+    let mut updates = 0_u32;
+    let mut first_update_ms = None;
+    let deadline = Instant::now() + watch;
+    let mut last_check = Instant::now();
+    while Instant::now() < deadline {
+        let pump = session.pump()?;
+        let idle = matches!(pump, Pump::Idle);
+        if let Pump::Damage(rects) = pump {
+            updates += u32::try_from(rects.len()).unwrap_or(u32::MAX);
+            first_update_ms.get_or_insert_with(|| u64::try_from(session.since_connect().as_millis()).unwrap_or(u64::MAX));
+        }
+        // Judging the picture costs a pass over it: when the desktop is idle, or every 200 ms.
+        if updates > 0 && (idle || last_check.elapsed() >= Duration::from_millis(200)) {
             last_check = Instant::now();
-            let shot = summarise(&image, updates, connect_ms, first_update_ms);
+            let shot = summarise(&session, updates, first_update_ms);
             if done(&shot) {
                 return Ok(shot);
             }
@@ -269,13 +332,22 @@ pub fn snapshot(target: &DesktopTarget, watch: Duration, done: impl Fn(&Snapshot
     if updates == 0 {
         return Err(DesktopError::NoPicture(watch));
     }
-    Ok(summarise(&image, updates, connect_ms, first_update_ms))
+    Ok(summarise(&session, updates, first_update_ms))
 }
 
-fn summarise(image: &DecodedImage, updates: u32, connect_ms: u64, first_update_ms: Option<u64>) -> Snapshot {
-    let rgba = image.data().to_vec();
+fn summarise(session: &DesktopSession, updates: u32, first_update_ms: Option<u64>) -> Snapshot {
+    let rgba = session.rgba().to_vec();
     let (dominant_rgb, dominant_per_mille) = dominant(&rgba);
-    Snapshot { width: image.width(), height: image.height(), updates, connect_ms, first_update_ms, dominant_rgb, dominant_per_mille, rgba }
+    Snapshot {
+        width: session.width(),
+        height: session.height(),
+        updates,
+        connect_ms: session.connect_ms,
+        first_update_ms,
+        dominant_rgb,
+        dominant_per_mille,
+        rgba,
+    }
 }
 
 /// The most frequent RGB colour and its share, in per mille of the pixels.

@@ -7,5 +7,6 @@
 
 pub mod convert;
 pub mod encode;
+pub mod input;
 pub mod rdp;
 pub mod terminal;

@@ -50,6 +50,9 @@ pub enum AdminCommand {
         /// write what the desktop showed as a PPM image
         #[arg(long)]
         ppm: Option<PathBuf>,
+        /// also run the streaming pipeline (RDP → I420 → H.264) this many seconds and report on it
+        #[arg(long)]
+        stream_secs: Option<u64>,
     },
 }
 
@@ -156,7 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("(it must be changed at the next login)");
             Ok(())
         }
-        Command::Admin(AdminCommand::ProbeDesktop { allocation, data_dir, secret_key_file, watch_secs, expect_rgb, ppm }) => {
+        Command::Admin(AdminCommand::ProbeDesktop { allocation, data_dir, secret_key_file, watch_secs, expect_rgb, ppm, stream_secs }) => {
             let expect_rgb = expect_rgb.as_deref().map(crate::probe::parse_rgb).transpose()?;
             let options = crate::probe::ProbeOptions {
                 data_dir,
@@ -165,6 +168,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 watch: std::time::Duration::from_secs(watch_secs),
                 expect_rgb,
                 ppm,
+                stream: stream_secs.map(std::time::Duration::from_secs),
             };
             println!("{}", crate::probe::probe(&options)?);
             Ok(())

@@ -18,6 +18,8 @@ pub struct ProbeOptions {
     pub watch: Duration,
     pub expect_rgb: Option<[u8; 3]>,
     pub ppm: Option<PathBuf>,
+    /// also run the streaming pipeline (RDP → I420 → H.264) this long and report on it
+    pub stream: Option<Duration>,
 }
 
 /// Share of the screen (per mille) the expected colour must cover.
@@ -58,7 +60,11 @@ pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
         height: 768,
     };
     let expect = options.expect_rgb;
-    let shot = rdp::snapshot(&target, options.watch, |s| expect.is_some_and(|rgb| close_to(s.dominant_rgb, rgb) && s.dominant_per_mille >= EXPECTED_SHARE))?;
+    let stream = match options.stream {
+        Some(duration) => Some(stream_report(&target, duration)?),
+        None => None,
+    };
+    let shot = rdp::snapshot(&target, options.watch, |s| expect.is_none_or(|rgb| close_to(s.dominant_rgb, rgb) && s.dominant_per_mille >= EXPECTED_SHARE))?;
     if let Some(path) = &options.ppm {
         write_ppm(path, &shot)?;
     }
@@ -71,6 +77,7 @@ pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
         "first_update_ms": shot.first_update_ms,
         "dominant_rgb": format!("#{}", hex::encode(shot.dominant_rgb)),
         "dominant_per_mille": shot.dominant_per_mille,
+        "stream": stream,
     });
     if let Some(rgb) = expect {
         anyhow::ensure!(
@@ -80,6 +87,35 @@ pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
         );
     }
     Ok(summary)
+}
+
+/// Runs the one-encode-per-desktop pipeline with one viewer for `duration`.
+fn stream_report(target: &DesktopTarget, duration: Duration) -> anyhow::Result<serde_json::Value> {
+    use labrack_streamer::desktop::{DesktopStream, StreamSettings};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let stream = DesktopStream::start(target.clone(), StreamSettings::default())?;
+    let mut frames = stream.subscribe();
+    let (mut count, mut first_keyframe, mut first_frame_ms, mut bytes) = (0_u64, None, None, 0_u64);
+    let started = std::time::Instant::now();
+    runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + duration;
+        while let Ok(Ok(frame)) = tokio::time::timeout_at(deadline, frames.recv()).await {
+            count += 1;
+            bytes += frame.encoded.data.len() as u64;
+            first_keyframe.get_or_insert(frame.encoded.keyframe);
+            first_frame_ms.get_or_insert(started.elapsed().as_millis());
+        }
+    });
+    let stats = &stream.stats;
+    let encoded = stats.frames.load(std::sync::atomic::Ordering::Relaxed).max(1);
+    Ok(serde_json::json!({
+        "frames": count,
+        "first_is_keyframe": first_keyframe,
+        "first_frame_ms": first_frame_ms,
+        "bytes": bytes,
+        "keyframes": stats.keyframes.load(std::sync::atomic::Ordering::Relaxed),
+        "encode_ms_per_frame": stats.encode_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0 / encoded as f64,
+    }))
 }
 
 fn write_ppm(path: &Path, shot: &Snapshot) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@
 //! The RDP → WebRTC desktop pipeline (issue 4) will live here too.
 
 pub mod convert;
+pub mod desktop;
 pub mod encode;
 pub mod input;
 pub mod rdp;

@@ -196,7 +196,8 @@ impl DesktopSession {
         let connect_error = |source| DesktopError::Connect { address: address.clone(), source };
         let socket = address.to_socket_addrs().map_err(connect_error)?.next().ok_or_else(|| connect_error(std::io::ErrorKind::NotFound.into()))?;
         let tcp = TcpStream::connect_timeout(&socket, Duration::from_secs(5)).map_err(connect_error)?;
-        tcp.set_read_timeout(Some(read_timeout.max(Duration::from_millis(1)))).map_err(connect_error)?;
+        // The connection sequence gets time; the short read timeout applies once it is done.
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(connect_error)?;
         let _ = tcp.set_nodelay(true);
         let client_addr = tcp.local_addr().map_err(connect_error)?;
 
@@ -237,6 +238,12 @@ impl DesktopSession {
             .map_err(|e| DesktopError::Rdp(e.to_string()))?;
         let ConnectionOutcome::Connected(result) = outcome else { return Err(DesktopError::Redirected) };
         let connect_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        framed
+            .get_inner_mut()
+            .0
+            .sock
+            .set_read_timeout(Some(read_timeout.max(Duration::from_millis(1))))
+            .map_err(|source| DesktopError::Connect { address: address.clone(), source })?;
         let image = DecodedImage::new(PixelFormat::RgbA32, result.desktop_size.width, result.desktop_size.height);
         let stage = ActiveStageBuilder {
             static_channels: result.static_channels,

@@ -610,6 +610,16 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
     .await??;
     assert!(ok, "the lab desktop shows the session's colour over RDP: {text}");
     let user = format!("{}a{id}", fx.users.prefix);
+    // The streaming pipeline (one encode per desktop) turns the live desktop into H.264,
+    // starting with a keyframe.
+    let output = Command::new(labrack_e2e::labrack_bin())
+        .args(["admin", "probe-desktop", &id.to_string(), "--stream-secs", "2", "--data-dir"])
+        .arg(&fx.data.0)
+        .output()?;
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+    assert!(output.status.success(), "{report} {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(report["stream"]["first_is_keyframe"], true, "{report}");
+    assert!(report["stream"]["frames"].as_u64().is_some_and(|n| n >= 1), "{report}");
     assert!(Command::new("pgrep").args(["-u", &user, "Xorg"]).output()?.status.success(), "the lab user's X session runs: {text}");
 
     // A reset ends that session and rotates the password: the old session is gone and a

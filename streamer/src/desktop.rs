@@ -1,0 +1,198 @@
+//! One live desktop: an RDP session on its own thread, converted (damage only) and encoded
+//! once, fanned out to every viewer. Frames are produced only when the desktop changed (or
+//! a keyframe was asked for), so an idle desktop costs almost nothing. A dropped RDP
+//! connection is re-established with backoff while viewers stay attached.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use ironrdp_pdu::input::fast_path::FastPathInputEvent;
+use tokio::sync::broadcast;
+
+use crate::convert::{I420, Rect};
+use crate::encode::{EncodedFrame, H264Encoder};
+use crate::rdp::{DesktopError, DesktopSession, DesktopTarget, Pump};
+
+/// Tuning of a stream.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    pub max_fps: f32,
+    pub bitrate_bps: u32,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self { max_fps: 30.0, bitrate_bps: 4_000_000 }
+    }
+}
+
+/// An encoded picture with its capture time.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub encoded: EncodedFrame,
+    pub captured: Instant,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Counters a stats overlay and the benchmarks read.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    pub frames: AtomicU64,
+    pub bytes: AtomicU64,
+    pub keyframes: AtomicU64,
+    /// microseconds spent converting and encoding, in total
+    pub encode_us: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+enum Control {
+    Input(Vec<FastPathInputEvent>),
+    Keyframe,
+}
+
+/// A running desktop stream. Dropping the last handle stops it.
+#[derive(Debug, Clone)]
+pub struct DesktopStream {
+    frames: broadcast::Sender<Arc<Frame>>,
+    control: mpsc::Sender<Control>,
+    pub stats: Arc<StreamStats>,
+}
+
+impl DesktopStream {
+    /// Connects (blocking: call from a blocking task) and starts the stream thread.
+    pub fn start(target: DesktopTarget, settings: StreamSettings) -> Result<Self, DesktopError> {
+        let session = DesktopSession::connect(&target, Duration::from_millis(5))?;
+        let (frames, _) = broadcast::channel(8);
+        let (control, commands) = mpsc::channel();
+        let stats = Arc::new(StreamStats::default());
+        stats.connected.store(true, Ordering::Relaxed);
+        let worker = Worker { target, settings, frames: frames.clone(), commands, stats: stats.clone() };
+        std::thread::Builder::new()
+            .name("desktop-stream".into())
+            .spawn(move || worker.run(session))
+            .map_err(|e| DesktopError::Rdp(format!("starting the stream thread: {e}")))?;
+        Ok(Self { frames, control, stats })
+    }
+
+    /// Frames from now on; the first one a viewer gets is a keyframe (asked for here).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Frame>> {
+        let receiver = self.frames.subscribe();
+        self.request_keyframe();
+        receiver
+    }
+
+    pub fn request_keyframe(&self) {
+        let _ = self.control.send(Control::Keyframe);
+    }
+
+    /// Keyboard and mouse input for the desktop (the caller decides who may send it).
+    pub fn input(&self, events: Vec<FastPathInputEvent>) {
+        if !events.is_empty() {
+            let _ = self.control.send(Control::Input(events));
+        }
+    }
+
+    pub fn viewers(&self) -> usize {
+        self.frames.receiver_count()
+    }
+}
+
+struct Worker {
+    target: DesktopTarget,
+    settings: StreamSettings,
+    frames: broadcast::Sender<Arc<Frame>>,
+    commands: mpsc::Receiver<Control>,
+    stats: Arc<StreamStats>,
+}
+
+impl Worker {
+    fn run(self, mut session: DesktopSession) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match self.stream(&mut session) {
+                Ok(()) => return, // every handle is gone
+                Err(error) => {
+                    self.stats.connected.store(false, Ordering::Relaxed);
+                    tracing::warn!(%error, "desktop stream lost its RDP session; reconnecting");
+                }
+            }
+            loop {
+                std::thread::sleep(backoff);
+                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected)) {
+                    return;
+                }
+                match DesktopSession::connect(&self.target, Duration::from_millis(5)) {
+                    Ok(fresh) => {
+                        session = fresh;
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.stats.connected.store(true, Ordering::Relaxed);
+                        backoff = Duration::from_millis(250);
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in_ms = backoff.as_millis(), "desktop reconnect failed");
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Streams until the session fails (Err) or every handle is dropped (Ok).
+    fn stream(&self, session: &mut DesktopSession) -> Result<(), DesktopError> {
+        let (width, height) = (u32::from(session.width()) & !1, u32::from(session.height()) & !1);
+        let mut picture = I420::new(width, height);
+        let mut encoder = H264Encoder::new(width, height, self.settings.bitrate_bps, self.settings.max_fps)
+            .map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let frame_interval = Duration::from_secs_f32(1.0 / self.settings.max_fps.max(1.0));
+        let mut damage: Vec<Rect> = vec![Rect::full(width, height)];
+        let mut keyframe = true;
+        let mut last_encode = Instant::now() - frame_interval;
+        loop {
+            if let Pump::Damage(rects) = session.pump()? {
+                damage.extend(rects);
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(Control::Input(events)) => {
+                        if let Pump::Damage(rects) = session.send_input(&events)? {
+                            damage.extend(rects);
+                        }
+                    }
+                    Ok(Control::Keyframe) => keyframe = true,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            let due = last_encode.elapsed() >= frame_interval;
+            if due && (keyframe || !damage.is_empty()) && self.frames.receiver_count() > 0 {
+                let started = Instant::now();
+                picture.update(session.rgba(), usize::from(session.width()) * 4, &damage);
+                damage.clear();
+                if std::mem::take(&mut keyframe) {
+                    encoder.request_keyframe();
+                }
+                let encoded = encoder.encode(&picture).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                self.stats.encode_us.fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+                self.stats.frames.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes.fetch_add(encoded.data.len() as u64, Ordering::Relaxed);
+                if encoded.keyframe {
+                    self.stats.keyframes.fetch_add(1, Ordering::Relaxed);
+                }
+                last_encode = started;
+                let _ = self.frames.send(Arc::new(Frame { encoded, captured: started, width, height }));
+            } else if self.frames.receiver_count() == 0 {
+                // Nobody watches: keep the picture current but encode nothing.
+                if !damage.is_empty() {
+                    picture.update(session.rgba(), usize::from(session.width()) * 4, &damage);
+                    damage.clear();
+                }
+                keyframe = true;
+            }
+        }
+    }
+}

@@ -11,3 +11,4 @@ pub mod encode;
 pub mod input;
 pub mod rdp;
 pub mod terminal;
+pub mod webrtc;

@@ -1,0 +1,355 @@
+//! One viewer of a desktop over WebRTC (webrtc 0.21): the browser offers (receive-only video
+//! plus an "input" data channel), the appliance answers with host candidates only (venue
+//! LAN, no STUN/TURN) and sends the desktop's shared H.264 stream. PLI/FIR from the browser
+//! asks the encoder for a keyframe. Input from an interactive viewer reaches the desktop;
+//! input from a view-only viewer is dropped and counted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rtc::interceptor::{Attribute, Interceptor, Packet as InterceptorPacket, Slot, StreamInfo, TaggedPacket};
+use rtc::media::Sample;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::{configure_nack, configure_rtcp_reports};
+use rtc::peer_connection::configuration::media_engine::MIME_TYPE_H264;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::sansio::Protocol;
+use tokio::sync::mpsc;
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::Track as _;
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceGatheringState,
+    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+};
+
+use crate::desktop::DesktopStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewerError {
+    #[error("WebRTC: {0}")]
+    WebRtc(String),
+    #[error("the offer has no H.264 video the appliance can send")]
+    NoH264,
+}
+
+fn webrtc_error(error: impl std::fmt::Display) -> ViewerError {
+    ViewerError::WebRtc(error.to_string())
+}
+
+/// What a viewer did, for the stats overlay and the audit log.
+#[derive(Debug, Default)]
+pub struct ViewerStats {
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+    pub inputs_applied: AtomicU64,
+    /// input messages from a view-only viewer, dropped
+    pub inputs_dropped: AtomicU64,
+    pub inputs_malformed: AtomicU64,
+}
+
+enum Event {
+    GatheringComplete,
+    State(RTCPeerConnectionState),
+    DataChannel(Arc<dyn DataChannel>),
+}
+
+struct Handler {
+    events: mpsc::UnboundedSender<Event>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.events.send(Event::GatheringComplete);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.events.send(Event::State(state));
+    }
+
+    async fn on_data_channel(&self, channel: Arc<dyn DataChannel>) {
+        let _ = self.events.send(Event::DataChannel(channel));
+    }
+}
+
+/// Inbound RTCP is consumed by the interceptor chain and dropped at its end unless marked
+/// for the application: this marks picture-loss and intra-frame requests.
+#[derive(Default)]
+struct KeyframeRequests {
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut message: TaggedPacket) -> Result<(), Self::Error> {
+        if let InterceptorPacket::Rtcp(packets) = &message.message.packet {
+            let wanted: Vec<Box<dyn rtc::rtcp::Packet>> =
+                packets.iter().filter(|p| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()).cloned().collect();
+            if wanted.is_empty() {
+                return Ok(());
+            }
+            message.message.packet = InterceptorPacket::Rtcp(wanted);
+            message.message.add(Attribute::DeliverToApplication);
+        }
+        self.reads.push_back(message);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.reads.pop_front()
+    }
+
+    fn handle_write(&mut self, message: TaggedPacket) -> Result<(), Self::Error> {
+        self.writes.push_back(message);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.writes.pop_front()
+    }
+}
+
+impl Interceptor for KeyframeRequests {
+    fn bind_local_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _: &StreamInfo) {}
+}
+
+/// A connected (or connecting) viewer. [`Viewer::closed`] resolves when it is gone.
+pub struct Viewer {
+    pc: Arc<dyn PeerConnection>,
+    pub stats: Arc<ViewerStats>,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Viewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Viewer").field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+impl Viewer {
+    /// Answers a browser's offer; returns the viewer and the answer SDP (all candidates in it).
+    /// `udp_bind` is where this viewer's UDP socket binds, e.g. `0.0.0.0:0` (one socket per
+    /// LAN interface) or `127.0.0.1:0`.
+    pub async fn answer(offer_sdp: String, stream: DesktopStream, interactive: bool, udp_bind: String) -> Result<(Self, String), ViewerError> {
+        let h264 = RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_H264.to_owned(),
+                clock_rate: 90_000,
+                channels: 0,
+                sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".to_owned(),
+                rtcp_feedback: vec![RTCPFeedback { typ: "ccm".into(), parameter: "fir".into() }],
+            },
+            payload_type: 102,
+        };
+        let mut media_engine = MediaEngine::default();
+        media_engine.register_codec(h264.clone(), RtpCodecKind::Video).map_err(webrtc_error)?;
+        let registry = configure_rtcp_reports(configure_nack(Registry::new(), &mut media_engine)).with(Slot::from(14_000), KeyframeRequests::default());
+        let settings = SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::QueryOnly).build();
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let pc: Arc<dyn PeerConnection> = Arc::new(
+            PeerConnectionBuilder::new()
+                .with_configuration(RTCConfigurationBuilder::new().build())
+                .with_media_engine(media_engine)
+                .with_setting_engine(settings)
+                .with_interceptor_registry(registry)
+                .with_handler(Arc::new(Handler { events: events_tx }))
+                .with_udp_addrs(vec![udp_bind])
+                .build()
+                .await
+                .map_err(webrtc_error)?,
+        );
+        let ssrc: u32 = rand::random();
+        let track = Arc::new(
+            TrackLocalStaticSample::new(
+                Instant::now(),
+                MediaStreamTrack::new(
+                    "desktop".to_owned(),
+                    "desktop-video".to_owned(),
+                    "desktop".to_owned(),
+                    RtpCodecKind::Video,
+                    vec![RTCRtpEncodingParameters {
+                        rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                        codec: h264.rtp_codec.clone(),
+                        active: true,
+                        ..Default::default()
+                    }],
+                ),
+            )
+            .map_err(webrtc_error)?,
+        );
+        let sender = pc.add_track(track.clone() as Arc<dyn TrackLocal>).await.map_err(webrtc_error)?;
+        let result = async {
+            pc.set_remote_description(RTCSessionDescription::offer(offer_sdp).map_err(webrtc_error)?).await.map_err(webrtc_error)?;
+            let answer = pc.create_answer(None).await.map_err(webrtc_error)?;
+            pc.set_local_description(answer).await.map_err(webrtc_error)?;
+            Ok::<_, ViewerError>(())
+        }
+        .await;
+        if let Err(error) = result {
+            let _ = pc.close().await;
+            return Err(error);
+        }
+        let mut early = VecDeque::new();
+        let gathered = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(event) = events.recv().await {
+                match event {
+                    Event::GatheringComplete => return true,
+                    other => early.push_back(other),
+                }
+            }
+            false
+        })
+        .await;
+        let answer = match (gathered, pc.local_description().await) {
+            (Ok(true), Some(answer)) => answer.sdp,
+            _ => {
+                let _ = pc.close().await;
+                return Err(ViewerError::WebRtc("ICE gathering did not finish".into()));
+            }
+        };
+        let payload_type = match sender.get_parameters().await.map_err(webrtc_error)?.rtp_parameters.codecs.first() {
+            Some(codec) => codec.payload_type,
+            None => {
+                let _ = pc.close().await;
+                return Err(ViewerError::NoH264);
+            }
+        };
+        let ssrc = track.ssrcs().await.first().copied().unwrap_or(ssrc);
+        let stats = Arc::new(ViewerStats::default());
+        let (done_tx, done) = tokio::sync::watch::channel(false);
+
+        // Keyframe requests from the browser.
+        tokio::spawn({
+            let (track, stream, stats) = (track.clone(), stream.clone(), stats.clone());
+            async move {
+                while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = track.poll().await {
+                    if packets.iter().any(|p| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()) {
+                        stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+                        stream.request_keyframe();
+                    }
+                }
+            }
+        });
+
+        // Connection state, data channels and the media pump.
+        tokio::spawn({
+            let (pc, stats) = (pc.clone(), stats.clone());
+            async move {
+                let mut media: Option<tokio::task::JoinHandle<()>> = None;
+                loop {
+                    let event = match early.pop_front() {
+                        Some(event) => event,
+                        None => match events.recv().await {
+                            Some(event) => event,
+                            None => break,
+                        },
+                    };
+                    match event {
+                        Event::State(RTCPeerConnectionState::Connected) if media.is_none() => {
+                            media = Some(tokio::spawn(pump_media(track.clone(), stream.clone(), ssrc, payload_type, stats.clone())));
+                        }
+                        Event::State(RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) => break,
+                        Event::DataChannel(channel) => {
+                            let (stream, stats, done_tx) = (stream.clone(), stats.clone(), done_tx.clone());
+                            tokio::spawn(async move {
+                                while let Some(event) = channel.poll().await {
+                                    match event {
+                                        DataChannelEvent::OnMessage(message) if !message.is_string => {
+                                            if !interactive {
+                                                stats.inputs_dropped.fetch_add(1, Ordering::Relaxed);
+                                                continue;
+                                            }
+                                            match crate::input::decode(&message.data) {
+                                                Ok(events) => {
+                                                    stats.inputs_applied.fetch_add(1, Ordering::Relaxed);
+                                                    stream.input(events);
+                                                }
+                                                Err(_) => {
+                                                    stats.inputs_malformed.fetch_add(1, Ordering::Relaxed);
+                                                }
+                                            }
+                                        }
+                                        // The tab went away: much sooner than ICE notices.
+                                        DataChannelEvent::OnClose => {
+                                            let _ = done_tx.send(true);
+                                            break;
+                                        }
+                                        _ => {}
+                                    }
+                                }
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(media) = media {
+                    media.abort();
+                }
+                let _ = done_tx.send(true);
+                let _ = pc.close().await;
+            }
+        });
+        Ok((Self { pc, stats, done }, answer))
+    }
+
+    /// Resolves once the browser left (data channel closed, ICE failed) or the viewer was closed.
+    pub async fn closed(&mut self) {
+        let _ = self.done.wait_for(|done| *done).await;
+    }
+
+    pub async fn close(&self) {
+        let _ = self.pc.close().await;
+    }
+}
+
+/// Sends the desktop's frames as they come; the first one is a keyframe.
+async fn pump_media(track: Arc<TrackLocalStaticSample>, stream: DesktopStream, ssrc: u32, payload_type: u8, stats: Arc<ViewerStats>) {
+    let mut frames = stream.subscribe();
+    let mut previous: Option<Instant> = None;
+    let mut waiting_for_keyframe = true;
+    loop {
+        let frame = match frames.recv().await {
+            Ok(frame) => frame,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                // Fell behind: skip to the next keyframe rather than show corruption.
+                waiting_for_keyframe = true;
+                stream.request_keyframe();
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if waiting_for_keyframe && !frame.encoded.keyframe {
+            continue;
+        }
+        waiting_for_keyframe = false;
+        // The RTP clock advances by each sample's duration: use the last gap (capped) so
+        // an idle desktop does not stretch the timeline.
+        let duration = previous.map_or(Duration::from_millis(33), |p| frame.captured.saturating_duration_since(p).min(Duration::from_millis(500)));
+        previous = Some(frame.captured);
+        let sample = Sample { data: Bytes::from(frame.encoded.data.clone()), duration, ..Sample::new(frame.captured) };
+        if track.sample_writer(ssrc, payload_type).write_sample(&sample).await.is_err() {
+            return;
+        }
+        stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+        stats.bytes_sent.fetch_add(frame.encoded.data.len() as u64, Ordering::Relaxed);
+    }
+}

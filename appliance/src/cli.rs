@@ -94,6 +94,9 @@ pub struct ServeArgs {
     /// seconds between lab-host heartbeats; three missed mark a host unhealthy [default: 5]
     #[arg(long, env = "LABRACK_HOST_HEARTBEAT_SECS")]
     pub host_heartbeat_secs: Option<u64>,
+    /// where desktop viewers' WebRTC UDP sockets bind [default: 0.0.0.0:0, one per LAN interface]
+    #[arg(long, env = "LABRACK_WEBRTC_BIND")]
+    pub webrtc_bind: Option<String>,
 }
 
 /// The config file's shape: every key optional.
@@ -108,6 +111,7 @@ struct ConfigFile {
     log_format: Option<LogFormat>,
     secret_key_file: Option<PathBuf>,
     host_heartbeat_secs: Option<u64>,
+    webrtc_bind: Option<String>,
 }
 
 /// Fully resolved settings for `labrack serve`.
@@ -121,6 +125,7 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     pub secret_key_file: PathBuf,
     pub host_heartbeat_secs: u64,
+    pub webrtc_bind: String,
 }
 
 impl ServeArgs {
@@ -135,6 +140,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             secret_key_file: self.secret_key_file.or(file.secret_key_file).unwrap_or_else(|| data_dir.join("secret.key")),
             host_heartbeat_secs,
+            webrtc_bind: self.webrtc_bind.or(file.webrtc_bind).unwrap_or_else(|| "0.0.0.0:0".into()),
             data_dir,
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
             dev_http: self.dev_http || file.dev_http.unwrap_or(false),
@@ -190,7 +196,7 @@ mod tests {
         let Command::Serve(args) = cli.command else { panic!("not serve") };
         let config = args.resolve().expect("resolve");
         assert_eq!(config.data_dir, PathBuf::from("/srv/labrack"));
-        assert_eq!(config.listen, "127.0.0.1:9001".parse().expect("addr"));
+        assert_eq!(config.listen, "127.0.0.1:9001".parse::<SocketAddr>().expect("addr"));
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.dev_http);
         std::fs::write(&path, "colour = \"blue\"\n").expect("write");

@@ -268,6 +268,7 @@ pub async fn run_reconciler(state: AppState) {
         }
         let secrets = state.secrets.clone();
         let heartbeat = state.heartbeat;
+        state.desktops.reap();
         let result = state.db.writer().write(move |conn| reconcile(conn, &secrets, unix_ms(), heartbeat)).await;
         match result {
             Ok(true) => state.wake_hosts(),

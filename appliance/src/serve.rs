@@ -48,6 +48,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let secrets = crate::secrets::SecretBox::load_or_create(&config.secret_key_file).context("loading the secret key")?;
     let mut state = AppState::new(db.clone(), metrics, !config.dev_http, Some(config.web_dir.clone()), secrets);
     state.heartbeat = Duration::from_secs(config.host_heartbeat_secs);
+    state.webrtc_bind = config.webrtc_bind.clone();
     let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
     let shutdown = state.shutdown.clone();
     let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();

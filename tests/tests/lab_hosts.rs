@@ -41,7 +41,7 @@ async fn fixture(tag: &str, listen: &str) -> anyhow::Result<Fixture> {
     let skeleton = DataDir::new(&format!("{tag}-skel"));
     write_skeleton(&skeleton.0);
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
-    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1", "--web-dir", &web])?;
+    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1", "--web-dir", &web, "--webrtc-bind", "127.0.0.1:0"])?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
     admin.first_admin_login(server.admin_password.as_deref().expect("otp"), "a-strong-admin-password").await?;
     let (status, event) = admin
@@ -635,6 +635,64 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
     fx.db().execute("UPDATE allocations SET rdp_cert_sha256 = ?2 WHERE id = ?1", rusqlite::params![id, "00".repeat(32)])?;
     let (ok, text) = probe_desktop(&fx, id, "1e90ff")?;
     assert!(!ok && text.contains("certificate does not match"), "{text}");
+    drop(host);
+    drop(xrdp);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()> {
+    let fx = fixture("desktop", "127.0.0.1:0").await?;
+    let skeleton = DataDir::new("desktop-skel");
+    write_skeleton(&skeleton.0);
+    std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
+    assert_eq!(status, 200, "{body}");
+    let xrdp = labrack_e2e::Xrdp::start()?;
+    let state = DataDir::new("desktop-host");
+    fx.enrol("host-v", &state.0).await?;
+    let host = LabHost::start(&state.0, &fx.users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    let id = fx.allocate(fx.team_id).await?;
+    fx.wait_state(id, "active").await?;
+    let (_, event) = fx.admin.get(&format!("/api/v1/events/{}", fx.event_id)).await?;
+    let (status, issued) = fx
+        .admin
+        .post(&format!("/api/v1/events/{}/participants", fx.event_id), json!({"team_id": fx.team_id, "name": "Viewer"}))
+        .await?;
+    assert_eq!(status, 201, "{issued}");
+
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+    anyhow::ensure!(web.join("node_modules/playwright-core").exists(), "run `npm ci` in web/ (cargo xtask test does)");
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg("e2e/drive-desktop.mjs")
+        .current_dir(&web)
+        .env("LABRACK_URL", &fx.url)
+        .env("LABRACK_EVENT_CODE", event["code"].as_str().expect("code"))
+        .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().expect("join code"));
+    if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
+        command.env("LABRACK_SCREENSHOT_DIR", dir);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(150), command.output()).await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("null"))?;
+    eprintln!("desktop in chromium: {report}");
+    assert_eq!(report["video"][0], 1280, "{report}");
+
+    // Staff watch view-only: a ticket says so, and the viewer was audited.
+    let (status, watch) = fx.admin.post(&format!("/api/v1/allocations/{id}/desktop-ticket"), json!({})).await?;
+    assert_eq!((status, watch["mode"].as_str()), (201, Some("view")), "{watch}");
+    let blue = fx.participant(fx.other_team_id).await?;
+    let (status, _) = blue.post(&format!("/api/v1/allocations/{id}/desktop-ticket"), json!({})).await?;
+    assert_eq!(status, 404, "another team's desktop does not exist for Blue");
+    let joined: i64 = fx.db().query_row(
+        "SELECT count(*) FROM audit_log WHERE action = 'desktop.viewer_joined' AND target = ?1 AND detail LIKE '%interactive%'",
+        [format!("allocation:{id}")],
+        |r| r.get(0),
+    )?;
+    assert_eq!(joined, 1, "the viewer is audited");
     drop(host);
     drop(xrdp);
     Ok(())

@@ -323,6 +323,8 @@ export const api = {
   resetAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/reset`),
   releaseAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/release`),
   forceReleaseAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/force-release`),
+  desktopTicket: (id: Id) =>
+    request<{ ticket: string; mode: "interactive" | "view"; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/desktop-ticket`),
   terminalTicket: (id: Id) =>
     request<{ ticket: string; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/terminal-ticket`),
 };

@@ -8,6 +8,7 @@ import { renderEvents } from "./pages/events";
 import { renderJoin } from "./pages/join";
 import { renderHosts, renderTemplates } from "./pages/labs";
 import { renderTerminal } from "./pages/terminal";
+import { renderDesktop } from "./pages/desktop";
 import { renderLogin } from "./pages/login";
 import { renderMe } from "./pages/me";
 import { renderPassword } from "./pages/password";
@@ -23,6 +24,7 @@ export type Route =
   | { name: "hosts" }
   | { name: "templates" }
   | { name: "terminal"; id: string }
+  | { name: "desktop"; id: string }
   | { name: "home" }
   | { name: "notfound"; path: string };
 
@@ -40,6 +42,8 @@ export function parseHash(hash: string): Route {
   if (m) return { name: "event", id: decodeURIComponent(m[1]) };
   const t = /^\/terminal\/([^/]+)$/.exec(path);
   if (t) return { name: "terminal", id: decodeURIComponent(t[1]) };
+  const d = /^\/desktop\/([^/]+)$/.exec(path);
+  if (d) return { name: "desktop", id: decodeURIComponent(d[1]) };
   return { name: "notfound", path };
 }
 
@@ -60,7 +64,7 @@ function guard(route: Route): string | null {
     return route.name === "login" || route.name === "join" ? null : "#/login";
   }
   if (p.kind === "participant") {
-    return route.name === "me" || route.name === "terminal" ? null : "#/me";
+    return route.name === "me" || route.name === "terminal" || route.name === "desktop" ? null : "#/me";
   }
   // staff
   if (p.must_change_password) return route.name === "password" ? null : "#/password";
@@ -139,6 +143,9 @@ function render(): void {
       break;
     case "terminal":
       renderTerminal(page, route.id);
+      break;
+    case "desktop":
+      renderDesktop(page, route.id);
       break;
     case "home":
       break;

@@ -409,6 +409,8 @@ async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result
             load_view(conn, id)
         })
         .await?;
+    // The desktop's session and password are about to change: new viewers start afresh.
+    state.desktops.forget(id);
     state.wake_hosts();
     Ok(Json(view))
 }

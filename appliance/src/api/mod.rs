@@ -5,6 +5,7 @@
 //! the same savepoint as the change, so the audit log and the state never disagree.
 
 pub mod auth;
+pub mod desktop;
 pub mod error;
 pub mod extract;
 pub use validate::{email as validate_email, name as validate_name};
@@ -63,8 +64,12 @@ pub struct AppState {
     pub heartbeat: Duration,
     /// failed enrolments per IP
     pub enrol_limiter: Arc<RateLimiter>,
-    /// single-use tickets for browser terminals
+    /// single-use tickets for browser terminals and desktops
     pub terminal_tickets: Arc<terminal::TicketStore>,
+    /// running desktop streams, one per watched lab
+    pub desktops: Arc<desktop::DesktopRegistry>,
+    /// where each desktop viewer's WebRTC UDP socket binds (`0.0.0.0:0`: every LAN interface)
+    pub webrtc_bind: String,
 }
 
 impl AppState {
@@ -76,6 +81,8 @@ impl AppState {
             heartbeat: Duration::from_secs(5),
             enrol_limiter: Arc::new(RateLimiter::new(20, Duration::from_secs(300))),
             terminal_tickets: Arc::new(terminal::TicketStore::default()),
+            desktops: Arc::new(desktop::DesktopRegistry::default()),
+            webrtc_bind: "0.0.0.0:0".into(),
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
@@ -104,7 +111,7 @@ impl AppState {
         people::me, ops::audit_log,
         hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
-        labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket,
+        labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket, desktop::ticket,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
     tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs")),
@@ -146,6 +153,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/me/allocation", get(labs::my_allocation))
         .route("/v1/allocations/{allocation_id}/terminal-ticket", post(terminal::ticket))
         .route("/v1/terminal", get(terminal::socket))
+        .route("/v1/allocations/{allocation_id}/desktop-ticket", post(desktop::ticket))
+        .route("/v1/desktop", get(desktop::socket))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
         .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -33,12 +33,21 @@ const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const TICKET_TTL: Duration = Duration::from_secs(30);
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(10);
 
+/// What a ticket opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Terminal,
+    /// the desktop stream; `interactive` for the lab's own team, view-only for staff
+    Desktop { interactive: bool },
+}
+
 /// What a ticket is good for.
 #[derive(Debug, Clone)]
-struct Ticket {
-    allocation_id: i64,
+pub struct Ticket {
+    pub allocation_id: i64,
+    pub purpose: Purpose,
     session_hash: String,
-    actor: String,
+    pub actor: String,
     expires: Instant,
 }
 
@@ -49,7 +58,11 @@ pub struct TicketStore {
 }
 
 impl TicketStore {
-    fn issue(&self, ticket: Ticket) -> String {
+    pub fn issue(&self, allocation_id: i64, purpose: Purpose, caller: &Caller) -> String {
+        self.insert(Ticket { allocation_id, purpose, session_hash: caller.token_hash.clone(), actor: caller.actor(), expires: Instant::now() + TICKET_TTL })
+    }
+
+    fn insert(&self, ticket: Ticket) -> String {
         let raw = random_token();
         if let Ok(mut tickets) = self.tickets.lock() {
             let now = Instant::now();
@@ -60,12 +73,14 @@ impl TicketStore {
     }
 
     /// Takes the ticket out (single use) if it exists, is fresh and belongs to `session_hash`.
-    fn redeem(&self, raw: &str, session_hash: &str) -> Result<Ticket, ApiError> {
+    pub fn redeem(&self, raw: &str, session_hash: &str, terminal: bool) -> Result<Ticket, ApiError> {
         let ticket = self.tickets.lock().ok().and_then(|mut t| t.remove(&hash_secret(raw)));
+        let what = if terminal { "terminal" } else { "desktop" };
         match ticket {
-            None => Err(ApiError::Unauthenticated("unknown or already used terminal ticket".into())),
-            Some(t) if t.expires <= Instant::now() => Err(ApiError::Unauthenticated("the terminal ticket expired".into())),
-            Some(t) if t.session_hash != session_hash => Err(ApiError::forbidden("the terminal ticket belongs to another session")),
+            None => Err(ApiError::Unauthenticated(format!("unknown or already used {what} ticket"))),
+            Some(t) if t.expires <= Instant::now() => Err(ApiError::Unauthenticated(format!("the {what} ticket expired"))),
+            Some(t) if t.session_hash != session_hash => Err(ApiError::forbidden(format!("the {what} ticket belongs to another session"))),
+            Some(t) if (t.purpose == Purpose::Terminal) != terminal => Err(ApiError::forbidden(format!("this ticket does not open a {what}"))),
             Some(t) => Ok(t),
         }
     }
@@ -98,12 +113,7 @@ pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): 
     if !view.desktop_ready || view.busy {
         return Err(ApiError::conflict(None, format!("the lab is {}{}; its terminal opens once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
     }
-    let raw = state.terminal_tickets.issue(Ticket {
-        allocation_id: id,
-        session_hash: caller.token_hash.clone(),
-        actor: caller.actor(),
-        expires: Instant::now() + TICKET_TTL,
-    });
+    let raw = state.terminal_tickets.issue(id, Purpose::Terminal, &caller);
     Ok((StatusCode::CREATED, Json(TerminalTicket { ticket: raw, expires_in_secs: TICKET_TTL.as_secs(), path: "/api/v1/terminal".into() })))
 }
 
@@ -131,9 +141,8 @@ enum Control {
     Resize { cols: u16, rows: u16 },
 }
 
-/// The terminal WebSocket (see the module docs for the protocol).
-pub async fn socket(State(state): State<AppState>, caller: Caller, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
-    // Cross-site WebSocket hijacking: a browser always sends Origin; it must be us.
+/// Cross-site WebSocket hijacking: a browser always sends Origin; it must be us.
+pub fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
         let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
@@ -141,6 +150,12 @@ pub async fn socket(State(state): State<AppState>, caller: Caller, headers: Head
             return Err(ApiError::forbidden("the WebSocket must be opened from the appliance's own pages"));
         }
     }
+    Ok(())
+}
+
+/// The terminal WebSocket (see the module docs for the protocol).
+pub async fn socket(State(state): State<AppState>, caller: Caller, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    same_origin(&headers)?;
     Ok(upgrade.max_message_size(64 * 1024).on_upgrade(move |ws| async move {
         if let Err(error) = bridge(state, caller, ws).await {
             tracing::info!(%error, "terminal ended");
@@ -148,11 +163,11 @@ pub async fn socket(State(state): State<AppState>, caller: Caller, headers: Head
     }))
 }
 
-fn json_text(value: serde_json::Value) -> Message {
+pub(crate) fn json_text(value: serde_json::Value) -> Message {
     Message::Text(value.to_string().into())
 }
 
-async fn refuse(mut ws: WebSocket, detail: &str) -> anyhow::Result<()> {
+pub(crate) async fn refuse(mut ws: WebSocket, detail: &str) -> anyhow::Result<()> {
     let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": detail}))).await;
     let _ = ws.send(Message::Close(None)).await;
     anyhow::bail!("{detail}")
@@ -167,7 +182,7 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         Ok(hello) => hello,
         Err(e) => return refuse(ws, &format!("the first message is not a terminal hello: {e}")).await,
     };
-    let ticket = match state.terminal_tickets.redeem(&hello.ticket, &caller.token_hash) {
+    let ticket = match state.terminal_tickets.redeem(&hello.ticket, &caller.token_hash, true) {
         Ok(ticket) => ticket,
         Err(error) => return refuse(ws, &error.to_string()).await,
     };
@@ -242,19 +257,21 @@ mod tests {
     use super::*;
 
     fn ticket(session: &str, ttl: Duration) -> Ticket {
-        Ticket { allocation_id: 1, session_hash: session.into(), actor: "participant:1".into(), expires: Instant::now() + ttl }
+        Ticket { allocation_id: 1, purpose: Purpose::Terminal, session_hash: session.into(), actor: "participant:1".into(), expires: Instant::now() + ttl }
     }
 
     #[test]
     fn tickets_are_single_use_session_bound_and_expire() {
         let store = TicketStore::default();
-        let raw = store.issue(ticket("s1", TICKET_TTL));
-        assert!(matches!(store.redeem(&raw, "s2"), Err(ApiError::Forbidden(_))), "another session");
-        assert!(matches!(store.redeem(&raw, "s1"), Err(ApiError::Unauthenticated(_))), "a refused try still uses it up");
-        let raw = store.issue(ticket("s1", TICKET_TTL));
-        assert_eq!(store.redeem(&raw, "s1").expect("valid").allocation_id, 1);
-        assert!(matches!(store.redeem(&raw, "s1"), Err(ApiError::Unauthenticated(_))), "single use");
-        let stale = store.issue(ticket("s1", Duration::ZERO));
-        assert!(matches!(store.redeem(&stale, "s1"), Err(ApiError::Unauthenticated(detail)) if detail.contains("expired")));
+        let raw = store.insert(ticket("s1", TICKET_TTL));
+        assert!(matches!(store.redeem(&raw, "s2", true), Err(ApiError::Forbidden(_))), "another session");
+        assert!(matches!(store.redeem(&raw, "s1", true), Err(ApiError::Unauthenticated(_))), "a refused try still uses it up");
+        let raw = store.insert(ticket("s1", TICKET_TTL));
+        assert_eq!(store.redeem(&raw, "s1", true).expect("valid").allocation_id, 1);
+        assert!(matches!(store.redeem(&raw, "s1", true), Err(ApiError::Unauthenticated(_))), "single use");
+        let stale = store.insert(ticket("s1", Duration::ZERO));
+        assert!(matches!(store.redeem(&stale, "s1", true), Err(ApiError::Unauthenticated(detail)) if detail.contains("expired")));
+        let desktop = store.insert(Ticket { purpose: Purpose::Desktop { interactive: true }, ..ticket("s1", TICKET_TTL) });
+        assert!(matches!(store.redeem(&desktop, "s1", true), Err(ApiError::Forbidden(_))), "a desktop ticket opens no terminal");
     }
 }

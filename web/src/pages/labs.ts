@@ -252,6 +252,8 @@ export function labsSection(eventId: string, teams: () => Team[]): HTMLElement {
               operate && a.state === "active" && !a.busy ? act("Reset", "lab-reset", () => api.resetAllocation(a.id), true) : "",
               operate && ["active", "failed", "release_failed"].includes(a.state) ? act("Release", "lab-release", () => api.releaseAllocation(a.id), true) : "",
               force && a.state !== "released" ? act("Force release", "lab-force-release", () => api.forceReleaseAllocation(a.id), true) : "",
+              a.state === "active" ? h("a", { href: `#/desktop/${a.id}`, testid: "lab-watch" }, "Watch") : "",
+              " ",
               operate && a.state === "active" ? h("a", { href: `#/terminal/${a.id}`, testid: "lab-terminal" }, "Terminal") : "",
             ),
           ),

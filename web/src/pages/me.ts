@@ -33,6 +33,8 @@ export function renderMe(root: HTMLElement): void {
         ? h(
             "p",
             { class: "actions" },
+            h("a", { class: "button", href: `#/desktop/${a.id}`, testid: "open-desktop" }, "Open desktop"),
+            " ",
             h("a", { class: "button", href: `#/terminal/${a.id}`, testid: "open-terminal" }, "Open terminal"),
             " ",
             confirmButton({

@@ -1,0 +1,110 @@
+// Drives the desktop viewer in Debian's Chromium; started by the Rust test
+// `the_desktop_streams_to_chromium_and_takes_input` (tests/tests/lab_hosts.rs), which sets
+// up the appliance, a lab host, xrdp and a lab whose session paints its background
+// #1e90ff and runs an xterm at the top left. Not a standalone test.
+//
+// Env (required): LABRACK_URL, LABRACK_EVENT_CODE, LABRACK_JOIN_CODE.
+// Optional: LABRACK_SCREENSHOT_DIR, CHROMIUM_PATH. Prints one JSON line on success.
+
+import assert from "node:assert/strict";
+import { mkdtemp, mkdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const need = (name) => {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is required (this script is driven by the lab_hosts Rust test)`);
+  return value;
+};
+const BASE_URL = need("LABRACK_URL").replace(/\/+$/, "");
+const SCREENSHOT_DIR = process.env.LABRACK_SCREENSHOT_DIR ?? "";
+const tid = (id) => `[data-testid="${id}"]`;
+const close = (a, b, tolerance = 24) => a.every((v, i) => Math.abs(v - b[i]) <= tolerance);
+
+const userDataDir = await mkdtemp(join(tmpdir(), "labrack-chromium-desktop-"));
+const context = await chromium.launchPersistentContext(userDataDir, {
+  executablePath: process.env.CHROMIUM_PATH || "/usr/bin/chromium",
+  headless: true,
+  ignoreHTTPSErrors: true,
+  viewport: { width: 1280, height: 860 },
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"],
+});
+const urls = [];
+try {
+  const page = context.pages()[0] ?? (await context.newPage());
+  page.setDefaultTimeout(30_000);
+  const errors = [];
+  page.on("pageerror", (err) => errors.push(String(err)));
+  page.on("request", (req) => urls.push(req.url()));
+  page.on("websocket", (ws) => urls.push(ws.url()));
+
+  await page.goto(`${BASE_URL}/#/join`);
+  await page.fill(tid("join-event-code"), need("LABRACK_EVENT_CODE"));
+  await page.fill(tid("join-code-input"), need("LABRACK_JOIN_CODE"));
+  await page.click(tid("join-submit"));
+  await page.waitForSelector(tid("open-desktop"));
+  const opened = Date.now();
+  await page.click(tid("open-desktop"));
+  await page.waitForSelector(`${tid("desktop-status")}[data-state="connected"]`);
+
+  // Sample a desktop pixel (in desktop coordinates) from the decoded video.
+  const pixel = (dx, dy) =>
+    page.evaluate(([dx, dy]) => {
+      const v = document.querySelector('[data-testid="desktop-video"]');
+      if (!v || !v.videoWidth) return null;
+      const c = document.createElement("canvas");
+      c.width = v.videoWidth;
+      c.height = v.videoHeight;
+      const g = c.getContext("2d");
+      g.drawImage(v, 0, 0);
+      const d = g.getImageData(Math.min(dx, c.width - 1), Math.min(dy, c.height - 1), 1, 1).data;
+      return [d[0], d[1], d[2]];
+    }, [dx, dy]);
+  const waitForColour = async (rgb, what) => {
+    const deadline = Date.now() + 30_000;
+    let seen = null;
+    while (Date.now() < deadline) {
+      seen = await pixel(900, 600);
+      if (seen && close(seen, rgb)) return seen;
+      await page.waitForTimeout(100);
+    }
+    throw new Error(`${what}: the desktop never showed ${rgb} (last ${seen})`);
+  };
+  const blue = await waitForColour([30, 144, 255], "the lab session's background");
+  const firstPictureMs = Date.now() - opened;
+  const size = await page.evaluate(() => {
+    const v = document.querySelector('[data-testid="desktop-video"]');
+    return [v.videoWidth, v.videoHeight];
+  });
+  if (SCREENSHOT_DIR) {
+    await mkdir(SCREENSHOT_DIR, { recursive: true });
+    await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-1-live.png") });
+  }
+
+  // Point at the xterm (top left of the desktop) and type a command there: it repaints
+  // the remote background, which proves the keystrokes reached an application.
+  const client = await page.evaluate(([dx, dy]) => {
+    const v = document.querySelector('[data-testid="desktop-video"]');
+    const r = v.getBoundingClientRect();
+    const scale = Math.min(r.width / v.videoWidth, r.height / v.videoHeight);
+    const ox = (r.width - v.videoWidth * scale) / 2;
+    const oy = (r.height - v.videoHeight * scale) / 2;
+    return [r.left + ox + dx * scale, r.top + oy + dy * scale];
+  }, [80, 60]);
+  await page.mouse.move(client[0], client[1]);
+  await page.mouse.click(client[0], client[1]);
+  await page.waitForTimeout(300);
+  await page.keyboard.type("xsetroot -solid red", { delay: 20 });
+  await page.keyboard.press("Enter");
+  const red = await waitForColour([255, 0, 0], "typing in the remote xterm");
+  if (SCREENSHOT_DIR) await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-2-typed.png") });
+
+  assert.deepEqual(errors, [], "no page errors");
+  for (const url of urls) assert.ok(!/ticket|token|sdp/i.test(new URL(url).search), `no secret in a URL query: ${url}`);
+  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size }));
+  await page.close();
+} finally {
+  await context.close().catch(() => {});
+  await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+}

@@ -1,0 +1,167 @@
+// The lab desktop in the browser: WebRTC video (receive-only) plus an "input" data channel.
+// Signaling goes over a WebSocket whose first message carries the single-use ticket and the
+// offer; nothing secret is ever in a URL. View-only viewers (staff, judges) send no input.
+
+import { api } from "../api";
+import { errorBox, h, showError } from "../dom";
+
+// KeyboardEvent.code → set-1 scancode (| 0x100 for E0-extended keys).
+const SCANCODES: Record<string, number> = {
+  Escape: 0x01, Digit1: 0x02, Digit2: 0x03, Digit3: 0x04, Digit4: 0x05, Digit5: 0x06, Digit6: 0x07, Digit7: 0x08,
+  Digit8: 0x09, Digit9: 0x0a, Digit0: 0x0b, Minus: 0x0c, Equal: 0x0d, Backspace: 0x0e, Tab: 0x0f, KeyQ: 0x10,
+  KeyW: 0x11, KeyE: 0x12, KeyR: 0x13, KeyT: 0x14, KeyY: 0x15, KeyU: 0x16, KeyI: 0x17, KeyO: 0x18, KeyP: 0x19,
+  BracketLeft: 0x1a, BracketRight: 0x1b, Enter: 0x1c, ControlLeft: 0x1d, KeyA: 0x1e, KeyS: 0x1f, KeyD: 0x20,
+  KeyF: 0x21, KeyG: 0x22, KeyH: 0x23, KeyJ: 0x24, KeyK: 0x25, KeyL: 0x26, Semicolon: 0x27, Quote: 0x28,
+  Backquote: 0x29, ShiftLeft: 0x2a, Backslash: 0x2b, KeyZ: 0x2c, KeyX: 0x2d, KeyC: 0x2e, KeyV: 0x2f, KeyB: 0x30,
+  KeyN: 0x31, KeyM: 0x32, Comma: 0x33, Period: 0x34, Slash: 0x35, ShiftRight: 0x36, NumpadMultiply: 0x37,
+  AltLeft: 0x38, Space: 0x39, CapsLock: 0x3a, F1: 0x3b, F2: 0x3c, F3: 0x3d, F4: 0x3e, F5: 0x3f, F6: 0x40, F7: 0x41,
+  F8: 0x42, F9: 0x43, F10: 0x44, F11: 0x57, F12: 0x58, ControlRight: 0x11d, AltRight: 0x138, Home: 0x147,
+  ArrowUp: 0x148, PageUp: 0x149, ArrowLeft: 0x14b, ArrowRight: 0x14d, End: 0x14f, ArrowDown: 0x150,
+  PageDown: 0x151, Insert: 0x152, Delete: 0x153, MetaLeft: 0x15b, MetaRight: 0x15c, ContextMenu: 0x15d,
+  IntlBackslash: 0x56,
+};
+
+function keyMessage(code: number, down: boolean): Uint8Array<ArrayBuffer> {
+  return new Uint8Array([1, (down ? 1 : 0) | (code & 0x100 ? 2 : 0), code & 0xff]);
+}
+
+function u16(view: DataView, at: number, value: number): void {
+  view.setUint16(at, Math.max(0, Math.min(0xffff, Math.round(value))), true);
+}
+
+export function renderDesktop(root: HTMLElement, allocationId: string): void {
+  document.title = "Desktop · LabRack";
+  const status = h("p", { class: "terminal-status", role: "status", testid: "desktop-status", "data-state": "connecting" }, "Connecting…");
+  const statsLine = h("p", { class: "muted small", testid: "desktop-stats" });
+  const error = errorBox("desktop-error");
+  const video = h("video", { class: "desktop-video", testid: "desktop-video", autoplay: true, muted: true, playsinline: true, tabindex: 0 });
+  video.muted = true;
+  root.append(h("div", { class: "terminal-bar" }, h("a", { href: "#/", testid: "desktop-back" }, "← Back"), status, statsLine), error, video);
+
+  let pc: RTCPeerConnection | null = null;
+  let socket: WebSocket | null = null;
+  let channel: RTCDataChannel | null = null;
+  let interactive = false;
+  let lastFrames = 0;
+  let lastAt = performance.now();
+  const setStatus = (state: string, text: string): void => {
+    status.dataset.state = state;
+    status.textContent = text;
+  };
+  const send = (message: Uint8Array<ArrayBuffer>): void => {
+    if (interactive && channel?.readyState === "open") channel.send(message);
+  };
+
+  // Desktop pixel under a point of the video element (letterboxing accounted for).
+  const toDesktop = (ev: MouseEvent): [number, number] => {
+    const rect = video.getBoundingClientRect();
+    const vw = video.videoWidth || 1;
+    const vh = video.videoHeight || 1;
+    const scale = Math.min(rect.width / vw, rect.height / vh);
+    const offsetX = (rect.width - vw * scale) / 2;
+    const offsetY = (rect.height - vh * scale) / 2;
+    return [(ev.clientX - rect.left - offsetX) / scale, (ev.clientY - rect.top - offsetY) / scale];
+  };
+  const pointer = (type: number, ev: MouseEvent, extra: number[] = []): Uint8Array<ArrayBuffer> => {
+    const [x, y] = toDesktop(ev);
+    const bytes = new Uint8Array(type === 3 ? 5 : 7);
+    const view = new DataView(bytes.buffer);
+    bytes[0] = type;
+    if (type === 3) {
+      u16(view, 1, x);
+      u16(view, 3, y);
+    } else {
+      bytes[1] = extra[0];
+      bytes[2] = extra[1];
+      if (type === 5) view.setInt16(1, extra[0], true);
+      u16(view, 3, x);
+      u16(view, 5, y);
+    }
+    return bytes;
+  };
+  video.addEventListener("mousemove", (ev) => send(pointer(3, ev)));
+  video.addEventListener("mousedown", (ev) => {
+    ev.preventDefault();
+    video.focus();
+    send(pointer(4, ev, [[0, 1, 2][ev.button] ?? 0, 1]));
+  });
+  video.addEventListener("mouseup", (ev) => send(pointer(4, ev, [[0, 1, 2][ev.button] ?? 0, 0])));
+  video.addEventListener("contextmenu", (ev) => ev.preventDefault());
+  video.addEventListener("wheel", (ev) => {
+    ev.preventDefault();
+    send(pointer(5, ev, [Math.max(-255, Math.min(255, Math.round(-ev.deltaY)))]));
+  }, { passive: false });
+  const onKey = (down: boolean) => (ev: KeyboardEvent): void => {
+    if (!interactive || !root.isConnected) return;
+    const code = SCANCODES[ev.code];
+    if (code === undefined) return;
+    // Keep shortcuts (Tab, Backspace, Ctrl+W where the browser allows) for the desktop.
+    ev.preventDefault();
+    send(keyMessage(code, down));
+  };
+  const keydown = onKey(true);
+  const keyup = onKey(false);
+  window.addEventListener("keydown", keydown);
+  window.addEventListener("keyup", keyup);
+
+  const watch = window.setInterval(() => {
+    if (root.isConnected) return;
+    window.clearInterval(watch);
+    window.removeEventListener("keydown", keydown);
+    window.removeEventListener("keyup", keyup);
+    socket?.close();
+    pc?.close();
+  }, 500);
+
+  async function connect(): Promise<void> {
+    try {
+      const ticket = await api.desktopTicket(allocationId);
+      interactive = ticket.mode === "interactive";
+      const peer = new RTCPeerConnection({ iceServers: [] });
+      pc = peer;
+      peer.addTransceiver("video", { direction: "recvonly" });
+      channel = peer.createDataChannel("input");
+      channel.binaryType = "arraybuffer";
+      peer.addEventListener("track", (ev) => {
+        video.srcObject = ev.streams[0] ?? new MediaStream([ev.track]);
+        void video.play().catch(() => {});
+      });
+      peer.addEventListener("connectionstatechange", () => {
+        if (peer.connectionState === "connected") setStatus("connected", interactive ? "Connected" : "Connected (view only)");
+        if (peer.connectionState === "disconnected") setStatus("reconnecting", "Connection interrupted…");
+        if (peer.connectionState === "failed" || peer.connectionState === "closed") setStatus("ended", "Disconnected. Reload the page to connect again.");
+      });
+      await peer.setLocalDescription(await peer.createOffer());
+      await new Promise<void>((resolve) => {
+        if (peer.iceGatheringState === "complete") return resolve();
+        const done = (): void => {
+          if (peer.iceGatheringState === "complete") resolve();
+        };
+        peer.addEventListener("icegatheringstatechange", done);
+        setTimeout(resolve, 2000);
+      });
+      const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${ticket.path}`);
+      socket = ws;
+      ws.addEventListener("open", () => ws.send(JSON.stringify({ ticket: ticket.ticket, offer: peer.localDescription?.sdp ?? "" })));
+      ws.addEventListener("message", (ev) => {
+        const msg = JSON.parse(String(ev.data)) as { type: string; sdp?: string; detail?: string; frames?: number; bytes?: number };
+        if (msg.type === "answer" && msg.sdp) {
+          void peer.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+        } else if (msg.type === "stats") {
+          const now = performance.now();
+          const fps = ((msg.frames ?? 0) - lastFrames) / ((now - lastAt) / 1000);
+          lastFrames = msg.frames ?? 0;
+          lastAt = now;
+          statsLine.textContent = `${fps.toFixed(0)} fps · ${(((msg.bytes ?? 0) * 8) / 1e6).toFixed(1)} Mbit sent`;
+        } else if (msg.type === "error") {
+          setStatus("ended", "Could not open the desktop");
+          showError(error, new Error(msg.detail ?? "desktop error"));
+        }
+      });
+    } catch (err) {
+      setStatus("ended", "Could not open the desktop");
+      showError(error, err);
+    }
+  }
+  void connect();
+}

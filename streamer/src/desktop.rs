@@ -1,7 +1,9 @@
 //! One live desktop: an RDP session on its own thread, converted (damage only) and encoded
 //! once, fanned out to every viewer. Frames are produced only when the desktop changed (or
 //! a keyframe was asked for), so an idle desktop costs almost nothing. A dropped RDP
-//! connection is re-established with backoff while viewers stay attached.
+//! connection is re-established with backoff while viewers stay attached. A stream nobody
+//! has watched for [`IDLE_STOP`] ends its RDP session and stops (see [`DesktopStream::stopped`]):
+//! two live streams of one desktop would take the RDP session from each other.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +16,9 @@ use tokio::sync::broadcast;
 use crate::convert::{I420, Rect};
 use crate::encode::{EncodedFrame, H264Encoder};
 use crate::rdp::{DesktopError, DesktopSession, DesktopTarget, Pump};
+
+/// How long a stream without viewers keeps its RDP session.
+pub const IDLE_STOP: Duration = Duration::from_secs(15);
 
 /// Tuning of a stream.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +52,8 @@ pub struct StreamStats {
     pub encode_us: AtomicU64,
     pub reconnects: AtomicU64,
     pub connected: AtomicBool,
+    /// the stream ended (idle, or every handle dropped); it sends nothing more
+    pub stopped: AtomicBool,
 }
 
 enum Control {
@@ -99,6 +106,11 @@ impl DesktopStream {
     pub fn viewers(&self) -> usize {
         self.frames.receiver_count()
     }
+
+    /// Whether the stream has ended; a new viewer needs a new stream.
+    pub fn stopped(&self) -> bool {
+        self.stats.stopped.load(Ordering::Relaxed)
+    }
 }
 
 struct Worker {
@@ -110,11 +122,17 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, mut session: DesktopSession) {
+    fn run(self, session: DesktopSession) {
+        self.run_until_stopped(session);
+        self.stats.connected.store(false, Ordering::Relaxed);
+        self.stats.stopped.store(true, Ordering::Relaxed);
+    }
+
+    fn run_until_stopped(&self, mut session: DesktopSession) {
         let mut backoff = Duration::from_millis(250);
         loop {
             match self.stream(&mut session) {
-                Ok(()) => return, // every handle is gone
+                Ok(()) => return, // idle, or every handle is gone
                 Err(error) => {
                     self.stats.connected.store(false, Ordering::Relaxed);
                     tracing::warn!(%error, "desktop stream lost its RDP session; reconnecting");
@@ -122,7 +140,7 @@ impl Worker {
             }
             loop {
                 std::thread::sleep(backoff);
-                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected)) {
+                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected)) || self.frames.receiver_count() == 0 {
                     return;
                 }
                 match DesktopSession::connect(&self.target, Duration::from_millis(5)) {
@@ -152,6 +170,7 @@ impl Worker {
         let mut damage: Vec<Rect> = vec![Rect::full(width, height)];
         let mut keyframe = true;
         let mut last_encode = Instant::now() - frame_interval;
+        let mut idle_since: Option<Instant> = None;
         loop {
             if let Pump::Damage(rects) = session.pump()? {
                 damage.extend(rects);
@@ -167,6 +186,9 @@ impl Worker {
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
                 }
+            }
+            if self.frames.receiver_count() > 0 {
+                idle_since = None;
             }
             let due = last_encode.elapsed() >= frame_interval;
             if due && (keyframe || !damage.is_empty()) && self.frames.receiver_count() > 0 {
@@ -186,6 +208,9 @@ impl Worker {
                 last_encode = started;
                 let _ = self.frames.send(Arc::new(Frame { encoded, captured: started, width, height }));
             } else if self.frames.receiver_count() == 0 {
+                if idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_STOP {
+                    return Ok(());
+                }
                 // Nobody watches: keep the picture current but encode nothing.
                 if !damage.is_empty() {
                     picture.update(session.rgba(), usize::from(session.width()) * 4, &damage);

@@ -670,7 +670,9 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         .current_dir(&web)
         .env("LABRACK_URL", &fx.url)
         .env("LABRACK_EVENT_CODE", event["code"].as_str().expect("code"))
-        .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().expect("join code"));
+        .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().expect("join code"))
+        .env("LABRACK_ALLOCATION", id.to_string())
+        .env("LABRACK_STAFF_PASSWORD", "a-strong-admin-password");
     if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
         command.env("LABRACK_SCREENSHOT_DIR", dir);
     }
@@ -693,6 +695,24 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         |r| r.get(0),
     )?;
     assert_eq!(joined, 1, "the viewer is audited");
+    // The staff viewer's keystrokes were dropped and counted (written when its socket closed).
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let dropped = loop {
+        let detail: Option<String> = fx
+            .db()
+            .query_row(
+                "SELECT detail FROM audit_log WHERE action = 'desktop.viewer_left' AND target = ?1 AND detail LIKE '%\"view\"%'",
+                [format!("allocation:{id}")],
+                |r| r.get(0),
+            )
+            .ok();
+        if let Some(detail) = detail {
+            break serde_json::from_str::<Value>(&detail)?["inputs_dropped"].as_u64().unwrap_or(0);
+        }
+        assert!(std::time::Instant::now() < deadline, "the view-only viewer's exit was never audited");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(dropped > 0, "view-only input is dropped and counted");
     drop(host);
     drop(xrdp);
     Ok(())

@@ -3,7 +3,8 @@
 // up the appliance, a lab host, xrdp and a lab whose session paints its background
 // #1e90ff and runs an xterm at the top left. Not a standalone test.
 //
-// Env (required): LABRACK_URL, LABRACK_EVENT_CODE, LABRACK_JOIN_CODE.
+// Env (required): LABRACK_URL, LABRACK_EVENT_CODE, LABRACK_JOIN_CODE, LABRACK_ALLOCATION,
+// LABRACK_STAFF_PASSWORD (of `admin`, who then watches view-only and tries to type).
 // Optional: LABRACK_SCREENSHOT_DIR, CHROMIUM_PATH. Prints one JSON line on success.
 
 import assert from "node:assert/strict";
@@ -100,9 +101,33 @@ try {
   const red = await waitForColour([255, 0, 0], "typing in the remote xterm");
   if (SCREENSHOT_DIR) await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-2-typed.png") });
 
+  // Staff watch view-only: their keystrokes must not reach the desktop.
+  await page.goto(`${BASE_URL}/#/me`);
+  await page.click(tid("logout"));
+  await page.waitForSelector(tid("login-form"));
+  await page.fill(tid("login-username"), "admin");
+  await page.fill(tid("login-password"), need("LABRACK_STAFF_PASSWORD"));
+  await page.click(tid("login-submit"));
+  await page.waitForSelector(tid("nav-events"));
+  await page.goto(`${BASE_URL}/#/desktop/${need("LABRACK_ALLOCATION")}`);
+  await page.waitForSelector(`${tid("desktop-status")}[data-state="connected"]`);
+  await page.waitForFunction(() => /view only/.test(document.querySelector('[data-testid="desktop-status"]')?.textContent ?? ""));
+  await waitForColour([255, 0, 0], "the staff view");
+  const staffClient = await page.evaluate(() => {
+    const r = document.querySelector('[data-testid="desktop-video"]').getBoundingClientRect();
+    return [r.left + r.width / 10, r.top + r.height / 8];
+  });
+  await page.mouse.click(staffClient[0], staffClient[1]);
+  await page.keyboard.type("xsetroot -solid green", { delay: 20 });
+  await page.keyboard.press("Enter");
+  await page.waitForTimeout(2000);
+  const still = await pixel(900, 600);
+  if (SCREENSHOT_DIR) await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-3-view-only.png") });
+  assert.ok(close(still, [255, 0, 0]), `a view-only viewer changed the desktop: ${still}`);
+
   assert.deepEqual(errors, [], "no page errors");
   for (const url of urls) assert.ok(!/ticket|token|sdp/i.test(new URL(url).search), `no secret in a URL query: ${url}`);
-  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size }));
+  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, view_only_unchanged: still }));
   await page.close();
 } finally {
   await context.close().catch(() => {});

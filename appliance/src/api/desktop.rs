@@ -42,21 +42,29 @@ pub struct DesktopRegistry {
 }
 
 impl DesktopRegistry {
+    /// The desktop's live stream, unless it stopped.
     fn get(&self, allocation_id: i64) -> Option<DesktopStream> {
-        self.streams.lock().ok()?.get(&allocation_id).cloned()
+        self.streams.lock().ok()?.get(&allocation_id).filter(|stream| !stream.stopped()).cloned()
     }
 
+    /// Keeps `stream` unless another live one got there first (then that one is used).
     fn put(&self, allocation_id: i64, stream: DesktopStream) -> DesktopStream {
         match self.streams.lock() {
-            Ok(mut streams) => streams.entry(allocation_id).or_insert(stream).clone(),
+            Ok(mut streams) => match streams.get(&allocation_id) {
+                Some(existing) if !existing.stopped() => existing.clone(),
+                _ => {
+                    streams.insert(allocation_id, stream.clone());
+                    stream
+                }
+            },
             Err(_) => stream,
         }
     }
 
-    /// Forgets streams nobody watches; a stream stops when its last handle is gone.
+    /// Forgets streams that stopped (a stream stops itself after a while without viewers).
     pub fn reap(&self) {
         if let Ok(mut streams) = self.streams.lock() {
-            streams.retain(|_, stream| stream.viewers() > 0);
+            streams.retain(|_, stream| !stream.stopped());
         }
     }
 

@@ -48,8 +48,9 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
     status.dataset.state = state;
     status.textContent = text;
   };
+  // View-only viewers send too: the server is the one that decides, drops and counts it.
   const send = (message: Uint8Array<ArrayBuffer>): void => {
-    if (interactive && channel?.readyState === "open") channel.send(message);
+    if (channel?.readyState === "open") channel.send(message);
   };
 
   // Desktop pixel under a point of the video element (letterboxing accounted for).
@@ -92,11 +93,11 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
     send(pointer(5, ev, [Math.max(-255, Math.min(255, Math.round(-ev.deltaY)))]));
   }, { passive: false });
   const onKey = (down: boolean) => (ev: KeyboardEvent): void => {
-    if (!interactive || !root.isConnected) return;
+    if (!root.isConnected) return;
     const code = SCANCODES[ev.code];
     if (code === undefined) return;
     // Keep shortcuts (Tab, Backspace, Ctrl+W where the browser allows) for the desktop.
-    ev.preventDefault();
+    if (interactive) ev.preventDefault();
     send(keyMessage(code, down));
   };
   const keydown = onKey(true);

@@ -686,6 +686,32 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     // Staff watch view-only: a ticket says so, and the viewer was audited.
     let (status, watch) = fx.admin.post(&format!("/api/v1/allocations/{id}/desktop-ticket"), json!({})).await?;
     assert_eq!((status, watch["mode"].as_str()), (201, Some("view")), "{watch}");
+    // Tickets are single use, bound to their session and to what they open.
+    let red = fx.participant(fx.team_id).await?;
+    let red_token = red.token.clone().expect("token");
+    let desktop_hello = |ticket: &str| json!({"ticket": ticket, "offer": "v=0"}).to_string();
+    let first_answer = |mut ws: labrack_e2e::AppSocket, hello: String| async move {
+        ws.send(Message::Text(hello.into())).await?;
+        match tokio::time::timeout(LONG, ws.next()).await? {
+            Some(Ok(Message::Text(text))) => anyhow::Ok(text.to_string()),
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        }
+    };
+    let ws = websocket(&fx.data.0, &fx.url, "/api/v1/desktop", &red_token).await?;
+    let answer = first_answer(ws, desktop_hello(watch["ticket"].as_str().expect("ticket"))).await?;
+    assert!(answer.contains("another session"), "{answer}");
+    let (_, own) = red.post(&format!("/api/v1/allocations/{id}/desktop-ticket"), json!({})).await?;
+    assert_eq!(own["mode"], "interactive");
+    let ws = websocket(&fx.data.0, &fx.url, "/api/v1/desktop", &red_token).await?;
+    let answer = first_answer(ws, desktop_hello(own["ticket"].as_str().expect("ticket"))).await?;
+    assert!(answer.contains("WebRTC") || answer.contains("offer"), "a bad offer is refused clearly: {answer}");
+    let ws = websocket(&fx.data.0, &fx.url, "/api/v1/desktop", &red_token).await?;
+    let answer = first_answer(ws, desktop_hello(own["ticket"].as_str().expect("ticket"))).await?;
+    assert!(answer.contains("unknown or already used desktop ticket"), "{answer}");
+    let (_, terminal) = red.post(&format!("/api/v1/allocations/{id}/terminal-ticket"), json!({})).await?;
+    let ws = websocket(&fx.data.0, &fx.url, "/api/v1/desktop", &red_token).await?;
+    let answer = first_answer(ws, desktop_hello(terminal["ticket"].as_str().expect("ticket"))).await?;
+    assert!(answer.contains("does not open a desktop"), "{answer}");
     let blue = fx.participant(fx.other_team_id).await?;
     let (status, _) = blue.post(&format!("/api/v1/allocations/{id}/desktop-ticket"), json!({})).await?;
     assert_eq!(status, 404, "another team's desktop does not exist for Blue");

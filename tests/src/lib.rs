@@ -371,8 +371,21 @@ impl LabUsers {
     }
 
     pub fn sweep(&self) {
+        use std::os::unix::fs::MetadataExt as _;
         for name in self.list() {
+            let uid = Command::new("id").args(["-u", &name]).output().ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok());
             let _ = Command::new("pkill").args(["-KILL", "-u", &name]).status();
+            // The user's killed X server leaves its lock and socket behind; xrdp would count
+            // that display as taken forever.
+            if let Some(uid) = uid {
+                for dir in ["/tmp", "/tmp/.X11-unix", "/tmp/.ICE-unix"] {
+                    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                        if entry.metadata().is_ok_and(|m| m.uid() == uid && !m.is_dir()) {
+                            let _ = std::fs::remove_file(entry.path());
+                        }
+                    }
+                }
+            }
             let _ = Command::new("userdel").args(["--remove", &name]).stderr(Stdio::null()).status();
         }
     }
@@ -476,16 +489,20 @@ pub async fn websocket(data_dir: &Path, base_url: &str, path: &str, bearer: &str
 }
 
 /// A real xrdp (with its session manager and xorgxrdp) on 127.0.0.1:`port`. Its session
-/// manager uses the fixed port 3350, so one runs at a time.
+/// manager uses the fixed port 3350, so one runs at a time: `start` waits for a lock file
+/// that the running one holds until it is dropped.
 pub struct Xrdp {
     sesman: Child,
     xrdp: Child,
     pub port: u16,
     _dir: DataDir,
+    _lock: std::fs::File,
 }
 
 impl Xrdp {
     pub fn start() -> anyhow::Result<Self> {
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(std::env::temp_dir().join("labrack-xrdp.lock"))?;
+        lock.lock().context("waiting for the xrdp lock")?;
         let dir = DataDir::new("xrdp");
         let port = free_port()?;
         let ini = std::fs::read_to_string("/etc/xrdp/xrdp.ini").context("xrdp.ini (apt package xrdp)")?;
@@ -508,7 +525,7 @@ impl Xrdp {
         quiet(&mut xrdp);
         let xrdp = xrdp.spawn().context("starting xrdp")?;
         // Built first so a failed start still stops both processes.
-        let started = Self { sesman, xrdp, port, _dir: dir };
+        let started = Self { sesman, xrdp, port, _dir: dir, _lock: lock };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() || (std::net::TcpStream::connect("127.0.0.1:3350").is_err() && std::net::TcpStream::connect("[::1]:3350").is_err())
         {

@@ -628,6 +628,13 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
     assert_eq!(status, 200);
     fx.wait_state(id, "active").await?;
     assert!(!Command::new("pgrep").args(["-u", &user]).output()?.status.success(), "the reset ended the session");
+    let uid: u32 = String::from_utf8(Command::new("id").args(["-u", &user]).output()?.stdout)?.trim().parse()?;
+    let leftovers: Vec<String> = std::fs::read_dir("/tmp/.X11-unix")?
+        .flatten()
+        .filter(|e| e.metadata().is_ok_and(|m| m.uid() == uid))
+        .map(|e| e.path().display().to_string())
+        .collect();
+    assert!(leftovers.is_empty(), "the killed X server's socket was removed (else xrdp runs out of displays): {leftovers:?}");
     let (ok, text) = probe_desktop(&fx, id, "1e90ff")?;
     assert!(ok, "after the reset the desktop comes back: {text}");
 

@@ -25,7 +25,8 @@ pub(crate) fn cmd_bench(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("api") => bench_api(parse_options(&args[1..])?),
         Some("reset") => crate::bench_reset::bench_reset(&args[1..]),
-        other => bail!("unknown benchmark {other:?}; available: api, reset"),
+        Some("stream") => bench_stream(&args[1..]),
+        other => bail!("unknown benchmark {other:?}; available: api, reset, stream"),
     }
 }
 
@@ -220,4 +221,48 @@ async fn login(client: &reqwest::Client, base: &str, otp: &str) -> anyhow::Resul
         .json(&json!({"current_password": otp, "new_password": "bench-password-1234"}))
         .send().await?.error_for_status()?;
     Ok(token)
+}
+
+/// `cargo xtask bench stream`: today the encode side (convert + H.264 per frame, bandwidth)
+/// on synthetic desktop content; glass-to-glass latency and per-stream CPU are to come.
+fn bench_stream(args: &[String]) -> anyhow::Result<()> {
+    let mut frames = "300".to_owned();
+    let mut runs = 3_usize;
+    let mut iter = args.iter();
+    while let Some(flag) = iter.next() {
+        match flag.as_str() {
+            "--frames" => frames = iter.next().context("--frames needs a value")?.clone(),
+            "--runs" => runs = iter.next().context("--runs needs a value")?.parse().context("--runs needs a number")?,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    run(cargo().args(["build", "--release", "-p", "labrack-streamer", "--example", "encode_bench"]))?;
+    let binary = util::target_dir().join("release/examples/encode_bench");
+    let mut all: Vec<Vec<Value>> = Vec::new();
+    for index in 0..runs {
+        let output = std::process::Command::new(&binary).arg(&frames).output().context("running encode_bench")?;
+        anyhow::ensure!(output.status.success(), "encode_bench failed: {}", String::from_utf8_lossy(&output.stderr));
+        let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        println!("run {}: {}", index + 1, lines.iter().map(Value::to_string).collect::<Vec<_>>().join("\n       "));
+        all.push(lines);
+    }
+    println!("\nbench stream (encode side), median of {runs} runs, {frames} frames each, one thread:");
+    for (i, first) in all[0].iter().enumerate() {
+        let median = |key: &str| {
+            let mut values: Vec<f64> = all.iter().filter_map(|run| run.get(i)?.get(key)?.as_f64()).collect();
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let p50 = median("encode_ms_p50");
+        println!(
+            "  {:<10} {:<7} encode p50 {:>6.2} ms  p95 {:>6.2} ms  {:>6.0} kbit/s at 30 fps  ~{:.0} streams at 25 fps per core",
+            first["size"].as_str().unwrap_or("?"),
+            first["workload"].as_str().unwrap_or("?"),
+            p50,
+            median("encode_ms_p95"),
+            median("kbit_per_s_at_30fps"),
+            1000.0 / (25.0 * p50.max(0.001)),
+        );
+    }
+    Ok(())
 }

@@ -20,8 +20,10 @@ use rand::Rng as _;
 
 use super::RuntimeSettings;
 
-/// Shared places where a user may leave files behind.
-const SHARED_TEMP_DIRS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+/// Shared places where a user may leave files behind. The X socket directories matter: a
+/// killed X server leaves its socket there, and xrdp's session manager counts a display as
+/// taken while its socket exists — without this, every reset would use up a display.
+const SHARED_TEMP_DIRS: [&str; 5] = ["/tmp", "/var/tmp", "/dev/shm", "/tmp/.X11-unix", "/tmp/.ICE-unix"];
 
 /// `{prefix}a{allocation}`; the prefix is checked at start-up.
 pub(crate) fn username(settings: &RuntimeSettings, allocation_id: i64) -> String {

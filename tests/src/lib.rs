@@ -503,8 +503,33 @@ impl Xrdp {
     pub fn start() -> anyhow::Result<Self> {
         let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(std::env::temp_dir().join("labrack-xrdp.lock"))?;
         lock.lock().context("waiting for the xrdp lock")?;
-        let dir = DataDir::new("xrdp");
         let port = free_port()?;
+        let (sesman, xrdp, dir) = Self::spawn(port)?;
+        // Built first so a failed start still stops both processes.
+        let started = Self { sesman, xrdp, port, _dir: dir, _lock: lock };
+        started.wait_listening()?;
+        Ok(started)
+    }
+
+    /// Stops this xrdp and its session manager and starts fresh ones on the same port: an
+    /// RDP server restart as a lab host would see it.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        for child in [&mut self.xrdp, &mut self.sesman] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the old xrdp still answers on {}", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (sesman, xrdp, dir) = Self::spawn(self.port)?;
+        (self.sesman, self.xrdp, self._dir) = (sesman, xrdp, dir);
+        self.wait_listening()
+    }
+
+    fn spawn(port: u16) -> anyhow::Result<(Child, Child, DataDir)> {
+        let dir = DataDir::new("xrdp");
         let ini = std::fs::read_to_string("/etc/xrdp/xrdp.ini").context("xrdp.ini (apt package xrdp)")?;
         let ini: String = ini
             .lines()
@@ -513,26 +538,30 @@ impl Xrdp {
             .join("\n");
         std::fs::write(dir.0.join("xrdp.ini"), ini)?;
         std::fs::create_dir_all("/var/run/xrdp")?;
-        let quiet = |c: &mut Command| {
-            c.stdout(Stdio::null()).stderr(Stdio::null());
-        };
         let mut sesman = Command::new("/usr/sbin/xrdp-sesman");
-        sesman.args(["--nodaemon", "-c", "/etc/xrdp/sesman.ini"]);
-        quiet(&mut sesman);
-        let sesman = sesman.spawn().context("starting xrdp-sesman")?;
+        sesman.args(["--nodaemon", "-c", "/etc/xrdp/sesman.ini"]).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut sesman = sesman.spawn().context("starting xrdp-sesman")?;
         let mut xrdp = Command::new("/usr/sbin/xrdp");
-        xrdp.args(["--nodaemon", "-c"]).arg(dir.0.join("xrdp.ini"));
-        quiet(&mut xrdp);
-        let xrdp = xrdp.spawn().context("starting xrdp")?;
-        // Built first so a failed start still stops both processes.
-        let started = Self { sesman, xrdp, port, _dir: dir, _lock: lock };
+        xrdp.args(["--nodaemon", "-c"]).arg(dir.0.join("xrdp.ini")).stdout(Stdio::null()).stderr(Stdio::null());
+        match xrdp.spawn() {
+            Ok(xrdp) => Ok((sesman, xrdp, dir)),
+            Err(error) => {
+                let _ = sesman.kill();
+                let _ = sesman.wait();
+                Err(error).context("starting xrdp")
+            }
+        }
+    }
+
+    fn wait_listening(&self) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() || (std::net::TcpStream::connect("127.0.0.1:3350").is_err() && std::net::TcpStream::connect("[::1]:3350").is_err())
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || (std::net::TcpStream::connect("127.0.0.1:3350").is_err() && std::net::TcpStream::connect("[::1]:3350").is_err())
         {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "xrdp did not start listening on {port} (and its session manager on 3350)");
+            anyhow::ensure!(std::time::Instant::now() < deadline, "xrdp did not start listening on {} (and its session manager on 3350)", self.port);
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(started)
+        Ok(())
     }
 }
 

@@ -679,16 +679,32 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         .env("LABRACK_EVENT_CODE", event["code"].as_str().expect("code"))
         .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().expect("join code"))
         .env("LABRACK_ALLOCATION", id.to_string())
-        .env("LABRACK_STAFF_PASSWORD", "a-strong-admin-password");
+        .env("LABRACK_STAFF_PASSWORD", "a-strong-admin-password")
+        .env("LABRACK_RESTART_SIGNAL", fx.data.0.join("restart-rdp"));
     if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
         command.env("LABRACK_SCREENSHOT_DIR", dir);
     }
+    // Restart the RDP server when the browser asks for it, while it keeps watching.
+    let signal = fx.data.0.join("restart-rdp");
+    let restarter = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !signal.exists() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the browser never asked for the restart");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut xrdp = xrdp;
+        xrdp.restart()?;
+        std::fs::write(signal.with_extension("done"), "")?;
+        anyhow::Ok(xrdp)
+    });
     let output = tokio::time::timeout(Duration::from_secs(150), command.output()).await??;
+    let xrdp = restarter.await??;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("null"))?;
     eprintln!("desktop in chromium: {report}");
     assert_eq!(report["video"][0], 1280, "{report}");
+    assert_eq!(report["recovered_after_rdp_restart"], true, "{report}");
 
     // Staff watch view-only: a ticket says so, and the viewer was audited.
     let (status, watch) = fx.admin.post(&format!("/api/v1/allocations/{id}/desktop-ticket"), json!({})).await?;

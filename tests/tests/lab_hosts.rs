@@ -649,7 +649,9 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
 
 #[tokio::test]
 async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()> {
-    let fx = fixture("desktop", "127.0.0.1:0").await?;
+    // A fixed port: the appliance restarts mid-test where the page and the host know it.
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut fx = fixture("desktop", &listen).await?;
     let skeleton = DataDir::new("desktop-skel");
     write_skeleton(&skeleton.0);
     std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
@@ -680,7 +682,8 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().expect("join code"))
         .env("LABRACK_ALLOCATION", id.to_string())
         .env("LABRACK_STAFF_PASSWORD", "a-strong-admin-password")
-        .env("LABRACK_RESTART_SIGNAL", fx.data.0.join("restart-rdp"));
+        .env("LABRACK_RESTART_SIGNAL", fx.data.0.join("restart-rdp"))
+        .env("LABRACK_APPLIANCE_RESTART_SIGNAL", fx.data.0.join("restart-appliance"));
     if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
         command.env("LABRACK_SCREENSHOT_DIR", dir);
     }
@@ -697,14 +700,32 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         std::fs::write(signal.with_extension("done"), "")?;
         anyhow::Ok(xrdp)
     });
+    // Restart the appliance when the browser asks, on the same port and data dir.
+    let server = fx.server.take().expect("server");
+    let (data_dir, appliance_signal) = (fx.data.0.clone(), fx.data.0.join("restart-appliance"));
+    let web_dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
+    let appliance_restarter = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(140);
+        while !appliance_signal.exists() {
+            if std::time::Instant::now() > deadline {
+                return anyhow::Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = server.terminate()?;
+        anyhow::ensure!(status.success(), "labrack exited with {status}");
+        Server::start_with(&data_dir, &listen, &["--host-heartbeat-secs", "1", "--web-dir", &web_dist, "--webrtc-bind", "127.0.0.1:0"])
+    });
     let output = tokio::time::timeout(Duration::from_secs(150), command.output()).await??;
     let xrdp = restarter.await??;
+    fx.server = Some(appliance_restarter.await??);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("null"))?;
     eprintln!("desktop in chromium: {report}");
     assert_eq!(report["video"][0], 1280, "{report}");
     assert_eq!(report["recovered_after_rdp_restart"], true, "{report}");
+    assert_eq!(report["reconnected_after_appliance_restart"], true, "{report}");
 
     // Staff watch view-only: a ticket says so, and the viewer was audited.
     let (status, watch) = fx.admin.post(&format!("/api/v1/allocations/{id}/desktop-ticket"), json!({})).await?;
@@ -743,7 +764,7 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         [format!("allocation:{id}")],
         |r| r.get(0),
     )?;
-    assert_eq!(joined, 1, "the viewer is audited");
+    assert_eq!(joined, 2, "every viewer connection is audited: the first and the one after the appliance restart");
     // The staff viewer's keystrokes were dropped and counted (written when its socket closed).
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     let dropped = loop {

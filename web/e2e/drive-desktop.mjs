@@ -130,6 +130,28 @@ try {
     shown = [0, 255, 0];
   }
 
+  // The appliance itself restarts (the Rust test does it on this signal): the page notices,
+  // says so, and reconnects with a fresh ticket on its own.
+  let reconnectedAfterApplianceRestart = false;
+  if (process.env.LABRACK_APPLIANCE_RESTART_SIGNAL) {
+    const { writeFile } = await import("node:fs/promises");
+    await writeFile(process.env.LABRACK_APPLIANCE_RESTART_SIGNAL, "restart");
+    await page.waitForSelector(`${tid("desktop-status")}[data-state="reconnecting"]`, { timeout: 60_000 });
+    await page.waitForSelector(`${tid("desktop-status")}[data-state="connected"]`, { timeout: 60_000 });
+    // xrdp either hands the new RDP login the running session (as it was) or starts a
+    // fresh one (its background again): both are a live desktop.
+    const until = Date.now() + 30_000;
+    let seen = null;
+    while (Date.now() < until) {
+      seen = await pixel(900, 600);
+      if (seen && (close(seen, shown) || close(seen, [30, 144, 255]))) break;
+      await page.waitForTimeout(100);
+    }
+    assert.ok(seen && (close(seen, shown) || close(seen, [30, 144, 255])), `no live desktop after the appliance restarted: ${seen}`);
+    shown = close(seen, shown) ? shown : [30, 144, 255];
+    reconnectedAfterApplianceRestart = true;
+  }
+
   // Staff watch view-only: their keystrokes must not reach the desktop.
   await page.goto(`${BASE_URL}/#/me`);
   await page.click(tid("logout"));
@@ -156,7 +178,7 @@ try {
 
   assert.deepEqual(errors, [], "no page errors");
   for (const url of urls) assert.ok(!/ticket|token|sdp/i.test(new URL(url).search), `no secret in a URL query: ${url}`);
-  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), view_only_unchanged: still }));
+  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, view_only_unchanged: still }));
   await page.close();
 } finally {
   await context.close().catch(() => {});

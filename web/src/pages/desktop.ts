@@ -2,7 +2,7 @@
 // Signaling goes over a WebSocket whose first message carries the single-use ticket and the
 // offer; nothing secret is ever in a URL. View-only viewers (staff, judges) send no input.
 
-import { api } from "../api";
+import { api, ApiError } from "../api";
 import { errorBox, h, showError } from "../dom";
 
 // KeyboardEvent.code → set-1 scancode (| 0x100 for E0-extended keys).
@@ -110,13 +110,59 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
     window.clearInterval(watch);
     window.removeEventListener("keydown", keydown);
     window.removeEventListener("keyup", keyup);
-    socket?.close();
-    pc?.close();
+    window.clearTimeout(reconnectTimer);
+    window.clearInterval(statsTimer);
+    const [oldSocket, oldPc] = [socket, pc];
+    socket = null;
+    pc = null;
+    oldSocket?.close();
+    oldPc?.close();
   }, 500);
 
+  let attempt = 0;
+  let reconnectTimer = 0;
+  let statsTimer = 0;
+  // A dropped connection (appliance restart, Wi-Fi blip) is retried with a fresh ticket:
+  // 1 s, 2 s, 4 s … up to 15 s; only leaving the page stops it.
+  const scheduleReconnect = (why: string): void => {
+    if (!root.isConnected || reconnectTimer) return;
+    socket?.close();
+    pc?.close();
+    socket = null;
+    pc = null;
+    const wait = Math.min(15_000, 1000 * 2 ** Math.min(attempt, 4));
+    attempt += 1;
+    setStatus("reconnecting", `${why} Reconnecting in ${Math.round(wait / 1000)} s…`);
+    reconnectTimer = window.setTimeout(() => {
+      reconnectTimer = 0;
+      void connect();
+    }, wait);
+  };
+
+  // Round-trip time and decode time from the browser's own statistics.
+  const sampleStats = async (peer: RTCPeerConnection, sent: string): Promise<void> => {
+    let rtt = "";
+    let decode = "";
+    let fps = "";
+    (await peer.getStats()).forEach((report: Record<string, unknown>) => {
+      if (report.type === "candidate-pair" && report.nominated && typeof report.currentRoundTripTime === "number") {
+        rtt = `${(report.currentRoundTripTime * 1000).toFixed(0)} ms RTT`;
+      }
+      if (report.type === "inbound-rtp" && report.kind === "video") {
+        const decoded = Number(report.framesDecoded ?? 0);
+        const total = Number(report.totalDecodeTime ?? 0);
+        if (decoded > 0) decode = `${((total / decoded) * 1000).toFixed(1)} ms decode`;
+        if (typeof report.framesPerSecond === "number") fps = `${report.framesPerSecond.toFixed(0)} fps`;
+      }
+    });
+    statsLine.textContent = [fps, sent, rtt, decode].filter(Boolean).join(" · ");
+  };
+
   async function connect(): Promise<void> {
+    let sent = "";
     try {
       const ticket = await api.desktopTicket(allocationId);
+      if (!root.isConnected) return;
       interactive = ticket.mode === "interactive";
       const peer = new RTCPeerConnection({ iceServers: [] });
       pc = peer;
@@ -128,17 +174,20 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
         void video.play().catch(() => {});
       });
       peer.addEventListener("connectionstatechange", () => {
-        if (peer.connectionState === "connected") setStatus("connected", interactive ? "Connected" : "Connected (view only)");
+        if (peer !== pc) return;
+        if (peer.connectionState === "connected") {
+          attempt = 0;
+          setStatus("connected", interactive ? "Connected" : "Connected (view only)");
+        }
         if (peer.connectionState === "disconnected") setStatus("reconnecting", "Connection interrupted…");
-        if (peer.connectionState === "failed" || peer.connectionState === "closed") setStatus("ended", "Disconnected. Reload the page to connect again.");
+        if (peer.connectionState === "failed") scheduleReconnect("The connection failed.");
       });
       await peer.setLocalDescription(await peer.createOffer());
       await new Promise<void>((resolve) => {
         if (peer.iceGatheringState === "complete") return resolve();
-        const done = (): void => {
+        peer.addEventListener("icegatheringstatechange", () => {
           if (peer.iceGatheringState === "complete") resolve();
-        };
-        peer.addEventListener("icegatheringstatechange", done);
+        });
         setTimeout(resolve, 2000);
       });
       const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${ticket.path}`);
@@ -153,15 +202,30 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
           const fps = ((msg.frames ?? 0) - lastFrames) / ((now - lastAt) / 1000);
           lastFrames = msg.frames ?? 0;
           lastAt = now;
-          statsLine.textContent = `${fps.toFixed(0)} fps · ${(((msg.bytes ?? 0) * 8) / 1e6).toFixed(1)} Mbit sent`;
+          sent = `${fps.toFixed(0)} fps sent, ${(((msg.bytes ?? 0) * 8) / 1e6).toFixed(1)} Mbit`;
+          void sampleStats(peer, sent);
         } else if (msg.type === "error") {
           setStatus("ended", "Could not open the desktop");
           showError(error, new Error(msg.detail ?? "desktop error"));
+          ws.close();
         }
       });
+      // The appliance went away (restart, network): start over with a new ticket.
+      ws.addEventListener("close", () => {
+        if (ws === socket && status.dataset.state !== "ended") scheduleReconnect("The appliance connection dropped.");
+      });
+      window.clearInterval(statsTimer);
+      statsTimer = window.setInterval(() => {
+        if (!root.isConnected || peer !== pc) return window.clearInterval(statsTimer);
+        void sampleStats(peer, sent);
+      }, 2000);
     } catch (err) {
-      setStatus("ended", "Could not open the desktop");
-      showError(error, err);
+      if (err instanceof ApiError && err.status >= 400 && err.status < 500 && err.status !== 408 && err.status !== 429) {
+        setStatus("ended", "Could not open the desktop");
+        showError(error, err);
+      } else {
+        scheduleReconnect("The appliance cannot be reached.");
+      }
     }
   }
   void connect();

@@ -1,0 +1,116 @@
+//! The RDP client against the other real servers a lab host may run (xrdp is covered by
+//! the lab-host suite): freerdp-shadow on Xvfb and weston's RDP backend. Each test starts
+//! its server on a free 127.0.0.1 port, pins the certificate the server uses, and looks at
+//! the decoded desktop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use labrack_streamer::rdp::{self, DesktopTarget, Snapshot};
+use sha2::Digest as _;
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(command: &mut Command) -> Process {
+    Process(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("starting {command:?}: {e}")))
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("labrack-rdp-{tag}-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+fn wait_for(what: &str, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn pem_sha256(path: &Path) -> String {
+    let pem = std::fs::read(path).expect("certificate");
+    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().expect("a certificate").expect("valid PEM");
+    hex::encode(sha2::Sha256::digest(der.as_ref()))
+}
+
+fn target(port: u16, cert_sha256: String) -> DesktopTarget {
+    DesktopTarget { host: "127.0.0.1".into(), port, username: "lab".into(), password: "any".into(), cert_sha256, width: 1024, height: 768 }
+}
+
+fn near(seen: [u8; 3], want: [u8; 3]) -> bool {
+    seen.iter().zip(want).all(|(a, b)| a.abs_diff(b) <= 12)
+}
+
+#[test]
+fn freerdp_shadow_on_xvfb_shows_its_root_colour() {
+    let display = format!(":{}", 40 + std::process::id() % 50);
+    let home = temp_dir("shadow");
+    let _xvfb = spawn(Command::new("Xvfb").args([display.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"]));
+    wait_for("Xvfb", || Command::new("xsetroot").env("DISPLAY", &display).args(["-solid", "#00ff00"]).status().is_ok_and(|s| s.success()));
+    let port = free_port();
+    let _shadow = spawn(
+        Command::new("freerdp-shadow-cli")
+            .env("DISPLAY", &display)
+            .env("HOME", &home)
+            .args(["/bind-address:127.0.0.1", &format!("/port:{port}"), "-auth", "/sec:tls"]),
+    );
+    wait_for("freerdp-shadow", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let cert = home.join(".config/freerdp/shadow/shadow.crt");
+    wait_for("the shadow certificate", || cert.exists());
+    let shot: Snapshot = rdp::snapshot(&target(port, pem_sha256(&cert)), Duration::from_secs(20), |s| {
+        near(s.dominant_rgb, [0, 255, 0]) && s.dominant_per_mille > 500
+    })
+    .expect("freerdp-shadow session");
+    assert!(near(shot.dominant_rgb, [0, 255, 0]), "{:?} {}", shot.dominant_rgb, shot.dominant_per_mille);
+    // A wrong pin is refused before any credentials are sent.
+    let refused = rdp::snapshot(&target(port, "00".repeat(32)), Duration::from_secs(5), |_| true);
+    assert!(matches!(refused, Err(rdp::DesktopError::CertificateMismatch)), "{refused:?}");
+    let _ = std::fs::remove_dir_all(home);
+}
+
+#[test]
+fn weston_rdp_backend_draws_its_desktop() {
+    let dir = temp_dir("weston");
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime).expect("runtime dir");
+    std::fs::set_permissions(&runtime, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    let port = free_port();
+    let _weston = spawn(
+        Command::new("weston")
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .arg("--backend=rdp-backend.so")
+            .arg(format!("--rdp-tls-cert={}", cert.display()))
+            .arg(format!("--rdp-tls-key={}", key.display()))
+            .args(["--address=127.0.0.1", &format!("--port={port}"), "--width=1024", "--height=768"]),
+    );
+    wait_for("weston", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    // Weston's shell paints a background and a panel; wait until it is not a black screen.
+    let shot = rdp::snapshot(&target(port, pem_sha256(&cert)), Duration::from_secs(20), |s| s.dominant_rgb != [0, 0, 0]).expect("weston session");
+    assert!(shot.updates > 0);
+    assert_ne!(shot.dominant_rgb, [0, 0, 0], "weston drew its desktop ({} per mille)", shot.dominant_per_mille);
+    let _ = std::fs::remove_dir_all(dir);
+}

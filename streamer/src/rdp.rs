@@ -113,7 +113,8 @@ fn config(target: &DesktopTarget) -> Config {
         monitor_extended_layout: None,
         relative_mouse_input: false,
         enable_tls: true,
-        enable_credssp: false,
+        // NLA (CredSSP with NTLM) where the server asks for it; TLS-only servers (xrdp) pick TLS.
+        enable_credssp: true,
         enable_standard_rdp_security: false,
         credentials: Credentials::UsernamePassword { username: target.username.clone(), password: target.password.clone() },
         domain: None,

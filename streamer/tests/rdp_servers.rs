@@ -114,3 +114,33 @@ fn weston_rdp_backend_draws_its_desktop() {
     assert_ne!(shot.dominant_rgb, [0, 0, 0], "weston drew its desktop ({} per mille)", shot.dominant_per_mille);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn freerdp_shadow_with_nla_checks_the_password() {
+    let display = format!(":{}", 100 + std::process::id() % 50);
+    let home = temp_dir("shadow-nla");
+    let sam = home.join("users.sam");
+    let hash = Command::new("winpr-hash").args(["-u", "lab", "-p", "correct-horse", "-f", "sam"]).output().expect("winpr-hash (apt winpr-utils)");
+    std::fs::write(&sam, &hash.stdout).expect("sam file");
+    let _xvfb = spawn(Command::new("Xvfb").args([display.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"]));
+    wait_for("Xvfb", || Command::new("xsetroot").env("DISPLAY", &display).args(["-solid", "#ff00ff"]).status().is_ok_and(|s| s.success()));
+    let port = free_port();
+    let _shadow = spawn(
+        Command::new("freerdp-shadow-cli")
+            .env("DISPLAY", &display)
+            .env("HOME", &home)
+            .args(["/bind-address:127.0.0.1", &format!("/port:{port}"), "/sec:nla", "+auth"])
+            .arg(format!("/sam-file:{}", sam.display())),
+    );
+    wait_for("freerdp-shadow", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let cert = home.join(".config/freerdp/shadow/shadow.crt");
+    wait_for("the shadow certificate", || cert.exists());
+    let mut good = target(port, pem_sha256(&cert));
+    good.password = "correct-horse".into();
+    let shot = rdp::snapshot(&good, Duration::from_secs(20), |s| near(s.dominant_rgb, [255, 0, 255]) && s.dominant_per_mille > 500).expect("NLA session");
+    assert!(near(shot.dominant_rgb, [255, 0, 255]), "{:?}", shot.dominant_rgb);
+    let mut bad = good.clone();
+    bad.password = "wrong".into();
+    assert!(rdp::snapshot(&bad, Duration::from_secs(5), |_| true).is_err(), "a wrong password is refused by NLA");
+    let _ = std::fs::remove_dir_all(home);
+}

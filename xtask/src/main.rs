@@ -28,7 +28,8 @@ commands:
 
 /// Debian packages the test command needs, with the command that shows each is present.
 /// What the tests need from Debian: the browser, real sshd for the lab terminal, the RDP
-/// server and X tools for lab desktops, and the C toolchain bits ssh2 and OpenH264 build with.
+/// servers and X tools for lab desktops (xrdp; freerdp-shadow and weston for the RDP client's
+/// compatibility tests), and the C toolchain bits ssh2 and OpenH264 build with.
 const SYSTEM_PACKAGES: &[&str] = &[
     "chromium",
     "ca-certificates",
@@ -42,6 +43,11 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "libssl-dev",
     "pkg-config",
     "nasm",
+    "xvfb",
+    "freerdp2-shadow-x11",
+    "winpr-utils",
+    "weston",
+    "openssl",
 ];
 
 fn main() -> ExitCode {

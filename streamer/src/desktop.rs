@@ -59,6 +59,8 @@ pub struct StreamStats {
 enum Control {
     Input(Vec<FastPathInputEvent>),
     Keyframe,
+    /// end the stream now (the desktop's credentials changed)
+    Stop,
 }
 
 /// A running desktop stream. Dropping the last handle stops it.
@@ -66,6 +68,7 @@ enum Control {
 pub struct DesktopStream {
     frames: broadcast::Sender<Arc<Frame>>,
     control: mpsc::Sender<Control>,
+    ended: tokio::sync::watch::Receiver<bool>,
     pub stats: Arc<StreamStats>,
 }
 
@@ -77,12 +80,24 @@ impl DesktopStream {
         let (control, commands) = mpsc::channel();
         let stats = Arc::new(StreamStats::default());
         stats.connected.store(true, Ordering::Relaxed);
-        let worker = Worker { target, settings, frames: frames.clone(), commands, stats: stats.clone() };
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
+        let worker = Worker { target, settings, frames: frames.clone(), commands, stats: stats.clone(), ended: ended_tx };
         std::thread::Builder::new()
             .name("desktop-stream".into())
             .spawn(move || worker.run(session))
             .map_err(|e| DesktopError::Rdp(format!("starting the stream thread: {e}")))?;
-        Ok(Self { frames, control, stats })
+        Ok(Self { frames, control, ended, stats })
+    }
+
+    /// Ends the stream (its viewers should reconnect to a new one).
+    pub fn stop(&self) {
+        let _ = self.control.send(Control::Stop);
+    }
+
+    /// Resolves once the stream has ended.
+    pub async fn ended(&self) {
+        let mut ended = self.ended.clone();
+        let _ = ended.wait_for(|ended| *ended).await;
     }
 
     /// Frames from now on; the first one a viewer gets is a keyframe (asked for here).
@@ -119,6 +134,7 @@ struct Worker {
     frames: broadcast::Sender<Arc<Frame>>,
     commands: mpsc::Receiver<Control>,
     stats: Arc<StreamStats>,
+    ended: tokio::sync::watch::Sender<bool>,
 }
 
 impl Worker {
@@ -126,6 +142,7 @@ impl Worker {
         self.run_until_stopped(session);
         self.stats.connected.store(false, Ordering::Relaxed);
         self.stats.stopped.store(true, Ordering::Relaxed);
+        let _ = self.ended.send(true);
     }
 
     fn run_until_stopped(&self, mut session: DesktopSession) {
@@ -140,7 +157,7 @@ impl Worker {
             }
             loop {
                 std::thread::sleep(backoff);
-                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected)) || self.frames.receiver_count() == 0 {
+                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected) | Ok(Control::Stop)) || self.frames.receiver_count() == 0 {
                     return;
                 }
                 match DesktopSession::connect(&self.target, Duration::from_millis(5)) {
@@ -183,8 +200,8 @@ impl Worker {
                         }
                     }
                     Ok(Control::Keyframe) => keyframe = true,
+                    Ok(Control::Stop) | Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
                     Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
                 }
             }
             if self.frames.receiver_count() > 0 {

@@ -683,7 +683,8 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         .env("LABRACK_ALLOCATION", id.to_string())
         .env("LABRACK_STAFF_PASSWORD", "a-strong-admin-password")
         .env("LABRACK_RESTART_SIGNAL", fx.data.0.join("restart-rdp"))
-        .env("LABRACK_APPLIANCE_RESTART_SIGNAL", fx.data.0.join("restart-appliance"));
+        .env("LABRACK_APPLIANCE_RESTART_SIGNAL", fx.data.0.join("restart-appliance"))
+        .env("LABRACK_RESET_SIGNAL", fx.data.0.join("reset-lab"));
     if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
         command.env("LABRACK_SCREENSHOT_DIR", dir);
     }
@@ -716,7 +717,22 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         anyhow::ensure!(status.success(), "labrack exited with {status}");
         Server::start_with(&data_dir, &listen, &["--host-heartbeat-secs", "1", "--web-dir", &web_dist, "--webrtc-bind", "127.0.0.1:0"])
     });
-    let output = tokio::time::timeout(Duration::from_secs(150), command.output()).await??;
+    // Reset the lab when the browser asks (through the API, like staff would).
+    let (admin, reset_signal) = (fx.admin.clone(), fx.data.0.join("reset-lab"));
+    let resetter = tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(140);
+        while !reset_signal.exists() {
+            if std::time::Instant::now() > deadline {
+                return anyhow::Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (status, body) = admin.post(&format!("/api/v1/allocations/{id}/reset"), json!({})).await?;
+        anyhow::ensure!(status == 200, "reset: {status} {body}");
+        Ok(true)
+    });
+    let output = tokio::time::timeout(Duration::from_secs(170), command.output()).await??;
+    assert!(resetter.await??, "the browser asked for the reset");
     let xrdp = restarter.await??;
     fx.server = Some(appliance_restarter.await??);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -726,6 +742,7 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     assert_eq!(report["video"][0], 1280, "{report}");
     assert_eq!(report["recovered_after_rdp_restart"], true, "{report}");
     assert_eq!(report["reconnected_after_appliance_restart"], true, "{report}");
+    assert_eq!(report["reconnected_after_reset"], true, "{report}");
 
     // Staff watch view-only: a ticket says so, and the viewer was audited.
     let (status, watch) = fx.admin.post(&format!("/api/v1/allocations/{id}/desktop-ticket"), json!({})).await?;
@@ -764,7 +781,7 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         [format!("allocation:{id}")],
         |r| r.get(0),
     )?;
-    assert_eq!(joined, 2, "every viewer connection is audited: the first and the one after the appliance restart");
+    assert_eq!(joined, 3, "every viewer connection is audited: the first, after the appliance restart, after the reset");
     // The staff viewer's keystrokes were dropped and counted (written when its socket closed).
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     let dropped = loop {

@@ -152,6 +152,24 @@ try {
     reconnectedAfterApplianceRestart = true;
   }
 
+  // The team's lab is reset while the page is open: the page reconnects to the fresh
+  // session (new password, new session: its own background colour again).
+  let reconnectedAfterReset = false;
+  if (process.env.LABRACK_RESET_SIGNAL) {
+    const { writeFile } = await import("node:fs/promises");
+    // Paint the old session red, so a fresh one (its own blue) is unmistakable.
+    await page.mouse.click(client[0], client[1]);
+    await page.keyboard.type("xsetroot -solid red", { delay: 20 });
+    await page.keyboard.press("Enter");
+    await waitForColour([255, 0, 0], "typing before the reset");
+    await writeFile(process.env.LABRACK_RESET_SIGNAL, "reset");
+    await page.waitForSelector(`${tid("desktop-status")}[data-state="reconnecting"]`, { timeout: 60_000 });
+    await page.waitForSelector(`${tid("desktop-status")}[data-state="connected"]`, { timeout: 60_000 });
+    await waitForColour([30, 144, 255], "the fresh session after the reset");
+    shown = [30, 144, 255];
+    reconnectedAfterReset = true;
+  }
+
   // Staff watch view-only: their keystrokes must not reach the desktop.
   await page.goto(`${BASE_URL}/#/me`);
   await page.click(tid("logout"));
@@ -178,7 +196,7 @@ try {
 
   assert.deepEqual(errors, [], "no page errors");
   for (const url of urls) assert.ok(!/ticket|token|sdp/i.test(new URL(url).search), `no secret in a URL query: ${url}`);
-  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, view_only_unchanged: still }));
+  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, reconnected_after_reset: reconnectedAfterReset, view_only_unchanged: still }));
   await page.close();
 } finally {
   await context.close().catch(() => {});

@@ -68,10 +68,12 @@ impl DesktopRegistry {
         }
     }
 
-    /// Forgets one desktop (its credentials changed: reset, release).
+    /// Ends one desktop's stream (its session and password are about to change: reset,
+    /// release); its viewers are disconnected and reconnect to a fresh one.
     pub fn forget(&self, allocation_id: i64) {
-        if let Ok(mut streams) = self.streams.lock() {
-            streams.remove(&allocation_id);
+        let stream = self.streams.lock().ok().and_then(|mut streams| streams.remove(&allocation_id));
+        if let Some(stream) = stream {
+            stream.stop();
         }
     }
 }
@@ -169,7 +171,7 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         Ok(stream) => stream,
         Err(detail) => return refuse(ws, &detail).await,
     };
-    let (mut viewer, answer) = match Viewer::answer(hello.offer, stream, interactive, state.webrtc_bind.clone()).await {
+    let (mut viewer, answer) = match Viewer::answer(hello.offer, stream.clone(), interactive, state.webrtc_bind.clone()).await {
         Ok(answered) => answered,
         Err(error) => return refuse(ws, &error.to_string()).await,
     };
@@ -186,6 +188,11 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     loop {
         tokio::select! {
             _ = viewer.closed() => break,
+            // The lab was reset or released: this viewer reconnects to a fresh stream.
+            _ = stream.ended() => {
+                let _ = ws.send(json_text(serde_json::json!({"type": "restart", "detail": "the lab's desktop changed; reconnecting"}))).await;
+                break;
+            }
             _ = tick.tick() => {
                 let s = &viewer.stats;
                 let stats = serde_json::json!({

@@ -204,6 +204,8 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
           lastAt = now;
           sent = `${fps.toFixed(0)} fps sent, ${(((msg.bytes ?? 0) * 8) / 1e6).toFixed(1)} Mbit`;
           void sampleStats(peer, sent);
+        } else if (msg.type === "restart") {
+          scheduleReconnect("The lab was reset.");
         } else if (msg.type === "error") {
           setStatus("ended", "Could not open the desktop");
           showError(error, new Error(msg.detail ?? "desktop error"));
@@ -220,7 +222,8 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
         void sampleStats(peer, sent);
       }, 2000);
     } catch (err) {
-      if (err instanceof ApiError && err.status >= 400 && err.status < 500 && err.status !== 408 && err.status !== 429) {
+      // 409: the lab is busy (a reset is under way) — try again shortly.
+      if (err instanceof ApiError && err.status >= 400 && err.status < 500 && ![408, 409, 429].includes(err.status)) {
         setStatus("ended", "Could not open the desktop");
         showError(error, err);
       } else {

@@ -194,6 +194,23 @@ pub struct DesktopSecret {
     pub rdp_cert_sha256: Option<String>,
 }
 
+impl DesktopSecret {
+    /// The RDP login the streamer makes, at `width`×`height`; fails when the host did not
+    /// report its RDP certificate (the connection could not be verified).
+    pub fn rdp_target(self, width: u16, height: u16) -> Result<labrack_streamer::rdp::DesktopTarget, &'static str> {
+        let cert_sha256 = self.rdp_cert_sha256.ok_or("the lab host did not report its RDP certificate; the desktop cannot be verified")?;
+        Ok(labrack_streamer::rdp::DesktopTarget {
+            host: self.host_address,
+            port: self.rdp_port,
+            username: self.username,
+            password: self.password,
+            cert_sha256,
+            width,
+            height,
+        })
+    }
+}
+
 pub fn desktop_secret(conn: &Connection, secrets: &SecretBox, id: i64) -> Result<Option<DesktopSecret>, ApiError> {
     let row = conn
         .query_row(

@@ -49,16 +49,7 @@ pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
     let desktop = crate::labs::desktop_secret(&conn, &secrets, options.allocation)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_context(|| format!("allocation {} is not active or has no desktop yet", options.allocation))?;
-    let cert_sha256 = desktop.rdp_cert_sha256.clone().context("the lab host did not report its RDP certificate; it cannot be verified")?;
-    let target = DesktopTarget {
-        host: desktop.host_address,
-        port: desktop.rdp_port,
-        username: desktop.username,
-        password: desktop.password,
-        cert_sha256,
-        width: 1024,
-        height: 768,
-    };
+    let target = desktop.rdp_target(1024, 768).map_err(anyhow::Error::msg)?;
     let expect = options.expect_rgb;
     let stream = match options.stream {
         Some(duration) => Some(stream_report(&target, duration)?),

@@ -102,6 +102,30 @@ impl Fixture {
         rusqlite::Connection::open(self.data.0.join("labrack.db")).expect("open the appliance's database")
     }
 
+    /// `node SCRIPT` in web/ with what every Chromium driver needs: the appliance's URL and
+    /// the event and personal codes of a new participant of the Red team named `name`.
+    async fn chromium_driver(&self, script: &str, name: &str) -> anyhow::Result<tokio::process::Command> {
+        let (_, event) = self.admin.get(&format!("/api/v1/events/{}", self.event_id)).await?;
+        let (status, issued) = self
+            .admin
+            .post(&format!("/api/v1/events/{}/participants", self.event_id), json!({"team_id": self.team_id, "name": name}))
+            .await?;
+        anyhow::ensure!(status == 201, "{issued}");
+        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+        anyhow::ensure!(web.join("node_modules/playwright-core").exists(), "run `npm ci` in web/ (cargo xtask test does)");
+        let mut command = tokio::process::Command::new("node");
+        command
+            .arg(script)
+            .current_dir(&web)
+            .env("LABRACK_URL", &self.url)
+            .env("LABRACK_EVENT_CODE", event["code"].as_str().unwrap_or_default())
+            .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().unwrap_or_default());
+        if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
+            command.env("LABRACK_SCREENSHOT_DIR", dir);
+        }
+        Ok(command)
+    }
+
     async fn participant(&self, team_id: i64) -> anyhow::Result<Api> {
         let (_, event) = self.admin.get(&format!("/api/v1/events/{}", self.event_id)).await?;
         let (status, issued) = self
@@ -531,26 +555,8 @@ async fn the_browser_terminal_runs_a_command_in_chromium() -> anyhow::Result<()>
     let id = fx.allocate(fx.team_id).await?;
     fx.wait_state(id, "active").await?;
     let user = format!("{}a{id}", fx.users.prefix);
-    let (_, event) = fx.admin.get(&format!("/api/v1/events/{}", fx.event_id)).await?;
-    let (status, issued) = fx
-        .admin
-        .post(&format!("/api/v1/events/{}/participants", fx.event_id), json!({"team_id": fx.team_id, "name": "Browser"}))
-        .await?;
-    assert_eq!(status, 201, "{issued}");
-
-    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
-    anyhow::ensure!(web.join("node_modules/playwright-core").exists(), "run `npm ci` in web/ (cargo xtask test does)");
-    let mut command = tokio::process::Command::new("node");
-    command
-        .arg("e2e/drive-terminal.mjs")
-        .current_dir(&web)
-        .env("LABRACK_URL", &fx.url)
-        .env("LABRACK_EVENT_CODE", event["code"].as_str().expect("code"))
-        .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().expect("join code"))
-        .env("LABRACK_EXPECT", format!("42-{user}"));
-    if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
-        command.env("LABRACK_SCREENSHOT_DIR", dir);
-    }
+    let mut command = fx.chromium_driver("e2e/drive-terminal.mjs", "Browser").await?;
+    command.env("LABRACK_EXPECT", format!("42-{user}"));
     let output = tokio::time::timeout(Duration::from_secs(120), command.output()).await??;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
@@ -664,30 +670,13 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     let host = LabHost::start(&state.0, &fx.users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
     let id = fx.allocate(fx.team_id).await?;
     fx.wait_state(id, "active").await?;
-    let (_, event) = fx.admin.get(&format!("/api/v1/events/{}", fx.event_id)).await?;
-    let (status, issued) = fx
-        .admin
-        .post(&format!("/api/v1/events/{}/participants", fx.event_id), json!({"team_id": fx.team_id, "name": "Viewer"}))
-        .await?;
-    assert_eq!(status, 201, "{issued}");
-
-    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
-    anyhow::ensure!(web.join("node_modules/playwright-core").exists(), "run `npm ci` in web/ (cargo xtask test does)");
-    let mut command = tokio::process::Command::new("node");
+    let mut command = fx.chromium_driver("e2e/drive-desktop.mjs", "Viewer").await?;
     command
-        .arg("e2e/drive-desktop.mjs")
-        .current_dir(&web)
-        .env("LABRACK_URL", &fx.url)
-        .env("LABRACK_EVENT_CODE", event["code"].as_str().expect("code"))
-        .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().expect("join code"))
         .env("LABRACK_ALLOCATION", id.to_string())
         .env("LABRACK_STAFF_PASSWORD", "a-strong-admin-password")
         .env("LABRACK_RESTART_SIGNAL", fx.data.0.join("restart-rdp"))
         .env("LABRACK_APPLIANCE_RESTART_SIGNAL", fx.data.0.join("restart-appliance"))
         .env("LABRACK_RESET_SIGNAL", fx.data.0.join("reset-lab"));
-    if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
-        command.env("LABRACK_SCREENSHOT_DIR", dir);
-    }
     // Restart the RDP server when the browser asks for it, while it keeps watching.
     let signal = fx.data.0.join("restart-rdp");
     let restarter = tokio::task::spawn_blocking(move || {

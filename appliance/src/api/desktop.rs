@@ -21,7 +21,6 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use labrack_streamer::desktop::{DesktopStream, StreamSettings};
-use labrack_streamer::rdp::DesktopTarget;
 use labrack_streamer::webrtc::Viewer;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -136,16 +135,7 @@ async fn stream_for(state: &AppState, allocation_id: i64) -> Result<DesktopStrea
         .await
         .map_err(|e| e.to_string())?
         .ok_or("the lab is no longer active")?;
-    let cert_sha256 = desktop.rdp_cert_sha256.clone().ok_or("the lab host did not report its RDP certificate; the desktop cannot be verified")?;
-    let target = DesktopTarget {
-        host: desktop.host_address,
-        port: desktop.rdp_port,
-        username: desktop.username,
-        password: desktop.password,
-        cert_sha256,
-        width: 1280,
-        height: 720,
-    };
+    let target = desktop.rdp_target(1280, 720)?;
     let stream = tokio::task::spawn_blocking(move || DesktopStream::start(target, StreamSettings::default()))
         .await
         .map_err(|e| e.to_string())?

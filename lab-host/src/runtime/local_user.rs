@@ -163,14 +163,7 @@ pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton
     let home = home_of(&name)?;
     fill_home(&name, &home, skeleton)?;
     let password = set_password(&name)?;
-    Ok(DesktopAccess {
-        username: name,
-        password,
-        rdp_port: settings.rdp_port,
-        ssh_port: settings.ssh_port,
-        ssh_host_key: settings.ssh_host_key.clone(),
-        rdp_cert_sha256: settings.rdp_cert_sha256.clone(),
-    })
+    Ok(access(settings, name, password))
 }
 
 pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str) -> anyhow::Result<DesktopAccess> {
@@ -184,14 +177,19 @@ pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &s
     let home = home_of(&name)?;
     fill_home(&name, &home, skeleton)?;
     let password = set_password(&name)?;
-    Ok(DesktopAccess {
-        username: name,
+    Ok(access(settings, name, password))
+}
+
+/// What the appliance needs to reach the desktop: this host's servers and their keys.
+fn access(settings: &RuntimeSettings, username: String, password: String) -> DesktopAccess {
+    DesktopAccess {
+        username,
         password,
         rdp_port: settings.rdp_port,
         ssh_port: settings.ssh_port,
         ssh_host_key: settings.ssh_host_key.clone(),
         rdp_cert_sha256: settings.rdp_cert_sha256.clone(),
-    })
+    }
 }
 
 pub(crate) fn release(settings: &RuntimeSettings, allocation_id: i64) -> anyhow::Result<()> {

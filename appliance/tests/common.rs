@@ -230,6 +230,11 @@ pub async fn force_state(app: &TestApp, allocation_id: i64, state: &str) {
                 "UPDATE allocations SET state = ?2, in_flight = NULL, retry_at_ms = NULL WHERE id = ?1",
                 rusqlite::params![allocation_id, state],
             )?;
+            // An active lab has a (sealed) desktop password; its bytes do not matter here.
+            conn.execute(
+                "UPDATE allocations SET desktop_secret = CASE WHEN state = 'active' THEN x'00' ELSE NULL END WHERE id = ?1",
+                [allocation_id],
+            )?;
             conn.execute("UPDATE host_tasks SET done_ms = 1, outcome = 'test' WHERE allocation_id = ?1", [allocation_id])
         })
         .await

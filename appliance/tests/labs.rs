@@ -59,6 +59,7 @@ async fn lab_authorization_matrix() {
         let (team, active) = allocation_in(&app, &organizer, s.event_id, "active").await;
         let (_, active2) = allocation_in(&app, &organizer, s.event_id, "active").await;
         let (_, failed) = allocation_in(&app, &organizer, s.event_id, "failed").await;
+        let (_, idle) = allocation_in(&app, &organizer, s.event_id, "active").await;
         let fresh_team = app.call("POST", &format!("/api/v1/events/{}/teams", s.event_id), &organizer, Some(json!({"name": format!("F{}", next())}))).await;
         let fresh_team = fresh_team.body["id"].as_i64().expect("team");
         let cases: Vec<MatrixCase<'_>> = vec![
@@ -71,6 +72,8 @@ async fn lab_authorization_matrix() {
             ("reset another team's lab", "POST", format!("/api/v1/allocations/{active}/reset"), None, operators, 404),
             ("release", "POST", format!("/api/v1/allocations/{active2}/release"), None, operators, 403),
             ("force-release", "POST", format!("/api/v1/allocations/{failed}/force-release"), None, admins, 403),
+            ("terminal of another team's lab", "POST", format!("/api/v1/allocations/{idle}/terminal-ticket"), None, operators, 404),
+            ("watch another team's desktop", "POST", format!("/api/v1/allocations/{idle}/desktop-ticket"), None, staff_read, 404),
         ];
         let _ = team;
         for (what, method, path, body, allowed, participant_refusal) in cases {
@@ -95,6 +98,12 @@ async fn lab_authorization_matrix() {
     assert_eq!(mine.body["allocation"]["id"], own_id);
     let view = app.call("GET", &format!("/api/v1/allocations/{own_id}"), participant, None).await;
     assert_eq!(view.status.as_u16(), 200);
+    let desktop = app.call("POST", &format!("/api/v1/allocations/{own_id}/desktop-ticket"), participant, None).await;
+    assert_eq!((desktop.status.as_u16(), desktop.body["mode"].as_str()), (201, Some("interactive")), "{}", desktop.body);
+    let judge = app.call("POST", &format!("/api/v1/allocations/{own_id}/desktop-ticket"), &callers[3].1, None).await;
+    assert_eq!(judge.body["mode"], "view", "judges only watch");
+    let terminal = app.call("POST", &format!("/api/v1/allocations/{own_id}/terminal-ticket"), participant, None).await;
+    assert_eq!(terminal.status.as_u16(), 201, "{}", terminal.body);
     let reset = app.call("POST", &format!("/api/v1/allocations/{own_id}/reset"), participant, None).await;
     assert_eq!((reset.status.as_u16(), reset.body["busy"].as_bool()), (200, Some(true)), "{}", reset.body);
     for staff in &callers[..4] {
@@ -175,6 +184,8 @@ async fn bad_lab_input_gets_a_problem_and_changes_nothing() {
     again.problem(409);
     let before = app.snapshot().await;
     app.call("POST", &format!("/api/v1/allocations/{id}/reset"), &organizer, None).await.problem(409);
+    app.call("POST", &format!("/api/v1/allocations/{id}/terminal-ticket"), &organizer, None).await.problem(409);
+    app.call("POST", &format!("/api/v1/allocations/{id}/desktop-ticket"), &organizer, None).await.problem(409);
     assert_eq!(before, app.snapshot().await, "a refused reset leaves no audit row");
     force_state(&app, id, "released").await;
     let before = app.snapshot().await;

@@ -4,6 +4,10 @@
 //! connection is re-established with backoff while viewers stay attached. A stream nobody
 //! has watched for [`IDLE_STOP`] ends its RDP session and stops (see [`DesktopStream::stopped`]):
 //! two live streams of one desktop would take the RDP session from each other.
+//!
+//! The stream also carries the text clipboard both ways and resizes the remote desktop to
+//! the interactive viewer's window (where the server supports display control; elsewhere
+//! the browser scales the picture). A size change rebuilds the encoder and sends a keyframe.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +55,8 @@ pub struct StreamStats {
     /// microseconds spent converting and encoding, in total
     pub encode_us: AtomicU64,
     pub reconnects: AtomicU64,
+    /// times the remote desktop changed size
+    pub resizes: AtomicU64,
     pub connected: AtomicBool,
     /// the stream ended (idle, or every handle dropped); it sends nothing more
     pub stopped: AtomicBool,
@@ -59,6 +65,8 @@ pub struct StreamStats {
 enum Control {
     Input(Vec<FastPathInputEvent>),
     Keyframe,
+    Clipboard(String),
+    Resize(u32, u32),
     /// end the stream now (the desktop's credentials changed)
     Stop,
 }
@@ -68,6 +76,7 @@ enum Control {
 pub struct DesktopStream {
     frames: broadcast::Sender<Arc<Frame>>,
     control: mpsc::Sender<Control>,
+    clipboard: tokio::sync::watch::Receiver<Option<Arc<str>>>,
     ended: tokio::sync::watch::Receiver<bool>,
     pub stats: Arc<StreamStats>,
 }
@@ -81,12 +90,13 @@ impl DesktopStream {
         let stats = Arc::new(StreamStats::default());
         stats.connected.store(true, Ordering::Relaxed);
         let (ended_tx, ended) = tokio::sync::watch::channel(false);
-        let worker = Worker { target, settings, frames: frames.clone(), commands, stats: stats.clone(), ended: ended_tx };
+        let (clipboard_tx, clipboard) = tokio::sync::watch::channel(None);
+        let worker = Worker { target, settings, frames: frames.clone(), commands, stats: stats.clone(), ended: ended_tx, clipboard: clipboard_tx, wanted_size: None };
         std::thread::Builder::new()
             .name("desktop-stream".into())
             .spawn(move || worker.run(session))
             .map_err(|e| DesktopError::Rdp(format!("starting the stream thread: {e}")))?;
-        Ok(Self { frames, control, ended, stats })
+        Ok(Self { frames, control, clipboard, ended, stats })
     }
 
     /// Ends the stream (its viewers should reconnect to a new one).
@@ -118,6 +128,22 @@ impl DesktopStream {
         }
     }
 
+    /// Puts text on the remote desktop's clipboard (the caller decides who may).
+    pub fn set_clipboard(&self, text: String) {
+        let _ = self.control.send(Control::Clipboard(text));
+    }
+
+    /// The text last copied on the remote desktop; changes as it is copied again.
+    pub fn remote_clipboard(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>> {
+        self.clipboard.clone()
+    }
+
+    /// Asks for the remote desktop to be `width × height` (an interactive viewer's window).
+    /// The server may refuse (no display control): the picture keeps its size and is scaled.
+    pub fn resize(&self, width: u32, height: u32) {
+        let _ = self.control.send(Control::Resize(width, height));
+    }
+
     pub fn viewers(&self) -> usize {
         self.frames.receiver_count()
     }
@@ -135,17 +161,20 @@ struct Worker {
     commands: mpsc::Receiver<Control>,
     stats: Arc<StreamStats>,
     ended: tokio::sync::watch::Sender<bool>,
+    clipboard: tokio::sync::watch::Sender<Option<Arc<str>>>,
+    /// the size the interactive viewer asked for, until the server has it
+    wanted_size: Option<(u32, u32)>,
 }
 
 impl Worker {
-    fn run(self, session: DesktopSession) {
+    fn run(mut self, session: DesktopSession) {
         self.run_until_stopped(session);
         self.stats.connected.store(false, Ordering::Relaxed);
         self.stats.stopped.store(true, Ordering::Relaxed);
         let _ = self.ended.send(true);
     }
 
-    fn run_until_stopped(&self, mut session: DesktopSession) {
+    fn run_until_stopped(&mut self, mut session: DesktopSession) {
         let mut backoff = Duration::from_millis(250);
         loop {
             match self.stream(&mut session) {
@@ -178,8 +207,8 @@ impl Worker {
     }
 
     /// Streams until the session fails (Err) or every handle is dropped (Ok).
-    fn stream(&self, session: &mut DesktopSession) -> Result<(), DesktopError> {
-        let (width, height) = (u32::from(session.width()) & !1, u32::from(session.height()) & !1);
+    fn stream(&mut self, session: &mut DesktopSession) -> Result<(), DesktopError> {
+        let (mut width, mut height) = (u32::from(session.width()) & !1, u32::from(session.height()) & !1);
         let mut picture = I420::new(width, height);
         let mut encoder = H264Encoder::new(width, height, self.settings.bitrate_bps, self.settings.max_fps)
             .map_err(|e| DesktopError::Rdp(e.to_string()))?;
@@ -200,9 +229,35 @@ impl Worker {
                         }
                     }
                     Ok(Control::Keyframe) => keyframe = true,
+                    Ok(Control::Clipboard(text)) => session.set_clipboard(text)?,
+                    Ok(Control::Resize(w, h)) => self.wanted_size = Some((w, h)),
                     Ok(Control::Stop) | Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
                     Err(mpsc::TryRecvError::Empty) => break,
                 }
+            }
+            // Display control opens shortly after login; the request waits for it.
+            if let Some((w, h)) = self.wanted_size
+                && session.can_resize()
+            {
+                session.resize(w, h)?;
+                self.wanted_size = None;
+                // A reconnect (RDP server restart) asks for this size from the start.
+                let (w, h) = ironrdp_displaycontrol::pdu::MonitorLayoutEntry::adjust_display_size(w, h);
+                self.target.width = u16::try_from(w).unwrap_or(self.target.width);
+                self.target.height = u16::try_from(h).unwrap_or(self.target.height);
+            }
+            for text in session.take_remote_clipboard() {
+                self.clipboard.send_replace(Some(Arc::from(text)));
+            }
+            let size = (u32::from(session.width()) & !1, u32::from(session.height()) & !1);
+            if size != (width, height) {
+                (width, height) = size;
+                picture = I420::new(width, height);
+                encoder = H264Encoder::new(width, height, self.settings.bitrate_bps, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                damage = vec![Rect::full(width, height)];
+                keyframe = true;
+                self.stats.resizes.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(width, height, "desktop resized");
             }
             if self.frames.receiver_count() > 0 {
                 idle_since = None;

@@ -2,9 +2,12 @@
 //!
 //! - [`terminal`]: the SSH bridge behind the browser terminal (ssh2), verified against the
 //!   host key the lab host reported.
-//!
-//! The RDP → WebRTC desktop pipeline (issue 4) will live here too.
+//! - The desktop pipeline: [`rdp`] (IronRDP session, with [`clipboard`] and display control)
+//!   → [`convert`] (damage-only RGBA → I420) → [`encode`] (H.264) → [`desktop`] (one encode
+//!   per desktop, fanned out) → [`webrtc`] (one peer connection per viewer), with [`input`]
+//!   carrying keyboard and mouse back.
 
+pub mod clipboard;
 pub mod convert;
 pub mod desktop;
 pub mod encode;

@@ -2,15 +2,24 @@
 //! server with the lab user's credentials (autologon), pinning the server certificate the
 //! lab host reported, and decode what it draws into a framebuffer.
 //!
-//! Today this backs the desktop probe (`labrack admin probe-desktop`): proof that a lab's
-//! desktop is live, and what it shows. The WebRTC pipeline (issue 4) builds on it.
+//! It backs the desktop probe (`labrack admin probe-desktop`) and every desktop stream. Two
+//! channels ride along: the text clipboard (cliprdr, see [`crate::clipboard`]) and display
+//! control (a dynamic channel over drdynvc) for resizing the remote desktop to the viewer's
+//! window; a resize ends in the server's deactivation-reactivation sequence, driven here.
 
 use std::io::Write as _;
 use std::net::{TcpStream, ToSocketAddrs as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ironrdp_connector::{ClientConnector, Config, ConnectionOutcome, Credentials, DesktopSize, ServerName};
+use std::sync::Mutex;
+
+use ironrdp_cliprdr::CliprdrClient;
+use ironrdp_cliprdr::pdu::{ClipboardFormat, ClipboardFormatId};
+use ironrdp_connector::connection_activation::{ConnectionActivationFactory, ConnectionActivationState};
+use ironrdp_connector::{ClientConnector, Config, ConnectionOutcome, Credentials, DesktopSize, Sequence as _, ServerName};
+use ironrdp_displaycontrol::client::DisplayControlClient;
+use ironrdp_dvc::DrdynvcClient;
 use ironrdp_graphics::image_processing::PixelFormat;
 use ironrdp_pdu::gcc;
 use ironrdp_pdu::rdp::capability_sets::{MajorPlatformType, RailSupportLevel};
@@ -118,7 +127,8 @@ fn config(target: &DesktopTarget) -> Config {
         enable_standard_rdp_security: false,
         credentials: Credentials::UsernamePassword { username: target.username.clone(), password: target.password.clone() },
         domain: None,
-        client_build: 0,
+        // xrdp treats builds up to 419 as clients that cannot resize (libxrdp_reset).
+        client_build: 7601,
         client_name: "labrack".into(),
         keyboard_type: gcc::KeyboardType::IBM_ENHANCED,
         keyboard_subtype: 0,
@@ -169,6 +179,9 @@ pub struct DesktopSession {
     framed: ironrdp_blocking::Framed<TlsStream>,
     stage: ironrdp_session::ActiveStage,
     image: DecodedImage,
+    activation: ConnectionActivationFactory,
+    clipboard: Arc<Mutex<crate::clipboard::ClipboardShared>>,
+    read_timeout: Duration,
     started: Instant,
     pub connect_ms: u64,
 }
@@ -202,7 +215,10 @@ impl DesktopSession {
         let _ = tcp.set_nodelay(true);
         let client_addr = tcp.local_addr().map_err(connect_error)?;
 
-        let mut connector = ClientConnector::new(config(target), client_addr);
+        let clipboard = Arc::new(Mutex::new(crate::clipboard::ClipboardShared::default()));
+        let mut connector = ClientConnector::new(config(target), client_addr)
+            .with_static_channel(CliprdrClient::new(Box::new(crate::clipboard::QueueingBackend { shared: clipboard.clone() })))
+            .with_static_channel(DrdynvcClient::new().with_dynamic_channel(DisplayControlClient::new(|_| Ok(Vec::new()))));
         let mut framed = ironrdp_blocking::Framed::new(tcp);
         let should_upgrade = ironrdp_blocking::connect_begin(&mut framed, &mut connector).map_err(|e| DesktopError::Rdp(e.to_string()))?;
         let tcp = framed.into_inner_no_leftover();
@@ -257,7 +273,8 @@ impl DesktopSession {
             pointer_software_rendering: result.pointer_software_rendering,
         }
         .build();
-        Ok(Self { framed, stage, image, started, connect_ms })
+        let read_timeout = read_timeout.max(Duration::from_millis(1));
+        Ok(Self { framed, stage, image, activation: result.activation_factory, clipboard, read_timeout, started, connect_ms })
     }
 
     pub fn width(&self) -> u16 {
@@ -306,10 +323,152 @@ impl DesktopSession {
                     bottom: u32::from(rect.bottom) + 1,
                 }),
                 ActiveStageOutput::Terminate(reason) => return Err(DesktopError::Rdp(format!("the server ended the session: {reason:?}"))),
+                ActiveStageOutput::DeactivateAll => {
+                    self.reactivate()?;
+                    damage.push(crate::convert::Rect::full(u32::from(self.width()), u32::from(self.height())));
+                }
                 _ => {}
             }
         }
+        self.drive_clipboard()?;
         Ok(if damage.is_empty() { Pump::Idle } else { Pump::Damage(damage) })
+    }
+
+    /// The server deactivated the session (after a resize, typically): run the capability
+    /// exchange and finalization again, then carry on with a picture of the new size.
+    fn reactivate(&mut self) -> Result<(), DesktopError> {
+        let rdp = |e: &dyn std::fmt::Display| DesktopError::Rdp(format!("reactivating the session: {e}"));
+        self.set_read_timeout(Duration::from_secs(10))?;
+        let mut sequence = self.activation.create();
+        let mut buf = ironrdp_core::WriteBuf::new();
+        let mut skipped = 0_u32;
+        let finalized = loop {
+            if let ConnectionActivationState::Finalized {
+                desktop_size, share_id, enable_server_pointer, pointer_software_rendering, static_channel_chunk_size, refresh_rect_support, ..
+            } = sequence.connection_activation_state()
+            {
+                break (desktop_size, share_id, enable_server_pointer, pointer_software_rendering, static_channel_chunk_size, refresh_rect_support);
+            }
+            if matches!(sequence.connection_activation_state(), ConnectionActivationState::Redirected { .. }) {
+                return Err(DesktopError::Redirected);
+            }
+            buf.clear();
+            let written = if sequence.next_pdu_hint().is_some() {
+                // Updates for the old picture and channel traffic can still arrive before the
+                // server's new Demand Active: skip them (a failed step leaves the sequence
+                // consumed, so it steps a copy).
+                let (action, pdu) = self.framed.read_pdu().map_err(|e| rdp(&format!("reading: {e}")))?;
+                if action == ironrdp_pdu::Action::FastPath {
+                    continue;
+                }
+                let mut attempt = sequence.clone();
+                match attempt.step(&pdu, self.framed.last_read_at(), &mut buf) {
+                    Ok(written) => {
+                        sequence = attempt;
+                        written
+                    }
+                    Err(error) if skipped < 256 => {
+                        skipped += 1;
+                        tracing::debug!(%error, "skipping a PDU while the session reactivates");
+                        continue;
+                    }
+                    Err(error) => return Err(rdp(&format!("step: {error:?}"))),
+                }
+            } else {
+                sequence.step_no_input(&mut buf).map_err(|e| rdp(&format!("step: {e:?}")))?
+            };
+            if let Some(len) = written.size() {
+                self.framed.write_all(&buf[..len]).map_err(|e| rdp(&e))?;
+            }
+        };
+        let (size, share_id, server_pointer, software_pointer, chunk_size, refresh_rect) = finalized;
+        if !self.stage.reactivate(self.activation.io_channel_id(), self.activation.user_channel_id(), share_id, server_pointer, software_pointer, chunk_size) {
+            return Err(rdp(&"the server's virtual channel chunk size is invalid"));
+        }
+        self.image = DecodedImage::new(PixelFormat::RgbA32, size.width, size.height);
+        // The new picture starts blank: ask for all of it rather than wait for changes.
+        for frame in self.stage.request_full_redraw(size.width, size.height, refresh_rect, false).map_err(|e| rdp(&e))? {
+            self.framed.write_all(&frame).map_err(|e| rdp(&e))?;
+        }
+        tracing::debug!(width = size.width, height = size.height, "RDP session reactivated");
+        self.set_read_timeout(self.read_timeout)
+    }
+
+    fn set_read_timeout(&mut self, timeout: Duration) -> Result<(), DesktopError> {
+        self.framed.get_inner_mut().0.sock.set_read_timeout(Some(timeout)).map_err(|e| DesktopError::Rdp(format!("socket: {e}")))
+    }
+
+    /// Asks the server to change the desktop to `width × height` (display control). Returns
+    /// false where the server offers no display control (the viewer then scales the picture);
+    /// the new picture arrives through [`Self::pump`] once the server has resized.
+    pub fn resize(&mut self, width: u32, height: u32) -> Result<bool, DesktopError> {
+        let (width, height) = ironrdp_displaycontrol::pdu::MonitorLayoutEntry::adjust_display_size(width, height);
+        if (width, height) == (u32::from(self.width()), u32::from(self.height())) {
+            return Ok(true);
+        }
+        match self.stage.encode_resize(width, height, None, None) {
+            Some(Ok(frame)) => {
+                self.framed.write_all(&frame).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                Ok(true)
+            }
+            Some(Err(error)) => Err(DesktopError::Rdp(format!("resize: {error}"))),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether the server offers display control (resizing); it opens shortly after login.
+    pub fn can_resize(&mut self) -> bool {
+        self.stage.display_control_ready() == Some(true)
+    }
+
+    /// Puts `text` on the remote desktop's clipboard (the server fetches it when pasted).
+    pub fn set_clipboard(&mut self, text: String) -> Result<(), DesktopError> {
+        if let Ok(mut shared) = self.clipboard.lock() {
+            shared.local_text = Some(text);
+            shared.actions.push_back(crate::clipboard::ClipboardAction::Advertise);
+        }
+        self.drive_clipboard()
+    }
+
+    /// Text copied on the remote desktop since the last call, oldest first.
+    pub fn take_remote_clipboard(&mut self) -> Vec<String> {
+        self.clipboard.lock().map(|mut shared| shared.remote_text.drain(..).collect()).unwrap_or_default()
+    }
+
+    /// Turns what the clipboard backend queued into channel messages.
+    fn drive_clipboard(&mut self) -> Result<(), DesktopError> {
+        use crate::clipboard::ClipboardAction;
+        loop {
+            let (action, local_text) = match self.clipboard.lock() {
+                Ok(mut shared) => match shared.actions.pop_front() {
+                    Some(action) => {
+                        if let ClipboardAction::Fetch(format) = action {
+                            shared.fetching(format);
+                        }
+                        (action, shared.local_text.clone())
+                    }
+                    None => return Ok(()),
+                },
+                Err(_) => return Ok(()),
+            };
+            let Some(cliprdr) = self.stage.get_svc_processor_mut::<CliprdrClient>() else { return Ok(()) };
+            let messages = match action {
+                ClipboardAction::Advertise if local_text.is_some() => cliprdr.initiate_copy(&[ClipboardFormat::new(ClipboardFormatId::CF_UNICODETEXT)]),
+                ClipboardAction::Advertise => cliprdr.initiate_copy(&[]),
+                ClipboardAction::Fetch(format) => cliprdr.initiate_paste(format),
+                ClipboardAction::Provide(format) => cliprdr.submit_format_data(crate::clipboard::provide(local_text.as_deref(), format)),
+            };
+            let messages = match messages {
+                Ok(messages) => messages,
+                // Not ready yet (the channel opens after login): `on_ready` advertises again.
+                Err(error) => {
+                    tracing::debug!(%error, ?action, "clipboard action skipped");
+                    continue;
+                }
+            };
+            let frame = self.stage.process_svc_processor_messages(messages).map_err(|e| DesktopError::Rdp(format!("clipboard: {e}")))?;
+            self.framed.write_all(&frame).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        }
     }
 }
 

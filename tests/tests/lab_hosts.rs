@@ -661,6 +661,11 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     let skeleton = DataDir::new("desktop-skel");
     write_skeleton(&skeleton.0);
     std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
+    // Typed into the remote xterm by the browser test: paste the X clipboard into a file,
+    // and copy text on the desktop (the helpers keep what is typed free of shifted keys).
+    std::fs::write(skeleton.0.join("cbout"), "xclip -o -selection clipboard > \"$HOME/from-browser.txt\"\n")?;
+    std::fs::write(skeleton.0.join("cbin"), "printf '%s' 'copied on the desktop ✓' | xclip -selection clipboard\n")?;
+    std::fs::write(skeleton.0.join("typed"), "stty sane\necho ready > \"$HOME/typed.ready\"\nIFS= read -r line\nprintf '%s\\n' \"$line\" > \"$HOME/typed.txt\"\n")?;
     let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
     let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
     assert_eq!(status, 200, "{body}");
@@ -673,6 +678,7 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     let mut command = fx.chromium_driver("e2e/drive-desktop.mjs", "Viewer").await?;
     command
         .env("LABRACK_ALLOCATION", id.to_string())
+        .env("LABRACK_LAB_HOME", format!("/home/{}a{id}", fx.users.prefix))
         .env("LABRACK_STAFF_PASSWORD", "a-strong-admin-password")
         .env("LABRACK_RESTART_SIGNAL", fx.data.0.join("restart-rdp"))
         .env("LABRACK_APPLIANCE_RESTART_SIGNAL", fx.data.0.join("restart-appliance"))
@@ -680,7 +686,7 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     // Restart the RDP server when the browser asks for it, while it keeps watching.
     let signal = fx.data.0.join("restart-rdp");
     let restarter = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let deadline = std::time::Instant::now() + Duration::from_secs(170);
         while !signal.exists() {
             anyhow::ensure!(std::time::Instant::now() < deadline, "the browser never asked for the restart");
             std::thread::sleep(Duration::from_millis(50));
@@ -695,7 +701,7 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     let (data_dir, appliance_signal) = (fx.data.0.clone(), fx.data.0.join("restart-appliance"));
     let web_dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
     let appliance_restarter = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(140);
+        let deadline = std::time::Instant::now() + Duration::from_secs(190);
         while !appliance_signal.exists() {
             if std::time::Instant::now() > deadline {
                 return anyhow::Ok(server);
@@ -709,7 +715,7 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     // Reset the lab when the browser asks (through the API, like staff would).
     let (admin, reset_signal) = (fx.admin.clone(), fx.data.0.join("reset-lab"));
     let resetter = tokio::spawn(async move {
-        let deadline = std::time::Instant::now() + Duration::from_secs(140);
+        let deadline = std::time::Instant::now() + Duration::from_secs(190);
         while !reset_signal.exists() {
             if std::time::Instant::now() > deadline {
                 return anyhow::Ok(false);
@@ -720,15 +726,20 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         anyhow::ensure!(status == 200, "reset: {status} {body}");
         Ok(true)
     });
-    let output = tokio::time::timeout(Duration::from_secs(170), command.output()).await??;
+    let output = tokio::time::timeout(Duration::from_secs(200), command.output()).await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(resetter.await??, "the browser asked for the reset");
     let xrdp = restarter.await??;
     fx.server = Some(appliance_restarter.await??);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("null"))?;
     eprintln!("desktop in chromium: {report}");
-    assert_eq!(report["video"][0], 1280, "{report}");
+    // The desktop took the page's size at connect, and again when the window shrank.
+    assert_ne!(report["video"], json!([1280, 720]), "the desktop follows the window, not its 1280×720 start: {report}");
+    assert!(report["resized"][0].as_u64() < report["video"][0].as_u64(), "{report}");
+    assert_eq!(report["clipboard_pasted_on_desktop"], "labrack → desktop ✓ 42", "{report}");
+    assert_eq!(report["clipboard_from_desktop"], "copied on the desktop ✓", "{report}");
+    assert_eq!(report["unicode_typed"], "~ok\n", "{report}");
     assert_eq!(report["recovered_after_rdp_restart"], true, "{report}");
     assert_eq!(report["reconnected_after_appliance_restart"], true, "{report}");
     assert_eq!(report["reconnected_after_reset"], true, "{report}");

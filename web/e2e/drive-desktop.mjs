@@ -5,10 +5,11 @@
 //
 // Env (required): LABRACK_URL, LABRACK_EVENT_CODE, LABRACK_JOIN_CODE, LABRACK_ALLOCATION,
 // LABRACK_STAFF_PASSWORD (of `admin`, who then watches view-only and tries to type).
+// LABRACK_LAB_HOME (the lab user's home, where the session's helper scripts write).
 // Optional: LABRACK_SCREENSHOT_DIR, CHROMIUM_PATH. Prints one JSON line on success.
 
 import assert from "node:assert/strict";
-import { mkdtemp, mkdir, rm } from "node:fs/promises";
+import { mkdtemp, mkdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
@@ -74,10 +75,25 @@ try {
   };
   const blue = await waitForColour([30, 144, 255], "the lab session's background");
   const firstPictureMs = Date.now() - opened;
-  const size = await page.evaluate(() => {
-    const v = document.querySelector('[data-testid="desktop-video"]');
-    return [v.videoWidth, v.videoHeight];
-  });
+  // The remote desktop takes the size of the video area (display control), so the picture
+  // is shown 1:1 rather than scaled.
+  const followsWindow = async (what) => {
+    const handle = await page.waitForFunction(() => {
+      const v = document.querySelector('[data-testid="desktop-video"]');
+      const r = v.getBoundingClientRect();
+      const want = [Math.floor(r.width) & ~1, Math.floor(r.height)];
+      return v.videoWidth === want[0] && v.videoHeight === want[1] ? [v.videoWidth, v.videoHeight] : null;
+    }, null, { timeout: 30_000 }).catch(async () => {
+      const seen = await page.evaluate(() => {
+        const v = document.querySelector('[data-testid="desktop-video"]');
+        const r = v.getBoundingClientRect();
+        return { video: [v.videoWidth, v.videoHeight], element: [r.width, r.height] };
+      });
+      throw new Error(`${what}: the desktop never took the window's size (${JSON.stringify(seen)})`);
+    });
+    return handle.jsonValue();
+  };
+  const size = await followsWindow("after connecting");
   if (SCREENSHOT_DIR) {
     await mkdir(SCREENSHOT_DIR, { recursive: true });
     await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-1-live.png") });
@@ -85,21 +101,81 @@ try {
 
   // Point at the xterm (top left of the desktop) and type a command there: it repaints
   // the remote background, which proves the keystrokes reached an application.
-  const client = await page.evaluate(([dx, dy]) => {
-    const v = document.querySelector('[data-testid="desktop-video"]');
-    const r = v.getBoundingClientRect();
-    const scale = Math.min(r.width / v.videoWidth, r.height / v.videoHeight);
-    const ox = (r.width - v.videoWidth * scale) / 2;
-    const oy = (r.height - v.videoHeight * scale) / 2;
-    return [r.left + ox + dx * scale, r.top + oy + dy * scale];
-  }, [80, 60]);
-  await page.mouse.move(client[0], client[1]);
-  await page.mouse.click(client[0], client[1]);
-  await page.waitForTimeout(300);
-  await page.keyboard.type("xsetroot -solid red", { delay: 20 });
-  await page.keyboard.press("Enter");
+  const xtermAt = () =>
+    page.evaluate(([dx, dy]) => {
+      const v = document.querySelector('[data-testid="desktop-video"]');
+      const r = v.getBoundingClientRect();
+      const scale = Math.min(r.width / v.videoWidth, r.height / v.videoHeight);
+      const ox = (r.width - v.videoWidth * scale) / 2;
+      const oy = (r.height - v.videoHeight * scale) / 2;
+      return [r.left + ox + dx * scale, r.top + oy + dy * scale];
+    }, [80, 60]);
+  let client = await xtermAt();
+  const typeInXterm = async (text) => {
+    client = await xtermAt();
+    await page.mouse.move(client[0], client[1]);
+    await page.mouse.click(client[0], client[1]);
+    await page.waitForTimeout(300);
+    await page.keyboard.type(text, { delay: 20 });
+    await page.keyboard.press("Enter");
+  };
+  await typeInXterm("xsetroot -solid red");
   const red = await waitForColour([255, 0, 0], "typing in the remote xterm");
   if (SCREENSHOT_DIR) await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-2-typed.png") });
+
+  // Files the session's helper scripts write in the lab user's home.
+  const LAB_HOME = need("LABRACK_LAB_HOME");
+  const fileSays = async (name, what) => {
+    const deadline = Date.now() + 20_000;
+    let seen = null;
+    while (Date.now() < deadline) {
+      seen = await readFile(join(LAB_HOME, name), "utf8").catch(() => null);
+      if (seen !== null && seen.length > 0) return seen;
+      await page.waitForTimeout(200);
+    }
+    throw new Error(`${what}: ${name} never appeared in the lab's home`);
+  };
+
+  // Clipboard, browser → desktop: text sent from the page is what an X application on the
+  // desktop pastes (the session's `cbout` script runs `xclip -o` into a file).
+  const toDesktop = "labrack → desktop ✓ 42";
+  await page.click(tid("desktop-clipboard-toggle"));
+  await page.fill(tid("desktop-clipboard"), toDesktop);
+  await page.click(tid("desktop-clipboard-send"));
+  await page.waitForTimeout(300);
+  await typeInXterm("sh cbout");
+  const pasted = await fileSays("from-browser.txt", "the desktop pasting the browser's text");
+  assert.equal(pasted, toDesktop, "the desktop pastes what the browser sent");
+
+  // Clipboard, desktop → browser: `cbin` copies text on the desktop (xclip); the page shows it.
+  await typeInXterm("sh cbin");
+  await page.waitForFunction(() => document.querySelector('[data-testid="desktop-clipboard"]').value === "copied on the desktop ✓", null, { timeout: 20_000 })
+    .catch(async () => {
+      throw new Error(`the page never received the desktop's clipboard: ${JSON.stringify(await page.inputValue(tid("desktop-clipboard")))}`);
+    });
+  const fromDesktop = await page.inputValue(tid("desktop-clipboard"));
+  await page.click(tid("desktop-clipboard-toggle"));
+
+  // A key the scancode table cannot place (no physical key code, as from another layout or
+  // an input method) travels as Unicode: the session's `typed` script reads a line from the
+  // xterm into a file.
+  await typeInXterm("sh typed");
+  // Keys typed ahead reach the tty while the shell still holds it in raw mode: type once the
+  // script says it is reading.
+  await fileSays("typed.ready", "the typed script starting");
+  const cdp = await context.newCDPSession(page);
+  for (const type of ["keyDown", "keyUp"]) await cdp.send("Input.dispatchKeyEvent", { type, key: "~", text: type === "keyDown" ? "~" : undefined, code: "" });
+  await page.keyboard.type("ok", { delay: 20 });
+  await page.keyboard.press("Enter");
+  const typedUnicode = await fileSays("typed.txt", "the Unicode key");
+  assert.equal(typedUnicode, "~ok\n", "a Unicode key reaches the desktop");
+
+  // The browser window shrinks: the remote desktop follows.
+  await page.setViewportSize({ width: 1000, height: 700 });
+  const resized = await followsWindow("after the window shrank");
+  assert.ok(resized[0] < size[0] && resized[1] < size[1], `the desktop shrank with the window: ${resized} from ${size}`);
+  if (SCREENSHOT_DIR) await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-2b-resized.png") });
+  await waitForColour([255, 0, 0], "the resized desktop");
 
   let shown = [255, 0, 0];
   // The RDP server restarts under the stream (the Rust test does it on this signal): the
@@ -121,11 +197,7 @@ try {
     // Whether xrdp hands back the surviving X session (red) or starts a new one (blue),
     // keystrokes must reach it through the reconnected stream.
     await page.waitForTimeout(1500);
-    await page.mouse.move(client[0], client[1]);
-    await page.mouse.click(client[0], client[1]);
-    await page.waitForTimeout(300);
-    await page.keyboard.type("xsetroot -solid green", { delay: 20 });
-    await page.keyboard.press("Enter");
+    await typeInXterm("xsetroot -solid green");
     await waitForColour([0, 255, 0], "typing after the RDP server restarted");
     shown = [0, 255, 0];
   }
@@ -158,9 +230,7 @@ try {
   if (process.env.LABRACK_RESET_SIGNAL) {
     const { writeFile } = await import("node:fs/promises");
     // Paint the old session red, so a fresh one (its own blue) is unmistakable.
-    await page.mouse.click(client[0], client[1]);
-    await page.keyboard.type("xsetroot -solid red", { delay: 20 });
-    await page.keyboard.press("Enter");
+    await typeInXterm("xsetroot -solid red");
     await waitForColour([255, 0, 0], "typing before the reset");
     await writeFile(process.env.LABRACK_RESET_SIGNAL, "reset");
     await page.waitForSelector(`${tid("desktop-status")}[data-state="reconnecting"]`, { timeout: 60_000 });
@@ -196,7 +266,7 @@ try {
 
   assert.deepEqual(errors, [], "no page errors");
   for (const url of urls) assert.ok(!/ticket|token|sdp/i.test(new URL(url).search), `no secret in a URL query: ${url}`);
-  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, reconnected_after_reset: reconnectedAfterReset, view_only_unchanged: still }));
+  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, resized, clipboard_pasted_on_desktop: pasted, clipboard_from_desktop: fromDesktop, unicode_typed: typedUnicode, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, reconnected_after_reset: reconnectedAfterReset, view_only_unchanged: still }));
   await page.close();
 } finally {
   await context.close().catch(() => {});

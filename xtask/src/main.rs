@@ -37,6 +37,7 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "xrdp",
     "xorgxrdp",
     "xterm",
+    "xclip",
     "x11-xserver-utils",
     "dbus-x11",
     "ssl-cert",

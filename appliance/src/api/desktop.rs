@@ -3,9 +3,18 @@
 //! 1. `POST /api/v1/allocations/{id}/desktop-ticket`: the lab's own team gets an
 //!    interactive ticket; staff and judges a view-only one. 30 s, once, this session only.
 //! 2. `GET /api/v1/desktop` (WebSocket): the first message is
-//!    `{"ticket": "…", "offer": "<SDP>"}` (the browser offers receive-only video and an
-//!    "input" data channel); the answer comes back as `{"type": "answer", "sdp": "…"}`, then
+//!    `{"ticket": "…", "offer": "<SDP>", "width": W, "height": H}` (the browser offers
+//!    receive-only video and an "input" data channel; the optional size is its video area, so
+//!    a desktop nobody watches yet starts at that size); the answer comes back as `{"type": "answer", "sdp": "…"}`, then
 //!    `{"type": "stats", …}` every 2 s. Closing the socket ends the viewer.
+//! 3. Then, both ways on the same socket (interactive viewers only; from a view-only viewer
+//!    they are dropped and counted, and it is sent no clipboard):
+//!    - `{"type": "clipboard", "text": "…"}`: the browser's clipboard text for the remote
+//!      desktop, or (from the appliance) text copied there;
+//!    - `{"type": "resize", "width": W, "height": H}`: the viewer's window in CSS pixels
+//!      (200–3840 × 200–2160); the remote desktop follows where its server allows.
+//!
+//!    Anything else is answered `{"type": "rejected", "detail": "…"}` and changes nothing.
 //!
 //! One RDP session and one encode per desktop, shared by every viewer (`DesktopRegistry`);
 //! a desktop nobody watches is dropped after a while.
@@ -107,24 +116,69 @@ pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): 
     Ok((StatusCode::CREATED, Json(DesktopTicket { ticket: raw, mode: mode.into(), expires_in_secs: 30, path: "/api/v1/desktop".into() })))
 }
 
+/// What a viewer may send after the hello.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ViewerMessage {
+    Clipboard { text: String },
+    Resize { width: u32, height: u32 },
+}
+
+/// The biggest desktop a viewer may ask for (4K UHD); the encoder's cost grows with it.
+const MAX_DESKTOP: (u32, u32) = (3840, 2160);
+const MIN_DESKTOP: u32 = 200;
+/// Clipboard text longer than this (bytes of UTF-8) is refused.
+const MAX_CLIPBOARD_BYTES: usize = 128 * 1024;
+
+/// Checks a viewer's message; the error names what is wrong with it.
+fn viewer_message(text: &str) -> Result<ViewerMessage, String> {
+    let message: ViewerMessage = serde_json::from_str(text).map_err(|e| format!("not a desktop message: {e}"))?;
+    match &message {
+        ViewerMessage::Clipboard { text } if text.len() > MAX_CLIPBOARD_BYTES => {
+            Err(format!("clipboard text is {} bytes; at most {MAX_CLIPBOARD_BYTES} are accepted", text.len()))
+        }
+        ViewerMessage::Resize { width, height }
+            if !(MIN_DESKTOP..=MAX_DESKTOP.0).contains(width) || !(MIN_DESKTOP..=MAX_DESKTOP.1).contains(height) =>
+        {
+            Err(format!("a desktop of {width}×{height} is out of range ({MIN_DESKTOP}–{} × {MIN_DESKTOP}–{})", MAX_DESKTOP.0, MAX_DESKTOP.1))
+        }
+        _ => Ok(message),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Hello {
     ticket: String,
     offer: String,
+    /// the viewer's video area, so a new stream starts at that size (interactive viewers)
+    #[serde(default)]
+    width: Option<u32>,
+    #[serde(default)]
+    height: Option<u32>,
+}
+
+/// The size a new stream starts at: the interactive viewer's window where it is in range.
+fn start_size(hello: &Hello, interactive: bool) -> (u16, u16) {
+    match (hello.width, hello.height) {
+        (Some(w), Some(h)) if interactive && (MIN_DESKTOP..=MAX_DESKTOP.0).contains(&w) && (MIN_DESKTOP..=MAX_DESKTOP.1).contains(&h) => {
+            (u16::try_from(w & !1).unwrap_or(1280), u16::try_from(h).unwrap_or(720))
+        }
+        _ => (1280, 720),
+    }
 }
 
 /// The desktop signaling WebSocket (see the module docs).
 pub async fn socket(State(state): State<AppState>, caller: Caller, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
     same_origin(&headers)?;
-    Ok(upgrade.max_message_size(256 * 1024).on_upgrade(move |ws| async move {
+    Ok(upgrade.max_message_size(1024 * 1024).on_upgrade(move |ws| async move {
         if let Err(error) = signal(state, caller, ws).await {
             tracing::info!(%error, "desktop viewer ended");
         }
     }))
 }
 
-async fn stream_for(state: &AppState, allocation_id: i64) -> Result<DesktopStream, String> {
+async fn stream_for(state: &AppState, allocation_id: i64, (width, height): (u16, u16)) -> Result<DesktopStream, String> {
     if let Some(stream) = state.desktops.get(allocation_id) {
         return Ok(stream);
     }
@@ -135,7 +189,7 @@ async fn stream_for(state: &AppState, allocation_id: i64) -> Result<DesktopStrea
         .await
         .map_err(|e| e.to_string())?
         .ok_or("the lab is no longer active")?;
-    let target = desktop.rdp_target(1280, 720)?;
+    let target = desktop.rdp_target(width, height)?;
     let stream = tokio::task::spawn_blocking(move || DesktopStream::start(target, StreamSettings::default()))
         .await
         .map_err(|e| e.to_string())?
@@ -157,7 +211,7 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         Err(error) => return refuse(ws, &error.to_string()).await,
     };
     let Purpose::Desktop { interactive } = ticket.purpose else { return refuse(ws, "this ticket does not open a desktop").await };
-    let stream = match stream_for(&state, ticket.allocation_id).await {
+    let stream = match stream_for(&state, ticket.allocation_id, start_size(&hello, interactive)).await {
         Ok(stream) => stream,
         Err(detail) => return refuse(ws, &detail).await,
     };
@@ -175,8 +229,21 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         .await;
     ws.send(json_text(serde_json::json!({"type": "answer", "sdp": answer, "mode": mode}))).await?;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut remote_clipboard = stream.remote_clipboard();
+    // Only text copied from now on goes to the browser.
+    remote_clipboard.borrow_and_update();
+    let mut dropped_messages = 0_u64;
     loop {
         tokio::select! {
+            changed = remote_clipboard.changed(), if interactive => {
+                if changed.is_err() { break; }
+                let text = remote_clipboard.borrow_and_update().clone();
+                if let Some(text) = text
+                    && ws.send(json_text(serde_json::json!({"type": "clipboard", "text": &*text}))).await.is_err()
+                {
+                    break;
+                }
+            }
             _ = viewer.closed() => break,
             // The lab was reset or released: this viewer reconnects to a fresh stream.
             _ = stream.ended() => {
@@ -191,18 +258,27 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                     "bytes": s.bytes_sent.load(Ordering::Relaxed),
                     "keyframe_requests": s.keyframe_requests.load(Ordering::Relaxed),
                     "inputs_applied": s.inputs_applied.load(Ordering::Relaxed),
-                    "inputs_dropped": s.inputs_dropped.load(Ordering::Relaxed),
+                    "inputs_dropped": s.inputs_dropped.load(Ordering::Relaxed) + dropped_messages,
+                    "resizes": stream.stats.resizes.load(Ordering::Relaxed),
                 });
                 if ws.send(json_text(stats)).await.is_err() { break; }
             }
             incoming = ws.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Text(text))) => match viewer_message(text.as_str()) {
+                    Ok(_) if !interactive => dropped_messages += 1,
+                    Ok(ViewerMessage::Clipboard { text }) => stream.set_clipboard(text),
+                    Ok(ViewerMessage::Resize { width, height }) => stream.resize(width, height),
+                    Err(detail) => {
+                        if ws.send(json_text(serde_json::json!({"type": "rejected", "detail": detail}))).await.is_err() { break; }
+                    }
+                },
                 _ => {}
             },
         }
     }
     viewer.close().await;
-    let dropped = viewer.stats.inputs_dropped.load(Ordering::Relaxed);
+    let dropped = viewer.stats.inputs_dropped.load(Ordering::Relaxed) + dropped_messages;
     let (actor, meta) = (ticket.actor, caller.meta);
     let _ = state
         .db
@@ -212,4 +288,38 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         })
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viewer_messages_are_checked() {
+        assert!(matches!(viewer_message(r#"{"type":"clipboard","text":"hi"}"#), Ok(ViewerMessage::Clipboard { text }) if text == "hi"));
+        assert!(matches!(viewer_message(r#"{"type":"resize","width":1024,"height":768}"#), Ok(ViewerMessage::Resize { width: 1024, height: 768 })));
+        let refused = [
+            (r#"{"type":"resize","width":100,"height":768}"#, "out of range"),
+            (r#"{"type":"resize","width":1024,"height":9000}"#, "out of range"),
+            (r#"{"type":"resize","width":-5,"height":768}"#, "not a desktop message"),
+            (r#"{"type":"paste","text":"x"}"#, "unknown variant"),
+            (r#"{"type":"clipboard","text":"x","extra":1}"#, "unknown field"),
+            ("not json", "not a desktop message"),
+        ];
+        for (message, why) in refused {
+            let error = viewer_message(message).expect_err(message);
+            assert!(error.contains(why), "{message}: {error}");
+        }
+        let big = serde_json::json!({"type": "clipboard", "text": "x".repeat(MAX_CLIPBOARD_BYTES + 1)}).to_string();
+        assert!(viewer_message(&big).expect_err("too big").contains("at most"));
+    }
+
+    #[test]
+    fn a_new_stream_starts_at_the_interactive_viewers_size() {
+        let hello = |w: Option<u32>, h: Option<u32>| Hello { ticket: String::new(), offer: String::new(), width: w, height: h };
+        assert_eq!(start_size(&hello(Some(1121), Some(748)), true), (1120, 748), "widths are even");
+        assert_eq!(start_size(&hello(Some(1120), Some(748)), false), (1280, 720), "watchers do not size the desktop");
+        assert_eq!(start_size(&hello(None, None), true), (1280, 720));
+        assert_eq!(start_size(&hello(Some(9000), Some(748)), true), (1280, 720), "out of range falls back");
+    }
 }

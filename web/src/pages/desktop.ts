@@ -1,6 +1,8 @@
 // The lab desktop in the browser: WebRTC video (receive-only) plus an "input" data channel.
 // Signaling goes over a WebSocket whose first message carries the single-use ticket and the
-// offer; nothing secret is ever in a URL. View-only viewers (staff, judges) send no input.
+// offer; nothing secret is ever in a URL. The same socket carries the clipboard both ways and
+// the window size (the remote desktop follows it where its server allows). The server drops
+// whatever a view-only viewer (staff, judges) sends.
 
 import { api, ApiError } from "../api";
 import { errorBox, h, showError } from "../dom";
@@ -25,6 +27,16 @@ function keyMessage(code: number, down: boolean): Uint8Array<ArrayBuffer> {
   return new Uint8Array([1, (down ? 1 : 0) | (code & 0x100 ? 2 : 0), code & 0xff]);
 }
 
+// Text the scancode table cannot type (other layouts, composed characters): Unicode events.
+function unicodeMessages(text: string): Uint8Array<ArrayBuffer> {
+  const bytes = new Uint8Array(text.length * 8);
+  for (let i = 0; i < text.length; i += 1) {
+    const unit = text.charCodeAt(i);
+    bytes.set([2, 1, unit & 0xff, unit >> 8, 2, 0, unit & 0xff, unit >> 8], i * 8);
+  }
+  return bytes;
+}
+
 function u16(view: DataView, at: number, value: number): void {
   view.setUint16(at, Math.max(0, Math.min(0xffff, Math.round(value))), true);
 }
@@ -36,7 +48,15 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
   const error = errorBox("desktop-error");
   const video = h("video", { class: "desktop-video", testid: "desktop-video", autoplay: true, muted: true, playsinline: true, tabindex: 0 });
   video.muted = true;
-  root.append(h("div", { class: "terminal-bar" }, h("a", { href: "#/", testid: "desktop-back" }, "← Back"), status, statsLine), error, video);
+  // The clipboard panel: what the desktop copied lands here (and in the browser's clipboard
+  // where the browser allows); "Send to desktop" puts text on the desktop's clipboard.
+  const clipText = h("textarea", { class: "code", rows: 3, testid: "desktop-clipboard", placeholder: "Text copied on the desktop shows here; type or paste text to send it there." });
+  const clipNote = h("span", { class: "muted small", testid: "desktop-clipboard-note" });
+  const clipSend = h("button", { type: "button", testid: "desktop-clipboard-send" }, "Send to desktop");
+  const clipPanel = h("div", { class: "desktop-clipboard", hidden: true }, clipText, h("div", {}, clipSend, " ", clipNote));
+  const clipToggle = h("button", { type: "button", class: "secondary", testid: "desktop-clipboard-toggle" }, "Clipboard");
+  const lockButton = h("button", { type: "button", class: "secondary", testid: "desktop-pointer-lock", title: "Capture the mouse (Esc releases it)" }, "Lock pointer");
+  root.append(h("div", { class: "terminal-bar" }, h("a", { href: "#/", testid: "desktop-back" }, "← Back"), status, statsLine, clipToggle, lockButton), clipPanel, error, video);
 
   let pc: RTCPeerConnection | null = null;
   let socket: WebSocket | null = null;
@@ -52,6 +72,62 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
   const send = (message: Uint8Array<ArrayBuffer>): void => {
     if (channel?.readyState === "open") channel.send(message);
   };
+  const signal = (message: object): void => {
+    if (socket?.readyState === WebSocket.OPEN) socket.send(JSON.stringify(message));
+  };
+  const sendClipboard = (text: string): void => {
+    signal({ type: "clipboard", text });
+    clipNote.textContent = interactive ? "Sent to the desktop." : "View only: the desktop's clipboard is not changed.";
+  };
+  clipToggle.addEventListener("click", () => {
+    clipPanel.hidden = !clipPanel.hidden;
+  });
+  clipSend.addEventListener("click", () => sendClipboard(clipText.value));
+  const remoteCopied = (text: string): void => {
+    clipText.value = text;
+    clipNote.textContent = "Copied on the desktop.";
+    // Needs focus and a secure context; the panel has the text either way.
+    void navigator.clipboard?.writeText(text).catch(() => {});
+  };
+
+  // The remote desktop follows the video area's size (CSS pixels), once it settles.
+  const videoSize = (): [number, number] => {
+    const rect = video.getBoundingClientRect();
+    return [Math.max(200, Math.min(3840, Math.floor(rect.width) & ~1)), Math.max(200, Math.min(2160, Math.floor(rect.height)))];
+  };
+  let lastSize = "";
+  let lastAskAt = 0;
+  let resizeTimer = 0;
+  const requestSize = (): void => {
+    window.clearTimeout(resizeTimer);
+    resizeTimer = window.setTimeout(() => {
+      if (!interactive || !root.isConnected) return;
+      const [width, height] = videoSize();
+      // A few pixels are not worth a remote resize (the picture is scaled by that little).
+      const near = (w: number, h: number): boolean => Math.abs(width - w) < 16 && Math.abs(height - h) < 16;
+      const [lastW, lastH] = lastSize ? lastSize.split("x").map(Number) : [0, 0];
+      // Asked already, and the picture has that size (or the ask is recent): nothing to do.
+      const showing = video.videoWidth === 0 || near(video.videoWidth, video.videoHeight);
+      if ((near(lastW, lastH) && (showing || performance.now() - lastAskAt < 3000)) || socket?.readyState !== WebSocket.OPEN) return;
+      lastSize = `${width}x${height}`;
+      lastAskAt = performance.now();
+      signal({ type: "resize", width, height });
+    }, 400);
+  };
+  const sizeWatch = new ResizeObserver(requestSize);
+  sizeWatch.observe(video);
+  // The picture changed size (first frame, another viewer's window): check it fits ours.
+  video.addEventListener("resize", requestSize);
+
+  // Pointer lock: the mouse moves a desktop cursor by relative motion until Esc.
+  let locked: [number, number] | null = null;
+  lockButton.addEventListener("click", () => {
+    video.focus();
+    void video.requestPointerLock?.();
+  });
+  document.addEventListener("pointerlockchange", () => {
+    locked = document.pointerLockElement === video ? [video.videoWidth / 2, video.videoHeight / 2] : null;
+  });
 
   // Desktop pixel under a point of the video element (letterboxing accounted for).
   const toDesktop = (ev: MouseEvent): [number, number] => {
@@ -64,7 +140,13 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
     return [(ev.clientX - rect.left - offsetX) / scale, (ev.clientY - rect.top - offsetY) / scale];
   };
   const pointer = (type: number, ev: MouseEvent, extra: number[] = []): Uint8Array<ArrayBuffer> => {
-    const [x, y] = toDesktop(ev);
+    if (locked && type === 3) {
+      locked = [
+        Math.max(0, Math.min(video.videoWidth - 1, locked[0] + ev.movementX)),
+        Math.max(0, Math.min(video.videoHeight - 1, locked[1] + ev.movementY)),
+      ];
+    }
+    const [x, y] = locked ?? toDesktop(ev);
     const bytes = new Uint8Array(type === 3 ? 5 : 7);
     const view = new DataView(bytes.buffer);
     bytes[0] = type;
@@ -92,10 +174,42 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
     ev.preventDefault();
     send(pointer(5, ev, [Math.max(-255, Math.min(255, Math.round(-ev.deltaY)))]));
   }, { passive: false });
+  // Ctrl+V / Cmd+V: the browser's paste event carries its clipboard; that text goes to the
+  // desktop's clipboard first, then the V key, so the desktop pastes what the user copied.
+  let pasteKey: number | null = null;
+  let pasteTimer = 0;
+  const releasePasteKey = (): void => {
+    window.clearTimeout(pasteTimer);
+    if (pasteKey !== null) send(keyMessage(pasteKey, true));
+    pasteKey = null;
+  };
+  const onPaste = (ev: ClipboardEvent): void => {
+    if (!root.isConnected || document.activeElement === clipText) return;
+    const text = ev.clipboardData?.getData("text/plain") ?? "";
+    if (text && pasteKey !== null) {
+      ev.preventDefault();
+      sendClipboard(text);
+    }
+    releasePasteKey();
+  };
   const onKey = (down: boolean) => (ev: KeyboardEvent): void => {
-    if (!root.isConnected) return;
+    if (!root.isConnected || ev.target === clipText) return;
     const code = SCANCODES[ev.code];
-    if (code === undefined) return;
+    if (code === undefined) {
+      // A character the scancode table cannot type goes as Unicode (key down only).
+      if (down && [...ev.key].length === 1 && !ev.ctrlKey && !ev.metaKey) {
+        if (interactive) ev.preventDefault();
+        send(unicodeMessages(ev.key));
+      }
+      return;
+    }
+    if (down && code === SCANCODES.KeyV && (ev.ctrlKey || ev.metaKey) && interactive) {
+      // Let the browser fire its paste event; the key follows it (or 200 ms later).
+      pasteKey = code;
+      pasteTimer = window.setTimeout(releasePasteKey, 200);
+      return;
+    }
+    if (!down && pasteKey !== null && code === pasteKey) releasePasteKey();
     // Keep shortcuts (Tab, Backspace, Ctrl+W where the browser allows) for the desktop.
     if (interactive) ev.preventDefault();
     send(keyMessage(code, down));
@@ -104,12 +218,16 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
   const keyup = onKey(false);
   window.addEventListener("keydown", keydown);
   window.addEventListener("keyup", keyup);
+  window.addEventListener("paste", onPaste);
 
   const watch = window.setInterval(() => {
     if (root.isConnected) return;
     window.clearInterval(watch);
     window.removeEventListener("keydown", keydown);
     window.removeEventListener("keyup", keyup);
+    window.removeEventListener("paste", onPaste);
+    sizeWatch.disconnect();
+    window.clearTimeout(resizeTimer);
     window.clearTimeout(reconnectTimer);
     window.clearInterval(statsTimer);
     const [oldSocket, oldPc] = [socket, pc];
@@ -192,11 +310,24 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
       });
       const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${ticket.path}`);
       socket = ws;
-      ws.addEventListener("open", () => ws.send(JSON.stringify({ ticket: ticket.ticket, offer: peer.localDescription?.sdp ?? "" })));
+      ws.addEventListener("open", () => {
+        const [width, height] = videoSize();
+        ws.send(JSON.stringify({ ticket: ticket.ticket, offer: peer.localDescription?.sdp ?? "", width, height }));
+        if (interactive) {
+          lastSize = `${width}x${height}`;
+          lastAskAt = performance.now();
+        }
+      });
       ws.addEventListener("message", (ev) => {
-        const msg = JSON.parse(String(ev.data)) as { type: string; sdp?: string; detail?: string; frames?: number; bytes?: number };
+        const msg = JSON.parse(String(ev.data)) as { type: string; sdp?: string; detail?: string; frames?: number; bytes?: number; text?: string };
         if (msg.type === "answer" && msg.sdp) {
           void peer.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+          // A stream that was already running (another viewer's) may have another size.
+          requestSize();
+        } else if (msg.type === "clipboard" && typeof msg.text === "string") {
+          remoteCopied(msg.text);
+        } else if (msg.type === "rejected") {
+          clipNote.textContent = msg.detail ?? "The appliance refused that.";
         } else if (msg.type === "stats") {
           const now = performance.now();
           const fps = ((msg.frames ?? 0) - lastFrames) / ((now - lastAt) / 1000);

@@ -9,8 +9,9 @@
 //! the interactive viewer's window (where the server supports display control; elsewhere
 //! the browser scales the picture). A size change rebuilds the encoder and sends a keyframe.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,8 @@ use crate::rdp::{DesktopError, DesktopSession, DesktopTarget, Pump};
 
 /// How long a stream without viewers keeps its RDP session.
 pub const IDLE_STOP: Duration = Duration::from_secs(15);
+/// The encoder is rebuilt for a new bitrate at most this often.
+const BITRATE_CHANGE_GAP: Duration = Duration::from_secs(2);
 
 /// Tuning of a stream.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +60,10 @@ pub struct StreamStats {
     pub reconnects: AtomicU64,
     /// times the remote desktop changed size
     pub resizes: AtomicU64,
+    /// the bitrate the encoder aims at now (the lowest of the viewers' targets)
+    pub bitrate_bps: AtomicU64,
+    /// encoders rebuilt for a new bitrate
+    pub bitrate_changes: AtomicU64,
     pub connected: AtomicBool,
     /// the stream ended (idle, or every handle dropped); it sends nothing more
     pub stopped: AtomicBool,
@@ -77,6 +84,10 @@ pub struct DesktopStream {
     frames: broadcast::Sender<Arc<Frame>>,
     control: mpsc::Sender<Control>,
     clipboard: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+    /// each viewer's bitrate target (from its receiver feedback), by viewer id
+    viewer_bitrates: Arc<Mutex<HashMap<u64, u32>>>,
+    /// the lowest of them; 0 while no viewer has said
+    wanted_bitrate: Arc<AtomicU32>,
     ended: tokio::sync::watch::Receiver<bool>,
     pub stats: Arc<StreamStats>,
 }
@@ -91,12 +102,24 @@ impl DesktopStream {
         stats.connected.store(true, Ordering::Relaxed);
         let (ended_tx, ended) = tokio::sync::watch::channel(false);
         let (clipboard_tx, clipboard) = tokio::sync::watch::channel(None);
-        let worker = Worker { target, settings, frames: frames.clone(), commands, stats: stats.clone(), ended: ended_tx, clipboard: clipboard_tx, wanted_size: None };
+        let wanted_bitrate = Arc::new(AtomicU32::new(0));
+        stats.bitrate_bps.store(u64::from(settings.bitrate_bps), Ordering::Relaxed);
+        let worker = Worker {
+            target,
+            settings,
+            frames: frames.clone(),
+            commands,
+            stats: stats.clone(),
+            ended: ended_tx,
+            clipboard: clipboard_tx,
+            wanted_size: None,
+            wanted_bitrate: wanted_bitrate.clone(),
+        };
         std::thread::Builder::new()
             .name("desktop-stream".into())
             .spawn(move || worker.run(session))
             .map_err(|e| DesktopError::Rdp(format!("starting the stream thread: {e}")))?;
-        Ok(Self { frames, control, clipboard, ended, stats })
+        Ok(Self { frames, control, clipboard, viewer_bitrates: Arc::default(), wanted_bitrate, ended, stats })
     }
 
     /// Ends the stream (its viewers should reconnect to a new one).
@@ -144,6 +167,27 @@ impl DesktopStream {
         let _ = self.control.send(Control::Resize(width, height));
     }
 
+    /// A viewer's bitrate target from its receiver feedback; the encoder follows the lowest.
+    pub fn set_viewer_bitrate(&self, viewer: u64, bps: u32) {
+        self.update_bitrates(|rates| {
+            rates.insert(viewer, bps);
+        });
+    }
+
+    /// The viewer left: its target no longer holds the others back.
+    pub fn forget_viewer(&self, viewer: u64) {
+        self.update_bitrates(|rates| {
+            rates.remove(&viewer);
+        });
+    }
+
+    fn update_bitrates(&self, change: impl FnOnce(&mut HashMap<u64, u32>)) {
+        if let Ok(mut rates) = self.viewer_bitrates.lock() {
+            change(&mut rates);
+            self.wanted_bitrate.store(rates.values().copied().min().unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
     pub fn viewers(&self) -> usize {
         self.frames.receiver_count()
     }
@@ -164,6 +208,7 @@ struct Worker {
     clipboard: tokio::sync::watch::Sender<Option<Arc<str>>>,
     /// the size the interactive viewer asked for, until the server has it
     wanted_size: Option<(u32, u32)>,
+    wanted_bitrate: Arc<AtomicU32>,
 }
 
 impl Worker {
@@ -210,8 +255,12 @@ impl Worker {
     fn stream(&mut self, session: &mut DesktopSession) -> Result<(), DesktopError> {
         let (mut width, mut height) = (u32::from(session.width()) & !1, u32::from(session.height()) & !1);
         let mut picture = I420::new(width, height);
-        let mut encoder = H264Encoder::new(width, height, self.settings.bitrate_bps, self.settings.max_fps)
-            .map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let mut bitrate = match self.wanted_bitrate.load(Ordering::Relaxed) {
+            0 => self.settings.bitrate_bps,
+            wanted => wanted,
+        };
+        let mut encoder = H264Encoder::new(width, height, bitrate, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let mut encoder_built = Instant::now();
         let frame_interval = Duration::from_secs_f32(1.0 / self.settings.max_fps.max(1.0));
         let mut damage: Vec<Rect> = vec![Rect::full(width, height)];
         let mut keyframe = true;
@@ -249,11 +298,23 @@ impl Worker {
             for text in session.take_remote_clipboard() {
                 self.clipboard.send_replace(Some(Arc::from(text)));
             }
+            // The viewers' feedback asks for another bitrate: OpenH264 has no safe way to
+            // change it in flight, so a new encoder starts (with a keyframe).
+            let wanted = self.wanted_bitrate.load(Ordering::Relaxed);
+            if wanted != 0 && crate::rate::worth_rebuilding(bitrate, wanted, encoder_built.elapsed(), BITRATE_CHANGE_GAP) {
+                tracing::debug!(from = bitrate, to = wanted, "desktop bitrate follows its viewers");
+                bitrate = wanted;
+                encoder = H264Encoder::new(width, height, bitrate, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                encoder_built = Instant::now();
+                self.stats.bitrate_bps.store(u64::from(bitrate), Ordering::Relaxed);
+                self.stats.bitrate_changes.fetch_add(1, Ordering::Relaxed);
+            }
             let size = (u32::from(session.width()) & !1, u32::from(session.height()) & !1);
             if size != (width, height) {
                 (width, height) = size;
                 picture = I420::new(width, height);
-                encoder = H264Encoder::new(width, height, self.settings.bitrate_bps, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                encoder = H264Encoder::new(width, height, bitrate, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                encoder_built = Instant::now();
                 damage = vec![Rect::full(width, height)];
                 keyframe = true;
                 self.stats.resizes.fetch_add(1, Ordering::Relaxed);

@@ -5,13 +5,14 @@
 //! - The desktop pipeline: [`rdp`] (IronRDP session, with [`clipboard`] and display control)
 //!   → [`convert`] (damage-only RGBA → I420) → [`encode`] (H.264) → [`desktop`] (one encode
 //!   per desktop, fanned out) → [`webrtc`] (one peer connection per viewer), with [`input`]
-//!   carrying keyboard and mouse back.
+//!   carrying keyboard and mouse back and [`rate`] turning receiver feedback into bitrate.
 
 pub mod clipboard;
 pub mod convert;
 pub mod desktop;
 pub mod encode;
 pub mod input;
+pub mod rate;
 pub mod rdp;
 pub mod terminal;
 pub mod webrtc;

@@ -17,6 +17,8 @@ use rtc::peer_connection::configuration::interceptor_registry::{configure_nack, 
 use rtc::peer_connection::configuration::media_engine::MIME_TYPE_H264;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::sansio::Protocol;
 use tokio::sync::mpsc;
@@ -30,6 +32,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::desktop::DesktopStream;
+use crate::rate::{RateController, RateLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewerError {
@@ -53,6 +56,12 @@ pub struct ViewerStats {
     /// input messages from a view-only viewer, dropped
     pub inputs_dropped: AtomicU64,
     pub inputs_malformed: AtomicU64,
+    /// the last receiver report's loss for this viewer, in 1/256
+    pub fraction_lost: AtomicU64,
+    /// the browser's last bandwidth estimate (REMB), if it sends one
+    pub remb_bps: AtomicU64,
+    /// the bitrate this viewer's feedback asks for
+    pub target_bps: AtomicU64,
 }
 
 enum Event {
@@ -83,7 +92,8 @@ impl PeerConnectionEventHandler for Handler {
 }
 
 /// Inbound RTCP is consumed by the interceptor chain and dropped at its end unless marked
-/// for the application: this marks picture-loss and intra-frame requests.
+/// for the application: this marks picture-loss and intra-frame requests, and the receiver
+/// reports and bitrate estimates the rate controller follows.
 #[derive(Default)]
 struct KeyframeRequests {
     reads: VecDeque<TaggedPacket>,
@@ -99,8 +109,14 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
 
     fn handle_read(&mut self, mut message: TaggedPacket) -> Result<(), Self::Error> {
         if let InterceptorPacket::Rtcp(packets) = &message.message.packet {
-            let wanted: Vec<Box<dyn rtc::rtcp::Packet>> =
-                packets.iter().filter(|p| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()).cloned().collect();
+            let wanted: Vec<Box<dyn rtc::rtcp::Packet>> = packets
+                .iter()
+                .filter(|p| {
+                    let any = p.as_any();
+                    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() || any.is::<ReceiverReport>() || any.is::<ReceiverEstimatedMaximumBitrate>()
+                })
+                .cloned()
+                .collect();
             if wanted.is_empty() {
                 return Ok(());
             }
@@ -156,7 +172,7 @@ impl Viewer {
                 clock_rate: 90_000,
                 channels: 0,
                 sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".to_owned(),
-                rtcp_feedback: vec![RTCPFeedback { typ: "ccm".into(), parameter: "fir".into() }],
+                rtcp_feedback: vec![RTCPFeedback { typ: "ccm".into(), parameter: "fir".into() }, RTCPFeedback { typ: "goog-remb".into(), parameter: String::new() }],
             },
             payload_type: 102,
         };
@@ -237,16 +253,42 @@ impl Viewer {
         let stats = Arc::new(ViewerStats::default());
         let (done_tx, done) = tokio::sync::watch::channel(false);
 
-        // Keyframe requests from the browser.
+        // Keyframe requests and receiver feedback from the browser.
+        let viewer_id: u64 = rand::random();
         tokio::spawn({
             let (track, stream, stats) = (track.clone(), stream.clone(), stats.clone());
             async move {
+                let mut rate = RateController::new(RateLimits::default());
+                let mut sent_at = (Instant::now(), 0_u64);
                 while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = track.poll().await {
                     if packets.iter().any(|p| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()) {
                         stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
                         stream.request_keyframe();
                     }
+                    let mut target = None;
+                    for packet in &packets {
+                        let now = Instant::now();
+                        if let Some(report) = packet.as_any().downcast_ref::<ReceiverReport>() {
+                            for block in report.reports.iter().filter(|block| block.ssrc == ssrc) {
+                                stats.fraction_lost.store(u64::from(block.fraction_lost), Ordering::Relaxed);
+                                target = Some(rate.on_loss(block.fraction_lost, now));
+                            }
+                        } else if let Some(remb) = packet.as_any().downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+                            stats.remb_bps.store(remb.bitrate as u64, Ordering::Relaxed);
+                            // What this viewer was sent since the last estimate.
+                            let bytes = stats.bytes_sent.load(Ordering::Relaxed);
+                            let secs = now.duration_since(sent_at.0).as_secs_f64().max(0.1);
+                            let sent_bps = ((bytes.saturating_sub(sent_at.1) * 8) as f64 / secs) as u64;
+                            sent_at = (now, bytes);
+                            target = Some(rate.on_remb(remb.bitrate, sent_bps, now));
+                        }
+                    }
+                    if let Some(target) = target {
+                        stats.target_bps.store(u64::from(target), Ordering::Relaxed);
+                        stream.set_viewer_bitrate(viewer_id, target);
+                    }
                 }
+                stream.forget_viewer(viewer_id);
             }
         });
 
@@ -306,6 +348,7 @@ impl Viewer {
                 }
                 let _ = done_tx.send(true);
                 let _ = pc.close().await;
+                stream.forget_viewer(viewer_id);
             }
         });
         Ok((Self { pc, stats, done }, answer))

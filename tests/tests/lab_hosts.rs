@@ -740,6 +740,11 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     assert_eq!(report["clipboard_pasted_on_desktop"], "labrack → desktop ✓ 42", "{report}");
     assert_eq!(report["clipboard_from_desktop"], "copied on the desktop ✓", "{report}");
     assert_eq!(report["unicode_typed"], "~ok\n", "{report}");
+    // Chromium's receiver reports reached the rate controller (clean loopback: no loss, so
+    // the shared encoder's bitrate has moved up from its 4 Mbit/s start).
+    let feedback = &report["feedback"];
+    assert!(feedback["target_bps"].as_u64().is_some_and(|bps| bps > 4_000_000), "{report}");
+    assert!(feedback["bitrate_changes"].as_u64().is_some_and(|n| n >= 1), "{report}");
     assert_eq!(report["recovered_after_rdp_restart"], true, "{report}");
     assert_eq!(report["reconnected_after_appliance_restart"], true, "{report}");
     assert_eq!(report["reconnected_after_reset"], true, "{report}");

@@ -39,7 +39,17 @@ try {
   const errors = [];
   page.on("pageerror", (err) => errors.push(String(err)));
   page.on("request", (req) => urls.push(req.url()));
-  page.on("websocket", (ws) => urls.push(ws.url()));
+  // The last stats the appliance sent the page (receiver feedback → encoder bitrate).
+  let lastStats = null;
+  page.on("websocket", (ws) => {
+    urls.push(ws.url());
+    ws.on("framereceived", (frame) => {
+      try {
+        const msg = JSON.parse(String(frame.payload));
+        if (msg.type === "stats") lastStats = msg;
+      } catch {}
+    });
+  });
 
   await page.goto(`${BASE_URL}/#/join`);
   await page.fill(tid("join-event-code"), need("LABRACK_EVENT_CODE"));
@@ -175,6 +185,7 @@ try {
   const resized = await followsWindow("after the window shrank");
   assert.ok(resized[0] < size[0] && resized[1] < size[1], `the desktop shrank with the window: ${resized} from ${size}`);
   if (SCREENSHOT_DIR) await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-2b-resized.png") });
+  const feedback = lastStats;
   await waitForColour([255, 0, 0], "the resized desktop");
 
   let shown = [255, 0, 0];
@@ -266,7 +277,7 @@ try {
 
   assert.deepEqual(errors, [], "no page errors");
   for (const url of urls) assert.ok(!/ticket|token|sdp/i.test(new URL(url).search), `no secret in a URL query: ${url}`);
-  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, resized, clipboard_pasted_on_desktop: pasted, clipboard_from_desktop: fromDesktop, unicode_typed: typedUnicode, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, reconnected_after_reset: reconnectedAfterReset, view_only_unchanged: still }));
+  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, resized, clipboard_pasted_on_desktop: pasted, clipboard_from_desktop: fromDesktop, unicode_typed: typedUnicode, feedback, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, reconnected_after_reset: reconnectedAfterReset, view_only_unchanged: still }));
   await page.close();
 } finally {
   await context.close().catch(() => {});

@@ -260,6 +260,12 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                     "inputs_applied": s.inputs_applied.load(Ordering::Relaxed),
                     "inputs_dropped": s.inputs_dropped.load(Ordering::Relaxed) + dropped_messages,
                     "resizes": stream.stats.resizes.load(Ordering::Relaxed),
+                    // what this viewer's receiver reports ask for, and what the shared encoder
+                    // runs at (the lowest ask of all viewers)
+                    "target_bps": s.target_bps.load(Ordering::Relaxed),
+                    "fraction_lost": s.fraction_lost.load(Ordering::Relaxed),
+                    "encoder_bps": stream.stats.bitrate_bps.load(Ordering::Relaxed),
+                    "bitrate_changes": stream.stats.bitrate_changes.load(Ordering::Relaxed),
                 });
                 if ws.send(json_text(stats)).await.is_err() { break; }
             }

@@ -319,7 +319,9 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
         }
       });
       ws.addEventListener("message", (ev) => {
-        const msg = JSON.parse(String(ev.data)) as { type: string; sdp?: string; detail?: string; frames?: number; bytes?: number; text?: string };
+        const msg = JSON.parse(String(ev.data)) as {
+          type: string; sdp?: string; detail?: string; frames?: number; bytes?: number; text?: string; encoder_bps?: number; fraction_lost?: number;
+        };
         if (msg.type === "answer" && msg.sdp) {
           void peer.setRemoteDescription({ type: "answer", sdp: msg.sdp });
           // A stream that was already running (another viewer's) may have another size.
@@ -333,7 +335,8 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
           const fps = ((msg.frames ?? 0) - lastFrames) / ((now - lastAt) / 1000);
           lastFrames = msg.frames ?? 0;
           lastAt = now;
-          sent = `${fps.toFixed(0)} fps sent, ${(((msg.bytes ?? 0) * 8) / 1e6).toFixed(1)} Mbit`;
+          const lost = msg.fraction_lost ? `, ${((msg.fraction_lost / 256) * 100).toFixed(0)} % lost` : "";
+          sent = `${fps.toFixed(0)} fps sent, ${(((msg.bytes ?? 0) * 8) / 1e6).toFixed(1)} Mbit, aiming at ${((msg.encoder_bps ?? 0) / 1e6).toFixed(1)} Mbit/s${lost}`;
           void sampleStats(peer, sent);
         } else if (msg.type === "restart") {
           scheduleReconnect("The lab was reset.");

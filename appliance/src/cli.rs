@@ -53,6 +53,9 @@ pub enum AdminCommand {
         /// also run the streaming pipeline (RDP → I420 → H.264) this many seconds and report on it
         #[arg(long)]
         stream_secs: Option<u64>,
+        /// the desktop size to ask the RDP server for, WIDTHxHEIGHT
+        #[arg(long, default_value = "1024x768", value_parser = crate::probe::parse_size)]
+        size: (u16, u16),
     },
 }
 
@@ -165,7 +168,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("(it must be changed at the next login)");
             Ok(())
         }
-        Command::Admin(AdminCommand::ProbeDesktop { allocation, data_dir, secret_key_file, watch_secs, expect_rgb, ppm, stream_secs }) => {
+        Command::Admin(AdminCommand::ProbeDesktop { allocation, data_dir, secret_key_file, watch_secs, expect_rgb, ppm, stream_secs, size }) => {
             let expect_rgb = expect_rgb.as_deref().map(crate::probe::parse_rgb).transpose()?;
             let options = crate::probe::ProbeOptions {
                 data_dir,
@@ -175,6 +178,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 expect_rgb,
                 ppm,
                 stream: stream_secs.map(std::time::Duration::from_secs),
+                size,
             };
             println!("{}", crate::probe::probe(&options)?);
             Ok(())

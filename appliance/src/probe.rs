@@ -20,6 +20,28 @@ pub struct ProbeOptions {
     pub ppm: Option<PathBuf>,
     /// also run the streaming pipeline (RDP → I420 → H.264) this long and report on it
     pub stream: Option<Duration>,
+    /// the desktop size to ask for
+    pub size: (u16, u16),
+}
+
+/// `WIDTHxHEIGHT`, each 200–8192.
+pub fn parse_size(text: &str) -> Result<(u16, u16), String> {
+    let (w, h) = text.split_once(['x', 'X']).ok_or_else(|| format!("a size is WIDTHxHEIGHT, like 1280x720 (got {text:?})"))?;
+    let parse = |n: &str| n.trim().parse::<u16>().ok().filter(|n| (200..=8192).contains(n));
+    match (parse(w), parse(h)) {
+        (Some(w), Some(h)) => Ok((w, h)),
+        _ => Err(format!("{text:?}: width and height must be numbers from 200 to 8192")),
+    }
+}
+
+/// CPU time this process has used (user + system), from /proc/self/stat.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports in USER_HZ, 100 per second on every architecture we run on.
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// Share of the screen (per mille) the expected colour must cover.
@@ -49,7 +71,7 @@ pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
     let desktop = crate::labs::desktop_secret(&conn, &secrets, options.allocation)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_context(|| format!("allocation {} is not active or has no desktop yet", options.allocation))?;
-    let target = desktop.rdp_target(1024, 768).map_err(anyhow::Error::msg)?;
+    let target = desktop.rdp_target(options.size.0, options.size.1).map_err(anyhow::Error::msg)?;
     let expect = options.expect_rgb;
     let stream = match options.stream {
         Some(duration) => Some(stream_report(&target, duration)?),
@@ -85,9 +107,10 @@ fn stream_report(target: &DesktopTarget, duration: Duration) -> anyhow::Result<s
     use labrack_streamer::desktop::{DesktopStream, StreamSettings};
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let stream = DesktopStream::start(target.clone(), StreamSettings::default())?;
-    let mut frames = stream.subscribe();
-    let (mut count, mut first_keyframe, mut first_frame_ms, mut bytes) = (0_u64, None, None, 0_u64);
+    let mut frames = stream.subscribe(labrack_streamer::encode::Codec::H264);
+    let (mut count, mut first_keyframe, mut first_frame_ms, mut bytes, mut size) = (0_u64, None, None, 0_u64, None);
     let started = std::time::Instant::now();
+    let cpu_before = process_cpu();
     runtime.block_on(async {
         let deadline = tokio::time::Instant::now() + duration;
         while let Ok(Ok(frame)) = tokio::time::timeout_at(deadline, frames.recv()).await {
@@ -95,12 +118,19 @@ fn stream_report(target: &DesktopTarget, duration: Duration) -> anyhow::Result<s
             bytes += frame.encoded.data.len() as u64;
             first_keyframe.get_or_insert(frame.encoded.keyframe);
             first_frame_ms.get_or_insert(started.elapsed().as_millis());
+            size = Some([frame.width, frame.height]);
         }
     });
+    let elapsed = started.elapsed();
+    let cpu = process_cpu().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
     let stats = &stream.stats;
     let encoded = stats.frames.load(std::sync::atomic::Ordering::Relaxed).max(1);
     Ok(serde_json::json!({
         "frames": count,
+        "fps": count as f64 / elapsed.as_secs_f64().max(0.001),
+        "size": size,
+        // the whole process: RDP decode, conversion and encoding, as a share of one core
+        "cpu_core_share": cpu.map(|cpu| cpu.as_secs_f64() / elapsed.as_secs_f64().max(0.001)),
         "first_is_keyframe": first_keyframe,
         "first_frame_ms": first_frame_ms,
         "bytes": bytes,
@@ -122,6 +152,18 @@ fn write_ppm(path: &Path, shot: &Snapshot) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1280x720"), Ok((1280, 720)));
+        assert!(parse_size("1280").is_err());
+        assert!(parse_size("100x720").expect_err("too small").contains("200 to 8192"));
+    }
+
+    #[test]
+    fn cpu_time_is_read() {
+        assert!(process_cpu().is_some(), "/proc/self/stat has utime and stime");
+    }
 
     #[test]
     fn colours_parse() {

@@ -19,7 +19,7 @@ use ironrdp_pdu::input::fast_path::FastPathInputEvent;
 use tokio::sync::broadcast;
 
 use crate::convert::{I420, Rect};
-use crate::encode::{EncodedFrame, H264Encoder};
+use crate::encode::{Codec, EncodedFrame, VideoEncoder};
 use crate::rdp::{DesktopError, DesktopSession, DesktopTarget, Pump};
 
 /// How long a stream without viewers keeps its RDP session.
@@ -43,6 +43,7 @@ impl Default for StreamSettings {
 /// An encoded picture with its capture time.
 #[derive(Debug, Clone)]
 pub struct Frame {
+    pub codec: Codec,
     pub encoded: EncodedFrame,
     pub captured: Instant,
     pub width: u32,
@@ -78,10 +79,37 @@ enum Control {
     Stop,
 }
 
+/// Where each codec's frames go. A codec is encoded only while it has receivers, so a
+/// desktop watched only by H.264 browsers pays for one encode.
+#[derive(Debug, Clone)]
+struct Outputs {
+    h264: broadcast::Sender<Arc<Frame>>,
+    vp8: broadcast::Sender<Arc<Frame>>,
+}
+
+impl Outputs {
+    fn new() -> Self {
+        Self { h264: broadcast::channel(8).0, vp8: broadcast::channel(8).0 }
+    }
+
+    fn of(&self, codec: Codec) -> &broadcast::Sender<Arc<Frame>> {
+        match codec {
+            Codec::H264 => &self.h264,
+            Codec::Vp8 => &self.vp8,
+        }
+    }
+
+    fn receivers(&self) -> usize {
+        self.h264.receiver_count() + self.vp8.receiver_count()
+    }
+}
+
+const CODECS: [Codec; 2] = [Codec::H264, Codec::Vp8];
+
 /// A running desktop stream. Dropping the last handle stops it.
 #[derive(Debug, Clone)]
 pub struct DesktopStream {
-    frames: broadcast::Sender<Arc<Frame>>,
+    frames: Outputs,
     control: mpsc::Sender<Control>,
     clipboard: tokio::sync::watch::Receiver<Option<Arc<str>>>,
     /// each viewer's bitrate target (from its receiver feedback), by viewer id
@@ -96,7 +124,7 @@ impl DesktopStream {
     /// Connects (blocking: call from a blocking task) and starts the stream thread.
     pub fn start(target: DesktopTarget, settings: StreamSettings) -> Result<Self, DesktopError> {
         let session = DesktopSession::connect(&target, Duration::from_millis(5))?;
-        let (frames, _) = broadcast::channel(8);
+        let frames = Outputs::new();
         let (control, commands) = mpsc::channel();
         let stats = Arc::new(StreamStats::default());
         stats.connected.store(true, Ordering::Relaxed);
@@ -133,9 +161,9 @@ impl DesktopStream {
         let _ = ended.wait_for(|ended| *ended).await;
     }
 
-    /// Frames from now on; the first one a viewer gets is a keyframe (asked for here).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Frame>> {
-        let receiver = self.frames.subscribe();
+    /// Frames in `codec` from now on; the first one a viewer gets is a keyframe (asked for here).
+    pub fn subscribe(&self, codec: Codec) -> broadcast::Receiver<Arc<Frame>> {
+        let receiver = self.frames.of(codec).subscribe();
         self.request_keyframe();
         receiver
     }
@@ -189,7 +217,7 @@ impl DesktopStream {
     }
 
     pub fn viewers(&self) -> usize {
-        self.frames.receiver_count()
+        self.frames.receivers()
     }
 
     /// Whether the stream has ended; a new viewer needs a new stream.
@@ -201,7 +229,7 @@ impl DesktopStream {
 struct Worker {
     target: DesktopTarget,
     settings: StreamSettings,
-    frames: broadcast::Sender<Arc<Frame>>,
+    frames: Outputs,
     commands: mpsc::Receiver<Control>,
     stats: Arc<StreamStats>,
     ended: tokio::sync::watch::Sender<bool>,
@@ -231,7 +259,7 @@ impl Worker {
             }
             loop {
                 std::thread::sleep(backoff);
-                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected) | Ok(Control::Stop)) || self.frames.receiver_count() == 0 {
+                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected) | Ok(Control::Stop)) || self.frames.receivers() == 0 {
                     return;
                 }
                 match DesktopSession::connect(&self.target, Duration::from_millis(5)) {
@@ -259,7 +287,8 @@ impl Worker {
             0 => self.settings.bitrate_bps,
             wanted => wanted,
         };
-        let mut encoder = H264Encoder::new(width, height, bitrate, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        // One encoder per codec with viewers, made when the first viewer of it arrives.
+        let mut encoders: [Option<VideoEncoder>; 2] = [None, None];
         let mut encoder_built = Instant::now();
         let frame_interval = Duration::from_secs_f32(1.0 / self.settings.max_fps.max(1.0));
         let mut damage: Vec<Rect> = vec![Rect::full(width, height)];
@@ -304,7 +333,7 @@ impl Worker {
             if wanted != 0 && crate::rate::worth_rebuilding(bitrate, wanted, encoder_built.elapsed(), BITRATE_CHANGE_GAP) {
                 tracing::debug!(from = bitrate, to = wanted, "desktop bitrate follows its viewers");
                 bitrate = wanted;
-                encoder = H264Encoder::new(width, height, bitrate, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                encoders = [None, None];
                 encoder_built = Instant::now();
                 self.stats.bitrate_bps.store(u64::from(bitrate), Ordering::Relaxed);
                 self.stats.bitrate_changes.fetch_add(1, Ordering::Relaxed);
@@ -313,34 +342,55 @@ impl Worker {
             if size != (width, height) {
                 (width, height) = size;
                 picture = I420::new(width, height);
-                encoder = H264Encoder::new(width, height, bitrate, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                encoders = [None, None];
                 encoder_built = Instant::now();
                 damage = vec![Rect::full(width, height)];
                 keyframe = true;
                 self.stats.resizes.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(width, height, "desktop resized");
             }
-            if self.frames.receiver_count() > 0 {
+            // A codec nobody receives any more loses its encoder; its next viewer gets a new
+            // one, which starts with a keyframe.
+            for (slot, codec) in encoders.iter_mut().zip(CODECS) {
+                if self.frames.of(codec).receiver_count() == 0 {
+                    *slot = None;
+                }
+            }
+            if self.frames.receivers() > 0 {
                 idle_since = None;
             }
             let due = last_encode.elapsed() >= frame_interval;
-            if due && (keyframe || !damage.is_empty()) && self.frames.receiver_count() > 0 {
+            if due && (keyframe || !damage.is_empty()) && self.frames.receivers() > 0 {
                 let started = Instant::now();
                 picture.update(session.rgba(), usize::from(session.width()) * 4, &damage);
                 damage.clear();
-                if std::mem::take(&mut keyframe) {
-                    encoder.request_keyframe();
+                let keyframe_now = std::mem::take(&mut keyframe);
+                for (slot, codec) in encoders.iter_mut().zip(CODECS) {
+                    let output = self.frames.of(codec);
+                    if output.receiver_count() == 0 {
+                        continue;
+                    }
+                    let encoder = match slot {
+                        Some(encoder) => encoder,
+                        None => slot.insert(VideoEncoder::new(codec, width, height, bitrate, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?),
+                    };
+                    if keyframe_now {
+                        encoder.request_keyframe();
+                    }
+                    let encoded = encoder.encode(&picture).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                    if encoded.data.is_empty() {
+                        continue; // rate control dropped this picture
+                    }
+                    self.stats.frames.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(encoded.data.len() as u64, Ordering::Relaxed);
+                    if encoded.keyframe {
+                        self.stats.keyframes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = output.send(Arc::new(Frame { codec, encoded, captured: started, width, height }));
                 }
-                let encoded = encoder.encode(&picture).map_err(|e| DesktopError::Rdp(e.to_string()))?;
                 self.stats.encode_us.fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-                self.stats.frames.fetch_add(1, Ordering::Relaxed);
-                self.stats.bytes.fetch_add(encoded.data.len() as u64, Ordering::Relaxed);
-                if encoded.keyframe {
-                    self.stats.keyframes.fetch_add(1, Ordering::Relaxed);
-                }
                 last_encode = started;
-                let _ = self.frames.send(Arc::new(Frame { encoded, captured: started, width, height }));
-            } else if self.frames.receiver_count() == 0 {
+            } else if self.frames.receivers() == 0 {
                 if idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_STOP {
                     return Ok(());
                 }

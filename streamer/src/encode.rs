@@ -1,5 +1,7 @@
-//! H.264 encoding of desktop pictures with OpenH264 (built from Cisco's source), real-time
-//! and tagged BT.709 so browsers show the right colours.
+//! Encoding desktop pictures: H.264 with OpenH264 (built from Cisco's source), real-time and
+//! tagged BT.709 so browsers show the right colours; VP8 (libvpx, Debian's `libvpx-dev`) for
+//! browsers that offer no H.264 — Firefox without its downloadable OpenH264 plugin, which an
+//! offline venue cannot fetch.
 //!
 //! OpenH264's camera real-time mode, not its screen-content mode: measured with
 //! `cargo xtask bench stream`, screen-content mode cost 3.9× the time per frame (4.0 vs
@@ -11,15 +13,32 @@ use openh264::formats::YUVSlices;
 
 use crate::convert::I420;
 
+/// The video codecs a desktop can be sent in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    H264,
+    Vp8,
+}
+
+impl Codec {
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::H264 => "H264",
+            Codec::Vp8 => "VP8",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
-    #[error("H.264 encoder: {0}")]
+    #[error("video encoder: {0}")]
     Encoder(String),
     #[error("the picture is {got:?}, the encoder expects {want:?}")]
     Size { got: (u32, u32), want: (u32, u32) },
 }
 
-/// One encoded picture: Annex-B H.264 (start codes), ready for RTP packetization.
+/// One encoded picture, ready for RTP packetization: Annex-B H.264 (start codes) or a VP8
+/// frame. Empty when the encoder dropped the picture (rate control).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedFrame {
     pub data: Vec<u8>,
@@ -80,10 +99,118 @@ impl H264Encoder {
     }
 }
 
+/// VP8 through libvpx in its real-time mode. libvpx cannot be told to make the next frame a
+/// keyframe through the safe wrapper, so a keyframe request starts a new encoder (whose first
+/// frame is one); that costs well under a millisecond.
+pub struct Vp8Encoder {
+    encoder: vpx_encode::Encoder,
+    config: vpx_encode::Config,
+    /// the picture's planes, contiguous as libvpx wants them
+    contiguous: Vec<u8>,
+    pts: i64,
+    keyframe_wanted: bool,
+}
+
+impl std::fmt::Debug for Vp8Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vp8Encoder").field("width", &self.config.width).field("height", &self.config.height).finish_non_exhaustive()
+    }
+}
+
+impl Vp8Encoder {
+    pub fn new(width: u32, height: u32, bitrate_bps: u32, max_fps: f32) -> Result<Self, EncodeError> {
+        let config = vpx_encode::Config {
+            width,
+            height,
+            timebase: [1, max_fps.round().max(1.0) as i32],
+            bitrate: (bitrate_bps / 1000).max(100),
+            codec: vpx_encode::VideoCodecId::VP8,
+        };
+        let encoder = vpx_encode::Encoder::new(config).map_err(|e| EncodeError::Encoder(e.to_string()))?;
+        Ok(Self { encoder, config, contiguous: Vec::new(), pts: 0, keyframe_wanted: false })
+    }
+
+    pub fn request_keyframe(&mut self) {
+        self.keyframe_wanted = true;
+    }
+
+    pub fn encode(&mut self, picture: &I420) -> Result<EncodedFrame, EncodeError> {
+        let want = (self.config.width, self.config.height);
+        if (picture.width, picture.height) != want {
+            return Err(EncodeError::Size { got: (picture.width, picture.height), want });
+        }
+        if std::mem::take(&mut self.keyframe_wanted) && self.pts > 0 {
+            self.encoder = vpx_encode::Encoder::new(self.config).map_err(|e| EncodeError::Encoder(e.to_string()))?;
+            self.pts = 0;
+        }
+        self.contiguous.clear();
+        self.contiguous.extend_from_slice(&picture.y);
+        self.contiguous.extend_from_slice(&picture.u);
+        self.contiguous.extend_from_slice(&picture.v);
+        let mut data = Vec::new();
+        let mut keyframe = false;
+        for frame in self.encoder.encode(self.pts, &self.contiguous).map_err(|e| EncodeError::Encoder(e.to_string()))? {
+            data.extend_from_slice(frame.data);
+            keyframe |= frame.key;
+        }
+        self.pts += 1;
+        Ok(EncodedFrame { data, keyframe })
+    }
+}
+
+/// An encoder of either codec.
+#[derive(Debug)]
+pub enum VideoEncoder {
+    // OpenH264's encoder state is large; boxed so the enum is not.
+    H264(Box<H264Encoder>),
+    Vp8(Vp8Encoder),
+}
+
+impl VideoEncoder {
+    pub fn new(codec: Codec, width: u32, height: u32, bitrate_bps: u32, max_fps: f32) -> Result<Self, EncodeError> {
+        Ok(match codec {
+            Codec::H264 => Self::H264(Box::new(H264Encoder::new(width, height, bitrate_bps, max_fps)?)),
+            Codec::Vp8 => Self::Vp8(Vp8Encoder::new(width, height, bitrate_bps, max_fps)?),
+        })
+    }
+
+    pub fn request_keyframe(&mut self) {
+        match self {
+            Self::H264(encoder) => encoder.request_keyframe(),
+            Self::Vp8(encoder) => encoder.request_keyframe(),
+        }
+    }
+
+    pub fn encode(&mut self, picture: &I420) -> Result<EncodedFrame, EncodeError> {
+        match self {
+            Self::H264(encoder) => encoder.encode(picture),
+            Self::Vp8(encoder) => encoder.encode(picture),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::convert::Rect;
+
+    #[test]
+    fn vp8_starts_with_a_keyframe_and_makes_one_on_request() {
+        let mut encoder = Vp8Encoder::new(320, 240, 1_000_000, 30.0).expect("encoder");
+        let mut picture = I420::new(320, 240);
+        let blue: Vec<u8> = (0..320 * 240).flat_map(|_| [30, 144, 255, 255]).collect();
+        picture.update(&blue, 320 * 4, &[Rect::full(320, 240)]);
+        let first = encoder.encode(&picture).expect("encode");
+        assert!(first.keyframe && !first.data.is_empty());
+        // A VP8 keyframe's uncompressed header: bit 0 clear, then the start code 9d 01 2a.
+        assert_eq!(first.data[0] & 1, 0);
+        assert_eq!(&first.data[3..6], &[0x9d, 0x01, 0x2a]);
+        let second = encoder.encode(&picture).expect("encode");
+        assert!(!second.keyframe, "a still picture continues with inter frames");
+        encoder.request_keyframe();
+        assert!(encoder.encode(&picture).expect("encode").keyframe);
+        assert!(matches!(encoder.encode(&I420::new(64, 64)), Err(EncodeError::Size { .. })));
+    }
 
     fn nal_types(data: &[u8]) -> Vec<u8> {
         let mut types = Vec::new();

@@ -14,7 +14,7 @@ use rtc::interceptor::{Attribute, Interceptor, Packet as InterceptorPacket, Slot
 use rtc::media::Sample;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::{configure_nack, configure_rtcp_reports};
-use rtc::peer_connection::configuration::media_engine::MIME_TYPE_H264;
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_VP8};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
@@ -32,14 +32,15 @@ use webrtc::peer_connection::{
 };
 
 use crate::desktop::DesktopStream;
+use crate::encode::Codec;
 use crate::rate::{RateController, RateLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewerError {
     #[error("WebRTC: {0}")]
     WebRtc(String),
-    #[error("the offer has no H.264 video the appliance can send")]
-    NoH264,
+    #[error("the offer has neither H.264 nor VP8 video, the codecs the appliance can send")]
+    NoCodec,
 }
 
 fn webrtc_error(error: impl std::fmt::Display) -> ViewerError {
@@ -151,6 +152,8 @@ impl Interceptor for KeyframeRequests {
 /// A connected (or connecting) viewer. [`Viewer::closed`] resolves when it is gone.
 pub struct Viewer {
     pc: Arc<dyn PeerConnection>,
+    /// the codec this browser gets
+    pub codec: Codec,
     pub stats: Arc<ViewerStats>,
     done: tokio::sync::watch::Receiver<bool>,
 }
@@ -166,18 +169,26 @@ impl Viewer {
     /// `udp_bind` is where this viewer's UDP socket binds, e.g. `0.0.0.0:0` (one socket per
     /// LAN interface) or `127.0.0.1:0`.
     pub async fn answer(offer_sdp: String, stream: DesktopStream, interactive: bool, udp_bind: String) -> Result<(Self, String), ViewerError> {
-        let h264 = RTCRtpCodecParameters {
-            rtp_codec: RTCRtpCodec {
-                mime_type: MIME_TYPE_H264.to_owned(),
-                clock_rate: 90_000,
-                channels: 0,
-                sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".to_owned(),
-                rtcp_feedback: vec![RTCPFeedback { typ: "ccm".into(), parameter: "fir".into() }, RTCPFeedback { typ: "goog-remb".into(), parameter: String::new() }],
+        let codec = choose_codec(&offer_sdp).ok_or(ViewerError::NoCodec)?;
+        let feedback = vec![RTCPFeedback { typ: "ccm".into(), parameter: "fir".into() }, RTCPFeedback { typ: "goog-remb".into(), parameter: String::new() }];
+        let video = match codec {
+            Codec::H264 => RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    mime_type: MIME_TYPE_H264.to_owned(),
+                    clock_rate: 90_000,
+                    channels: 0,
+                    sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".to_owned(),
+                    rtcp_feedback: feedback,
+                },
+                payload_type: 102,
             },
-            payload_type: 102,
+            Codec::Vp8 => RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec { mime_type: MIME_TYPE_VP8.to_owned(), clock_rate: 90_000, channels: 0, sdp_fmtp_line: String::new(), rtcp_feedback: feedback },
+                payload_type: 96,
+            },
         };
         let mut media_engine = MediaEngine::default();
-        media_engine.register_codec(h264.clone(), RtpCodecKind::Video).map_err(webrtc_error)?;
+        media_engine.register_codec(video.clone(), RtpCodecKind::Video).map_err(webrtc_error)?;
         let registry = configure_rtcp_reports(configure_nack(Registry::new(), &mut media_engine)).with(Slot::from(14_000), KeyframeRequests::default());
         let settings = SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::QueryOnly).build();
         let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -204,7 +215,7 @@ impl Viewer {
                     RtpCodecKind::Video,
                     vec![RTCRtpEncodingParameters {
                         rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
-                        codec: h264.rtp_codec.clone(),
+                        codec: video.rtp_codec.clone(),
                         active: true,
                         ..Default::default()
                     }],
@@ -246,7 +257,7 @@ impl Viewer {
             Some(codec) => codec.payload_type,
             None => {
                 let _ = pc.close().await;
-                return Err(ViewerError::NoH264);
+                return Err(ViewerError::NoCodec);
             }
         };
         let ssrc = track.ssrcs().await.first().copied().unwrap_or(ssrc);
@@ -259,7 +270,6 @@ impl Viewer {
             let (track, stream, stats) = (track.clone(), stream.clone(), stats.clone());
             async move {
                 let mut rate = RateController::new(RateLimits::default());
-                let mut sent_at = (Instant::now(), 0_u64);
                 while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = track.poll().await {
                     if packets.iter().any(|p| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()) {
                         stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
@@ -275,12 +285,7 @@ impl Viewer {
                             }
                         } else if let Some(remb) = packet.as_any().downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
                             stats.remb_bps.store(remb.bitrate as u64, Ordering::Relaxed);
-                            // What this viewer was sent since the last estimate.
-                            let bytes = stats.bytes_sent.load(Ordering::Relaxed);
-                            let secs = now.duration_since(sent_at.0).as_secs_f64().max(0.1);
-                            let sent_bps = ((bytes.saturating_sub(sent_at.1) * 8) as f64 / secs) as u64;
-                            sent_at = (now, bytes);
-                            target = Some(rate.on_remb(remb.bitrate, sent_bps, now));
+                            target = Some(rate.on_remb(remb.bitrate, now));
                         }
                     }
                     if let Some(target) = target {
@@ -307,7 +312,7 @@ impl Viewer {
                     };
                     match event {
                         Event::State(RTCPeerConnectionState::Connected) if media.is_none() => {
-                            media = Some(tokio::spawn(pump_media(track.clone(), stream.clone(), ssrc, payload_type, stats.clone())));
+                            media = Some(tokio::spawn(pump_media(track.clone(), stream.clone(), codec, ssrc, payload_type, stats.clone())));
                         }
                         Event::State(RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) => break,
                         Event::DataChannel(channel) => {
@@ -351,7 +356,7 @@ impl Viewer {
                 stream.forget_viewer(viewer_id);
             }
         });
-        Ok((Self { pc, stats, done }, answer))
+        Ok((Self { pc, codec, stats, done }, answer))
     }
 
     /// Resolves once the browser left (data channel closed, ICE failed) or the viewer was closed.
@@ -364,9 +369,24 @@ impl Viewer {
     }
 }
 
+/// H.264 when the browser offers it (cheaper to encode here), else VP8 (Firefox without
+/// its OpenH264 plugin); None when it offers neither.
+fn choose_codec(offer_sdp: &str) -> Option<Codec> {
+    let offered = |name: &str| {
+        offer_sdp.lines().any(|line| line.starts_with("a=rtpmap:") && line.split_whitespace().nth(1).is_some_and(|codec| codec.eq_ignore_ascii_case(&format!("{name}/90000"))))
+    };
+    if offered("H264") {
+        Some(Codec::H264)
+    } else if offered("VP8") {
+        Some(Codec::Vp8)
+    } else {
+        None
+    }
+}
+
 /// Sends the desktop's frames as they come; the first one is a keyframe.
-async fn pump_media(track: Arc<TrackLocalStaticSample>, stream: DesktopStream, ssrc: u32, payload_type: u8, stats: Arc<ViewerStats>) {
-    let mut frames = stream.subscribe();
+async fn pump_media(track: Arc<TrackLocalStaticSample>, stream: DesktopStream, codec: Codec, ssrc: u32, payload_type: u8, stats: Arc<ViewerStats>) {
+    let mut frames = stream.subscribe(codec);
     let mut previous: Option<Instant> = None;
     let mut waiting_for_keyframe = true;
     loop {
@@ -394,5 +414,20 @@ async fn pump_media(track: Arc<TrackLocalStaticSample>, stream: DesktopStream, s
         }
         stats.frames_sent.fetch_add(1, Ordering::Relaxed);
         stats.bytes_sent.fetch_add(frame.encoded.data.len() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h264_is_preferred_and_vp8_is_the_fallback() {
+        let both = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 102\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\n";
+        assert_eq!(choose_codec(both), Some(Codec::H264));
+        let vp8_only = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n";
+        assert_eq!(choose_codec(vp8_only), Some(Codec::Vp8));
+        assert_eq!(choose_codec("v=0\r\na=rtpmap:98 VP9/90000\r\n"), None);
+        assert_eq!(choose_codec("v=0"), None);
     }
 }

@@ -246,11 +246,17 @@ pub fn enrol_host(server_url: &str, data_dir: &Path, token: &str, name: &str, st
 
 /// [`enrol_host`] with a given `labrack-host` binary (benchmarks use the release build).
 pub fn enrol_host_binary(binary: &Path, server_url: &str, data_dir: &Path, token: &str, name: &str, state_dir: &Path) -> anyhow::Result<(bool, String)> {
+    enrol_host_args(binary, server_url, data_dir, token, name, state_dir, &[])
+}
+
+/// [`enrol_host_binary`] with more `labrack-host enrol` options (e.g. `--capacity`).
+pub fn enrol_host_args(binary: &Path, server_url: &str, data_dir: &Path, token: &str, name: &str, state_dir: &Path, extra: &[&str]) -> anyhow::Result<(bool, String)> {
     let output = Command::new(binary)
         .args(["enrol", "--appliance", server_url, "--token", token, "--name", name, "--address", "127.0.0.1", "--ca"])
         .arg(Server::ca_cert(data_dir))
         .arg("--state-dir")
         .arg(state_dir)
+        .args(extra)
         .env("LABRACK_LOG", "warn")
         .output()
         .context("running labrack-host enrol")?;

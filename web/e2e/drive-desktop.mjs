@@ -275,9 +275,52 @@ try {
   if (SCREENSHOT_DIR) await page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-3-view-only.png") });
   assert.ok(close(still, shown), `a view-only viewer changed the desktop: ${still}`);
 
+  // A browser that offers no H.264 (Firefox without its OpenH264 plugin, which an offline
+  // venue cannot download) gets VP8: a second staff viewer offers VP8 only, while the
+  // first keeps H.264 — one desktop, one encode per codec.
+  const vp8Page = await context.newPage();
+  await vp8Page.addInitScript(() => {
+    const original = RTCPeerConnection.prototype.addTransceiver;
+    RTCPeerConnection.prototype.addTransceiver = function (...args) {
+      const transceiver = original.apply(this, args);
+      transceiver.setCodecPreferences(RTCRtpReceiver.getCapabilities("video").codecs.filter((c) => /vp8/i.test(c.mimeType)));
+      return transceiver;
+    };
+  });
+  let vp8Codec = null;
+  vp8Page.on("websocket", (ws) =>
+    ws.on("framereceived", (frame) => {
+      try {
+        const msg = JSON.parse(String(frame.payload));
+        if (msg.type === "answer") vp8Codec = msg.codec;
+      } catch {}
+    }),
+  );
+  await vp8Page.goto(`${BASE_URL}/#/desktop/${need("LABRACK_ALLOCATION")}`);
+  await vp8Page.waitForSelector(`${tid("desktop-status")}[data-state="connected"]`);
+  let vp8Colour = null;
+  for (const until = Date.now() + 30_000; Date.now() < until; await vp8Page.waitForTimeout(100)) {
+    vp8Colour = await vp8Page.evaluate(() => {
+      const v = document.querySelector('[data-testid="desktop-video"]');
+      if (!v || !v.videoWidth) return null;
+      const c = document.createElement("canvas");
+      c.width = v.videoWidth;
+      c.height = v.videoHeight;
+      const g = c.getContext("2d");
+      g.drawImage(v, 0, 0);
+      const d = g.getImageData(c.width - 40, Math.floor(c.height / 2), 1, 1).data;
+      return [d[0], d[1], d[2]];
+    });
+    if (vp8Colour && close(vp8Colour, shown)) break;
+  }
+  assert.equal(vp8Codec, "VP8", "the VP8-only browser was answered with VP8");
+  assert.ok(vp8Colour && close(vp8Colour, shown), `the VP8 viewer shows the desktop: ${vp8Colour}`);
+  if (SCREENSHOT_DIR) await vp8Page.screenshot({ path: join(SCREENSHOT_DIR, "desktop-4-vp8.png") });
+  await vp8Page.close();
+
   assert.deepEqual(errors, [], "no page errors");
   for (const url of urls) assert.ok(!/ticket|token|sdp/i.test(new URL(url).search), `no secret in a URL query: ${url}`);
-  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, resized, clipboard_pasted_on_desktop: pasted, clipboard_from_desktop: fromDesktop, unicode_typed: typedUnicode, feedback, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, reconnected_after_reset: reconnectedAfterReset, view_only_unchanged: still }));
+  console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, resized, clipboard_pasted_on_desktop: pasted, clipboard_from_desktop: fromDesktop, unicode_typed: typedUnicode, feedback, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, reconnected_after_reset: reconnectedAfterReset, view_only_unchanged: still, vp8_codec: vp8Codec, vp8_colour: vp8Colour }));
   await page.close();
 } finally {
   await context.close().catch(() => {});

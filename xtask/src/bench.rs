@@ -223,24 +223,46 @@ async fn login(client: &reqwest::Client, base: &str, otp: &str) -> anyhow::Resul
     Ok(token)
 }
 
-/// `cargo xtask bench stream`: today the encode side (convert + H.264 per frame, bandwidth)
-/// on synthetic desktop content; glass-to-glass latency and per-stream CPU are to come.
+/// `cargo xtask bench stream`: the encode side (convert + H.264 per frame, bandwidth) on
+/// synthetic desktop content, then the end-to-end half (`bench_stream.rs`): concurrent
+/// streams, glass-to-glass latency, bandwidth and CPU with real xrdp and Chromium.
+/// `--encode-only` / `--e2e-only` run one half.
 fn bench_stream(args: &[String]) -> anyhow::Result<()> {
     let mut frames = "300".to_owned();
     let mut runs = 3_usize;
+    let (mut encode, mut e2e) = (true, true);
+    let mut e2e_options = crate::bench_stream::Options { max_streams: 6, flips: 30, phase_secs: 10 };
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
+        let mut number = |name: &str| -> anyhow::Result<usize> {
+            iter.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| format!("{name} needs a number"))
+        };
         match flag.as_str() {
-            "--frames" => frames = iter.next().context("--frames needs a value")?.clone(),
-            "--runs" => runs = iter.next().context("--runs needs a value")?.parse().context("--runs needs a number")?,
+            "--frames" => frames = number("--frames")?.to_string(),
+            "--runs" => runs = number("--runs")?,
+            "--max-streams" => e2e_options.max_streams = number("--max-streams")?.max(1),
+            "--flips" => e2e_options.flips = number("--flips")?.max(1),
+            "--phase-secs" => e2e_options.phase_secs = number("--phase-secs")?.max(1) as u64,
+            "--encode-only" => e2e = false,
+            "--e2e-only" => encode = false,
             other => bail!("unknown option {other}"),
         }
     }
+    if encode {
+        bench_encode(&frames, runs)?;
+    }
+    if e2e {
+        crate::bench_stream::bench_stream_e2e(&e2e_options)?;
+    }
+    Ok(())
+}
+
+fn bench_encode(frames: &str, runs: usize) -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "-p", "labrack-streamer", "--example", "encode_bench"]))?;
     let binary = util::target_dir().join("release/examples/encode_bench");
     let mut all: Vec<Vec<Value>> = Vec::new();
     for index in 0..runs {
-        let output = std::process::Command::new(&binary).arg(&frames).output().context("running encode_bench")?;
+        let output = std::process::Command::new(&binary).arg(frames).output().context("running encode_bench")?;
         anyhow::ensure!(output.status.success(), "encode_bench failed: {}", String::from_utf8_lossy(&output.stderr));
         let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
         println!("run {}: {}", index + 1, lines.iter().map(Value::to_string).collect::<Vec<_>>().join("\n       "));

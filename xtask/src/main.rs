@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_reset;
+mod bench_stream;
 mod util;
 
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "xorgxrdp",
     "xterm",
     "xclip",
+    "libvpx-dev",
     "x11-xserver-utils",
     "dbus-x11",
     "ssl-cert",
@@ -109,7 +111,7 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_web() -> anyhow::Result<()> {
+pub(crate) fn build_web() -> anyhow::Result<()> {
     let web = project_root().join("web");
     util::step("building the web UI");
     let lock = web.join("package-lock.json");

@@ -221,13 +221,14 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     };
     let allocation_id = ticket.allocation_id;
     let mode = if interactive { "interactive" } else { "view" };
+    let codec = viewer.codec.name();
     let (actor, meta) = (ticket.actor.clone(), caller.meta.clone());
     let _ = state
         .db
         .writer()
-        .write(move |conn| audit(conn, &actor, &meta, "desktop.viewer_joined", Some(&format!("allocation:{allocation_id}")), serde_json::json!({"mode": mode})))
+        .write(move |conn| audit(conn, &actor, &meta, "desktop.viewer_joined", Some(&format!("allocation:{allocation_id}")), serde_json::json!({"mode": mode, "codec": codec})))
         .await;
-    ws.send(json_text(serde_json::json!({"type": "answer", "sdp": answer, "mode": mode}))).await?;
+    ws.send(json_text(serde_json::json!({"type": "answer", "sdp": answer, "mode": mode, "codec": viewer.codec.name()}))).await?;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut remote_clipboard = stream.remote_clipboard();
     // Only text copied from now on goes to the browser.

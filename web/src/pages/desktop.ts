@@ -62,6 +62,7 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
   let socket: WebSocket | null = null;
   let channel: RTCDataChannel | null = null;
   let interactive = false;
+  let codecName = "";
   let lastFrames = 0;
   let lastAt = performance.now();
   const setStatus = (state: string, text: string): void => {
@@ -273,7 +274,7 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
         if (typeof report.framesPerSecond === "number") fps = `${report.framesPerSecond.toFixed(0)} fps`;
       }
     });
-    statsLine.textContent = [fps, sent, rtt, decode].filter(Boolean).join(" · ");
+    statsLine.textContent = [codecName, fps, sent, rtt, decode].filter(Boolean).join(" · ");
   };
 
   async function connect(): Promise<void> {
@@ -320,9 +321,10 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
       });
       ws.addEventListener("message", (ev) => {
         const msg = JSON.parse(String(ev.data)) as {
-          type: string; sdp?: string; detail?: string; frames?: number; bytes?: number; text?: string; encoder_bps?: number; fraction_lost?: number;
+          type: string; sdp?: string; detail?: string; frames?: number; bytes?: number; text?: string; encoder_bps?: number; fraction_lost?: number; codec?: string;
         };
         if (msg.type === "answer" && msg.sdp) {
+          codecName = msg.codec ?? "";
           void peer.setRemoteDescription({ type: "answer", sdp: msg.sdp });
           // A stream that was already running (another viewer's) may have another size.
           requestSize();

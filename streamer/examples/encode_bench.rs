@@ -1,20 +1,23 @@
-//! The encode side of `cargo xtask bench stream`: damage-aware RGBA→I420 plus OpenH264 on
-//! synthetic desktop content, one thread, as the desktop stream thread does it.
+//! The encode side of `cargo xtask bench stream`: damage-aware RGBA→I420 plus OpenH264 (and
+//! libvpx VP8, the fallback) on synthetic desktop content, one thread, as the desktop stream
+//! thread does it.
 //!
 //! Workloads: `typing` (a full first frame, then a 240×24 text line changes per frame) and
-//! `motion` (every pixel changes every frame). Prints one JSON line per (size, workload).
+//! `motion` (every pixel changes every frame). Prints one JSON line per (codec, size, workload).
 
 use std::time::Instant;
 
 use labrack_streamer::convert::{I420, Rect};
-use labrack_streamer::encode::H264Encoder;
+use labrack_streamer::encode::{Codec, VideoEncoder};
 
 fn main() {
     let frames: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(300);
-    for (width, height) in [(1280_u32, 720_u32), (1920, 1080)] {
-        for workload in ["typing", "motion"] {
-            let result = run(width, height, workload, frames);
-            println!("{result}");
+    for codec in [Codec::H264, Codec::Vp8] {
+        for (width, height) in [(1280_u32, 720_u32), (1920, 1080)] {
+            for workload in ["typing", "motion"] {
+                let result = run(codec, width, height, workload, frames);
+                println!("{result}");
+            }
         }
     }
 }
@@ -39,11 +42,11 @@ fn desktop(width: u32, height: u32) -> Vec<u8> {
     rgba
 }
 
-fn run(width: u32, height: u32, workload: &str, frames: usize) -> String {
+fn run(codec: Codec, width: u32, height: u32, workload: &str, frames: usize) -> String {
     let mut rgba = desktop(width, height);
     let stride = (width * 4) as usize;
     let mut picture = I420::new(width, height);
-    let mut encoder = H264Encoder::new(width, height, 4_000_000, 30.0).expect("encoder");
+    let mut encoder = VideoEncoder::new(codec, width, height, 4_000_000, 30.0).expect("encoder");
     let mut times = Vec::with_capacity(frames);
     let mut bytes = 0_usize;
     let mut seed = 0x2545_f491_u32;
@@ -84,7 +87,8 @@ fn run(width: u32, height: u32, workload: &str, frames: usize) -> String {
     let p95 = steady[(steady.len() as f64 * 0.95) as usize];
     let kbps_at_30 = bytes as f64 * 8.0 / 1000.0 / (frames as f64 / 30.0);
     format!(
-        r#"{{"size":"{width}x{height}","workload":"{workload}","frames":{frames},"encode_ms_p50":{p50:.2},"encode_ms_p95":{p95:.2},"first_frame_ms":{:.2},"kbit_per_s_at_30fps":{kbps_at_30:.0}}}"#,
+        r#"{{"codec":"{}","size":"{width}x{height}","workload":"{workload}","frames":{frames},"encode_ms_p50":{p50:.2},"encode_ms_p95":{p95:.2},"first_frame_ms":{:.2},"kbit_per_s_at_30fps":{kbps_at_30:.0}}}"#,
+        codec.name(),
         times[0]
     )
 }

@@ -290,6 +290,9 @@ impl Worker {
         // One encoder per codec with viewers, made when the first viewer of it arrives.
         let mut encoders: [Option<VideoEncoder>; 2] = [None, None];
         let mut encoder_built = Instant::now();
+        // what the encoders produced lately: (window start, bytes), and the last window's rate
+        let mut output_window = (Instant::now(), 0_u64);
+        let mut recent_output_bps = 0_u64;
         let frame_interval = Duration::from_secs_f32(1.0 / self.settings.max_fps.max(1.0));
         let mut damage: Vec<Rect> = vec![Rect::full(width, height)];
         let mut keyframe = true;
@@ -329,8 +332,15 @@ impl Worker {
             }
             // The viewers' feedback asks for another bitrate: OpenH264 has no safe way to
             // change it in flight, so a new encoder starts (with a keyframe).
+            // An increase only matters when the encoder uses what it has: an idle or typing
+            // desktop is app-limited, and a new encoder (and its keyframe) would buy nothing.
+            if output_window.0.elapsed() >= Duration::from_secs(2) {
+                recent_output_bps = output_window.1 * 8 / output_window.0.elapsed().as_secs().max(1);
+                output_window = (Instant::now(), 0);
+            }
             let wanted = self.wanted_bitrate.load(Ordering::Relaxed);
-            if wanted != 0 && crate::rate::worth_rebuilding(bitrate, wanted, encoder_built.elapsed(), BITRATE_CHANGE_GAP) {
+            let needed = wanted < bitrate || recent_output_bps * 2 >= u64::from(bitrate);
+            if wanted != 0 && needed && crate::rate::worth_rebuilding(bitrate, wanted, encoder_built.elapsed(), BITRATE_CHANGE_GAP) {
                 tracing::debug!(from = bitrate, to = wanted, "desktop bitrate follows its viewers");
                 bitrate = wanted;
                 encoders = [None, None];
@@ -383,6 +393,7 @@ impl Worker {
                     }
                     self.stats.frames.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes.fetch_add(encoded.data.len() as u64, Ordering::Relaxed);
+                    output_window.1 += encoded.data.len() as u64;
                     if encoded.keyframe {
                         self.stats.keyframes.fetch_add(1, Ordering::Relaxed);
                     }

@@ -741,10 +741,11 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     assert_eq!(report["clipboard_from_desktop"], "copied on the desktop ✓", "{report}");
     assert_eq!(report["unicode_typed"], "~ok\n", "{report}");
     // Chromium's receiver reports reached the rate controller (clean loopback: no loss, so
-    // the shared encoder's bitrate has moved up from its 4 Mbit/s start).
+    // this viewer's target has grown past the 4 Mbit/s start). The shared encoder keeps its
+    // rate meanwhile: a mostly idle desktop uses far less, and a rebuild would buy nothing.
     let feedback = &report["feedback"];
     assert!(feedback["target_bps"].as_u64().is_some_and(|bps| bps > 4_000_000), "{report}");
-    assert!(feedback["bitrate_changes"].as_u64().is_some_and(|n| n >= 1), "{report}");
+    assert_eq!(feedback["encoder_bps"], 4_000_000, "{report}");
     assert_eq!(report["vp8_codec"], "VP8", "a browser without H.264 is sent VP8: {report}");
     assert_eq!(report["recovered_after_rdp_restart"], true, "{report}");
     assert_eq!(report["reconnected_after_appliance_restart"], true, "{report}");

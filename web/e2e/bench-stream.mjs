@@ -100,10 +100,19 @@ try {
     });
     const viewport = page.viewportSize();
     await page.setViewportSize({ width: Math.round(viewport.width + width - rect[0]), height: Math.round(viewport.height + height - rect[1]) });
-    await page.waitForFunction(([w, h]) => {
-      const v = document.querySelector('[data-testid="desktop-video"]');
-      return v.videoWidth === w && v.videoHeight === h;
-    }, [width, height], { timeout: 60_000 });
+    await page
+      .waitForFunction(([w, h]) => {
+        const v = document.querySelector('[data-testid="desktop-video"]');
+        return v.videoWidth === w && v.videoHeight === h;
+      }, [width, height], { timeout: 60_000 })
+      .catch(async (error) => {
+        const seen = await page.evaluate(() => {
+          const v = document.querySelector('[data-testid="desktop-video"]');
+          const r = v.getBoundingClientRect();
+          return { video: [v.videoWidth, v.videoHeight], element: [r.width, r.height], status: document.querySelector('[data-testid="desktop-status"]')?.textContent };
+        });
+        throw new Error(`the desktop never became ${width}x${height}: ${JSON.stringify(seen)} (viewport ${JSON.stringify(page.viewportSize())}): ${error.message}`);
+      });
   };
 
   const recolour = (rgb) => {

@@ -277,7 +277,8 @@ fn bench_encode(frames: &str, runs: usize) -> anyhow::Result<()> {
         };
         let p50 = median("encode_ms_p50");
         println!(
-            "  {:<10} {:<7} encode p50 {:>6.2} ms  p95 {:>6.2} ms  {:>6.0} kbit/s at 30 fps  ~{:.0} streams at 25 fps per core",
+            "  {:<5} {:<10} {:<7} encode p50 {:>6.2} ms  p95 {:>6.2} ms  {:>6.0} kbit/s at 30 fps  ~{:.0} streams at 25 fps per core",
+            first["codec"].as_str().unwrap_or("?"),
             first["size"].as_str().unwrap_or("?"),
             first["workload"].as_str().unwrap_or("?"),
             p50,

@@ -150,13 +150,15 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
         for child in spawned {
             let output = child.wait_with_output()?;
             let report: Value = serde_json::from_slice(&output.stdout).with_context(|| format!("probe output: {}", String::from_utf8_lossy(&output.stdout)))?;
-            fps.push(report["stream"]["fps"].as_f64().unwrap_or(0.0));
+            fps.push(report["stream"]["steady_fps"].as_f64().unwrap_or(0.0));
             cpu.push(report["stream"]["cpu_core_share"].as_f64().unwrap_or(0.0));
         }
         let min_fps = fps.iter().copied().fold(f64::INFINITY, f64::min);
-        println!("  {n} stream(s) in motion: fps {:?}, CPU per stream {:?} of a core", round(&fps), round(&cpu));
+        println!("  {n} stream(s) in motion: steady fps {:?}, CPU per stream {:?} of a core", round(&fps), round(&cpu));
         concurrency.push(json!({"streams": n, "fps": fps, "cpu_core_share": cpu}));
-        if min_fps >= 25.0 {
+        // xorgxrdp hands out at most 25 frames a second (one stream alone measures 25.0):
+        // a stream "keeps up" at 24 or more.
+        if min_fps >= 24.0 {
             sustained = n;
         } else {
             break;
@@ -232,7 +234,7 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
         phase["appliance_cpu_core_share"] = json!(share);
         phases.insert(mode.clone(), phase);
     }
-    println!("  concurrent 720p streams in full motion at >= 25 fps each: {sustained} (tried up to {})", labs.len());
+    println!("  concurrent 720p streams in full motion keeping xrdp's 25 fps (>= 24 each): {sustained} (tried up to {})", labs.len());
     let summary = json!({"latency": browser["latency"], "phases": phases, "concurrency": concurrency, "sustained_720p_streams": sustained});
     let out = util::target_dir().join("bench-stream.json");
     std::fs::write(&out, serde_json::to_vec_pretty(&summary)?)?;

@@ -61,6 +61,16 @@ try {
   });
   const page = context.pages()[0] ?? (await context.newPage());
   page.setDefaultTimeout(60_000);
+  // The appliance's own view (encoder bitrate, loss, keyframe requests), from its stats messages.
+  let applianceStats = null;
+  page.on("websocket", (ws) =>
+    ws.on("framereceived", (frame) => {
+      try {
+        const msg = JSON.parse(String(frame.payload));
+        if (msg.type === "stats") applianceStats = msg;
+      } catch {}
+    }),
+  );
   await page.goto(`${BASE_URL}/#/join`);
   await page.fill(tid("join-event-code"), need("LABRACK_EVENT_CODE"));
   await page.fill(tid("join-code-input"), need("LABRACK_JOIN_CODE"));
@@ -140,7 +150,25 @@ try {
       // Off the 30 fps grid, so samples fall at every phase of the frame timer.
       await page.waitForTimeout(200 + Math.floor(Math.random() * 200));
     }
-    result.latency[`${width}x${height}`] = { p50_ms: quantile(samples, 0.5), p95_ms: quantile(samples, 0.95), samples: samples.map((s) => Math.round(s * 10) / 10) };
+    const receiver = await page.evaluate(async () => {
+      let out = {};
+      (await window.__labrackPeer.getStats()).forEach((r) => {
+        if (r.type === "inbound-rtp" && r.kind === "video") {
+          out = {
+            jitter_buffer_ms: (r.jitterBufferDelay / Math.max(1, r.jitterBufferEmittedCount)) * 1000,
+            decode_ms: (r.totalDecodeTime / Math.max(1, r.framesDecoded)) * 1000,
+          };
+        }
+      });
+      return out;
+    });
+    result.latency[`${width}x${height}`] = {
+      p50_ms: quantile(samples, 0.5),
+      p95_ms: quantile(samples, 0.95),
+      samples: samples.map((s) => Math.round(s * 10) / 10),
+      // the browser's share, averaged over every frame so far
+      browser: receiver,
+    };
   }
 
   await sizeTo(1280, 720);
@@ -159,20 +187,28 @@ try {
       }
       return { bytes, frames };
     });
-  for (const mode of ["idle", "typing", "motion"]) {
+  // Idle last: right after a resize or a burst of motion, the picture is still settling.
+  for (const mode of ["typing", "motion", "idle"]) {
     await writeFile(MODE_FILE, `${mode}\n`);
-    await page.waitForTimeout(3000);
+    await page.waitForTimeout(mode === "idle" ? 6000 : 3000);
     const before = await inbound();
+    const sentBefore = applianceStats;
     const startedAt = Date.now();
     await page.waitForTimeout(PHASE_SECS * 1000);
     const after = await inbound();
+    const sentAfter = applianceStats;
     const endedAt = Date.now();
     const secs = (endedAt - startedAt) / 1000;
     result.phases[mode] = {
       started_at_ms: startedAt,
       ended_at_ms: endedAt,
+      // what the browser received and decoded
       kbit_per_s: ((after.bytes - before.bytes) * 8) / 1000 / secs,
       fps: (after.frames - before.frames) / secs,
+      // what the appliance sent (its 2-s stats messages nearest the phase's ends)
+      sent_kbit_per_s: sentBefore && sentAfter ? ((sentAfter.bytes - sentBefore.bytes) * 8) / 1000 / secs : null,
+      sent_fps: sentBefore && sentAfter ? (sentAfter.frames - sentBefore.frames) / secs : null,
+      appliance: sentAfter,
     };
   }
   await writeFile(MODE_FILE, "idle\n");

@@ -28,7 +28,7 @@ use crate::util::{self, cargo, run};
 const XSESSION: &str = "xsetroot -solid '#202020'\nexec xterm -geometry 150x45+0+0 -e sh \"$HOME/workload\"\n";
 const WORKLOAD: &str = r#"while :; do
   case "$(cat "$HOME/mode" 2>/dev/null)" in
-    motion) head -c 3000000 /dev/urandom | base64 ;;
+    motion) head -c 100000 /dev/urandom | base64 ;;
     typing) printf 'x'; sleep 0.1 ;;
     *) sleep 0.2 ;;
   esac
@@ -219,13 +219,22 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
 
     println!("\nbench stream (end to end, real xrdp + Chromium on this machine):");
     for (size, latency) in browser["latency"].as_object().into_iter().flatten() {
-        println!("  glass-to-glass {size:<10} p50 {:>6.1} ms   p95 {:>6.1} ms   ({} samples)", latency["p50_ms"].as_f64().unwrap_or(f64::NAN), latency["p95_ms"].as_f64().unwrap_or(f64::NAN), latency["samples"].as_array().map_or(0, Vec::len));
+        println!(
+            "  glass-to-glass {size:<10} p50 {:>6.1} ms   p95 {:>6.1} ms   ({} samples; in the browser: jitter buffer {:.1} ms, decode {:.1} ms a frame)",
+            latency["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            latency["p95_ms"].as_f64().unwrap_or(f64::NAN),
+            latency["samples"].as_array().map_or(0, Vec::len),
+            latency["browser"]["jitter_buffer_ms"].as_f64().unwrap_or(f64::NAN),
+            latency["browser"]["decode_ms"].as_f64().unwrap_or(f64::NAN),
+        );
     }
     let mut phases = serde_json::Map::new();
     for (mode, phase) in browser["phases"].as_object().into_iter().flatten() {
         let share = cpu_share(phase["started_at_ms"].as_u64().unwrap_or(0), phase["ended_at_ms"].as_u64().unwrap_or(0));
         println!(
-            "  720p {mode:<7} {:>7.0} kbit/s  {:>5.1} fps in the browser   appliance CPU {:>5.1} % of a core",
+            "  720p {mode:<7} sent {:>7.0} kbit/s {:>5.1} fps; received {:>7.0} kbit/s, decoded {:>5.1} fps; appliance CPU {:>5.1} % of a core",
+            phase["sent_kbit_per_s"].as_f64().unwrap_or(f64::NAN),
+            phase["sent_fps"].as_f64().unwrap_or(f64::NAN),
             phase["kbit_per_s"].as_f64().unwrap_or(f64::NAN),
             phase["fps"].as_f64().unwrap_or(f64::NAN),
             share.unwrap_or(f64::NAN) * 100.0

@@ -267,6 +267,7 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                     "fraction_lost": s.fraction_lost.load(Ordering::Relaxed),
                     "encoder_bps": stream.stats.bitrate_bps.load(Ordering::Relaxed),
                     "bitrate_changes": stream.stats.bitrate_changes.load(Ordering::Relaxed),
+                    "keyframes": stream.stats.keyframes.load(Ordering::Relaxed),
                 });
                 if ws.send(json_text(stats)).await.is_err() { break; }
             }

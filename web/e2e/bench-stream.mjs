@@ -88,13 +88,15 @@ try {
     c.height = 1;
     const g = c.getContext("2d", { willReadFrequently: true });
     window.__watch = { want: null, at: null, x: 0, y: 0 };
-    const onFrame = () => {
+    const onFrame = (_now, metadata) => {
       const w = window.__watch;
       if (w.want && w.at === null && v.videoWidth) {
         g.drawImage(v, w.x, w.y, 1, 1, 0, 0, 1, 1);
         const d = g.getImageData(0, 0, 1, 1).data;
         if (Math.abs(d[0] - w.want[0]) < 40 && Math.abs(d[1] - w.want[1]) < 40 && Math.abs(d[2] - w.want[2]) < 40) {
-          w.at = performance.timeOrigin + performance.now();
+          // When this frame was handed to the compositor: reading the pixel back (a software
+          // YUV→RGB of the whole frame here) is the probe's cost, not the stream's.
+          w.at = performance.timeOrigin + (metadata.presentationTime ?? performance.now());
         }
       }
       v.requestVideoFrameCallback(onFrame);
@@ -133,7 +135,7 @@ try {
   await writeFile(MODE_FILE, "idle\n");
   for (const [width, height] of [[1280, 720], [1920, 1080]]) {
     await sizeTo(width, height);
-    await page.waitForTimeout(1500);
+    await page.waitForTimeout(3000);
     const samples = [];
     for (let i = 0; i < FLIPS; i += 1) {
       const want = COLOURS[i % COLOURS.length];
@@ -168,6 +170,8 @@ try {
       samples: samples.map((s) => Math.round(s * 10) / 10),
       // the browser's share, averaged over every frame so far
       browser: receiver,
+      // the appliance's: RDP update in → frame out, averaged over every frame so far
+      appliance_change_to_send_ms: applianceStats?.change_to_send_ms ?? null,
     };
   }
 

@@ -6,7 +6,8 @@
 //!    pipeline (RDP decode → I420 → H.264) against one of them at 1280×720; N grows while
 //!    every stream keeps ≥ 25 fps. Each probe reports its CPU share.
 //! 2. In Chromium (web/e2e/bench-stream.mjs) on one lab: glass-to-glass latency at 1280×720
-//!    and 1920×1080 (xsetroot on the lab's display → first decoded frame with the colour),
+//!    and 1920×1080 (xsetroot on the lab's display → the first frame with the colour handed
+//!    to Chromium's compositor),
 //!    then bandwidth and frame rate for idle, typing and motion, while this harness samples
 //!    the appliance's CPU.
 //!
@@ -220,10 +221,11 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
     println!("\nbench stream (end to end, real xrdp + Chromium on this machine):");
     for (size, latency) in browser["latency"].as_object().into_iter().flatten() {
         println!(
-            "  glass-to-glass {size:<10} p50 {:>6.1} ms   p95 {:>6.1} ms   ({} samples; in the browser: jitter buffer {:.1} ms, decode {:.1} ms a frame)",
+            "  glass-to-glass {size:<10} p50 {:>6.1} ms   p95 {:>6.1} ms   ({} samples; appliance RDP in → frame out {:.1} ms; in the browser: jitter buffer {:.1} ms, decode {:.1} ms a frame)",
             latency["p50_ms"].as_f64().unwrap_or(f64::NAN),
             latency["p95_ms"].as_f64().unwrap_or(f64::NAN),
             latency["samples"].as_array().map_or(0, Vec::len),
+            latency["appliance_change_to_send_ms"].as_f64().unwrap_or(f64::NAN),
             latency["browser"]["jitter_buffer_ms"].as_f64().unwrap_or(f64::NAN),
             latency["browser"]["decode_ms"].as_f64().unwrap_or(f64::NAN),
         );

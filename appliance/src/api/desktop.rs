@@ -268,6 +268,9 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                     "encoder_bps": stream.stats.bitrate_bps.load(Ordering::Relaxed),
                     "bitrate_changes": stream.stats.bitrate_changes.load(Ordering::Relaxed),
                     "keyframes": stream.stats.keyframes.load(Ordering::Relaxed),
+                    // the appliance's own share of the latency: RDP update in → frame out
+                    "change_to_send_ms": stream.stats.change_to_send_us.load(Ordering::Relaxed) as f64
+                        / 1000.0 / stream.stats.changes_sent.load(Ordering::Relaxed).max(1) as f64,
                 });
                 if ws.send(json_text(stats)).await.is_err() { break; }
             }

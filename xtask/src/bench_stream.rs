@@ -4,7 +4,8 @@
 //! 1. Concurrency (no browser): N labs run a full-motion workload and N
 //!    `labrack admin probe-desktop --stream-secs` processes each run the appliance's desktop
 //!    pipeline (RDP decode → I420 → H.264) against one of them at 1280×720; N grows while
-//!    every stream keeps ≥ 25 fps. Each probe reports its CPU share.
+//!    every stream keeps ≥ 25 fps (steady, after its first 2 s). Each probe reports its CPU
+//!    share.
 //! 2. In Chromium (web/e2e/bench-stream.mjs) on one lab: glass-to-glass latency at 1280×720
 //!    and 1920×1080 (xsetroot on the lab's display → the first frame with the colour handed
 //!    to Chromium's compositor),
@@ -144,22 +145,34 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(2));
         let spawned: Vec<_> = labs[..n]
             .iter()
-            .map(|lab| probe(&labrack, &data.0, lab, &["--watch-secs", "1", "--stream-secs", "10", "--size", "1280x720"]).stdout(std::process::Stdio::piped()).spawn())
+            .map(|lab| {
+                probe(&labrack, &data.0, lab, &["--watch-secs", "10", "--stream-secs", "10", "--size", "1280x720"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+            })
             .collect::<Result<_, _>>()?;
         let mut fps = Vec::new();
         let mut cpu = Vec::new();
         for child in spawned {
             let output = child.wait_with_output()?;
-            let report: Value = serde_json::from_slice(&output.stdout).with_context(|| format!("probe output: {}", String::from_utf8_lossy(&output.stdout)))?;
-            fps.push(report["stream"]["steady_fps"].as_f64().unwrap_or(0.0));
-            cpu.push(report["stream"]["cpu_core_share"].as_f64().unwrap_or(0.0));
+            // A probe that fails under load counts as a stream that did not keep up.
+            match serde_json::from_slice::<Value>(&output.stdout) {
+                Ok(report) => {
+                    fps.push(report["stream"]["steady_fps"].as_f64().unwrap_or(0.0));
+                    cpu.push(report["stream"]["cpu_core_share"].as_f64().unwrap_or(0.0));
+                }
+                Err(_) => {
+                    println!("  a probe failed: {}", String::from_utf8_lossy(&output.stderr).lines().next().unwrap_or("no output"));
+                    fps.push(0.0);
+                    cpu.push(0.0);
+                }
+            }
         }
         let min_fps = fps.iter().copied().fold(f64::INFINITY, f64::min);
         println!("  {n} stream(s) in motion: steady fps {:?}, CPU per stream {:?} of a core", round(&fps), round(&cpu));
         concurrency.push(json!({"streams": n, "fps": fps, "cpu_core_share": cpu}));
-        // xorgxrdp hands out at most 25 frames a second (one stream alone measures 25.0):
-        // a stream "keeps up" at 24 or more.
-        if min_fps >= 24.0 {
+        if min_fps >= 25.0 {
             sustained = n;
         } else {
             break;
@@ -245,7 +258,7 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
         phase["appliance_cpu_core_share"] = json!(share);
         phases.insert(mode.clone(), phase);
     }
-    println!("  concurrent 720p streams in full motion keeping xrdp's 25 fps (>= 24 each): {sustained} (tried up to {})", labs.len());
+    println!("  concurrent 720p streams in full motion at >= 25 fps each: {sustained} (tried up to {})", labs.len());
     let summary = json!({"latency": browser["latency"], "phases": phases, "concurrency": concurrency, "sustained_720p_streams": sustained});
     let out = util::target_dir().join("bench-stream.json");
     std::fs::write(&out, serde_json::to_vec_pretty(&summary)?)?;

@@ -56,7 +56,17 @@ export function renderDesktop(root: HTMLElement, allocationId: string): void {
   const clipPanel = h("div", { class: "desktop-clipboard", hidden: true }, clipText, h("div", {}, clipSend, " ", clipNote));
   const clipToggle = h("button", { type: "button", class: "secondary", testid: "desktop-clipboard-toggle" }, "Clipboard");
   const lockButton = h("button", { type: "button", class: "secondary", testid: "desktop-pointer-lock", title: "Capture the mouse (Esc releases it)" }, "Lock pointer");
-  root.append(h("div", { class: "terminal-bar" }, h("a", { href: "#/", testid: "desktop-back" }, "← Back"), status, statsLine, clipToggle, lockButton), clipPanel, error, video);
+  const fullButton = h("button", { type: "button", class: "secondary", testid: "desktop-fullscreen", title: "Full screen; shortcuts such as Ctrl+W go to the desktop (hold Esc to leave)" }, "Full screen");
+  root.append(h("div", { class: "terminal-bar" }, h("a", { href: "#/", testid: "desktop-back" }, "← Back"), status, statsLine, clipToggle, lockButton, fullButton), clipPanel, error, video);
+  // In full screen, the Keyboard Lock API (Chromium) hands the desktop the shortcuts the
+  // browser would otherwise take (Ctrl+W, Ctrl+T, Esc); elsewhere plain full screen.
+  fullButton.addEventListener("click", () => {
+    video.focus();
+    void video.requestFullscreen?.().then(() => {
+      const keyboard = (navigator as Navigator & { keyboard?: { lock?: () => Promise<void> } }).keyboard;
+      return keyboard?.lock?.();
+    }).catch(() => {});
+  });
 
   let pc: RTCPeerConnection | null = null;
   let socket: WebSocket | null = null;

@@ -97,6 +97,8 @@ try {
           // When this frame was handed to the compositor: reading the pixel back (a software
           // YUV→RGB of the whole frame here) is the probe's cost, not the stream's.
           w.at = performance.timeOrigin + (metadata.presentationTime ?? performance.now());
+          // When its last RTP packet arrived: splits the network-side time from the browser's.
+          w.receivedAt = metadata.receiveTime ? performance.timeOrigin + metadata.receiveTime : null;
         }
       }
       v.requestVideoFrameCallback(onFrame);
@@ -137,18 +139,21 @@ try {
     await sizeTo(width, height);
     await page.waitForTimeout(3000);
     const samples = [];
+    const received = [];
     for (let i = 0; i < FLIPS; i += 1) {
       const want = COLOURS[i % COLOURS.length];
       // The root window shows at the right edge; the workload's xterm sits at the left.
-      await page.evaluate(([want, x, y]) => Object.assign(window.__watch, { want, at: null, x, y }), [want, width - 40, Math.floor(height / 2)]);
+      await page.evaluate(([want, x, y]) => Object.assign(window.__watch, { want, at: null, receivedAt: null, x, y }), [want, width - 40, Math.floor(height / 2)]);
       const changed = recolour(want);
       const deadline = Date.now() + 5000;
       let seenAt = null;
+      let receivedAt = null;
       while (seenAt === null && Date.now() < deadline) {
-        seenAt = await page.evaluate(() => window.__watch.at);
+        [seenAt, receivedAt] = await page.evaluate(() => [window.__watch.at, window.__watch.receivedAt]);
       }
       if (seenAt === null) throw new Error(`${width}x${height}: colour ${hex(want)} never reached the page`);
       samples.push(seenAt - changed);
+      if (receivedAt !== null) received.push(receivedAt - changed);
       // Off the 30 fps grid, so samples fall at every phase of the frame timer.
       await page.waitForTimeout(200 + Math.floor(Math.random() * 200));
     }
@@ -170,6 +175,8 @@ try {
       samples: samples.map((s) => Math.round(s * 10) / 10),
       // the browser's share, averaged over every frame so far
       browser: receiver,
+      // X change → the frame's last RTP packet in the browser (the rest is the browser's)
+      received_p50_ms: received.length ? quantile(received, 0.5) : null,
       // the appliance's: RDP update in → frame out, averaged over every frame so far
       appliance_change_to_send_ms: applianceStats?.change_to_send_ms ?? null,
     };

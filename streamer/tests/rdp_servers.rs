@@ -144,3 +144,69 @@ fn freerdp_shadow_with_nla_checks_the_password() {
     assert!(rdp::snapshot(&bad, Duration::from_secs(5), |_| true).is_err(), "a wrong password is refused by NLA");
     let _ = std::fs::remove_dir_all(home);
 }
+
+/// Waits for the next frame on `frames` that passes `wanted`, polling (no async runtime).
+fn next_frame(
+    frames: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<labrack_streamer::desktop::Frame>>,
+    wanted: impl Fn(&labrack_streamer::desktop::Frame) -> bool,
+) -> std::sync::Arc<labrack_streamer::desktop::Frame> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match frames.try_recv() {
+            Ok(frame) if wanted(&frame) => return frame,
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(error) => {
+                assert!(Instant::now() < deadline, "no wanted frame in time ({error:?})");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_desktop_stream_serves_both_codecs_and_follows_its_viewers_bitrate() {
+    use labrack_streamer::desktop::{DesktopStream, StreamSettings};
+    use labrack_streamer::encode::Codec;
+    use std::sync::atomic::Ordering;
+
+    let display = format!(":{}", 100 + std::process::id() % 50);
+    let home = temp_dir("stream");
+    let _xvfb = spawn(Command::new("Xvfb").args([display.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"]));
+    wait_for("Xvfb", || Command::new("xsetroot").env("DISPLAY", &display).args(["-solid", "#3050a0"]).status().is_ok_and(|s| s.success()));
+    let port = free_port();
+    let _shadow = spawn(
+        Command::new("freerdp-shadow-cli")
+            .env("DISPLAY", &display)
+            .env("HOME", &home)
+            .args(["/bind-address:127.0.0.1", &format!("/port:{port}"), "-auth", "/sec:tls"]),
+    );
+    wait_for("freerdp-shadow", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let cert = home.join(".config/freerdp/shadow/shadow.crt");
+    wait_for("the shadow certificate", || cert.exists());
+    let stream = DesktopStream::start(target(port, pem_sha256(&cert)), StreamSettings::default()).expect("stream");
+
+    // One desktop, two codecs: each viewer's first frame is a keyframe in its codec, and an
+    // idle desktop keeps sending (the once-a-second heartbeat).
+    let mut h264 = stream.subscribe(Codec::H264);
+    let mut vp8 = stream.subscribe(Codec::Vp8);
+    let first = next_frame(&mut h264, |f| f.encoded.keyframe);
+    assert_eq!(first.codec, Codec::H264);
+    assert_eq!(&first.encoded.data[..4], &[0, 0, 0, 1], "Annex-B H.264");
+    let first = next_frame(&mut vp8, |f| f.encoded.keyframe);
+    assert_eq!((first.codec, first.encoded.data[3..6].to_vec()), (Codec::Vp8, vec![0x9d, 0x01, 0x2a]), "a VP8 keyframe");
+    next_frame(&mut h264, |f| !f.encoded.keyframe);
+
+    // A viewer's feedback asks for less: the encoders are rebuilt at that rate (within the
+    // 2 s rebuild gap), starting again with keyframes.
+    assert_eq!(stream.stats.bitrate_bps.load(Ordering::Relaxed), 4_000_000);
+    stream.set_viewer_bitrate(7, 1_000_000);
+    wait_for("the bitrate change", || stream.stats.bitrate_bps.load(Ordering::Relaxed) == 1_000_000);
+    assert_eq!(stream.stats.bitrate_changes.load(Ordering::Relaxed), 1);
+    next_frame(&mut h264, |f| f.encoded.keyframe);
+    // A small change (under 15 %) is not worth a keyframe.
+    stream.set_viewer_bitrate(7, 950_000);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(stream.stats.bitrate_bps.load(Ordering::Relaxed), 1_000_000);
+    stream.stop();
+    let _ = std::fs::remove_dir_all(home);
+}

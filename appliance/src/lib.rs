@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cli;
 pub mod db;
+pub mod jobs;
 pub mod labs;
 pub mod metrics;
 pub mod probe;

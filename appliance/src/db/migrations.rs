@@ -148,6 +148,28 @@ CREATE TABLE host_tasks (
 );
 CREATE INDEX host_tasks_pending ON host_tasks(host_id, created_ms) WHERE done_ms IS NULL;
 "#,
+    // 3: the durable job queue (jobs.rs)
+    r#"
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    idempotency_key TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    run_after_ms INTEGER NOT NULL,
+    lease_owner TEXT,
+    lease_expires_ms INTEGER,
+    last_error TEXT,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX jobs_idempotency ON jobs(kind, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_ready ON jobs(state, priority DESC, run_after_ms, id);
+CREATE INDEX jobs_leases ON jobs(lease_expires_ms) WHERE state = 'running';
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own
@@ -184,7 +206,7 @@ mod tests {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(tables, 12);
+        assert_eq!(tables, 13);
     }
 
     #[test]

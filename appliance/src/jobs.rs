@@ -54,10 +54,11 @@ impl NewJob {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Job {
     pub id: i64,
     pub kind: String,
+    #[schema(value_type = Object)]
     pub payload: serde_json::Value,
     pub idempotency_key: Option<String>,
     pub priority: i64,

@@ -11,6 +11,7 @@ pub mod extract;
 pub use validate::{email as validate_email, name as validate_name};
 pub mod events;
 pub mod hosts;
+pub mod jobs;
 pub mod labs;
 pub mod ops;
 pub mod people;
@@ -112,9 +113,10 @@ impl AppState {
         hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
         labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket, desktop::ticket,
+        jobs::list, jobs::get_one, jobs::requeue, jobs::cancel,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
-    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs")),
+    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs")),
 )]
 pub struct ApiDoc;
 
@@ -155,6 +157,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/terminal", get(terminal::socket))
         .route("/v1/allocations/{allocation_id}/desktop-ticket", post(desktop::ticket))
         .route("/v1/desktop", get(desktop::socket))
+        .route("/v1/jobs", get(jobs::list))
+        .route("/v1/jobs/{job_id}", get(jobs::get_one))
+        .route("/v1/jobs/{job_id}/requeue", post(jobs::requeue))
+        .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
         .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -1,0 +1,105 @@
+//! Staff's view of the durable job queue (`crate::jobs`): list by state, inspect one,
+//! requeue a dead or cancelled job, cancel a queued or running one. Every change is audited.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::{Caller, Role};
+use super::error::{ApiError, Problem};
+use super::extract::ApiPath;
+use super::{AppState, audit};
+use crate::jobs::{self, Job, JobError};
+
+const QUEUE_STAFF: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
+const STATES: [&str; 5] = ["queued", "running", "succeeded", "dead", "cancelled"];
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct JobsQuery {
+    /// queued, running, succeeded, dead (the dead letters) or cancelled; all when absent
+    pub state: Option<String>,
+    /// at most this many (1–1000, default 100), most recently changed first
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobsPage {
+    pub jobs: Vec<Job>,
+}
+
+impl From<JobError> for ApiError {
+    fn from(error: JobError) -> Self {
+        match error {
+            JobError::Sqlite(e) => e.into(),
+            JobError::Invalid(detail) => ApiError::invalid("job", detail),
+            JobError::NotFound(_) => ApiError::NotFound("job"),
+            wrong @ (JobError::WrongState { .. } | JobError::LeaseLost(_)) => ApiError::conflict(Some("state"), wrong.to_string()),
+        }
+    }
+}
+
+/// Jobs by state, most recently changed first.
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(JobsQuery),
+    responses((status = 200, body = JobsPage), (status = 400, body = Problem), (status = 403, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobsPage>, ApiError> {
+    caller.require_staff(&QUEUE_STAFF)?;
+    let Query(query) = query?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "limit must be between 1 and 1000"));
+    }
+    if let Some(wanted) = &query.state
+        && !STATES.contains(&wanted.as_str())
+    {
+        return Err(ApiError::invalid("state", format!("state must be one of {}", STATES.join(", "))));
+    }
+    let jobs = state.db.read(move |conn| jobs::list(conn, query.state.as_deref(), limit).map_err(ApiError::from)).await?;
+    Ok(Json(JobsPage { jobs }))
+}
+
+/// One job, with its attempts, lease and last error.
+#[utoipa::path(get, path = "/api/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = i64, Path)),
+    responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn get_one(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<Job>, ApiError> {
+    caller.require_staff(&QUEUE_STAFF)?;
+    let job = state.db.read(move |conn| jobs::get(conn, id).map_err(ApiError::from)).await?;
+    job.map(Json).ok_or(ApiError::NotFound("job"))
+}
+
+async fn change(state: AppState, caller: Caller, id: i64, action: &'static str) -> Result<Json<Job>, ApiError> {
+    caller.require_staff(&QUEUE_STAFF)?;
+    let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+    let job = state
+        .db
+        .writer()
+        .write(move |conn| {
+            match action {
+                "job.requeued" => jobs::requeue(conn, id, now)?,
+                _ => jobs::cancel(conn, id, now)?,
+            }
+            audit(conn, &caller.actor(), &caller.meta, action, Some(&format!("job:{id}")), serde_json::json!({}))?;
+            jobs::get(conn, id)?.ok_or(ApiError::NotFound("job"))
+        })
+        .await?;
+    Ok(Json(job))
+}
+
+/// Puts a dead or cancelled job back in the queue; its attempts start over.
+#[utoipa::path(post, path = "/api/v1/jobs/{job_id}/requeue", tag = "jobs", params(("job_id" = i64, Path)),
+    responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn requeue(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<Job>, ApiError> {
+    change(state, caller, id, "job.requeued").await
+}
+
+/// Stops a queued or running job; a worker's later answer for it is refused.
+#[utoipa::path(post, path = "/api/v1/jobs/{job_id}/cancel", tag = "jobs", params(("job_id" = i64, Path)),
+    responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn cancel(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<Job>, ApiError> {
+    change(state, caller, id, "job.cancelled").await
+}

@@ -51,27 +51,57 @@ fn target(port: u16, cert_sha256: String) -> DesktopTarget {
     DesktopTarget { host: "127.0.0.1".into(), port, username: "lab".into(), password: "any".into(), cert_sha256, width: 1024, height: 768 }
 }
 
+/// Xvfb (on a display it picks itself, so parallel tests never share one) with its root
+/// window painted `root_colour`, shared by freerdp-shadow on a free port.
+struct Shadow {
+    _xvfb: Process,
+    _shadow: Process,
+    port: u16,
+    cert: PathBuf,
+    home: PathBuf,
+}
+
+impl Shadow {
+    fn start(tag: &str, root_colour: &str, security: &[String]) -> Self {
+        use std::io::BufRead as _;
+        let home = temp_dir(tag);
+        let mut xvfb = Command::new("Xvfb")
+            .args(["-displayfd", "1", "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Xvfb (apt xvfb)");
+        let mut line = String::new();
+        std::io::BufReader::new(xvfb.stdout.take().expect("stdout")).read_line(&mut line).expect("Xvfb's display number");
+        let xvfb = Process(xvfb);
+        let display = format!(":{}", line.trim());
+        wait_for("Xvfb", || Command::new("xsetroot").env("DISPLAY", &display).args(["-solid", root_colour]).status().is_ok_and(|s| s.success()));
+        let port = free_port();
+        let shadow = spawn(
+            Command::new("freerdp-shadow-cli").env("DISPLAY", &display).env("HOME", &home).args(["/bind-address:127.0.0.1", &format!("/port:{port}")]).args(security),
+        );
+        wait_for("freerdp-shadow", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let cert = home.join(".config/freerdp/shadow/shadow.crt");
+        wait_for("the shadow certificate", || cert.exists());
+        Self { _xvfb: xvfb, _shadow: shadow, port, cert, home }
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
 fn near(seen: [u8; 3], want: [u8; 3]) -> bool {
     seen.iter().zip(want).all(|(a, b)| a.abs_diff(b) <= 12)
 }
 
 #[test]
 fn freerdp_shadow_on_xvfb_shows_its_root_colour() {
-    let display = format!(":{}", 40 + std::process::id() % 50);
-    let home = temp_dir("shadow");
-    let _xvfb = spawn(Command::new("Xvfb").args([display.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"]));
-    wait_for("Xvfb", || Command::new("xsetroot").env("DISPLAY", &display).args(["-solid", "#00ff00"]).status().is_ok_and(|s| s.success()));
-    let port = free_port();
-    let _shadow = spawn(
-        Command::new("freerdp-shadow-cli")
-            .env("DISPLAY", &display)
-            .env("HOME", &home)
-            .args(["/bind-address:127.0.0.1", &format!("/port:{port}"), "-auth", "/sec:tls"]),
-    );
-    wait_for("freerdp-shadow", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let cert = home.join(".config/freerdp/shadow/shadow.crt");
-    wait_for("the shadow certificate", || cert.exists());
-    let shot: Snapshot = rdp::snapshot(&target(port, pem_sha256(&cert)), Duration::from_secs(20), |s| {
+    let shadow = Shadow::start("shadow", "#00ff00", &["-auth".into(), "/sec:tls".into()]);
+    let (port, cert) = (shadow.port, &shadow.cert);
+    let shot: Snapshot = rdp::snapshot(&target(port, pem_sha256(cert)), Duration::from_secs(20), |s| {
         near(s.dominant_rgb, [0, 255, 0]) && s.dominant_per_mille > 500
     })
     .expect("freerdp-shadow session");
@@ -79,7 +109,6 @@ fn freerdp_shadow_on_xvfb_shows_its_root_colour() {
     // A wrong pin is refused before any credentials are sent.
     let refused = rdp::snapshot(&target(port, "00".repeat(32)), Duration::from_secs(5), |_| true);
     assert!(matches!(refused, Err(rdp::DesktopError::CertificateMismatch)), "{refused:?}");
-    let _ = std::fs::remove_dir_all(home);
 }
 
 #[test]
@@ -117,32 +146,20 @@ fn weston_rdp_backend_draws_its_desktop() {
 
 #[test]
 fn freerdp_shadow_with_nla_checks_the_password() {
-    let display = format!(":{}", 100 + std::process::id() % 50);
-    let home = temp_dir("shadow-nla");
-    let sam = home.join("users.sam");
+    let sam_dir = temp_dir("shadow-sam");
+    let sam = sam_dir.join("users.sam");
     let hash = Command::new("winpr-hash").args(["-u", "lab", "-p", "correct-horse", "-f", "sam"]).output().expect("winpr-hash (apt winpr-utils)");
     std::fs::write(&sam, &hash.stdout).expect("sam file");
-    let _xvfb = spawn(Command::new("Xvfb").args([display.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"]));
-    wait_for("Xvfb", || Command::new("xsetroot").env("DISPLAY", &display).args(["-solid", "#ff00ff"]).status().is_ok_and(|s| s.success()));
-    let port = free_port();
-    let _shadow = spawn(
-        Command::new("freerdp-shadow-cli")
-            .env("DISPLAY", &display)
-            .env("HOME", &home)
-            .args(["/bind-address:127.0.0.1", &format!("/port:{port}"), "/sec:nla", "+auth"])
-            .arg(format!("/sam-file:{}", sam.display())),
-    );
-    wait_for("freerdp-shadow", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let cert = home.join(".config/freerdp/shadow/shadow.crt");
-    wait_for("the shadow certificate", || cert.exists());
-    let mut good = target(port, pem_sha256(&cert));
+    let shadow = Shadow::start("shadow-nla", "#ff00ff", &["/sec:nla".into(), "+auth".into(), format!("/sam-file:{}", sam.display())]);
+    let (port, cert) = (shadow.port, &shadow.cert);
+    let mut good = target(port, pem_sha256(cert));
     good.password = "correct-horse".into();
     let shot = rdp::snapshot(&good, Duration::from_secs(20), |s| near(s.dominant_rgb, [255, 0, 255]) && s.dominant_per_mille > 500).expect("NLA session");
     assert!(near(shot.dominant_rgb, [255, 0, 255]), "{:?}", shot.dominant_rgb);
     let mut bad = good.clone();
     bad.password = "wrong".into();
     assert!(rdp::snapshot(&bad, Duration::from_secs(5), |_| true).is_err(), "a wrong password is refused by NLA");
-    let _ = std::fs::remove_dir_all(home);
+    let _ = std::fs::remove_dir_all(sam_dir);
 }
 
 /// Waits for the next frame on `frames` that passes `wanted`, polling (no async runtime).
@@ -169,21 +186,8 @@ fn a_desktop_stream_serves_both_codecs_and_follows_its_viewers_bitrate() {
     use labrack_streamer::encode::Codec;
     use std::sync::atomic::Ordering;
 
-    let display = format!(":{}", 100 + std::process::id() % 50);
-    let home = temp_dir("stream");
-    let _xvfb = spawn(Command::new("Xvfb").args([display.as_str(), "-screen", "0", "1024x768x24", "-nolisten", "tcp", "-noreset"]));
-    wait_for("Xvfb", || Command::new("xsetroot").env("DISPLAY", &display).args(["-solid", "#3050a0"]).status().is_ok_and(|s| s.success()));
-    let port = free_port();
-    let _shadow = spawn(
-        Command::new("freerdp-shadow-cli")
-            .env("DISPLAY", &display)
-            .env("HOME", &home)
-            .args(["/bind-address:127.0.0.1", &format!("/port:{port}"), "-auth", "/sec:tls"]),
-    );
-    wait_for("freerdp-shadow", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let cert = home.join(".config/freerdp/shadow/shadow.crt");
-    wait_for("the shadow certificate", || cert.exists());
-    let stream = DesktopStream::start(target(port, pem_sha256(&cert)), StreamSettings::default()).expect("stream");
+    let shadow = Shadow::start("stream", "#3050a0", &["-auth".into(), "/sec:tls".into()]);
+    let stream = DesktopStream::start(target(shadow.port, pem_sha256(&shadow.cert)), StreamSettings::default()).expect("stream");
 
     // One desktop, two codecs: each viewer's first frame is a keyframe in its codec, and an
     // idle desktop keeps sending (the once-a-second heartbeat).
@@ -208,5 +212,4 @@ fn a_desktop_stream_serves_both_codecs_and_follows_its_viewers_bitrate() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(stream.stats.bitrate_bps.load(Ordering::Relaxed), 1_000_000);
     stream.stop();
-    let _ = std::fs::remove_dir_all(home);
 }

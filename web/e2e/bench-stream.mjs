@@ -13,10 +13,8 @@
 // LABRACK_PHASE_SECS (10), CHROMIUM_PATH. Prints one JSON line.
 
 import { execFileSync } from "node:child_process";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { writeFile } from "node:fs/promises";
+import { launchChromium } from "./chromium.mjs";
 
 const need = (name) => {
   const value = process.env[name];
@@ -39,14 +37,7 @@ const quantile = (values, q) => {
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
 };
 
-const userDataDir = await mkdtemp(join(tmpdir(), "labrack-bench-stream-"));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM_PATH || "/usr/bin/chromium",
-  headless: true,
-  viewport: { width: 1440, height: 960 },
-  ignoreHTTPSErrors: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"],
-});
+const { context, close: closeChromium } = await launchChromium("bench-stream", { width: 1440, height: 960 });
 const result = { latency: {}, phases: {} };
 try {
   // Keep a handle on the page's peer connection for its inbound statistics.
@@ -226,6 +217,5 @@ try {
   console.log(JSON.stringify(result));
   await page.close();
 } finally {
-  await context.close().catch(() => {});
-  await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+  await closeChromium();
 }

@@ -9,10 +9,9 @@
 // Optional: LABRACK_SCREENSHOT_DIR, CHROMIUM_PATH. Prints one JSON line on success.
 
 import assert from "node:assert/strict";
-import { mkdtemp, mkdir, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const need = (name) => {
   const value = process.env[name];
@@ -24,14 +23,7 @@ const SCREENSHOT_DIR = process.env.LABRACK_SCREENSHOT_DIR ?? "";
 const tid = (id) => `[data-testid="${id}"]`;
 const close = (a, b, tolerance = 24) => a.every((v, i) => Math.abs(v - b[i]) <= tolerance);
 
-const userDataDir = await mkdtemp(join(tmpdir(), "labrack-chromium-desktop-"));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM_PATH || "/usr/bin/chromium",
-  headless: true,
-  ignoreHTTPSErrors: true,
-  viewport: { width: 1280, height: 860 },
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"],
-});
+const { context, close: closeChromium } = await launchChromium("desktop", { width: 1280, height: 860 });
 const urls = [];
 try {
   const page = context.pages()[0] ?? (await context.newPage());
@@ -60,9 +52,9 @@ try {
   await page.click(tid("open-desktop"));
   await page.waitForSelector(`${tid("desktop-status")}[data-state="connected"]`);
 
-  // Sample a desktop pixel (in desktop coordinates) from the decoded video.
-  const pixel = (dx, dy) =>
-    page.evaluate(([dx, dy]) => {
+  // Sample a desktop pixel (in desktop coordinates) from the decoded video of a page.
+  const pixelOf = (viewer, dx, dy) =>
+    viewer.evaluate(([dx, dy]) => {
       const v = document.querySelector('[data-testid="desktop-video"]');
       if (!v || !v.videoWidth) return null;
       const c = document.createElement("canvas");
@@ -73,6 +65,7 @@ try {
       const d = g.getImageData(Math.min(dx, c.width - 1), Math.min(dy, c.height - 1), 1, 1).data;
       return [d[0], d[1], d[2]];
     }, [dx, dy]);
+  const pixel = (dx, dy) => pixelOf(page, dx, dy);
   const waitForColour = async (rgb, what) => {
     const deadline = Date.now() + 30_000;
     let seen = null;
@@ -300,17 +293,7 @@ try {
   await vp8Page.waitForSelector(`${tid("desktop-status")}[data-state="connected"]`);
   let vp8Colour = null;
   for (const until = Date.now() + 30_000; Date.now() < until; await vp8Page.waitForTimeout(100)) {
-    vp8Colour = await vp8Page.evaluate(() => {
-      const v = document.querySelector('[data-testid="desktop-video"]');
-      if (!v || !v.videoWidth) return null;
-      const c = document.createElement("canvas");
-      c.width = v.videoWidth;
-      c.height = v.videoHeight;
-      const g = c.getContext("2d");
-      g.drawImage(v, 0, 0);
-      const d = g.getImageData(c.width - 40, Math.floor(c.height / 2), 1, 1).data;
-      return [d[0], d[1], d[2]];
-    });
+    vp8Colour = await pixelOf(vp8Page, 900, 600);
     if (vp8Colour && close(vp8Colour, shown)) break;
   }
   assert.equal(vp8Codec, "VP8", "the VP8-only browser was answered with VP8");
@@ -323,6 +306,5 @@ try {
   console.log(JSON.stringify({ blue, red, first_picture_ms: firstPictureMs, video: size, resized, clipboard_pasted_on_desktop: pasted, clipboard_from_desktop: fromDesktop, unicode_typed: typedUnicode, feedback, recovered_after_rdp_restart: Boolean(process.env.LABRACK_RESTART_SIGNAL), reconnected_after_appliance_restart: reconnectedAfterApplianceRestart, reconnected_after_reset: reconnectedAfterReset, view_only_unchanged: still, vp8_codec: vp8Codec, vp8_colour: vp8Colour }));
   await page.close();
 } finally {
-  await context.close().catch(() => {});
-  await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+  await closeChromium();
 }

@@ -7,10 +7,9 @@
 // Prints `resized ROWS COLS -> ROWS COLS` and exits 0 on success.
 
 import assert from "node:assert/strict";
-import { mkdtemp, mkdir, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.mjs";
 
 const need = (name) => {
   const value = process.env[name];
@@ -24,14 +23,7 @@ const EXPECT = need("LABRACK_EXPECT");
 const SCREENSHOT_DIR = process.env.LABRACK_SCREENSHOT_DIR ?? "";
 const tid = (id) => `[data-testid="${id}"]`;
 
-const userDataDir = await mkdtemp(join(tmpdir(), "labrack-chromium-term-"));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM_PATH || "/usr/bin/chromium",
-  headless: true,
-  ignoreHTTPSErrors: true,
-  viewport: { width: 1000, height: 700 },
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const { context, close: closeChromium } = await launchChromium("term", { width: 1000, height: 700 });
 const urls = [];
 try {
   const page = context.pages()[0] ?? (await context.newPage());
@@ -82,6 +74,5 @@ try {
   // Closing the tab must close the SSH channel; the Rust test checks the shell is gone.
   await page.close();
 } finally {
-  await context.close().catch(() => {});
-  await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+  await closeChromium();
 }

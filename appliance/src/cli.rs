@@ -70,7 +70,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, log_format, secret_key_file, host_heartbeat_secs
+    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, log_format, secret_key_file, host_heartbeat_secs,
+    /// webrtc_bind, check_workers, job_attempts (a table of kind = attempts)
     #[arg(long, env = "LABRACK_CONFIG")]
     pub config: Option<PathBuf>,
     /// where the database and TLS material live [default: ./data]
@@ -100,6 +101,13 @@ pub struct ServeArgs {
     /// where desktop viewers' WebRTC UDP sockets bind [default: 0.0.0.0:0, one per LAN interface]
     #[arg(long, env = "LABRACK_WEBRTC_BIND")]
     pub webrtc_bind: Option<String>,
+    /// how many check runs the appliance drives at once [default: 4]
+    #[arg(long, env = "LABRACK_CHECK_WORKERS")]
+    pub check_workers: Option<usize>,
+    /// attempts a job kind gets before it is a dead letter, e.g. `run_check=3` (repeatable;
+    /// default 5 for every kind)
+    #[arg(long = "job-attempts", value_name = "KIND=N")]
+    pub job_attempts: Vec<String>,
 }
 
 /// The config file's shape: every key optional.
@@ -115,6 +123,8 @@ struct ConfigFile {
     secret_key_file: Option<PathBuf>,
     host_heartbeat_secs: Option<u64>,
     webrtc_bind: Option<String>,
+    check_workers: Option<usize>,
+    job_attempts: Option<std::collections::HashMap<String, u32>>,
 }
 
 /// Fully resolved settings for `labrack serve`.
@@ -129,6 +139,7 @@ pub struct ServeConfig {
     pub secret_key_file: PathBuf,
     pub host_heartbeat_secs: u64,
     pub webrtc_bind: String,
+    pub queue: crate::checks::QueueSettings,
 }
 
 impl ServeArgs {
@@ -140,7 +151,19 @@ impl ServeArgs {
         let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data"));
         let host_heartbeat_secs = self.host_heartbeat_secs.or(file.host_heartbeat_secs).unwrap_or(5);
         anyhow::ensure!((1..=300).contains(&host_heartbeat_secs), "host_heartbeat_secs must be between 1 and 300");
+        let check_workers = self.check_workers.or(file.check_workers).unwrap_or(4);
+        anyhow::ensure!((1..=64).contains(&check_workers), "check_workers must be between 1 and 64");
+        let mut max_attempts = file.job_attempts.unwrap_or_default();
+        for pair in &self.job_attempts {
+            let (kind, n) = pair.split_once('=').with_context(|| format!("--job-attempts {pair:?}: expected KIND=N"))?;
+            let n: u32 = n.parse().with_context(|| format!("--job-attempts {pair:?}: N must be a number"))?;
+            max_attempts.insert(kind.trim().to_owned(), n);
+        }
+        for (kind, n) in &max_attempts {
+            anyhow::ensure!((1..=100).contains(n), "job attempts for {kind:?} must be between 1 and 100 (got {n})");
+        }
         Ok(ServeConfig {
+            queue: crate::checks::QueueSettings { max_attempts, check_workers },
             secret_key_file: self.secret_key_file.or(file.secret_key_file).unwrap_or_else(|| data_dir.join("secret.key")),
             host_heartbeat_secs,
             webrtc_bind: self.webrtc_bind.or(file.webrtc_bind).unwrap_or_else(|| "0.0.0.0:0".into()),

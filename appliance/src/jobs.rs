@@ -196,6 +196,25 @@ pub fn fail(conn: &Connection, id: i64, worker: &str, error: &str, now_ms: i64) 
     Ok(state.to_owned())
 }
 
+/// The worker is still on the job: its lease runs until `now + lease_ms`.
+pub fn extend(conn: &Connection, id: i64, worker: &str, lease_ms: i64, now_ms: i64) -> Result<(), JobError> {
+    leased(conn, id, worker, now_ms)?;
+    conn.execute("UPDATE jobs SET lease_expires_ms = ?2, updated_ms = ?3 WHERE id = ?1", params![id, now_ms + lease_ms.max(1), now_ms])?;
+    Ok(())
+}
+
+/// The worker stops (the appliance shuts down) before the job ended: the job is ready
+/// again at once and the interrupted attempt is not counted.
+pub fn abandon(conn: &Connection, id: i64, worker: &str, now_ms: i64) -> Result<(), JobError> {
+    leased(conn, id, worker, now_ms)?;
+    conn.execute(
+        "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), run_after_ms = ?2, lease_owner = NULL, lease_expires_ms = NULL, updated_ms = ?2
+         WHERE id = ?1",
+        params![id, now_ms],
+    )?;
+    Ok(())
+}
+
 /// Staff put a dead or cancelled job back in the queue, with its attempts starting over.
 pub fn requeue(conn: &Connection, id: i64, now_ms: i64) -> Result<(), JobError> {
     let job = get(conn, id)?.ok_or(JobError::NotFound(id))?;
@@ -340,6 +359,20 @@ mod tests {
         }
         assert_eq!(list(&conn, None, 10).expect("list").len(), 2, "refused jobs change nothing");
         assert!(matches!(requeue(&conn, 999, 0), Err(JobError::NotFound(999))));
+        cleanup(&path);
+    }
+
+    #[test]
+    fn a_worker_extends_its_lease_or_hands_the_job_back() {
+        let (conn, path) = db();
+        let (id, _) = enqueue(&conn, &NewJob::new("check", json!({})), 0).expect("enqueue");
+        claim(&conn, "w", &[], 1_000, 0).expect("claim").expect("job");
+        extend(&conn, id, "w", 1_000, 900).expect("extend");
+        assert!(claim(&conn, "other", &[], 1_000, 1_500).expect("claim").is_none(), "the extended lease holds");
+        assert!(matches!(extend(&conn, id, "other", 1_000, 1_500), Err(JobError::LeaseLost(_))));
+        abandon(&conn, id, "w", 1_600).expect("abandon");
+        let again = claim(&conn, "other", &[], 1_000, 1_600).expect("claim").expect("ready at once");
+        assert_eq!(again.attempts, 1, "the abandoned attempt does not count");
         cleanup(&path);
     }
 

@@ -158,12 +158,14 @@ pub fn apply(
         }
     }
     // A task that is no longer awaited (force-release, unhealthy host, release during a
-    // reset) is withdrawn so the host stops seeing it.
+    // reset) is withdrawn so the host stops seeing it. Checks stay while the lab is active
+    // and untouched; a reset or release withdraws them too (their workers retry).
+    let keep_checks = alloc.state == AllocationState::Active && alloc.in_flight.is_none();
     conn.prepare_cached(
         "UPDATE host_tasks SET done_ms = ?2, outcome = '{\"result\":\"cancelled\"}'
-         WHERE allocation_id = ?1 AND done_ms IS NULL AND id IS NOT ?3",
+         WHERE allocation_id = ?1 AND done_ms IS NULL AND id IS NOT ?3 AND (check_run_id IS NULL OR NOT ?4)",
     )?
-    .execute(params![alloc.id, now, alloc.in_flight.as_ref().map(|t| t.0.as_str())])?;
+    .execute(params![alloc.id, now, alloc.in_flight.as_ref().map(|t| t.0.as_str()), keep_checks])?;
     if alloc.state == AllocationState::Released {
         // The desktop is gone; so are its credentials.
         conn.execute("UPDATE allocations SET desktop_secret = NULL WHERE id = ?1", [alloc.id])?;

@@ -1,6 +1,7 @@
 //! The LabRack appliance: control plane, API and web UI (`labrack serve`).
 
 pub mod api;
+pub mod checks;
 pub mod cli;
 pub mod db;
 pub mod jobs;
@@ -8,6 +9,7 @@ pub mod labs;
 pub mod metrics;
 pub mod probe;
 pub mod roster;
+pub mod scores;
 pub mod secrets;
 pub mod serve;
 pub mod tls;

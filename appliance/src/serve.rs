@@ -49,7 +49,9 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let mut state = AppState::new(db.clone(), metrics, !config.dev_http, Some(config.web_dir.clone()), secrets);
     state.heartbeat = Duration::from_secs(config.host_heartbeat_secs);
     state.webrtc_bind = config.webrtc_bind.clone();
+    state.queue = Arc::new(config.queue.clone());
     let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
+    let workers = crate::checks::spawn_workers(&state, config.queue.check_workers);
     let shutdown = state.shutdown.clone();
     let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
 
@@ -79,6 +81,9 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     server.await.context("server task")?.context("server")?;
     shutdown.send_replace(true);
     let _ = reconciler.await;
+    for worker in workers {
+        let _ = worker.await;
+    }
     // Everything accepted has been answered; let the writer finish what is queued.
     db.writer().shutdown();
     tracing::info!("labrack stopped");

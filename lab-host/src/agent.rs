@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use labrack_provisioner::protocol::{
-    EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse, TaskOutcome, TaskReport,
+    EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse, TaskId, TaskKind, TaskOutcome, TaskReport,
 };
 use tokio::sync::Notify;
 
@@ -95,6 +95,8 @@ pub(crate) struct RunOptions {
     pub(crate) runtime: RuntimeSettings,
     /// test-only fault injection: pause this long after marking a task started
     pub(crate) pause_in_task: Option<Duration>,
+    /// how many checks may run at once
+    pub(crate) check_concurrency: usize,
 }
 
 struct Shared {
@@ -102,6 +104,9 @@ struct Shared {
     spool: Spool,
     wake_sender: Notify,
     host_id: i64,
+    /// checks running now, side by side (lab tasks run one at a time in the poll loop)
+    running_checks: std::sync::Mutex<std::collections::HashSet<TaskId>>,
+    check_slots: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -121,6 +126,8 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
         spool,
         wake_sender: Notify::new(),
         host_id: config.host_id,
+        running_checks: std::sync::Mutex::new(std::collections::HashSet::new()),
+        check_slots: Arc::new(tokio::sync::Semaphore::new(options.check_concurrency.max(1))),
     });
     tracing::info!(host_id = config.host_id, name = %config.name, appliance = %config.appliance, "labrack-host running");
     println!("labrack-host: running as host {} ({})", config.host_id, config.name);
@@ -131,8 +138,10 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut backoff = Backoff::default();
     loop {
+        let running: Vec<TaskId> = shared.running_checks.lock().map(|set| set.iter().cloned().collect()).unwrap_or_default();
+        let request = PollRequest { version: PROTOCOL_VERSION, wait_ms: 25_000, running };
         let polled = tokio::select! {
-            polled = shared.client.call::<_, PollResponse>("/api/v1/host/poll", &PollRequest { version: PROTOCOL_VERSION, wait_ms: 25_000 }) => polled,
+            polled = shared.client.call::<_, PollResponse>("/api/v1/host/poll", &request) => polled,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         };
@@ -167,7 +176,8 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs a task unless this host has seen its id before; says whether it ran.
+/// Runs a task unless this host has seen its id before; says whether it ran (or, for a
+/// check, started: checks run side by side and report when they end).
 async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> anyhow::Result<bool> {
     if task.host_id != shared.host_id {
         tracing::error!(task = %task.id.0, for_host = task.host_id, "got another host's task; ignoring it");
@@ -186,22 +196,48 @@ async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> 
         return Ok(false);
     }
     tracing::info!(task = %task.id.0, kind = task.kind.name(), "running task");
-    if let Some(pause) = options.pause_in_task {
+    if matches!(task.kind, TaskKind::RunCheck { .. }) {
+        if let Ok(mut running) = shared.running_checks.lock() {
+            running.insert(task.id.clone());
+        }
+        let (shared, settings, pause) = (shared.clone(), options.runtime.clone(), options.pause_in_task);
+        tokio::spawn(async move {
+            let slot = shared.check_slots.clone().acquire_owned().await;
+            let id = task.id.clone();
+            if let Err(error) = execute(&shared, settings, pause, task).await {
+                tracing::error!(task = %id.0, %error, "could not record a check's result");
+            }
+            drop(slot);
+            if let Ok(mut running) = shared.running_checks.lock() {
+                running.remove(&id);
+            }
+        });
+        return Ok(true);
+    }
+    execute(shared, options.runtime.clone(), options.pause_in_task, task).await?;
+    Ok(true)
+}
+
+/// Runs a started task and spools its report.
+async fn execute(shared: &Arc<Shared>, settings: RuntimeSettings, pause: Option<Duration>, task: HostTask) -> anyhow::Result<()> {
+    if let Some(pause) = pause {
         tokio::time::sleep(pause).await;
     }
     let started = std::time::Instant::now();
-    let settings = options.runtime.clone();
     let kind = task.kind.clone();
     let outcome = tokio::task::spawn_blocking(move || runtime::run_task(&settings, &kind))
         .await
         .unwrap_or_else(|e| TaskOutcome::Failed { error: format!("the task panicked: {e}") });
     match &outcome {
         TaskOutcome::Succeeded { .. } => tracing::info!(task = %task.id.0, ms = started.elapsed().as_millis(), "task succeeded"),
+        TaskOutcome::Checked { check } => {
+            tracing::info!(task = %task.id.0, ms = check.duration_ms, passed = check.passed, message = check.message.as_deref().unwrap_or(""), "check ran");
+        }
         TaskOutcome::Failed { error } => tracing::warn!(task = %task.id.0, %error, "task failed"),
     }
     shared.spool.finish(&TaskReport { version: PROTOCOL_VERSION, id: task.id, outcome })?;
     shared.wake_sender.notify_one();
-    Ok(true)
+    Ok(())
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, every: Duration) {

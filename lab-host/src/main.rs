@@ -69,6 +69,9 @@ enum Command {
         /// the RDP server's TLS certificate (PEM), whose fingerprint the appliance pins
         #[arg(long, default_value = "/etc/xrdp/cert.pem")]
         rdp_cert_file: PathBuf,
+        /// how many checks may run at once (each is sandboxed and time-limited)
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        check_concurrency: u16,
     },
     /// Print one telemetry sample (CPU, memory, disks, NVIDIA GPUs) as JSON.
     Telemetry {
@@ -109,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("labrack-host: identity saved in {}; start it with `labrack-host run`", state_dir.display());
             Ok(())
         }
-        Command::Run { state_dir, rdp_port, ssh_port, user_prefix, ssh_host_key_file, rdp_cert_file } => {
+        Command::Run { state_dir, rdp_port, ssh_port, user_prefix, ssh_host_key_file, rdp_cert_file, check_concurrency } => {
             init_logging();
             runtime::local_user::check_prefix(&user_prefix)?;
             let ssh_host_key = match std::fs::read_to_string(&ssh_host_key_file) {
@@ -128,7 +131,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             // Fault injection for the restart tests; undocumented for operators on purpose.
             let pause_in_task = std::env::var("LABRACK_HOST_TEST_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
-            let options = agent::RunOptions { state_dir, runtime: runtime::RuntimeSettings { user_prefix, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256 }, pause_in_task };
+            let options = agent::RunOptions {
+                state_dir,
+                runtime: runtime::RuntimeSettings { user_prefix, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256 },
+                pause_in_task,
+                check_concurrency: usize::from(check_concurrency),
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(options))
         }

@@ -170,7 +170,11 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
                         _ => out.push(Output::ResetDone),
                     }
                 }
-                TaskOutcome::Failed { error } => {
+                failed @ (TaskOutcome::Failed { .. } | TaskOutcome::Checked { .. }) => {
+                    let error = match failed {
+                        TaskOutcome::Failed { error } => error,
+                        _ => "the host answered a lab task with a check result".to_owned(),
+                    };
                     if alloc.attempt >= policy.max_attempts {
                         alloc.retry_at_ms = None;
                         alloc.reason = Some(format!("gave up after {} attempts: {error}", alloc.attempt));

@@ -4,11 +4,13 @@
 //! - [`template`]: lab templates organizers write in TOML, validated with line-precise errors;
 //! - [`allocation`]: the allocation state machine and its reconciler step (time is a
 //!   parameter, outputs are typed host tasks);
-//! - [`protocol`]: the versioned wire types of the appliance↔host task protocol.
+//! - [`protocol`]: the versioned wire types of the appliance↔host task protocol;
+//! - [`check`]: what a check run means (verdict, `FAIL:` reasons, output truncation).
 //!
 //! Architecture invariant: this crate knows nothing of HTTP, SQLite, clocks or sockets.
 
 pub mod allocation;
+pub mod check;
 pub mod inventory;
 pub mod protocol;
 pub mod template;

@@ -17,6 +17,12 @@ impl TaskId {
     pub fn new(allocation_id: i64, kind: &str, n: u32) -> Self {
         Self(format!("alloc-{allocation_id}-{kind}-{n}"))
     }
+
+    /// A check run's task: `check-{run}-{attempt}` (a retry after a failed delivery or an
+    /// unreachable host gets a new id; a re-delivery keeps it).
+    pub fn check(check_run_id: i64, attempt: u32) -> Self {
+        Self(format!("check-{check_run_id}-{attempt}"))
+    }
 }
 
 /// What a host is asked to do.
@@ -29,6 +35,17 @@ pub enum TaskKind {
     Reset { allocation_id: i64, skeleton: String },
     /// remove the desktop and everything it owned
     Release { allocation_id: i64 },
+    /// run one of the template's checks against the allocation's lab, sandboxed: as the
+    /// lab's user, within `timeout_secs` and `memory_mib`, without network unless allowed
+    RunCheck {
+        allocation_id: i64,
+        check_run_id: i64,
+        name: String,
+        script: String,
+        timeout_secs: u32,
+        memory_mib: u32,
+        network: bool,
+    },
 }
 
 impl TaskKind {
@@ -38,6 +55,7 @@ impl TaskKind {
             Self::Provision { .. } => "provision",
             Self::Reset { .. } => "reset",
             Self::Release { .. } => "release",
+            Self::RunCheck { .. } => "check",
         }
     }
 }
@@ -62,6 +80,8 @@ pub enum TaskOutcome {
         desktop: Option<DesktopAccess>,
     },
     Failed { error: String },
+    /// a check ran (whether it passed is in the result); `Failed` means it could not run
+    Checked { check: crate::check::CheckResult },
 }
 
 impl TaskOutcome {
@@ -198,6 +218,9 @@ pub struct EnrolResponse {
 pub struct PollRequest {
     pub version: u32,
     pub wait_ms: u64,
+    /// tasks the host is running now (checks run side by side): not worth an answer
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub running: Vec<TaskId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,8 @@
 //! weight = 10
 //! dimension = "functionality"
 //! hidden = false
+//! network = true       # the check may use the network (default: none at all)
+//! memory_mib = 512     # address-space limit of the check (default 512)
 //! ```
 
 use std::collections::HashSet;
@@ -46,7 +48,15 @@ pub struct Check {
     pub weight: u32,
     pub dimension: String,
     pub hidden: bool,
+    /// whether the check may use the network; without it the check runs in an empty
+    /// network namespace (not even loopback)
+    pub network: bool,
+    /// address-space limit of the check's processes
+    pub memory_mib: u32,
 }
+
+/// Memory a check gets unless its template says otherwise.
+pub const DEFAULT_CHECK_MEMORY_MIB: u32 = 512;
 
 /// One problem in a template file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +98,14 @@ struct RawCheck {
     dimension: Spanned<String>,
     #[serde(default)]
     hidden: bool,
+    #[serde(default)]
+    network: bool,
+    #[serde(default = "default_memory")]
+    memory_mib: Spanned<u32>,
+}
+
+fn default_memory() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_CHECK_MEMORY_MIB)
 }
 
 fn no_gpus() -> Spanned<u32> {
@@ -158,6 +176,9 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
             if c.dimension.get_ref().trim().is_empty() {
                 error(c.dimension.span().start, "dimension must not be empty".into());
             }
+            if !(16..=65_536).contains(c.memory_mib.get_ref()) {
+                error(c.memory_mib.span().start.max(raw_check.span().start), "memory_mib must be between 16 and 65536".into());
+            }
             checks.push(Check {
                 name: check_name.to_owned(),
                 script: c.script.get_ref().clone(),
@@ -165,6 +186,8 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
                 weight: *c.weight.get_ref(),
                 dimension: c.dimension.get_ref().trim().to_owned(),
                 hidden: c.hidden,
+                network: c.network,
+                memory_mib: *c.memory_mib.get_ref(),
             });
         }
         templates.push(Template {
@@ -215,6 +238,8 @@ skeleton = "/srv/labrack/skel/cpu"
         assert_eq!(templates[0].gpus, 1);
         assert_eq!(templates[0].checks[0].timeout_secs, 30);
         assert!(!templates[0].checks[0].hidden);
+        assert!(!templates[0].checks[0].network, "no network unless the template allows it");
+        assert_eq!(templates[0].checks[0].memory_mib, DEFAULT_CHECK_MEMORY_MIB);
         assert_eq!(templates[1].gpus, 0);
         assert!(templates[1].checks.is_empty());
     }
@@ -232,6 +257,15 @@ skeleton = "/srv/labrack/skel/cpu"
         assert!(found[1].1.contains("defined twice"));
         assert!(found[2].1.contains("unknown runtime"));
         assert!(found[3].1.contains("absolute path"));
+    }
+
+    #[test]
+    fn check_limits_are_validated_on_their_line() {
+        let text = GOOD.replace("weight = 10", "weight = 10\nnetwork = true\nmemory_mib = 4");
+        assert_eq!(lines(&text), vec![(15, "memory_mib must be between 16 and 65536".to_owned())]);
+        let ok = parse(&GOOD.replace("weight = 10", "weight = 10\nnetwork = true\nmemory_mib = 2048")).expect("valid");
+        assert!(ok[0].checks[0].network);
+        assert_eq!(ok[0].checks[0].memory_mib, 2048);
     }
 
     #[test]

@@ -41,7 +41,7 @@ async fn fixture(tag: &str, listen: &str) -> anyhow::Result<Fixture> {
     let skeleton = DataDir::new(&format!("{tag}-skel"));
     write_skeleton(&skeleton.0);
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
-    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1", "--web-dir", &web, "--webrtc-bind", "127.0.0.1:0"])?;
+    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1", "--web-dir", &web, "--webrtc-bind", "127.0.0.1:0", "--job-attempts", "run_check=2"])?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
     admin.first_admin_login(server.admin_password.as_deref().expect("otp"), "a-strong-admin-password").await?;
     let (status, event) = admin
@@ -813,5 +813,268 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     }
     drop(host);
     drop(xrdp);
+    Ok(())
+}
+
+/// Replaces the templates with `desk` carrying `checks` (TOML `[[template.check]]` tables).
+async fn put_checks(fx: &Fixture, checks: &str) -> anyhow::Result<()> {
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n{checks}", fx._skeleton.0.display());
+    let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
+    anyhow::ensure!(status == 200, "{body}");
+    Ok(())
+}
+
+/// Waits until every run of the batch has ended; rides over an appliance restart.
+async fn wait_batch(fx: &Fixture, batch: i64) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let last = fx.admin.get(&format!("/api/v1/check-batches/{batch}")).await;
+        if let Ok((200, body)) = &last
+            && body["done"] == true
+        {
+            return Ok(body.clone());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "batch {batch} did not finish: {last:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn run_by_name<'a>(runs: &'a Value, name: &str) -> &'a Value {
+    runs.as_array().and_then(|runs| runs.iter().find(|r| r["check"] == name)).unwrap_or(&Value::Null)
+}
+
+#[tokio::test]
+async fn checks_run_sandboxed_on_the_real_host_and_score_the_team() -> anyhow::Result<()> {
+    let fx = fixture("checks", "127.0.0.1:0").await?;
+    let port = fx.url.trim_end_matches('/').rsplit(':').next().unwrap_or_default().to_owned();
+    let checks = format!(
+        r#"
+[[template.check]]
+name = "readme"
+script = "test -f README.txt || {{ echo 'FAIL: README.txt is missing'; exit 1; }}; echo found it"
+timeout_secs = 10
+weight = 10
+dimension = "functionality"
+
+[[template.check]]
+name = "as the lab user"
+script = "[ \"$(id -u)\" != 0 ] && [ \"$USER\" = \"$(id -un)\" ] && [ \"$PWD\" = \"$HOME\" ] || {{ echo \"FAIL: ran as $(id -un) in $PWD\"; exit 1; }}"
+timeout_secs = 10
+weight = 5
+dimension = "security"
+
+[[template.check]]
+name = "no network"
+script = "if (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; then echo 'FAIL: reached the appliance'; exit 1; fi"
+timeout_secs = 10
+weight = 3
+dimension = "security"
+
+[[template.check]]
+name = "network allowed"
+script = "(exec 3<>/dev/tcp/127.0.0.1/{port}) || {{ echo 'FAIL: no network'; exit 1; }}"
+timeout_secs = 10
+weight = 2
+dimension = "performance"
+network = true
+
+[[template.check]]
+name = "memory limit"
+script = "python3 -c 'bytearray(8 << 20)' || {{ echo 'FAIL: python3 cannot run'; exit 1; }}; python3 -c 'bytearray(512 << 20)' 2>/dev/null && exit 0; echo 'FAIL: could not allocate 512 MiB'; exit 1"
+timeout_secs = 20
+weight = 7
+dimension = "performance"
+memory_mib = 128
+
+[[template.check]]
+name = "server up"
+script = "echo checking; echo 'FAIL: port 8080 is closed' >&2; exit 1"
+timeout_secs = 10
+weight = 20
+dimension = "functionality"
+
+[[template.check]]
+name = "slow"
+script = "sleep 60"
+timeout_secs = 2
+weight = 4
+dimension = "quality"
+hidden = true
+"#
+    );
+    put_checks(&fx, &checks).await?;
+    let state = DataDir::new("checks-host");
+    fx.enrol("host-c", &state.0).await?;
+    let host = fx.start_host(&state.0, &[])?;
+    let lab = fx.allocate(fx.team_id).await?;
+    fx.wait_state(lab, "active").await?;
+    let event = fx.event_id;
+
+    // Bad requests are refused and queue nothing.
+    for (body, want) in [
+        (json!({"check": "no such check"}), 422),
+        (json!({"team_id": 999_999}), 404),
+        (json!({"team_id": "red"}), 422),
+        (json!({"colour": "red"}), 422),
+    ] {
+        let (status, problem) = fx.admin.post(&format!("/api/v1/events/{event}/check-batches"), body.clone()).await?;
+        assert_eq!(status, want, "{body}: {problem}");
+    }
+    let red = fx.participant(fx.team_id).await?;
+    let (status, _) = red.post(&format!("/api/v1/events/{event}/check-batches"), json!({})).await?;
+    assert_eq!(status, 403, "participants do not queue batches");
+    let batches: i64 = fx.db().query_row("SELECT count(*) FROM check_batches", [], |r| r.get(0))?;
+    assert_eq!(batches, 0, "refused requests changed nothing");
+
+    let (status, queued) = fx.admin.post(&format!("/api/v1/events/{event}/check-batches"), json!({"reason": "first pass"})).await?;
+    assert_eq!(status, 201, "{queued}");
+    assert_eq!(queued["queued"], 7);
+    assert_eq!(queued["skipped"][0]["team"], "Blue", "a team without a lab is skipped and named: {queued}");
+    let started = std::time::Instant::now();
+    let batch = wait_batch(&fx, queued["batch_id"].as_i64().expect("batch id")).await?;
+    assert_eq!(batch["counts"]["passed"], 4, "{batch}");
+    assert_eq!(batch["counts"]["failed"], 3, "{batch}");
+    assert!(started.elapsed() < Duration::from_secs(30), "checks ran side by side: {:?}", started.elapsed());
+
+    let (status, runs) = fx.admin.get(&format!("/api/v1/events/{event}/check-runs?team_id={}", fx.team_id)).await?;
+    assert_eq!(status, 200);
+    assert_eq!(run_by_name(&runs, "readme")["state"], "passed");
+    assert!(run_by_name(&runs, "readme")["output"].as_str().unwrap_or_default().contains("found it"));
+    assert_eq!(run_by_name(&runs, "as the lab user")["state"], "passed", "{}", run_by_name(&runs, "as the lab user"));
+    assert_eq!(run_by_name(&runs, "no network")["state"], "passed", "{}", run_by_name(&runs, "no network"));
+    assert_eq!(run_by_name(&runs, "network allowed")["state"], "passed", "{}", run_by_name(&runs, "network allowed"));
+    let memory = run_by_name(&runs, "memory limit");
+    assert_eq!((memory["state"].as_str(), memory["message"].as_str()), (Some("failed"), Some("could not allocate 512 MiB")), "{memory}");
+    let server = run_by_name(&runs, "server up");
+    assert_eq!(server["message"], "port 8080 is closed", "the FAIL line (here on stderr) is the message: {server}");
+    assert!(server["output"].as_str().unwrap_or_default().contains("--- stderr ---"));
+    let slow = run_by_name(&runs, "slow");
+    assert_eq!((slow["state"].as_str(), slow["timed_out"].as_bool()), (Some("failed"), Some(true)), "{slow}");
+    assert_eq!(slow["message"], "the check did not finish within 2 s");
+    assert!(slow["duration_ms"].as_i64().is_some_and(|ms| (2_000..10_000).contains(&ms)), "{slow}");
+    let user = format!("{}a{lab}", fx.users.prefix);
+    let sleeping = Command::new("pgrep").args(["-u", &user, "-x", "sleep"]).output()?;
+    assert!(!sleeping.status.success(), "the timed-out check's processes were killed");
+    let tasks: i64 = fx.db().query_row("SELECT count(*) FROM host_tasks WHERE check_run_id IS NOT NULL", [], |r| r.get(0))?;
+    assert_eq!(tasks, 7, "one host task per run");
+
+    // The leaderboard: Red has 10 + 5 + 3 + 2 = 20 points; Blue none.
+    let (status, board) = fx.admin.get(&format!("/api/v1/events/{event}/leaderboard")).await?;
+    assert_eq!(status, 200);
+    assert_eq!(board["rows"][0]["team"], "Red", "{board}");
+    assert_eq!(board["rows"][0]["total"], 20);
+    assert_eq!(board["rows"][0]["dimensions"]["security"], 8);
+    assert_eq!((board["rows"][0]["checks_passed"].as_u64(), board["rows"][0]["checks_scored"].as_u64()), (Some(4), Some(7)));
+    assert_eq!((board["rows"][1]["team"].as_str(), board["rows"][1]["total"].as_u64()), (Some("Blue"), Some(0)));
+    let (status, _) = red.get(&format!("/api/v1/events/{event}/leaderboard")).await?;
+    assert_eq!(status, 403, "the live board is for staff and judges");
+
+    // The team sees its visible checks and messages, never the hidden one or any output.
+    let (status, mine) = red.get("/api/v1/me/checks").await?;
+    assert_eq!(status, 200, "{mine}");
+    assert_eq!(mine["hidden_checks"], 1);
+    assert_eq!(mine["checks"].as_array().map(Vec::len), Some(6));
+    assert_eq!(mine["visible_points"], 20);
+    let text = mine.to_string();
+    assert!(!text.contains("slow") && !text.contains("output") && !text.contains("found it"), "{text}");
+    assert!(text.contains("port 8080 is closed"));
+    // Teams run their own checks while the event is live, and not twice at once.
+    let (status, problem) = red.post("/api/v1/me/checks/run", json!({})).await?;
+    assert_eq!(status, 409, "the event is still a draft: {problem}");
+    let (status, _) = fx.admin.post(&format!("/api/v1/events/{event}/transition"), json!({"to": "live"})).await?;
+    assert_eq!(status, 200);
+    let (status, again) = red.post("/api/v1/me/checks/run", json!({})).await?;
+    assert_eq!(status, 201, "{again}");
+    let (status, _) = red.post("/api/v1/me/checks/run", json!({})).await?;
+    assert!(status == 409 || status == 429, "a second request right away is refused: {status}");
+    wait_batch(&fx, again["batch_id"].as_i64().expect("batch id")).await?;
+    let (status, problem) = red.post("/api/v1/me/checks/run", json!({})).await?;
+    assert_eq!(status, 429, "at most every 30 s: {problem}");
+
+    // A check that cannot run (its lab user is gone) backs off to a dead letter; once the
+    // lab is back, staff requeue it and it runs.
+    assert!(Command::new("userdel").arg(&user).status()?.success());
+    let (status, rerun) = fx.admin.post(&format!("/api/v1/events/{event}/check-batches"), json!({"check": "as the lab user", "team_id": fx.team_id})).await?;
+    assert_eq!(status, 201, "{rerun}");
+    let dead = wait_batch(&fx, rerun["batch_id"].as_i64().expect("batch id")).await?;
+    assert_eq!(dead["counts"]["error"], 1, "{dead}");
+    let (_, runs) = fx.admin.get(&format!("/api/v1/events/{event}/check-runs?batch_id={}", rerun["batch_id"])).await?;
+    let errored = &runs[0];
+    assert!(errored["message"].as_str().unwrap_or_default().contains("is not on this host"), "{errored}");
+    let job_id = errored["job_id"].as_i64().expect("job id");
+    let (_, job) = fx.admin.get(&format!("/api/v1/jobs/{job_id}")).await?;
+    assert_eq!((job["state"].as_str(), job["attempts"].as_u64()), (Some("dead"), Some(2)), "two attempts (--job-attempts run_check=2): {job}");
+    assert!(Command::new("useradd").args(["--no-create-home", "--home-dir", &format!("/home/{user}"), &user]).status()?.success());
+    let (status, _) = fx.admin.post(&format!("/api/v1/jobs/{job_id}/requeue"), json!({})).await?;
+    assert_eq!(status, 200);
+    let requeued = wait_batch(&fx, rerun["batch_id"].as_i64().expect("batch id")).await?;
+    assert_eq!(requeued["counts"]["passed"], 1, "{requeued}");
+    drop(host);
+    Ok(())
+}
+
+#[tokio::test]
+async fn checks_survive_the_appliance_killed_mid_queue_and_none_runs_twice() -> anyhow::Result<()> {
+    let port = free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let mut fx = fixture("checks-kill", &listen).await?;
+    let checks: String = (1..=8)
+        .map(|n| {
+            format!(
+                "[[template.check]]\nname = \"step {n}\"\nscript = \"echo $LABRACK_CHECK_RUN >> $HOME/runs.log; sleep 1\"\ntimeout_secs = 10\ndimension = \"quality\"\n"
+            )
+        })
+        .collect();
+    put_checks(&fx, &checks).await?;
+    let state = DataDir::new("checks-kill-host");
+    fx.enrol("host-q", &state.0).await?;
+    let host = LabHost::start(&state.0, &fx.users.prefix, 3389, 22, &[], &["--check-concurrency", "2"])?;
+    let lab = fx.allocate(fx.team_id).await?;
+    fx.wait_state(lab, "active").await?;
+    let (status, queued) = fx.admin.post(&format!("/api/v1/events/{}/check-batches", fx.event_id), json!({})).await?;
+    assert_eq!(status, 201, "{queued}");
+    let batch = queued["batch_id"].as_i64().expect("batch id");
+    // Kill -9 once some runs have results and others are in flight.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let finished: i64 = fx.db().query_row("SELECT count(*) FROM check_runs WHERE state = 'passed'", [], |r| r.get(0))?;
+        if finished >= 2 {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no check finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fx.server.take().expect("server").kill_hard()?;
+    let in_flight: i64 = fx.db().query_row("SELECT count(*) FROM check_runs WHERE state <> 'passed'", [], |r| r.get(0))?;
+    assert!(in_flight > 0, "the appliance died with work left");
+    fx.server = Some(Server::start_with(&fx.data.0, &listen, &["--host-heartbeat-secs", "1"])?);
+    let done = wait_batch(&fx, batch).await?;
+    assert_eq!(done["counts"]["passed"], 8, "no run lost: {done}");
+    let log = std::fs::read_to_string(format!("/home/{}a{lab}/runs.log", fx.users.prefix))?;
+    let mut ran: Vec<i64> = log.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    ran.sort_unstable();
+    let runs: Vec<i64> =
+        fx.db().prepare("SELECT id FROM check_runs WHERE batch_id = ?1 ORDER BY id")?.query_map([batch], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    assert_eq!(ran, runs, "every check ran exactly once on the host");
+    // The dead appliance's jobs are taken again once their leases lapse; each finds its
+    // run already has its result (reported to the new process) and completes.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let states: Vec<(String, i64)> = fx
+            .db()
+            .prepare("SELECT state, attempts FROM jobs WHERE kind = 'run_check' ORDER BY id")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        if states.iter().all(|(state, _)| state == "succeeded") {
+            assert_eq!(states.len(), 8);
+            assert!(states.iter().any(|(_, attempts)| *attempts == 2), "some job was retried after its lease: {states:?}");
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "jobs did not finish: {states:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let tasks: i64 = fx.db().query_row("SELECT count(*) FROM host_tasks WHERE check_run_id IS NOT NULL", [], |r| r.get(0))?;
+    assert_eq!(tasks, 8, "no check was issued twice");
+    drop(host);
     Ok(())
 }

@@ -40,6 +40,8 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "xterm",
     "xclip",
     "libvpx-dev",
+    "python3-minimal",
+    "util-linux",
     "x11-xserver-utils",
     "dbus-x11",
     "ssl-cert",

@@ -298,9 +298,12 @@ pub async fn poll(State(state): State<AppState>, call: HostCall<PollRequest>) ->
     let mut wake = state.host_wake.subscribe();
     let mut shutdown = state.shutdown.subscribe();
     let host_id = call.host_id;
+    let running = std::sync::Arc::new(call.body.running);
     loop {
         wake.borrow_and_update();
-        let tasks = state.db.read(move |conn| pending_tasks(conn, host_id)).await?;
+        let mut tasks = state.db.read(move |conn| pending_tasks(conn, host_id)).await?;
+        // Checks the host is running now are not news to it.
+        tasks.retain(|task| !running.contains(&task.id));
         if !tasks.is_empty() || tokio::time::Instant::now() >= deadline || *shutdown.borrow() {
             return Ok(Json(PollResponse { tasks }));
         }
@@ -330,38 +333,50 @@ pub async fn report(State(state): State<AppState>, call: HostCall<TaskReport>) -
     let host_id = call.host_id;
     let meta = call.meta;
     let secrets = state.secrets.clone();
-    let (applied, issued) = state
+    let (applied, issued, checked) = state
         .db
         .writer()
         .write(move |conn| {
-            let task: Option<(i64, i64, Option<i64>)> = conn
-                .query_row("SELECT host_id, allocation_id, done_ms FROM host_tasks WHERE id = ?1", [&report.id.0], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            let task: Option<(i64, i64, Option<i64>, Option<i64>)> = conn
+                .query_row("SELECT host_id, allocation_id, done_ms, check_run_id FROM host_tasks WHERE id = ?1", [&report.id.0], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
                 })
                 .optional()?;
             // Another host's task looks exactly like a missing one.
-            let (allocation_id, done) = match task {
-                Some((owner, allocation_id, done)) if owner == host_id => (allocation_id, done.is_some()),
+            let (allocation_id, done, check_run_id) = match task {
+                Some((owner, allocation_id, done, check_run_id)) if owner == host_id => (allocation_id, done.is_some(), check_run_id),
                 _ => return Err(ApiError::NotFound("task")),
             };
             if done {
-                return Ok((false, false));
+                return Ok((false, false, false));
             }
             let now = unix_ms();
             let mut recorded = report.outcome.clone();
-            if let protocol::TaskOutcome::Succeeded { desktop } = &mut recorded {
-                *desktop = None; // the password goes only into the sealed column
+            match &mut recorded {
+                // the password goes only into the sealed column
+                protocol::TaskOutcome::Succeeded { desktop } => *desktop = None,
+                // the output is kept once, with the check run
+                protocol::TaskOutcome::Checked { check } => check.output.clear(),
+                protocol::TaskOutcome::Failed { .. } => {}
             }
+            let now_i64 = i64::try_from(now).unwrap_or(i64::MAX);
             conn.execute(
                 "UPDATE host_tasks SET done_ms = ?2, outcome = ?3 WHERE id = ?1",
-                params![report.id.0, i64::try_from(now).unwrap_or(i64::MAX), serde_json::to_string(&recorded).unwrap_or_default()],
+                params![report.id.0, now_i64, serde_json::to_string(&recorded).unwrap_or_default()],
             )?;
+            if let Some(run_id) = check_run_id {
+                crate::checks::record_report(conn, run_id, &report.outcome, now_i64)?;
+                return Ok((true, false, true));
+            }
             let applied = labs::apply(conn, &secrets, allocation_id, Input::Report { id: report.id, outcome: report.outcome }, now, &format!("host:{host_id}"), &meta)?;
-            Ok::<_, ApiError>((applied.ignored.is_none(), applied.issued))
+            Ok::<_, ApiError>((applied.ignored.is_none(), applied.issued, false))
         })
         .await?;
     if issued {
         state.wake_hosts();
+    }
+    if checked {
+        state.check_reported.send_modify(|n| *n = n.wrapping_add(1));
     }
     Ok(Json(ReportAck { applied }))
 }

@@ -80,13 +80,20 @@ async fn change(state: AppState, caller: Caller, id: i64, action: &'static str) 
         .writer()
         .write(move |conn| {
             match action {
-                "job.requeued" => jobs::requeue(conn, id, now)?,
-                _ => jobs::cancel(conn, id, now)?,
+                "job.requeued" => {
+                    jobs::requeue(conn, id, now)?;
+                    crate::checks::on_requeue(conn, id)?;
+                }
+                _ => {
+                    jobs::cancel(conn, id, now)?;
+                    crate::checks::settle_ended_jobs(conn, now)?;
+                }
             }
             audit(conn, &caller.actor(), &caller.meta, action, Some(&format!("job:{id}")), serde_json::json!({}))?;
             jobs::get(conn, id)?.ok_or(ApiError::NotFound("job"))
         })
         .await?;
+    state.wake_workers();
     Ok(Json(job))
 }
 

@@ -31,6 +31,8 @@ pub struct CheckView {
     pub weight: u32,
     pub dimension: String,
     pub hidden: bool,
+    pub network: bool,
+    pub memory_mib: u32,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -88,6 +90,11 @@ fn load_templates(conn: &Connection) -> Result<TemplateSet, ApiError> {
                 weight: u32::try_from(c["weight"].as_u64().unwrap_or(0)).unwrap_or(0),
                 dimension: c["dimension"].as_str().unwrap_or_default().to_owned(),
                 hidden: c["hidden"].as_bool().unwrap_or(false),
+                network: c["network"].as_bool().unwrap_or(false),
+                memory_mib: c["memory_mib"]
+                    .as_u64()
+                    .and_then(|v| u32::try_from(v).ok())
+                    .unwrap_or(labrack_provisioner::template::DEFAULT_CHECK_MEMORY_MIB),
             })
             .collect();
         templates.push(TemplateView {
@@ -136,7 +143,8 @@ pub async fn put_templates(State(state): State<AppState>, caller: Caller, TomlBo
                     .iter()
                     .map(|c| {
                         serde_json::json!({"name": c.name, "script": c.script, "timeout_secs": c.timeout_secs,
-                            "weight": c.weight, "dimension": c.dimension, "hidden": c.hidden})
+                            "weight": c.weight, "dimension": c.dimension, "hidden": c.hidden,
+                            "network": c.network, "memory_mib": c.memory_mib})
                     })
                     .collect();
                 conn.execute(

@@ -5,6 +5,7 @@
 //! the same savepoint as the change, so the audit log and the state never disagree.
 
 pub mod auth;
+pub mod checks;
 pub mod desktop;
 pub mod error;
 pub mod extract;
@@ -71,6 +72,12 @@ pub struct AppState {
     pub desktops: Arc<desktop::DesktopRegistry>,
     /// where each desktop viewer's WebRTC UDP socket binds (`0.0.0.0:0`: every LAN interface)
     pub webrtc_bind: String,
+    /// bumped when jobs are queued: wakes idle workers
+    pub jobs_wake: Arc<tokio::sync::watch::Sender<u64>>,
+    /// bumped when a host reports a check: wakes the worker waiting for it
+    pub check_reported: Arc<tokio::sync::watch::Sender<u64>>,
+    /// attempts per job kind, number of check workers
+    pub queue: Arc<crate::checks::QueueSettings>,
 }
 
 impl AppState {
@@ -84,6 +91,9 @@ impl AppState {
             terminal_tickets: Arc::new(terminal::TicketStore::default()),
             desktops: Arc::new(desktop::DesktopRegistry::default()),
             webrtc_bind: "0.0.0.0:0".into(),
+            jobs_wake: Arc::new(tokio::sync::watch::Sender::new(0)),
+            check_reported: Arc::new(tokio::sync::watch::Sender::new(0)),
+            queue: Arc::new(crate::checks::QueueSettings::default()),
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
@@ -96,6 +106,11 @@ impl AppState {
     /// Wakes every host long poll to look for new tasks.
     pub fn wake_hosts(&self) {
         self.host_wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes idle job workers to claim new jobs.
+    pub fn wake_workers(&self) {
+        self.jobs_wake.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -114,9 +129,10 @@ impl AppState {
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
         labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket, desktop::ticket,
         jobs::list, jobs::get_one, jobs::requeue, jobs::cancel,
+        checks::queue_batch, checks::get_batch, checks::list_runs, checks::leaderboard, checks::run_mine, checks::my_checks,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
-    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs")),
+    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks")),
 )]
 pub struct ApiDoc;
 
@@ -161,6 +177,12 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{job_id}", get(jobs::get_one))
         .route("/v1/jobs/{job_id}/requeue", post(jobs::requeue))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
+        .route("/v1/events/{event_id}/check-batches", post(checks::queue_batch))
+        .route("/v1/check-batches/{batch_id}", get(checks::get_batch))
+        .route("/v1/events/{event_id}/check-runs", get(checks::list_runs))
+        .route("/v1/events/{event_id}/leaderboard", get(checks::leaderboard))
+        .route("/v1/me/checks", get(checks::my_checks))
+        .route("/v1/me/checks/run", post(checks::run_mine))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
         .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -170,6 +170,48 @@ CREATE UNIQUE INDEX jobs_idempotency ON jobs(kind, idempotency_key) WHERE idempo
 CREATE INDEX jobs_ready ON jobs(state, priority DESC, run_after_ms, id);
 CREATE INDEX jobs_leases ON jobs(lease_expires_ms) WHERE state = 'running';
 "#,
+    // 4: checks run against team labs (checks.rs): batches (a rejudge is one set), runs
+    // with a snapshot of the check as it was queued, and the host task of each attempt
+    r#"
+CREATE TABLE check_batches (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    reason TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    team_id INTEGER REFERENCES teams(id),
+    check_name TEXT,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE check_runs (
+    id INTEGER PRIMARY KEY,
+    batch_id INTEGER NOT NULL REFERENCES check_batches(id),
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER NOT NULL REFERENCES teams(id),
+    allocation_id INTEGER NOT NULL REFERENCES allocations(id),
+    check_name TEXT NOT NULL,
+    script TEXT NOT NULL,
+    timeout_secs INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    network INTEGER NOT NULL,
+    weight INTEGER NOT NULL,
+    dimension TEXT NOT NULL,
+    hidden INTEGER NOT NULL,
+    job_id INTEGER REFERENCES jobs(id),
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'passed', 'failed', 'error', 'cancelled')),
+    message TEXT,
+    output TEXT,
+    exit_code INTEGER,
+    timed_out INTEGER,
+    duration_ms INTEGER,
+    created_ms INTEGER NOT NULL,
+    finished_ms INTEGER
+);
+CREATE INDEX check_runs_by_team ON check_runs(team_id, check_name, id);
+CREATE INDEX check_runs_by_event ON check_runs(event_id, id);
+CREATE INDEX check_runs_by_batch ON check_runs(batch_id);
+ALTER TABLE host_tasks ADD COLUMN check_run_id INTEGER REFERENCES check_runs(id);
+CREATE INDEX host_tasks_by_check_run ON host_tasks(check_run_id) WHERE check_run_id IS NOT NULL;
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own
@@ -206,7 +248,7 @@ mod tests {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(tables, 13);
+        assert_eq!(tables, 15);
     }
 
     #[test]

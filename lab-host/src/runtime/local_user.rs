@@ -75,6 +75,16 @@ fn home_of(name: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home))
 }
 
+/// The user's uid, primary gid and home directory.
+pub(crate) fn identity(name: &str) -> anyhow::Result<(u32, u32, String)> {
+    let line = run(Command::new("getent").arg("passwd").arg(name))?;
+    let fields: Vec<&str> = line.trim().split(':').collect();
+    let (Some(uid), Some(gid), Some(home)) = (fields.get(2), fields.get(3), fields.get(5)) else {
+        bail!("unexpected passwd entry for {name}");
+    };
+    Ok((uid.parse().context("parsing the uid")?, gid.parse().context("parsing the gid")?, (*home).to_owned()))
+}
+
 fn generate_password() -> String {
     const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::thread_rng();

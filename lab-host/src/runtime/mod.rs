@@ -1,5 +1,6 @@
 //! Desktop runtimes: how a host makes, resets and removes an allocation's desktop.
 
+pub(crate) mod check;
 pub(crate) mod local_user;
 
 use labrack_provisioner::protocol::{DesktopAccess, TaskKind, TaskOutcome};
@@ -21,15 +22,30 @@ pub(crate) struct RuntimeSettings {
 
 /// Runs one task and says how it ended; never panics on bad input.
 pub(crate) fn run_task(settings: &RuntimeSettings, kind: &TaskKind) -> TaskOutcome {
-    let result = match kind {
+    let desktop = match kind {
         TaskKind::Provision { allocation_id, runtime, skeleton, .. } => match runtime.as_str() {
             "local-user" => local_user::provision(settings, *allocation_id, skeleton).map(Some),
             other => Err(anyhow::anyhow!("this host does not know the desktop runtime {other:?}")),
         },
         TaskKind::Reset { allocation_id, skeleton } => local_user::reset(settings, *allocation_id, skeleton).map(Some),
         TaskKind::Release { allocation_id } => local_user::release(settings, *allocation_id).map(|()| None),
+        TaskKind::RunCheck { allocation_id, check_run_id, name, script, timeout_secs, memory_mib, network } => {
+            let spec = check::CheckSpec {
+                allocation_id: *allocation_id,
+                check_run_id: *check_run_id,
+                name,
+                script,
+                timeout_secs: *timeout_secs,
+                memory_mib: *memory_mib,
+                network: *network,
+            };
+            return match check::run(settings, &spec) {
+                Ok(check) => TaskOutcome::Checked { check },
+                Err(error) => TaskOutcome::Failed { error: format!("{error:#}") },
+            };
+        }
     };
-    match result {
+    match desktop {
         Ok(desktop) => TaskOutcome::Succeeded { desktop: desktop.map(|d: DesktopAccess| d) },
         Err(error) => TaskOutcome::Failed { error: format!("{error:#}") },
     }

@@ -1,0 +1,494 @@
+//! Checks against team labs (issue 5, item 2): queueing a batch of check runs (a rejudge
+//! is one batch), the workers that run each as a `RunCheck` task on the lab's host, and
+//! recording what the host reports.
+//!
+//! A run is a snapshot of the check as it was queued (script, limits, weight, dimension),
+//! so editing templates never changes a run in flight. Each run is one job of kind
+//! [`JOB_KIND`] in the durable queue:
+//!
+//! 1. a worker claims the job and issues a host task `check-{run}-{n}` — unless the run
+//!    already has a task in flight (the appliance restarted mid-check): then it waits for
+//!    that one, so a check never runs twice because the appliance did;
+//! 2. the host's report records the result in the same transaction that closes the task
+//!    (so a result is never lost, even if no worker is waiting);
+//! 3. the worker completes the job, or fails it when the check could not be run (host
+//!    error, no report in time, lab gone): the queue's backoff retries it and dead letters
+//!    mark the run `error`.
+//!
+//! A check that runs and fails is a result (`failed`), not a job failure.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use labrack_provisioner::protocol::{HostTask, PROTOCOL_VERSION, TaskId, TaskKind, TaskOutcome};
+use rusqlite::{Connection, OptionalExtension as _, params};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::api::AppState;
+use crate::api::error::ApiError;
+use crate::jobs::{self, Job, NewJob};
+use crate::labs::unix_ms;
+
+/// The job kind of a check run.
+pub const JOB_KIND: &str = "run_check";
+/// How long a worker's claim holds without renewal.
+const LEASE_MS: i64 = 15_000;
+/// How often a waiting worker renews its lease.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How long past a check's own time-out the host gets to report it.
+const REPORT_GRACE_MS: i64 = 60_000;
+/// Dimensions every rubric starts with.
+pub const DEFAULT_DIMENSIONS: [&str; 5] = ["functionality", "quality", "performance", "security", "presentation"];
+
+/// Queue settings: attempts per job kind and how many check workers run.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub max_attempts: HashMap<String, u32>,
+    pub check_workers: usize,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self { max_attempts: HashMap::new(), check_workers: 4 }
+    }
+}
+
+impl QueueSettings {
+    pub fn attempts_for(&self, kind: &str) -> u32 {
+        self.max_attempts.get(kind).copied().unwrap_or(jobs::DEFAULT_MAX_ATTEMPTS)
+    }
+}
+
+/// A template check as stored in `lab_templates.checks`.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct StoredCheck {
+    name: String,
+    script: String,
+    timeout_secs: u32,
+    weight: u32,
+    dimension: String,
+    #[serde(default)]
+    hidden: bool,
+    #[serde(default)]
+    network: bool,
+    #[serde(default = "default_memory")]
+    memory_mib: u32,
+}
+
+fn default_memory() -> u32 {
+    labrack_provisioner::template::DEFAULT_CHECK_MEMORY_MIB
+}
+
+/// Which checks to run, for whom.
+#[derive(Debug, Clone)]
+pub struct BatchRequest {
+    pub event_id: i64,
+    /// one team, or every team of the event
+    pub team_id: Option<i64>,
+    /// one check by name, or every check of each team's template
+    pub check_name: Option<String>,
+    pub reason: String,
+    pub requested_by: String,
+    pub max_attempts: u32,
+    /// higher runs first (a participant's own request outranks a rejudge wave)
+    pub priority: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SkippedTeam {
+    pub team_id: i64,
+    pub team: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BatchQueued {
+    pub batch_id: i64,
+    /// check runs queued
+    pub queued: u32,
+    /// teams that got no run, and why
+    pub skipped: Vec<SkippedTeam>,
+}
+
+/// Queues one run per (team, check) as one batch, in the caller's write. Teams without an
+/// active lab are skipped and named. An unknown team or check changes nothing.
+pub fn queue_batch(conn: &Connection, request: &BatchRequest, now_ms: i64) -> Result<BatchQueued, ApiError> {
+    let event_state: Option<String> =
+        conn.query_row("SELECT state FROM events WHERE id = ?1", [request.event_id], |r| r.get(0)).optional()?;
+    let event_state = event_state.ok_or(ApiError::NotFound("event"))?;
+    if matches!(event_state.as_str(), "ended" | "archived") {
+        return Err(ApiError::conflict(Some("state"), format!("the event is {event_state}: checks no longer run")));
+    }
+    #[allow(clippy::type_complexity)]
+    let teams: Vec<(i64, String, Option<i64>, Option<String>, Option<String>)> = conn
+        .prepare_cached(
+            "SELECT t.id, t.name, a.id, a.state, a.template FROM teams t
+             LEFT JOIN allocations a ON a.team_id = t.id AND a.state <> 'released'
+             WHERE t.event_id = ?1 AND (?2 IS NULL OR t.id = ?2) ORDER BY t.id",
+        )?
+        .query_map(params![request.event_id, request.team_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .collect::<Result<_, _>>()?;
+    if request.team_id.is_some() && teams.is_empty() {
+        return Err(ApiError::NotFound("team"));
+    }
+    let mut templates: HashMap<String, Vec<StoredCheck>> = HashMap::new();
+    let mut planned = Vec::new();
+    let mut skipped = Vec::new();
+    let mut check_known = request.check_name.is_none();
+    for (team_id, team, allocation, state, template) in teams {
+        let (Some(allocation_id), Some("active"), Some(template)) = (allocation, state.as_deref(), template) else {
+            let reason = match state {
+                None => "the team has no lab".to_owned(),
+                Some(state) => format!("the team's lab is {state}, not active"),
+            };
+            skipped.push(SkippedTeam { team_id, team, reason });
+            continue;
+        };
+        if !templates.contains_key(&template) {
+            let stored: Option<String> =
+                conn.query_row("SELECT checks FROM lab_templates WHERE name = ?1", [&template], |r| r.get(0)).optional()?;
+            let checks: Vec<StoredCheck> = stored.and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default();
+            templates.insert(template.clone(), checks);
+        }
+        let checks = templates.get(&template).map(Vec::as_slice).unwrap_or_default();
+        let chosen: Vec<&StoredCheck> =
+            checks.iter().filter(|c| request.check_name.as_ref().is_none_or(|name| c.name.eq_ignore_ascii_case(name))).collect();
+        if chosen.is_empty() {
+            let reason = match &request.check_name {
+                Some(name) => format!("its template {template:?} has no check named {name:?}"),
+                None => format!("its template {template:?} has no checks"),
+            };
+            skipped.push(SkippedTeam { team_id, team, reason });
+            continue;
+        }
+        check_known = true;
+        for check in chosen {
+            planned.push((team_id, allocation_id, check.clone()));
+        }
+    }
+    if !check_known {
+        let name = request.check_name.clone().unwrap_or_default();
+        return Err(ApiError::invalid("check", format!("no lab template of these teams has a check named {name:?}")));
+    }
+    conn.execute(
+        "INSERT INTO check_batches (event_id, reason, requested_by, team_id, check_name, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![request.event_id, request.reason, request.requested_by, request.team_id, request.check_name, now_ms],
+    )?;
+    let batch_id = conn.last_insert_rowid();
+    let mut queued = 0u32;
+    for (team_id, allocation_id, check) in planned {
+        conn.prepare_cached(
+            "INSERT INTO check_runs (batch_id, event_id, team_id, allocation_id, check_name, script, timeout_secs, memory_mib, network,
+                                     weight, dimension, hidden, state, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'queued', ?13)",
+        )?
+        .execute(params![
+            batch_id,
+            request.event_id,
+            team_id,
+            allocation_id,
+            check.name,
+            check.script,
+            check.timeout_secs,
+            check.memory_mib,
+            check.network,
+            check.weight,
+            check.dimension,
+            check.hidden,
+            now_ms
+        ])?;
+        let run_id = conn.last_insert_rowid();
+        let job = NewJob {
+            idempotency_key: Some(format!("check-run-{run_id}")),
+            priority: request.priority,
+            max_attempts: request.max_attempts,
+            ..NewJob::new(JOB_KIND, serde_json::json!({"check_run_id": run_id}))
+        };
+        let (job_id, _) = jobs::enqueue(conn, &job, now_ms)?;
+        conn.prepare_cached("UPDATE check_runs SET job_id = ?2 WHERE id = ?1")?.execute(params![run_id, job_id])?;
+        queued += 1;
+    }
+    Ok(BatchQueued { batch_id, queued, skipped })
+}
+
+/// Records a host's report of a check task, in the report's write. Only a check that ran
+/// gives the run a result; a task that could not run is the worker's to retry.
+pub fn record_report(conn: &Connection, check_run_id: i64, outcome: &TaskOutcome, now_ms: i64) -> Result<(), ApiError> {
+    let TaskOutcome::Checked { check } = outcome else { return Ok(()) };
+    conn.prepare_cached(
+        "UPDATE check_runs SET state = ?2, message = ?3, output = ?4, exit_code = ?5, timed_out = ?6, duration_ms = ?7, finished_ms = ?8
+         WHERE id = ?1 AND state IN ('queued', 'running')",
+    )?
+    .execute(params![
+        check_run_id,
+        if check.passed { "passed" } else { "failed" },
+        check.message,
+        check.output,
+        check.exit_code,
+        check.timed_out,
+        i64::try_from(check.duration_ms).unwrap_or(i64::MAX),
+        now_ms
+    ])?;
+    Ok(())
+}
+
+/// Runs whose job ended without a result (dead after its attempts, or cancelled) say so.
+pub fn settle_ended_jobs(conn: &Connection, now_ms: i64) -> Result<usize, rusqlite::Error> {
+    let dead = conn.execute(
+        "UPDATE check_runs SET state = 'error', finished_ms = ?1,
+             message = 'the check could not be run: ' || coalesce((SELECT last_error FROM jobs WHERE jobs.id = check_runs.job_id), 'unknown error')
+         WHERE state IN ('queued', 'running') AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = check_runs.job_id AND jobs.state = 'dead')",
+        [now_ms],
+    )?;
+    let cancelled = conn.execute(
+        "UPDATE check_runs SET state = 'cancelled', finished_ms = ?1
+         WHERE state IN ('queued', 'running') AND EXISTS (SELECT 1 FROM jobs WHERE jobs.id = check_runs.job_id AND jobs.state = 'cancelled')",
+        [now_ms],
+    )?;
+    // Withdraw the host task of a cancelled run so the host does not start it.
+    conn.execute(
+        "UPDATE host_tasks SET done_ms = ?1, outcome = '{\"result\":\"cancelled\"}'
+         WHERE done_ms IS NULL AND check_run_id IN (SELECT id FROM check_runs WHERE state IN ('cancelled', 'error'))",
+        [now_ms],
+    )?;
+    Ok(dead + cancelled)
+}
+
+/// A requeued job's run waits for its result again.
+pub fn on_requeue(conn: &Connection, job_id: i64) -> Result<(), rusqlite::Error> {
+    conn.execute(
+        "UPDATE check_runs SET state = 'queued', message = NULL, finished_ms = NULL WHERE job_id = ?1 AND state IN ('error', 'cancelled')",
+        [job_id],
+    )?;
+    Ok(())
+}
+
+/// What a worker found when it took a job.
+#[derive(Debug)]
+enum Begin {
+    /// the run already has its result (reported while nobody waited)
+    Finished,
+    /// a host task is out: wait for its report
+    Waiting { task_id: String, deadline_ms: i64, issued: bool },
+    /// the run cannot proceed now (the job fails and backs off)
+    CannotRun(String),
+}
+
+fn begin(conn: &Connection, job: &Job, now_ms: i64) -> Result<Begin, ApiError> {
+    let Some(run_id) = job.payload["check_run_id"].as_i64() else {
+        return Ok(Begin::CannotRun("the job has no check_run_id".into()));
+    };
+    #[allow(clippy::type_complexity)]
+    let run: Option<(String, i64, String, String, u32, u32, bool)> = conn
+        .query_row(
+            "SELECT state, allocation_id, check_name, script, timeout_secs, memory_mib, network FROM check_runs WHERE id = ?1",
+            [run_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+        )
+        .optional()?;
+    let Some((state, allocation_id, name, script, timeout_secs, memory_mib, network)) = run else {
+        return Ok(Begin::CannotRun(format!("check run {run_id} does not exist")));
+    };
+    if matches!(state.as_str(), "passed" | "failed" | "cancelled") {
+        return Ok(Begin::Finished);
+    }
+    let deadline_from = |created: i64| created + i64::from(timeout_secs) * 1000 + REPORT_GRACE_MS;
+    let latest: Option<(String, i64, Option<i64>)> = conn
+        .query_row(
+            "SELECT id, created_ms, done_ms FROM host_tasks WHERE check_run_id = ?1 ORDER BY created_ms DESC, rowid DESC LIMIT 1",
+            [run_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    if let Some((task_id, created_ms, None)) = latest {
+        return Ok(Begin::Waiting { task_id, deadline_ms: deadline_from(created_ms), issued: false });
+    }
+    let lab: Option<(i64, String)> =
+        conn.query_row("SELECT host_id, state FROM allocations WHERE id = ?1", [allocation_id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    let host_id = match lab {
+        Some((host_id, lab_state)) if lab_state == "active" => host_id,
+        Some((_, lab_state)) => return Ok(Begin::CannotRun(format!("the team's lab is {lab_state}, not active"))),
+        None => return Ok(Begin::CannotRun("the team's lab no longer exists".into())),
+    };
+    let issued_before: u32 = conn.query_row("SELECT count(*) FROM host_tasks WHERE check_run_id = ?1", [run_id], |r| r.get(0))?;
+    let task = HostTask {
+        version: PROTOCOL_VERSION,
+        id: TaskId::check(run_id, issued_before + 1),
+        host_id,
+        kind: TaskKind::RunCheck { allocation_id, check_run_id: run_id, name, script, timeout_secs, memory_mib, network },
+    };
+    let body = serde_json::to_string(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
+    conn.execute(
+        "INSERT INTO host_tasks (id, host_id, allocation_id, body, created_ms, check_run_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![task.id.0, host_id, allocation_id, body, now_ms, run_id],
+    )?;
+    conn.execute("UPDATE check_runs SET state = 'running' WHERE id = ?1", [run_id])?;
+    Ok(Begin::Waiting { task_id: task.id.0, deadline_ms: deadline_from(now_ms), issued: true })
+}
+
+/// Fails the job's attempt; the run waits for the retry, or is `error` once the job is dead.
+fn fail_attempt(conn: &Connection, job: &Job, worker: &str, error: &str, now_ms: i64) -> Result<(), ApiError> {
+    let state = jobs::fail(conn, job.id, worker, error, now_ms)?;
+    if state == "dead" {
+        settle_ended_jobs(conn, now_ms)?;
+    } else {
+        conn.execute("UPDATE check_runs SET state = 'queued' WHERE job_id = ?1 AND state = 'running'", [job.id])?;
+    }
+    Ok(())
+}
+
+fn now() -> i64 {
+    i64::try_from(unix_ms()).unwrap_or(i64::MAX)
+}
+
+/// Starts the check workers; they stop at shutdown.
+pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    let instance = format!("{:x}", rand::random::<u32>());
+    (0..count).map(|n| tokio::spawn(worker(state.clone(), format!("check-worker-{instance}-{n}")))).collect()
+}
+
+async fn worker(state: AppState, name: String) {
+    let mut shutdown = state.shutdown.subscribe();
+    let mut jobs_added = state.jobs_wake.subscribe();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let worker = name.clone();
+        let claimed = state
+            .db
+            .writer()
+            .write(move |conn| {
+                let job = jobs::claim(conn, &worker, &[JOB_KIND], LEASE_MS, now())?;
+                if job.is_none() {
+                    settle_ended_jobs(conn, now())?;
+                }
+                Ok::<_, ApiError>(job)
+            })
+            .await;
+        match claimed {
+            Ok(Some(job)) => {
+                if let Err(error) = run_job(&state, &name, job).await {
+                    tracing::warn!(worker = %name, ?error, "check job step failed");
+                }
+            }
+            Ok(None) => {
+                // Idle: wake when jobs are added, and look again now and then (backoffs end).
+                jobs_added.borrow_and_update();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = jobs_added.changed() => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
+            Err(error) => {
+                tracing::error!(worker = %name, error = ?ApiError::from(error), "claiming a check job failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn run_job(state: &AppState, worker: &str, job: Job) -> Result<(), ApiError> {
+    let started = {
+        let job = job.clone();
+        state.db.writer().write(move |conn| begin(conn, &job, now())).await?
+    };
+    let (task_id, deadline_ms) = match started {
+        Begin::Finished => {
+            let (job_id, worker) = (job.id, worker.to_owned());
+            return Ok(state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::complete(conn, job_id, &worker, now())?)).await?);
+        }
+        Begin::CannotRun(reason) => {
+            let worker = worker.to_owned();
+            return Ok(state.db.writer().write(move |conn| fail_attempt(conn, &job, &worker, &reason, now())).await?);
+        }
+        Begin::Waiting { task_id, deadline_ms, issued } => {
+            if issued {
+                state.wake_hosts();
+            }
+            (task_id, deadline_ms)
+        }
+    };
+    let mut reported = state.check_reported.subscribe();
+    let mut shutdown = state.shutdown.subscribe();
+    let mut renew = tokio::time::interval(RENEW_EVERY);
+    renew.tick().await;
+    loop {
+        reported.borrow_and_update();
+        let id = task_id.clone();
+        let done: Option<(Option<i64>, Option<String>)> = state
+            .db
+            .read(move |conn| {
+                conn.query_row("SELECT done_ms, outcome FROM host_tasks WHERE id = ?1", [&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                    .map_err(ApiError::from)
+            })
+            .await?;
+        let worker_name = worker.to_owned();
+        let job_for_write = job.clone();
+        match done {
+            Some((Some(_), outcome)) => {
+                let outcome: Option<TaskOutcome> = outcome.as_deref().and_then(|o| serde_json::from_str(o).ok());
+                return Ok(state
+                    .db
+                    .writer()
+                    .write(move |conn| match outcome {
+                        Some(TaskOutcome::Checked { .. }) => Ok(jobs::complete(conn, job_for_write.id, &worker_name, now())?),
+                        Some(TaskOutcome::Failed { error }) => {
+                            fail_attempt(conn, &job_for_write, &worker_name, &format!("the host could not run the check: {error}"), now())
+                        }
+                        _ => fail_attempt(conn, &job_for_write, &worker_name, "the check's task was withdrawn (the lab changed)", now()),
+                    })
+                    .await?);
+            }
+            None => return Err(ApiError::Internal(format!("host task {task_id} vanished"))),
+            Some((None, _)) if now() >= deadline_ms => {
+                let id = task_id.clone();
+                return Ok(state
+                    .db
+                    .writer()
+                    .write(move |conn| {
+                        conn.execute(
+                            "UPDATE host_tasks SET done_ms = ?2, outcome = '{\"result\":\"cancelled\"}' WHERE id = ?1 AND done_ms IS NULL",
+                            params![id, now()],
+                        )?;
+                        fail_attempt(conn, &job_for_write, &worker_name, "the lab host did not report the check in time", now())
+                    })
+                    .await?);
+            }
+            Some((None, _)) => {}
+        }
+        enum Wake {
+            Look,
+            Renew,
+            Stop,
+        }
+        let wake = tokio::select! {
+            _ = reported.changed() => Wake::Look,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => Wake::Look,
+            _ = renew.tick() => Wake::Renew,
+            _ = shutdown.wait_for(|stop| *stop) => Wake::Stop,
+        };
+        match wake {
+            Wake::Look => {}
+            Wake::Renew => {
+                let (job_id, worker) = (job.id, worker.to_owned());
+                let renewed = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)).await;
+                if let Err(error) = renewed {
+                    // Cancelled by staff, or the lease was lost: the job is no longer ours.
+                    tracing::info!(job = job.id, error = ?ApiError::from(error), "stopped waiting for a check");
+                    return Ok(());
+                }
+            }
+            Wake::Stop => {
+                // Hand the job back so the next start picks it up at once; its host task
+                // stays out and the next worker waits for that one instead of a new one.
+                let (job_id, worker) = (job.id, worker.to_owned());
+                let _ = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::abandon(conn, job_id, &worker, now())?)).await;
+                return Ok(());
+            }
+        }
+    }
+}

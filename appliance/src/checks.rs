@@ -360,7 +360,7 @@ async fn worker(state: AppState, name: String) {
             .db
             .writer()
             .write(move |conn| {
-                let job = jobs::claim(conn, &worker, &[JOB_KIND], LEASE_MS, now())?;
+                let job = jobs::claim(conn, &worker, &[JOB_KIND, crate::api::scores::SUBMISSION_JOB], LEASE_MS, now())?;
                 if job.is_none() {
                     settle_ended_jobs(conn, now())?;
                 }
@@ -368,6 +368,25 @@ async fn worker(state: AppState, name: String) {
             })
             .await;
         match claimed {
+            Ok(Some(job)) if job.kind == crate::api::scores::SUBMISSION_JOB => {
+                let (worker, attempts) = (name.clone(), state.queue.attempts_for(JOB_KIND));
+                let expanded = state
+                    .db
+                    .writer()
+                    .write(move |conn| {
+                        let submission = job.payload["submission_id"].as_i64().unwrap_or_default();
+                        match crate::api::scores::expand_submission(conn, submission, attempts, now()) {
+                            Ok(_) => jobs::complete(conn, job.id, &worker, now())?,
+                            Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now())?,
+                        }
+                        Ok::<_, ApiError>(())
+                    })
+                    .await;
+                match expanded {
+                    Ok(()) => state.wake_workers(),
+                    Err(error) => tracing::warn!(worker = %name, error = ?ApiError::from(error), "scoring a submission failed"),
+                }
+            }
             Ok(Some(job)) => {
                 if let Err(error) = run_job(&state, &name, job).await {
                     tracing::warn!(worker = %name, ?error, "check job step failed");

@@ -9,6 +9,7 @@ pub mod labs;
 pub mod metrics;
 pub mod probe;
 pub mod roster;
+pub mod rubric;
 pub mod scores;
 pub mod secrets;
 pub mod serve;

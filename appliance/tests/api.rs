@@ -26,6 +26,14 @@ fn endpoints(s: &common::Seed) -> Vec<(&'static str, String, Option<Value>)> {
         ("GET", format!("/api/v1/teams/{}", s.team_b), None),
         ("GET", "/api/v1/audit".into(), None),
         ("GET", "/api/v1/me".into(), None),
+        ("GET", format!("/api/v1/events/{e}/leaderboard"), None),
+        ("GET", format!("/api/v1/events/{e}/rubric"), None),
+        ("GET", format!("/api/v1/teams/{}/judge-scores", s.team_b), None),
+        ("POST", format!("/api/v1/teams/{}/judge-scores", s.team_b), Some(json!({"scores": {"quality": 4}}))),
+        ("GET", format!("/api/v1/events/{e}/check-runs"), None),
+        ("POST", format!("/api/v1/events/{e}/check-batches"), Some(json!({}))),
+        ("GET", "/api/v1/me/checks".into(), None),
+        ("GET", "/api/v1/me/submissions".into(), None),
     ]
 }
 
@@ -47,7 +55,10 @@ fn allowed(role: &str, index: usize) -> bool {
         8 | 10 | 11 => people_write,
         12 => staff_read, // team B: not participant A's team
         13 => event_write,
-        14 => role == "participant",
+        14 | 21 | 22 => role == "participant",
+        15..=17 | 19 => staff_read,
+        18 => ["admin", "organizer", "judge"].contains(&role),
+        20 => people_write,
         _ => unreachable!(),
     }
 }

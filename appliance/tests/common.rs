@@ -128,7 +128,8 @@ impl TestApp {
                 let mut out = String::new();
                 for table in [
                     "staff", "events", "teams", "participants", "audit_log", "hosts", "enrolment_tokens",
-                    "lab_templates", "lab_template_source", "allocations", "host_tasks", "jobs",
+                    "lab_templates", "lab_template_source", "allocations", "host_tasks", "jobs", "check_batches", "check_runs",
+                    "rubrics", "judge_scores", "submissions",
                 ] {
                     let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY rowid"))?;
                     let columns = stmt.column_count();

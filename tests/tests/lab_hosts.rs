@@ -962,10 +962,10 @@ hidden = true
     let (status, board) = fx.admin.get(&format!("/api/v1/events/{event}/leaderboard")).await?;
     assert_eq!(status, 200);
     assert_eq!(board["rows"][0]["team"], "Red", "{board}");
-    assert_eq!(board["rows"][0]["total"], 20);
-    assert_eq!(board["rows"][0]["dimensions"]["security"], 8);
+    assert_eq!(board["rows"][0]["total"], 20.0);
+    assert_eq!(board["rows"][0]["dimensions"]["security"], 8.0);
     assert_eq!((board["rows"][0]["checks_passed"].as_u64(), board["rows"][0]["checks_scored"].as_u64()), (Some(4), Some(7)));
-    assert_eq!((board["rows"][1]["team"].as_str(), board["rows"][1]["total"].as_u64()), (Some("Blue"), Some(0)));
+    assert_eq!((board["rows"][1]["team"].as_str(), board["rows"][1]["total"].as_f64()), (Some("Blue"), Some(0.0)));
     let (status, _) = red.get(&format!("/api/v1/events/{event}/leaderboard")).await?;
     assert_eq!(status, 403, "the live board is for staff and judges");
 
@@ -990,6 +990,22 @@ hidden = true
     wait_batch(&fx, again["batch_id"].as_i64().expect("batch id")).await?;
     let (status, problem) = red.post("/api/v1/me/checks/run", json!({})).await?;
     assert_eq!(status, 429, "at most every 30 s: {problem}");
+    // A submission runs the team's checks through the queue.
+    let (status, submitted) = red.post("/api/v1/me/submissions", json!({"version": "v1.0", "note": "final"})).await?;
+    assert_eq!(status, 201, "{submitted}");
+    let deadline = std::time::Instant::now() + LONG;
+    let scored = loop {
+        let batch: Option<i64> = fx
+            .db()
+            .query_row("SELECT id FROM check_batches WHERE reason = 'submission v1.0'", [], |r| r.get(0))
+            .ok();
+        if let Some(batch) = batch {
+            break wait_batch(&fx, batch).await?;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the submission was never scored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(scored["counts"]["passed"], 4, "{scored}");
 
     // A check that cannot run (its lab user is gone) backs off to a dead letter; once the
     // lab is back, staff requeue it and it runs.

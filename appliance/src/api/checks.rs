@@ -14,7 +14,6 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath};
 use super::{AppState, audit, format_time};
 use crate::checks::{self, BatchQueued, BatchRequest};
-use crate::scores::{self, Leaderboard};
 
 const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
@@ -239,24 +238,6 @@ pub async fn list_runs(
         })
         .await?;
     Ok(Json(runs))
-}
-
-/// The live leaderboard from check results (staff and judges).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/leaderboard", tag = "checks", params(("event_id" = i64, Path)),
-    responses((status = 200, body = Leaderboard), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn leaderboard(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Leaderboard>, ApiError> {
-    caller.require_staff(&READERS)?;
-    let board = state
-        .db
-        .read(move |conn| {
-            let exists: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)", [event_id], |r| r.get(0))?;
-            if !exists {
-                return Err(ApiError::NotFound("event"));
-            }
-            Ok(scores::leaderboard(conn, event_id)?)
-        })
-        .await?;
-    Ok(Json(board))
 }
 
 fn participant(caller: &Caller) -> Result<(i64, i64), ApiError> {

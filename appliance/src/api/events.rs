@@ -256,6 +256,11 @@ pub async fn transition(
                 return Err(ApiError::conflict(Some("to"), format!("an event cannot go from {} to {}", current.state.as_str(), req.to.as_str())));
             }
             conn.execute("UPDATE events SET state = ?1, updated_at = ?2 WHERE id = ?3", params![req.to.as_str(), super::now_rfc3339(), event_id])?;
+            // The public scoreboard shows the board as it was when the freeze began.
+            if req.to == EventState::Frozen {
+                let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+                conn.execute("UPDATE events SET frozen_at_ms = ?1 WHERE id = ?2", params![now, event_id])?;
+            }
             audit(conn, &caller.actor(), &caller.meta, "event.transition", Some(&format!("event:{event_id}")),
                 serde_json::json!({"from": current.state.as_str(), "to": req.to.as_str()}))?;
             load_event(conn, event_id)

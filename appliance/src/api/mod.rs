@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod labs;
 pub mod ops;
 pub mod people;
+pub mod scores;
 pub mod session;
 pub mod staff;
 pub mod terminal;
@@ -129,10 +130,12 @@ impl AppState {
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
         labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket, desktop::ticket,
         jobs::list, jobs::get_one, jobs::requeue, jobs::cancel,
-        checks::queue_batch, checks::get_batch, checks::list_runs, checks::leaderboard, checks::run_mine, checks::my_checks,
+        checks::queue_batch, checks::get_batch, checks::list_runs, checks::run_mine, checks::my_checks,
+        scores::get_rubric, scores::put_rubric, scores::put_judge_scores, scores::get_judge_scores, scores::leaderboard,
+        scores::scoreboard, scores::scoreboard_stream, scores::submit, scores::my_submissions,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
-    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks")),
+    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores")),
 )]
 pub struct ApiDoc;
 
@@ -180,7 +183,12 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events/{event_id}/check-batches", post(checks::queue_batch))
         .route("/v1/check-batches/{batch_id}", get(checks::get_batch))
         .route("/v1/events/{event_id}/check-runs", get(checks::list_runs))
-        .route("/v1/events/{event_id}/leaderboard", get(checks::leaderboard))
+        .route("/v1/events/{event_id}/leaderboard", get(scores::leaderboard))
+        .route("/v1/events/{event_id}/rubric", get(scores::get_rubric).put(scores::put_rubric))
+        .route("/v1/teams/{team_id}/judge-scores", get(scores::get_judge_scores).post(scores::put_judge_scores))
+        .route("/v1/events/{event_id}/scoreboard", get(scores::scoreboard))
+        .route("/v1/events/{event_id}/scoreboard/stream", get(scores::scoreboard_stream))
+        .route("/v1/me/submissions", get(scores::my_submissions).post(scores::submit))
         .route("/v1/me/checks", get(checks::my_checks))
         .route("/v1/me/checks/run", post(checks::run_mine))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))

@@ -211,6 +211,44 @@ CREATE INDEX check_runs_by_event ON check_runs(event_id, id);
 CREATE INDEX check_runs_by_batch ON check_runs(batch_id);
 ALTER TABLE host_tasks ADD COLUMN check_run_id INTEGER REFERENCES check_runs(id);
 CREATE INDEX host_tasks_by_check_run ON host_tasks(check_run_id) WHERE check_run_id IS NOT NULL;
+CREATE INDEX check_runs_open ON check_runs(state) WHERE state IN ('queued', 'running');
+"#,
+    // 5: rubrics, judges' scores (append-only: the latest row per judge, team and dimension
+    // counts, so a frozen board can be rebuilt as of its freeze), submissions, freeze time
+    r#"
+CREATE TABLE rubrics (
+    event_id INTEGER PRIMARY KEY REFERENCES events(id),
+    toml TEXT NOT NULL,
+    rubric TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE judge_scores (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER NOT NULL REFERENCES teams(id),
+    judge_id INTEGER NOT NULL REFERENCES staff(id),
+    dimension TEXT NOT NULL,
+    points INTEGER NOT NULL,
+    comment TEXT,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX judge_scores_latest ON judge_scores(event_id, team_id, judge_id, dimension, id);
+CREATE TRIGGER judge_scores_append_only_update BEFORE UPDATE ON judge_scores
+BEGIN SELECT RAISE(ABORT, 'judge scores are append-only'); END;
+CREATE TRIGGER judge_scores_append_only_delete BEFORE DELETE ON judge_scores
+BEGIN SELECT RAISE(ABORT, 'judge scores are append-only'); END;
+CREATE TABLE submissions (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER NOT NULL REFERENCES teams(id),
+    participant_id INTEGER NOT NULL REFERENCES participants(id),
+    version TEXT NOT NULL,
+    note TEXT,
+    created_ms INTEGER NOT NULL,
+    UNIQUE (team_id, version)
+);
+CREATE INDEX submissions_by_event ON submissions(event_id, id);
+ALTER TABLE events ADD COLUMN frozen_at_ms INTEGER;
 "#,
 ];
 
@@ -248,7 +286,7 @@ mod tests {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(tables, 15);
+        assert_eq!(tables, 18);
     }
 
     #[test]

@@ -360,7 +360,7 @@ async fn worker(state: AppState, name: String) {
             .db
             .writer()
             .write(move |conn| {
-                let job = jobs::claim(conn, &worker, &[JOB_KIND, crate::api::scores::SUBMISSION_JOB], LEASE_MS, now())?;
+                let job = jobs::claim(conn, &worker, &[JOB_KIND, crate::api::scores::SUBMISSION_JOB, crate::agents::HINT_JOB], LEASE_MS, now())?;
                 if job.is_none() {
                     settle_ended_jobs(conn, now())?;
                 }
@@ -385,6 +385,21 @@ async fn worker(state: AppState, name: String) {
                 match expanded {
                     Ok(()) => state.wake_workers(),
                     Err(error) => tracing::warn!(worker = %name, error = ?ApiError::from(error), "scoring a submission failed"),
+                }
+            }
+            Ok(Some(job)) if job.kind == crate::agents::HINT_JOB => {
+                let answered = crate::agents::answer_question(&state, &job.payload).await;
+                let worker = name.clone();
+                let finished = state
+                    .db
+                    .writer()
+                    .write(move |conn| match answered {
+                        Ok(()) => Ok::<_, ApiError>(jobs::complete(conn, job.id, &worker, now())?),
+                        Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now()),
+                    })
+                    .await;
+                if let Err(error) = finished {
+                    tracing::warn!(worker = %name, error = ?ApiError::from(error), "answering a question failed");
                 }
             }
             Ok(Some(job)) => {

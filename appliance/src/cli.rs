@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the appliance: control plane, API and web UI.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Administrative tasks on a data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -71,7 +71,9 @@ pub enum LogFormat {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, log_format, secret_key_file, host_heartbeat_secs,
-    /// webrtc_bind, check_workers, job_attempts (a table of kind = attempts)
+    /// webrtc_bind, check_workers, job_attempts (a table of kind = attempts), llm_endpoints (a list of
+    /// {url, model, api_key_env}), llm_team_budget, llm_requests_per_minute, llm_allow_remote,
+    /// observer_secs, idle_minutes
     #[arg(long, env = "LABRACK_CONFIG")]
     pub config: Option<PathBuf>,
     /// where the database and TLS material live [default: ./data]
@@ -108,6 +110,31 @@ pub struct ServeArgs {
     /// default 5 for every kind)
     #[arg(long = "job-attempts", value_name = "KIND=N")]
     pub job_attempts: Vec<String>,
+    /// an OpenAI-compatible endpoint for the agents (repeatable: tried in order); none: the
+    /// agents use their rules
+    #[arg(long = "llm-endpoint", value_name = "URL", env = "LABRACK_LLM_ENDPOINTS", value_delimiter = ',')]
+    pub llm_endpoints: Vec<String>,
+    /// the model to ask for at every endpoint [default: default]
+    #[arg(long, env = "LABRACK_LLM_MODEL")]
+    pub llm_model: Option<String>,
+    /// the environment variable that holds the endpoints' API key (never the key itself)
+    #[arg(long, env = "LABRACK_LLM_API_KEY_ENV")]
+    pub llm_api_key_env: Option<String>,
+    /// tokens each team may use in all [default: 50000]
+    #[arg(long, env = "LABRACK_LLM_TEAM_BUDGET")]
+    pub llm_team_budget: Option<u64>,
+    /// AI requests a team may make per minute [default: 6]
+    #[arg(long, env = "LABRACK_LLM_REQUESTS_PER_MINUTE")]
+    pub llm_requests_per_minute: Option<u32>,
+    /// allow endpoints outside the venue's network (team data leaves the venue)
+    #[arg(long, env = "LABRACK_LLM_ALLOW_REMOTE")]
+    pub llm_allow_remote: bool,
+    /// seconds between live-observer passes [default: 60]
+    #[arg(long, env = "LABRACK_OBSERVER_SECS")]
+    pub observer_secs: Option<u64>,
+    /// minutes without activity before a lab counts as idle [default: 30]
+    #[arg(long, env = "LABRACK_IDLE_MINUTES")]
+    pub idle_minutes: Option<u64>,
 }
 
 /// The config file's shape: every key optional.
@@ -125,6 +152,12 @@ struct ConfigFile {
     webrtc_bind: Option<String>,
     check_workers: Option<usize>,
     job_attempts: Option<std::collections::HashMap<String, u32>>,
+    llm_endpoints: Option<Vec<crate::llm::LlmEndpoint>>,
+    llm_team_budget: Option<u64>,
+    llm_requests_per_minute: Option<u32>,
+    llm_allow_remote: Option<bool>,
+    observer_secs: Option<u64>,
+    idle_minutes: Option<u64>,
 }
 
 /// Fully resolved settings for `labrack serve`.
@@ -140,6 +173,9 @@ pub struct ServeConfig {
     pub host_heartbeat_secs: u64,
     pub webrtc_bind: String,
     pub queue: crate::checks::QueueSettings,
+    pub llm: crate::llm::LlmSettings,
+    pub observer_every: std::time::Duration,
+    pub idle_after: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -162,7 +198,30 @@ impl ServeArgs {
         for (kind, n) in &max_attempts {
             anyhow::ensure!((1..=100).contains(n), "job attempts for {kind:?} must be between 1 and 100 (got {n})");
         }
+        let endpoints = if self.llm_endpoints.is_empty() {
+            file.llm_endpoints.unwrap_or_default()
+        } else {
+            let model = self.llm_model.clone().unwrap_or_else(|| "default".into());
+            self.llm_endpoints
+                .iter()
+                .map(|url| crate::llm::LlmEndpoint { url: url.trim().to_owned(), model: model.clone(), api_key_env: self.llm_api_key_env.clone() })
+                .collect()
+        };
+        crate::llm::check_policy(&endpoints, self.llm_allow_remote || file.llm_allow_remote.unwrap_or(false)).map_err(anyhow::Error::msg)?;
+        let llm = crate::llm::LlmSettings {
+            endpoints,
+            team_token_budget: self.llm_team_budget.or(file.llm_team_budget).unwrap_or(50_000),
+            requests_per_minute: self.llm_requests_per_minute.or(file.llm_requests_per_minute).unwrap_or(6),
+        };
+        anyhow::ensure!(llm.requests_per_minute >= 1, "llm_requests_per_minute must be at least 1");
+        let observer_secs = self.observer_secs.or(file.observer_secs).unwrap_or(60);
+        anyhow::ensure!((1..=3600).contains(&observer_secs), "observer_secs must be between 1 and 3600");
+        let idle_minutes = self.idle_minutes.or(file.idle_minutes).unwrap_or(30);
+        anyhow::ensure!((1..=1440).contains(&idle_minutes), "idle_minutes must be between 1 and 1440");
         Ok(ServeConfig {
+            llm,
+            observer_every: std::time::Duration::from_secs(observer_secs),
+            idle_after: std::time::Duration::from_secs(idle_minutes * 60),
             queue: crate::checks::QueueSettings { max_attempts, check_workers },
             secret_key_file: self.secret_key_file.or(file.secret_key_file).unwrap_or_else(|| data_dir.join("secret.key")),
             host_heartbeat_secs,

@@ -1,11 +1,13 @@
 //! The LabRack appliance: control plane, API and web UI (`labrack serve`).
 
+pub mod agents;
 pub mod api;
 pub mod checks;
 pub mod cli;
 pub mod db;
 pub mod jobs;
 pub mod labs;
+pub mod llm;
 pub mod metrics;
 pub mod probe;
 pub mod roster;

@@ -25,6 +25,8 @@ pub struct BoardRow {
     pub check_points: f64,
     /// from judges (mean per dimension over the judges who scored it)
     pub judge_points: f64,
+    /// from the score ledger: hint costs (negative) and staff corrections
+    pub adjustments: f64,
     /// points per rubric dimension
     pub dimensions: BTreeMap<String, f64>,
     /// checks whose latest result passed, of those with a result
@@ -71,7 +73,7 @@ fn reached(row: &mut BoardRow, at: i64) {
 }
 
 /// Builds the ranked rows from the teams, their latest check results and judges' points.
-pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedPoints]) -> Vec<BoardRow> {
+pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedPoints], adjustments: &[(i64, f64)]) -> Vec<BoardRow> {
     let mut rows: Vec<BoardRow> = teams
         .iter()
         .map(|(id, name)| BoardRow {
@@ -81,6 +83,7 @@ pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedP
             total: 0.0,
             check_points: 0.0,
             judge_points: 0.0,
+            adjustments: 0.0,
             dimensions: BTreeMap::new(),
             checks_passed: 0,
             checks_scored: 0,
@@ -109,10 +112,16 @@ pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedP
             reached(row, judged.at_ms);
         }
     }
+    for (team_id, points) in adjustments {
+        if let Some(row) = index.get(team_id).and_then(|i| rows.get_mut(*i)) {
+            row.adjustments += points;
+        }
+    }
     for row in &mut rows {
         // Two decimals are plenty for a board and keep equal sums equal.
         row.judge_points = (row.judge_points * 100.0).round() / 100.0;
-        row.total = ((row.check_points + row.judge_points) * 100.0).round() / 100.0;
+        row.adjustments = (row.adjustments * 100.0).round() / 100.0;
+        row.total = ((row.check_points + row.judge_points + row.adjustments) * 100.0).round() / 100.0;
         for points in row.dimensions.values_mut() {
             *points = (*points * 100.0).round() / 100.0;
         }
@@ -163,6 +172,15 @@ pub fn judged_points(conn: &Connection, event_id: i64, until_ms: Option<i64>) ->
     rows.collect()
 }
 
+/// The score ledger's sum per team (hint costs, corrections), optionally as of `until_ms`.
+pub fn adjustments(conn: &Connection, event_id: i64, until_ms: Option<i64>) -> Result<Vec<(i64, f64)>, rusqlite::Error> {
+    let mut statement = conn.prepare_cached(
+        "SELECT team_id, sum(points) FROM score_adjustments WHERE event_id = ?1 AND (?2 IS NULL OR created_ms <= ?2) GROUP BY team_id",
+    )?;
+    let rows = statement.query_map(rusqlite::params![event_id, until_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 /// The event's rubric, or the default one.
 pub fn rubric(conn: &Connection, event_id: i64) -> Result<Rubric, rusqlite::Error> {
     let stored: Option<String> = conn.query_row("SELECT rubric FROM rubrics WHERE event_id = ?1", [event_id], |r| r.get(0)).optional()?;
@@ -198,7 +216,8 @@ pub fn leaderboard(conn: &Connection, event_id: i64, as_of_ms: Option<i64>, brac
             dimensions.push(dimension.clone());
         }
     }
-    Ok(Leaderboard { event_id, dimensions, bracket: bracket.map(str::to_owned), as_of_ms, rows: rank(&teams, &results, &judged) })
+    let adjusted = adjustments(conn, event_id, as_of_ms)?;
+    Ok(Leaderboard { event_id, dimensions, bracket: bracket.map(str::to_owned), as_of_ms, rows: rank(&teams, &results, &judged, &adjusted) })
 }
 
 #[cfg(test)]
@@ -221,7 +240,7 @@ mod tests {
             result(4, "functionality", 0, true, 50), // a passed check worth nothing
             result(99, "functionality", 10, true, 1), // another event's team: ignored
         ];
-        let rows = rank(&teams, &results, &[]);
+        let rows = rank(&teams, &results, &[], &[]);
         let order: Vec<(&str, u32, f64)> = rows.iter().map(|r| (r.team.as_str(), r.rank, r.total)).collect();
         assert_eq!(order, vec![("blue", 1, 10.0), ("Green", 2, 10.0), ("Red", 2, 10.0), ("Amber", 4, 0.0), ("Zinc", 4, 0.0)]);
         let red = rows.iter().find(|r| r.team == "Red").expect("red");
@@ -238,10 +257,10 @@ mod tests {
         let teams = vec![(1, "Red".to_owned()), (2, "Blue".to_owned())];
         let results = vec![result(1, "functionality", 10, true, 100), result(2, "functionality", 10, true, 200)];
         let judged = vec![JudgedPoints { team_id: 2, dimension: "presentation".into(), points: 7.0 / 3.0, at_ms: 300 }];
-        let rows = rank(&teams, &results, &judged);
+        let rows = rank(&teams, &results, &judged, &[(1, -0.5)]);
         assert_eq!((rows[0].team.as_str(), rows[0].total, rows[0].judge_points), ("Blue", 12.33, 2.33));
         assert_eq!(rows[0].reached_ms, Some(300), "the judges' score is when Blue reached its total");
         assert_eq!(rows[0].dimensions.get("presentation"), Some(&2.33));
-        assert_eq!((rows[1].team.as_str(), rows[1].rank), ("Red", 2));
+        assert_eq!((rows[1].team.as_str(), rows[1].rank, rows[1].total, rows[1].adjustments), ("Red", 2, 9.5, -0.5), "a hint's cost comes off");
     }
 }

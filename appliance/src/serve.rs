@@ -50,6 +50,14 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     state.heartbeat = Duration::from_secs(config.host_heartbeat_secs);
     state.webrtc_bind = config.webrtc_bind.clone();
     state.queue = Arc::new(config.queue.clone());
+    if config.llm.endpoints.is_empty() {
+        tracing::info!("no language model configured: the agents use their rules");
+    } else {
+        let urls: Vec<&str> = config.llm.endpoints.iter().map(|e| e.url.as_str()).collect();
+        tracing::info!(endpoints = ?urls, budget = config.llm.team_token_budget, "agents use a language model");
+    }
+    state.llm = Arc::new(crate::llm::Gateway::new(config.llm.clone()));
+    let observer = tokio::spawn(crate::agents::run_observer(state.clone(), config.observer_every, config.idle_after));
     let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
     let workers = crate::checks::spawn_workers(&state, config.queue.check_workers);
     let shutdown = state.shutdown.clone();
@@ -81,6 +89,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     server.await.context("server task")?.context("server")?;
     shutdown.send_replace(true);
     let _ = reconciler.await;
+    let _ = observer.await;
     for worker in workers {
         let _ = worker.await;
     }

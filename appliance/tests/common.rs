@@ -20,6 +20,8 @@ pub struct TestApp {
     pub router: Router,
     pub db: Db,
     pub dir: PathBuf,
+    /// the state behind the router, for calling background work (agents) directly
+    pub state: AppState,
 }
 
 pub struct Reply {
@@ -52,12 +54,18 @@ pub enum As {
 
 impl TestApp {
     pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// A test app whose state `adjust` changes first (e.g. an LLM gateway).
+    pub async fn with(adjust: impl FnOnce(&mut AppState)) -> Self {
         let dir = std::env::temp_dir().join(format!("labrack-api-test-{}-{}", std::process::id(), rand_suffix()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let metrics = Arc::new(Metrics::default());
         let db = Db::open(&dir.join("labrack.db"), metrics.clone()).expect("open db");
-        let state = AppState::new(db.clone(), metrics, true, None, labrack::secrets::SecretBox::from_key(&[9; 32]));
-        Self { router: api::app(state), db, dir }
+        let mut state = AppState::new(db.clone(), metrics, true, None, labrack::secrets::SecretBox::from_key(&[9; 32]));
+        adjust(&mut state);
+        Self { router: api::app(state.clone()), db, dir, state }
     }
 
     pub async fn call(&self, method: &str, path: &str, who: &As, body: Option<Value>) -> Reply {
@@ -129,7 +137,7 @@ impl TestApp {
                 for table in [
                     "staff", "events", "teams", "participants", "audit_log", "hosts", "enrolment_tokens",
                     "lab_templates", "lab_template_source", "allocations", "host_tasks", "jobs", "check_batches", "check_runs",
-                    "rubrics", "judge_scores", "submissions",
+                    "rubrics", "judge_scores", "submissions", "hints", "score_adjustments", "llm_usage", "agent_messages", "alerts",
                 ] {
                     let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY rowid"))?;
                     let columns = stmt.column_count();

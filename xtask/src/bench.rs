@@ -26,7 +26,8 @@ pub(crate) fn cmd_bench(args: &[String]) -> anyhow::Result<()> {
         Some("api") => bench_api(parse_options(&args[1..])?),
         Some("reset") => crate::bench_reset::bench_reset(&args[1..]),
         Some("stream") => bench_stream(&args[1..]),
-        other => bail!("unknown benchmark {other:?}; available: api, reset, stream"),
+        Some("scoring") => crate::bench_scoring::bench_scoring(&args[1..]),
+        other => bail!("unknown benchmark {other:?}; available: api, reset, stream, scoring"),
     }
 }
 

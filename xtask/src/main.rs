@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_reset;
+mod bench_scoring;
 mod bench_stream;
 mod util;
 
@@ -22,8 +23,12 @@ commands:
                     run every test: Rust (nextest) and browser (Chromium)
   test --no-install skip the apt-get step
   bench api         durable-write benchmark against a running release labrack
-  bench reset       lab reset time end to end (release labrack + labrack-host + xrdp)
                     [--requests N] [--concurrency N] [--runs N]
+  bench reset       lab reset time end to end (release labrack + labrack-host + xrdp)
+  bench stream      desktop streaming: encode cost, glass-to-glass latency, concurrency
+  bench scoring     a submission wave (2,000 teams × 10) and check throughput with N workers
+                    [--teams N] [--per-team N] [--concurrency N] [--runs N]
+                    [--lab-teams N] [--checks N] [--workers 1,2,4,8]
   web               build the web UI only
 ";
 

@@ -4,6 +4,7 @@
 //! to the group-commit writer, and every state-changing closure appends its audit row in
 //! the same savepoint as the change, so the audit log and the state never disagree.
 
+pub mod assist;
 pub mod auth;
 pub mod checks;
 pub mod desktop;
@@ -79,6 +80,8 @@ pub struct AppState {
     pub check_reported: Arc<tokio::sync::watch::Sender<u64>>,
     /// attempts per job kind, number of check workers
     pub queue: Arc<crate::checks::QueueSettings>,
+    /// the agents' way to a language model (budgets, failover, breakers)
+    pub llm: Arc<crate::llm::Gateway>,
 }
 
 impl AppState {
@@ -95,6 +98,7 @@ impl AppState {
             jobs_wake: Arc::new(tokio::sync::watch::Sender::new(0)),
             check_reported: Arc::new(tokio::sync::watch::Sender::new(0)),
             queue: Arc::new(crate::checks::QueueSettings::default()),
+            llm: Arc::new(crate::llm::Gateway::new(crate::llm::LlmSettings::default())),
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
@@ -133,9 +137,11 @@ impl AppState {
         checks::queue_batch, checks::get_batch, checks::list_runs, checks::run_mine, checks::my_checks,
         scores::get_rubric, scores::put_rubric, scores::put_judge_scores, scores::get_judge_scores, scores::leaderboard,
         scores::scoreboard, scores::scoreboard_stream, scores::submit, scores::my_submissions,
+        assist::create_hint, assist::list_hints, assist::my_hints, assist::unlock_hint, assist::correct, assist::get_ledger,
+        assist::ask, assist::my_messages, assist::event_messages, assist::alerts, assist::llm_usage,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
-    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores")),
+    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores"), (name = "assist")),
 )]
 pub struct ApiDoc;
 
@@ -189,6 +195,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events/{event_id}/scoreboard", get(scores::scoreboard))
         .route("/v1/events/{event_id}/scoreboard/stream", get(scores::scoreboard_stream))
         .route("/v1/me/submissions", get(scores::my_submissions).post(scores::submit))
+        .route("/v1/events/{event_id}/hints", get(assist::list_hints).post(assist::create_hint))
+        .route("/v1/me/hints", get(assist::my_hints))
+        .route("/v1/me/hints/{hint_id}/unlock", post(assist::unlock_hint))
+        .route("/v1/teams/{team_id}/score-ledger", get(assist::get_ledger).post(assist::correct))
+        .route("/v1/me/assistant", post(assist::ask))
+        .route("/v1/me/messages", get(assist::my_messages))
+        .route("/v1/events/{event_id}/agent-messages", get(assist::event_messages))
+        .route("/v1/events/{event_id}/alerts", get(assist::alerts))
+        .route("/v1/events/{event_id}/llm-usage", get(assist::llm_usage))
         .route("/v1/me/checks", get(checks::my_checks))
         .route("/v1/me/checks/run", post(checks::run_mine))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))

@@ -250,6 +250,73 @@ CREATE TABLE submissions (
 CREATE INDEX submissions_by_event ON submissions(event_id, id);
 ALTER TABLE events ADD COLUMN frozen_at_ms INTEGER;
 "#,
+    // 6: hints and the score ledger (append-only: a hint's cost is reversed only by a new,
+    // audited correction), LLM use for billing, agents' messages and staff alerts
+    r#"
+CREATE TABLE hints (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    title TEXT NOT NULL,
+    body TEXT NOT NULL,
+    cost INTEGER NOT NULL CHECK (cost >= 0),
+    check_name TEXT,
+    created_by TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE score_adjustments (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER NOT NULL REFERENCES teams(id),
+    points REAL NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('hint', 'correction')),
+    hint_id INTEGER REFERENCES hints(id),
+    reason TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX score_adjustments_one_unlock ON score_adjustments(team_id, hint_id) WHERE kind = 'hint';
+CREATE INDEX score_adjustments_by_event ON score_adjustments(event_id, created_ms);
+CREATE TRIGGER score_adjustments_append_only_update BEFORE UPDATE ON score_adjustments
+BEGIN SELECT RAISE(ABORT, 'the score ledger is append-only'); END;
+CREATE TRIGGER score_adjustments_append_only_delete BEFORE DELETE ON score_adjustments
+BEGIN SELECT RAISE(ABORT, 'the score ledger is append-only'); END;
+CREATE TABLE llm_usage (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER REFERENCES teams(id),
+    agent TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX llm_usage_by_team ON llm_usage(team_id);
+CREATE TRIGGER llm_usage_append_only_update BEFORE UPDATE ON llm_usage
+BEGIN SELECT RAISE(ABORT, 'LLM usage is append-only'); END;
+CREATE TRIGGER llm_usage_append_only_delete BEFORE DELETE ON llm_usage
+BEGIN SELECT RAISE(ABORT, 'LLM usage is append-only'); END;
+CREATE TABLE agent_messages (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER REFERENCES teams(id),
+    agent TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('llm', 'rules')),
+    body TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX agent_messages_by_team ON agent_messages(team_id, id);
+CREATE INDEX agent_messages_by_event ON agent_messages(event_id, agent, id);
+CREATE TABLE alerts (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER REFERENCES teams(id),
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX alerts_by_event ON alerts(event_id, id);
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own
@@ -286,7 +353,7 @@ mod tests {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(tables, 18);
+        assert_eq!(tables, 23);
     }
 
     #[test]

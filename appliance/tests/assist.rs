@@ -1,0 +1,265 @@
+//! Hints, the score ledger, the LLM gateway and the agents, in-process, against a small
+//! local HTTP server that speaks the OpenAI chat-completions API (the test peer).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use common::{As, TestApp, join, seed};
+use labrack::llm::{ChatMessage, Gateway, LlmEndpoint, LlmError, LlmSettings, Payer};
+use serde_json::{Value, json};
+
+/// A chat-completions server: answers (or fails with 500) and counts the calls it got.
+struct Peer {
+    url: String,
+    calls: Arc<AtomicUsize>,
+}
+
+async fn peer(healthy: bool) -> Peer {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(move |State(calls): State<Arc<AtomicUsize>>, Json(request): Json<Value>| async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                if !healthy {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": "model crashed"})));
+                }
+                let asked = request["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or_default().to_owned();
+                let max = request["max_tokens"].as_u64().unwrap_or(0);
+                (
+                    StatusCode::OK,
+                    Json(json!({
+                        "model": request["model"],
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Model hint for: {}", asked.lines().next().unwrap_or_default())}}],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": max.min(30)}
+                    })),
+                )
+            }),
+        )
+        .with_state(calls.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Peer { url, calls }
+}
+
+fn settings(urls: &[&str], budget: u64, per_minute: u32) -> LlmSettings {
+    LlmSettings {
+        endpoints: urls.iter().map(|url| LlmEndpoint { url: (*url).to_owned(), model: "test-model".into(), api_key_env: None }).collect(),
+        team_token_budget: budget,
+        requests_per_minute: per_minute,
+    }
+}
+
+async fn used(app: &TestApp, team_id: i64) -> i64 {
+    app.db
+        .read(move |conn| {
+            conn.query_row("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM llm_usage WHERE team_id = ?1", [team_id], |r| r.get(0))
+                .map_err(labrack::db::StoreError::from)
+        })
+        .await
+        .expect("usage")
+}
+
+#[tokio::test]
+async fn budgets_stop_a_team_before_it_overspends() {
+    let good = peer(true).await;
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let gateway = Gateway::new(settings(&[&good.url], 200, 1000));
+    let payer = Payer { event_id: s.event_id, team_id: Some(s.team_a) };
+    let mut answered = 0;
+    let refusal = loop {
+        match gateway.chat(&app.db, payer, "hint", vec![ChatMessage::user("why does my server not start?")], 30).await {
+            Ok(reply) => {
+                assert!(reply.content.starts_with("Model hint for"), "{}", reply.content);
+                answered += 1;
+                assert!(answered < 50, "the budget never stopped the team");
+            }
+            Err(error) => break error,
+        }
+    };
+    assert!(matches!(refusal, LlmError::BudgetExceeded { budget: 200, .. }), "{refusal}");
+    assert_eq!(good.calls.load(Ordering::SeqCst), answered, "the refused call never reached the model");
+    let spent = used(&app, s.team_a).await;
+    assert!(spent <= 200 && spent > 150, "used {spent} of 200 tokens");
+    // Another team has its own budget; the platform's own calls are not budgeted.
+    assert!(gateway.chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_b) }, "hint", vec![ChatMessage::user("hi")], 30).await.is_ok());
+    assert!(gateway.chat(&app.db, Payer { event_id: s.event_id, team_id: None }, "commentary", vec![ChatMessage::user("hi")], 30).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_failing_endpoint_fails_over_and_its_breaker_opens() {
+    let broken = peer(false).await;
+    let good = peer(true).await;
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let gateway = Gateway::new(settings(&[&broken.url, &good.url], 100_000, 1000));
+    for _ in 0..6 {
+        let reply = gateway
+            .chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_a) }, "hint", vec![ChatMessage::user("help")], 20)
+            .await
+            .expect("the second endpoint answers");
+        assert_eq!(reply.endpoint, good.url);
+    }
+    assert_eq!(broken.calls.load(Ordering::SeqCst), labrack::llm::BREAKER_FAILURES as usize, "the open breaker skips the broken endpoint");
+    assert_eq!(good.calls.load(Ordering::SeqCst), 6);
+    let only_broken = Gateway::new(settings(&[&broken.url], 100_000, 1000));
+    let failed = only_broken.chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_a) }, "hint", vec![ChatMessage::user("x")], 20).await;
+    assert!(matches!(failed, Err(LlmError::Unavailable(ref e)) if e.contains("500")), "{failed:?}");
+    // Rate limit: a third request in the same minute is refused before any call.
+    let limited = Gateway::new(settings(&[&good.url], 100_000, 2));
+    let payer = Payer { event_id: s.event_id, team_id: Some(s.team_b) };
+    let before = good.calls.load(Ordering::SeqCst);
+    for _ in 0..2 {
+        limited.chat(&app.db, payer, "hint", vec![ChatMessage::user("x")], 20).await.expect("within the limit");
+    }
+    let third = limited.chat(&app.db, payer, "hint", vec![ChatMessage::user("x")], 20).await;
+    assert!(matches!(third, Err(LlmError::RateLimited { .. })), "{third:?}");
+    assert_eq!(good.calls.load(Ordering::SeqCst), before + 2);
+}
+
+async fn messages(app: &TestApp, who: &As) -> Value {
+    let reply = app.call("GET", "/api/v1/me/messages", who, None).await;
+    assert_eq!(reply.status.as_u16(), 200, "{}", reply.body);
+    reply.body
+}
+
+#[tokio::test]
+async fn the_hint_agent_uses_the_model_within_budget_and_its_rules_otherwise() {
+    let good = peer(true).await;
+    let url = good.url.clone();
+    let app = TestApp::with(move |state| state.llm = Arc::new(Gateway::new(settings(&[&url], 120, 1000)))).await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let team = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    app.call("POST", "/api/v1/me/assistant", &team, Some(json!({"question": "help"}))).await.problem(409);
+    app.call("POST", &format!("/api/v1/events/{}/transition", s.event_id), &organizer, Some(json!({"to": "live"}))).await;
+    let asked = app.call("POST", "/api/v1/me/assistant", &team, Some(json!({"question": "How do I start the server?"}))).await;
+    assert_eq!(asked.status.as_u16(), 202, "{}", asked.body);
+    app.call("POST", "/api/v1/me/assistant", &team, Some(json!({"question": "again"}))).await.problem(409);
+    app.call("POST", "/api/v1/me/assistant", &team, Some(json!({"question": ""}))).await.problem(422);
+    let payload = json!({"event_id": s.event_id, "team_id": s.team_a, "question": "How do I start the server?"});
+    labrack::agents::answer_question(&app.state, &payload).await.expect("answered");
+    let mine = messages(&app, &team).await;
+    assert_eq!(mine["messages"][0]["source"], "llm", "{mine}");
+    assert!(mine["messages"][0]["body"].as_str().is_some_and(|b| b.starts_with("Model hint for")), "{mine}");
+    assert_eq!(mine["model_configured"], true);
+    // Spend the rest of the budget; then the agent answers by rule and says why.
+    for _ in 0..10 {
+        labrack::agents::answer_question(&app.state, &payload).await.expect("answered");
+    }
+    let mine = messages(&app, &team).await;
+    let last = mine["messages"][0]["body"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(mine["messages"][0]["source"], "rules", "{mine}");
+    assert!(last.contains("budget is spent"), "{last}");
+    assert!(mine["tokens_used"].as_u64().is_some_and(|used| used <= 120), "{mine}");
+    let usage = app.call("GET", &format!("/api/v1/events/{}/llm-usage", s.event_id), &organizer, None).await;
+    assert_eq!(usage.body[0]["team_id"], s.team_a, "token use is recorded for billing: {}", usage.body);
+
+    // With no model configured the agent still answers, and says it used its rules.
+    let plain = TestApp::new().await;
+    let organizer = As::Bearer(plain.staff("org1", "organizer").await);
+    let s = seed(&plain, &organizer).await;
+    let team = As::Bearer(join(&plain, &s.event_code, &s.code_a).await);
+    labrack::agents::answer_question(&plain.state, &json!({"event_id": s.event_id, "team_id": s.team_a, "question": "?"})).await.expect("answered");
+    let mine = messages(&plain, &team).await;
+    assert_eq!((mine["messages"][0]["source"].as_str(), mine["model_configured"].as_bool()), (Some("rules"), Some(false)));
+    assert!(mine["messages"][0]["body"].as_str().is_some_and(|b| b.ends_with("(rule-based: no language model is configured)")), "{mine}");
+}
+
+#[tokio::test]
+async fn hints_cost_points_once_and_only_a_correction_gives_them_back() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let judge = As::Bearer(app.staff("judge1", "judge").await);
+    let s = seed(&app, &organizer).await;
+    let team = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let hints = format!("/api/v1/events/{}/hints", s.event_id);
+    let before = app.snapshot().await;
+    for body in [json!({"title": "", "body": "b", "cost": 1}), json!({"title": "t", "body": "b", "cost": 5000}), json!({"title": "t", "body": "b"})] {
+        assert_eq!(app.call("POST", &hints, &organizer, Some(body.clone())).await.status.as_u16(), 422, "{body}");
+    }
+    app.call("POST", &hints, &judge, Some(json!({"title": "t", "body": "b", "cost": 1}))).await.problem(403);
+    app.call("POST", &hints, &team, Some(json!({"title": "t", "body": "b", "cost": 1}))).await.problem(403);
+    assert_eq!(app.snapshot().await, before);
+    let hint = app.call("POST", &hints, &organizer, Some(json!({"title": "Ports", "body": "Bind 0.0.0.0, not 127.0.0.1", "cost": 5}))).await;
+    assert_eq!(hint.status.as_u16(), 201, "{}", hint.body);
+    let id = hint.body["id"].as_i64().expect("id");
+    let listed = app.call("GET", "/api/v1/me/hints", &team, None).await;
+    assert_eq!((listed.body[0]["title"].as_str(), listed.body[0]["body"].is_null()), (Some("Ports"), true), "locked hints hide their text");
+    app.call("POST", &format!("/api/v1/me/hints/{id}/unlock"), &team, None).await.problem(409);
+    app.call("POST", &format!("/api/v1/events/{}/transition", s.event_id), &organizer, Some(json!({"to": "live"}))).await;
+    let unlocked = app.call("POST", &format!("/api/v1/me/hints/{id}/unlock"), &team, None).await;
+    assert_eq!((unlocked.status.as_u16(), unlocked.body["body"].as_str()), (200, Some("Bind 0.0.0.0, not 127.0.0.1")), "{}", unlocked.body);
+    let again = app.call("POST", &format!("/api/v1/me/hints/{id}/unlock"), &team, None).await;
+    assert_eq!(again.status.as_u16(), 200);
+    app.call("POST", "/api/v1/me/hints/999999/unlock", &team, None).await.problem(404);
+    let board = app.call("GET", &format!("/api/v1/events/{}/leaderboard", s.event_id), &judge, None).await;
+    let row = board.body["rows"].as_array().and_then(|rows| rows.iter().find(|r| r["team_id"] == s.team_a)).cloned().unwrap_or_default();
+    assert_eq!((row["total"].as_f64(), row["adjustments"].as_f64()), (Some(-5.0), Some(-5.0)), "charged once: {}", board.body);
+    // The ledger cannot be edited; a correction is a new, audited entry with a reason.
+    let ledger = format!("/api/v1/teams/{}/score-ledger", s.team_a);
+    let before = app.snapshot().await;
+    app.call("POST", &ledger, &organizer, Some(json!({"points": 5, "reason": ""}))).await.problem(422);
+    app.call("POST", &ledger, &organizer, Some(json!({"points": 0, "reason": "nothing"}))).await.problem(422);
+    app.call("POST", &ledger, &judge, Some(json!({"points": 5, "reason": "refund"}))).await.problem(403);
+    assert_eq!(app.snapshot().await, before);
+    let corrected = app.call("POST", &ledger, &organizer, Some(json!({"points": 5, "reason": "the hint was wrong"}))).await;
+    assert_eq!(corrected.status.as_u16(), 201, "{}", corrected.body);
+    assert_eq!(corrected.body.as_array().map(Vec::len), Some(2), "the unlock stays in the ledger beside its correction");
+    let tampered = app
+        .db
+        .writer()
+        .write(|conn| conn.execute("UPDATE score_adjustments SET points = 0", []))
+        .await;
+    assert!(tampered.is_err(), "the ledger refuses updates");
+}
+
+#[tokio::test]
+async fn the_observer_flags_failing_streaks_once() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    app.call("POST", &format!("/api/v1/events/{}/transition", s.event_id), &organizer, Some(json!({"to": "live"}))).await;
+    let (event_id, team_id) = (s.event_id, s.team_a);
+    let found = app
+        .db
+        .writer()
+        .write(move |conn| {
+            conn.execute("INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms) VALUES ('h', zeroblob(32), 'x', 0, 1, 'now', 0)", [])?;
+            conn.execute(
+                "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at)
+                 VALUES (?1, ?2, 1, 't', 'local-user', '/s', 0, 'active', '2000-01-01T00:00:00Z', 'now')",
+                rusqlite::params![event_id, team_id],
+            )?;
+            conn.execute("INSERT INTO check_batches (event_id, reason, requested_by, created_ms) VALUES (?1, 'x', 'y', 0)", [event_id])?;
+            for (n, state) in ["passed", "failed", "failed", "failed"].iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO check_runs (batch_id, event_id, team_id, allocation_id, check_name, script, timeout_secs, memory_mib, network, weight, dimension,
+                                             hidden, state, created_ms, finished_ms) VALUES (1, ?1, ?2, 1, 'server up', 'x', 1, 16, 0, 1, 'q', 0, ?3, ?4, ?4)",
+                    rusqlite::params![event_id, team_id, state, i64::try_from(n).unwrap_or(0)],
+                )?;
+            }
+            let now = i64::try_from(labrack::labs::unix_ms()).unwrap_or(i64::MAX);
+            let first = labrack::agents::observe(conn, now, 60_000)?;
+            let second = labrack::agents::observe(conn, now + 1000, 60_000)?;
+            Ok::<_, rusqlite::Error>((first, second))
+        })
+        .await
+        .expect("observe");
+    let kinds: Vec<&str> = found.0.alerts.iter().map(|(_, _, kind, _)| kind.as_str()).collect();
+    assert_eq!(kinds, ["failing_check", "idle_lab"], "{:?}", found.0);
+    assert!(found.0.alerts[0].3.contains("failed 3 times in a row"));
+    assert!(found.1.alerts.is_empty(), "alerts are not repeated within the hour");
+    let alerts = app.call("GET", &format!("/api/v1/events/{}/alerts", s.event_id), &organizer, None).await;
+    assert_eq!(alerts.body.as_array().map(Vec::len), Some(2), "{}", alerts.body);
+}

@@ -1094,3 +1094,50 @@ async fn checks_survive_the_appliance_killed_mid_queue_and_none_runs_twice() -> 
     drop(host);
     Ok(())
 }
+
+#[tokio::test]
+async fn the_team_page_and_the_projector_scoreboard_work_in_chromium() -> anyhow::Result<()> {
+    let fx = fixture("browser-scoring", "127.0.0.1:0").await?;
+    let checks = r#"
+[[template.check]]
+name = "readme"
+script = "test -f README.txt"
+timeout_secs = 10
+weight = 10
+dimension = "functionality"
+
+[[template.check]]
+name = "server up"
+script = "echo 'FAIL: port 8080 is closed'; exit 1"
+timeout_secs = 10
+weight = 20
+dimension = "functionality"
+"#;
+    put_checks(&fx, checks).await?;
+    let state = DataDir::new("browser-scoring-host");
+    fx.enrol("host-s", &state.0).await?;
+    let host = fx.start_host(&state.0, &[])?;
+    let lab = fx.allocate(fx.team_id).await?;
+    fx.wait_state(lab, "active").await?;
+    let (status, _) = fx.admin.post(&format!("/api/v1/events/{}/transition", fx.event_id), json!({"to": "live"})).await?;
+    assert_eq!(status, 200);
+    let (status, hint) = fx
+        .admin
+        .post(&format!("/api/v1/events/{}/hints", fx.event_id), json!({"title": "Ports", "body": "Listen on 0.0.0.0:8080", "cost": 3}))
+        .await?;
+    assert_eq!(status, 201, "{hint}");
+    let mut command = fx.chromium_driver("e2e/drive-scoring.mjs", "Scorer").await?;
+    command.env("LABRACK_EVENT_ID", fx.event_id.to_string()).env("LABRACK_TEAM", "Red");
+    let output = tokio::time::timeout(Duration::from_secs(150), command.output()).await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("board Red 10 -> 7"), "{stdout}");
+    let (submissions, charged, answers): (i64, f64, i64) = fx.db().query_row(
+        "SELECT (SELECT count(*) FROM submissions), (SELECT sum(points) FROM score_adjustments), (SELECT count(*) FROM agent_messages WHERE source = 'rules')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    assert_eq!((submissions, charged, answers), (1, -3.0, 1));
+    drop(host);
+    Ok(())
+}

@@ -142,6 +142,115 @@ export interface LabTemplate {
   checks: { name: string; dimension: string; weight: number; hidden: boolean }[];
 }
 
+export interface BoardRow {
+  rank: number;
+  team_id: number;
+  team: string;
+  total: number;
+  check_points: number;
+  judge_points: number;
+  adjustments: number;
+  dimensions: Record<string, number>;
+  checks_passed: number;
+  checks_scored: number;
+  reached_ms: number | null;
+}
+
+export interface Leaderboard {
+  event_id: number;
+  dimensions: string[];
+  bracket: string | null;
+  as_of_ms: number | null;
+  rows: BoardRow[];
+}
+
+export interface PublicBoard {
+  event: string;
+  state: EventState;
+  frozen_at: string | null;
+  board: Leaderboard;
+}
+
+export interface MyCheck {
+  name: string;
+  dimension: string;
+  weight: number;
+  state: string;
+  message: string | null;
+  finished_at: string | null;
+}
+
+export interface MyChecks {
+  checks: MyCheck[];
+  hidden_checks: number;
+  visible_points: number;
+  running: boolean;
+}
+
+export interface Submission {
+  id: number;
+  team_id: number;
+  version: string;
+  note: string | null;
+  submitted_at: string;
+}
+
+export interface Hint {
+  id: number;
+  title: string;
+  cost: number;
+  check: string | null;
+  body: string | null;
+  unlocked: boolean;
+  unlocked_by_teams: number | null;
+}
+
+export interface AgentMessage {
+  id: number;
+  team_id: number | null;
+  agent: string;
+  source: "llm" | "rules";
+  body: string;
+  at: string;
+}
+
+export interface BatchQueued {
+  batch_id: number;
+  queued: number;
+  skipped: { team_id: number; team: string; reason: string }[];
+}
+
+export interface BatchView {
+  id: number;
+  reason: string;
+  counts: Record<"queued" | "running" | "passed" | "failed" | "error" | "cancelled", number>;
+  done: boolean;
+}
+
+export interface Job {
+  id: number;
+  kind: string;
+  payload: unknown;
+  state: string;
+  attempts: number;
+  max_attempts: number;
+  last_error: string | null;
+  updated_ms: number;
+}
+
+export interface Rubric {
+  dimensions: { name: string; label: string; judge_max: number }[];
+  brackets: { name: string; teams: string[] }[];
+}
+
+export interface Alert {
+  id: number;
+  team_id: number | null;
+  kind: string;
+  detail: string;
+  at: string;
+}
+
 export interface RowError {
   line: number;
   reason: string;
@@ -325,6 +434,32 @@ export const api = {
   forceReleaseAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/force-release`),
   desktopTicket: (id: Id) =>
     request<{ ticket: string; mode: "interactive" | "view"; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/desktop-ticket`),
+  // --- checks, scores, hints, agents ---
+  myChecks: () => request<MyChecks>("GET", "/api/v1/me/checks"),
+  runMyChecks: () => request<BatchQueued>("POST", "/api/v1/me/checks/run"),
+  mySubmissions: () => request<Submission[]>("GET", "/api/v1/me/submissions"),
+  submit: (version: string, note?: string) => request<Submission>("POST", "/api/v1/me/submissions", { json: { version, note: note || undefined } }),
+  myHints: () => request<Hint[]>("GET", "/api/v1/me/hints"),
+  unlockHint: (id: Id) => request<Hint>("POST", `/api/v1/me/hints/${enc(id)}/unlock`),
+  ask: (question: string) => request<{ job_id: number }>("POST", "/api/v1/me/assistant", { json: { question } }),
+  myMessages: () =>
+    request<{ messages: AgentMessage[]; model_configured: boolean; token_budget: number; tokens_used: number }>("GET", "/api/v1/me/messages"),
+  leaderboard: (eventId: Id, bracket?: string) =>
+    request<Leaderboard>("GET", `/api/v1/events/${enc(eventId)}/leaderboard${bracket ? `?bracket=${encodeURIComponent(bracket)}` : ""}`),
+  scoreboard: (eventId: Id) => request<PublicBoard>("GET", `/api/v1/events/${enc(eventId)}/scoreboard`, { sessionRequired: false }),
+  getRubric: (eventId: Id) => request<Rubric>("GET", `/api/v1/events/${enc(eventId)}/rubric`),
+  putRubric: (eventId: Id, toml: string) => request<Rubric>("PUT", `/api/v1/events/${enc(eventId)}/rubric`, { toml }),
+  judge: (teamId: Id, scores: Record<string, number>, comment?: string) =>
+    request<unknown>("POST", `/api/v1/teams/${enc(teamId)}/judge-scores`, { json: { scores, comment: comment || undefined } }),
+  queueChecks: (eventId: Id, body: { team_id?: number; check?: string; reason?: string }) =>
+    request<BatchQueued>("POST", `/api/v1/events/${enc(eventId)}/check-batches`, { json: body }),
+  getBatch: (batchId: Id) => request<BatchView>("GET", `/api/v1/check-batches/${enc(batchId)}`),
+  listJobs: (state: string) => request<{ jobs: Job[] }>("GET", `/api/v1/jobs?state=${encodeURIComponent(state)}&limit=100`),
+  requeueJob: (id: Id) => request<Job>("POST", `/api/v1/jobs/${enc(id)}/requeue`),
+  createHint: (eventId: Id, body: { title: string; body: string; cost: number }) =>
+    request<Hint>("POST", `/api/v1/events/${enc(eventId)}/hints`, { json: body }),
+  listHints: (eventId: Id) => request<Hint[]>("GET", `/api/v1/events/${enc(eventId)}/hints`),
+  alerts: (eventId: Id) => request<Alert[]>("GET", `/api/v1/events/${enc(eventId)}/alerts`),
   terminalTicket: (id: Id) =>
     request<{ ticket: string; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/terminal-ticket`),
 };

@@ -1,5 +1,6 @@
 // Hash router with session-aware guards.
-//   #/login  #/join  #/password  #/events  #/events/ID  #/me  #/hosts  #/templates  #/terminal/ID
+//   #/login  #/join  #/password  #/events  #/events/ID  #/events/ID/scoring  #/scoreboard/ID (public)
+//   #/me  #/hosts  #/templates  #/terminal/ID  #/desktop/ID
 
 import { h, replace } from "./dom";
 import { renderHeader } from "./layout";
@@ -12,6 +13,8 @@ import { renderDesktop } from "./pages/desktop";
 import { renderLogin } from "./pages/login";
 import { renderMe } from "./pages/me";
 import { renderPassword } from "./pages/password";
+import { renderScoreboard } from "./pages/scoreboard";
+import { renderScoring } from "./pages/scoring";
 import { currentPrincipal, takeFlash } from "./session";
 
 export type Route =
@@ -20,6 +23,8 @@ export type Route =
   | { name: "password" }
   | { name: "events" }
   | { name: "event"; id: string }
+  | { name: "scoring"; id: string }
+  | { name: "scoreboard"; id: string }
   | { name: "me" }
   | { name: "hosts" }
   | { name: "templates" }
@@ -38,6 +43,10 @@ export function parseHash(hash: string): Route {
   if (path === "/me") return { name: "me" };
   if (path === "/hosts") return { name: "hosts" };
   if (path === "/templates") return { name: "templates" };
+  const sc = /^\/events\/([^/]+)\/scoring$/.exec(path);
+  if (sc) return { name: "scoring", id: decodeURIComponent(sc[1]) };
+  const sb = /^\/scoreboard\/([^/]+)$/.exec(path);
+  if (sb) return { name: "scoreboard", id: decodeURIComponent(sb[1]) };
   const m = /^\/events\/([^/]+)$/.exec(path);
   if (m) return { name: "event", id: decodeURIComponent(m[1]) };
   const t = /^\/terminal\/([^/]+)$/.exec(path);
@@ -59,7 +68,7 @@ export function homeHash(): string {
 function guard(route: Route): string | null {
   const p = currentPrincipal();
   if (route.name === "home") return homeHash();
-  if (route.name === "notfound") return null;
+  if (route.name === "notfound" || route.name === "scoreboard") return null;
   if (!p) {
     return route.name === "login" || route.name === "join" ? null : "#/login";
   }
@@ -134,6 +143,12 @@ function render(): void {
       break;
     case "me":
       renderMe(page);
+      break;
+    case "scoring":
+      renderScoring(page, route.id);
+      break;
+    case "scoreboard":
+      renderScoreboard(page, route.id);
       break;
     case "hosts":
       renderHosts(page);

@@ -190,6 +190,14 @@ export function renderEvent(root: HTMLElement, eventId: string): void {
           h("dd", { testid: "event-team-count" }, String(e.team_count)),
           h("dt", null, "Participants"),
           h("dd", { testid: "event-participant-count" }, String(e.participant_count)),
+          h("dt", null, "Scoring"),
+          h(
+            "dd",
+            null,
+            h("a", { href: `#/events/${encodeURIComponent(String(e.id))}/scoring`, testid: "open-scoring" }, "Leaderboard, judging and checks"),
+            " · ",
+            h("a", { href: `#/scoreboard/${encodeURIComponent(String(e.id))}`, testid: "open-projector" }, "Projector scoreboard"),
+          ),
         ),
       ),
       manageEvents

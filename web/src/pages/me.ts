@@ -3,6 +3,7 @@ import { pageHeading, stateBadge } from "../components";
 import { confirmButton, errorBox, h, replace, showError } from "../dom";
 import { labBadge } from "./labs";
 import { formatDateTime, formatDuration } from "../format";
+import { teamScoring } from "./team-scoring";
 
 const REFRESH_MS = 30_000;
 
@@ -13,7 +14,7 @@ export function renderMe(root: HTMLElement): void {
   const countdown = h("p", { class: "countdown", testid: "countdown", "aria-live": "off" });
   const lab = h("section", { class: "card", "aria-labelledby": "me-lab-h", testid: "me-lab" });
   const labError = errorBox("lab-error");
-  root.append(heading, error, body, lab);
+  root.append(heading, error, body, lab, ...teamScoring());
 
   let data: MeResponse | null = null;
 

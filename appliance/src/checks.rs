@@ -264,6 +264,89 @@ pub fn on_requeue(conn: &Connection, job_id: i64) -> Result<(), rusqlite::Error>
     Ok(())
 }
 
+/// A check to run over SSH on a host without the agent.
+#[derive(Debug, Clone)]
+pub struct SshCheck {
+    pub run_id: i64,
+    pub name: String,
+    pub script: String,
+    pub timeout_secs: u32,
+    pub memory_mib: u32,
+    pub network: bool,
+}
+
+fn sh_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// The remote shell program for an SSH check. It runs the check at most once per run: the
+/// run's directory under `~/.labrack/checks` is made atomically by the first attempt,
+/// which leaves the outputs and the status there; a later attempt (after an appliance
+/// restart) waits for and reads that status instead of running the check again. The check
+/// itself runs like on an agent host: a clean environment in the home directory, limits
+/// from `prlimit`, a wall-clock kill from `timeout`, and (unless the template allows
+/// network) an empty network namespace from an unprivileged `unshare`.
+pub fn remote_command(check: &SshCheck) -> String {
+    let isolate = if check.network { "" } else { "unshare --net --map-current-user -- " };
+    let memory = u64::from(check.memory_mib) * 1024 * 1024;
+    let limit = labrack_provisioner::check::MAX_OUTPUT_BYTES;
+    format!(
+        r#"d="$HOME/.labrack/checks/run-{run}"
+mkdir -p "$HOME/.labrack/checks" || exit 90
+if mkdir "$d" 2>/dev/null; then
+  ( cd "$HOME" && exec timeout -s KILL {timeout} prlimit --as={memory} --cpu={cpu} --core=0 -- {isolate}env -i HOME="$HOME" USER="$USER" LOGNAME="$USER" PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 LABRACK_CHECK={name} LABRACK_CHECK_RUN={run} /bin/bash --noprofile --norc -c {script} ) >"$d/out" 2>"$d/err" </dev/null
+  echo $? >"$d/status.tmp" && mv "$d/status.tmp" "$d/status"
+fi
+waited=0
+while [ ! -f "$d/status" ] && [ "$waited" -lt {wait} ]; do sleep 1; waited=$((waited + 1)); done
+[ -f "$d/status" ] || {{ echo LABRACK-PENDING; exit 0; }}
+echo "LABRACK-STATUS $(cat "$d/status") $(wc -c <"$d/out") $(wc -c <"$d/err")"
+head -c {limit} "$d/out" | base64 -w0; echo
+head -c {limit} "$d/err" | base64 -w0; echo
+"#,
+        run = check.run_id,
+        timeout = check.timeout_secs,
+        cpu = check.timeout_secs.saturating_add(1),
+        name = sh_quote(&check.name),
+        script = sh_quote(&check.script),
+        wait = check.timeout_secs.saturating_add(30),
+    )
+}
+
+/// Reads what [`remote_command`] printed into a check result; an error means the check
+/// could not be run (or is still running elsewhere) and the job should retry.
+pub fn parse_remote(printed: &str, check: &SshCheck, duration_ms: u64) -> Result<labrack_provisioner::check::CheckResult, String> {
+    use base64::Engine as _;
+    use labrack_provisioner::check::{CheckResult, Captured, verdict};
+    let mut lines = printed.lines();
+    let status_line = lines.next().unwrap_or_default();
+    if status_line == "LABRACK-PENDING" {
+        return Err("an earlier attempt of this check is still running on the host".into());
+    }
+    let fields: Vec<&str> = status_line.strip_prefix("LABRACK-STATUS ").ok_or_else(|| format!("unexpected answer from the host: {status_line:?}"))?.split(' ').collect();
+    let number = |i: usize| fields.get(i).and_then(|f| f.trim().parse::<u64>().ok());
+    let (Some(status), Some(out_len), Some(err_len)) = (number(0), number(1), number(2)) else {
+        return Err(format!("unexpected status line from the host: {status_line:?}"));
+    };
+    let decode = |line: Option<&str>| base64::engine::general_purpose::STANDARD.decode(line.unwrap_or_default().trim()).unwrap_or_default();
+    let (out, err) = (decode(lines.next()), decode(lines.next()));
+    let captured = |bytes: Vec<u8>, total: u64| Captured { dropped: total.saturating_sub(bytes.len() as u64), head: bytes };
+    let (stdout, stderr) = (captured(out, out_len).text(), captured(err, err_len).text());
+    if !check.network && status == 1 && stderr.starts_with("unshare: ") {
+        return Err(format!("could not isolate the check from the network on this host: {}", stderr.trim()));
+    }
+    // `timeout -s KILL` ends a check that ran out of time with 128 + 9.
+    let timed_out = status == 137;
+    let exit_code = if status < 128 { i32::try_from(status).ok() } else { None };
+    let (passed, message) = verdict(exit_code, timed_out, check.timeout_secs, &stdout, &stderr);
+    let mut output = stdout;
+    if !stderr.is_empty() {
+        output.push_str("--- stderr ---\n");
+        output.push_str(&stderr);
+    }
+    Ok(CheckResult { passed, message, exit_code, timed_out, duration_ms, output })
+}
+
 /// What a worker found when it took a job.
 #[derive(Debug)]
 enum Begin {
@@ -273,9 +356,11 @@ enum Begin {
     Waiting { task_id: String, deadline_ms: i64, issued: bool },
     /// the run cannot proceed now (the job fails and backs off)
     CannotRun(String),
+    /// the lab's host has no agent: run the check over SSH from here
+    OverSsh { target: labrack_streamer::terminal::TerminalTarget, check: SshCheck },
 }
 
-fn begin(conn: &Connection, job: &Job, now_ms: i64) -> Result<Begin, ApiError> {
+fn begin(conn: &Connection, secrets: &crate::secrets::SecretBox, job: &Job, now_ms: i64) -> Result<Begin, ApiError> {
     let Some(run_id) = job.payload["check_run_id"].as_i64() else {
         return Ok(Begin::CannotRun("the job has no check_run_id".into()));
     };
@@ -304,13 +389,33 @@ fn begin(conn: &Connection, job: &Job, now_ms: i64) -> Result<Begin, ApiError> {
     if let Some((task_id, created_ms, None)) = latest {
         return Ok(Begin::Waiting { task_id, deadline_ms: deadline_from(created_ms), issued: false });
     }
-    let lab: Option<(i64, String)> =
-        conn.query_row("SELECT host_id, state FROM allocations WHERE id = ?1", [allocation_id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-    let host_id = match lab {
-        Some((host_id, lab_state)) if lab_state == "active" => host_id,
-        Some((_, lab_state)) => return Ok(Begin::CannotRun(format!("the team's lab is {lab_state}, not active"))),
+    let lab: Option<(i64, String, bool)> = conn
+        .query_row("SELECT a.host_id, a.state, h.agent FROM allocations a JOIN hosts h ON h.id = a.host_id WHERE a.id = ?1", [allocation_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    let (host_id, agent) = match lab {
+        Some((host_id, lab_state, agent)) if lab_state == "active" => (host_id, agent),
+        Some((_, lab_state, _)) => return Ok(Begin::CannotRun(format!("the team's lab is {lab_state}, not active"))),
         None => return Ok(Begin::CannotRun("the team's lab no longer exists".into())),
     };
+    if !agent {
+        let Some(desktop) = crate::labs::desktop_secret(conn, secrets, allocation_id)? else {
+            return Ok(Begin::CannotRun("the lab has no login for its SSH server".into()));
+        };
+        let Some(host_key) = desktop.ssh_host_key else {
+            return Ok(Begin::CannotRun("the host's SSH key is not known: it cannot be verified".into()));
+        };
+        let target = labrack_streamer::terminal::TerminalTarget {
+            host: desktop.host_address,
+            port: desktop.ssh_port,
+            username: desktop.username,
+            password: desktop.password,
+            host_key,
+        };
+        conn.execute("UPDATE check_runs SET state = 'running' WHERE id = ?1", [run_id])?;
+        return Ok(Begin::OverSsh { target, check: SshCheck { run_id, name, script, timeout_secs, memory_mib, network } });
+    }
     let issued_before: u32 = conn.query_row("SELECT count(*) FROM host_tasks WHERE check_run_id = ?1", [run_id], |r| r.get(0))?;
     let task = HostTask {
         version: PROTOCOL_VERSION,
@@ -426,8 +531,8 @@ async fn worker(state: AppState, name: String) {
 
 async fn run_job(state: &AppState, worker: &str, job: Job) -> Result<(), ApiError> {
     let started = {
-        let job = job.clone();
-        state.db.writer().write(move |conn| begin(conn, &job, now())).await?
+        let (job, secrets) = (job.clone(), state.secrets.clone());
+        state.db.writer().write(move |conn| begin(conn, &secrets, &job, now())).await?
     };
     let (task_id, deadline_ms) = match started {
         Begin::Finished => {
@@ -438,6 +543,7 @@ async fn run_job(state: &AppState, worker: &str, job: Job) -> Result<(), ApiErro
             let worker = worker.to_owned();
             return Ok(state.db.writer().write(move |conn| fail_attempt(conn, &job, &worker, &reason, now())).await?);
         }
+        Begin::OverSsh { target, check } => return run_over_ssh(state, worker, job, target, check).await,
         Begin::Waiting { task_id, deadline_ms, issued } => {
             if issued {
                 state.wake_hosts();
@@ -524,5 +630,121 @@ async fn run_job(state: &AppState, worker: &str, job: Job) -> Result<(), ApiErro
                 return Ok(());
             }
         }
+    }
+}
+
+/// Runs an SSH check from the appliance while renewing the job's lease, then records it.
+async fn run_over_ssh(state: &AppState, worker: &str, job: Job, target: labrack_streamer::terminal::TerminalTarget, check: SshCheck) -> Result<(), ApiError> {
+    let command = remote_command(&check);
+    let wait = Duration::from_secs(u64::from(check.timeout_secs) + 60);
+    let started = std::time::Instant::now();
+    let mut ssh = tokio::task::spawn_blocking(move || labrack_streamer::terminal::run_command(&target, &command, wait, 256 * 1024));
+    let mut renew = tokio::time::interval(RENEW_EVERY);
+    renew.tick().await;
+    let ran = loop {
+        tokio::select! {
+            done = &mut ssh => break done,
+            _ = renew.tick() => {
+                let (job_id, worker) = (job.id, worker.to_owned());
+                let renewed = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)).await;
+                if renewed.is_err() {
+                    // Cancelled or lost: the check's result, if it comes, is not ours to record.
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let result = match ran {
+        Ok(Ok(output)) => {
+            let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+            if printed.starts_with("LABRACK-") {
+                parse_remote(&printed, &check, duration_ms)
+            } else {
+                Err(format!("the host's shell failed ({:?}): {}", output.exit_code, String::from_utf8_lossy(&output.stderr).trim()))
+            }
+        }
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(error) => Err(format!("the SSH check panicked: {error}")),
+    };
+    let worker = worker.to_owned();
+    state
+        .db
+        .writer()
+        .write(move |conn| match result {
+            Ok(checked) => {
+                record_report(conn, check.run_id, &TaskOutcome::Checked { check: checked }, now())?;
+                Ok::<_, ApiError>(jobs::complete(conn, job.id, &worker, now())?)
+            }
+            Err(error) => fail_attempt(conn, &job, &worker, &format!("over SSH: {error}"), now()),
+        })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(script: &str, timeout_secs: u32, network: bool) -> SshCheck {
+        SshCheck { run_id: 41, name: "it's a check".into(), script: script.into(), timeout_secs, memory_mib: 256, network }
+    }
+
+    /// Runs the remote program here with `bash`, as SSH would on the host.
+    fn run_here(home: &std::path::Path, check: &SshCheck) -> (String, u64) {
+        let started = std::time::Instant::now();
+        let output = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(remote_command(check))
+            .env_clear()
+            .env("HOME", home)
+            .env("USER", "root")
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .output()
+            .expect("bash runs");
+        (String::from_utf8_lossy(&output.stdout).into_owned(), u64::try_from(started.elapsed().as_millis()).unwrap_or(0))
+    }
+
+    #[test]
+    fn an_ssh_check_runs_once_per_run_and_reports_like_an_agent() {
+        let home = std::env::temp_dir().join(format!("labrack-ssh-check-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&home).expect("home");
+        let counting = check("echo \"$LABRACK_CHECK_RUN $LABRACK_CHECK\" >> runs.log; echo 'FAIL: not yet'; exit 3", 10, true);
+        let (first, ms) = run_here(&home, &counting);
+        let result = parse_remote(&first, &counting, ms).expect("ran");
+        assert_eq!((result.passed, result.exit_code, result.message.as_deref()), (false, Some(3), Some("not yet")));
+        // A retry of the same run (the appliance restarted) reads the result; it does not run again.
+        let (again, ms) = run_here(&home, &counting);
+        assert_eq!(parse_remote(&again, &counting, ms).expect("read back").message.as_deref(), Some("not yet"));
+        assert_eq!(std::fs::read_to_string(home.join("runs.log")).expect("log"), "41 it's a check\n", "ran exactly once, quoting intact");
+
+        // Without network the check sits in an empty namespace: even loopback is unreachable
+        // (with network, the same connect is refused by the closed port instead).
+        let isolated = SshCheck { run_id: 42, ..check("(exec 3<>/dev/tcp/127.0.0.1/9) 2>&1", 10, false) };
+        let (printed, ms) = run_here(&home, &isolated);
+        let result = parse_remote(&printed, &isolated, ms).expect("ran");
+        assert!(result.output.contains("Network is unreachable"), "{}", result.output);
+        let open = SshCheck { run_id: 44, ..check("(exec 3<>/dev/tcp/127.0.0.1/9) 2>&1", 10, true) };
+        let (printed, ms) = run_here(&home, &open);
+        assert!(parse_remote(&printed, &open, ms).expect("ran").output.contains("Connection refused"));
+        let slow = SshCheck { run_id: 43, ..check("sleep 30", 1, true) };
+        let (printed, ms) = run_here(&home, &slow);
+        let result = parse_remote(&printed, &slow, ms).expect("ran");
+        assert_eq!((result.timed_out, result.message.as_deref()), (true, Some("the check did not finish within 1 s")));
+        let _ = std::fs::remove_dir_all(&home);
+    }
+
+    #[test]
+    fn odd_answers_are_errors_not_results() {
+        let c = check("true", 5, true);
+        assert!(parse_remote("LABRACK-PENDING\n", &c, 1).is_err_and(|e| e.contains("still running")));
+        assert!(parse_remote("hello\n", &c, 1).is_err());
+        assert!(parse_remote("LABRACK-STATUS x y z\n", &c, 1).is_err());
+        let no_namespace = check("true", 5, false);
+        let printed = format!("LABRACK-STATUS 1 0 40\n\n{}\n", {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode("unshare: unshare failed: Operation not permitted\n")
+        });
+        assert!(parse_remote(&printed, &no_namespace, 1).is_err_and(|e| e.contains("isolate")));
     }
 }

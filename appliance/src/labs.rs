@@ -174,7 +174,7 @@ pub fn apply(
     Ok(applied)
 }
 
-fn store_desktop(conn: &Connection, secrets: &SecretBox, id: i64, desktop: &DesktopAccess) -> Result<(), ApiError> {
+pub fn store_desktop(conn: &Connection, secrets: &SecretBox, id: i64, desktop: &DesktopAccess) -> Result<(), ApiError> {
     let sealed = secrets.seal(&secret_context(id), desktop.password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
     conn.execute(
         "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5, ssh_host_key = ?6, rdp_cert_sha256 = ?7
@@ -250,7 +250,7 @@ pub fn reconcile(conn: &Connection, secrets: &SecretBox, now_ms: u64, heartbeat:
     let silence = i64::try_from(heartbeat.as_millis().saturating_mul(3)).unwrap_or(i64::MAX);
     let mut issued = false;
     let lost: Vec<(i64, String)> = conn
-        .prepare_cached("SELECT id, name FROM hosts WHERE healthy = 1 AND last_seen_ms < ?1")?
+        .prepare_cached("SELECT id, name FROM hosts WHERE healthy = 1 AND agent = 1 AND last_seen_ms < ?1")?
         .query_map([now.saturating_sub(silence)], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     for (host_id, name) in lost {

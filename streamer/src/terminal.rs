@@ -43,6 +43,8 @@ pub enum TerminalError {
     Auth,
     #[error("SSH: {0}")]
     Ssh(#[from] ssh2::Error),
+    #[error("reading the command's output failed (it may have run past its time): {0}")]
+    Read(std::io::Error),
 }
 
 /// From the browser to the shell.
@@ -80,9 +82,8 @@ pub fn clamp_size(cols: u16, rows: u16) -> (u16, u16) {
     (cols.clamp(10, 500), rows.clamp(4, 200))
 }
 
-/// Connects, checks the host key, logs in and starts a login shell on a PTY. Blocking:
-/// call it from a blocking task.
-pub fn open(target: &TerminalTarget, cols: u16, rows: u16) -> Result<Terminal, TerminalError> {
+/// Connects, checks the host key against the reported one and logs in. Blocking.
+pub fn connect(target: &TerminalTarget) -> Result<ssh2::Session, TerminalError> {
     let address = format!("{}:{}", target.host, target.port);
     let connect_error = |source| TerminalError::Connect { address: address.clone(), source };
     let socket_address = address
@@ -105,6 +106,49 @@ pub fn open(target: &TerminalTarget, cols: u16, rows: u16) -> Result<Terminal, T
     if !session.authenticated() {
         return Err(TerminalError::Auth);
     }
+    Ok(session)
+}
+
+/// What a command run over SSH printed and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// none when the remote side reported no status (killed by a signal)
+    pub exit_code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Runs one command (no PTY) as the target's user and collects at most `limit` bytes of
+/// each stream; gives up after `timeout`. Blocking.
+pub fn run_command(target: &TerminalTarget, command: &str, timeout: Duration, limit: usize) -> Result<CommandOutput, TerminalError> {
+    let session = connect(target)?;
+    session.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
+    let mut channel = session.channel_session()?;
+    channel.exec(command)?;
+    let read_capped = |stream: &mut dyn std::io::Read| -> Result<Vec<u8>, TerminalError> {
+        let mut kept = Vec::new();
+        let mut buffer = [0_u8; 16 * 1024];
+        loop {
+            let n = stream.read(&mut buffer).map_err(TerminalError::Read)?;
+            if n == 0 {
+                return Ok(kept);
+            }
+            let room = limit.saturating_sub(kept.len());
+            kept.extend_from_slice(&buffer[..n.min(room)]);
+        }
+    };
+    let stdout = read_capped(&mut channel)?;
+    let stderr = read_capped(&mut channel.stderr())?;
+    channel.wait_close()?;
+    let exit_code = channel.exit_status().ok();
+    Ok(CommandOutput { exit_code, stdout, stderr })
+}
+
+/// Connects, checks the host key, logs in and starts a login shell on a PTY. Blocking:
+/// call it from a blocking task.
+pub fn open(target: &TerminalTarget, cols: u16, rows: u16) -> Result<Terminal, TerminalError> {
+    let address = format!("{}:{}", target.host, target.port);
+    let session = connect(target)?;
     let mut channel = session.channel_session()?;
     let (cols, rows) = clamp_size(cols, rows);
     channel.request_pty("xterm-256color", None, Some((u32::from(cols), u32::from(rows), 0, 0)))?;

@@ -1141,3 +1141,83 @@ dimension = "functionality"
     drop(host);
     Ok(())
 }
+
+#[tokio::test]
+async fn checks_run_over_ssh_on_a_host_without_an_agent() -> anyhow::Result<()> {
+    let fx = fixture("agentless", "127.0.0.1:0").await?;
+    let port = fx.url.trim_end_matches('/').rsplit(':').next().unwrap_or_default().to_owned();
+    let checks = format!(
+        r#"
+[[template.check]]
+name = "readme"
+script = "test -f README.txt || {{ echo 'FAIL: README.txt is missing'; exit 1; }}"
+timeout_secs = 10
+weight = 10
+dimension = "functionality"
+
+[[template.check]]
+name = "as the team"
+script = "echo $LABRACK_CHECK_RUN >> runs.log; [ \"$(id -un)\" = \"$USER\" ] && [ \"$(id -u)\" != 0 ]"
+timeout_secs = 10
+weight = 5
+dimension = "security"
+
+[[template.check]]
+name = "no network"
+script = "if (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; then echo 'FAIL: reached the appliance'; exit 1; fi"
+timeout_secs = 10
+weight = 3
+dimension = "security"
+
+[[template.check]]
+name = "slow"
+script = "sleep 60"
+timeout_secs = 2
+weight = 1
+dimension = "quality"
+"#
+    );
+    put_checks(&fx, &checks).await?;
+    // The team's own machine: an account with a password, reached by real sshd.
+    let user = format!("{}ext", fx.users.prefix);
+    anyhow::ensure!(Command::new("useradd").args(["--create-home", "--shell", "/bin/bash", &user]).status()?.success(), "useradd");
+    let mut chpasswd = Command::new("chpasswd").stdin(std::process::Stdio::piped()).spawn()?;
+    use std::io::Write as _;
+    chpasswd.stdin.take().expect("stdin").write_all(format!("{user}:team-secret-1\n").as_bytes())?;
+    anyhow::ensure!(chpasswd.wait()?.success(), "chpasswd");
+    std::fs::write(format!("/home/{user}/README.txt"), "hello\n")?;
+    let sshd = Sshd::start(&fx.users.prefix)?;
+    let key = std::fs::read_to_string(&sshd.host_key_pub)?;
+
+    let (status, problem) = fx.admin.post("/api/v1/hosts/agentless", json!({"name": "ext", "address": "127.0.0.1", "ssh_port": sshd.port, "ssh_host_key": "not a key"})).await?;
+    assert_eq!(status, 422, "{problem}");
+    let (status, host) = fx.admin.post("/api/v1/hosts/agentless", json!({"name": "ext", "address": "127.0.0.1", "ssh_port": sshd.port, "ssh_host_key": key.trim()})).await?;
+    assert_eq!(status, 201, "{host}");
+    let host_id = host["id"].as_i64().expect("host id");
+    let (status, lab) = fx
+        .admin
+        .post(&format!("/api/v1/teams/{}/agentless-lab", fx.team_id), json!({"host_id": host_id, "template": "desk", "username": user, "password": "team-secret-1"}))
+        .await?;
+    assert_eq!(status, 201, "{lab}");
+    assert_eq!(lab["state"], "active");
+    assert!(!lab.to_string().contains("team-secret-1"), "the password never comes back");
+    let (status, _) = fx.admin.post(&format!("/api/v1/allocations/{}/reset", lab["id"]), json!({})).await?;
+    assert_eq!(status, 409, "no agent: the appliance cannot reset it");
+
+    let (status, queued) = fx.admin.post(&format!("/api/v1/events/{}/check-batches", fx.event_id), json!({"team_id": fx.team_id})).await?;
+    assert_eq!((status, queued["queued"].as_u64()), (201, Some(4)), "{queued}");
+    let done = wait_batch(&fx, queued["batch_id"].as_i64().expect("batch")).await?;
+    assert_eq!((done["counts"]["passed"].as_u64(), done["counts"]["failed"].as_u64()), (Some(3), Some(1)), "{done}");
+    let (_, runs) = fx.admin.get(&format!("/api/v1/events/{}/check-runs?team_id={}", fx.event_id, fx.team_id)).await?;
+    let slow = run_by_name(&runs, "slow");
+    assert_eq!((slow["timed_out"].as_bool(), slow["message"].as_str()), (Some(true), Some("the check did not finish within 2 s")), "{slow}");
+    let log = std::fs::read_to_string(format!("/home/{user}/runs.log"))?;
+    assert_eq!(log.lines().count(), 1, "ran once: {log}");
+    // Nothing is ever queued for a host without an agent to pull.
+    let tasks: i64 = fx.db().query_row("SELECT count(*) FROM host_tasks", [], |r| r.get(0))?;
+    assert_eq!(tasks, 0, "no host tasks for a host without an agent");
+    let (status, released) = fx.admin.post(&format!("/api/v1/allocations/{}/release", lab["id"]), json!({})).await?;
+    assert_eq!((status, released["state"].as_str()), (200, Some("released")), "{released}");
+    drop(sshd);
+    Ok(())
+}

@@ -100,6 +100,8 @@ pub struct HostView {
     pub healthy: bool,
     pub last_seen_at: String,
     pub enrolled_at: String,
+    /// false for a host registered without the labrack-host agent (checks reach it over SSH)
+    pub agent: bool,
     /// the last telemetry sample (CPU, memory, disks, GPUs), as the host sent it
     #[schema(value_type = Object)]
     pub telemetry: Option<serde_json::Value>,
@@ -122,7 +124,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<
             let mut stmt = conn.prepare(
                 "SELECT h.id, h.name, h.address, h.gpus, h.capacity,
                         (SELECT count(*) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released'),
-                        h.healthy, h.last_seen_ms, h.enrolled_at, h.telemetry
+                        h.healthy, h.last_seen_ms, h.enrolled_at, h.telemetry, h.agent
                  FROM hosts h ORDER BY h.name",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -140,6 +142,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<
                         time::OffsetDateTime::from_unix_timestamp(last_seen / 1000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
                     ),
                     enrolled_at: r.get(8)?,
+                    agent: r.get(10)?,
                     telemetry: telemetry.and_then(|t| serde_json::from_str(&t).ok()),
                 })
             })?;
@@ -230,6 +233,83 @@ pub async fn enrol(
     }
 }
 
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAgentlessHost {
+    /// the host's name in the inventory (unique)
+    pub name: String,
+    /// where the appliance reaches its SSH server
+    pub address: String,
+    /// default 22
+    pub ssh_port: Option<u16>,
+    /// the SSH server's public host key (an OpenSSH line, e.g. from `ssh-keyscan`): every
+    /// connection is checked against it
+    pub ssh_host_key: String,
+    /// how many labs it holds; default 1
+    pub capacity: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentlessHost {
+    pub id: i64,
+    pub name: String,
+}
+
+/// Registers a host that runs no labrack-host agent: its labs are registered by staff and
+/// their checks run over SSH from the appliance.
+#[utoipa::path(post, path = "/api/v1/hosts/agentless", tag = "hosts", request_body = NewAgentlessHost,
+    responses((status = 201, body = AgentlessHost), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn register_agentless(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewAgentlessHost>,
+) -> Result<(StatusCode, Json<AgentlessHost>), ApiError> {
+    caller.require_staff(&HOST_ADMINS)?;
+    let name = super::validate::name("name", &req.name, 64)?;
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        return Err(ApiError::invalid("name", "use letters, digits, '-', '_' and '.' only"));
+    }
+    let address = super::validate::name("address", &req.address, 253)?;
+    if !address.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
+        return Err(ApiError::invalid("address", "must be a host name or IP address"));
+    }
+    let key = req.ssh_host_key.trim().to_owned();
+    let mut parts = key.split_whitespace();
+    let valid_key = matches!(parts.next(), Some(kind) if kind.starts_with("ssh-") || kind.starts_with("ecdsa-"))
+        && parts.next().is_some_and(|blob| base64::engine::general_purpose::STANDARD.decode(blob).is_ok_and(|b| b.len() >= 32));
+    if !valid_key || key.len() > 4096 {
+        return Err(ApiError::invalid("ssh_host_key", "must be an OpenSSH public key line, e.g. `ssh-ed25519 AAAA…`"));
+    }
+    let port = req.ssh_port.unwrap_or(22);
+    if port == 0 {
+        return Err(ApiError::invalid("ssh_port", "must be 1–65535"));
+    }
+    let capacity = req.capacity.unwrap_or(1);
+    if !(1..=256).contains(&capacity) {
+        return Err(ApiError::invalid("capacity", "must be between 1 and 256"));
+    }
+    let view = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let taken: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM hosts WHERE name = ?1)", [&name], |r| r.get(0))?;
+            if taken {
+                return Err(ApiError::conflict(Some("name"), format!("a host named {name:?} is already registered")));
+            }
+            // No heartbeat comes from such a host: it counts as seen now and is never aged out.
+            conn.execute(
+                "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms, agent, ssh_port, ssh_host_key)
+                 VALUES (?1, x'', ?2, 0, ?3, ?4, ?5, 0, ?6, ?7)",
+                params![name, address, capacity, now_rfc3339(), i64::try_from(unix_ms()).unwrap_or(i64::MAX), port, key],
+            )?;
+            let id = conn.last_insert_rowid();
+            audit(conn, &caller.actor(), &caller.meta, "host.registered_agentless", Some(&format!("host:{id}")), serde_json::json!({"name": name, "address": address}))?;
+            Ok(AgentlessHost { id, name })
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
 /// A call signed by an enrolled host, with its JSON body parsed strictly.
 #[derive(Debug)]
 pub struct HostCall<T> {
@@ -258,10 +338,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
         let method = parts.method.as_str().to_owned();
         require_content_type(&parts.headers, "application/json")?;
         let bytes = read_limited(Request::from_parts(parts, body), HOST_BODY_LIMIT).await?;
+        // A host registered without an agent has no key: it can never sign a call.
         let public_key: Option<Vec<u8>> = state
             .db
             .read(move |conn| {
-                conn.query_row("SELECT public_key FROM hosts WHERE id = ?1", [host_id], |r| r.get(0)).optional().map_err(ApiError::from)
+                conn.query_row("SELECT public_key FROM hosts WHERE id = ?1 AND agent = 1", [host_id], |r| r.get(0)).optional().map_err(ApiError::from)
             })
             .await?;
         let public_key = public_key.ok_or_else(|| ApiError::Unauthenticated("unknown host: enrol first".into()))?;

@@ -259,7 +259,7 @@ fn host_slots(conn: &Connection) -> Result<Vec<HostSlot>, ApiError> {
         "SELECT h.id, h.healthy, h.capacity, h.gpus,
                 (SELECT count(*) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released'),
                 (SELECT coalesce(sum(a.gpus), 0) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released')
-         FROM hosts h",
+         FROM hosts h WHERE h.agent = 1",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok(HostSlot { host_id: r.get(0)?, healthy: r.get(1)?, capacity: r.get(2)?, gpus: r.get(3)?, labs_in_use: r.get(4)?, gpus_in_use: r.get(5)? })
@@ -317,6 +317,96 @@ pub async fn allocate(
         })
         .await?;
     state.wake_hosts();
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAgentlessLab {
+    /// a host registered without an agent (`POST /api/v1/hosts/agentless`)
+    pub host_id: i64,
+    /// the lab template whose checks apply
+    pub template: String,
+    /// the team's account on that host
+    pub username: String,
+    /// its password: stored encrypted, used only by the appliance
+    pub password: String,
+}
+
+/// Registers a team's lab on a host without an agent: the account exists already; the
+/// appliance keeps its login (encrypted) to run checks and the browser terminal over SSH.
+#[utoipa::path(post, path = "/api/v1/teams/{team_id}/agentless-lab", tag = "labs", params(("team_id" = i64, Path)), request_body = NewAgentlessLab,
+    responses((status = 201, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn register_agentless_lab(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(team_id): ApiPath<i64>,
+    ApiJson(req): ApiJson<NewAgentlessLab>,
+) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+    caller.require_staff(&TEMPLATE_ADMINS)?;
+    let username = req.username.trim().to_owned();
+    let valid_user = (1..=32).contains(&username.len())
+        && username.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && username.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !valid_user {
+        return Err(ApiError::invalid("username", "a Unix user name: 1–32 characters of a–z, 0–9, '_' and '-'"));
+    }
+    if req.password.is_empty() || req.password.len() > 256 {
+        return Err(ApiError::invalid("password", "1–256 characters"));
+    }
+    let secrets = state.secrets.clone();
+    let view = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let event_id: i64 =
+                conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?.ok_or(ApiError::NotFound("team"))?;
+            super::people::open_event(conn, event_id)?;
+            let host: Option<(bool, u32, Option<u16>, Option<String>)> = conn
+                .query_row("SELECT agent, capacity, ssh_port, ssh_host_key FROM hosts WHERE id = ?1", [req.host_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .optional()?;
+            let Some((agent, capacity, ssh_port, ssh_host_key)) = host else { return Err(ApiError::invalid("host_id", "no such host")) };
+            if agent {
+                return Err(ApiError::invalid("host_id", "that host runs the agent: allocate a lab on it instead"));
+            }
+            let in_use: u32 = conn.query_row("SELECT count(*) FROM allocations WHERE host_id = ?1 AND state <> 'released'", [req.host_id], |r| r.get(0))?;
+            if in_use >= capacity {
+                return Err(ApiError::conflict(Some("host_id"), format!("the host holds {capacity} lab(s) and all are in use")));
+            }
+            let template: Option<(String, String, String)> = conn
+                .query_row("SELECT name, runtime, skeleton FROM lab_templates WHERE name = ?1", [&req.template], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            let Some((name, runtime, skeleton)) = template else {
+                return Err(ApiError::invalid("template", format!("no lab template named {:?}", req.template)));
+            };
+            let live: Option<i64> =
+                conn.query_row("SELECT id FROM allocations WHERE team_id = ?1 AND state <> 'released'", [team_id], |r| r.get(0)).optional()?;
+            if let Some(existing) = live {
+                return Err(ApiError::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
+            }
+            let now = now_rfc3339();
+            conn.execute(
+                "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, 'active', ?7, ?7)",
+                params![event_id, team_id, req.host_id, name, runtime, skeleton, now],
+            )?;
+            let id = conn.last_insert_rowid();
+            let access = labrack_provisioner::protocol::DesktopAccess {
+                username: username.clone(),
+                password: req.password,
+                rdp_port: 0,
+                ssh_port: ssh_port.unwrap_or(22),
+                ssh_host_key,
+                rdp_cert_sha256: None,
+            };
+            labs::store_desktop(conn, &secrets, id, &access)?;
+            audit(conn, &caller.actor(), &caller.meta, "allocation.registered_agentless", Some(&format!("allocation:{id}")),
+                serde_json::json!({"team_id": team_id, "host_id": req.host_id, "template": name, "username": username}))?;
+            load_view(conn, id)
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
 
@@ -398,8 +488,14 @@ async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result
             {
                 return Err(ApiError::NotFound("allocation"));
             }
+            let agent: bool = conn.query_row("SELECT agent FROM hosts WHERE id = ?1", [stored.alloc.host_id], |r| r.get(0))?;
             let (input, verb) = match action {
+                Action::Reset if !agent => {
+                    return Err(ApiError::conflict(None, "this lab's host has no agent: reset the lab on the host itself"));
+                }
                 Action::Reset => (Input::ResetRequested, "allocation.reset_requested"),
+                // No agent will remove anything: the appliance forgets the lab and its login.
+                Action::Release if !agent => (Input::ForceRelease, "allocation.release_requested"),
                 Action::Release => (Input::ReleaseRequested, "allocation.release_requested"),
                 Action::ForceRelease => (Input::ForceRelease, "allocation.force_released"),
             };

@@ -130,7 +130,7 @@ impl AppState {
         people::list_teams, people::create_team, people::get_team,
         people::list_participants, people::create_participant, people::import_participants, people::regenerate_join_code,
         people::me, ops::audit_log,
-        hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::poll, hosts::report, hosts::heartbeat,
+        hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::register_agentless, labs::register_agentless_lab, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
         labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket, desktop::ticket,
         jobs::list, jobs::get_one, jobs::requeue, jobs::cancel,
@@ -167,6 +167,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/hosts", get(hosts::list))
         .route("/v1/hosts/enrolment-tokens", post(hosts::create_enrolment_token))
         .route("/v1/hosts/enrol", post(hosts::enrol))
+        .route("/v1/hosts/agentless", post(hosts::register_agentless))
+        .route("/v1/teams/{team_id}/agentless-lab", post(labs::register_agentless_lab))
         .route("/v1/host/poll", post(hosts::poll))
         .route("/v1/host/report", post(hosts::report))
         .route("/v1/host/heartbeat", post(hosts::heartbeat))

@@ -317,6 +317,12 @@ CREATE TABLE alerts (
 );
 CREATE INDEX alerts_by_event ON alerts(event_id, id);
 "#,
+    // 7: hosts without the labrack-host agent (checks reach their labs over SSH)
+    r#"
+ALTER TABLE hosts ADD COLUMN agent INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE hosts ADD COLUMN ssh_port INTEGER;
+ALTER TABLE hosts ADD COLUMN ssh_host_key TEXT;
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own

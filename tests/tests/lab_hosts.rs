@@ -1126,12 +1126,23 @@ dimension = "functionality"
         .post(&format!("/api/v1/events/{}/hints", fx.event_id), json!({"title": "Ports", "body": "Listen on 0.0.0.0:8080", "cost": 3}))
         .await?;
     assert_eq!(status, 201, "{hint}");
+    // A judge with a password of their own (new staff must change the one they were given).
+    let (status, _) = fx.admin.post("/api/v1/staff", json!({"username": "judy", "password": "first-password-1", "role": "judge"})).await?;
+    assert_eq!(status, 201);
+    let mut judge = Api { client: client_trusting(&fx.data.0)?, base: fx.url.clone(), token: None };
+    judge.login("judy", "first-password-1").await?;
+    let (status, changed) = judge.post("/api/v1/auth/password", json!({"current_password": "first-password-1", "new_password": "judging-password-2"})).await?;
+    assert_eq!(status, 200, "{changed}");
     let mut command = fx.chromium_driver("e2e/drive-scoring.mjs", "Scorer").await?;
-    command.env("LABRACK_EVENT_ID", fx.event_id.to_string()).env("LABRACK_TEAM", "Red");
+    command
+        .env("LABRACK_EVENT_ID", fx.event_id.to_string())
+        .env("LABRACK_TEAM", "Red")
+        .env("LABRACK_JUDGE_USER", "judy")
+        .env("LABRACK_JUDGE_PASSWORD", "judging-password-2");
     let output = tokio::time::timeout(Duration::from_secs(150), command.output()).await??;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("board Red 10 -> 7"), "{stdout}");
+    assert!(stdout.contains("board Red 10 -> 7 -> 11"), "{stdout}");
     let (submissions, charged, answers): (i64, f64, i64) = fx.db().query_row(
         "SELECT (SELECT count(*) FROM submissions), (SELECT sum(points) FROM score_adjustments), (SELECT count(*) FROM agent_messages WHERE source = 'rules')",
         [],

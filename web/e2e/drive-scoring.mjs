@@ -4,7 +4,8 @@
 // and a hint first. Not a standalone test.
 //
 // Env (all required): LABRACK_URL, LABRACK_EVENT_CODE, LABRACK_JOIN_CODE, LABRACK_EVENT_ID,
-// LABRACK_TEAM (the team's name). Optional: LABRACK_SCREENSHOT_DIR, CHROMIUM_PATH.
+// LABRACK_TEAM (the team's name), LABRACK_JUDGE_USER and LABRACK_JUDGE_PASSWORD (a judge
+// whose password is already changed). Optional: LABRACK_SCREENSHOT_DIR, CHROMIUM_PATH.
 // Prints `board TEAM BEFORE -> AFTER` and exits 0 on success.
 
 import assert from "node:assert/strict";
@@ -22,6 +23,8 @@ const EVENT_CODE = need("LABRACK_EVENT_CODE");
 const JOIN_CODE = need("LABRACK_JOIN_CODE");
 const EVENT_ID = need("LABRACK_EVENT_ID");
 const TEAM = need("LABRACK_TEAM");
+const JUDGE_USER = need("LABRACK_JUDGE_USER");
+const JUDGE_PASSWORD = need("LABRACK_JUDGE_PASSWORD");
 const SCREENSHOT_DIR = process.env.LABRACK_SCREENSHOT_DIR ?? "";
 const tid = (id) => `[data-testid="${id}"]`;
 
@@ -89,12 +92,45 @@ try {
   await page.fill(tid("assistant-question"), "Why does my server check fail?");
   await page.click(tid("assistant-ask"));
   await page.waitForSelector(`${tid("assistant-message")}[data-source="rules"] >> text=port 8080 is closed`);
+
+  // A judge, in a browser of their own, scores the team; the projector follows.
+  const { context: judgeContext, close: closeJudge } = await launchChromium("judge", { width: 1200, height: 900 });
+  try {
+    const judge = judgeContext.pages()[0] ?? (await judgeContext.newPage());
+    judge.setDefaultTimeout(30_000);
+    judge.on("pageerror", (err) => errors.push(String(err)));
+    await judge.goto(`${BASE_URL}/#/login`);
+    await judge.fill(tid("login-username"), JUDGE_USER);
+    await judge.fill(tid("login-password"), JUDGE_PASSWORD);
+    await judge.click(tid("login-submit"));
+    await judge.waitForSelector(tid("page-events"));
+    await judge.goto(`${BASE_URL}/#/events/${EVENT_ID}/scoring`);
+    await judge.waitForSelector(`${tid("leaderboard-table")} >> text=${TEAM}`);
+    await judge.waitForSelector(tid("watch-desktop"));
+    assert.equal(await judge.locator(tid("rejudge")).count(), 0, "judges do not rejudge");
+    await judge.selectOption(tid("judge-team"), { label: TEAM });
+    await judge.fill(tid("judge-presentation"), "4");
+    await judge.fill(tid("judge-comment"), "clear demo");
+    await judge.click(tid("judge-submit"));
+    await judge.waitForSelector(`${tid("judge-status")} >> text=Saved.`);
+    await board.waitForFunction(
+      (team) => {
+        const row = [...document.querySelectorAll('[data-testid="board-row"]')].find((r) => r.querySelector('[data-testid="board-team"]')?.textContent === team);
+        return row?.querySelector('[data-testid="board-total"]')?.textContent === "11";
+      },
+      TEAM,
+      { timeout: 15_000 },
+    );
+    await shot(judge, "scoring-3-judge.png");
+  } finally {
+    await closeJudge();
+  }
   await shot(page, "scoring-1-team-page.png");
   await shot(board, "scoring-2-projector.png");
 
   assert.deepEqual(errors, [], "no page errors on the team page");
   assert.deepEqual(boardErrors, [], "no page errors on the scoreboard");
-  console.log(`board ${TEAM} ${before} -> ${after}`);
+  console.log(`board ${TEAM} ${before} -> ${after} -> ${await totalOf()}`);
 } finally {
   await close();
 }

@@ -42,6 +42,24 @@ export function renderScoring(root: HTMLElement, eventId: string): void {
     }
   };
 
+  // --- team labs: anyone on staff may watch a desktop (view-only for judges and staff) ---
+  const labsBody = h("div", { testid: "team-labs" }, h("p", { class: "muted" }, "Loading…"));
+  root.append(card("labs-h", "Team labs", "team-labs-card", labsBody));
+  const loadLabs = async (): Promise<void> => {
+    try {
+      const { allocations } = await api.listAllocations(eventId);
+      const live = allocations.filter((a) => a.state === "active");
+      replace(
+        labsBody,
+        live.length
+          ? h("ul", { class: "plain" }, live.map((a) => h("li", { testid: "team-lab" }, `${a.team_name} · ${a.template} on ${a.host_name} · `, a.desktop_ready ? h("a", { href: `#/desktop/${a.id}`, testid: "watch-desktop" }, "Watch desktop") : h("span", { class: "muted" }, "no desktop"))))
+          : h("p", { class: "muted" }, "No active labs."),
+      );
+    } catch (err) {
+      if (root.isConnected) showError(error, err);
+    }
+  };
+
   // --- judging ---
   const judgeTeam = h("select", { testid: "judge-team" });
   const judgeFields = h("div", { class: "judge-fields" });
@@ -212,7 +230,7 @@ export function renderScoring(root: HTMLElement, eventId: string): void {
     } catch (err) {
       showError(error, err);
     }
-    await Promise.all([loadBoard(), canOperate ? loadDead() : Promise.resolve(), canOperate ? loadAlerts() : Promise.resolve()]);
+    await Promise.all([loadBoard(), loadLabs(), canOperate ? loadDead() : Promise.resolve(), canOperate ? loadAlerts() : Promise.resolve()]);
   }
   void start();
   const poll = window.setInterval(() => {

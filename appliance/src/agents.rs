@@ -188,7 +188,7 @@ pub fn observe(conn: &Connection, now_ms: i64, idle_ms: i64) -> Result<Observed,
 }
 
 /// Announces a new leader of each live event's board (by rule, or in the model's words).
-async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Result<(), ApiError> {
+pub async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Result<(), ApiError> {
     let boards = state
         .db
         .read(|conn| {

@@ -263,3 +263,35 @@ async fn the_observer_flags_failing_streaks_once() {
     let alerts = app.call("GET", &format!("/api/v1/events/{}/alerts", s.event_id), &organizer, None).await;
     assert_eq!(alerts.body.as_array().map(Vec::len), Some(2), "{}", alerts.body);
 }
+
+#[tokio::test]
+async fn commentary_announces_a_new_leader_once_in_the_models_words_or_by_rule() {
+    let good = peer(true).await;
+    let url = good.url.clone();
+    let app = TestApp::with(move |state| state.llm = Arc::new(Gateway::new(settings(&[&url], 10, 1000)))).await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let judge = As::Bearer(app.staff("judge1", "judge").await);
+    let s = seed(&app, &organizer).await;
+    app.call("POST", &format!("/api/v1/events/{}/transition", s.event_id), &organizer, Some(json!({"to": "live"}))).await;
+    let mut leaders = std::collections::HashMap::new();
+    labrack::agents::commentary(&app.state, &mut leaders).await.expect("commentary");
+    let path = format!("/api/v1/events/{}/agent-messages?agent=commentary", s.event_id);
+    assert_eq!(app.call("GET", &path, &judge, None).await.body.as_array().map(Vec::len), Some(0), "nobody leads with no points");
+    app.call("POST", &format!("/api/v1/teams/{}/judge-scores", s.team_b), &judge, Some(json!({"scores": {"quality": 5}}))).await;
+    labrack::agents::commentary(&app.state, &mut leaders).await.expect("commentary");
+    labrack::agents::commentary(&app.state, &mut leaders).await.expect("commentary");
+    let said = app.call("GET", &path, &judge, None).await;
+    assert_eq!(said.body.as_array().map(Vec::len), Some(1), "announced once: {}", said.body);
+    assert_eq!(said.body[0]["source"], "llm", "the platform's commentary is not held to a team's budget: {}", said.body);
+    assert!(said.body[0]["body"].as_str().is_some_and(|b| b.contains("Beta takes the lead with 5 points")), "{}", said.body);
+
+    let plain = TestApp::new().await;
+    let organizer = As::Bearer(plain.staff("org1", "organizer").await);
+    let judge = As::Bearer(plain.staff("judge1", "judge").await);
+    let s = seed(&plain, &organizer).await;
+    plain.call("POST", &format!("/api/v1/events/{}/transition", s.event_id), &organizer, Some(json!({"to": "live"}))).await;
+    plain.call("POST", &format!("/api/v1/teams/{}/judge-scores", s.team_a), &judge, Some(json!({"scores": {"quality": 2}}))).await;
+    labrack::agents::commentary(&plain.state, &mut std::collections::HashMap::new()).await.expect("commentary");
+    let said = plain.call("GET", &format!("/api/v1/events/{}/agent-messages", s.event_id), &judge, None).await;
+    assert_eq!(said.body[0]["body"], "Alpha takes the lead with 2 points. (rule-based: no language model is configured)", "{}", said.body);
+}

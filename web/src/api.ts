@@ -446,7 +446,8 @@ export const api = {
     request<{ messages: AgentMessage[]; model_configured: boolean; token_budget: number; tokens_used: number }>("GET", "/api/v1/me/messages"),
   leaderboard: (eventId: Id, bracket?: string) =>
     request<Leaderboard>("GET", `/api/v1/events/${enc(eventId)}/leaderboard${bracket ? `?bracket=${encodeURIComponent(bracket)}` : ""}`),
-  scoreboard: (eventId: Id) => request<PublicBoard>("GET", `/api/v1/events/${enc(eventId)}/scoreboard`, { sessionRequired: false }),
+  scoreboard: (eventId: Id, bracket?: string) =>
+    request<PublicBoard>("GET", `/api/v1/events/${enc(eventId)}/scoreboard${bracket ? `?bracket=${encodeURIComponent(bracket)}` : ""}`, { sessionRequired: false }),
   getRubric: (eventId: Id) => request<Rubric>("GET", `/api/v1/events/${enc(eventId)}/rubric`),
   putRubric: (eventId: Id, toml: string) => request<Rubric>("PUT", `/api/v1/events/${enc(eventId)}/rubric`, { toml }),
   judge: (teamId: Id, scores: Record<string, number>, comment?: string) =>

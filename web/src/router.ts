@@ -1,5 +1,5 @@
 // Hash router with session-aware guards.
-//   #/login  #/join  #/password  #/events  #/events/ID  #/events/ID/scoring  #/scoreboard/ID (public)
+//   #/login  #/join  #/password  #/events  #/events/ID  #/events/ID/scoring  #/scoreboard/ID[/BRACKET] (public)
 //   #/me  #/hosts  #/templates  #/terminal/ID  #/desktop/ID
 
 import { h, replace } from "./dom";
@@ -24,7 +24,7 @@ export type Route =
   | { name: "events" }
   | { name: "event"; id: string }
   | { name: "scoring"; id: string }
-  | { name: "scoreboard"; id: string }
+  | { name: "scoreboard"; id: string; bracket?: string }
   | { name: "me" }
   | { name: "hosts" }
   | { name: "templates" }
@@ -45,8 +45,8 @@ export function parseHash(hash: string): Route {
   if (path === "/templates") return { name: "templates" };
   const sc = /^\/events\/([^/]+)\/scoring$/.exec(path);
   if (sc) return { name: "scoring", id: decodeURIComponent(sc[1]) };
-  const sb = /^\/scoreboard\/([^/]+)$/.exec(path);
-  if (sb) return { name: "scoreboard", id: decodeURIComponent(sb[1]) };
+  const sb = /^\/scoreboard\/([^/]+)(?:\/([^/]+))?$/.exec(path);
+  if (sb) return { name: "scoreboard", id: decodeURIComponent(sb[1]), bracket: sb[2] ? decodeURIComponent(sb[2]) : undefined };
   const m = /^\/events\/([^/]+)$/.exec(path);
   if (m) return { name: "event", id: decodeURIComponent(m[1]) };
   const t = /^\/terminal\/([^/]+)$/.exec(path);
@@ -148,7 +148,7 @@ function render(): void {
       renderScoring(page, route.id);
       break;
     case "scoreboard":
-      renderScoreboard(page, route.id);
+      renderScoreboard(page, route.id, route.bracket);
       break;
     case "hosts":
       renderHosts(page);

@@ -104,6 +104,8 @@ export function renderMe(root: HTMLElement): void {
           h("dd", { testid: "me-starts" }, formatDateTime(d.event.starts_at)),
           h("dt", null, "Ends"),
           h("dd", { testid: "me-ends" }, formatDateTime(d.event.ends_at)),
+          d.event.state === "draft" ? "" : h("dt", null, "Scores"),
+          d.event.state === "draft" ? "" : h("dd", null, h("a", { href: `#/scoreboard/${encodeURIComponent(String(d.event.id))}`, testid: "me-scoreboard" }, "Scoreboard")),
         ),
         countdown,
       ),

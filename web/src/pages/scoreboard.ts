@@ -20,18 +20,20 @@ export function boardTable(board: Leaderboard, testid: string, caption: string):
   return table({ caption, captionHidden: true, headers: ["#", "Team", ...board.dimensions, "Hints ±", "Total"], rows, testid });
 }
 
-export function renderScoreboard(root: HTMLElement, eventId: string): void {
+export function renderScoreboard(root: HTMLElement, eventId: string, bracket?: string): void {
   document.title = "Scoreboard · LabRack";
   root.classList.add("projector");
   const heading = h("h1", { tabindex: -1, testid: "page-title" }, "Scoreboard");
   const banner = h("p", { class: "frozen-banner", testid: "frozen-banner", hidden: true });
-  const live = h("p", { class: "muted live-state", testid: "live-state", "aria-live": "polite" }, "Connecting…");
+  const live = h("span", { class: "muted live-state", testid: "live-state", "aria-live": "polite" }, "Connecting…");
   const error = errorBox("scoreboard-error");
   const body = h("div", { testid: "scoreboard-body" });
-  root.append(heading, banner, error, body, live);
+  const full = h("button", { type: "button", class: "secondary no-print", testid: "full-screen" }, "Full screen");
+  full.addEventListener("click", () => void document.documentElement.requestFullscreen?.().catch(() => undefined));
+  root.append(heading, banner, error, body, h("p", { class: "live-line" }, live, " ", full));
 
   const show = (data: PublicBoard): void => {
-    heading.textContent = data.event;
+    heading.textContent = bracket ? `${data.event} — ${bracket}` : data.event;
     document.title = `${data.event} · Scoreboard`;
     banner.hidden = !data.frozen_at;
     banner.textContent = data.frozen_at ? `The board is frozen since ${new Date(data.frozen_at).toLocaleTimeString()}: final results at the end.` : "";
@@ -40,7 +42,8 @@ export function renderScoreboard(root: HTMLElement, eventId: string): void {
   };
 
   // EventSource reconnects by itself after a drop; the state line says so.
-  const source = new EventSource(`/api/v1/events/${encodeURIComponent(eventId)}/scoreboard/stream`);
+  const query = bracket ? `?bracket=${encodeURIComponent(bracket)}` : "";
+  const source = new EventSource(`/api/v1/events/${encodeURIComponent(eventId)}/scoreboard/stream${query}`);
   source.addEventListener("board", (event) => {
     if (!root.isConnected) return source.close();
     show(JSON.parse((event as MessageEvent<string>).data) as PublicBoard);
@@ -50,7 +53,7 @@ export function renderScoreboard(root: HTMLElement, eventId: string): void {
     if (!root.isConnected) return source.close();
     live.textContent = "Connection lost: reconnecting…";
     // A draft or unknown event answers a problem, not a stream: say why once.
-    api.scoreboard(eventId).then(show).catch((err) => showError(error, err));
+    api.scoreboard(eventId, bracket).then(show).catch((err) => showError(error, err));
   });
   const watch = window.setInterval(() => {
     if (!root.isConnected) {

@@ -216,7 +216,7 @@ pub fn queue_batch(conn: &Connection, request: &BatchRequest, now_ms: i64) -> Re
 /// gives the run a result; a task that could not run is the worker's to retry.
 pub fn record_report(conn: &Connection, check_run_id: i64, outcome: &TaskOutcome, now_ms: i64) -> Result<(), ApiError> {
     let TaskOutcome::Checked { check } = outcome else { return Ok(()) };
-    conn.prepare_cached(
+    let recorded = conn.prepare_cached(
         "UPDATE check_runs SET state = ?2, message = ?3, output = ?4, exit_code = ?5, timed_out = ?6, duration_ms = ?7, finished_ms = ?8
          WHERE id = ?1 AND state IN ('queued', 'running')",
     )?
@@ -230,6 +230,21 @@ pub fn record_report(conn: &Connection, check_run_id: i64, outcome: &TaskOutcome
         i64::try_from(check.duration_ms).unwrap_or(i64::MAX),
         now_ms
     ])?;
+    if recorded > 0 {
+        let (event_id, team_id, name, dimension, weight): (i64, i64, String, String, u32) = conn.query_row(
+            "SELECT event_id, team_id, check_name, dimension, weight FROM check_runs WHERE id = ?1",
+            [check_run_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )?;
+        crate::outbox::append(
+            conn,
+            crate::outbox::Change::CheckResult,
+            &format!("check_run:{check_run_id}"),
+            &serde_json::json!({"id": check_run_id, "event_id": event_id, "team_id": team_id, "check": name, "dimension": dimension,
+                "weight": weight, "passed": check.passed, "at_ms": now_ms}),
+            now_ms,
+        )?;
+    }
     Ok(())
 }
 

@@ -135,6 +135,15 @@ pub struct ServeArgs {
     /// minutes without activity before a lab counts as idle [default: 30]
     #[arg(long, env = "LABRACK_IDLE_MINUTES")]
     pub idle_minutes: Option<u64>,
+    /// what one GPU-hour of an active lab costs in the billing ledger, in cents [default: 100]
+    #[arg(long, env = "LABRACK_GPU_HOUR_RATE_CENTS")]
+    pub gpu_hour_rate_cents: Option<u32>,
+    /// what 1,000 LLM tokens cost in the billing ledger, in cents [default: 0]
+    #[arg(long, env = "LABRACK_LLM_RATE_CENTS_PER_1K_TOKENS")]
+    pub llm_rate_cents_per_1k_tokens: Option<u32>,
+    /// how often an active lab's usage becomes a ledger entry, in seconds [default: 900]
+    #[arg(long, env = "LABRACK_BILLING_WINDOW_SECS")]
+    pub billing_window_secs: Option<u64>,
 }
 
 /// The config file's shape: every key optional.
@@ -158,6 +167,9 @@ struct ConfigFile {
     llm_allow_remote: Option<bool>,
     observer_secs: Option<u64>,
     idle_minutes: Option<u64>,
+    gpu_hour_rate_cents: Option<u32>,
+    llm_rate_cents_per_1k_tokens: Option<u32>,
+    billing_window_secs: Option<u64>,
 }
 
 /// Fully resolved settings for `labrack serve`.
@@ -174,6 +186,7 @@ pub struct ServeConfig {
     pub webrtc_bind: String,
     pub queue: crate::checks::QueueSettings,
     pub llm: crate::llm::LlmSettings,
+    pub billing: crate::billing::BillingSettings,
     pub observer_every: std::time::Duration,
     pub idle_after: std::time::Duration,
 }
@@ -212,6 +225,14 @@ impl ServeArgs {
             endpoints,
             team_token_budget: self.llm_team_budget.or(file.llm_team_budget).unwrap_or(50_000),
             requests_per_minute: self.llm_requests_per_minute.or(file.llm_requests_per_minute).unwrap_or(6),
+            cents_per_1k_tokens: self.llm_rate_cents_per_1k_tokens.or(file.llm_rate_cents_per_1k_tokens).unwrap_or(0),
+        };
+        let billing_window_secs = self.billing_window_secs.or(file.billing_window_secs).unwrap_or(900);
+        anyhow::ensure!((10..=86_400).contains(&billing_window_secs), "billing_window_secs must be between 10 and 86400");
+        let billing = crate::billing::BillingSettings {
+            gpu_hour_cents: self.gpu_hour_rate_cents.or(file.gpu_hour_rate_cents).unwrap_or(100),
+            llm_1k_tokens_cents: llm.cents_per_1k_tokens,
+            window: std::time::Duration::from_secs(billing_window_secs),
         };
         anyhow::ensure!(llm.requests_per_minute >= 1, "llm_requests_per_minute must be at least 1");
         let observer_secs = self.observer_secs.or(file.observer_secs).unwrap_or(60);
@@ -219,6 +240,7 @@ impl ServeArgs {
         let idle_minutes = self.idle_minutes.or(file.idle_minutes).unwrap_or(30);
         anyhow::ensure!((1..=1440).contains(&idle_minutes), "idle_minutes must be between 1 and 1440");
         Ok(ServeConfig {
+            billing,
             llm,
             observer_every: std::time::Duration::from_secs(observer_secs),
             idle_after: std::time::Duration::from_secs(idle_minutes * 60),

@@ -287,8 +287,17 @@ pub async fn run_reconciler(state: AppState) {
         }
         let secrets = state.secrets.clone();
         let heartbeat = state.heartbeat;
+        let billing = state.billing.clone();
         state.desktops.reap();
-        let result = state.db.writer().write(move |conn| reconcile(conn, &secrets, unix_ms(), heartbeat)).await;
+        let result = state
+            .db
+            .writer()
+            .write(move |conn| {
+                let issued = reconcile(conn, &secrets, unix_ms(), heartbeat)?;
+                crate::billing::bill_active(conn, &billing, i64::try_from(unix_ms()).unwrap_or(i64::MAX))?;
+                Ok::<_, ApiError>(issued)
+            })
+            .await;
         match result {
             Ok(true) => state.wake_hosts(),
             Ok(false) => {}

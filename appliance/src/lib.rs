@@ -2,6 +2,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod billing;
 pub mod checks;
 pub mod cli;
 pub mod db;
@@ -9,6 +10,7 @@ pub mod jobs;
 pub mod labs;
 pub mod llm;
 pub mod metrics;
+pub mod outbox;
 pub mod probe;
 pub mod roster;
 pub mod rubric;

@@ -48,11 +48,13 @@ pub struct LlmSettings {
     /// tokens (prompt + reply) each team may use in all
     pub team_token_budget: u64,
     pub requests_per_minute: u32,
+    /// what 1,000 tokens cost in the billing ledger (cents)
+    pub cents_per_1k_tokens: u32,
 }
 
 impl Default for LlmSettings {
     fn default() -> Self {
-        Self { endpoints: Vec::new(), team_token_budget: 50_000, requests_per_minute: 6 }
+        Self { endpoints: Vec::new(), team_token_budget: 50_000, requests_per_minute: 6, cents_per_1k_tokens: 0 }
     }
 }
 
@@ -277,9 +279,27 @@ impl Gateway {
     async fn record(&self, db: &Db, payer: Payer, agent: &str, reply: &ChatReply) -> Result<(), LlmError> {
         let record = reply.clone();
         let agent = agent.to_owned();
+        let rate = self.settings.cents_per_1k_tokens;
         let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
         db.writer()
             .write(move |conn| {
+                // The use is billed in the same transaction that records it.
+                let tokens = record.prompt_tokens.saturating_add(record.completion_tokens);
+                crate::billing::append(
+                    conn,
+                    &crate::billing::NewEntry {
+                        event_id: payer.event_id,
+                        team_id: payer.team_id,
+                        kind: "llm_tokens",
+                        quantity: tokens as f64,
+                        unit: "tokens",
+                        amount_cents: -((tokens as f64 * f64::from(rate) / 1000.0).round() as i64),
+                        reference: None,
+                        note: format!("{agent} via {} ({})", record.endpoint, record.model),
+                        actor: "system:llm",
+                    },
+                    now,
+                )?;
                 conn.execute(
                     "INSERT INTO llm_usage (event_id, team_id, agent, endpoint, model, prompt_tokens, completion_tokens, created_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",

@@ -57,6 +57,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
         tracing::info!(endpoints = ?urls, budget = config.llm.team_token_budget, "agents use a language model");
     }
     state.llm = Arc::new(crate::llm::Gateway::new(config.llm.clone()));
+    state.billing = Arc::new(config.billing.clone());
     let observer = tokio::spawn(crate::agents::run_observer(state.clone(), config.observer_every, config.idle_after));
     let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
     let workers = crate::checks::spawn_workers(&state, config.queue.check_workers);

@@ -54,6 +54,7 @@ fn settings(urls: &[&str], budget: u64, per_minute: u32) -> LlmSettings {
         endpoints: urls.iter().map(|url| LlmEndpoint { url: (*url).to_owned(), model: "test-model".into(), api_key_env: None }).collect(),
         team_token_budget: budget,
         requests_per_minute: per_minute,
+        cents_per_1k_tokens: 200,
     }
 }
 
@@ -164,6 +165,9 @@ async fn the_hint_agent_uses_the_model_within_budget_and_its_rules_otherwise() {
     assert!(mine["tokens_used"].as_u64().is_some_and(|used| used <= 120), "{mine}");
     let usage = app.call("GET", &format!("/api/v1/events/{}/llm-usage", s.event_id), &organizer, None).await;
     assert_eq!(usage.body[0]["team_id"], s.team_a, "token use is recorded for billing: {}", usage.body);
+    let ledger = app.call("GET", &format!("/api/v1/events/{}/ledger?team_id={}", s.event_id, s.team_a), &organizer, None).await;
+    let tokens: Vec<&Value> = ledger.body["entries"].as_array().map(|e| e.iter().filter(|e| e["kind"] == "llm_tokens").collect()).unwrap_or_default();
+    assert!(!tokens.is_empty() && tokens.iter().all(|e| e["amount_cents"].as_i64().is_some_and(|c| c <= 0)), "every call is a ledger charge: {}", ledger.body);
 
     // With no model configured the agent still answers, and says it used its rules.
     let plain = TestApp::new().await;

@@ -190,7 +190,24 @@ pub async fn unlock_hint(State(state): State<AppState>, caller: Caller, ApiPath(
                     "INSERT INTO score_adjustments (event_id, team_id, points, kind, hint_id, reason, actor, created_ms) VALUES (?1, ?2, ?3, 'hint', ?4, ?5, ?6, ?7)",
                     params![event_id, team_id, -f64::from(cost), hint_id, format!("hint unlocked: {title}"), caller.actor(), now_ms()],
                 )?;
+                let adjustment = conn.last_insert_rowid();
                 audit(conn, &caller.actor(), &caller.meta, "hint.unlocked", Some(&format!("hint:{hint_id}")), serde_json::json!({"team_id": team_id, "cost": cost}))?;
+                let now = now_ms();
+                crate::outbox::append(conn, crate::outbox::Change::ScoreAdjustment, &format!("score_adjustment:{adjustment}"),
+                    &serde_json::json!({"id": adjustment, "event_id": event_id, "team_id": team_id, "points": -f64::from(cost), "kind": "hint", "at_ms": now}), now)?;
+                // The billing ledger keeps hint unlocks too (points, no money).
+                let actor = caller.actor();
+                crate::billing::append(conn, &crate::billing::NewEntry {
+                    event_id,
+                    team_id: Some(team_id),
+                    kind: "hint",
+                    quantity: f64::from(cost),
+                    unit: "points",
+                    amount_cents: 0,
+                    reference: Some(format!("hint:{hint_id}:team:{team_id}")),
+                    note: format!("hint unlocked: {title}"),
+                    actor: &actor,
+                }, now)?;
             }
             team_hints(conn, event_id, team_id)?.into_iter().find(|h| h.id == hint_id).ok_or(ApiError::NotFound("hint"))
         })
@@ -254,7 +271,11 @@ pub async fn correct(
                 "INSERT INTO score_adjustments (event_id, team_id, points, kind, reason, actor, created_ms) VALUES (?1, ?2, ?3, 'correction', ?4, ?5, ?6)",
                 params![event_id, team_id, body.points, reason, caller.actor(), now_ms()],
             )?;
+            let adjustment = conn.last_insert_rowid();
             audit(conn, &caller.actor(), &caller.meta, "score.corrected", Some(&format!("team:{team_id}")), serde_json::json!({"points": body.points, "reason": reason}))?;
+            let now = now_ms();
+            crate::outbox::append(conn, crate::outbox::Change::ScoreAdjustment, &format!("score_adjustment:{adjustment}"),
+                &serde_json::json!({"id": adjustment, "event_id": event_id, "team_id": team_id, "points": body.points, "kind": "correction", "reason": reason, "at_ms": now}), now)?;
             ledger(conn, team_id)
         })
         .await?;

@@ -163,6 +163,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, ApiJson(req):
             )?;
             let id = conn.last_insert_rowid();
             audit(conn, &caller.actor(), &caller.meta, "event.created", Some(&format!("event:{id}")), serde_json::json!({"name": name}))?;
+            to_outbox(conn, id)?;
             load_event(conn, id)
         })
         .await?;
@@ -218,10 +219,19 @@ pub async fn update(
             )?;
             audit(conn, &caller.actor(), &caller.meta, "event.updated", Some(&format!("event:{event_id}")),
                 serde_json::json!({"name": name, "starts_at": starts_at, "ends_at": ends_at}))?;
-            load_event(conn, event_id)
+            to_outbox(conn, event_id)
         })
         .await?;
     Ok(Json(event))
+}
+
+/// Records the event as it now is for the cloud, in the caller's write; returns it.
+fn to_outbox(conn: &Connection, event_id: i64) -> Result<Event, ApiError> {
+    let event = load_event(conn, event_id)?;
+    let body = serde_json::json!({"id": event.id, "name": event.name, "code": event.code, "state": event.state.as_str(),
+        "starts_at": event.starts_at, "ends_at": event.ends_at});
+    crate::outbox::append(conn, crate::outbox::Change::Event, &format!("event:{event_id}"), &body, i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
+    Ok(event)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -263,7 +273,7 @@ pub async fn transition(
             }
             audit(conn, &caller.actor(), &caller.meta, "event.transition", Some(&format!("event:{event_id}")),
                 serde_json::json!({"from": current.state.as_str(), "to": req.to.as_str()}))?;
-            load_event(conn, event_id)
+            to_outbox(conn, event_id)
         })
         .await?;
     Ok(Json(event))

@@ -6,6 +6,7 @@
 
 pub mod assist;
 pub mod auth;
+pub mod billing;
 pub mod checks;
 pub mod desktop;
 pub mod error;
@@ -82,6 +83,8 @@ pub struct AppState {
     pub queue: Arc<crate::checks::QueueSettings>,
     /// the agents' way to a language model (budgets, failover, breakers)
     pub llm: Arc<crate::llm::Gateway>,
+    /// rates and window of the billing ledger
+    pub billing: Arc<crate::billing::BillingSettings>,
 }
 
 impl AppState {
@@ -99,6 +102,7 @@ impl AppState {
             check_reported: Arc::new(tokio::sync::watch::Sender::new(0)),
             queue: Arc::new(crate::checks::QueueSettings::default()),
             llm: Arc::new(crate::llm::Gateway::new(crate::llm::LlmSettings::default())),
+            billing: Arc::new(crate::billing::BillingSettings::default()),
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
@@ -139,9 +143,10 @@ impl AppState {
         scores::scoreboard, scores::scoreboard_stream, scores::submit, scores::my_submissions,
         assist::create_hint, assist::list_hints, assist::my_hints, assist::unlock_hint, assist::correct, assist::get_ledger,
         assist::ask, assist::my_messages, assist::event_messages, assist::alerts, assist::llm_usage,
+        billing::ledger, billing::ledger_csv, billing::add_entry,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
-    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores"), (name = "assist")),
+    tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores"), (name = "assist"), (name = "billing")),
 )]
 pub struct ApiDoc;
 
@@ -206,6 +211,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events/{event_id}/agent-messages", get(assist::event_messages))
         .route("/v1/events/{event_id}/alerts", get(assist::alerts))
         .route("/v1/events/{event_id}/llm-usage", get(assist::llm_usage))
+        .route("/v1/events/{event_id}/ledger", get(billing::ledger).post(billing::add_entry))
+        .route("/v1/events/{event_id}/ledger.csv", get(billing::ledger_csv))
         .route("/v1/me/checks", get(checks::my_checks))
         .route("/v1/me/checks/run", post(checks::run_mine))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))

@@ -189,6 +189,7 @@ pub async fn create_team(
             conn.execute("INSERT INTO teams (event_id, name, created_at) VALUES (?1, ?2, ?3)", params![event_id, name, super::now_rfc3339()])?;
             let id = conn.last_insert_rowid();
             audit(conn, &caller.actor(), &caller.meta, "team.created", Some(&format!("team:{id}")), serde_json::json!({"event_id": event_id, "name": name}))?;
+            crate::outbox::append(conn, crate::outbox::Change::Team, &format!("team:{id}"), &serde_json::json!({"id": id, "event_id": event_id, "name": name}), i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
             load_team(conn, id)
         })
         .await?;
@@ -348,6 +349,8 @@ pub async fn import_participants(
                     None => {
                         conn.execute("INSERT INTO teams (event_id, name, created_at) VALUES (?1, ?2, ?3)", params![event_id, row.team, now])?;
                         let id = conn.last_insert_rowid();
+                        crate::outbox::append(conn, crate::outbox::Change::Team, &format!("team:{id}"),
+                            &serde_json::json!({"id": id, "event_id": event_id, "name": row.team}), i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
                         teams.insert(row.team.to_lowercase(), id);
                         teams_created += 1;
                         id

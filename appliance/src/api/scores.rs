@@ -182,6 +182,9 @@ pub async fn put_judge_scores(
                     "INSERT INTO judge_scores (event_id, team_id, judge_id, dimension, points, comment, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
                 .execute(params![event_id, team_id, judge_id, dimension, points, comment, now])?;
+                let id = conn.last_insert_rowid();
+                crate::outbox::append(conn, crate::outbox::Change::JudgeScore, &format!("judge_score:{id}"),
+                    &serde_json::json!({"id": id, "event_id": event_id, "team_id": team_id, "judge_id": judge_id, "dimension": dimension, "points": points, "at_ms": now}), now)?;
             }
             audit(conn, &caller.actor(), &caller.meta, "score.judged", Some(&format!("team:{team_id}")),
                 serde_json::json!({"scores": body.scores, "comment": comment}))?;
@@ -383,6 +386,8 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, ApiJson(body)
             jobs::enqueue(conn, &job, now)?;
             audit(conn, &caller.actor(), &caller.meta, "submission.created", Some(&format!("submission:{id}")),
                 serde_json::json!({"team_id": team_id, "version": version}))?;
+            crate::outbox::append(conn, crate::outbox::Change::Submission, &format!("submission:{id}"),
+                &serde_json::json!({"id": id, "event_id": event_id, "team_id": team_id, "version": version, "note": note, "at_ms": now}), now)?;
             Ok((true, Submission { id, team_id, version, note, submitted_at: time_of(now), submitted_by: participant_id }))
         })
         .await?;

@@ -323,6 +323,35 @@ ALTER TABLE hosts ADD COLUMN agent INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE hosts ADD COLUMN ssh_port INTEGER;
 ALTER TABLE hosts ADD COLUMN ssh_host_key TEXT;
 "#,
+    // 8: the outbox for the cloud (gap-free sequence) and the billing ledger (append-only)
+    r#"
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE billing_ledger (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    team_id INTEGER REFERENCES teams(id),
+    kind TEXT NOT NULL CHECK (kind IN ('credit', 'gpu_hours', 'llm_tokens', 'hint', 'correction')),
+    quantity REAL NOT NULL,
+    unit TEXT NOT NULL,
+    amount_cents INTEGER NOT NULL,
+    reference TEXT UNIQUE,
+    note TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX billing_ledger_by_event ON billing_ledger(event_id, id);
+CREATE TRIGGER billing_ledger_append_only_update BEFORE UPDATE ON billing_ledger
+BEGIN SELECT RAISE(ABORT, 'the billing ledger is append-only'); END;
+CREATE TRIGGER billing_ledger_append_only_delete BEFORE DELETE ON billing_ledger
+BEGIN SELECT RAISE(ABORT, 'the billing ledger is append-only'); END;
+ALTER TABLE allocations ADD COLUMN billed_until_ms INTEGER;
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own
@@ -359,7 +388,7 @@ mod tests {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(tables, 23);
+        assert_eq!(tables, 26);
     }
 
     #[test]

@@ -1,0 +1,168 @@
+//! The billing ledger over HTTP: staff read an event's entries and balance (JSON or CSV);
+//! organizers add credits and corrections — new entries, never edits.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::{Caller, Role};
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, ApiPath};
+use super::{AppState, audit, format_time};
+use crate::billing::{self, Balance, Entry, NewEntry};
+
+const READERS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
+const WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerQuery {
+    /// one team's entries only
+    pub team_id: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedgerView {
+    pub entries: Vec<Entry>,
+    /// of the whole event
+    pub balance: Balance,
+}
+
+fn exists(conn: &rusqlite::Connection, event_id: i64) -> Result<(), ApiError> {
+    let found: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)", [event_id], |r| r.get(0))?;
+    if found { Ok(()) } else { Err(ApiError::NotFound("event")) }
+}
+
+/// The event's ledger and balance.
+#[utoipa::path(get, path = "/api/v1/events/{event_id}/ledger", tag = "billing", params(("event_id" = i64, Path), LedgerQuery),
+    responses((status = 200, body = LedgerView), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn ledger(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+    query: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<LedgerView>, ApiError> {
+    caller.require_staff(&READERS)?;
+    let Query(query) = query?;
+    let view = state
+        .db
+        .read(move |conn| {
+            exists(conn, event_id)?;
+            Ok::<_, ApiError>(LedgerView { entries: billing::entries(conn, event_id, query.team_id)?, balance: billing::balance(conn, event_id)? })
+        })
+        .await?;
+    Ok(Json(view))
+}
+
+fn csv_field(text: &str) -> String {
+    // Quote everything; a leading = + - @ would be a formula in a spreadsheet.
+    let safe = if text.starts_with(['=', '+', '-', '@']) { format!("'{text}") } else { text.to_owned() };
+    format!("\"{}\"", safe.replace('"', "\"\""))
+}
+
+/// The event's ledger as CSV (one row per entry; amounts in cents and currency units).
+#[utoipa::path(get, path = "/api/v1/events/{event_id}/ledger.csv", tag = "billing", params(("event_id" = i64, Path)),
+    responses((status = 200, description = "text/csv"), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn ledger_csv(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<impl IntoResponse, ApiError> {
+    caller.require_staff(&READERS)?;
+    let entries = state
+        .db
+        .read(move |conn| {
+            exists(conn, event_id)?;
+            Ok::<_, ApiError>(billing::entries(conn, event_id, None)?)
+        })
+        .await?;
+    let mut csv = String::from("id,at,team_id,kind,quantity,unit,amount_cents,amount,reference,note,actor\n");
+    for e in entries {
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(e.created_ms) * 1_000_000).map(format_time).unwrap_or_default();
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{:.2},{},{},{}\n",
+            e.id,
+            at,
+            e.team_id.map(|t| t.to_string()).unwrap_or_default(),
+            e.kind,
+            e.quantity,
+            csv_field(&e.unit),
+            e.amount_cents,
+            e.amount_cents as f64 / 100.0,
+            csv_field(e.reference.as_deref().unwrap_or("")),
+            csv_field(&e.note),
+            csv_field(&e.actor),
+        ));
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()), (header::CONTENT_DISPOSITION, format!("attachment; filename=\"ledger-event-{event_id}.csv\""))],
+        csv,
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewLedgerEntry {
+    /// `credit` (a top-up, positive) or `correction` (either sign)
+    pub kind: String,
+    pub team_id: Option<i64>,
+    /// cents; not 0, at most 100,000,000 either way
+    pub amount_cents: i64,
+    /// why; shown in the ledger
+    pub note: String,
+}
+
+/// Adds a credit or a correction to the event's ledger.
+#[utoipa::path(post, path = "/api/v1/events/{event_id}/ledger", tag = "billing", params(("event_id" = i64, Path)), request_body = NewLedgerEntry,
+    responses((status = 201, body = LedgerView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn add_entry(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+    ApiJson(body): ApiJson<NewLedgerEntry>,
+) -> Result<(StatusCode, Json<LedgerView>), ApiError> {
+    caller.require_staff(&WRITERS)?;
+    if !matches!(body.kind.as_str(), "credit" | "correction") {
+        return Err(ApiError::invalid("kind", "staff add `credit` or `correction` entries; usage is entered by the appliance"));
+    }
+    if body.amount_cents == 0 || body.amount_cents.abs() > 100_000_000 {
+        return Err(ApiError::invalid("amount_cents", "must be non-zero and at most 100,000,000 either way"));
+    }
+    if body.kind == "credit" && body.amount_cents < 0 {
+        return Err(ApiError::invalid("amount_cents", "a credit is positive; take money back with a correction"));
+    }
+    let note = super::validate::name("note", &body.note, 500)?;
+    if note.chars().count() < 3 {
+        return Err(ApiError::invalid("note", "say why (at least 3 characters)"));
+    }
+    let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+    let view = state
+        .db
+        .writer()
+        .write(move |conn| {
+            exists(conn, event_id)?;
+            if let Some(team_id) = body.team_id {
+                let owned: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM teams WHERE id = ?1 AND event_id = ?2)", [team_id, event_id], |r| r.get(0))?;
+                if !owned {
+                    return Err(ApiError::invalid("team_id", "no such team in this event"));
+                }
+            }
+            let actor = caller.actor();
+            let entry = NewEntry {
+                event_id,
+                team_id: body.team_id,
+                kind: &body.kind,
+                quantity: 1.0,
+                unit: "entry",
+                amount_cents: body.amount_cents,
+                reference: None,
+                note: note.clone(),
+                actor: &actor,
+            };
+            let id = billing::append(conn, &entry, now)?;
+            audit(conn, &actor, &caller.meta, "ledger.entry_added", Some(&format!("event:{event_id}")),
+                serde_json::json!({"id": id, "kind": body.kind, "amount_cents": body.amount_cents, "note": note}))?;
+            Ok(LedgerView { entries: billing::entries(conn, event_id, None)?, balance: billing::balance(conn, event_id)? })
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}

@@ -251,6 +251,23 @@ export interface Alert {
   at: string;
 }
 
+export interface LedgerEntry {
+  id: number;
+  team_id: number | null;
+  kind: string;
+  quantity: number;
+  unit: string;
+  amount_cents: number;
+  note: string;
+  actor: string;
+  created_ms: number;
+}
+
+export interface LedgerView {
+  entries: LedgerEntry[];
+  balance: { credits_cents: number; charges_cents: number; balance_cents: number; status: "ok" | "low" | "depleted" };
+}
+
 export interface RowError {
   line: number;
   reason: string;
@@ -460,6 +477,9 @@ export const api = {
   createHint: (eventId: Id, body: { title: string; body: string; cost: number }) =>
     request<Hint>("POST", `/api/v1/events/${enc(eventId)}/hints`, { json: body }),
   listHints: (eventId: Id) => request<Hint[]>("GET", `/api/v1/events/${enc(eventId)}/hints`),
+  ledger: (eventId: Id) => request<LedgerView>("GET", `/api/v1/events/${enc(eventId)}/ledger`),
+  addLedgerEntry: (eventId: Id, body: { kind: "credit" | "correction"; amount_cents: number; note: string; team_id?: number }) =>
+    request<LedgerView>("POST", `/api/v1/events/${enc(eventId)}/ledger`, { json: body }),
   alerts: (eventId: Id) => request<Alert[]>("GET", `/api/v1/events/${enc(eventId)}/alerts`),
   terminalTicket: (id: Id) =>
     request<{ ticket: string; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/terminal-ticket`),

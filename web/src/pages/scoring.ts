@@ -160,6 +160,51 @@ export function renderScoring(root: HTMLElement, eventId: string): void {
   };
   if (canOperate) root.append(card("alerts-h", "Observer alerts", "alerts-card", alertsBody));
 
+  // --- billing ledger ---
+  const money = (cents: number): string => (cents / 100).toFixed(2);
+  const ledgerBody = h("div", { testid: "ledger" });
+  const ledgerError = errorBox("ledger-error");
+  const creditAmount = h("input", { type: "number", step: "0.01", testid: "credit-amount" });
+  const creditKind = h("select", { testid: "credit-kind" }, h("option", { value: "credit" }, "Credit (top-up)"), h("option", { value: "correction" }, "Correction"));
+  const creditNote = h("input", { type: "text", maxlength: 500, testid: "credit-note" });
+  const creditButton = h("button", { type: "submit", testid: "credit-submit" }, "Add entry");
+  const creditForm = h("form", { novalidate: true, class: "inline-form" }, field("Kind", creditKind), field("Amount", creditAmount), field("Why", creditNote), creditButton);
+  const renderLedger = (view: import("../api").LedgerView): void => {
+    const b = view.balance;
+    const rows = view.entries
+      .slice()
+      .reverse()
+      .map((e) => h("tr", { testid: "ledger-row" }, h("td", null, formatDateTime(new Date(e.created_ms).toISOString())), h("td", null, e.kind), h("td", null, e.team_id === null ? "event" : (teams.find((t) => Number(t.id) === e.team_id)?.name ?? String(e.team_id))), h("td", { class: "num" }, `${Number(e.quantity.toFixed(3))} ${e.unit}`), h("td", { class: "num" }, money(e.amount_cents)), h("td", null, e.note)));
+    replace(
+      ledgerBody,
+      h("p", { testid: "ledger-balance", "data-status": b.status }, `Balance ${money(b.balance_cents)} of ${money(b.credits_cents)} credited (${money(b.charges_cents)} charged) — ${b.status}. `,
+        h("a", { href: `/api/v1/events/${encodeURIComponent(eventId)}/ledger.csv`, testid: "ledger-csv" }, "Download CSV")),
+      rows.length ? table({ caption: "Ledger", captionHidden: true, headers: ["When", "Kind", "Who", "Quantity", "Amount", "Note"], rows, testid: "ledger-table" }) : h("p", { class: "muted" }, "No entries yet."),
+    );
+  };
+  const loadLedger = async (): Promise<void> => {
+    try {
+      renderLedger(await api.ledger(eventId));
+    } catch (err) {
+      if (root.isConnected) showError(ledgerError, err);
+    }
+  };
+  creditForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    void withBusy(creditButton, "Adding…", async () => {
+      try {
+        const cents = Math.round(Number(creditAmount.value) * 100);
+        renderLedger(await api.addLedgerEntry(eventId, { kind: creditKind.value as "credit" | "correction", amount_cents: cents, note: creditNote.value.trim() }));
+        creditAmount.value = "";
+        creditNote.value = "";
+        ledgerError.hidden = true;
+      } catch (err) {
+        showError(ledgerError, err, { amount_cents: creditAmount, note: creditNote });
+      }
+    });
+  });
+  if (canOperate) root.append(card("ledger-h", "Billing ledger", "ledger-card", ledgerError, canWrite ? creditForm : "", ledgerBody));
+
   // --- rubric and hints ---
   const rubricText = h("textarea", { rows: 10, class: "code", testid: "rubric-toml", spellcheck: "false" });
   const rubricButton = h("button", { type: "submit", testid: "rubric-save" }, "Save rubric");
@@ -230,7 +275,7 @@ export function renderScoring(root: HTMLElement, eventId: string): void {
     } catch (err) {
       showError(error, err);
     }
-    await Promise.all([loadBoard(), loadLabs(), canOperate ? loadDead() : Promise.resolve(), canOperate ? loadAlerts() : Promise.resolve()]);
+    await Promise.all([loadBoard(), loadLabs(), canOperate ? loadDead() : Promise.resolve(), canOperate ? loadAlerts() : Promise.resolve(), canOperate ? loadLedger() : Promise.resolve()]);
   }
   void start();
   const poll = window.setInterval(() => {

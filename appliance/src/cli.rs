@@ -22,6 +22,35 @@ pub enum Command {
     /// Administrative tasks on a data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// The central-cloud receiver that appliances sync to.
+    #[command(subcommand)]
+    Cloud(CloudCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CloudCommand {
+    /// Receive appliances' outboxes over QUIC and serve the read API.
+    Serve {
+        #[arg(long, env = "LABRACK_CLOUD_DATA_DIR", default_value = "./cloud-data")]
+        data_dir: PathBuf,
+        /// UDP address of the sync (QUIC) listener
+        #[arg(long, env = "LABRACK_CLOUD_LISTEN", default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// TCP address of the HTTPS read API
+        #[arg(long, env = "LABRACK_CLOUD_HTTP_LISTEN", default_value = "0.0.0.0:7444")]
+        http_listen: SocketAddr,
+        /// extra DNS names or IP addresses for the certificate (comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        tls_names: Vec<String>,
+    },
+    /// Print a one-time token that enrols one appliance (`labrack serve --cloud-token`).
+    EnrolToken {
+        #[arg(long, env = "LABRACK_CLOUD_DATA_DIR", default_value = "./cloud-data")]
+        data_dir: PathBuf,
+        /// how long the token is valid
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +173,21 @@ pub struct ServeArgs {
     /// how often an active lab's usage becomes a ledger entry, in seconds [default: 900]
     #[arg(long, env = "LABRACK_BILLING_WINDOW_SECS")]
     pub billing_window_secs: Option<u64>,
+    /// `host:port` of `labrack cloud`'s sync listener; without it nothing is synced
+    #[arg(long, env = "LABRACK_CLOUD")]
+    pub cloud: Option<String>,
+    /// the cloud's CA certificate (PEM), the only one the sync link trusts
+    #[arg(long, env = "LABRACK_CLOUD_CA")]
+    pub cloud_ca: Option<PathBuf>,
+    /// a one-time enrolment token from `labrack cloud enrol-token` (needed once)
+    #[arg(long, env = "LABRACK_CLOUD_TOKEN")]
+    pub cloud_token: Option<String>,
+    /// this appliance's name in the cloud [default: the host name]
+    #[arg(long, env = "LABRACK_CLOUD_NAME")]
+    pub cloud_name: Option<String>,
+    /// seconds acknowledged outbox rows are kept before pruning [default: 3600]
+    #[arg(long, env = "LABRACK_OUTBOX_RETENTION_SECS")]
+    pub outbox_retention_secs: Option<u64>,
 }
 
 /// The config file's shape: every key optional.
@@ -170,6 +214,10 @@ struct ConfigFile {
     gpu_hour_rate_cents: Option<u32>,
     llm_rate_cents_per_1k_tokens: Option<u32>,
     billing_window_secs: Option<u64>,
+    cloud: Option<String>,
+    cloud_ca: Option<PathBuf>,
+    cloud_name: Option<String>,
+    outbox_retention_secs: Option<u64>,
 }
 
 /// Fully resolved settings for `labrack serve`.
@@ -187,6 +235,7 @@ pub struct ServeConfig {
     pub queue: crate::checks::QueueSettings,
     pub llm: crate::llm::LlmSettings,
     pub billing: crate::billing::BillingSettings,
+    pub sync: Option<crate::sync::relay::SyncSettings>,
     pub observer_every: std::time::Duration,
     pub idle_after: std::time::Duration,
 }
@@ -239,7 +288,26 @@ impl ServeArgs {
         anyhow::ensure!((1..=3600).contains(&observer_secs), "observer_secs must be between 1 and 3600");
         let idle_minutes = self.idle_minutes.or(file.idle_minutes).unwrap_or(30);
         anyhow::ensure!((1..=1440).contains(&idle_minutes), "idle_minutes must be between 1 and 1440");
+        let sync = match self.cloud.clone().or(file.cloud) {
+            None => None,
+            Some(cloud) => {
+                let cloud_ca = self.cloud_ca.clone().or(file.cloud_ca).context("--cloud needs --cloud-ca (the cloud's CA certificate)")?;
+                anyhow::ensure!(cloud.contains(':'), "--cloud must be host:port");
+                let name = self.cloud_name.clone().or(file.cloud_name).unwrap_or_else(|| {
+                    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "appliance".into())
+                });
+                Some(crate::sync::relay::SyncSettings {
+                    cloud,
+                    cloud_ca,
+                    token: self.cloud_token.clone(),
+                    name,
+                    batch_rows: 2000,
+                    retention: std::time::Duration::from_secs(self.outbox_retention_secs.or(file.outbox_retention_secs).unwrap_or(3600)),
+                })
+            }
+        };
         Ok(ServeConfig {
+            sync,
             billing,
             llm,
             observer_every: std::time::Duration::from_secs(observer_secs),
@@ -266,6 +334,15 @@ fn load_config_file(path: &Path) -> anyhow::Result<ConfigFile> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => crate::serve::serve(args.resolve()?),
+        Command::Cloud(CloudCommand::Serve { data_dir, listen, http_listen, tls_names }) => {
+            let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+            crate::sync::cloud::serve(crate::sync::cloud::CloudConfig { data_dir, listen, http_listen, tls_names })
+        }
+        Command::Cloud(CloudCommand::EnrolToken { data_dir, ttl_secs }) => {
+            println!("{}", crate::sync::cloud::enrol_token(&data_dir, ttl_secs)?);
+            Ok(())
+        }
         Command::Admin(AdminCommand::ResetPassword { username, data_dir }) => {
             let password = crate::serve::reset_password(&data_dir, &username)?;
             println!("labrack: one-time password for {username}: {password}");

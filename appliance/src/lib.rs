@@ -17,4 +17,5 @@ pub mod rubric;
 pub mod scores;
 pub mod secrets;
 pub mod serve;
+pub mod sync;
 pub mod tls;

@@ -58,6 +58,11 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     state.llm = Arc::new(crate::llm::Gateway::new(config.llm.clone()));
     state.billing = Arc::new(config.billing.clone());
+    state.data_dir = Some(config.data_dir.clone());
+    let relay = config.sync.clone().map(|settings| {
+        println!("labrack: syncing to the cloud at {}", settings.cloud);
+        tokio::spawn(crate::sync::relay::run(state.clone(), settings))
+    });
     let observer = tokio::spawn(crate::agents::run_observer(state.clone(), config.observer_every, config.idle_after));
     let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
     let workers = crate::checks::spawn_workers(&state, config.queue.check_workers);
@@ -91,6 +96,9 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     shutdown.send_replace(true);
     let _ = reconciler.await;
     let _ = observer.await;
+    if let Some(relay) = relay {
+        let _ = relay.await;
+    }
     for worker in workers {
         let _ = worker.await;
     }

@@ -41,9 +41,16 @@ pub struct TlsIdentity {
     pub files: TlsFiles,
 }
 
-/// Loads the CA and server certificate, generating them first if absent.
-/// `extra_names` are DNS names or IP addresses added to the server certificate.
-pub fn load_or_create(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<TlsIdentity> {
+/// The server's certificate chain (server, then CA), its key and the CA's fingerprint,
+/// generated first if absent.
+pub struct ServerMaterial {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub ca_fingerprint: String,
+    pub files: TlsFiles,
+}
+
+pub fn server_material(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<ServerMaterial> {
     let files = TlsFiles::in_dir(data_dir);
     if !files.ca_cert.exists() || !files.server_cert.exists() {
         generate(&files, extra_names)?;
@@ -57,6 +64,39 @@ pub fn load_or_create(data_dir: &Path, extra_names: &[String]) -> anyhow::Result
     chain.push(ca_der.clone());
     let key = PrivateKeyDer::from_pem_file(&files.server_key)
         .with_context(|| format!("reading {}", files.server_key.display()))?;
+    Ok(ServerMaterial { chain, key, ca_fingerprint: fingerprint(&ca_der), files })
+}
+
+/// A self-signed client certificate and key kept in `DATA/tls/{name}.pem` and
+/// `{name}.key.pem`, made at first use: how the appliance proves itself to the cloud.
+pub fn client_identity(data_dir: &Path, name: &str) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let dir = data_dir.join("tls");
+    let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key.pem")));
+    if !cert_path.exists() {
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key = KeyPair::generate().context("generating the client key")?;
+        let mut params = CertificateParams::new(vec![format!("labrack-{name}")]).context("client certificate params")?;
+        params.distinguished_name.push(DnType::CommonName, format!("LabRack appliance {}", host_name()));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let (not_before, not_after) = validity(3650);
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.self_signed(&key).context("self-signing the client certificate")?;
+        write_private(&key_path, &key.serialize_pem())?;
+        fs::write(&cert_path, cert.pem())?;
+    }
+    let chain = CertificateDer::pem_file_iter(&cert_path)
+        .with_context(|| format!("reading {}", cert_path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .context("parsing the client certificate")?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
+    Ok((chain, key))
+}
+
+/// Loads the CA and server certificate, generating them first if absent.
+/// `extra_names` are DNS names or IP addresses added to the server certificate.
+pub fn load_or_create(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<TlsIdentity> {
+    let ServerMaterial { chain, key, ca_fingerprint, files } = server_material(data_dir, extra_names)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -65,7 +105,7 @@ pub fn load_or_create(data_dir: &Path, extra_names: &[String]) -> anyhow::Result
         .with_single_cert(chain, key)
         .context("server certificate and key do not match")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsIdentity { server_config: Arc::new(config), ca_fingerprint: fingerprint(&ca_der), files })
+    Ok(TlsIdentity { server_config: Arc::new(config), ca_fingerprint, files })
 }
 
 /// SHA-256 over DER, as `AB:CD:…`.

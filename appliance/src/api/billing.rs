@@ -166,3 +166,35 @@ pub async fn add_entry(
         .await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SyncView {
+    pub link: crate::sync::relay::LinkStatus,
+    /// outbox rows the cloud has not acknowledged
+    pub pending_rows: i64,
+    /// how old the oldest of them is
+    pub pending_age_ms: Option<i64>,
+    /// the last sequence number written
+    pub last_seq: i64,
+}
+
+/// The sync link: state, lag (count and age of unacknowledged rows) and the last error.
+#[utoipa::path(get, path = "/api/v1/sync", tag = "billing", responses((status = 200, body = SyncView), (status = 403, body = Problem)))]
+pub async fn sync_status(State(state): State<AppState>, caller: Caller) -> Result<Json<SyncView>, ApiError> {
+    caller.require_staff(&READERS)?;
+    let mut link = state.link.status();
+    if !link.configured {
+        link.state = "off".into();
+    }
+    let acked = link.acked;
+    let (pending_rows, oldest, last_seq) = state
+        .db
+        .read(move |conn| {
+            let (count, oldest) = crate::outbox::lag(conn, acked)?;
+            let last: i64 = conn.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)", [], |r| r.get(0))?;
+            Ok::<_, ApiError>((count, oldest, last))
+        })
+        .await?;
+    let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+    Ok(Json(SyncView { link, pending_rows, pending_age_ms: oldest.map(|at| now - at), last_seq }))
+}

@@ -85,6 +85,10 @@ pub struct AppState {
     pub llm: Arc<crate::llm::Gateway>,
     /// rates and window of the billing ledger
     pub billing: Arc<crate::billing::BillingSettings>,
+    /// the sync link's state, for staff
+    pub link: Arc<crate::sync::relay::Link>,
+    /// where the appliance keeps its files (TLS identities); none in some tests
+    pub data_dir: Option<PathBuf>,
 }
 
 impl AppState {
@@ -103,6 +107,8 @@ impl AppState {
             queue: Arc::new(crate::checks::QueueSettings::default()),
             llm: Arc::new(crate::llm::Gateway::new(crate::llm::LlmSettings::default())),
             billing: Arc::new(crate::billing::BillingSettings::default()),
+            link: Arc::new(crate::sync::relay::Link::default()),
+            data_dir: None,
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
@@ -143,7 +149,7 @@ impl AppState {
         scores::scoreboard, scores::scoreboard_stream, scores::submit, scores::my_submissions,
         assist::create_hint, assist::list_hints, assist::my_hints, assist::unlock_hint, assist::correct, assist::get_ledger,
         assist::ask, assist::my_messages, assist::event_messages, assist::alerts, assist::llm_usage,
-        billing::ledger, billing::ledger_csv, billing::add_entry,
+        billing::ledger, billing::ledger_csv, billing::add_entry, billing::sync_status,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
     tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores"), (name = "assist"), (name = "billing")),
@@ -213,6 +219,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events/{event_id}/llm-usage", get(assist::llm_usage))
         .route("/v1/events/{event_id}/ledger", get(billing::ledger).post(billing::add_entry))
         .route("/v1/events/{event_id}/ledger.csv", get(billing::ledger_csv))
+        .route("/v1/sync", get(billing::sync_status))
         .route("/v1/me/checks", get(checks::my_checks))
         .route("/v1/me/checks/run", post(checks::run_mine))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))

@@ -1,0 +1,196 @@
+//! Cloud sync end to end: the real `labrack serve` relaying its outbox over real QUIC to
+//! the real `labrack cloud` in another process. After every disturbance — no cloud at all
+//! while the event runs, the cloud killed with -9 mid-stream, the appliance killed with -9 —
+//! the cloud holds exactly the appliance's rows: the same count and the same checksum.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use labrack_e2e::{Api, DataDir, Server, client_trusting, free_port, labrack_bin};
+use serde_json::{Value, json};
+use sha2::Digest as _;
+
+/// A running `labrack cloud serve`.
+struct Cloud {
+    child: Child,
+    http: String,
+    admin_token: Option<String>,
+}
+
+impl Cloud {
+    fn start(data: &Path, quic_port: u16) -> anyhow::Result<Self> {
+        let mut child = Command::new(labrack_bin())
+            .args(["cloud", "serve", "--listen", &format!("127.0.0.1:{quic_port}"), "--http-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .env("LABRACK_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting labrack cloud")?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let (mut http, mut admin_token) = (None, None);
+        for line in lines.by_ref() {
+            let line = line?;
+            if let Some(token) = line.strip_prefix("labrack cloud: admin token for the read API (shown once): ") {
+                admin_token = Some(token.trim().to_owned());
+            }
+            if let Some(url) = line.strip_prefix("labrack cloud: read API on ") {
+                http = Some(url.trim().trim_end_matches('/').to_owned());
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child, http: http.context("the cloud never said where it listens")?, admin_token })
+    }
+
+    fn kill_hard(mut self) -> anyhow::Result<()> {
+        Command::new("kill").args(["-KILL", &self.child.id().to_string()]).status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn enrol_token(data: &Path) -> anyhow::Result<String> {
+    let output = Command::new(labrack_bin()).args(["cloud", "enrol-token", "--data-dir"]).arg(data).output()?;
+    anyhow::ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+async fn cloud_get(cloud_data: &Path, http: &str, token: &str, path: &str) -> anyhow::Result<(u16, Value)> {
+    let api = Api { client: client_trusting(cloud_data)?, base: http.to_owned(), token: Some(token.to_owned()) };
+    api.get(path).await
+}
+
+/// Count and checksum of the appliance's outbox, computed the way the cloud does.
+fn appliance_rows(data: &Path) -> anyhow::Result<(i64, String)> {
+    let conn = rusqlite::Connection::open(data.join("labrack.db"))?;
+    let mut statement = conn.prepare("SELECT seq, kind, entity, body FROM outbox ORDER BY seq")?;
+    let rows: Vec<(i64, String, String, String)> = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
+    for (index, row) in rows.iter().enumerate() {
+        anyhow::ensure!(row.0 == i64::try_from(index).unwrap_or(0) + 1, "the outbox has a gap at {}", row.0);
+    }
+    let mut hasher = sha2::Sha256::new();
+    for (seq, kind, entity, body) in &rows {
+        hasher.update(format!("{seq}\t{kind}\t{entity}\t{body}\n").as_bytes());
+    }
+    Ok((i64::try_from(rows.len()).unwrap_or(0), hex::encode(hasher.finalize())))
+}
+
+/// Waits until the cloud holds exactly the appliance's rows.
+async fn converged(appliance_data: &Path, cloud_data: &Path, http: &str, token: &str) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (count, checksum) = appliance_rows(appliance_data)?;
+        let summary = cloud_get(cloud_data, http, token, "/api/v1/appliances/1/summary").await.ok();
+        if let Some((200, body)) = &summary
+            && body["rows"] == count
+            && body["acked"] == count
+            && body["checksum"] == checksum.as_str()
+        {
+            return Ok(body.clone());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no convergence: appliance {count} rows {checksum}, cloud {summary:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn admin(server: &Server, data: &Path) -> anyhow::Result<Api> {
+    let mut admin = Api { client: client_trusting(data)?, base: server.url.clone(), token: None };
+    admin.first_admin_login(server.admin_password.as_deref().context("otp")?, "a-strong-admin-password").await?;
+    Ok(admin)
+}
+
+async fn teams(admin: &Api, event_id: i64, from: usize, to: usize) -> anyhow::Result<()> {
+    let mut roster = String::from("team,name,email\n");
+    for n in from..to {
+        roster.push_str(&format!("Team {n},Member {n},\n"));
+    }
+    let (status, body) = admin.post_csv(&format!("/api/v1/events/{event_id}/participants/import"), &roster).await?;
+    anyhow::ensure!(status == 200, "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_cloud_receives_exactly_the_appliances_rows_through_outages_and_kills() -> anyhow::Result<()> {
+    let cloud_data = DataDir::new("cloud");
+    let data = DataDir::new("sync-appliance");
+    let quic_port = free_port()?;
+    let token = enrol_token(&cloud_data.0)?;
+    let ca = cloud_data.0.join("tls/ca.pem");
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let args = ["--cloud", &format!("127.0.0.1:{quic_port}"), "--cloud-ca", ca.to_str().context("utf8")?, "--cloud-token", &token, "--cloud-name", "rack-1"];
+
+    // The event starts with no cloud at all.
+    let server = Server::start_with(&data.0, &listen, &args)?;
+    let admin = admin(&server, &data.0).await?;
+    let (status, event) = admin.post("/api/v1/events", json!({"name": "Offline Day", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    anyhow::ensure!(status == 201, "{event}");
+    let event_id = event["id"].as_i64().context("event id")?;
+    teams(&admin, event_id, 0, 300).await?;
+    let (_, sync) = admin.get("/api/v1/sync").await?;
+    assert_ne!(sync["link"]["state"], "linked", "{sync}");
+    assert!(sync["pending_rows"].as_i64().is_some_and(|n| n >= 301), "the outbox waits: {sync}");
+    assert!(sync["link"]["last_error"].is_string(), "the link says why it is down: {sync}");
+
+    // The link appears: everything arrives.
+    let cloud = Cloud::start(&cloud_data.0, quic_port)?;
+    let cloud_token = cloud.admin_token.clone().context("admin token at first start")?;
+    let http = cloud.http.clone();
+    converged(&data.0, &cloud_data.0, &http, &cloud_token).await?;
+    let (_, sync) = admin.get("/api/v1/sync").await?;
+    assert_eq!((sync["link"]["state"].as_str(), sync["pending_rows"].as_i64()), (Some("linked"), Some(0)), "{sync}");
+
+    // The cloud dies with -9 while rows stream; the appliance keeps writing; it comes back.
+    teams(&admin, event_id, 300, 2300).await?;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    cloud.kill_hard()?;
+    teams(&admin, event_id, 2300, 2600).await?;
+    let cloud = Cloud::start(&cloud_data.0, quic_port)?;
+    converged(&data.0, &cloud_data.0, &http_of(&cloud), &cloud_token).await?;
+
+    // The appliance dies with -9 mid-batch and restarts; nothing is lost or doubled.
+    teams(&admin, event_id, 2600, 4600).await?;
+    server.kill_hard()?;
+    let server = Server::start_with(&data.0, &listen, &args)?;
+    let admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: admin.token.clone() };
+    let (status, _) = admin.post(&format!("/api/v1/events/{event_id}/transition"), json!({"to": "live"})).await?;
+    anyhow::ensure!(status == 200);
+    let summary = converged(&data.0, &cloud_data.0, &http_of(&cloud), &cloud_token).await?;
+    assert_eq!(summary["rows"], 4602, "event, 4,600 teams, the transition: {summary}");
+
+    // What the cloud serves is built from those rows.
+    let (status, list) = cloud_get(&cloud_data.0, &http_of(&cloud), &cloud_token, "/api/v1/appliances").await?;
+    assert_eq!((status, list[0]["name"].as_str()), (200, Some("rack-1")), "{list}");
+    let (status, board) = cloud_get(&cloud_data.0, &http_of(&cloud), &cloud_token, &format!("/api/v1/appliances/1/events/{event_id}/scores")).await?;
+    assert_eq!((status, board.as_array().map(Vec::len)), (200, Some(4600)), "every team is on the cloud's board");
+    let (status, _) = cloud_get(&cloud_data.0, &http_of(&cloud), "wrong-token", "/api/v1/appliances").await?;
+    assert_eq!(status, 401);
+
+    // An appliance the cloud never enrolled is refused, and says so.
+    let stranger_data = DataDir::new("sync-stranger");
+    let stranger_args = ["--cloud", &format!("127.0.0.1:{quic_port}"), "--cloud-ca", ca.to_str().context("utf8")?, "--cloud-name", "stranger"];
+    let stranger = Server::start_with(&stranger_data.0, "127.0.0.1:0", &stranger_args)?;
+    let stranger_admin = self::admin(&stranger, &stranger_data.0).await?;
+    let refused = stranger_admin.wait_for("/api/v1/sync", Duration::from_secs(30), |s| s["link"]["state"] == "refused").await?;
+    assert!(refused["link"]["last_error"].as_str().is_some_and(|e| e.contains("not enrolled")), "{refused}");
+    let (_, list) = cloud_get(&cloud_data.0, &http_of(&cloud), &cloud_token, "/api/v1/appliances").await?;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "the stranger left no trace: {list}");
+    drop(stranger);
+    drop(server);
+    drop(cloud);
+    Ok(())
+}
+
+fn http_of(cloud: &Cloud) -> String {
+    cloud.http.clone()
+}

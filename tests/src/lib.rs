@@ -579,3 +579,125 @@ impl Drop for Xrdp {
         let _ = self.sesman.wait();
     }
 }
+
+/// Faults a [`UdpFaultProxy`] applies to every datagram, both ways.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// datagrams lost, in percent
+    pub drop_percent: u32,
+    /// every datagram waits this long
+    pub delay_ms: u64,
+    /// datagrams held back an extra 1–30 ms (so later ones overtake them), in percent
+    pub reorder_percent: u32,
+    /// datagrams sent twice, in percent
+    pub duplicate_percent: u32,
+    /// nothing gets through
+    pub partitioned: bool,
+}
+
+/// A UDP proxy between a QUIC client and server that drops, delays, reorders, duplicates
+/// or partitions traffic as told — the bad venue uplink, on loopback.
+pub struct UdpFaultProxy {
+    pub port: u16,
+    faults: std::sync::Arc<std::sync::Mutex<Faults>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpFaultProxy {
+    pub async fn start(target: std::net::SocketAddr) -> anyhow::Result<Self> {
+        use std::collections::HashMap;
+        use std::sync::Arc;
+        let listener = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+        let port = listener.local_addr()?.port();
+        let faults = Arc::new(std::sync::Mutex::new(Faults::default()));
+        let shared = faults.clone();
+        let task = tokio::spawn(async move {
+            let mut upstreams: HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
+            let mut buffer = vec![0u8; 65_536];
+            loop {
+                let Ok((n, client)) = listener.recv_from(&mut buffer).await else { return };
+                let packet = buffer[..n].to_vec();
+                let upstream = match upstreams.get(&client) {
+                    Some(socket) => socket.clone(),
+                    None => {
+                        let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else { continue };
+                        if socket.connect(target).await.is_err() {
+                            continue;
+                        }
+                        let socket = Arc::new(socket);
+                        upstreams.insert(client, socket.clone());
+                        // The way back: server → client, through the same faults.
+                        let (back, listener, faults) = (socket.clone(), listener.clone(), shared.clone());
+                        tokio::spawn(async move {
+                            let mut buffer = vec![0u8; 65_536];
+                            while let Ok(n) = back.recv(&mut buffer).await {
+                                let packet = buffer[..n].to_vec();
+                                let listener = listener.clone();
+                                forward(&faults, packet, move |p| {
+                                    let listener = listener.clone();
+                                    async move {
+                                        let _ = listener.send_to(&p, client).await;
+                                    }
+                                });
+                            }
+                        });
+                        socket
+                    }
+                };
+                forward(&shared, packet, move |p| {
+                    let upstream = upstream.clone();
+                    async move {
+                        let _ = upstream.send(&p).await;
+                    }
+                });
+            }
+        });
+        Ok(Self { port, faults, task })
+    }
+
+    pub fn set(&self, faults: Faults) {
+        if let Ok(mut current) = self.faults.lock() {
+            *current = faults;
+        }
+    }
+}
+
+impl Drop for UdpFaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A tiny xorshift: the proxy's dice (no need for a crate).
+fn roll(percent: u32) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    let mut x = STATE.load(Ordering::Relaxed);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    STATE.store(x, Ordering::Relaxed);
+    (x % 100) < u64::from(percent)
+}
+
+fn forward<F, Fut>(faults: &std::sync::Mutex<Faults>, packet: Vec<u8>, send: F)
+where
+    F: Fn(Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let faults = faults.lock().map(|f| f.clone()).unwrap_or_default();
+    if faults.partitioned || roll(faults.drop_percent) {
+        return;
+    }
+    let copies = if roll(faults.duplicate_percent) { 2 } else { 1 };
+    let extra = if roll(faults.reorder_percent) { 1 + (rand_suffix() % 30) as u64 } else { 0 };
+    let delay = Duration::from_millis(faults.delay_ms + extra);
+    tokio::spawn(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        for _ in 0..copies {
+            send(packet.clone()).await;
+        }
+    });
+}

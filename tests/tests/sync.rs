@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use labrack_e2e::{Api, DataDir, Server, client_trusting, free_port, labrack_bin};
+use labrack_e2e::{Api, DataDir, Faults, Server, UdpFaultProxy, client_trusting, free_port, labrack_bin};
 use serde_json::{Value, json};
 use sha2::Digest as _;
 
@@ -88,10 +88,14 @@ fn appliance_rows(data: &Path) -> anyhow::Result<(i64, String)> {
 
 /// Waits until the cloud holds exactly the appliance's rows.
 async fn converged(appliance_data: &Path, cloud_data: &Path, http: &str, token: &str) -> anyhow::Result<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    converged_as(1, appliance_data, cloud_data, http, token).await
+}
+
+async fn converged_as(appliance_id: i64, appliance_data: &Path, cloud_data: &Path, http: &str, token: &str) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let (count, checksum) = appliance_rows(appliance_data)?;
-        let summary = cloud_get(cloud_data, http, token, "/api/v1/appliances/1/summary").await.ok();
+        let summary = cloud_get(cloud_data, http, token, &format!("/api/v1/appliances/{appliance_id}/summary")).await.ok();
         if let Some((200, body)) = &summary
             && body["rows"] == count
             && body["acked"] == count
@@ -193,4 +197,67 @@ async fn the_cloud_receives_exactly_the_appliances_rows_through_outages_and_kill
 
 fn http_of(cloud: &Cloud) -> String {
     cloud.http.clone()
+}
+
+#[tokio::test]
+async fn a_lossy_partitioned_link_and_repeated_kills_still_deliver_every_row_once() -> anyhow::Result<()> {
+    let cloud_data = DataDir::new("cloud-faults");
+    let quic_port = free_port()?;
+    let mut cloud = Cloud::start(&cloud_data.0, quic_port)?;
+    let cloud_token = cloud.admin_token.clone().context("admin token")?;
+    let proxy = UdpFaultProxy::start(format!("127.0.0.1:{quic_port}").parse()?).await?;
+    proxy.set(Faults { drop_percent: 5, delay_ms: 10, reorder_percent: 10, duplicate_percent: 5, partitioned: false });
+    let ca = cloud_data.0.join("tls/ca.pem");
+    let ca = ca.to_str().context("utf8")?.to_owned();
+
+    // Two appliances sync into the one receiver: one through the bad link, one direct.
+    let data = DataDir::new("faults-appliance");
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let token = enrol_token(&cloud_data.0)?;
+    let args = ["--cloud", &format!("127.0.0.1:{}", proxy.port), "--cloud-ca", &ca, "--cloud-token", &token, "--cloud-name", "lossy"];
+    let mut server = Server::start_with(&data.0, &listen, &args)?;
+    let admin_api = admin(&server, &data.0).await?;
+    let bearer = admin_api.token.clone();
+    let (_, event) = admin_api.post("/api/v1/events", json!({"name": "Lossy", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let event_id = event["id"].as_i64().context("event id")?;
+    let other_data = DataDir::new("faults-other");
+    let other_token = enrol_token(&cloud_data.0)?;
+    let other_args = ["--cloud", &format!("127.0.0.1:{quic_port}"), "--cloud-ca", &ca, "--cloud-token", &other_token, "--cloud-name", "direct"];
+    let other = Server::start_with(&other_data.0, "127.0.0.1:0", &other_args)?;
+    let other_admin = admin(&other, &other_data.0).await?;
+    let (_, other_event) = other_admin.post("/api/v1/events", json!({"name": "Direct", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    teams(&other_admin, other_event["id"].as_i64().context("id")?, 0, 500).await?;
+
+    let mut next = 0;
+    for round in 0..3 {
+        // Rows stream over the lossy link; then it is cut for a while; then a side dies.
+        let api = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: bearer.clone() };
+        teams(&api, event_id, next, next + 1500).await?;
+        next += 1500;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.set(Faults { partitioned: true, ..Faults::default() });
+        teams(&api, event_id, next, next + 200).await?;
+        next += 200;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        proxy.set(Faults { drop_percent: 5, delay_ms: 10, reorder_percent: 10, duplicate_percent: 5, partitioned: false });
+        if round % 2 == 0 {
+            cloud.kill_hard()?;
+            cloud = Cloud::start(&cloud_data.0, quic_port)?;
+        } else {
+            server.kill_hard()?;
+            server = Server::start_with(&data.0, &listen, &args)?;
+        }
+    }
+    let lossy_id = {
+        let (_, list) = cloud_get(&cloud_data.0, &cloud.http, &cloud_token, "/api/v1/appliances").await?;
+        list.as_array().and_then(|l| l.iter().find(|a| a["name"] == "lossy")).and_then(|a| a["id"].as_i64()).context("the lossy appliance enrolled")?
+    };
+    let summary = converged_as(lossy_id, &data.0, &cloud_data.0, &cloud.http, &cloud_token).await?;
+    assert_eq!(summary["rows"], 1 + 3 * 1700, "{summary}");
+    let direct_id = if lossy_id == 1 { 2 } else { 1 };
+    converged_as(direct_id, &other_data.0, &cloud_data.0, &cloud.http, &cloud_token).await?;
+    drop(other);
+    drop(server);
+    drop(cloud);
+    Ok(())
 }

@@ -268,6 +268,13 @@ export interface LedgerView {
   balance: { credits_cents: number; charges_cents: number; balance_cents: number; status: "ok" | "low" | "depleted" };
 }
 
+export interface SyncView {
+  link: { configured: boolean; state: string; cloud: string | null; acked: number; last_error: string | null; linked_since_ms: number | null };
+  pending_rows: number;
+  pending_age_ms: number | null;
+  last_seq: number;
+}
+
 export interface RowError {
   line: number;
   reason: string;
@@ -480,6 +487,7 @@ export const api = {
   ledger: (eventId: Id) => request<LedgerView>("GET", `/api/v1/events/${enc(eventId)}/ledger`),
   addLedgerEntry: (eventId: Id, body: { kind: "credit" | "correction"; amount_cents: number; note: string; team_id?: number }) =>
     request<LedgerView>("POST", `/api/v1/events/${enc(eventId)}/ledger`, { json: body }),
+  syncStatus: () => request<SyncView>("GET", "/api/v1/sync"),
   alerts: (eventId: Id) => request<Alert[]>("GET", `/api/v1/events/${enc(eventId)}/alerts`),
   terminalTicket: (id: Id) =>
     request<{ ticket: string; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/terminal-ticket`),

@@ -71,7 +71,8 @@ fn now_ms() -> i64 {
     i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
 }
 
-/// Runs the relay until shutdown, reconnecting with backoff (0.5 s doubling to 30 s).
+/// Runs the relay until shutdown, reconnecting with backoff (0.5 s doubling to 5 s: a venue
+/// link that comes back should be used at once).
 pub async fn run(state: AppState, settings: SyncSettings) {
     state.link.update(|s| {
         s.configured = true;
@@ -98,7 +99,7 @@ pub async fn run(state: AppState, settings: SyncSettings) {
             failures = 0;
         }
         failures = failures.saturating_add(1);
-        let wait = Duration::from_millis(500).saturating_mul(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(30));
+        let wait = Duration::from_millis(500).saturating_mul(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(5));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,

@@ -81,6 +81,7 @@ export function renderEvents(root: HTMLElement): void {
   );
 
   if (canManageEvents(staff?.role)) root.append(createForm());
+  if (staff && staff.role !== "judge") root.append(syncCard(root));
   void load();
 
   function createForm(): HTMLElement {
@@ -152,4 +153,33 @@ export function renderEvents(root: HTMLElement): void {
     });
     return form;
   }
+}
+
+/** The cloud link: state, lag and the last error, refreshed while the page is open. */
+function syncCard(page: HTMLElement): HTMLElement {
+  const line = h("p", { testid: "sync-state" }, "…");
+  const detail = h("p", { class: "muted", testid: "sync-detail" });
+  const card = h("section", { class: "card", "aria-labelledby": "sync-h", testid: "sync-card" }, h("h2", { id: "sync-h" }, "Cloud sync"), line, detail);
+  const load = async (): Promise<void> => {
+    try {
+      const s = await api.syncStatus();
+      line.dataset.state = s.link.state;
+      if (!s.link.configured) {
+        line.textContent = "Not configured: scores and the ledger stay on this appliance (start it with --cloud to sync).";
+        detail.textContent = `${s.pending_rows} change(s) recorded for the cloud.`;
+        return;
+      }
+      const age = s.pending_age_ms === null ? "" : `, oldest ${Math.round(s.pending_age_ms / 1000)} s`;
+      line.textContent = `${s.link.state === "linked" ? "Linked" : s.link.state} to ${s.link.cloud ?? "?"} — ${s.pending_rows} change(s) waiting${age}; ${s.link.acked} of ${s.last_seq} acknowledged.`;
+      detail.textContent = s.link.last_error ? `Last error: ${s.link.last_error}` : "";
+    } catch (err) {
+      line.textContent = err instanceof Error ? err.message : String(err);
+    }
+  };
+  void load();
+  const timer = window.setInterval(() => {
+    if (!page.isConnected) return window.clearInterval(timer);
+    if (document.visibilityState === "visible") void load();
+  }, 5000);
+  return card;
 }

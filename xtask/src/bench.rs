@@ -27,7 +27,8 @@ pub(crate) fn cmd_bench(args: &[String]) -> anyhow::Result<()> {
         Some("reset") => crate::bench_reset::bench_reset(&args[1..]),
         Some("stream") => bench_stream(&args[1..]),
         Some("scoring") => crate::bench_scoring::bench_scoring(&args[1..]),
-        other => bail!("unknown benchmark {other:?}; available: api, reset, stream, scoring"),
+        Some("sync") => crate::bench_sync::bench_sync(&args[1..]),
+        other => bail!("unknown benchmark {other:?}; available: api, reset, stream, scoring, sync"),
     }
 }
 

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_reset;
 mod bench_scoring;
+mod bench_sync;
 mod bench_stream;
 mod util;
 
@@ -29,6 +30,8 @@ commands:
   bench scoring     a submission wave (2,000 teams × 10) and check throughput with N workers
                     [--teams N] [--per-team N] [--concurrency N] [--runs N]
                     [--lab-teams N] [--checks N] [--workers 1,2,4,8]
+  bench sync        outbox rows over QUIC to labrack cloud: rows/s, lag, partition catch-up
+                    [--rows N] [--runs N] [--partition-secs N] [--write-secs N]
   web               build the web UI only
 ";
 

@@ -4,7 +4,7 @@
 //! savepoint takes its outbox row and its number back with it). The sync relay sends rows in
 //! sequence order and prunes only what the receiver acknowledged.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::Serialize;
 
 /// What kind of change a row carries; the receiver applies each kind idempotently.
@@ -41,9 +41,28 @@ pub fn append(conn: &Connection, change: Change, entity: &str, body: &serde_json
     Ok(conn.last_insert_rowid())
 }
 
-/// Rows waiting for the receiver: how many, and the oldest one's time.
+/// The last sequence number written (0 before the first).
+pub fn last_seq(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    conn.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)", [], |r| r.get(0))
+}
+
+/// Rows waiting for the receiver: how many, and the oldest one's time. Cheap at any size:
+/// the sequence has no gaps, so the count is a subtraction and the oldest is one lookup.
 pub fn lag(conn: &Connection, acked: i64) -> Result<(i64, Option<i64>), rusqlite::Error> {
-    conn.query_row("SELECT count(*), min(created_ms) FROM outbox WHERE seq > ?1", [acked], |r| Ok((r.get(0)?, r.get(1)?)))
+    let last = last_seq(conn)?;
+    let oldest: Option<i64> = conn
+        .query_row("SELECT created_ms FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT 1", [acked], |r| r.get(0))
+        .optional()?;
+    Ok(((last - acked).max(0), oldest))
+}
+
+/// Deletes up to `limit` acknowledged rows older than `cutoff_ms`, oldest first; returns
+/// how many went (call again while it returns `limit`).
+pub fn prune(conn: &Connection, acked: i64, cutoff_ms: i64, limit: i64) -> Result<usize, rusqlite::Error> {
+    conn.execute(
+        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq <= ?1 ORDER BY seq LIMIT ?3) AND created_ms <= ?2",
+        params![acked, cutoff_ms, limit],
+    )
 }
 
 #[cfg(test)]
@@ -64,6 +83,10 @@ mod tests {
         conn.execute("DELETE FROM outbox", []).expect("prune everything acknowledged");
         assert_eq!(append(&conn, Change::Ledger, "ledger:1", &body, 4).expect("append"), 3, "pruning never restarts the sequence");
         assert_eq!(lag(&conn, 2).expect("lag"), (1, Some(4)));
+        assert_eq!(prune(&conn, 2, 10, 100).expect("prune"), 0, "only acknowledged rows go");
+        assert_eq!(prune(&conn, 3, 3, 100).expect("prune"), 0, "only rows older than the retention go");
+        assert_eq!(prune(&conn, 3, 4, 100).expect("prune"), 1);
+        assert_eq!(last_seq(&conn).expect("last"), 3);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }

@@ -146,7 +146,7 @@ async fn throughput(rows: usize) -> anyhow::Result<f64> {
             return Ok((now - linked) as f64 / 1000.0);
         }
         anyhow::ensure!(Instant::now() < deadline, "{rows} rows did not sync within 10 minutes");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

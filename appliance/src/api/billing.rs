@@ -191,7 +191,7 @@ pub async fn sync_status(State(state): State<AppState>, caller: Caller) -> Resul
         .db
         .read(move |conn| {
             let (count, oldest) = crate::outbox::lag(conn, acked)?;
-            let last: i64 = conn.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)", [], |r| r.get(0))?;
+            let last = crate::outbox::last_seq(conn)?;
             Ok::<_, ApiError>((count, oldest, last))
         })
         .await?;

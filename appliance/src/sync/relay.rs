@@ -168,7 +168,8 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
     let mut acked_rx = acked.subscribe();
     let mut sent = welcome.acked;
     let mut in_flight: std::collections::VecDeque<i64> = std::collections::VecDeque::new();
-    let mut last_prune = 0i64;
+    let mut last_prune_seq = 0i64;
+    let mut last_prune_at = std::time::Instant::now() - Duration::from_secs(60);
     let result: anyhow::Result<()> = async {
         loop {
             if reader.is_finished() {
@@ -179,9 +180,11 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
                 in_flight.pop_front();
             }
             state.link.update(|s| s.acked = confirmed);
-            if confirmed > last_prune {
+            // Pruning looks at most every 10 s: acknowledged rows stay for the retention anyway.
+            if confirmed > last_prune_seq && last_prune_at.elapsed() >= Duration::from_secs(10) {
                 prune(state, confirmed, settings.retention).await?;
-                last_prune = confirmed;
+                last_prune_seq = confirmed;
+                last_prune_at = std::time::Instant::now();
             }
             if in_flight.len() < WINDOW {
                 let rows = read_rows(state, sent, settings.batch_rows).await?;
@@ -204,16 +207,15 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
     result
 }
 
-/// Drops acknowledged rows older than the retention.
+/// Drops acknowledged rows older than the retention, a slice per write so other writers
+/// are not held up.
 async fn prune(state: &AppState, acked: i64, retention: Duration) -> Result<(), ApiError> {
+    const SLICE: i64 = 5_000;
     let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-    state
-        .db
-        .writer()
-        .write(move |conn| {
-            conn.execute("DELETE FROM outbox WHERE seq <= ?1 AND created_ms <= ?2", params![acked, cutoff])?;
-            Ok::<_, ApiError>(())
-        })
-        .await?;
-    Ok(())
+    loop {
+        let deleted = state.db.writer().write(move |conn| Ok::<_, ApiError>(crate::outbox::prune(conn, acked, cutoff, SLICE)?)).await?;
+        if i64::try_from(deleted).unwrap_or(0) < SLICE {
+            return Ok(());
+        }
+    }
 }

@@ -38,8 +38,15 @@ commands:
 /// Debian packages the test command needs, with the command that shows each is present.
 /// What the tests need from Debian: the browser, real sshd for the lab terminal, the RDP
 /// servers and X tools for lab desktops (xrdp; freerdp-shadow and weston for the RDP client's
-/// compatibility tests), and the C toolchain bits ssh2 and OpenH264 build with.
+/// compatibility tests), the C toolchain bits ssh2 and OpenH264 build with, and what the Tauri
+/// console builds and is tested with (WebKitGTK, its WebDriver).
 const SYSTEM_PACKAGES: &[&str] = &[
+    "libwebkit2gtk-4.1-dev",
+    "libgtk-3-dev",
+    "libayatana-appindicator3-dev",
+    "librsvg2-dev",
+    "libxdo-dev",
+    "webkit2gtk-driver",
     "chromium",
     "ca-certificates",
     "openssh-server",
@@ -104,6 +111,7 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
         util::ensure_debian_packages(SYSTEM_PACKAGES)?;
         util::ensure_node()?;
         util::ensure_nextest()?;
+        util::ensure_tauri_driver()?;
     }
     build_web()?;
     util::step("building labrack and the test binaries");
@@ -114,6 +122,7 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .env("LABRACK_BIN", util::target_dir().join("debug/labrack"))
+        .env("LABRACK_CONSOLE_BIN", util::target_dir().join("debug/labrack-console"))
         .env("LABRACK_SCREENSHOT_DIR", util::target_dir().join("screenshots")))?;
     util::step("browser tests (Debian Chromium, headless)");
     browser_tests()?;

@@ -91,6 +91,15 @@ pub(crate) fn ensure_nextest() -> anyhow::Result<()> {
     run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["install", "cargo-nextest", "--locked"]))
 }
 
+/// tauri-driver, the WebDriver bridge the console's UI test drives (built from crates.io once).
+pub(crate) fn ensure_tauri_driver() -> anyhow::Result<()> {
+    if Command::new("tauri-driver").arg("--help").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    step("installing tauri-driver 2.1.0 (once)");
+    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["install", "tauri-driver", "--version", "2.1.0", "--locked"]))
+}
+
 /// Node.js ≥ 18 with npm, from Debian if absent.
 pub(crate) fn ensure_node() -> anyhow::Result<()> {
     let version = Command::new("node").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());

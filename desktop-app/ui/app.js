@@ -72,9 +72,12 @@ async function refreshEvents() {
   const { events } = await call("GET", "/api/v1/events");
   const body = $("events");
   const select = $("import-event");
+  const focus = $("focus-event");
   const chosen = select.value;
+  const focused = focus.value;
   body.replaceChildren();
   select.replaceChildren();
+  focus.replaceChildren();
   for (const ev of events) {
     const row = document.createElement("tr");
     row.dataset.testid = "event-row";
@@ -84,12 +87,15 @@ async function refreshEvents() {
     option.value = String(ev.id);
     option.textContent = ev.name;
     select.append(option);
+    focus.append(option.cloneNode(true));
   }
   if (chosen) select.value = chosen;
+  if (focused) focus.value = focused;
 }
 
 async function refreshHosts() {
   const { hosts } = await call("GET", "/api/v1/hosts");
+  renderHeatmap(hosts);
   const body = $("hosts");
   body.replaceChildren();
   for (const host of hosts) {
@@ -104,9 +110,118 @@ async function refreshHosts() {
   }
 }
 
+// Legal moves from each event state (the appliance refuses the rest).
+const MOVES = { draft: [["live", "Go live"]], live: [["frozen", "Freeze board"], ["ended", "End event"]], frozen: [["live", "Unfreeze"], ["ended", "End event"]], ended: [["archived", "Archive"]], archived: [] };
+
+function heatColour(utilization, temperature) {
+  // Blue when idle, through orange, to red when busy or hot.
+  const load = Math.max(utilization ?? 0, temperature === null || temperature === undefined ? 0 : Math.min(100, (temperature - 30) * 2));
+  const hue = 220 - Math.round(load * 2.2);
+  return `hsl(${hue}, 70%, 45%)`;
+}
+
+function renderHeatmap(hosts) {
+  const map = $("heatmap");
+  map.replaceChildren();
+  let cells = 0;
+  for (const host of hosts) {
+    const gpus = host.telemetry?.gpus;
+    if (gpus?.status !== "present") continue;
+    for (const gpu of gpus.devices) {
+      const cell = document.createElement("div");
+      cell.className = "heat";
+      cell.dataset.testid = "heat-cell";
+      cell.style.background = heatColour(gpu.utilization_percent, gpu.temperature_celsius);
+      cell.textContent = `${host.name} #${gpu.index}: ${gpu.utilization_percent ?? "?"} % · ${gpu.temperature_celsius ?? "?"} °C`;
+      map.append(cell);
+      cells += 1;
+    }
+  }
+  if (!cells) {
+    const none = document.createElement("p");
+    none.className = "muted";
+    none.dataset.testid = "no-gpus";
+    none.textContent = hosts.length ? "No NVIDIA GPUs reported by the lab hosts." : "No lab hosts yet.";
+    map.append(none);
+  }
+}
+
+async function refreshFocus() {
+  const select = $("focus-event");
+  const eventId = select.value;
+  if (!eventId) return;
+  const [event, board, labs] = await Promise.all([
+    call("GET", `/api/v1/events/${eventId}`),
+    call("GET", `/api/v1/events/${eventId}/leaderboard`),
+    call("GET", `/api/v1/events/${eventId}/allocations`),
+  ]);
+  text($("focus-state"), `State: ${event.state}`);
+  $("focus-state").dataset.state = event.state;
+  const moves = $("transitions");
+  moves.replaceChildren();
+  for (const [to, label] of MOVES[event.state] ?? []) {
+    const button = document.createElement("button");
+    button.className = "transition";
+    button.dataset.testid = `transition-${to}`;
+    button.textContent = label;
+    button.addEventListener("click", async () => {
+      text($("focus-error"), "");
+      try {
+        await call("POST", `/api/v1/events/${eventId}/transition`, { to, from: event.state });
+        await refreshFocus();
+      } catch (err) {
+        text($("focus-error"), String(err));
+      }
+    });
+    moves.append(button);
+  }
+  const rows = $("board");
+  rows.replaceChildren();
+  for (const row of board.rows) {
+    const tr = document.createElement("tr");
+    tr.dataset.testid = "board-row";
+    tr.append(cell(String(row.rank)), cell(row.team, "board-team"), cell(String(row.total)));
+    rows.append(tr);
+  }
+  const labRows = $("labs");
+  // Do not pull a confirmation away from under the pointer.
+  if (labRows.querySelector('[data-armed="yes"]')) return;
+  labRows.replaceChildren();
+  for (const lab of labs.allocations) {
+    const tr = document.createElement("tr");
+    tr.dataset.testid = "lab-row";
+    const actions = document.createElement("td");
+    for (const [action, label] of [["reset", "Reset"], ["force-release", "Force release"]]) {
+      if (lab.state !== "active" && action === "reset") continue;
+      if (lab.state === "released") continue;
+      const button = document.createElement("button");
+      button.className = "secondary";
+      button.textContent = label;
+      button.addEventListener("click", async () => {
+        // Two clicks: the first asks, the second acts (no native dialogs needed).
+        if (button.dataset.armed !== "yes") {
+          button.dataset.armed = "yes";
+          button.textContent = `Confirm: ${label.toLowerCase()} ${lab.team_name}'s lab`;
+          return;
+        }
+        try {
+          await call("POST", `/api/v1/allocations/${lab.id}/${action}`, {});
+          await refreshFocus();
+        } catch (err) {
+          text($("focus-error"), String(err));
+        }
+      });
+      actions.append(button);
+    }
+    tr.append(cell(lab.team_name), cell(lab.template), cell(lab.host_name), cell(lab.state), actions);
+    labRows.append(tr);
+  }
+}
+
 async function refresh() {
   try {
     await Promise.all([refreshEvents(), refreshHosts()]);
+    await refreshFocus();
     text($("link-state"), `Connected · updated ${new Date().toLocaleTimeString()}`);
   } catch (err) {
     // A laptop that lost Wi-Fi: say so and keep trying.
@@ -150,3 +265,5 @@ setInterval(() => {
 }, 2000);
 
 void renderRemembered();
+
+$("focus-event").addEventListener("change", () => void refreshFocus().catch((err) => text($("focus-error"), String(err))));

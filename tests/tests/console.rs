@@ -115,7 +115,12 @@ impl Driver {
             if text.contains(needle) {
                 return Ok(text);
             }
-            anyhow::ensure!(Instant::now() < deadline, "{testid} never showed {needle:?}; it shows {text:?}");
+            if Instant::now() >= deadline {
+                let source = self.get("/source").await.unwrap_or_default().as_str().unwrap_or_default().to_owned();
+                let at = source.find(&format!("data-testid=\"{testid}\"")).unwrap_or(0);
+                let html: String = source[at.saturating_sub(100)..].chars().take(700).collect();
+                anyhow::bail!("{testid} never showed {needle:?}; it shows {text:?} ({html})");
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -225,6 +230,18 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let _host = LabHost::start(&state.0, &users.prefix, 3389, 22, &[], &[])?;
     driver.wait_text("hosts", "rack-a1").await?;
     driver.wait_text("hosts", "healthy").await?;
+
+    // No NVIDIA here: the heat map says so instead of drawing cells.
+    driver.wait_text("heatmap", "No NVIDIA GPUs").await?;
+    // Event control: take the event live, then freeze its board.
+    driver.wait_text("focus-state", "draft").await?;
+    driver.click("transition-live").await?;
+    driver.wait_text("focus-state", "live").await?;
+    driver.click("transition-frozen").await?;
+    driver.wait_text("focus-state", "frozen").await?;
+    driver.wait_text("board", "Red").await?;
+    let (_, events) = admin.get("/api/v1/events").await?;
+    assert_eq!(events["events"][0]["state"], "frozen", "{events}");
 
     let shots = std::env::var_os("LABRACK_SCREENSHOT_DIR")
         .map(PathBuf::from)

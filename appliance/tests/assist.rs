@@ -299,3 +299,36 @@ async fn commentary_announces_a_new_leader_once_in_the_models_words_or_by_rule()
     let said = plain.call("GET", &format!("/api/v1/events/{}/agent-messages", s.event_id), &judge, None).await;
     assert_eq!(said.body[0]["body"], "Alpha takes the lead with 2 points. (rule-based: no language model is configured)", "{}", said.body);
 }
+
+#[tokio::test]
+async fn announcements_reach_the_events_participants_only() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let staff = As::Bearer(app.staff("staff1", "staff").await);
+    let judge = As::Bearer(app.staff("judge1", "judge").await);
+    let s = seed(&app, &organizer).await;
+    let team = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let path = format!("/api/v1/events/{}/announcements", s.event_id);
+    let before = app.snapshot().await;
+    app.call("POST", &path, &staff, Some(json!({"text": ""}))).await.problem(422);
+    app.call("POST", &path, &staff, Some(json!({"text": "x".repeat(1001)}))).await.problem(422);
+    app.call("POST", &path, &judge, Some(json!({"text": "hi"}))).await.problem(403);
+    app.call("POST", &path, &team, Some(json!({"text": "hi"}))).await.problem(403);
+    app.call("POST", "/api/v1/events/999999/announcements", &staff, Some(json!({"text": "hi"}))).await.problem(404);
+    assert_eq!(app.snapshot().await, before, "refused announcements change nothing");
+    let sent = app.call("POST", &path, &staff, Some(json!({"text": "Pizza in the hall at 19:00"}))).await;
+    assert_eq!(sent.status.as_u16(), 201, "{}", sent.body);
+    let seen = app.call("GET", "/api/v1/me/announcements", &team, None).await;
+    assert_eq!(seen.body[0]["text"], "Pizza in the hall at 19:00", "{}", seen.body);
+    assert_eq!(app.call("GET", &path, &judge, None).await.body.as_array().map(Vec::len), Some(1));
+    // Another event's participant does not see it.
+    let other = app
+        .call("POST", "/api/v1/events", &organizer, Some(json!({"name": "Other", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})))
+        .await;
+    let other_id = other.body["id"].as_i64().expect("id");
+    let import = app.raw("POST", &format!("/api/v1/events/{other_id}/participants/import"), &organizer, "text/csv", "team,name,email\nZed,Zoe,\n").await;
+    let code = import.body["participants"][0]["join_code"].as_str().expect("code").to_owned();
+    let stranger = As::Bearer(join(&app, other.body["code"].as_str().expect("code"), &code).await);
+    let none = app.call("GET", "/api/v1/me/announcements", &stranger, None).await;
+    assert_eq!(none.body.as_array().map(Vec::len), Some(0), "{}", none.body);
+}

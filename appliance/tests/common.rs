@@ -137,7 +137,7 @@ impl TestApp {
                 for table in [
                     "staff", "events", "teams", "participants", "audit_log", "hosts", "enrolment_tokens",
                     "lab_templates", "lab_template_source", "allocations", "host_tasks", "jobs", "check_batches", "check_runs",
-                    "rubrics", "judge_scores", "submissions", "hints", "score_adjustments", "llm_usage", "agent_messages", "alerts", "outbox", "billing_ledger",
+                    "rubrics", "judge_scores", "submissions", "hints", "score_adjustments", "llm_usage", "agent_messages", "alerts", "outbox", "billing_ledger", "announcements",
                 ] {
                     let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY rowid"))?;
                     let columns = stmt.column_count();

@@ -150,11 +150,20 @@ async function refreshFocus() {
   const select = $("focus-event");
   const eventId = select.value;
   if (!eventId) return;
-  const [event, board, labs] = await Promise.all([
+  const [event, board, labs, news] = await Promise.all([
     call("GET", `/api/v1/events/${eventId}`),
     call("GET", `/api/v1/events/${eventId}/leaderboard`),
     call("GET", `/api/v1/events/${eventId}/allocations`),
+    call("GET", `/api/v1/events/${eventId}/announcements`),
   ]);
+  const list = $("announcements");
+  list.replaceChildren();
+  for (const item of news) {
+    const li = document.createElement("li");
+    li.dataset.testid = "sent-announcement";
+    li.textContent = `${new Date(item.at).toLocaleTimeString()} · ${item.text}`;
+    list.append(li);
+  }
   text($("focus-state"), `State: ${event.state}`);
   $("focus-state").dataset.state = event.state;
   const moves = $("transitions");
@@ -267,3 +276,14 @@ setInterval(() => {
 void renderRemembered();
 
 $("focus-event").addEventListener("change", () => void refreshFocus().catch((err) => text($("focus-error"), String(err))));
+
+$("announce").addEventListener("click", async () => {
+  text($("focus-error"), "");
+  try {
+    await call("POST", `/api/v1/events/${$("focus-event").value}/announcements`, { text: $("announcement").value });
+    $("announcement").value = "";
+    await refreshFocus();
+  } catch (err) {
+    text($("focus-error"), String(err));
+  }
+});

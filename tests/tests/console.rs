@@ -242,6 +242,13 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     driver.wait_text("board", "Red").await?;
     let (_, events) = admin.get("/api/v1/events").await?;
     assert_eq!(events["events"][0]["state"], "frozen", "{events}");
+    // An announcement from the console reaches the event's participants.
+    driver.fill("announcement", "Doors close at 18:00").await?;
+    driver.click("announce").await?;
+    driver.wait_text("announcements", "Doors close at 18:00").await?;
+    let event_id = events["events"][0]["id"].as_i64().context("event id")?;
+    let (_, sent) = admin.get(&format!("/api/v1/events/{event_id}/announcements")).await?;
+    assert_eq!(sent[0]["text"], "Doors close at 18:00", "{sent}");
 
     let shots = std::env::var_os("LABRACK_SCREENSHOT_DIR")
         .map(PathBuf::from)

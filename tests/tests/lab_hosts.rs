@@ -1133,6 +1133,8 @@ dimension = "functionality"
     judge.login("judy", "first-password-1").await?;
     let (status, changed) = judge.post("/api/v1/auth/password", json!({"current_password": "first-password-1", "new_password": "judging-password-2"})).await?;
     assert_eq!(status, 200, "{changed}");
+    let (status, _) = fx.admin.post(&format!("/api/v1/events/{}/announcements", fx.event_id), json!({"text": "Doors close at 18:00"})).await?;
+    assert_eq!(status, 201);
     let mut command = fx.chromium_driver("e2e/drive-scoring.mjs", "Scorer").await?;
     command
         .env("LABRACK_EVENT_ID", fx.event_id.to_string())

@@ -46,6 +46,8 @@ try {
   await page.fill(tid("join-code-input"), JOIN_CODE);
   await page.click(tid("join-submit"));
   await page.waitForSelector(tid("checks-table"));
+  // Staff broadcast an announcement before the team opened its page.
+  await page.waitForSelector(`${tid("announcement")} >> text=Doors close at 18:00`);
 
   // Checks: run them from the page; the failing one shows its FAIL reason.
   await page.click(tid("run-checks"));

@@ -488,6 +488,7 @@ export const api = {
   addLedgerEntry: (eventId: Id, body: { kind: "credit" | "correction"; amount_cents: number; note: string; team_id?: number }) =>
     request<LedgerView>("POST", `/api/v1/events/${enc(eventId)}/ledger`, { json: body }),
   syncStatus: () => request<SyncView>("GET", "/api/v1/sync"),
+  myAnnouncements: () => request<{ id: number; text: string; author: string; at: string }[]>("GET", "/api/v1/me/announcements"),
   alerts: (eventId: Id) => request<Alert[]>("GET", `/api/v1/events/${enc(eventId)}/alerts`),
   terminalTicket: (id: Id) =>
     request<{ ticket: string; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/terminal-ticket`),

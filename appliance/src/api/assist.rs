@@ -465,3 +465,70 @@ pub async fn llm_usage(State(state): State<AppState>, caller: Caller, ApiPath(ev
         .await?;
     Ok(Json(usage))
 }
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewAnnouncement {
+    /// what every participant of the event sees, 1–1000 characters
+    pub text: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Announcement {
+    pub id: i64,
+    pub text: String,
+    pub author: String,
+    pub at: String,
+}
+
+fn announcements_of(conn: &Connection, event_id: i64) -> Result<Vec<Announcement>, ApiError> {
+    conn.prepare_cached("SELECT id, body, author, created_ms FROM announcements WHERE event_id = ?1 ORDER BY id DESC LIMIT 100")?
+        .query_map([event_id], |r| Ok(Announcement { id: r.get(0)?, text: r.get(1)?, author: r.get(2)?, at: time_of(r.get(3)?) }))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::from)
+}
+
+/// Broadcasts an announcement to the event's participants (their team page shows it).
+#[utoipa::path(post, path = "/api/v1/events/{event_id}/announcements", tag = "assist", params(("event_id" = i64, Path)), request_body = NewAnnouncement,
+    responses((status = 201, body = Announcement), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn announce(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+    ApiJson(body): ApiJson<NewAnnouncement>,
+) -> Result<(StatusCode, Json<Announcement>), ApiError> {
+    caller.require_staff(&OPERATORS)?;
+    let text = super::validate::name("text", &body.text, 1000)?;
+    let announcement = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let exists: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)", [event_id], |r| r.get(0))?;
+            if !exists {
+                return Err(ApiError::NotFound("event"));
+            }
+            let now = now_ms();
+            let author = caller.actor();
+            conn.execute("INSERT INTO announcements (event_id, body, author, created_ms) VALUES (?1, ?2, ?3, ?4)", params![event_id, text, author, now])?;
+            let id = conn.last_insert_rowid();
+            audit(conn, &author, &caller.meta, "announcement.sent", Some(&format!("event:{event_id}")), serde_json::json!({"id": id}))?;
+            Ok(Announcement { id, text, author, at: time_of(now) })
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(announcement)))
+}
+
+/// The event's announcements, newest first (staff and judges).
+#[utoipa::path(get, path = "/api/v1/events/{event_id}/announcements", tag = "assist", params(("event_id" = i64, Path)),
+    responses((status = 200, body = [Announcement]), (status = 403, body = Problem)))]
+pub async fn list_announcements(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Vec<Announcement>>, ApiError> {
+    caller.require_staff(&READERS)?;
+    Ok(Json(state.db.read(move |conn| announcements_of(conn, event_id)).await?))
+}
+
+/// The announcements of the participant's event, newest first.
+#[utoipa::path(get, path = "/api/v1/me/announcements", tag = "assist", responses((status = 200, body = [Announcement]), (status = 403, body = Problem)))]
+pub async fn my_announcements(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<Announcement>>, ApiError> {
+    let (_, event_id) = participant(&caller)?;
+    Ok(Json(state.db.read(move |conn| announcements_of(conn, event_id)).await?))
+}

@@ -149,6 +149,7 @@ impl AppState {
         scores::scoreboard, scores::scoreboard_stream, scores::submit, scores::my_submissions,
         assist::create_hint, assist::list_hints, assist::my_hints, assist::unlock_hint, assist::correct, assist::get_ledger,
         assist::ask, assist::my_messages, assist::event_messages, assist::alerts, assist::llm_usage,
+        assist::announce, assist::list_announcements, assist::my_announcements,
         billing::ledger, billing::ledger_csv, billing::add_entry, billing::sync_status,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
@@ -216,6 +217,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/me/messages", get(assist::my_messages))
         .route("/v1/events/{event_id}/agent-messages", get(assist::event_messages))
         .route("/v1/events/{event_id}/alerts", get(assist::alerts))
+        .route("/v1/events/{event_id}/announcements", get(assist::list_announcements).post(assist::announce))
+        .route("/v1/me/announcements", get(assist::my_announcements))
         .route("/v1/events/{event_id}/llm-usage", get(assist::llm_usage))
         .route("/v1/events/{event_id}/ledger", get(billing::ledger).post(billing::add_entry))
         .route("/v1/events/{event_id}/ledger.csv", get(billing::ledger_csv))

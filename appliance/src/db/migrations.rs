@@ -352,6 +352,17 @@ CREATE TRIGGER billing_ledger_append_only_delete BEFORE DELETE ON billing_ledger
 BEGIN SELECT RAISE(ABORT, 'the billing ledger is append-only'); END;
 ALTER TABLE allocations ADD COLUMN billed_until_ms INTEGER;
 "#,
+    // 9: announcements staff broadcast to an event's participants
+    r#"
+CREATE TABLE announcements (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    body TEXT NOT NULL,
+    author TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX announcements_by_event ON announcements(event_id, id);
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own
@@ -388,7 +399,7 @@ mod tests {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(tables, 26);
+        assert_eq!(tables, 27);
     }
 
     #[test]

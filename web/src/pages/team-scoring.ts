@@ -223,7 +223,25 @@ function assistantSection(): HTMLElement {
   return root;
 }
 
+function announcementsSection(): HTMLElement {
+  const { root, body, error } = section("me-news-h", "Announcements", "me-announcements");
+  every(root, 10_000, async () => {
+    try {
+      const items = await api.myAnnouncements();
+      replace(
+        body,
+        items.length
+          ? h("ul", { class: "plain", "aria-live": "polite" }, items.map((a) => h("li", { testid: "announcement" }, h("strong", null, formatDateTime(a.at)), " — ", a.text)))
+          : h("p", { class: "muted" }, "No announcements yet."),
+      );
+    } catch (err) {
+      if (root.isConnected) showError(error, err);
+    }
+  });
+  return root;
+}
+
 /** The participant's scoring sections, appended to the team page. */
 export function teamScoring(): HTMLElement[] {
-  return [checksSection(), submissionsSection(), hintsSection(), assistantSection()];
+  return [announcementsSection(), checksSection(), submissionsSection(), hintsSection(), assistantSection()];
 }

@@ -7,6 +7,7 @@
 
 #![cfg_attr(not(debug_assertions), windows_subsystem = "windows")]
 
+mod badges;
 mod pin;
 
 use std::sync::Mutex;
@@ -154,6 +155,21 @@ async fn api(state: tauri::State<'_, AppState>, method: String, path: String, bo
     answer(response).await
 }
 
+/// Saves join-code badges as a PDF in the console's data folder; returns the file's path.
+#[tauri::command]
+fn save_badges(app: tauri::AppHandle, event: String, event_code: String, badges: Vec<badges::Badge>) -> Result<String, String> {
+    if badges.is_empty() {
+        return Err("no join codes to print: they are shown once, right after an import".into());
+    }
+    let dir = app.path().app_data_dir().map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let safe_code: String = event_code.chars().filter(char::is_ascii_alphanumeric).collect();
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let path = dir.join(format!("badges-{safe_code}-{stamp}.pdf"));
+    std::fs::write(&path, badges::pdf(&event, &event_code, &badges)).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path.display().to_string())
+}
+
 /// Forgets the session (the appliance stays connected).
 #[tauri::command]
 fn logout(state: tauri::State<'_, AppState>) -> Result<(), String> {
@@ -164,7 +180,7 @@ fn logout(state: tauri::State<'_, AppState>) -> Result<(), String> {
 fn main() {
     let app = tauri::Builder::default()
         .manage(AppState::default())
-        .invoke_handler(tauri::generate_handler![remembered, connect, login, api, logout])
+        .invoke_handler(tauri::generate_handler![remembered, connect, login, api, logout, save_badges])
         .build(tauri::generate_context!());
     match app {
         Ok(app) => app.run(|_, _| {}),

@@ -68,8 +68,13 @@ function cell(value, testid) {
   return td;
 }
 
+// The last import's join codes (shown once by the appliance), for the badges.
+let lastImport = null;
+const eventsById = new Map();
+
 async function refreshEvents() {
   const { events } = await call("GET", "/api/v1/events");
+  for (const ev of events) eventsById.set(String(ev.id), ev);
   const body = $("events");
   const select = $("import-event");
   const focus = $("focus-event");
@@ -256,6 +261,9 @@ $("import").addEventListener("click", async () => {
   try {
     const result = await invoke("api", { method: "POST", path: `/api/v1/events/${eventId}/participants/import`, body: null, csv: $("csv").value });
     text($("import-result"), `Imported ${result.imported} participant(s), ${result.teams_created} new team(s).`);
+    lastImport = { event: eventsById.get(String(eventId)), participants: result.participants };
+    $("save-badges").hidden = false;
+    text($("badges-result"), "");
     await refreshEvents();
   } catch (err) {
     const [summary, ...rows] = String(err).split("\n");
@@ -285,5 +293,16 @@ $("announce").addEventListener("click", async () => {
     await refreshFocus();
   } catch (err) {
     text($("focus-error"), String(err));
+  }
+});
+
+$("save-badges").addEventListener("click", async () => {
+  if (!lastImport) return;
+  try {
+    const badges = lastImport.participants.map((p) => ({ name: p.participant.name, team: p.participant.team_name, join_code: p.join_code }));
+    const path = await invoke("save_badges", { event: lastImport.event?.name ?? "", eventCode: lastImport.event?.code ?? "", badges });
+    text($("badges-result"), `Saved ${badges.length} badge(s) to ${path}`);
+  } catch (err) {
+    text($("badges-result"), String(err));
   }
 });

@@ -218,6 +218,12 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     driver.fill("csv", "team,name,email\nRed,Ada,ada@example.org\nBlue,Bob,\n").await?;
     driver.click("import").await?;
     driver.wait_text("import-result", "Imported 2 participant(s), 2 new team(s)").await?;
+    // Badges with the join codes, shown this once, as a PDF.
+    driver.click("save-badges").await?;
+    let saved = driver.wait_text("badges-result", "Saved 2 badge(s) to ").await?;
+    let pdf = std::fs::read(saved.trim_start_matches("Saved 2 badge(s) to ").trim())?;
+    let pdf_text = String::from_utf8_lossy(&pdf);
+    assert!(pdf_text.starts_with("%PDF-1.4") && pdf_text.contains("(Ada) Tj") && pdf_text.contains("(Team Blue) Tj"), "{pdf_text}");
     driver.wait_text("events", "2").await?;
 
     // A lab host enrols and runs: the console shows it.

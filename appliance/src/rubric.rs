@@ -98,11 +98,9 @@ fn valid_name(name: &str) -> bool {
 /// Parses and validates a rubric; `team_exists` says whether a bracket's team name is a
 /// team of the event.
 pub fn parse(text: &str, team_exists: impl Fn(&str) -> bool) -> Result<Rubric, Vec<RubricError>> {
-    let line = |offset: usize| text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1;
-    let file: File = toml::from_str(text).map_err(|e| {
-        let at = e.span().map_or(1, |span| line(span.start));
-        vec![RubricError { line: at, message: e.message().to_owned() }]
-    })?;
+    use labrack_provisioner::template::{line_at, parse_toml};
+    let line = |offset: usize| line_at(text, offset);
+    let file: File = parse_toml(text).map_err(|(line, message)| vec![RubricError { line, message }])?;
     let mut errors = Vec::new();
     let mut error = |offset: usize, message: String| errors.push(RubricError { line: line(offset), message });
     if file.dimension.is_empty() {

@@ -116,13 +116,21 @@ fn default_weight() -> Spanned<u32> {
     Spanned::new(0..0, 1)
 }
 
+/// The 1-based line of a byte offset in `text`.
+pub fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+/// Parses a TOML file into `T`; a syntax, type or unknown-key error comes back with its
+/// line. Shared by every organizer-written TOML file (templates, rubrics).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (usize, String)> {
+    toml::from_str(text).map_err(|e| (e.span().map_or(1, |span| line_at(text, span.start)), e.message().to_owned()))
+}
+
 /// Parses and validates a template file.
 pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
-    let line = |offset: usize| text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1;
-    let file: File = toml::from_str(text).map_err(|e| {
-        let at = e.span().map_or(1, |span| line(span.start));
-        vec![TemplateError { line: at, message: e.message().to_owned() }]
-    })?;
+    let line = |offset: usize| line_at(text, offset);
+    let file: File = parse_toml(text).map_err(|(line, message)| vec![TemplateError { line, message }])?;
     let mut errors = Vec::new();
     let mut error = |offset: usize, message: String| errors.push(TemplateError { line: line(offset), message });
     if file.template.is_empty() {

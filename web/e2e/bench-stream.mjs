@@ -14,20 +14,14 @@
 
 import { execFileSync } from "node:child_process";
 import { writeFile } from "node:fs/promises";
-import { launchChromium } from "./chromium.mjs";
+import { launchChromium, need, tid } from "./chromium.mjs";
 
-const need = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is required (this script is driven by cargo xtask bench stream)`);
-  return value;
-};
-const BASE_URL = need("LABRACK_URL").replace(/\/+$/, "");
-const LAB_USER = need("LABRACK_LAB_USER");
-const LAB_DISPLAY = need("LABRACK_LAB_DISPLAY");
-const MODE_FILE = need("LABRACK_MODE_FILE");
+const BASE_URL = need("LABRACK_URL", "cargo xtask bench stream").replace(/\/+$/, "");
+const LAB_USER = need("LABRACK_LAB_USER", "cargo xtask bench stream");
+const LAB_DISPLAY = need("LABRACK_LAB_DISPLAY", "cargo xtask bench stream");
+const MODE_FILE = need("LABRACK_MODE_FILE", "cargo xtask bench stream");
 const FLIPS = Number(process.env.LABRACK_FLIPS ?? 30);
 const PHASE_SECS = Number(process.env.LABRACK_PHASE_SECS ?? 10);
-const tid = (id) => `[data-testid="${id}"]`;
 const wallNow = () => performance.timeOrigin + performance.now();
 const COLOURS = [[255, 0, 0], [0, 0, 255], [0, 200, 0]];
 const hex = (rgb) => `#${rgb.map((c) => c.toString(16).padStart(2, "0")).join("")}`;
@@ -63,8 +57,8 @@ try {
     }),
   );
   await page.goto(`${BASE_URL}/#/join`);
-  await page.fill(tid("join-event-code"), need("LABRACK_EVENT_CODE"));
-  await page.fill(tid("join-code-input"), need("LABRACK_JOIN_CODE"));
+  await page.fill(tid("join-event-code"), need("LABRACK_EVENT_CODE", "cargo xtask bench stream"));
+  await page.fill(tid("join-code-input"), need("LABRACK_JOIN_CODE", "cargo xtask bench stream"));
   await page.click(tid("join-submit"));
   await page.waitForSelector(tid("open-desktop"));
   await page.click(tid("open-desktop"));

@@ -22,3 +22,13 @@ export async function launchChromium(tag, viewport) {
   };
   return { context, close };
 }
+
+/** An environment variable the driving program must set; `by` names that program. */
+export function need(name, by = "the lab_hosts Rust test") {
+  const value = process.env[name];
+  if (!value) throw new Error(`${name} is required (this script is driven by ${by})`);
+  return value;
+}
+
+/** The CSS selector of a `data-testid`. */
+export const tid = (id) => `[data-testid="${id}"]`;

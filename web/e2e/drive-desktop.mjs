@@ -11,16 +11,10 @@
 import assert from "node:assert/strict";
 import { mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { launchChromium } from "./chromium.mjs";
+import { launchChromium, need, tid } from "./chromium.mjs";
 
-const need = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is required (this script is driven by the lab_hosts Rust test)`);
-  return value;
-};
 const BASE_URL = need("LABRACK_URL").replace(/\/+$/, "");
 const SCREENSHOT_DIR = process.env.LABRACK_SCREENSHOT_DIR ?? "";
-const tid = (id) => `[data-testid="${id}"]`;
 const close = (a, b, tolerance = 24) => a.every((v, i) => Math.abs(v - b[i]) <= tolerance);
 
 const { context, close: closeChromium } = await launchChromium("desktop", { width: 1280, height: 860 });

@@ -11,13 +11,8 @@
 import assert from "node:assert/strict";
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
-import { launchChromium } from "./chromium.mjs";
+import { launchChromium, need, tid } from "./chromium.mjs";
 
-const need = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is required (this script is driven by the lab_hosts Rust test)`);
-  return value;
-};
 const BASE_URL = need("LABRACK_URL").replace(/\/+$/, "");
 const EVENT_CODE = need("LABRACK_EVENT_CODE");
 const JOIN_CODE = need("LABRACK_JOIN_CODE");
@@ -26,7 +21,6 @@ const TEAM = need("LABRACK_TEAM");
 const JUDGE_USER = need("LABRACK_JUDGE_USER");
 const JUDGE_PASSWORD = need("LABRACK_JUDGE_PASSWORD");
 const SCREENSHOT_DIR = process.env.LABRACK_SCREENSHOT_DIR ?? "";
-const tid = (id) => `[data-testid="${id}"]`;
 
 const shot = async (page, name) => {
   if (!SCREENSHOT_DIR) return;

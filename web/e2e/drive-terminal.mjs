@@ -9,19 +9,13 @@
 import assert from "node:assert/strict";
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
-import { launchChromium } from "./chromium.mjs";
+import { launchChromium, need, tid } from "./chromium.mjs";
 
-const need = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is required (this script is driven by the lab_hosts Rust test)`);
-  return value;
-};
 const BASE_URL = need("LABRACK_URL").replace(/\/+$/, "");
 const EVENT_CODE = need("LABRACK_EVENT_CODE");
 const JOIN_CODE = need("LABRACK_JOIN_CODE");
 const EXPECT = need("LABRACK_EXPECT");
 const SCREENSHOT_DIR = process.env.LABRACK_SCREENSHOT_DIR ?? "";
-const tid = (id) => `[data-testid="${id}"]`;
 
 const { context, close: closeChromium } = await launchChromium("term", { width: 1000, height: 700 });
 const urls = [];

@@ -193,3 +193,68 @@ async fn bad_lab_input_gets_a_problem_and_changes_nothing() {
     app.call("POST", &format!("/api/v1/allocations/{id}/force-release"), &organizer, None).await.problem(409);
     assert_eq!(before, app.snapshot().await);
 }
+
+#[tokio::test]
+async fn hosts_without_an_agent_and_their_labs_refuse_bad_or_unauthorised_input() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let staff = As::Bearer(app.staff("staff1", "staff").await);
+    let s = seed(&app, &organizer).await;
+    with_templates(&app, &organizer).await;
+    let team = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let key = format!("ssh-ed25519 {}", "A".repeat(68));
+    let good = json!({"name": "ext", "address": "10.0.0.9", "ssh_port": 22, "ssh_host_key": key});
+    let before = app.snapshot().await;
+    for (body, field) in [
+        (json!({"name": "ext", "address": "10.0.0.9", "ssh_host_key": "not a key"}), "ssh_host_key"),
+        (json!({"name": "bad name!", "address": "10.0.0.9", "ssh_host_key": key}), "name"),
+        (json!({"name": "ext", "address": "10.0.0.9 ; rm", "ssh_host_key": key}), "address"),
+        (json!({"name": "ext", "address": "10.0.0.9", "ssh_port": 0, "ssh_host_key": key}), "ssh_port"),
+        (json!({"name": "ext", "address": "10.0.0.9", "capacity": 0, "ssh_host_key": key}), "capacity"),
+        (json!({"name": "ext", "address": "10.0.0.9", "ssh_host_key": key, "colour": 1}), "colour"),
+    ] {
+        let reply = app.call("POST", "/api/v1/hosts/agentless", &organizer, Some(body.clone())).await;
+        assert_eq!(reply.status.as_u16(), 422, "{body}: {}", reply.body);
+        assert!(reply.body.to_string().contains(field), "{body}: {}", reply.body);
+    }
+    for who in [&staff, &team] {
+        app.call("POST", "/api/v1/hosts/agentless", who, Some(good.clone())).await.problem(403);
+    }
+    assert_eq!(app.snapshot().await, before, "refused hosts change nothing");
+    let host = app.call("POST", "/api/v1/hosts/agentless", &organizer, Some(good.clone())).await;
+    assert_eq!(host.status.as_u16(), 201, "{}", host.body);
+    app.call("POST", "/api/v1/hosts/agentless", &organizer, Some(good)).await.problem(409);
+    let host_id = host.body["id"].as_i64().expect("id");
+    let agent_host = insert_host(&app, "with-agent", 2).await;
+
+    let path = format!("/api/v1/teams/{}/agentless-lab", s.team_a);
+    let lab = |host: i64, user: &str, password: &str| json!({"host_id": host, "template": "desk", "username": user, "password": password});
+    let before = app.snapshot().await;
+    for (body, status, field) in [
+        (lab(host_id, "Bad User", "pw"), 422, "username"),
+        (lab(host_id, "team1", ""), 422, "password"),
+        (lab(agent_host, "team1", "pw"), 422, "host_id"),
+        (lab(999_999, "team1", "pw"), 422, "host_id"),
+        (json!({"host_id": host_id, "template": "nope", "username": "team1", "password": "pw"}), 422, "template"),
+    ] {
+        let reply = app.call("POST", &path, &organizer, Some(body.clone())).await;
+        assert_eq!(reply.status.as_u16(), status, "{body}: {}", reply.body);
+        assert!(reply.body.to_string().contains(field), "{body}: {}", reply.body);
+    }
+    app.call("POST", &path, &staff, Some(lab(host_id, "team1", "pw"))).await.problem(403);
+    app.call("POST", &path, &team, Some(lab(host_id, "team1", "pw"))).await.problem(403);
+    app.call("POST", "/api/v1/teams/999999/agentless-lab", &organizer, Some(lab(host_id, "team1", "pw"))).await.problem(404);
+    assert_eq!(app.snapshot().await, before, "refused labs change nothing");
+    let made = app.call("POST", &path, &organizer, Some(lab(host_id, "team1", "secret-pw"))).await;
+    assert_eq!(made.status.as_u16(), 201, "{}", made.body);
+    assert!(!made.body.to_string().contains("secret-pw"), "the password never comes back");
+    // Capacity 1 is used up; and a team has one live lab at most.
+    let other = app.call("POST", &format!("/api/v1/teams/{}/agentless-lab", s.team_b), &organizer, Some(lab(host_id, "team2", "pw"))).await;
+    assert_eq!(other.problem(409)["detail"].as_str().map(|d| d.contains("in use")), Some(true), "{}", other.body);
+    app.call("POST", &path, &organizer, Some(lab(host_id, "team1", "pw"))).await.problem(409);
+    // Check runs: a bad query is refused.
+    app.call("GET", &format!("/api/v1/events/{}/check-runs?state=bogus", s.event_id), &organizer, None).await.problem(422);
+    app.call("GET", &format!("/api/v1/events/{}/check-runs?limit=0", s.event_id), &organizer, None).await.problem(422);
+    app.call("GET", &format!("/api/v1/events/{}/check-runs", s.event_id), &team, None).await.problem(403);
+    app.call("GET", "/api/v1/events/999999/check-runs", &organizer, None).await.problem(404);
+}

@@ -99,7 +99,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, log_format, secret_key_file, host_heartbeat_secs,
+    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, mdns, log_format, secret_key_file, host_heartbeat_secs,
     /// webrtc_bind, check_workers, job_attempts (a table of kind = attempts), llm_endpoints (a list of
     /// {url, model, api_key_env}), llm_team_budget, llm_requests_per_minute, llm_allow_remote,
     /// observer_secs, idle_minutes
@@ -120,6 +120,10 @@ pub struct ServeArgs {
     /// extra DNS names or IP addresses for the server certificate (comma-separated)
     #[arg(long, env = "LABRACK_TLS_NAMES", value_delimiter = ',')]
     pub tls_names: Vec<String>,
+    /// do not announce the appliance on the LAN over mDNS (`_labrack._tcp`), which lets staff
+    /// consoles find it; it is never announced while listening on loopback only
+    #[arg(long, env = "LABRACK_NO_MDNS")]
+    pub no_mdns: bool,
     /// log format [default: json]
     #[arg(long, env = "LABRACK_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -199,6 +203,7 @@ struct ConfigFile {
     dev_http: Option<bool>,
     web_dir: Option<PathBuf>,
     tls_names: Option<Vec<String>>,
+    mdns: Option<bool>,
     log_format: Option<LogFormat>,
     secret_key_file: Option<PathBuf>,
     host_heartbeat_secs: Option<u64>,
@@ -228,6 +233,8 @@ pub struct ServeConfig {
     pub dev_http: bool,
     pub web_dir: PathBuf,
     pub tls_names: Vec<String>,
+    /// announce on the LAN over mDNS
+    pub mdns: bool,
     pub log_format: LogFormat,
     pub secret_key_file: PathBuf,
     pub host_heartbeat_secs: u64,
@@ -321,6 +328,7 @@ impl ServeArgs {
             dev_http: self.dev_http || file.dev_http.unwrap_or(false),
             web_dir: self.web_dir.or(file.web_dir).unwrap_or_else(|| PathBuf::from("./web/dist")),
             tls_names: if self.tls_names.is_empty() { file.tls_names.unwrap_or_default() } else { self.tls_names },
+            mdns: !self.no_mdns && file.mdns.unwrap_or(true),
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Json),
         })
     }

@@ -72,10 +72,13 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let shown_host = if local.ip().is_unspecified() { "127.0.0.1".to_owned() } else { local.ip().to_string() };
     let (scheme, fingerprint) = if config.dev_http { ("http", None) } else { ("https", Some(())) };
     let url = format!("{scheme}://{}/", SocketAddr::new(shown_host.parse()?, local.port()));
+    // Withdrawn (dropped) when the server stops.
+    let mut announcement = None;
     let server = if fingerprint.is_some() {
         let identity = crate::tls::load_or_create(&config.data_dir, &config.tls_names)?;
         println!("labrack: ca certificate {}", identity.files.ca_cert.display());
         println!("labrack: ca fingerprint SHA256:{}", identity.ca_fingerprint);
+        announcement = announce(&config, local, &identity.ca_fingerprint);
         let tls = axum_server::tls_rustls::RustlsConfig::from_config(identity.server_config);
         let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
         tokio::spawn(async move { server.serve(app).await })
@@ -93,6 +96,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     tokio::spawn(signals.shutdown(handle, shutdown.clone()));
     server.await.context("server task")?.context("server")?;
+    drop(announcement);
     shutdown.send_replace(true);
     let _ = reconciler.await;
     let _ = observer.await;
@@ -106,6 +110,31 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     db.writer().shutdown();
     tracing::info!("labrack stopped");
     Ok(())
+}
+
+/// Announces the appliance on the LAN (mDNS) unless turned off or listening on loopback only.
+/// The name announced is one the server certificate holds: the first `--tls-names` entry, else
+/// the machine's host name. Failing to announce is logged, never fatal.
+fn announce(config: &crate::cli::ServeConfig, local: SocketAddr, fingerprint: &str) -> Option<labrack_discovery::Announcement> {
+    if !config.mdns || local.ip().is_loopback() {
+        return None;
+    }
+    let machine = crate::tls::host_name();
+    let cert_host = config.tls_names.first().cloned().filter(|n| !n.is_empty()).unwrap_or_else(|| machine.clone());
+    if cert_host.is_empty() {
+        tracing::warn!("not announcing on the LAN: no host name (set --tls-names)");
+        return None;
+    }
+    match labrack_discovery::Announcement::start(&machine, &cert_host, local.port(), &format!("SHA256:{fingerprint}")) {
+        Ok(announcement) => {
+            println!("labrack: announced on the LAN as {} (mDNS)", announcement.fullname());
+            Some(announcement)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not announce the appliance on the LAN (mDNS); consoles can still connect by URL");
+            None
+        }
+    }
 }
 
 /// Signal streams registered before the server says it listens, so a SIGTERM sent the

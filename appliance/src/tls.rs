@@ -174,7 +174,8 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn host_name() -> String {
+/// The machine's host name (the server certificate holds it).
+pub fn host_name() -> String {
     fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 

@@ -92,3 +92,42 @@ async fn only_queue_staff_may_look_and_bad_requests_change_nothing() {
     app.call("POST", "/api/v1/jobs/999/requeue", &organizer, None).await.problem(404);
     assert_eq!(app.snapshot().await, before, "refused requests change nothing");
 }
+
+#[tokio::test]
+async fn the_event_dashboard_counts_people_labs_and_jobs_and_names_the_problems() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let path = format!("/api/v1/events/{}/dashboard", s.event_id);
+    let calm = app.call("GET", &path, &organizer, None).await;
+    assert_eq!(calm.status.as_u16(), 200, "{}", calm.body);
+    assert_eq!(calm.body["people"], json!({"teams": 2, "participants": 2, "joined": 0, "signed_in": 0}));
+    assert_eq!(calm.body["queue"], json!({"queued": 0, "running": 0, "dead": 0}));
+    assert_eq!(calm.body["sync"]["state"], "off", "no cloud configured: {}", calm.body);
+    assert_eq!(calm.body["problems"], json!([]));
+    assert!(["before_start", "running", "after_end"].contains(&calm.body["clock"]["phase"].as_str().unwrap_or_default()), "{}", calm.body);
+
+    // A participant joins; a host goes quiet; a job dies.
+    join(&app, &s.event_code, &s.code_a).await;
+    let host = common::insert_host(&app, "rack-b", 2).await;
+    app.db.writer().write(move |conn| conn.execute("UPDATE hosts SET healthy = 0 WHERE id = ?1", [host])).await.expect("host down");
+    dead_job(&app).await;
+    let busy = app.call("GET", &path, &organizer, None).await;
+    assert_eq!(busy.body["people"]["joined"], 1, "{}", busy.body);
+    assert_eq!(busy.body["people"]["signed_in"], 1, "{}", busy.body);
+    assert_eq!(busy.body["hosts"], json!({"total": 1, "unhealthy": ["rack-b"]}));
+    assert_eq!(busy.body["queue"]["dead"], 1);
+    let keys: Vec<&str> = busy.body["problems"].as_array().expect("problems").iter().filter_map(|p| p["key"].as_str()).collect();
+    assert_eq!(keys, ["host_down:rack-b", "dead_letters:1"], "{}", busy.body);
+
+    // Staff only; a missing event or a bad id is a problem document.
+    let participant = As::Bearer(join(&app, &s.event_code, &s.code_b).await);
+    let refused = app.call("GET", &path, &participant, None).await;
+    assert_eq!(refused.status.as_u16(), 403);
+    assert_eq!(refused.problem(403)["status"], 403);
+    let judge = As::Bearer(app.staff("judge1", "judge").await);
+    assert_eq!(app.call("GET", &path, &judge, None).await.status.as_u16(), 403, "judges score; they do not run the event");
+    assert_eq!(app.call("GET", &path, &As::Nobody, None).await.status.as_u16(), 401);
+    app.call("GET", "/api/v1/events/999999/dashboard", &organizer, None).await.problem(404);
+    app.call("GET", "/api/v1/events/x/dashboard", &organizer, None).await.problem(400);
+}

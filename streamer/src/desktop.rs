@@ -22,9 +22,12 @@ use tokio::sync::broadcast;
 use crate::convert::{I420, Rect};
 use crate::encode::{Codec, EncodedFrame, VideoEncoder};
 use crate::rdp::{DesktopError, DesktopSession, DesktopTarget, Pump};
+use crate::thumbnail::{self, THUMBNAIL_EVERY, Thumbnail};
 
 /// How long a stream without viewers keeps its RDP session.
 pub const IDLE_STOP: Duration = Duration::from_secs(15);
+/// A request for thumbnails keeps them coming (and the stream alive) this long.
+pub const THUMBNAIL_INTEREST: Duration = Duration::from_secs(20);
 /// How many frames may go out back to back after a quiet spell.
 const FRAME_BURST: f32 = 3.0;
 /// An idle desktop still sends a (tiny) frame this often.
@@ -125,6 +128,9 @@ pub struct DesktopStream {
     /// the lowest of them; 0 while no viewer has said
     wanted_bitrate: Arc<AtomicU32>,
     ended: tokio::sync::watch::Receiver<bool>,
+    thumbnails: tokio::sync::watch::Receiver<Option<Arc<Thumbnail>>>,
+    /// thumbnails are made until then (see [`DesktopStream::want_thumbnails`])
+    thumbnails_wanted_until: Arc<Mutex<Option<Instant>>>,
     pub stats: Arc<StreamStats>,
 }
 
@@ -139,6 +145,8 @@ impl DesktopStream {
         let (ended_tx, ended) = tokio::sync::watch::channel(false);
         let (clipboard_tx, clipboard) = tokio::sync::watch::channel(None);
         let wanted_bitrate = Arc::new(AtomicU32::new(0));
+        let (thumbnails_tx, thumbnails) = tokio::sync::watch::channel(None);
+        let thumbnails_wanted_until = Arc::new(Mutex::new(None));
         stats.bitrate_bps.store(u64::from(settings.bitrate_bps), Ordering::Relaxed);
         let worker = Worker {
             target,
@@ -150,12 +158,14 @@ impl DesktopStream {
             clipboard: clipboard_tx,
             wanted_size: None,
             wanted_bitrate: wanted_bitrate.clone(),
+            thumbnails: thumbnails_tx,
+            thumbnails_wanted_until: thumbnails_wanted_until.clone(),
         };
         std::thread::Builder::new()
             .name("desktop-stream".into())
             .spawn(move || worker.run(session))
             .map_err(|e| DesktopError::Rdp(format!("starting the stream thread: {e}")))?;
-        Ok(Self { frames, control, clipboard, viewer_bitrates: Arc::default(), wanted_bitrate, ended, stats })
+        Ok(Self { frames, control, clipboard, viewer_bitrates: Arc::default(), wanted_bitrate, ended, thumbnails, thumbnails_wanted_until, stats })
     }
 
     /// Ends the stream (its viewers should reconnect to a new one).
@@ -224,6 +234,16 @@ impl DesktopStream {
         }
     }
 
+    /// Asks for thumbnails of the desktop for the next [`THUMBNAIL_INTEREST`] (a view-only
+    /// look that needs no encoder: the wall of desktops); the receiver holds the latest one.
+    /// The stream stays up while they are wanted, even with no video viewer.
+    pub fn want_thumbnails(&self) -> tokio::sync::watch::Receiver<Option<Arc<Thumbnail>>> {
+        if let Ok(mut until) = self.thumbnails_wanted_until.lock() {
+            *until = Some(Instant::now() + THUMBNAIL_INTEREST);
+        }
+        self.thumbnails.clone()
+    }
+
     pub fn viewers(&self) -> usize {
         self.frames.receivers()
     }
@@ -245,9 +265,20 @@ struct Worker {
     /// the size the interactive viewer asked for, until the server has it
     wanted_size: Option<(u32, u32)>,
     wanted_bitrate: Arc<AtomicU32>,
+    thumbnails: tokio::sync::watch::Sender<Option<Arc<Thumbnail>>>,
+    thumbnails_wanted_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Worker {
+    fn thumbnails_wanted(&self) -> bool {
+        self.thumbnails_wanted_until.lock().ok().and_then(|until| *until).is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Somebody watches: a video viewer, or a wall that wants thumbnails.
+    fn watched(&self) -> bool {
+        self.frames.receivers() > 0 || self.thumbnails_wanted()
+    }
+
     fn run(mut self, session: DesktopSession) {
         self.run_until_stopped(session);
         self.stats.connected.store(false, Ordering::Relaxed);
@@ -267,7 +298,7 @@ impl Worker {
             }
             loop {
                 std::thread::sleep(backoff);
-                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected) | Ok(Control::Stop)) || self.frames.receivers() == 0 {
+                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected) | Ok(Control::Stop)) || !self.watched() {
                     return;
                 }
                 match DesktopSession::connect(&self.target, Duration::from_millis(5)) {
@@ -313,6 +344,10 @@ impl Worker {
         // `max_fps`.
         let mut frame_tokens = FRAME_BURST;
         let mut idle_since: Option<Instant> = None;
+        // The latest thumbnail no longer shows the desktop. A fresh session's framebuffer is
+        // black until the server's first update, so the first thumbnail waits for that.
+        let mut thumbnail_stale = false;
+        let mut last_thumbnail: Option<Instant> = None;
         loop {
             // One update per turn, then encode what changed (frame rate permitting). Draining
             // every pending update first was measured twice and made latency worse (88 vs
@@ -322,12 +357,14 @@ impl Worker {
                     damage_since = Some(Instant::now());
                 }
                 damage.extend(rects);
+                thumbnail_stale = true;
             }
             loop {
                 match self.commands.try_recv() {
                     Ok(Control::Input(events)) => {
                         if let Pump::Damage(rects) = session.send_input(&events)? {
                             damage.extend(rects);
+                            thumbnail_stale = true;
                         }
                     }
                     Ok(Control::Keyframe) => keyframe = true,
@@ -376,6 +413,7 @@ impl Worker {
                 encoders = [None, None];
                 encoder_built = Instant::now();
                 damage = vec![Rect::full(width, height)];
+                thumbnail_stale = true;
                 keyframe = true;
                 self.stats.resizes.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(width, height, "desktop resized");
@@ -387,7 +425,17 @@ impl Worker {
                     *slot = None;
                 }
             }
-            if self.frames.receivers() > 0 {
+            if thumbnail_stale && last_thumbnail.is_none_or(|at| at.elapsed() >= THUMBNAIL_EVERY) && self.thumbnails_wanted() {
+                match thumbnail::make(session.rgba(), u32::from(session.width()), u32::from(session.height())) {
+                    Ok(picture) => {
+                        self.thumbnails.send_replace(Some(Arc::new(picture)));
+                    }
+                    Err(error) => tracing::warn!(%error, "desktop thumbnail failed"),
+                }
+                thumbnail_stale = false;
+                last_thumbnail = Some(Instant::now());
+            }
+            if self.watched() {
                 idle_since = None;
             }
             let refill = last_encode.elapsed().as_secs_f32() / frame_interval.as_secs_f32();
@@ -433,7 +481,7 @@ impl Worker {
                 frame_tokens = (frame_tokens + refill).min(FRAME_BURST) - 1.0;
                 last_encode = started;
             } else if self.frames.receivers() == 0 {
-                if idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_STOP {
+                if !self.watched() && idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_STOP {
                     return Ok(());
                 }
                 // Nobody watches: keep the picture current but encode nothing.

@@ -6,6 +6,7 @@
 //!   → [`convert`] (damage-only RGBA → I420) → [`encode`] (H.264) → [`desktop`] (one encode
 //!   per desktop, fanned out) → [`webrtc`] (one peer connection per viewer), with [`input`]
 //!   carrying keyboard and mouse back and [`rate`] turning receiver feedback into bitrate.
+//! - [`thumbnail`]: small JPEG stills of a desktop for the staff's wall (no encoder needed).
 
 pub mod clipboard;
 pub mod convert;
@@ -15,4 +16,5 @@ pub mod input;
 pub mod rate;
 pub mod rdp;
 pub mod terminal;
+pub mod thumbnail;
 pub mod webrtc;

@@ -174,6 +174,18 @@ impl Api {
         self.send(reqwest::Method::GET, path, None).await
     }
 
+    /// A GET whose answer is not JSON (a picture): status, content type and body.
+    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<(u16, String, Vec<u8>)> {
+        let mut request = self.client.get(format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let kind = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        Ok((status, kind, response.bytes().await?.to_vec()))
+    }
+
     pub async fn post_csv(&self, path: &str, csv: &str) -> anyhow::Result<(u16, Value)> {
         let mut request = self.client.post(format!("{}{path}", self.base)).header("content-type", "text/csv").body(csv.to_owned());
         if let Some(token) = &self.token {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use base64::Engine as _;
 use futures_util::{SinkExt as _, StreamExt as _};
 use labrack_e2e::{Api, AppSocket, DataDir, LabHost, LabUsers, Server, Sshd, client_trusting, enrol_host, free_port, websocket};
@@ -577,6 +578,42 @@ async fn the_browser_terminal_runs_a_command_in_chromium() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A JPEG's width and RGB pixels.
+fn decode_jpeg(jpeg: &[u8]) -> anyhow::Result<(usize, Vec<u8>)> {
+    let mut decoder = jpeg_decoder::Decoder::new(jpeg);
+    let rgb = decoder.decode()?;
+    let info = decoder.info().context("JPEG info")?;
+    anyhow::ensure!(info.pixel_format == jpeg_decoder::PixelFormat::RGB24, "{:?}", info.pixel_format);
+    Ok((usize::from(info.width), rgb))
+}
+
+/// The pixel 5 % in from the right edge, half way down (the desktop's background there).
+fn pixel_at_right_middle(width: usize, rgb: &[u8]) -> [u8; 3] {
+    let height = rgb.len() / 3 / width.max(1);
+    let at = ((height / 2) * width + width * 95 / 100) * 3;
+    [rgb[at], rgb[at + 1], rgb[at + 2]]
+}
+
+fn close(a: [u8; 3], b: [u8; 3]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.abs_diff(y) < 24)
+}
+
+/// Polls a desktop's thumbnail until its background shows `colour` (15 s at most).
+async fn wait_for_thumbnail(api: &Api, path: &str, colour: [u8; 3]) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _, jpeg) = api.get_bytes(path).await?;
+        anyhow::ensure!(status == 200, "{status}: {}", String::from_utf8_lossy(&jpeg));
+        let (width, rgb) = decode_jpeg(&jpeg)?;
+        let got = pixel_at_right_middle(width, &rgb);
+        if close(got, colour) {
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the thumbnail never showed {colour:?} (last {got:?})");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn probe_desktop(fx: &Fixture, id: i64, expect_rgb: &str) -> anyhow::Result<(bool, String)> {
     let output = Command::new(labrack_e2e::labrack_bin())
         .args(["admin", "probe-desktop", &id.to_string(), "--watch-secs", "30", "--expect-rgb", expect_rgb, "--data-dir"])
@@ -643,6 +680,37 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
     assert!(leftovers.is_empty(), "the killed X server's socket was removed (else xrdp runs out of displays): {leftovers:?}");
     let (ok, text) = probe_desktop(&fx, id, "1e90ff")?;
     assert!(ok, "after the reset the desktop comes back: {text}");
+
+    // Staff see the desktop as a thumbnail (the console's wall); it follows the desktop.
+    let thumbnail = format!("/api/v1/allocations/{id}/thumbnail");
+    let (status, kind, jpeg) = fx.admin.get_bytes(&thumbnail).await?;
+    assert_eq!((status, kind.as_str()), (200, "image/jpeg"), "{}", String::from_utf8_lossy(&jpeg));
+    let (width, _) = decode_jpeg(&jpeg)?;
+    assert!(width <= 480, "a thumbnail fits 480×270: {width}");
+    wait_for_thumbnail(&fx.admin, &thumbnail, [0x1e, 0x90, 0xff]).await?;
+    let display = String::from_utf8_lossy(&Command::new("pgrep").args(["-a", "-u", &user, "Xorg"]).output()?.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with(':'))
+        .map(str::to_owned)
+        .context("the lab user's X display")?;
+    let recolour = Command::new("xsetroot").args(["-display", &display, "-solid", "#00c800"]).env("XAUTHORITY", format!("/home/{user}/.Xauthority")).status()?;
+    assert!(recolour.success());
+    wait_for_thumbnail(&fx.admin, &thumbnail, [0, 0xc8, 0]).await?;
+    // Only staff and judges may look; one audited watch however often the wall asks.
+    let red = fx.participant(fx.team_id).await?;
+    let (status, kind, body) = red.get_bytes(&thumbnail).await?;
+    assert_eq!((status, kind.as_str()), (403, "application/problem+json"), "{}", String::from_utf8_lossy(&body));
+    let anonymous = Api { client: fx.admin.client.clone(), base: fx.admin.base.clone(), token: None };
+    assert_eq!(anonymous.get_bytes(&thumbnail).await?.0, 401);
+    assert_eq!(fx.admin.get_bytes("/api/v1/allocations/999999/thumbnail").await?.0, 404);
+    let (status, _, body) = fx.admin.get_bytes("/api/v1/allocations/nope/thumbnail").await?;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let watched: i64 = fx.db().query_row(
+        "SELECT count(*) FROM audit_log WHERE action = 'desktop.thumbnail_watched' AND target = ?1",
+        [format!("allocation:{id}")],
+        |r| r.get(0),
+    )?;
+    assert_eq!(watched, 1, "the first look is audited, not every poll");
 
     // A certificate that does not match the host's report is refused.
     fx.db().execute("UPDATE allocations SET rdp_cert_sha256 = ?2 WHERE id = ?1", rusqlite::params![id, "00".repeat(32)])?;

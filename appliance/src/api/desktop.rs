@@ -18,17 +18,22 @@
 //!
 //! One RDP session and one encode per desktop, shared by every viewer (`DesktopRegistry`);
 //! a desktop nobody watches is dropped after a while.
+//!
+//! `GET /api/v1/allocations/{id}/thumbnail` (staff and judges): the desktop's latest picture
+//! as a small JPEG (at most 480×270), for the console's wall of desktops. It rides the same
+//! RDP session, needs no encoder, is view-only by nature, and is audited once per watcher
+//! and lab every [`THUMBNAIL_AUDIT_EVERY`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse as _, Response};
 use labrack_streamer::desktop::{DesktopStream, StreamSettings};
 use labrack_streamer::webrtc::Viewer;
 use serde::{Deserialize, Serialize};
@@ -47,6 +52,8 @@ const WATCHERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Ju
 #[derive(Debug, Default)]
 pub struct DesktopRegistry {
     streams: Mutex<HashMap<i64, DesktopStream>>,
+    /// when each (watcher, allocation) last had a thumbnail look audited
+    thumbnail_audits: Mutex<HashMap<(String, i64), Instant>>,
 }
 
 impl DesktopRegistry {
@@ -73,6 +80,22 @@ impl DesktopRegistry {
     pub fn reap(&self) {
         if let Ok(mut streams) = self.streams.lock() {
             streams.retain(|_, stream| !stream.stopped());
+        }
+        if let Ok(mut audits) = self.thumbnail_audits.lock() {
+            audits.retain(|_, at| at.elapsed() < THUMBNAIL_AUDIT_EVERY);
+        }
+    }
+
+    /// Whether this look at a thumbnail starts a new audited watch (not one every poll).
+    fn thumbnail_watch_starts(&self, actor: &str, allocation_id: i64) -> bool {
+        let Ok(mut audits) = self.thumbnail_audits.lock() else { return true };
+        let key = (actor.to_owned(), allocation_id);
+        match audits.get(&key) {
+            Some(at) if at.elapsed() < THUMBNAIL_AUDIT_EVERY => false,
+            _ => {
+                audits.insert(key, Instant::now());
+                true
+            }
         }
     }
 
@@ -114,6 +137,51 @@ pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): 
     let raw = state.terminal_tickets.issue(id, Purpose::Desktop { interactive }, &caller);
     let mode = if interactive { "interactive" } else { "view" };
     Ok((StatusCode::CREATED, Json(DesktopTicket { ticket: raw, mode: mode.into(), expires_in_secs: 30, path: "/api/v1/desktop".into() })))
+}
+
+/// A thumbnail watch is audited again after this long.
+pub const THUMBNAIL_AUDIT_EVERY: Duration = Duration::from_secs(600);
+/// How long a request waits for a desktop's first picture before answering "not ready".
+const FIRST_THUMBNAIL_WAIT: Duration = Duration::from_secs(8);
+
+/// The lab desktop's latest picture, a JPEG of at most 480×270, view-only (staff, judges).
+/// Asking keeps pictures coming for 20 s; a wall polls it every second or two.
+#[utoipa::path(get, path = "/api/v1/allocations/{allocation_id}/thumbnail", tag = "labs", params(("allocation_id" = i64, Path)),
+    responses((status = 200, content_type = "image/jpeg", description = "the picture; `x-labrack-taken` is when it was taken (ms since the epoch)"),
+        (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 502, body = Problem), (status = 503, body = Problem)))]
+pub async fn thumbnail(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Response, ApiError> {
+    caller.require_staff(&WATCHERS)?;
+    let view = state.db.read(move |conn| super::labs::load_view(conn, id)).await?;
+    if !view.desktop_ready || view.busy {
+        return Err(ApiError::conflict(None, format!("the lab is {}{}; its desktop shows once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
+    }
+    let stream = stream_for(&state, id, (1280, 720)).await.map_err(|detail| ApiError::Upstream(format!("the lab's desktop could not be opened: {detail}")))?;
+    let mut pictures = stream.want_thumbnails();
+    let actor = caller.actor();
+    if state.desktops.thumbnail_watch_starts(&actor, id) {
+        let meta = caller.meta.clone();
+        let _ = state
+            .db
+            .writer()
+            .write(move |conn| audit(conn, &actor, &meta, "desktop.thumbnail_watched", Some(&format!("allocation:{id}")), serde_json::json!({"mode": "view"})))
+            .await;
+    }
+    let picture = match tokio::time::timeout(FIRST_THUMBNAIL_WAIT, pictures.wait_for(Option::is_some)).await {
+        Ok(Ok(picture)) => picture.clone(),
+        _ => None,
+    };
+    let Some(picture) = picture else {
+        return Err(ApiError::NotReady { detail: "the lab's desktop is still connecting; ask again shortly".into(), retry_after_secs: 1 });
+    };
+    let taken = picture.taken.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut response = picture.jpeg.clone().into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Ok(value) = HeaderValue::from_str(&taken.to_string()) {
+        headers.insert("x-labrack-taken", value);
+    }
+    Ok(response)
 }
 
 /// What a viewer may send after the hello.

@@ -81,6 +81,12 @@ pub enum ApiError {
     /// the server is shutting down or its storage failed
     #[error("service unavailable")]
     Unavailable,
+    /// the thing is being prepared (a desktop connecting); ask again in a moment
+    #[error("{detail}")]
+    NotReady { detail: String, retry_after_secs: u64 },
+    /// a machine the appliance talks to on the caller's behalf (a lab desktop) failed
+    #[error("{0}")]
+    Upstream(String),
     /// a bug or an unexpected failure; the cause is logged
     #[error("internal error")]
     Internal(String),
@@ -116,6 +122,8 @@ impl ApiError {
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many attempts"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
+            Self::NotReady { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready yet"),
+            Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream-failed", "A lab machine did not answer"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
         }
     }
@@ -150,7 +158,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if let Self::RateLimited { retry_after_secs } = self
+        if let Self::RateLimited { retry_after_secs } | Self::NotReady { retry_after_secs, .. } = self
             && let Ok(value) = HeaderValue::from_str(&retry_after_secs.to_string()) {
                 headers.insert(header::RETRY_AFTER, value);
             }

@@ -8,6 +8,7 @@ pub mod assist;
 pub mod auth;
 pub mod billing;
 pub mod checks;
+pub mod dashboard;
 pub mod desktop;
 pub mod error;
 pub mod extract;
@@ -142,7 +143,7 @@ impl AppState {
         people::me, ops::audit_log,
         hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::register_agentless, labs::register_agentless_lab, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
-        labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket, desktop::ticket,
+        labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket, desktop::ticket, desktop::thumbnail, dashboard::dashboard,
         jobs::list, jobs::get_one, jobs::requeue, jobs::cancel,
         checks::queue_batch, checks::get_batch, checks::list_runs, checks::run_mine, checks::my_checks,
         scores::get_rubric, scores::put_rubric, scores::put_judge_scores, scores::get_judge_scores, scores::leaderboard,
@@ -169,6 +170,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events", get(events::list).post(events::create))
         .route("/v1/events/{event_id}", get(events::get_one).patch(events::update))
         .route("/v1/events/{event_id}/transition", post(events::transition))
+        .route("/v1/events/{event_id}/dashboard", get(dashboard::dashboard))
         .route("/v1/events/{event_id}/teams", get(people::list_teams).post(people::create_team))
         .route("/v1/events/{event_id}/participants", get(people::list_participants).post(people::create_participant))
         .route("/v1/events/{event_id}/participants/import", post(people::import_participants))
@@ -196,6 +198,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/terminal", get(terminal::socket))
         .route("/v1/allocations/{allocation_id}/desktop-ticket", post(desktop::ticket))
         .route("/v1/desktop", get(desktop::socket))
+        .route("/v1/allocations/{allocation_id}/thumbnail", get(desktop::thumbnail))
         .route("/v1/jobs", get(jobs::list))
         .route("/v1/jobs/{job_id}", get(jobs::get_one))
         .route("/v1/jobs/{job_id}/requeue", post(jobs::requeue))

@@ -33,6 +33,9 @@ struct AppState {
 struct RememberedAppliance {
     url: String,
     fingerprint: String,
+    /// where the URL's host was found on the LAN (mDNS), when it was
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
 }
 
 fn remembered_path(app: &tauri::AppHandle) -> Option<std::path::PathBuf> {
@@ -69,12 +72,31 @@ fn remembered(app: tauri::AppHandle) -> Vec<RememberedAppliance> {
     load_remembered(&app)
 }
 
-/// Connects to an appliance, pinning its CA by fingerprint; checks it answers.
+/// Appliances announcing themselves on the LAN (mDNS), after listening for a few seconds.
 #[tauri::command]
-async fn connect(app: tauri::AppHandle, state: tauri::State<'_, AppState>, url: String, fingerprint: String) -> Result<String, String> {
+async fn discover() -> Result<Vec<labrack_discovery::Found>, String> {
+    tokio::task::spawn_blocking(|| labrack_discovery::browse(std::time::Duration::from_secs(3)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("could not look for appliances on this network: {e}"))
+}
+
+/// Connects to an appliance, pinning its CA by fingerprint; checks it answers. `address` (from
+/// discovery) is where the URL's host is reached, as `IP:PORT`.
+#[tauri::command]
+async fn connect(app: tauri::AppHandle, state: tauri::State<'_, AppState>, url: String, fingerprint: String, address: Option<String>) -> Result<String, String> {
     let base = normalize_url(&url)?;
     let fingerprint = pin::normalize(&fingerprint)?;
-    let client = pin::client(&fingerprint)?;
+    let address = address.filter(|a| !a.trim().is_empty());
+    let resolve = match &address {
+        Some(text) => {
+            let at: std::net::SocketAddr = text.trim().parse().map_err(|_| format!("{text:?} is not an address (IP:PORT)"))?;
+            let host = reqwest::Url::parse(&base).ok().and_then(|u| u.host_str().map(str::to_owned)).ok_or("the URL has no host")?;
+            Some((host, at))
+        }
+        None => None,
+    };
+    let client = pin::client(&fingerprint, resolve.as_ref().map(|(host, at)| (host.as_str(), *at)))?;
     let health = client.get(format!("{base}/healthz")).send().await.map_err(|e| {
         let text = format!("{e:?}");
         if text.contains("does not match the fingerprint") {
@@ -89,7 +111,7 @@ async fn connect(app: tauri::AppHandle, state: tauri::State<'_, AppState>, url: 
     let mut connection = state.connection.lock().map_err(|_| "state lock poisoned")?;
     *connection = Connection { base: Some(base.clone()), client: Some(client), token: None };
     drop(connection);
-    remember(&app, RememberedAppliance { url: base.clone(), fingerprint });
+    remember(&app, RememberedAppliance { url: base.clone(), fingerprint, address });
     Ok(base)
 }
 
@@ -155,19 +177,147 @@ async fn api(state: tauri::State<'_, AppState>, method: String, path: String, bo
     answer(response).await
 }
 
-/// Saves join-code badges as a PDF in the console's data folder; returns the file's path.
+/// A lab desktop's latest picture (view-only), as a `data:` URL for an `<img>`.
 #[tauri::command]
-fn save_badges(app: tauri::AppHandle, event: String, event_code: String, badges: Vec<badges::Badge>) -> Result<String, String> {
+async fn thumbnail(state: tauri::State<'_, AppState>, allocation_id: i64) -> Result<String, String> {
+    use base64::Engine as _;
+    let (client, base, token) = connected(&state)?;
+    let mut request = client.get(format!("{base}/api/v1/allocations/{allocation_id}/thumbnail"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|e| format!("the appliance is unreachable: {e}"))?;
+    let is_jpeg = response.headers().get(reqwest::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == b"image/jpeg");
+    if !response.status().is_success() {
+        return Err(answer(response).await.err().unwrap_or_default());
+    }
+    if !is_jpeg {
+        return Err("the appliance sent no picture".into());
+    }
+    let jpeg = response.bytes().await.map_err(|e| e.to_string())?;
+    Ok(format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(&jpeg)))
+}
+
+/// Shows a desktop notification (the freedesktop notification service on Linux).
+#[tauri::command]
+async fn notify(title: String, body: String) -> Result<(), String> {
+    let title: String = title.chars().take(120).collect();
+    let body: String = body.chars().take(500).collect();
+    tokio::task::spawn_blocking(move || {
+        notify_rust::Notification::new().appname("LabRack console").summary(&title).body(&body).show().map(|_| ())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("desktop notifications are unavailable here: {e}"))
+}
+
+/// The largest roster file the console reads (the appliance takes at most 1 MiB of CSV).
+const MAX_ROSTER_BYTES: u64 = 1024 * 1024;
+
+/// Where a save dialog starts: the user's documents folder, else home.
+fn documents(app: &tauri::AppHandle) -> Option<std::path::PathBuf> {
+    app.path().document_dir().ok().filter(|d| d.is_dir()).or_else(|| app.path().home_dir().ok())
+}
+
+/// Asks where to save `bytes` (a native save dialog); returns the path, or None if cancelled.
+async fn save_with_dialog(app: &tauri::AppHandle, title: &str, file_name: &str, filter: (&str, &str), bytes: Vec<u8>) -> Result<Option<String>, String> {
+    use tauri_plugin_dialog::DialogExt as _;
+    let mut dialog = app.dialog().file().set_title(title).set_file_name(file_name).add_filter(filter.0, &[filter.1]);
+    if let Some(dir) = documents(app) {
+        dialog = dialog.set_directory(dir);
+    }
+    let chosen = tokio::task::spawn_blocking(move || dialog.blocking_save_file()).await.map_err(|e| e.to_string())?;
+    let Some(chosen) = chosen else { return Ok(None) };
+    let path = chosen.into_path().map_err(|e| format!("that is not a local file: {e}"))?;
+    std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(Some(path.display().to_string()))
+}
+
+/// Saves join-code badges as a PDF where staff choose (a native save dialog); returns the
+/// file's path, or None if they cancelled.
+#[tauri::command]
+async fn save_badges(app: tauri::AppHandle, event: String, event_code: String, badges: Vec<badges::Badge>) -> Result<Option<String>, String> {
     if badges.is_empty() {
         return Err("no join codes to print: they are shown once, right after an import".into());
     }
-    let dir = app.path().app_data_dir().map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let safe_code: String = event_code.chars().filter(char::is_ascii_alphanumeric).collect();
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let path = dir.join(format!("badges-{safe_code}-{stamp}.pdf"));
-    std::fs::write(&path, badges::pdf(&event, &event_code, &badges)).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    Ok(path.display().to_string())
+    let pdf = badges::pdf(&event, &event_code, &badges);
+    save_with_dialog(&app, "Save join-code badges", &format!("badges-{safe_code}.pdf"), ("PDF", "pdf"), pdf).await
+}
+
+/// Saves text the appliance sent (a CSV export) where staff choose; None if cancelled.
+#[tauri::command]
+async fn save_text(app: tauri::AppHandle, title: String, file_name: String, text: String) -> Result<Option<String>, String> {
+    let safe_name: String = file_name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
+    save_with_dialog(&app, &title, &safe_name, ("CSV", "csv"), text.into_bytes()).await
+}
+
+/// Reads a roster CSV staff pick in a native open dialog; None if they cancelled.
+#[tauri::command]
+async fn pick_roster(app: tauri::AppHandle) -> Result<Option<String>, String> {
+    use tauri_plugin_dialog::DialogExt as _;
+    let mut dialog = app.dialog().file().set_title("Choose a roster CSV (team,name,email)").add_filter("CSV", &["csv", "txt"]);
+    if let Some(dir) = documents(&app) {
+        dialog = dialog.set_directory(dir);
+    }
+    let chosen = tokio::task::spawn_blocking(move || dialog.blocking_pick_file()).await.map_err(|e| e.to_string())?;
+    let Some(chosen) = chosen else { return Ok(None) };
+    let path = chosen.into_path().map_err(|e| format!("that is not a local file: {e}"))?;
+    let size = std::fs::metadata(&path).map_err(|e| format!("reading {}: {e}", path.display()))?.len();
+    if size > MAX_ROSTER_BYTES {
+        return Err(format!("{} is {size} bytes; a roster may be at most {MAX_ROSTER_BYTES} (split it)", path.display()));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    String::from_utf8(bytes).map(Some).map_err(|_| format!("{} is not UTF-8 text: save it as CSV (UTF-8)", path.display()))
+}
+
+/// What the tray shows: the event's state (as the label beside the icon, the tooltip and the
+/// menu's first line).
+#[tauri::command]
+fn set_tray(app: tauri::AppHandle, tray: tauri::State<'_, TrayState>, text: String) -> Result<(), String> {
+    let text: String = text.chars().take(80).collect();
+    if let Some(icon) = app.tray_by_id(TRAY_ID) {
+        icon.set_title(Some(&text)).map_err(|e| e.to_string())?;
+        icon.set_tooltip(Some(&format!("LabRack console: {text}"))).map_err(|e| e.to_string())?;
+    }
+    tray.state_line.set_text(&text).map_err(|e| e.to_string())
+}
+
+const TRAY_ID: &str = "labrack-console";
+
+/// The tray menu's first, informational line.
+struct TrayState {
+    state_line: tauri::menu::MenuItem<tauri::Wry>,
+}
+
+/// The tray icon: the event's state at a glance, a way back to the window, and Quit.
+fn build_tray(app: &tauri::App) -> tauri::Result<()> {
+    use tauri::menu::{Menu, MenuItem, PredefinedMenuItem};
+    let state_line = MenuItem::with_id(app, "state", "Not connected", false, None::<&str>)?;
+    let show = MenuItem::with_id(app, "show", "Show the console", true, None::<&str>)?;
+    let quit = MenuItem::with_id(app, "quit", "Quit", true, None::<&str>)?;
+    let menu = Menu::with_items(app, &[&state_line, &PredefinedMenuItem::separator(app)?, &show, &quit])?;
+    let mut tray = tauri::tray::TrayIconBuilder::with_id(TRAY_ID)
+        .menu(&menu)
+        .title("LabRack")
+        .tooltip("LabRack console: not connected")
+        .on_menu_event(|app, event| match event.id().as_ref() {
+            "show" => {
+                if let Some(window) = app.get_webview_window("main") {
+                    let _ = window.show();
+                    let _ = window.unminimize();
+                    let _ = window.set_focus();
+                }
+            }
+            "quit" => app.exit(0),
+            _ => {}
+        });
+    if let Some(icon) = app.default_window_icon() {
+        tray = tray.icon(icon.clone());
+    }
+    tray.build(app)?;
+    app.manage(TrayState { state_line });
+    Ok(())
 }
 
 /// Forgets the session (the appliance stays connected).
@@ -180,7 +330,12 @@ fn logout(state: tauri::State<'_, AppState>) -> Result<(), String> {
 fn main() {
     let app = tauri::Builder::default()
         .manage(AppState::default())
-        .invoke_handler(tauri::generate_handler![remembered, connect, login, api, logout, save_badges])
+        .plugin(tauri_plugin_dialog::init())
+        .setup(|app| {
+            build_tray(app)?;
+            Ok(())
+        })
+        .invoke_handler(tauri::generate_handler![remembered, connect, login, api, logout, save_badges, save_text, pick_roster, thumbnail, notify, set_tray, discover])
         .build(tauri::generate_context!());
     match app {
         Ok(app) => app.run(|_, _| {}),

@@ -67,8 +67,9 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
-/// An HTTPS client that trusts only the pinned CA.
-pub(crate) fn client(fingerprint: &str) -> Result<reqwest::Client, String> {
+/// An HTTPS client that trusts only the pinned CA; `resolve` reaches a host name (one the
+/// certificate holds) at a given address, as found on the LAN.
+pub(crate) fn client(fingerprint: &str, resolve: Option<(&str, std::net::SocketAddr)>) -> Result<reqwest::Client, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -76,11 +77,11 @@ pub(crate) fn client(fingerprint: &str) -> Result<reqwest::Client, String> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa::new(fingerprint.to_owned())))
         .with_no_client_auth();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(std::time::Duration::from_secs(15))
-        .build()
-        .map_err(|e| e.to_string())
+    let mut builder = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(std::time::Duration::from_secs(15));
+    if let Some((host, address)) = resolve {
+        builder = builder.resolve(host, address);
+    }
+    builder.build().map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -27,16 +27,53 @@ async function renderRemembered() {
     use.addEventListener("click", () => {
       $("url").value = appliance.url;
       $("fingerprint").value = appliance.fingerprint;
+      chosenAddress = appliance.address ?? null;
     });
     item.append(use);
     list.append(item);
   }
 }
 
+// Where a discovered appliance's host name is reached (IP:PORT), until the URL is edited.
+let chosenAddress = null;
+$("url").addEventListener("input", () => {
+  chosenAddress = null;
+});
+
+$("discover").addEventListener("click", async () => {
+  const list = $("discovered");
+  list.replaceChildren();
+  text($("discover-state"), "Looking for appliances on this network…");
+  try {
+    const found = await invoke("discover");
+    text($("discover-state"), found.length ? `Found ${found.length}. The fingerprint is not taken from the network: check it on the appliance's screen.` : "No appliance answered on this network. Enter its URL instead.");
+    for (const appliance of found) {
+      const address = appliance.addresses.find((a) => !a.includes(":") && !a.startsWith("127.")) ?? appliance.addresses[0];
+      if (!address) continue;
+      const item = document.createElement("li");
+      const hint = appliance.fingerprint_hint ? ` · announces ${appliance.fingerprint_hint.slice(0, 30)}…` : "";
+      item.textContent = `${appliance.instance} · ${appliance.host}:${appliance.port} at ${address}${hint} `;
+      const use = document.createElement("button");
+      use.className = "secondary";
+      use.dataset.testid = `use-${appliance.port}`;
+      use.textContent = "Use";
+      use.addEventListener("click", () => {
+        $("url").value = `https://${appliance.host}:${appliance.port}`;
+        chosenAddress = address.includes(":") ? `[${address}]:${appliance.port}` : `${address}:${appliance.port}`;
+        $("fingerprint").focus();
+      });
+      item.append(use);
+      list.append(item);
+    }
+  } catch (err) {
+    text($("discover-state"), String(err));
+  }
+});
+
 $("connect-button").addEventListener("click", async () => {
   text($("connect-error"), "");
   try {
-    const base = await invoke("connect", { url: $("url").value, fingerprint: $("fingerprint").value });
+    const base = await invoke("connect", { url: $("url").value, fingerprint: $("fingerprint").value, address: chosenAddress });
     text($("where"), `· ${base}`);
     show("login");
     $("username").focus();
@@ -155,12 +192,18 @@ async function refreshFocus() {
   const select = $("focus-event");
   const eventId = select.value;
   if (!eventId) return;
-  const [event, board, labs, news] = await Promise.all([
+  const [event, board, labs, news, summary, people] = await Promise.all([
     call("GET", `/api/v1/events/${eventId}`),
     call("GET", `/api/v1/events/${eventId}/leaderboard`),
     call("GET", `/api/v1/events/${eventId}/allocations`),
     call("GET", `/api/v1/events/${eventId}/announcements`),
+    call("GET", `/api/v1/events/${eventId}/dashboard`),
+    call("GET", `/api/v1/events/${eventId}/participants`),
   ]);
+  renderSummary(summary);
+  everyone = people.participants;
+  renderPeople();
+  renderWall(labs.allocations.filter((lab) => lab.state === "active"));
   const list = $("announcements");
   list.replaceChildren();
   for (const item of news) {
@@ -232,6 +275,142 @@ async function refreshFocus() {
   }
 }
 
+function duration(seconds) {
+  const h = Math.floor(seconds / 3600);
+  const m = Math.floor((seconds % 3600) / 60);
+  const sec = seconds % 60;
+  return `${h}:${String(m).padStart(2, "0")}:${String(sec).padStart(2, "0")}`;
+}
+
+// The tray shows the selected event's state; the last text sent, to send only changes.
+let trayText = "";
+
+function setTray(value) {
+  if (value === trayText) return;
+  trayText = value;
+  invoke("set_tray", { text: value }).catch(() => {});
+}
+
+// Problems already notified (by key), so a condition raises one notification, not one a poll.
+const notified = new Set();
+
+function renderSummary(summary) {
+  const clock = summary.clock;
+  const when = clock.phase === "before_start" ? `starts in ${duration(clock.seconds_left)}` : clock.phase === "running" ? `${duration(clock.seconds_left)} left` : "past its end time";
+  text($("summary-clock"), when);
+  setTray(`${summary.name}: ${summary.state} · ${when}${summary.problems.length ? ` · ${summary.problems.length} problem(s)` : ""}`);
+  const p = summary.people;
+  text($("summary-people"), `${p.signed_in} signed in · ${p.joined}/${p.participants} joined · ${p.teams} teams`);
+  const labs = Object.entries(summary.labs).map(([state, n]) => `${n} ${state}`);
+  text($("summary-labs"), labs.length ? labs.join(" · ") : "none yet");
+  const q = summary.queue;
+  text($("summary-queue"), `${q.queued} queued · ${q.running} running · ${q.dead} dead`);
+  const sync = summary.sync;
+  text($("summary-sync"), sync.state === "off" ? "no cloud link configured" : `${sync.state} · ${sync.pending_rows} rows waiting${sync.pending_age_ms ? ` (oldest ${Math.round(sync.pending_age_ms / 1000)} s)` : ""}`);
+  const problems = $("problems");
+  problems.replaceChildren();
+  for (const problem of summary.problems) {
+    const li = document.createElement("li");
+    li.dataset.testid = "problem";
+    li.dataset.kind = problem.kind;
+    li.textContent = problem.detail;
+    problems.append(li);
+    if (!notified.has(problem.key)) {
+      notified.add(problem.key);
+      const titles = { host_down: "Lab host down", dead_letters: "Jobs failed for good", sync_stalled: "Cloud sync stalled" };
+      invoke("notify", { title: `LabRack · ${titles[problem.kind] ?? problem.kind}`, body: problem.detail })
+        .then(() => text($("notify-state"), `Notified: ${problem.detail}`))
+        .catch((err) => text($("notify-state"), String(err)));
+    }
+  }
+  const alerts = $("alerts");
+  alerts.replaceChildren();
+  for (const alert of summary.alerts) {
+    const li = document.createElement("li");
+    li.dataset.testid = "alert";
+    li.textContent = `${new Date(alert.at).toLocaleTimeString()} · ${alert.kind}: ${alert.detail}`;
+    alerts.append(li);
+  }
+  if (!summary.alerts.length) {
+    const li = document.createElement("li");
+    li.className = "muted";
+    li.textContent = "No alerts.";
+    alerts.append(li);
+  }
+}
+
+// The wall: one tile per active lab, each fetching its own picture (one request in flight
+// per tile, so a slow desktop does not hold the others back).
+const tiles = new Map();
+
+function renderWall(active) {
+  const wall = $("wall");
+  const ids = new Set(active.map((lab) => lab.id));
+  for (const [id, tile] of tiles) {
+    if (!ids.has(id)) {
+      tile.figure.remove();
+      tiles.delete(id);
+    }
+  }
+  for (const lab of active) {
+    let tile = tiles.get(lab.id);
+    if (!tile) {
+      const figure = document.createElement("figure");
+      figure.dataset.testid = "desktop-tile";
+      const img = document.createElement("img");
+      img.alt = `${lab.team_name}'s desktop`;
+      img.dataset.testid = "desktop-thumb";
+      img.dataset.team = lab.team_name;
+      const caption = document.createElement("figcaption");
+      figure.append(img, caption);
+      wall.append(figure);
+      tile = { figure, img, caption, loading: false, lab };
+      tiles.set(lab.id, tile);
+    }
+    tile.lab = lab;
+    if (!tile.loading) void loadThumbnail(tile);
+  }
+  if (!active.length && !wall.querySelector(".muted")) {
+    const none = document.createElement("p");
+    none.className = "muted";
+    none.textContent = "No active labs in this event.";
+    wall.append(none);
+  } else if (active.length) {
+    wall.querySelector(".muted")?.remove();
+  }
+}
+
+async function loadThumbnail(tile) {
+  tile.loading = true;
+  try {
+    tile.img.src = await invoke("thumbnail", { allocationId: tile.lab.id });
+    tile.caption.textContent = `${tile.lab.team_name} · ${tile.lab.host_name}`;
+  } catch (err) {
+    tile.caption.replaceChildren(`${tile.lab.team_name} · `, Object.assign(document.createElement("span"), { className: "stale", textContent: String(err) }));
+  } finally {
+    tile.loading = false;
+  }
+}
+
+// Search over the selected event's participants (name, e-mail, team).
+let everyone = [];
+
+function renderPeople() {
+  const query = $("people-search").value.trim().toLowerCase();
+  const found = everyone.filter((p) => !query || [p.name, p.email ?? "", p.team_name].some((field) => field.toLowerCase().includes(query)));
+  const body = $("people");
+  body.replaceChildren();
+  for (const person of found.slice(0, 200)) {
+    const row = document.createElement("tr");
+    row.dataset.testid = "person-row";
+    row.append(cell(person.name, "person-name"), cell(person.team_name), cell(person.email ?? ""), cell(person.joined_at ? new Date(person.joined_at).toLocaleTimeString() : "not yet"));
+    body.append(row);
+  }
+  text($("people-count"), `${found.length} of ${everyone.length} participant(s)${found.length > 200 ? "; showing the first 200" : ""}`);
+}
+
+$("people-search").addEventListener("input", renderPeople);
+
 async function refresh() {
   try {
     await Promise.all([refreshEvents(), refreshHosts()]);
@@ -240,6 +419,7 @@ async function refresh() {
   } catch (err) {
     // A laptop that lost Wi-Fi: say so and keep trying.
     text($("link-state"), `Appliance unreachable (${err}); retrying…`);
+    setTray("appliance unreachable; retrying");
   }
 }
 
@@ -301,8 +481,35 @@ $("save-badges").addEventListener("click", async () => {
   try {
     const badges = lastImport.participants.map((p) => ({ name: p.participant.name, team: p.participant.team_name, join_code: p.join_code }));
     const path = await invoke("save_badges", { event: lastImport.event?.name ?? "", eventCode: lastImport.event?.code ?? "", badges });
-    text($("badges-result"), `Saved ${badges.length} badge(s) to ${path}`);
+    text($("badges-result"), path ? `Saved ${badges.length} badge(s) to ${path}` : "Not saved (cancelled).");
   } catch (err) {
     text($("badges-result"), String(err));
+  }
+});
+
+$("pick-roster").addEventListener("click", async () => {
+  text($("import-result"), "");
+  try {
+    const csv = await invoke("pick_roster");
+    if (csv === null) return;
+    $("csv").value = csv;
+    const rows = csv.split("\n").filter((line) => line.trim()).length - 1;
+    text($("import-result"), `Loaded ${rows} row(s) from the file: check them, then Import.`);
+  } catch (err) {
+    text($("import-result"), String(err));
+  }
+});
+
+$("export-ledger").addEventListener("click", async () => {
+  text($("export-result"), "");
+  const eventId = $("focus-event").value;
+  if (!eventId) return;
+  try {
+    const csv = await call("GET", `/api/v1/events/${eventId}/ledger.csv`);
+    const code = eventsById.get(String(eventId))?.code ?? eventId;
+    const path = await invoke("save_text", { title: "Export the billing ledger", fileName: `ledger-${code}.csv`, text: String(csv) });
+    text($("export-result"), path ? `Saved the ledger to ${path}` : "Not saved (cancelled).");
+  } catch (err) {
+    text($("export-result"), String(err));
   }
 });

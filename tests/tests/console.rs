@@ -1,7 +1,9 @@
 //! The Tauri staff console (`labrack-console`) under Xvfb, driven through tauri-driver and
 //! WebKitWebDriver against a real `labrack serve`: a wrong CA fingerprint is refused, the
 //! right one connects, staff log in, create an event, import a roster, and watch a real
-//! `labrack-host` appear. A screenshot of the dashboard is saved.
+//! `labrack-host` appear, search the roster, watch a real xrdp lab desktop on the wall of
+//! thumbnails, and hear of a lab host going down as a desktop notification (a real session
+//! D-Bus and the dunst notification daemon). A screenshot of the dashboard is saved.
 
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host, free_port};
+use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, Xrdp, client_trusting, enrol_host, free_port};
 use serde_json::{Value, json};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -41,6 +43,87 @@ fn xvfb() -> anyhow::Result<(Killed, String)> {
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
     Ok((Killed(child), format!(":{}", line.trim())))
+}
+
+/// A private session D-Bus with the dunst notification daemon on `display`; returns them
+/// and the bus address.
+fn notification_daemon(dir: &Path, display: &str) -> anyhow::Result<(Killed, Killed, String)> {
+    let socket = dir.join("bus");
+    let address = format!("unix:path={}", socket.display());
+    let bus = Killed(
+        Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile", &format!("--address={address}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("dbus-daemon (apt dbus)")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "the session bus did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dunst = Killed(
+        Command::new("dunst")
+            .env("DISPLAY", display)
+            .env("DBUS_SESSION_BUS_ADDRESS", &address)
+            .env("HOME", dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("dunst (apt dunst)")?,
+    );
+    Ok((bus, dunst, address))
+}
+
+/// The notifications dunst has shown (closed first: `dunstctl history` lists closed ones).
+fn shown_notifications(address: &str) -> String {
+    let _ = Command::new("dunstctl").arg("close-all").env("DBUS_SESSION_BUS_ADDRESS", address).status();
+    Command::new("dunstctl")
+        .arg("history")
+        .env("DBUS_SESSION_BUS_ADDRESS", address)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Everything the tray icons on the session bus show: libayatana-appindicator exports each
+/// as a StatusNotifierItem under /org/ayatana/NotificationItem, its label a property.
+fn tray_items(address: &str) -> String {
+    let gdbus = |args: &[&str]| {
+        Command::new("gdbus").args(args).env("DBUS_SESSION_BUS_ADDRESS", address).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    };
+    let names = gdbus(&["call", "--session", "--dest", "org.freedesktop.DBus", "--object-path", "/org/freedesktop/DBus", "--method", "org.freedesktop.DBus.ListNames"]);
+    names
+        .split('\'')
+        .filter(|name| name.starts_with(':'))
+        .map(|name| gdbus(&["introspect", "--session", "--dest", name, "--object-path", "/org/ayatana/NotificationItem", "--recurse"]))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Answers the console's native (GTK) file dialog titled `title` by typing `path` into it, as
+/// staff would at the keyboard (xdotool on the Xvfb display).
+async fn answer_file_dialog(display: &str, title: &str, path: &Path) -> anyhow::Result<()> {
+    let xdo = |args: &[&str]| Command::new("xdotool").args(args).env("DISPLAY", display).output().context("xdotool (apt xdotool)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let window = loop {
+        let found = xdo(&["search", "--name", title])?;
+        if let Some(id) = String::from_utf8_lossy(&found.stdout).lines().next() {
+            break id.to_owned();
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no file dialog titled {title:?} opened");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Let GTK map and focus the dialog's entry before typing.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    xdo(&["windowfocus", "--sync", &window])?;
+    // A save dialog's name field is focused and pre-filled: select it all, then type over
+    // it. In an open dialog, a leading "/" opens the location field.
+    xdo(&["key", "--clearmodifiers", "ctrl+a"])?;
+    xdo(&["type", "--delay", "40", &path.display().to_string()])?;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    xdo(&["key", "Return"])?;
+    Ok(())
 }
 
 struct Driver {
@@ -134,6 +217,11 @@ impl Driver {
         Ok(())
     }
 
+    /// Runs a script in the page; `arguments[0]` is `arg`.
+    async fn execute(&self, script: &str, arg: Value) -> anyhow::Result<Value> {
+        self.post("/execute/sync", json!({"script": script, "args": [arg]})).await
+    }
+
     async fn screenshot(&self, path: &Path) -> anyhow::Result<()> {
         use base64::Engine as _;
         let png = self.get("/screenshot").await?;
@@ -146,12 +234,22 @@ impl Driver {
     }
 }
 
+/// The id of the only event (the console test creates one).
+async fn focused_event(admin: &Api) -> anyhow::Result<i64> {
+    let (_, events) = admin.get("/api/v1/events").await?;
+    events["events"][0]["id"].as_i64().context("event id")
+}
+
 #[tokio::test]
 async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_sees_a_host() -> anyhow::Result<()> {
     let console = console_bin();
     anyhow::ensure!(console.exists(), "{} is missing: cargo xtask test builds it", console.display());
     let data = DataDir::new("console");
-    let server = Server::start(&data.0, "127.0.0.1:0")?;
+    // Hosts beat every second, so a stopped one is marked down within seconds.
+    // On every interface, so it announces itself on the LAN (mDNS) for the console to find.
+    // A fixed port: the appliance restarts mid-test where the console knows it.
+    let listen = format!("0.0.0.0:{}", free_port()?);
+    let server = Server::start_with(&data.0, &listen, &["--host-heartbeat-secs", "1"])?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
     admin.first_admin_login(server.admin_password.as_deref().context("otp")?, "console-admin-password").await?;
     let fingerprint = server.ca_fingerprint.clone().context("fingerprint")?;
@@ -160,12 +258,14 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let port = free_port()?;
     let native = free_port()?;
     let home = DataDir::new("console-home");
+    let (_bus, _dunst, bus_address) = notification_daemon(&home.0, &display)?;
     let _driver = Killed(
         Command::new("tauri-driver")
             .args(["--port", &port.to_string(), "--native-port", &native.to_string(), "--native-driver", "/usr/bin/WebKitWebDriver"])
             .env("DISPLAY", &display)
             .env("HOME", &home.0)
             .env("XDG_CONFIG_HOME", home.0.join("config"))
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus_address)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -190,8 +290,16 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     };
     let driver = Driver { http, base, session };
 
+    // The console finds the appliance on the LAN: its certificate's host name and port,
+    // reached at the announced address.
+    let port = reqwest::Url::parse(&server.url)?.port().context("port")?;
+    driver.click("discover").await?;
+    driver.wait_text("discovered", &format!(":{port} at ")).await?;
+    driver.click(&format!("use-{port}")).await?;
+    let machine = std::fs::read_to_string("/etc/hostname")?.trim().to_owned();
+    let url = driver.execute("return document.querySelector('[data-testid=\"url\"]').value", json!(null)).await?;
+    assert_eq!(url, format!("https://{machine}:{port}"));
     // A wrong fingerprint is refused; the right one connects.
-    driver.fill("url", &server.url).await?;
     driver.fill("fingerprint", &format!("SHA256:{}", "AB:".repeat(31) + "AB")).await?;
     driver.click("connect-button").await?;
     driver.wait_text("connect-error", "does not match").await?;
@@ -215,27 +323,76 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     driver.fill("csv", "team,name,email\nRed,Ada,not-an-email\n").await?;
     driver.click("import").await?;
     driver.wait_text("import-errors", "line 2").await?;
-    driver.fill("csv", "team,name,email\nRed,Ada,ada@example.org\nBlue,Bob,\n").await?;
+    // The good roster comes from a file picked in the native open dialog.
+    let roster = home.0.join("roster.csv");
+    std::fs::write(&roster, "team,name,email\nRed,Ada,ada@example.org\nBlue,Bob,\n")?;
+    driver.click("pick-roster").await?;
+    answer_file_dialog(&display, "Choose a roster CSV", &roster).await?;
+    driver.wait_text("import-result", "Loaded 2 row(s) from the file").await?;
     driver.click("import").await?;
     driver.wait_text("import-result", "Imported 2 participant(s), 2 new team(s)").await?;
-    // Badges with the join codes, shown this once, as a PDF.
+    // Badges with the join codes, shown this once, as a PDF saved where staff choose.
     driver.click("save-badges").await?;
+    let badges_pdf = home.0.join("badges.pdf");
+    answer_file_dialog(&display, "Save join-code badges", &badges_pdf).await?;
     let saved = driver.wait_text("badges-result", "Saved 2 badge(s) to ").await?;
-    let pdf = std::fs::read(saved.trim_start_matches("Saved 2 badge(s) to ").trim())?;
+    assert_eq!(saved.trim_start_matches("Saved 2 badge(s) to ").trim(), badges_pdf.display().to_string());
+    let pdf = std::fs::read(&badges_pdf)?;
     let pdf_text = String::from_utf8_lossy(&pdf);
     assert!(pdf_text.starts_with("%PDF-1.4") && pdf_text.contains("(Ada) Tj") && pdf_text.contains("(Team Blue) Tj"), "{pdf_text}");
     driver.wait_text("events", "2").await?;
 
-    // A lab host enrols and runs: the console shows it.
+    // Search finds participants by name, e-mail or team.
+    driver.wait_text("people-count", "2 of 2").await?;
+    driver.fill("people-search", "bob").await?;
+    driver.wait_text("people-count", "1 of 2").await?;
+    let found = driver.text("people").await?;
+    assert!(found.contains("Bob") && found.contains("Blue") && !found.contains("Ada"), "{found}");
+    driver.fill("people-search", "ada@example").await?;
+    driver.wait_text("people", "Ada").await?;
+    driver.wait_text("summary-people", "0/2 joined").await?;
+
+    // A lab host enrols and runs a real xrdp desktop: the console shows the host, then the
+    // lab on its wall of view-only thumbnails.
     let users = LabUsers::new();
+    let skeleton = DataDir::new("console-skel");
+    std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
+    anyhow::ensure!(status == 200, "{body}");
+    let xrdp = Xrdp::start()?;
     let (status, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
     anyhow::ensure!(status == 201, "{token}");
     let state = DataDir::new("console-host");
     let (ok, text) = enrol_host(&server.url, &data.0, token["token"].as_str().context("token")?, "rack-a1", &state.0)?;
     anyhow::ensure!(ok, "{text}");
-    let _host = LabHost::start(&state.0, &users.prefix, 3389, 22, &[], &[])?;
+    let host = LabHost::start(&state.0, &users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
     driver.wait_text("hosts", "rack-a1").await?;
     driver.wait_text("hosts", "healthy").await?;
+    let (_, teams) = admin.get(&format!("/api/v1/events/{}/teams", focused_event(&admin).await?)).await?;
+    let red = teams["teams"].as_array().and_then(|t| t.iter().find(|t| t["name"] == "Red")).context("team Red")?["id"].as_i64().context("id")?;
+    let (status, lab) = admin.post(&format!("/api/v1/teams/{red}/allocation"), json!({"template": "desk"})).await?;
+    anyhow::ensure!(status == 201, "{lab}");
+    let lab_id = lab["id"].as_i64().context("allocation")?;
+    admin.wait_for(&format!("/api/v1/allocations/{lab_id}"), Duration::from_secs(120), |a| a["state"] == "active" && a["busy"] == false).await?;
+    driver.wait_text("summary-labs", "1 active").await?;
+    driver.wait_text("desktop-wall", "Red · rack-a1").await?;
+    // The tile shows the lab's own desktop: its background colour, sampled in the page.
+    let sample = r#"const img = document.querySelector('[data-testid="desktop-thumb"][data-team="' + arguments[0] + '"]');
+        if (!img || !img.complete || !img.naturalWidth) return null;
+        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        return Array.from(g.getImageData(Math.floor(c.width * 0.95), Math.floor(c.height / 2), 1, 1).data.slice(0, 3));"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rgb = driver.execute(sample, json!("Red")).await?;
+        let close = rgb.as_array().is_some_and(|c| c.len() == 3 && c.iter().zip([0x1e, 0x90, 0xff]).all(|(got, want)| got.as_i64().is_some_and(|g| (g - want).abs() < 24)));
+        if close {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the wall never showed Red's desktop (last sample {rgb})");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // No NVIDIA here: the heat map says so instead of drawing cells.
     driver.wait_text("heatmap", "No NVIDIA GPUs").await?;
@@ -245,6 +402,12 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     driver.wait_text("focus-state", "live").await?;
     driver.click("transition-frozen").await?;
     driver.wait_text("focus-state", "frozen").await?;
+    // The tray icon's label follows the event's state.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !tray_items(&bus_address).contains("Console Cup: frozen") {
+        anyhow::ensure!(Instant::now() < deadline, "the tray never showed the frozen event: {}", tray_items(&bus_address));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     driver.wait_text("board", "Red").await?;
     let (_, events) = admin.get("/api/v1/events").await?;
     assert_eq!(events["events"][0]["state"], "frozen", "{events}");
@@ -255,11 +418,42 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let event_id = events["events"][0]["id"].as_i64().context("event id")?;
     let (_, sent) = admin.get(&format!("/api/v1/events/{event_id}/announcements")).await?;
     assert_eq!(sent[0]["text"], "Doors close at 18:00", "{sent}");
+    // The billing ledger exports through a native save dialog, byte for byte what the API serves.
+    let (status, body) = admin.post(&format!("/api/v1/events/{event_id}/ledger"), json!({"kind": "credit", "amount_cents": 1250, "note": "projector hire"})).await?;
+    anyhow::ensure!(status == 201, "{body}");
+    driver.click("export-ledger").await?;
+    let ledger = home.0.join("ledger.csv");
+    answer_file_dialog(&display, "Export the billing ledger", &ledger).await?;
+    driver.wait_text("export-result", "Saved the ledger to").await?;
+    let (_, _, served) = admin.get_bytes(&format!("/api/v1/events/{event_id}/ledger.csv")).await?;
+    let exported = std::fs::read(&ledger)?;
+    assert!(String::from_utf8_lossy(&exported).contains("projector hire"), "{}", String::from_utf8_lossy(&exported));
+    assert_eq!(exported, served);
 
     let shots = std::env::var_os("LABRACK_SCREENSHOT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| labrack_e2e::labrack_bin().parent().and_then(Path::parent).map(|t| t.join("screenshots")).unwrap_or_default());
     driver.screenshot(&shots.join("console-dashboard.png")).await?;
+
+    // The lab host stops: the dashboard names the problem and a desktop notification says so.
+    drop(host);
+    driver.wait_text("problems", "rack-a1 stopped answering").await?;
+    driver.wait_text("notify-state", "Notified").await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !shown_notifications(&bus_address).contains("Lab host down") {
+        anyhow::ensure!(Instant::now() < deadline, "dunst never showed the notification: {}", shown_notifications(&bus_address));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(xrdp);
+
+    // The link drops (the appliance stops, as when a laptop loses Wi-Fi): the console says so
+    // and keeps trying, then carries on with the same session once the appliance is back.
+    let status = server.terminate()?;
+    anyhow::ensure!(status.success(), "labrack exited with {status}");
+    driver.wait_text("link-state", "Appliance unreachable").await?;
+    let _server = Server::start_with(&data.0, &listen, &["--host-heartbeat-secs", "1"])?;
+    driver.wait_text("link-state", "Connected").await?;
+    driver.wait_text("events", "Console Cup").await?;
     let _ = driver.http.delete(format!("{}/session/{}", driver.base, driver.session)).send().await;
     Ok(())
 }

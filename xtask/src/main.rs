@@ -39,7 +39,7 @@ commands:
 /// What the tests need from Debian: the browser, real sshd for the lab terminal, the RDP
 /// servers and X tools for lab desktops (xrdp; freerdp-shadow and weston for the RDP client's
 /// compatibility tests), the C toolchain bits ssh2 and OpenH264 build with, and what the Tauri
-/// console builds and is tested with (WebKitGTK, its WebDriver).
+/// console builds and is tested with (WebKitGTK, its WebDriver, D-Bus and a notification daemon).
 const SYSTEM_PACKAGES: &[&str] = &[
     "libwebkit2gtk-4.1-dev",
     "libgtk-3-dev",
@@ -47,6 +47,12 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "librsvg2-dev",
     "libxdo-dev",
     "webkit2gtk-driver",
+    // the console's desktop notifications are tested against a real session bus and daemon
+    "dbus",
+    "dunst",
+    "libglib2.0-bin",
+    // drives the console's native file dialogs in its test
+    "xdotool",
     "chromium",
     "ca-certificates",
     "openssh-server",

@@ -67,15 +67,17 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
     let workers = crate::checks::spawn_workers(&state, config.queue.check_workers);
     let shutdown = state.shutdown.clone();
+    // The TLS identity first: the appliance page shows its CA fingerprint for consoles.
+    let identity = if config.dev_http { None } else { Some(crate::tls::load_or_create(&config.data_dir, &config.tls_names)?) };
+    state.ca_fingerprint = identity.as_ref().map(|identity| format!("SHA256:{}", identity.ca_fingerprint));
     let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
 
     let shown_host = if local.ip().is_unspecified() { "127.0.0.1".to_owned() } else { local.ip().to_string() };
-    let (scheme, fingerprint) = if config.dev_http { ("http", None) } else { ("https", Some(())) };
+    let scheme = if identity.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{}/", SocketAddr::new(shown_host.parse()?, local.port()));
     // Withdrawn (dropped) when the server stops.
     let mut announcement = None;
-    let server = if fingerprint.is_some() {
-        let identity = crate::tls::load_or_create(&config.data_dir, &config.tls_names)?;
+    let server = if let Some(identity) = identity {
         println!("labrack: ca certificate {}", identity.files.ca_cert.display());
         println!("labrack: ca fingerprint SHA256:{}", identity.ca_fingerprint);
         announcement = announce(&config, local, &identity.ca_fingerprint);

@@ -258,3 +258,58 @@ async fn hosts_without_an_agent_and_their_labs_refuse_bad_or_unauthorised_input(
     app.call("GET", &format!("/api/v1/events/{}/check-runs", s.event_id), &team, None).await.problem(403);
     app.call("GET", "/api/v1/events/999999/check-runs", &organizer, None).await.problem(404);
 }
+
+#[tokio::test]
+async fn a_team_is_reassigned_off_a_dead_host_in_one_step_and_bad_requests_change_nothing() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let staff = As::Bearer(app.staff("staff1", "staff").await);
+    let s = seed(&app, &organizer).await;
+    let first = insert_host(&app, "rack-1", 4).await;
+    with_templates(&app, &organizer).await;
+    let lab = app.call("POST", &format!("/api/v1/teams/{}/allocation", s.team_a), &organizer, Some(json!({"template": "desk"}))).await;
+    let id = lab.body["id"].as_i64().expect("id");
+    assert_eq!(lab.body["host_id"], first);
+    force_state(&app, id, "active").await;
+    let second = insert_host(&app, "rack-2", 4).await;
+    let path = format!("/api/v1/allocations/{id}/reassign");
+
+    // While its host is healthy and the lab works, staff reset or release instead.
+    let before = app.snapshot().await;
+    let refused = app.call("POST", &path, &organizer, Some(json!({}))).await;
+    assert!(refused.problem(409)["detail"].as_str().is_some_and(|d| d.contains("rack-1 is healthy")), "{}", refused.body);
+    assert_eq!(before, app.snapshot().await);
+
+    // The host dies.
+    app.db.writer().write(move |conn| conn.execute("UPDATE hosts SET healthy = 0 WHERE id = ?1", [first])).await.expect("host down");
+    let participant = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let before = app.snapshot().await;
+    let refusals = [
+        (&staff, Some(json!({})), 403, "operators may not move labs"),
+        (&participant, Some(json!({})), 403, "teams may not move labs"),
+        (&As::Nobody, Some(json!({})), 401, "anonymous"),
+        (&organizer, Some(json!({"host_id": first})), 422, "the current host"),
+        (&organizer, Some(json!({"host_id": 999_999})), 422, "an unknown host"),
+        (&organizer, Some(json!({"host": second})), 422, "an unknown field"),
+        (&organizer, Some(json!("rack-2")), 422, "not an object"),
+    ];
+    for (who, body, status, what) in refusals {
+        let reply = app.call("POST", &path, who, body).await;
+        assert_eq!(reply.status.as_u16(), status, "{what}: {}", reply.body);
+        assert_eq!(reply.content_type, "application/problem+json", "{what}");
+        assert_eq!(before, app.snapshot().await, "{what} changed stored state");
+    }
+    app.call("POST", "/api/v1/allocations/999999/reassign", &organizer, Some(json!({}))).await.problem(404);
+
+    let moved = app.call("POST", &path, &organizer, Some(json!({}))).await;
+    assert_eq!(moved.status.as_u16(), 201, "{}", moved.body);
+    assert_eq!(moved.body["host_id"], second);
+    assert_eq!(moved.body["team_id"], s.team_a);
+    assert_eq!(moved.body["template"], "desk");
+    let old = app.call("GET", &format!("/api/v1/allocations/{id}"), &organizer, None).await;
+    assert_eq!(old.body["state"], "released", "{}", old.body);
+    let mine = app.call("GET", "/api/v1/me/allocation", &participant, None).await;
+    assert_eq!(mine.body["allocation"]["id"], moved.body["id"], "the team sees its new lab");
+    // A released lab cannot be moved again.
+    app.call("POST", &path, &organizer, Some(json!({}))).await.problem(409);
+}

@@ -135,8 +135,12 @@ async function refreshEvents() {
   if (focused) focus.value = focused;
 }
 
+// Lab hosts' health by name (a lab on a dead host may be moved to another).
+const hostHealthy = new Map();
+
 async function refreshHosts() {
   const { hosts } = await call("GET", "/api/v1/hosts");
+  for (const host of hosts) hostHealthy.set(host.name, host.healthy);
   renderHeatmap(hosts);
   const body = $("hosts");
   body.replaceChildren();
@@ -248,19 +252,25 @@ async function refreshFocus() {
     const tr = document.createElement("tr");
     tr.dataset.testid = "lab-row";
     const actions = document.createElement("td");
-    for (const [action, label] of [["reset", "Reset"], ["force-release", "Force release"]]) {
+    const stranded = lab.state === "failed" || lab.state === "release_failed" || hostHealthy.get(lab.host_name) === false;
+    for (const [action, label] of [["reset", "Reset"], ["reassign", "Move to another host"], ["force-release", "Force release"]]) {
       if (lab.state !== "active" && action === "reset") continue;
+      if (action === "reassign" && !stranded) continue;
       if (lab.state === "released") continue;
       const button = document.createElement("button");
       button.className = "secondary";
+      button.dataset.testid = `lab-${action}`;
       button.textContent = label;
       button.addEventListener("click", async () => {
         // Two clicks: the first asks, the second acts (no native dialogs needed).
         if (button.dataset.armed !== "yes") {
           button.dataset.armed = "yes";
-          button.textContent = `Confirm: ${label.toLowerCase()} ${lab.team_name}'s lab`;
+          button.textContent = action === "reassign" ? `Confirm: move ${lab.team_name}'s lab to another host` : `Confirm: ${label.toLowerCase()} ${lab.team_name}'s lab`;
           return;
         }
+        // Acted (or refused): the confirmation is spent, so the table may redraw again.
+        button.dataset.armed = "no";
+        text($("focus-error"), "");
         try {
           await call("POST", `/api/v1/allocations/${lab.id}/${action}`, {});
           await refreshFocus();

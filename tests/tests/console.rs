@@ -433,7 +433,13 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let shots = std::env::var_os("LABRACK_SCREENSHOT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| labrack_e2e::labrack_bin().parent().and_then(Path::parent).map(|t| t.join("screenshots")).unwrap_or_default());
+    let show = "document.querySelector('[data-testid=\"' + arguments[0] + '\"]').scrollIntoView({block: 'start'}); return null;";
+    driver.execute(show, json!("summary")).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     driver.screenshot(&shots.join("console-dashboard.png")).await?;
+    driver.execute(show, json!("desktop-wall")).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    driver.screenshot(&shots.join("console-wall.png")).await?;
 
     // The lab host stops: the dashboard names the problem and a desktop notification says so.
     drop(host);
@@ -444,6 +450,30 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
         anyhow::ensure!(Instant::now() < deadline, "dunst never showed the notification: {}", shown_notifications(&bus_address));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Staff move Red's lab off the dead host: a fresh lab from the same template elsewhere.
+    let (status, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
+    anyhow::ensure!(status == 201, "{token}");
+    let state_b = DataDir::new("console-host-b");
+    let (ok, text) = enrol_host(&server.url, &data.0, token["token"].as_str().context("token")?, "rack-b", &state_b.0)?;
+    anyhow::ensure!(ok, "{text}");
+    let host_b = LabHost::start(&state_b.0, &users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    driver.wait_text("hosts", "rack-b").await?;
+    driver.click("lab-reassign").await?;
+    driver.wait_text("labs", "Confirm: move Red's lab to another host").await?;
+    driver.click("lab-reassign").await?;
+    if let Err(error) = driver.wait_text("labs", "rack-b").await {
+        anyhow::bail!("{error}; the event card says {:?}", driver.text("focus-error").await.unwrap_or_default());
+    }
+    let (_, labs) = admin.get(&format!("/api/v1/events/{event_id}/allocations")).await?;
+    let states: Vec<(String, String)> = labs["allocations"]
+        .as_array()
+        .context("allocations")?
+        .iter()
+        .map(|a| (a["host_name"].as_str().unwrap_or_default().to_owned(), a["state"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    assert!(states.contains(&("rack-a1".into(), "released".into())) && states.iter().any(|(host, state)| host == "rack-b" && state != "released"), "{states:?}");
+    drop(host_b);
     drop(xrdp);
 
     // The link drops (the appliance stops, as when a laptop loses Wi-Fi): the console says so

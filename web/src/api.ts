@@ -391,7 +391,15 @@ export async function request<T>(method: string, path: string, opts: RequestOpti
 type Id = string | number;
 const enc = (id: Id): string => encodeURIComponent(String(id));
 
+/** What a staff console needs to connect (public). */
+export interface ApplianceCard {
+  url: string | null;
+  ca_fingerprint: string | null;
+  qr_svg: string | null;
+}
+
 export const api = {
+  appliance: () => request<ApplianceCard>("GET", "/api/v1/appliance", { sessionRequired: false }),
   // --- auth ---
   session: () => request<AuthResponse>("GET", "/api/v1/auth/session", { sessionRequired: false }),
   login: (username: string, password: string) =>

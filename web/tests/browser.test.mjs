@@ -98,6 +98,13 @@ test("staff set-up and participant join, end to end", { timeout: 180_000 }, asyn
     await page.goto(`${BASE_URL}/`);
     await hashIs("#/login");
     await page.locator(tid("login-form")).waitFor();
+    // The connection card for the staff console: the CA fingerprint labrack serve printed,
+    // and a QR code of it that the browser renders.
+    await page.locator(tid("appliance-fingerprint")).waitFor();
+    assert.equal((await page.textContent(tid("appliance-fingerprint"))).trim(), process.env.LABRACK_CA_FINGERPRINT);
+    assert.equal((await page.textContent(tid("appliance-url"))).trim(), BASE_URL);
+    const qrWidth = await page.locator(tid("appliance-qr")).evaluate((img) => img.decode().then(() => img.naturalWidth));
+    assert.ok(qrWidth >= 200, `the QR code renders (${qrWidth} px)`);
     await screenshot("login");
 
     // A wrong password shows an error and keeps us on the login page.

@@ -159,6 +159,7 @@ fn browser_tests() -> anyhow::Result<()> {
     node.current_dir(project_root().join("web"))
         .args(["--test", "--test-reporter=spec", "tests/"])
         .env("LABRACK_URL", &server.url)
+        .env("LABRACK_CA_FINGERPRINT", server.ca_fingerprint.as_deref().unwrap_or_default())
         .env("LABRACK_ADMIN_PASSWORD", server.admin_password.as_deref().unwrap_or_default())
         .env("LABRACK_SCREENSHOT_DIR", &screenshots);
     let result = run(&mut node);

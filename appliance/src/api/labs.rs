@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
-use labrack_provisioner::allocation::{Allocation, Input};
+use labrack_provisioner::allocation::{Allocation, AllocationState, Input};
 use labrack_provisioner::inventory::{self, HostSlot};
 use labrack_provisioner::template;
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -517,6 +517,80 @@ async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result
     state.desktops.forget(id);
     state.wake_hosts();
     Ok(Json(view))
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reassignment {
+    /// the host to move to; when absent, the healthy host with the most room (never the
+    /// lab's current host)
+    #[serde(default)]
+    pub host_id: Option<i64>,
+}
+
+/// Moves a team off a dead lab host (or out of a failed lab) in one step: the old lab is let
+/// go without its host's help, as force-release does, and a fresh lab from the same template
+/// is placed on another healthy host. A lab on a healthy host is reset or released instead.
+#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/reassign", tag = "labs", params(("allocation_id" = i64, Path)), request_body = Reassignment,
+    responses((status = 201, body = AllocationView, description = "the team's new lab"), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn reassign(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(req): ApiJson<Reassignment>,
+) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+    caller.require_staff(&TEMPLATE_ADMINS)?;
+    let secrets = state.secrets.clone();
+    let view = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let stored = labs::load(conn, id)?.ok_or(ApiError::NotFound("allocation"))?;
+            super::people::open_event(conn, stored.event_id)?;
+            let old_host = stored.alloc.host_id;
+            let (host_name, host_healthy): (String, bool) = conn.query_row("SELECT name, healthy FROM hosts WHERE id = ?1", [old_host], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let state_now = labs::state_name(stored.alloc.state);
+            let failed = matches!(stored.alloc.state, AllocationState::Failed | AllocationState::ReleaseFailed);
+            if host_healthy && !failed {
+                return Err(ApiError::conflict(None, format!("lab host {host_name} is healthy and the lab is {state_now}: reset it, or release it and allocate again")));
+            }
+            let mut probe: Allocation = stored.alloc.clone();
+            let outputs = labrack_provisioner::allocation::step(&mut probe, Input::ForceRelease, unix_ms(), &Default::default());
+            if let Some(why) = outputs.iter().find_map(|o| match o {
+                labrack_provisioner::allocation::Output::Ignored { why } => Some(*why),
+                _ => None,
+            }) {
+                return Err(ApiError::conflict(None, format!("the lab is {state_now}: {why}")));
+            }
+            let others: Vec<HostSlot> = host_slots(conn)?.into_iter().filter(|slot| slot.host_id != old_host).collect();
+            let candidates: Vec<HostSlot> = match req.host_id {
+                Some(wanted) if wanted == old_host => return Err(ApiError::invalid("host_id", "that is the lab's current host; choose another")),
+                Some(wanted) => {
+                    let slot = others.into_iter().find(|slot| slot.host_id == wanted).ok_or_else(|| ApiError::invalid("host_id", format!("no lab host {wanted} with an agent")))?;
+                    vec![slot]
+                }
+                None => others,
+            };
+            let new_host = inventory::place(&candidates, stored.gpus).map_err(|e| ApiError::conflict(Some("host_id"), format!("no other host can take the lab: {e}")))?;
+            audit(conn, &caller.actor(), &caller.meta, "allocation.reassigned", Some(&format!("allocation:{id}")), serde_json::json!({"from_host": old_host, "to_host": new_host}))?;
+            labs::apply(conn, &secrets, id, Input::ForceRelease, unix_ms(), &caller.actor(), &caller.meta)?;
+            let a = &stored.alloc;
+            let now = now_rfc3339();
+            conn.execute(
+                "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8)",
+                params![stored.event_id, stored.team_id, new_host, a.template, a.runtime, a.skeleton, stored.gpus, now],
+            )?;
+            let fresh = conn.last_insert_rowid();
+            let detail = serde_json::json!({"team_id": stored.team_id, "host_id": new_host, "template": a.template, "reassigned_from": id});
+            audit(conn, &caller.actor(), &caller.meta, "allocation.created", Some(&format!("allocation:{fresh}")), detail)?;
+            labs::apply(conn, &secrets, fresh, Input::Tick, unix_ms(), &caller.actor(), &caller.meta)?;
+            load_view(conn, fresh)
+        })
+        .await?;
+    state.desktops.forget(id);
+    state.wake_hosts();
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 /// Restores the lab from its template (ends the session, rotates the password).

@@ -90,6 +90,8 @@ pub struct AppState {
     pub link: Arc<crate::sync::relay::Link>,
     /// where the appliance keeps its files (TLS identities); none in some tests
     pub data_dir: Option<PathBuf>,
+    /// the appliance CA's fingerprint (`SHA256:AB:…`) consoles pin; None over plain HTTP
+    pub ca_fingerprint: Option<String>,
 }
 
 impl AppState {
@@ -110,6 +112,7 @@ impl AppState {
             billing: Arc::new(crate::billing::BillingSettings::default()),
             link: Arc::new(crate::sync::relay::Link::default()),
             data_dir: None,
+            ca_fingerprint: None,
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
@@ -135,7 +138,7 @@ impl AppState {
 #[openapi(
     info(title = "LabRack appliance API", version = "1", description = "Control plane of the LabRack edge appliance. Errors are application/problem+json (RFC 9457)."),
     paths(
-        session::login, session::logout, session::current, session::change_password, session::join,
+        ops::appliance_card, session::login, session::logout, session::current, session::change_password, session::join,
         staff::list, staff::create,
         events::list, events::create, events::get_one, events::update, events::transition,
         people::list_teams, people::create_team, people::get_team,
@@ -143,7 +146,7 @@ impl AppState {
         people::me, ops::audit_log,
         hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::register_agentless, labs::register_agentless_lab, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
-        labs::my_allocation, labs::reset, labs::release, labs::force_release, terminal::ticket, desktop::ticket, desktop::thumbnail, dashboard::dashboard,
+        labs::my_allocation, labs::reset, labs::release, labs::force_release, labs::reassign, terminal::ticket, desktop::ticket, desktop::thumbnail, dashboard::dashboard,
         jobs::list, jobs::get_one, jobs::requeue, jobs::cancel,
         checks::queue_batch, checks::get_batch, checks::list_runs, checks::run_mine, checks::my_checks,
         scores::get_rubric, scores::put_rubric, scores::put_judge_scores, scores::get_judge_scores, scores::leaderboard,
@@ -161,6 +164,7 @@ pub struct ApiDoc;
 /// Builds the whole application: API, ops endpoints and the web UI.
 pub fn app(state: AppState) -> Router {
     let api = Router::new()
+        .route("/v1/appliance", get(ops::appliance_card))
         .route("/v1/auth/login", post(session::login))
         .route("/v1/auth/logout", post(session::logout))
         .route("/v1/auth/session", get(session::current))
@@ -193,6 +197,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/allocations/{allocation_id}/reset", post(labs::reset))
         .route("/v1/allocations/{allocation_id}/release", post(labs::release))
         .route("/v1/allocations/{allocation_id}/force-release", post(labs::force_release))
+        .route("/v1/allocations/{allocation_id}/reassign", post(labs::reassign))
         .route("/v1/me/allocation", get(labs::my_allocation))
         .route("/v1/allocations/{allocation_id}/terminal-ticket", post(terminal::ticket))
         .route("/v1/terminal", get(terminal::socket))

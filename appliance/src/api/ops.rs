@@ -1,4 +1,5 @@
-//! Health, readiness, metrics, the audit log and the static web UI.
+//! Health, readiness, metrics, the audit log, the appliance's connection card (URL and CA
+//! fingerprint for staff consoles, also as a QR code) and the static web UI.
 
 use std::path::PathBuf;
 
@@ -13,6 +14,45 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::auth::{Caller, Role};
 use super::error::{ApiError, Problem};
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApplianceCard {
+    /// the URL this request reached the appliance at (from its Host header)
+    pub url: Option<String>,
+    /// the CA fingerprint staff consoles pin (`SHA256:AB:…`); null over plain HTTP
+    pub ca_fingerprint: Option<String>,
+    /// the URL and fingerprint as a QR code (SVG), to read off the screen with a phone
+    pub qr_svg: Option<String>,
+}
+
+/// A Host header worth echoing: a host name or address with an optional port.
+fn sane_host(host: &str) -> bool {
+    !host.is_empty() && host.len() <= 255 && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+/// The text a console connection QR code carries.
+pub fn card_text(url: &str, fingerprint: &str) -> String {
+    format!("LabRack appliance\n{url}\n{fingerprint}")
+}
+
+/// A QR code of `text` as SVG.
+pub fn qr_svg(text: &str) -> Option<String> {
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(220, 220).quiet_zone(true).build())
+}
+
+/// What a staff console needs to connect: this appliance's URL and CA fingerprint, also as
+/// a QR code. Public: the fingerprint is a hash of the certificate every TLS client is sent.
+#[utoipa::path(get, path = "/api/v1/appliance", tag = "auth", responses((status = 200, body = ApplianceCard)))]
+pub async fn appliance_card(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Json<ApplianceCard> {
+    let scheme = if state.ca_fingerprint.is_some() { "https" } else { "http" };
+    let url = headers.get(header::HOST).and_then(|h| h.to_str().ok()).filter(|h| sane_host(h)).map(|host| format!("{scheme}://{host}"));
+    let qr = match (&url, &state.ca_fingerprint) {
+        (Some(url), Some(fingerprint)) => qr_svg(&card_text(url, fingerprint)),
+        _ => None,
+    };
+    Json(ApplianceCard { url, ca_fingerprint: state.ca_fingerprint.clone(), qr_svg: qr })
+}
 
 /// Liveness: the process answers.
 pub async fn healthz() -> &'static str {
@@ -112,5 +152,37 @@ pub fn web_ui(dir: Option<PathBuf>) -> MethodRouter<AppState> {
     match dir.filter(|d| d.join("index.html").is_file()) {
         Some(dir) => axum::routing::get_service(tower_http::services::ServeDir::new(dir)),
         None => get(|| async { (StatusCode::OK, Html(NOT_BUILT)) }),
+    }
+}
+
+#[cfg(test)]
+mod card_tests {
+    use super::*;
+
+    /// The QR code decodes (rqrr, an independent decoder) to the URL and the fingerprint.
+    #[test]
+    fn the_qr_code_reads_back_as_the_url_and_fingerprint() {
+        let text = card_text("https://rack-1.local:8443", "SHA256:AB:CD:EF");
+        let code = qrcode::QrCode::new(text.as_bytes()).expect("qr");
+        let (width, scale, quiet) = (code.width(), 6, 4);
+        let colors = code.to_colors();
+        let side = (width + 2 * quiet) * scale;
+        let mut image = rqrr::PreparedImage::prepare_from_greyscale(side, side, |x, y| {
+            let (mx, my) = ((x / scale).wrapping_sub(quiet), (y / scale).wrapping_sub(quiet));
+            let dark = mx < width && my < width && colors[my * width + mx] == qrcode::Color::Dark;
+            if dark { 0 } else { 255 }
+        });
+        let grids = image.detect_grids();
+        assert_eq!(grids.len(), 1);
+        let (_, content) = grids[0].decode().expect("decodes");
+        assert_eq!(content, text);
+        let svg = qr_svg(&text).expect("svg");
+        assert!(svg.starts_with("<?xml") && svg.contains("<svg"), "{}", &svg[..80.min(svg.len())]);
+    }
+
+    #[test]
+    fn only_plain_host_headers_are_echoed() {
+        assert!(sane_host("rack-1.local:8443") && sane_host("10.0.0.2") && sane_host("[::1]:8443"));
+        assert!(!sane_host("") && !sane_host("evil.example/<script>") && !sane_host(&"a".repeat(300)) && !sane_host("a b"));
     }
 }

@@ -69,6 +69,28 @@ export function renderLogin(root: HTMLElement): void {
         { class: "alt-link" },
         h("a", { href: "#/join", testid: "join-link" }, "Participant? Join your team"),
       ),
+      consoleCard(),
     ),
   );
+}
+
+/** How the staff console connects here: URL, the CA fingerprint it pins, and both as a QR code. */
+function consoleCard(): HTMLElement {
+  const card = h("section", { class: "card narrow console-card", testid: "console-card" });
+  void api
+    .appliance()
+    .then((info) => {
+      if (!info.ca_fingerprint) return;
+      card.append(
+        h("h2", {}, "Staff console"),
+        h("p", { class: "muted" }, "Connect the LabRack console with this URL and CA fingerprint (compare it with what labrack serve printed)."),
+        h("p", {}, h("strong", {}, "URL "), h("code", { testid: "appliance-url" }, info.url ?? location.origin)),
+        h("p", {}, h("strong", {}, "CA fingerprint "), h("code", { class: "fingerprint", testid: "appliance-fingerprint" }, info.ca_fingerprint)),
+      );
+      if (info.qr_svg) {
+        card.append(h("img", { src: `data:image/svg+xml;base64,${btoa(info.qr_svg)}`, alt: "QR code of the URL and CA fingerprint", width: "220", height: "220", testid: "appliance-qr" }));
+      }
+    })
+    .catch(() => card.remove());
+  return card;
 }

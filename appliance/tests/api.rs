@@ -306,6 +306,8 @@ async fn openapi_document_lists_every_route() {
         "/api/v1/host/heartbeat", "/api/v1/templates", "/api/v1/events/{event_id}/allocations", "/api/v1/teams/{team_id}/allocation",
         "/api/v1/allocations/{allocation_id}", "/api/v1/allocations/{allocation_id}/reset", "/api/v1/allocations/{allocation_id}/release",
         "/api/v1/allocations/{allocation_id}/force-release", "/api/v1/allocations/{allocation_id}/terminal-ticket", "/api/v1/me/allocation",
+        "/api/v1/allocations/{allocation_id}/reassign", "/api/v1/allocations/{allocation_id}/thumbnail", "/api/v1/events/{event_id}/dashboard",
+        "/api/v1/appliance",
     ] {
         assert!(paths.contains_key(path), "{path} missing from openapi.json");
     }
@@ -322,4 +324,24 @@ async fn health_ready_and_metrics() {
     assert!(text.contains("labrack_http_requests_total{method=\"GET\",route=\"/api/v1/events\",status=\"401\"} 1"), "{text}");
     assert!(text.contains("labrack_writer_queue_depth 0"));
     assert!(text.contains("labrack_http_request_duration_seconds_bucket"));
+}
+
+#[tokio::test]
+async fn the_connection_card_names_the_url_used_and_the_fingerprint_with_a_qr_code() {
+    let app = TestApp::with(|state| state.ca_fingerprint = Some("SHA256:AB:CD".into())).await;
+    let ask = |host: &str| {
+        axum::http::Request::builder().uri("/api/v1/appliance").header("host", host).body(axum::body::Body::empty()).expect("request")
+    };
+    let card = app.send(ask("rack-1.local:8443")).await;
+    assert_eq!(card.status, StatusCode::OK);
+    assert_eq!(card.body["url"], "https://rack-1.local:8443");
+    assert_eq!(card.body["ca_fingerprint"], "SHA256:AB:CD");
+    assert!(card.body["qr_svg"].as_str().is_some_and(|svg| svg.contains("<svg")), "{}", card.body);
+    // A Host header that is not a plain host name is not echoed (nor drawn into the code).
+    let odd = app.send(ask("evil.example/<script>")).await;
+    assert_eq!((odd.body["url"].clone(), odd.body["qr_svg"].clone()), (Value::Null, Value::Null), "{}", odd.body);
+    // Over plain HTTP (development) there is no CA to pin.
+    let plain = TestApp::new().await;
+    let card = plain.send(ask("localhost:8080")).await;
+    assert_eq!((card.body["url"].as_str(), card.body["ca_fingerprint"].clone()), (Some("http://localhost:8080"), Value::Null));
 }

@@ -103,6 +103,8 @@ test("staff set-up and participant join, end to end", { timeout: 180_000 }, asyn
     await page.locator(tid("appliance-fingerprint")).waitFor();
     assert.equal((await page.textContent(tid("appliance-fingerprint"))).trim(), process.env.LABRACK_CA_FINGERPRINT);
     assert.equal((await page.textContent(tid("appliance-url"))).trim(), BASE_URL);
+    const card = await page.evaluate(() => fetch("/api/v1/appliance").then((r) => r.json()));
+    assert.equal(card.url, BASE_URL, "the appliance names the URL the browser used");
     const qrWidth = await page.locator(tid("appliance-qr")).evaluate((img) => img.decode().then(() => img.naturalWidth));
     assert.ok(qrWidth >= 200, `the QR code renders (${qrWidth} px)`);
     await screenshot("login");

@@ -44,9 +44,11 @@ pub fn qr_svg(text: &str) -> Option<String> {
 /// What a staff console needs to connect: this appliance's URL and CA fingerprint, also as
 /// a QR code. Public: the fingerprint is a hash of the certificate every TLS client is sent.
 #[utoipa::path(get, path = "/api/v1/appliance", tag = "auth", responses((status = 200, body = ApplianceCard)))]
-pub async fn appliance_card(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Json<ApplianceCard> {
+pub async fn appliance_card(State(state): State<AppState>, uri: axum::http::Uri, headers: axum::http::HeaderMap) -> Json<ApplianceCard> {
     let scheme = if state.ca_fingerprint.is_some() { "https" } else { "http" };
-    let url = headers.get(header::HOST).and_then(|h| h.to_str().ok()).filter(|h| sane_host(h)).map(|host| format!("{scheme}://{host}"));
+    // HTTP/2 carries the host in the request's authority, HTTP/1.1 in the Host header.
+    let host = uri.authority().map(|a| a.as_str().to_owned()).or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
+    let url = host.filter(|h| sane_host(h)).map(|host| format!("{scheme}://{host}"));
     let qr = match (&url, &state.ca_fingerprint) {
         (Some(url), Some(fingerprint)) => qr_svg(&card_text(url, fingerprint)),
         _ => None,

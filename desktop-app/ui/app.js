@@ -24,6 +24,7 @@ async function renderRemembered() {
     const item = document.createElement("li");
     const use = document.createElement("button");
     use.textContent = `Use ${appliance.url}`;
+    use.dataset.testid = "use-remembered";
     use.addEventListener("click", () => {
       $("url").value = appliance.url;
       $("fingerprint").value = appliance.fingerprint;

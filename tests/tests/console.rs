@@ -234,6 +234,25 @@ impl Driver {
     }
 }
 
+/// Starts the console (a WebDriver session through tauri-driver); returns the session id.
+async fn start_console(http: &reqwest::Client, base: &str, console: &Path) -> anyhow::Result<String> {
+    let capabilities = json!({"capabilities": {"alwaysMatch": {"browserName": "wry", "tauri:options": {"application": console}}}});
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match http.post(format!("{base}/session")).json(&capabilities).send().await {
+            Ok(response) => {
+                let value: Value = response.json().await?;
+                if let Some(id) = value["value"]["sessionId"].as_str() {
+                    return Ok(id.to_owned());
+                }
+                anyhow::ensure!(Instant::now() < deadline, "no webdriver session: {value}");
+            }
+            Err(error) => anyhow::ensure!(Instant::now() < deadline, "tauri-driver did not start: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// The id of the only event (the console test creates one).
 async fn focused_event(admin: &Api) -> anyhow::Result<i64> {
     let (_, events) = admin.get("/api/v1/events").await?;
@@ -273,21 +292,7 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     );
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    let capabilities = json!({"capabilities": {"alwaysMatch": {"browserName": "wry", "tauri:options": {"application": console}}}});
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let session = loop {
-        match http.post(format!("{base}/session")).json(&capabilities).send().await {
-            Ok(response) => {
-                let value: Value = response.json().await?;
-                if let Some(id) = value["value"]["sessionId"].as_str() {
-                    break id.to_owned();
-                }
-                anyhow::ensure!(Instant::now() < deadline, "no webdriver session: {value}");
-            }
-            Err(error) => anyhow::ensure!(Instant::now() < deadline, "tauri-driver did not start: {error}"),
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+    let session = start_console(&http, &base, &console).await?;
     let driver = Driver { http, base, session };
 
     // The console finds the appliance on the LAN: its certificate's host name and port,
@@ -434,7 +439,7 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
         .map(PathBuf::from)
         .unwrap_or_else(|| labrack_e2e::labrack_bin().parent().and_then(Path::parent).map(|t| t.join("screenshots")).unwrap_or_default());
     let show = "document.querySelector('[data-testid=\"' + arguments[0] + '\"]').scrollIntoView({block: 'start'}); return null;";
-    driver.execute(show, json!("summary")).await?;
+    driver.execute(show, json!("event-card")).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     driver.screenshot(&shots.join("console-dashboard.png")).await?;
     driver.execute(show, json!("desktop-wall")).await?;
@@ -484,6 +489,15 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let _server = Server::start_with(&data.0, &listen, &["--host-heartbeat-secs", "1"])?;
     driver.wait_text("link-state", "Connected").await?;
     driver.wait_text("events", "Console Cup").await?;
+
+    // Started again, the console remembers the appliance with its pinned CA and address.
+    driver.http.delete(format!("{}/session/{}", driver.base, driver.session)).send().await?;
+    let session = start_console(&driver.http, &driver.base, &console).await?;
+    let driver = Driver { session, ..driver };
+    driver.wait_text("remembered", &format!("https://{machine}:{port}")).await?;
+    driver.click("use-remembered").await?;
+    driver.click("connect-button").await?;
+    driver.wait_displayed("login").await?;
     let _ = driver.http.delete(format!("{}/session/{}", driver.base, driver.session)).send().await;
     Ok(())
 }

@@ -3,7 +3,8 @@
 //! thread does it.
 //!
 //! Workloads: `typing` (a full first frame, then a 240×24 text line changes per frame) and
-//! `motion` (every pixel changes every frame). Prints one JSON line per (codec, size, workload).
+//! `motion` (every pixel changes every frame). Prints one JSON line per (codec, size, workload),
+//! then one per size for the staff wall's thumbnails (`thumbnail::make`: box filter + JPEG).
 
 use std::time::Instant;
 
@@ -20,6 +21,28 @@ fn main() {
             }
         }
     }
+    for (width, height) in [(1280_u32, 720_u32), (1920, 1080)] {
+        println!("{}", thumbnails(width, height, frames.clamp(10, 100)));
+    }
+}
+
+/// One desktop's thumbnail, as the stream makes it (at most once a second per desktop).
+fn thumbnails(width: u32, height: u32, count: usize) -> String {
+    let rgba = desktop(width, height);
+    let mut times = Vec::with_capacity(count);
+    let mut bytes = 0;
+    for _ in 0..count {
+        let started = Instant::now();
+        let picture = labrack_streamer::thumbnail::make(&rgba, width, height).expect("thumbnail");
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        bytes = picture.jpeg.len();
+    }
+    let first = times[0];
+    times.sort_by(f64::total_cmp);
+    let (p50, p95) = (times[times.len() / 2], times[(times.len() as f64 * 0.95) as usize]);
+    format!(
+        r#"{{"codec":"JPEG","size":"{width}x{height}","workload":"thumbnail","frames":{count},"encode_ms_p50":{p50:.2},"encode_ms_p95":{p95:.2},"first_frame_ms":{first:.2},"kbit_per_s_at_30fps":0,"bytes":{bytes}}}"#
+    )
 }
 
 fn desktop(width: u32, height: u32) -> Vec<u8> {

@@ -274,13 +274,17 @@ async fn pick_roster(app: tauri::AppHandle) -> Result<Option<String>, String> {
 /// What the tray shows: the event's state (as the label beside the icon, the tooltip and the
 /// menu's first line).
 #[tauri::command]
-fn set_tray(app: tauri::AppHandle, tray: tauri::State<'_, TrayState>, text: String) -> Result<(), String> {
+fn set_tray(app: tauri::AppHandle, text: String) -> Result<(), String> {
     let text: String = text.chars().take(80).collect();
     if let Some(icon) = app.tray_by_id(TRAY_ID) {
         icon.set_title(Some(&text)).map_err(|e| e.to_string())?;
         icon.set_tooltip(Some(&format!("LabRack console: {text}"))).map_err(|e| e.to_string())?;
     }
-    tray.state_line.set_text(&text).map_err(|e| e.to_string())
+    // No tray on this desktop (see `main`): the window still shows the state.
+    match app.try_state::<TrayState>() {
+        Some(tray) => tray.state_line.set_text(&text).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
 }
 
 const TRAY_ID: &str = "labrack-console";
@@ -332,7 +336,10 @@ fn main() {
         .manage(AppState::default())
         .plugin(tauri_plugin_dialog::init())
         .setup(|app| {
-            build_tray(app)?;
+            // A desktop without a tray still gets the console.
+            if let Err(error) = build_tray(app) {
+                eprintln!("labrack-console: no tray icon: {error}");
+            }
             Ok(())
         })
         .invoke_handler(tauri::generate_handler![remembered, connect, login, api, logout, save_badges, save_text, pick_roster, thumbnail, notify, set_tray, discover])

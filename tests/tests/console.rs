@@ -167,11 +167,26 @@ impl Driver {
     }
 
     /// Types into a field after clearing it; a newline is typed as the Enter key.
+    /// WebKitWebDriver now and then answers a key event with an empty "unknown error" while
+    /// the page is busy; the field is then cleared and typed again (three tries).
     async fn fill(&self, testid: &str, text: &str) -> anyhow::Result<()> {
-        let id = self.find(testid).await?;
-        self.post(&format!("/element/{id}/clear"), json!({})).await?;
-        self.post(&format!("/element/{id}/value"), json!({"text": text.replace('\n', "\u{E007}")})).await?;
-        Ok(())
+        let mut tries = 0;
+        loop {
+            let id = self.find(testid).await?;
+            let typed = async {
+                self.post(&format!("/element/{id}/clear"), json!({})).await?;
+                self.post(&format!("/element/{id}/value"), json!({"text": text.replace('\n', "\u{E007}")})).await
+            };
+            match typed.await {
+                Ok(_) => return Ok(()),
+                Err(error) if tries < 2 => {
+                    tries += 1;
+                    eprintln!("typing into {testid} failed ({error}); again");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     async fn click(&self, testid: &str) -> anyhow::Result<()> {

@@ -731,7 +731,12 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
     // Typed into the remote xterm by the browser test: paste the X clipboard into a file,
     // and copy text on the desktop (the helpers keep what is typed free of shifted keys).
-    std::fs::write(skeleton.0.join("cbout"), "xclip -o -selection clipboard > \"$HOME/from-browser.txt\"\n")?;
+    // The browser's text reaches the X clipboard a moment after it is sent (over RDP, then
+    // xrdp's chansrv), so the script waits up to 10 s for it, as a user would before pasting.
+    std::fs::write(
+        skeleton.0.join("cbout"),
+        "for i in $(seq 50); do t=$(xclip -o -selection clipboard 2>/dev/null) && [ -n \"$t\" ] && break; sleep 0.2; done\nprintf '%s' \"$t\" > \"$HOME/from-browser.txt\"\n",
+    )?;
     std::fs::write(skeleton.0.join("cbin"), "printf '%s' 'copied on the desktop ✓' | xclip -selection clipboard\n")?;
     std::fs::write(skeleton.0.join("typed"), "stty sane\necho ready > \"$HOME/typed.ready\"\nIFS= read -r line\nprintf '%s\\n' \"$line\" > \"$HOME/typed.txt\"\n")?;
     let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());

@@ -312,4 +312,19 @@ async fn a_team_is_reassigned_off_a_dead_host_in_one_step_and_bad_requests_chang
     assert_eq!(mine.body["allocation"]["id"], moved.body["id"], "the team sees its new lab");
     // A released lab cannot be moved again.
     app.call("POST", &path, &organizer, Some(json!({}))).await.problem(409);
+
+    // Thumbnails: a released lab has no desktop (409), teams may not look (403), and a desktop
+    // that cannot be reached is a 502 naming it; none of these changes anything.
+    let before = app.snapshot().await;
+    let thumbnail = format!("/api/v1/allocations/{id}/thumbnail");
+    app.call("GET", &thumbnail, &organizer, None).await.problem(409);
+    app.call("GET", &thumbnail, &participant, None).await.problem(403);
+    app.call("GET", "/api/v1/allocations/999999/thumbnail", &organizer, None).await.problem(404);
+    assert_eq!(before, app.snapshot().await, "refused looks change nothing");
+    let fresh = moved.body["id"].as_i64().expect("new lab");
+    force_state(&app, fresh, "active").await;
+    let before_unreachable = app.snapshot().await;
+    let unreachable = app.call("GET", &format!("/api/v1/allocations/{fresh}/thumbnail"), &organizer, None).await;
+    assert!(unreachable.problem(502)["detail"].as_str().is_some_and(|d| d.contains("could not be opened")), "{}", unreachable.body);
+    assert_eq!(before_unreachable, app.snapshot().await, "a failed look changes nothing");
 }

@@ -268,6 +268,18 @@ async fn start_console(http: &reqwest::Client, base: &str, console: &Path) -> an
     }
 }
 
+/// Enrols a lab host named `name` and runs it against xrdp on `rdp_port`; returns it and its
+/// state directory (kept while it runs).
+async fn start_host(admin: &Api, url: &str, data: &Path, name: &str, prefix: &str, rdp_port: u16) -> anyhow::Result<(LabHost, DataDir)> {
+    let (status, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
+    anyhow::ensure!(status == 201, "{token}");
+    let state = DataDir::new(&format!("console-{name}"));
+    let (ok, text) = enrol_host(url, data, token["token"].as_str().context("token")?, name, &state.0)?;
+    anyhow::ensure!(ok, "{text}");
+    let host = LabHost::start(&state.0, prefix, rdp_port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    Ok((host, state))
+}
+
 /// The id of the only event (the console test creates one).
 async fn focused_event(admin: &Api) -> anyhow::Result<i64> {
     let (_, events) = admin.get("/api/v1/events").await?;
@@ -381,12 +393,7 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
     let xrdp = Xrdp::start()?;
-    let (status, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
-    anyhow::ensure!(status == 201, "{token}");
-    let state = DataDir::new("console-host");
-    let (ok, text) = enrol_host(&server.url, &data.0, token["token"].as_str().context("token")?, "rack-a1", &state.0)?;
-    anyhow::ensure!(ok, "{text}");
-    let host = LabHost::start(&state.0, &users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    let (host, _state) = start_host(&admin, &server.url, &data.0, "rack-a1", &users.prefix, xrdp.port).await?;
     driver.wait_text("hosts", "rack-a1").await?;
     driver.wait_text("hosts", "healthy").await?;
     let (_, teams) = admin.get(&format!("/api/v1/events/{}/teams", focused_event(&admin).await?)).await?;
@@ -472,12 +479,7 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     }
 
     // Staff move Red's lab off the dead host: a fresh lab from the same template elsewhere.
-    let (status, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
-    anyhow::ensure!(status == 201, "{token}");
-    let state_b = DataDir::new("console-host-b");
-    let (ok, text) = enrol_host(&server.url, &data.0, token["token"].as_str().context("token")?, "rack-b", &state_b.0)?;
-    anyhow::ensure!(ok, "{text}");
-    let host_b = LabHost::start(&state_b.0, &users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    let (host_b, _state_b) = start_host(&admin, &server.url, &data.0, "rack-b", &users.prefix, xrdp.port).await?;
     driver.wait_text("hosts", "rack-b").await?;
     driver.click("lab-reassign").await?;
     driver.wait_text("labs", "Confirm: move Red's lab to another host").await?;

@@ -267,6 +267,48 @@ fn host_slots(conn: &Connection) -> Result<Vec<HostSlot>, ApiError> {
     rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
 }
 
+/// A lab to create for a team on a chosen host.
+struct NewLab<'a> {
+    event_id: i64,
+    team_id: i64,
+    host_id: i64,
+    template: &'a str,
+    runtime: &'a str,
+    skeleton: &'a str,
+    gpus: u32,
+}
+
+/// Inserts a requested allocation, audits it (with `extra` in the detail) and lets the state
+/// machine issue its first task; returns its id. Call inside the write that placed it.
+fn create_lab(conn: &Connection, secrets: &crate::secrets::SecretBox, caller: &Caller, lab: &NewLab<'_>, extra: serde_json::Value) -> Result<i64, ApiError> {
+    conn.execute(
+        "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8)",
+        params![lab.event_id, lab.team_id, lab.host_id, lab.template, lab.runtime, lab.skeleton, lab.gpus, now_rfc3339()],
+    )?;
+    let id = conn.last_insert_rowid();
+    let mut detail = serde_json::json!({"team_id": lab.team_id, "host_id": lab.host_id, "template": lab.template});
+    if let (Some(detail), serde_json::Value::Object(extra)) = (detail.as_object_mut(), extra) {
+        detail.extend(extra);
+    }
+    audit(conn, &caller.actor(), &caller.meta, "allocation.created", Some(&format!("allocation:{id}")), detail)?;
+    labs::apply(conn, secrets, id, Input::Tick, unix_ms(), &caller.actor(), &caller.meta)?;
+    Ok(id)
+}
+
+/// A 409 naming why, when the state machine would ignore `input` in the lab's current state.
+fn refuse_if_ignored(alloc: &Allocation, input: &Input) -> Result<(), ApiError> {
+    let mut probe = alloc.clone();
+    let outputs = labrack_provisioner::allocation::step(&mut probe, input.clone(), unix_ms(), &Default::default());
+    match outputs.iter().find_map(|o| match o {
+        labrack_provisioner::allocation::Output::Ignored { why } => Some(*why),
+        _ => None,
+    }) {
+        Some(why) => Err(ApiError::conflict(None, format!("the lab is {}: {why}", labs::state_name(alloc.state)))),
+        None => Ok(()),
+    }
+}
+
 /// Allocates a lab to a team: placed automatically on the healthy host with room and the
 /// GPUs the template needs, then provisioned by that host.
 #[utoipa::path(post, path = "/api/v1/teams/{team_id}/allocation", tag = "labs", params(("team_id" = i64, Path)), request_body = NewAllocation,
@@ -303,16 +345,8 @@ pub async fn allocate(
                 return Err(ApiError::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
             }
             let host_id = inventory::place(&host_slots(conn)?, gpus).map_err(|e| ApiError::conflict(Some("template"), e.to_string()))?;
-            let now = now_rfc3339();
-            conn.execute(
-                "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8)",
-                params![event_id, team_id, host_id, name, runtime, skeleton, gpus, now],
-            )?;
-            let id = conn.last_insert_rowid();
-            let detail = serde_json::json!({"team_id": team_id, "host_id": host_id, "template": name});
-            audit(conn, &caller.actor(), &caller.meta, "allocation.created", Some(&format!("allocation:{id}")), detail)?;
-            labs::apply(conn, &secrets, id, Input::Tick, unix_ms(), &caller.actor(), &caller.meta)?;
+            let lab = NewLab { event_id, team_id, host_id, template: &name, runtime: &runtime, skeleton: &skeleton, gpus };
+            let id = create_lab(conn, &secrets, &caller, &lab, serde_json::json!({}))?;
             load_view(conn, id)
         })
         .await?;
@@ -500,14 +534,7 @@ async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result
                 Action::ForceRelease => (Input::ForceRelease, "allocation.force_released"),
             };
             // Dry-run first so a refused action leaves no audit row behind.
-            let mut probe: Allocation = stored.alloc.clone();
-            let outputs = labrack_provisioner::allocation::step(&mut probe, input.clone(), unix_ms(), &Default::default());
-            if let Some(why) = outputs.iter().find_map(|o| match o {
-                labrack_provisioner::allocation::Output::Ignored { why } => Some(*why),
-                _ => None,
-            }) {
-                return Err(ApiError::conflict(None, format!("the lab is {}: {why}", labs::state_name(stored.alloc.state))));
-            }
+            refuse_if_ignored(&stored.alloc, &input)?;
             audit(conn, &caller.actor(), &caller.meta, verb, Some(&format!("allocation:{id}")), serde_json::json!({}))?;
             labs::apply(conn, &secrets, id, input, unix_ms(), &caller.actor(), &caller.meta)?;
             load_view(conn, id)
@@ -554,14 +581,7 @@ pub async fn reassign(
             if host_healthy && !failed {
                 return Err(ApiError::conflict(None, format!("lab host {host_name} is healthy and the lab is {state_now}: reset it, or release it and allocate again")));
             }
-            let mut probe: Allocation = stored.alloc.clone();
-            let outputs = labrack_provisioner::allocation::step(&mut probe, Input::ForceRelease, unix_ms(), &Default::default());
-            if let Some(why) = outputs.iter().find_map(|o| match o {
-                labrack_provisioner::allocation::Output::Ignored { why } => Some(*why),
-                _ => None,
-            }) {
-                return Err(ApiError::conflict(None, format!("the lab is {state_now}: {why}")));
-            }
+            refuse_if_ignored(&stored.alloc, &Input::ForceRelease)?;
             let others: Vec<HostSlot> = host_slots(conn)?.into_iter().filter(|slot| slot.host_id != old_host).collect();
             let candidates: Vec<HostSlot> = match req.host_id {
                 Some(wanted) if wanted == old_host => return Err(ApiError::invalid("host_id", "that is the lab's current host; choose another")),
@@ -575,16 +595,8 @@ pub async fn reassign(
             audit(conn, &caller.actor(), &caller.meta, "allocation.reassigned", Some(&format!("allocation:{id}")), serde_json::json!({"from_host": old_host, "to_host": new_host}))?;
             labs::apply(conn, &secrets, id, Input::ForceRelease, unix_ms(), &caller.actor(), &caller.meta)?;
             let a = &stored.alloc;
-            let now = now_rfc3339();
-            conn.execute(
-                "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8)",
-                params![stored.event_id, stored.team_id, new_host, a.template, a.runtime, a.skeleton, stored.gpus, now],
-            )?;
-            let fresh = conn.last_insert_rowid();
-            let detail = serde_json::json!({"team_id": stored.team_id, "host_id": new_host, "template": a.template, "reassigned_from": id});
-            audit(conn, &caller.actor(), &caller.meta, "allocation.created", Some(&format!("allocation:{fresh}")), detail)?;
-            labs::apply(conn, &secrets, fresh, Input::Tick, unix_ms(), &caller.actor(), &caller.meta)?;
+            let lab = NewLab { event_id: stored.event_id, team_id: stored.team_id, host_id: new_host, template: &a.template, runtime: &a.runtime, skeleton: &a.skeleton, gpus: stored.gpus };
+            let fresh = create_lab(conn, &secrets, &caller, &lab, serde_json::json!({"reassigned_from": id}))?;
             load_view(conn, fresh)
         })
         .await?;

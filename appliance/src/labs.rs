@@ -243,15 +243,17 @@ pub fn unix_ms() -> u64 {
 }
 
 /// One reconciler pass: hosts that missed three heartbeats become unhealthy (and their
-/// labs are told so); allocations whose backoff has elapsed get their retry.
-pub fn reconcile(conn: &Connection, secrets: &SecretBox, now_ms: u64, heartbeat: Duration) -> Result<bool, ApiError> {
+/// labs are told so); allocations whose backoff has elapsed get their retry. Silence is
+/// counted from `listening_since_ms` at the earliest: while the appliance itself was down no
+/// host could reach it, so a restart gives every host three beats to be heard again.
+pub fn reconcile(conn: &Connection, secrets: &SecretBox, now_ms: u64, listening_since_ms: u64, heartbeat: Duration) -> Result<bool, ApiError> {
     let meta = RequestMeta { remote_addr: "local".into(), request_id: String::new() };
     let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
     let silence = i64::try_from(heartbeat.as_millis().saturating_mul(3)).unwrap_or(i64::MAX);
     let mut issued = false;
     let lost: Vec<(i64, String)> = conn
-        .prepare_cached("SELECT id, name FROM hosts WHERE healthy = 1 AND agent = 1 AND last_seen_ms < ?1")?
-        .query_map([now.saturating_sub(silence)], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .prepare_cached("SELECT id, name FROM hosts WHERE healthy = 1 AND agent = 1 AND max(last_seen_ms, ?2) < ?1")?
+        .query_map([now.saturating_sub(silence), i64::try_from(listening_since_ms).unwrap_or(i64::MAX)], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     for (host_id, name) in lost {
         conn.execute("UPDATE hosts SET healthy = 0 WHERE id = ?1", [host_id])?;
@@ -278,6 +280,7 @@ pub fn reconcile(conn: &Connection, secrets: &SecretBox, now_ms: u64, heartbeat:
 /// Runs [`reconcile`] every second until shutdown.
 pub async fn run_reconciler(state: AppState) {
     let mut shutdown = state.shutdown.subscribe();
+    let started_ms = unix_ms();
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -293,7 +296,7 @@ pub async fn run_reconciler(state: AppState) {
             .db
             .writer()
             .write(move |conn| {
-                let issued = reconcile(conn, &secrets, unix_ms(), heartbeat)?;
+                let issued = reconcile(conn, &secrets, unix_ms(), started_ms, heartbeat)?;
                 crate::billing::bill_active(conn, &billing, i64::try_from(unix_ms()).unwrap_or(i64::MAX))?;
                 Ok::<_, ApiError>(issued)
             })
@@ -303,5 +306,32 @@ pub async fn run_reconciler(state: AppState) {
             Ok(false) => {}
             Err(error) => tracing::error!(error = ?ApiError::from(error), "reconciler pass failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_appliance_s_own_downtime_does_not_count_as_a_host_s_silence() -> Result<(), Box<dyn std::error::Error>> {
+        let mut conn = Connection::open_in_memory()?;
+        crate::db::migrate(&mut conn)?;
+        let secrets = SecretBox::from_key(&[9; 32]);
+        // Last heard from an hour ago, before the appliance went down.
+        let now: u64 = 10_000_000;
+        conn.execute(
+            "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms) VALUES ('rack-1', zeroblob(32), '127.0.0.1', 0, 4, 'now', ?1)",
+            [i64::try_from(now - 3_600_000)?],
+        )?;
+        let healthy = |conn: &Connection| conn.query_row("SELECT healthy FROM hosts", [], |r| r.get::<_, bool>(0));
+        let beat = Duration::from_secs(5);
+        // Up for 2 s: the host has three beats (15 s) to be heard again.
+        reconcile(&conn, &secrets, now, now - 2_000, beat)?;
+        assert!(healthy(&conn)?, "no host is blamed for the appliance's own restart");
+        // Up for 16 s and still nothing from it: now it is silent.
+        reconcile(&conn, &secrets, now, now - 16_000, beat)?;
+        assert!(!healthy(&conn)?, "a host silent for three beats after the restart is unhealthy");
+        Ok(())
     }
 }

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use labrack_provisioner::allocation::{self, Allocation, AllocationState, Input, Output, RetryPolicy};
-use labrack_provisioner::protocol::{DesktopAccess, TaskId};
+use labrack_provisioner::limits::LabLimits;
+use labrack_provisioner::protocol::{DesktopAccess, HostTask, Password, TaskId};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use crate::api::error::ApiError;
@@ -57,7 +58,7 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
     let row = conn
         .prepare_cached(
             "SELECT id, host_id, template, runtime, skeleton, state, attempt, in_flight, retry_at_ms, reason, event_id, team_id, gpus,
-                    tasks_issued
+                    tasks_issued, limits, gpu_indices
              FROM allocations WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -66,6 +67,10 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
             let retry_at: Option<i64> = r.get(8)?;
             let gpus: i64 = r.get(12)?;
             let tasks_issued: i64 = r.get(13)?;
+            // Labs made before templates had limits run with the defaults.
+            let limits: Option<String> = r.get(14)?;
+            let limits: LabLimits = limits.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default();
+            let gpu_indices: String = r.get(15)?;
             Ok((
                 Allocation {
                     id: r.get(0)?,
@@ -73,6 +78,8 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
                     template: r.get(2)?,
                     runtime: r.get(3)?,
                     skeleton: r.get(4)?,
+                    limits,
+                    gpu_indices: serde_json::from_str(&gpu_indices).unwrap_or_default(),
                     state: parse_state(&state).unwrap_or(AllocationState::Failed),
                     attempt: u32::try_from(attempt).unwrap_or(0),
                     tasks_issued: u32::try_from(tasks_issued).unwrap_or(0),
@@ -112,6 +119,48 @@ pub fn secret_context(allocation_id: i64) -> String {
     format!("allocation:{allocation_id}:desktop-password")
 }
 
+/// The associated data of the password a host task carries, sealed in its row until the
+/// host reports the task.
+pub fn task_secret_context(task_id: &str) -> String {
+    format!("host_task:{task_id}:password")
+}
+
+/// A fresh desktop password: 20 characters without look-alikes (about 116 bits).
+pub fn generate_password() -> String {
+    use rand::Rng as _;
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut rng = rand::thread_rng();
+    (0..20).map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())])).collect()
+}
+
+/// Stores a host task: a password it carries is sealed into its own column and left out
+/// of the body, so no task body in the database holds a secret.
+pub fn insert_task(conn: &Connection, secrets: &SecretBox, task: &HostTask, allocation_id: i64, cleanup: bool, now_ms: i64) -> Result<(), ApiError> {
+    let mut stored = task.clone();
+    let secret = match stored.kind.password_mut() {
+        Some(password) if !password.0.is_empty() => {
+            let sealed = secrets.seal(&task_secret_context(&task.id.0), password.0.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+            *password = Password::default();
+            Some(sealed)
+        }
+        _ => None,
+    };
+    let body = serde_json::to_string(&stored).map_err(|e| ApiError::Internal(e.to_string()))?;
+    conn.prepare_cached(
+        "INSERT OR IGNORE INTO host_tasks (id, host_id, allocation_id, body, created_ms, secret, cleanup) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![task.id.0, task.host_id, allocation_id, body, now_ms, secret, cleanup])?;
+    Ok(())
+}
+
+/// The password a stored task carries, unsealed (for delivery to its host).
+pub fn task_password(conn: &Connection, secrets: &SecretBox, task_id: &str) -> Result<Option<String>, ApiError> {
+    let sealed: Option<Vec<u8>> = conn.query_row("SELECT secret FROM host_tasks WHERE id = ?1", [task_id], |r| r.get(0)).optional()?.flatten();
+    let Some(sealed) = sealed else { return Ok(None) };
+    let password = secrets.open(&task_secret_context(task_id), &sealed).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Some(String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?))
+}
+
 /// What [`apply`] did.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -132,21 +181,32 @@ pub fn apply(
     meta: &RequestMeta,
 ) -> Result<Applied, ApiError> {
     let mut stored = load(conn, id)?.ok_or(ApiError::NotFound("allocation"))?;
+    let reported = match &input {
+        Input::Report { id, .. } => Some(id.0.clone()),
+        _ => None,
+    };
+    let forced = matches!(input, Input::ForceRelease);
     let outputs = allocation::step(&mut stored.alloc, input, now_ms, &RetryPolicy::default());
     let alloc = &stored.alloc;
     let mut applied = Applied::default();
     let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
     for output in outputs {
         match output {
-            Output::Issue(task) => {
-                let body = serde_json::to_string(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
-                conn.prepare_cached(
-                    "INSERT OR IGNORE INTO host_tasks (id, host_id, allocation_id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?
-                .execute(params![task.id.0, task.host_id, alloc.id, body, now])?;
+            Output::Issue(mut task) => {
+                // A provision or reset sets a password: the appliance chooses it, so the
+                // host never has to send one back (or keep it anywhere).
+                if let Some(password) = task.kind.password_mut() {
+                    *password = Password(generate_password());
+                }
+                insert_task(conn, secrets, &task, alloc.id, false, now)?;
                 applied.issued = true;
             }
-            Output::Desktop(desktop) => store_desktop(conn, secrets, alloc.id, &desktop)?,
+            Output::Desktop(desktop) => {
+                let task_id = reported.as_deref().ok_or_else(|| ApiError::Internal("desktop details without a report".into()))?;
+                let password = task_password(conn, secrets, task_id)?
+                    .ok_or_else(|| ApiError::Internal(format!("task {task_id} set a password the appliance never sealed")))?;
+                store_desktop(conn, secrets, alloc.id, &desktop, &password)?;
+            }
             Output::Changed { from, to } => {
                 let detail = serde_json::json!({"from": state_name(from), "to": state_name(to), "reason": alloc.reason});
                 audit(conn, actor, meta, "allocation.state", Some(&format!("allocation:{}", alloc.id)), detail)?;
@@ -161,21 +221,45 @@ pub fn apply(
     // reset) is withdrawn so the host stops seeing it. Checks stay while the lab is active
     // and untouched; a reset or release withdraws them too (their workers retry).
     let keep_checks = alloc.state == AllocationState::Active && alloc.in_flight.is_none();
+    // Cleanup tasks of a force-released lab stay until its host comes back for them.
     conn.prepare_cached(
-        "UPDATE host_tasks SET done_ms = ?2, outcome = '{\"result\":\"cancelled\"}'
-         WHERE allocation_id = ?1 AND done_ms IS NULL AND id IS NOT ?3 AND (check_run_id IS NULL OR NOT ?4)",
+        "UPDATE host_tasks SET done_ms = ?2, outcome = '{\"result\":\"cancelled\"}', secret = NULL
+         WHERE allocation_id = ?1 AND done_ms IS NULL AND id IS NOT ?3 AND (check_run_id IS NULL OR NOT ?4) AND cleanup = 0",
     )?
     .execute(params![alloc.id, now, alloc.in_flight.as_ref().map(|t| t.0.as_str()), keep_checks])?;
+    // A reported task's password has done its job (it is sealed with the lab, if set).
+    if let Some(task_id) = &reported {
+        conn.execute("UPDATE host_tasks SET secret = NULL WHERE id = ?1", [task_id])?;
+    }
     if alloc.state == AllocationState::Released {
         // The desktop is gone; so are its credentials.
         conn.execute("UPDATE allocations SET desktop_secret = NULL WHERE id = ?1", [alloc.id])?;
     }
+    if forced && alloc.state == AllocationState::Released && alloc.tasks_issued > 0 {
+        // Let go without the host's help, but the host may come back with the lab's account
+        // and processes still there: a release task waits for it, outside the state machine.
+        let agent: bool = conn.query_row("SELECT agent FROM hosts WHERE id = ?1", [alloc.host_id], |r| r.get(0))?;
+        if agent {
+            stored.alloc.tasks_issued = stored.alloc.tasks_issued.saturating_add(1);
+            let alloc = &stored.alloc;
+            let task = HostTask {
+                version: labrack_provisioner::protocol::PROTOCOL_VERSION,
+                id: TaskId::new(alloc.id, "cleanup", alloc.tasks_issued),
+                host_id: alloc.host_id,
+                kind: labrack_provisioner::protocol::TaskKind::Release { allocation_id: alloc.id },
+            };
+            insert_task(conn, secrets, &task, alloc.id, true, now)?;
+            audit(conn, actor, meta, "allocation.cleanup_queued", Some(&format!("allocation:{}", alloc.id)), serde_json::json!({"host_id": alloc.host_id, "task": task.id.0}))?;
+            applied.issued = true;
+        }
+    }
+    let alloc = &stored.alloc;
     save(conn, alloc)?;
     Ok(applied)
 }
 
-pub fn store_desktop(conn: &Connection, secrets: &SecretBox, id: i64, desktop: &DesktopAccess) -> Result<(), ApiError> {
-    let sealed = secrets.seal(&secret_context(id), desktop.password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+pub fn store_desktop(conn: &Connection, secrets: &SecretBox, id: i64, desktop: &DesktopAccess, password: &str) -> Result<(), ApiError> {
+    let sealed = secrets.seal(&secret_context(id), password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
     conn.execute(
         "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5, ssh_host_key = ?6, rdp_cert_sha256 = ?7
          WHERE id = ?1",

@@ -212,6 +212,10 @@ pub async fn join(app: &TestApp, event_code: &str, join_code: &str) -> String {
 }
 
 /// Inserts an enrolled host directly (its agent is not needed in-process); returns its id.
+/// What a test host says it has: 8 CPUs, 32 GB, no GPU, every limit but disk and IO weight.
+pub const HOST_RESOURCES: &str =
+    r#"{"cpus":8,"memory_mib":32000,"pids_max":4194304,"gpus":0,"isolation":"cgroup-v1","enforces":["cpu","memory","pids","devices","network"]}"#;
+
 pub async fn insert_host(app: &TestApp, name: &str, capacity: u32) -> i64 {
     let name = name.to_owned();
     app.db
@@ -219,8 +223,8 @@ pub async fn insert_host(app: &TestApp, name: &str, capacity: u32) -> i64 {
         .write(move |conn| {
             let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
             conn.execute(
-                "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms) VALUES (?1, zeroblob(32), '127.0.0.1', 0, ?2, 'now', ?3)",
-                rusqlite::params![name, capacity, i64::try_from(now_ms).unwrap_or(i64::MAX)],
+                "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms, resources) VALUES (?1, zeroblob(32), '127.0.0.1', 0, ?2, 'now', ?3, ?4)",
+                rusqlite::params![name, capacity, i64::try_from(now_ms).unwrap_or(i64::MAX), HOST_RESOURCES],
             )?;
             Ok::<_, rusqlite::Error>(conn.last_insert_rowid())
         })

@@ -115,7 +115,7 @@ async fn the_event_dashboard_counts_people_labs_and_jobs_and_names_the_problems(
     let busy = app.call("GET", &path, &organizer, None).await;
     assert_eq!(busy.body["people"]["joined"], 1, "{}", busy.body);
     assert_eq!(busy.body["people"]["signed_in"], 1, "{}", busy.body);
-    assert_eq!(busy.body["hosts"], json!({"total": 1, "unhealthy": ["rack-b"]}));
+    assert_eq!(busy.body["hosts"], json!({"total": 1, "unhealthy": ["rack-b"], "identity_conflicts": []}));
     assert_eq!(busy.body["queue"]["dead"], 1);
     let keys: Vec<&str> = busy.body["problems"].as_array().expect("problems").iter().filter_map(|p| p["key"].as_str()).collect();
     assert_eq!(keys, ["host_down:rack-b", "dead_letters:1"], "{}", busy.body);

@@ -133,7 +133,8 @@ async fn bad_lab_input_gets_a_problem_and_changes_nothing() {
     let enrol = "/api/v1/hosts/enrol".to_owned();
     let key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
     let enrol_body = |field: &str, value: serde_json::Value| {
-        let mut body = json!({"version": 1, "token": "lrh_x", "name": "h1", "public_key": key, "address": "10.0.0.2", "gpus": 0, "capacity": 4});
+        let resources: serde_json::Value = serde_json::from_str(common::HOST_RESOURCES).expect("resources");
+        let mut body = json!({"version": 2, "token": "lrh_x", "name": "h1", "public_key": key, "address": "10.0.0.2", "capacity": 4, "resources": resources});
         body[field] = value;
         body.to_string().into_bytes()
     };
@@ -153,9 +154,10 @@ async fn bad_lab_input_gets_a_problem_and_changes_nothing() {
         ("enrol bad name", "POST", enrol.clone(), json_ct, enrol_body("name", json!("rack 1; rm")), 422, Some("name")),
         ("enrol bad address", "POST", enrol.clone(), json_ct, enrol_body("address", json!("http://x/")), 422, Some("address")),
         ("enrol zero capacity", "POST", enrol.clone(), json_ct, enrol_body("capacity", json!(0)), 422, Some("capacity")),
-        ("enrol other version", "POST", enrol.clone(), json_ct, enrol_body("version", json!(2)), 422, Some("version")),
+        ("enrol other version", "POST", enrol.clone(), json_ct, enrol_body("version", json!(1)), 422, Some("version")),
+        ("enrol odd resources", "POST", enrol.clone(), json_ct, enrol_body("resources", json!({"cpus": 0, "memory_mib": 1, "pids_max": 1, "gpus": 0, "isolation": "x", "enforces": []})), 422, Some("resources.cpus")),
         ("enrol unknown token", "POST", enrol.clone(), json_ct, enrol_body("token", json!("lrh_nope")), 401, None),
-        ("host poll unsigned", "POST", "/api/v1/host/poll".into(), json_ct, br#"{"version": 1, "wait_ms": 0}"#.to_vec(), 401, None),
+        ("host poll unsigned", "POST", "/api/v1/host/poll".into(), json_ct, br#"{"version": 2, "wait_ms": 0}"#.to_vec(), 401, None),
         ("missing allocation", "GET", "/api/v1/allocations/999".into(), json_ct, Vec::new(), 404, None),
         ("reset missing allocation", "POST", "/api/v1/allocations/999/reset".into(), json_ct, Vec::new(), 404, None),
     ];
@@ -178,6 +180,22 @@ async fn bad_lab_input_gets_a_problem_and_changes_nothing() {
 
     // Out of order: a lab that is not active cannot be reset; a released one not released again.
     insert_host(&app, "rack-1", 4).await;
+    // A template no host can run is refused on the line of the field at fault; one asking
+    // for a limit no host enforces cannot be placed, and the refusal names the field.
+    let before = app.snapshot().await;
+    let big = "[[template]]\nname = \"big\"\nruntime = \"local-user\"\nskeleton = \"/s\"\nmemory_mib = 65536\n";
+    let reply = app.raw("PUT", "/api/v1/templates", &organizer, "application/toml", big).await;
+    assert_eq!(reply.status.as_u16(), 422, "{}", reply.body);
+    assert_eq!(reply.body["errors"][0]["line"], 5, "{}", reply.body);
+    assert!(reply.body["errors"][0]["reason"].as_str().is_some_and(|r| r.contains("memory_mib") && r.contains("32000 MiB")), "{}", reply.body);
+    let cpus = "[[template]]\nname = \"big\"\nruntime = \"local-user\"\nskeleton = \"/s\"\ngpus = 2\ncpu = 16\n";
+    let reply = app.raw("PUT", "/api/v1/templates", &organizer, "application/toml", cpus).await;
+    assert_eq!(reply.status.as_u16(), 422, "{}", reply.body);
+    assert_eq!(before, app.snapshot().await, "refused templates change nothing");
+    let quota = "[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"/s\"\n[[template]]\nname = \"quota\"\nruntime = \"local-user\"\nskeleton = \"/s\"\ndisk_mib = 1024\n";
+    let reply = app.raw("PUT", "/api/v1/templates", &organizer, "application/toml", quota).await;
+    assert_eq!(reply.status.as_u16(), 422, "no host enforces a disk quota: {}", reply.body);
+    assert_eq!(reply.body["errors"][0]["line"], 9, "{}", reply.body);
     let alloc = app.call("POST", &team, &organizer, Some(json!({"template": "desk"}))).await;
     let id = alloc.body["id"].as_i64().expect("id");
     let again = app.call("POST", &team, &organizer, Some(json!({"template": "desk"}))).await;

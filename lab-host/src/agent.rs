@@ -63,10 +63,7 @@ pub(crate) async fn enrol(options: EnrolOptions) -> anyhow::Result<HostConfig> {
         Some(address) => address,
         None => address_towards(&url).context("could not work out this host's address; pass --address")?,
     };
-    let gpus = match telemetry::gpus() {
-        labrack_provisioner::protocol::GpuTelemetry::Present { devices, .. } => u32::try_from(devices.len()).unwrap_or(0),
-        labrack_provisioner::protocol::GpuTelemetry::NoGpu { .. } => 0,
-    };
+    let resources = runtime::host_resources(&crate::isolation::cgroup::Cgroups::detect()?, telemetry::gpu_count());
     let (pkcs8, public_key) = identity::generate_key()?;
     let request = EnrolRequest {
         version: PROTOCOL_VERSION,
@@ -74,8 +71,8 @@ pub(crate) async fn enrol(options: EnrolOptions) -> anyhow::Result<HostConfig> {
         name: name.clone(),
         public_key,
         address,
-        gpus,
         capacity: options.capacity,
+        resources,
     };
     let base = options.appliance.trim_end_matches('/');
     let response = http
@@ -93,6 +90,8 @@ pub(crate) async fn enrol(options: EnrolOptions) -> anyhow::Result<HostConfig> {
 pub(crate) struct RunOptions {
     pub(crate) state_dir: PathBuf,
     pub(crate) runtime: RuntimeSettings,
+    /// what every lab's box needs (written to the state dir for the supervisors)
+    pub(crate) boxes: crate::isolation::BoxSettings,
     /// test-only fault injection: pause this long after marking a task started
     pub(crate) pause_in_task: Option<Duration>,
     /// how many checks may run at once
@@ -110,6 +109,10 @@ struct Shared {
 }
 
 pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
+    // Nothing this agent writes (spool, records, disk images) is for anyone but root.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    identity::secure_state_dir(&options.state_dir)?;
+    options.boxes.save()?;
     let identity = identity::load(&options.state_dir)?;
     let spool = Spool::open(&options.state_dir.join("spool")).context("opening the spool")?;
     // A task marked started but never finished died with the previous agent: report it
@@ -132,8 +135,11 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
     tracing::info!(host_id = config.host_id, name = %config.name, appliance = %config.appliance, "labrack-host running");
     println!("labrack-host: running as host {} ({})", config.host_id, config.name);
 
+    // Labs this host holds run again (after an agent restart, a host reboot, a box that
+    // died), on their own loop: starting a box must never hold up heartbeats.
+    let keeper = tokio::spawn(keep_boxes(options.runtime.clone()));
     let sender = tokio::spawn(send_loop(shared.clone()));
-    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), Duration::from_secs(u64::from(config.heartbeat_secs.max(1)))));
+    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), options.runtime.clone(), Duration::from_secs(u64::from(config.heartbeat_secs.max(1)))));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut backoff = Backoff::default();
@@ -173,7 +179,19 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
     tracing::info!(waiting = shared.spool.waiting(), "labrack-host stopping; spooled messages are kept for the next start");
     sender.abort();
     heartbeat.abort();
+    keeper.abort();
     Ok(())
+}
+
+/// Every few seconds, starts the box of every lab whose supervisor is gone.
+async fn keep_boxes(settings: RuntimeSettings) {
+    loop {
+        let pass = settings.clone();
+        if let Err(error) = tokio::task::spawn_blocking(move || runtime::local_user::ensure_boxes(&pass)).await {
+            tracing::error!(%error, "keeping the labs' boxes up failed");
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
 }
 
 /// Runs a task unless this host has seen its id before; says whether it ran (or, for a
@@ -240,9 +258,14 @@ async fn execute(shared: &Arc<Shared>, settings: RuntimeSettings, pause: Option<
     Ok(())
 }
 
-async fn heartbeat_loop(shared: Arc<Shared>, every: Duration) {
+async fn heartbeat_loop(shared: Arc<Shared>, settings: RuntimeSettings, every: Duration) {
     loop {
-        let sample = tokio::task::spawn_blocking(|| telemetry::sample(Duration::from_millis(200))).await;
+        let settings = settings.clone();
+        let sample = tokio::task::spawn_blocking(move || {
+            let labs = crate::isolation::records(&settings.state_dir).unwrap_or_default();
+            telemetry::sample(Duration::from_millis(200), settings.resources(), &labs, |pid| settings.cgroups.lab_of(pid))
+        })
+        .await;
         match sample {
             Ok(sample) => match shared.spool.push_telemetry(&sample) {
                 Ok(true) => shared.wake_sender.notify_one(),
@@ -311,6 +334,17 @@ impl Backoff {
     fn reset(&mut self) {
         self.failures = 0;
     }
+}
+
+/// Removes every lab of the state dir's host; returns how many.
+pub(crate) fn clear_labs(state_dir: &Path) -> anyhow::Result<usize> {
+    let cgroups = crate::isolation::cgroup::Cgroups::detect()?;
+    let records = crate::isolation::records(state_dir)?;
+    for record in &records {
+        runtime::local_user::remove_lab(state_dir, &cgroups, &record.user)?;
+        tracing::info!(lab = %record.user, "lab removed");
+    }
+    Ok(records.len())
 }
 
 pub(crate) fn default_state_dir() -> &'static Path {

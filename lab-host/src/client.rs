@@ -48,17 +48,22 @@ pub(crate) async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> 
     }
 }
 
-/// A signed client for one enrolled host.
+/// A signed client for one enrolled host. Each agent process signs as its own random
+/// instance, counting its calls, so no signed call can be replayed and an identity copied
+/// to a second machine is noticed.
 pub(crate) struct HostClient {
     http: reqwest::Client,
     base: String,
     host_id: i64,
     key: Ed25519KeyPair,
+    instance: String,
+    counter: std::sync::atomic::AtomicU64,
 }
 
 impl HostClient {
     pub(crate) fn new(http: reqwest::Client, appliance: &str, host_id: i64, key: Ed25519KeyPair) -> Self {
-        Self { http, base: appliance.trim_end_matches('/').to_owned(), host_id, key }
+        let instance = format!("{:016x}", rand::random::<u64>());
+        Self { http, base: appliance.trim_end_matches('/').to_owned(), host_id, key, instance, counter: std::sync::atomic::AtomicU64::new(0) }
     }
 
     /// POSTs `body` as JSON to `path` (e.g. `/api/v1/host/poll`), signed.
@@ -72,13 +77,14 @@ impl HostClient {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let digest = hex::encode(sha2::Sha256::digest(&bytes));
-        let message = protocol::signing_message("POST", path, timestamp, &digest);
+        let counter = self.counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let message = protocol::signing_message("POST", path, timestamp, &self.instance, counter, &digest);
         let signature = base64::engine::general_purpose::STANDARD.encode(self.key.sign(&message).as_ref());
         let response = self
             .http
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
-            .header("authorization", format!("{HOST_AUTH_SCHEME} host={},ts={timestamp},sig={signature}", self.host_id))
+            .header("authorization", format!("{HOST_AUTH_SCHEME} host={},ts={timestamp},i={},n={counter},sig={signature}", self.host_id, self.instance))
             .body(bytes)
             .send()
             .await

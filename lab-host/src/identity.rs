@@ -3,6 +3,9 @@
 //! - `host.toml`: appliance URL, host id and name, heartbeat interval;
 //! - `host.key`: the Ed25519 private key (PKCS#8, mode 0600) every call is signed with;
 //! - `ca.pem`: the appliance CA, the only certificate authority the host trusts.
+//!
+//! The state directory is root's alone: mode 0700, every file in it 0600 (fixed at each
+//! start for installs made before that rule, see [`secure_state_dir`]).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -41,7 +44,7 @@ pub(crate) fn generate_key() -> anyhow::Result<(Vec<u8>, String)> {
 }
 
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -50,14 +53,53 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
+    // `mode` applies only to a new file: a stale one keeps whatever it had.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
 }
 
+/// Creates `dir` (mode 0700) or tightens it to 0700.
+pub(crate) fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("chmod 0700 {}", dir.display()))
+}
+
+/// Makes the state directory root's alone: the directory and every directory below 0700,
+/// every file 0600 (sled's spool files, older installs' files). Skeletons are not kept
+/// here by this code; a `skeletons/` directory keeps its own modes (it is read by root only,
+/// but its files become a team's).
+pub(crate) fn secure_state_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fn walk(path: &Path) -> anyhow::Result<()> {
+        for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            let child = entry.path();
+            if kind.is_symlink() {
+                continue;
+            }
+            if kind.is_dir() {
+                if child.file_name().is_some_and(|n| n == "skeletons") {
+                    continue;
+                }
+                std::fs::set_permissions(&child, std::fs::Permissions::from_mode(0o700))?;
+                walk(&child)?;
+            } else if kind.is_file() {
+                std::fs::set_permissions(&child, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        Ok(())
+    }
+    private_dir(dir)?;
+    walk(dir)
+}
+
 pub(crate) fn save(dir: &Path, config: &HostConfig, pkcs8: &[u8], ca_pem: &[u8]) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
+    private_dir(dir)?;
     write_private(&dir.join(KEY_FILE), pkcs8)?;
     write_private(&dir.join(CA_FILE), ca_pem)?;
     // The config last: its presence means enrolment finished.

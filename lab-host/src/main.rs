@@ -5,6 +5,7 @@
 mod agent;
 mod client;
 mod identity;
+mod isolation;
 mod runtime;
 mod spool;
 mod telemetry;
@@ -50,29 +51,65 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Run the agent: pull and run tasks, send heartbeats with telemetry.
+    /// Run the agent: pull and run tasks, send heartbeats with telemetry, keep every lab's
+    /// box up.
     Run {
         #[arg(long, env = "LABRACK_HOST_STATE_DIR", default_value_os_t = agent::default_state_dir().to_path_buf())]
         state_dir: PathBuf,
-        /// the port of this host's RDP server (xrdp)
-        #[arg(long, default_value_t = 3389)]
-        rdp_port: u16,
-        /// the port of this host's SSH server
-        #[arg(long, default_value_t = 22)]
-        ssh_port: u16,
+        /// the host ports labs get, two each (RDP, then SSH), forwarded into each lab's box
+        #[arg(long, default_value = "42000-42999", value_parser = parse_port_range)]
+        lab_ports: (u16, u16),
+        /// the address the labs' ports listen on
+        #[arg(long, default_value = "0.0.0.0")]
+        lab_listen: String,
+        /// the private IPv4 network labs' links to the host are carved from (a /30 each)
+        #[arg(long, default_value = "100.64.0.0/16")]
+        lab_network: isolation::net::LabNetwork,
+        /// template skeletons must live below this directory (root's, writable by nobody else)
+        #[arg(long, default_value = runtime::homes::DEFAULT_SKELETON_ROOT)]
+        skeleton_root: PathBuf,
         /// prefix of the Linux users made for labs
         #[arg(long, default_value = "lr-")]
         user_prefix: String,
-        /// the SSH server's public host key, reported to the appliance for verification
-        #[arg(long, default_value = "/etc/ssh/ssh_host_ed25519_key.pub")]
+        /// the SSH host key (private; its `.pub` beside it) every lab's sshd presents; the
+        /// appliance pins it
+        #[arg(long, default_value = "/etc/ssh/ssh_host_ed25519_key")]
         ssh_host_key_file: PathBuf,
-        /// the RDP server's TLS certificate (PEM), whose fingerprint the appliance pins
+        /// the TLS certificate (PEM) every lab's xrdp presents; the appliance pins it
         #[arg(long, default_value = "/etc/xrdp/cert.pem")]
         rdp_cert_file: PathBuf,
+        /// the certificate's private key
+        #[arg(long, default_value = "/etc/xrdp/key.pem")]
+        rdp_key_file: PathBuf,
         /// how many checks may run at once (each is sandboxed and time-limited)
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
         check_concurrency: u16,
     },
+    /// Remove every lab this host holds (boxes, users, homes): decommissioning a host.
+    ClearLabs {
+        #[arg(long, env = "LABRACK_HOST_STATE_DIR", default_value_os_t = agent::default_state_dir().to_path_buf())]
+        state_dir: PathBuf,
+    },
+    /// (internal) The supervisor of one lab's box.
+    #[command(hide = true)]
+    LabBox {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        lab: String,
+    },
+    /// (internal) PID 1 of a lab's box.
+    #[command(hide = true)]
+    LabInit {
+        #[arg(long)]
+        spec: PathBuf,
+    },
+    /// (internal) A check's sandbox, outside its PID namespace; the run's spec on stdin.
+    #[command(hide = true)]
+    CheckExec,
+    /// (internal) PID 1 of a check's PID namespace.
+    #[command(hide = true)]
+    CheckInit,
     /// Print one telemetry sample (CPU, memory, disks, NVIDIA GPUs) as JSON.
     Telemetry {
         /// CPU use is measured over this many milliseconds
@@ -81,10 +118,37 @@ enum Command {
     },
 }
 
+/// `START-END`, two ports per lab.
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (first, last) = text.split_once('-').ok_or("write FIRST-LAST, e.g. 42000-42999")?;
+    let first: u16 = first.trim().parse().map_err(|_| format!("{first:?} is not a port"))?;
+    let last: u16 = last.trim().parse().map_err(|_| format!("{last:?} is not a port"))?;
+    if first == 0 || last <= first {
+        return Err("the range must hold at least two ports, the first above 0".into());
+    }
+    Ok((first, last))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The sandboxes' own exit codes pass through unchanged.
+    match cli.command {
+        Command::CheckExec => return finish(isolation::sandbox::exec()),
+        Command::CheckInit => return finish(isolation::sandbox::init()),
+        _ => {}
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("labrack-host: error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
         Err(error) => {
             eprintln!("labrack-host: error: {error:#}");
             ExitCode::from(2)
@@ -100,7 +164,8 @@ fn init_logging() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Telemetry { interval_ms } => {
-            println!("{}", serde_json::to_string_pretty(&telemetry::sample(Duration::from_millis(interval_ms)))?);
+            let resources = runtime::host_resources(&isolation::cgroup::Cgroups::detect()?, telemetry::gpu_count());
+            println!("{}", serde_json::to_string_pretty(&telemetry::sample(Duration::from_millis(interval_ms), resources, &[], |_| None))?);
             Ok(())
         }
         Command::Enrol { appliance, token, ca, name, address, capacity, state_dir, force } => {
@@ -112,13 +177,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("labrack-host: identity saved in {}; start it with `labrack-host run`", state_dir.display());
             Ok(())
         }
-        Command::Run { state_dir, rdp_port, ssh_port, user_prefix, ssh_host_key_file, rdp_cert_file, check_concurrency } => {
+        Command::Run {
+            state_dir,
+            lab_ports,
+            lab_listen,
+            lab_network,
+            skeleton_root,
+            user_prefix,
+            ssh_host_key_file,
+            rdp_cert_file,
+            rdp_key_file,
+            check_concurrency,
+        } => {
             init_logging();
-            runtime::local_user::check_prefix(&user_prefix)?;
-            let ssh_host_key = match std::fs::read_to_string(&ssh_host_key_file) {
+            runtime::accounts::check_prefix(&user_prefix)?;
+            let public_key_file = ssh_host_key_file.with_extension("pub");
+            let ssh_host_key = match std::fs::read_to_string(&public_key_file) {
                 Ok(line) => Some(line.trim().to_owned()),
                 Err(error) => {
-                    tracing::warn!(file = %ssh_host_key_file.display(), %error, "no SSH host key to report: browser terminals will be refused");
+                    tracing::warn!(file = %public_key_file.display(), %error, "no SSH host key to report: browser terminals will be refused");
                     None
                 }
             };
@@ -131,15 +208,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             // Fault injection for the restart tests; undocumented for operators on purpose.
             let pause_in_task = std::env::var("LABRACK_HOST_TEST_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
+            let host_table = format!("labrack_{}", &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(state_dir.display().to_string().as_bytes()))[..8]);
+            let boxes = isolation::BoxSettings {
+                state_dir: state_dir.clone(),
+                listen: lab_listen,
+                lab_network: lab_network.to_string(),
+                host_table,
+                ssh_host_key: ssh_host_key_file,
+                rdp_cert: rdp_cert_file,
+                rdp_key: rdp_key_file,
+            };
             let options = agent::RunOptions {
+                runtime: runtime::RuntimeSettings {
+                    state_dir: state_dir.clone(),
+                    user_prefix,
+                    skeleton_root,
+                    first_port: lab_ports.0,
+                    last_port: lab_ports.1,
+                    lab_network,
+                    ssh_host_key,
+                    rdp_cert_sha256,
+                    cgroups: isolation::cgroup::Cgroups::detect()?,
+                    gpus: telemetry::gpu_count(),
+                },
+                boxes,
                 state_dir,
-                runtime: runtime::RuntimeSettings { user_prefix, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256 },
                 pause_in_task,
                 check_concurrency: usize::from(check_concurrency),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(agent::run(options))
         }
+        Command::ClearLabs { state_dir } => {
+            init_logging();
+            let removed = agent::clear_labs(&state_dir)?;
+            println!("labrack-host: removed {removed} lab(s)");
+            Ok(())
+        }
+        Command::LabBox { state_dir, lab } => {
+            init_logging();
+            isolation::supervisor::run(&state_dir, &lab)
+        }
+        Command::LabInit { spec } => isolation::init::run(&spec),
+        Command::CheckExec | Command::CheckInit => Ok(()),
     }
 }
 

@@ -4,13 +4,17 @@
 
 use std::time::Duration;
 
-use labrack_provisioner::protocol::{DiskUsage, GpuDevice, GpuProcess, GpuTelemetry, PROTOCOL_VERSION, Telemetry};
+use labrack_provisioner::limits::HostResources;
+use labrack_provisioner::protocol::{DiskUsage, GpuDevice, GpuProcess, GpuTelemetry, LabUsage, PROTOCOL_VERSION, Telemetry};
+
+use crate::isolation::LabRecord;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 
-/// Samples the host once; CPU use is measured over `interval`.
-pub(crate) fn sample(interval: Duration) -> Telemetry {
+/// Samples the host once; CPU use is measured over `interval`. Each lab's GPU memory is
+/// summed from NVML's processes, attributed to a lab by `lab_of` (its cgroup).
+pub(crate) fn sample(interval: Duration, resources: HostResources, labs: &[LabRecord], lab_of: impl Fn(u32) -> Option<String>) -> Telemetry {
     let mut system = sysinfo::System::new();
     system.refresh_cpu_usage();
     std::thread::sleep(interval.max(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL));
@@ -25,14 +29,43 @@ pub(crate) fn sample(interval: Duration) -> Telemetry {
             available_bytes: d.available_space(),
         })
         .collect();
+    let gpus = gpus();
     Telemetry {
         version: PROTOCOL_VERSION,
         cpu_percent: system.global_cpu_usage(),
         cpu_count: u32::try_from(system.cpus().len()).unwrap_or(u32::MAX),
         memory_total_bytes: system.total_memory(),
         memory_used_bytes: system.used_memory(),
+        labs: lab_usage(&gpus, labs, lab_of),
         disks,
-        gpus: gpus(),
+        gpus,
+        resources,
+    }
+}
+
+/// GPU memory per lab: every NVML process whose cgroup is a lab's counts for that lab.
+pub(crate) fn lab_usage(gpus: &GpuTelemetry, labs: &[LabRecord], lab_of: impl Fn(u32) -> Option<String>) -> Vec<LabUsage> {
+    let GpuTelemetry::Present { devices, .. } = gpus else {
+        return labs.iter().map(|lab| LabUsage { allocation_id: lab.allocation_id, gpus: lab.gpus.clone(), gpu_memory_bytes: 0 }).collect();
+    };
+    labs.iter()
+        .map(|lab| {
+            let used = devices
+                .iter()
+                .flat_map(|d| d.processes.iter())
+                .filter(|p| lab_of(p.pid).as_deref() == Some(lab.user.as_str()))
+                .map(|p| p.used_memory_bytes.unwrap_or(0))
+                .sum();
+            LabUsage { allocation_id: lab.allocation_id, gpus: lab.gpus.clone(), gpu_memory_bytes: used }
+        })
+        .collect()
+}
+
+/// How many NVIDIA GPUs NVML sees (0 without a driver).
+pub(crate) fn gpu_count() -> u32 {
+    match gpus() {
+        GpuTelemetry::Present { devices, .. } => u32::try_from(devices.len()).unwrap_or(0),
+        GpuTelemetry::NoGpu { .. } => 0,
     }
 }
 
@@ -83,9 +116,49 @@ mod tests {
 
     /// Runs the real sampling path. On a machine without NVIDIA (CI) this is the no-GPU
     /// path; on a GPU machine it must list at least one device with a name.
+    fn resources() -> HostResources {
+        HostResources { cpus: 2, memory_mib: 1024, pids_max: 32_768, gpus: 0, isolation: "cgroup-v1".into(), enforces: vec![] }
+    }
+
+    #[test]
+    fn gpu_memory_is_summed_per_lab_by_cgroup() {
+        let lab = |id: i64, user: &str, gpus: Vec<u32>| LabRecord {
+            allocation_id: id,
+            user: user.into(),
+            checker: format!("{user}c"),
+            slot: 0,
+            rdp_port: 1,
+            ssh_port: 2,
+            limits: Default::default(),
+            gpus,
+        };
+        let process = |pid: u32, mib: u64| GpuProcess { pid, used_memory_bytes: Some(mib << 20) };
+        let device = |index: u32, processes: Vec<GpuProcess>| GpuDevice {
+            index,
+            name: "H200".into(),
+            utilization_percent: None,
+            memory_total_bytes: None,
+            memory_used_bytes: None,
+            temperature_celsius: None,
+            power_watts: None,
+            processes,
+        };
+        let gpus = GpuTelemetry::Present { driver_version: None, devices: vec![device(0, vec![process(10, 100), process(11, 50)]), device(1, vec![process(20, 7)])] };
+        let labs = [lab(1, "lr-a1", vec![0]), lab(2, "lr-a2", vec![1])];
+        let owner = |pid: u32| match pid {
+            10 | 11 => Some("lr-a1".to_owned()),
+            20 => Some("lr-a2".to_owned()),
+            _ => None,
+        };
+        let usage = lab_usage(&gpus, &labs, owner);
+        assert_eq!(usage.iter().map(|u| (u.allocation_id, u.gpu_memory_bytes >> 20)).collect::<Vec<_>>(), [(1, 150), (2, 7)]);
+        let none = lab_usage(&GpuTelemetry::NoGpu { reason: "NVML unavailable".into() }, &labs, owner);
+        assert!(none.iter().all(|u| u.gpu_memory_bytes == 0));
+    }
+
     #[test]
     fn a_sample_describes_this_host() {
-        let telemetry = sample(Duration::from_millis(250));
+        let telemetry = sample(Duration::from_millis(250), resources(), &[], |_| None);
         assert!(telemetry.cpu_count >= 1);
         assert!((0.0..=100.0).contains(&telemetry.cpu_percent), "{}", telemetry.cpu_percent);
         assert!(telemetry.memory_total_bytes > 0 && telemetry.memory_used_bytes <= telemetry.memory_total_bytes);

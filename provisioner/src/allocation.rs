@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{DesktopAccess, HostTask, PROTOCOL_VERSION, TaskId, TaskKind, TaskOutcome};
+use crate::limits::LabLimits;
+use crate::protocol::{DesktopAccess, HostTask, PROTOCOL_VERSION, Password, TaskId, TaskKind, TaskOutcome};
 
 /// Where an allocation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +73,10 @@ pub struct Allocation {
     /// later template edit does not change a running lab
     pub runtime: String,
     pub skeleton: String,
+    /// the template's limits, copied at allocation time too
+    pub limits: LabLimits,
+    /// the GPU indices the lab holds on its host (chosen at placement)
+    pub gpu_indices: Vec<u32>,
     pub state: AllocationState,
     /// attempt number of the task in flight or last tried (1-based; 0 before any)
     pub attempt: u32,
@@ -87,13 +92,15 @@ pub struct Allocation {
 }
 
 impl Allocation {
-    pub fn new(id: i64, host_id: i64, template: &crate::template::Template) -> Self {
+    pub fn new(id: i64, host_id: i64, template: &crate::template::Template, gpu_indices: Vec<u32>) -> Self {
         Self {
             id,
             host_id,
             template: template.name.clone(),
             runtime: template.runtime.clone(),
             skeleton: template.skeleton.clone(),
+            limits: template.limits.clone(),
+            gpu_indices,
             state: AllocationState::Requested,
             attempt: 0,
             tasks_issued: 0,
@@ -235,15 +242,26 @@ fn transition(alloc: &mut Allocation, to: AllocationState, out: &mut Vec<Output>
     out.push(Output::Changed { from, to });
 }
 
+/// Issues the task the state calls for. A provision or reset carries an empty password:
+/// the caller fills in a fresh one before the task is stored (`TaskKind::password_mut`).
 fn issue(alloc: &mut Allocation, attempt: u32, out: &mut Vec<Output>) {
     let kind = match alloc.state {
         AllocationState::Releasing => TaskKind::Release { allocation_id: alloc.id },
-        AllocationState::Active => TaskKind::Reset { allocation_id: alloc.id, skeleton: alloc.skeleton.clone() },
+        AllocationState::Active => TaskKind::Reset {
+            allocation_id: alloc.id,
+            skeleton: alloc.skeleton.clone(),
+            password: Password::default(),
+            limits: alloc.limits.clone(),
+            gpus: alloc.gpu_indices.clone(),
+        },
         _ => TaskKind::Provision {
             allocation_id: alloc.id,
             template: alloc.template.clone(),
             runtime: alloc.runtime.clone(),
             skeleton: alloc.skeleton.clone(),
+            password: Password::default(),
+            limits: alloc.limits.clone(),
+            gpus: alloc.gpu_indices.clone(),
         },
     };
     alloc.tasks_issued = alloc.tasks_issued.saturating_add(1);
@@ -285,15 +303,17 @@ mod tests {
             gpu_memory_mib: None,
             skeleton: "/srv/skel".into(),
             checks: Vec::new(),
+            limits: LabLimits::default(),
+            lines: Default::default(),
         }
     }
 
     fn alloc(id: i64, host: i64, name: &str) -> Allocation {
-        Allocation::new(id, host, &template(name))
+        Allocation::new(id, host, &template(name), vec![1])
     }
 
-    fn desktop(password: &str) -> DesktopAccess {
-        DesktopAccess { username: "lr-a9".into(), password: password.into(), rdp_port: 3389, ssh_port: 22, ssh_host_key: None, rdp_cert_sha256: None }
+    fn desktop(port: u16) -> DesktopAccess {
+        DesktopAccess { username: "lr-a9".into(), rdp_port: port, ssh_port: port + 1, ssh_host_key: None, rdp_cert_sha256: None }
     }
 
     #[test]
@@ -305,11 +325,19 @@ mod tests {
         assert_eq!(task.id.0, "alloc-9-provision-1");
         assert_eq!(
             task.kind,
-            TaskKind::Provision { allocation_id: 9, template: "gpu".into(), runtime: "local-user".into(), skeleton: "/srv/skel".into() }
+            TaskKind::Provision {
+                allocation_id: 9,
+                template: "gpu".into(),
+                runtime: "local-user".into(),
+                skeleton: "/srv/skel".into(),
+                password: Password::default(),
+                limits: LabLimits::default(),
+                gpus: vec![1],
+            }
         );
         let id = a.in_flight.clone().expect("in flight");
-        let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop("one")) } }, 10, &policy());
-        assert_eq!(out, vec![Output::Desktop(desktop("one")), Output::Changed { from: S::Provisioning, to: S::Active }]);
+        let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop(42000)) } }, 10, &policy());
+        assert_eq!(out, vec![Output::Desktop(desktop(42000)), Output::Changed { from: S::Provisioning, to: S::Active }]);
         let out = step(&mut a, Input::ReleaseRequested, 20, &policy());
         assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-9-release-2"), "the allocation's second task");
         succeed(&mut a, 30);
@@ -378,7 +406,11 @@ mod tests {
         let out = step(&mut a, Input::ResetRequested, 2, &policy());
         let task = issued(&out).expect("reset task");
         assert_eq!(task.id.0, "alloc-9-reset-2");
-        assert_eq!(task.kind, TaskKind::Reset { allocation_id: 9, skeleton: "/srv/skel".into() });
+        assert_eq!(
+            task.kind,
+            TaskKind::Reset { allocation_id: 9, skeleton: "/srv/skel".into(), password: Password::default(), limits: LabLimits::default(), gpus: vec![1] },
+            "a reset keeps the lab's limits and GPUs"
+        );
         assert_eq!(a.state, S::Active);
         assert!(matches!(step(&mut a, Input::ResetRequested, 3, &policy())[..], [Output::Ignored { .. }]), "one reset at a time");
         fail(&mut a, 4);
@@ -386,8 +418,8 @@ mod tests {
         let retry = step(&mut a, Input::Tick, 2_004, &policy());
         assert_eq!(issued(&retry).map(|t| t.id.0.as_str()), Some("alloc-9-reset-3"));
         let id = a.in_flight.clone().expect("in flight");
-        let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop("two")) } }, 2_100, &policy());
-        assert_eq!(out, vec![Output::Desktop(desktop("two")), Output::ResetDone]);
+        let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop(42002)) } }, 2_100, &policy());
+        assert_eq!(out, vec![Output::Desktop(desktop(42002)), Output::ResetDone]);
         assert_eq!((a.state, a.in_flight.clone(), a.reason.clone()), (S::Active, None, None));
         // A second reset gets an id no host has seen (a host runs each id once) and starts
         // from attempt 1; one that keeps failing gives up into failed.

@@ -1,5 +1,7 @@
 //! Host inventory and placement: which enrolled host gets a new lab.
 
+use crate::limits::{HostResources, LabLimits, Unfit};
+
 /// What placement needs to know about one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostSlot {
@@ -10,8 +12,10 @@ pub struct HostSlot {
     /// labs on it that are not released
     pub labs_in_use: u32,
     pub gpus: u32,
-    /// GPUs claimed by its labs that are not released
-    pub gpus_in_use: u32,
+    /// GPU indices held by its labs that are not released
+    pub gpus_held: Vec<u32>,
+    /// what it last said it has and can enforce (`None` before its first report)
+    pub resources: Option<HostResources>,
 }
 
 impl HostSlot {
@@ -20,7 +24,14 @@ impl HostSlot {
     }
 
     fn free_gpus(&self) -> u32 {
-        self.gpus.saturating_sub(self.gpus_in_use)
+        self.gpus.saturating_sub(u32::try_from(self.gpus_held.len()).unwrap_or(u32::MAX))
+    }
+
+    fn fit(&self, limits: &LabLimits, gpus: u32) -> Result<(), Unfit> {
+        match &self.resources {
+            Some(resources) => limits.fit(gpus, resources),
+            None => Err(Unfit { field: "host", message: "the host has not said yet what it can enforce".into() }),
+        }
     }
 }
 
@@ -33,14 +44,31 @@ pub enum PlacementError {
     NoHealthyHost,
     #[error("every healthy lab host is full")]
     Full,
+    /// hosts with room exist, but none is big enough or enforces what the template asks
+    #[error("no healthy lab host with room can run it: {0}")]
+    Unfit(Unfit),
     #[error("no healthy lab host has {needed} free GPU(s)")]
     NotEnoughGpus { needed: u32 },
 }
 
-/// Picks the healthy host with room for one more lab and `gpus_needed` free GPUs, preferring
-/// the most free lab slots, then the fewest spare GPUs (keep big GPU hosts for GPU labs),
-/// then the lowest id, so placement is deterministic.
-pub fn place(hosts: &[HostSlot], gpus_needed: u32) -> Result<i64, PlacementError> {
+/// Where a lab goes: the host and the GPU indices it gets there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub host_id: i64,
+    pub gpus: Vec<u32>,
+}
+
+/// The `n` lowest GPU indices of `0..total` that are not held.
+pub fn assign_gpus(total: u32, held: &[u32], n: u32) -> Option<Vec<u32>> {
+    let free: Vec<u32> = (0..total).filter(|i| !held.contains(i)).take(usize::try_from(n).unwrap_or(usize::MAX)).collect();
+    (u32::try_from(free.len()).ok()? == n).then_some(free)
+}
+
+/// Picks the healthy host with room for one more lab, that can run `limits`, with
+/// `gpus_needed` free GPUs, preferring the most free lab slots, then the fewest spare GPUs
+/// (keep big GPU hosts for GPU labs), then the lowest id, so placement is deterministic;
+/// and gives the lab that host's lowest free GPU indices.
+pub fn place(hosts: &[HostSlot], limits: &LabLimits, gpus_needed: u32) -> Result<Placement, PlacementError> {
     if hosts.is_empty() {
         return Err(PlacementError::NoHosts);
     }
@@ -52,7 +80,21 @@ pub fn place(hosts: &[HostSlot], gpus_needed: u32) -> Result<i64, PlacementError
     if with_room.is_empty() {
         return Err(PlacementError::Full);
     }
-    with_room
+    let mut unfit = None;
+    let able: Vec<&HostSlot> = with_room
+        .into_iter()
+        .filter(|h| match h.fit(limits, gpus_needed) {
+            Ok(()) => true,
+            Err(why) => {
+                unfit.get_or_insert(why);
+                false
+            }
+        })
+        .collect();
+    if able.is_empty() {
+        return Err(PlacementError::Unfit(unfit.unwrap_or(Unfit { field: "template", message: "no host fits".into() })));
+    }
+    let host = able
         .into_iter()
         .filter(|h| h.free_gpus() >= gpus_needed)
         .max_by(|a, b| {
@@ -61,34 +103,72 @@ pub fn place(hosts: &[HostSlot], gpus_needed: u32) -> Result<i64, PlacementError
                 .then_with(|| b.free_gpus().cmp(&a.free_gpus()))
                 .then_with(|| b.host_id.cmp(&a.host_id))
         })
-        .map(|h| h.host_id)
-        .ok_or(PlacementError::NotEnoughGpus { needed: gpus_needed })
+        .ok_or(PlacementError::NotEnoughGpus { needed: gpus_needed })?;
+    let gpus = assign_gpus(host.gpus, &host.gpus_held, gpus_needed).ok_or(PlacementError::NotEnoughGpus { needed: gpus_needed })?;
+    Ok(Placement { host_id: host.host_id, gpus })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::Enforcement;
 
-    fn slot(host_id: i64, capacity: u32, labs_in_use: u32, gpus: u32, gpus_in_use: u32) -> HostSlot {
-        HostSlot { host_id, healthy: true, capacity, labs_in_use, gpus, gpus_in_use }
+    fn resources(gpus: u32) -> HostResources {
+        HostResources {
+            cpus: 8,
+            memory_mib: 32_000,
+            pids_max: 4_194_304,
+            gpus,
+            isolation: "cgroup-v1".into(),
+            enforces: vec![Enforcement::Cpu, Enforcement::Memory, Enforcement::Pids, Enforcement::Devices, Enforcement::Network],
+        }
+    }
+
+    fn slot(host_id: i64, capacity: u32, labs_in_use: u32, gpus: u32, gpus_held: &[u32]) -> HostSlot {
+        HostSlot { host_id, healthy: true, capacity, labs_in_use, gpus, gpus_held: gpus_held.to_vec(), resources: Some(resources(gpus)) }
+    }
+
+    fn host_of(placed: Result<Placement, PlacementError>) -> Result<i64, PlacementError> {
+        placed.map(|p| p.host_id)
     }
 
     #[test]
     fn places_by_free_capacity_and_gpu_need() {
-        let hosts = [slot(1, 4, 3, 0, 0), slot(2, 4, 1, 2, 1), slot(3, 4, 1, 8, 0)];
-        assert_eq!(place(&hosts, 0), Ok(2), "most free slots, then fewest spare GPUs");
-        assert_eq!(place(&hosts, 2), Ok(3), "only host 3 has two free GPUs");
-        assert_eq!(place(&hosts, 9), Err(PlacementError::NotEnoughGpus { needed: 9 }));
+        let limits = LabLimits::default();
+        let hosts = [slot(1, 4, 3, 0, &[]), slot(2, 4, 1, 2, &[0]), slot(3, 4, 1, 8, &[])];
+        assert_eq!(host_of(place(&hosts, &limits, 0)), Ok(2), "most free slots, then fewest spare GPUs");
+        assert_eq!(place(&hosts, &limits, 2), Ok(Placement { host_id: 3, gpus: vec![0, 1] }), "only host 3 has two free GPUs");
+        assert_eq!(place(&hosts, &limits, 1), Ok(Placement { host_id: 2, gpus: vec![1] }), "GPU 0 of host 2 is held");
+        assert_eq!(host_of(place(&hosts, &limits, 9)), Err(PlacementError::Unfit(Unfit { field: "gpus", message: "asks for 9; the host has 0".into() })));
     }
 
     #[test]
-    fn unhealthy_and_full_hosts_are_skipped_with_a_reason() {
-        assert_eq!(place(&[], 0), Err(PlacementError::NoHosts));
-        let mut sick = slot(1, 4, 0, 1, 0);
+    fn gpu_indices_are_the_lowest_free_ones() {
+        assert_eq!(assign_gpus(4, &[0, 2], 2), Some(vec![1, 3]));
+        assert_eq!(assign_gpus(4, &[0, 2], 3), None);
+        assert_eq!(assign_gpus(0, &[], 0), Some(vec![]));
+    }
+
+    #[test]
+    fn unhealthy_full_and_unfit_hosts_are_skipped_with_a_reason() {
+        let limits = LabLimits::default();
+        assert_eq!(host_of(place(&[], &limits, 0)), Err(PlacementError::NoHosts));
+        let mut sick = slot(1, 4, 0, 1, &[]);
         sick.healthy = false;
-        assert_eq!(place(std::slice::from_ref(&sick), 0), Err(PlacementError::NoHealthyHost));
-        assert_eq!(place(&[sick.clone(), slot(2, 2, 2, 0, 0)], 0), Err(PlacementError::Full));
-        assert_eq!(place(&[sick, slot(2, 2, 2, 0, 0), slot(3, 1, 0, 0, 0)], 0), Ok(3));
-        assert_eq!(place(&[slot(5, 2, 0, 0, 0), slot(4, 2, 0, 0, 0)], 0), Ok(4), "ties go to the lowest id");
+        assert_eq!(host_of(place(std::slice::from_ref(&sick), &limits, 0)), Err(PlacementError::NoHealthyHost));
+        assert_eq!(host_of(place(&[sick.clone(), slot(2, 2, 2, 0, &[])], &limits, 0)), Err(PlacementError::Full));
+        assert_eq!(host_of(place(&[sick, slot(2, 2, 2, 0, &[]), slot(3, 1, 0, 0, &[])], &limits, 0)), Ok(3));
+        assert_eq!(host_of(place(&[slot(5, 2, 0, 0, &[]), slot(4, 2, 0, 0, &[])], &limits, 0)), Ok(4), "ties go to the lowest id");
+        let quota = LabLimits { disk_mib: Some(1024), ..LabLimits::default() };
+        let Err(PlacementError::Unfit(unfit)) = place(&[slot(1, 4, 0, 0, &[])], &quota, 0) else { panic!("no host enforces disk_mib") };
+        assert_eq!(unfit.field, "disk_mib");
+        let mut able = slot(2, 4, 0, 0, &[]);
+        if let Some(resources) = able.resources.as_mut() {
+            resources.enforces.push(Enforcement::Disk);
+        }
+        assert_eq!(host_of(place(&[slot(1, 4, 0, 0, &[]), able], &quota, 0)), Ok(2), "only the host that can enforce the quota");
+        let mut silent = slot(1, 4, 0, 0, &[]);
+        silent.resources = None;
+        assert!(matches!(place(&[silent], &limits, 0), Err(PlacementError::Unfit(Unfit { field: "host", .. }))));
     }
 }

@@ -5,6 +5,8 @@
 //! - [`allocation`]: the allocation state machine and its reconciler step (time is a
 //!   parameter, outputs are typed host tasks);
 //! - [`protocol`]: the versioned wire types of the appliance↔host task protocol;
+//! - [`limits`]: what a lab may use of its host, what a host can enforce, whether it fits;
+//! - [`replay`]: which signed host calls to take (replays, one identity on two machines);
 //! - [`check`]: what a check run means (verdict, `FAIL:` reasons, output truncation).
 //!
 //! Architecture invariant: this crate knows nothing of HTTP, SQLite, clocks or sockets.
@@ -12,5 +14,7 @@
 pub mod allocation;
 pub mod check;
 pub mod inventory;
+pub mod limits;
 pub mod protocol;
+pub mod replay;
 pub mod template;

@@ -7,7 +7,16 @@
 //! name = "gpu-desktop"
 //! runtime = "local-user"
 //! gpus = 1
-//! skeleton = "/srv/labrack/skel/gpu-desktop"
+//! gpu_memory_mib = 16000  # watched (NVML) or enforced (MIG); over it, staff are alerted
+//! skeleton = "/var/lib/labrack-host/skeletons/gpu-desktop"  # under the host's skeleton root
+//! cpu = 4                 # cores' worth of CPU time (fractions allowed); default 2
+//! cpu_weight = 100        # share when the host is busy, 1–10000; default 100
+//! memory_mib = 8192       # every process of the lab together; default 4096
+//! pids = 2048             # processes and threads at once; default 1024
+//! io_weight = 100         # optional: IO share, 1–10000 (hosts with an IO weight only)
+//! disk_mib = 20480        # optional: the home's size, a quota of its own
+//! network = "venue"       # none | venue | internet; default none
+//! allow = ["10.0.0.5:5432"]  # reachable whatever the policy
 //!
 //! [[template.check]]
 //! name = "web server answers"
@@ -25,6 +34,8 @@ use std::collections::HashSet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::limits::{self, Endpoint, HostResources, LabLimits, NetworkPolicy};
+
 /// Desktop runtimes a host knows how to make.
 pub const RUNTIMES: &[&str] = &["local-user"];
 
@@ -37,6 +48,53 @@ pub struct Template {
     pub gpu_memory_mib: Option<u64>,
     pub skeleton: String,
     pub checks: Vec<Check>,
+    /// what the lab may use of its host and reach
+    pub limits: LabLimits,
+    /// where each limit is written, so a host that cannot meet it is named on its line
+    pub lines: FieldLines,
+}
+
+/// The 1-based line of each field that hosts are compared against (the template's own
+/// line where the field is left to its default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldLines {
+    pub template: usize,
+    pub cpu: usize,
+    pub memory_mib: usize,
+    pub pids: usize,
+    pub gpus: usize,
+    pub io_weight: usize,
+    pub disk_mib: usize,
+    pub network: usize,
+}
+
+impl FieldLines {
+    fn of(&self, field: &str) -> usize {
+        match field {
+            "cpu" => self.cpu,
+            "memory_mib" => self.memory_mib,
+            "pids" => self.pids,
+            "gpus" => self.gpus,
+            "io_weight" => self.io_weight,
+            "disk_mib" => self.disk_mib,
+            "network" => self.network,
+            _ => self.template,
+        }
+    }
+}
+
+/// Templates no host can run, one error per template on the line of the field at fault.
+/// With no hosts known yet nothing is refused (placement says so later).
+pub fn unfit_for_hosts(templates: &[Template], hosts: &[HostResources]) -> Vec<TemplateError> {
+    templates
+        .iter()
+        .filter_map(|t| {
+            limits::fits_some_host(&t.limits, t.gpus, hosts).err().map(|unfit| TemplateError {
+                line: t.lines.of(unfit.field),
+                message: format!("template {:?}: no enrolled lab host can run it: {unfit}", t.name),
+            })
+        })
+        .collect()
 }
 
 /// A check run against a team's lab.
@@ -83,6 +141,15 @@ struct RawTemplate {
     gpus: Spanned<u32>,
     gpu_memory_mib: Option<Spanned<u64>>,
     skeleton: Spanned<String>,
+    cpu: Option<Spanned<f64>>,
+    cpu_weight: Option<Spanned<u32>>,
+    memory_mib: Option<Spanned<u32>>,
+    pids: Option<Spanned<u32>>,
+    io_weight: Option<Spanned<u32>>,
+    disk_mib: Option<Spanned<u32>>,
+    network: Option<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
     #[serde(default)]
     check: Vec<Spanned<RawCheck>>,
 }
@@ -162,6 +229,65 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
         if !skeleton.starts_with('/') || skeleton.split('/').any(|part| part == "..") {
             error(t.skeleton.span().start, format!("skeleton {skeleton:?} must be an absolute path without '..'"));
         }
+        let template_line = line(raw.span().start);
+        let at = |span: Option<std::ops::Range<usize>>| span.map_or(template_line, |s| line(s.start));
+        let mut limits = LabLimits::default();
+        if let Some(cpu) = &t.cpu {
+            let cores = *cpu.get_ref();
+            if !(0.1..=512.0).contains(&cores) {
+                error(cpu.span().start, "cpu must be between 0.1 and 512 cores".into());
+            } else {
+                // Rounded to whole thousandths of a core.
+                limits.cpu_millicores = format!("{:.0}", cores * 1000.0).parse().unwrap_or(limits.cpu_millicores);
+            }
+        }
+        let ranged = |value: &Option<Spanned<u32>>, range: std::ops::RangeInclusive<u32>, what: &str, error: &mut dyn FnMut(usize, String)| {
+            value.as_ref().and_then(|v| {
+                if range.contains(v.get_ref()) {
+                    Some(*v.get_ref())
+                } else {
+                    error(v.span().start, format!("{what} must be between {} and {}", range.start(), range.end()));
+                    None
+                }
+            })
+        };
+        if let Some(weight) = ranged(&t.cpu_weight, 1..=10_000, "cpu_weight", &mut error) {
+            limits.cpu_weight = weight;
+        }
+        if let Some(memory) = ranged(&t.memory_mib, 64..=1_048_576, "memory_mib", &mut error) {
+            limits.memory_mib = memory;
+        }
+        if let Some(pids) = ranged(&t.pids, 32..=1_000_000, "pids", &mut error) {
+            limits.pids = pids;
+        }
+        limits.io_weight = ranged(&t.io_weight, 1..=10_000, "io_weight", &mut error);
+        limits.disk_mib = ranged(&t.disk_mib, 64..=4_194_304, "disk_mib", &mut error);
+        if let Some(network) = &t.network {
+            match NetworkPolicy::parse(network.get_ref()) {
+                Some(policy) => limits.network = policy,
+                None => error(network.span().start, format!("network must be \"none\", \"venue\" or \"internet\" (got {:?})", network.get_ref())),
+            }
+        }
+        if t.allow.len() > 64 {
+            error(t.allow[64].span().start, "allow holds at most 64 entries".into());
+        }
+        for entry in &t.allow {
+            match Endpoint::parse(entry.get_ref()) {
+                Ok(endpoint) if !limits.allow.contains(&endpoint) => limits.allow.push(endpoint),
+                Ok(_) => {}
+                Err(message) => error(entry.span().start, format!("allow: {message}")),
+            }
+        }
+        let lines = FieldLines {
+            template: template_line,
+            cpu: at(t.cpu.as_ref().map(Spanned::span)),
+            memory_mib: at(t.memory_mib.as_ref().map(Spanned::span)),
+            pids: at(t.pids.as_ref().map(Spanned::span)),
+            gpus: if t.gpus.span() == (0..0) { template_line } else { line(t.gpus.span().start) },
+            io_weight: at(t.io_weight.as_ref().map(Spanned::span)),
+            disk_mib: at(t.disk_mib.as_ref().map(Spanned::span)),
+            network: at(t.network.as_ref().map(Spanned::span)),
+        };
         let mut check_names = HashSet::new();
         let mut checks = Vec::new();
         for raw_check in &t.check {
@@ -205,6 +331,8 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
             gpu_memory_mib: t.gpu_memory_mib.as_ref().map(|m| *m.get_ref()),
             skeleton: skeleton.clone(),
             checks,
+            limits,
+            lines,
         });
     }
     if errors.is_empty() { Ok(templates) } else { Err(errors) }
@@ -274,6 +402,51 @@ skeleton = "/srv/labrack/skel/cpu"
         let ok = parse(&GOOD.replace("weight = 10", "weight = 10\nnetwork = true\nmemory_mib = 2048")).expect("valid");
         assert!(ok[0].checks[0].network);
         assert_eq!(ok[0].checks[0].memory_mib, 2048);
+    }
+
+    #[test]
+    fn limits_have_defaults_are_validated_on_their_line_and_meet_hosts() {
+        let defaults = parse(GOOD).expect("valid");
+        assert_eq!(defaults[1].limits, LabLimits::default());
+        let text = GOOD.replace(
+            "skeleton = \"/srv/labrack/skel/cpu\"",
+            "skeleton = \"/srv/labrack/skel/cpu\"\ncpu = 0.5\nmemory_mib = 2048\npids = 300\ndisk_mib = 10240\nnetwork = \"none\"\nallow = [\"10.0.0.5:5432\", \"db.lan:80\"]",
+        );
+        let set = parse(&text).expect("valid");
+        let cpu = &set[1].limits;
+        assert_eq!((cpu.cpu_millicores, cpu.memory_mib, cpu.pids, cpu.disk_mib), (500, 2048, 300, Some(10_240)));
+        assert_eq!(cpu.network, NetworkPolicy::None);
+        assert_eq!(cpu.allow.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.0.0.5:5432", "db.lan:80"]);
+        assert_eq!(set[1].lines.memory_mib, 21);
+        let bad = GOOD.replace(
+            "skeleton = \"/srv/labrack/skel/cpu\"",
+            "skeleton = \"/srv/labrack/skel/cpu\"\ncpu = 0\nmemory_mib = 1\nnetwork = \"lan\"\nallow = [\"nowhere\"]",
+        );
+        assert_eq!(
+            lines(&bad),
+            vec![
+                (20, "cpu must be between 0.1 and 512 cores".to_owned()),
+                (21, "memory_mib must be between 64 and 1048576".to_owned()),
+                (22, "network must be \"none\", \"venue\" or \"internet\" (got \"lan\")".to_owned()),
+                (23, "allow: \"nowhere\": write HOST:PORT".to_owned()),
+            ]
+        );
+        let host = HostResources {
+            cpus: 2,
+            memory_mib: 4_000,
+            pids_max: 32_768,
+            gpus: 1,
+            isolation: "cgroup-v1".into(),
+            enforces: vec![limits::Enforcement::Cpu, limits::Enforcement::Memory, limits::Enforcement::Pids, limits::Enforcement::Network, limits::Enforcement::Devices],
+        };
+        let big = parse(&GOOD.replace("gpu_memory_mib = 8000", "gpu_memory_mib = 8000\nmemory_mib = 65536")).expect("valid");
+        let unfit = unfit_for_hosts(&big, std::slice::from_ref(&host));
+        assert_eq!(unfit.len(), 2, "{unfit:?}");
+        assert_eq!(unfit[0].line, 7, "on the memory_mib line: {unfit:?}");
+        assert!(unfit[0].message.contains("memory_mib: asks for 65536 MiB; the largest host has 4000 MiB") && unfit[0].message.contains("\"gpu-desktop\""), "{unfit:?}");
+        assert_eq!(unfit[1].line, 17, "a default that no host meets is named at its template: {unfit:?}");
+        assert!(unfit[1].message.contains("memory_mib: asks for 4096 MiB"), "{unfit:?}");
+        assert!(unfit_for_hosts(&big, &[]).is_empty(), "no hosts: nothing to compare yet");
     }
 
     #[test]

@@ -280,28 +280,63 @@ pub fn enrol_host_args(binary: &Path, server_url: &str, data_dir: &Path, token: 
 pub struct LabHost {
     child: Child,
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// the first of the host ports its labs get (two each: RDP, SSH)
+    pub first_port: u16,
+}
+
+/// How many labs one test host has ports for.
+const TEST_HOST_SLOTS: u16 = 32;
+
+/// The ports and lab network of a test host: chosen once per state dir (kept in it), so a
+/// restarted agent keeps them, and several agents on this machine never share them.
+fn test_host_network(state_dir: &Path) -> anyhow::Result<(u16, String)> {
+    let file = state_dir.join(".test-host-network");
+    if let Ok(text) = std::fs::read_to_string(&file)
+        && let Some((port, network)) = text.trim().split_once(' ')
+    {
+        return Ok((port.parse()?, network.to_owned()));
+    }
+    let seed = rand_suffix();
+    for attempt in 0..200u32 {
+        let port = 20_000 + u16::try_from((seed.wrapping_add(attempt * 7919)) % 600).unwrap_or(0) * (TEST_HOST_SLOTS * 2);
+        let all_free = (port..port + TEST_HOST_SLOTS * 2).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            let block = (seed.wrapping_add(attempt)) % 16_384;
+            let network = format!("100.{}.{}.0/24", 64 + block / 256, block % 256);
+            std::fs::create_dir_all(state_dir)?;
+            std::fs::write(&file, format!("{port} {network}\n"))?;
+            return Ok((port, network));
+        }
+    }
+    bail!("no free range of {} ports for a test host", TEST_HOST_SLOTS * 2)
 }
 
 impl LabHost {
-    /// Starts the agent with a recognisable user prefix and extra environment.
-    pub fn start(state_dir: &Path, user_prefix: &str, rdp_port: u16, ssh_port: u16, env: &[(&str, &str)], extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_binary(&labrack_host_bin(), state_dir, user_prefix, rdp_port, ssh_port, env, extra)
+    /// Starts the agent with the run's user prefix, SSH host key and a skeleton root.
+    pub fn start(state_dir: &Path, users: &LabUsers, skeleton_root: &Path, env: &[(&str, &str)], extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_binary(&labrack_host_bin(), state_dir, users, skeleton_root, env, extra)
     }
 
     /// [`LabHost::start`] with a given binary (benchmarks use the release build).
     pub fn start_binary(
         binary: &Path,
         state_dir: &Path,
-        user_prefix: &str,
-        rdp_port: u16,
-        ssh_port: u16,
+        users: &LabUsers,
+        skeleton_root: &Path,
         env: &[(&str, &str)],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let (first_port, network) = test_host_network(state_dir)?;
+        let ports = format!("{first_port}-{}", first_port + TEST_HOST_SLOTS * 2 - 1);
         let mut command = Command::new(binary);
         command
-            .args(["run", "--user-prefix", user_prefix, "--rdp-port", &rdp_port.to_string(), "--ssh-port", &ssh_port.to_string(), "--state-dir"])
+            .args(["run", "--user-prefix", &users.prefix, "--lab-ports", &ports, "--lab-listen", "127.0.0.1", "--lab-network", &network, "--state-dir"])
             .arg(state_dir)
+            .arg("--skeleton-root")
+            .arg(skeleton_root)
+            .arg("--ssh-host-key-file")
+            .arg(&users.ssh_host_key)
+            .args(["--rdp-cert-file", "/etc/xrdp/cert.pem", "--rdp-key-file", "/etc/xrdp/key.pem"])
             .args(extra)
             .env("LABRACK_LOG", "info")
             .env("NO_COLOR", "1")
@@ -327,7 +362,7 @@ impl LabHost {
                 }
             }
         });
-        Ok(Self { child, log })
+        Ok(Self { child, log, first_port })
     }
 
     /// Waits until a log line contains `needle`.
@@ -363,17 +398,24 @@ impl Drop for LabHost {
     }
 }
 
-/// Removes every Linux user whose name starts with the prefix, on creation and on drop,
-/// so a failed test leaves no lab users behind.
+/// The Linux users, boxes, network namespaces and cgroups of one test run's labs: removed
+/// on creation and on drop, so a failed test leaves nothing behind. Also the SSH host key
+/// the run's lab hosts present.
 pub struct LabUsers {
     pub prefix: String,
+    /// private key; `.pub` beside it
+    pub ssh_host_key: PathBuf,
+    _keys: DataDir,
 }
 
 impl LabUsers {
     /// A fresh prefix `lrt{n}-` unique to this test run.
     pub fn new() -> Self {
         let prefix = format!("lrt{}-", rand_suffix());
-        let users = Self { prefix };
+        let keys = DataDir::new("host-key");
+        let ssh_host_key = keys.0.join("ssh_host_ed25519_key");
+        let _ = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&ssh_host_key).status();
+        let users = Self { prefix, ssh_host_key, _keys: keys };
         users.sweep();
         users
     }
@@ -388,25 +430,64 @@ impl LabUsers {
             .collect()
     }
 
+    /// The lab users (not their checkers).
+    pub fn labs(&self) -> Vec<String> {
+        self.list().into_iter().filter(|name| !name.ends_with('c')).collect()
+    }
+
     pub fn sweep(&self) {
-        use std::os::unix::fs::MetadataExt as _;
-        for name in self.list() {
-            let uid = Command::new("id").args(["-u", &name]).output().ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>().ok());
-            let _ = Command::new("pkill").args(["-KILL", "-u", &name]).status();
-            // The user's killed X server leaves its lock and socket behind; xrdp would count
-            // that display as taken forever.
-            if let Some(uid) = uid {
-                for dir in ["/tmp", "/tmp/.X11-unix", "/tmp/.ICE-unix"] {
-                    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                        if entry.metadata().is_ok_and(|m| m.uid() == uid && !m.is_dir()) {
-                            let _ = std::fs::remove_file(entry.path());
-                        }
-                    }
+        // Boxes first: their supervisors, then whatever is left in their cgroups.
+        let _ = Command::new("pkill").args(["-KILL", "-f", &format!("lab-box --state-dir .* --lab {}", self.prefix)]).status();
+        for controller in ["pids", "freezer", "memory", "cpu", "devices", "blkio", "cpuacct", "cpuset"] {
+            let base = PathBuf::from(format!("/sys/fs/cgroup/{controller}/labrack"));
+            for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&self.prefix) {
+                    remove_cgroup_tree(&entry.path());
                 }
             }
-            let _ = Command::new("userdel").args(["--remove", &name]).stderr(Stdio::null()).status();
+        }
+        for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&self.prefix) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+        for line in std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines() {
+            if let Some(target) = line.split_whitespace().nth(1)
+                && target.starts_with(&format!("/home/{}", self.prefix))
+            {
+                let _ = Command::new("umount").arg("-l").arg(target).status();
+            }
+        }
+        let mut names = self.list();
+        // Checkers first: their group is their lab user's.
+        names.sort_by_key(|name| !name.ends_with('c'));
+        for name in names {
+            let _ = Command::new("pkill").args(["-KILL", "-u", &name]).status();
+            let _ = Command::new("userdel").args([&name]).stderr(Stdio::null()).status();
+            let _ = std::fs::remove_dir_all(format!("/home/{name}"));
         }
     }
+}
+
+/// Kills what is left in a test's cgroup directory and removes it, bottom-up.
+fn remove_cgroup_tree(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&entry.path());
+        }
+    }
+    for _ in 0..50 {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.lines() {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 impl Default for LabUsers {
@@ -504,92 +585,6 @@ pub async fn websocket(data_dir: &Path, base_url: &str, path: &str, bearer: &str
     request.headers_mut().insert("authorization", format!("Bearer {bearer}").parse()?);
     let (socket, _) = tokio_tungstenite::client_async(request, tls).await?;
     Ok(socket)
-}
-
-/// A real xrdp (with its session manager and xorgxrdp) on 127.0.0.1:`port`. Its session
-/// manager uses the fixed port 3350, so one runs at a time: `start` waits for a lock file
-/// that the running one holds until it is dropped.
-pub struct Xrdp {
-    sesman: Child,
-    xrdp: Child,
-    pub port: u16,
-    _dir: DataDir,
-    _lock: std::fs::File,
-}
-
-impl Xrdp {
-    pub fn start() -> anyhow::Result<Self> {
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(std::env::temp_dir().join("labrack-xrdp.lock"))?;
-        lock.lock().context("waiting for the xrdp lock")?;
-        let port = free_port()?;
-        let (sesman, xrdp, dir) = Self::spawn(port)?;
-        // Built first so a failed start still stops both processes.
-        let started = Self { sesman, xrdp, port, _dir: dir, _lock: lock };
-        started.wait_listening()?;
-        Ok(started)
-    }
-
-    /// Stops this xrdp and its session manager and starts fresh ones on the same port: an
-    /// RDP server restart as a lab host would see it.
-    pub fn restart(&mut self) -> anyhow::Result<()> {
-        for child in [&mut self.xrdp, &mut self.sesman] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "the old xrdp still answers on {}", self.port);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let (sesman, xrdp, dir) = Self::spawn(self.port)?;
-        (self.sesman, self.xrdp, self._dir) = (sesman, xrdp, dir);
-        self.wait_listening()
-    }
-
-    fn spawn(port: u16) -> anyhow::Result<(Child, Child, DataDir)> {
-        let dir = DataDir::new("xrdp");
-        let ini = std::fs::read_to_string("/etc/xrdp/xrdp.ini").context("xrdp.ini (apt package xrdp)")?;
-        let ini: String = ini
-            .lines()
-            .map(|line| if line.trim_start().starts_with("port=") && line.contains("3389") { format!("port=tcp://127.0.0.1:{port}") } else { line.to_owned() })
-            .collect::<Vec<_>>()
-            .join("\n");
-        std::fs::write(dir.0.join("xrdp.ini"), ini)?;
-        std::fs::create_dir_all("/var/run/xrdp")?;
-        let mut sesman = Command::new("/usr/sbin/xrdp-sesman");
-        sesman.args(["--nodaemon", "-c", "/etc/xrdp/sesman.ini"]).stdout(Stdio::null()).stderr(Stdio::null());
-        let mut sesman = sesman.spawn().context("starting xrdp-sesman")?;
-        let mut xrdp = Command::new("/usr/sbin/xrdp");
-        xrdp.args(["--nodaemon", "-c"]).arg(dir.0.join("xrdp.ini")).stdout(Stdio::null()).stderr(Stdio::null());
-        match xrdp.spawn() {
-            Ok(xrdp) => Ok((sesman, xrdp, dir)),
-            Err(error) => {
-                let _ = sesman.kill();
-                let _ = sesman.wait();
-                Err(error).context("starting xrdp")
-            }
-        }
-    }
-
-    fn wait_listening(&self) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
-            || (std::net::TcpStream::connect("127.0.0.1:3350").is_err() && std::net::TcpStream::connect("[::1]:3350").is_err())
-        {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "xrdp did not start listening on {} (and its session manager on 3350)", self.port);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Xrdp {
-    fn drop(&mut self) {
-        let _ = self.xrdp.kill();
-        let _ = self.xrdp.wait();
-        let _ = self.sesman.kill();
-        let _ = self.sesman.wait();
-    }
 }
 
 /// Faults a [`UdpFaultProxy`] applies to every datagram, both ways.

@@ -1,8 +1,9 @@
 //! The Tauri staff console (`labrack-console`) under Xvfb, driven through tauri-driver and
 //! WebKitWebDriver against a real `labrack serve`: a wrong CA fingerprint is refused, the
 //! right one connects, staff log in, create an event, import a roster, and watch a real
-//! `labrack-host` appear, search the roster, watch a real xrdp lab desktop on the wall of
-//! thumbnails, and hear of a lab host going down as a desktop notification (a real session
+//! `labrack-host` appear, search the roster, watch a real xrdp lab desktop (the lab's own,
+//! in its box) on the wall of thumbnails, and hear of a lab host going down as a desktop
+//! notification (a real session
 //! D-Bus and the dunst notification daemon). A screenshot of the dashboard is saved.
 
 use std::io::BufRead as _;
@@ -11,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, Xrdp, client_trusting, enrol_host, free_port};
+use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host, free_port};
 use serde_json::{Value, json};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -268,15 +269,15 @@ async fn start_console(http: &reqwest::Client, base: &str, console: &Path) -> an
     }
 }
 
-/// Enrols a lab host named `name` and runs it against xrdp on `rdp_port`; returns it and its
-/// state directory (kept while it runs).
-async fn start_host(admin: &Api, url: &str, data: &Path, name: &str, prefix: &str, rdp_port: u16) -> anyhow::Result<(LabHost, DataDir)> {
+/// Enrols a lab host named `name` and runs it (its labs' desktops are their own xrdp);
+/// returns it and its state directory (kept while it runs).
+async fn start_host(admin: &Api, url: &str, data: &Path, name: &str, users: &LabUsers, skeletons: &Path) -> anyhow::Result<(LabHost, DataDir)> {
     let (status, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
     anyhow::ensure!(status == 201, "{token}");
     let state = DataDir::new(&format!("console-{name}"));
     let (ok, text) = enrol_host(url, data, token["token"].as_str().context("token")?, name, &state.0)?;
     anyhow::ensure!(ok, "{text}");
-    let host = LabHost::start(&state.0, prefix, rdp_port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    let host = LabHost::start(&state.0, users, skeletons, &[], &[])?;
     Ok((host, state))
 }
 
@@ -392,8 +393,7 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
     let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
-    let xrdp = Xrdp::start()?;
-    let (host, _state) = start_host(&admin, &server.url, &data.0, "rack-a1", &users.prefix, xrdp.port).await?;
+    let (host, _state) = start_host(&admin, &server.url, &data.0, "rack-a1", &users, &skeleton.0).await?;
     driver.wait_text("hosts", "rack-a1").await?;
     driver.wait_text("hosts", "healthy").await?;
     let (_, teams) = admin.get(&format!("/api/v1/events/{}/teams", focused_event(&admin).await?)).await?;
@@ -479,7 +479,7 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     }
 
     // Staff move Red's lab off the dead host: a fresh lab from the same template elsewhere.
-    let (host_b, _state_b) = start_host(&admin, &server.url, &data.0, "rack-b", &users.prefix, xrdp.port).await?;
+    let (host_b, _state_b) = start_host(&admin, &server.url, &data.0, "rack-b", &users, &skeleton.0).await?;
     driver.wait_text("hosts", "rack-b").await?;
     driver.click("lab-reassign").await?;
     driver.wait_text("labs", "Confirm: move Red's lab to another host").await?;
@@ -496,7 +496,6 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
         .collect();
     assert!(states.contains(&("rack-a1".into(), "released".into())) && states.iter().any(|(host, state)| host == "rack-b" && state != "released"), "{states:?}");
     drop(host_b);
-    drop(xrdp);
 
     // The link drops (the appliance stops, as when a laptop loses Wi-Fi): the console says so
     // and keeps trying, then carries on with the same session once the appliance is back.

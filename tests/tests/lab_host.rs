@@ -14,7 +14,8 @@ fn telemetry_prints_one_json_sample_and_reports_gpus_or_why_not() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.stderr.is_empty(), "no error spam without a GPU: {}", String::from_utf8_lossy(&output.stderr));
     let sample: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
-    assert_eq!(sample["version"], 1);
+    assert_eq!(sample["version"], 2);
+    assert!(sample["resources"]["enforces"].as_array().is_some_and(|e| e.iter().any(|x| x == "memory")), "what the host can enforce: {sample}");
     assert!(sample["memory_total_bytes"].as_u64().is_some_and(|m| m > 0));
     match sample["gpus"]["status"].as_str() {
         Some("no_gpu") => assert!(sample["gpus"]["reason"].as_str().is_some_and(|r| r.contains("NVML"))),

@@ -1,6 +1,7 @@
 //! Lab hosts end to end, as root on this machine: the real `labrack` appliance, the real
-//! `labrack-host` agent, real Linux users made by the `local-user` runtime. Users made here
-//! carry a per-run prefix (`lrt{n}-`) and are removed even when a test fails.
+//! `labrack-host` agent, real Linux users made by the `local-user` runtime, each lab in its
+//! box (its own sshd and xrdp, namespaces and cgroup). Users made here carry a per-run
+//! prefix (`lrt{n}-`) and are removed, with their boxes, even when a test fails.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -20,7 +21,8 @@ const LONG: Duration = Duration::from_secs(40);
 
 struct Fixture {
     data: DataDir,
-    _skeleton: DataDir,
+    /// the hosts' skeleton root; the `desk` template's skeleton is `desk/` in it
+    skeletons: DataDir,
     server: Option<Server>,
     url: String,
     admin: Api,
@@ -39,8 +41,8 @@ fn write_skeleton(dir: &Path) {
 
 async fn fixture(tag: &str, listen: &str) -> anyhow::Result<Fixture> {
     let data = DataDir::new(tag);
-    let skeleton = DataDir::new(&format!("{tag}-skel"));
-    write_skeleton(&skeleton.0);
+    let skeletons = DataDir::new(&format!("{tag}-skel"));
+    write_skeleton(&skeletons.0.join("desk"));
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
     let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1", "--web-dir", &web, "--webrtc-bind", "127.0.0.1:0", "--job-attempts", "run_check=2"])?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
@@ -52,12 +54,12 @@ async fn fixture(tag: &str, listen: &str) -> anyhow::Result<Fixture> {
     let event_id = event["id"].as_i64().expect("event id");
     let (_, red) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Red"})).await?;
     let (_, blue) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Blue"})).await?;
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeletons.0.join("desk").display());
     let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
     Ok(Fixture {
         data,
-        _skeleton: skeleton,
+        skeletons,
         url: server.url.clone(),
         server: Some(server),
         admin,
@@ -83,7 +85,14 @@ impl Fixture {
     }
 
     fn start_host(&self, state: &Path, env: &[(&str, &str)]) -> anyhow::Result<LabHost> {
-        LabHost::start(state, &self.users.prefix, 3389, 22, env, &[])
+        LabHost::start(state, &self.users, &self.skeletons.0, env, &[])
+    }
+
+    /// A skeleton `name` under the hosts' skeleton root, filled like the default one.
+    fn skeleton(&self, name: &str) -> std::path::PathBuf {
+        let dir = self.skeletons.0.join(name);
+        write_skeleton(&dir);
+        dir
     }
 
     async fn allocate(&self, team_id: i64) -> anyhow::Result<i64> {
@@ -276,25 +285,34 @@ async fn enrolment_tokens_are_one_time_and_expire() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Signs host-protocol calls with a host's key, as `labrack-host` does.
+/// Signs host-protocol calls with a host's key, as `labrack-host` does: as one agent
+/// instance, counting its calls.
 struct Signer {
     host_id: i64,
     key: Ed25519KeyPair,
+    instance: String,
+    counter: std::sync::atomic::AtomicU64,
 }
 
 impl Signer {
     fn load(state: &Path) -> anyhow::Result<Self> {
         let config: toml::Table = toml::from_str(&std::fs::read_to_string(state.join("host.toml"))?)?;
         let key = Ed25519KeyPair::from_pkcs8(&std::fs::read(state.join("host.key"))?).map_err(|_| anyhow::anyhow!("key"))?;
-        Ok(Self { host_id: config["host_id"].as_integer().expect("host_id"), key })
+        let instance = format!("{:016x}", rand::random::<u64>());
+        Ok(Self { host_id: config["host_id"].as_integer().expect("host_id"), key, instance, counter: std::sync::atomic::AtomicU64::new(0) })
     }
 
     fn header(&self, claimed_host: i64, path: &str, body: &[u8]) -> String {
+        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.header_numbered(claimed_host, path, body, n)
+    }
+
+    fn header_numbered(&self, claimed_host: i64, path: &str, body: &[u8], n: u64) -> String {
         let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
         let digest = hex::encode(sha2::Sha256::digest(body));
-        let message = format!("labrack-host-v1\nPOST\n{path}\n{ts}\n{digest}");
+        let message = format!("labrack-host-v2\nPOST\n{path}\n{ts}\n{}\n{n}\n{digest}", self.instance);
         let sig = base64::engine::general_purpose::STANDARD.encode(self.key.sign(message.as_bytes()).as_ref());
-        format!("LabrackHost host={claimed_host},ts={ts},sig={sig}")
+        format!("LabrackHost host={claimed_host},ts={ts},i={},n={n},sig={sig}", self.instance)
     }
 
     async fn post(&self, api: &Api, claimed_host: i64, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
@@ -323,14 +341,14 @@ async fn hosts_see_and_answer_only_their_own_tasks_and_teams_only_their_own_lab(
     let (_, view) = fx.admin.get(&format!("/api/v1/allocations/{id}")).await?;
     assert_eq!(view["host_id"], a.host_id, "ties go to the lowest host id");
 
-    let poll = json!({"version": 1, "wait_ms": 0});
+    let poll = json!({"version": 2, "wait_ms": 0});
     let (status, mine) = a.post(&fx.admin, a.host_id, "/api/v1/host/poll", &poll).await?;
     assert_eq!(status, 200, "{mine}");
     let task_id = mine["tasks"][0]["id"].as_str().expect("host A has the provision task").to_owned();
     let (status, theirs) = b.post(&fx.admin, b.host_id, "/api/v1/host/poll", &poll).await?;
     assert_eq!((status, theirs["tasks"].as_array().map(Vec::len)), (200, Some(0)), "host B sees none of A's tasks");
 
-    let report = json!({"version": 1, "id": task_id, "outcome": {"result": "failed", "error": "sabotage"}});
+    let report = json!({"version": 2, "id": task_id, "outcome": {"result": "failed", "error": "sabotage"}});
     let (status, refused) = b.post(&fx.admin, b.host_id, "/api/v1/host/report", &report).await?;
     assert_eq!(status, 404, "B cannot answer A's task: {refused}");
     let (status, refused) = b.post(&fx.admin, a.host_id, "/api/v1/host/report", &report).await?;
@@ -339,7 +357,7 @@ async fn hosts_see_and_answer_only_their_own_tasks_and_teams_only_their_own_lab(
     let unsigned = fx.admin.client.post(format!("{}/api/v1/host/poll", fx.admin.base)).json(&poll).send().await?;
     assert_eq!(unsigned.status(), 401);
     // A signature binds the body: the same header with another body is refused.
-    let header = a.header(a.host_id, "/api/v1/host/report", br#"{"version":1}"#);
+    let header = a.header(a.host_id, "/api/v1/host/report", br#"{"version":2}"#);
     let moved = fx
         .admin
         .client
@@ -399,7 +417,7 @@ async fn a_host_killed_mid_task_completes_the_lab_exactly_once() -> anyhow::Resu
         |r| r.get(0),
     )?;
     assert_eq!(activations, 1, "the lab became active exactly once");
-    assert_eq!(fx.users.list(), vec![format!("{}a{id}", fx.users.prefix)], "exactly one lab user");
+    assert_eq!(fx.users.labs(), vec![format!("{}a{id}", fx.users.prefix)], "exactly one lab user");
     drop(host);
     Ok(())
 }
@@ -486,11 +504,10 @@ async fn hello(fx: &Fixture, token: &str, ticket: &str) -> anyhow::Result<(AppSo
 #[tokio::test]
 async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_with_the_tab() -> anyhow::Result<()> {
     let fx = fixture("terminal", "127.0.0.1:0").await?;
-    let sshd = Sshd::start(&fx.users.prefix)?;
     let state = DataDir::new("terminal-host");
     fx.enrol("host-t", &state.0).await?;
-    let key = sshd.host_key_pub.display().to_string();
-    let host = LabHost::start(&state.0, &fx.users.prefix, 3389, sshd.port, &[], &["--ssh-host-key-file", &key])?;
+    // The lab's shell is its box's own sshd, reached through the lab's SSH port.
+    let host = fx.start_host(&state.0, &[])?;
     let id = fx.allocate(fx.team_id).await?;
     fx.wait_state(id, "active").await?;
     let user = format!("{}a{id}", fx.users.prefix);
@@ -548,11 +565,9 @@ async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_w
 #[tokio::test]
 async fn the_browser_terminal_runs_a_command_in_chromium() -> anyhow::Result<()> {
     let fx = fixture("browser-terminal", "127.0.0.1:0").await?;
-    let sshd = Sshd::start(&fx.users.prefix)?;
     let state = DataDir::new("browser-terminal-host");
     fx.enrol("host-b", &state.0).await?;
-    let key = sshd.host_key_pub.display().to_string();
-    let host = LabHost::start(&state.0, &fx.users.prefix, 3389, sshd.port, &[], &["--ssh-host-key-file", &key])?;
+    let host = fx.start_host(&state.0, &[])?;
     let id = fx.allocate(fx.team_id).await?;
     fx.wait_state(id, "active").await?;
     let user = format!("{}a{id}", fx.users.prefix);
@@ -627,16 +642,15 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
     let fx = fixture("rdp", "127.0.0.1:0").await?;
     // The template's desktop paints its background a known colour, so the probe can tell
     // the lab user's own live session from a login screen or a black frame.
-    let skeleton = DataDir::new("rdp-skel");
-    write_skeleton(&skeleton.0);
-    std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let skeleton = fx.skeleton("rdp");
+    std::fs::write(skeleton.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.display());
     let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
     assert_eq!(status, 200, "{body}");
-    let xrdp = labrack_e2e::Xrdp::start()?;
     let state = DataDir::new("rdp-host");
     fx.enrol("host-r", &state.0).await?;
-    let host = LabHost::start(&state.0, &fx.users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    // The lab's desktop is its box's own xrdp, reached through the lab's RDP port.
+    let host = fx.start_host(&state.0, &[])?;
     let id = fx.allocate(fx.team_id).await?;
     fx.wait_state(id, "active").await?;
 
@@ -671,13 +685,6 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
     assert_eq!(status, 200);
     fx.wait_state(id, "active").await?;
     assert!(!Command::new("pgrep").args(["-u", &user]).output()?.status.success(), "the reset ended the session");
-    let uid: u32 = String::from_utf8(Command::new("id").args(["-u", &user]).output()?.stdout)?.trim().parse()?;
-    let leftovers: Vec<String> = std::fs::read_dir("/tmp/.X11-unix")?
-        .flatten()
-        .filter(|e| e.metadata().is_ok_and(|m| m.uid() == uid))
-        .map(|e| e.path().display().to_string())
-        .collect();
-    assert!(leftovers.is_empty(), "the killed X server's socket was removed (else xrdp runs out of displays): {leftovers:?}");
     let (ok, text) = probe_desktop(&fx, id, "1e90ff")?;
     assert!(ok, "after the reset the desktop comes back: {text}");
 
@@ -688,12 +695,15 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
     let (width, _) = decode_jpeg(&jpeg)?;
     assert!(width <= 480, "a thumbnail fits 480×270: {width}");
     wait_for_thumbnail(&fx.admin, &thumbnail, [0x1e, 0x90, 0xff]).await?;
-    let display = String::from_utf8_lossy(&Command::new("pgrep").args(["-a", "-u", &user, "Xorg"]).output()?.stdout)
-        .split_whitespace()
-        .find(|w| w.starts_with(':'))
-        .map(str::to_owned)
-        .context("the lab user's X display")?;
-    let recolour = Command::new("xsetroot").args(["-display", &display, "-solid", "#00c800"]).env("XAUTHORITY", format!("/home/{user}/.Xauthority")).status()?;
+    let xorg = String::from_utf8_lossy(&Command::new("pgrep").args(["-a", "-u", &user, "Xorg"]).output()?.stdout).into_owned();
+    let display = xorg.split_whitespace().find(|w| w.starts_with(':')).map(str::to_owned).context("the lab user's X display")?;
+    let xorg_pid = xorg.split_whitespace().next().context("the X server's pid")?.to_owned();
+    // The X server's sockets are the box's own (its /tmp, its network namespace) and its
+    // cookie names the box's host name: enter it.
+    let recolour = Command::new("nsenter")
+        .args(["-t", &xorg_pid, "-m", "-n", "-u", "--", "xsetroot", "-display", &display, "-solid", "#00c800"])
+        .env("XAUTHORITY", format!("/home/{user}/.Xauthority"))
+        .status()?;
     assert!(recolour.success());
     wait_for_thumbnail(&fx.admin, &thumbnail, [0, 0xc8, 0]).await?;
     // Only staff and judges may look; one audited watch however often the wall asks.
@@ -717,7 +727,6 @@ async fn the_lab_desktop_is_live_over_rdp_and_a_reset_starts_it_afresh() -> anyh
     let (ok, text) = probe_desktop(&fx, id, "1e90ff")?;
     assert!(!ok && text.contains("certificate does not match"), "{text}");
     drop(host);
-    drop(xrdp);
     Ok(())
 }
 
@@ -726,26 +735,24 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     // A fixed port: the appliance restarts mid-test where the page and the host know it.
     let listen = format!("127.0.0.1:{}", free_port()?);
     let mut fx = fixture("desktop", &listen).await?;
-    let skeleton = DataDir::new("desktop-skel");
-    write_skeleton(&skeleton.0);
-    std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
+    let skeleton = fx.skeleton("desktop");
+    std::fs::write(skeleton.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
     // Typed into the remote xterm by the browser test: paste the X clipboard into a file,
     // and copy text on the desktop (the helpers keep what is typed free of shifted keys).
     // The browser's text reaches the X clipboard a moment after it is sent (over RDP, then
     // xrdp's chansrv), so the script waits up to 10 s for it, as a user would before pasting.
     std::fs::write(
-        skeleton.0.join("cbout"),
+        skeleton.join("cbout"),
         "for i in $(seq 50); do t=$(xclip -o -selection clipboard 2>/dev/null) && [ -n \"$t\" ] && break; sleep 0.2; done\nprintf '%s' \"$t\" > \"$HOME/from-browser.txt\"\n",
     )?;
-    std::fs::write(skeleton.0.join("cbin"), "printf '%s' 'copied on the desktop ✓' | xclip -selection clipboard\n")?;
-    std::fs::write(skeleton.0.join("typed"), "stty sane\necho ready > \"$HOME/typed.ready\"\nIFS= read -r line\nprintf '%s\\n' \"$line\" > \"$HOME/typed.txt\"\n")?;
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    std::fs::write(skeleton.join("cbin"), "printf '%s' 'copied on the desktop ✓' | xclip -selection clipboard\n")?;
+    std::fs::write(skeleton.join("typed"), "stty sane\necho ready > \"$HOME/typed.ready\"\nIFS= read -r line\nprintf '%s\\n' \"$line\" > \"$HOME/typed.txt\"\n")?;
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.display());
     let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
     assert_eq!(status, 200, "{body}");
-    let xrdp = labrack_e2e::Xrdp::start()?;
     let state = DataDir::new("desktop-host");
     fx.enrol("host-v", &state.0).await?;
-    let host = LabHost::start(&state.0, &fx.users.prefix, xrdp.port, 22, &[], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    let host = fx.start_host(&state.0, &[])?;
     let id = fx.allocate(fx.team_id).await?;
     fx.wait_state(id, "active").await?;
     let mut command = fx.chromium_driver("e2e/drive-desktop.mjs", "Viewer").await?;
@@ -756,18 +763,19 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         .env("LABRACK_RESTART_SIGNAL", fx.data.0.join("restart-rdp"))
         .env("LABRACK_APPLIANCE_RESTART_SIGNAL", fx.data.0.join("restart-appliance"))
         .env("LABRACK_RESET_SIGNAL", fx.data.0.join("reset-lab"));
-    // Restart the RDP server when the browser asks for it, while it keeps watching.
+    // Restart the lab's RDP server (its box's xrdp and session manager; the box's init
+    // starts them again) when the browser asks for it, while it keeps watching.
     let signal = fx.data.0.join("restart-rdp");
+    let box_user = format!("{}a{id}", fx.users.prefix);
     let restarter = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + Duration::from_secs(170);
         while !signal.exists() {
             anyhow::ensure!(std::time::Instant::now() < deadline, "the browser never asked for the restart");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let mut xrdp = xrdp;
-        xrdp.restart()?;
+        restart_box_rdp(&box_user)?;
         std::fs::write(signal.with_extension("done"), "")?;
-        anyhow::Ok(xrdp)
+        anyhow::Ok(())
     });
     // Restart the appliance when the browser asks, on the same port and data dir.
     let server = fx.server.take().expect("server");
@@ -803,7 +811,7 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "chromium run failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(resetter.await??, "the browser asked for the reset");
-    let xrdp = restarter.await??;
+    restarter.await??;
     fx.server = Some(appliance_restarter.await??);
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap_or("null"))?;
     eprintln!("desktop in chromium: {report}");
@@ -885,13 +893,71 @@ async fn the_desktop_streams_to_chromium_and_takes_input() -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(host);
-    drop(xrdp);
     Ok(())
+}
+
+/// Kills a lab box's xrdp and session manager (found in the box's cgroup) and waits until
+/// its init has started both again.
+fn restart_box_rdp(user: &str) -> anyhow::Result<()> {
+    let daemons = || -> Vec<String> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/labrack/{user}/box/cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "xrdp" || c.trim() == "xrdp-sesman"))
+            .map(str::to_owned)
+            .collect()
+    };
+    // xrdp forks a process per connection: the listener, its sessions' and the session manager.
+    let before = daemons();
+    anyhow::ensure!(before.len() >= 2, "expected the box's xrdp and session manager, found {before:?}");
+    for pid in &before {
+        Command::new("kill").args(["-KILL", pid]).status()?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = daemons();
+        if now.len() >= 2 && now.iter().all(|pid| !before.contains(pid)) {
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the box's init did not start xrdp again: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A tiny HTTP server run as the lab user inside its box's network namespace (as a team's
+/// own server would be), answering `body` on its localhost:`port`.
+fn serve_in_lab(user: &str, port: u16, body: &str) -> anyhow::Result<Killed> {
+    let script = format!(
+        "import http.server\nclass H(http.server.BaseHTTPRequestHandler):\n  def do_GET(self):\n    self.send_response(200); self.end_headers(); self.wfile.write(b{body:?})\n  def log_message(self, *a): pass\nhttp.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"
+    );
+    let child = Command::new("nsenter")
+        .args([&format!("--net=/run/netns/{user}"), "--", "runuser", "-u", user, "--", "python3", "-c", &script])
+        .spawn()
+        .context("starting the lab's server")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = Command::new("ip").args(["netns", "exec", user, "bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")]).stderr(std::process::Stdio::null()).status()?;
+        if up.success() {
+            return Ok(Killed(child));
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the lab's server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Replaces the templates with `desk` carrying `checks` (TOML `[[template.check]]` tables).
 async fn put_checks(fx: &Fixture, checks: &str) -> anyhow::Result<()> {
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n{checks}", fx._skeleton.0.display());
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n{checks}", fx.skeletons.0.join("desk").display());
     let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
     Ok(())
@@ -930,22 +996,22 @@ weight = 10
 dimension = "functionality"
 
 [[template.check]]
-name = "as the lab user"
-script = "[ \"$(id -u)\" != 0 ] && [ \"$USER\" = \"$(id -un)\" ] && [ \"$PWD\" = \"$HOME\" ] || {{ echo \"FAIL: ran as $(id -un) in $PWD\"; exit 1; }}"
+name = "as the checker"
+script = "[ \"$(id -u)\" != 0 ] && [ \"$(id -un)\" = \"${{LABRACK_LAB_USER}}c\" ] && [ \"$USER\" = \"$(id -un)\" ] && [ \"$PWD\" = \"$HOME\" ] || {{ echo \"FAIL: ran as $(id -un) in $PWD\"; exit 1; }}"
 timeout_secs = 10
 weight = 5
 dimension = "security"
 
 [[template.check]]
 name = "no network"
-script = "if (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; then echo 'FAIL: reached the appliance'; exit 1; fi"
+script = "for p in {port} 8080; do if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo \"FAIL: reached port $p\"; exit 1; fi; done"
 timeout_secs = 10
 weight = 3
 dimension = "security"
 
 [[template.check]]
 name = "network allowed"
-script = "(exec 3<>/dev/tcp/127.0.0.1/{port}) || {{ echo 'FAIL: no network'; exit 1; }}"
+script = "exec 3<>/dev/tcp/127.0.0.1/8080 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && grep -q 'the lab answers' <&3 || {{ echo 'FAIL: the lab server on localhost:8080 did not answer'; exit 1; }}"
 timeout_secs = 10
 weight = 2
 dimension = "performance"
@@ -982,6 +1048,9 @@ hidden = true
     let lab = fx.allocate(fx.team_id).await?;
     fx.wait_state(lab, "active").await?;
     let event = fx.event_id;
+    // The team runs a server in its lab, on its own localhost:8080.
+    let user = format!("{}a{lab}", fx.users.prefix);
+    let _server = serve_in_lab(&user, 8080, "the lab answers")?;
 
     // Bad requests are refused and queue nothing.
     for (body, want) in [
@@ -1013,7 +1082,7 @@ hidden = true
     assert_eq!(status, 200);
     assert_eq!(run_by_name(&runs, "readme")["state"], "passed");
     assert!(run_by_name(&runs, "readme")["output"].as_str().unwrap_or_default().contains("found it"));
-    assert_eq!(run_by_name(&runs, "as the lab user")["state"], "passed", "{}", run_by_name(&runs, "as the lab user"));
+    assert_eq!(run_by_name(&runs, "as the checker")["state"], "passed", "{}", run_by_name(&runs, "as the checker"));
     assert_eq!(run_by_name(&runs, "no network")["state"], "passed", "{}", run_by_name(&runs, "no network"));
     assert_eq!(run_by_name(&runs, "network allowed")["state"], "passed", "{}", run_by_name(&runs, "network allowed"));
     let memory = run_by_name(&runs, "memory limit");
@@ -1025,8 +1094,7 @@ hidden = true
     assert_eq!((slow["state"].as_str(), slow["timed_out"].as_bool()), (Some("failed"), Some(true)), "{slow}");
     assert_eq!(slow["message"], "the check did not finish within 2 s");
     assert!(slow["duration_ms"].as_i64().is_some_and(|ms| (2_000..10_000).contains(&ms)), "{slow}");
-    let user = format!("{}a{lab}", fx.users.prefix);
-    let sleeping = Command::new("pgrep").args(["-u", &user, "-x", "sleep"]).output()?;
+    let sleeping = Command::new("pgrep").args(["-u", &format!("{user}c"), "-x", "sleep"]).output()?;
     assert!(!sleeping.status.success(), "the timed-out check's processes were killed");
     let tasks: i64 = fx.db().query_row("SELECT count(*) FROM host_tasks WHERE check_run_id IS NOT NULL", [], |r| r.get(0))?;
     assert_eq!(tasks, 7, "one host task per run");
@@ -1080,10 +1148,11 @@ hidden = true
     };
     assert_eq!(scored["counts"]["passed"], 4, "{scored}");
 
-    // A check that cannot run (its lab user is gone) backs off to a dead letter; once the
+    // A check that cannot run (its checker is gone) backs off to a dead letter; once the
     // lab is back, staff requeue it and it runs.
-    assert!(Command::new("userdel").arg(&user).status()?.success());
-    let (status, rerun) = fx.admin.post(&format!("/api/v1/events/{event}/check-batches"), json!({"check": "as the lab user", "team_id": fx.team_id})).await?;
+    let checker = format!("{user}c");
+    assert!(Command::new("userdel").arg(&checker).status()?.success());
+    let (status, rerun) = fx.admin.post(&format!("/api/v1/events/{event}/check-batches"), json!({"check": "as the checker", "team_id": fx.team_id})).await?;
     assert_eq!(status, 201, "{rerun}");
     let dead = wait_batch(&fx, rerun["batch_id"].as_i64().expect("batch id")).await?;
     assert_eq!(dead["counts"]["error"], 1, "{dead}");
@@ -1093,7 +1162,9 @@ hidden = true
     let job_id = errored["job_id"].as_i64().expect("job id");
     let (_, job) = fx.admin.get(&format!("/api/v1/jobs/{job_id}")).await?;
     assert_eq!((job["state"].as_str(), job["attempts"].as_u64()), (Some("dead"), Some(2)), "two attempts (--job-attempts run_check=2): {job}");
-    assert!(Command::new("useradd").args(["--no-create-home", "--home-dir", &format!("/home/{user}"), &user]).status()?.success());
+    assert!(
+        Command::new("useradd").args(["--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "--gid", &user, &checker]).status()?.success()
+    );
     let (status, _) = fx.admin.post(&format!("/api/v1/jobs/{job_id}/requeue"), json!({})).await?;
     assert_eq!(status, 200);
     let requeued = wait_batch(&fx, rerun["batch_id"].as_i64().expect("batch id")).await?;
@@ -1117,9 +1188,13 @@ async fn checks_survive_the_appliance_killed_mid_queue_and_none_runs_twice() -> 
     put_checks(&fx, &checks).await?;
     let state = DataDir::new("checks-kill-host");
     fx.enrol("host-q", &state.0).await?;
-    let host = LabHost::start(&state.0, &fx.users.prefix, 3389, 22, &[], &["--check-concurrency", "2"])?;
+    let host = LabHost::start(&state.0, &fx.users, &fx.skeletons.0, &[], &["--check-concurrency", "2"])?;
     let lab = fx.allocate(fx.team_id).await?;
     fx.wait_state(lab, "active").await?;
+    // Checks cannot write to a team's home, only to what the team lets its group write.
+    let log = format!("/home/{}a{lab}/runs.log", fx.users.prefix);
+    let made = Command::new("runuser").args(["-u", &format!("{}a{lab}", fx.users.prefix), "--", "sh", "-c", &format!("touch {log} && chmod 0660 {log}")]).status()?;
+    assert!(made.success());
     let (status, queued) = fx.admin.post(&format!("/api/v1/events/{}/check-batches", fx.event_id), json!({})).await?;
     assert_eq!(status, 201, "{queued}");
     let batch = queued["batch_id"].as_i64().expect("batch id");
@@ -1139,7 +1214,7 @@ async fn checks_survive_the_appliance_killed_mid_queue_and_none_runs_twice() -> 
     fx.server = Some(Server::start_with(&fx.data.0, &listen, &["--host-heartbeat-secs", "1"])?);
     let done = wait_batch(&fx, batch).await?;
     assert_eq!(done["counts"]["passed"], 8, "no run lost: {done}");
-    let log = std::fs::read_to_string(format!("/home/{}a{lab}/runs.log", fx.users.prefix))?;
+    let log = std::fs::read_to_string(&log)?;
     let mut ran: Vec<i64> = log.lines().filter_map(|l| l.trim().parse().ok()).collect();
     ran.sort_unstable();
     let runs: Vec<i64> =

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, Xrdp, client_trusting, enrol_host_binary};
+use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host_binary};
 use serde_json::json;
 
 use crate::util::{self, cargo, run};
@@ -52,9 +52,10 @@ fn write_files(dir: &Path, small: usize, large: usize, large_mb: usize) -> anyho
 async fn reset_rounds(rounds: usize) -> anyhow::Result<()> {
     let target = util::target_dir().join("release");
     let data = DataDir::new("bench-reset");
-    let skeleton = DataDir::new("bench-reset-skel");
-    write_files(&skeleton.0, 1000, 4, 25)?;
-    std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
+    let skeletons = DataDir::new("bench-reset-skel");
+    let skeleton = skeletons.0.join("desk");
+    write_files(&skeleton, 1000, 4, 25)?;
+    std::fs::write(skeleton.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
     let server = Server::start_binary(&target.join("labrack"), &data.0, "127.0.0.1:0", &["--host-heartbeat-secs", "2"])?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
     admin.first_admin_login(server.admin_password.as_deref().context("otp")?, "a-strong-admin-password").await?;
@@ -62,7 +63,7 @@ async fn reset_rounds(rounds: usize) -> anyhow::Result<()> {
     let event_id = event["id"].as_i64().context("event")?;
     let (_, team) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Bench"})).await?;
     let team_id = team["id"].as_i64().context("team")?;
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.display());
     let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
     let (_, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
@@ -71,12 +72,8 @@ async fn reset_rounds(rounds: usize) -> anyhow::Result<()> {
     let (ok, text) = enrol_host_binary(&host_bin, &server.url, &data.0, token["token"].as_str().context("token")?, "bench-host", &state.0)?;
     anyhow::ensure!(ok, "{text}");
     let users = LabUsers::new();
-    let xrdp = Xrdp::start().ok();
-    if xrdp.is_none() {
-        println!("xtask: xrdp did not start: rounds run without a live desktop session");
-    }
-    let rdp_port = xrdp.as_ref().map_or(3389, |x| x.port);
-    let host = LabHost::start_binary(&host_bin, &state.0, &users.prefix, rdp_port, 22, &[("LABRACK_HOST_QUIET", "1")], &[])?;
+    // The lab's desktop is its box's own xrdp.
+    let host = LabHost::start_binary(&host_bin, &state.0, &users, &skeletons.0, &[("LABRACK_HOST_QUIET", "1")], &[])?;
     let (status, alloc) = admin.post(&format!("/api/v1/teams/{team_id}/allocation"), json!({"template": "desk"})).await?;
     anyhow::ensure!(status == 201, "{alloc}");
     let id = alloc["id"].as_i64().context("allocation")?;
@@ -90,14 +87,12 @@ async fn reset_rounds(rounds: usize) -> anyhow::Result<()> {
     for round in 1..=rounds {
         write_files(&home.join("work"), 500, 2, 25)?;
         run(Command::new("chown").args(["-R", &format!("{user}:{user}")]).arg(home.join("work")))?;
-        let live = if xrdp.is_some() {
+        let live = {
             let probe = Command::new(target.join("labrack"))
                 .args(["admin", "probe-desktop", &id.to_string(), "--watch-secs", "20", "--expect-rgb", "1e90ff", "--data-dir"])
                 .arg(&data.0)
                 .output()?;
             probe.status.success()
-        } else {
-            false
         };
         let started = Instant::now();
         let (status, body) = admin.post(&format!("{path}/reset"), json!({})).await?;

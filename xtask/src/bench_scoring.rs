@@ -240,8 +240,10 @@ async fn wave(options: &Options) -> anyhow::Result<Wave> {
 async fn checks(options: &Options) -> anyhow::Result<()> {
     let target = util::target_dir().join("release");
     let data = DataDir::new("bench-checks");
-    let skeleton = DataDir::new("bench-checks-skel");
-    std::fs::write(skeleton.0.join("README.txt"), "bench\n")?;
+    let skeletons = DataDir::new("bench-checks-skel");
+    let skeleton = skeletons.0.join("bench");
+    std::fs::create_dir_all(&skeleton)?;
+    std::fs::write(skeleton.join("README.txt"), "bench\n")?;
     let listen = format!("127.0.0.1:{}", free_port()?);
     let start = |workers: usize| {
         Server::start_binary(&target.join("labrack"), &data.0, &listen, &["--host-heartbeat-secs", "2", "--check-workers", &workers.to_string()])
@@ -249,7 +251,7 @@ async fn checks(options: &Options) -> anyhow::Result<()> {
     let mut server = start(options.workers.first().copied().unwrap_or(4))?;
     let admin = admin_of(&server, &data.0).await?;
     let (event_id, _) = live_event(&admin, "Checks").await?;
-    let mut template = format!("[[template]]\nname = \"bench\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let mut template = format!("[[template]]\nname = \"bench\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.display());
     for n in 0..options.checks {
         template.push_str(&format!("[[template.check]]\nname = \"c{n}\"\nscript = \"true\"\ntimeout_secs = 10\ndimension = \"quality\"\n"));
     }
@@ -261,7 +263,7 @@ async fn checks(options: &Options) -> anyhow::Result<()> {
     let (ok, text) = enrol_host_binary(&host_bin, &server.url, &data.0, token["token"].as_str().context("token")?, "bench-host", &state.0)?;
     anyhow::ensure!(ok, "{text}");
     let users = LabUsers::new();
-    let host = LabHost::start_binary(&host_bin, &state.0, &users.prefix, 3389, 22, &[("LABRACK_HOST_QUIET", "1")], &["--check-concurrency", "8"])?;
+    let host = LabHost::start_binary(&host_bin, &state.0, &users, &skeletons.0, &[("LABRACK_HOST_QUIET", "1")], &["--check-concurrency", "8"])?;
     for n in 0..options.lab_teams {
         let (_, team) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": format!("Lab team {n}")})).await?;
         let team_id = team["id"].as_i64().context("team")?;

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, Xrdp, client_trusting, enrol_host_args};
+use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host_args};
 use serde_json::{Value, json};
 
 use crate::util::{self, cargo, run};
@@ -90,9 +90,11 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
     let release = util::target_dir().join("release");
     let labrack = release.join("labrack");
     let data = DataDir::new("bench-stream");
-    let skeleton = DataDir::new("bench-stream-skel");
-    std::fs::write(skeleton.0.join(".xsession"), XSESSION)?;
-    std::fs::write(skeleton.0.join("workload"), WORKLOAD)?;
+    let skeletons = DataDir::new("bench-stream-skel");
+    let skeleton = skeletons.0.join("desk");
+    std::fs::create_dir_all(&skeleton)?;
+    std::fs::write(skeleton.join(".xsession"), XSESSION)?;
+    std::fs::write(skeleton.join("workload"), WORKLOAD)?;
     let web = util::project_root().join("web");
     let web_dist = web.join("dist").display().to_string();
     let server = Server::start_binary(&labrack, &data.0, "127.0.0.1:0", &["--host-heartbeat-secs", "2", "--web-dir", &web_dist, "--webrtc-bind", "127.0.0.1:0"])?;
@@ -100,7 +102,7 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
     admin.first_admin_login(server.admin_password.as_deref().context("otp")?, "a-strong-admin-password").await?;
     let (_, event) = admin.post("/api/v1/events", json!({"name": "Bench", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
     let event_id = event["id"].as_i64().context("event")?;
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.display());
     let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
     let (_, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
@@ -110,8 +112,8 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
     let (ok, text) = enrol_host_args(&host_bin, &server.url, &data.0, token["token"].as_str().context("token")?, "bench-host", &state.0, &["--capacity", &capacity])?;
     anyhow::ensure!(ok, "{text}");
     let users = LabUsers::new();
-    let xrdp = Xrdp::start().context("the stream benchmark needs xrdp (cargo xtask test installs it)")?;
-    let _host = LabHost::start_binary(&host_bin, &state.0, &users.prefix, xrdp.port, 22, &[("LABRACK_HOST_QUIET", "1")], &["--rdp-cert-file", "/etc/xrdp/cert.pem"])?;
+    // Each lab's desktop is its box's own xrdp.
+    let _host = LabHost::start_binary(&host_bin, &state.0, &users, &skeletons.0, &[("LABRACK_HOST_QUIET", "1")], &[])?;
 
     let mut labs = Vec::new();
     let mut first_team_id = 0;
@@ -264,7 +266,6 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
     let out = util::target_dir().join("bench-stream.json");
     std::fs::write(&out, serde_json::to_vec_pretty(&summary)?)?;
     println!("xtask: details in {}", out.display());
-    drop(xrdp);
     Ok(())
 }
 

@@ -63,12 +63,14 @@ pub struct SyncSummary {
 pub struct HostSummary {
     pub total: i64,
     pub unhealthy: Vec<String>,
+    /// hosts whose identity was used from two machines at once in the last hour
+    pub identity_conflicts: Vec<String>,
 }
 
 /// Something to act on now. `key` stays the same while the condition lasts.
 #[derive(Debug, Serialize, ToSchema, PartialEq, Eq)]
 pub struct Trouble {
-    /// `host_down`, `dead_letters` or `sync_stalled`
+    /// `host_down`, `host_identity_conflict`, `dead_letters` or `sync_stalled`
     pub kind: String,
     pub key: String,
     pub detail: String,
@@ -112,6 +114,11 @@ fn problems(hosts: &HostSummary, queue: &Queue, sync: &SyncSummary) -> Vec<Troub
         .iter()
         .map(|name| Trouble { kind: "host_down".into(), key: format!("host_down:{name}"), detail: format!("lab host {name} stopped answering") })
         .collect();
+    found.extend(hosts.identity_conflicts.iter().map(|name| Trouble {
+        kind: "host_identity_conflict".into(),
+        key: format!("host_identity_conflict:{name}"),
+        detail: format!("lab host {name}'s identity is used by two machines at once: one of them is a copy; re-enrol it with a token of its own"),
+    }));
     if queue.dead > 0 {
         found.push(Trouble {
             kind: "dead_letters".into(),
@@ -174,6 +181,10 @@ pub async fn dashboard(State(state): State<AppState>, caller: Caller, ApiPath(ev
             let hosts = HostSummary {
                 total: conn.query_row("SELECT count(*) FROM hosts", [], |r| r.get(0))?,
                 unhealthy: conn.prepare_cached("SELECT name FROM hosts WHERE healthy = 0 ORDER BY name")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?,
+                identity_conflicts: conn
+                    .prepare_cached("SELECT name FROM hosts WHERE identity_conflict_ms > ?1 ORDER BY name")?
+                    .query_map([now_ms - 3_600_000], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?,
             };
             let alerts_total = count("SELECT count(*) FROM alerts WHERE event_id = ?1")?;
             let alerts = conn
@@ -227,18 +238,18 @@ mod tests {
 
     #[test]
     fn problems_name_down_hosts_dead_letters_and_a_stalled_link_only() {
-        let hosts = HostSummary { total: 2, unhealthy: vec!["rack-b".into()] };
+        let hosts = HostSummary { total: 2, unhealthy: vec!["rack-b".into()], identity_conflicts: vec!["rack-c".into()] };
         let queue = Queue { queued: 3, running: 1, dead: 2 };
         let mut sync = SyncSummary { state: "down".into(), pending_rows: 10, pending_age_ms: Some(SYNC_STALL_MS + 1), last_error: Some("timed out".into()) };
         let found = problems(&hosts, &queue, &sync);
         let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["host_down:rack-b", "dead_letters:2", "sync_stalled"]);
-        assert!(found[2].detail.contains("link down: timed out"), "{}", found[2].detail);
+        assert_eq!(keys, ["host_down:rack-b", "host_identity_conflict:rack-c", "dead_letters:2", "sync_stalled"]);
+        assert!(found[3].detail.contains("link down: timed out"), "{}", found[3].detail);
         // Young pending rows, or no cloud at all, are not a stall.
         sync.pending_age_ms = Some(5_000);
-        assert_eq!(problems(&HostSummary { total: 1, unhealthy: vec![] }, &Queue { queued: 0, running: 0, dead: 0 }, &sync), vec![]);
+        assert_eq!(problems(&HostSummary { total: 1, unhealthy: vec![], identity_conflicts: vec![] }, &Queue { queued: 0, running: 0, dead: 0 }, &sync), vec![]);
         sync.pending_age_ms = Some(SYNC_STALL_MS * 10);
         sync.state = "off".into();
-        assert_eq!(problems(&HostSummary { total: 1, unhealthy: vec![] }, &Queue { queued: 0, running: 0, dead: 0 }, &sync), vec![]);
+        assert_eq!(problems(&HostSummary { total: 1, unhealthy: vec![], identity_conflicts: vec![] }, &Queue { queued: 0, running: 0, dead: 0 }, &sync), vec![]);
     }
 }

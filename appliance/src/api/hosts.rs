@@ -12,6 +12,7 @@ use labrack_provisioner::allocation::Input;
 use labrack_provisioner::protocol::{
     self, EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse, TaskReport, Telemetry,
 };
+use labrack_provisioner::replay::{ReplayGuard, Verdict};
 use ring::signature::{ED25519, UnparsedPublicKey};
 use rusqlite::{OptionalExtension as _, params};
 use serde::de::DeserializeOwned;
@@ -178,15 +179,14 @@ pub async fn enrol(
     if !address.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
         return Err(ApiError::invalid("address", "must be a host name or IP address"));
     }
-    if req.gpus > 64 {
-        return Err(ApiError::invalid("gpus", "at most 64"));
-    }
+    check_resources(&req.resources)?;
     if !(1..=256).contains(&req.capacity) {
         return Err(ApiError::invalid("capacity", "must be between 1 and 256"));
     }
     let token_hash = hash_secret(req.token.trim());
     let now = unix_ms();
-    let (gpus, capacity) = (req.gpus, req.capacity);
+    let (gpus, capacity) = (req.resources.gpus, req.capacity);
+    let resources = serde_json::to_string(&req.resources).map_err(|e| ApiError::Internal(e.to_string()))?;
     let result = state
         .db
         .writer()
@@ -209,8 +209,8 @@ pub async fn enrol(
                 return Err(ApiError::conflict(Some("name"), format!("a host named {name:?} is already enrolled")));
             }
             conn.execute(
-                "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![name, public_key, address, gpus, capacity, now_rfc3339(), i64::try_from(now).unwrap_or(i64::MAX)],
+                "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms, resources) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![name, public_key, address, gpus, capacity, now_rfc3339(), i64::try_from(now).unwrap_or(i64::MAX), resources],
             )?;
             let host_id = conn.last_insert_rowid();
             conn.execute("UPDATE enrolment_tokens SET used_at = ?2, host_id = ?3 WHERE id = ?1", params![token_id, now_rfc3339(), host_id])?;
@@ -231,6 +231,26 @@ pub async fn enrol(
             Err(error)
         }
     }
+}
+
+/// What a host says it has: sane numbers only.
+fn check_resources(resources: &labrack_provisioner::limits::HostResources) -> Result<(), ApiError> {
+    if !(1..=4096).contains(&resources.cpus) {
+        return Err(ApiError::invalid("resources.cpus", "must be between 1 and 4096"));
+    }
+    if !(64..=64 * 1024 * 1024).contains(&resources.memory_mib) {
+        return Err(ApiError::invalid("resources.memory_mib", "must be between 64 MiB and 64 TiB"));
+    }
+    if resources.gpus > 64 {
+        return Err(ApiError::invalid("resources.gpus", "at most 64"));
+    }
+    if resources.isolation.is_empty() || resources.isolation.len() > 40 || !resources.isolation.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(ApiError::invalid("resources.isolation", "a short name such as cgroup-v1"));
+    }
+    if resources.enforces.len() > 16 {
+        return Err(ApiError::invalid("resources.enforces", "at most 16 entries"));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -310,12 +330,16 @@ pub async fn register_agentless(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-/// A call signed by an enrolled host, with its JSON body parsed strictly.
+/// A call signed by an enrolled host, with its JSON body parsed strictly. Every call is
+/// taken once: a replay is refused, and an identity used from two machines at once is
+/// refused and reported to staff.
 #[derive(Debug)]
 pub struct HostCall<T> {
     pub host_id: i64,
     pub body: T,
     pub meta: RequestMeta,
+    /// the calling agent's instance and the highest counter taken from it, to store
+    pub position: (String, u64),
 }
 
 impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
@@ -330,7 +354,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
             .and_then(|v| v.to_str().ok())
             .and_then(protocol::parse_host_auth)
             .ok_or_else(|| ApiError::Unauthenticated(format!("host calls need `Authorization: {} host=ID,ts=MS,sig=BASE64`", protocol::HOST_AUTH_SCHEME)))?;
-        let (host_id, timestamp_ms, signature) = auth;
+        let protocol::HostAuth { host_id, timestamp_ms, instance, counter, signature } = auth;
         if unix_ms().abs_diff(timestamp_ms) > protocol::HOST_CLOCK_SKEW_MS {
             return Err(ApiError::Unauthenticated("the signed timestamp is too far from the appliance's clock".into()));
         }
@@ -339,32 +363,96 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
         require_content_type(&parts.headers, "application/json")?;
         let bytes = read_limited(Request::from_parts(parts, body), HOST_BODY_LIMIT).await?;
         // A host registered without an agent has no key: it can never sign a call.
-        let public_key: Option<Vec<u8>> = state
+        let known: Option<(Vec<u8>, Option<String>, i64)> = state
             .db
             .read(move |conn| {
-                conn.query_row("SELECT public_key FROM hosts WHERE id = ?1 AND agent = 1", [host_id], |r| r.get(0)).optional().map_err(ApiError::from)
+                conn.query_row("SELECT public_key, instance, instance_counter FROM hosts WHERE id = ?1 AND agent = 1", [host_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+                .map_err(ApiError::from)
             })
             .await?;
-        let public_key = public_key.ok_or_else(|| ApiError::Unauthenticated("unknown host: enrol first".into()))?;
+        let (public_key, stored_instance, stored_counter) = known.ok_or_else(|| ApiError::Unauthenticated("unknown host: enrol first".into()))?;
         let signature = base64::engine::general_purpose::STANDARD
             .decode(signature)
             .map_err(|_| ApiError::Unauthenticated("the signature is not base64".into()))?;
         let digest = hex::encode(sha2::Sha256::digest(&bytes));
-        let message = protocol::signing_message(&method, &path, timestamp_ms, &digest);
+        let message = protocol::signing_message(&method, &path, timestamp_ms, &instance, counter, &digest);
         UnparsedPublicKey::new(&ED25519, &public_key)
             .verify(&message, &signature)
             .map_err(|_| ApiError::Unauthenticated("bad host signature".into()))?;
+        let (verdict, position) = {
+            let mut guards = state.host_calls.lock().map_err(|_| ApiError::Internal("the host-call guard is poisoned".into()))?;
+            let guard = guards
+                .entry(host_id)
+                .or_insert_with(|| ReplayGuard::resume(stored_instance, u64::try_from(stored_counter).unwrap_or(0)));
+            let verdict = guard.check(&instance, counter);
+            let (current, highest) = guard.position();
+            (verdict, (current.unwrap_or_default().to_owned(), highest))
+        };
+        match verdict {
+            Verdict::Accept => {}
+            Verdict::Replay => return Err(ApiError::Unauthenticated("this signed call was taken before: a replay is refused".into())),
+            Verdict::TwoMachines { other } => {
+                record_identity_conflict(state, host_id, &instance, &other, &meta).await;
+                return Err(ApiError::conflict(
+                    None,
+                    format!("this host identity is in use by another machine (agent {other}); staff have been alerted — enrol this machine with a token of its own"),
+                ));
+            }
+        }
         let body = parse_json(&bytes)?;
-        Ok(Self { host_id, body, meta })
+        Ok(Self { host_id, body, meta, position })
     }
 }
 
-fn pending_tasks(conn: &rusqlite::Connection, host_id: i64) -> Result<Vec<HostTask>, ApiError> {
-    let bodies: Vec<String> = conn
-        .prepare_cached("SELECT body FROM host_tasks WHERE host_id = ?1 AND done_ms IS NULL ORDER BY created_ms, id")?
-        .query_map([host_id], |r| r.get(0))?
+/// Marks the host as used by two machines (once a minute at most) for staff to see.
+async fn record_identity_conflict(state: &AppState, host_id: i64, instance: &str, other: &str, meta: &RequestMeta) {
+    let (instance, other, meta) = (instance.to_owned(), other.to_owned(), meta.clone());
+    let now = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+    let recorded = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let last: Option<i64> = conn.query_row("SELECT identity_conflict_ms FROM hosts WHERE id = ?1", [host_id], |r| r.get(0))?;
+            if last.is_some_and(|at| now - at < 60_000) {
+                return Ok::<_, ApiError>(());
+            }
+            conn.execute("UPDATE hosts SET identity_conflict_ms = ?2 WHERE id = ?1", params![host_id, now])?;
+            audit(conn, &format!("host:{host_id}"), &meta, "host.identity_conflict", Some(&format!("host:{host_id}")), serde_json::json!({"instance": instance, "current": other}))?;
+            Ok(())
+        })
+        .await;
+    tracing::error!(host_id, "one lab-host identity is used from two machines at once");
+    if let Err(error) = recorded {
+        tracing::error!(host_id, error = ?ApiError::from(error), "could not record the identity conflict");
+    }
+}
+
+/// Stores the instance and counter a host's calls reached, so a restarted appliance still
+/// refuses their replays. In the caller's write.
+fn store_position(conn: &rusqlite::Connection, host_id: i64, position: &(String, u64)) -> Result<(), ApiError> {
+    conn.prepare_cached("UPDATE hosts SET instance = ?2, instance_counter = max(CASE WHEN instance IS ?2 THEN instance_counter ELSE 0 END, ?3) WHERE id = ?1")?
+        .execute(params![host_id, position.0, i64::try_from(position.1).unwrap_or(i64::MAX)])?;
+    Ok(())
+}
+
+fn pending_tasks(conn: &rusqlite::Connection, secrets: &crate::secrets::SecretBox, host_id: i64) -> Result<Vec<HostTask>, ApiError> {
+    let rows: Vec<(String, String)> = conn
+        .prepare_cached("SELECT id, body FROM host_tasks WHERE host_id = ?1 AND done_ms IS NULL ORDER BY created_ms, id")?
+        .query_map([host_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    bodies.iter().map(|b| serde_json::from_str(b).map_err(|e| ApiError::Internal(e.to_string()))).collect()
+    let mut tasks = Vec::with_capacity(rows.len());
+    for (id, body) in rows {
+        let mut task: HostTask = serde_json::from_str(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+        // The password a task sets travels only in the answer to its own host.
+        if let Some(slot) = task.kind.password_mut() {
+            slot.0 = labs::task_password(conn, secrets, &id)?.unwrap_or_default();
+        }
+        tasks.push(task);
+    }
+    Ok(tasks)
 }
 
 /// Long poll: the host's pending tasks, as soon as there is one or after `wait_ms`.
@@ -382,7 +470,8 @@ pub async fn poll(State(state): State<AppState>, call: HostCall<PollRequest>) ->
     let running = std::sync::Arc::new(call.body.running);
     loop {
         wake.borrow_and_update();
-        let mut tasks = state.db.read(move |conn| pending_tasks(conn, host_id)).await?;
+        let secrets = state.secrets.clone();
+        let mut tasks = state.db.read(move |conn| pending_tasks(conn, &secrets, host_id)).await?;
         // Checks the host is running now are not news to it.
         tasks.retain(|task| !running.contains(&task.id));
         if !tasks.is_empty() || tokio::time::Instant::now() >= deadline || *shutdown.borrow() {
@@ -394,6 +483,16 @@ pub async fn poll(State(state): State<AppState>, call: HostCall<PollRequest>) ->
             _ = shutdown.wait_for(|stop| *stop) => {}
         }
     }
+}
+
+/// A host task's row, as a report needs it.
+struct StoredTask {
+    host_id: i64,
+    allocation_id: i64,
+    done: bool,
+    check_run_id: Option<i64>,
+    /// a release waiting for a force-released lab's host to come back
+    cleanup: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -413,21 +512,23 @@ pub async fn report(State(state): State<AppState>, call: HostCall<TaskReport>) -
     }
     let host_id = call.host_id;
     let meta = call.meta;
+    let position = call.position;
     let secrets = state.secrets.clone();
     let (applied, issued, checked) = state
         .db
         .writer()
         .write(move |conn| {
-            let task: Option<(i64, i64, Option<i64>, Option<i64>)> = conn
-                .query_row("SELECT host_id, allocation_id, done_ms, check_run_id FROM host_tasks WHERE id = ?1", [&report.id.0], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            let task = conn
+                .query_row("SELECT host_id, allocation_id, done_ms, check_run_id, cleanup FROM host_tasks WHERE id = ?1", [&report.id.0], |r| {
+                    Ok(StoredTask { host_id: r.get(0)?, allocation_id: r.get(1)?, done: r.get::<_, Option<i64>>(2)?.is_some(), check_run_id: r.get(3)?, cleanup: r.get(4)? })
                 })
                 .optional()?;
             // Another host's task looks exactly like a missing one.
-            let (allocation_id, done, check_run_id) = match task {
-                Some((owner, allocation_id, done, check_run_id)) if owner == host_id => (allocation_id, done.is_some(), check_run_id),
+            let StoredTask { allocation_id, done, check_run_id, cleanup, .. } = match task {
+                Some(task) if task.host_id == host_id => task,
                 _ => return Err(ApiError::NotFound("task")),
             };
+            store_position(conn, host_id, &position)?;
             if done {
                 return Ok((false, false, false));
             }
@@ -449,6 +550,13 @@ pub async fn report(State(state): State<AppState>, call: HostCall<TaskReport>) -
                 crate::checks::record_report(conn, run_id, &report.outcome, now_i64)?;
                 return Ok((true, false, true));
             }
+            if cleanup {
+                // The host came back and removed a force-released lab; a failure is retried
+                // by the host's next start (it reports every lab it still holds).
+                let outcome = serde_json::to_value(&recorded).unwrap_or_default();
+                audit(conn, &format!("host:{host_id}"), &meta, "allocation.cleaned_up", Some(&format!("allocation:{allocation_id}")), serde_json::json!({"outcome": outcome}))?;
+                return Ok((true, false, false));
+            }
             let applied = labs::apply(conn, &secrets, allocation_id, Input::Report { id: report.id, outcome: report.outcome }, now, &format!("host:{host_id}"), &meta)?;
             Ok::<_, ApiError>((applied.ignored.is_none(), applied.issued, false))
         })
@@ -460,6 +568,45 @@ pub async fn report(State(state): State<AppState>, call: HostCall<TaskReport>) -
         state.check_reported.send_modify(|n| *n = n.wrapping_add(1));
     }
     Ok(Json(ReportAck { applied }))
+}
+
+/// How often one lab's GPU memory alert may repeat while it stays over its limit.
+const GPU_ALERT_EVERY_MS: i64 = 10 * 60 * 1000;
+
+/// Raises a staff alert for each lab of this host whose GPU memory is over its template's
+/// `gpu_memory_mib` (where MIG cannot enforce it, NVML watches it). A host speaks only for
+/// its own active labs.
+fn watch_gpu_memory(conn: &rusqlite::Connection, host_id: i64, usage: &[protocol::LabUsage], now: i64) -> Result<(), ApiError> {
+    for lab in usage.iter().take(256) {
+        let limit: Option<(i64, i64, Option<i64>)> = conn
+            .query_row(
+                "SELECT a.event_id, a.team_id, t.gpu_memory_mib FROM allocations a LEFT JOIN lab_templates t ON t.name = a.template
+                 WHERE a.id = ?1 AND a.host_id = ?2 AND a.state = 'active'",
+                params![lab.allocation_id, host_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((event_id, team_id, Some(limit_mib))) = limit else { continue };
+        let used_mib = i64::try_from(lab.gpu_memory_bytes / (1024 * 1024)).unwrap_or(i64::MAX);
+        if used_mib <= limit_mib {
+            continue;
+        }
+        let recent: bool = conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM alerts WHERE kind = 'gpu_memory_over_limit' AND team_id = ?1 AND created_ms > ?2)",
+            params![team_id, now - GPU_ALERT_EVERY_MS],
+            |r| r.get(0),
+        )?;
+        if recent {
+            continue;
+        }
+        let detail = serde_json::json!({"allocation_id": lab.allocation_id, "used_mib": used_mib, "limit_mib": limit_mib, "gpus": lab.gpus,
+            "message": format!("lab {} uses {used_mib} MiB of GPU memory; its template allows {limit_mib} MiB", lab.allocation_id)});
+        conn.execute(
+            "INSERT INTO alerts (event_id, team_id, kind, detail, created_ms) VALUES (?1, ?2, 'gpu_memory_over_limit', ?3, ?4)",
+            params![event_id, team_id, detail.to_string(), now],
+        )?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -474,18 +621,26 @@ pub async fn heartbeat(State(state): State<AppState>, call: HostCall<Telemetry>)
     if call.body.version != PROTOCOL_VERSION {
         return Err(ApiError::invalid("version", format!("this appliance speaks protocol version {PROTOCOL_VERSION}")));
     }
+    check_resources(&call.body.resources)?;
     let host_id = call.host_id;
     let meta = call.meta;
+    let position = call.position;
     let sample = serde_json::to_string(&call.body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let resources = serde_json::to_string(&call.body.resources).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let gpus = call.body.resources.gpus;
+    let usage = call.body.labs;
     state
         .db
         .writer()
         .write(move |conn| {
             let was_healthy: bool = conn.query_row("SELECT healthy FROM hosts WHERE id = ?1", [host_id], |r| r.get(0))?;
+            let now = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
             conn.execute(
-                "UPDATE hosts SET last_seen_ms = ?2, healthy = 1, telemetry = ?3 WHERE id = ?1",
-                params![host_id, i64::try_from(unix_ms()).unwrap_or(i64::MAX), sample],
+                "UPDATE hosts SET last_seen_ms = ?2, healthy = 1, telemetry = ?3, resources = ?4, gpus = ?5 WHERE id = ?1",
+                params![host_id, now, sample, resources, gpus],
             )?;
+            store_position(conn, host_id, &position)?;
+            watch_gpu_memory(conn, host_id, &usage, now)?;
             if !was_healthy {
                 audit(conn, &format!("host:{host_id}"), &meta, "host.recovered", Some(&format!("host:{host_id}")), serde_json::json!({}))?;
             }

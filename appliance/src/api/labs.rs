@@ -7,6 +7,7 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use labrack_provisioner::allocation::{Allocation, AllocationState, Input};
 use labrack_provisioner::inventory::{self, HostSlot};
+use labrack_provisioner::limits::{HostResources, LabLimits};
 use labrack_provisioner::template;
 use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,10 @@ pub struct TemplateView {
     pub gpu_memory_mib: Option<u64>,
     pub skeleton: String,
     pub checks: Vec<CheckView>,
+    /// what each lab may use of its host and reach: cpu_millicores, cpu_weight, memory_mib,
+    /// pids, io_weight, disk_mib, network (none | venue | internet), allow
+    #[schema(value_type = Object)]
+    pub limits: serde_json::Value,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -72,14 +77,16 @@ impl<S: Send + Sync> FromRequest<S> for TomlBody {
 }
 
 fn load_templates(conn: &Connection) -> Result<TemplateSet, ApiError> {
-    let mut stmt = conn.prepare("SELECT name, runtime, gpus, gpu_memory_mib, skeleton, checks FROM lab_templates ORDER BY name")?;
+    let mut stmt = conn.prepare("SELECT name, runtime, gpus, gpu_memory_mib, skeleton, checks, limits FROM lab_templates ORDER BY name")?;
     let rows = stmt.query_map([], |r| {
         let checks: String = r.get(5)?;
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, Option<i64>>(3)?, r.get::<_, String>(4)?, checks))
+        let limits: Option<String> = r.get(6)?;
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, Option<i64>>(3)?, r.get::<_, String>(4)?, checks, limits))
     })?;
     let mut templates = Vec::new();
     for row in rows {
-        let (name, runtime, gpus, gpu_memory_mib, skeleton, checks) = row?;
+        let (name, runtime, gpus, gpu_memory_mib, skeleton, checks, limits) = row?;
+        let limits: LabLimits = limits.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default();
         let checks: Vec<serde_json::Value> = serde_json::from_str(&checks).unwrap_or_default();
         let checks = checks
             .into_iter()
@@ -104,6 +111,7 @@ fn load_templates(conn: &Connection) -> Result<TemplateSet, ApiError> {
             gpu_memory_mib: gpu_memory_mib.and_then(|v| u64::try_from(v).ok()),
             skeleton,
             checks,
+            limits: serde_json::to_value(&limits).unwrap_or_default(),
         });
     }
     let source: Option<(String, String)> =
@@ -122,8 +130,17 @@ pub async fn list_templates(State(state): State<AppState>, caller: Caller) -> Re
     Ok(Json(state.db.read(load_templates).await?))
 }
 
+/// What the enrolled hosts with an agent last said they have and can enforce.
+fn host_resources(conn: &Connection) -> Result<Vec<HostResources>, ApiError> {
+    let rows: Vec<Option<String>> =
+        conn.prepare_cached("SELECT resources FROM hosts WHERE agent = 1")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(rows.into_iter().flatten().filter_map(|text| serde_json::from_str(&text).ok()).collect())
+}
+
 /// Replaces every lab template with the uploaded TOML file. A file with any error changes
-/// nothing; the problem lists every error with its line.
+/// nothing; the problem lists every error with its line — including a template no enrolled
+/// host could ever run (more CPU, memory, pids or GPUs than any has, or a limit none can
+/// enforce), on the line of the field at fault.
 #[utoipa::path(put, path = "/api/v1/templates", tag = "labs", request_body(content = String, content_type = "application/toml"),
     responses((status = 200, body = TemplateSet), (status = 403, body = Problem), (status = 422, body = Problem)))]
 pub async fn put_templates(State(state): State<AppState>, caller: Caller, TomlBody(text): TomlBody) -> Result<Json<TemplateSet>, ApiError> {
@@ -135,6 +152,10 @@ pub async fn put_templates(State(state): State<AppState>, caller: Caller, TomlBo
         .db
         .writer()
         .write(move |conn| {
+            let unfit = template::unfit_for_hosts(&parsed, &host_resources(conn)?);
+            if !unfit.is_empty() {
+                return Err(ApiError::BadFile(unfit.into_iter().map(|e| RowError { line: u64::try_from(e.line).unwrap_or(0), reason: e.message }).collect()));
+            }
             conn.execute("DELETE FROM lab_templates", [])?;
             let now = now_rfc3339();
             for t in &parsed {
@@ -148,7 +169,7 @@ pub async fn put_templates(State(state): State<AppState>, caller: Caller, TomlBo
                     })
                     .collect();
                 conn.execute(
-                    "INSERT INTO lab_templates (name, runtime, gpus, gpu_memory_mib, skeleton, checks, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO lab_templates (name, runtime, gpus, gpu_memory_mib, skeleton, checks, updated_at, limits) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
                         t.name,
                         t.runtime,
@@ -156,7 +177,8 @@ pub async fn put_templates(State(state): State<AppState>, caller: Caller, TomlBo
                         t.gpu_memory_mib.and_then(|v| i64::try_from(v).ok()),
                         t.skeleton,
                         serde_json::Value::Array(checks).to_string(),
-                        now
+                        now,
+                        serde_json::to_string(&t.limits).map_err(|e| ApiError::Internal(e.to_string()))?
                     ],
                 )?;
             }
@@ -258,11 +280,22 @@ fn host_slots(conn: &Connection) -> Result<Vec<HostSlot>, ApiError> {
     let mut stmt = conn.prepare_cached(
         "SELECT h.id, h.healthy, h.capacity, h.gpus,
                 (SELECT count(*) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released'),
-                (SELECT coalesce(sum(a.gpus), 0) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released')
+                (SELECT json_group_array(g.value) FROM allocations a, json_each(a.gpu_indices) g WHERE a.host_id = h.id AND a.state <> 'released'),
+                h.resources
          FROM hosts h WHERE h.agent = 1",
     )?;
     let rows = stmt.query_map([], |r| {
-        Ok(HostSlot { host_id: r.get(0)?, healthy: r.get(1)?, capacity: r.get(2)?, gpus: r.get(3)?, labs_in_use: r.get(4)?, gpus_in_use: r.get(5)? })
+        let held: Option<String> = r.get(5)?;
+        let resources: Option<String> = r.get(6)?;
+        Ok(HostSlot {
+            host_id: r.get(0)?,
+            healthy: r.get(1)?,
+            capacity: r.get(2)?,
+            gpus: r.get(3)?,
+            labs_in_use: r.get(4)?,
+            gpus_held: held.and_then(|h| serde_json::from_str(&h).ok()).unwrap_or_default(),
+            resources: resources.and_then(|text| serde_json::from_str(&text).ok()),
+        })
     })?;
     rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
 }
@@ -275,25 +308,37 @@ struct NewLab<'a> {
     template: &'a str,
     runtime: &'a str,
     skeleton: &'a str,
-    gpus: u32,
+    limits: &'a LabLimits,
+    /// the GPU indices it holds on its host
+    gpu_indices: &'a [u32],
 }
 
 /// Inserts a requested allocation, audits it (with `extra` in the detail) and lets the state
 /// machine issue its first task; returns its id. Call inside the write that placed it.
 fn create_lab(conn: &Connection, secrets: &crate::secrets::SecretBox, caller: &Caller, lab: &NewLab<'_>, extra: serde_json::Value) -> Result<i64, ApiError> {
+    let limits = serde_json::to_string(lab.limits).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let gpu_indices = serde_json::to_string(lab.gpu_indices).map_err(|e| ApiError::Internal(e.to_string()))?;
     conn.execute(
-        "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8)",
-        params![lab.event_id, lab.team_id, lab.host_id, lab.template, lab.runtime, lab.skeleton, lab.gpus, now_rfc3339()],
+        "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at, limits, gpu_indices)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8, ?9, ?10)",
+        params![lab.event_id, lab.team_id, lab.host_id, lab.template, lab.runtime, lab.skeleton, lab.gpu_indices.len(), now_rfc3339(), limits, gpu_indices],
     )?;
     let id = conn.last_insert_rowid();
-    let mut detail = serde_json::json!({"team_id": lab.team_id, "host_id": lab.host_id, "template": lab.template});
+    let mut detail = serde_json::json!({"team_id": lab.team_id, "host_id": lab.host_id, "template": lab.template, "gpus": lab.gpu_indices});
     if let (Some(detail), serde_json::Value::Object(extra)) = (detail.as_object_mut(), extra) {
         detail.extend(extra);
     }
     audit(conn, &caller.actor(), &caller.meta, "allocation.created", Some(&format!("allocation:{id}")), detail)?;
     labs::apply(conn, secrets, id, Input::Tick, unix_ms(), &caller.actor(), &caller.meta)?;
     Ok(id)
+}
+
+/// Placement's refusal as a problem: a template no host can run names the field at fault.
+fn placement_refused(default_field: &'static str, error: &inventory::PlacementError) -> ApiError {
+    match error {
+        inventory::PlacementError::Unfit(unfit) if unfit.field != "host" => ApiError::conflict(Some(unfit.field), error.to_string()),
+        _ => ApiError::conflict(Some(default_field), error.to_string()),
+    }
 }
 
 /// A 409 naming why, when the state machine would ignore `input` in the lab's current state.
@@ -330,12 +375,12 @@ pub async fn allocate(
                 .optional()?
                 .ok_or(ApiError::NotFound("team"))?;
             super::people::open_event(conn, event_id)?;
-            let template: Option<(String, String, u32, String)> = conn
-                .query_row("SELECT name, runtime, gpus, skeleton FROM lab_templates WHERE name = ?1", [&req.template], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            let template: Option<(String, String, u32, String, Option<String>)> = conn
+                .query_row("SELECT name, runtime, gpus, skeleton, limits FROM lab_templates WHERE name = ?1", [&req.template], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })
                 .optional()?;
-            let Some((name, runtime, gpus, skeleton)) = template else {
+            let Some((name, runtime, gpus, skeleton, limits)) = template else {
                 return Err(ApiError::invalid("template", format!("no lab template named {:?}", req.template)));
             };
             let live: Option<i64> = conn
@@ -344,8 +389,9 @@ pub async fn allocate(
             if let Some(existing) = live {
                 return Err(ApiError::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
             }
-            let host_id = inventory::place(&host_slots(conn)?, gpus).map_err(|e| ApiError::conflict(Some("template"), e.to_string()))?;
-            let lab = NewLab { event_id, team_id, host_id, template: &name, runtime: &runtime, skeleton: &skeleton, gpus };
+            let limits: LabLimits = limits.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default();
+            let placed = inventory::place(&host_slots(conn)?, &limits, gpus).map_err(|e| placement_refused("template", &e))?;
+            let lab = NewLab { event_id, team_id, host_id: placed.host_id, template: &name, runtime: &runtime, skeleton: &skeleton, limits: &limits, gpu_indices: &placed.gpus };
             let id = create_lab(conn, &secrets, &caller, &lab, serde_json::json!({}))?;
             load_view(conn, id)
         })
@@ -429,13 +475,12 @@ pub async fn register_agentless_lab(
             let id = conn.last_insert_rowid();
             let access = labrack_provisioner::protocol::DesktopAccess {
                 username: username.clone(),
-                password: req.password,
                 rdp_port: 0,
                 ssh_port: ssh_port.unwrap_or(22),
                 ssh_host_key,
                 rdp_cert_sha256: None,
             };
-            labs::store_desktop(conn, &secrets, id, &access)?;
+            labs::store_desktop(conn, &secrets, id, &access, &req.password)?;
             audit(conn, &caller.actor(), &caller.meta, "allocation.registered_agentless", Some(&format!("allocation:{id}")),
                 serde_json::json!({"team_id": team_id, "host_id": req.host_id, "template": name, "username": username}))?;
             load_view(conn, id)
@@ -591,11 +636,22 @@ pub async fn reassign(
                 }
                 None => others,
             };
-            let new_host = inventory::place(&candidates, stored.gpus).map_err(|e| ApiError::conflict(Some("host_id"), format!("no other host can take the lab: {e}")))?;
+            let placed = inventory::place(&candidates, &stored.alloc.limits, stored.gpus)
+                .map_err(|e| ApiError::conflict(Some("host_id"), format!("no other host can take the lab: {e}")))?;
+            let new_host = placed.host_id;
             audit(conn, &caller.actor(), &caller.meta, "allocation.reassigned", Some(&format!("allocation:{id}")), serde_json::json!({"from_host": old_host, "to_host": new_host}))?;
             labs::apply(conn, &secrets, id, Input::ForceRelease, unix_ms(), &caller.actor(), &caller.meta)?;
             let a = &stored.alloc;
-            let lab = NewLab { event_id: stored.event_id, team_id: stored.team_id, host_id: new_host, template: &a.template, runtime: &a.runtime, skeleton: &a.skeleton, gpus: stored.gpus };
+            let lab = NewLab {
+                event_id: stored.event_id,
+                team_id: stored.team_id,
+                host_id: new_host,
+                template: &a.template,
+                runtime: &a.runtime,
+                skeleton: &a.skeleton,
+                limits: &a.limits,
+                gpu_indices: &placed.gpus,
+            };
             let fresh = create_lab(conn, &secrets, &caller, &lab, serde_json::json!({"reassigned_from": id}))?;
             load_view(conn, fresh)
         })

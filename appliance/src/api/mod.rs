@@ -92,6 +92,8 @@ pub struct AppState {
     pub data_dir: Option<PathBuf>,
     /// the appliance CA's fingerprint (`SHA256:AB:…`) consoles pin; None over plain HTTP
     pub ca_fingerprint: Option<String>,
+    /// per host: the signed calls taken (replays refused, one identity on two machines seen)
+    pub host_calls: Arc<std::sync::Mutex<std::collections::HashMap<i64, labrack_provisioner::replay::ReplayGuard>>>,
 }
 
 impl AppState {
@@ -113,6 +115,7 @@ impl AppState {
             link: Arc::new(crate::sync::relay::Link::default()),
             data_dir: None,
             ca_fingerprint: None,
+            host_calls: Arc::default(),
             db,
             metrics,
             login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),

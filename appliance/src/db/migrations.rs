@@ -363,6 +363,24 @@ CREATE TABLE announcements (
 );
 CREATE INDEX announcements_by_event ON announcements(event_id, id);
 "#,
+    // 10: sealed labs — template limits and GPU indices per lab; task passwords sealed and
+    // never in a task body; cleanup tasks for force-released labs; what hosts can enforce;
+    // the signed-call instance and counter (replays, one identity on two machines); the
+    // checker account of hosts without an agent; the per-run nonce of SSH checks
+    r#"
+ALTER TABLE lab_templates ADD COLUMN limits TEXT;
+ALTER TABLE allocations ADD COLUMN limits TEXT;
+ALTER TABLE allocations ADD COLUMN gpu_indices TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE host_tasks ADD COLUMN secret BLOB;
+ALTER TABLE host_tasks ADD COLUMN cleanup INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hosts ADD COLUMN resources TEXT;
+ALTER TABLE hosts ADD COLUMN instance TEXT;
+ALTER TABLE hosts ADD COLUMN instance_counter INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE hosts ADD COLUMN identity_conflict_ms INTEGER;
+ALTER TABLE hosts ADD COLUMN checker_user TEXT;
+ALTER TABLE hosts ADD COLUMN checker_secret BLOB;
+ALTER TABLE check_runs ADD COLUMN ssh_nonce TEXT;
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own

@@ -1,28 +1,31 @@
-//! Running one of a template's checks against a lab, sandboxed on the host:
+//! Running one of a template's checks against a lab, from the agent's side. The check runs
+//! in a sandbox of its own (`isolation::sandbox`): its own cgroup below the lab's (memory,
+//! pids, the lab's device rules), its own PID, mount, IPC and UTS namespaces, the lab's
+//! network namespace or none at all, as the lab's checker user — never as the team, never
+//! as root.
 //!
-//! - as the lab's own user (`setpriv`, no new privileges, a clean environment, its home as
-//!   the working directory), never as the agent's root;
-//! - in an empty network namespace (`unshare --net`: not even loopback) unless the
-//!   template allows network;
-//! - with an address-space limit and a CPU-time limit (`prlimit`), and a wall-clock
-//!   time-out after which the whole process group is killed;
-//! - with stdout and stderr captured up to a budget (the rest is counted, not kept).
-//!
-//! The verdict rules live in `labrack_provisioner::check`.
+//! The agent decides the outcome from what it sees itself: whether the sandbox said it was
+//! ready before the script started (if not, the check *could not run*), the exit status of
+//! the sandbox's init, and the wall clock — at the time-out it kills the check's whole
+//! cgroup. Output is cut safely to a budget. Nothing the script prints or writes can turn
+//! a result into "could not run" or the other way round.
 
-use std::os::unix::process::CommandExt as _;
+use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use labrack_provisioner::check::{CheckResult, Captured, verdict};
+use labrack_provisioner::check::{Captured, CheckResult, verdict};
 
 use super::RuntimeSettings;
-use super::local_user;
+use super::accounts;
+use crate::isolation::cgroup::Unit;
+use crate::isolation::sandbox::{CheckRequest, InnerSpec, READY};
+use crate::isolation::{self, devices};
 
-/// PATH inside a check.
-const CHECK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Processes and threads one check may have at once (its lab's limit applies as well).
+const CHECK_PIDS: u32 = 512;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -36,84 +39,103 @@ pub(crate) struct CheckSpec<'a> {
     pub(crate) network: bool,
 }
 
-/// The command line that runs `script` as `user` inside the sandbox.
-fn sandboxed(spec: &CheckSpec<'_>, user: &str, uid: u32, gid: u32, home: &str) -> Command {
-    let mut argv: Vec<String> = Vec::new();
-    if !spec.network {
-        argv.extend(["unshare", "--net", "--"].map(str::to_owned));
-    }
-    let memory_bytes = u64::from(spec.memory_mib) * 1024 * 1024;
-    argv.extend([
-        "prlimit".to_owned(),
-        format!("--as={memory_bytes}"),
-        format!("--cpu={}", spec.timeout_secs.saturating_add(1)),
-        "--core=0".to_owned(),
-        "--".to_owned(),
-        "setpriv".to_owned(),
-        format!("--reuid={uid}"),
-        format!("--regid={gid}"),
-        "--init-groups".to_owned(),
-        "--no-new-privs".to_owned(),
-        "--".to_owned(),
-        "env".to_owned(),
-        "-i".to_owned(),
-        format!("HOME={home}"),
-        format!("USER={user}"),
-        format!("LOGNAME={user}"),
-        format!("PATH={CHECK_PATH}"),
-        "LANG=C.UTF-8".to_owned(),
-        format!("LABRACK_CHECK={}", spec.name),
-        format!("LABRACK_CHECK_RUN={}", spec.check_run_id),
-        "/bin/bash".to_owned(),
-        "--noprofile".to_owned(),
-        "--norc".to_owned(),
-        "-c".to_owned(),
-        spec.script.to_owned(),
-    ]);
-    let mut command = Command::new(&argv[0]);
-    command
-        .args(&argv[1..])
-        .current_dir(home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // its own process group, so a time-out kills everything it started
-        .process_group(0);
-    command
-}
-
-fn capture(mut stream: impl std::io::Read + Send + 'static, done: mpsc::Sender<(bool, Captured)>, is_stdout: bool) {
+/// Reads a stream; for stdout, first the sandbox's ready marker.
+fn capture(mut stream: impl std::io::Read + Send + 'static, done: mpsc::Sender<(bool, bool, Captured)>, is_stdout: bool) {
     std::thread::spawn(move || {
         let mut captured = Captured::default();
+        let mut ready = !is_stdout;
+        let mut prefix = Vec::with_capacity(READY.len());
         let mut buffer = [0u8; 8192];
         loop {
             match stream.read(&mut buffer) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => captured.push(&buffer[..n]),
+                Ok(n) => {
+                    let mut bytes = &buffer[..n];
+                    if !ready && prefix.len() < READY.len() {
+                        let take = (READY.len() - prefix.len()).min(bytes.len());
+                        prefix.extend_from_slice(&bytes[..take]);
+                        bytes = &bytes[take..];
+                        if prefix.len() == READY.len() {
+                            ready = prefix == READY;
+                        }
+                        if !READY.starts_with(&prefix) {
+                            // Not the marker: the sandbox never got as far as the script.
+                            captured.push(&prefix);
+                            prefix.clear();
+                            prefix.extend_from_slice(b"-");
+                        }
+                    }
+                    captured.push(bytes);
+                }
             }
         }
-        let _ = done.send((is_stdout, captured));
+        let _ = done.send((is_stdout, ready, captured));
     });
-}
-
-fn kill_group(pgid: u32) {
-    // `kill` exits non-zero when the group is already gone: that is fine.
-    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
 /// Runs the check and says how it went; an error means it could not be run at all.
 pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::Result<CheckResult> {
-    let user = local_user::username(settings, spec.allocation_id);
-    let (uid, gid, home) = local_user::identity(&user).with_context(|| format!("the lab user {user} is not on this host"))?;
+    let user = accounts::lab_user(&settings.user_prefix, spec.allocation_id);
+    let lab = accounts::lookup(&user)?.with_context(|| format!("the lab user {user} is not on this host"))?;
+    let checker_name = accounts::checker_of(&user);
+    let checker = accounts::lookup(&checker_name)?.with_context(|| format!("the checker {checker_name} of lab {user} is not on this host"))?;
+    let record = isolation::load_record(&settings.state_dir, &user)?.with_context(|| format!("this host has no record of lab {user}"))?;
+    let unit = Unit::Check(spec.check_run_id);
+    let rules = devices::lab_rules(&record.gpus, &std::fs::read_to_string("/proc/devices").unwrap_or_default());
+    let joins = settings.cgroups.prepare_unit(&user, &unit, Some(spec.memory_mib), Some(CHECK_PIDS), &rules)?;
+    let netns = if spec.network {
+        let path = std::path::PathBuf::from(crate::isolation::net::LabNet::new(&user).netns_path());
+        if !path.exists() {
+            bail!("the lab's box is not running (no network namespace {}): the check cannot reach it", path.display());
+        }
+        Some(path)
+    } else {
+        None
+    };
+    let request = CheckRequest {
+        joins,
+        netns,
+        inner: InnerSpec {
+            checker: checker.name.clone(),
+            checker_uid: checker.uid,
+            lab_gid: lab.gid,
+            lab_user: user.clone(),
+            home: lab.home.clone(),
+            name: spec.name.to_owned(),
+            run_id: spec.check_run_id,
+            cpu_secs: spec.timeout_secs.saturating_add(1),
+            script_fd: -1,
+        },
+        script: spec.script.to_owned(),
+    };
+    let exe = std::env::current_exe().context("finding the labrack-host binary")?;
+    let argv = settings.cgroups.wrap(&user, &unit, Some(spec.memory_mib), &rules, vec![exe.display().to_string(), "check-exec".to_owned()]);
     let started = Instant::now();
-    let mut child = sandboxed(spec, &user, uid, gid, &home).spawn().context("starting the check (unshare, prlimit and setpriv are in util-linux)")?;
-    let pgid = child.id();
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the check's sandbox")?;
     let (done_tx, done_rx) = mpsc::channel();
     if let Some(stdout) = child.stdout.take() {
         capture(stdout, done_tx.clone(), true);
     }
     if let Some(stderr) = child.stderr.take() {
         capture(stderr, done_tx, false);
+    }
+    if let Some(mut stdin) = child.stdin.take() {
+        // The script travels on a pipe, never in an argument vector.
+        let written = serde_json::to_vec(&request).map_err(anyhow::Error::from).and_then(|bytes| stdin.write_all(&bytes).map_err(anyhow::Error::from));
+        if let Err(error) = written {
+            let _ = settings.cgroups.kill(&user, Some(&unit));
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(error.context("handing the check to its sandbox"));
+        }
     }
     let deadline = started + Duration::from_secs(u64::from(spec.timeout_secs));
     let mut timed_out = false;
@@ -123,29 +145,41 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
         }
         if Instant::now() >= deadline {
             timed_out = true;
-            kill_group(pgid);
+            // Everything of the run, wherever it went inside its cgroup.
+            settings.cgroups.kill(&user, Some(&unit))?;
+            let _ = child.kill();
             break child.wait().context("waiting for the killed check")?;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     };
-    // Anything it left running in its group (a server started with `&`) goes too, which
-    // also closes the pipes the readers wait on.
-    kill_group(pgid);
+    // Whatever is left (nothing can be: its PID namespace died with its init) goes too.
+    settings.cgroups.kill(&user, Some(&unit))?;
+    settings.cgroups.remove_unit(&user, &unit);
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let (mut stdout, mut stderr) = (Captured::default(), Captured::default());
+    let (mut stdout, mut stderr, mut ready) = (Captured::default(), Captured::default(), false);
     let read_deadline = Instant::now() + Duration::from_secs(2);
     for _ in 0..2 {
-        // A process that left the group (setsid) may hold a pipe open: do not wait forever.
         match done_rx.recv_timeout(read_deadline.saturating_duration_since(Instant::now())) {
-            Ok((true, captured)) => stdout = captured,
-            Ok((false, captured)) => stderr = captured,
+            Ok((true, was_ready, captured)) => {
+                stdout = captured;
+                ready = was_ready;
+            }
+            Ok((false, _, captured)) => stderr = captured,
             Err(_) => break,
         }
     }
-    let exit_code = status.code();
-    if !spec.network && exit_code == Some(1) && stderr.text().starts_with("unshare: ") {
-        bail!("could not make the check's network namespace: {}", stderr.text().trim());
+    if !ready {
+        let why = stderr.text();
+        let why = why.trim().trim_start_matches("labrack-host: error: ");
+        bail!("the check's sandbox could not start: {}", if why.is_empty() { "no reason given" } else { why });
     }
+    use std::os::unix::process::ExitStatusExt as _;
+    // The sandbox passes a signal that ended the script on as 128 + n.
+    let exit_code = match status.code() {
+        Some(code) if !timed_out && code < 128 => Some(code),
+        _ => None,
+    };
+    let _ = status.signal();
     let (stdout_text, stderr_text) = (stdout.text(), stderr.text());
     let (passed, message) = verdict(exit_code, timed_out, spec.timeout_secs, &stdout_text, &stderr_text);
     let mut output = stdout_text;

@@ -1,261 +1,177 @@
-//! The `local-user` desktop runtime: one dedicated Linux user per allocation, whose
-//! desktop the host's RDP server (xrdp) serves and whose shell its `sshd` serves.
+//! The `local-user` desktop runtime: one dedicated Linux user per allocation, whose desktop
+//! and shell run inside the lab's box (its own xrdp and sshd: see `isolation`), and one
+//! checker user its checks run as.
 //!
-//! - provision: create the user with a generated password, fill its home from the
-//!   template's skeleton;
-//! - reset: end every process of the user, restore the home from the skeleton, rotate the
-//!   password;
-//! - release: end its processes, remove the user, its home, mail spool, crontab and its
-//!   files in the shared temporary directories.
+//! - provision: create both users, build the home from the template's skeleton, set the
+//!   password the appliance chose, start the box;
+//! - reset: stop the box and end every process of the user anywhere, remove its crontab,
+//!   `at` jobs and lingering units, build a fresh home, set the new password, start the box;
+//! - release: all of that gone for good, the users too.
 //!
-//! Every step is idempotent, so a retried task converges.
+//! Every step is idempotent, so a retried task converges. The password is never written to
+//! disk by this host: the appliance sends it with the task and keeps the only copy.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use labrack_provisioner::limits::{Enforcement, LabLimits};
 use labrack_provisioner::protocol::DesktopAccess;
-use rand::Rng as _;
 
 use super::RuntimeSettings;
+use super::accounts::{self, Account};
+use super::homes::{self, DiskImage};
+use crate::isolation::cgroup::Cgroups;
+use crate::isolation::{self, LabRecord};
 
-/// Shared places where a user may leave files behind. The X socket directories matter: a
-/// killed X server leaves its socket there, and xrdp's session manager counts a display as
-/// taken while its socket exists — without this, every reset would use up a display.
-const SHARED_TEMP_DIRS: [&str; 5] = ["/tmp", "/var/tmp", "/dev/shm", "/tmp/.X11-unix", "/tmp/.ICE-unix"];
+/// One lab task (provision, reset, release) at a time, and never while the agent brings
+/// boxes back up (a box must not be started in the middle of a reset).
+pub(crate) static LAB_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// `{prefix}a{allocation}`; the prefix is checked at start-up.
 pub(crate) fn username(settings: &RuntimeSettings, allocation_id: i64) -> String {
-    format!("{}a{allocation_id}", settings.user_prefix)
+    accounts::lab_user(&settings.user_prefix, allocation_id)
 }
 
-/// A prefix that makes valid, recognisable user names.
-pub(crate) fn check_prefix(prefix: &str) -> anyhow::Result<()> {
-    let ok = (2..=16).contains(&prefix.len())
-        && prefix.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
-        && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !ok {
-        bail!("--user-prefix must be 2-16 characters of a-z, 0-9 and '-', starting with a letter (got {prefix:?})");
+fn disk_image(state_dir: &Path, user: &str, limits: &LabLimits) -> Option<DiskImage> {
+    limits.disk_mib.map(|mib| DiskImage { file: state_dir.join("disks").join(format!("{user}.img")), mib })
+}
+
+/// Refuses limits this host cannot enforce, naming the template field.
+pub(crate) fn check_enforceable(settings: &RuntimeSettings, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<()> {
+    let resources = settings.resources();
+    let enforces = &resources.enforces;
+    for need in limits.needs() {
+        if !enforces.contains(&need) {
+            let why = match need {
+                Enforcement::Disk => "no loop devices or mkfs.ext4 for a disk image per lab".to_owned(),
+                Enforcement::Network => "no nftables or iproute2 for a network namespace per lab".to_owned(),
+                Enforcement::IoWeight => format!("{} offers no IO weight here (no BFQ scheduler)", resources.isolation),
+                other => format!("{} cannot limit {}", resources.isolation, other.field()),
+            };
+            bail!("this host cannot enforce {}: {why}", need.field());
+        }
     }
+    if !gpus.is_empty() && !enforces.contains(&Enforcement::Devices) {
+        bail!("this host cannot enforce gpus: {} has no device rules, so a lab could open every GPU", resources.isolation);
+    }
+    if let Some(gpu) = gpus.iter().find(|g| **g >= resources.gpus) {
+        bail!("gpus: GPU {gpu} does not exist on this host (it has {})", resources.gpus);
+    }
+    limits.fit(u32::try_from(gpus.len()).unwrap_or(u32::MAX), &resources).map_err(|unfit| anyhow::anyhow!("this host cannot run the lab: {unfit}"))?;
     Ok(())
 }
 
-/// Runs a command; retries while another tool holds the passwd/shadow lock.
-fn run(command: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{command:?}");
-    let mut tries = 0;
-    loop {
-        let output = command.stdin(Stdio::null()).output().with_context(|| format!("running {shown}"))?;
-        if output.status.success() {
-            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        tries += 1;
-        if stderr.contains("lock") && tries < 50 {
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        bail!("{shown} failed ({}): {}", output.status, stderr.trim());
-    }
+/// The lowest slot no lab of this host holds, within the port range and the lab network.
+fn free_slot(settings: &RuntimeSettings) -> anyhow::Result<u32> {
+    let taken: Vec<u32> = isolation::records(&settings.state_dir)?.iter().map(|r| r.slot).collect();
+    let slots = settings.slots();
+    (0..slots).find(|slot| !taken.contains(slot)).with_context(|| format!("all {slots} lab slots of this host are in use (--lab-ports, --lab-network)"))
 }
 
-fn user_exists(name: &str) -> anyhow::Result<bool> {
-    let status = Command::new("id").arg("-u").arg(name).stdout(Stdio::null()).stderr(Stdio::null()).status().context("running id")?;
-    Ok(status.success())
-}
-
-fn uid_of(name: &str) -> anyhow::Result<u32> {
-    run(Command::new("id").arg("-u").arg(name))?.trim().parse().context("parsing the uid")
-}
-
-fn home_of(name: &str) -> anyhow::Result<PathBuf> {
-    let line = run(Command::new("getent").arg("passwd").arg(name))?;
-    let home = line.trim().split(':').nth(5).filter(|h| h.starts_with('/')).context("no home directory in passwd")?;
-    Ok(PathBuf::from(home))
-}
-
-/// The user's uid, primary gid and home directory.
-pub(crate) fn identity(name: &str) -> anyhow::Result<(u32, u32, String)> {
-    let line = run(Command::new("getent").arg("passwd").arg(name))?;
-    let fields: Vec<&str> = line.trim().split(':').collect();
-    let (Some(uid), Some(gid), Some(home)) = (fields.get(2), fields.get(3), fields.get(5)) else {
-        bail!("unexpected passwd entry for {name}");
-    };
-    Ok((uid.parse().context("parsing the uid")?, gid.parse().context("parsing the gid")?, (*home).to_owned()))
-}
-
-fn generate_password() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut rng = rand::thread_rng();
-    (0..20).map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())])).collect()
-}
-
-fn set_password(name: &str) -> anyhow::Result<String> {
-    use std::io::Write as _;
-    let password = generate_password();
-    for _ in 0..50 {
-        let mut child = Command::new("chpasswd").stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().context("running chpasswd")?;
-        if let Some(stdin) = child.stdin.as_mut() {
-            stdin.write_all(format!("{name}:{password}\n").as_bytes()).context("writing to chpasswd")?;
-        }
-        let output = child.wait_with_output().context("waiting for chpasswd")?;
-        if output.status.success() {
-            return Ok(password);
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        if !stderr.contains("lock") {
-            bail!("chpasswd failed: {}", stderr.trim());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    bail!("chpasswd: the password files stayed locked")
-}
-
-/// Kills every process of the user and waits until none is left (xrdp sessions included).
-fn end_sessions(name: &str) -> anyhow::Result<()> {
-    let uid = uid_of(name)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        // pkill exits 1 when nothing matched: that is the goal, not an error.
-        let _ = Command::new("pkill").args(["-KILL", "-U"]).arg(uid.to_string()).status();
-        let left = Command::new("pgrep").arg("-U").arg(uid.to_string()).stdout(Stdio::null()).status().context("running pgrep")?;
-        if !left.success() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("processes of {name} survive SIGKILL");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn check_skeleton(skeleton: &str) -> anyhow::Result<&Path> {
-    let path = Path::new(skeleton);
-    if !path.is_absolute() {
-        bail!("the skeleton {skeleton:?} must be an absolute path");
-    }
-    if !path.is_dir() {
-        bail!("the skeleton directory {skeleton} does not exist on this host");
-    }
-    Ok(path)
-}
-
-/// Empties `home` and fills it from `skeleton`, owned by the user.
-fn fill_home(name: &str, home: &Path, skeleton: &Path) -> anyhow::Result<()> {
-    if home.exists() {
-        for entry in std::fs::read_dir(home).with_context(|| format!("reading {}", home.display()))? {
-            let path = entry?.path();
-            let removed = if path.is_dir() && !path.is_symlink() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-            removed.with_context(|| format!("removing {}", path.display()))?;
-        }
-    } else {
-        std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
-    }
-    // `cp -a SKEL/. HOME/` copies dotfiles too and keeps modes and links.
-    run(Command::new("cp").arg("-a").arg(skeleton.join(".")).arg(home))?;
-    run(Command::new("chown").arg("-R").arg(format!("{name}:{name}")).arg(home))?;
-    run(Command::new("chmod").arg("0700").arg(home))?;
-    Ok(())
-}
-
-pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str) -> anyhow::Result<DesktopAccess> {
-    let skeleton = check_skeleton(skeleton)?;
-    let name = username(settings, allocation_id);
-    if user_exists(&name)? {
-        // Left over from an interrupted attempt: start clean.
-        remove_user(&name)?;
-    }
-    run(Command::new("useradd")
-        .args(["--create-home", "--user-group", "--shell", "/bin/bash", "--comment"])
-        .arg(format!("LabRack lab allocation {allocation_id}"))
-        .arg(&name))?;
-    let home = home_of(&name)?;
-    fill_home(&name, &home, skeleton)?;
-    let password = set_password(&name)?;
-    Ok(access(settings, name, password))
-}
-
-pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str) -> anyhow::Result<DesktopAccess> {
-    let skeleton = check_skeleton(skeleton)?;
-    let name = username(settings, allocation_id);
-    if !user_exists(&name)? {
-        bail!("the lab user {name} does not exist on this host");
-    }
-    end_sessions(&name)?;
-    remove_temp_files(uid_of(&name)?)?;
-    let home = home_of(&name)?;
-    fill_home(&name, &home, skeleton)?;
-    let password = set_password(&name)?;
-    Ok(access(settings, name, password))
-}
-
-/// What the appliance needs to reach the desktop: this host's servers and their keys.
-fn access(settings: &RuntimeSettings, username: String, password: String) -> DesktopAccess {
+fn access(settings: &RuntimeSettings, record: &LabRecord) -> DesktopAccess {
     DesktopAccess {
-        username,
-        password,
-        rdp_port: settings.rdp_port,
-        ssh_port: settings.ssh_port,
+        username: record.user.clone(),
+        rdp_port: record.rdp_port,
+        ssh_port: record.ssh_port,
         ssh_host_key: settings.ssh_host_key.clone(),
         rdp_cert_sha256: settings.rdp_cert_sha256.clone(),
     }
 }
 
+pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<DesktopAccess> {
+    let _lock = LAB_LOCK.lock().map_err(|_| anyhow::anyhow!("the lab lock is poisoned"))?;
+    accounts::check_password(password)?;
+    let skeleton = homes::check_skeleton(&settings.skeleton_root, skeleton)?;
+    check_enforceable(settings, limits, gpus)?;
+    let user = username(settings, allocation_id);
+    // Left over from an interrupted attempt: start clean.
+    remove_lab(&settings.state_dir, &settings.cgroups, &user)?;
+    let slot = free_slot(settings)?;
+    let (rdp_port, ssh_port) = settings.ports(slot).context("no ports left in --lab-ports")?;
+    let account = accounts::create_lab_user(&user, allocation_id)?;
+    let checker = accounts::create_checker(&accounts::checker_of(&user), account.gid, allocation_id)?;
+    homes::rebuild(&account.home, &skeleton, account.uid, account.gid, disk_image(&settings.state_dir, &user, limits).as_ref())?;
+    accounts::set_password(&user, password)?;
+    let record = LabRecord { allocation_id, user: user.clone(), checker: checker.name, slot, rdp_port, ssh_port, limits: limits.clone(), gpus: gpus.to_vec() };
+    isolation::save_record(&settings.state_dir, &record)?;
+    isolation::start(&settings.state_dir, &user)?;
+    Ok(access(settings, &record))
+}
+
+pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<DesktopAccess> {
+    let _lock = LAB_LOCK.lock().map_err(|_| anyhow::anyhow!("the lab lock is poisoned"))?;
+    accounts::check_password(password)?;
+    let skeleton = homes::check_skeleton(&settings.skeleton_root, skeleton)?;
+    check_enforceable(settings, limits, gpus)?;
+    let user = username(settings, allocation_id);
+    let account = accounts::lookup(&user)?.with_context(|| format!("the lab user {user} does not exist on this host"))?;
+    let mut record = isolation::load_record(&settings.state_dir, &user)?.with_context(|| format!("this host has no record of lab {user}"))?;
+    // Before touching the home: nothing of the team may run, anywhere.
+    isolation::stop(&settings.state_dir, &settings.cgroups, &user)?;
+    accounts::end_processes(account.uid)?;
+    if let Some(checker) = accounts::lookup(&record.checker)? {
+        accounts::end_processes(checker.uid)?;
+    }
+    accounts::remove_leftovers(&account)?;
+    homes::rebuild(&account.home, &skeleton, account.uid, account.gid, disk_image(&settings.state_dir, &user, limits).as_ref())?;
+    accounts::set_password(&user, password)?;
+    record.limits = limits.clone();
+    record.gpus = gpus.to_vec();
+    isolation::save_record(&settings.state_dir, &record)?;
+    isolation::start(&settings.state_dir, &user)?;
+    Ok(access(settings, &record))
+}
+
 pub(crate) fn release(settings: &RuntimeSettings, allocation_id: i64) -> anyhow::Result<()> {
-    let name = username(settings, allocation_id);
-    if user_exists(&name)? {
-        remove_user(&name)?;
+    let _lock = LAB_LOCK.lock().map_err(|_| anyhow::anyhow!("the lab lock is poisoned"))?;
+    remove_lab(&settings.state_dir, &settings.cgroups, &username(settings, allocation_id))
+}
+
+/// Removes everything of a lab, whatever state it is in.
+pub(crate) fn remove_lab(state_dir: &Path, cgroups: &Cgroups, user: &str) -> anyhow::Result<()> {
+    let record = isolation::load_record(state_dir, user)?;
+    isolation::remove(state_dir, cgroups, user)?;
+    let account: Option<Account> = accounts::lookup(user)?;
+    // The checker first: its group is the lab user's, which userdel removes with the user.
+    accounts::remove_user(&accounts::checker_of(user))?;
+    if account.is_some() {
+        accounts::remove_user(user)?;
     }
+    let home = account.map_or_else(|| PathBuf::from(format!("/home/{user}")), |a| a.home);
+    let limits = record.map(|r| r.limits).unwrap_or_default();
+    let disk = disk_image(state_dir, user, &limits).unwrap_or(DiskImage { file: state_dir.join("disks").join(format!("{user}.img")), mib: 0 });
+    disk.remove(&home)?;
+    if home.starts_with("/home") && home != Path::new("/home") {
+        homes::remove_tree(&home)?;
+    }
+    let _ = std::fs::remove_file(format!("/var/mail/{user}"));
+    isolation::remove_record(state_dir, user);
     Ok(())
 }
 
-fn remove_user(name: &str) -> anyhow::Result<()> {
-    end_sessions(name)?;
-    let uid = uid_of(name)?;
-    let _ = Command::new("crontab").args(["-r", "-u", name]).stdout(Stdio::null()).stderr(Stdio::null()).status();
-    remove_temp_files(uid)?;
-    // --remove takes the home directory and mail spool.
-    run(Command::new("userdel").arg("--remove").arg(name))?;
-    Ok(())
-}
-
-/// Removes what the uid left in the shared temporary directories (top level and below).
-fn remove_temp_files(uid: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    for dir in SHARED_TEMP_DIRS {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
-            if meta.uid() == uid {
-                let removed = if meta.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-                removed.with_context(|| format!("removing {}", path.display()))?;
-            }
+/// Brings every lab's box back up (after an agent restart, a host reboot, or a box that
+/// died), its home mounted first where it has a disk image.
+pub(crate) fn ensure_boxes(settings: &RuntimeSettings) {
+    let Ok(_lock) = LAB_LOCK.try_lock() else { return };
+    let records = match isolation::records(&settings.state_dir) {
+        Ok(records) => records,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "cannot read the labs' records");
+            return;
         }
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefixes_are_checked() {
-        for good in ["lr-", "lrtest", "lab1-"] {
-            assert!(check_prefix(good).is_ok(), "{good}");
+    };
+    for record in records {
+        if isolation::supervisor_pid(&settings.state_dir, &record.user).is_some() {
+            continue;
         }
-        for bad in ["", "l", "1lr", "LR-", "lr_", "lr/x", "averyveryverylongprefix"] {
-            assert!(check_prefix(bad).is_err(), "{bad}");
+        if let Some(disk) = disk_image(&settings.state_dir, &record.user, &record.limits)
+            && let Err(error) = disk.ensure_mounted(Path::new(&format!("/home/{}", record.user)))
+        {
+            tracing::error!(lab = %record.user, error = %format!("{error:#}"), "cannot mount the lab's home");
+            continue;
         }
-    }
-
-    #[test]
-    fn passwords_are_long_and_unambiguous() {
-        let a = generate_password();
-        assert_eq!(a.len(), 20);
-        assert!(a.bytes().all(|b| b.is_ascii_alphanumeric() && !b"0O1lI".contains(&b)));
-        assert_ne!(a, generate_password());
+        tracing::warn!(lab = %record.user, "the lab's box is not running; starting it");
+        if let Err(error) = isolation::start(&settings.state_dir, &record.user) {
+            tracing::error!(lab = %record.user, error = %format!("{error:#}"), "cannot start the lab's box");
+        }
     }
 }

@@ -283,6 +283,12 @@ pub fn on_requeue(conn: &Connection, job_id: i64) -> Result<(), rusqlite::Error>
 #[derive(Debug, Clone)]
 pub struct SshCheck {
     pub run_id: i64,
+    /// random per run, kept with it: names the run's directory on the host and marks every
+    /// line the appliance reads, so a retry finds the first attempt's result and nothing
+    /// else can pass for it
+    pub nonce: String,
+    /// the team's account on the host (the check reads its home)
+    pub lab_user: String,
     pub name: String,
     pub script: String,
     pub timeout_secs: u32,
@@ -294,62 +300,88 @@ fn sh_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "'\\''"))
 }
 
-/// The remote shell program for an SSH check. It runs the check at most once per run: the
-/// run's directory under `~/.labrack/checks` is made atomically by the first attempt,
-/// which leaves the outputs and the status there; a later attempt (after an appliance
-/// restart) waits for and reads that status instead of running the check again. The check
-/// itself runs like on an agent host: a clean environment in the home directory, limits
-/// from `prlimit`, a wall-clock kill from `timeout`, and (unless the template allows
-/// network) an empty network namespace from an unprivileged `unshare`.
-pub fn remote_command(check: &SshCheck) -> String {
-    let isolate = if check.network { "" } else { "unshare --net --map-current-user -- " };
+/// The command the appliance asks the checker account's SSH server for. The host's admin
+/// forces the same with `ForceCommand` (see the README): the program arrives on stdin.
+pub const REMOTE_COMMAND: &str = "/bin/bash --noprofile --norc -s";
+
+/// The program an SSH check sends on stdin, run by the host's *checker* account — never
+/// the team's, so nothing the team writes (its `.bashrc`, a pre-made result, its PATH) is
+/// read: every tool is named by its absolute path, results live in the checker's own home,
+/// in a directory named by run and nonce. It runs the check at most once per run: the
+/// directory is made atomically by the first attempt; a later attempt (after an appliance
+/// restart) waits for and reads that status. Whether the check *could* run (the lab's
+/// account and home, the sandbox) is decided before the script starts, and said with its
+/// own marker. The check runs in the team's home, in new user and PID namespaces (so
+/// nothing it starts outlives it) and, unless the template allows network, a network
+/// namespace of its own; limits from `prlimit`, a wall-clock kill from `timeout`.
+/// Directories older than a day are removed.
+pub fn remote_program(check: &SshCheck) -> String {
+    use base64::Engine as _;
+    let net = if check.network { "" } else { "--net " };
     let memory = u64::from(check.memory_mib) * 1024 * 1024;
     let limit = labrack_provisioner::check::MAX_OUTPUT_BYTES;
+    let script = base64::engine::general_purpose::STANDARD.encode(check.script.as_bytes());
     format!(
-        r#"d="$HOME/.labrack/checks/run-{run}"
-mkdir -p "$HOME/.labrack/checks" || exit 90
-if mkdir "$d" 2>/dev/null; then
-  ( cd "$HOME" && exec timeout -s KILL {timeout} prlimit --as={memory} --cpu={cpu} --core=0 -- {isolate}env -i HOME="$HOME" USER="$USER" LOGNAME="$USER" PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 LABRACK_CHECK={name} LABRACK_CHECK_RUN={run} /bin/bash --noprofile --norc -c {script} ) >"$d/out" 2>"$d/err" </dev/null
-  echo $? >"$d/status.tmp" && mv "$d/status.tmp" "$d/status"
+        r#"set -u
+n={nonce}
+say() {{ printf 'LABRACK-%s %s\n' "$n" "$*"; }}
+home=$(/usr/bin/getent passwd {user} | /usr/bin/cut -d: -f6)
+[ -n "$home" ] && [ -d "$home" ] || {{ say CANNOT "the lab account {user} or its home is missing on this host"; exit 0; }}
+[ -r "$home" ] && [ -x "$home" ] || {{ say CANNOT "the checker account cannot read $home: add it to the lab account's group"; exit 0; }}
+base="$HOME/.labrack/runs"
+/usr/bin/mkdir -p -m 0700 "$HOME/.labrack" "$base" || {{ say CANNOT "cannot make $base"; exit 0; }}
+/usr/bin/find "$base" -mindepth 1 -maxdepth 1 -mmin +1440 -exec /usr/bin/rm -rf {{}} + 2>/dev/null
+d="$base/run-{run}-$n"
+if /usr/bin/mkdir -m 0700 "$d" 2>/dev/null; then
+  printf '%s' {script} | /usr/bin/base64 -d >"$d/script" || {{ /usr/bin/rm -rf "$d"; say CANNOT "cannot write the script"; exit 0; }}
+  if ! /usr/bin/unshare --user --map-current-user --pid --fork {net}/bin/true 2>"$d/probe"; then
+    why=$(/usr/bin/head -c 200 "$d/probe"); /usr/bin/rm -rf "$d"; say CANNOT "no sandbox on this host: $why"; exit 0
+  fi
+  ( cd "$home" && exec /usr/bin/timeout -s KILL {timeout} /usr/bin/unshare --user --map-current-user --pid --fork --kill-child {net}-- /usr/bin/prlimit --as={memory} --cpu={cpu} --core=0 -- /usr/bin/env -i HOME="$home" USER="$(/usr/bin/id -un)" LOGNAME="$(/usr/bin/id -un)" PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 LABRACK_CHECK={name} LABRACK_CHECK_RUN={run} LABRACK_LAB_USER={user} /bin/bash --noprofile --norc "$d/script" ) >"$d/out" 2>"$d/err" </dev/null
+  echo $? >"$d/status.tmp" && /usr/bin/mv "$d/status.tmp" "$d/status"
 fi
 waited=0
-while [ ! -f "$d/status" ] && [ "$waited" -lt {wait} ]; do sleep 1; waited=$((waited + 1)); done
-[ -f "$d/status" ] || {{ echo LABRACK-PENDING; exit 0; }}
-echo "LABRACK-STATUS $(cat "$d/status") $(wc -c <"$d/out") $(wc -c <"$d/err")"
-head -c {limit} "$d/out" | base64 -w0; echo
-head -c {limit} "$d/err" | base64 -w0; echo
+while [ ! -f "$d/status" ] && [ "$waited" -lt {wait} ]; do /usr/bin/sleep 1; waited=$((waited + 1)); done
+[ -f "$d/status" ] || {{ say PENDING; exit 0; }}
+say STATUS "$(/usr/bin/cat "$d/status") $(/usr/bin/wc -c <"$d/out") $(/usr/bin/wc -c <"$d/err")"
+/usr/bin/head -c {limit} "$d/out" | /usr/bin/base64 -w0; echo
+/usr/bin/head -c {limit} "$d/err" | /usr/bin/base64 -w0; echo
 "#,
+        nonce = check.nonce,
         run = check.run_id,
+        user = sh_quote(&check.lab_user),
         timeout = check.timeout_secs,
         cpu = check.timeout_secs.saturating_add(1),
         name = sh_quote(&check.name),
-        script = sh_quote(&check.script),
         wait = check.timeout_secs.saturating_add(30),
     )
 }
 
-/// Reads what [`remote_command`] printed into a check result; an error means the check
-/// could not be run (or is still running elsewhere) and the job should retry.
+/// Reads what [`remote_program`] printed into a check result; an error means the check
+/// could not be run (or is still running elsewhere) and the job should retry. Only lines
+/// with the run's nonce count.
 pub fn parse_remote(printed: &str, check: &SshCheck, duration_ms: u64) -> Result<labrack_provisioner::check::CheckResult, String> {
     use base64::Engine as _;
     use labrack_provisioner::check::{CheckResult, Captured, verdict};
+    let marker = format!("LABRACK-{} ", check.nonce);
     let mut lines = printed.lines();
-    let status_line = lines.next().unwrap_or_default();
-    if status_line == "LABRACK-PENDING" {
+    let first = lines.next().unwrap_or_default();
+    let said = first.strip_prefix(&marker).ok_or_else(|| format!("unexpected answer from the host: {:?}", first.chars().take(120).collect::<String>()))?;
+    if said == "PENDING" {
         return Err("an earlier attempt of this check is still running on the host".into());
     }
-    let fields: Vec<&str> = status_line.strip_prefix("LABRACK-STATUS ").ok_or_else(|| format!("unexpected answer from the host: {status_line:?}"))?.split(' ').collect();
+    if let Some(why) = said.strip_prefix("CANNOT ") {
+        return Err(format!("the check could not run on this host: {why}"));
+    }
+    let fields: Vec<&str> = said.strip_prefix("STATUS ").ok_or_else(|| format!("unexpected answer from the host: {said:?}"))?.split(' ').collect();
     let number = |i: usize| fields.get(i).and_then(|f| f.trim().parse::<u64>().ok());
     let (Some(status), Some(out_len), Some(err_len)) = (number(0), number(1), number(2)) else {
-        return Err(format!("unexpected status line from the host: {status_line:?}"));
+        return Err(format!("unexpected status line from the host: {said:?}"));
     };
     let decode = |line: Option<&str>| base64::engine::general_purpose::STANDARD.decode(line.unwrap_or_default().trim()).unwrap_or_default();
     let (out, err) = (decode(lines.next()), decode(lines.next()));
     let captured = |bytes: Vec<u8>, total: u64| Captured { dropped: total.saturating_sub(bytes.len() as u64), head: bytes };
     let (stdout, stderr) = (captured(out, out_len).text(), captured(err, err_len).text());
-    if !check.network && status == 1 && stderr.starts_with("unshare: ") {
-        return Err(format!("could not isolate the check from the network on this host: {}", stderr.trim()));
-    }
     // `timeout -s KILL` ends a check that ran out of time with 128 + 9.
     let timed_out = status == 137;
     let exit_code = if status < 128 { i32::try_from(status).ok() } else { None };
@@ -421,15 +453,29 @@ fn begin(conn: &Connection, secrets: &crate::secrets::SecretBox, job: &Job, now_
         let Some(host_key) = desktop.ssh_host_key else {
             return Ok(Begin::CannotRun("the host's SSH key is not known: it cannot be verified".into()));
         };
+        // Checks run as the host's checker account, never as the team.
+        let Some((checker, checker_password)) = crate::labs::checker_login(conn, secrets, host_id)? else {
+            return Ok(Begin::CannotRun("the host has no checker account: checks never run as the team".into()));
+        };
+        let stored: Option<String> = conn.query_row("SELECT ssh_nonce FROM check_runs WHERE id = ?1", [run_id], |r| r.get(0))?;
+        let nonce = match stored {
+            Some(nonce) => nonce,
+            None => {
+                let nonce = format!("{:016x}", rand::random::<u64>());
+                conn.execute("UPDATE check_runs SET ssh_nonce = ?2 WHERE id = ?1", params![run_id, nonce])?;
+                nonce
+            }
+        };
         let target = labrack_streamer::terminal::TerminalTarget {
             host: desktop.host_address,
             port: desktop.ssh_port,
-            username: desktop.username,
-            password: desktop.password,
+            username: checker,
+            password: checker_password,
             host_key,
         };
         conn.execute("UPDATE check_runs SET state = 'running' WHERE id = ?1", [run_id])?;
-        return Ok(Begin::OverSsh { target, check: SshCheck { run_id, name, script, timeout_secs, memory_mib, network } });
+        let check = SshCheck { run_id, nonce, lab_user: desktop.username, name, script, timeout_secs, memory_mib, network };
+        return Ok(Begin::OverSsh { target, check });
     }
     let issued_before: u32 = conn.query_row("SELECT count(*) FROM host_tasks WHERE check_run_id = ?1", [run_id], |r| r.get(0))?;
     let task = HostTask {
@@ -650,10 +696,11 @@ async fn run_job(state: &AppState, worker: &str, job: Job) -> Result<(), ApiErro
 
 /// Runs an SSH check from the appliance while renewing the job's lease, then records it.
 async fn run_over_ssh(state: &AppState, worker: &str, job: Job, target: labrack_streamer::terminal::TerminalTarget, check: SshCheck) -> Result<(), ApiError> {
-    let command = remote_command(&check);
+    let program = remote_program(&check);
     let wait = Duration::from_secs(u64::from(check.timeout_secs) + 60);
     let started = std::time::Instant::now();
-    let mut ssh = tokio::task::spawn_blocking(move || labrack_streamer::terminal::run_command(&target, &command, wait, 256 * 1024));
+    let mut ssh =
+        tokio::task::spawn_blocking(move || labrack_streamer::terminal::run_command(&target, REMOTE_COMMAND, program.as_bytes(), wait, 256 * 1024));
     let mut renew = tokio::time::interval(RENEW_EVERY);
     renew.tick().await;
     let ran = loop {
@@ -673,7 +720,7 @@ async fn run_over_ssh(state: &AppState, worker: &str, job: Job, target: labrack_
     let result = match ran {
         Ok(Ok(output)) => {
             let printed = String::from_utf8_lossy(&output.stdout).into_owned();
-            if printed.starts_with("LABRACK-") {
+            if printed.starts_with(&format!("LABRACK-{} ", check.nonce)) {
                 parse_remote(&printed, &check, duration_ms)
             } else {
                 Err(format!("the host's shell failed ({:?}): {}", output.exit_code, String::from_utf8_lossy(&output.stderr).trim()))
@@ -702,64 +749,87 @@ mod tests {
     use super::*;
 
     fn check(script: &str, timeout_secs: u32, network: bool) -> SshCheck {
-        SshCheck { run_id: 41, name: "it's a check".into(), script: script.into(), timeout_secs, memory_mib: 256, network }
+        SshCheck {
+            run_id: 41,
+            nonce: "0123456789abcdef".into(),
+            lab_user: "root".into(),
+            name: "it's a check".into(),
+            script: script.into(),
+            timeout_secs,
+            memory_mib: 256,
+            network,
+        }
     }
 
-    /// Runs the remote program here with `bash`, as SSH would on the host.
-    fn run_here(home: &std::path::Path, check: &SshCheck) -> (String, u64) {
+    /// Runs the remote program here with `bash` reading it on stdin, as the forced command
+    /// would on the host; the "checker" is whoever runs the test, its home `checker`.
+    fn run_here(checker: &std::path::Path, check: &SshCheck) -> (String, u64) {
+        use std::io::Write as _;
         let started = std::time::Instant::now();
-        let output = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(remote_command(check))
+        let mut child = std::process::Command::new("/bin/bash")
+            .args(["--noprofile", "--norc", "-s"])
             .env_clear()
-            .env("HOME", home)
-            .env("USER", "root")
+            .env("HOME", checker)
             .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
             .expect("bash runs");
+        child.stdin.take().expect("stdin").write_all(remote_program(check).as_bytes()).expect("program");
+        let output = child.wait_with_output().expect("bash ends");
         (String::from_utf8_lossy(&output.stdout).into_owned(), u64::try_from(started.elapsed().as_millis()).unwrap_or(0))
     }
 
     #[test]
     fn an_ssh_check_runs_once_per_run_and_reports_like_an_agent() {
-        let home = std::env::temp_dir().join(format!("labrack-ssh-check-{}", rand::random::<u32>()));
-        std::fs::create_dir_all(&home).expect("home");
-        let counting = check("echo \"$LABRACK_CHECK_RUN $LABRACK_CHECK\" >> runs.log; echo 'FAIL: not yet'; exit 3", 10, true);
-        let (first, ms) = run_here(&home, &counting);
+        let checker = std::env::temp_dir().join(format!("labrack-ssh-check-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&checker).expect("checker's home");
+        let marks = checker.join("runs.log");
+        let counting = check(&format!("echo \"$LABRACK_CHECK_RUN $LABRACK_CHECK\" >> {}; echo 'FAIL: not yet'; exit 3", marks.display()), 10, true);
+        let (first, ms) = run_here(&checker, &counting);
         let result = parse_remote(&first, &counting, ms).expect("ran");
         assert_eq!((result.passed, result.exit_code, result.message.as_deref()), (false, Some(3), Some("not yet")));
         // A retry of the same run (the appliance restarted) reads the result; it does not run again.
-        let (again, ms) = run_here(&home, &counting);
+        let (again, ms) = run_here(&checker, &counting);
         assert_eq!(parse_remote(&again, &counting, ms).expect("read back").message.as_deref(), Some("not yet"));
-        assert_eq!(std::fs::read_to_string(home.join("runs.log")).expect("log"), "41 it's a check\n", "ran exactly once, quoting intact");
+        assert_eq!(std::fs::read_to_string(&marks).expect("log"), "41 it's a check\n", "ran exactly once, quoting intact");
+        // A run with another nonce is another run: the result of one never answers the other.
+        let other = SshCheck { nonce: "fedcba9876543210".into(), ..counting.clone() };
+        assert!(parse_remote(&again, &other, 1).is_err(), "lines without the run's nonce are not its answer");
 
         // Without network the check sits in an empty namespace: even loopback is unreachable
         // (with network, the same connect is refused by the closed port instead).
         let isolated = SshCheck { run_id: 42, ..check("(exec 3<>/dev/tcp/127.0.0.1/9) 2>&1", 10, false) };
-        let (printed, ms) = run_here(&home, &isolated);
+        let (printed, ms) = run_here(&checker, &isolated);
         let result = parse_remote(&printed, &isolated, ms).expect("ran");
         assert!(result.output.contains("Network is unreachable"), "{}", result.output);
         let open = SshCheck { run_id: 44, ..check("(exec 3<>/dev/tcp/127.0.0.1/9) 2>&1", 10, true) };
-        let (printed, ms) = run_here(&home, &open);
+        let (printed, ms) = run_here(&checker, &open);
         assert!(parse_remote(&printed, &open, ms).expect("ran").output.contains("Connection refused"));
         let slow = SshCheck { run_id: 43, ..check("sleep 30", 1, true) };
-        let (printed, ms) = run_here(&home, &slow);
+        let (printed, ms) = run_here(&checker, &slow);
         let result = parse_remote(&printed, &slow, ms).expect("ran");
         assert_eq!((result.timed_out, result.message.as_deref()), (true, Some("the check did not finish within 1 s")));
-        let _ = std::fs::remove_dir_all(&home);
+        // A check's own stderr cannot say "could not run": only the program's marker can.
+        let faked = SshCheck { run_id: 45, ..check("echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1", 10, false) };
+        let (printed, ms) = run_here(&checker, &faked);
+        let result = parse_remote(&printed, &faked, ms).expect("a result, not an error");
+        assert_eq!((result.passed, result.exit_code), (false, Some(1)));
+        // A missing lab account is decided before the script starts.
+        let nobody = SshCheck { run_id: 46, lab_user: "no-such-lab-user".into(), ..check("true", 5, true) };
+        let (printed, ms) = run_here(&checker, &nobody);
+        assert!(parse_remote(&printed, &nobody, ms).is_err_and(|e| e.contains("could not run") && e.contains("no-such-lab-user")), "{printed}");
+        let _ = std::fs::remove_dir_all(&checker);
     }
 
     #[test]
     fn odd_answers_are_errors_not_results() {
         let c = check("true", 5, true);
-        assert!(parse_remote("LABRACK-PENDING\n", &c, 1).is_err_and(|e| e.contains("still running")));
+        assert!(parse_remote("LABRACK-0123456789abcdef PENDING\n", &c, 1).is_err_and(|e| e.contains("still running")));
+        assert!(parse_remote("LABRACK-0123456789abcdef CANNOT no sandbox\n", &c, 1).is_err_and(|e| e.contains("no sandbox")));
         assert!(parse_remote("hello\n", &c, 1).is_err());
-        assert!(parse_remote("LABRACK-STATUS x y z\n", &c, 1).is_err());
-        let no_namespace = check("true", 5, false);
-        let printed = format!("LABRACK-STATUS 1 0 40\n\n{}\n", {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.encode("unshare: unshare failed: Operation not permitted\n")
-        });
-        assert!(parse_remote(&printed, &no_namespace, 1).is_err_and(|e| e.contains("isolate")));
+        assert!(parse_remote("LABRACK-0123456789abcdef STATUS x y z\n", &c, 1).is_err());
+        assert!(parse_remote("LABRACK-ffffffffffffffff STATUS 0 0 0\n\n\n", &c, 1).is_err(), "another nonce");
+        assert!(parse_remote("LABRACK-STATUS 0 0 0\n\n\n", &c, 1).is_err(), "the old unmarked format");
     }
 }

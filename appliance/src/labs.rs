@@ -322,6 +322,21 @@ pub fn desktop_secret(conn: &Connection, secrets: &SecretBox, id: i64) -> Result
     Ok(Some(DesktopSecret { host_address, username, password, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256 }))
 }
 
+/// The associated data a host's checker password is sealed with.
+pub fn checker_context(host_id: i64) -> String {
+    format!("host:{host_id}:checker-password")
+}
+
+/// The checker account of a host without an agent (user name and password, decrypted), if
+/// it has one. For the appliance's own use; never serialised to a client.
+pub fn checker_login(conn: &Connection, secrets: &SecretBox, host_id: i64) -> Result<Option<(String, String)>, ApiError> {
+    let row: Option<(Option<String>, Option<Vec<u8>>)> =
+        conn.query_row("SELECT checker_user, checker_secret FROM hosts WHERE id = ?1", [host_id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    let Some((Some(user), Some(sealed))) = row else { return Ok(None) };
+    let password = secrets.open(&checker_context(host_id), &sealed).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Some((user, String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?)))
+}
+
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

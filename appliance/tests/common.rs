@@ -211,11 +211,11 @@ pub async fn join(app: &TestApp, event_code: &str, join_code: &str) -> String {
     reply.body["token"].as_str().expect("token").to_owned()
 }
 
-/// Inserts an enrolled host directly (its agent is not needed in-process); returns its id.
 /// What a test host says it has: 8 CPUs, 32 GB, no GPU, every limit but disk and IO weight.
 pub const HOST_RESOURCES: &str =
     r#"{"cpus":8,"memory_mib":32000,"pids_max":4194304,"gpus":0,"isolation":"cgroup-v1","enforces":["cpu","memory","pids","devices","network"]}"#;
 
+/// Inserts an enrolled host directly (its agent is not needed in-process); returns its id.
 pub async fn insert_host(app: &TestApp, name: &str, capacity: u32) -> i64 {
     let name = name.to_owned();
     app.db

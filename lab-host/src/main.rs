@@ -84,6 +84,9 @@ enum Command {
         /// how many checks may run at once (each is sandboxed and time-limited)
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
         check_concurrency: u16,
+        /// how many NVIDIA GPUs (/dev/nvidia0 …) labs may be given [default: every GPU NVML sees]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=64))]
+        gpus: Option<u32>,
     },
     /// Remove every lab this host holds (boxes, users, homes): decommissioning a host.
     ClearLabs {
@@ -188,6 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rdp_cert_file,
             rdp_key_file,
             check_concurrency,
+            gpus,
         } => {
             init_logging();
             runtime::accounts::check_prefix(&user_prefix)?;
@@ -229,7 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ssh_host_key,
                     rdp_cert_sha256,
                     cgroups: isolation::cgroup::Cgroups::detect()?,
-                    gpus: telemetry::gpu_count(),
+                    gpus: gpus.unwrap_or_else(telemetry::gpu_count),
                 },
                 boxes,
                 state_dir,

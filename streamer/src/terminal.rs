@@ -120,11 +120,15 @@ pub struct CommandOutput {
 
 /// Runs one command (no PTY) as the target's user and collects at most `limit` bytes of
 /// each stream; gives up after `timeout`. Blocking.
-pub fn run_command(target: &TerminalTarget, command: &str, timeout: Duration, limit: usize) -> Result<CommandOutput, TerminalError> {
+pub fn run_command(target: &TerminalTarget, command: &str, stdin: &[u8], timeout: Duration, limit: usize) -> Result<CommandOutput, TerminalError> {
+    use std::io::Write as _;
     let session = connect(target)?;
     session.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
     let mut channel = session.channel_session()?;
     channel.exec(command)?;
+    // What the remote program reads on stdin (a forced command takes its input there).
+    channel.write_all(stdin).map_err(TerminalError::Read)?;
+    channel.send_eof()?;
     let read_capped = |stream: &mut dyn std::io::Read| -> Result<Vec<u8>, TerminalError> {
         let mut kept = Vec::new();
         let mut buffer = [0_u8; 16 * 1024];

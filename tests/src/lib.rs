@@ -524,6 +524,11 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start(user_prefix: &str) -> anyhow::Result<Self> {
+        Self::start_with(user_prefix, "")
+    }
+
+    /// [`Sshd::start`] with more configuration at the end (`Match` blocks, say).
+    pub fn start_with(user_prefix: &str, extra: &str) -> anyhow::Result<Self> {
         let dir = DataDir::new("sshd");
         let key = dir.0.join("host_key");
         let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().context("ssh-keygen")?;
@@ -534,7 +539,7 @@ impl Sshd {
             &config,
             format!(
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nPasswordAuthentication yes\n\
-                 KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin no\nAllowUsers {user_prefix}*\nStrictModes no\n",
+                 KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin no\nAllowUsers {user_prefix}*\nStrictModes no\n{extra}",
                 key.display(),
                 dir.0.join("sshd.pid").display()
             ),

@@ -9,149 +9,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use base64::Engine as _;
 use futures_util::{SinkExt as _, StreamExt as _};
-use labrack_e2e::{Api, AppSocket, DataDir, LabHost, LabUsers, Server, Sshd, client_trusting, enrol_host, free_port, websocket};
+use labrack_e2e::{Api, AppSocket, DataDir, LabHost, Server, Sshd, client_trusting, enrol_host, free_port, websocket};
 use tokio_tungstenite::tungstenite::Message;
-use ring::signature::Ed25519KeyPair;
 use serde_json::{Value, json};
 use sha2::Digest as _;
 
-const LONG: Duration = Duration::from_secs(40);
+mod common;
 
-struct Fixture {
-    data: DataDir,
-    /// the hosts' skeleton root; the `desk` template's skeleton is `desk/` in it
-    skeletons: DataDir,
-    server: Option<Server>,
-    url: String,
-    admin: Api,
-    event_id: i64,
-    team_id: i64,
-    other_team_id: i64,
-    users: LabUsers,
-}
-
-fn write_skeleton(dir: &Path) {
-    std::fs::create_dir_all(dir.join("project")).expect("skeleton dir");
-    std::fs::write(dir.join("README.txt"), "welcome to the lab\n").expect("readme");
-    std::fs::write(dir.join("project/main.py"), "print('hello')\n").expect("main.py");
-    std::fs::write(dir.join(".xsession"), "exec xterm\n").expect(".xsession");
-}
-
-async fn fixture(tag: &str, listen: &str) -> anyhow::Result<Fixture> {
-    let data = DataDir::new(tag);
-    let skeletons = DataDir::new(&format!("{tag}-skel"));
-    write_skeleton(&skeletons.0.join("desk"));
-    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
-    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1", "--web-dir", &web, "--webrtc-bind", "127.0.0.1:0", "--job-attempts", "run_check=2"])?;
-    let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
-    admin.first_admin_login(server.admin_password.as_deref().expect("otp"), "a-strong-admin-password").await?;
-    let (status, event) = admin
-        .post("/api/v1/events", json!({"name": "Lab Day", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"}))
-        .await?;
-    anyhow::ensure!(status == 201, "{event}");
-    let event_id = event["id"].as_i64().expect("event id");
-    let (_, red) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Red"})).await?;
-    let (_, blue) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Blue"})).await?;
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeletons.0.join("desk").display());
-    let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
-    anyhow::ensure!(status == 200, "{body}");
-    Ok(Fixture {
-        data,
-        skeletons,
-        url: server.url.clone(),
-        server: Some(server),
-        admin,
-        event_id,
-        team_id: red["id"].as_i64().expect("team id"),
-        other_team_id: blue["id"].as_i64().expect("team id"),
-        users: LabUsers::new(),
-    })
-}
-
-impl Fixture {
-    async fn token(&self) -> anyhow::Result<String> {
-        let (status, body) = self.admin.post("/api/v1/hosts/enrolment-tokens", json!({"note": "rack 1"})).await?;
-        anyhow::ensure!(status == 201, "{body}");
-        Ok(body["token"].as_str().expect("token").to_owned())
-    }
-
-    async fn enrol(&self, name: &str, state: &Path) -> anyhow::Result<()> {
-        let token = self.token().await?;
-        let (ok, text) = enrol_host(&self.url, &self.data.0, &token, name, state)?;
-        anyhow::ensure!(ok, "enrol failed: {text}");
-        Ok(())
-    }
-
-    fn start_host(&self, state: &Path, env: &[(&str, &str)]) -> anyhow::Result<LabHost> {
-        LabHost::start(state, &self.users, &self.skeletons.0, env, &[])
-    }
-
-    /// A skeleton `name` under the hosts' skeleton root, filled like the default one.
-    fn skeleton(&self, name: &str) -> std::path::PathBuf {
-        let dir = self.skeletons.0.join(name);
-        write_skeleton(&dir);
-        dir
-    }
-
-    async fn allocate(&self, team_id: i64) -> anyhow::Result<i64> {
-        let (status, body) = self.admin.post(&format!("/api/v1/teams/{team_id}/allocation"), json!({"template": "desk"})).await?;
-        anyhow::ensure!(status == 201, "allocate: {status} {body}");
-        Ok(body["id"].as_i64().expect("allocation id"))
-    }
-
-    async fn wait_state(&self, id: i64, state: &str) -> anyhow::Result<Value> {
-        let want = state.to_owned();
-        self.admin
-            .wait_for(&format!("/api/v1/allocations/{id}"), LONG, move |a| a["state"] == want.as_str() && a["busy"] == false)
-            .await
-    }
-
-    fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.data.0.join("labrack.db")).expect("open the appliance's database")
-    }
-
-    /// `node SCRIPT` in web/ with what every Chromium driver needs: the appliance's URL and
-    /// the event and personal codes of a new participant of the Red team named `name`.
-    async fn chromium_driver(&self, script: &str, name: &str) -> anyhow::Result<tokio::process::Command> {
-        let (_, event) = self.admin.get(&format!("/api/v1/events/{}", self.event_id)).await?;
-        let (status, issued) = self
-            .admin
-            .post(&format!("/api/v1/events/{}/participants", self.event_id), json!({"team_id": self.team_id, "name": name}))
-            .await?;
-        anyhow::ensure!(status == 201, "{issued}");
-        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
-        anyhow::ensure!(web.join("node_modules/playwright-core").exists(), "run `npm ci` in web/ (cargo xtask test does)");
-        let mut command = tokio::process::Command::new("node");
-        command
-            .arg(script)
-            .current_dir(&web)
-            .env("LABRACK_URL", &self.url)
-            .env("LABRACK_EVENT_CODE", event["code"].as_str().unwrap_or_default())
-            .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().unwrap_or_default());
-        if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
-            command.env("LABRACK_SCREENSHOT_DIR", dir);
-        }
-        Ok(command)
-    }
-
-    async fn participant(&self, team_id: i64) -> anyhow::Result<Api> {
-        let (_, event) = self.admin.get(&format!("/api/v1/events/{}", self.event_id)).await?;
-        let (status, issued) = self
-            .admin
-            .post(&format!("/api/v1/events/{}/participants", self.event_id), json!({"team_id": team_id, "name": format!("p{team_id}")}))
-            .await?;
-        anyhow::ensure!(status == 201, "{issued}");
-        let mut api = Api { client: self.admin.client.clone(), base: self.url.clone(), token: None };
-        let (status, joined) = api
-            .post("/api/v1/join", json!({"event_code": event["code"], "join_code": issued["join_code"], "bearer": true}))
-            .await?;
-        anyhow::ensure!(status == 200, "{joined}");
-        api.token = joined["token"].as_str().map(str::to_owned);
-        Ok(api)
-    }
-}
+use common::{Fixture, LONG, Signer, fixture, make_account, put_checks, run_by_name, serve_in_lab, wait_batch};
 
 fn user_exists(name: &str) -> bool {
     Command::new("id").arg(name).output().map(|o| o.status.success()).unwrap_or(false)
@@ -283,51 +149,6 @@ async fn enrolment_tokens_are_one_time_and_expire() -> anyhow::Result<()> {
     let (_, hosts) = fx.admin.get("/api/v1/hosts").await?;
     assert_eq!(hosts["hosts"].as_array().map(Vec::len), Some(1), "only the first enrolment made a host");
     Ok(())
-}
-
-/// Signs host-protocol calls with a host's key, as `labrack-host` does: as one agent
-/// instance, counting its calls.
-struct Signer {
-    host_id: i64,
-    key: Ed25519KeyPair,
-    instance: String,
-    counter: std::sync::atomic::AtomicU64,
-}
-
-impl Signer {
-    fn load(state: &Path) -> anyhow::Result<Self> {
-        let config: toml::Table = toml::from_str(&std::fs::read_to_string(state.join("host.toml"))?)?;
-        let key = Ed25519KeyPair::from_pkcs8(&std::fs::read(state.join("host.key"))?).map_err(|_| anyhow::anyhow!("key"))?;
-        let instance = format!("{:016x}", rand::random::<u64>());
-        Ok(Self { host_id: config["host_id"].as_integer().expect("host_id"), key, instance, counter: std::sync::atomic::AtomicU64::new(0) })
-    }
-
-    fn header(&self, claimed_host: i64, path: &str, body: &[u8]) -> String {
-        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        self.header_numbered(claimed_host, path, body, n)
-    }
-
-    fn header_numbered(&self, claimed_host: i64, path: &str, body: &[u8], n: u64) -> String {
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
-        let digest = hex::encode(sha2::Sha256::digest(body));
-        let message = format!("labrack-host-v2\nPOST\n{path}\n{ts}\n{}\n{n}\n{digest}", self.instance);
-        let sig = base64::engine::general_purpose::STANDARD.encode(self.key.sign(message.as_bytes()).as_ref());
-        format!("LabrackHost host={claimed_host},ts={ts},i={},n={n},sig={sig}", self.instance)
-    }
-
-    async fn post(&self, api: &Api, claimed_host: i64, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let bytes = serde_json::to_vec(body)?;
-        let response = api
-            .client
-            .post(format!("{}{path}", api.base))
-            .header("content-type", "application/json")
-            .header("authorization", self.header(claimed_host, path, &bytes))
-            .body(bytes)
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        Ok((status, response.json().await.unwrap_or(Value::Null)))
-    }
 }
 
 #[tokio::test]
@@ -924,64 +745,6 @@ fn restart_box_rdp(user: &str) -> anyhow::Result<()> {
     }
 }
 
-/// A tiny HTTP server run as the lab user inside its box's network namespace (as a team's
-/// own server would be), answering `body` on its localhost:`port`.
-fn serve_in_lab(user: &str, port: u16, body: &str) -> anyhow::Result<Killed> {
-    let script = format!(
-        "import http.server\nclass H(http.server.BaseHTTPRequestHandler):\n  def do_GET(self):\n    self.send_response(200); self.end_headers(); self.wfile.write(b{body:?})\n  def log_message(self, *a): pass\nhttp.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"
-    );
-    let child = Command::new("nsenter")
-        .args([&format!("--net=/run/netns/{user}"), "--", "runuser", "-u", user, "--", "python3", "-c", &script])
-        .spawn()
-        .context("starting the lab's server")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let up = Command::new("ip").args(["netns", "exec", user, "bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")]).stderr(std::process::Stdio::null()).status()?;
-        if up.success() {
-            return Ok(Killed(child));
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "the lab's server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A child process killed when dropped.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Replaces the templates with `desk` carrying `checks` (TOML `[[template.check]]` tables).
-async fn put_checks(fx: &Fixture, checks: &str) -> anyhow::Result<()> {
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n{checks}", fx.skeletons.0.join("desk").display());
-    let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
-    anyhow::ensure!(status == 200, "{body}");
-    Ok(())
-}
-
-/// Waits until every run of the batch has ended; rides over an appliance restart.
-async fn wait_batch(fx: &Fixture, batch: i64) -> anyhow::Result<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let last = fx.admin.get(&format!("/api/v1/check-batches/{batch}")).await;
-        if let Ok((200, body)) = &last
-            && body["done"] == true
-        {
-            return Ok(body.clone());
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "batch {batch} did not finish: {last:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn run_by_name<'a>(runs: &'a Value, name: &str) -> &'a Value {
-    runs.as_array().and_then(|runs| runs.iter().find(|r| r["check"] == name)).unwrap_or(&Value::Null)
-}
-
 #[tokio::test]
 async fn checks_run_sandboxed_on_the_real_host_and_score_the_team() -> anyhow::Result<()> {
     let fx = fixture("checks", "127.0.0.1:0").await?;
@@ -1317,8 +1080,8 @@ weight = 10
 dimension = "functionality"
 
 [[template.check]]
-name = "as the team"
-script = "echo $LABRACK_CHECK_RUN >> runs.log; [ \"$(id -un)\" = \"$USER\" ] && [ \"$(id -u)\" != 0 ]"
+name = "as the checker"
+script = "echo $LABRACK_CHECK_RUN >> runs.log; [ \"$(id -un)\" = \"$USER\" ] && [ \"$(id -un)\" != \"$LABRACK_LAB_USER\" ] && [ \"$(id -u)\" != 0 ]"
 timeout_secs = 10
 weight = 5
 dimension = "security"
@@ -1332,28 +1095,47 @@ dimension = "security"
 
 [[template.check]]
 name = "slow"
-script = "sleep 60"
+script = "setsid sleep 300 & sleep 60"
 timeout_secs = 2
 weight = 1
 dimension = "quality"
 "#
     );
     put_checks(&fx, &checks).await?;
-    // The team's own machine: an account with a password, reached by real sshd.
+    // The team's own machine: its account, and a checker account (in the team's group, so it
+    // reads the team's home) whose SSH logins can only run the check program (ForceCommand).
     let user = format!("{}ext", fx.users.prefix);
-    anyhow::ensure!(Command::new("useradd").args(["--create-home", "--shell", "/bin/bash", &user]).status()?.success(), "useradd");
-    let mut chpasswd = Command::new("chpasswd").stdin(std::process::Stdio::piped()).spawn()?;
-    use std::io::Write as _;
-    chpasswd.stdin.take().expect("stdin").write_all(format!("{user}:team-secret-1\n").as_bytes())?;
-    anyhow::ensure!(chpasswd.wait()?.success(), "chpasswd");
+    let checker = format!("{}chk", fx.users.prefix);
+    make_account(&user, "team-secret-1", &[])?;
+    make_account(&checker, "checker-secret-1", &[])?;
+    anyhow::ensure!(Command::new("usermod").args(["-aG", &user, &checker]).status()?.success(), "usermod");
+    std::fs::set_permissions(format!("/home/{user}"), std::os::unix::fs::PermissionsExt::from_mode(0o750))?;
     std::fs::write(format!("/home/{user}/README.txt"), "hello\n")?;
-    let sshd = Sshd::start(&fx.users.prefix)?;
+    // What the team leaves for its checks: a log they may append to, and a planted "result"
+    // and a .bashrc that claim success (neither is ever read).
+    Command::new("runuser").args(["-u", &user, "--", "sh", "-c", "touch ~/runs.log && chmod 0660 ~/runs.log && mkdir -p ~/.labrack/checks/run-1 && echo 0 > ~/.labrack/checks/run-1/status && echo 'exit 0' > ~/.bashrc"]).status()?;
+    let sshd = Sshd::start_with(&fx.users.prefix, &format!("Match User {checker}\n  ForceCommand /bin/bash --noprofile --norc -s\n  PermitTTY no\n"))?;
     let key = std::fs::read_to_string(&sshd.host_key_pub)?;
 
     let (status, problem) = fx.admin.post("/api/v1/hosts/agentless", json!({"name": "ext", "address": "127.0.0.1", "ssh_port": sshd.port, "ssh_host_key": "not a key"})).await?;
     assert_eq!(status, 422, "{problem}");
-    let (status, host) = fx.admin.post("/api/v1/hosts/agentless", json!({"name": "ext", "address": "127.0.0.1", "ssh_port": sshd.port, "ssh_host_key": key.trim()})).await?;
-    assert_eq!(status, 201, "{host}");
+    let (status, problem) =
+        fx.admin.post("/api/v1/hosts/agentless", json!({"name": "ext", "address": "127.0.0.1", "ssh_port": sshd.port, "ssh_host_key": key.trim(), "checker": {"username": "Not A User", "password": "x"}})).await?;
+    assert_eq!((status, problem["field"].as_str()), (422, Some("checker.username")), "{problem}");
+    // A host offering no checker account takes no lab whose template is scored by checks.
+    let (status, bare) = fx.admin.post("/api/v1/hosts/agentless", json!({"name": "bare", "address": "127.0.0.1", "ssh_port": sshd.port, "ssh_host_key": key.trim()})).await?;
+    assert_eq!((status, bare["checker"].as_bool()), (201, Some(false)), "{bare}");
+    let (status, refused) = fx
+        .admin
+        .post(&format!("/api/v1/teams/{}/agentless-lab", fx.team_id), json!({"host_id": bare["id"], "template": "desk", "username": user, "password": "team-secret-1"}))
+        .await?;
+    assert_eq!((status, refused["field"].as_str()), (422, Some("host_id")), "{refused}");
+    assert!(refused["detail"].as_str().is_some_and(|d| d.contains("no checker account")), "{refused}");
+    let (status, host) = fx
+        .admin
+        .post("/api/v1/hosts/agentless", json!({"name": "ext", "address": "127.0.0.1", "ssh_port": sshd.port, "ssh_host_key": key.trim(), "checker": {"username": checker, "password": "checker-secret-1"}}))
+        .await?;
+    assert_eq!((status, host["checker"].as_bool()), (201, Some(true)), "{host}");
     let host_id = host["id"].as_i64().expect("host id");
     let (status, lab) = fx
         .admin
@@ -1372,8 +1154,16 @@ dimension = "quality"
     let (_, runs) = fx.admin.get(&format!("/api/v1/events/{}/check-runs?team_id={}", fx.event_id, fx.team_id)).await?;
     let slow = run_by_name(&runs, "slow");
     assert_eq!((slow["timed_out"].as_bool(), slow["message"].as_str()), (Some(true), Some("the check did not finish within 2 s")), "{slow}");
+    assert_eq!(run_by_name(&runs, "as the checker")["state"], "passed", "{}", run_by_name(&runs, "as the checker"));
     let log = std::fs::read_to_string(format!("/home/{user}/runs.log"))?;
     assert_eq!(log.lines().count(), 1, "ran once: {log}");
+    // What the slow check started in a new session died with its PID namespace.
+    let left = Command::new("pgrep").args(["-u", &checker, "-x", "sleep"]).output()?;
+    assert!(!left.status.success(), "no process of the check outlives it: {}", String::from_utf8_lossy(&left.stdout));
+    // Results live in the checker's home, under the run's nonce; the team's planted one was never read.
+    let nonce: String = fx.db().query_row("SELECT ssh_nonce FROM check_runs WHERE check_name = 'readme'", [], |r| r.get(0))?;
+    let run: i64 = fx.db().query_row("SELECT id FROM check_runs WHERE check_name = 'readme'", [], |r| r.get(0))?;
+    assert!(Path::new(&format!("/home/{checker}/.labrack/runs/run-{run}-{nonce}/status")).exists());
     // Nothing is ever queued for a host without an agent to pull.
     let tasks: i64 = fx.db().query_row("SELECT count(*) FROM host_tasks", [], |r| r.get(0))?;
     assert_eq!(tasks, 0, "no host tasks for a host without an agent");

@@ -62,7 +62,15 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "xclip",
     "libvpx-dev",
     "python3-minimal",
+    // tests run small servers and ptrace attempts inside labs with Debian's python3
+    "python3",
     "util-linux",
+    // each lab's box: network namespaces and their rules, disk images, the cron spool it masks
+    "iproute2",
+    "nftables",
+    "e2fsprogs",
+    "procps",
+    "cron",
     "x11-xserver-utils",
     "dbus-x11",
     "ssl-cert",

@@ -267,12 +267,26 @@ pub struct NewAgentlessHost {
     pub ssh_host_key: String,
     /// how many labs it holds; default 1
     pub capacity: Option<u32>,
+    /// the account checks run as (never the team's): a user of its own with a forced
+    /// command (see the README); without one, labs whose template has checks are refused
+    #[serde(default)]
+    pub checker: Option<CheckerAccount>,
+}
+
+/// A host's checker account; its password is stored encrypted and used by the appliance only.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckerAccount {
+    pub username: String,
+    pub password: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AgentlessHost {
     pub id: i64,
     pub name: String,
+    /// whether checks can run there
+    pub checker: bool,
 }
 
 /// Registers a host that runs no labrack-host agent: its labs are registered by staff and
@@ -308,6 +322,17 @@ pub async fn register_agentless(
     if !(1..=256).contains(&capacity) {
         return Err(ApiError::invalid("capacity", "must be between 1 and 256"));
     }
+    let checker = match req.checker {
+        Some(account) => {
+            let user = super::labs::unix_user("checker.username", &account.username)?;
+            if account.password.is_empty() || account.password.len() > 256 {
+                return Err(ApiError::invalid("checker.password", "1–256 characters"));
+            }
+            Some((user, account.password))
+        }
+        None => None,
+    };
+    let secrets = state.secrets.clone();
     let view = state
         .db
         .writer()
@@ -323,8 +348,13 @@ pub async fn register_agentless(
                 params![name, address, capacity, now_rfc3339(), i64::try_from(unix_ms()).unwrap_or(i64::MAX), port, key],
             )?;
             let id = conn.last_insert_rowid();
-            audit(conn, &caller.actor(), &caller.meta, "host.registered_agentless", Some(&format!("host:{id}")), serde_json::json!({"name": name, "address": address}))?;
-            Ok(AgentlessHost { id, name })
+            if let Some((user, password)) = &checker {
+                let sealed = secrets.seal(&labs::checker_context(id), password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+                conn.execute("UPDATE hosts SET checker_user = ?2, checker_secret = ?3 WHERE id = ?1", params![id, user, sealed])?;
+            }
+            let checker_user = checker.as_ref().map(|(user, _)| user.clone());
+            audit(conn, &caller.actor(), &caller.meta, "host.registered_agentless", Some(&format!("host:{id}")), serde_json::json!({"name": name, "address": address, "checker": checker_user}))?;
+            Ok(AgentlessHost { id, name, checker: checker.is_some() })
         })
         .await?;
     Ok((StatusCode::CREATED, Json(view)))

@@ -216,11 +216,13 @@ pub struct AllocationView {
     pub desktop_ready: bool,
     pub created_at: String,
     pub updated_at: String,
+    /// the GPU indices the lab holds on its host
+    pub gpus: Vec<u32>,
 }
 
 const VIEW_COLUMNS: &str = "a.id, a.event_id, a.team_id, t.name, a.host_id, h.name, a.template, a.state,
     (a.in_flight IS NOT NULL OR a.retry_at_ms IS NOT NULL), a.reason,
-    (a.state = 'active' AND a.desktop_secret IS NOT NULL), a.created_at, a.updated_at";
+    (a.state = 'active' AND a.desktop_secret IS NOT NULL), a.created_at, a.updated_at, a.gpu_indices";
 const VIEW_FROM: &str = "allocations a JOIN teams t ON t.id = a.team_id JOIN hosts h ON h.id = a.host_id";
 
 fn view_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AllocationView> {
@@ -238,6 +240,7 @@ fn view_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AllocationView> {
         desktop_ready: r.get(10)?,
         created_at: r.get(11)?,
         updated_at: r.get(12)?,
+        gpus: serde_json::from_str(&r.get::<_, String>(13)?).unwrap_or_default(),
     })
 }
 
@@ -413,8 +416,31 @@ pub struct NewAgentlessLab {
     pub password: String,
 }
 
+/// A host as registering an agentless lab on it needs it.
+struct AgentlessHostRow {
+    agent: bool,
+    capacity: u32,
+    ssh_port: Option<u16>,
+    ssh_host_key: Option<String>,
+    /// its checker account, if it offers one
+    checker: Option<String>,
+}
+
+/// A Unix user name, or a problem naming `field`.
+pub fn unix_user(field: &'static str, name: &str) -> Result<String, ApiError> {
+    let name = name.trim();
+    let valid = (1..=32).contains(&name.len())
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(ApiError::invalid(field, "a Unix user name: 1–32 characters of a–z, 0–9, '_' and '-'"));
+    }
+    Ok(name.to_owned())
+}
+
 /// Registers a team's lab on a host without an agent: the account exists already; the
-/// appliance keeps its login (encrypted) to run checks and the browser terminal over SSH.
+/// appliance keeps its login (encrypted) for the browser terminal over SSH. Its checks run
+/// as the host's checker account: a template with checks on a host without one is refused.
 #[utoipa::path(post, path = "/api/v1/teams/{team_id}/agentless-lab", tag = "labs", params(("team_id" = i64, Path)), request_body = NewAgentlessLab,
     responses((status = 201, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn register_agentless_lab(
@@ -424,13 +450,7 @@ pub async fn register_agentless_lab(
     ApiJson(req): ApiJson<NewAgentlessLab>,
 ) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
     caller.require_staff(&TEMPLATE_ADMINS)?;
-    let username = req.username.trim().to_owned();
-    let valid_user = (1..=32).contains(&username.len())
-        && username.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && username.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if !valid_user {
-        return Err(ApiError::invalid("username", "a Unix user name: 1–32 characters of a–z, 0–9, '_' and '-'"));
-    }
+    let username = unix_user("username", &req.username)?;
     if req.password.is_empty() || req.password.len() > 256 {
         return Err(ApiError::invalid("password", "1–256 characters"));
     }
@@ -442,12 +462,14 @@ pub async fn register_agentless_lab(
             let event_id: i64 =
                 conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?.ok_or(ApiError::NotFound("team"))?;
             super::people::open_event(conn, event_id)?;
-            let host: Option<(bool, u32, Option<u16>, Option<String>)> = conn
-                .query_row("SELECT agent, capacity, ssh_port, ssh_host_key FROM hosts WHERE id = ?1", [req.host_id], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            let host = conn
+                .query_row("SELECT agent, capacity, ssh_port, ssh_host_key, checker_user FROM hosts WHERE id = ?1", [req.host_id], |r| {
+                    Ok(AgentlessHostRow { agent: r.get(0)?, capacity: r.get(1)?, ssh_port: r.get(2)?, ssh_host_key: r.get(3)?, checker: r.get(4)? })
                 })
                 .optional()?;
-            let Some((agent, capacity, ssh_port, ssh_host_key)) = host else { return Err(ApiError::invalid("host_id", "no such host")) };
+            let Some(AgentlessHostRow { agent, capacity, ssh_port, ssh_host_key, checker }) = host else {
+                return Err(ApiError::invalid("host_id", "no such host"));
+            };
             if agent {
                 return Err(ApiError::invalid("host_id", "that host runs the agent: allocate a lab on it instead"));
             }
@@ -455,12 +477,24 @@ pub async fn register_agentless_lab(
             if in_use >= capacity {
                 return Err(ApiError::conflict(Some("host_id"), format!("the host holds {capacity} lab(s) and all are in use")));
             }
-            let template: Option<(String, String, String)> = conn
-                .query_row("SELECT name, runtime, skeleton FROM lab_templates WHERE name = ?1", [&req.template], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            let template: Option<(String, String, String, String)> = conn
+                .query_row("SELECT name, runtime, skeleton, checks FROM lab_templates WHERE name = ?1", [&req.template], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
                 .optional()?;
-            let Some((name, runtime, skeleton)) = template else {
+            let Some((name, runtime, skeleton, checks)) = template else {
                 return Err(ApiError::invalid("template", format!("no lab template named {:?}", req.template)));
             };
+            let scored = serde_json::from_str::<Vec<serde_json::Value>>(&checks).is_ok_and(|c| !c.is_empty());
+            if scored && checker.is_none() {
+                return Err(ApiError::invalid(
+                    "host_id",
+                    format!("template {name:?} has scored checks, and that host offers no checker account: checks never run as the team — register the host with one"),
+                ));
+            }
+            if checker.as_deref() == Some(username.as_str()) {
+                return Err(ApiError::invalid("username", "that is the host's checker account, not a team's"));
+            }
             let live: Option<i64> =
                 conn.query_row("SELECT id FROM allocations WHERE team_id = ?1 AND state <> 'released'", [team_id], |r| r.get(0)).optional()?;
             if let Some(existing) = live {

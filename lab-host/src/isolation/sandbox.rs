@@ -56,6 +56,8 @@ pub(crate) struct InnerSpec {
     pub(crate) name: String,
     pub(crate) run_id: i64,
     pub(crate) cpu_secs: u32,
+    /// `CUDA_VISIBLE_DEVICES` for the lab's GPUs
+    pub(crate) visible_gpus: String,
     /// the memory file holding the script
     #[serde(default)]
     pub(crate) script_fd: i32,
@@ -149,6 +151,8 @@ pub(crate) fn init() -> anyhow::Result<std::process::ExitCode> {
         .env("LABRACK_CHECK", &spec.name)
         .env("LABRACK_CHECK_RUN", spec.run_id.to_string())
         .env("LABRACK_LAB_USER", &spec.lab_user)
+        .env("CUDA_VISIBLE_DEVICES", &spec.visible_gpus)
+        .env("NVIDIA_VISIBLE_DEVICES", &spec.visible_gpus)
         .stdin(Stdio::null())
         .spawn()
         .context("starting the check's bash")?;

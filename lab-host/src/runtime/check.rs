@@ -104,6 +104,7 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
             name: spec.name.to_owned(),
             run_id: spec.check_run_id,
             cpu_secs: spec.timeout_secs.saturating_add(1),
+            visible_gpus: devices::visible_devices(&record.gpus),
             script_fd: -1,
         },
         script: spec.script.to_owned(),

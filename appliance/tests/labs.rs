@@ -196,6 +196,11 @@ async fn bad_lab_input_gets_a_problem_and_changes_nothing() {
     let reply = app.raw("PUT", "/api/v1/templates", &organizer, "application/toml", quota).await;
     assert_eq!(reply.status.as_u16(), 422, "no host enforces a disk quota: {}", reply.body);
     assert_eq!(reply.body["errors"][0]["line"], 9, "{}", reply.body);
+    let io = "[[template]]\nname = \"io\"\nruntime = \"local-user\"\nskeleton = \"/s\"\nio_weight = 300\n";
+    let reply = app.raw("PUT", "/api/v1/templates", &organizer, "application/toml", io).await;
+    assert_eq!((reply.status.as_u16(), reply.body["errors"][0]["line"].as_u64()), (422, Some(5)), "no host has an IO weight: {}", reply.body);
+    assert!(reply.body["errors"][0]["reason"].as_str().is_some_and(|r| r.contains("io_weight") && r.contains("cannot enforce")), "{}", reply.body);
+    assert_eq!(before, app.snapshot().await, "refused templates change nothing");
     let alloc = app.call("POST", &team, &organizer, Some(json!({"template": "desk"}))).await;
     let id = alloc.body["id"].as_i64().expect("id");
     let again = app.call("POST", &team, &organizer, Some(json!({"template": "desk"}))).await;

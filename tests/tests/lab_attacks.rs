@@ -128,6 +128,11 @@ dimension = "functionality"
     assert!(!ok && !stolen.contains("welcome"), "inside the box Blue's home does not exist: {stolen}");
     let outside = Command::new("runuser").args(["-u", &red_user, "--", "cat", &format!("/home/{blue_user}/README.txt")]).output()?;
     assert!(!outside.status.success(), "even outside a box, Red's uid cannot read Blue's home");
+    let (ok, _) = as_team(&red_user, "echo red-secret > /tmp/red-secret && echo red-shm > /dev/shm/red-shm && echo red > /var/tmp/red-tmp")?;
+    assert!(ok);
+    let (_, seen) = as_team(&blue_user, "ls -a /tmp /dev/shm /var/tmp; cat /tmp/red-secret /dev/shm/red-shm 2>&1")?;
+    assert!(!seen.contains("red-secret\n") && !seen.contains("red-shm\n") && !seen.contains("red-tmp"), "Blue's /tmp, /dev/shm and /var/tmp are its own: {seen}");
+    assert!(!Path::new("/tmp/red-secret").exists() && !Path::new("/dev/shm/red-shm").exists(), "nor the host's");
     let (_, owners) = as_team(&red_user, "ps -e -o user= | sort -u")?;
     assert_eq!(owners.trim(), red_user, "Red sees only its own processes: {owners}");
     let blue_pid = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/labrack/{blue_user}/box/cgroup.procs"))?.lines().last().context("a Blue process")?.to_owned();

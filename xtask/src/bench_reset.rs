@@ -1,10 +1,16 @@
-//! `cargo xtask bench reset`: how long a lab reset takes, end to end, on this machine.
+//! `cargo xtask bench reset`: how long a lab reset takes, end to end, on this machine, and
+//! what a lab's box costs.
 //!
-//! Starts the release `labrack` and `labrack-host`, a real xrdp, and one `local-user` lab
-//! whose skeleton holds ~100 MB in ~1,000 files. Each round the "team" fills its home with
-//! another ~50 MB in 500 files and (with xrdp) holds a live desktop session (opened by
-//! `labrack admin probe-desktop`); then `POST …/reset` is timed until the API shows the lab
-//! active and idle again. The host's own task time is read from its log.
+//! Starts the release `labrack` and `labrack-host` and one `local-user` lab (in its box, with
+//! its own xrdp and sshd) whose skeleton holds ~100 MB in ~1,000 files. Each round the
+//! "team" fills its home with another ~50 MB in 500 files and holds a live desktop session
+//! (opened by `labrack admin probe-desktop`); then `POST …/reset` is timed until the API
+//! shows the lab active and idle again. The host's own task time is read from its log.
+//!
+//! The box's cost: the provision task's time (user, home, box up), the lab cgroup's memory
+//! with no session and with a desktop session, and the latency the forwarded ports add
+//! (connect to the lab's sshd and read its banner, through the lab's host port against
+//! straight inside its network namespace).
 
 use std::path::Path;
 use std::process::Command;
@@ -29,6 +35,70 @@ pub(crate) fn bench_reset(args: &[String]) -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "-p", "labrack", "-p", "labrack-host"]))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(reset_rounds(rounds))
+}
+
+/// The lab cgroup's memory use (page cache and tmpfs included), MB.
+fn box_memory_mb(user: &str) -> anyhow::Result<f64> {
+    let bytes: u64 = std::fs::read_to_string(format!("/sys/fs/cgroup/memory/labrack/{user}/memory.usage_in_bytes"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/labrack/{user}/memory.current")))
+        .context("the lab's memory cgroup")?
+        .trim()
+        .parse()?;
+    Ok(bytes as f64 / 1e6)
+}
+
+/// Connect to the lab's sshd and read its banner `rounds` times; the median in ms. Through
+/// the lab's host port, or (`inside`) from within its network namespace.
+fn banner_ms(port: u16, netns: Option<&str>, rounds: usize) -> anyhow::Result<f64> {
+    let script = format!(
+        "import socket, time, statistics\nt = []\nfor _ in range({rounds}):\n    s = time.perf_counter(); c = socket.create_connection(('127.0.0.1', {port})); c.recv(64); t.append(time.perf_counter() - s); c.close()\nprint(statistics.median(t) * 1000)\n"
+    );
+    let mut command = match netns {
+        Some(netns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", netns, "python3", "-c", &script]);
+            c
+        }
+        None => {
+            let mut c = Command::new("python3");
+            c.args(["-c", &script]);
+            c
+        }
+    };
+    let output = command.output()?;
+    anyhow::ensure!(output.status.success(), "banner probe: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8_lossy(&output.stdout).trim().parse()?)
+}
+
+fn box_costs(host: &LabHost, id: i64, user: &str, target: &Path, data: &Path) -> anyhow::Result<()> {
+    let task = format!("task=alloc-{id}-provision-");
+    let provision_ms = host
+        .log
+        .lock()
+        .ok()
+        .and_then(|log| log.iter().rev().find(|l| l.contains("task succeeded") && l.contains(&task)).cloned())
+        .and_then(|line| line.rsplit("ms=").next().and_then(|ms| ms.trim().parse::<f64>().ok()));
+    let idle = box_memory_mb(user)?;
+    let probe = Command::new(target.join("labrack")).args(["admin", "probe-desktop", &id.to_string(), "--watch-secs", "20", "--expect-rgb", "1e90ff", "--data-dir"]).arg(data).output()?;
+    anyhow::ensure!(probe.status.success(), "the desktop did not come up: {}", String::from_utf8_lossy(&probe.stderr));
+    std::thread::sleep(Duration::from_secs(2));
+    let session = box_memory_mb(user)?;
+    // The lab's SSH port is the second of its two ports (the first lab: host ports +0, +1).
+    let ssh_port = host.first_port + 1;
+    let (mut forwarded, mut direct) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        forwarded.push(banner_ms(ssh_port, None, 100)?);
+        direct.push(banner_ms(22, Some(user), 100)?);
+    }
+    forwarded.sort_by(f64::total_cmp);
+    direct.sort_by(f64::total_cmp);
+    let (forwarded, direct) = (forwarded[2], direct[2]);
+    println!("\nbench reset: the box");
+    println!("  provision (users, home, box up)   {} ms", provision_ms.map_or("?".into(), |ms| format!("{ms:.0}")));
+    println!("  lab memory, no session            {idle:.1} MB (sshd, xrdp, sesman, the box's init)");
+    println!("  lab memory, one desktop session   {session:.1} MB");
+    println!("  sshd banner via the lab's port    {forwarded:.3} ms   straight in its namespace {direct:.3} ms   (forwarding adds {:.3} ms)", forwarded - direct);
+    Ok(())
 }
 
 fn write_files(dir: &Path, small: usize, large: usize, large_mb: usize) -> anyhow::Result<()> {
@@ -81,6 +151,7 @@ async fn reset_rounds(rounds: usize) -> anyhow::Result<()> {
     admin.wait_for(&path, Duration::from_secs(120), |a| a["state"] == "active" && a["busy"] == false).await?;
     let user = format!("{}a{id}", users.prefix);
     let home = Path::new("/home").join(&user);
+    box_costs(&host, id, &user, &target, &data.0)?;
 
     let mut api_ms = Vec::new();
     let mut host_ms = Vec::new();

@@ -175,3 +175,39 @@ pub(crate) fn ensure_boxes(settings: &RuntimeSettings) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(cgroups: Cgroups, gpus: u32) -> RuntimeSettings {
+        RuntimeSettings {
+            state_dir: "/var/lib/labrack-host".into(),
+            user_prefix: "lr-".into(),
+            skeleton_root: super::super::homes::DEFAULT_SKELETON_ROOT.into(),
+            first_port: 42_000,
+            last_port: 42_099,
+            lab_network: "100.64.0.0/16".parse().expect("network"),
+            ssh_host_key: None,
+            rdp_cert_sha256: None,
+            cgroups,
+            gpus,
+        }
+    }
+
+    #[test]
+    fn a_host_refuses_limits_it_cannot_enforce_naming_them() {
+        let v1 = || Cgroups::V1 { root: "/sys/fs/cgroup".into(), controllers: vec![], io_weight_file: None };
+        let io = LabLimits { io_weight: Some(200), ..LabLimits::default() };
+        let refused = check_enforceable(&settings(v1(), 0), &io, &[]).expect_err("no IO weight without BFQ");
+        assert!(refused.to_string().contains("cannot enforce io_weight"), "{refused}");
+        let refused = check_enforceable(&settings(v1(), 1), &LabLimits::default(), &[3]).expect_err("no GPU 3 here");
+        assert!(refused.to_string().contains("GPU 3 does not exist"), "{refused}");
+        let no_devices = Cgroups::V2 { base: "/sys/fs/cgroup/labrack".into() };
+        let refused = check_enforceable(&settings(no_devices, 2), &LabLimits::default(), &[0]).expect_err("no device rules on plain cgroup v2");
+        assert!(refused.to_string().contains("gpus"), "{refused}");
+        let huge = LabLimits { memory_mib: 1 << 30, ..LabLimits::default() };
+        let refused = check_enforceable(&settings(v1(), 0), &huge, &[]).expect_err("more memory than the host has");
+        assert!(refused.to_string().contains("memory_mib"), "{refused}");
+    }
+}

@@ -483,7 +483,7 @@ fn remove_cgroup_tree(dir: &Path) {
             break;
         }
         for pid in procs.lines() {
-            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).stderr(Stdio::null()).status();
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -69,7 +69,17 @@ impl Cgroups {
             }
             let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
             let path = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 entry in /proc/self/cgroup")?;
-            return Ok(Self::V2 { base: root.join(path.trim_start_matches('/')).join("labrack") });
+            let own_dir = root.join(path.trim_start_matches('/'));
+            // cgroup v2 lets a group with processes hand no controllers to its children:
+            // the agent moves itself into a leaf of its (delegated) group first.
+            if own_dir != root && !own_dir.ends_with("agent") {
+                let leaf = own_dir.join("agent");
+                std::fs::create_dir_all(&leaf).with_context(|| format!("creating {} (delegate the agent's cgroup to it)", leaf.display()))?;
+                std::fs::write(leaf.join("cgroup.procs"), "0").with_context(|| format!("moving the agent into {}", leaf.display()))?;
+                return Ok(Self::V2 { base: own_dir.join("labrack") });
+            }
+            let parent = if own_dir.ends_with("agent") { own_dir.parent().map(Path::to_path_buf).unwrap_or(own_dir.clone()) } else { own_dir };
+            return Ok(Self::V2 { base: parent.join("labrack") });
         }
         let mut controllers = Vec::new();
         for controller in V1_REQUIRED {
@@ -131,13 +141,7 @@ impl Cgroups {
                 write(&at("cpu").join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                 write(&at("cpu").join("cpu.cfs_quota_us"), &quota_us(limits.cpu_millicores).to_string())?;
                 write(&at("cpu").join("cpu.shares"), &shares(limits.cpu_weight).to_string())?;
-                let memory = u64::from(limits.memory_mib) * 1024 * 1024;
-                write(&at("memory").join("memory.limit_in_bytes"), &memory.to_string())?;
-                // Swap counts too where the kernel accounts it (otherwise there is none to use).
-                let memsw = at("memory").join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    write(&memsw, &memory.to_string())?;
-                }
+                set_v1_memory(&at("memory"), u64::from(limits.memory_mib) * 1024 * 1024)?;
                 write(&at("pids").join("pids.max"), &limits.pids.to_string())?;
                 if let Some(weight) = limits.io_weight {
                     let file = io_weight_file.context("io_weight: this host's block layer has no IO weight (no BFQ scheduler)")?;
@@ -182,13 +186,7 @@ impl Cgroups {
                 }
                 apply_v1_devices(&Self::v1_dir(root, "devices", lab, Some(unit)), devices)?;
                 if let Some(memory) = memory_mib {
-                    let bytes = (u64::from(memory) * 1024 * 1024).to_string();
-                    let dir = Self::v1_dir(root, "memory", lab, Some(unit));
-                    write(&dir.join("memory.limit_in_bytes"), &bytes)?;
-                    let memsw = dir.join("memory.memsw.limit_in_bytes");
-                    if memsw.exists() {
-                        write(&memsw, &bytes)?;
-                    }
+                    set_v1_memory(&Self::v1_dir(root, "memory", lab, Some(unit)), u64::from(memory) * 1024 * 1024)?;
                 }
                 if let Some(pids) = pids {
                     write(&Self::v1_dir(root, "pids", lab, Some(unit)).join("pids.max"), &pids.to_string())?;
@@ -280,6 +278,10 @@ impl Cgroups {
             }),
             _ => None,
         };
+        // Empty already (a check's init ended, taking its PID namespace along): done.
+        if !matches!(self, Self::V2Systemd) && self.members(lab, unit).is_empty() {
+            return Ok(());
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(file) = &kill_file
@@ -307,23 +309,6 @@ impl Cgroups {
         }
     }
 
-    /// Removes a unit's group (its processes must be gone: call [`Cgroups::kill`] first).
-    pub(crate) fn remove_unit(&self, lab: &str, unit: &Unit) {
-        match self {
-            Self::V1 { root, controllers, .. } => {
-                for controller in controllers {
-                    let _ = std::fs::remove_dir(Self::v1_dir(root, controller, lab, Some(unit)));
-                }
-            }
-            Self::V2Systemd => {
-                let _ = Command::new("systemctl").args(["stop", &scope(lab, unit)]).output();
-            }
-            Self::V2 { base } => {
-                let _ = std::fs::remove_dir(base.join(lab).join(unit.dir()));
-            }
-        }
-    }
-
     /// Kills everything of the lab and removes all its groups.
     pub(crate) fn remove_lab(&self, lab: &str) -> anyhow::Result<()> {
         self.kill(lab, None)?;
@@ -343,14 +328,24 @@ impl Cgroups {
 
     /// The lab (user name) a process belongs to, read from its cgroup path.
     pub(crate) fn lab_of(&self, pid: u32) -> Option<String> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        text.lines().find_map(|line| {
-            let path = line.splitn(3, ':').nth(2)?;
-            let rest = path.split("/labrack/").nth(1).or_else(|| path.split("/labrack-").nth(1).map(|r| r.trim_end_matches(".slice")))?;
-            let lab = rest.split(['/', '.']).next()?;
-            (!lab.is_empty()).then(|| lab.to_owned())
-        })
+        lab_in(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
     }
+}
+
+/// The lab named by a `/proc/PID/cgroup` text, if any.
+fn lab_in(text: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let path = line.splitn(3, ':').nth(2)?;
+        // cgroupfs: …/labrack/USER/…; systemd: …/labrack-USER.slice/… with '-' written '_'
+        // (user prefixes hold no '_', so the way back is plain).
+        if let Some(rest) = path.split("/labrack/").nth(1) {
+            let lab = rest.split('/').next()?;
+            return (!lab.is_empty()).then(|| lab.to_owned());
+        }
+        let rest = path.split("/labrack-").nth(1)?;
+        let lab = rest.split(['/', '.']).next()?.replace('_', "-");
+        (!lab.is_empty()).then_some(lab)
+    })
 }
 
 /// Joins the calling process to `cgroup.procs` files (the unit's groups), before it starts
@@ -397,6 +392,26 @@ fn shares(weight: u32) -> u64 {
 /// cgroup v2 IO weight (1–10000) → v1 blkio weight (10–1000).
 fn v1_io_weight(weight: u32) -> u32 {
     (weight / 10).clamp(10, 1000)
+}
+
+/// Sets a v1 memory limit, swap included where the kernel accounts it. The kernel keeps
+/// memory ≤ memory+swap at every step, so a rise sets memory+swap first and a cut memory
+/// first; a reused group may still hold the last run's page cache, emptied before a cut.
+fn set_v1_memory(dir: &Path, bytes: u64) -> anyhow::Result<()> {
+    let (memory, memsw) = (dir.join("memory.limit_in_bytes"), dir.join("memory.memsw.limit_in_bytes"));
+    let value = bytes.to_string();
+    let swap = memsw.exists();
+    if swap && std::fs::write(&memsw, &value).is_ok() {
+        return write(&memory, &value);
+    }
+    if std::fs::write(&memory, &value).is_err() {
+        let _ = std::fs::write(dir.join("memory.force_empty"), "0");
+        write(&memory, &value)?;
+    }
+    if swap {
+        write(&memsw, &value)?;
+    }
+    Ok(())
 }
 
 fn write(path: &Path, value: &str) -> anyhow::Result<()> {
@@ -508,6 +523,13 @@ mod tests {
             systemd_limits(&limits),
             ["CPUQuota=200%", "CPUWeight=100", "MemoryMax=4096M", "MemorySwapMax=0", "TasksMax=1024", "IOWeight=300"]
         );
+    }
+
+    #[test]
+    fn a_process_is_traced_to_its_lab_by_its_cgroup_path() {
+        assert_eq!(lab_in("9:name=systemd:/\n8:pids:/labrack/lr-a7/box\n").as_deref(), Some("lr-a7"));
+        assert_eq!(lab_in("0::/labrack.slice/labrack-lr_a7.slice/labrack-lr_a7-check-3.scope\n").as_deref(), Some("lr-a7"));
+        assert_eq!(lab_in("0::/system.slice/ssh.service\n"), None);
     }
 
     #[test]

@@ -27,6 +27,34 @@ use crate::isolation::{self, devices};
 /// Processes and threads one check may have at once (its lab's limit applies as well).
 const CHECK_PIDS: u32 = 512;
 
+/// Which check slots of each lab are in use. A check's cgroup is its slot's, reused by the
+/// slot's next run: making and removing cgroups takes the kernel's global cgroup lock, and
+/// checks running side by side would queue on it.
+static SLOTS: std::sync::Mutex<Vec<(String, i64)>> = std::sync::Mutex::new(Vec::new());
+
+/// A lab's check slot, given back when dropped.
+struct Slot {
+    lab: String,
+    index: i64,
+}
+
+impl Slot {
+    fn take(lab: &str) -> anyhow::Result<Self> {
+        let mut slots = SLOTS.lock().map_err(|_| anyhow::anyhow!("the check slots are poisoned"))?;
+        let index = (0..).find(|i| !slots.iter().any(|(l, s)| l == lab && s == i)).unwrap_or(0);
+        slots.push((lab.to_owned(), index));
+        Ok(Self { lab: lab.to_owned(), index })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut slots) = SLOTS.lock() {
+            slots.retain(|(l, s)| !(l == &self.lab && *s == self.index));
+        }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub(crate) struct CheckSpec<'a> {
@@ -80,7 +108,9 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
     let checker_name = accounts::checker_of(&user);
     let checker = accounts::lookup(&checker_name)?.with_context(|| format!("the checker {checker_name} of lab {user} is not on this host"))?;
     let record = isolation::load_record(&settings.state_dir, &user)?.with_context(|| format!("this host has no record of lab {user}"))?;
-    let unit = Unit::Check(spec.check_run_id);
+    let slot = Slot::take(&user)?;
+    // systemd makes a scope per run (a stopping one keeps its name a moment): named by run.
+    let unit = Unit::Check(if matches!(settings.cgroups, crate::isolation::cgroup::Cgroups::V2Systemd) { spec.check_run_id } else { slot.index });
     let rules = devices::lab_rules(&record.gpus, &std::fs::read_to_string("/proc/devices").unwrap_or_default());
     let joins = settings.cgroups.prepare_unit(&user, &unit, Some(spec.memory_mib), Some(CHECK_PIDS), &rules)?;
     let netns = if spec.network {
@@ -153,9 +183,10 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    // Whatever is left (nothing can be: its PID namespace died with its init) goes too.
+    // Whatever is left (nothing can be: its PID namespace died with its init) goes too,
+    // before the slot is anyone else's.
     settings.cgroups.kill(&user, Some(&unit))?;
-    settings.cgroups.remove_unit(&user, &unit);
+    drop(slot);
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let (mut stdout, mut stderr, mut ready) = (Captured::default(), Captured::default(), false);
     let read_deadline = Instant::now() + Duration::from_secs(2);

@@ -77,11 +77,22 @@ fn access(settings: &RuntimeSettings, record: &LabRecord) -> DesktopAccess {
     }
 }
 
-pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<DesktopAccess> {
-    let _lock = LAB_LOCK.lock().map_err(|_| anyhow::anyhow!("the lab lock is poisoned"))?;
+/// What a provision or reset is handed, checked before anything is touched: the password,
+/// the skeleton (its canonical path under the skeleton root) and the limits.
+fn admit(settings: &RuntimeSettings, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<PathBuf> {
     accounts::check_password(password)?;
     let skeleton = homes::check_skeleton(&settings.skeleton_root, skeleton)?;
     check_enforceable(settings, limits, gpus)?;
+    Ok(skeleton)
+}
+
+fn lab_lock() -> anyhow::Result<std::sync::MutexGuard<'static, ()>> {
+    LAB_LOCK.lock().map_err(|_| anyhow::anyhow!("the lab lock is poisoned"))
+}
+
+pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<DesktopAccess> {
+    let _lock = lab_lock()?;
+    let skeleton = admit(settings, skeleton, password, limits, gpus)?;
     let user = username(settings, allocation_id);
     // Left over from an interrupted attempt: start clean.
     remove_lab(&settings.state_dir, &settings.cgroups, &user)?;
@@ -98,10 +109,8 @@ pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton
 }
 
 pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<DesktopAccess> {
-    let _lock = LAB_LOCK.lock().map_err(|_| anyhow::anyhow!("the lab lock is poisoned"))?;
-    accounts::check_password(password)?;
-    let skeleton = homes::check_skeleton(&settings.skeleton_root, skeleton)?;
-    check_enforceable(settings, limits, gpus)?;
+    let _lock = lab_lock()?;
+    let skeleton = admit(settings, skeleton, password, limits, gpus)?;
     let user = username(settings, allocation_id);
     let account = accounts::lookup(&user)?.with_context(|| format!("the lab user {user} does not exist on this host"))?;
     let mut record = isolation::load_record(&settings.state_dir, &user)?.with_context(|| format!("this host has no record of lab {user}"))?;
@@ -122,7 +131,7 @@ pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &s
 }
 
 pub(crate) fn release(settings: &RuntimeSettings, allocation_id: i64) -> anyhow::Result<()> {
-    let _lock = LAB_LOCK.lock().map_err(|_| anyhow::anyhow!("the lab lock is poisoned"))?;
+    let _lock = lab_lock()?;
     remove_lab(&settings.state_dir, &settings.cgroups, &username(settings, allocation_id))
 }
 

@@ -63,7 +63,7 @@ pub(crate) async fn enrol(options: EnrolOptions) -> anyhow::Result<HostConfig> {
         Some(address) => address,
         None => address_towards(&url).context("could not work out this host's address; pass --address")?,
     };
-    let resources = runtime::host_resources(&crate::isolation::cgroup::Cgroups::detect()?, telemetry::gpu_count());
+    let resources = runtime::host_resources(&crate::isolation::cgroup::Cgroups::detect()?, &crate::isolation::gpus::GpuInventory::discover());
     let (pkcs8, public_key) = identity::generate_key()?;
     let request = EnrolRequest {
         version: PROTOCOL_VERSION,

@@ -6,6 +6,7 @@ mod agent;
 mod client;
 mod identity;
 mod isolation;
+mod nvml_ids;
 mod runtime;
 mod spool;
 mod telemetry;
@@ -167,7 +168,7 @@ fn init_logging() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Telemetry { interval_ms } => {
-            let resources = runtime::host_resources(&isolation::cgroup::Cgroups::detect()?, telemetry::gpu_count());
+            let resources = runtime::host_resources(&isolation::cgroup::Cgroups::detect()?, &isolation::gpus::GpuInventory::discover());
             println!("{}", serde_json::to_string_pretty(&telemetry::sample(Duration::from_millis(interval_ms), resources, &[], |_| None))?);
             Ok(())
         }
@@ -233,7 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ssh_host_key,
                     rdp_cert_sha256,
                     cgroups: isolation::cgroup::Cgroups::detect()?,
-                    gpus: gpus.unwrap_or_else(telemetry::gpu_count),
+                    gpus: gpus.map_or_else(isolation::gpus::GpuInventory::discover, isolation::gpus::GpuInventory::counted),
                 },
                 boxes,
                 state_dir,

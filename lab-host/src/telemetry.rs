@@ -8,6 +8,7 @@ use labrack_provisioner::limits::HostResources;
 use labrack_provisioner::protocol::{DiskUsage, GpuDevice, GpuProcess, GpuTelemetry, LabUsage, PROTOCOL_VERSION, Telemetry};
 
 use crate::isolation::LabRecord;
+use crate::isolation::gpus::{MigSlice, PhysicalGpu};
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
@@ -61,12 +62,55 @@ pub(crate) fn lab_usage(gpus: &GpuTelemetry, labs: &[LabRecord], lab_of: impl Fn
         .collect()
 }
 
-/// How many NVIDIA GPUs NVML sees (0 without a driver).
-pub(crate) fn gpu_count() -> u32 {
-    match gpus() {
-        GpuTelemetry::Present { devices, .. } => u32::try_from(devices.len()).unwrap_or(0),
-        GpuTelemetry::NoGpu { .. } => 0,
+/// The physical GPUs and, for those in MIG mode, their MIG devices (none without a
+/// driver). A GPU NVML cannot describe is left out, as it could not be granted safely.
+pub(crate) fn physical_gpus() -> Vec<PhysicalGpu> {
+    let Ok(nvml) = Nvml::init() else { return Vec::new() };
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count)
+        .filter_map(|index| {
+            let device = nvml.device_by_index(index).ok()?;
+            let minor = device.minor_number().ok()?;
+            let mig = match device.mig_mode() {
+                Ok(mode) if mode.current == 1 => Some(mig_slices(&device)),
+                _ => None,
+            };
+            Some(PhysicalGpu { minor, uuid: device.uuid().ok(), memory_mib: device.memory_info().map(|m| m.total >> 20).unwrap_or(0), mig })
+        })
+        .collect()
+}
+
+/// The MIG devices of `device`: NVML numbers the possible ones, and an empty slot is
+/// an error, skipped.
+fn mig_slices(device: &nvml_wrapper::Device<'_>) -> Vec<MigSlice> {
+    (0..device.mig_device_count().unwrap_or(0))
+        .filter_map(|i| {
+            let mig = device.mig_device_by_index(i).ok()?;
+            let (gpu_instance, compute_instance) = crate::nvml_ids::instance_ids(&mig)?;
+            Some(MigSlice { uuid: mig.uuid().ok()?, memory_mib: mig.memory_info().ok()?.total >> 20, gpu_instance, compute_instance })
+        })
+        .collect()
+}
+
+/// The processes on a GPU, and on its MIG devices (which NVML lists only there).
+fn compute_processes(device: &nvml_wrapper::Device<'_>) -> Vec<GpuProcess> {
+    let mut all = device.running_compute_processes().unwrap_or_default();
+    if matches!(device.mig_mode(), Ok(mode) if mode.current == 1) {
+        for i in 0..device.mig_device_count().unwrap_or(0) {
+            if let Ok(mig) = device.mig_device_by_index(i) {
+                all.extend(mig.running_compute_processes().unwrap_or_default());
+            }
+        }
     }
+    all.into_iter()
+        .map(|p| GpuProcess {
+            pid: p.pid,
+            used_memory_bytes: match p.used_gpu_memory {
+                UsedGpuMemory::Used(bytes) => Some(bytes),
+                UsedGpuMemory::Unavailable => None,
+            },
+        })
+        .collect()
 }
 
 /// GPU telemetry; each NVML query that a device does not support is left `None`.
@@ -92,18 +136,7 @@ pub(crate) fn gpus() -> GpuTelemetry {
                 temperature_celsius: device.temperature(TemperatureSensor::Gpu).ok(),
                 // NVML reports milliwatts.
                 power_watts: device.power_usage().ok().map(|mw| f64::from(mw) as f32 / 1000.0),
-                processes: device
-                    .running_compute_processes()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|p| GpuProcess {
-                        pid: p.pid,
-                        used_memory_bytes: match p.used_gpu_memory {
-                            UsedGpuMemory::Used(bytes) => Some(bytes),
-                            UsedGpuMemory::Unavailable => None,
-                        },
-                    })
-                    .collect(),
+                processes: compute_processes(&device),
             })
         })
         .collect();
@@ -117,7 +150,7 @@ mod tests {
     /// Runs the real sampling path. On a machine without NVIDIA (CI) this is the no-GPU
     /// path; on a GPU machine it must list at least one device with a name.
     fn resources() -> HostResources {
-        HostResources { cpus: 2, memory_mib: 1024, pids_max: 32_768, gpus: 0, isolation: "cgroup-v1".into(), enforces: vec![] }
+        HostResources { cpus: 2, memory_mib: 1024, pids_max: 32_768, gpus: 0, gpu_units: vec![], isolation: "cgroup-v1".into(), enforces: vec![] }
     }
 
     #[test]
@@ -131,6 +164,7 @@ mod tests {
             ssh_port: 2,
             limits: Default::default(),
             gpus,
+            gpu_grants: vec![],
         };
         let process = |pid: u32, mib: u64| GpuProcess { pid, used_memory_bytes: Some(mib << 20) };
         let device = |index: u32, processes: Vec<GpuProcess>| GpuDevice {

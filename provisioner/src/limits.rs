@@ -171,9 +171,45 @@ pub struct HostResources {
     /// the kernel's `pid_max`
     pub pids_max: u32,
     pub gpus: u32,
+    /// what each of the `gpus` assignable GPUs is, by index (a whole GPU, or a MIG slice of
+    /// one); empty when the host knows only their number (`--gpus N`)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_units: Vec<GpuUnit>,
     /// how the host isolates labs: `cgroup-v1`, `cgroup-v2`, `cgroup-v2-systemd`
     pub isolation: String,
     pub enforces: Vec<Enforcement>,
+}
+
+/// One GPU a host can give a lab: a whole GPU, or a MIG slice of one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuUnit {
+    /// its memory (0 when NVML could not tell)
+    pub memory_mib: u64,
+    /// a MIG slice: its memory is a hardware partition, so a lab cannot use more
+    /// (`gpu_memory_mib` is enforced); on a whole GPU it is only watched
+    pub mig: bool,
+}
+
+impl HostResources {
+    /// The memory of GPU `index`, when the host knows it.
+    pub fn gpu_memory_mib(&self, index: u32) -> Option<u64> {
+        self.gpu_units.get(usize::try_from(index).ok()?).map(|u| u.memory_mib).filter(|m| *m > 0)
+    }
+
+    /// Whether GPU `index` could hold a lab that asks for `memory_mib` of GPU memory
+    /// (unknown sizes could: NVML watches them).
+    pub fn gpu_fits(&self, index: u32, memory_mib: Option<u64>) -> bool {
+        match (memory_mib, self.gpu_memory_mib(index)) {
+            (Some(needed), Some(has)) => has >= needed,
+            _ => true,
+        }
+    }
+
+    /// How many of its GPUs could each hold `memory_mib`.
+    pub fn gpus_fitting(&self, memory_mib: Option<u64>) -> u32 {
+        u32::try_from((0..self.gpus).filter(|i| self.gpu_fits(*i, memory_mib)).count()).unwrap_or(u32::MAX)
+    }
 }
 
 /// Why a host cannot take a lab, naming the template field at fault.
@@ -198,8 +234,9 @@ impl LabLimits {
     }
 
     /// Whether a host with `resources` could ever run a lab with these limits and `gpus`
-    /// GPUs (its size and what it enforces; not whether it has room now).
-    pub fn fit(&self, gpus: u32, resources: &HostResources) -> Result<(), Unfit> {
+    /// GPUs of at least `gpu_memory_mib` each (its size and what it enforces; not whether
+    /// it has room now).
+    pub fn fit(&self, gpus: u32, gpu_memory_mib: Option<u64>, resources: &HostResources) -> Result<(), Unfit> {
         if u64::from(self.cpu_millicores) > u64::from(resources.cpus) * 1000 {
             return Err(Unfit { field: "cpu", message: format!("asks for {} cores; the host has {}", cores(self.cpu_millicores), resources.cpus) });
         }
@@ -211,6 +248,13 @@ impl LabLimits {
         }
         if gpus > resources.gpus {
             return Err(Unfit { field: "gpus", message: format!("asks for {gpus}; the host has {}", resources.gpus) });
+        }
+        if gpus > 0 && resources.gpus_fitting(gpu_memory_mib) < gpus {
+            let largest = (0..resources.gpus).filter_map(|i| resources.gpu_memory_mib(i)).max().unwrap_or(0);
+            return Err(Unfit {
+                field: "gpu_memory_mib",
+                message: format!("asks for {} MiB on each of {gpus} GPU(s); the host's largest GPU has {largest} MiB", gpu_memory_mib.unwrap_or(0)),
+            });
         }
         // NVIDIA's device nodes are world-writable: on a host with GPUs, every lab needs
         // device rules, or it could open them all.
@@ -229,7 +273,7 @@ impl LabLimits {
 /// Whether *some* host of `hosts` is big enough for each field and can enforce each limit:
 /// a template that fails this can never be placed. Compared field by field against the
 /// largest host, so the error names the field that no host can meet.
-pub fn fits_some_host(limits: &LabLimits, gpus: u32, hosts: &[HostResources]) -> Result<(), Unfit> {
+pub fn fits_some_host(limits: &LabLimits, gpus: u32, gpu_memory_mib: Option<u64>, hosts: &[HostResources]) -> Result<(), Unfit> {
     if hosts.is_empty() {
         return Ok(());
     }
@@ -238,6 +282,9 @@ pub fn fits_some_host(limits: &LabLimits, gpus: u32, hosts: &[HostResources]) ->
         memory_mib: hosts.iter().map(|h| h.memory_mib).max().unwrap_or(0),
         pids_max: hosts.iter().map(|h| h.pids_max).max().unwrap_or(0),
         gpus: hosts.iter().map(|h| h.gpus).max().unwrap_or(0),
+        // GPU sizes are compared below, host by host: a big GPU on one host and many on
+        // another do not make one host that fits
+        gpu_units: Vec::new(),
         isolation: "any host's".to_owned(),
         enforces: {
             let mut all: Vec<Enforcement> = hosts.iter().flat_map(|h| h.enforces.iter().copied()).collect();
@@ -246,7 +293,15 @@ pub fn fits_some_host(limits: &LabLimits, gpus: u32, hosts: &[HostResources]) ->
             all
         },
     };
-    limits.fit(gpus, &largest).map_err(|unfit| Unfit { message: unfit.message.replace("the host has", "the largest host has"), ..unfit })
+    limits.fit(gpus, None, &largest).map_err(|unfit| Unfit { message: unfit.message.replace("the host has", "the largest host has"), ..unfit })?;
+    if gpus > 0 && !hosts.iter().any(|h| h.gpus_fitting(gpu_memory_mib) >= gpus) {
+        let largest = hosts.iter().flat_map(|h| (0..h.gpus).filter_map(|i| h.gpu_memory_mib(i))).max().unwrap_or(0);
+        return Err(Unfit {
+            field: "gpu_memory_mib",
+            message: format!("asks for {} MiB on each of {gpus} GPU(s); no host has that many GPUs that large (the largest has {largest} MiB)", gpu_memory_mib.unwrap_or(0)),
+        });
+    }
+    Ok(())
 }
 
 /// `2000` → `"2"`, `500` → `"0.5"`.
@@ -264,9 +319,36 @@ mod tests {
             memory_mib: 32_000,
             pids_max: 4_194_304,
             gpus: 2,
+            gpu_units: vec![],
             isolation: "cgroup-v1".into(),
             enforces: vec![Enforcement::Cpu, Enforcement::Memory, Enforcement::Pids, Enforcement::Devices, Enforcement::Network],
         }
+    }
+
+    #[test]
+    fn gpu_memory_is_compared_with_each_gpu_and_named_when_no_gpu_is_large_enough() {
+        let unit = |memory_mib: u64, mig: bool| GpuUnit { memory_mib, mig };
+        // one H100 split into a 40 GB slice and two 20 GB slices
+        let mig = HostResources { gpus: 3, gpu_units: vec![unit(40_000, true), unit(20_000, true), unit(20_000, true)], ..host() };
+        let limits = LabLimits::default();
+        assert_eq!(limits.fit(1, Some(30_000), &mig), Ok(()));
+        assert_eq!(limits.fit(2, Some(20_000), &mig), Ok(()));
+        let unfit = limits.fit(2, Some(30_000), &mig).expect_err("only one slice holds 30 GB");
+        assert_eq!(unfit.field, "gpu_memory_mib");
+        assert!(unfit.message.contains("40000 MiB"), "{unfit}");
+        assert_eq!(mig.gpus_fitting(Some(20_000)), 3);
+        assert_eq!(mig.gpus_fitting(None), 3);
+        // sizes unknown (--gpus N): NVML watches instead, so they fit
+        assert_eq!(limits.fit(2, Some(80_000), &host()), Ok(()));
+        // across hosts, one host must hold all of a lab's GPUs
+        let small_many = HostResources { gpus: 4, gpu_units: vec![unit(10_000, false); 4], ..host() };
+        let big_one = HostResources { gpus: 1, gpu_units: vec![unit(80_000, false)], ..host() };
+        let hosts = [small_many, big_one];
+        assert_eq!(fits_some_host(&limits, 1, Some(60_000), &hosts), Ok(()));
+        assert_eq!(fits_some_host(&limits, 3, Some(8_000), &hosts), Ok(()));
+        let unfit = fits_some_host(&limits, 2, Some(60_000), &hosts).expect_err("no host has two 60 GB GPUs");
+        assert_eq!(unfit.field, "gpu_memory_mib");
+        assert!(unfit.message.contains("80000 MiB"), "{unfit}");
     }
 
     #[test]
@@ -282,18 +364,18 @@ mod tests {
     #[test]
     fn a_host_fits_a_lab_or_names_the_field_that_does_not() {
         let limits = LabLimits::default();
-        assert_eq!(limits.fit(1, &host()), Ok(()));
+        assert_eq!(limits.fit(1, None, &host()), Ok(()));
         let big = LabLimits { cpu_millicores: 9_000, ..LabLimits::default() };
-        assert_eq!(big.fit(0, &host()).map_err(|e| e.field), Err("cpu"));
+        assert_eq!(big.fit(0, None, &host()).map_err(|e| e.field), Err("cpu"));
         let big = LabLimits { memory_mib: 64_000, ..LabLimits::default() };
-        assert_eq!(big.fit(0, &host()).map_err(|e| e.field), Err("memory_mib"));
-        assert_eq!(limits.fit(3, &host()).map_err(|e| e.field), Err("gpus"));
+        assert_eq!(big.fit(0, None, &host()).map_err(|e| e.field), Err("memory_mib"));
+        assert_eq!(limits.fit(3, None, &host()).map_err(|e| e.field), Err("gpus"));
         let quota = LabLimits { disk_mib: Some(1024), ..LabLimits::default() };
-        let unfit = quota.fit(0, &host()).expect_err("no disk quota here");
+        let unfit = quota.fit(0, None, &host()).expect_err("no disk quota here");
         assert_eq!(unfit.field, "disk_mib");
         assert!(unfit.message.contains("cannot enforce"), "{unfit}");
         let io = LabLimits { io_weight: Some(200), ..LabLimits::default() };
-        assert_eq!(io.fit(0, &host()).map_err(|e| e.field), Err("io_weight"));
+        assert_eq!(io.fit(0, None, &host()).map_err(|e| e.field), Err("io_weight"));
         assert_eq!(cores(500), "0.5");
     }
 
@@ -301,13 +383,13 @@ mod tests {
     fn some_host_must_meet_each_field() {
         let small = HostResources { cpus: 2, memory_mib: 8_000, ..host() };
         let hosts = [small, host()];
-        assert_eq!(fits_some_host(&LabLimits { cpu_millicores: 8_000, ..LabLimits::default() }, 0, &hosts), Ok(()), "the big host fits");
-        let unfit = fits_some_host(&LabLimits { memory_mib: 40_000, ..LabLimits::default() }, 0, &hosts).expect_err("too big for all");
+        assert_eq!(fits_some_host(&LabLimits { cpu_millicores: 8_000, ..LabLimits::default() }, 0, None, &hosts), Ok(()), "the big host fits");
+        let unfit = fits_some_host(&LabLimits { memory_mib: 40_000, ..LabLimits::default() }, 0, None, &hosts).expect_err("too big for all");
         assert_eq!(unfit.field, "memory_mib");
         assert!(unfit.message.contains("largest host has 32000 MiB"), "{unfit}");
-        assert_eq!(fits_some_host(&LabLimits::default(), 4, &hosts).map_err(|e| e.field), Err("gpus"));
-        assert_eq!(fits_some_host(&LabLimits { memory_mib: 1 << 30, ..LabLimits::default() }, 0, &[]), Ok(()), "no hosts yet: nothing to compare");
+        assert_eq!(fits_some_host(&LabLimits::default(), 4, None, &hosts).map_err(|e| e.field), Err("gpus"));
+        assert_eq!(fits_some_host(&LabLimits { memory_mib: 1 << 30, ..LabLimits::default() }, 0, None, &[]), Ok(()), "no hosts yet: nothing to compare");
         let no_devices = HostResources { enforces: vec![Enforcement::Cpu, Enforcement::Memory, Enforcement::Pids, Enforcement::Network], ..host() };
-        assert_eq!(LabLimits::default().fit(0, &no_devices).map_err(|e| e.field), Err("gpus"), "a GPU host without device rules takes no lab");
+        assert_eq!(LabLimits::default().fit(0, None, &no_devices).map_err(|e| e.field), Err("gpus"), "a GPU host without device rules takes no lab");
     }
 }

@@ -63,6 +63,7 @@ pub struct FieldLines {
     pub memory_mib: usize,
     pub pids: usize,
     pub gpus: usize,
+    pub gpu_memory_mib: usize,
     pub io_weight: usize,
     pub disk_mib: usize,
     pub network: usize,
@@ -75,6 +76,7 @@ impl FieldLines {
             "memory_mib" => self.memory_mib,
             "pids" => self.pids,
             "gpus" => self.gpus,
+            "gpu_memory_mib" => self.gpu_memory_mib,
             "io_weight" => self.io_weight,
             "disk_mib" => self.disk_mib,
             "network" => self.network,
@@ -89,7 +91,7 @@ pub fn unfit_for_hosts(templates: &[Template], hosts: &[HostResources]) -> Vec<T
     templates
         .iter()
         .filter_map(|t| {
-            limits::fits_some_host(&t.limits, t.gpus, hosts).err().map(|unfit| TemplateError {
+            limits::fits_some_host(&t.limits, t.gpus, t.gpu_memory_mib, hosts).err().map(|unfit| TemplateError {
                 line: t.lines.of(unfit.field),
                 message: format!("template {:?}: no enrolled lab host can run it: {unfit}", t.name),
             })
@@ -284,6 +286,7 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
             memory_mib: at(t.memory_mib.as_ref().map(Spanned::span)),
             pids: at(t.pids.as_ref().map(Spanned::span)),
             gpus: if t.gpus.span() == (0..0) { template_line } else { line(t.gpus.span().start) },
+            gpu_memory_mib: at(t.gpu_memory_mib.as_ref().map(Spanned::span)),
             io_weight: at(t.io_weight.as_ref().map(Spanned::span)),
             disk_mib: at(t.disk_mib.as_ref().map(Spanned::span)),
             network: at(t.network.as_ref().map(Spanned::span)),
@@ -436,6 +439,7 @@ skeleton = "/srv/labrack/skel/cpu"
             memory_mib: 4_000,
             pids_max: 32_768,
             gpus: 1,
+            gpu_units: vec![],
             isolation: "cgroup-v1".into(),
             enforces: vec![limits::Enforcement::Cpu, limits::Enforcement::Memory, limits::Enforcement::Pids, limits::Enforcement::Network, limits::Enforcement::Devices],
         };
@@ -447,6 +451,11 @@ skeleton = "/srv/labrack/skel/cpu"
         assert_eq!(unfit[1].line, 17, "a default that no host meets is named at its template: {unfit:?}");
         assert!(unfit[1].message.contains("memory_mib: asks for 4096 MiB"), "{unfit:?}");
         assert!(unfit_for_hosts(&big, &[]).is_empty(), "no hosts: nothing to compare yet");
+        let small_gpu = HostResources { memory_mib: 1 << 20, cpus: 8, gpu_units: vec![limits::GpuUnit { memory_mib: 4_000, mig: true }], ..host };
+        let unfit = unfit_for_hosts(&parse(GOOD).expect("valid"), &[small_gpu]);
+        assert_eq!(unfit.len(), 1, "{unfit:?}");
+        assert_eq!(unfit[0].line, 6, "on the gpu_memory_mib line: {unfit:?}");
+        assert!(unfit[0].message.contains("gpu_memory_mib: asks for 8000 MiB") && unfit[0].message.contains("4000 MiB"), "{unfit:?}");
     }
 
     #[test]

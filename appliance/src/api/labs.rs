@@ -378,12 +378,13 @@ pub async fn allocate(
                 .optional()?
                 .ok_or(ApiError::NotFound("team"))?;
             super::people::open_event(conn, event_id)?;
-            let template: Option<(String, String, u32, String, Option<String>)> = conn
-                .query_row("SELECT name, runtime, gpus, skeleton, limits FROM lab_templates WHERE name = ?1", [&req.template], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            type TemplateRow = (String, String, u32, String, Option<String>, Option<i64>);
+            let template: Option<TemplateRow> = conn
+                .query_row("SELECT name, runtime, gpus, skeleton, limits, gpu_memory_mib FROM lab_templates WHERE name = ?1", [&req.template], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
                 })
                 .optional()?;
-            let Some((name, runtime, gpus, skeleton, limits)) = template else {
+            let Some((name, runtime, gpus, skeleton, limits, gpu_memory_mib)) = template else {
                 return Err(ApiError::invalid("template", format!("no lab template named {:?}", req.template)));
             };
             let live: Option<i64> = conn
@@ -393,7 +394,8 @@ pub async fn allocate(
                 return Err(ApiError::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
             }
             let limits: LabLimits = limits.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default();
-            let placed = inventory::place(&host_slots(conn)?, &limits, gpus).map_err(|e| placement_refused("template", &e))?;
+            let gpu_memory_mib = gpu_memory_mib.and_then(|m| u64::try_from(m).ok());
+            let placed = inventory::place(&host_slots(conn)?, &limits, gpus, gpu_memory_mib).map_err(|e| placement_refused("template", &e))?;
             let lab = NewLab { event_id, team_id, host_id: placed.host_id, template: &name, runtime: &runtime, skeleton: &skeleton, limits: &limits, gpu_indices: &placed.gpus };
             let id = create_lab(conn, &secrets, &caller, &lab, serde_json::json!({}))?;
             load_view(conn, id)
@@ -670,7 +672,9 @@ pub async fn reassign(
                 }
                 None => others,
             };
-            let placed = inventory::place(&candidates, &stored.alloc.limits, stored.gpus)
+            let gpu_memory_mib: Option<i64> =
+                conn.query_row("SELECT gpu_memory_mib FROM lab_templates WHERE name = ?1", [&stored.alloc.template], |r| r.get(0)).optional()?.flatten();
+            let placed = inventory::place(&candidates, &stored.alloc.limits, stored.gpus, gpu_memory_mib.and_then(|m| u64::try_from(m).ok()))
                 .map_err(|e| ApiError::conflict(Some("host_id"), format!("no other host can take the lab: {e}")))?;
             let new_host = placed.host_id;
             audit(conn, &caller.actor(), &caller.meta, "allocation.reassigned", Some(&format!("allocation:{id}")), serde_json::json!({"from_host": old_host, "to_host": new_host}))?;

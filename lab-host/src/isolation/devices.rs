@@ -2,6 +2,8 @@
 //! GPUs assigned to it. Everything else (other GPUs, disks, `/dev/mem`, …) is denied by the
 //! lab's cgroup, whatever the node's file mode says — NVIDIA's nodes are world-writable.
 
+use super::gpus::GpuGrant;
+
 /// One allowed device (or a whole major number).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DeviceRule {
@@ -52,14 +54,27 @@ pub(crate) fn base_rules() -> Vec<DeviceRule> {
 
 /// The base rules plus the assigned GPUs and the NVIDIA control nodes they need
 /// (`nvidiactl`, `nvidia-modeset`, `nvidia-uvm` and `nvidia-uvm-tools`, whose major is
-/// dynamic and read from `/proc/devices`).
-pub(crate) fn lab_rules(gpus: &[u32], proc_devices: &str) -> Vec<DeviceRule> {
+/// dynamic and read from `/proc/devices`); for a MIG slice, its GPU's node and the
+/// `nvidia-caps` nodes of that slice alone.
+pub(crate) fn lab_rules(gpus: &[GpuGrant], proc_devices: &str) -> Vec<DeviceRule> {
     let mut rules = base_rules();
     if gpus.is_empty() {
         return rules;
     }
+    let caps_major = major_of(proc_devices, "nvidia-caps");
     for gpu in gpus {
-        rules.push(DeviceRule::char(NVIDIA_MAJOR, Some(*gpu)));
+        let node = DeviceRule::char(NVIDIA_MAJOR, Some(gpu.gpu_minor));
+        if !rules.contains(&node) {
+            rules.push(node);
+        }
+        for cap in &gpu.caps {
+            match caps_major {
+                Some(major) => rules.push(DeviceRule::char(major, Some(*cap))),
+                // without the caps nodes a slice cannot be opened: the lab sees no GPU,
+                // which is safe, and the warning says why
+                None => tracing::warn!(gpu = gpu.index, "no nvidia-caps major in /proc/devices: the MIG slice cannot be opened"),
+            }
+        }
     }
     rules.push(DeviceRule::char(NVIDIA_MAJOR, Some(255)));
     rules.push(DeviceRule::char(NVIDIA_MAJOR, Some(254)));
@@ -84,26 +99,43 @@ fn major_of(proc_devices: &str, name: &str) -> Option<u32> {
 
 /// `CUDA_VISIBLE_DEVICES` / `NVIDIA_VISIBLE_DEVICES` for the assigned GPUs (`none` when a
 /// lab has none, so CUDA finds nothing rather than everything).
-pub(crate) fn visible_devices(gpus: &[u32]) -> String {
-    if gpus.is_empty() { "none".to_owned() } else { gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",") }
+pub(crate) fn visible_devices(gpus: &[GpuGrant]) -> String {
+    if gpus.is_empty() { "none".to_owned() } else { gpus.iter().map(|g| g.visible.as_str()).collect::<Vec<_>>().join(",") }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const PROC_DEVICES: &str = "Character devices:\n  1 mem\n  4 tty\n195 nvidia\n236 nvidia-uvm\n\nBlock devices:\n  7 loop\n236 nvidia-uvm\n";
+    const PROC_DEVICES: &str = "Character devices:\n  1 mem\n  4 tty\n195 nvidia\n236 nvidia-uvm\n237 nvidia-caps\n\nBlock devices:\n  7 loop\n236 nvidia-uvm\n";
+
+    fn whole(indices: &[u32]) -> Vec<GpuGrant> {
+        indices.iter().map(|i| GpuGrant::whole(*i)).collect()
+    }
+
+    #[test]
+    fn a_mig_slice_opens_its_gpu_and_only_its_own_access_nodes() {
+        let slice = |index: u32, caps: Vec<u32>| GpuGrant { index, gpu_minor: 0, caps, visible: format!("MIG-{index}") };
+        let rules: Vec<String> = lab_rules(&[slice(0, vec![12, 13]), slice(1, vec![21, 22])], PROC_DEVICES).iter().map(DeviceRule::v1).collect();
+        for wanted in ["c 195:0 rwm", "c 237:12 rwm", "c 237:13 rwm", "c 237:21 rwm", "c 195:255 rwm"] {
+            assert!(rules.contains(&wanted.to_owned()), "{wanted}: {rules:?}");
+        }
+        assert_eq!(rules.iter().filter(|r| *r == "c 195:0 rwm").count(), 1, "the GPU node once: {rules:?}");
+        let one: Vec<String> = lab_rules(&[slice(1, vec![21, 22])], PROC_DEVICES).iter().map(DeviceRule::v1).collect();
+        assert!(!one.iter().any(|r| r == "c 237:12 rwm" || r == "c 237:1 rwm" || r == "c 237:2 rwm"), "not another slice, nor config/monitor: {one:?}");
+        assert_eq!(visible_devices(&[slice(1, vec![21, 22])]), "MIG-1");
+    }
 
     #[test]
     fn a_lab_gets_its_own_gpus_and_the_control_nodes() {
-        let rules: Vec<String> = lab_rules(&[1, 3], PROC_DEVICES).iter().map(DeviceRule::v1).collect();
+        let rules: Vec<String> = lab_rules(&whole(&[1, 3]), PROC_DEVICES).iter().map(DeviceRule::v1).collect();
         assert!(rules.contains(&"c 195:1 rwm".to_owned()) && rules.contains(&"c 195:3 rwm".to_owned()));
         assert!(!rules.contains(&"c 195:0 rwm".to_owned()) && !rules.contains(&"c 195:2 rwm".to_owned()), "{rules:?}");
         assert!(rules.contains(&"c 195:255 rwm".to_owned()) && rules.contains(&"c 236:0 rwm".to_owned()), "{rules:?}");
         assert!(rules.contains(&"c 136:* rwm".to_owned()));
         let none: Vec<String> = lab_rules(&[], PROC_DEVICES).iter().map(DeviceRule::v1).collect();
         assert!(none.iter().all(|r| !r.starts_with("c 195:")), "no NVIDIA node without a GPU: {none:?}");
-        assert_eq!(visible_devices(&[1, 3]), "1,3");
+        assert_eq!(visible_devices(&whole(&[1, 3])), "1,3");
         assert_eq!(visible_devices(&[]), "none");
     }
 

@@ -19,6 +19,7 @@
 
 pub(crate) mod cgroup;
 pub(crate) mod devices;
+pub(crate) mod gpus;
 pub(crate) mod init;
 pub(crate) mod net;
 pub(crate) mod sandbox;
@@ -55,6 +56,17 @@ pub(crate) struct LabRecord {
     pub(crate) limits: LabLimits,
     /// the GPU indices it holds
     pub(crate) gpus: Vec<u32>,
+    /// what those indices are on this host (device nodes, CUDA names); empty in records
+    /// from before grants, whose indices are whole GPUs
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) gpu_grants: Vec<gpus::GpuGrant>,
+}
+
+impl LabRecord {
+    /// The GPUs it was granted.
+    pub(crate) fn grants(&self) -> Vec<gpus::GpuGrant> {
+        if self.gpu_grants.is_empty() { self.gpus.iter().map(|i| gpus::GpuGrant::whole(*i)).collect() } else { self.gpu_grants.clone() }
+    }
 }
 
 /// The agent's settings every box needs, written once at start (`box-settings.json`).

@@ -59,7 +59,7 @@ fn supervise(state_dir: &Path, user: &str, dir: &Path) -> anyhow::Result<()> {
     let record = load_record(state_dir, user)?.with_context(|| format!("lab {user} has no record on this host"))?;
     let cgroups = Cgroups::detect()?;
     let proc_devices = std::fs::read_to_string("/proc/devices").unwrap_or_default();
-    let rules = devices::lab_rules(&record.gpus, &proc_devices);
+    let rules = devices::lab_rules(&record.grants(), &proc_devices);
     // A box starts from nothing: whatever an earlier one left is killed.
     cgroups.kill(user, Some(&Unit::Box))?;
     cgroups.prepare_lab(user, &record.limits, &rules)?;
@@ -221,7 +221,7 @@ fn copy_private(from: &Path, dir: &Path, name: &str) -> anyhow::Result<()> {
 /// Writes sshd_config, xrdp.ini and sesman.ini for the box (naming paths as the box sees
 /// them) and its keys, and returns its init's spec.
 fn write_box_files(settings: &BoxSettings, record: &LabRecord, dir: &Path, joins: Vec<PathBuf>) -> anyhow::Result<InitSpec> {
-    let visible = devices::visible_devices(&record.gpus);
+    let visible = devices::visible_devices(&record.grants());
     copy_private(&settings.ssh_host_key, dir, "ssh_host_key").context("the SSH host key (--ssh-host-key-file)")?;
     copy_private(&settings.rdp_cert, dir, "rdp_cert.pem").context("the RDP certificate (--rdp-cert-file)")?;
     copy_private(&settings.rdp_key, dir, "rdp_key.pem").context("the RDP key (--rdp-key-file)")?;

@@ -111,7 +111,7 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
     let slot = Slot::take(&user)?;
     // systemd makes a scope per run (a stopping one keeps its name a moment): named by run.
     let unit = Unit::Check(if matches!(settings.cgroups, crate::isolation::cgroup::Cgroups::V2Systemd) { spec.check_run_id } else { slot.index });
-    let rules = devices::lab_rules(&record.gpus, &std::fs::read_to_string("/proc/devices").unwrap_or_default());
+    let rules = devices::lab_rules(&record.grants(), &std::fs::read_to_string("/proc/devices").unwrap_or_default());
     let joins = settings.cgroups.prepare_unit(&user, &unit, Some(spec.memory_mib), Some(CHECK_PIDS), &rules)?;
     let netns = if spec.network {
         let path = std::path::PathBuf::from(crate::isolation::net::LabNet::new(&user).netns_path());
@@ -134,7 +134,7 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
             name: spec.name.to_owned(),
             run_id: spec.check_run_id,
             cpu_secs: spec.timeout_secs.saturating_add(1),
-            visible_gpus: devices::visible_devices(&record.gpus),
+            visible_gpus: devices::visible_devices(&record.grants()),
             script_fd: -1,
         },
         script: spec.script.to_owned(),

@@ -21,6 +21,7 @@ use super::RuntimeSettings;
 use super::accounts::{self, Account};
 use super::homes::{self, DiskImage};
 use crate::isolation::cgroup::Cgroups;
+use crate::isolation::gpus::GpuGrant;
 use crate::isolation::{self, LabRecord};
 
 /// One lab task (provision, reset, release) at a time, and never while the agent brings
@@ -35,8 +36,9 @@ fn disk_image(state_dir: &Path, user: &str, limits: &LabLimits) -> Option<DiskIm
     limits.disk_mib.map(|mib| DiskImage { file: state_dir.join("disks").join(format!("{user}.img")), mib })
 }
 
-/// Refuses limits this host cannot enforce, naming the template field.
-pub(crate) fn check_enforceable(settings: &RuntimeSettings, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<()> {
+/// Refuses limits this host cannot enforce, naming the template field; gives what the
+/// assigned GPU indices are here.
+pub(crate) fn check_enforceable(settings: &RuntimeSettings, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<Vec<GpuGrant>> {
     let resources = settings.resources();
     let enforces = &resources.enforces;
     for need in limits.needs() {
@@ -53,11 +55,9 @@ pub(crate) fn check_enforceable(settings: &RuntimeSettings, limits: &LabLimits, 
     if !gpus.is_empty() && !enforces.contains(&Enforcement::Devices) {
         bail!("this host cannot enforce gpus: {} has no device rules, so a lab could open every GPU", resources.isolation);
     }
-    if let Some(gpu) = gpus.iter().find(|g| **g >= resources.gpus) {
-        bail!("gpus: GPU {gpu} does not exist on this host (it has {})", resources.gpus);
-    }
-    limits.fit(u32::try_from(gpus.len()).unwrap_or(u32::MAX), &resources).map_err(|unfit| anyhow::anyhow!("this host cannot run the lab: {unfit}"))?;
-    Ok(())
+    let grants = settings.gpus.grants(gpus).map_err(|gpu| anyhow::anyhow!("gpus: GPU {gpu} does not exist on this host (it has {})", resources.gpus))?;
+    limits.fit(u32::try_from(gpus.len()).unwrap_or(u32::MAX), None, &resources).map_err(|unfit| anyhow::anyhow!("this host cannot run the lab: {unfit}"))?;
+    Ok(grants)
 }
 
 /// The lowest slot no lab of this host holds, within the port range and the lab network.
@@ -78,12 +78,12 @@ fn access(settings: &RuntimeSettings, record: &LabRecord) -> DesktopAccess {
 }
 
 /// What a provision or reset is handed, checked before anything is touched: the password,
-/// the skeleton (its canonical path under the skeleton root) and the limits.
-fn admit(settings: &RuntimeSettings, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<PathBuf> {
+/// the skeleton (its canonical path under the skeleton root), the limits and the GPUs.
+fn admit(settings: &RuntimeSettings, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<(PathBuf, Vec<GpuGrant>)> {
     accounts::check_password(password)?;
     let skeleton = homes::check_skeleton(&settings.skeleton_root, skeleton)?;
-    check_enforceable(settings, limits, gpus)?;
-    Ok(skeleton)
+    let grants = check_enforceable(settings, limits, gpus)?;
+    Ok((skeleton, grants))
 }
 
 fn lab_lock() -> anyhow::Result<std::sync::MutexGuard<'static, ()>> {
@@ -92,7 +92,7 @@ fn lab_lock() -> anyhow::Result<std::sync::MutexGuard<'static, ()>> {
 
 pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<DesktopAccess> {
     let _lock = lab_lock()?;
-    let skeleton = admit(settings, skeleton, password, limits, gpus)?;
+    let (skeleton, gpu_grants) = admit(settings, skeleton, password, limits, gpus)?;
     let user = username(settings, allocation_id);
     // Left over from an interrupted attempt: start clean.
     remove_lab(&settings.state_dir, &settings.cgroups, &user)?;
@@ -102,7 +102,7 @@ pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton
     let checker = accounts::create_checker(&accounts::checker_of(&user), account.gid, allocation_id)?;
     homes::rebuild(&account.home, &skeleton, account.uid, account.gid, disk_image(&settings.state_dir, &user, limits).as_ref())?;
     accounts::set_password(&user, password)?;
-    let record = LabRecord { allocation_id, user: user.clone(), checker: checker.name, slot, rdp_port, ssh_port, limits: limits.clone(), gpus: gpus.to_vec() };
+    let record = LabRecord { allocation_id, user: user.clone(), checker: checker.name, slot, rdp_port, ssh_port, limits: limits.clone(), gpus: gpus.to_vec(), gpu_grants };
     isolation::save_record(&settings.state_dir, &record)?;
     isolation::start(&settings.state_dir, &user)?;
     Ok(access(settings, &record))
@@ -110,7 +110,7 @@ pub(crate) fn provision(settings: &RuntimeSettings, allocation_id: i64, skeleton
 
 pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &str, password: &str, limits: &LabLimits, gpus: &[u32]) -> anyhow::Result<DesktopAccess> {
     let _lock = lab_lock()?;
-    let skeleton = admit(settings, skeleton, password, limits, gpus)?;
+    let (skeleton, gpu_grants) = admit(settings, skeleton, password, limits, gpus)?;
     let user = username(settings, allocation_id);
     let account = accounts::lookup(&user)?.with_context(|| format!("the lab user {user} does not exist on this host"))?;
     let mut record = isolation::load_record(&settings.state_dir, &user)?.with_context(|| format!("this host has no record of lab {user}"))?;
@@ -125,6 +125,7 @@ pub(crate) fn reset(settings: &RuntimeSettings, allocation_id: i64, skeleton: &s
     accounts::set_password(&user, password)?;
     record.limits = limits.clone();
     record.gpus = gpus.to_vec();
+    record.gpu_grants = gpu_grants;
     isolation::save_record(&settings.state_dir, &record)?;
     isolation::start(&settings.state_dir, &user)?;
     Ok(access(settings, &record))
@@ -200,7 +201,7 @@ mod tests {
             ssh_host_key: None,
             rdp_cert_sha256: None,
             cgroups,
-            gpus,
+            gpus: crate::isolation::gpus::GpuInventory::counted(gpus),
         }
     }
 

@@ -12,6 +12,7 @@ use labrack_provisioner::limits::{Enforcement, HostResources};
 use labrack_provisioner::protocol::{TaskKind, TaskOutcome};
 
 use crate::isolation::cgroup::Cgroups;
+use crate::isolation::gpus::GpuInventory;
 use crate::isolation::net::{self, LabNetwork};
 
 /// Settings every runtime needs.
@@ -32,8 +33,8 @@ pub(crate) struct RuntimeSettings {
     /// SHA-256 (hex) of the certificate every lab's xrdp presents, reported for pinning
     pub(crate) rdp_cert_sha256: Option<String>,
     pub(crate) cgroups: Cgroups,
-    /// NVIDIA GPUs on this host
-    pub(crate) gpus: u32,
+    /// the GPUs labs may be given (whole, or MIG slices)
+    pub(crate) gpus: GpuInventory,
 }
 
 impl RuntimeSettings {
@@ -53,12 +54,12 @@ impl RuntimeSettings {
 
     /// What this host has and can enforce, as it tells the appliance.
     pub(crate) fn resources(&self) -> HostResources {
-        host_resources(&self.cgroups, self.gpus)
+        host_resources(&self.cgroups, &self.gpus)
     }
 }
 
-/// What a host has and can enforce with `cgroups` and `gpus` GPUs.
-pub(crate) fn host_resources(cgroups: &Cgroups, gpus: u32) -> HostResources {
+/// What a host has and can enforce with `cgroups` and `gpus`.
+pub(crate) fn host_resources(cgroups: &Cgroups, gpus: &GpuInventory) -> HostResources {
     {
         let mut system = sysinfo::System::new();
         system.refresh_memory();
@@ -76,7 +77,8 @@ pub(crate) fn host_resources(cgroups: &Cgroups, gpus: u32) -> HostResources {
             cpus,
             memory_mib: system.total_memory() / (1024 * 1024),
             pids_max,
-            gpus,
+            gpus: gpus.count(),
+            gpu_units: gpus.units(),
             isolation: cgroups.name().to_owned(),
             enforces,
         }
@@ -132,7 +134,7 @@ mod tests {
             ssh_host_key: None,
             rdp_cert_sha256: None,
             cgroups: Cgroups::V2Systemd,
-            gpus: 0,
+            gpus: GpuInventory::default(),
         };
         assert_eq!(settings.slots(), 5);
         assert_eq!(settings.ports(0), Some((42_000, 42_001)));

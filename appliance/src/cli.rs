@@ -102,7 +102,7 @@ pub struct ServeArgs {
     /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, mdns, log_format, secret_key_file, host_heartbeat_secs,
     /// webrtc_bind, check_workers, job_attempts (a table of kind = attempts), llm_endpoints (a list of
     /// {url, model, api_key_env}), llm_team_budget, llm_requests_per_minute, llm_allow_remote,
-    /// observer_secs, idle_minutes
+    /// observer_secs, idle_minutes, max_connections, max_connections_per_client, header_timeout_secs
     #[arg(long, env = "LABRACK_CONFIG")]
     pub config: Option<PathBuf>,
     /// where the database and TLS material live [default: ./data]
@@ -192,6 +192,17 @@ pub struct ServeArgs {
     /// seconds acknowledged outbox rows are kept before pruning [default: 3600]
     #[arg(long, env = "LABRACK_OUTBOX_RETENTION_SECS")]
     pub outbox_retention_secs: Option<u64>,
+    /// connections held at once, in all; 1/16 of them is kept for lab hosts (lowered to
+    /// fit the open-file limit) [default: 4096]
+    #[arg(long, env = "LABRACK_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// connections held at once from one client (an IPv6 client by its /64) [default: 64]
+    #[arg(long, env = "LABRACK_MAX_CONNECTIONS_PER_CLIENT")]
+    pub max_connections_per_client: Option<usize>,
+    /// seconds a connection may take to send a request's headers, and stay idle between
+    /// requests, before it is closed [default: 10]
+    #[arg(long, env = "LABRACK_HEADER_TIMEOUT_SECS")]
+    pub header_timeout_secs: Option<u64>,
 }
 
 /// The config file's shape: every key optional.
@@ -223,6 +234,9 @@ struct ConfigFile {
     cloud_ca: Option<PathBuf>,
     cloud_name: Option<String>,
     outbox_retention_secs: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
+    header_timeout_secs: Option<u64>,
 }
 
 /// Fully resolved settings for `labrack serve`.
@@ -245,6 +259,9 @@ pub struct ServeConfig {
     pub sync: Option<crate::sync::relay::SyncSettings>,
     pub observer_every: std::time::Duration,
     pub idle_after: std::time::Duration,
+    pub connections: crate::connections::ConnectionLimits,
+    /// for a request's headers, and idle between requests
+    pub header_timeout: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -313,7 +330,15 @@ impl ServeArgs {
                 })
             }
         };
+        let max_connections = self.max_connections.or(file.max_connections).unwrap_or(4_096);
+        anyhow::ensure!((64..=1_000_000).contains(&max_connections), "max_connections must be between 64 and 1000000");
+        let per_client = self.max_connections_per_client.or(file.max_connections_per_client).unwrap_or(64);
+        anyhow::ensure!((1..=max_connections).contains(&per_client), "max_connections_per_client must be between 1 and max_connections");
+        let header_timeout_secs = self.header_timeout_secs.or(file.header_timeout_secs).unwrap_or(10);
+        anyhow::ensure!((1..=600).contains(&header_timeout_secs), "header_timeout_secs must be between 1 and 600");
         Ok(ServeConfig {
+            connections: crate::connections::ConnectionLimits { max: max_connections, per_client, reserved_for_hosts: max_connections / 16 },
+            header_timeout: std::time::Duration::from_secs(header_timeout_secs),
             sync,
             billing,
             llm,

@@ -2,8 +2,10 @@
 
 pub mod agents;
 pub mod api;
+pub mod attempts;
 pub mod billing;
 pub mod checks;
+pub mod connections;
 pub mod cli;
 pub mod db;
 pub mod jobs;
@@ -11,6 +13,7 @@ pub mod labs;
 pub mod llm;
 pub mod metrics;
 pub mod outbox;
+pub mod passwords;
 pub mod probe;
 pub mod roster;
 pub mod rubric;

@@ -31,11 +31,17 @@ pub struct Metrics {
     pub writer_jobs: AtomicU64,
     /// input refused by the login rate limiter
     pub login_rate_limited: AtomicU64,
+    /// connections open now and refused since start (set by the connection gate's owner)
+    pub connections_open: AtomicI64,
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
-    /// Records one finished request.
+    /// Records one finished request. A method outside the standard ones counts as `OTHER`,
+    /// so a client inventing methods cannot grow the map (routes are the router's own).
     pub fn observe(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"];
+        let method = METHODS.iter().find(|m| **m == method).copied().unwrap_or("OTHER");
         let seconds = elapsed.as_secs_f64();
         let Ok(mut routes) = self.routes.lock() else { return };
         let stats = routes.entry((method.to_owned(), route.to_owned())).or_default();
@@ -78,7 +84,9 @@ impl Metrics {
             let _ = writeln!(out, "labrack_http_request_duration_seconds_count{{{labels}}} {}", stats.count);
         }
         drop(routes);
-        let gauges: [(&str, &str, &str, i64); 4] = [
+        let gauges: [(&str, &str, &str, i64); 6] = [
+            ("labrack_connections_open", "gauge", "Client connections open now.", self.connections_open.load(Ordering::Relaxed)),
+            ("labrack_connections_refused_total", "counter", "Connections refused by the connection caps.", to_i64(self.connections_refused.load(Ordering::Relaxed))),
             ("labrack_writer_queue_depth", "gauge", "Writes waiting for the group-commit writer.", self.writer_queue_depth.load(Ordering::Relaxed)),
             ("labrack_writer_batches_total", "counter", "Transactions committed by the writer.", to_i64(self.writer_batches.load(Ordering::Relaxed))),
             ("labrack_writer_jobs_total", "counter", "Write requests run by the writer.", to_i64(self.writer_jobs.load(Ordering::Relaxed))),
@@ -110,5 +118,11 @@ mod tests {
         assert!(text.contains("le=\"0.005\"} 1"));
         assert!(text.contains("le=\"0.5\"} 2"));
         assert!(text.contains("labrack_http_request_duration_seconds_count{method=\"GET\",route=\"/x\"} 2"));
+        for n in 0..100 {
+            m.observe(&format!("AAAA{n:04}"), "/x", 405, Duration::from_millis(1));
+        }
+        let text = m.render();
+        assert!(text.contains("labrack_http_requests_total{method=\"OTHER\",route=\"/x\",status=\"405\"} 100"), "{text}");
+        assert!(!text.contains("AAAA"), "invented methods are not keys");
     }
 }

@@ -17,6 +17,33 @@ use crate::metrics::Metrics;
 
 pub const DB_FILE: &str = "labrack.db";
 
+/// A client must send each request's headers within `timeout` (the timer also runs while a
+/// kept-alive connection waits for its next request), and HTTP/2 clients must answer pings:
+/// a slow or silent client cannot hold a connection for long.
+fn bound_slow_clients(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>, timeout: Duration) {
+    builder.http1().header_read_timeout(Some(timeout));
+    builder.http2().keep_alive_interval(Some(timeout)).keep_alive_timeout(timeout).max_concurrent_streams(256);
+}
+
+/// Lab hosts whose address is an IP get the connections kept for hosts from the start,
+/// before their first signed call.
+async fn note_host_addresses(state: &AppState) {
+    let addresses: Vec<String> = state
+        .db
+        .read(|conn| {
+            let mut stmt = conn.prepare("SELECT address FROM hosts")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(crate::api::error::ApiError::from)
+        })
+        .await
+        .unwrap_or_default();
+    for address in addresses {
+        if let Ok(ip) = address.trim_matches(['[', ']']).parse() {
+            state.connections.note_host(ip);
+        }
+    }
+}
+
 pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
@@ -40,6 +67,11 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let db = Db::open(&config.data_dir.join(DB_FILE), metrics.clone()).context("opening the database")?;
     let first_admin_password = bootstrap_first_admin(&db).await?;
 
+    let nofile = crate::connections::raise_nofile_limit();
+    let limits = config.connections.within_nofile(nofile);
+    if limits != config.connections {
+        tracing::warn!(nofile, max = limits.max, "the open-file limit lowers the connection cap");
+    }
     let listener = std::net::TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
@@ -50,6 +82,8 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     state.heartbeat = Duration::from_secs(config.host_heartbeat_secs);
     state.webrtc_bind = config.webrtc_bind.clone();
     state.queue = Arc::new(config.queue.clone());
+    state.connections = Arc::new(crate::connections::ConnectionGate::new(limits));
+    note_host_addresses(&state).await;
     if config.llm.endpoints.is_empty() {
         tracing::info!("no language model configured: the agents use their rules");
     } else {
@@ -70,6 +104,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // The TLS identity first: the appliance page shows its CA fingerprint for consoles.
     let identity = if config.dev_http { None } else { Some(crate::tls::load_or_create(&config.data_dir, &config.tls_names)?) };
     state.ca_fingerprint = identity.as_ref().map(|identity| format!("SHA256:{}", identity.ca_fingerprint));
+    let gate = crate::connections::GateAcceptor::new(state.connections.clone());
     let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
 
     let shown_host = if local.ip().is_unspecified() { "127.0.0.1".to_owned() } else { local.ip().to_string() };
@@ -82,11 +117,14 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
         println!("labrack: ca fingerprint SHA256:{}", identity.ca_fingerprint);
         announcement = announce(&config, local, &identity.ca_fingerprint);
         let tls = axum_server::tls_rustls::RustlsConfig::from_config(identity.server_config);
-        let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+        let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).handshake_timeout(config.header_timeout).acceptor(gate);
+        let mut server = axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle.clone()).first_request_timeout(config.header_timeout);
+        bound_slow_clients(server.http_builder(), config.header_timeout);
         tokio::spawn(async move { server.serve(app).await })
     } else {
         tracing::warn!("serving plain HTTP (--dev-http): for development only");
-        let server = axum_server::from_tcp(listener)?.handle(handle.clone());
+        let mut server = axum_server::from_tcp(listener)?.acceptor(gate).handle(handle.clone()).first_request_timeout(config.header_timeout);
+        bound_slow_clients(server.http_builder(), config.header_timeout);
         tokio::spawn(async move { server.serve(app).await })
     };
     if let Some(password) = first_admin_password {

@@ -268,12 +268,17 @@ async fn one_time_password_must_be_changed_before_anything_else() {
 async fn logins_are_rate_limited() {
     let app = TestApp::new().await;
     app.staff("org", "organizer").await;
-    for _ in 0..10 {
+    for _ in 0..5 {
         app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "wrong-password!"}))).await.problem(401);
     }
-    // Even the right password is refused while limited.
+    // Even the right password is refused while the account waits, and the wait is said.
     let limited = app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "correct-horse-battery"}))).await;
     limited.problem(429);
+    assert_eq!(limited.retry_after.as_deref(), Some("1"));
+    // A backoff, not a lock: after the wait the right password works, and forgets the failures.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    app.login("org", "correct-horse-battery").await;
+    app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "wrong-password!"}))).await.problem(401);
 }
 
 #[tokio::test]

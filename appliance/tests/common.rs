@@ -28,6 +28,7 @@ pub struct Reply {
     pub status: StatusCode,
     pub content_type: String,
     pub set_cookie: Option<String>,
+    pub retry_after: Option<String>,
     pub body: Value,
 }
 
@@ -100,9 +101,10 @@ impl TestApp {
         let status = response.status();
         let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let set_cookie = response.headers().get(header::SET_COOKIE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let retry_after = response.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let bytes = response.into_body().collect().await.expect("body").to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Reply { status, content_type, set_cookie, body }
+        Reply { status, content_type, set_cookie, retry_after, body }
     }
 
     /// Creates a staff account directly and logs it in; returns its bearer token.

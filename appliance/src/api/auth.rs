@@ -1,12 +1,6 @@
 //! Who is calling: sessions (cookie or bearer), CSRF on cookie-authenticated writes,
-//! roles, password hashing and the login rate limiter.
+//! roles and password hashing at start-up (guesses are limited in `crate::attempts`).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
-use argon2::Argon2;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{Method, header};
@@ -235,21 +229,9 @@ pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// An argon2id hash (blocking: at start-up; handlers use [`crate::passwords::PasswordPool`]).
 pub fn hash_password(password: &str) -> Result<String, ApiError> {
-    let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| ApiError::Internal(format!("argon2: {e}")))
-}
-
-/// Verifies against a stored argon2id hash; `None` burns the same time against a dummy.
-pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let dummy = DUMMY.get_or_init(|| hash_password("labrack-dummy-password").unwrap_or_default());
-    let target = stored.unwrap_or(dummy);
-    let Ok(parsed) = PasswordHash::new(target) else { return false };
-    Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok() && stored.is_some()
+    crate::passwords::hash_password(password).map_err(|e| ApiError::Internal(format!("argon2: {e}")))
 }
 
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -260,82 +242,16 @@ pub fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// Counts failures per key in a fixed window; refuses once `max_failures` is reached.
-pub struct RateLimiter {
-    max_failures: u32,
-    window: Duration,
-    failures: Mutex<HashMap<String, (u32, Instant)>>,
-}
-
-impl RateLimiter {
-    pub fn new(max_failures: u32, window: Duration) -> Self {
-        Self { max_failures, window, failures: Mutex::new(HashMap::new()) }
-    }
-
-    /// Err with the seconds to wait if any key is over its limit.
-    pub fn check(&self, keys: &[String]) -> Result<(), ApiError> {
-        let Ok(mut failures) = self.failures.lock() else { return Ok(()) };
-        let now = Instant::now();
-        for key in keys {
-            if let Some((count, since)) = failures.get(key).copied() {
-                let elapsed = now.duration_since(since);
-                if elapsed >= self.window {
-                    failures.remove(key);
-                } else if count >= self.max_failures {
-                    let wait = self.window.saturating_sub(elapsed).as_secs().max(1);
-                    return Err(ApiError::RateLimited { retry_after_secs: wait });
-                }
-            }
-        }
-        Ok(())
-    }
-
-    pub fn record_failure(&self, keys: &[String]) {
-        let Ok(mut failures) = self.failures.lock() else { return };
-        let now = Instant::now();
-        if failures.len() > 100_000 {
-            let window = self.window;
-            failures.retain(|_, (_, since)| now.duration_since(*since) < window);
-        }
-        for key in keys {
-            let entry = failures.entry(key.clone()).or_insert((0, now));
-            entry.0 += 1;
-        }
-    }
-
-    pub fn clear(&self, keys: &[String]) {
-        if let Ok(mut failures) = self.failures.lock() {
-            for key in keys {
-                failures.remove(key);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn limiter_blocks_after_max_failures_and_clears() {
-        let limiter = RateLimiter::new(3, Duration::from_secs(60));
-        let keys = vec!["ip:1".to_owned()];
-        for _ in 0..3 {
-            assert!(limiter.check(&keys).is_ok());
-            limiter.record_failure(&keys);
-        }
-        assert!(matches!(limiter.check(&keys), Err(ApiError::RateLimited { .. })));
-        assert!(limiter.check(&["ip:2".to_owned()]).is_ok());
-        limiter.clear(&keys);
-        assert!(limiter.check(&keys).is_ok());
-    }
-
-    #[test]
     fn passwords_verify_only_against_their_hash() {
         let hash = hash_password("correct horse battery").expect("hash");
         assert!(hash.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse battery", Some(&hash)));
-        assert!(!verify_password("wrong", Some(&hash)));
-        assert!(!verify_password("correct horse battery", None));
+        assert!(crate::passwords::verify_password("correct horse battery", Some(&hash)));
+        assert!(!crate::passwords::verify_password("wrong", Some(&hash)));
+        assert!(!crate::passwords::verify_password("correct horse battery", None));
     }
 }

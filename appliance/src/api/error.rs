@@ -78,6 +78,9 @@ pub enum ApiError {
     /// wrong method for the route
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// a bounded resource is full (password checks, the write queue); retry shortly
+    #[error("{detail}")]
+    Busy { detail: String, retry_after_secs: u64 },
     /// the server is shutting down or its storage failed
     #[error("service unavailable")]
     Unavailable,
@@ -122,6 +125,7 @@ impl ApiError {
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many attempts"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
+            Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy", "Busy; retry shortly"),
             Self::NotReady { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready yet"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream-failed", "A lab machine did not answer"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
@@ -158,7 +162,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if let Self::RateLimited { retry_after_secs } | Self::NotReady { retry_after_secs, .. } = self
+        if let Self::RateLimited { retry_after_secs } | Self::NotReady { retry_after_secs, .. } | Self::Busy { retry_after_secs, .. } = self
             && let Ok(value) = HeaderValue::from_str(&retry_after_secs.to_string()) {
                 headers.insert(header::RETRY_AFTER, value);
             }
@@ -166,10 +170,26 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::attempts::TooManyAttempts> for ApiError {
+    fn from(refused: crate::attempts::TooManyAttempts) -> Self {
+        Self::RateLimited { retry_after_secs: refused.retry_after.as_secs().max(1) }
+    }
+}
+
+impl From<crate::passwords::HashError> for ApiError {
+    fn from(error: crate::passwords::HashError) -> Self {
+        match error {
+            crate::passwords::HashError::Busy(busy) => Self::Busy { detail: busy.to_string(), retry_after_secs: busy.retry_after.as_secs().max(1) },
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::WriterClosed => Self::Unavailable,
+            StoreError::Busy => Self::Busy { detail: "the appliance is busy writing; retry shortly".into(), retry_after_secs: 1 },
             other => Self::Internal(other.to_string()),
         }
     }

@@ -99,6 +99,14 @@ pub struct RequestMeta {
 }
 
 impl RequestMeta {
+    /// The key guesses from this client are counted under (an IPv6 client by its /64).
+    pub fn client_key(&self) -> String {
+        match self.remote_addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => crate::attempts::client_key(ip),
+            Err(_) => format!("ip:{}", self.remote_addr),
+        }
+    }
+
     pub(crate) fn from_parts(parts: &Parts) -> Self {
         let remote_addr = parts
             .extensions

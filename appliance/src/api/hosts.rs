@@ -161,8 +161,19 @@ pub async fn enrol(
     meta: RequestMeta,
     ApiJson(req): ApiJson<EnrolRequest>,
 ) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
-    let keys = [format!("ip:{}", meta.remote_addr)];
-    state.enrol_limiter.check(&keys)?;
+    let keys = [(meta.client_key(), crate::attempts::ENROL_CLIENT)];
+    state.attempts.begin(&keys)?;
+    let result = enrol_counted(&state, meta, req).await;
+    // only a wrong token is a guess
+    match &result {
+        Ok(_) => state.attempts.succeeded(&[keys[0].0.clone()]),
+        Err(ApiError::Unauthenticated(_)) => {}
+        Err(_) => state.attempts.refund(&keys),
+    }
+    result
+}
+
+async fn enrol_counted(state: &AppState, meta: RequestMeta, req: EnrolRequest) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
     if req.version != PROTOCOL_VERSION {
         return Err(ApiError::invalid("version", format!("protocol version {} is not supported (this appliance speaks {PROTOCOL_VERSION})", req.version)));
     }
@@ -219,18 +230,8 @@ pub async fn enrol(
         })
         .await
         .map_err(ApiError::from);
-    match result {
-        Ok(host_id) => {
-            state.enrol_limiter.clear(&keys);
-            Ok((StatusCode::CREATED, Json(EnrolResponse { host_id, heartbeat_secs: u32::try_from(state.heartbeat.as_secs()).unwrap_or(5) })))
-        }
-        Err(error) => {
-            if matches!(error, ApiError::Unauthenticated(_)) {
-                state.enrol_limiter.record_failure(&keys);
-            }
-            Err(error)
-        }
-    }
+    let host_id = result?;
+    Ok((StatusCode::CREATED, Json(EnrolResponse { host_id, heartbeat_secs: u32::try_from(state.heartbeat.as_secs()).unwrap_or(5) })))
 }
 
 /// What a host says it has: sane numbers only.
@@ -431,6 +432,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
                     format!("this host identity is in use by another machine (agent {other}); staff have been alerted — enrol this machine with a token of its own"),
                 ));
             }
+        }
+        if let Ok(ip) = meta.remote_addr.parse() {
+            // its connections now draw on the capacity kept for lab hosts
+            state.connections.note_host(ip);
         }
         let body = parse_json(&bytes)?;
         Ok(Self { host_id, body, meta, position })

@@ -43,7 +43,6 @@ use utoipa::OpenApi as _;
 use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::secrets::SecretBox;
-use auth::RateLimiter;
 use error::ApiError;
 use extract::RequestMeta;
 
@@ -53,9 +52,12 @@ pub struct AppState {
     pub db: Db,
     pub metrics: Arc<Metrics>,
     /// failed logins per IP and per username
-    pub login_limiter: Arc<RateLimiter>,
-    /// failed joins per IP
-    pub join_limiter: Arc<RateLimiter>,
+    /// guesses at passwords, join codes and enrolment tokens, counted before the work
+    pub attempts: Arc<crate::attempts::AttemptLimiter>,
+    /// argon2 on threads of its own behind a bounded queue
+    pub passwords: crate::passwords::PasswordPool,
+    /// open connections, capped in all and per client, with room kept for lab hosts
+    pub connections: Arc<crate::connections::ConnectionGate>,
     /// whether cookies get the Secure attribute (false only in the plain-HTTP dev mode)
     pub secure_cookies: bool,
     /// where the built web UI lives
@@ -68,8 +70,6 @@ pub struct AppState {
     pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
     /// how often hosts send heartbeats; three missed mark a host unhealthy
     pub heartbeat: Duration,
-    /// failed enrolments per IP
-    pub enrol_limiter: Arc<RateLimiter>,
     /// single-use tickets for browser terminals and desktops
     pub terminal_tickets: Arc<terminal::TicketStore>,
     /// running desktop streams, one per watched lab
@@ -103,7 +103,6 @@ impl AppState {
             host_wake: Arc::new(tokio::sync::watch::Sender::new(0)),
             shutdown: Arc::new(tokio::sync::watch::Sender::new(false)),
             heartbeat: Duration::from_secs(5),
-            enrol_limiter: Arc::new(RateLimiter::new(20, Duration::from_secs(300))),
             terminal_tickets: Arc::new(terminal::TicketStore::default()),
             desktops: Arc::new(desktop::DesktopRegistry::default()),
             webrtc_bind: "0.0.0.0:0".into(),
@@ -118,8 +117,9 @@ impl AppState {
             host_calls: Arc::default(),
             db,
             metrics,
-            login_limiter: Arc::new(RateLimiter::new(10, Duration::from_secs(300))),
-            join_limiter: Arc::new(RateLimiter::new(30, Duration::from_secs(300))),
+            attempts: Arc::default(),
+            passwords: crate::passwords::PasswordPool::for_this_machine(),
+            connections: Arc::new(crate::connections::ConnectionGate::new(crate::connections::ConnectionLimits::default())),
             secure_cookies,
             web_dir,
         }

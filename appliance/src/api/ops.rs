@@ -73,6 +73,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus text exposition.
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.connections_open.store(i64::try_from(state.connections.open()).unwrap_or(i64::MAX), std::sync::atomic::Ordering::Relaxed);
+    state.metrics.connections_refused.store(state.connections.refused(), std::sync::atomic::Ordering::Relaxed);
     let mut response = state.metrics.render().into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response

@@ -9,10 +9,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{
-    self, Caller, PARTICIPANT_SESSION_SECS, Principal, Role, STAFF_SESSION_SECS, create_session, hash_secret,
+    Caller, PARTICIPANT_SESSION_SECS, Principal, Role, STAFF_SESSION_SECS, create_session, hash_secret,
     session_cookie,
 };
 use super::error::{ApiError, Problem};
+use crate::attempts;
 use super::extract::{ApiJson, RequestMeta};
 use super::{AppState, audit};
 
@@ -52,8 +53,15 @@ pub async fn login(State(state): State<AppState>, meta: RequestMeta, ApiJson(req
     if req.username.len() > 64 || req.password.len() > 256 {
         return Err(ApiError::Unauthenticated("wrong username or password".into()));
     }
-    let keys = vec![format!("ip:{}", meta.remote_addr), format!("user:{}", req.username.to_lowercase())];
-    state.login_limiter.check(&keys).inspect_err(|_| {
+    // Counted before the lookup and argon2, so a burst cannot pass the check together.
+    let client = meta.client_key();
+    let account = format!("user:{}", req.username.to_lowercase());
+    let keys = [
+        (client.clone(), attempts::CLIENT),
+        (format!("{account} from {client}"), attempts::ACCOUNT_FROM_CLIENT),
+        (account, attempts::ACCOUNT),
+    ];
+    state.attempts.begin(&keys).inspect_err(|_| {
         state.metrics.login_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     })?;
     let username = req.username.clone();
@@ -71,15 +79,20 @@ pub async fn login(State(state): State<AppState>, meta: RequestMeta, ApiJson(req
         .await?;
     let stored = found.as_ref().map(|f| f.2.clone());
     let password = req.password.clone();
-    let verified = tokio::task::spawn_blocking(move || auth::verify_password(&password, stored.as_deref()))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let verified = match state.passwords.verify(password, stored).await {
+        Ok(verified) => verified,
+        Err(error) => {
+            // not a guess: the pool was full, so nothing was tried
+            state.attempts.refund(&keys);
+            return Err(error.into());
+        }
+    };
     let Some((id, username, _, role, must_change_password)) = found.filter(|_| verified) else {
-        state.login_limiter.record_failure(&keys);
         tracing::info!(remote_addr = %meta.remote_addr, "login failed");
         return Err(ApiError::Unauthenticated("wrong username or password".into()));
     };
-    state.login_limiter.clear(&keys[1..]);
+    state.attempts.refund(&keys[..1]);
+    state.attempts.succeeded(&[keys[1].0.clone(), keys[2].0.clone()]);
     let principal = Principal::Staff { id, username, role: Role::parse(&role).unwrap_or(Role::Judge), must_change_password };
     let session_principal = principal.clone();
     let (token, csrf) = state
@@ -143,17 +156,15 @@ pub async fn change_password(State(state): State<AppState>, caller: Caller, ApiJ
         .db
         .read(move |conn| conn.query_row("SELECT password_hash FROM staff WHERE id = ?1", [id], |r| r.get(0)).map_err(ApiError::from))
         .await?;
-    let current = req.current_password.clone();
-    let new_password = req.new_password.clone();
-    let (verified, new_hash) = tokio::task::spawn_blocking(move || {
-        (auth::verify_password(&current, Some(&stored)), auth::hash_password(&new_password))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    // a stolen session must not guess the password it would change
+    let keys = [(format!("password-change:{id}"), attempts::ACCOUNT_FROM_CLIENT)];
+    state.attempts.begin(&keys)?;
+    let verified = state.passwords.verify(req.current_password.clone(), Some(stored)).await.inspect_err(|_| state.attempts.refund(&keys))?;
     if !verified {
         return Err(ApiError::invalid("current_password", "the current password is wrong"));
     }
-    let new_hash = new_hash?;
+    state.attempts.succeeded(&[keys[0].0.clone()]);
+    let new_hash = state.passwords.hash(req.new_password.clone()).await?;
     let token_hash = caller.token_hash.clone();
     let actor = caller.actor();
     let meta = caller.meta.clone();
@@ -196,14 +207,12 @@ pub struct JoinRequest {
 #[utoipa::path(post, path = "/api/v1/join", tag = "auth", request_body = JoinRequest,
     responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 409, body = Problem), (status = 429, body = Problem)))]
 pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req): ApiJson<JoinRequest>) -> Result<Response, ApiError> {
-    let keys = vec![format!("ip:{}", meta.remote_addr)];
-    state.join_limiter.check(&keys).inspect_err(|_| {
+    let keys = [(meta.client_key(), attempts::JOIN_CLIENT)];
+    state.attempts.begin(&keys).inspect_err(|_| {
         state.metrics.login_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     })?;
     let event_code = normalize_code(&req.event_code);
     let code_hash = hash_secret(&normalize_code(&req.join_code));
-    let limiter = state.join_limiter.clone();
-    let failure_keys = keys.clone();
     let result = state
         .db
         .writer()
@@ -230,11 +239,11 @@ pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req)
         })
         .await
         .map_err(ApiError::from);
-    let (principal, token, csrf) = result.inspect_err(|e| {
-        if matches!(e, ApiError::Unauthenticated(_)) {
-            limiter.record_failure(&failure_keys);
-        }
-    })?;
+    // only a wrong code is a guess
+    if !matches!(result, Err(ApiError::Unauthenticated(_))) {
+        state.attempts.refund(&keys);
+    }
+    let (principal, token, csrf) = result?;
     let body = SessionInfo { principal, csrf_token: csrf, token: req.bearer.then(|| token.clone()) };
     Ok(with_cookie(&state, &token, PARTICIPANT_SESSION_SECS, body))
 }

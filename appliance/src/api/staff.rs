@@ -7,7 +7,7 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::{Caller, Role, hash_password};
+use super::auth::{Caller, Role};
 use super::error::{ApiError, Problem};
 use super::extract::ApiJson;
 use super::session::validate_password;
@@ -74,9 +74,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, ApiJson(req):
     }
     validate_password(&req.password, "password")?;
     let password = req.password.clone();
-    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let hash = state.passwords.hash(password).await?;
     let role = req.role;
     let account = state
         .db

@@ -24,6 +24,9 @@ pub enum StoreError {
     /// the writer thread has stopped (shutdown in progress)
     #[error("the database writer has stopped")]
     WriterClosed,
+    /// the write queue is full: retry in a moment
+    #[error("the database is busy; retry shortly")]
+    Busy,
     /// a blocking read task failed to run
     #[error("read task failed: {0}")]
     Join(String),

@@ -22,7 +22,8 @@ fn endpoints(s: &common::Seed) -> Vec<(&'static str, String, Option<Value>)> {
         ("POST", format!("/api/v1/events/{e}/teams"), Some(json!({"name": format!("T{}", rand())}))),
         ("GET", format!("/api/v1/events/{e}/participants"), None),
         ("POST", format!("/api/v1/events/{e}/participants"), Some(json!({"team_id": s.team_a, "name": format!("P{}", rand())}))),
-        ("POST", format!("/api/v1/participants/{}/join-code", s.participant_a), None),
+        // participant B's: a new code ends that participant's sessions, not the caller's
+        ("POST", format!("/api/v1/participants/{}/join-code", s.participant_b), None),
         ("GET", format!("/api/v1/teams/{}", s.team_b), None),
         ("GET", "/api/v1/audit".into(), None),
         ("GET", "/api/v1/me".into(), None),
@@ -204,12 +205,22 @@ async fn join_codes_are_forgiving_to_type_and_regeneration_revokes_the_old_one()
     let organizer = As::Bearer(app.staff("org", "organizer").await);
     let s = seed(&app, &organizer).await;
     let sloppy = s.code_a.to_lowercase().replace('-', " ");
-    join(&app, &s.event_code.to_lowercase(), &sloppy).await;
+    let old_session = As::Bearer(join(&app, &s.event_code.to_lowercase(), &sloppy).await);
+    assert_eq!(app.call("GET", "/api/v1/me", &old_session, None).await.status, StatusCode::OK);
     app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": "ZZZZZZ", "join_code": s.code_a}))).await.problem(401);
     let renewed = app.call("POST", &format!("/api/v1/participants/{}/join-code", s.participant_a), &organizer, None).await;
     assert_eq!(renewed.status, StatusCode::OK);
     app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": s.event_code, "join_code": s.code_a}))).await.problem(401);
-    join(&app, &s.event_code, renewed.body["join_code"].as_str().expect("code")).await;
+    app.call("GET", "/api/v1/me", &old_session, None).await.problem(401);
+    let fresh = As::Bearer(join(&app, &s.event_code, renewed.body["join_code"].as_str().expect("code")).await);
+    assert_eq!(app.call("GET", "/api/v1/me", &fresh, None).await.status, StatusCode::OK);
+    // staff can sign a participant out without a new code
+    let path = format!("/api/v1/participants/{}/sign-out", s.participant_a);
+    app.call("POST", &path, &fresh, None).await.problem(403);
+    let signed_out = app.call("POST", &path, &organizer, None).await;
+    assert_eq!(signed_out.body["sessions_ended"], 1, "{}", signed_out.body);
+    app.call("GET", "/api/v1/me", &fresh, None).await.problem(401);
+    app.call("POST", "/api/v1/participants/999999/sign-out", &organizer, None).await.problem(404);
     let people = app.call("GET", &format!("/api/v1/events/{}/participants", s.event_id), &organizer, None).await;
     let ada = people.body["participants"].as_array().expect("list").iter().find(|p| p["name"] == "Ada").cloned().expect("ada");
     assert!(ada["joined_at"].is_string());
@@ -306,7 +317,7 @@ async fn openapi_document_lists_every_route() {
         "/api/v1/auth/login", "/api/v1/auth/logout", "/api/v1/auth/session", "/api/v1/auth/password", "/api/v1/join",
         "/api/v1/staff", "/api/v1/events", "/api/v1/events/{event_id}", "/api/v1/events/{event_id}/transition",
         "/api/v1/events/{event_id}/teams", "/api/v1/events/{event_id}/participants", "/api/v1/events/{event_id}/participants/import",
-        "/api/v1/teams/{team_id}", "/api/v1/participants/{participant_id}/join-code", "/api/v1/me", "/api/v1/audit",
+        "/api/v1/teams/{team_id}", "/api/v1/participants/{participant_id}/join-code", "/api/v1/participants/{participant_id}/sign-out", "/api/v1/me", "/api/v1/audit",
         "/api/v1/hosts", "/api/v1/hosts/enrolment-tokens", "/api/v1/hosts/enrol", "/api/v1/host/poll", "/api/v1/host/report",
         "/api/v1/host/heartbeat", "/api/v1/templates", "/api/v1/events/{event_id}/allocations", "/api/v1/teams/{team_id}/allocation",
         "/api/v1/allocations/{allocation_id}", "/api/v1/allocations/{allocation_id}/reset", "/api/v1/allocations/{allocation_id}/release",
@@ -323,6 +334,13 @@ async fn health_ready_and_metrics() {
     let app = TestApp::new().await;
     assert_eq!(app.call("GET", "/healthz", &As::Nobody, None).await.status, StatusCode::OK);
     assert_eq!(app.call("GET", "/readyz", &As::Nobody, None).await.status, StatusCode::OK);
+    // a probe flood costs one write a second, not one each
+    let writes_before = app.state.metrics.writer_jobs.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..50 {
+        assert_eq!(app.call("GET", "/readyz", &As::Nobody, None).await.status, StatusCode::OK);
+    }
+    let writes = app.state.metrics.writer_jobs.load(std::sync::atomic::Ordering::Relaxed) - writes_before;
+    assert!(writes <= 1, "{writes} writes for 50 probes");
     app.call("GET", "/api/v1/events", &As::Nobody, None).await;
     let metrics = app.call("GET", "/metrics", &As::Nobody, None).await;
     let text = metrics.body.as_str().expect("text").to_owned();

@@ -181,6 +181,7 @@ pub struct Seed {
     pub team_a: i64,
     pub team_b: i64,
     pub participant_a: i64,
+    pub participant_b: i64,
     pub code_a: String,
     pub code_b: String,
 }
@@ -202,6 +203,7 @@ pub async fn seed(app: &TestApp, organizer: &As) -> Seed {
         team_a: people[0]["participant"]["team_id"].as_i64().expect("team"),
         team_b: people[1]["participant"]["team_id"].as_i64().expect("team"),
         participant_a: people[0]["participant"]["id"].as_i64().expect("id"),
+        participant_b: people[1]["participant"]["id"].as_i64().expect("id"),
         code_a: people[0]["join_code"].as_str().expect("code").to_owned(),
         code_b: people[1]["join_code"].as_str().expect("code").to_owned(),
     }

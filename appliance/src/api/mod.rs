@@ -58,6 +58,8 @@ pub struct AppState {
     pub passwords: crate::passwords::PasswordPool,
     /// open connections, capped in all and per client, with room kept for lab hosts
     pub connections: Arc<crate::connections::ConnectionGate>,
+    /// the last readiness probe (when, and whether it passed)
+    pub readiness: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
     /// whether cookies get the Secure attribute (false only in the plain-HTTP dev mode)
     pub secure_cookies: bool,
     /// where the built web UI lives
@@ -119,6 +121,7 @@ impl AppState {
             metrics,
             attempts: Arc::default(),
             passwords: crate::passwords::PasswordPool::for_this_machine(),
+            readiness: Arc::default(),
             connections: Arc::new(crate::connections::ConnectionGate::new(crate::connections::ConnectionLimits::default())),
             secure_cookies,
             web_dir,
@@ -145,7 +148,7 @@ impl AppState {
         staff::list, staff::create,
         events::list, events::create, events::get_one, events::update, events::transition,
         people::list_teams, people::create_team, people::get_team,
-        people::list_participants, people::create_participant, people::import_participants, people::regenerate_join_code,
+        people::list_participants, people::create_participant, people::import_participants, people::regenerate_join_code, people::sign_out_participant,
         people::me, ops::audit_log,
         hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::register_agentless, labs::register_agentless_lab, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
@@ -183,6 +186,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events/{event_id}/participants/import", post(people::import_participants))
         .route("/v1/teams/{team_id}", get(people::get_team))
         .route("/v1/participants/{participant_id}/join-code", post(people::regenerate_join_code))
+        .route("/v1/participants/{participant_id}/sign-out", post(people::sign_out_participant))
         .route("/v1/me", get(people::me))
         .route("/v1/audit", get(ops::audit_log))
         .route("/v1/hosts", get(hosts::list))

@@ -366,7 +366,8 @@ pub async fn import_participants(
     Ok(Json(result))
 }
 
-/// Issues a new join code; the old one stops working.
+/// Issues a new join code; the old one stops working and the participant's sessions end
+/// (a leaked code must not leave a signed-in stranger behind).
 #[utoipa::path(post, path = "/api/v1/participants/{participant_id}/join-code", tag = "people", params(("participant_id" = i64, Path)),
     responses((status = 200, body = IssuedCode), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn regenerate_join_code(
@@ -383,11 +384,45 @@ pub async fn regenerate_join_code(
             open_event(conn, participant.event_id)?;
             let (join_code, hash) = new_join_code(conn)?;
             conn.execute("UPDATE participants SET join_code_hash = ?1 WHERE id = ?2", params![hash, participant_id])?;
-            audit(conn, &caller.actor(), &caller.meta, "participant.join_code_regenerated", Some(&format!("participant:{participant_id}")), serde_json::json!({}))?;
+            let ended = end_sessions(conn, participant_id)?;
+            audit(conn, &caller.actor(), &caller.meta, "participant.join_code_regenerated", Some(&format!("participant:{participant_id}")), serde_json::json!({"sessions_ended": ended}))?;
             Ok(IssuedCode { participant, join_code })
         })
         .await?;
     Ok(Json(issued))
+}
+
+/// Ends every session of a participant; how many there were.
+fn end_sessions(conn: &Connection, participant_id: i64) -> Result<usize, ApiError> {
+    Ok(conn.prepare_cached("DELETE FROM sessions WHERE participant_id = ?1")?.execute([participant_id])?)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SignedOut {
+    /// sessions that were ended
+    pub sessions_ended: usize,
+}
+
+/// Signs a participant out everywhere (their join code keeps working).
+#[utoipa::path(post, path = "/api/v1/participants/{participant_id}/sign-out", tag = "people", params(("participant_id" = i64, Path)),
+    responses((status = 200, body = SignedOut), (status = 403, body = Problem), (status = 404, body = Problem)))]
+pub async fn sign_out_participant(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(participant_id): ApiPath<i64>,
+) -> Result<Json<SignedOut>, ApiError> {
+    caller.require_staff(&PEOPLE_WRITERS)?;
+    let signed_out = state
+        .db
+        .writer()
+        .write(move |conn| {
+            load_participant(conn, participant_id)?;
+            let sessions_ended = end_sessions(conn, participant_id)?;
+            audit(conn, &caller.actor(), &caller.meta, "participant.signed_out", Some(&format!("participant:{participant_id}")), serde_json::json!({"sessions_ended": sessions_ended}))?;
+            Ok(SignedOut { sessions_ended })
+        })
+        .await?;
+    Ok(Json(signed_out))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

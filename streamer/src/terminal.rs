@@ -7,7 +7,6 @@
 
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{TcpStream, ToSocketAddrs as _};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -68,7 +67,9 @@ pub enum TerminalOutput {
 /// An open terminal: send input, receive output. Dropping `input` ends the shell.
 #[derive(Debug)]
 pub struct Terminal {
-    pub input: mpsc::Sender<TerminalInput>,
+    /// bounded: when the shell does not read its input, senders wait (backpressure) rather
+    /// than the appliance buffering a keystroke flood
+    pub input: tokio::sync::mpsc::Sender<TerminalInput>,
     pub output: tokio::sync::mpsc::Receiver<TerminalOutput>,
 }
 
@@ -160,17 +161,26 @@ pub fn open(target: &TerminalTarget, cols: u16, rows: u16) -> Result<Terminal, T
     session.set_timeout(0);
     session.set_blocking(false);
 
-    let (input_tx, input_rx) = mpsc::channel();
+    let (input_tx, input_rx) = tokio::sync::mpsc::channel(INPUT_MESSAGES);
     let (output_tx, output_rx) = tokio::sync::mpsc::channel(64);
     std::thread::Builder::new()
         .name("ssh-terminal".into())
-        .spawn(move || pump(&session, channel, &input_rx, &output_tx))
+        .spawn(move || {
+            let mut input_rx = input_rx;
+            pump(&session, channel, &mut input_rx, &output_tx);
+        })
         .map_err(|e| TerminalError::Connect { address, source: e })?;
     Ok(Terminal { input: input_tx, output: output_rx })
 }
 
+/// Input messages queued for the shell before senders wait.
+const INPUT_MESSAGES: usize = 64;
+/// Input bytes taken from the queue but not yet written to the shell: past this the pump
+/// stops taking more until the shell reads.
+const MAX_PENDING_INPUT: usize = 64 * 1024;
+
 /// Moves bytes until the shell exits or the browser goes away. Idle, it wakes every 10 ms.
-fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, input: &mpsc::Receiver<TerminalInput>, output: &tokio::sync::mpsc::Sender<TerminalOutput>) {
+fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, input: &mut tokio::sync::mpsc::Receiver<TerminalInput>, output: &tokio::sync::mpsc::Sender<TerminalOutput>) {
     let mut buffer = [0_u8; 16 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     loop {
@@ -190,7 +200,7 @@ fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, input: &mpsc::Recei
                 break;
             }
         }
-        loop {
+        while pending.len() < MAX_PENDING_INPUT {
             match input.try_recv() {
                 Ok(TerminalInput::Data(bytes)) => pending.extend_from_slice(&bytes),
                 Ok(TerminalInput::Resize { cols, rows }) => {
@@ -203,11 +213,11 @@ fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, input: &mpsc::Recei
                         std::thread::sleep(Duration::from_millis(2));
                     }
                 }
-                Ok(TerminalInput::Close) | Err(mpsc::TryRecvError::Disconnected) => {
+                Ok(TerminalInput::Close) | Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
                     close(session, &mut channel);
                     return;
                 }
-                Err(mpsc::TryRecvError::Empty) => break,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
             }
         }
         if !pending.is_empty() {

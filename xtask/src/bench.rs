@@ -154,12 +154,22 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..options.concurrency {
-        let (client, base, auth, codes, next, event_code) = (client.clone(), base.clone(), auth.clone(), codes.clone(), next.clone(), event_code.clone());
+    for worker in 0..options.concurrency {
+        // Each connection is its own machine on the venue LAN (127.0.2.N), as participants
+        // are: the appliance's per-client limits see 64 clients, not one.
+        let octets = u8::try_from(worker % 250).unwrap_or(0);
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+            .tls_built_in_root_certs(false)
+            .http1_only()
+            .local_address(std::net::IpAddr::from([127, 0, 2, octets + 1]))
+            .build()?;
+        let (base, auth, codes, next, event_code) = (base.clone(), auth.clone(), codes.clone(), next.clone(), event_code.clone());
         let total = options.requests;
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0_usize;
+            let mut first_error = None;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= total {
@@ -176,8 +186,19 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
                         let _ = response.bytes().await;
                         latencies.push(sent.elapsed());
                     }
-                    _ => errors += 1,
+                    other => {
+                        errors += 1;
+                        if first_error.is_none() {
+                            first_error = Some(match other {
+                                Ok(response) => format!("{} {}", response.status(), response.text().await.unwrap_or_default()),
+                                Err(error) => error.to_string(),
+                            });
+                        }
+                    }
                 }
+            }
+            if let Some(error) = first_error {
+                eprintln!("bench: worker {worker}: {errors} failed, first: {error}");
             }
             (latencies, errors)
         }));

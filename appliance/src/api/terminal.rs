@@ -213,15 +213,31 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         .await
         .map_err(|e| anyhow::anyhow!("{:?}", ApiError::from(e)))?;
     ws.send(json_text(serde_json::json!({"type": "ready"}))).await?;
+    // Input the shell's queue had no room for: while one waits, the WebSocket is not read
+    // (so TCP pushes back on the browser) but output keeps flowing, so neither side can
+    // wait on the other for ever.
+    let mut held: Option<TerminalInput> = None;
     loop {
         tokio::select! {
-            incoming = ws.recv() => match incoming {
+            permit = term.input.reserve(), if held.is_some() => match (permit, held.take()) {
+                (Ok(permit), Some(message)) => permit.send(message),
+                _ => break,
+            },
+            incoming = ws.recv(), if held.is_none() => match incoming {
                 Some(Ok(Message::Binary(bytes))) => {
-                    if term.input.send(TerminalInput::Data(bytes.to_vec())).is_err() { break; }
+                    match term.input.try_send(TerminalInput::Data(bytes.to_vec())) {
+                        Ok(()) => {}
+                        Err(tokio::sync::mpsc::error::TrySendError::Full(message)) => held = Some(message),
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
+                    }
                 }
                 Some(Ok(Message::Text(text))) => match serde_json::from_str::<Control>(text.as_str()) {
                     Ok(Control::Resize { cols, rows }) => {
-                        if term.input.send(TerminalInput::Resize { cols, rows }).is_err() { break; }
+                        match term.input.try_send(TerminalInput::Resize { cols, rows }) {
+                            Ok(()) => {}
+                            Err(tokio::sync::mpsc::error::TrySendError::Full(message)) => held = Some(message),
+                            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
+                        }
                     }
                     Err(e) => {
                         let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": format!("unknown control message: {e}")}))).await;
@@ -248,7 +264,7 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         }
     }
     // Closing the tab closes the channel: the pump sees Close (or a dropped sender).
-    let _ = term.input.send(TerminalInput::Close);
+    let _ = term.input.try_send(TerminalInput::Close);
     Ok(())
 }
 

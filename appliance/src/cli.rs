@@ -102,7 +102,7 @@ pub struct ServeArgs {
     /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, mdns, log_format, secret_key_file, host_heartbeat_secs,
     /// webrtc_bind, check_workers, job_attempts (a table of kind = attempts), llm_endpoints (a list of
     /// {url, model, api_key_env}), llm_team_budget, llm_requests_per_minute, llm_allow_remote,
-    /// observer_secs, idle_minutes, max_connections, max_connections_per_client, header_timeout_secs
+    /// observer_secs, idle_minutes, max_connections, max_connections_per_client, header_timeout_secs, idle_timeout_secs
     #[arg(long, env = "LABRACK_CONFIG")]
     pub config: Option<PathBuf>,
     /// where the database and TLS material live [default: ./data]
@@ -199,10 +199,15 @@ pub struct ServeArgs {
     /// connections held at once from one client (an IPv6 client by its /64) [default: 64]
     #[arg(long, env = "LABRACK_MAX_CONNECTIONS_PER_CLIENT")]
     pub max_connections_per_client: Option<usize>,
-    /// seconds a connection may take to send a request's headers, and stay idle between
-    /// requests, before it is closed [default: 10]
+    /// seconds a new connection may take for its TLS handshake and its first request
+    /// [default: 10]
     #[arg(long, env = "LABRACK_HEADER_TIMEOUT_SECS")]
     pub header_timeout_secs: Option<u64>,
+    /// seconds a kept-alive connection may wait for (and take to send the headers of) its
+    /// next request; longer than clients keep idle connections (90 s for most libraries),
+    /// so they close first and never send into a connection being closed [default: 120]
+    #[arg(long, env = "LABRACK_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
 }
 
 /// The config file's shape: every key optional.
@@ -237,6 +242,7 @@ struct ConfigFile {
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
     header_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
 }
 
 /// Fully resolved settings for `labrack serve`.
@@ -260,8 +266,10 @@ pub struct ServeConfig {
     pub observer_every: std::time::Duration,
     pub idle_after: std::time::Duration,
     pub connections: crate::connections::ConnectionLimits,
-    /// for a request's headers, and idle between requests
+    /// for a new connection's TLS handshake and first request
     pub header_timeout: std::time::Duration,
+    /// for a kept-alive connection's next request
+    pub idle_timeout: std::time::Duration,
 }
 
 impl ServeArgs {
@@ -336,9 +344,12 @@ impl ServeArgs {
         anyhow::ensure!((1..=max_connections).contains(&per_client), "max_connections_per_client must be between 1 and max_connections");
         let header_timeout_secs = self.header_timeout_secs.or(file.header_timeout_secs).unwrap_or(10);
         anyhow::ensure!((1..=600).contains(&header_timeout_secs), "header_timeout_secs must be between 1 and 600");
+        let idle_timeout_secs = self.idle_timeout_secs.or(file.idle_timeout_secs).unwrap_or(120);
+        anyhow::ensure!((header_timeout_secs..=3600).contains(&idle_timeout_secs), "idle_timeout_secs must be between header_timeout_secs and 3600");
         Ok(ServeConfig {
             connections: crate::connections::ConnectionLimits { max: max_connections, per_client, reserved_for_hosts: max_connections / 16 },
             header_timeout: std::time::Duration::from_secs(header_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(idle_timeout_secs),
             sync,
             billing,
             llm,

@@ -17,12 +17,13 @@ use crate::metrics::Metrics;
 
 pub const DB_FILE: &str = "labrack.db";
 
-/// A client must send each request's headers within `timeout` (the timer also runs while a
-/// kept-alive connection waits for its next request), and HTTP/2 clients must answer pings:
-/// a slow or silent client cannot hold a connection for long.
-fn bound_slow_clients(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>, timeout: Duration) {
-    builder.http1().header_read_timeout(Some(timeout));
-    builder.http2().keep_alive_interval(Some(timeout)).keep_alive_timeout(timeout).max_concurrent_streams(256);
+/// After its first request (bounded by `first_request_timeout`), a kept-alive HTTP/1
+/// connection must send each next request's headers within `idle` (hyper's timer runs while
+/// the connection waits too: it is also the idle timeout); HTTP/2 clients must answer pings
+/// within `header`. A slow or silent client cannot hold a connection for long.
+fn bound_slow_clients(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>, header: Duration, idle: Duration) {
+    builder.http1().header_read_timeout(Some(idle));
+    builder.http2().keep_alive_interval(Some(header)).keep_alive_timeout(header).max_concurrent_streams(256);
 }
 
 /// Lab hosts whose address is an IP get the connections kept for hosts from the start,
@@ -119,12 +120,12 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let tls = axum_server::tls_rustls::RustlsConfig::from_config(identity.server_config);
         let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).handshake_timeout(config.header_timeout).acceptor(gate);
         let mut server = axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle.clone()).first_request_timeout(config.header_timeout);
-        bound_slow_clients(server.http_builder(), config.header_timeout);
+        bound_slow_clients(server.http_builder(), config.header_timeout, config.idle_timeout);
         tokio::spawn(async move { server.serve(app).await })
     } else {
         tracing::warn!("serving plain HTTP (--dev-http): for development only");
         let mut server = axum_server::from_tcp(listener)?.acceptor(gate).handle(handle.clone()).first_request_timeout(config.header_timeout);
-        bound_slow_clients(server.http_builder(), config.header_timeout);
+        bound_slow_clients(server.http_builder(), config.header_timeout, config.idle_timeout);
         tokio::spawn(async move { server.serve(app).await })
     };
     if let Some(password) = first_admin_password {

@@ -571,8 +571,8 @@ impl Drop for Sshd {
 /// A WebSocket over TLS to the appliance, trusting only its CA, with a bearer token.
 pub type AppSocket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
-pub async fn websocket(data_dir: &Path, base_url: &str, path: &str, bearer: &str) -> anyhow::Result<AppSocket> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+/// A TLS connector that trusts only the appliance's CA.
+pub fn tls_connector(data_dir: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let pem = std::fs::read(data_dir.join("tls/ca.pem"))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -582,10 +582,15 @@ pub async fn websocket(data_dir: &Path, base_url: &str, path: &str, bearer: &str
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+}
+
+pub async fn websocket(data_dir: &Path, base_url: &str, path: &str, bearer: &str) -> anyhow::Result<AppSocket> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let authority = base_url.trim_start_matches("https://").trim_end_matches('/').to_owned();
     let tcp = tokio::net::TcpStream::connect(&authority).await?;
     let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(server_name, tcp).await?;
+    let tls = tls_connector(data_dir)?.connect(server_name, tcp).await?;
     let mut request = format!("wss://{authority}{path}").into_client_request()?;
     request.headers_mut().insert("authorization", format!("Bearer {bearer}").parse()?);
     let (socket, _) = tokio_tungstenite::client_async(request, tls).await?;

@@ -33,15 +33,23 @@ pub fn parse(text: &str) -> Result<Vec<RosterRow>, Vec<RowError>> {
         return Err(vec![RowError { line: 1, reason: format!("header must be `team,name,email` (or `team,name`), found `{}`", columns.join(",")) }]);
     }
     let width = columns.len();
-    // Physical line of a byte offset (the csv crate's own count skips blank lines).
+    // Physical line of a byte offset (the csv crate's own count skips blank lines). Records
+    // come in order, so newlines are counted on from the last record's offset: linear in
+    // the file, however many blank lines it holds.
+    let counted = std::cell::Cell::new((0_usize, 0_u64));
     let line_of = |position: Option<&csv::Position>| -> u64 {
         let mut byte = position.map_or(0, |p| usize::try_from(p.byte()).unwrap_or(usize::MAX)).min(text.len());
         // A record's position can point at blank lines before it; the record starts after them.
         while text.as_bytes().get(byte).is_some_and(|b| matches!(b, b'\r' | b'\n')) {
             byte += 1;
         }
-        let newlines = text.as_bytes()[..byte].iter().filter(|b| **b == b'\n').count();
-        u64::try_from(newlines).unwrap_or(u64::MAX).saturating_add(1)
+        let (mut from, mut newlines) = counted.get();
+        if byte < from {
+            (from, newlines) = (0, 0);
+        }
+        newlines += u64::try_from(text.as_bytes()[from..byte].iter().filter(|b| **b == b'\n').count()).unwrap_or(u64::MAX);
+        counted.set((byte, newlines));
+        newlines.saturating_add(1)
     };
     let mut rows = Vec::new();
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
@@ -144,6 +152,16 @@ mod tests {
         let errors = parse(&text).err().unwrap_or_default();
         assert_eq!(errors.len(), 1);
         assert!(errors[0].reason.contains("too many rows"));
+    }
+
+    #[test]
+    fn half_a_million_blank_lines_keep_lines_right() {
+        let mut text = String::from("team,name\nRed,Ada\n");
+        text.push_str(&"\n".repeat(500_000));
+        text.push_str("Red,\n");
+        assert_eq!(lines(parse(&text)), vec![500_003], "the bad row's physical line");
+        let blank_rows = format!("team,name\n{}Red,Ada\n", " , \n".repeat(200_000));
+        assert_eq!(parse(&blank_rows).map(|rows| rows[0].line), Ok(200_002), "rows of blank fields are skipped");
     }
 
     /// A cheap fuzz oracle run as an ordinary test: arbitrary bytes never panic, and every

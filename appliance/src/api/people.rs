@@ -309,7 +309,11 @@ pub async fn import_participants(
     CsvBody(text): CsvBody,
 ) -> Result<Json<ImportResult>, ApiError> {
     caller.require_staff(&PEOPLE_WRITERS)?;
-    let rows = crate::roster::parse(&text).map_err(ApiError::BadRows)?;
+    // Off the async workers: a large file must not stall other requests.
+    let rows = tokio::task::spawn_blocking(move || crate::roster::parse(&text))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::BadRows)?;
     let result = state
         .db
         .writer()

@@ -35,6 +35,8 @@ fn endpoints(s: &common::Seed) -> Vec<(&'static str, String, Option<Value>)> {
         ("POST", format!("/api/v1/events/{e}/check-batches"), Some(json!({}))),
         ("GET", "/api/v1/me/checks".into(), None),
         ("GET", "/api/v1/me/submissions".into(), None),
+        // participant B's: not the caller's own session
+        ("POST", format!("/api/v1/participants/{}/sign-out", s.participant_b), None),
     ]
 }
 
@@ -59,7 +61,7 @@ fn allowed(role: &str, index: usize) -> bool {
         14 | 21 | 22 => role == "participant",
         15..=17 | 19 => staff_read,
         18 => ["admin", "organizer", "judge"].contains(&role),
-        20 => people_write,
+        20 | 23 => people_write,
         _ => unreachable!(),
     }
 }

@@ -66,13 +66,37 @@ fn now() -> i64 {
     i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
 }
 
-/// Answers one queued question; the answer lands in the team's messages.
-pub async fn answer_question(state: &AppState, payload: &serde_json::Value) -> Result<(), ApiError> {
+/// A team's answered question, to post in the job's completing write.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub event_id: i64,
+    pub team_id: i64,
+    pub source: &'static str,
+    pub body: String,
+}
+
+/// Posts the answer to the team's messages, once per job: a retried job whose answer is
+/// already posted posts nothing.
+pub fn post_answer(conn: &Connection, job_id: i64, answer: &Answer, now_ms: i64) -> Result<(), rusqlite::Error> {
+    let posted: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM agent_messages WHERE job_id = ?1)", [job_id], |r| r.get(0))?;
+    if !posted {
+        conn.execute(
+            "INSERT INTO agent_messages (event_id, team_id, agent, source, body, created_ms, job_id) VALUES (?1, ?2, 'hint', ?3, ?4, ?5, ?6)",
+            params![answer.event_id, answer.team_id, answer.source, answer.body, now_ms, job_id],
+        )?;
+    }
+    Ok(())
+}
+
+/// Answers one queued question (job `job_id`). The model is asked at most once per job: a
+/// retry after the reply was recorded (and billed) uses that reply; a retry after the
+/// answer was posted posts nothing new (see [`post_answer`]).
+pub async fn answer_question(state: &AppState, job_id: i64, payload: &serde_json::Value) -> Result<Answer, ApiError> {
     let (Some(event_id), Some(team_id)) = (payload["event_id"].as_i64(), payload["team_id"].as_i64()) else {
         return Err(ApiError::invalid("payload", "the job needs event_id and team_id"));
     };
     let question = payload["question"].as_str().unwrap_or_default().to_owned();
-    let (failing, hints) = state
+    let (failing, hints, recorded) = state
         .db
         .read(move |conn| {
             let failing = failing_checks(conn, team_id)?;
@@ -82,11 +106,13 @@ pub async fn answer_question(state: &AppState, payload: &serde_json::Value) -> R
                 params![event_id, team_id],
                 |r| r.get(0),
             )?;
-            Ok::<_, ApiError>((failing, hints))
+            Ok::<_, ApiError>((failing, hints, crate::llm::recorded_reply(conn, job_id)?))
         })
         .await?;
     let rules = rule_hint(&failing, hints);
-    let (source, body) = if state.llm.configured() {
+    let (source, body) = if let Some(reply) = recorded {
+        ("llm", reply)
+    } else if state.llm.configured() {
         let context: Vec<String> = failing.iter().map(|(name, message)| format!("- check “{name}” fails: {message}")).collect();
         let messages = vec![
             ChatMessage::system(
@@ -97,7 +123,8 @@ pub async fn answer_question(state: &AppState, payload: &serde_json::Value) -> R
                 if context.is_empty() { "(none)".to_owned() } else { context.join("\n") }
             )),
         ];
-        match state.llm.chat(&state.db, Payer { event_id, team_id: Some(team_id) }, "hint", messages, 300).await {
+        let payer = Payer { event_id, team_id: Some(team_id), job_id: Some(job_id) };
+        match state.llm.chat(&state.db, payer, "hint", messages, 300).await {
             Ok(reply) => ("llm", reply.content),
             Err(error @ (LlmError::BudgetExceeded { .. } | LlmError::RateLimited { .. } | LlmError::Unavailable(_))) => {
                 ("rules", format!("{rules} (rule-based: {error})"))
@@ -107,8 +134,7 @@ pub async fn answer_question(state: &AppState, payload: &serde_json::Value) -> R
     } else {
         ("rules", format!("{rules} {NO_MODEL}"))
     };
-    state.db.writer().write(move |conn| Ok::<_, ApiError>(insert_message(conn, event_id, Some(team_id), "hint", source, &body, now())?)).await?;
-    Ok(())
+    Ok(Answer { event_id, team_id, source, body })
 }
 
 /// What one observer pass found.
@@ -214,7 +240,7 @@ pub async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Re
                 ChatMessage::system("You are a lively hackathon commentator. One sentence, no more than 25 words."),
                 ChatMessage::user(rules.clone()),
             ];
-            match state.llm.chat(&state.db, Payer { event_id, team_id: None }, "commentary", messages, 60).await {
+            match state.llm.chat(&state.db, Payer { event_id, team_id: None, job_id: None }, "commentary", messages, 60).await {
                 Ok(reply) => ("llm", reply.content),
                 Err(error) => ("rules", format!("{rules} (rule-based: {error})")),
             }

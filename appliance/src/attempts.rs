@@ -51,6 +51,9 @@ pub const ENROL_CLIENT: Backoff = Backoff { free: 20, first_wait: Duration::from
 #[error("too many attempts; retry in {} s", retry_after.as_secs().max(1))]
 pub struct TooManyAttempts {
     pub retry_after: Duration,
+    /// the first refusal since the last counted attempt: the start of a lockout, worth one
+    /// audit row (the refusals after it are not)
+    pub first: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +61,8 @@ struct Entry {
     failures: u32,
     blocked_until: Instant,
     last: Instant,
+    /// a refusal was reported since the last counted attempt
+    refused: bool,
 }
 
 /// Counts attempts per key, each key with the backoff of its kind.
@@ -83,14 +88,20 @@ impl AttemptLimiter {
 
     fn begin_at(&self, keys: &[(String, Backoff)], now: Instant) -> Result<(), TooManyAttempts> {
         let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let longest_wait = keys
-            .iter()
-            .filter_map(|(key, backoff)| entries.get(key).filter(|e| now.duration_since(e.last) < backoff.forget_after))
-            .map(|e| e.blocked_until.saturating_duration_since(now))
-            .max()
-            .unwrap_or_default();
+        let mut longest_wait = Duration::ZERO;
+        let mut first = false;
+        for (key, backoff) in keys {
+            if let Some(entry) = entries.get_mut(key).filter(|e| now.duration_since(e.last) < backoff.forget_after) {
+                let wait = entry.blocked_until.saturating_duration_since(now);
+                if !wait.is_zero() {
+                    first |= !entry.refused;
+                    entry.refused = true;
+                    longest_wait = longest_wait.max(wait);
+                }
+            }
+        }
         if !longest_wait.is_zero() {
-            return Err(TooManyAttempts { retry_after: longest_wait });
+            return Err(TooManyAttempts { retry_after: longest_wait, first });
         }
         if entries.len() >= self.max_keys {
             let forget = keys.iter().map(|(_, b)| b.forget_after).max().unwrap_or_default();
@@ -105,7 +116,8 @@ impl AttemptLimiter {
             }
         }
         for (key, backoff) in keys {
-            let entry = entries.entry(key.clone()).or_insert(Entry { failures: 0, blocked_until: now, last: now });
+            let entry = entries.entry(key.clone()).or_insert(Entry { failures: 0, blocked_until: now, last: now, refused: false });
+            entry.refused = false;
             if now.duration_since(entry.last) >= backoff.forget_after {
                 entry.failures = 0;
             }
@@ -182,15 +194,17 @@ mod tests {
     fn attempts_count_before_the_work_so_a_burst_cannot_pass_together() {
         let limiter = AttemptLimiter::default();
         let now = Instant::now();
-        let burst: Vec<bool> = (0..100).map(|_| limiter.begin_at(&keys(&["ip:1"]), now).is_ok()).collect();
-        assert_eq!(burst.iter().filter(|ok| **ok).count(), 3, "three free, then a wait");
+        let burst: Vec<Result<(), TooManyAttempts>> = (0..100).map(|_| limiter.begin_at(&keys(&["ip:1"]), now)).collect();
+        assert_eq!(burst.iter().filter(|r| r.is_ok()).count(), 3, "three free, then a wait");
+        let lockouts = burst.iter().filter(|r| r.as_ref().is_err_and(|e| e.first)).count();
+        assert_eq!(lockouts, 1, "only the first refusal starts a lockout (one audit row, not 97)");
         let refused = limiter.begin_at(&keys(&["ip:1"]), now).expect_err("waiting");
-        assert_eq!(refused.retry_after, Duration::from_secs(1));
+        assert_eq!((refused.retry_after, refused.first), (Duration::from_secs(1), false));
         assert!(limiter.begin_at(&keys(&["ip:2"]), now).is_ok(), "another client is not slowed");
         // after the wait one more attempt, then a longer wait
         let later = now + Duration::from_secs(1);
         assert!(limiter.begin_at(&keys(&["ip:1"]), later).is_ok());
-        assert_eq!(limiter.begin_at(&keys(&["ip:1"]), later).map_err(|e| e.retry_after), Err(Duration::from_secs(2)));
+        assert_eq!(limiter.begin_at(&keys(&["ip:1"]), later).map_err(|e| (e.retry_after, e.first)), Err((Duration::from_secs(2), true)), "a new lockout");
         limiter.refund(&keys(&["ip:1"]));
         assert_eq!(limiter.begin_at(&keys(&["ip:1"]), later).map_err(|e| e.retry_after), Err(Duration::from_secs(1)), "refunded one");
         limiter.succeeded(&["ip:1".to_owned()]);

@@ -18,6 +18,7 @@
 //! A check that runs and fails is a result (`failed`), not a job failure.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use labrack_provisioner::protocol::{HostTask, PROTOCOL_VERSION, TaskId, TaskKind, TaskOutcome};
@@ -36,6 +37,8 @@ pub const JOB_KIND: &str = "run_check";
 const LEASE_MS: i64 = 15_000;
 /// How often a waiting worker renews its lease.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// How long a submission waits for its team's previous one's checks before looking again.
+const SUBMISSION_WAIT_MS: i64 = 5_000;
 /// How long past a check's own time-out the host gets to report it.
 const REPORT_GRACE_MS: i64 = 60_000;
 /// Dimensions every rubric starts with.
@@ -50,7 +53,7 @@ pub struct QueueSettings {
 
 impl Default for QueueSettings {
     fn default() -> Self {
-        Self { max_attempts: HashMap::new(), check_workers: 4 }
+        Self { max_attempts: HashMap::new(), check_workers: 16 }
     }
 }
 
@@ -203,7 +206,7 @@ pub fn queue_batch(conn: &Connection, request: &BatchRequest, now_ms: i64) -> Re
             idempotency_key: Some(format!("check-run-{run_id}")),
             priority: request.priority,
             max_attempts: request.max_attempts,
-            ..NewJob::new(JOB_KIND, serde_json::json!({"check_run_id": run_id}))
+            ..NewJob::new(JOB_KIND, serde_json::json!({"check_run_id": run_id})).for_team(team_id)
         };
         let (job_id, _) = jobs::enqueue(conn, &job, now_ms)?;
         conn.prepare_cached("UPDATE check_runs SET job_id = ?2 WHERE id = ?1")?.execute(params![run_id, job_id])?;
@@ -508,19 +511,28 @@ fn now() -> i64 {
     i64::try_from(unix_ms()).unwrap_or(i64::MAX)
 }
 
-/// Starts the check workers; they stop at shutdown.
-pub fn spawn_workers(state: &AppState, count: usize) -> Vec<tokio::task::JoinHandle<()>> {
-    let instance = format!("{:x}", rand::random::<u32>());
-    (0..count).map(|n| tokio::spawn(worker(state.clone(), format!("check-worker-{instance}-{n}")))).collect()
+/// Starts the queue's dispatcher with `slots` jobs at once (check runs over SSH, scoring,
+/// hints); it stops at shutdown once its jobs have stopped. A check that runs on a lab
+/// host's agent gives its slot back as soon as the host has it: waiting for a report costs
+/// nothing, so a slow check never holds a slot. A team holds at most
+/// [`jobs::PER_KEY_RUNNING`] running jobs (see [`jobs::claim`]).
+pub fn spawn_workers(state: &AppState, slots: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    let name = format!("queue-{:x}", rand::random::<u32>());
+    vec![tokio::spawn(dispatch(state.clone(), name, slots.max(1)))]
 }
 
-async fn worker(state: AppState, name: String) {
+async fn dispatch(state: AppState, name: String, slots: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(slots));
     let mut shutdown = state.shutdown.subscribe();
     let mut jobs_added = state.jobs_wake.subscribe();
+    let mut running = tokio::task::JoinSet::new();
     loop {
-        if *shutdown.borrow() {
-            return;
-        }
+        while running.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let Ok(slot) = slot else { break };
         let worker = name.clone();
         let claimed = state
             .db
@@ -534,63 +546,119 @@ async fn worker(state: AppState, name: String) {
             })
             .await;
         match claimed {
-            Ok(Some(job)) if job.kind == crate::api::scores::SUBMISSION_JOB => {
-                let (worker, attempts) = (name.clone(), state.queue.attempts_for(JOB_KIND));
-                let expanded = state
-                    .db
-                    .writer()
-                    .write(move |conn| {
-                        let submission = job.payload["submission_id"].as_i64().unwrap_or_default();
-                        match crate::api::scores::expand_submission(conn, submission, attempts, now()) {
-                            Ok(_) => jobs::complete(conn, job.id, &worker, now())?,
-                            Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now())?,
-                        }
-                        Ok::<_, ApiError>(())
-                    })
-                    .await;
-                match expanded {
-                    Ok(()) => state.wake_workers(),
-                    Err(error) => tracing::warn!(worker = %name, error = ?ApiError::from(error), "scoring a submission failed"),
-                }
-            }
-            Ok(Some(job)) if job.kind == crate::agents::HINT_JOB => {
-                let answered = crate::agents::answer_question(&state, &job.payload).await;
-                let worker = name.clone();
-                let finished = state
-                    .db
-                    .writer()
-                    .write(move |conn| match answered {
-                        Ok(()) => Ok::<_, ApiError>(jobs::complete(conn, job.id, &worker, now())?),
-                        Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now()),
-                    })
-                    .await;
-                if let Err(error) = finished {
-                    tracing::warn!(worker = %name, error = ?ApiError::from(error), "answering a question failed");
-                }
-            }
             Ok(Some(job)) => {
-                if let Err(error) = run_job(&state, &name, job).await {
-                    tracing::warn!(worker = %name, ?error, "check job step failed");
-                }
+                running.spawn(run_claimed(state.clone(), name.clone(), job, slot));
             }
             Ok(None) => {
-                // Idle: wake when jobs are added, and look again now and then (backoffs end).
+                drop(slot);
+                // Idle: wake when jobs are added or one ends (a team's share frees up), and
+                // look again now and then (backoffs end).
                 jobs_added.borrow_and_update();
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = jobs_added.changed() => {}
-                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    Some(_) = running.join_next() => {}
+                    _ = shutdown.wait_for(|stop| *stop) => break,
                 }
             }
             Err(error) => {
-                tracing::error!(worker = %name, error = ?ApiError::from(error), "claiming a check job failed");
+                drop(slot);
+                tracing::error!(worker = %name, error = ?ApiError::from(error), "claiming a queue job failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    // Jobs hand themselves back at shutdown (see `run_job`); wait for them to do so.
+    while running.join_next().await.is_some() {}
+}
+
+/// Runs `work` while renewing `job_id`'s lease; `None` when the lease was lost (staff
+/// cancelled the job) or the appliance shuts down, and the job was handed back.
+async fn renewing<T>(state: &AppState, job_id: i64, worker: &str, work: impl std::future::Future<Output = T>) -> Option<T> {
+    let mut renew = tokio::time::interval(RENEW_EVERY);
+    renew.tick().await;
+    let mut shutdown = state.shutdown.subscribe();
+    tokio::pin!(work);
+    enum Wake<T> {
+        Done(T),
+        Renew,
+        Stop,
+    }
+    loop {
+        let wake = tokio::select! {
+            done = &mut work => Wake::Done(done),
+            _ = renew.tick() => Wake::Renew,
+            _ = shutdown.wait_for(|stop| *stop) => Wake::Stop,
+        };
+        let worker = worker.to_owned();
+        match wake {
+            Wake::Done(done) => return Some(done),
+            Wake::Renew => {
+                let renewed = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)).await;
+                if let Err(error) = renewed {
+                    tracing::info!(job = job_id, error = ?ApiError::from(error), "stopped a job that is no longer ours");
+                    return None;
+                }
+            }
+            Wake::Stop => {
+                let _ = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::abandon(conn, job_id, &worker, now())?)).await;
+                return None;
             }
         }
     }
 }
 
-async fn run_job(state: &AppState, worker: &str, job: Job) -> Result<(), ApiError> {
+async fn run_claimed(state: AppState, name: String, job: Job, slot: tokio::sync::OwnedSemaphorePermit) {
+    if job.kind == crate::api::scores::SUBMISSION_JOB {
+        let (worker, attempts) = (name.clone(), state.queue.attempts_for(JOB_KIND));
+        let expanded = state
+            .db
+            .writer()
+            .write(move |conn| {
+                use crate::api::scores::Scoring;
+                let submission = job.payload["submission_id"].as_i64().unwrap_or_default();
+                match crate::api::scores::expand_submission(conn, submission, attempts, now()) {
+                    Ok(Scoring::Wait) => {
+                        jobs::defer(conn, job.id, &worker, SUBMISSION_WAIT_MS, "waiting for the team's previous submission's checks", now())?
+                    }
+                    Ok(Scoring::Queued(_) | Scoring::Superseded | Scoring::Unscored) => jobs::complete(conn, job.id, &worker, now())?,
+                    Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now())?,
+                }
+                Ok::<_, ApiError>(())
+            })
+            .await;
+        match expanded {
+            Ok(()) => state.wake_workers(),
+            Err(error) => tracing::warn!(worker = %name, error = ?ApiError::from(error), "scoring a submission failed"),
+        }
+    } else if job.kind == crate::agents::HINT_JOB {
+        let Some(answered) = renewing(&state, job.id, &name, crate::agents::answer_question(&state, job.id, &job.payload)).await else {
+            return;
+        };
+        let worker = name.clone();
+        let finished = state
+            .db
+            .writer()
+            .write(move |conn| match answered {
+                // Posted and completed in one write: a job cannot post twice.
+                Ok(answer) => {
+                    crate::agents::post_answer(conn, job.id, &answer, now())?;
+                    Ok::<_, ApiError>(jobs::complete(conn, job.id, &worker, now())?)
+                }
+                Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now()),
+            })
+            .await;
+        if let Err(error) = finished {
+            tracing::warn!(worker = %name, error = ?ApiError::from(error), "answering a question failed");
+        }
+    } else if let Err(error) = run_job(&state, &name, job, slot).await {
+        tracing::warn!(worker = %name, ?error, "check job step failed");
+    }
+    // A finished job frees its team's share: look for work again.
+    state.wake_workers();
+}
+
+async fn run_job(state: &AppState, worker: &str, job: Job, slot: tokio::sync::OwnedSemaphorePermit) -> Result<(), ApiError> {
     let started = {
         let (job, secrets) = (job.clone(), state.secrets.clone());
         state.db.writer().write(move |conn| begin(conn, &secrets, &job, now())).await?
@@ -609,6 +677,8 @@ async fn run_job(state: &AppState, worker: &str, job: Job) -> Result<(), ApiErro
             if issued {
                 state.wake_hosts();
             }
+            // The host runs it; waiting for its report holds no slot.
+            drop(slot);
             (task_id, deadline_ms)
         }
     };

@@ -99,7 +99,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, mdns, log_format, secret_key_file, host_heartbeat_secs,
+    /// TOML file with any of: data_dir, listen, dev_http, web_dir, tls_names, mdns, log_format, secret_key_file, host_heartbeat_secs, host_grace_secs,
     /// webrtc_bind, check_workers, job_attempts (a table of kind = attempts), llm_endpoints (a list of
     /// {url, model, api_key_env}), llm_team_budget, llm_requests_per_minute, llm_allow_remote,
     /// observer_secs, idle_minutes, max_connections, max_connections_per_client, header_timeout_secs, idle_timeout_secs
@@ -133,10 +133,15 @@ pub struct ServeArgs {
     /// seconds between lab-host heartbeats; three missed mark a host unhealthy [default: 5]
     #[arg(long, env = "LABRACK_HOST_HEARTBEAT_SECS")]
     pub host_heartbeat_secs: Option<u64>,
+    /// how long the labs of a silent host wait for it (unreachable) before they fail and staff
+    /// decide; nothing is removed either way [default: 900]
+    #[arg(long, env = "LABRACK_HOST_GRACE_SECS")]
+    pub host_grace_secs: Option<u64>,
     /// where desktop viewers' WebRTC UDP sockets bind [default: 0.0.0.0:0, one per LAN interface]
     #[arg(long, env = "LABRACK_WEBRTC_BIND")]
     pub webrtc_bind: Option<String>,
-    /// how many check runs the appliance drives at once [default: 4]
+    /// how many queue jobs (checks over SSH, scoring, hint answers) the appliance works on at
+    /// once; a check a lab host's agent runs holds no slot while it runs [default: 16]
     #[arg(long, env = "LABRACK_CHECK_WORKERS")]
     pub check_workers: Option<usize>,
     /// attempts a job kind gets before it is a dead letter, e.g. `run_check=3` (repeatable;
@@ -223,6 +228,7 @@ struct ConfigFile {
     log_format: Option<LogFormat>,
     secret_key_file: Option<PathBuf>,
     host_heartbeat_secs: Option<u64>,
+    host_grace_secs: Option<u64>,
     webrtc_bind: Option<String>,
     check_workers: Option<usize>,
     job_attempts: Option<std::collections::HashMap<String, u32>>,
@@ -258,6 +264,7 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     pub secret_key_file: PathBuf,
     pub host_heartbeat_secs: u64,
+    pub host_grace_secs: u64,
     pub webrtc_bind: String,
     pub queue: crate::checks::QueueSettings,
     pub llm: crate::llm::LlmSettings,
@@ -281,8 +288,10 @@ impl ServeArgs {
         let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data"));
         let host_heartbeat_secs = self.host_heartbeat_secs.or(file.host_heartbeat_secs).unwrap_or(5);
         anyhow::ensure!((1..=300).contains(&host_heartbeat_secs), "host_heartbeat_secs must be between 1 and 300");
-        let check_workers = self.check_workers.or(file.check_workers).unwrap_or(4);
-        anyhow::ensure!((1..=64).contains(&check_workers), "check_workers must be between 1 and 64");
+        let host_grace_secs = self.host_grace_secs.or(file.host_grace_secs).unwrap_or(900);
+        anyhow::ensure!((1..=86_400).contains(&host_grace_secs), "host_grace_secs must be between 1 and 86400");
+        let check_workers = self.check_workers.or(file.check_workers).unwrap_or(16);
+        anyhow::ensure!((1..=256).contains(&check_workers), "check_workers must be between 1 and 256");
         let mut max_attempts = file.job_attempts.unwrap_or_default();
         for pair in &self.job_attempts {
             let (kind, n) = pair.split_once('=').with_context(|| format!("--job-attempts {pair:?}: expected KIND=N"))?;
@@ -358,6 +367,7 @@ impl ServeArgs {
             queue: crate::checks::QueueSettings { max_attempts, check_workers },
             secret_key_file: self.secret_key_file.or(file.secret_key_file).unwrap_or_else(|| data_dir.join("secret.key")),
             host_heartbeat_secs,
+            host_grace_secs,
             webrtc_bind: self.webrtc_bind.or(file.webrtc_bind).unwrap_or_else(|| "0.0.0.0:0".into()),
             data_dir,
             listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),

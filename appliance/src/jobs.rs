@@ -4,7 +4,9 @@
 //! - **Enqueue** with a kind, a JSON payload, a priority and an optional idempotency key:
 //!   the same (kind, key) twice gives the first job back, never a second one.
 //! - **Claim** takes the most urgent ready job under a lease (visibility timeout) in one
-//!   atomic statement, so no job runs twice at once. A job whose worker died (its lease ran
+//!   atomic statement, so no job runs twice at once. Jobs may carry a fairness key (a
+//!   team): a key holds at most [`PER_KEY_RUNNING`] running jobs, and among jobs of equal
+//!   priority the key with fewer running goes first, so one team cannot fill the workers. A job whose worker died (its lease ran
 //!   out) is ready again; the lost run counts as an attempt.
 //! - **Fail** retries with exponential backoff (2, 4, 8, 16 s …) until `max_attempts`, then
 //!   the job is **dead** with its last error. Staff **requeue** dead or cancelled jobs
@@ -22,6 +24,8 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const MAX_NAME_LEN: usize = 128;
 /// The largest payload accepted (bytes of JSON).
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// How many jobs with the same fairness key (one team's) run at once.
+pub const PER_KEY_RUNNING: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -46,11 +50,20 @@ pub struct NewJob {
     /// higher runs first
     pub priority: i64,
     pub max_attempts: u32,
+    /// who the job works for (`team:7`): one key's jobs take at most [`PER_KEY_RUNNING`]
+    /// workers at once
+    pub fair_key: Option<String>,
 }
 
 impl NewJob {
     pub fn new(kind: impl Into<String>, payload: serde_json::Value) -> Self {
-        Self { kind: kind.into(), payload, idempotency_key: None, priority: 0, max_attempts: DEFAULT_MAX_ATTEMPTS }
+        Self { kind: kind.into(), payload, idempotency_key: None, priority: 0, max_attempts: DEFAULT_MAX_ATTEMPTS, fair_key: None }
+    }
+
+    /// The job works for `team_id` (see [`NewJob::fair_key`]).
+    pub fn for_team(mut self, team_id: i64) -> Self {
+        self.fair_key = Some(format!("team:{team_id}"));
+        self
     }
 }
 
@@ -72,10 +85,18 @@ pub struct Job {
     pub last_error: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// whom the job works for (`team:7`), if anyone
+    pub fair_key: Option<String>,
+}
+
+impl Job {
+    pub fn fair_key_is(&self, key: &str) -> bool {
+        self.fair_key.as_deref() == Some(key)
+    }
 }
 
 const COLUMNS: &str =
-    "id, kind, payload, idempotency_key, priority, state, attempts, max_attempts, run_after_ms, lease_owner, lease_expires_ms, last_error, created_ms, updated_ms";
+    "id, kind, payload, idempotency_key, priority, state, attempts, max_attempts, run_after_ms, lease_owner, lease_expires_ms, last_error, created_ms, updated_ms, fair_key";
 
 fn row_to_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let payload: String = row.get(2)?;
@@ -94,6 +115,7 @@ fn row_to_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         last_error: row.get(11)?,
         created_ms: row.get(12)?,
         updated_ms: row.get(13)?,
+        fair_key: row.get(14)?,
     })
 }
 
@@ -117,6 +139,9 @@ pub fn enqueue(conn: &Connection, job: &NewJob, now_ms: i64) -> Result<(i64, boo
     if let Some(key) = &job.idempotency_key {
         check_name("the idempotency key", key)?;
     }
+    if let Some(key) = &job.fair_key {
+        check_name("the fairness key", key)?;
+    }
     if !(1..=100).contains(&job.max_attempts) {
         return Err(JobError::Invalid("max_attempts must be 1–100".into()));
     }
@@ -132,16 +157,17 @@ pub fn enqueue(conn: &Connection, job: &NewJob, now_ms: i64) -> Result<(i64, boo
         }
     }
     conn.execute(
-        "INSERT INTO jobs (kind, payload, idempotency_key, priority, state, attempts, max_attempts, run_after_ms, created_ms, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, 'queued', 0, ?5, ?6, ?6, ?6)",
-        params![job.kind, payload, job.idempotency_key, job.priority, job.max_attempts, now_ms],
+        "INSERT INTO jobs (kind, payload, idempotency_key, priority, state, attempts, max_attempts, run_after_ms, created_ms, updated_ms, fair_key)
+         VALUES (?1, ?2, ?3, ?4, 'queued', 0, ?5, ?6, ?6, ?6, ?7)",
+        params![job.kind, payload, job.idempotency_key, job.priority, job.max_attempts, now_ms, job.fair_key],
     )?;
     Ok((conn.last_insert_rowid(), true))
 }
 
-/// Takes the most urgent ready job (highest priority, then oldest) for `worker` until
-/// `now + lease_ms`. Ready: queued and due, or running with a lapsed lease (its worker died).
-/// A lapsed job that has used all its attempts is dead instead.
+/// Takes the most urgent ready job (highest priority, then the fairness key with the fewest
+/// running jobs, then oldest) for `worker` until `now + lease_ms`. Ready: queued and due, or
+/// running with a lapsed lease (its worker died), and its key below [`PER_KEY_RUNNING`]
+/// running jobs. A lapsed job that has used all its attempts is dead instead.
 pub fn claim(conn: &Connection, worker: &str, kinds: &[&str], lease_ms: i64, now_ms: i64) -> Result<Option<Job>, JobError> {
     check_name("the worker name", worker)?;
     // Lapsed leases on jobs with no attempts left: dead, with the reason.
@@ -155,14 +181,18 @@ pub fn claim(conn: &Connection, worker: &str, kinds: &[&str], lease_ms: i64, now
         "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?1, lease_expires_ms = ?2, updated_ms = ?3,
              last_error = CASE WHEN state = 'running' THEN 'the worker stopped answering (lease expired)' ELSE last_error END
          WHERE id = (
-             SELECT id FROM jobs
-             WHERE ((state = 'queued' AND run_after_ms <= ?3) OR (state = 'running' AND lease_expires_ms <= ?3))
-               AND (json_array_length(?4) = 0 OR kind IN (SELECT value FROM json_each(?4)))
-             ORDER BY priority DESC, run_after_ms, id
+             SELECT j.id FROM jobs j
+             LEFT JOIN (SELECT fair_key, count(*) AS running FROM jobs
+                        WHERE state = 'running' AND lease_expires_ms > ?3 AND fair_key IS NOT NULL GROUP BY fair_key) busy
+               ON busy.fair_key = j.fair_key
+             WHERE ((j.state = 'queued' AND j.run_after_ms <= ?3) OR (j.state = 'running' AND j.lease_expires_ms <= ?3))
+               AND (json_array_length(?4) = 0 OR j.kind IN (SELECT value FROM json_each(?4)))
+               AND coalesce(busy.running, 0) < ?5
+             ORDER BY j.priority DESC, coalesce(busy.running, 0), j.run_after_ms, j.id
              LIMIT 1)
          RETURNING {COLUMNS}"
     );
-    Ok(conn.query_row(&sql, params![worker, now_ms + lease_ms.max(1), now_ms, kinds_json], row_to_job).optional()?)
+    Ok(conn.query_row(&sql, params![worker, now_ms + lease_ms.max(1), now_ms, kinds_json, PER_KEY_RUNNING], row_to_job).optional()?)
 }
 
 fn leased(conn: &Connection, id: i64, worker: &str, now_ms: i64) -> Result<Job, JobError> {
@@ -211,6 +241,19 @@ pub fn abandon(conn: &Connection, id: i64, worker: &str, now_ms: i64) -> Result<
         "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), run_after_ms = ?2, lease_owner = NULL, lease_expires_ms = NULL, updated_ms = ?2
          WHERE id = ?1",
         params![id, now_ms],
+    )?;
+    Ok(())
+}
+
+/// The job cannot start yet for a reason that is not a failure (the team's previous batch
+/// still runs): it waits `delay_ms` and the attempt is not counted.
+pub fn defer(conn: &Connection, id: i64, worker: &str, delay_ms: i64, reason: &str, now_ms: i64) -> Result<(), JobError> {
+    leased(conn, id, worker, now_ms)?;
+    conn.execute(
+        "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), run_after_ms = ?2, lease_owner = NULL, lease_expires_ms = NULL,
+                         last_error = ?3, updated_ms = ?4
+         WHERE id = ?1",
+        params![id, now_ms + delay_ms.max(1), reason, now_ms],
     )?;
     Ok(())
 }
@@ -373,6 +416,54 @@ mod tests {
         abandon(&conn, id, "w", 1_600).expect("abandon");
         let again = claim(&conn, "other", &[], 1_000, 1_600).expect("claim").expect("ready at once");
         assert_eq!(again.attempts, 1, "the abandoned attempt does not count");
+        cleanup(&path);
+    }
+
+    #[test]
+    fn one_team_holds_a_bounded_share_and_the_least_busy_team_goes_first() {
+        let (conn, path) = db();
+        // Team 1 floods the queue first; team 2 asks once, later.
+        for n in 0..10 {
+            enqueue(&conn, &NewJob::new("check", json!({"n": n})).for_team(1), n).expect("enqueue");
+        }
+        let (second_team, _) = enqueue(&conn, &NewJob::new("check", json!({})).for_team(2), 100).expect("enqueue");
+        let (unkeyed, _) = enqueue(&conn, &NewJob::new("check", json!({})), 200).expect("enqueue");
+        let mut claimed = Vec::new();
+        while let Some(job) = claim(&conn, "w", &[], 60_000, 1_000).expect("claim") {
+            claimed.push(job);
+        }
+        let team_one = claimed.iter().filter(|j| j.fair_key_is("team:1")).count();
+        assert_eq!(team_one, PER_KEY_RUNNING as usize, "team 1 runs at most its share");
+        assert_eq!(claimed.len(), PER_KEY_RUNNING as usize + 2, "the other team and the unkeyed job run beside it");
+        let position = |id| claimed.iter().position(|j| j.id == id).expect("claimed");
+        assert!(position(second_team) <= 1, "the idle team goes before the busy team's second job: {:?}", claimed.iter().map(|j| j.id).collect::<Vec<_>>());
+        assert!(position(unkeyed) <= 2);
+        // One of team 1's jobs ends: the next of its jobs may run.
+        let first = claimed.iter().find(|j| j.fair_key_is("team:1")).expect("team 1 job").id;
+        complete(&conn, first, "w", 2_000).expect("complete");
+        assert!(claim(&conn, "w", &[], 60_000, 2_000).expect("claim").is_some_and(|j| j.fair_key_is("team:1")));
+        assert!(claim(&conn, "w", &[], 60_000, 2_000).expect("claim").is_none());
+        // A lapsed lease does not count against the team (its worker died).
+        let next = claim(&conn, "w2", &[], 60_000, 70_000).expect("claim").expect("lapsed jobs are ready again");
+        assert!(next.attempts >= 1);
+        cleanup(&path);
+    }
+
+    #[test]
+    fn a_deferred_job_waits_without_using_an_attempt() {
+        let (conn, path) = db();
+        let mut job = NewJob::new("score", json!({}));
+        job.max_attempts = 1;
+        let (id, _) = enqueue(&conn, &job, 0).expect("enqueue");
+        for round in 0..5 {
+            let now = round * 10_000;
+            claim(&conn, "w", &[], 1_000, now).expect("claim").expect("due");
+            defer(&conn, id, "w", 5_000, "the team's previous batch runs", now).expect("defer");
+            assert!(claim(&conn, "w", &[], 1_000, now + 4_999).expect("claim").is_none(), "not before the delay");
+        }
+        let job = get(&conn, id).expect("get").expect("job");
+        assert_eq!((job.state.as_str(), job.attempts), ("queued", 0), "deferring is no failure, whatever max_attempts");
+        assert!(matches!(defer(&conn, id, "w", 5_000, "x", 60_000), Err(JobError::LeaseLost(_))), "only the lease holder defers");
         cleanup(&path);
     }
 

@@ -38,6 +38,7 @@ pub fn state_name(state: AllocationState) -> &'static str {
         AllocationState::Released => "released",
         AllocationState::Failed => "failed",
         AllocationState::ReleaseFailed => "release_failed",
+        AllocationState::Unreachable => "unreachable",
     }
 }
 
@@ -50,6 +51,7 @@ pub fn parse_state(text: &str) -> Option<AllocationState> {
         "released" => AllocationState::Released,
         "failed" => AllocationState::Failed,
         "release_failed" => AllocationState::ReleaseFailed,
+        "unreachable" => AllocationState::Unreachable,
         _ => return None,
     })
 }
@@ -58,7 +60,7 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
     let row = conn
         .prepare_cached(
             "SELECT id, host_id, template, runtime, skeleton, state, attempt, in_flight, retry_at_ms, reason, event_id, team_id, gpus,
-                    tasks_issued, limits, gpu_indices
+                    tasks_issued, limits, gpu_indices, resume_to, unreachable_since_ms
              FROM allocations WHERE id = ?1",
         )?
         .query_row([id], |r| {
@@ -71,6 +73,8 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
             let limits: Option<String> = r.get(14)?;
             let limits: LabLimits = limits.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default();
             let gpu_indices: String = r.get(15)?;
+            let resume_to: Option<String> = r.get(16)?;
+            let unreachable_since: Option<i64> = r.get(17)?;
             Ok((
                 Allocation {
                     id: r.get(0)?,
@@ -86,6 +90,8 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
                     in_flight: r.get::<_, Option<String>>(7)?.map(TaskId),
                     retry_at_ms: retry_at.and_then(|v| u64::try_from(v).ok()),
                     reason: r.get(9)?,
+                    resume_to: resume_to.as_deref().and_then(parse_state),
+                    unreachable_since_ms: unreachable_since.and_then(|v| u64::try_from(v).ok()),
                 },
                 r.get(10)?,
                 r.get(11)?,
@@ -98,7 +104,8 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
 
 fn save(conn: &Connection, alloc: &Allocation) -> Result<(), ApiError> {
     conn.prepare_cached(
-        "UPDATE allocations SET state = ?2, attempt = ?3, in_flight = ?4, retry_at_ms = ?5, reason = ?6, updated_at = ?7, tasks_issued = ?8
+        "UPDATE allocations SET state = ?2, attempt = ?3, in_flight = ?4, retry_at_ms = ?5, reason = ?6, updated_at = ?7, tasks_issued = ?8,
+                                resume_to = ?9, unreachable_since_ms = ?10
          WHERE id = ?1",
     )?
     .execute(params![
@@ -110,6 +117,8 @@ fn save(conn: &Connection, alloc: &Allocation) -> Result<(), ApiError> {
         alloc.reason,
         crate::api::now_rfc3339(),
         alloc.tasks_issued,
+        alloc.resume_to.map(state_name),
+        alloc.unreachable_since_ms.and_then(|v| i64::try_from(v).ok()),
     ])?;
     Ok(())
 }
@@ -220,7 +229,8 @@ pub fn apply(
     // A task that is no longer awaited (force-release, unhealthy host, release during a
     // reset) is withdrawn so the host stops seeing it. Checks stay while the lab is active
     // and untouched; a reset or release withdraws them too (their workers retry).
-    let keep_checks = alloc.state == AllocationState::Active && alloc.in_flight.is_none();
+    // (An unreachable lab keeps them too: its host runs them when it is back.)
+    let keep_checks = matches!(alloc.state, AllocationState::Active | AllocationState::Unreachable) && alloc.in_flight.is_none();
     // Cleanup tasks of a force-released lab stay until its host comes back for them.
     conn.prepare_cached(
         "UPDATE host_tasks SET done_ms = ?2, outcome = '{\"result\":\"cancelled\"}', secret = NULL
@@ -342,10 +352,19 @@ pub fn unix_ms() -> u64 {
 }
 
 /// One reconciler pass: hosts that missed three heartbeats become unhealthy (and their
-/// labs are told so); allocations whose backoff has elapsed get their retry. Silence is
-/// counted from `listening_since_ms` at the earliest: while the appliance itself was down no
-/// host could reach it, so a restart gives every host three beats to be heard again.
-pub fn reconcile(conn: &Connection, secrets: &SecretBox, now_ms: u64, listening_since_ms: u64, heartbeat: Duration) -> Result<bool, ApiError> {
+/// labs unreachable); labs of a host heard again go back to where they were, and labs whose
+/// host stayed silent past `grace` fail (staff decide); allocations whose backoff has elapsed
+/// get their retry. Silence is counted from `listening_since_ms` at the earliest: while the
+/// appliance itself was down no host could reach it, so a restart gives every host three
+/// beats to be heard again.
+pub fn reconcile(
+    conn: &Connection,
+    secrets: &SecretBox,
+    now_ms: u64,
+    listening_since_ms: u64,
+    heartbeat: Duration,
+    grace: Duration,
+) -> Result<bool, ApiError> {
     let meta = RequestMeta { remote_addr: "local".into(), request_id: String::new() };
     let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
     let silence = i64::try_from(heartbeat.as_millis().saturating_mul(3)).unwrap_or(i64::MAX);
@@ -366,8 +385,23 @@ pub fn reconcile(conn: &Connection, secrets: &SecretBox, now_ms: u64, listening_
             apply(conn, secrets, id, Input::HostUnhealthy, now_ms, RECONCILER, &meta)?;
         }
     }
+    let back: Vec<i64> = conn
+        .prepare_cached("SELECT a.id FROM allocations a JOIN hosts h ON h.id = a.host_id WHERE a.state = 'unreachable' AND h.healthy = 1")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in back {
+        issued |= apply(conn, secrets, id, Input::HostBack, now_ms, RECONCILER, &meta)?.issued;
+    }
+    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let over: Vec<i64> = conn
+        .prepare_cached("SELECT id FROM allocations WHERE state = 'unreachable' AND unreachable_since_ms <= ?1")?
+        .query_map([now.saturating_sub(grace_ms)], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in over {
+        apply(conn, secrets, id, Input::GraceOver, now_ms, RECONCILER, &meta)?;
+    }
     let due: Vec<i64> = conn
-        .prepare_cached("SELECT id FROM allocations WHERE retry_at_ms IS NOT NULL AND retry_at_ms <= ?1")?
+        .prepare_cached("SELECT id FROM allocations WHERE retry_at_ms IS NOT NULL AND retry_at_ms <= ?1 AND state <> 'unreachable'")?
         .query_map([now], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in due {
@@ -388,14 +422,14 @@ pub async fn run_reconciler(state: AppState) {
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let secrets = state.secrets.clone();
-        let heartbeat = state.heartbeat;
+        let (heartbeat, grace) = (state.heartbeat, state.host_grace);
         let billing = state.billing.clone();
         state.desktops.reap();
         let result = state
             .db
             .writer()
             .write(move |conn| {
-                let issued = reconcile(conn, &secrets, unix_ms(), started_ms, heartbeat)?;
+                let issued = reconcile(conn, &secrets, unix_ms(), started_ms, heartbeat, grace)?;
                 crate::billing::bill_active(conn, &billing, i64::try_from(unix_ms()).unwrap_or(i64::MAX))?;
                 Ok::<_, ApiError>(issued)
             })
@@ -426,10 +460,11 @@ mod tests {
         let healthy = |conn: &Connection| conn.query_row("SELECT healthy FROM hosts", [], |r| r.get::<_, bool>(0));
         let beat = Duration::from_secs(5);
         // Up for 2 s: the host has three beats (15 s) to be heard again.
-        reconcile(&conn, &secrets, now, now - 2_000, beat)?;
+        let grace = Duration::from_secs(900);
+        reconcile(&conn, &secrets, now, now - 2_000, beat, grace)?;
         assert!(healthy(&conn)?, "no host is blamed for the appliance's own restart");
         // Up for 16 s and still nothing from it: now it is silent.
-        reconcile(&conn, &secrets, now, now - 16_000, beat)?;
+        reconcile(&conn, &secrets, now, now - 16_000, beat, grace)?;
         assert!(!healthy(&conn)?, "a host silent for three beats after the restart is unhealthy");
         Ok(())
     }

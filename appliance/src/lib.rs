@@ -6,6 +6,7 @@ pub mod attempts;
 pub mod billing;
 pub mod checks;
 pub mod connections;
+pub mod data_dir;
 pub mod cli;
 pub mod db;
 pub mod jobs;

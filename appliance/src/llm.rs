@@ -134,6 +134,17 @@ pub enum LlmError {
 pub struct Payer {
     pub event_id: i64,
     pub team_id: Option<i64>,
+    /// the queue job the call answers: its use is recorded and billed once, with the reply,
+    /// however often the job is retried
+    pub job_id: Option<i64>,
+}
+
+/// A reply already recorded for `job_id` (an earlier attempt of the job got it).
+pub fn recorded_reply(conn: &rusqlite::Connection, job_id: i64) -> Result<Option<String>, rusqlite::Error> {
+    use rusqlite::OptionalExtension as _;
+    conn.query_row("SELECT reply FROM llm_usage WHERE job_id = ?1", [job_id], |r| r.get::<_, Option<String>>(0))
+        .optional()
+        .map(Option::flatten)
 }
 
 #[derive(Debug, Default)]
@@ -283,6 +294,12 @@ impl Gateway {
         let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
         db.writer()
             .write(move |conn| {
+                if let Some(job_id) = payer.job_id {
+                    let seen: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM llm_usage WHERE job_id = ?1)", [job_id], |r| r.get(0))?;
+                    if seen {
+                        return Ok(0);
+                    }
+                }
                 // The use is billed in the same transaction that records it.
                 let tokens = record.prompt_tokens.saturating_add(record.completion_tokens);
                 crate::billing::append(
@@ -294,15 +311,15 @@ impl Gateway {
                         quantity: tokens as f64,
                         unit: "tokens",
                         amount_cents: -((tokens as f64 * f64::from(rate) / 1000.0).round() as i64),
-                        reference: None,
+                        reference: payer.job_id.map(|id| format!("llm:job:{id}")),
                         note: format!("{agent} via {} ({})", record.endpoint, record.model),
                         actor: "system:llm",
                     },
                     now,
                 )?;
                 conn.execute(
-                    "INSERT INTO llm_usage (event_id, team_id, agent, endpoint, model, prompt_tokens, completion_tokens, created_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT INTO llm_usage (event_id, team_id, agent, endpoint, model, prompt_tokens, completion_tokens, created_ms, job_id, reply)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     params![
                         payer.event_id,
                         payer.team_id,
@@ -311,7 +328,9 @@ impl Gateway {
                         record.model,
                         i64::try_from(record.prompt_tokens).unwrap_or(i64::MAX),
                         i64::try_from(record.completion_tokens).unwrap_or(i64::MAX),
-                        now
+                        now,
+                        payer.job_id,
+                        payer.job_id.map(|_| record.content.as_str())
                     ],
                 )
             })

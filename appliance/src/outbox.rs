@@ -57,12 +57,54 @@ pub fn lag(conn: &Connection, acked: i64) -> Result<(i64, Option<i64>), rusqlite
 }
 
 /// Deletes up to `limit` acknowledged rows older than `cutoff_ms`, oldest first; returns
-/// how many went (call again while it returns `limit`).
+/// how many went (call again while it returns `limit`). Remembers the highest pruned
+/// sequence: a cloud acknowledging less than that has lost rows nobody holds any more.
 pub fn prune(conn: &Connection, acked: i64, cutoff_ms: i64, limit: i64) -> Result<usize, rusqlite::Error> {
-    conn.execute(
+    let highest: Option<i64> = conn.query_row(
+        "SELECT max(seq) FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq <= ?1 ORDER BY seq LIMIT ?3) AND created_ms <= ?2",
+        params![acked, cutoff_ms, limit],
+        |r| r.get(0),
+    )?;
+    let deleted = conn.execute(
         "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE seq <= ?1 ORDER BY seq LIMIT ?3) AND created_ms <= ?2",
         params![acked, cutoff_ms, limit],
-    )
+    )?;
+    if let Some(highest) = highest.filter(|h| *h > pruned_through(conn).unwrap_or(0)) {
+        conn.execute("INSERT OR REPLACE INTO sync_state (key, value) VALUES ('pruned_through', ?1)", [highest.to_string()])?;
+    }
+    Ok(deleted)
+}
+
+/// The highest sequence pruned from the outbox (0 before any).
+pub fn pruned_through(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    let value: Option<String> = conn.query_row("SELECT value FROM sync_state WHERE key = 'pruned_through'", [], |r| r.get(0)).optional()?;
+    Ok(value.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+/// The sync epoch rows are sent under now: (epoch, base).
+pub fn current_epoch(conn: &Connection) -> Result<(String, i64), rusqlite::Error> {
+    conn.query_row("SELECT epoch, base FROM sync_epochs ORDER BY id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// Starts a new sync epoch (after the database went back, say from a backup): a new stream
+/// for the cloud, from the oldest row the outbox still holds. Returns (epoch, base).
+pub fn start_epoch(conn: &Connection, now_ms: i64) -> Result<(String, i64), rusqlite::Error> {
+    let base: i64 = conn.query_row("SELECT coalesce((SELECT min(seq) - 1 FROM outbox), ?1)", [last_seq(conn)?], |r| r.get(0))?;
+    conn.execute(
+        "INSERT INTO sync_epochs (epoch, base, started_ms) VALUES (lower(hex(randomblob(16))), ?1, ?2)",
+        params![base, now_ms],
+    )?;
+    current_epoch(conn)
+}
+
+/// The cloud database epoch last seen on the link, if any.
+pub fn cloud_epoch(conn: &Connection) -> Result<Option<String>, rusqlite::Error> {
+    conn.query_row("SELECT value FROM sync_state WHERE key = 'cloud_epoch'", [], |r| r.get(0)).optional()
+}
+
+pub fn set_cloud_epoch(conn: &Connection, epoch: &str) -> Result<(), rusqlite::Error> {
+    conn.execute("INSERT OR REPLACE INTO sync_state (key, value) VALUES ('cloud_epoch', ?1)", [epoch])?;
+    Ok(())
 }
 
 #[cfg(test)]

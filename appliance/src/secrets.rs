@@ -25,6 +25,9 @@ pub enum SecretError {
 /// Seals and opens small secrets with the appliance's key.
 pub struct SecretBox {
     key: LessSafeKey,
+    /// keys the stored hashes of codes people type (join codes, enrolment tokens), so a
+    /// copy of the database alone cannot test guesses offline
+    code_key: ring::hmac::Key,
     rng: SystemRandom,
 }
 
@@ -57,7 +60,20 @@ impl SecretBox {
 
     pub fn from_key(key: &[u8; 32]) -> Self {
         let unbound = UnboundKey::new(&AES_256_GCM, key).unwrap_or_else(|_| unreachable!("a 32-byte key is valid for AES-256"));
-        Self { key: LessSafeKey::new(unbound), rng: SystemRandom::new() }
+        // A key of its own for the MAC, derived from the secret key (never the AES key itself).
+        let derived = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), b"labrack code hash v1");
+        let code_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref());
+        Self { key: LessSafeKey::new(unbound), code_key, rng: SystemRandom::new() }
+    }
+
+    /// The stored hash of a code people type (`purpose` keeps join codes and enrolment
+    /// tokens apart): HMAC-SHA-256 under the appliance's secret key, in hex.
+    pub fn code_hash(&self, purpose: &str, code: &str) -> String {
+        let mut context = ring::hmac::Context::with_key(&self.code_key);
+        context.update(purpose.as_bytes());
+        context.update(&[0]);
+        context.update(code.as_bytes());
+        hex::encode(context.sign().as_ref())
     }
 
     /// `nonce || ciphertext || tag`, bound to `context`.

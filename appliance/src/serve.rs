@@ -63,7 +63,7 @@ fn init_logging(format: LogFormat) {
 
 async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let started = Instant::now();
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    crate::data_dir::prepare(&config.data_dir)?;
     let metrics = Arc::new(Metrics::default());
     let db = Db::open(&config.data_dir.join(DB_FILE), metrics.clone()).context("opening the database")?;
     let first_admin_password = bootstrap_first_admin(&db).await?;
@@ -81,6 +81,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let secrets = crate::secrets::SecretBox::load_or_create(&config.secret_key_file).context("loading the secret key")?;
     let mut state = AppState::new(db.clone(), metrics, !config.dev_http, Some(config.web_dir.clone()), secrets);
     state.heartbeat = Duration::from_secs(config.host_heartbeat_secs);
+    state.host_grace = Duration::from_secs(config.host_grace_secs);
     state.webrtc_bind = config.webrtc_bind.clone();
     state.queue = Arc::new(config.queue.clone());
     state.connections = Arc::new(crate::connections::ConnectionGate::new(limits));

@@ -288,10 +288,50 @@ async fn logins_are_rate_limited() {
     let limited = app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "correct-horse-battery"}))).await;
     limited.problem(429);
     assert_eq!(limited.retry_after.as_deref(), Some("1"));
+    let again = app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "correct-horse-battery"}))).await;
+    again.problem(429);
     // A backoff, not a lock: after the wait the right password works, and forgets the failures.
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     app.login("org", "correct-horse-battery").await;
     app.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": "org", "password": "wrong-password!"}))).await.problem(401);
+    // Every failure is audited, and the lockout once (not each refusal during it).
+    let audited = |action: &'static str| {
+        let db = app.db.clone();
+        async move {
+            db.read(move |conn| Ok::<_, labrack::db::StoreError>(conn.query_row("SELECT count(*) FROM audit_log WHERE action = ?1", [action], |r| r.get::<_, i64>(0))?))
+                .await
+                .expect("audit")
+        }
+    };
+    assert_eq!(audited("auth.login_failed").await, 6);
+    assert_eq!(audited("auth.lockout").await, 1);
+    let target: String = app
+        .db
+        .read(|conn| Ok::<_, labrack::db::StoreError>(conn.query_row("SELECT target FROM audit_log WHERE action = 'auth.login_failed' LIMIT 1", [], |r| r.get(0))?))
+        .await
+        .expect("target");
+    assert!(target.starts_with("staff:"), "a guess at a real account names it: {target}");
+}
+
+#[tokio::test]
+async fn wrong_join_codes_are_audited() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let wrong = app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": s.event_code, "join_code": "NOPE-NOPE"}))).await;
+    wrong.problem(401);
+    let rows: Vec<(String, String)> = app
+        .db
+        .read(|conn| {
+            let mut statement = conn.prepare("SELECT actor, detail FROM audit_log WHERE action = 'participant.join_failed'")?;
+            let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, labrack::db::StoreError>(rows)
+        })
+        .await
+        .expect("audit");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, "anonymous");
+    assert!(rows[0].1.contains(&s.event_code), "the typed event code is kept: {}", rows[0].1);
 }
 
 #[tokio::test]
@@ -369,4 +409,37 @@ async fn the_connection_card_names_the_url_used_and_the_fingerprint_with_a_qr_co
     let plain = TestApp::new().await;
     let card = plain.send(ask("localhost:8080")).await;
     assert_eq!((card.body["url"].as_str(), card.body["ca_fingerprint"].clone()), (Some("http://localhost:8080"), Value::Null));
+}
+
+#[tokio::test]
+async fn join_codes_are_stored_keyed_and_codes_from_before_still_work_once_rehashed() {
+    use sha2::Digest as _;
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let plain = |code: &str| hex::encode(sha2::Sha256::digest(labrack::api::session::normalize_code(code).as_bytes()));
+    let stored = |db: labrack::db::Db| async move {
+        db.read(|conn| {
+            let mut statement = conn.prepare("SELECT join_code_hash FROM participants ORDER BY id")?;
+            let rows = statement.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, labrack::db::StoreError>(rows)
+        })
+        .await
+        .expect("hashes")
+    };
+    let hashes = stored(app.db.clone()).await;
+    assert!(!hashes.contains(&plain(&s.code_a)) && !hashes.contains(&plain(&s.code_b)), "a copy of the database cannot test codes offline");
+    // A participant whose code was stored the old way (plain SHA-256) still joins, and the
+    // stored hash becomes the keyed one.
+    let legacy = plain(&s.code_b);
+    let (set, id) = (legacy.clone(), s.participant_b);
+    app.db
+        .writer()
+        .write(move |conn| Ok::<_, labrack::db::StoreError>(conn.execute("UPDATE participants SET join_code_hash = ?1 WHERE id = ?2", rusqlite::params![set, id])?))
+        .await
+        .expect("legacy hash");
+    join(&app, &s.event_code, &s.code_b).await;
+    let hashes = stored(app.db.clone()).await;
+    assert!(!hashes.contains(&legacy), "re-hashed on join: {hashes:?}");
+    join(&app, &s.event_code, &s.code_b).await;
 }

@@ -58,6 +58,17 @@ fn settings(urls: &[&str], budget: u64, per_minute: u32) -> LlmSettings {
     }
 }
 
+/// Answers a question as the queue's job `job_id` does: the answer is posted in its own write.
+async fn answer(app: &TestApp, job_id: i64, payload: &Value) {
+    let answer = labrack::agents::answer_question(&app.state, job_id, payload).await.expect("answered");
+    let now = i64::try_from(labrack::labs::unix_ms()).unwrap_or(0);
+    app.db
+        .writer()
+        .write(move |conn| Ok::<_, labrack::db::StoreError>(labrack::agents::post_answer(conn, job_id, &answer, now)?))
+        .await
+        .expect("posted");
+}
+
 async fn used(app: &TestApp, team_id: i64) -> i64 {
     app.db
         .read(move |conn| {
@@ -75,7 +86,7 @@ async fn budgets_stop_a_team_before_it_overspends() {
     let organizer = As::Bearer(app.staff("org1", "organizer").await);
     let s = seed(&app, &organizer).await;
     let gateway = Gateway::new(settings(&[&good.url], 200, 1000));
-    let payer = Payer { event_id: s.event_id, team_id: Some(s.team_a) };
+    let payer = Payer { event_id: s.event_id, team_id: Some(s.team_a), job_id: None };
     let mut answered = 0;
     let refusal = loop {
         match gateway.chat(&app.db, payer, "hint", vec![ChatMessage::user("why does my server not start?")], 30).await {
@@ -92,8 +103,8 @@ async fn budgets_stop_a_team_before_it_overspends() {
     let spent = used(&app, s.team_a).await;
     assert!(spent <= 200 && spent > 150, "used {spent} of 200 tokens");
     // Another team has its own budget; the platform's own calls are not budgeted.
-    assert!(gateway.chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_b) }, "hint", vec![ChatMessage::user("hi")], 30).await.is_ok());
-    assert!(gateway.chat(&app.db, Payer { event_id: s.event_id, team_id: None }, "commentary", vec![ChatMessage::user("hi")], 30).await.is_ok());
+    assert!(gateway.chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_b), job_id: None }, "hint", vec![ChatMessage::user("hi")], 30).await.is_ok());
+    assert!(gateway.chat(&app.db, Payer { event_id: s.event_id, team_id: None, job_id: None }, "commentary", vec![ChatMessage::user("hi")], 30).await.is_ok());
 }
 
 #[tokio::test]
@@ -106,7 +117,7 @@ async fn a_failing_endpoint_fails_over_and_its_breaker_opens() {
     let gateway = Gateway::new(settings(&[&broken.url, &good.url], 100_000, 1000));
     for _ in 0..6 {
         let reply = gateway
-            .chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_a) }, "hint", vec![ChatMessage::user("help")], 20)
+            .chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_a), job_id: None }, "hint", vec![ChatMessage::user("help")], 20)
             .await
             .expect("the second endpoint answers");
         assert_eq!(reply.endpoint, good.url);
@@ -114,11 +125,11 @@ async fn a_failing_endpoint_fails_over_and_its_breaker_opens() {
     assert_eq!(broken.calls.load(Ordering::SeqCst), labrack::llm::BREAKER_FAILURES as usize, "the open breaker skips the broken endpoint");
     assert_eq!(good.calls.load(Ordering::SeqCst), 6);
     let only_broken = Gateway::new(settings(&[&broken.url], 100_000, 1000));
-    let failed = only_broken.chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_a) }, "hint", vec![ChatMessage::user("x")], 20).await;
+    let failed = only_broken.chat(&app.db, Payer { event_id: s.event_id, team_id: Some(s.team_a), job_id: None }, "hint", vec![ChatMessage::user("x")], 20).await;
     assert!(matches!(failed, Err(LlmError::Unavailable(ref e)) if e.contains("500")), "{failed:?}");
     // Rate limit: a third request in the same minute is refused before any call.
     let limited = Gateway::new(settings(&[&good.url], 100_000, 2));
-    let payer = Payer { event_id: s.event_id, team_id: Some(s.team_b) };
+    let payer = Payer { event_id: s.event_id, team_id: Some(s.team_b), job_id: None };
     let before = good.calls.load(Ordering::SeqCst);
     for _ in 0..2 {
         limited.chat(&app.db, payer, "hint", vec![ChatMessage::user("x")], 20).await.expect("within the limit");
@@ -149,14 +160,14 @@ async fn the_hint_agent_uses_the_model_within_budget_and_its_rules_otherwise() {
     app.call("POST", "/api/v1/me/assistant", &team, Some(json!({"question": "again"}))).await.problem(409);
     app.call("POST", "/api/v1/me/assistant", &team, Some(json!({"question": ""}))).await.problem(422);
     let payload = json!({"event_id": s.event_id, "team_id": s.team_a, "question": "How do I start the server?"});
-    labrack::agents::answer_question(&app.state, &payload).await.expect("answered");
+    answer(&app, 1, &payload).await;
     let mine = messages(&app, &team).await;
     assert_eq!(mine["messages"][0]["source"], "llm", "{mine}");
     assert!(mine["messages"][0]["body"].as_str().is_some_and(|b| b.starts_with("Model hint for")), "{mine}");
     assert_eq!(mine["model_configured"], true);
     // Spend the rest of the budget; then the agent answers by rule and says why.
-    for _ in 0..10 {
-        labrack::agents::answer_question(&app.state, &payload).await.expect("answered");
+    for job in 2..12 {
+        answer(&app, job, &payload).await;
     }
     let mine = messages(&app, &team).await;
     let last = mine["messages"][0]["body"].as_str().unwrap_or_default().to_owned();
@@ -174,7 +185,7 @@ async fn the_hint_agent_uses_the_model_within_budget_and_its_rules_otherwise() {
     let organizer = As::Bearer(plain.staff("org1", "organizer").await);
     let s = seed(&plain, &organizer).await;
     let team = As::Bearer(join(&plain, &s.event_code, &s.code_a).await);
-    labrack::agents::answer_question(&plain.state, &json!({"event_id": s.event_id, "team_id": s.team_a, "question": "?"})).await.expect("answered");
+    answer(&plain, 1, &json!({"event_id": s.event_id, "team_id": s.team_a, "question": "?"})).await;
     let mine = messages(&plain, &team).await;
     assert_eq!((mine["messages"][0]["source"].as_str(), mine["model_configured"].as_bool()), (Some("rules"), Some(false)));
     assert!(mine["messages"][0]["body"].as_str().is_some_and(|b| b.ends_with("(rule-based: no language model is configured)")), "{mine}");
@@ -331,4 +342,37 @@ async fn announcements_reach_the_events_participants_only() {
     let stranger = As::Bearer(join(&app, other.body["code"].as_str().expect("code"), &code).await);
     let none = app.call("GET", "/api/v1/me/announcements", &stranger, None).await;
     assert_eq!(none.body.as_array().map(Vec::len), Some(0), "{}", none.body);
+}
+
+#[tokio::test]
+async fn a_retried_question_is_asked_billed_and_answered_once() {
+    let good = peer(true).await;
+    let url = good.url.clone();
+    let app = TestApp::with(move |state| state.llm = Arc::new(Gateway::new(settings(&[&url], 10_000, 1000)))).await;
+    let organizer = As::Bearer(app.staff("org1", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let team = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let payload = json!({"event_id": s.event_id, "team_id": s.team_a, "question": "Why?"});
+    // The first attempt got the model's reply (recorded and billed with the job), then its
+    // worker died before posting; the retry must not ask or bill again.
+    labrack::agents::answer_question(&app.state, 77, &payload).await.expect("answered");
+    assert_eq!(good.calls.load(Ordering::SeqCst), 1);
+    answer(&app, 77, &payload).await;
+    assert_eq!(good.calls.load(Ordering::SeqCst), 1, "the retry used the recorded reply");
+    // And a retry after the answer was posted posts nothing new.
+    answer(&app, 77, &payload).await;
+    let mine = messages(&app, &team).await;
+    let hints = mine["messages"].as_array().map(|m| m.iter().filter(|m| m["agent"] == "hint").count());
+    assert_eq!(hints, Some(1), "{mine}");
+    assert!(mine["messages"][0]["body"].as_str().is_some_and(|b| b.starts_with("Model hint for")), "{mine}");
+    let counts = app
+        .db
+        .read(|conn| {
+            let usage: i64 = conn.query_row("SELECT count(*) FROM llm_usage WHERE job_id = 77", [], |r| r.get(0))?;
+            let billed: i64 = conn.query_row("SELECT count(*) FROM billing_ledger WHERE kind = 'llm_tokens'", [], |r| r.get(0))?;
+            Ok::<_, labrack::db::StoreError>((usage, billed))
+        })
+        .await
+        .expect("counts");
+    assert_eq!(counts, (1, 1), "one use, one ledger charge");
 }

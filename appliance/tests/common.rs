@@ -131,7 +131,9 @@ impl TestApp {
         reply.body["token"].as_str().expect("token").to_owned()
     }
 
-    /// Every row of every table except sessions, as text: a fingerprint of stored state.
+    /// Every row of every table except sessions, as text: a fingerprint of stored state. The
+    /// audit rows that record a refusal (a wrong password, a lockout, a refused ticket) are
+    /// the one trace a refused request is meant to leave, and are left out.
     pub async fn snapshot(&self) -> String {
         self.db
             .read(|conn| {
@@ -140,8 +142,11 @@ impl TestApp {
                     "staff", "events", "teams", "participants", "audit_log", "hosts", "enrolment_tokens",
                     "lab_templates", "lab_template_source", "allocations", "host_tasks", "jobs", "check_batches", "check_runs",
                     "rubrics", "judge_scores", "submissions", "hints", "score_adjustments", "llm_usage", "agent_messages", "alerts", "outbox", "billing_ledger", "announcements",
+                    "sync_epochs", "sync_state",
                 ] {
-                    let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY rowid"))?;
+                    let refusals = labrack::api::REFUSAL_AUDITS.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ");
+                    let only = if table == "audit_log" { format!("WHERE action NOT IN ({refusals})") } else { String::new() };
+                    let mut stmt = conn.prepare(&format!("SELECT * FROM {table} {only} ORDER BY rowid"))?;
                     let columns = stmt.column_count();
                     let mut rows = stmt.query([])?;
                     while let Some(row) = rows.next()? {

@@ -351,3 +351,73 @@ async fn a_team_is_reassigned_off_a_dead_host_in_one_step_and_bad_requests_chang
     assert!(unreachable.problem(502)["detail"].as_str().is_some_and(|d| d.contains("could not be opened")), "{}", unreachable.body);
     assert_eq!(before_unreachable, app.snapshot().await, "a failed look changes nothing");
 }
+
+#[tokio::test]
+async fn once_the_event_ends_the_team_only_watches_its_lab() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org-end", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    insert_host(&app, "rack-1", 256).await;
+    with_templates(&app, &organizer).await;
+    let own = app.call("POST", &format!("/api/v1/teams/{}/allocation", s.team_a), &organizer, Some(json!({"template": "desk"}))).await;
+    let own_id = own.body["id"].as_i64().expect("id");
+    force_state(&app, own_id, "active").await;
+    let participant = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let transition = format!("/api/v1/events/{}/transition", s.event_id);
+    for to in ["live", "ended"] {
+        let moved = app.call("POST", &transition, &organizer, Some(json!({"to": to}))).await;
+        assert_eq!(moved.status.as_u16(), 200, "{}", moved.body);
+    }
+    let desktop = app.call("POST", &format!("/api/v1/allocations/{own_id}/desktop-ticket"), &participant, None).await;
+    assert_eq!((desktop.status.as_u16(), desktop.body["mode"].as_str()), (201, Some("view")), "the team watches while judges look: {}", desktop.body);
+    let before = app.snapshot().await;
+    let terminal = app.call("POST", &format!("/api/v1/allocations/{own_id}/terminal-ticket"), &participant, None).await;
+    assert!(terminal.problem(409)["detail"].as_str().is_some_and(|d| d.contains("ended")), "{}", terminal.body);
+    let reset = app.call("POST", &format!("/api/v1/allocations/{own_id}/reset"), &participant, None).await;
+    assert!(reset.problem(409)["detail"].as_str().is_some_and(|d| d.contains("ended")), "{}", reset.body);
+    assert_eq!(app.snapshot().await, before, "refused lab work changes nothing");
+    // Staff still operate the lab.
+    let staff_terminal = app.call("POST", &format!("/api/v1/allocations/{own_id}/terminal-ticket"), &organizer, None).await;
+    assert_eq!(staff_terminal.status.as_u16(), 201, "{}", staff_terminal.body);
+}
+
+#[tokio::test]
+async fn staff_resume_a_lab_that_failed_while_its_host_was_silent() {
+    let app = TestApp::new().await;
+    let organizer = As::Bearer(app.staff("org-resume", "organizer").await);
+    let judge = As::Bearer(app.staff("judge-resume", "judge").await);
+    let s = seed(&app, &organizer).await;
+    let host = insert_host(&app, "rack-1", 256).await;
+    with_templates(&app, &organizer).await;
+    let own = app.call("POST", &format!("/api/v1/teams/{}/allocation", s.team_a), &organizer, Some(json!({"template": "desk"}))).await;
+    let id = own.body["id"].as_i64().expect("id");
+    force_state(&app, id, "active").await;
+    let resume = format!("/api/v1/allocations/{id}/resume");
+    // An active lab has nothing to resume.
+    app.call("POST", &resume, &organizer, None).await.problem(409);
+    // It failed because the host stayed silent past the grace, and the host is still away.
+    app.db
+        .writer()
+        .write(move |conn| {
+            conn.execute("UPDATE allocations SET state = 'failed', resume_to = 'active', reason = 'silent' WHERE id = ?1", [id])?;
+            conn.execute("UPDATE hosts SET healthy = 0 WHERE id = ?1", [host])?;
+            Ok::<_, rusqlite::Error>(())
+        })
+        .await
+        .expect("failed for silence");
+    let participant = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let before = app.snapshot().await;
+    app.call("POST", &resume, &participant, None).await.problem(403);
+    app.call("POST", &resume, &judge, None).await.problem(403);
+    let silent = app.call("POST", &resume, &organizer, None).await;
+    assert!(silent.problem(409)["detail"].as_str().is_some_and(|d| d.contains("still silent")), "{}", silent.body);
+    assert_eq!(app.snapshot().await, before, "refused resumes change nothing");
+    app.db
+        .writer()
+        .write(move |conn| conn.execute("UPDATE hosts SET healthy = 1 WHERE id = ?1", [host]))
+        .await
+        .expect("host back");
+    let resumed = app.call("POST", &resume, &organizer, None).await;
+    assert_eq!((resumed.status.as_u16(), resumed.body["state"].as_str()), (200, Some("active")), "{}", resumed.body);
+    app.call("POST", &resume, &organizer, None).await.problem(409);
+}

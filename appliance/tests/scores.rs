@@ -129,6 +129,13 @@ async fn submissions_are_idempotent_queued_for_scoring_and_refused_after_the_dea
     assert_eq!(jobs.body["jobs"].as_array().map(Vec::len), Some(1), "one scoring job per submission");
     let mine = app.call("GET", "/api/v1/me/submissions", &participant, None).await;
     assert_eq!(mine.body.as_array().map(Vec::len), Some(1));
+    // A new version right away is rate limited and changes nothing.
+    let before = app.snapshot().await;
+    let hurried = app.call("POST", "/api/v1/me/submissions", &participant, Some(json!({"version": "v2"}))).await;
+    hurried.problem(429);
+    let wait: u64 = hurried.retry_after.as_deref().and_then(|w| w.parse().ok()).expect("Retry-After");
+    assert!((1..=10).contains(&wait), "{wait}");
+    assert_eq!(app.snapshot().await, before, "a rate-limited submission changes nothing");
 
     // An event whose end has passed refuses new submissions.
     let past = app

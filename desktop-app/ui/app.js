@@ -253,9 +253,10 @@ async function refreshFocus() {
     const tr = document.createElement("tr");
     tr.dataset.testid = "lab-row";
     const actions = document.createElement("td");
-    const stranded = lab.state === "failed" || lab.state === "release_failed" || hostHealthy.get(lab.host_name) === false;
-    for (const [action, label] of [["reset", "Reset"], ["reassign", "Move to another host"], ["force-release", "Force release"]]) {
+    const stranded = lab.state === "failed" || lab.state === "release_failed" || lab.state === "unreachable" || hostHealthy.get(lab.host_name) === false;
+    for (const [action, label] of [["reset", "Reset"], ["resume", "Resume"], ["reassign", "Move to another host"], ["force-release", "Force release"]]) {
       if (lab.state !== "active" && action === "reset") continue;
+      if (action === "resume" && !lab.resumable) continue;
       if (action === "reassign" && !stranded) continue;
       if (lab.state === "released") continue;
       const button = document.createElement("button");

@@ -105,7 +105,38 @@ struct Shared {
     host_id: i64,
     /// checks running now, side by side (lab tasks run one at a time in the poll loop)
     running_checks: std::sync::Mutex<std::collections::HashSet<TaskId>>,
-    check_slots: Arc<tokio::sync::Semaphore>,
+    check_slots: CheckSlots,
+}
+
+/// Slots for checks running side by side: `total` at once, and one lab at most half of them
+/// (rounded up), so a team whose checks all run to their timeout cannot hold up another
+/// team's checks on the same host. A lab's extra checks wait on its own queue, not in the
+/// shared one.
+pub(crate) struct CheckSlots {
+    total: Arc<tokio::sync::Semaphore>,
+    per_lab: usize,
+    labs: std::sync::Mutex<std::collections::HashMap<i64, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl CheckSlots {
+    pub(crate) fn new(total: usize) -> Self {
+        let total = total.max(1);
+        Self { total: Arc::new(tokio::sync::Semaphore::new(total)), per_lab: total.div_ceil(2), labs: std::sync::Mutex::new(Default::default()) }
+    }
+
+    /// Waits for a slot for a check of `allocation_id`; held until dropped.
+    pub(crate) async fn acquire(&self, allocation_id: i64) -> Option<(tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit)> {
+        let lab = {
+            let mut labs = self.labs.lock().ok()?;
+            // Forget labs with nothing running or waiting (nobody else holds their Arc).
+            // (a held permit keeps its semaphore's Arc too)
+            labs.retain(|_, slots| Arc::strong_count(slots) > 1);
+            labs.entry(allocation_id).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_lab))).clone()
+        };
+        let mine = lab.acquire_owned().await.ok()?;
+        let shared = self.total.clone().acquire_owned().await.ok()?;
+        Some((mine, shared))
+    }
 }
 
 pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -130,7 +161,7 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
         wake_sender: Notify::new(),
         host_id: config.host_id,
         running_checks: std::sync::Mutex::new(std::collections::HashSet::new()),
-        check_slots: Arc::new(tokio::sync::Semaphore::new(options.check_concurrency.max(1))),
+        check_slots: CheckSlots::new(options.check_concurrency),
     });
     tracing::info!(host_id = config.host_id, name = %config.name, appliance = %config.appliance, "labrack-host running");
     println!("labrack-host: running as host {} ({})", config.host_id, config.name);
@@ -219,8 +250,12 @@ async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> 
             running.insert(task.id.clone());
         }
         let (shared, settings, pause) = (shared.clone(), options.runtime.clone(), options.pause_in_task);
+        let lab = match &task.kind {
+            TaskKind::RunCheck { allocation_id, .. } => *allocation_id,
+            _ => 0,
+        };
         tokio::spawn(async move {
-            let slot = shared.check_slots.clone().acquire_owned().await;
+            let slot = shared.check_slots.acquire(lab).await;
             let id = task.id.clone();
             if let Err(error) = execute(&shared, settings, pause, task).await {
                 tracing::error!(task = %id.0, %error, "could not record a check's result");
@@ -349,4 +384,25 @@ pub(crate) fn clear_labs(state_dir: &Path) -> anyhow::Result<usize> {
 
 pub(crate) fn default_state_dir() -> &'static Path {
     Path::new("/var/lib/labrack-host")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_lab_takes_at_most_half_the_check_slots() {
+        let slots = CheckSlots::new(4);
+        let a1 = slots.acquire(1).await.expect("slot");
+        let a2 = slots.acquire(1).await.expect("slot");
+        let third = tokio::time::timeout(Duration::from_millis(100), slots.acquire(1)).await;
+        assert!(third.is_err(), "lab 1's third check waits");
+        let b1 = slots.acquire(2).await.expect("another lab runs beside it");
+        let b2 = slots.acquire(2).await.expect("another lab runs beside it");
+        assert!(tokio::time::timeout(Duration::from_millis(100), slots.acquire(3)).await.is_err(), "four at most");
+        drop(a1);
+        assert!(tokio::time::timeout(Duration::from_secs(1), slots.acquire(3)).await.is_ok_and(|s| s.is_some()));
+        drop((a2, b1, b2));
+        assert_eq!(CheckSlots::new(1).per_lab, 1, "a one-slot host still runs checks");
+    }
 }

@@ -9,6 +9,12 @@
 //! A reset keeps the allocation `active` while its task is in flight; a reset that keeps
 //! failing gives up into `failed`.
 //!
+//! A host that misses its heartbeats makes its labs `unreachable` (from provisioning,
+//! active or releasing): nothing is lost, the task in flight stays out, and when the host
+//! is heard again each lab goes back to where it was. Only when the host stays silent past
+//! the appliance's grace does the lab fail; then staff decide (resume it once the host is
+//! back, reassign, release). Nothing here ever deletes a lab on its own.
+//!
 //! Tasks that fail are retried with exponential backoff; after `max_attempts` the
 //! allocation gives up into `failed` / `release_failed` with the last error as reason.
 //! Results for tasks that are not the one in flight (late duplicates, earlier attempts)
@@ -32,6 +38,8 @@ pub enum AllocationState {
     Released,
     Failed,
     ReleaseFailed,
+    /// the host went silent; the lab waits (its grace) to go back to [`Allocation::resume_to`]
+    Unreachable,
 }
 
 impl AllocationState {
@@ -89,6 +97,11 @@ pub struct Allocation {
     pub retry_at_ms: Option<u64>,
     /// why the allocation failed, for staff
     pub reason: Option<String>,
+    /// the state an unreachable lab goes back to when its host is heard again (kept once it
+    /// failed for silence, so staff can resume it)
+    pub resume_to: Option<AllocationState>,
+    /// when the host went silent
+    pub unreachable_since_ms: Option<u64>,
 }
 
 impl Allocation {
@@ -107,6 +120,8 @@ impl Allocation {
             in_flight: None,
             retry_at_ms: None,
             reason: None,
+            resume_to: None,
+            unreachable_since_ms: None,
         }
     }
 }
@@ -126,6 +141,12 @@ pub enum Input {
     ForceRelease,
     /// the host missed its heartbeats
     HostUnhealthy,
+    /// the host is heard again
+    HostBack,
+    /// the host stayed silent past the appliance's grace
+    GraceOver,
+    /// staff take back a lab that failed because its host was silent, the host being back
+    Resume,
 }
 
 /// What the caller must do.
@@ -211,31 +232,75 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
             alloc.retry_at_ms = None;
             transition(alloc, S::Released, &mut out);
         }
-        (S::Provisioning | S::Active, Input::HostUnhealthy) => {
-            alloc.in_flight = None;
-            alloc.retry_at_ms = None;
-            alloc.reason = Some("the host stopped sending heartbeats".into());
-            transition(alloc, S::Failed, &mut out);
+        (S::Provisioning | S::Active | S::Releasing, Input::HostUnhealthy) => {
+            // The task in flight stays out: the host answers it when it is back.
+            alloc.resume_to = Some(alloc.state);
+            alloc.unreachable_since_ms = Some(now_ms);
+            alloc.reason = Some("the host stopped sending heartbeats; the lab waits for it to come back".into());
+            transition(alloc, S::Unreachable, &mut out);
         }
-        (S::Releasing, Input::HostUnhealthy) => {
+        (S::Unreachable, Input::HostBack) => {
+            let back = alloc.resume_to.take().unwrap_or(S::Active);
+            alloc.unreachable_since_ms = None;
+            alloc.reason = None;
+            restore(alloc, back, &mut out);
+        }
+        (S::Unreachable, Input::Report { id, outcome }) => {
+            // A report is the host heard again.
+            let back = alloc.resume_to.take().unwrap_or(S::Active);
+            alloc.unreachable_since_ms = None;
+            alloc.reason = None;
+            restore(alloc, back, &mut out);
+            out.extend(step(alloc, Input::Report { id, outcome }, now_ms, policy));
+        }
+        (S::Unreachable, Input::GraceOver) => {
+            let silent_for = alloc.unreachable_since_ms.map_or(0, |since| now_ms.saturating_sub(since) / 1000);
             alloc.in_flight = None;
             alloc.retry_at_ms = None;
-            alloc.reason = Some("the host stopped sending heartbeats while releasing".into());
-            transition(alloc, S::ReleaseFailed, &mut out);
+            alloc.reason = Some(format!(
+                "the host has been silent for {silent_for} s, longer than the grace; nothing was removed: resume the lab once the host is back, reassign or release it"
+            ));
+            let to = if alloc.resume_to == Some(S::Releasing) { S::ReleaseFailed } else { S::Failed };
+            transition(alloc, to, &mut out);
+        }
+        (S::Failed, Input::Resume) if alloc.resume_to == Some(S::Active) => {
+            alloc.resume_to = None;
+            alloc.unreachable_since_ms = None;
+            alloc.reason = None;
+            transition(alloc, S::Active, &mut out);
+        }
+        (S::Unreachable, Input::ReleaseRequested) => {
+            alloc.resume_to = None;
+            alloc.unreachable_since_ms = None;
+            transition(alloc, S::Releasing, &mut out);
+            issue(alloc, 1, &mut out);
         }
         (_, Input::Tick) => {}
         (_, Input::Report { .. }) => out.push(Output::Ignored { why: "no task is in flight in this state" }),
         (_, Input::ReleaseRequested) => out.push(Output::Ignored { why: "already releasing or released" }),
         (_, Input::ResetRequested) => out.push(Output::Ignored { why: "only an active lab can be reset" }),
         (_, Input::ForceRelease) => out.push(Output::Ignored { why: "already released" }),
-        (_, Input::HostUnhealthy) => {}
+        (_, Input::HostUnhealthy | Input::HostBack | Input::GraceOver) => {}
+        (_, Input::Resume) => out.push(Output::Ignored { why: "only a lab that failed because its host went silent can be resumed" }),
     }
     out
+}
+
+/// Back from unreachable to `to`, without the bookkeeping of a fresh provisioning or
+/// release (its attempt count and task in flight are kept).
+fn restore(alloc: &mut Allocation, to: AllocationState, out: &mut Vec<Output>) {
+    let from = alloc.state;
+    alloc.state = to;
+    out.push(Output::Changed { from, to });
 }
 
 fn transition(alloc: &mut Allocation, to: AllocationState, out: &mut Vec<Output>) {
     let from = alloc.state;
     alloc.state = to;
+    if matches!(to, AllocationState::Releasing | AllocationState::Released) {
+        alloc.resume_to = None;
+        alloc.unreachable_since_ms = None;
+    }
     if matches!(to, AllocationState::Provisioning | AllocationState::Releasing) {
         alloc.attempt = 0;
     }
@@ -381,16 +446,67 @@ mod tests {
     }
 
     #[test]
-    fn unhealthy_hosts_fail_their_allocations_and_staff_can_force_release() {
+    fn a_silent_host_s_labs_wait_and_come_back_with_it() {
+        let mut a = alloc(1, 1, "t");
+        step(&mut a, Input::Tick, 0, &policy());
+        succeed(&mut a, 1);
+        let out = step(&mut a, Input::HostUnhealthy, 2, &policy());
+        assert_eq!(out, vec![Output::Changed { from: S::Active, to: S::Unreachable }]);
+        assert!(matches!(step(&mut a, Input::ResetRequested, 3, &policy())[..], [Output::Ignored { .. }]), "no reset while unreachable");
+        let out = step(&mut a, Input::HostBack, 4, &policy());
+        assert_eq!(out, vec![Output::Changed { from: S::Unreachable, to: S::Active }]);
+        assert_eq!((a.reason.as_deref(), a.resume_to, a.unreachable_since_ms), (None, None, None));
+        // A provisioning lab keeps its task out while the host is away, and takes its
+        // report when the host answers it.
+        let mut b = alloc(2, 1, "t");
+        step(&mut b, Input::Tick, 0, &policy());
+        let task = b.in_flight.clone().expect("in flight");
+        step(&mut b, Input::HostUnhealthy, 1, &policy());
+        assert_eq!((b.state, b.in_flight.as_ref()), (S::Unreachable, Some(&task)));
+        let out = step(&mut b, Input::Report { id: task, outcome: TaskOutcome::done() }, 2, &policy());
+        assert_eq!(out, vec![Output::Changed { from: S::Unreachable, to: S::Provisioning }, Output::Changed { from: S::Provisioning, to: S::Active }]);
+    }
+
+    #[test]
+    fn past_the_grace_the_lab_fails_keeps_its_work_and_staff_resume_it() {
+        let mut a = alloc(1, 1, "t");
+        step(&mut a, Input::Tick, 0, &policy());
+        succeed(&mut a, 1);
+        assert!(matches!(step(&mut a, Input::Resume, 2, &policy())[..], [Output::Ignored { .. }]), "an active lab is not resumed");
+        step(&mut a, Input::HostUnhealthy, 1_000, &policy());
+        let out = step(&mut a, Input::GraceOver, 901_000, &policy());
+        assert_eq!(out, vec![Output::Changed { from: S::Unreachable, to: S::Failed }]);
+        assert!(a.reason.as_deref().is_some_and(|r| r.contains("900 s") && r.contains("nothing was removed")), "{:?}", a.reason);
+        assert!(step(&mut a, Input::HostBack, 902_000, &policy()).is_empty(), "a failed lab does not come back on its own");
+        assert_eq!(a.state, S::Failed);
+        let out = step(&mut a, Input::Resume, 903_000, &policy());
+        assert_eq!(out, vec![Output::Changed { from: S::Failed, to: S::Active }]);
+        assert!(issued(&out).is_none(), "resuming issues nothing: the lab is as it was");
+        // A lab that failed for another reason cannot be resumed.
+        let mut b = alloc(2, 1, "t");
+        step(&mut b, Input::Tick, 0, &policy());
+        for now in [1, 2_001, 6_001] {
+            fail(&mut b, now);
+            step(&mut b, Input::Tick, now + 60_000, &policy());
+        }
+        assert_eq!(b.state, S::Failed);
+        assert!(matches!(step(&mut b, Input::Resume, 100_000, &policy())[..], [Output::Ignored { .. }]));
+    }
+
+    #[test]
+    fn unhealthy_hosts_and_staff_can_force_release() {
         let mut a = alloc(1, 1, "t");
         step(&mut a, Input::Tick, 0, &policy());
         succeed(&mut a, 1);
         step(&mut a, Input::HostUnhealthy, 2, &policy());
+        step(&mut a, Input::GraceOver, 3, &policy());
         assert_eq!(a.state, S::Failed);
         // Release of a failed lab is tried (the host may come back) ...
         step(&mut a, Input::ReleaseRequested, 3, &policy());
         assert_eq!(a.state, S::Releasing);
         step(&mut a, Input::HostUnhealthy, 4, &policy());
+        assert_eq!(a.state, S::Unreachable);
+        step(&mut a, Input::GraceOver, 5, &policy());
         assert_eq!(a.state, S::ReleaseFailed);
         // ... and staff can always force it.
         let out = step(&mut a, Input::ForceRelease, 5, &policy());

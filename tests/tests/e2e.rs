@@ -13,6 +13,26 @@ async fn event_roster_join_survive_a_restart() -> anyhow::Result<()> {
     assert!(fingerprint.starts_with("SHA256:") && fingerprint.len() == 7 + 95, "{fingerprint}");
     let otp = server.admin_password.clone().expect("one-time password printed at first start");
 
+    // Only the appliance's user may read its data: the directory and every file in it.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode(&data.0)?, 0o700, "the data dir");
+        let mut files = vec![data.0.clone()];
+        while let Some(dir) = files.pop() {
+            for entry in std::fs::read_dir(&dir)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    assert_eq!(mode(&path)?, 0o700, "{}", path.display());
+                    files.push(path);
+                } else {
+                    assert_eq!(mode(&path)? & 0o077, 0, "{} is private", path.display());
+                }
+            }
+        }
+        assert!(data.0.join("labrack.db").exists());
+    }
+
     let client = client_trusting(&data.0)?;
     // Only the generated CA is trusted, and it is enough.
     let ready = client.get(format!("{}/readyz", server.url)).send().await?;

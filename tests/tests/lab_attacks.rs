@@ -504,3 +504,44 @@ async fn host_secrets_are_root_only_never_hold_a_password_and_a_copied_identity_
     drop(host);
     Ok(())
 }
+
+#[tokio::test]
+async fn one_team_whose_checks_all_hang_cannot_hold_up_another_teams_scoring() -> anyhow::Result<()> {
+    let fx = fixture("starve", "127.0.0.1:0").await?;
+    // Every check hangs to its timeout for a team that left a `slow` file in its home.
+    let check = |n: u32| {
+        format!(
+            "[[template.check]]\nname = \"c{n}\"\nscript = \"if [ -f \\\"$HOME/slow\\\" ]; then sleep 120; fi; exit 0\"\ntimeout_secs = 60\nweight = 1\ndimension = \"quality\"\n"
+        )
+    };
+    put_checks(&fx, &(1..=6).map(check).collect::<String>()).await?;
+    let state = DataDir::new("starve-host");
+    fx.enrol("host-starve", &state.0).await?;
+    let host = fx.start_host(&state.0, &[])?;
+    let (_, _, red_user, _) = allocate_both(&fx).await?;
+    let (ok, out) = as_team(&red_user, "touch ~/slow")?;
+    assert!(ok, "{out}");
+
+    // Red queues six hanging checks first, then blue its six quick ones.
+    let batches = format!("/api/v1/events/{}/check-batches", fx.event_id);
+    let (status, red) = fx.admin.post(&batches, json!({"team_id": fx.team_id})).await?;
+    assert_eq!(status, 201, "{red}");
+    let red_batch = red["batch_id"].as_i64().context("batch")?;
+    let deadline = std::time::Instant::now() + LONG;
+    while !Command::new("pgrep").args(["-u", &format!("{red_user}c"), "-x", "sleep"]).output()?.status.success() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "red's checks never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, blue) = fx.admin.post(&batches, json!({"team_id": fx.other_team_id})).await?;
+    assert_eq!(status, 201, "{blue}");
+    let blue_done = wait_batch(&fx, blue["batch_id"].as_i64().context("batch")?).await?;
+    assert_eq!((blue_done["counts"]["passed"].as_i64(), blue_done["counts"]["error"].as_i64()), (Some(6), Some(0)), "{blue_done}");
+    // Blue was scored while red's checks still hang: red held only its share.
+    let (_, red_now) = fx.admin.get(&format!("/api/v1/check-batches/{red_batch}")).await?;
+    assert_eq!(red_now["done"], false, "red's checks still run: {red_now}");
+    let hanging = Command::new("pgrep").args(["-c", "-u", &format!("{red_user}c"), "-x", "sleep"]).output()?;
+    let hanging: u32 = String::from_utf8_lossy(&hanging.stdout).trim().parse().unwrap_or(0);
+    assert!((1..=2).contains(&hanging), "one lab runs at most half of the host's 4 check slots, not {hanging}");
+    drop(host);
+    Ok(())
+}

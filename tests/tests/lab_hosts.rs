@@ -17,7 +17,7 @@ use sha2::Digest as _;
 
 mod common;
 
-use common::{Fixture, LONG, Signer, fixture, make_account, put_checks, run_by_name, serve_in_lab, wait_batch};
+use common::{Fixture, LONG, Signer, fixture, fixture_with, make_account, put_checks, run_by_name, serve_in_lab, wait_batch};
 
 fn user_exists(name: &str) -> bool {
     Command::new("id").arg(name).output().map(|o| o.status.success()).unwrap_or(false)
@@ -135,9 +135,13 @@ async fn enrolment_tokens_are_one_time_and_expire() -> anyhow::Result<()> {
     assert!(!second.0.join("host.toml").exists(), "nothing saved on refusal");
 
     let stale = fx.token().await?;
+    // The database keeps a keyed hash: its plain SHA-256 is nowhere, so a copy of the
+    // file alone cannot test guesses.
+    let plain = hex::encode(sha2::Sha256::digest(stale.as_bytes()));
+    let found: i64 = fx.db().query_row("SELECT count(*) FROM enrolment_tokens WHERE token_hash = ?1", [&plain], |r| r.get(0))?;
+    assert_eq!(found, 0, "enrolment tokens are stored as HMAC, not SHA-256");
     // Let the token's hour pass: move its expiry into the past.
-    let hash = hex::encode(sha2::Sha256::digest(stale.as_bytes()));
-    let moved = fx.db().execute("UPDATE enrolment_tokens SET expires_at_ms = 1 WHERE token_hash = ?1", [&hash])?;
+    let moved = fx.db().execute("UPDATE enrolment_tokens SET expires_at_ms = 1 WHERE id = (SELECT max(id) FROM enrolment_tokens)", [])?;
     assert_eq!(moved, 1);
     let (ok, text) = enrol_host(&fx.url, &fx.data.0, &stale, "host-c", &second.0)?;
     assert!(!ok && text.contains("expired"), "an expired token is refused: {text}");
@@ -268,28 +272,64 @@ async fn a_result_finished_while_the_appliance_is_down_arrives_after_restart() -
 }
 
 #[tokio::test]
-async fn a_silent_host_turns_unhealthy_and_its_lab_fails_then_recovers() -> anyhow::Result<()> {
+async fn a_silent_host_s_lab_waits_and_comes_back_with_its_work() -> anyhow::Result<()> {
     let fx = fixture("silent", "127.0.0.1:0").await?;
     let state = DataDir::new("silent-host");
     fx.enrol("host-s", &state.0).await?;
     let host = fx.start_host(&state.0, &[])?;
     let id = fx.allocate(fx.team_id).await?;
     fx.wait_state(id, "active").await?;
+    let user = format!("{}a{id}", fx.users.prefix);
+    std::fs::write(format!("/home/{user}/work.txt"), "the team's work")?;
     host.kill_hard()?;
     fx.admin.wait_for("/api/v1/hosts", LONG, |h| h["hosts"][0]["healthy"] == false).await?;
-    let failed = fx.wait_state(id, "failed").await?;
-    assert!(failed["reason"].as_str().is_some_and(|r| r.contains("heartbeats")), "{failed}");
+    let waiting = fx.wait_state(id, "unreachable").await?;
+    assert!(waiting["reason"].as_str().is_some_and(|r| r.contains("heartbeats")), "{waiting}");
     let (status, body) = fx.admin.post(&format!("/api/v1/teams/{}/allocation", fx.other_team_id), json!({"template": "desk"})).await?;
     assert_eq!(status, 409, "no healthy host for a new lab: {body}");
     assert!(body["detail"].as_str().is_some_and(|d| d.contains("no healthy lab host")), "{body}");
 
-    // The host comes back; staff release the failed lab and the host cleans it up.
+    // The host comes back (a switch rebooted): the lab is active again, work and all.
     let host = fx.start_host(&state.0, &[])?;
     fx.admin.wait_for("/api/v1/hosts", LONG, |h| h["hosts"][0]["healthy"] == true).await?;
+    let back = fx.wait_state(id, "active").await?;
+    assert!(back["reason"].is_null(), "{back}");
+    assert_eq!(std::fs::read_to_string(format!("/home/{user}/work.txt"))?, "the team's work");
     let (status, _) = fx.admin.post(&format!("/api/v1/allocations/{id}/release"), json!({})).await?;
     assert_eq!(status, 200);
     fx.wait_state(id, "released").await?;
     assert!(fx.users.list().is_empty(), "the host removed the lab user");
+    drop(host);
+    Ok(())
+}
+
+#[tokio::test]
+async fn past_the_grace_a_silent_host_s_lab_fails_keeps_its_work_and_staff_resume_it() -> anyhow::Result<()> {
+    let fx = fixture_with("grace", "127.0.0.1:0", &["--host-grace-secs", "2"]).await?;
+    let state = DataDir::new("grace-host");
+    fx.enrol("host-g", &state.0).await?;
+    let host = fx.start_host(&state.0, &[])?;
+    let id = fx.allocate(fx.team_id).await?;
+    fx.wait_state(id, "active").await?;
+    let user = format!("{}a{id}", fx.users.prefix);
+    host.kill_hard()?;
+    fx.wait_state(id, "unreachable").await?;
+    let failed = fx.wait_state(id, "failed").await?;
+    assert!(failed["reason"].as_str().is_some_and(|r| r.contains("nothing was removed")), "{failed}");
+    let (status, refused) = fx.admin.post(&format!("/api/v1/allocations/{id}/resume"), json!({})).await?;
+    assert_eq!(status, 409, "not while the host is silent: {refused}");
+    // The host comes back late: the failed lab stays as it is until staff decide.
+    let host = fx.start_host(&state.0, &[])?;
+    fx.admin.wait_for("/api/v1/hosts", LONG, |h| h["hosts"][0]["healthy"] == true).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, still) = fx.admin.get(&format!("/api/v1/allocations/{id}")).await?;
+    assert_eq!(still["state"], "failed", "{still}");
+    assert!(fx.users.list().contains(&user), "nothing removed the lab without staff");
+    let (status, resumed) = fx.admin.post(&format!("/api/v1/allocations/{id}/resume"), json!({})).await?;
+    assert_eq!((status, resumed["state"].as_str()), (200, Some("active")), "{resumed}");
+    let red = fx.participant(fx.team_id).await?;
+    let (status, ticket) = red.post(&format!("/api/v1/allocations/{id}/terminal-ticket"), json!({})).await?;
+    assert_eq!(status, 201, "the team works in its lab again: {ticket}");
     drop(host);
     Ok(())
 }
@@ -370,6 +410,22 @@ async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_w
     assert_eq!(status, 404, "another team's terminal does not exist for Blue");
     let (_, first) = hello(&fx, &red_token, "not-a-ticket").await?;
     assert!(first.contains("unknown or already used"), "{first}");
+
+    // An open terminal ends with the session: staff sign Red out, and its socket says so.
+    let (_, me) = red.get("/api/v1/me").await?;
+    let red_id = me["participant"]["id"].as_i64().context("participant id")?;
+    let (_, ticket) = red.post(&ticket_path, json!({})).await?;
+    let (mut ws, first) = hello(&fx, &red_token, ticket["ticket"].as_str().context("ticket")?).await?;
+    assert_eq!(first, r#"{"type":"ready"}"#);
+    let (status, signed_out) = fx.admin.post(&format!("/api/v1/participants/{red_id}/sign-out"), json!({})).await?;
+    assert_eq!(status, 200, "{signed_out}");
+    let said = read_until(&mut ws, "session ended").await?;
+    assert!(said.contains("\"type\":\"error\""), "{said}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while shells() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the shell outlived the ended session");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A machine answering with another host key never gets the password.
     let other = DataDir::new("other-key");

@@ -84,7 +84,8 @@ export type AllocationState =
   | "releasing"
   | "released"
   | "failed"
-  | "release_failed";
+  | "release_failed"
+  | "unreachable";
 
 export interface Allocation {
   id: number;
@@ -100,6 +101,8 @@ export interface Allocation {
   desktop_ready: boolean;
   created_at: string;
   updated_at: string;
+  /** failed while its host was silent past the grace: staff may resume it */
+  resumable?: boolean;
 }
 
 export interface GpuDevice {
@@ -463,6 +466,7 @@ export const api = {
   getAllocation: (id: Id) => request<Allocation>("GET", `/api/v1/allocations/${enc(id)}`),
   resetAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/reset`),
   releaseAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/release`),
+  resumeAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/resume`),
   forceReleaseAllocation: (id: Id) => request<Allocation>("POST", `/api/v1/allocations/${enc(id)}/force-release`),
   desktopTicket: (id: Id) =>
     request<{ ticket: string; mode: "interactive" | "view"; expires_in_secs: number; path: string }>("POST", `/api/v1/allocations/${enc(id)}/desktop-ticket`),

@@ -326,6 +326,7 @@ pub async fn ask(State(state): State<AppState>, caller: Caller, ApiJson(body): A
                 priority: 1,
                 max_attempts: attempts,
                 ..NewJob::new(crate::agents::HINT_JOB, serde_json::json!({"event_id": event_id, "team_id": team_id, "question": question}))
+                    .for_team(team_id)
             };
             let (id, _) = jobs::enqueue(conn, &job, now_ms())?;
             audit(conn, &caller.actor(), &caller.meta, "assistant.asked", Some(&format!("team:{team_id}")), serde_json::json!({"job_id": id}))?;

@@ -192,6 +192,57 @@ fn load_session(conn: &Connection, token_hash: &str, now: i64) -> Result<Option<
     Ok(row.flatten())
 }
 
+/// Why an open terminal or desktop must stop.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Revoked {
+    #[error("your session ended; sign in again")]
+    SessionEnded,
+    /// the event's state: participants watch from now on
+    #[error("the event is {0}: the lab is view-only now")]
+    EventEnded(String),
+}
+
+/// Whether the session `token_hash` may go on with an open terminal or desktop: `Some(why)`
+/// when it may not (the session ended, or — for participants who `work` in their lab, not
+/// just watch — the event has ended).
+pub fn revoked_because(conn: &Connection, token_hash: &str, work: bool) -> Result<Option<Revoked>, ApiError> {
+    let Some((principal, _)) = load_session(conn, token_hash, unix_now())? else {
+        return Ok(Some(Revoked::SessionEnded));
+    };
+    if let Principal::Participant { event_id, .. } = principal
+        && work
+    {
+        let state: String = conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| r.get(0))?;
+        if !crate::api::events::participants_may_work(&state) {
+            return Ok(Some(Revoked::EventEnded(state)));
+        }
+    }
+    Ok(None)
+}
+
+/// How often an open terminal or desktop looks at its session without being told to.
+const ACCESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Resolves when the session `token_hash` may no longer go on (see [`revoked_because`]),
+/// with the reason to show; looks when [`AppState::access_changed`] is called and every
+/// [`ACCESS_RECHECK`].
+pub async fn until_revoked(state: &AppState, token_hash: String, work: bool) -> Revoked {
+    let mut changed = state.access.subscribe();
+    loop {
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(ACCESS_RECHECK) => {}
+        }
+        let hash = token_hash.clone();
+        match state.db.read(move |conn| revoked_because(conn, &hash, work)).await {
+            Ok(Some(why)) => return why,
+            Ok(None) => {}
+            // A database that cannot answer ends nothing; the next look decides.
+            Err(error) => tracing::warn!(error = ?error, "could not look at a session"),
+        }
+    }
+}
+
 /// Creates a session row; returns (token, csrf token). Runs inside a write.
 pub fn create_session(conn: &Connection, principal: &Principal) -> Result<(String, String), ApiError> {
     let token = random_token();

@@ -198,3 +198,31 @@ pub async fn sync_status(State(state): State<AppState>, caller: Caller) -> Resul
     let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
     Ok(Json(SyncView { link, pending_rows, pending_age_ms: oldest.map(|at| now - at), last_seq }))
 }
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SyncEpoch {
+    /// the new epoch's id
+    pub epoch: String,
+    /// its first row is `base + 1`: the oldest row the outbox still holds
+    pub base: i64,
+}
+
+/// Starts a new sync epoch (admins): after this appliance's database went back (restored
+/// from a backup) the cloud refuses the old epoch (`mismatch`); a new one sends what the
+/// outbox holds as a new stream that continues the old one from `base`.
+#[utoipa::path(post, path = "/api/v1/sync/epoch", tag = "billing", responses((status = 201, body = SyncEpoch), (status = 403, body = Problem)))]
+pub async fn start_sync_epoch(State(state): State<AppState>, caller: Caller) -> Result<(StatusCode, Json<SyncEpoch>), ApiError> {
+    caller.require_staff(&[Role::Admin])?;
+    let started = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+            let (epoch, base) = crate::outbox::start_epoch(conn, now)?;
+            audit(conn, &caller.actor(), &caller.meta, "sync.epoch_started", None, serde_json::json!({"epoch": epoch, "base": base}))?;
+            Ok::<_, ApiError>(SyncEpoch { epoch, base })
+        })
+        .await?;
+    state.link.reconnect();
+    Ok((StatusCode::CREATED, Json(started)))
+}

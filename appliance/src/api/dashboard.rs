@@ -126,7 +126,16 @@ fn problems(hosts: &HostSummary, queue: &Queue, sync: &SyncSummary) -> Vec<Troub
             detail: format!("{} job(s) failed every attempt and wait in the dead-letter list", queue.dead),
         });
     }
-    if sync.state != "off" && sync.pending_age_ms.is_some_and(|age| age > SYNC_STALL_MS) {
+    if sync.state == "mismatch" {
+        found.push(Trouble {
+            kind: "sync_mismatch".into(),
+            key: "sync_mismatch".into(),
+            detail: format!(
+                "the cloud link stopped: {} (an admin decides; see the README's Sync section)",
+                sync.last_error.as_deref().unwrap_or("this database and the cloud disagree")
+            ),
+        });
+    } else if sync.state != "off" && sync.pending_age_ms.is_some_and(|age| age > SYNC_STALL_MS) {
         found.push(Trouble {
             kind: "sync_stalled".into(),
             key: "sync_stalled".into(),

@@ -86,6 +86,13 @@ impl DesktopRegistry {
         }
     }
 
+    /// The audit of a thumbnail watch failed: the next look starts the watch again.
+    fn forget_thumbnail_watch(&self, actor: &str, allocation_id: i64) {
+        if let Ok(mut audits) = self.thumbnail_audits.lock() {
+            audits.remove(&(actor.to_owned(), allocation_id));
+        }
+    }
+
     /// Whether this look at a thumbnail starts a new audited watch (not one every poll).
     fn thumbnail_watch_starts(&self, actor: &str, allocation_id: i64) -> bool {
         let Ok(mut audits) = self.thumbnail_audits.lock() else { return true };
@@ -112,7 +119,8 @@ impl DesktopRegistry {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DesktopTicket {
     pub ticket: String,
-    /// "interactive" (the lab's own team) or "view" (staff, judges)
+    /// "interactive" (the lab's own team while the event runs) or "view" (staff, judges, and
+    /// the team once the event has ended)
     pub mode: String,
     pub expires_in_secs: u64,
     pub path: String,
@@ -122,9 +130,17 @@ pub struct DesktopTicket {
 #[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/desktop-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 201, body = DesktopTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<(StatusCode, Json<DesktopTicket>), ApiError> {
-    let view = state.db.read(move |conn| super::labs::load_view(conn, id)).await?;
+    let (view, event_state) = state
+        .db
+        .read(move |conn| {
+            let view = super::labs::load_view(conn, id)?;
+            let event_state: String = conn.query_row("SELECT state FROM events WHERE id = ?1", [view.event_id], |r| r.get(0))?;
+            Ok::<_, ApiError>((view, event_state))
+        })
+        .await?;
     let interactive = match &caller.principal {
-        Principal::Participant { team_id, .. } if *team_id == view.team_id => true,
+        // From the event's end on, the team watches its desktop while judges look.
+        Principal::Participant { team_id, .. } if *team_id == view.team_id => super::events::participants_may_work(&event_state),
         Principal::Participant { .. } => return Err(ApiError::NotFound("allocation")),
         Principal::Staff { .. } => {
             caller.require_staff(&WATCHERS)?;
@@ -160,11 +176,17 @@ pub async fn thumbnail(State(state): State<AppState>, caller: Caller, ApiPath(id
     let actor = caller.actor();
     if state.desktops.thumbnail_watch_starts(&actor, id) {
         let meta = caller.meta.clone();
-        let _ = state
+        let audited_as = actor.clone();
+        let recorded = state
             .db
             .writer()
-            .write(move |conn| audit(conn, &actor, &meta, "desktop.thumbnail_watched", Some(&format!("allocation:{id}")), serde_json::json!({"mode": "view"})))
+            .write(move |conn| audit(conn, &audited_as, &meta, "desktop.thumbnail_watched", Some(&format!("allocation:{id}")), serde_json::json!({"mode": "view"})))
             .await;
+        // Nobody watches a desktop unrecorded: the next look tries the audit again.
+        if let Err(error) = recorded {
+            state.desktops.forget_thumbnail_watch(&actor, id);
+            return Err(error.into());
+        }
     }
     let picture = match tokio::time::timeout(FIRST_THUMBNAIL_WAIT, pictures.wait_for(Option::is_some)).await {
         Ok(Ok(picture)) => picture.clone(),
@@ -276,7 +298,10 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     };
     let ticket = match state.terminal_tickets.redeem(&hello.ticket, &caller.token_hash, false) {
         Ok(ticket) => ticket,
-        Err(error) => return refuse(ws, &error.to_string()).await,
+        Err(error) => {
+            super::terminal::audit_ticket_refused(&state, &caller, "desktop.ticket_refused", &error).await;
+            return refuse(ws, &error.to_string()).await;
+        }
     };
     let Purpose::Desktop { interactive } = ticket.purpose else { return refuse(ws, "this ticket does not open a desktop").await };
     let stream = match stream_for(&state, ticket.allocation_id, start_size(&hello, interactive)).await {
@@ -291,11 +316,18 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     let mode = if interactive { "interactive" } else { "view" };
     let codec = viewer.codec.name();
     let (actor, meta) = (ticket.actor.clone(), caller.meta.clone());
-    let _ = state
+    // Nobody watches a desktop unrecorded: no audit row, no picture.
+    let recorded = state
         .db
         .writer()
         .write(move |conn| audit(conn, &actor, &meta, "desktop.viewer_joined", Some(&format!("allocation:{allocation_id}")), serde_json::json!({"mode": mode, "codec": codec})))
         .await;
+    if let Err(error) = recorded {
+        tracing::warn!(error = ?ApiError::from(error), "a desktop watch could not be audited; refused");
+        return refuse(ws, "the appliance could not record this watch; try again shortly").await;
+    }
+    let revoked = super::auth::until_revoked(&state, caller.token_hash.clone(), interactive);
+    tokio::pin!(revoked);
     ws.send(json_text(serde_json::json!({"type": "answer", "sdp": answer, "mode": mode, "codec": viewer.codec.name()}))).await?;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut remote_clipboard = stream.remote_clipboard();
@@ -314,6 +346,13 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                 }
             }
             _ = viewer.closed() => break,
+            why = &mut revoked => {
+                // An event that ended: the team's browser reconnects, view-only.
+                let kind = if matches!(why, super::auth::Revoked::EventEnded(_)) { "restart" } else { "error" };
+                let _ = ws.send(json_text(serde_json::json!({"type": kind, "detail": why.to_string()}))).await;
+                let _ = ws.send(Message::Close(None)).await;
+                break;
+            }
             // The lab was reset or released: this viewer reconnects to a fresh stream.
             _ = stream.ended() => {
                 let _ = ws.send(json_text(serde_json::json!({"type": "restart", "detail": "the lab's desktop changed; reconnecting"}))).await;

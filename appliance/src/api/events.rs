@@ -49,6 +49,27 @@ impl EventState {
     pub fn accepts_changes(self) -> bool {
         matches!(self, Self::Draft | Self::Live | Self::Frozen)
     }
+
+    /// Whether participants may still work in their labs (type, open a terminal, reset);
+    /// from `ended` on they only watch, while judges look.
+    pub fn participants_work(self) -> bool {
+        matches!(self, Self::Draft | Self::Live | Self::Frozen)
+    }
+}
+
+/// [`EventState::participants_work`] for a stored state; an unknown one allows nothing.
+pub fn participants_may_work(state: &str) -> bool {
+    EventState::parse(state).is_some_and(EventState::participants_work)
+}
+
+/// Refuses a participant's lab work (terminal, reset) once their event has ended.
+pub fn require_participants_work(conn: &rusqlite::Connection, event_id: i64, what: &str) -> Result<(), ApiError> {
+    let state: String = conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| r.get(0))?;
+    if participants_may_work(&state) {
+        Ok(())
+    } else {
+        Err(ApiError::conflict(Some("state"), format!("the event is {state}: {what} is closed to participants; the desktop stays viewable")))
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -222,6 +243,7 @@ pub async fn update(
             to_outbox(conn, event_id)
         })
         .await?;
+    state.access_changed();
     Ok(Json(event))
 }
 

@@ -67,7 +67,7 @@ pub async fn create_enrolment_token(
         None => None,
     };
     let token = format!("lrh_{}", random_token());
-    let hash = hash_secret(&token);
+    let hash = enrolment_token_hash(&state.secrets, &token);
     let expires_ms = unix_ms().saturating_add(ttl * 1000);
     let expires_at = format_time(
         time::OffsetDateTime::from_unix_timestamp(i64::try_from(expires_ms / 1000).unwrap_or(0)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
@@ -153,6 +153,12 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<
     Ok(Json(HostList { hosts, heartbeat_secs: state.heartbeat.as_secs() }))
 }
 
+/// The stored hash of an enrolment token: keyed, like join codes (tokens made before that
+/// are plain SHA-256 and still accepted until they expire).
+fn enrolment_token_hash(secrets: &crate::secrets::SecretBox, token: &str) -> String {
+    secrets.code_hash("enrolment token", token)
+}
+
 /// Trades a one-time enrolment token for a host identity (its public key).
 #[utoipa::path(post, path = "/api/v1/hosts/enrol", tag = "hosts", request_body(content = Object, description = "EnrolRequest of the host protocol"),
     responses((status = 201, description = "EnrolResponse"), (status = 401, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
@@ -162,12 +168,21 @@ pub async fn enrol(
     ApiJson(req): ApiJson<EnrolRequest>,
 ) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
     let keys = [(meta.client_key(), crate::attempts::ENROL_CLIENT)];
-    state.attempts.begin(&keys)?;
-    let result = enrol_counted(&state, meta, req).await;
+    if let Err(refused) = state.attempts.begin(&keys) {
+        if refused.first {
+            let detail = serde_json::json!({"retry_after_secs": refused.retry_after.as_secs().max(1)});
+            super::session::audit_refused(&state, &meta, "host.enrol_lockout", None, detail).await;
+        }
+        return Err(refused.into());
+    }
+    let name: String = req.name.chars().take(64).collect();
+    let result = enrol_counted(&state, meta.clone(), req).await;
     // only a wrong token is a guess
     match &result {
         Ok(_) => state.attempts.succeeded(&[keys[0].0.clone()]),
-        Err(ApiError::Unauthenticated(_)) => {}
+        Err(ApiError::Unauthenticated(_)) => {
+            super::session::audit_refused(&state, &meta, "host.enrol_failed", None, serde_json::json!({"name": name})).await;
+        }
         Err(_) => state.attempts.refund(&keys),
     }
     result
@@ -194,7 +209,8 @@ async fn enrol_counted(state: &AppState, meta: RequestMeta, req: EnrolRequest) -
     if !(1..=256).contains(&req.capacity) {
         return Err(ApiError::invalid("capacity", "must be between 1 and 256"));
     }
-    let token_hash = hash_secret(req.token.trim());
+    let token_hash = enrolment_token_hash(&state.secrets, req.token.trim());
+    let legacy_hash = hash_secret(req.token.trim());
     let now = unix_ms();
     let (gpus, capacity) = (req.resources.gpus, req.capacity);
     let resources = serde_json::to_string(&req.resources).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -203,7 +219,7 @@ async fn enrol_counted(state: &AppState, meta: RequestMeta, req: EnrolRequest) -
         .writer()
         .write(move |conn| {
             let token: Option<(i64, i64, Option<String>)> = conn
-                .query_row("SELECT id, expires_at_ms, used_at FROM enrolment_tokens WHERE token_hash = ?1", [&token_hash], |r| {
+                .query_row("SELECT id, expires_at_ms, used_at FROM enrolment_tokens WHERE token_hash IN (?1, ?2)", [&token_hash, &legacy_hash], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })
                 .optional()?;

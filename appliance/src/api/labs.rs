@@ -206,7 +206,8 @@ pub struct AllocationView {
     pub host_id: i64,
     pub host_name: String,
     pub template: String,
-    /// requested, provisioning, active, releasing, released, failed, release_failed
+    /// requested, provisioning, active, releasing, released, failed, release_failed, or
+    /// unreachable (its host went silent; the lab waits for it)
     pub state: String,
     /// a reset (or a retry) is under way
     pub busy: bool,
@@ -218,11 +219,15 @@ pub struct AllocationView {
     pub updated_at: String,
     /// the GPU indices the lab holds on its host
     pub gpus: Vec<u32>,
+    /// it failed because its host stayed silent past the grace: staff may resume it
+    /// (`POST …/resume`) once the host is back
+    pub resumable: bool,
 }
 
 const VIEW_COLUMNS: &str = "a.id, a.event_id, a.team_id, t.name, a.host_id, h.name, a.template, a.state,
     (a.in_flight IS NOT NULL OR a.retry_at_ms IS NOT NULL), a.reason,
-    (a.state = 'active' AND a.desktop_secret IS NOT NULL), a.created_at, a.updated_at, a.gpu_indices";
+    (a.state = 'active' AND a.desktop_secret IS NOT NULL), a.created_at, a.updated_at, a.gpu_indices,
+    (a.state = 'failed' AND a.resume_to IS 'active')";
 const VIEW_FROM: &str = "allocations a JOIN teams t ON t.id = a.team_id JOIN hosts h ON h.id = a.host_id";
 
 fn view_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AllocationView> {
@@ -241,6 +246,7 @@ fn view_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AllocationView> {
         created_at: r.get(11)?,
         updated_at: r.get(12)?,
         gpus: serde_json::from_str(&r.get::<_, String>(13)?).unwrap_or_default(),
+        resumable: r.get(14)?,
     })
 }
 
@@ -574,6 +580,7 @@ enum Action {
     Reset,
     Release,
     ForceRelease,
+    Resume,
 }
 
 async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result<Json<AllocationView>, ApiError> {
@@ -585,7 +592,7 @@ async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result
                 caller.require_staff(&OPERATORS)?;
             }
         }
-        Action::Release => {
+        Action::Release | Action::Resume => {
             caller.require_staff(&OPERATORS)?;
         }
         Action::ForceRelease => {
@@ -598,10 +605,11 @@ async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result
         .writer()
         .write(move |conn| {
             let stored = labs::load(conn, id)?.ok_or(ApiError::NotFound("allocation"))?;
-            if let Principal::Participant { team_id, .. } = &caller.principal
-                && *team_id != stored.team_id
-            {
-                return Err(ApiError::NotFound("allocation"));
+            if let Principal::Participant { team_id, event_id, .. } = &caller.principal {
+                if *team_id != stored.team_id {
+                    return Err(ApiError::NotFound("allocation"));
+                }
+                super::events::require_participants_work(conn, *event_id, "resetting the lab")?;
             }
             let agent: bool = conn.query_row("SELECT agent FROM hosts WHERE id = ?1", [stored.alloc.host_id], |r| r.get(0))?;
             let (input, verb) = match action {
@@ -613,6 +621,13 @@ async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result
                 Action::Release if !agent => (Input::ForceRelease, "allocation.release_requested"),
                 Action::Release => (Input::ReleaseRequested, "allocation.release_requested"),
                 Action::ForceRelease => (Input::ForceRelease, "allocation.force_released"),
+                Action::Resume => {
+                    let healthy: bool = conn.query_row("SELECT healthy FROM hosts WHERE id = ?1", [stored.alloc.host_id], |r| r.get(0))?;
+                    if !healthy {
+                        return Err(ApiError::conflict(None, "the lab's host is still silent; resume the lab once it sends heartbeats again"));
+                    }
+                    (Input::Resume, "allocation.resumed")
+                }
             };
             // Dry-run first so a refused action leaves no audit row behind.
             refuse_if_ignored(&stored.alloc, &input)?;
@@ -711,6 +726,14 @@ pub async fn reset(State(state): State<AppState>, caller: Caller, ApiPath(id): A
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn release(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
     act(state, caller, id, Action::Release).await
+}
+
+/// Takes back a lab that failed because its host stayed silent past the grace, once the
+/// host is heard again: the lab is active as it was (nothing was removed).
+#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/resume", tag = "labs", params(("allocation_id" = i64, Path)),
+    responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn resume(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+    act(state, caller, id, Action::Resume).await
 }
 
 /// Marks the lab released without the host's help (the host is gone for good).

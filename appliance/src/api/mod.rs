@@ -72,6 +72,8 @@ pub struct AppState {
     pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
     /// how often hosts send heartbeats; three missed mark a host unhealthy
     pub heartbeat: Duration,
+    /// how long the labs of an unhealthy host wait for it before they fail
+    pub host_grace: Duration,
     /// single-use tickets for browser terminals and desktops
     pub terminal_tickets: Arc<terminal::TicketStore>,
     /// running desktop streams, one per watched lab
@@ -80,6 +82,9 @@ pub struct AppState {
     pub webrtc_bind: String,
     /// bumped when jobs are queued: wakes idle workers
     pub jobs_wake: Arc<tokio::sync::watch::Sender<u64>>,
+    /// bumped when sessions end or an event changes state: open terminals and desktops look
+    /// again whether their session may go on (see [`auth::until_revoked`])
+    pub access: Arc<tokio::sync::watch::Sender<u64>>,
     /// bumped when a host reports a check: wakes the worker waiting for it
     pub check_reported: Arc<tokio::sync::watch::Sender<u64>>,
     /// attempts per job kind, number of check workers
@@ -105,10 +110,12 @@ impl AppState {
             host_wake: Arc::new(tokio::sync::watch::Sender::new(0)),
             shutdown: Arc::new(tokio::sync::watch::Sender::new(false)),
             heartbeat: Duration::from_secs(5),
+            host_grace: Duration::from_secs(900),
             terminal_tickets: Arc::new(terminal::TicketStore::default()),
             desktops: Arc::new(desktop::DesktopRegistry::default()),
             webrtc_bind: "0.0.0.0:0".into(),
             jobs_wake: Arc::new(tokio::sync::watch::Sender::new(0)),
+            access: Arc::new(tokio::sync::watch::Sender::new(0)),
             check_reported: Arc::new(tokio::sync::watch::Sender::new(0)),
             queue: Arc::new(crate::checks::QueueSettings::default()),
             llm: Arc::new(crate::llm::Gateway::new(crate::llm::LlmSettings::default())),
@@ -137,6 +144,11 @@ impl AppState {
     pub fn wake_workers(&self) {
         self.jobs_wake.send_modify(|n| *n = n.wrapping_add(1));
     }
+
+    /// Sessions ended or an event changed state: open terminals and desktops check theirs.
+    pub fn access_changed(&self) {
+        self.access.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// The OpenAPI document, generated from the handlers' annotations.
@@ -152,7 +164,7 @@ impl AppState {
         people::me, ops::audit_log,
         hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::register_agentless, labs::register_agentless_lab, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
-        labs::my_allocation, labs::reset, labs::release, labs::force_release, labs::reassign, terminal::ticket, desktop::ticket, desktop::thumbnail, dashboard::dashboard,
+        labs::my_allocation, labs::reset, labs::release, labs::force_release, labs::resume, labs::reassign, terminal::ticket, desktop::ticket, desktop::thumbnail, dashboard::dashboard,
         jobs::list, jobs::get_one, jobs::requeue, jobs::cancel,
         checks::queue_batch, checks::get_batch, checks::list_runs, checks::run_mine, checks::my_checks,
         scores::get_rubric, scores::put_rubric, scores::put_judge_scores, scores::get_judge_scores, scores::leaderboard,
@@ -160,7 +172,7 @@ impl AppState {
         assist::create_hint, assist::list_hints, assist::my_hints, assist::unlock_hint, assist::correct, assist::get_ledger,
         assist::ask, assist::my_messages, assist::event_messages, assist::alerts, assist::llm_usage,
         assist::announce, assist::list_announcements, assist::my_announcements,
-        billing::ledger, billing::ledger_csv, billing::add_entry, billing::sync_status,
+        billing::ledger, billing::ledger_csv, billing::add_entry, billing::sync_status, billing::start_sync_epoch,
     ),
     components(schemas(error::Problem, error::RowError, auth::Principal, auth::Role)),
     tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores"), (name = "assist"), (name = "billing")),
@@ -204,6 +216,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/allocations/{allocation_id}/reset", post(labs::reset))
         .route("/v1/allocations/{allocation_id}/release", post(labs::release))
         .route("/v1/allocations/{allocation_id}/force-release", post(labs::force_release))
+        .route("/v1/allocations/{allocation_id}/resume", post(labs::resume))
         .route("/v1/allocations/{allocation_id}/reassign", post(labs::reassign))
         .route("/v1/me/allocation", get(labs::my_allocation))
         .route("/v1/allocations/{allocation_id}/terminal-ticket", post(terminal::ticket))
@@ -238,6 +251,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/events/{event_id}/ledger", get(billing::ledger).post(billing::add_entry))
         .route("/v1/events/{event_id}/ledger.csv", get(billing::ledger_csv))
         .route("/v1/sync", get(billing::sync_status))
+        .route("/v1/sync/epoch", post(billing::start_sync_epoch))
         .route("/v1/me/checks", get(checks::my_checks))
         .route("/v1/me/checks/run", post(checks::run_mine))
         .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
@@ -314,6 +328,18 @@ pub fn format_time(t: time::OffsetDateTime) -> String {
 }
 
 /// Appends one audit row. Call inside the same write as the change it records.
+/// Audit actions that record a refused attempt: the one trace a refused request leaves.
+pub const REFUSAL_AUDITS: &[&str] = &[
+    "auth.login_failed",
+    "auth.lockout",
+    "participant.join_failed",
+    "participant.join_lockout",
+    "host.enrol_failed",
+    "host.enrol_lockout",
+    "terminal.ticket_refused",
+    "desktop.ticket_refused",
+];
+
 pub fn audit(
     conn: &Connection,
     actor: &str,

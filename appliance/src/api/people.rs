@@ -9,12 +9,13 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::{Caller, Principal, Role, hash_secret};
+use super::auth::{Caller, Principal, Role};
 use super::error::{ApiError, Problem, RowError};
 use super::events::{CODE_ALPHABET, EventState, load_event, random_code};
 use super::extract::{ApiJson, ApiPath, CsvBody};
 use super::session::normalize_code;
 use super::{AppState, audit, validate};
+use crate::secrets::SecretBox;
 
 const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
 const PEOPLE_WRITERS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
@@ -115,11 +116,16 @@ pub(crate) fn open_event(conn: &Connection, event_id: i64) -> Result<(), ApiErro
     }
 }
 
+/// The stored hash of a join code (as typed, normalised).
+pub fn join_code_hash(secrets: &SecretBox, normalized: &str) -> String {
+    secrets.code_hash("join code", normalized)
+}
+
 /// A fresh personal join code `XXXXX-XXXXX` (50 bits) and the hash stored for it.
-fn new_join_code(conn: &Connection) -> Result<(String, String), ApiError> {
+fn new_join_code(conn: &Connection, secrets: &SecretBox) -> Result<(String, String), ApiError> {
     loop {
         let raw = random_code(10);
-        let hash = hash_secret(&raw);
+        let hash = join_code_hash(secrets, &raw);
         let taken: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM participants WHERE join_code_hash = ?1)", [&hash], |r| r.get(0))?;
         if !taken {
             debug_assert!(raw.bytes().all(|b| CODE_ALPHABET.contains(&b)));
@@ -128,9 +134,16 @@ fn new_join_code(conn: &Connection) -> Result<(String, String), ApiError> {
     }
 }
 
-fn insert_participant(conn: &Connection, event_id: i64, team_id: i64, name: &str, email: Option<&str>) -> Result<IssuedCode, ApiError> {
-    let (join_code, hash) = new_join_code(conn)?;
-    debug_assert_eq!(hash, hash_secret(&normalize_code(&join_code)));
+fn insert_participant(
+    conn: &Connection,
+    secrets: &SecretBox,
+    event_id: i64,
+    team_id: i64,
+    name: &str,
+    email: Option<&str>,
+) -> Result<IssuedCode, ApiError> {
+    let (join_code, hash) = new_join_code(conn, secrets)?;
+    debug_assert_eq!(hash, join_code_hash(secrets, &normalize_code(&join_code)));
     conn.execute(
         "INSERT INTO participants (event_id, team_id, name, email, join_code_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![event_id, team_id, name, email, hash, super::now_rfc3339()],
@@ -271,6 +284,7 @@ pub async fn create_participant(
     let name = validate::name("name", &req.name, 200)?;
     let email = validate::email("email", req.email.as_deref())?;
     let team_id = req.team_id;
+    let secrets = state.secrets.clone();
     let issued = state
         .db
         .writer()
@@ -288,7 +302,7 @@ pub async fn create_participant(
             if taken {
                 return Err(ApiError::conflict(Some("name"), format!("{name:?} is already in this team")));
             }
-            let issued = insert_participant(conn, event_id, team_id, &name, email.as_deref())?;
+            let issued = insert_participant(conn, &secrets, event_id, team_id, &name, email.as_deref())?;
             audit(conn, &caller.actor(), &caller.meta, "participant.created", Some(&format!("participant:{}", issued.participant.id)),
                 serde_json::json!({"team_id": team_id, "name": name}))?;
             Ok(issued)
@@ -314,6 +328,7 @@ pub async fn import_participants(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::BadRows)?;
+    let secrets = state.secrets.clone();
     let result = state
         .db
         .writer()
@@ -360,7 +375,7 @@ pub async fn import_participants(
                         id
                     }
                 };
-                issued.push(insert_participant(conn, event_id, team_id, &row.name, row.email.as_deref())?);
+                issued.push(insert_participant(conn, &secrets, event_id, team_id, &row.name, row.email.as_deref())?);
             }
             audit(conn, &caller.actor(), &caller.meta, "participants.imported", Some(&format!("event:{event_id}")),
                 serde_json::json!({"participants": issued.len(), "teams_created": teams_created}))?;
@@ -380,19 +395,21 @@ pub async fn regenerate_join_code(
     ApiPath(participant_id): ApiPath<i64>,
 ) -> Result<Json<IssuedCode>, ApiError> {
     caller.require_staff(&PEOPLE_WRITERS)?;
+    let secrets = state.secrets.clone();
     let issued = state
         .db
         .writer()
         .write(move |conn| {
             let participant = load_participant(conn, participant_id)?;
             open_event(conn, participant.event_id)?;
-            let (join_code, hash) = new_join_code(conn)?;
+            let (join_code, hash) = new_join_code(conn, &secrets)?;
             conn.execute("UPDATE participants SET join_code_hash = ?1 WHERE id = ?2", params![hash, participant_id])?;
             let ended = end_sessions(conn, participant_id)?;
             audit(conn, &caller.actor(), &caller.meta, "participant.join_code_regenerated", Some(&format!("participant:{participant_id}")), serde_json::json!({"sessions_ended": ended}))?;
             Ok(IssuedCode { participant, join_code })
         })
         .await?;
+    state.access_changed();
     Ok(Json(issued))
 }
 
@@ -426,6 +443,7 @@ pub async fn sign_out_participant(
             Ok(SignedOut { sessions_ended })
         })
         .await?;
+    state.access_changed();
     Ok(Json(signed_out))
 }
 

@@ -28,6 +28,8 @@ const RUBRIC_WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
 const JUDGES: [Role; 3] = [Role::Admin, Role::Organizer, Role::Judge];
 /// The job that turns a submission into check runs.
 pub const SUBMISSION_JOB: &str = "score_submission";
+/// A team submits a new version at most this often.
+const SUBMISSION_INTERVAL_MS: i64 = 10_000;
 
 impl From<BoardError> for ApiError {
     fn from(error: BoardError) -> Self {
@@ -375,13 +377,18 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, ApiJson(body)
             if now > deadline {
                 return Err(ApiError::conflict(Some("version"), format!("the deadline passed at {ends_at}; late submissions are refused")));
             }
+            let last: Option<i64> = conn.query_row("SELECT max(created_ms) FROM submissions WHERE team_id = ?1", [team_id], |r| r.get(0))?;
+            if let Some(last) = last.filter(|at| now - at < SUBMISSION_INTERVAL_MS) {
+                let wait = ((SUBMISSION_INTERVAL_MS - (now - last)).max(1000) + 999) / 1000;
+                return Err(ApiError::RateLimited { retry_after_secs: u64::try_from(wait).unwrap_or(10) });
+            }
             conn.prepare_cached("INSERT INTO submissions (event_id, team_id, participant_id, version, note, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
                 .execute(params![event_id, team_id, participant_id, version, note, now])?;
             let id = conn.last_insert_rowid();
             let job = NewJob {
                 idempotency_key: Some(format!("submission-{id}")),
                 max_attempts: attempts,
-                ..NewJob::new(SUBMISSION_JOB, serde_json::json!({"submission_id": id}))
+                ..NewJob::new(SUBMISSION_JOB, serde_json::json!({"submission_id": id})).for_team(team_id)
             };
             jobs::enqueue(conn, &job, now)?;
             audit(conn, &caller.actor(), &caller.meta, "submission.created", Some(&format!("submission:{id}")),
@@ -415,12 +422,40 @@ pub async fn my_submissions(State(state): State<AppState>, caller: Caller) -> Re
     Ok(Json(list))
 }
 
+/// What scoring a submission came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// its checks are queued as this batch
+    Queued(i64),
+    /// the team's previous submission is still being checked: try again later (a team has
+    /// one outstanding scoring batch)
+    Wait,
+    /// a newer submission of the team replaces it before it was checked; that one is scored
+    Superseded,
+    /// the event ended between submitting and scoring: the submission stands unscored
+    Unscored,
+}
+
 /// Turns a submission into a check batch for its team (run by the queue's workers).
-pub fn expand_submission(conn: &Connection, submission_id: i64, check_attempts: u32, now_ms: i64) -> Result<Option<i64>, ApiError> {
+pub fn expand_submission(conn: &Connection, submission_id: i64, check_attempts: u32, now_ms: i64) -> Result<Scoring, ApiError> {
     let row: Option<(i64, i64, String)> = conn
         .query_row("SELECT event_id, team_id, version FROM submissions WHERE id = ?1", [submission_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let Some((event_id, team_id, version)) = row else { return Err(ApiError::NotFound("submission")) };
+    let newer: bool =
+        conn.query_row("SELECT EXISTS(SELECT 1 FROM submissions WHERE team_id = ?1 AND id > ?2)", params![team_id, submission_id], |r| r.get(0))?;
+    if newer {
+        return Ok(Scoring::Superseded);
+    }
+    let outstanding: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM check_runs r JOIN check_batches b ON b.id = r.batch_id
+                       WHERE r.team_id = ?1 AND r.state IN ('queued', 'running') AND b.requested_by LIKE 'submission:%')",
+        [team_id],
+        |r| r.get(0),
+    )?;
+    if outstanding {
+        return Ok(Scoring::Wait);
+    }
     let request = crate::checks::BatchRequest {
         event_id,
         team_id: Some(team_id),
@@ -431,9 +466,8 @@ pub fn expand_submission(conn: &Connection, submission_id: i64, check_attempts: 
         priority: 5,
     };
     match crate::checks::queue_batch(conn, &request, now_ms) {
-        Ok(queued) => Ok(Some(queued.batch_id)),
-        // The event ended between submitting and scoring: the submission stands unscored.
-        Err(ApiError::Conflict { .. }) => Ok(None),
+        Ok(queued) => Ok(Scoring::Queued(queued.batch_id)),
+        Err(ApiError::Conflict { .. }) => Ok(Scoring::Unscored),
         Err(other) => Err(other),
     }
 }

@@ -61,9 +61,14 @@ pub async fn login(State(state): State<AppState>, meta: RequestMeta, ApiJson(req
         (format!("{account} from {client}"), attempts::ACCOUNT_FROM_CLIENT),
         (account, attempts::ACCOUNT),
     ];
-    state.attempts.begin(&keys).inspect_err(|_| {
+    if let Err(refused) = state.attempts.begin(&keys) {
         state.metrics.login_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    })?;
+        if refused.first {
+            let detail = serde_json::json!({"username": req.username, "retry_after_secs": refused.retry_after.as_secs().max(1)});
+            audit_refused(&state, &meta, "auth.lockout", None, detail).await;
+        }
+        return Err(refused.into());
+    }
     let username = req.username.clone();
     let found = state
         .db
@@ -87,8 +92,10 @@ pub async fn login(State(state): State<AppState>, meta: RequestMeta, ApiJson(req
             return Err(error.into());
         }
     };
-    let Some((id, username, _, role, must_change_password)) = found.filter(|_| verified) else {
+    let Some((id, username, _, role, must_change_password)) = found.clone().filter(|_| verified) else {
         tracing::info!(remote_addr = %meta.remote_addr, "login failed");
+        let target = found.map(|f| format!("staff:{}", f.0));
+        audit_refused(&state, &meta, "auth.login_failed", target, serde_json::json!({"username": req.username})).await;
         return Err(ApiError::Unauthenticated("wrong username or password".into()));
     };
     state.attempts.refund(&keys[..1]);
@@ -120,6 +127,7 @@ pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Res
             audit(conn, &caller.actor(), &caller.meta, "auth.logout", None, serde_json::json!({}))
         })
         .await?;
+    state.access_changed();
     let mut response = StatusCode::NO_CONTENT.into_response();
     if let Ok(value) = HeaderValue::from_str(&session_cookie("", state.secure_cookies, 0)) {
         response.headers_mut().insert(header::SET_COOKIE, value);
@@ -177,6 +185,7 @@ pub async fn change_password(State(state): State<AppState>, caller: Caller, ApiJ
             audit(conn, &actor, &meta, "auth.password_changed", Some(&format!("staff:{id}")), serde_json::json!({}))
         })
         .await?;
+    state.access_changed();
     Ok(Json(SessionInfo {
         principal: Principal::Staff { id, username, role, must_change_password: false },
         csrf_token: caller.csrf_token,
@@ -208,11 +217,21 @@ pub struct JoinRequest {
     responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 409, body = Problem), (status = 429, body = Problem)))]
 pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req): ApiJson<JoinRequest>) -> Result<Response, ApiError> {
     let keys = [(meta.client_key(), attempts::JOIN_CLIENT)];
-    state.attempts.begin(&keys).inspect_err(|_| {
+    if let Err(refused) = state.attempts.begin(&keys) {
         state.metrics.login_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    })?;
+        if refused.first {
+            let detail = serde_json::json!({"retry_after_secs": refused.retry_after.as_secs().max(1)});
+            audit_refused(&state, &meta, "participant.join_lockout", None, detail).await;
+        }
+        return Err(refused.into());
+    }
+    let event_code_typed: String = req.event_code.chars().take(64).collect();
+    let meta_for_audit = meta.clone();
     let event_code = normalize_code(&req.event_code);
-    let code_hash = hash_secret(&normalize_code(&req.join_code));
+    let typed = normalize_code(&req.join_code);
+    let code_hash = super::people::join_code_hash(&state.secrets, &typed);
+    // Codes issued before they were keyed are plain SHA-256; one that joins is re-hashed.
+    let legacy_hash = hash_secret(&typed);
     let result = state
         .db
         .writer()
@@ -220,8 +239,8 @@ pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req)
             let found = conn
                 .query_row(
                     "SELECT p.id, p.name, p.team_id, p.event_id, e.state FROM participants p
-                     JOIN events e ON e.id = p.event_id WHERE p.join_code_hash = ?1 AND e.code = ?2",
-                    params![code_hash, event_code],
+                     JOIN events e ON e.id = p.event_id WHERE p.join_code_hash IN (?1, ?3) AND e.code = ?2",
+                    params![code_hash, event_code, legacy_hash],
                     |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, String>(4)?)),
                 )
                 .optional()?;
@@ -231,7 +250,10 @@ pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req)
             if matches!(event_state.as_str(), "ended" | "archived") {
                 return Err(ApiError::conflict(Some("event_code"), format!("the event has {event_state}; joining is closed")));
             }
-            conn.execute("UPDATE participants SET joined_at = COALESCE(joined_at, ?1) WHERE id = ?2", params![super::now_rfc3339(), id])?;
+            conn.execute(
+                "UPDATE participants SET joined_at = COALESCE(joined_at, ?1), join_code_hash = ?3 WHERE id = ?2",
+                params![super::now_rfc3339(), id, code_hash],
+            )?;
             let principal = Principal::Participant { id, name, team_id, event_id };
             let (token, csrf) = create_session(conn, &principal)?;
             audit(conn, &principal.actor(), &meta, "participant.joined", Some(&format!("team:{team_id}")), serde_json::json!({}))?;
@@ -240,12 +262,24 @@ pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req)
         .await
         .map_err(ApiError::from);
     // only a wrong code is a guess
-    if !matches!(result, Err(ApiError::Unauthenticated(_))) {
+    if matches!(result, Err(ApiError::Unauthenticated(_))) {
+        audit_refused(&state, &meta_for_audit, "participant.join_failed", None, serde_json::json!({"event_code": event_code_typed})).await;
+    } else {
         state.attempts.refund(&keys);
     }
     let (principal, token, csrf) = result?;
     let body = SessionInfo { principal, csrf_token: csrf, token: req.bearer.then(|| token.clone()) };
     Ok(with_cookie(&state, &token, PARTICIPANT_SESSION_SECS, body))
+}
+
+/// Records a refused sign-in (a wrong password or code, the start of a lockout) by whoever
+/// tried. A full writer queue loses the row, not the refusal: the answer is the same.
+pub(crate) async fn audit_refused(state: &AppState, meta: &RequestMeta, action: &'static str, target: Option<String>, detail: serde_json::Value) {
+    let meta = meta.clone();
+    let written = state.db.writer().write(move |conn| audit(conn, "anonymous", &meta, action, target.as_deref(), detail)).await;
+    if let Err(error) = written {
+        tracing::warn!(action, error = ?ApiError::from(error), "a refused sign-in could not be audited");
+    }
 }
 
 /// Codes are typed by people: case, spaces and dashes do not matter.

@@ -110,6 +110,9 @@ fn may_open(caller: &Caller, team_id: i64) -> Result<(), ApiError> {
 pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<(StatusCode, Json<TerminalTicket>), ApiError> {
     let view = state.db.read(move |conn| super::labs::load_view(conn, id)).await?;
     may_open(&caller, view.team_id)?;
+    if let Principal::Participant { event_id, .. } = caller.principal {
+        state.db.read(move |conn| super::events::require_participants_work(conn, event_id, "the terminal")).await?;
+    }
     if !view.desktop_ready || view.busy {
         return Err(ApiError::conflict(None, format!("the lab is {}{}; its terminal opens once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
     }
@@ -167,6 +170,16 @@ pub(crate) fn json_text(value: serde_json::Value) -> Message {
     Message::Text(value.to_string().into())
 }
 
+/// Records a ticket that did not open what it was shown for (stolen, replayed, another
+/// session's); the refusal stands whether or not the row could be written.
+pub(crate) async fn audit_ticket_refused(state: &AppState, caller: &Caller, action: &'static str, error: &ApiError) {
+    let (actor, meta, detail) = (caller.actor(), caller.meta.clone(), error.to_string());
+    let written = state.db.writer().write(move |conn| audit(conn, &actor, &meta, action, None, serde_json::json!({"detail": detail}))).await;
+    if let Err(error) = written {
+        tracing::warn!(action, error = ?ApiError::from(error), "a refused ticket could not be audited");
+    }
+}
+
 pub(crate) async fn refuse(mut ws: WebSocket, detail: &str) -> anyhow::Result<()> {
     let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": detail}))).await;
     let _ = ws.send(Message::Close(None)).await;
@@ -184,7 +197,10 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     };
     let ticket = match state.terminal_tickets.redeem(&hello.ticket, &caller.token_hash, true) {
         Ok(ticket) => ticket,
-        Err(error) => return refuse(ws, &error.to_string()).await,
+        Err(error) => {
+            audit_ticket_refused(&state, &caller, "terminal.ticket_refused", &error).await;
+            return refuse(ws, &error.to_string()).await;
+        }
     };
     let secrets = state.secrets.clone();
     let allocation_id = ticket.allocation_id;
@@ -213,6 +229,8 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         .await
         .map_err(|e| anyhow::anyhow!("{:?}", ApiError::from(e)))?;
     ws.send(json_text(serde_json::json!({"type": "ready"}))).await?;
+    let revoked = super::auth::until_revoked(&state, caller.token_hash.clone(), true);
+    tokio::pin!(revoked);
     // Input the shell's queue had no room for: while one waits, the WebSocket is not read
     // (so TCP pushes back on the browser) but output keeps flowing, so neither side can
     // wait on the other for ever.
@@ -246,6 +264,11 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
             },
+            why = &mut revoked => {
+                let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": why.to_string()}))).await;
+                let _ = ws.send(Message::Close(None)).await;
+                break;
+            }
             outgoing = term.output.recv() => match outgoing {
                 Some(TerminalOutput::Data(bytes)) => {
                     if ws.send(Message::Binary(bytes.into())).await.is_err() { break; }

@@ -381,6 +381,30 @@ ALTER TABLE hosts ADD COLUMN checker_user TEXT;
 ALTER TABLE hosts ADD COLUMN checker_secret BLOB;
 ALTER TABLE check_runs ADD COLUMN ssh_nonce TEXT;
 "#,
+    // 11: fair queue (a job's team holds a bounded share of the workers); side effects of a
+    // job keyed by its id, so a retried job cannot repeat them (an LLM reply is billed and
+    // posted once per job); labs of a silent host wait (unreachable) to resume; the sync
+    // epoch (a database that was sending before epochs continues the cloud's '' stream)
+    r#"
+ALTER TABLE jobs ADD COLUMN fair_key TEXT;
+CREATE INDEX jobs_running_by_key ON jobs(fair_key) WHERE state = 'running' AND fair_key IS NOT NULL;
+ALTER TABLE llm_usage ADD COLUMN job_id INTEGER;
+ALTER TABLE llm_usage ADD COLUMN reply TEXT;
+CREATE UNIQUE INDEX llm_usage_by_job ON llm_usage(job_id) WHERE job_id IS NOT NULL;
+ALTER TABLE agent_messages ADD COLUMN job_id INTEGER;
+CREATE UNIQUE INDEX agent_messages_by_job ON agent_messages(job_id) WHERE job_id IS NOT NULL;
+ALTER TABLE allocations ADD COLUMN resume_to TEXT;
+ALTER TABLE allocations ADD COLUMN unreachable_since_ms INTEGER;
+CREATE TABLE sync_epochs (
+    id INTEGER PRIMARY KEY,
+    epoch TEXT NOT NULL UNIQUE,
+    base INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL
+);
+INSERT INTO sync_epochs (epoch, base, started_ms)
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'outbox' AND seq > 0) THEN '' ELSE lower(hex(randomblob(16))) END, 0, 0;
+CREATE TABLE sync_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own
@@ -417,7 +441,7 @@ mod tests {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
             .expect("count");
-        assert_eq!(tables, 27);
+        assert_eq!(tables, 29);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! `labrack cloud`: the central-cloud receiver. A QUIC server that enrols appliances with
 //! one-time tokens (their client certificate's fingerprint is their identity from then on),
-//! applies their outbox rows idempotently by (appliance, sequence), acknowledges the highest
-//! contiguous sequence, and keeps everything in its own SQLite file. A small HTTPS read API
+//! applies their outbox rows idempotently by (appliance, epoch, sequence), acknowledges the
+//! highest contiguous sequence, and keeps everything in its own SQLite file. An appliance's
+//! rows form streams, one per epoch of its database: a new epoch (after a restore from a
+//! backup) continues the previous one from its `base`, and the read API sees the rows of
+//! each stream up to where the next one takes over (the `effective` view). A small HTTPS read API
 //! (bearer admin token) serves rows, ledgers and scores per appliance and event.
 
 use std::net::SocketAddr;
@@ -43,6 +46,59 @@ CREATE TABLE IF NOT EXISTS received (
 CREATE INDEX IF NOT EXISTS received_by_kind ON received(appliance_id, kind, seq);
 "#;
 
+/// Versioned migrations after [`SCHEMA`] (the first cloud databases had none);
+/// `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: database epochs and one stream of rows per (appliance, epoch); rows received before
+    // epochs existed are the stream with the empty epoch
+    r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta (key, value) VALUES ('epoch', lower(hex(randomblob(16))));
+CREATE TABLE streams (
+    id INTEGER PRIMARY KEY,
+    appliance_id INTEGER NOT NULL REFERENCES appliances(id),
+    epoch TEXT NOT NULL,
+    base INTEGER NOT NULL,
+    acked INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL,
+    UNIQUE (appliance_id, epoch)
+);
+INSERT INTO streams (appliance_id, epoch, base, acked, started_ms) SELECT id, '', 0, acked, enrolled_ms FROM appliances;
+CREATE TABLE received_v2 (
+    appliance_id INTEGER NOT NULL REFERENCES appliances(id),
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (appliance_id, epoch, seq)
+) WITHOUT ROWID;
+INSERT INTO received_v2 SELECT appliance_id, '', seq, kind, entity, body, created_ms FROM received;
+DROP TABLE received;
+ALTER TABLE received_v2 RENAME TO received;
+CREATE INDEX received_by_kind ON received(appliance_id, kind, seq);
+ALTER TABLE appliances ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
+CREATE VIEW effective AS
+    SELECT r.appliance_id, r.epoch, r.seq, r.kind, r.entity, r.body, r.created_ms
+    FROM received r JOIN streams s ON s.appliance_id = r.appliance_id AND s.epoch = r.epoch
+    WHERE r.seq <= coalesce((SELECT min(n.base) FROM streams n WHERE n.appliance_id = s.appliance_id AND n.id > s.id), 9223372036854775807);
+"#,
+];
+
+fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    conn.execute_batch(SCHEMA).context("the cloud schema")?;
+    let applied: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    anyhow::ensure!(applied <= MIGRATIONS.len(), "the cloud database is at schema {applied}, newer than this labrack ({})", MIGRATIONS.len());
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql).with_context(|| format!("cloud migration {}", index + 1))?;
+        tx.pragma_update(None, "user_version", index + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 fn now_ms() -> i64 {
     i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
 }
@@ -52,9 +108,9 @@ fn sha256_hex(text: &str) -> String {
 }
 
 pub fn open(data_dir: &Path) -> anyhow::Result<Connection> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let conn = crate::db::open_connection(&data_dir.join(DB_FILE), false).context("opening the cloud database")?;
-    conn.execute_batch(SCHEMA).context("the cloud schema")?;
+    crate::data_dir::prepare(data_dir)?;
+    let mut conn = crate::db::open_connection(&data_dir.join(DB_FILE), false).context("opening the cloud database")?;
+    migrate(&mut conn)?;
     Ok(conn)
 }
 
@@ -68,15 +124,53 @@ pub fn new_enrolment_token(conn: &Connection, ttl_secs: u64) -> anyhow::Result<S
     Ok(token)
 }
 
-/// Who is calling: an enrolled appliance, one enrolled now, or a refusal.
-fn admit(conn: &Connection, fingerprint: &str, name: &str, token: Option<&str>) -> Result<(i64, i64), String> {
-    let known: Option<(i64, i64)> = conn
-        .query_row("SELECT id, acked FROM appliances WHERE cert_sha256 = ?1", [fingerprint], |r| Ok((r.get(0)?, r.get(1)?)))
+/// A refusal: what to tell the appliance, and a code it may act on.
+type Refusal = (String, Option<String>);
+
+/// Who is calling — an enrolled appliance, or one enrolled now — and where its stream for
+/// `hello.epoch` stands: `(appliance id, acked)`. A new epoch starts a stream at its base;
+/// an epoch whose stream holds more than the appliance ever wrote is refused.
+fn admit(conn: &Connection, fingerprint: &str, hello: &protocol::Hello) -> Result<(i64, i64), Refusal> {
+    let id = enrolled(conn, fingerprint, &hello.name, hello.token.as_deref()).map_err(|reason| (reason, None))?;
+    let stream: Option<i64> = conn
+        .query_row("SELECT acked FROM streams WHERE appliance_id = ?1 AND epoch = ?2", params![id, hello.epoch], |r| r.get(0))
         .optional()
-        .map_err(|e| e.to_string())?;
-    if let Some((id, acked)) = known {
+        .map_err(|e| (e.to_string(), None))?;
+    let acked = match stream {
+        Some(acked) if acked > hello.last_seq => {
+            return Err((
+                format!(
+                    "epoch {:?}: this cloud holds the appliance's rows up to {acked}, but the appliance has written only up to {}: its database went back (restored from a backup?). Nothing was applied; on the appliance, an admin starts a new sync epoch to send what it holds.",
+                    hello.epoch, hello.last_seq
+                ),
+                Some(protocol::EPOCH_MISMATCH.to_owned()),
+            ));
+        }
+        Some(acked) => acked,
+        None => {
+            if hello.base < 0 || hello.base > hello.last_seq {
+                return Err((format!("epoch {:?} starts after {} but the appliance wrote only {}", hello.epoch, hello.base, hello.last_seq), None));
+            }
+            conn.execute(
+                "INSERT INTO streams (appliance_id, epoch, base, acked, started_ms) VALUES (?1, ?2, ?3, ?3, ?4)",
+                params![id, hello.epoch, hello.base, now_ms()],
+            )
+            .map_err(|e| (e.to_string(), None))?;
+            tracing::info!(appliance = id, epoch = %hello.epoch, base = hello.base, "a new sync epoch");
+            hello.base
+        }
+    };
+    conn.execute("UPDATE appliances SET epoch = ?2, acked = ?3 WHERE id = ?1", params![id, hello.epoch, acked]).map_err(|e| (e.to_string(), None))?;
+    Ok((id, acked))
+}
+
+/// The enrolled appliance with this certificate, or one enrolled now with `token`.
+fn enrolled(conn: &Connection, fingerprint: &str, name: &str, token: Option<&str>) -> Result<i64, String> {
+    let known: Option<i64> =
+        conn.query_row("SELECT id FROM appliances WHERE cert_sha256 = ?1", [fingerprint], |r| r.get(0)).optional().map_err(|e| e.to_string())?;
+    if let Some(id) = known {
         conn.execute("UPDATE appliances SET last_seen_ms = ?2 WHERE id = ?1", params![id, now_ms()]).map_err(|e| e.to_string())?;
-        return Ok((id, acked));
+        return Ok(id);
     }
     let Some(token) = token else { return Err("this appliance is not enrolled: give it an enrolment token from `labrack cloud enrol-token`".into()) };
     let row: Option<(i64, Option<i64>)> = conn
@@ -97,35 +191,43 @@ fn admit(conn: &Connection, fingerprint: &str, name: &str, token: Option<&str>) 
             let id = conn.last_insert_rowid();
             conn.execute("UPDATE enrolment_tokens SET used_by = ?2 WHERE token_sha256 = ?1", params![sha256_hex(token), id]).map_err(|e| e.to_string())?;
             tracing::info!(appliance = id, %name, "appliance enrolled");
-            Ok((id, 0))
+            Ok(id)
         }
     }
 }
 
-/// Applies a batch in one transaction: rows already held change nothing; returns the
-/// highest contiguous sequence now held.
-pub fn apply(conn: &mut Connection, appliance_id: i64, batch: &Batch) -> Result<i64, rusqlite::Error> {
+/// Applies a batch to the appliance's stream for `epoch` in one transaction: rows already
+/// held (and rows at or below the stream's base) change nothing; returns the highest
+/// contiguous sequence now held.
+pub fn apply(conn: &mut Connection, appliance_id: i64, epoch: &str, batch: &Batch) -> Result<i64, rusqlite::Error> {
     let tx = conn.transaction()?;
-    let mut acked: i64 = tx.query_row("SELECT acked FROM appliances WHERE id = ?1", [appliance_id], |r| r.get(0))?;
+    let (base, mut acked): (i64, i64) =
+        tx.query_row("SELECT base, acked FROM streams WHERE appliance_id = ?1 AND epoch = ?2", params![appliance_id, epoch], |r| Ok((r.get(0)?, r.get(1)?)))?;
     {
         let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO received (appliance_id, seq, kind, entity, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR IGNORE INTO received (appliance_id, epoch, seq, kind, entity, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
-        for row in &batch.rows {
-            insert.execute(params![appliance_id, row.seq, row.kind, row.entity, row.body, row.created_ms])?;
+        for row in batch.rows.iter().filter(|row| row.seq > base) {
+            insert.execute(params![appliance_id, epoch, row.seq, row.kind, row.entity, row.body, row.created_ms])?;
         }
-        let mut held = tx.prepare_cached("SELECT EXISTS(SELECT 1 FROM received WHERE appliance_id = ?1 AND seq = ?2)")?;
+        let mut held = tx.prepare_cached("SELECT EXISTS(SELECT 1 FROM received WHERE appliance_id = ?1 AND epoch = ?2 AND seq = ?3)")?;
         loop {
-            let next: bool = held.query_row(params![appliance_id, acked + 1], |r| r.get(0))?;
+            let next: bool = held.query_row(params![appliance_id, epoch, acked + 1], |r| r.get(0))?;
             if !next {
                 break;
             }
             acked += 1;
         }
     }
-    tx.execute("UPDATE appliances SET acked = ?2, last_seen_ms = ?3 WHERE id = ?1", params![appliance_id, acked, now_ms()])?;
+    tx.execute("UPDATE streams SET acked = ?3 WHERE appliance_id = ?1 AND epoch = ?2", params![appliance_id, epoch, acked])?;
+    tx.execute("UPDATE appliances SET acked = ?2, last_seen_ms = ?3 WHERE id = ?1 AND epoch = ?4", params![appliance_id, acked, now_ms(), epoch])?;
     tx.commit()?;
     Ok(acked)
+}
+
+/// This cloud database's epoch.
+fn epoch(conn: &Connection) -> Result<String, rusqlite::Error> {
+    conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
 }
 
 async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>) -> anyhow::Result<()> {
@@ -134,7 +236,10 @@ async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>)
     let (mut send, mut recv) = connection.accept_bi().await.context("opening the stream")?;
     let Frame::Hello(hello) = protocol::read_frame(&mut recv).await? else { anyhow::bail!("expected hello") };
     if hello.version != protocol::VERSION {
-        let refusal = Frame::Refused(Refused { reason: format!("protocol version {} is not supported (this cloud speaks {})", hello.version, protocol::VERSION) });
+        let refusal = Frame::Refused(Refused {
+            reason: format!("protocol version {} is not supported (this cloud speaks {})", hello.version, protocol::VERSION),
+            code: None,
+        });
         protocol::write_frame(&mut send, &refusal).await?;
         let _ = send.finish();
         connection.closed().await;
@@ -142,25 +247,27 @@ async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>)
     }
     let admitted = {
         let db = db.clone();
-        let (fingerprint, name, token) = (fingerprint.clone(), hello.name.clone(), hello.token.clone());
+        let (fingerprint, hello) = (fingerprint.clone(), hello.clone());
         tokio::task::spawn_blocking(move || {
-            let conn = db.lock().map_err(|_| "database lock poisoned".to_owned())?;
-            admit(&conn, &fingerprint, &name, token.as_deref())
+            let conn = db.lock().map_err(|_| ("database lock poisoned".to_owned(), None))?;
+            let admitted = admit(&conn, &fingerprint, &hello)?;
+            Ok::<_, Refusal>((admitted, epoch(&conn).map_err(|e| (e.to_string(), None))?))
         })
         .await?
     };
-    let (appliance_id, acked) = match admitted {
+    let ((appliance_id, acked), cloud_epoch) = match admitted {
         Ok(admitted) => admitted,
-        Err(reason) => {
+        Err((reason, code)) => {
             tracing::warn!(%fingerprint, name = %hello.name, %reason, "refused an appliance");
-            protocol::write_frame(&mut send, &Frame::Refused(Refused { reason })).await?;
+            protocol::write_frame(&mut send, &Frame::Refused(Refused { reason, code })).await?;
             let _ = send.finish();
             // Let the refusal arrive before the connection goes.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connection.closed()).await;
             return Ok(());
         }
     };
-    protocol::write_frame(&mut send, &Frame::Welcome(Welcome { appliance_id, acked })).await?;
+    protocol::write_frame(&mut send, &Frame::Welcome(Welcome { appliance_id, acked, epoch: cloud_epoch })).await?;
+    let stream_epoch = hello.epoch.clone();
     loop {
         let frame = match protocol::read_frame(&mut recv).await {
             Ok(frame) => frame,
@@ -168,10 +275,10 @@ async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>)
             Err(error) => return Err(error.into()),
         };
         let Frame::Batch(batch) = frame else { anyhow::bail!("expected a batch") };
-        let db = db.clone();
+        let (db, epoch) = (db.clone(), stream_epoch.clone());
         let acked = tokio::task::spawn_blocking(move || {
             let mut conn = db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
-            apply(&mut conn, appliance_id, &batch).map_err(anyhow::Error::from)
+            apply(&mut conn, appliance_id, &epoch, &batch).map_err(anyhow::Error::from)
         })
         .await??;
         protocol::write_frame(&mut send, &Frame::Ack(Ack { acked })).await?;

@@ -3,19 +3,26 @@
 //!
 //! ```text
 //! appliance                                  cloud
-//!   Hello {version, name, token?}  ───────▶   (checks the client certificate: enrolled,
-//!                                              or enrolled now with a valid token)
-//!                                  ◀───────   Welcome {appliance_id, acked} | Refused {reason}
-//!   Batch {rows: seq > acked, in order} ──▶   applies idempotently by (appliance, seq)
+//!   Hello {version, name, token?,  ───────▶   (checks the client certificate: enrolled,
+//!          epoch, base, last_seq}              or enrolled now with a valid token)
+//!                                  ◀───────   Welcome {appliance_id, acked, epoch} | Refused {reason, code?}
+//!   Batch {rows: seq > acked, in order} ──▶   applies idempotently by (appliance, epoch, seq)
 //!                                  ◀───────   Ack {acked: highest contiguous seq}
 //! ```
+//!
+//! Epochs: each side's database has a random epoch id. The appliance's numbers its outbox
+//! rows; a database restored from a backup would number new rows with sequences the cloud
+//! already holds, and the cloud refuses it (`epoch_mismatch`) until staff start a new epoch
+//! (a new stream from the rows the appliance still has). The appliance refuses a cloud that
+//! acknowledges more than was sent, or less than it already pruned (a cloud restored from
+//! a backup): either would silently lose rows.
 
 use std::io::{Read as _, Write as _};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// ALPN of the sync link.
 pub const ALPN: &[u8] = b"labrack-sync/1";
 /// The largest frame either side accepts (after decompression for batches).
@@ -28,14 +35,27 @@ pub struct Hello {
     pub name: String,
     /// a one-time enrolment token; needed only until the cloud knows this appliance
     pub token: Option<String>,
+    /// the appliance database's sync epoch (absent from a version 1 hello, which the cloud
+    /// refuses for its version)
+    #[serde(default)]
+    pub epoch: String,
+    /// the sequence the epoch starts after (its first row is `base + 1`)
+    #[serde(default)]
+    pub base: i64,
+    /// the highest sequence this appliance has written
+    #[serde(default)]
+    pub last_seq: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Welcome {
     pub appliance_id: i64,
-    /// the highest sequence number the cloud holds with none missing below it
+    /// the highest sequence number the cloud holds with none missing below it, in the
+    /// appliance's epoch
     pub acked: i64,
+    /// the cloud database's epoch
+    pub epoch: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +85,13 @@ pub struct Ack {
 #[serde(deny_unknown_fields)]
 pub struct Refused {
     pub reason: String,
+    /// what a program may act on: `epoch_mismatch` (the appliance's database went back)
+    #[serde(default)]
+    pub code: Option<String>,
 }
+
+/// [`Refused::code`] when the cloud holds more of an epoch than the appliance wrote.
+pub const EPOCH_MISMATCH: &str = "epoch_mismatch";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -176,11 +202,11 @@ mod tests {
     async fn frames_round_trip_and_bad_ones_are_refused() {
         let rows = (1..=500).map(|seq| Row { seq, kind: "ledger".into(), entity: format!("ledger:{seq}"), body: "{\"amount_cents\":-100}".into(), created_ms: seq }).collect();
         let frames = vec![
-            Frame::Hello(Hello { version: VERSION, name: "rack-1".into(), token: Some("lrc_x".into()) }),
-            Frame::Welcome(Welcome { appliance_id: 3, acked: 41 }),
+            Frame::Hello(Hello { version: VERSION, name: "rack-1".into(), token: Some("lrc_x".into()), epoch: "e1".into(), base: 0, last_seq: 500 }),
+            Frame::Welcome(Welcome { appliance_id: 3, acked: 41, epoch: "c1".into() }),
             Frame::Batch(Batch { rows }),
             Frame::Ack(Ack { acked: 500 }),
-            Frame::Refused(Refused { reason: "not enrolled".into() }),
+            Frame::Refused(Refused { reason: "not enrolled".into(), code: None }),
         ];
         let mut wire = Vec::new();
         for frame in &frames {

@@ -47,7 +47,7 @@ async fn appliances(State(db): State<Db>, headers: HeaderMap) -> Result<Json<Vec
     authorize(&db, &headers)?;
     with_db(&db, |conn| {
         let mut statement = conn.prepare(
-            "SELECT a.id, a.name, a.acked, (SELECT count(*) FROM received r WHERE r.appliance_id = a.id), a.enrolled_ms, a.last_seen_ms FROM appliances a ORDER BY a.id",
+            "SELECT a.id, a.name, a.acked, (SELECT count(*) FROM effective r WHERE r.appliance_id = a.id), a.enrolled_ms, a.last_seen_ms FROM appliances a ORDER BY a.id",
         )?;
         let rows = statement.query_map([], |r| {
             Ok(ApplianceView { id: r.get(0)?, name: r.get(1)?, acked: r.get(2)?, rows: r.get(3)?, enrolled_ms: r.get(4)?, last_seen_ms: r.get(5)? })
@@ -78,7 +78,7 @@ async fn summary(State(db): State<Db>, headers: HeaderMap, Path(id): Path<i64>) 
     authorize(&db, &headers)?;
     with_db(&db, |conn| {
         let acked: i64 = conn.query_row("SELECT acked FROM appliances WHERE id = ?1", [id], |r| r.get(0)).map_err(|_| ApiError::NotFound("appliance"))?;
-        let mut statement = conn.prepare("SELECT seq, kind, entity, body FROM received WHERE appliance_id = ?1 ORDER BY seq")?;
+        let mut statement = conn.prepare("SELECT seq, kind, entity, body FROM effective WHERE appliance_id = ?1 ORDER BY seq")?;
         let rows: Vec<(i64, String, String, String)> =
             statement.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
         let max_seq = rows.last().map_or(0, |r| r.0);
@@ -88,7 +88,7 @@ async fn summary(State(db): State<Db>, headers: HeaderMap, Path(id): Path<i64>) 
 }
 
 fn bodies(conn: &Connection, appliance: i64, kind: &str, event_id: i64) -> Result<Vec<serde_json::Value>, ApiError> {
-    let mut statement = conn.prepare_cached("SELECT body FROM received WHERE appliance_id = ?1 AND kind = ?2 ORDER BY seq")?;
+    let mut statement = conn.prepare_cached("SELECT body FROM effective WHERE appliance_id = ?1 AND kind = ?2 ORDER BY seq")?;
     let rows = statement.query_map(params![appliance, kind], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for row in rows {

@@ -4,6 +4,11 @@
 //! flight (backpressure: at most [`WINDOW`] unacknowledged), and prune what the cloud
 //! acknowledged once it is older than the retention. Any failure — no link, a partition, a
 //! restart on either side — ends the session; the next one resumes from the cloud's ack.
+//!
+//! A cloud whose acknowledgements do not fit this database — more than was written or sent,
+//! or less than was already pruned — or that refuses this database's epoch is a *mismatch*:
+//! the link stops, says why (state `mismatch`, an audit row, a dashboard problem) and waits
+//! for staff (`POST /api/v1/sync/epoch` starts a new epoch) instead of lagging silently.
 
 use std::net::ToSocketAddrs as _;
 use std::path::PathBuf;
@@ -53,6 +58,17 @@ pub struct LinkStatus {
 #[derive(Debug, Default)]
 pub struct Link {
     status: Mutex<LinkStatus>,
+    /// wakes the relay to connect again at once (a new epoch was started)
+    restart: tokio::sync::Notify,
+}
+
+/// Why a session ended that a retry alone will not fix.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error("refused by the cloud: {0}")]
+    Refused(String),
+    #[error("sync mismatch: {0}")]
+    Mismatch(String),
 }
 
 impl Link {
@@ -64,6 +80,11 @@ impl Link {
         if let Ok(mut status) = self.status.lock() {
             f(&mut status);
         }
+    }
+
+    /// Connect again now (staff started a new epoch).
+    pub fn reconnect(&self) {
+        self.restart.notify_one();
     }
 }
 
@@ -81,27 +102,42 @@ pub async fn run(state: AppState, settings: SyncSettings) {
     });
     let mut shutdown = state.shutdown.subscribe();
     let mut failures = 0u32;
+    let mut mismatched = false;
     loop {
         let session = tokio::select! {
             result = session(&state, &settings) => result,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
-        let refused = matches!(&session, Err(e) if e.to_string().starts_with("refused by the cloud"));
+        let stop = session.as_ref().err().and_then(|e| e.downcast_ref::<Stop>());
+        let (refused, mismatch) = (matches!(stop, Some(Stop::Refused(_))), matches!(stop, Some(Stop::Mismatch(_))));
         if let Err(error) = &session {
             let text = format!("{error:#}");
             tracing::warn!(error = %text, "sync link down");
+            if mismatch && !mismatched {
+                // Loudly, once: staff must decide (it will not heal by waiting).
+                tracing::error!(error = %text, "sync mismatch: the link stops until staff act");
+                let detail = serde_json::json!({"detail": text});
+                let meta = crate::api::extract::RequestMeta { remote_addr: "local".into(), request_id: String::new() };
+                let _ = state.db.writer().write(move |conn| crate::api::audit(conn, "system:sync", &meta, "sync.mismatch", None, detail)).await;
+            }
             state.link.update(|s| {
-                s.state = if refused { "refused".into() } else { "down".into() };
+                s.state = if mismatch { "mismatch".into() } else if refused { "refused".into() } else { "down".into() };
                 s.last_error = Some(text);
                 s.linked_since_ms = None;
             });
         } else {
             failures = 0;
         }
+        mismatched = mismatch;
         failures = failures.saturating_add(1);
-        let wait = Duration::from_millis(500).saturating_mul(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(5));
+        let wait = if mismatch || refused {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_millis(500).saturating_mul(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(5))
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = state.link.restart.notified() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
@@ -134,13 +170,51 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
         .await
         .context("the cloud did not answer within 10 s")?
         .context("connecting to the cloud")?;
+    let (epoch, base, last_seq, pruned) = state
+        .db
+        .read(|conn| {
+            let (epoch, base) = crate::outbox::current_epoch(conn)?;
+            Ok::<_, ApiError>((epoch, base, crate::outbox::last_seq(conn)?, crate::outbox::pruned_through(conn)?))
+        })
+        .await?;
     let (mut send, mut recv) = connection.open_bi().await?;
-    protocol::write_frame(&mut send, &Frame::Hello(Hello { version: protocol::VERSION, name: settings.name.clone(), token: settings.token.clone() })).await?;
+    let hello = Hello { version: protocol::VERSION, name: settings.name.clone(), token: settings.token.clone(), epoch: epoch.clone(), base, last_seq };
+    protocol::write_frame(&mut send, &Frame::Hello(hello)).await?;
     let welcome = match protocol::read_frame(&mut recv).await? {
         Frame::Welcome(welcome) => welcome,
-        Frame::Refused(refused) => anyhow::bail!("refused by the cloud: {}", refused.reason),
+        Frame::Refused(refused) if refused.code.as_deref() == Some(protocol::EPOCH_MISMATCH) => return Err(Stop::Mismatch(refused.reason).into()),
+        Frame::Refused(refused) => return Err(Stop::Refused(refused.reason).into()),
         other => anyhow::bail!("unexpected answer {other:?}"),
     };
+    if welcome.acked > last_seq {
+        return Err(Stop::Mismatch(format!(
+            "the cloud acknowledges rows up to {} of epoch {epoch:?}, but this appliance has written only up to {last_seq}",
+            welcome.acked
+        ))
+        .into());
+    }
+    if welcome.acked < pruned {
+        return Err(Stop::Mismatch(format!(
+            "the cloud holds rows only up to {}, but this appliance already pruned rows up to {pruned} once the cloud had acknowledged them: the cloud's database went back (restored from a backup?) and rows {}–{pruned} are no longer anywhere this link can send from. Restore the cloud's newer data, or start a new epoch to send the rest",
+            welcome.acked,
+            welcome.acked + 1
+        ))
+        .into());
+    }
+    let cloud_epoch = welcome.epoch.clone();
+    let previous = state
+        .db
+        .writer()
+        .write(move |conn| {
+            let previous = crate::outbox::cloud_epoch(conn)?;
+            crate::outbox::set_cloud_epoch(conn, &cloud_epoch)?;
+            Ok::<_, ApiError>(previous)
+        })
+        .await
+        .map_err(ApiError::from)?;
+    if previous.as_ref().is_some_and(|p| *p != welcome.epoch) {
+        tracing::warn!(previous = ?previous, now = %welcome.epoch, "the cloud's database changed (replaced or restored); its acknowledgement fits, so the link goes on");
+    }
     tracing::info!(appliance_id = welcome.appliance_id, acked = welcome.acked, "sync link up");
     state.link.update(|s| {
         s.state = "linked".into();
@@ -149,14 +223,20 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
         s.linked_since_ms = Some(now_ms());
     });
     let acked = std::sync::Arc::new(tokio::sync::watch::Sender::new(welcome.acked));
+    let sent_so_far = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(welcome.acked));
     // Acknowledgements arrive on their own task, so sending never waits on them.
     let reader = {
-        let acked = acked.clone();
+        let (acked, sent_so_far) = (acked.clone(), sent_so_far.clone());
         tokio::spawn(async move {
             loop {
                 let frame: Result<Frame, protocol::FrameError> = protocol::read_frame(&mut recv).await;
                 match frame {
                     Ok(Frame::Ack(ack)) => {
+                        let sent = sent_so_far.load(std::sync::atomic::Ordering::SeqCst);
+                        if ack.acked > sent {
+                            // Never believed: that would prune rows the cloud does not hold.
+                            return Err(Stop::Mismatch(format!("the cloud acknowledged rows up to {} but only {sent} were sent", ack.acked)).into());
+                        }
                         acked.send_modify(|value| *value = (*value).max(ack.acked));
                     }
                     Ok(other) => return Err::<(), anyhow::Error>(anyhow::anyhow!("unexpected frame {other:?}")),
@@ -173,7 +253,7 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
     let result: anyhow::Result<()> = async {
         loop {
             if reader.is_finished() {
-                anyhow::bail!("the cloud closed the link");
+                break;
             }
             let confirmed = *acked_rx.borrow_and_update();
             while in_flight.front().is_some_and(|last| *last <= confirmed) {
@@ -189,6 +269,8 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
             if in_flight.len() < WINDOW {
                 let rows = read_rows(state, sent, settings.batch_rows).await?;
                 if let Some(last) = rows.last().map(|r| r.seq) {
+                    // Counted as sent before it goes, so its acknowledgement is never early.
+                    sent_so_far.store(last, std::sync::atomic::Ordering::SeqCst);
                     protocol::write_frame(&mut send, &Frame::Batch(Batch { rows })).await?;
                     in_flight.push_back(last);
                     sent = last;
@@ -200,9 +282,20 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+        Ok(())
     }
     .await;
-    reader.abort();
+    // The reader's reason, if it stopped first, says more than "the link closed".
+    let result = match result {
+        Ok(()) => match reader.await {
+            Ok(Err(error)) => Err(error),
+            _ => Err(anyhow::anyhow!("the cloud closed the link")),
+        },
+        Err(error) => {
+            reader.abort();
+            Err(error)
+        }
+    };
     connection.close(0u32.into(), b"bye");
     result
 }

@@ -38,11 +38,18 @@ pub fn write_skeleton(dir: &Path) {
 }
 
 pub async fn fixture(tag: &str, listen: &str) -> anyhow::Result<Fixture> {
+    fixture_with(tag, listen, &[]).await
+}
+
+/// [`fixture`] with extra `labrack serve` arguments.
+pub async fn fixture_with(tag: &str, listen: &str, extra: &[&str]) -> anyhow::Result<Fixture> {
     let data = DataDir::new(tag);
     let skeletons = DataDir::new(&format!("{tag}-skel"));
     write_skeleton(&skeletons.0.join("desk"));
     let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
-    let server = Server::start_with(&data.0, listen, &["--host-heartbeat-secs", "1", "--web-dir", &web, "--webrtc-bind", "127.0.0.1:0", "--job-attempts", "run_check=2"])?;
+    let mut args = vec!["--host-heartbeat-secs", "1", "--web-dir", &web, "--webrtc-bind", "127.0.0.1:0", "--job-attempts", "run_check=2"];
+    args.extend_from_slice(extra);
+    let server = Server::start_with(&data.0, listen, &args)?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
     admin.first_admin_login(server.admin_password.as_deref().expect("otp"), "a-strong-admin-password").await?;
     let (status, event) = admin

@@ -14,6 +14,7 @@ const LAB_LABELS: Record<AllocationState, string> = {
   released: "Removed",
   failed: "Failed",
   release_failed: "Removal failed",
+  unreachable: "Host unreachable",
 };
 
 export function labBadge(a: Pick<Allocation, "state" | "busy">, testid = "lab-state"): HTMLSpanElement {
@@ -250,7 +251,8 @@ export function labsSection(eventId: string, teams: () => Team[]): HTMLElement {
               "td",
               { class: "actions" },
               operate && a.state === "active" && !a.busy ? act("Reset", "lab-reset", () => api.resetAllocation(a.id), true) : "",
-              operate && ["active", "failed", "release_failed"].includes(a.state) ? act("Release", "lab-release", () => api.releaseAllocation(a.id), true) : "",
+              operate && a.resumable ? act("Resume", "lab-resume", () => api.resumeAllocation(a.id), true) : "",
+              operate && ["active", "failed", "release_failed", "unreachable"].includes(a.state) ? act("Release", "lab-release", () => api.releaseAllocation(a.id), true) : "",
               force && a.state !== "released" ? act("Force release", "lab-force-release", () => api.forceReleaseAllocation(a.id), true) : "",
               a.state === "active" ? h("a", { href: `#/desktop/${a.id}`, testid: "lab-watch" }, "Watch") : "",
               " ",

@@ -411,6 +411,17 @@ async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_w
     let (_, first) = hello(&fx, &red_token, "not-a-ticket").await?;
     assert!(first.contains("unknown or already used"), "{first}");
 
+    // A machine answering with another host key never gets the password.
+    let other = DataDir::new("other-key");
+    Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(other.0.join("k")).status()?;
+    let wrong = std::fs::read_to_string(other.0.join("k.pub"))?;
+    let right_key: String = fx.db().query_row("SELECT ssh_host_key FROM allocations WHERE id = ?1", [id], |r| r.get(0))?;
+    fx.db().execute("UPDATE allocations SET ssh_host_key = ?2 WHERE id = ?1", rusqlite::params![id, wrong.trim()])?;
+    let (_, ticket) = red.post(&ticket_path, json!({})).await?;
+    let (_, first) = hello(&fx, &red_token, ticket["ticket"].as_str().expect("ticket")).await?;
+    assert!(first.contains("host key does not match"), "{first}");
+    fx.db().execute("UPDATE allocations SET ssh_host_key = ?2 WHERE id = ?1", rusqlite::params![id, right_key])?;
+
     // An open terminal ends with the session: staff sign Red out, and its socket says so.
     let (_, me) = red.get("/api/v1/me").await?;
     let red_id = me["participant"]["id"].as_i64().context("participant id")?;
@@ -427,14 +438,6 @@ async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_w
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // A machine answering with another host key never gets the password.
-    let other = DataDir::new("other-key");
-    Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(other.0.join("k")).status()?;
-    let wrong = std::fs::read_to_string(other.0.join("k.pub"))?;
-    fx.db().execute("UPDATE allocations SET ssh_host_key = ?2 WHERE id = ?1", rusqlite::params![id, wrong.trim()])?;
-    let (_, ticket) = red.post(&ticket_path, json!({})).await?;
-    let (_, first) = hello(&fx, &red_token, ticket["ticket"].as_str().expect("ticket")).await?;
-    assert!(first.contains("host key does not match"), "{first}");
     drop(host);
     Ok(())
 }

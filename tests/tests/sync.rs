@@ -261,3 +261,124 @@ async fn a_lossy_partitioned_link_and_repeated_kills_still_deliver_every_row_onc
     drop(cloud);
     Ok(())
 }
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_appliance_restored_from_a_backup_is_refused_loudly_until_an_admin_starts_a_new_epoch() -> anyhow::Result<()> {
+    let cloud_data = DataDir::new("epoch-cloud");
+    let data = DataDir::new("epoch-appliance");
+    let backup = DataDir::new("epoch-backup");
+    let quic_port = free_port()?;
+    let token = enrol_token(&cloud_data.0)?;
+    let ca = cloud_data.0.join("tls/ca.pem");
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let args = ["--cloud", &format!("127.0.0.1:{quic_port}"), "--cloud-ca", ca.to_str().context("utf8")?, "--cloud-token", &token, "--cloud-name", "rack-1"];
+    let cloud = Cloud::start(&cloud_data.0, quic_port)?;
+    let cloud_token = cloud.admin_token.clone().context("admin token")?;
+    let server = Server::start_with(&data.0, &listen, &args)?;
+    let admin = admin(&server, &data.0).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Backed up", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let event_id = event["id"].as_i64().context("event id")?;
+    teams(&admin, event_id, 0, 50).await?;
+    converged(&data.0, &cloud_data.0, &cloud.http, &cloud_token).await?;
+
+    // A backup is taken; the event goes on and the cloud gets more.
+    let status = server.terminate()?;
+    anyhow::ensure!(status.success(), "{status}");
+    copy_dir(&data.0, &backup.0)?;
+    let server = Server::start_with(&data.0, &listen, &args)?;
+    let admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: admin.token.clone() };
+    teams(&admin, event_id, 50, 150).await?;
+    let ahead = converged(&data.0, &cloud_data.0, &cloud.http, &cloud_token).await?;
+
+    // The box is restored from the backup: its outbox went back, and would reuse sequence
+    // numbers the cloud holds. The cloud refuses, and the appliance says so.
+    server.terminate()?;
+    std::fs::remove_dir_all(&data.0)?;
+    copy_dir(&backup.0, &data.0)?;
+    let server = Server::start_with(&data.0, &listen, &args)?;
+    let admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: admin.token.clone() };
+    teams(&admin, event_id, 150, 160).await?;
+    let stopped = admin.wait_for("/api/v1/sync", Duration::from_secs(30), |s| s["link"]["state"] == "mismatch").await?;
+    assert!(stopped["link"]["last_error"].as_str().is_some_and(|e| e.contains("went back")), "{stopped}");
+    let (_, summary) = cloud_get(&cloud_data.0, &cloud.http, &cloud_token, "/api/v1/appliances/1/summary").await?;
+    assert_eq!((&summary["rows"], &summary["checksum"]), (&ahead["rows"], &ahead["checksum"]), "nothing of the restored box was applied: {summary}");
+    let (_, dashboard) = admin.get(&format!("/api/v1/events/{event_id}/dashboard")).await?;
+    assert!(dashboard.to_string().contains("sync_mismatch"), "staff see it on the dashboard: {dashboard}");
+    let (_, audit) = admin.get("/api/v1/audit?limit=50").await?;
+    assert!(audit.to_string().contains("sync.mismatch"), "and in the audit log: {audit}");
+
+    // An admin starts a new epoch: what the restored box holds goes up as a new stream that
+    // continues the old one, and the cloud's view is exactly the box's outbox.
+    let (status, started) = admin.post("/api/v1/sync/epoch", json!({})).await?;
+    assert_eq!(status, 201, "{started}");
+    admin.wait_for("/api/v1/sync", Duration::from_secs(30), |s| s["link"]["state"] == "linked").await?;
+    teams(&admin, event_id, 160, 170).await?;
+    let summary = converged(&data.0, &cloud_data.0, &cloud.http, &cloud_token).await?;
+    assert_eq!(summary["rows"], 1 + 50 + 10 + 10, "the event, the backup's 50 teams and the 20 made since: {summary}");
+    drop(server);
+    drop(cloud);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cloud_restored_from_a_backup_behind_what_the_appliance_pruned_is_refused_loudly() -> anyhow::Result<()> {
+    let cloud_data = DataDir::new("behind-cloud");
+    let cloud_backup = DataDir::new("behind-cloud-backup");
+    let data = DataDir::new("behind-appliance");
+    let quic_port = free_port()?;
+    let token = enrol_token(&cloud_data.0)?;
+    let ca = cloud_data.0.join("tls/ca.pem");
+    let args = [
+        "--cloud", &format!("127.0.0.1:{quic_port}"), "--cloud-ca", ca.to_str().context("utf8")?, "--cloud-token", &token, "--cloud-name", "rack-1",
+        "--outbox-retention-secs", "0",
+    ];
+    let cloud = Cloud::start(&cloud_data.0, quic_port)?;
+    let cloud_token = cloud.admin_token.clone().context("admin token")?;
+    let server = Server::start_with(&data.0, "127.0.0.1:0", &args)?;
+    let admin = admin(&server, &data.0).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Pruned", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let event_id = event["id"].as_i64().context("event id")?;
+    teams(&admin, event_id, 0, 20).await?;
+    admin.wait_for("/api/v1/sync", Duration::from_secs(30), |s| s["link"]["acked"] == 21).await?;
+    // The cloud's backup is taken here; then it receives more, and the appliance prunes
+    // what it acknowledged (no retention).
+    drop(cloud);
+    copy_dir(&cloud_data.0, &cloud_backup.0)?;
+    let cloud = Cloud::start(&cloud_data.0, quic_port)?;
+    teams(&admin, event_id, 20, 40).await?;
+    admin.wait_for("/api/v1/sync", Duration::from_secs(30), |s| s["link"]["acked"] == 41).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while appliance_outbox_len(&data.0)? > 0 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the appliance never pruned");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The cloud is restored from its backup: it would ask for rows nobody holds any more.
+    cloud.kill_hard()?;
+    std::fs::remove_dir_all(&cloud_data.0)?;
+    copy_dir(&cloud_backup.0, &cloud_data.0)?;
+    let _cloud = Cloud::start(&cloud_data.0, quic_port)?;
+    let stopped = admin.wait_for("/api/v1/sync", Duration::from_secs(60), |s| s["link"]["state"] == "mismatch").await?;
+    let error = stopped["link"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("already pruned") && error.contains("22–41"), "{stopped}");
+    drop(server);
+    Ok(())
+}
+
+fn appliance_outbox_len(data: &Path) -> anyhow::Result<i64> {
+    let conn = rusqlite::Connection::open(data.join("labrack.db"))?;
+    Ok(conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?)
+}

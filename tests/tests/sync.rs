@@ -347,7 +347,6 @@ async fn a_cloud_restored_from_a_backup_behind_what_the_appliance_pruned_is_refu
         "--outbox-retention-secs", "0",
     ];
     let cloud = Cloud::start(&cloud_data.0, quic_port)?;
-    let cloud_token = cloud.admin_token.clone().context("admin token")?;
     let server = Server::start_with(&data.0, "127.0.0.1:0", &args)?;
     let admin = admin(&server, &data.0).await?;
     let (_, event) = admin.post("/api/v1/events", json!({"name": "Pruned", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
@@ -381,4 +380,44 @@ async fn a_cloud_restored_from_a_backup_behind_what_the_appliance_pruned_is_refu
 fn appliance_outbox_len(data: &Path) -> anyhow::Result<i64> {
     let conn = rusqlite::Connection::open(data.join("labrack.db"))?;
     Ok(conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?)
+}
+
+#[tokio::test]
+async fn strangers_that_never_say_hello_are_dropped_and_cannot_crowd_out_an_appliance() -> anyhow::Result<()> {
+    let cloud_data = DataDir::new("hello-cloud");
+    let data = DataDir::new("hello-appliance");
+    let quic_port = free_port()?;
+    let token = enrol_token(&cloud_data.0)?;
+    let cloud = Cloud::start(&cloud_data.0, quic_port)?;
+    let cloud_token = cloud.admin_token.clone().context("admin token")?;
+    let ca = cloud_data.0.join("tls/ca.pem");
+    // Strangers on another address finish the QUIC handshake with a certificate of their
+    // own, then say nothing.
+    let stranger_dir = DataDir::new("hello-stranger");
+    let (chain, key) = labrack::tls::client_identity(&stranger_dir.0, "stranger")?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.2:0".parse()?)?;
+    endpoint.set_default_client_config(labrack::sync::tls::client_config(&std::fs::read(&ca)?, chain, key)?);
+    let address: std::net::SocketAddr = format!("127.0.0.1:{quic_port}").parse()?;
+    let (mut held, mut refused) = (Vec::new(), 0);
+    for _ in 0..20 {
+        match tokio::time::timeout(Duration::from_secs(5), endpoint.connect(address, "127.0.0.1")?).await {
+            Ok(Ok(connection)) => held.push(connection),
+            _ => refused += 1,
+        }
+    }
+    assert_eq!((held.len(), refused), (labrack::sync::cloud::MAX_UNIDENTIFIED_PER_ADDRESS, 12), "one address holds a bounded number");
+    // Meanwhile a real appliance links and delivers.
+    let args = ["--cloud", &format!("127.0.0.1:{quic_port}"), "--cloud-ca", ca.to_str().context("utf8")?, "--cloud-token", &token, "--cloud-name", "rack-1"];
+    let server = Server::start_with(&data.0, "127.0.0.1:0", &args)?;
+    let admin = admin(&server, &data.0).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Crowded", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    teams(&admin, event["id"].as_i64().context("event id")?, 0, 10).await?;
+    converged(&data.0, &cloud_data.0, &cloud.http, &cloud_token).await?;
+    assert!(held.iter().all(|c| c.close_reason().is_none()), "the strangers were still there");
+    // Those that never said hello are dropped by the cloud.
+    for connection in &held {
+        tokio::time::timeout(labrack::sync::cloud::HELLO_WAIT + Duration::from_secs(10), connection.closed()).await.context("a silent stranger was kept")?;
+    }
+    drop(server);
+    Ok(())
 }

@@ -18,6 +18,17 @@ use sha2::Digest as _;
 use super::protocol::{self, Ack, Batch, Frame, Refused, Welcome};
 
 pub const DB_FILE: &str = "cloud.db";
+/// QUIC handshakes waiting to be accepted.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Connections that have not yet said who they are (handshake to hello): a stranger on the
+/// internet holds at most these, each for at most [`HELLO_WAIT`].
+pub const MAX_UNIDENTIFIED: usize = 64;
+/// Of those, from one address.
+pub const MAX_UNIDENTIFIED_PER_ADDRESS: usize = 8;
+/// How long a connection may take from its first packet to its hello.
+pub const HELLO_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Appliance links held at once.
+pub const MAX_LINKS: usize = 1024;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS appliances (
@@ -230,11 +241,58 @@ fn epoch(conn: &Connection) -> Result<String, rusqlite::Error> {
     conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
 }
 
-async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>) -> anyhow::Result<()> {
-    let connection = incoming.await.context("handshake")?;
-    let fingerprint = super::tls::peer_fingerprint(&connection).context("no client certificate")?;
-    let (mut send, mut recv) = connection.accept_bi().await.context("opening the stream")?;
-    let Frame::Hello(hello) = protocol::read_frame(&mut recv).await? else { anyhow::bail!("expected hello") };
+/// Connections not yet identified, per source address (see [`MAX_UNIDENTIFIED_PER_ADDRESS`]).
+#[derive(Debug, Default)]
+struct Strangers(Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One counted stranger; uncounted when dropped.
+struct Stranger {
+    strangers: Arc<Strangers>,
+    address: std::net::IpAddr,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Strangers {
+    fn admit(self: &Arc<Self>, address: std::net::IpAddr, slot: tokio::sync::OwnedSemaphorePermit) -> Option<Stranger> {
+        let mut counts = self.0.lock().ok()?;
+        let count = counts.entry(address).or_default();
+        if *count >= MAX_UNIDENTIFIED_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(Stranger { strangers: self.clone(), address, _slot: slot })
+    }
+}
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.strangers.0.lock()
+            && let Some(count) = counts.get_mut(&self.address)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>, unidentified: Stranger) -> anyhow::Result<()> {
+    // Handshake, stream and hello within one deadline, under the unidentified cap.
+    let identified = tokio::time::timeout(HELLO_WAIT, async {
+        let connection = incoming.await.context("handshake")?;
+        let fingerprint = super::tls::peer_fingerprint(&connection).context("no client certificate")?;
+        let (send, mut recv) = connection.accept_bi().await.context("opening the stream")?;
+        let Frame::Hello(hello) = protocol::read_frame(&mut recv).await? else { anyhow::bail!("expected hello") };
+        Ok::<_, anyhow::Error>((connection, fingerprint, send, recv, hello))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("no hello within {} s", HELLO_WAIT.as_secs()))?;
+    let (connection, fingerprint, mut send, mut recv, hello) = match identified {
+        Ok(identified) => identified,
+        Err(error) => return Err(error),
+    };
+    drop(unidentified);
     if hello.version != protocol::VERSION {
         let refusal = Frame::Refused(Refused {
             reason: format!("protocol version {} is not supported (this cloud speaks {})", hello.version, protocol::VERSION),
@@ -312,6 +370,9 @@ async fn run(config: CloudConfig) -> anyhow::Result<()> {
     let endpoint = quinn::Endpoint::server(server, config.listen).with_context(|| format!("binding UDP {}", config.listen))?;
     let quic_addr = endpoint.local_addr()?;
     let db = Arc::new(Mutex::new(conn));
+    let unidentified = Arc::new(tokio::sync::Semaphore::new(MAX_UNIDENTIFIED));
+    let strangers = Arc::new(Strangers::default());
+    let links = Arc::new(tokio::sync::Semaphore::new(MAX_LINKS));
 
     let http = crate::sync::read_api::router(db.clone());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -338,11 +399,20 @@ async fn run(config: CloudConfig) -> anyhow::Result<()> {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // Over either cap the connection is refused before any crypto work.
+                let address = incoming.remote_address().ip();
+                let stranger = unidentified.clone().try_acquire_owned().ok().and_then(|slot| strangers.admit(address, slot));
+                let (Some(stranger), Ok(link)) = (stranger, links.clone().try_acquire_owned()) else {
+                    tracing::warn!(remote = %incoming.remote_address(), "refused a sync connection: too many at once");
+                    incoming.refuse();
+                    continue;
+                };
                 let db = db.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = serve_connection(incoming, db).await {
+                    if let Err(error) = serve_connection(incoming, db, stranger).await {
                         tracing::warn!(error = %format!("{error:#}"), "sync connection ended");
                     }
+                    drop(link);
                 });
             }
             _ = terminate.recv() => break,

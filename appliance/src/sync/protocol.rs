@@ -27,6 +27,9 @@ pub const VERSION: u32 = 2;
 pub const ALPN: &[u8] = b"labrack-sync/1";
 /// The largest frame either side accepts (after decompression for batches).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// The largest frame other than a batch (hello, welcome, ack, refusal): checked from the
+/// length and type, before any of the body is read.
+pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,9 +192,20 @@ pub async fn read_frame(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Res
     if length == 0 || length > MAX_FRAME {
         return Err(FrameError::TooLarge(length));
     }
-    let mut bytes = vec![0u8; length];
-    stream.read_exact(&mut bytes).await?;
-    Frame::decode(bytes[0], &bytes[1..])
+    let mut kind = [0u8; 1];
+    stream.read_exact(&mut kind).await?;
+    let limit = if kind[0] == 3 { MAX_FRAME } else { MAX_CONTROL_FRAME };
+    if length > limit {
+        return Err(FrameError::TooLarge(length));
+    }
+    // Grown as bytes arrive, never from the length alone: a peer that claims 64 MiB and
+    // sends nothing costs nothing.
+    let mut body = Vec::with_capacity((length - 1).min(MAX_CONTROL_FRAME));
+    let read = stream.take(u64::try_from(length - 1).unwrap_or(u64::MAX)).read_to_end(&mut body).await?;
+    if read != length - 1 {
+        return Err(FrameError::Closed);
+    }
+    Frame::decode(kind[0], &body)
 }
 
 #[cfg(test)]
@@ -223,5 +237,10 @@ mod tests {
         assert!(matches!(Frame::decode(4, br#"{"acked":1,"extra":2}"#), Err(FrameError::Malformed(_))));
         let mut huge: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1];
         assert!(matches!(read_frame(&mut huge).await, Err(FrameError::TooLarge(_))));
+        // A hello may not be a megabyte, whatever follows; a batch may.
+        let mut big_hello: &[u8] = &[0x00, 0x10, 0x00, 0x00, 1];
+        assert!(matches!(read_frame(&mut big_hello).await, Err(FrameError::TooLarge(_))));
+        let mut cut_batch: &[u8] = &[0x00, 0x10, 0x00, 0x00, 3, 1, 2, 3];
+        assert!(matches!(read_frame(&mut cut_batch).await, Err(FrameError::Closed)), "a cut-off frame is the link closing");
     }
 }

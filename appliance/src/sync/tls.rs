@@ -57,9 +57,16 @@ pub fn server_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'st
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    // The server sends no keep-alives (the appliance does): a peer that goes quiet is
+    // dropped after the idle timeout instead of being kept alive by us.
+    transport.keep_alive_interval(None);
     transport.max_idle_timeout(Some(std::time::Duration::from_secs(20).try_into().context("idle timeout")?));
+    // One stream per link is all the protocol uses; none the other way.
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
     config.transport_config(Arc::new(transport));
+    // Handshakes waiting for the accept loop, at most.
+    config.max_incoming(crate::sync::cloud::MAX_PENDING_HANDSHAKES);
     Ok(config)
 }
 

@@ -95,7 +95,7 @@ async fn a_freeze_hides_changes_from_the_public_board_only() {
     let public_view = app.call("GET", &public, &As::Nobody, None).await;
     assert_eq!(public_view.body["board"]["rows"][0]["team_id"], s.team_b, "the public board is frozen: {}", public_view.body);
     assert_eq!(public_view.body["board"]["rows"][1]["total"], 0.0);
-    assert!(public_view.body["frozen_at"].is_string());
+    assert!(public_view.body["frozen_at"].is_string(), "{}", public_view.body);
 
     // Unfrozen, the public board catches up.
     app.call("POST", &format!("/api/v1/events/{}/transition", s.event_id), &organizer, Some(json!({"to": "live"}))).await;

@@ -155,3 +155,50 @@ async fn a_login_flood_runs_argon2_only_within_the_limits_and_the_admin_still_ge
     admin.login("admin", "a-strong-admin-password").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoreboard_crowd_is_capped_per_client_and_every_stream_gets_the_board() -> anyhow::Result<()> {
+    let data = DataDir::new("abuse-board");
+    let server = Server::start(&data.0, "127.0.0.1:0")?;
+    let otp = server.admin_password.clone().expect("otp");
+    let mut admin = Api { client: client_from(&data.0, "127.0.0.9")?, base: server.url.clone(), token: None };
+    admin.first_admin_login(&otp, "a-strong-admin-password").await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Crowd", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let event_id = event["id"].as_i64().expect("id");
+    let (status, _) = admin.post(&format!("/api/v1/events/{event_id}/transition"), json!({"to": "live"})).await?;
+    assert_eq!(status, 200);
+    let url = format!("{}/api/v1/events/{event_id}/scoreboard/stream", server.url);
+    // One phone-wielding stranger opens streams until refused.
+    let crowd = client_from(&data.0, "127.0.4.1")?;
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        let mut reply = crowd.get(&url).send().await?;
+        assert_eq!(reply.status().as_u16(), 200);
+        let first = tokio::time::timeout(Duration::from_secs(10), reply.chunk()).await??.unwrap_or_default();
+        assert!(String::from_utf8_lossy(&first).contains("event: board"), "every stream starts with the board");
+        open.push(reply);
+    }
+    let refused = crowd.get(&url).send().await?;
+    assert_eq!(refused.status().as_u16(), 429, "the 17th stream from one client is refused");
+    assert!(refused.headers().get("retry-after").is_some());
+    assert_eq!(refused.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("application/problem+json"));
+    // Another client still gets its board, and so does the projector's plain GET.
+    let other = client_from(&data.0, "127.0.4.2")?;
+    assert_eq!(other.get(&url).send().await?.status().as_u16(), 200);
+    let board = other.get(format!("{}/api/v1/events/{event_id}/scoreboard", server.url)).send().await?;
+    assert_eq!(board.status().as_u16(), 200);
+    let body: serde_json::Value = board.json().await?;
+    assert_eq!(body["event"], "Crowd");
+    // A closed stream gives its place back.
+    drop(open.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = crowd.get(&url).send().await?;
+        if again.status().as_u16() == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the closed stream's place never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -438,6 +438,25 @@ async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_w
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The event ends: Red's open terminal (signed in again) closes, and no new one opens.
+    let (_, issued) = fx.admin.post(&format!("/api/v1/participants/{red_id}/join-code"), json!({})).await?;
+    let (_, event) = fx.admin.get(&format!("/api/v1/events/{}", fx.event_id)).await?;
+    let mut teammate = Api { client: fx.admin.client.clone(), base: fx.url.clone(), token: None };
+    let (status, joined) = teammate.post("/api/v1/join", json!({"event_code": event["code"], "join_code": issued["join_code"], "bearer": true})).await?;
+    assert_eq!(status, 200, "{joined}");
+    teammate.token = joined["token"].as_str().map(str::to_owned);
+    let (_, ticket) = teammate.post(&ticket_path, json!({})).await?;
+    let (mut ws, first) = hello(&fx, teammate.token.as_deref().context("token")?, ticket["ticket"].as_str().context("ticket")?).await?;
+    assert_eq!(first, r#"{"type":"ready"}"#);
+    for to in ["live", "ended"] {
+        let (status, moved) = fx.admin.post(&format!("/api/v1/events/{}/transition", fx.event_id), json!({"to": to})).await?;
+        assert_eq!(status, 200, "{moved}");
+    }
+    let said = read_until(&mut ws, "view-only").await?;
+    assert!(said.contains("ended"), "{said}");
+    let (status, refused) = teammate.post(&ticket_path, json!({})).await?;
+    assert_eq!(status, 409, "{refused}");
+
     drop(host);
     Ok(())
 }

@@ -243,7 +243,7 @@ pub async fn update(
             to_outbox(conn, event_id)
         })
         .await?;
-    state.access_changed();
+    state.boards.forget(event_id);
     Ok(Json(event))
 }
 
@@ -298,6 +298,10 @@ pub async fn transition(
             to_outbox(conn, event_id)
         })
         .await?;
+    // Open terminals and desktops look again (the end makes labs view-only); the public
+    // board shows the new state (a freeze) at once.
+    state.access_changed();
+    state.boards.forget(event_id);
     Ok(Json(event))
 }
 

@@ -20,6 +20,7 @@ pub mod labs;
 pub mod ops;
 pub mod people;
 pub mod scores;
+pub mod boards;
 pub mod session;
 pub mod staff;
 pub mod terminal;
@@ -80,6 +81,8 @@ pub struct AppState {
     pub desktops: Arc<desktop::DesktopRegistry>,
     /// where each desktop viewer's WebRTC UDP socket binds (`0.0.0.0:0`: every LAN interface)
     pub webrtc_bind: String,
+    /// the public scoreboard, computed once a second per event and shared; stream caps
+    pub boards: Arc<boards::Boards>,
     /// bumped when jobs are queued: wakes idle workers
     pub jobs_wake: Arc<tokio::sync::watch::Sender<u64>>,
     /// bumped when sessions end or an event changes state: open terminals and desktops look
@@ -116,6 +119,7 @@ impl AppState {
             webrtc_bind: "0.0.0.0:0".into(),
             jobs_wake: Arc::new(tokio::sync::watch::Sender::new(0)),
             access: Arc::new(tokio::sync::watch::Sender::new(0)),
+            boards: Arc::default(),
             check_reported: Arc::new(tokio::sync::watch::Sender::new(0)),
             queue: Arc::new(crate::checks::QueueSettings::default()),
             llm: Arc::new(crate::llm::Gateway::new(crate::llm::LlmSettings::default())),

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -263,55 +264,63 @@ fn public_board(conn: &Connection, event_id: i64, bracket: Option<&str>) -> Resu
     Ok(PublicBoard { event: name, state, frozen_at: as_of.map(time_of), board })
 }
 
+/// The public board for (event, bracket), computed at most once a second for everyone.
+async fn shared_board(state: &AppState, event_id: i64, bracket: Option<String>) -> Result<Arc<super::boards::Computed>, ApiError> {
+    let wanted = bracket.clone();
+    let db = state.db.clone();
+    state.boards.get(event_id, bracket, move || async move { db.read(move |conn| public_board(conn, event_id, wanted.as_deref())).await }).await
+}
+
 /// The public scoreboard for the venue's projector: no login; during a freeze it shows
-/// the board as it was when the freeze began.
+/// the board as it was when the freeze began. Computed at most once a second.
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/scoreboard", tag = "scores", params(("event_id" = i64, Path), BoardQuery),
     responses((status = 200, body = PublicBoard), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn scoreboard(
     State(state): State<AppState>,
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<BoardQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<PublicBoard>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
     let Query(query) = query?;
-    Ok(Json(state.db.read(move |conn| public_board(conn, event_id, query.bracket.as_deref())).await?))
+    let computed = shared_board(&state, event_id, query.bracket).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], computed.json.to_string()).into_response())
 }
 
 /// The public scoreboard as server-sent events: `board` with the whole board at once and
-/// whenever it changes.
+/// whenever it changes. Each stream looks once a second at the shared board; at most
+/// 3,000 streams in all and 16 per client (429 / 503 with `Retry-After` beyond).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/scoreboard/stream", tag = "scores", params(("event_id" = i64, Path), BoardQuery),
-    responses((status = 200, description = "text/event-stream of `board` events"), (status = 404, body = Problem)))]
+    responses((status = 200, description = "text/event-stream of `board` events"), (status = 404, body = Problem), (status = 429, body = Problem), (status = 503, body = Problem)))]
 pub async fn scoreboard_stream(
     State(state): State<AppState>,
+    meta: super::extract::RequestMeta,
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<BoardQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let Query(query) = query?;
     let bracket = query.bracket;
     // Refuse a draft, unknown event or bracket up front with a problem document.
-    let first = {
-        let bracket = bracket.clone();
-        state.db.read(move |conn| public_board(conn, event_id, bracket.as_deref())).await?
-    };
-    let stream = futures_util::stream::unfold((state, Some(first), None::<PublicBoard>, bracket), move |(state, mut next, last, bracket)| async move {
+    let first = shared_board(&state, event_id, bracket.clone()).await?;
+    let slot = state.boards.open_stream(&meta.client_key())?;
+    let stream = futures_util::stream::unfold((state, Some(first), 0_u64, bracket, slot), move |(state, mut next, last, bracket, slot)| async move {
         loop {
-            let board = match next.take() {
-                Some(board) => board,
+            let computed = match next.take() {
+                Some(computed) => computed,
                 None => {
                     let mut shutdown = state.shutdown.subscribe();
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         _ = shutdown.wait_for(|stop| *stop) => return None,
                     }
-                    let wanted = bracket.clone();
-                    match state.db.read(move |conn| public_board(conn, event_id, wanted.as_deref())).await {
-                        Ok(board) => board,
+                    match shared_board(&state, event_id, bracket.clone()).await {
+                        Ok(computed) => computed,
                         Err(_) => return None,
                     }
                 }
             };
-            if last.as_ref() != Some(&board) {
-                let event = SseEvent::default().event("board").json_data(&board).unwrap_or_default();
-                return Some((Ok(event), (state, None, Some(board), bracket)));
+            if computed.version != last {
+                let event = SseEvent::default().event("board").data(&*computed.json);
+                return Some((Ok(event), (state, None, computed.version, bracket, slot)));
             }
         }
     });

@@ -79,15 +79,55 @@ pub struct StreamStats {
     pub connected: AtomicBool,
     /// the stream ended (idle, or every handle dropped); it sends nothing more
     pub stopped: AtomicBool,
+    /// input messages dropped because the stream's queue was full (a flood)
+    pub inputs_dropped: AtomicU64,
+    /// resize requests replaced by a later one before they were applied
+    pub resizes_coalesced: AtomicU64,
 }
+
+/// Input messages waiting for the stream thread, at most; more are dropped (a flood from
+/// one viewer cannot grow the appliance's memory, and a real hand never gets near it).
+pub const INPUT_QUEUE: usize = 256;
+/// The desktop changes size at most this often (each change costs a keyframe).
+pub const RESIZE_EVERY: Duration = Duration::from_secs(1);
 
 enum Control {
     Input(Vec<FastPathInputEvent>),
-    Keyframe,
-    Clipboard(String),
-    Resize(u32, u32),
+}
+
+/// What viewers ask of the stream besides input, latest wins: nothing here queues.
+#[derive(Debug, Default)]
+struct Requests {
+    keyframe: AtomicBool,
     /// end the stream now (the desktop's credentials changed)
-    Stop,
+    stop: AtomicBool,
+    clipboard: Mutex<Option<String>>,
+    resize: Mutex<ResizePacer>,
+}
+
+/// Resizes, latest wins, at most one per [`RESIZE_EVERY`]: a viewer alternating window
+/// sizes gets one keyframe a second, not one per message.
+#[derive(Debug, Default)]
+pub struct ResizePacer {
+    wanted: Option<(u32, u32)>,
+    last: Option<Instant>,
+}
+
+impl ResizePacer {
+    /// A new wish replaces one not yet applied; says whether it replaced one.
+    pub fn want(&mut self, width: u32, height: u32) -> bool {
+        self.wanted.replace((width, height)).is_some()
+    }
+
+    /// The size to apply now, if one is wanted and the last change is old enough.
+    pub fn due(&mut self, now: Instant) -> Option<(u32, u32)> {
+        if self.last.is_some_and(|last| now.duration_since(last) < RESIZE_EVERY) {
+            return None;
+        }
+        let wanted = self.wanted.take()?;
+        self.last = Some(now);
+        Some(wanted)
+    }
 }
 
 /// Where each codec's frames go. A codec is encoded only while it has receivers, so a
@@ -121,7 +161,8 @@ const CODECS: [Codec; 2] = [Codec::H264, Codec::Vp8];
 #[derive(Debug, Clone)]
 pub struct DesktopStream {
     frames: Outputs,
-    control: mpsc::Sender<Control>,
+    control: mpsc::SyncSender<Control>,
+    requests: Arc<Requests>,
     clipboard: tokio::sync::watch::Receiver<Option<Arc<str>>>,
     /// each viewer's bitrate target (from its receiver feedback), by viewer id
     viewer_bitrates: Arc<Mutex<HashMap<u64, u32>>>,
@@ -139,7 +180,8 @@ impl DesktopStream {
     pub fn start(target: DesktopTarget, settings: StreamSettings) -> Result<Self, DesktopError> {
         let session = DesktopSession::connect(&target, Duration::from_millis(5))?;
         let frames = Outputs::new();
-        let (control, commands) = mpsc::channel();
+        let (control, commands) = mpsc::sync_channel(INPUT_QUEUE);
+        let requests = Arc::new(Requests::default());
         let stats = Arc::new(StreamStats::default());
         stats.connected.store(true, Ordering::Relaxed);
         let (ended_tx, ended) = tokio::sync::watch::channel(false);
@@ -153,6 +195,7 @@ impl DesktopStream {
             settings,
             frames: frames.clone(),
             commands,
+            requests: requests.clone(),
             stats: stats.clone(),
             ended: ended_tx,
             clipboard: clipboard_tx,
@@ -165,12 +208,12 @@ impl DesktopStream {
             .name("desktop-stream".into())
             .spawn(move || worker.run(session))
             .map_err(|e| DesktopError::Rdp(format!("starting the stream thread: {e}")))?;
-        Ok(Self { frames, control, clipboard, viewer_bitrates: Arc::default(), wanted_bitrate, ended, thumbnails, thumbnails_wanted_until, stats })
+        Ok(Self { frames, control, requests, clipboard, viewer_bitrates: Arc::default(), wanted_bitrate, ended, thumbnails, thumbnails_wanted_until, stats })
     }
 
     /// Ends the stream (its viewers should reconnect to a new one).
     pub fn stop(&self) {
-        let _ = self.control.send(Control::Stop);
+        self.requests.stop.store(true, Ordering::Relaxed);
     }
 
     /// Resolves once the stream has ended.
@@ -187,19 +230,21 @@ impl DesktopStream {
     }
 
     pub fn request_keyframe(&self) {
-        let _ = self.control.send(Control::Keyframe);
+        self.requests.keyframe.store(true, Ordering::Relaxed);
     }
 
     /// Keyboard and mouse input for the desktop (the caller decides who may send it).
     pub fn input(&self, events: Vec<FastPathInputEvent>) {
-        if !events.is_empty() {
-            let _ = self.control.send(Control::Input(events));
+        if !events.is_empty() && self.control.try_send(Control::Input(events)).is_err() {
+            self.stats.inputs_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Puts text on the remote desktop's clipboard (the caller decides who may).
     pub fn set_clipboard(&self, text: String) {
-        let _ = self.control.send(Control::Clipboard(text));
+        if let Ok(mut clipboard) = self.requests.clipboard.lock() {
+            *clipboard = Some(text);
+        }
     }
 
     /// The text last copied on the remote desktop; changes as it is copied again.
@@ -210,7 +255,11 @@ impl DesktopStream {
     /// Asks for the remote desktop to be `width × height` (an interactive viewer's window).
     /// The server may refuse (no display control): the picture keeps its size and is scaled.
     pub fn resize(&self, width: u32, height: u32) {
-        let _ = self.control.send(Control::Resize(width, height));
+        if let Ok(mut pacer) = self.requests.resize.lock()
+            && pacer.want(width, height)
+        {
+            self.stats.resizes_coalesced.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A viewer's bitrate target from its receiver feedback; the encoder follows the lowest.
@@ -259,6 +308,7 @@ struct Worker {
     settings: StreamSettings,
     frames: Outputs,
     commands: mpsc::Receiver<Control>,
+    requests: Arc<Requests>,
     stats: Arc<StreamStats>,
     ended: tokio::sync::watch::Sender<bool>,
     clipboard: tokio::sync::watch::Sender<Option<Arc<str>>>,
@@ -298,7 +348,8 @@ impl Worker {
             }
             loop {
                 std::thread::sleep(backoff);
-                if matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected) | Ok(Control::Stop)) || !self.watched() {
+                let stopped = self.requests.stop.load(Ordering::Relaxed);
+                if stopped || matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected)) || !self.watched() {
                     return;
                 }
                 match DesktopSession::connect(&self.target, Duration::from_millis(5)) {
@@ -367,12 +418,23 @@ impl Worker {
                             thumbnail_stale = true;
                         }
                     }
-                    Ok(Control::Keyframe) => keyframe = true,
-                    Ok(Control::Clipboard(text)) => session.set_clipboard(text)?,
-                    Ok(Control::Resize(w, h)) => self.wanted_size = Some((w, h)),
-                    Ok(Control::Stop) | Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+                    Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
                     Err(mpsc::TryRecvError::Empty) => break,
                 }
+            }
+            if self.requests.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if self.requests.keyframe.swap(false, Ordering::Relaxed) {
+                keyframe = true;
+            }
+            let text = self.requests.clipboard.lock().ok().and_then(|mut c| c.take());
+            if let Some(text) = text {
+                session.set_clipboard(text)?;
+            }
+            let due = self.requests.resize.lock().ok().and_then(|mut pacer| pacer.due(Instant::now()));
+            if let Some(size) = due {
+                self.wanted_size = Some(size);
             }
             // Display control opens shortly after login; the request waits for it.
             if let Some((w, h)) = self.wanted_size
@@ -492,5 +554,29 @@ impl Worker {
                 keyframe = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pacing_tests {
+    use super::*;
+
+    #[test]
+    fn resizes_are_latest_wins_and_at_most_one_a_second() {
+        let mut pacer = ResizePacer::default();
+        let start = Instant::now();
+        assert!(pacer.due(start).is_none(), "nothing wanted");
+        assert!(!pacer.want(1280, 720));
+        assert_eq!(pacer.due(start), Some((1280, 720)));
+        // A viewer alternates sizes as fast as it can: within the second nothing applies,
+        // then only the last one does.
+        let mut replaced = 0;
+        for n in 0..1000 {
+            replaced += usize::from(pacer.want(if n % 2 == 0 { 3840 } else { 800 }, if n % 2 == 0 { 2160 } else { 600 }));
+            assert!(pacer.due(start + Duration::from_millis(n / 2)).is_none());
+        }
+        assert_eq!(replaced, 999);
+        assert_eq!(pacer.due(start + RESIZE_EVERY), Some((800, 600)));
+        assert!(pacer.due(start + RESIZE_EVERY * 3).is_none(), "applied once");
     }
 }

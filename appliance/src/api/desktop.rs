@@ -150,7 +150,7 @@ pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): 
     if !view.desktop_ready || view.busy {
         return Err(ApiError::conflict(None, format!("the lab is {}{}; its desktop opens once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
     }
-    let raw = state.terminal_tickets.issue(id, Purpose::Desktop { interactive }, &caller);
+    let raw = state.terminal_tickets.issue(id, Purpose::Desktop { interactive }, &caller)?;
     let mode = if interactive { "interactive" } else { "view" };
     Ok((StatusCode::CREATED, Json(DesktopTicket { ticket: raw, mode: mode.into(), expires_in_secs: 30, path: "/api/v1/desktop".into() })))
 }
@@ -304,6 +304,11 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         }
     };
     let Purpose::Desktop { interactive } = ticket.purpose else { return refuse(ws, "this ticket does not open a desktop").await };
+    // Each viewer is a WebRTC peer with a UDP socket of its own: capped per session and lab.
+    let _opened = match state.terminal_tickets.open(false, &caller.token_hash, ticket.allocation_id) {
+        Ok(opened) => opened,
+        Err(error) => return refuse(ws, &error.to_string()).await,
+    };
     let stream = match stream_for(&state, ticket.allocation_id, start_size(&hello, interactive)).await {
         Ok(stream) => stream,
         Err(detail) => return refuse(ws, &detail).await,
@@ -367,6 +372,9 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                     "keyframe_requests": s.keyframe_requests.load(Ordering::Relaxed),
                     "inputs_applied": s.inputs_applied.load(Ordering::Relaxed),
                     "inputs_dropped": s.inputs_dropped.load(Ordering::Relaxed) + dropped_messages,
+                    // the whole stream's: input past its queue (a flood), resizes a later one replaced
+                    "stream_inputs_dropped": stream.stats.inputs_dropped.load(Ordering::Relaxed),
+                    "resizes_coalesced": stream.stats.resizes_coalesced.load(Ordering::Relaxed),
                     "resizes": stream.stats.resizes.load(Ordering::Relaxed),
                     // what this viewer's receiver reports ask for, and what the shared encoder
                     // runs at (the lowest ask of all viewers)

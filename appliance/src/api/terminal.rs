@@ -51,25 +51,99 @@ pub struct Ticket {
     expires: Instant,
 }
 
-/// Outstanding terminal tickets, by hash; each is taken out on first use.
+/// Unused tickets one session may hold at once (they live 30 s).
+pub const MAX_TICKETS_PER_SESSION: usize = 8;
+/// Unused tickets held at once, in all.
+pub const MAX_TICKETS: usize = 20_000;
+/// Terminals one session has open at once, and one lab.
+pub const MAX_TERMINALS_PER_SESSION: usize = 4;
+pub const MAX_TERMINALS_PER_LAB: usize = 8;
+/// Desktop viewers (each a WebRTC peer with its own UDP socket) one session has open at
+/// once, and one lab.
+pub const MAX_VIEWERS_PER_SESSION: usize = 4;
+pub const MAX_VIEWERS_PER_LAB: usize = 16;
+
+/// Outstanding terminal tickets, by hash; each is taken out on first use. Also counts what
+/// is open (terminals, desktop viewers) per session and per lab, within the caps above.
 #[derive(Debug, Default)]
 pub struct TicketStore {
     tickets: Mutex<HashMap<String, Ticket>>,
+    open: Mutex<OpenCounts>,
+}
+
+#[derive(Debug, Default)]
+struct OpenCounts {
+    by_session: HashMap<(bool, String), usize>,
+    by_lab: HashMap<(bool, i64), usize>,
+}
+
+/// One open terminal or viewer, counted until dropped.
+#[derive(Debug)]
+pub struct Opened {
+    store: std::sync::Arc<TicketStore>,
+    terminal: bool,
+    session_hash: String,
+    allocation_id: i64,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.store.open.lock() {
+            let session = (self.terminal, self.session_hash.clone());
+            if let Some(n) = open.by_session.get_mut(&session) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.by_session.remove(&session);
+                }
+            }
+            if let Some(n) = open.by_lab.get_mut(&(self.terminal, self.allocation_id)) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.by_lab.remove(&(self.terminal, self.allocation_id));
+                }
+            }
+        }
+    }
 }
 
 impl TicketStore {
-    pub fn issue(&self, allocation_id: i64, purpose: Purpose, caller: &Caller) -> String {
+    /// A single-use ticket, unless the session already holds its share of unused ones.
+    pub fn issue(&self, allocation_id: i64, purpose: Purpose, caller: &Caller) -> Result<String, ApiError> {
         self.insert(Ticket { allocation_id, purpose, session_hash: caller.token_hash.clone(), actor: caller.actor(), expires: Instant::now() + TICKET_TTL })
     }
 
-    fn insert(&self, ticket: Ticket) -> String {
+    fn insert(&self, ticket: Ticket) -> Result<String, ApiError> {
         let raw = random_token();
-        if let Ok(mut tickets) = self.tickets.lock() {
-            let now = Instant::now();
-            tickets.retain(|_, t| t.expires > now);
-            tickets.insert(hash_secret(&raw), ticket);
+        let mut tickets = self.tickets.lock().map_err(|_| ApiError::Internal("ticket store poisoned".into()))?;
+        let now = Instant::now();
+        tickets.retain(|_, t| t.expires > now);
+        let held = tickets.values().filter(|t| t.session_hash == ticket.session_hash).count();
+        if held >= MAX_TICKETS_PER_SESSION {
+            return Err(ApiError::RateLimited { retry_after_secs: TICKET_TTL.as_secs() });
         }
-        raw
+        if tickets.len() >= MAX_TICKETS {
+            return Err(ApiError::Busy { detail: "too many tickets are outstanding; try again shortly".into(), retry_after_secs: 5 });
+        }
+        tickets.insert(hash_secret(&raw), ticket);
+        Ok(raw)
+    }
+
+    /// Counts an open terminal (or desktop viewer) of this session on this lab, or refuses
+    /// it when either is at its cap.
+    pub fn open(self: &std::sync::Arc<Self>, terminal: bool, session_hash: &str, allocation_id: i64) -> Result<Opened, ApiError> {
+        let (per_session, per_lab, what) =
+            if terminal { (MAX_TERMINALS_PER_SESSION, MAX_TERMINALS_PER_LAB, "terminals") } else { (MAX_VIEWERS_PER_SESSION, MAX_VIEWERS_PER_LAB, "desktop viewers") };
+        let mut open = self.open.lock().map_err(|_| ApiError::Internal("open counts poisoned".into()))?;
+        let session = (terminal, session_hash.to_owned());
+        if open.by_session.get(&session).copied().unwrap_or(0) >= per_session {
+            return Err(ApiError::conflict(None, format!("this session already has {per_session} {what} open; close one first")));
+        }
+        if open.by_lab.get(&(terminal, allocation_id)).copied().unwrap_or(0) >= per_lab {
+            return Err(ApiError::conflict(None, format!("this lab already has {per_lab} {what} open")));
+        }
+        *open.by_session.entry(session).or_default() += 1;
+        *open.by_lab.entry((terminal, allocation_id)).or_default() += 1;
+        Ok(Opened { store: self.clone(), terminal, session_hash: session_hash.to_owned(), allocation_id })
     }
 
     /// Takes the ticket out (single use) if it exists, is fresh and belongs to `session_hash`.
@@ -116,7 +190,7 @@ pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): 
     if !view.desktop_ready || view.busy {
         return Err(ApiError::conflict(None, format!("the lab is {}{}; its terminal opens once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
     }
-    let raw = state.terminal_tickets.issue(id, Purpose::Terminal, &caller);
+    let raw = state.terminal_tickets.issue(id, Purpose::Terminal, &caller)?;
     Ok((StatusCode::CREATED, Json(TerminalTicket { ticket: raw, expires_in_secs: TICKET_TTL.as_secs(), path: "/api/v1/terminal".into() })))
 }
 
@@ -201,6 +275,10 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
             audit_ticket_refused(&state, &caller, "terminal.ticket_refused", &error).await;
             return refuse(ws, &error.to_string()).await;
         }
+    };
+    let _opened = match state.terminal_tickets.open(true, &caller.token_hash, ticket.allocation_id) {
+        Ok(opened) => opened,
+        Err(error) => return refuse(ws, &error.to_string()).await,
     };
     let secrets = state.secrets.clone();
     let allocation_id = ticket.allocation_id;
@@ -302,15 +380,34 @@ mod tests {
     #[test]
     fn tickets_are_single_use_session_bound_and_expire() {
         let store = TicketStore::default();
-        let raw = store.insert(ticket("s1", TICKET_TTL));
+        let raw = store.insert(ticket("s1", TICKET_TTL)).expect("issued");
         assert!(matches!(store.redeem(&raw, "s2", true), Err(ApiError::Forbidden(_))), "another session");
         assert!(matches!(store.redeem(&raw, "s1", true), Err(ApiError::Unauthenticated(_))), "a refused try still uses it up");
-        let raw = store.insert(ticket("s1", TICKET_TTL));
+        let raw = store.insert(ticket("s1", TICKET_TTL)).expect("issued");
         assert_eq!(store.redeem(&raw, "s1", true).expect("valid").allocation_id, 1);
         assert!(matches!(store.redeem(&raw, "s1", true), Err(ApiError::Unauthenticated(_))), "single use");
-        let stale = store.insert(ticket("s1", Duration::ZERO));
+        let stale = store.insert(ticket("s1", Duration::ZERO)).expect("issued");
         assert!(matches!(store.redeem(&stale, "s1", true), Err(ApiError::Unauthenticated(detail)) if detail.contains("expired")));
-        let desktop = store.insert(Ticket { purpose: Purpose::Desktop { interactive: true }, ..ticket("s1", TICKET_TTL) });
+        let desktop = store.insert(Ticket { purpose: Purpose::Desktop { interactive: true }, ..ticket("s1", TICKET_TTL) }).expect("issued");
         assert!(matches!(store.redeem(&desktop, "s1", true), Err(ApiError::Forbidden(_))), "a desktop ticket opens no terminal");
+    }
+
+    #[test]
+    fn a_session_holds_a_bounded_number_of_tickets_terminals_and_viewers() {
+        let store = std::sync::Arc::new(TicketStore::default());
+        let held: Vec<String> = (0..MAX_TICKETS_PER_SESSION).map(|_| store.insert(ticket("s1", TICKET_TTL)).expect("issued")).collect();
+        assert!(matches!(store.insert(ticket("s1", TICKET_TTL)), Err(ApiError::RateLimited { .. })), "a ninth unused ticket");
+        assert!(store.insert(ticket("s2", TICKET_TTL)).is_ok(), "another session is not held back");
+        store.redeem(&held[0], "s1", true).expect("valid");
+        assert!(store.insert(ticket("s1", TICKET_TTL)).is_ok(), "a used ticket frees its place");
+        let terminals: Vec<Opened> = (0..MAX_TERMINALS_PER_SESSION).map(|_| store.open(true, "s1", 1).expect("open")).collect();
+        assert!(store.open(true, "s1", 1).is_err(), "a fifth terminal of one session");
+        assert!(store.open(false, "s1", 1).is_ok(), "viewers are counted apart");
+        let others: Vec<Opened> = (0..MAX_TERMINALS_PER_LAB - MAX_TERMINALS_PER_SESSION).map(|n| store.open(true, &format!("o{n}"), 1).expect("open")).collect();
+        assert!(store.open(true, "late", 1).is_err(), "the lab's terminals are capped");
+        assert!(store.open(true, "late", 2).is_ok(), "another lab is not");
+        drop(terminals);
+        assert!(store.open(true, "s1", 1).is_ok(), "closed terminals give their places back");
+        drop(others);
     }
 }

@@ -41,8 +41,7 @@ const RENEW_EVERY: Duration = Duration::from_secs(5);
 const SUBMISSION_WAIT_MS: i64 = 5_000;
 /// How long past a check's own time-out the host gets to report it.
 const REPORT_GRACE_MS: i64 = 60_000;
-/// Dimensions every rubric starts with.
-pub const DEFAULT_DIMENSIONS: [&str; 5] = ["functionality", "quality", "performance", "security", "presentation"];
+pub use labrack_wire::rubric::DEFAULT_DIMENSIONS;
 
 /// Queue settings: attempts per job kind and how many check workers run.
 #[derive(Debug, Clone)]

@@ -87,7 +87,7 @@ pub struct StreamStats {
 
 /// Input messages waiting for the stream thread, at most; more are dropped (a flood from
 /// one viewer cannot grow the appliance's memory, and a real hand never gets near it).
-pub const INPUT_QUEUE: usize = 256;
+pub const INPUT_QUEUE: usize = 4096;
 /// The desktop changes size at most this often (each change costs a keyframe).
 pub const RESIZE_EVERY: Duration = Duration::from_secs(1);
 

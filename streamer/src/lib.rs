@@ -12,7 +12,8 @@ pub mod clipboard;
 pub mod convert;
 pub mod desktop;
 pub mod encode;
-pub mod input;
+/// The viewer's input messages, in `labrack-wire` (parsed with no I/O there, and fuzzed).
+pub use labrack_wire::input;
 pub mod rate;
 pub mod rdp;
 pub mod terminal;

@@ -6,6 +6,7 @@ mod bench_reset;
 mod bench_scoring;
 mod bench_sync;
 mod bench_stream;
+mod fuzz;
 mod util;
 
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ commands:
                     [--lab-teams N] [--checks N] [--workers 1,2,4,8]
   bench sync        outbox rows over QUIC to labrack cloud: rows/s, lag, partition catch-up
                     [--rows N] [--runs N] [--partition-secs N] [--write-secs N]
+  fuzz [--seconds N] [TARGET…]
+                    coverage-guided fuzzing (cargo fuzz, nightly) of every parser strangers
+                    and teams can feed, N s per target (300); new finds go to fuzz/corpus/
   web               build the web UI only
 ";
 
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Some("run") => cmd_run(&args[1..]),
         Some("test") => cmd_test(&args[1..]),
         Some("bench") => bench::cmd_bench(&args[1..]),
+        Some("fuzz") => fuzz::cmd_fuzz(&args[1..]),
         Some("web") => build_web(),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
@@ -126,6 +131,7 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
         util::ensure_node()?;
         util::ensure_nextest()?;
         util::ensure_tauri_driver()?;
+        fuzz::ensure_tools()?;
     }
     build_web()?;
     util::step("building labrack and the test binaries");
@@ -140,6 +146,8 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
         .env("LABRACK_SCREENSHOT_DIR", util::target_dir().join("screenshots")))?;
     util::step("browser tests (Debian Chromium, headless)");
     browser_tests()?;
+    util::step(&format!("fuzzing: each parser for {} s (cargo fuzz)", fuzz::TEST_SECONDS));
+    fuzz::test_run()?;
     util::step(&format!("all tests passed in {:.0} s", started.elapsed().as_secs_f64()));
     Ok(())
 }

@@ -10,14 +10,7 @@ use utoipa::ToSchema;
 
 use crate::db::{StoreError, WriteError};
 
-/// One bad line of an uploaded file.
-#[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
-pub struct RowError {
-    /// 1-based line number in the uploaded file
-    pub line: u64,
-    /// what is wrong with it
-    pub reason: String,
-}
+pub use labrack_wire::RowError;
 
 /// The problem document.
 #[derive(Debug, Serialize, ToSchema)]

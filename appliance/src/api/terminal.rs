@@ -20,7 +20,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use labrack_streamer::terminal::{self, TerminalInput, TerminalOutput, TerminalTarget};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::auth::{Caller, Principal, Role, hash_secret, random_token};
@@ -194,29 +194,7 @@ pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): 
     Ok((StatusCode::CREATED, Json(TerminalTicket { ticket: raw, expires_in_secs: TICKET_TTL.as_secs(), path: "/api/v1/terminal".into() })))
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Hello {
-    ticket: String,
-    #[serde(default = "default_cols")]
-    cols: u16,
-    #[serde(default = "default_rows")]
-    rows: u16,
-}
-
-fn default_cols() -> u16 {
-    80
-}
-
-fn default_rows() -> u16 {
-    24
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum Control {
-    Resize { cols: u16, rows: u16 },
-}
+use labrack_wire::terminal::{Control, Hello};
 
 /// Cross-site WebSocket hijacking: a browser always sends Origin; it must be us.
 pub fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {

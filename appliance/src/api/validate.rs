@@ -4,26 +4,12 @@ use super::error::ApiError;
 
 /// A trimmed, non-empty, printable name of at most `max` characters.
 pub fn name(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
-    let trimmed = value.trim();
-    if trimmed.is_empty() {
-        return Err(ApiError::invalid(field, format!("{field} must not be empty")));
-    }
-    if trimmed.chars().count() > max {
-        return Err(ApiError::invalid(field, format!("{field} must be at most {max} characters")));
-    }
-    if trimmed.chars().any(char::is_control) {
-        return Err(ApiError::invalid(field, format!("{field} must not contain control characters")));
-    }
-    Ok(trimmed.to_owned())
+    labrack_wire::fields::name(field, value, max).map_err(|e| ApiError::invalid(&e.field, e.message))
 }
 
 /// An optional e-mail address: empty means none.
 pub fn email(field: &str, value: Option<&str>) -> Result<Option<String>, ApiError> {
-    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else { return Ok(None) };
-    let valid = value.len() <= 254
-        && !value.chars().any(|c| c.is_whitespace() || c.is_control())
-        && value.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.contains('@'));
-    if valid { Ok(Some(value.to_owned())) } else { Err(ApiError::invalid(field, format!("{field} is not an e-mail address"))) }
+    labrack_wire::fields::email(field, value).map_err(|e| ApiError::invalid(&e.field, e.message))
 }
 
 /// An RFC 3339 timestamp, returned normalised to UTC.

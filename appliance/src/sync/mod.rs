@@ -2,7 +2,8 @@
 //! cloud's receiver (`labrack cloud`) with its read API.
 
 pub mod cloud;
-pub mod protocol;
+/// The frames, in `labrack-wire` (parsed with no I/O there, and fuzzed).
+pub use labrack_wire::sync as protocol;
 pub mod read_api;
 pub mod relay;
 pub mod tls;

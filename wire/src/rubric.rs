@@ -18,7 +18,8 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::checks::DEFAULT_DIMENSIONS;
+/// Dimensions every rubric starts with.
+pub const DEFAULT_DIMENSIONS: [&str; 5] = ["functionality", "quality", "performance", "security", "presentation"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Dimension {

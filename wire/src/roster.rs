@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 
-use crate::api::error::RowError;
+use crate::RowError;
+use crate::fields;
 
 /// Most rows one import accepts.
 pub const MAX_ROWS: usize = 5_000;
@@ -78,9 +79,9 @@ pub fn parse(text: &str) -> Result<Vec<RosterRow>, Vec<RowError>> {
         let name = record.get(1).unwrap_or_default();
         let email = record.get(2).filter(|e| !e.is_empty());
         let mut reasons = Vec::new();
-        let team = crate::api::validate_name("team", team, 100).map_err(|e| reasons.push(e.to_string())).ok();
-        let name = crate::api::validate_name("name", name, 200).map_err(|e| reasons.push(e.to_string())).ok();
-        let email = crate::api::validate_email("email", email).map_err(|e| reasons.push(e.to_string())).ok().flatten();
+        let team = fields::name("team", team, 100).map_err(|e| reasons.push(e.to_string())).ok();
+        let name = fields::name("name", name, 200).map_err(|e| reasons.push(e.to_string())).ok();
+        let email = fields::email("email", email).map_err(|e| reasons.push(e.to_string())).ok().flatten();
         if let (Some(team), Some(name)) = (&team, &name) {
             let key = (team.to_lowercase(), name.to_lowercase());
             if let Some(first) = seen.insert(key, line) {

@@ -3,6 +3,7 @@
 pub mod agents;
 pub mod api;
 pub mod attempts;
+pub mod audit;
 pub mod billing;
 pub mod checks;
 pub mod connections;

@@ -18,6 +18,8 @@ pub enum Change {
     JudgeScore,
     ScoreAdjustment,
     Ledger,
+    /// an audit-log row (with its chain hash): the cloud keeps a copy
+    Audit,
 }
 
 impl Change {
@@ -30,6 +32,7 @@ impl Change {
             Self::JudgeScore => "judge_score",
             Self::ScoreAdjustment => "score_adjustment",
             Self::Ledger => "ledger",
+            Self::Audit => "audit",
         }
     }
 }

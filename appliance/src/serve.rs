@@ -228,10 +228,9 @@ async fn bootstrap_first_admin(db: &Db) -> anyhow::Result<Option<String>> {
                 "INSERT INTO staff (username, password_hash, role, must_change_password, created_at) VALUES ('admin', ?1, 'admin', 1, ?2)",
                 params![hash, api::now_rfc3339()],
             )?;
-            conn.execute(
-                "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?1, 'system', 'staff.bootstrap_admin', 'staff:admin', '{}')",
-                [api::now_rfc3339()],
-            )?;
+            let at = api::now_rfc3339();
+            let entry = crate::audit::Entry { at: &at, actor: "system", action: "staff.bootstrap_admin", target: Some("staff:admin"), remote_addr: None, request_id: None, detail: "{}" };
+            crate::audit::append(conn, &entry, i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
             Ok::<_, rusqlite::Error>(true)
         })
         .await
@@ -253,10 +252,9 @@ pub fn reset_password(data_dir: &Path, username: &str) -> anyhow::Result<String>
         .with_context(|| format!("no staff account named {username:?}"))?;
     tx.execute("UPDATE staff SET password_hash = ?1, must_change_password = 1 WHERE id = ?2", params![hash, id])?;
     tx.execute("DELETE FROM sessions WHERE staff_id = ?1", [id])?;
-    tx.execute(
-        "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?1, 'system:cli', 'auth.password_reset', ?2, '{}')",
-        params![api::now_rfc3339(), format!("staff:{id}")],
-    )?;
+    let (at, target) = (api::now_rfc3339(), format!("staff:{id}"));
+    let entry = crate::audit::Entry { at: &at, actor: "system:cli", action: "auth.password_reset", target: Some(&target), remote_addr: None, request_id: None, detail: "{}" };
+    crate::audit::append(&tx, &entry, i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
     tx.commit()?;
     Ok(password)
 }

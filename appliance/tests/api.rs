@@ -443,3 +443,28 @@ async fn join_codes_are_stored_keyed_and_codes_from_before_still_work_once_rehas
     assert!(!hashes.contains(&legacy), "re-hashed on join: {hashes:?}");
     join(&app, &s.event_code, &s.code_b).await;
 }
+
+#[tokio::test]
+async fn the_audit_chain_shows_a_row_edited_behind_the_appliances_back() {
+    let app = TestApp::new().await;
+    let admin = As::Bearer(app.staff("root", "admin").await);
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    seed(&app, &organizer).await;
+    let verified = app.call("GET", "/api/v1/audit/verify", &admin, None).await;
+    assert_eq!(verified.status, StatusCode::OK, "{}", verified.body);
+    assert!(verified.body["rows"].as_i64().is_some_and(|n| n >= 3) && verified.body["first_broken"].is_null(), "{}", verified.body);
+    app.call("GET", "/api/v1/audit/verify", &organizer, None).await.problem(403);
+    // Someone with the database file removes the append-only guard and rewrites history.
+    let edited: i64 = app
+        .db
+        .writer()
+        .write(|conn| {
+            conn.execute_batch("DROP TRIGGER audit_log_is_append_only_update;")?;
+            conn.execute("UPDATE audit_log SET actor = 'staff:nobody' WHERE action = 'event.created'", [])?;
+            conn.query_row("SELECT id FROM audit_log WHERE action = 'event.created'", [], |r| r.get(0))
+        })
+        .await
+        .expect("tampered");
+    let verified = app.call("GET", "/api/v1/audit/verify", &admin, None).await;
+    assert_eq!(verified.body["first_broken"], edited, "{}", verified.body);
+}

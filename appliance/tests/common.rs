@@ -145,7 +145,12 @@ impl TestApp {
                     "sync_epochs", "sync_state",
                 ] {
                     let refusals = labrack::api::REFUSAL_AUDITS.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ");
-                    let only = if table == "audit_log" { format!("WHERE action NOT IN ({refusals})") } else { String::new() };
+                    let only = match table {
+                        "audit_log" => format!("WHERE action NOT IN ({refusals})"),
+                        // (and their copies on the way to the cloud)
+                        "outbox" => format!("WHERE NOT (kind = 'audit' AND json_extract(body, '$.action') IN ({refusals}))"),
+                        _ => String::new(),
+                    };
                     let mut stmt = conn.prepare(&format!("SELECT * FROM {table} {only} ORDER BY rowid"))?;
                     let columns = stmt.column_count();
                     let mut rows = stmt.query([])?;

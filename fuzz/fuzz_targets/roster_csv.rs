@@ -5,7 +5,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let lines = u64::try_from(text.lines().count()).unwrap_or(u64::MAX).saturating_add(2);
+    // Every kind of line break the CSV reader knows (`\n`, `\r\n`, a lone `\r`) counts.
+    let bytes = text.as_bytes();
+    let breaks = bytes.iter().enumerate().filter(|(i, b)| **b == b'\n' || (**b == b'\r' && bytes.get(i + 1) != Some(&b'\n'))).count();
+    let lines = u64::try_from(breaks).unwrap_or(u64::MAX).saturating_add(2);
     match labrack_wire::roster::parse(text) {
         Ok(rows) => {
             assert!(!rows.is_empty() && rows.len() <= labrack_wire::roster::MAX_ROWS);

@@ -37,7 +37,7 @@ use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use tracing::Instrument as _;
 use utoipa::OpenApi as _;
 
@@ -165,7 +165,7 @@ impl AppState {
         events::list, events::create, events::get_one, events::update, events::transition,
         people::list_teams, people::create_team, people::get_team,
         people::list_participants, people::create_participant, people::import_participants, people::regenerate_join_code, people::sign_out_participant,
-        people::me, ops::audit_log,
+        people::me, ops::audit_log, ops::verify_audit,
         hosts::create_enrolment_token, hosts::list, hosts::enrol, hosts::register_agentless, labs::register_agentless_lab, hosts::poll, hosts::report, hosts::heartbeat,
         labs::list_templates, labs::put_templates, labs::list_allocations, labs::allocate, labs::get_allocation,
         labs::my_allocation, labs::reset, labs::release, labs::force_release, labs::resume, labs::reassign, terminal::ticket, desktop::ticket, desktop::thumbnail, dashboard::dashboard,
@@ -205,6 +205,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/participants/{participant_id}/sign-out", post(people::sign_out_participant))
         .route("/v1/me", get(people::me))
         .route("/v1/audit", get(ops::audit_log))
+        .route("/v1/audit/verify", get(ops::verify_audit))
         .route("/v1/hosts", get(hosts::list))
         .route("/v1/hosts/enrolment-tokens", post(hosts::create_enrolment_token))
         .route("/v1/hosts/enrol", post(hosts::enrol))
@@ -352,10 +353,17 @@ pub fn audit(
     target: Option<&str>,
     detail: serde_json::Value,
 ) -> Result<(), ApiError> {
-    conn.execute(
-        "INSERT INTO audit_log (at, actor, action, target, remote_addr, request_id, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![now_rfc3339(), actor, action, target, meta.remote_addr, meta.request_id, detail.to_string()],
-    )?;
+    let (at, detail) = (now_rfc3339(), detail.to_string());
+    let entry = crate::audit::Entry {
+        at: &at,
+        actor,
+        action,
+        target,
+        remote_addr: Some(&meta.remote_addr),
+        request_id: Some(&meta.request_id),
+        detail: &detail,
+    };
+    crate::audit::append(conn, &entry, i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
     Ok(())
 }
 

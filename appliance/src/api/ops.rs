@@ -155,6 +155,14 @@ pub async fn audit_log(
     Ok(Json(AuditPage { entries }))
 }
 
+/// Checks the audit log's hash chain (admins): how many rows it holds and the first one
+/// that was edited, removed or put out of order, if any.
+#[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit", responses((status = 200, body = crate::audit::Verified), (status = 403, body = Problem)))]
+pub async fn verify_audit(State(state): State<AppState>, caller: Caller) -> Result<Json<crate::audit::Verified>, ApiError> {
+    caller.require_staff(&[Role::Admin])?;
+    Ok(Json(state.db.read(|conn| crate::audit::verify(conn).map_err(ApiError::from)).await?))
+}
+
 const NOT_BUILT: &str = "<!doctype html><meta charset=utf-8><title>LabRack</title>\
 <h1>LabRack</h1><p>The API is up, but the web UI has not been built. Run <code>cargo xtask run</code> \
 (or <code>npm ci &amp;&amp; npm run build</code> in <code>web/</code>) and restart.</p>";

@@ -405,6 +405,10 @@ INSERT INTO sync_epochs (epoch, base, started_ms)
     SELECT CASE WHEN EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'outbox' AND seq > 0) THEN '' ELSE lower(hex(randomblob(16))) END, 0, 0;
 CREATE TABLE sync_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 "#,
+    // 12: the audit log as a hash chain (rows before it have no hash)
+    r#"
+ALTER TABLE audit_log ADD COLUMN hash TEXT;
+"#,
 ];
 
 /// Applies every migration newer than the database's `user_version`, each in its own

@@ -6,7 +6,11 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 pub(crate) fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    // `cargo run` sets CARGO_MANIFEST_DIR at run time: the checkout being worked on. The
+    // compile-time value can name another checkout, since the build cache (and this binary)
+    // is shared between clones.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// The shared build cache: `$CARGO_TARGET_DIR`, else `~/.cache/labrack/target`, outside

@@ -468,3 +468,23 @@ async fn the_audit_chain_shows_a_row_edited_behind_the_appliances_back() {
     let verified = app.call("GET", "/api/v1/audit/verify", &admin, None).await;
     assert_eq!(verified.body["first_broken"], edited, "{}", verified.body);
 }
+
+#[tokio::test]
+async fn only_admins_start_a_sync_epoch_and_a_refusal_changes_nothing() {
+    let app = TestApp::new().await;
+    let admin = As::Bearer(app.staff("root", "admin").await);
+    let organizer = As::Bearer(app.staff("org", "organizer").await);
+    let s = seed(&app, &organizer).await;
+    let participant = As::Bearer(join(&app, &s.event_code, &s.code_a).await);
+    let before = app.snapshot().await;
+    for who in [&organizer, &participant] {
+        app.call("POST", "/api/v1/sync/epoch", who, None).await.problem(403);
+    }
+    app.call("POST", "/api/v1/sync/epoch", &As::Nobody, None).await.problem(401);
+    assert_eq!(app.snapshot().await, before, "refused epochs change nothing");
+    let started = app.call("POST", "/api/v1/sync/epoch", &admin, None).await;
+    assert_eq!(started.status, StatusCode::CREATED, "{}", started.body);
+    let base = started.body["base"].as_i64().expect("base");
+    assert_eq!(base, 0, "the outbox still holds its first row, so the new stream starts there");
+    assert_ne!(app.snapshot().await, before, "the new epoch is stored");
+}

@@ -137,7 +137,7 @@ async fn the_cloud_receives_exactly_the_appliances_rows_through_outages_and_kill
     // The event starts with no cloud at all.
     let server = Server::start_with(&data.0, &listen, &args)?;
     let admin = admin(&server, &data.0).await?;
-    let (status, event) = admin.post("/api/v1/events", json!({"name": "Offline Day", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (status, event) = admin.post("/api/v1/events", json!({"name": "Offline Day", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     anyhow::ensure!(status == 201, "{event}");
     let event_id = event["id"].as_i64().context("event id")?;
     teams(&admin, event_id, 0, 300).await?;
@@ -218,14 +218,14 @@ async fn a_lossy_partitioned_link_and_repeated_kills_still_deliver_every_row_onc
     let mut server = Server::start_with(&data.0, &listen, &args)?;
     let admin_api = admin(&server, &data.0).await?;
     let bearer = admin_api.token.clone();
-    let (_, event) = admin_api.post("/api/v1/events", json!({"name": "Lossy", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (_, event) = admin_api.post("/api/v1/events", json!({"name": "Lossy", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     let event_id = event["id"].as_i64().context("event id")?;
     let other_data = DataDir::new("faults-other");
     let other_token = enrol_token(&cloud_data.0)?;
     let other_args = ["--cloud", &format!("127.0.0.1:{quic_port}"), "--cloud-ca", &ca, "--cloud-token", &other_token, "--cloud-name", "direct"];
     let other = Server::start_with(&other_data.0, "127.0.0.1:0", &other_args)?;
     let other_admin = admin(&other, &other_data.0).await?;
-    let (_, other_event) = other_admin.post("/api/v1/events", json!({"name": "Direct", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (_, other_event) = other_admin.post("/api/v1/events", json!({"name": "Direct", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     teams(&other_admin, other_event["id"].as_i64().context("id")?, 0, 500).await?;
 
     let mut next = 0;
@@ -290,7 +290,7 @@ async fn an_appliance_restored_from_a_backup_is_refused_loudly_until_an_admin_st
     let cloud_token = cloud.admin_token.clone().context("admin token")?;
     let server = Server::start_with(&data.0, &listen, &args)?;
     let admin = admin(&server, &data.0).await?;
-    let (_, event) = admin.post("/api/v1/events", json!({"name": "Backed up", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Backed up", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     let event_id = event["id"].as_i64().context("event id")?;
     teams(&admin, event_id, 0, 50).await?;
     converged(&data.0, &cloud_data.0, &cloud.http, &cloud_token).await?;
@@ -349,7 +349,7 @@ async fn a_cloud_restored_from_a_backup_behind_what_the_appliance_pruned_is_refu
     let cloud = Cloud::start(&cloud_data.0, quic_port)?;
     let server = Server::start_with(&data.0, "127.0.0.1:0", &args)?;
     let admin = admin(&server, &data.0).await?;
-    let (_, event) = admin.post("/api/v1/events", json!({"name": "Pruned", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Pruned", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     let event_id = event["id"].as_i64().context("event id")?;
     teams(&admin, event_id, 0, 20).await?;
     let first = admin.wait_for("/api/v1/sync", Duration::from_secs(30), |s| s["pending_rows"] == 0).await?;
@@ -418,7 +418,7 @@ async fn strangers_that_never_say_hello_are_dropped_and_cannot_crowd_out_an_appl
     let args = ["--cloud", &format!("127.0.0.1:{quic_port}"), "--cloud-ca", ca.to_str().context("utf8")?, "--cloud-token", &token, "--cloud-name", "rack-1"];
     let server = Server::start_with(&data.0, "127.0.0.1:0", &args)?;
     let admin = admin(&server, &data.0).await?;
-    let (_, event) = admin.post("/api/v1/events", json!({"name": "Crowded", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Crowded", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     teams(&admin, event["id"].as_i64().context("event id")?, 0, 10).await?;
     converged(&data.0, &cloud_data.0, &cloud.http, &cloud_token).await?;
     assert!(held.iter().all(|c| c.close_reason().is_none()), "the strangers were still there");

@@ -129,7 +129,7 @@ async fn reset_rounds(rounds: usize) -> anyhow::Result<()> {
     let server = Server::start_binary(&target.join("labrack"), &data.0, "127.0.0.1:0", &["--host-heartbeat-secs", "2"])?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
     admin.first_admin_login(server.admin_password.as_deref().context("otp")?, "a-strong-admin-password").await?;
-    let (_, event) = admin.post("/api/v1/events", json!({"name": "Bench", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Bench", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     let event_id = event["id"].as_i64().context("event")?;
     let (_, team) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Bench"})).await?;
     let team_id = team["id"].as_i64().context("team")?;

@@ -100,7 +100,7 @@ async fn e2e(options: &Options) -> anyhow::Result<()> {
     let server = Server::start_binary(&labrack, &data.0, "127.0.0.1:0", &["--host-heartbeat-secs", "2", "--web-dir", &web_dist, "--webrtc-bind", "127.0.0.1:0"])?;
     let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
     admin.first_admin_login(server.admin_password.as_deref().context("otp")?, "a-strong-admin-password").await?;
-    let (_, event) = admin.post("/api/v1/events", json!({"name": "Bench", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Bench", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     let event_id = event["id"].as_i64().context("event")?;
     let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.display());
     let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;

@@ -170,7 +170,7 @@ async fn bench(options: &Options) -> anyhow::Result<()> {
     let ca = cloud_data.0.join("tls/ca.pem");
     let server = Server::start_binary(&labrack(), &data.0, "127.0.0.1:0", &["--cloud", &format!("127.0.0.1:{}", proxy.port), "--cloud-ca", ca.to_str().context("utf8")?, "--cloud-token", &token])?;
     let admin = admin_of(&server, &data.0, None).await?;
-    let (_, event) = admin.post("/api/v1/events", json!({"name": "Bench", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00Z"})).await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Bench", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     let event_id = event["id"].as_i64().context("event")?;
     let writer = {
         let api = Api { client: admin.client.clone(), base: admin.base.clone(), token: admin.token.clone() };

@@ -27,7 +27,10 @@ const ALERT_QUIET_MS: i64 = 60 * 60 * 1000;
 const NO_MODEL: &str = "(rule-based: no language model is configured)";
 
 /// A failing visible check of a team: name and participant-facing message.
-fn failing_checks(conn: &Connection, team_id: i64) -> Result<Vec<(String, String)>, rusqlite::Error> {
+fn failing_checks(
+    conn: &Connection,
+    team_id: i64,
+) -> Result<Vec<(String, String)>, rusqlite::Error> {
     let mut statement = conn.prepare_cached(
         "SELECT r.check_name, coalesce(r.message, 'failed') FROM check_runs r
          JOIN (SELECT max(id) AS id FROM check_runs WHERE team_id = ?1 AND state IN ('passed', 'failed') GROUP BY check_name COLLATE NOCASE) l
@@ -49,12 +52,22 @@ pub fn rule_hint(failing: &[(String, String)], available_hints: usize) -> String
         None => "Every visible check passes (or none has run yet): run your checks, then polish what the judges will see.".to_owned(),
     };
     if available_hints > 0 {
-        text.push_str(&format!(" {available_hints} hint(s) can be unlocked on the Hints tab (some cost points)."));
+        text.push_str(&format!(
+            " {available_hints} hint(s) can be unlocked on the Hints tab (some cost points)."
+        ));
     }
     text
 }
 
-fn insert_message(conn: &Connection, event_id: i64, team_id: Option<i64>, agent: &str, source: &str, body: &str, now_ms: i64) -> Result<(), rusqlite::Error> {
+fn insert_message(
+    conn: &Connection,
+    event_id: i64,
+    team_id: Option<i64>,
+    agent: &str,
+    source: &str,
+    body: &str,
+    now_ms: i64,
+) -> Result<(), rusqlite::Error> {
     conn.execute(
         "INSERT INTO agent_messages (event_id, team_id, agent, source, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![event_id, team_id, agent, source, body, now_ms],
@@ -77,8 +90,17 @@ pub struct Answer {
 
 /// Posts the answer to the team's messages, once per job: a retried job whose answer is
 /// already posted posts nothing.
-pub fn post_answer(conn: &Connection, job_id: i64, answer: &Answer, now_ms: i64) -> Result<(), rusqlite::Error> {
-    let posted: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM agent_messages WHERE job_id = ?1)", [job_id], |r| r.get(0))?;
+pub fn post_answer(
+    conn: &Connection,
+    job_id: i64,
+    answer: &Answer,
+    now_ms: i64,
+) -> Result<(), rusqlite::Error> {
+    let posted: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM agent_messages WHERE job_id = ?1)",
+        [job_id],
+        |r| r.get(0),
+    )?;
     if !posted {
         conn.execute(
             "INSERT INTO agent_messages (event_id, team_id, agent, source, body, created_ms, job_id) VALUES (?1, ?2, 'hint', ?3, ?4, ?5, ?6)",
@@ -91,9 +113,18 @@ pub fn post_answer(conn: &Connection, job_id: i64, answer: &Answer, now_ms: i64)
 /// Answers one queued question (job `job_id`). The model is asked at most once per job: a
 /// retry after the reply was recorded (and billed) uses that reply; a retry after the
 /// answer was posted posts nothing new (see [`post_answer`]).
-pub async fn answer_question(state: &AppState, job_id: i64, payload: &serde_json::Value) -> Result<Answer, ApiError> {
-    let (Some(event_id), Some(team_id)) = (payload["event_id"].as_i64(), payload["team_id"].as_i64()) else {
-        return Err(ApiError::invalid("payload", "the job needs event_id and team_id"));
+pub async fn answer_question(
+    state: &AppState,
+    job_id: i64,
+    payload: &serde_json::Value,
+) -> Result<Answer, ApiError> {
+    let (Some(event_id), Some(team_id)) =
+        (payload["event_id"].as_i64(), payload["team_id"].as_i64())
+    else {
+        return Err(ApiError::invalid(
+            "payload",
+            "the job needs event_id and team_id",
+        ));
     };
     let question = payload["question"].as_str().unwrap_or_default().to_owned();
     let (failing, hints, recorded) = state
@@ -113,28 +144,50 @@ pub async fn answer_question(state: &AppState, job_id: i64, payload: &serde_json
     let (source, body) = if let Some(reply) = recorded {
         ("llm", reply)
     } else if state.llm.configured() {
-        let context: Vec<String> = failing.iter().map(|(name, message)| format!("- check “{name}” fails: {message}")).collect();
+        let context: Vec<String> = failing
+            .iter()
+            .map(|(name, message)| format!("- check “{name}” fails: {message}"))
+            .collect();
         let messages = vec![
             ChatMessage::system(
                 "You are a hackathon mentor. Give one short, concrete hint (at most 4 sentences). Never write the full solution.",
             ),
             ChatMessage::user(format!(
                 "The team asks: {question}\nTheir failing checks:\n{}",
-                if context.is_empty() { "(none)".to_owned() } else { context.join("\n") }
+                if context.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    context.join("\n")
+                }
             )),
         ];
-        let payer = Payer { event_id, team_id: Some(team_id), job_id: Some(job_id) };
-        match state.llm.chat(&state.db, payer, "hint", messages, 300).await {
+        let payer = Payer {
+            event_id,
+            team_id: Some(team_id),
+            job_id: Some(job_id),
+        };
+        match state
+            .llm
+            .chat(&state.db, payer, "hint", messages, 300)
+            .await
+        {
             Ok(reply) => ("llm", reply.content),
-            Err(error @ (LlmError::BudgetExceeded { .. } | LlmError::RateLimited { .. } | LlmError::Unavailable(_))) => {
-                ("rules", format!("{rules} (rule-based: {error})"))
-            }
+            Err(
+                error @ (LlmError::BudgetExceeded { .. }
+                | LlmError::RateLimited { .. }
+                | LlmError::Unavailable(_)),
+            ) => ("rules", format!("{rules} (rule-based: {error})")),
             Err(other) => return Err(ApiError::Internal(other.to_string())),
         }
     } else {
         ("rules", format!("{rules} {NO_MODEL}"))
     };
-    Ok(Answer { event_id, team_id, source, body })
+    Ok(Answer {
+        event_id,
+        team_id,
+        source,
+        body,
+    })
 }
 
 /// What one observer pass found.
@@ -148,8 +201,10 @@ pub struct Observed {
 /// desktop or terminal opened by the team, no submission and no check request).
 pub fn observe(conn: &Connection, now_ms: i64, idle_ms: i64) -> Result<Observed, rusqlite::Error> {
     let mut observed = Observed::default();
-    let events: Vec<i64> =
-        conn.prepare_cached("SELECT id FROM events WHERE state IN ('live', 'frozen')")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let events: Vec<i64> = conn
+        .prepare_cached("SELECT id FROM events WHERE state IN ('live', 'frozen')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
     for event_id in events {
         let mut found: Vec<(Option<i64>, String, String)> = Vec::new();
         // Failing streaks: the last runs with a result of one check, all failed.
@@ -157,11 +212,14 @@ pub fn observe(conn: &Connection, now_ms: i64, idle_ms: i64) -> Result<Observed,
             "SELECT team_id, check_name, state FROM check_runs WHERE event_id = ?1 AND state IN ('passed', 'failed')
              ORDER BY team_id, check_name, id DESC",
         )?;
-        let rows: Vec<(i64, String, String)> =
-            statement.query_map([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+        let rows: Vec<(i64, String, String)> = statement
+            .query_map([event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
         let mut streaks: HashMap<(i64, String), (usize, bool)> = HashMap::new();
         for (team_id, check, state) in rows {
-            let entry = streaks.entry((team_id, check.to_lowercase())).or_insert((0, true));
+            let entry = streaks
+                .entry((team_id, check.to_lowercase()))
+                .or_insert((0, true));
             if entry.1 {
                 if state == "failed" {
                     entry.0 += 1;
@@ -170,15 +228,23 @@ pub fn observe(conn: &Connection, now_ms: i64, idle_ms: i64) -> Result<Observed,
                 }
             }
         }
-        let mut streaks: Vec<((i64, String), (usize, bool))> = streaks.into_iter().filter(|(_, (n, _))| *n >= FAILING_STREAK).collect();
+        let mut streaks: Vec<((i64, String), (usize, bool))> = streaks
+            .into_iter()
+            .filter(|(_, (n, _))| *n >= FAILING_STREAK)
+            .collect();
         streaks.sort();
         for ((team_id, check), (n, _)) in streaks {
-            found.push((Some(team_id), "failing_check".into(), format!("check “{check}” failed {n} times in a row")));
+            found.push((
+                Some(team_id),
+                "failing_check".into(),
+                format!("check “{check}” failed {n} times in a row"),
+            ));
         }
         // Idle labs: active for a while, and nothing from the team since `idle_ms` ago.
         let since = now_ms - idle_ms;
         let since_text = crate::api::format_time(
-            time::OffsetDateTime::from_unix_timestamp(since / 1000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+            time::OffsetDateTime::from_unix_timestamp(since / 1000)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
         );
         let mut statement = conn.prepare_cached(
             "SELECT a.team_id, a.id FROM allocations a
@@ -188,9 +254,17 @@ pub fn observe(conn: &Connection, now_ms: i64, idle_ms: i64) -> Result<Observed,
                AND NOT EXISTS (SELECT 1 FROM submissions s WHERE s.team_id = a.team_id AND s.created_ms >= ?3)
                AND NOT EXISTS (SELECT 1 FROM check_batches b WHERE b.team_id = a.team_id AND b.reason = 'team request' AND b.created_ms >= ?3)",
         )?;
-        let idle: Vec<(i64, i64)> = statement.query_map(params![event_id, since_text, since], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        let idle: Vec<(i64, i64)> = statement
+            .query_map(params![event_id, since_text, since], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
         for (team_id, _) in idle {
-            found.push((Some(team_id), "idle_lab".into(), format!("no activity in the team's lab for {} min", idle_ms / 60_000)));
+            found.push((
+                Some(team_id),
+                "idle_lab".into(),
+                format!("no activity in the team's lab for {} min", idle_ms / 60_000),
+            ));
         }
         for (team_id, kind, detail) in found {
             let recent: Option<i64> = conn
@@ -207,7 +281,9 @@ pub fn observe(conn: &Connection, now_ms: i64, idle_ms: i64) -> Result<Observed,
                 "INSERT INTO alerts (event_id, team_id, kind, detail, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![event_id, team_id, kind, detail, now_ms],
             )?;
-            observed.alerts.push((event_id, team_id.unwrap_or_default(), kind, detail));
+            observed
+                .alerts
+                .push((event_id, team_id.unwrap_or_default(), kind, detail));
         }
     }
     Ok(observed)
@@ -218,8 +294,10 @@ pub async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Re
     let boards = state
         .db
         .read(|conn| {
-            let events: Vec<i64> =
-                conn.prepare_cached("SELECT id FROM events WHERE state = 'live'")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let events: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM events WHERE state = 'live'")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
             let mut boards = Vec::new();
             for event_id in events {
                 let board = crate::scores::leaderboard(conn, event_id, None, None)?;
@@ -237,17 +315,47 @@ pub async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Re
         let rules = format!("{team} takes the lead with {total} points.");
         let (source, body) = if state.llm.configured() {
             let messages = vec![
-                ChatMessage::system("You are a lively hackathon commentator. One sentence, no more than 25 words."),
+                ChatMessage::system(
+                    "You are a lively hackathon commentator. One sentence, no more than 25 words.",
+                ),
                 ChatMessage::user(rules.clone()),
             ];
-            match state.llm.chat(&state.db, Payer { event_id, team_id: None, job_id: None }, "commentary", messages, 60).await {
+            match state
+                .llm
+                .chat(
+                    &state.db,
+                    Payer {
+                        event_id,
+                        team_id: None,
+                        job_id: None,
+                    },
+                    "commentary",
+                    messages,
+                    60,
+                )
+                .await
+            {
                 Ok(reply) => ("llm", reply.content),
                 Err(error) => ("rules", format!("{rules} (rule-based: {error})")),
             }
         } else {
             ("rules", format!("{rules} {NO_MODEL}"))
         };
-        state.db.writer().write(move |conn| Ok::<_, ApiError>(insert_message(conn, event_id, None, "commentary", source, &body, now())?)).await?;
+        state
+            .db
+            .writer()
+            .write(move |conn| {
+                Ok::<_, ApiError>(insert_message(
+                    conn,
+                    event_id,
+                    None,
+                    "commentary",
+                    source,
+                    &body,
+                    now(),
+                )?)
+            })
+            .await?;
     }
     Ok(())
 }
@@ -265,7 +373,11 @@ pub async fn run_observer(state: AppState, every: Duration, idle: Duration) {
         if stop {
             return;
         }
-        let observed = state.db.writer().write(move |conn| Ok::<_, ApiError>(observe(conn, now(), idle_ms)?)).await;
+        let observed = state
+            .db
+            .writer()
+            .write(move |conn| Ok::<_, ApiError>(observe(conn, now(), idle_ms)?))
+            .await;
         match observed {
             Ok(found) => {
                 for (event_id, team_id, kind, detail) in found.alerts {
@@ -287,10 +399,16 @@ mod tests {
     #[test]
     fn rule_hints_point_at_the_first_failure() {
         let one = vec![("server up".to_owned(), "port 8080 is closed".to_owned())];
-        assert_eq!(rule_hint(&one, 0), "One visible check fails: “server up” says: port 8080 is closed. Start there.");
+        assert_eq!(
+            rule_hint(&one, 0),
+            "One visible check fails: “server up” says: port 8080 is closed. Start there."
+        );
         let two = vec![one[0].clone(), ("tests".to_owned(), "2 failed".to_owned())];
         assert!(rule_hint(&two, 2).starts_with("2 visible checks fail. Start with “server up”"));
-        assert!(rule_hint(&two, 2).ends_with("2 hint(s) can be unlocked on the Hints tab (some cost points)."));
+        assert!(
+            rule_hint(&two, 2)
+                .ends_with("2 hint(s) can be unlocked on the Hints tab (some cost points).")
+        );
         assert!(rule_hint(&[], 0).starts_with("Every visible check passes"));
     }
 }

@@ -29,22 +29,51 @@ pub struct Backoff {
 impl Backoff {
     /// The wait after `failures` failures.
     pub fn wait(&self, failures: u32) -> Duration {
-        let Some(over) = failures.checked_sub(self.free) else { return Duration::ZERO };
-        self.first_wait.saturating_mul(1 << over.min(20)).min(self.max_wait)
+        let Some(over) = failures.checked_sub(self.free) else {
+            return Duration::ZERO;
+        };
+        self.first_wait
+            .saturating_mul(1 << over.min(20))
+            .min(self.max_wait)
     }
 }
 
 /// A stranger's guesses from one client (an IPv4 address or an IPv6 /64).
-pub const CLIENT: Backoff = Backoff { free: 10, first_wait: Duration::from_secs(1), max_wait: Duration::from_secs(15 * 60), forget_after: Duration::from_secs(30 * 60) };
+pub const CLIENT: Backoff = Backoff {
+    free: 10,
+    first_wait: Duration::from_secs(1),
+    max_wait: Duration::from_secs(15 * 60),
+    forget_after: Duration::from_secs(30 * 60),
+};
 /// Guesses at one account from one client.
-pub const ACCOUNT_FROM_CLIENT: Backoff = Backoff { free: 5, first_wait: Duration::from_secs(1), max_wait: Duration::from_secs(15 * 60), forget_after: Duration::from_secs(30 * 60) };
+pub const ACCOUNT_FROM_CLIENT: Backoff = Backoff {
+    free: 5,
+    first_wait: Duration::from_secs(1),
+    max_wait: Duration::from_secs(15 * 60),
+    forget_after: Duration::from_secs(30 * 60),
+};
 /// Guesses at one account from anywhere: many free and a short cap, so strangers on many
 /// addresses slow `admin` down for seconds, never lock it.
-pub const ACCOUNT: Backoff = Backoff { free: 50, first_wait: Duration::from_secs(1), max_wait: Duration::from_secs(30), forget_after: Duration::from_secs(30 * 60) };
+pub const ACCOUNT: Backoff = Backoff {
+    free: 50,
+    first_wait: Duration::from_secs(1),
+    max_wait: Duration::from_secs(30),
+    forget_after: Duration::from_secs(30 * 60),
+};
 /// Join codes from one client: a classroom shares little, so more are free.
-pub const JOIN_CLIENT: Backoff = Backoff { free: 30, first_wait: Duration::from_secs(1), max_wait: Duration::from_secs(15 * 60), forget_after: Duration::from_secs(30 * 60) };
+pub const JOIN_CLIENT: Backoff = Backoff {
+    free: 30,
+    first_wait: Duration::from_secs(1),
+    max_wait: Duration::from_secs(15 * 60),
+    forget_after: Duration::from_secs(30 * 60),
+};
 /// Enrolment tokens from one client.
-pub const ENROL_CLIENT: Backoff = Backoff { free: 20, first_wait: Duration::from_secs(1), max_wait: Duration::from_secs(15 * 60), forget_after: Duration::from_secs(30 * 60) };
+pub const ENROL_CLIENT: Backoff = Backoff {
+    free: 20,
+    first_wait: Duration::from_secs(1),
+    max_wait: Duration::from_secs(15 * 60),
+    forget_after: Duration::from_secs(30 * 60),
+};
 
 /// Refused: try again in this long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -75,7 +104,10 @@ pub struct AttemptLimiter {
 
 impl Default for AttemptLimiter {
     fn default() -> Self {
-        Self { entries: Mutex::new(HashMap::new()), max_keys: 200_000 }
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            max_keys: 200_000,
+        }
     }
 }
 
@@ -87,11 +119,17 @@ impl AttemptLimiter {
     }
 
     fn begin_at(&self, keys: &[(String, Backoff)], now: Instant) -> Result<(), TooManyAttempts> {
-        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut longest_wait = Duration::ZERO;
         let mut first = false;
         for (key, backoff) in keys {
-            if let Some(entry) = entries.get_mut(key).filter(|e| now.duration_since(e.last) < backoff.forget_after) {
+            if let Some(entry) = entries
+                .get_mut(key)
+                .filter(|e| now.duration_since(e.last) < backoff.forget_after)
+            {
                 let wait = entry.blocked_until.saturating_duration_since(now);
                 if !wait.is_zero() {
                     first |= !entry.refused;
@@ -101,10 +139,17 @@ impl AttemptLimiter {
             }
         }
         if !longest_wait.is_zero() {
-            return Err(TooManyAttempts { retry_after: longest_wait, first });
+            return Err(TooManyAttempts {
+                retry_after: longest_wait,
+                first,
+            });
         }
         if entries.len() >= self.max_keys {
-            let forget = keys.iter().map(|(_, b)| b.forget_after).max().unwrap_or_default();
+            let forget = keys
+                .iter()
+                .map(|(_, b)| b.forget_after)
+                .max()
+                .unwrap_or_default();
             entries.retain(|_, e| now.duration_since(e.last) < forget && e.blocked_until > now);
             if entries.len() >= self.max_keys {
                 // a flood from many addresses: keep the newer half, so memory stays bounded
@@ -116,7 +161,12 @@ impl AttemptLimiter {
             }
         }
         for (key, backoff) in keys {
-            let entry = entries.entry(key.clone()).or_insert(Entry { failures: 0, blocked_until: now, last: now, refused: false });
+            let entry = entries.entry(key.clone()).or_insert(Entry {
+                failures: 0,
+                blocked_until: now,
+                last: now,
+                refused: false,
+            });
             entry.refused = false;
             if now.duration_since(entry.last) >= backoff.forget_after {
                 entry.failures = 0;
@@ -131,7 +181,10 @@ impl AttemptLimiter {
     /// The attempt was not a guess after all (it failed for another reason, or succeeded
     /// and the key should keep its history): take back the one it counted.
     pub fn refund(&self, keys: &[(String, Backoff)]) {
-        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (key, backoff) in keys {
             if let Some(entry) = entries.get_mut(key) {
                 entry.failures = entry.failures.saturating_sub(1);
@@ -142,7 +195,10 @@ impl AttemptLimiter {
 
     /// The attempt succeeded: forget these keys.
     pub fn succeeded(&self, keys: &[String]) {
-        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for key in keys {
             entries.remove(key);
         }
@@ -177,7 +233,12 @@ pub fn client_key(ip: IpAddr) -> String {
 mod tests {
     use super::*;
 
-    const IP: Backoff = Backoff { free: 3, first_wait: Duration::from_secs(1), max_wait: Duration::from_secs(60), forget_after: Duration::from_secs(600) };
+    const IP: Backoff = Backoff {
+        free: 3,
+        first_wait: Duration::from_secs(1),
+        max_wait: Duration::from_secs(60),
+        forget_after: Duration::from_secs(600),
+    };
 
     fn keys(names: &[&str]) -> Vec<(String, Backoff)> {
         names.iter().map(|n| ((*n).to_owned(), IP)).collect()
@@ -194,21 +255,56 @@ mod tests {
     fn attempts_count_before_the_work_so_a_burst_cannot_pass_together() {
         let limiter = AttemptLimiter::default();
         let now = Instant::now();
-        let burst: Vec<Result<(), TooManyAttempts>> = (0..100).map(|_| limiter.begin_at(&keys(&["ip:1"]), now)).collect();
-        assert_eq!(burst.iter().filter(|r| r.is_ok()).count(), 3, "three free, then a wait");
-        let lockouts = burst.iter().filter(|r| r.as_ref().is_err_and(|e| e.first)).count();
-        assert_eq!(lockouts, 1, "only the first refusal starts a lockout (one audit row, not 97)");
-        let refused = limiter.begin_at(&keys(&["ip:1"]), now).expect_err("waiting");
-        assert_eq!((refused.retry_after, refused.first), (Duration::from_secs(1), false));
-        assert!(limiter.begin_at(&keys(&["ip:2"]), now).is_ok(), "another client is not slowed");
+        let burst: Vec<Result<(), TooManyAttempts>> = (0..100)
+            .map(|_| limiter.begin_at(&keys(&["ip:1"]), now))
+            .collect();
+        assert_eq!(
+            burst.iter().filter(|r| r.is_ok()).count(),
+            3,
+            "three free, then a wait"
+        );
+        let lockouts = burst
+            .iter()
+            .filter(|r| r.as_ref().is_err_and(|e| e.first))
+            .count();
+        assert_eq!(
+            lockouts, 1,
+            "only the first refusal starts a lockout (one audit row, not 97)"
+        );
+        let refused = limiter
+            .begin_at(&keys(&["ip:1"]), now)
+            .expect_err("waiting");
+        assert_eq!(
+            (refused.retry_after, refused.first),
+            (Duration::from_secs(1), false)
+        );
+        assert!(
+            limiter.begin_at(&keys(&["ip:2"]), now).is_ok(),
+            "another client is not slowed"
+        );
         // after the wait one more attempt, then a longer wait
         let later = now + Duration::from_secs(1);
         assert!(limiter.begin_at(&keys(&["ip:1"]), later).is_ok());
-        assert_eq!(limiter.begin_at(&keys(&["ip:1"]), later).map_err(|e| (e.retry_after, e.first)), Err((Duration::from_secs(2), true)), "a new lockout");
+        assert_eq!(
+            limiter
+                .begin_at(&keys(&["ip:1"]), later)
+                .map_err(|e| (e.retry_after, e.first)),
+            Err((Duration::from_secs(2), true)),
+            "a new lockout"
+        );
         limiter.refund(&keys(&["ip:1"]));
-        assert_eq!(limiter.begin_at(&keys(&["ip:1"]), later).map_err(|e| e.retry_after), Err(Duration::from_secs(1)), "refunded one");
+        assert_eq!(
+            limiter
+                .begin_at(&keys(&["ip:1"]), later)
+                .map_err(|e| e.retry_after),
+            Err(Duration::from_secs(1)),
+            "refunded one"
+        );
         limiter.succeeded(&["ip:1".to_owned()]);
-        assert!(limiter.begin_at(&keys(&["ip:1"]), later).is_ok(), "a success forgets");
+        assert!(
+            limiter.begin_at(&keys(&["ip:1"]), later).is_ok(),
+            "a success forgets"
+        );
     }
 
     #[test]
@@ -219,18 +315,31 @@ mod tests {
             limiter.begin_at(&keys(&["ip:1"]), now).expect("free");
         }
         for _ in 0..50 {
-            assert!(limiter.begin_at(&keys(&["ip:1", "user:admin"]), now).is_err());
+            assert!(
+                limiter
+                    .begin_at(&keys(&["ip:1", "user:admin"]), now)
+                    .is_err()
+            );
         }
-        assert!(limiter.begin_at(&keys(&["user:admin"]), now).is_ok(), "the refused ones did not count for user:admin");
+        assert!(
+            limiter.begin_at(&keys(&["user:admin"]), now).is_ok(),
+            "the refused ones did not count for user:admin"
+        );
         let much_later = now + Duration::from_secs(601);
         for _ in 0..3 {
-            assert!(limiter.begin_at(&keys(&["ip:1"]), much_later).is_ok(), "forgotten after ten quiet minutes");
+            assert!(
+                limiter.begin_at(&keys(&["ip:1"]), much_later).is_ok(),
+                "forgotten after ten quiet minutes"
+            );
         }
     }
 
     #[test]
     fn the_key_map_is_bounded() {
-        let limiter = AttemptLimiter { max_keys: 100, ..AttemptLimiter::default() };
+        let limiter = AttemptLimiter {
+            max_keys: 100,
+            ..AttemptLimiter::default()
+        };
         let now = Instant::now();
         for i in 0..1_000 {
             let _ = limiter.begin_at(&keys(&[&format!("ip:{i}")]), now);
@@ -239,7 +348,10 @@ mod tests {
         // keys that are all waiting cannot be swept as forgotten: the older half goes
         let strict = Backoff { free: 0, ..IP };
         for i in 0..1_000u64 {
-            let _ = limiter.begin_at(&[(format!("ip:w{i}"), strict)], now + Duration::from_millis(i));
+            let _ = limiter.begin_at(
+                &[(format!("ip:w{i}"), strict)],
+                now + Duration::from_millis(i),
+            );
         }
         assert!(limiter.len() <= 101, "{}", limiter.len());
     }
@@ -251,7 +363,10 @@ mod tests {
         let other: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
         assert_eq!(client_key(a), client_key(b));
         assert_ne!(client_key(a), client_key(other));
-        assert_eq!(client_key("::ffff:10.0.0.7".parse().expect("ip")), "ip:10.0.0.7");
+        assert_eq!(
+            client_key("::ffff:10.0.0.7".parse().expect("ip")),
+            "ip:10.0.0.7"
+        );
         assert_eq!(client_key("10.0.0.7".parse().expect("ip")), "ip:10.0.0.7");
     }
 }

@@ -22,13 +22,29 @@ pub struct Entry<'a> {
 /// The hash of `entry` after `previous` (empty for the first row of the chain). JSON keeps
 /// the fields apart unambiguously.
 pub fn chain_hash(previous: &str, entry: &Entry<'_>) -> String {
-    let fields = serde_json::json!([previous, entry.at, entry.actor, entry.action, entry.target, entry.remote_addr, entry.request_id, entry.detail]);
+    let fields = serde_json::json!([
+        previous,
+        entry.at,
+        entry.actor,
+        entry.action,
+        entry.target,
+        entry.remote_addr,
+        entry.request_id,
+        entry.detail
+    ]);
     hex::encode(sha2::Sha256::digest(fields.to_string().as_bytes()))
 }
 
 /// Appends `entry` to the chain (and the outbox) in the caller's transaction; its id.
 pub fn append(conn: &Connection, entry: &Entry<'_>, now_ms: i64) -> Result<i64, rusqlite::Error> {
-    let previous: Option<String> = conn.query_row("SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1", [], |r| r.get(0)).optional()?.flatten();
+    let previous: Option<String> = conn
+        .query_row(
+            "SELECT hash FROM audit_log ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
     let hash = chain_hash(previous.as_deref().unwrap_or(""), entry);
     conn.prepare_cached("INSERT INTO audit_log (at, actor, action, target, remote_addr, request_id, detail, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?
         .execute(params![entry.at, entry.actor, entry.action, entry.target, entry.remote_addr, entry.request_id, entry.detail, hash])?;
@@ -38,7 +54,13 @@ pub fn append(conn: &Connection, entry: &Entry<'_>, now_ms: i64) -> Result<i64, 
         "remote_addr": entry.remote_addr, "request_id": entry.request_id, "detail": entry.detail,
         "previous": previous, "hash": hash,
     });
-    crate::outbox::append(conn, crate::outbox::Change::Audit, &format!("audit:{id}"), &body, now_ms)?;
+    crate::outbox::append(
+        conn,
+        crate::outbox::Change::Audit,
+        &format!("audit:{id}"),
+        &body,
+        now_ms,
+    )?;
     Ok(id)
 }
 
@@ -62,18 +84,47 @@ pub fn verify(conn: &Connection) -> Result<Verified, rusqlite::Error> {
     let (mut previous, mut checked) = (String::new(), 0_i64);
     while let Some(row) = rows.next()? {
         let id: i64 = row.get(0)?;
-        let (at, actor, action, target, remote, request, detail): (String, String, String, Option<String>, Option<String>, Option<String>, String) =
-            (row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?, row.get(7)?);
+        let (at, actor, action, target, remote, request, detail): (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            String,
+        ) = (
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+            row.get(5)?,
+            row.get(6)?,
+            row.get(7)?,
+        );
         let stored: Option<String> = row.get(8)?;
-        let entry = Entry { at: &at, actor: &actor, action: &action, target: target.as_deref(), remote_addr: remote.as_deref(), request_id: request.as_deref(), detail: &detail };
+        let entry = Entry {
+            at: &at,
+            actor: &actor,
+            action: &action,
+            target: target.as_deref(),
+            remote_addr: remote.as_deref(),
+            request_id: request.as_deref(),
+            detail: &detail,
+        };
         let expected = chain_hash(&previous, &entry);
         if stored.as_deref() != Some(expected.as_str()) {
-            return Ok(Verified { rows: checked, first_broken: Some(id) });
+            return Ok(Verified {
+                rows: checked,
+                first_broken: Some(id),
+            });
         }
         checked += 1;
         previous = expected;
     }
-    Ok(Verified { rows: checked, first_broken: None })
+    Ok(Verified {
+        rows: checked,
+        first_broken: None,
+    })
 }
 
 #[cfg(test)]
@@ -81,11 +132,20 @@ mod tests {
     use super::*;
 
     fn entry<'a>(action: &'a str, detail: &'a str) -> Entry<'a> {
-        Entry { at: "2026-12-02T10:00:00Z", actor: "staff:org", action, target: Some("event:1"), remote_addr: Some("10.0.0.1"), request_id: Some("r1"), detail }
+        Entry {
+            at: "2026-12-02T10:00:00Z",
+            actor: "staff:org",
+            action,
+            target: Some("event:1"),
+            remote_addr: Some("10.0.0.1"),
+            request_id: Some("r1"),
+            detail,
+        }
     }
 
     #[test]
-    fn an_edited_inserted_or_removed_row_breaks_the_chain_from_there() -> Result<(), Box<dyn std::error::Error>> {
+    fn an_edited_inserted_or_removed_row_breaks_the_chain_from_there()
+    -> Result<(), Box<dyn std::error::Error>> {
         let mut conn = Connection::open_in_memory()?;
         crate::db::migrate(&mut conn)?;
         // A row from before the chain: not checked, not a break.
@@ -93,17 +153,38 @@ mod tests {
         for n in 0..5 {
             append(&conn, &entry("event.updated", &format!("{{\"n\":{n}}}")), 1)?;
         }
-        assert_eq!(verify(&conn)?, Verified { rows: 5, first_broken: None });
-        let sent: i64 = conn.query_row("SELECT count(*) FROM outbox WHERE kind = 'audit'", [], |r| r.get(0))?;
+        assert_eq!(
+            verify(&conn)?,
+            Verified {
+                rows: 5,
+                first_broken: None
+            }
+        );
+        let sent: i64 = conn.query_row(
+            "SELECT count(*) FROM outbox WHERE kind = 'audit'",
+            [],
+            |r| r.get(0),
+        )?;
         assert_eq!(sent, 5, "every chained row goes to the cloud");
         // Someone with the file drops the triggers and edits row 4.
         conn.execute_batch("DROP TRIGGER audit_log_is_append_only_update; DROP TRIGGER audit_log_is_append_only_delete;")?;
-        conn.execute("UPDATE audit_log SET detail = '{\"n\":99}' WHERE id = 4", [])?;
+        conn.execute(
+            "UPDATE audit_log SET detail = '{\"n\":99}' WHERE id = 4",
+            [],
+        )?;
         assert_eq!(verify(&conn)?.first_broken, Some(4));
         conn.execute("UPDATE audit_log SET detail = '{\"n\":2}' WHERE id = 4", [])?;
-        assert_eq!(verify(&conn)?.first_broken, None, "restored, it verifies again");
+        assert_eq!(
+            verify(&conn)?.first_broken,
+            None,
+            "restored, it verifies again"
+        );
         conn.execute("DELETE FROM audit_log WHERE id = 3", [])?;
-        assert_eq!(verify(&conn)?.first_broken, Some(4), "a removed row breaks the next one");
+        assert_eq!(
+            verify(&conn)?.first_broken,
+            Some(4),
+            "a removed row breaks the next one"
+        );
         Ok(())
     }
 }

@@ -28,7 +28,11 @@ pub struct BillingSettings {
 
 impl Default for BillingSettings {
     fn default() -> Self {
-        Self { gpu_hour_cents: 100, llm_1k_tokens_cents: 0, window: Duration::from_secs(900) }
+        Self {
+            gpu_hour_cents: 100,
+            llm_1k_tokens_cents: 0,
+            window: Duration::from_secs(900),
+        }
     }
 }
 
@@ -97,15 +101,28 @@ pub fn balance(conn: &Connection, event_id: i64) -> Result<Balance, rusqlite::Er
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let balance = credits - charges;
-    Ok(Balance { credits_cents: credits, charges_cents: charges, balance_cents: balance, status: status(credits, balance).to_owned() })
+    Ok(Balance {
+        credits_cents: credits,
+        charges_cents: charges,
+        balance_cents: balance,
+        status: status(credits, balance).to_owned(),
+    })
 }
 
 /// Appends an entry (and its outbox row) in the caller's transaction. An entry whose
 /// reference is already there is not entered again: `Ok(None)`. When the entry moves the
 /// event's balance to low or depleted, a staff alert says so in the same transaction.
-pub fn append(conn: &Connection, entry: &NewEntry<'_>, now_ms: i64) -> Result<Option<i64>, rusqlite::Error> {
+pub fn append(
+    conn: &Connection,
+    entry: &NewEntry<'_>,
+    now_ms: i64,
+) -> Result<Option<i64>, rusqlite::Error> {
     if let Some(reference) = &entry.reference {
-        let seen: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM billing_ledger WHERE reference = ?1)", [reference], |r| r.get(0))?;
+        let seen: bool = conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM billing_ledger WHERE reference = ?1)",
+            [reference],
+            |r| r.get(0),
+        )?;
         if seen {
             return Ok(None);
         }
@@ -153,17 +170,30 @@ pub fn append(conn: &Connection, entry: &NewEntry<'_>, now_ms: i64) -> Result<Op
 
 /// Bills an allocation's usage from where its last window ended up to `now_ms` (if it has
 /// GPUs), and moves its window on. `closing`: the lab stops being active now.
-pub fn bill_window(conn: &Connection, settings: &BillingSettings, allocation_id: i64, now_ms: i64, closing: bool) -> Result<(), rusqlite::Error> {
+pub fn bill_window(
+    conn: &Connection,
+    settings: &BillingSettings,
+    allocation_id: i64,
+    now_ms: i64,
+    closing: bool,
+) -> Result<(), rusqlite::Error> {
     let row: Option<(i64, i64, u32, Option<i64>)> = conn
-        .query_row("SELECT event_id, team_id, gpus, billed_until_ms FROM allocations WHERE id = ?1", [allocation_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })
+        .query_row(
+            "SELECT event_id, team_id, gpus, billed_until_ms FROM allocations WHERE id = ?1",
+            [allocation_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
         .optional()?;
-    let Some((event_id, team_id, gpus, billed_until)) = row else { return Ok(()) };
+    let Some((event_id, team_id, gpus, billed_until)) = row else {
+        return Ok(());
+    };
     let Some(from) = billed_until else {
         // The lab just became active: its first window starts now.
         if !closing {
-            conn.execute("UPDATE allocations SET billed_until_ms = ?2 WHERE id = ?1", params![allocation_id, now_ms])?;
+            conn.execute(
+                "UPDATE allocations SET billed_until_ms = ?2 WHERE id = ?1",
+                params![allocation_id, now_ms],
+            )?;
         }
         return Ok(());
     };
@@ -191,13 +221,20 @@ pub fn bill_window(conn: &Connection, settings: &BillingSettings, allocation_id:
         )?;
     }
     let next = if closing { None } else { Some(now_ms) };
-    conn.execute("UPDATE allocations SET billed_until_ms = ?2 WHERE id = ?1", params![allocation_id, next])?;
+    conn.execute(
+        "UPDATE allocations SET billed_until_ms = ?2 WHERE id = ?1",
+        params![allocation_id, next],
+    )?;
     Ok(())
 }
 
 /// The reconciler's pass (every second): active labs open or close a window when one is
 /// due; labs that stopped being active get their last window (at most a pass late).
-pub fn bill_active(conn: &Connection, settings: &BillingSettings, now_ms: i64) -> Result<(), rusqlite::Error> {
+pub fn bill_active(
+    conn: &Connection,
+    settings: &BillingSettings,
+    now_ms: i64,
+) -> Result<(), rusqlite::Error> {
     let window = i64::try_from(settings.window.as_millis()).unwrap_or(i64::MAX);
     let due: Vec<i64> = conn
         .prepare_cached("SELECT id FROM allocations WHERE state = 'active' AND (billed_until_ms IS NULL OR billed_until_ms <= ?1)")?
@@ -207,7 +244,9 @@ pub fn bill_active(conn: &Connection, settings: &BillingSettings, now_ms: i64) -
         bill_window(conn, settings, id, now_ms, false)?;
     }
     let stopped: Vec<i64> = conn
-        .prepare_cached("SELECT id FROM allocations WHERE state <> 'active' AND billed_until_ms IS NOT NULL")?
+        .prepare_cached(
+            "SELECT id FROM allocations WHERE state <> 'active' AND billed_until_ms IS NOT NULL",
+        )?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in stopped {
@@ -216,7 +255,11 @@ pub fn bill_active(conn: &Connection, settings: &BillingSettings, now_ms: i64) -
     Ok(())
 }
 
-pub fn entries(conn: &Connection, event_id: i64, team_id: Option<i64>) -> Result<Vec<Entry>, rusqlite::Error> {
+pub fn entries(
+    conn: &Connection,
+    event_id: i64,
+    team_id: Option<i64>,
+) -> Result<Vec<Entry>, rusqlite::Error> {
     let mut statement = conn.prepare_cached(
         "SELECT id, event_id, team_id, kind, quantity, unit, amount_cents, reference, note, actor, created_ms FROM billing_ledger
          WHERE event_id = ?1 AND (?2 IS NULL OR team_id = ?2) ORDER BY id",
@@ -244,7 +287,8 @@ mod tests {
     use super::*;
 
     fn db() -> (Connection, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!("labrack-billing-{}.db", rand::random::<u32>()));
+        let path =
+            std::env::temp_dir().join(format!("labrack-billing-{}.db", rand::random::<u32>()));
         let mut conn = crate::db::open_connection(&path, false).expect("open");
         crate::db::migrate(&mut conn).expect("migrate");
         conn.execute_batch(
@@ -261,26 +305,78 @@ mod tests {
     #[test]
     fn windows_bill_gpu_hours_once_and_the_ledger_cannot_change() {
         let (conn, path) = db();
-        let settings = BillingSettings { gpu_hour_cents: 250, llm_1k_tokens_cents: 0, window: Duration::from_secs(900) };
-        let credit = NewEntry { event_id: 1, team_id: None, kind: "credit", quantity: 1.0, unit: "top-up", amount_cents: 1000, reference: None, note: "prepaid".into(), actor: "staff:org" };
+        let settings = BillingSettings {
+            gpu_hour_cents: 250,
+            llm_1k_tokens_cents: 0,
+            window: Duration::from_secs(900),
+        };
+        let credit = NewEntry {
+            event_id: 1,
+            team_id: None,
+            kind: "credit",
+            quantity: 1.0,
+            unit: "top-up",
+            amount_cents: 1000,
+            reference: None,
+            note: "prepaid".into(),
+            actor: "staff:org",
+        };
         append(&conn, &credit, 0).expect("credit");
         bill_active(&conn, &settings, 1_000).expect("window opens");
         bill_active(&conn, &settings, 1_000 + 899_999).expect("not yet a window");
-        assert!(entries(&conn, 1, None).expect("entries").len() == 1, "no charge before a window closes");
+        assert!(
+            entries(&conn, 1, None).expect("entries").len() == 1,
+            "no charge before a window closes"
+        );
         bill_active(&conn, &settings, 1_000 + 3_600_000).expect("an hour");
-        bill_window(&conn, &settings, 1, 1_000 + 3_600_000, true).expect("closing at the same moment adds nothing");
+        bill_window(&conn, &settings, 1, 1_000 + 3_600_000, true)
+            .expect("closing at the same moment adds nothing");
         let all = entries(&conn, 1, None).expect("entries");
         assert_eq!(all.len(), 2, "{all:?}");
-        assert_eq!((all[1].quantity, all[1].amount_cents), (2.0, -500), "2 GPUs for 1 h at 2.50");
+        assert_eq!(
+            (all[1].quantity, all[1].amount_cents),
+            (2.0, -500),
+            "2 GPUs for 1 h at 2.50"
+        );
         // Another 1.5 h later the lab is released: the last window is billed and closed.
         bill_window(&conn, &settings, 1, 1_000 + 9_000_000, true).expect("closing");
         let balance = balance(&conn, 1).expect("balance");
-        assert_eq!((balance.charges_cents, balance.balance_cents, balance.status.as_str()), (1250, -250, "depleted"));
-        let alerts: Vec<String> = conn.prepare("SELECT kind FROM alerts ORDER BY id").expect("q").query_map([], |r| r.get(0)).expect("q").collect::<Result<_, _>>().expect("alerts");
-        assert_eq!(alerts, ["billing_depleted"], "low is skipped when one entry goes straight to depleted");
-        assert!(conn.execute("UPDATE billing_ledger SET amount_cents = 0", []).is_err(), "append-only");
-        assert!(conn.execute("DELETE FROM billing_ledger", []).is_err(), "append-only");
-        let outboxed: i64 = conn.query_row("SELECT count(*) FROM outbox WHERE kind = 'ledger'", [], |r| r.get(0)).expect("outbox");
+        assert_eq!(
+            (
+                balance.charges_cents,
+                balance.balance_cents,
+                balance.status.as_str()
+            ),
+            (1250, -250, "depleted")
+        );
+        let alerts: Vec<String> = conn
+            .prepare("SELECT kind FROM alerts ORDER BY id")
+            .expect("q")
+            .query_map([], |r| r.get(0))
+            .expect("q")
+            .collect::<Result<_, _>>()
+            .expect("alerts");
+        assert_eq!(
+            alerts,
+            ["billing_depleted"],
+            "low is skipped when one entry goes straight to depleted"
+        );
+        assert!(
+            conn.execute("UPDATE billing_ledger SET amount_cents = 0", [])
+                .is_err(),
+            "append-only"
+        );
+        assert!(
+            conn.execute("DELETE FROM billing_ledger", []).is_err(),
+            "append-only"
+        );
+        let outboxed: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM outbox WHERE kind = 'ledger'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("outbox");
         assert_eq!(outboxed, 3, "every entry is in the outbox");
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));

@@ -52,13 +52,19 @@ pub struct QueueSettings {
 
 impl Default for QueueSettings {
     fn default() -> Self {
-        Self { max_attempts: HashMap::new(), check_workers: 16 }
+        Self {
+            max_attempts: HashMap::new(),
+            check_workers: 16,
+        }
     }
 }
 
 impl QueueSettings {
     pub fn attempts_for(&self, kind: &str) -> u32 {
-        self.max_attempts.get(kind).copied().unwrap_or(jobs::DEFAULT_MAX_ATTEMPTS)
+        self.max_attempts
+            .get(kind)
+            .copied()
+            .unwrap_or(jobs::DEFAULT_MAX_ATTEMPTS)
     }
 }
 
@@ -115,12 +121,24 @@ pub struct BatchQueued {
 
 /// Queues one run per (team, check) as one batch, in the caller's write. Teams without an
 /// active lab are skipped and named. An unknown team or check changes nothing.
-pub fn queue_batch(conn: &Connection, request: &BatchRequest, now_ms: i64) -> Result<BatchQueued, ApiError> {
-    let event_state: Option<String> =
-        conn.query_row("SELECT state FROM events WHERE id = ?1", [request.event_id], |r| r.get(0)).optional()?;
+pub fn queue_batch(
+    conn: &Connection,
+    request: &BatchRequest,
+    now_ms: i64,
+) -> Result<BatchQueued, ApiError> {
+    let event_state: Option<String> = conn
+        .query_row(
+            "SELECT state FROM events WHERE id = ?1",
+            [request.event_id],
+            |r| r.get(0),
+        )
+        .optional()?;
     let event_state = event_state.ok_or(ApiError::NotFound("event"))?;
     if matches!(event_state.as_str(), "ended" | "archived") {
-        return Err(ApiError::conflict(Some("state"), format!("the event is {event_state}: checks no longer run")));
+        return Err(ApiError::conflict(
+            Some("state"),
+            format!("the event is {event_state}: checks no longer run"),
+        ));
     }
     #[allow(clippy::type_complexity)]
     let teams: Vec<(i64, String, Option<i64>, Option<String>, Option<String>)> = conn
@@ -129,7 +147,9 @@ pub fn queue_batch(conn: &Connection, request: &BatchRequest, now_ms: i64) -> Re
              LEFT JOIN allocations a ON a.team_id = t.id AND a.state <> 'released'
              WHERE t.event_id = ?1 AND (?2 IS NULL OR t.id = ?2) ORDER BY t.id",
         )?
-        .query_map(params![request.event_id, request.team_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .query_map(params![request.event_id, request.team_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
         .collect::<Result<_, _>>()?;
     if request.team_id.is_some() && teams.is_empty() {
         return Err(ApiError::NotFound("team"));
@@ -139,29 +159,56 @@ pub fn queue_batch(conn: &Connection, request: &BatchRequest, now_ms: i64) -> Re
     let mut skipped = Vec::new();
     let mut check_known = request.check_name.is_none();
     for (team_id, team, allocation, state, template) in teams {
-        let (Some(allocation_id), Some("active"), Some(template)) = (allocation, state.as_deref(), template) else {
+        let (Some(allocation_id), Some("active"), Some(template)) =
+            (allocation, state.as_deref(), template)
+        else {
             let reason = match state {
                 None => "the team has no lab".to_owned(),
                 Some(state) => format!("the team's lab is {state}, not active"),
             };
-            skipped.push(SkippedTeam { team_id, team, reason });
+            skipped.push(SkippedTeam {
+                team_id,
+                team,
+                reason,
+            });
             continue;
         };
         if !templates.contains_key(&template) {
-            let stored: Option<String> =
-                conn.query_row("SELECT checks FROM lab_templates WHERE name = ?1", [&template], |r| r.get(0)).optional()?;
-            let checks: Vec<StoredCheck> = stored.and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default();
+            let stored: Option<String> = conn
+                .query_row(
+                    "SELECT checks FROM lab_templates WHERE name = ?1",
+                    [&template],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let checks: Vec<StoredCheck> = stored
+                .and_then(|json| serde_json::from_str(&json).ok())
+                .unwrap_or_default();
             templates.insert(template.clone(), checks);
         }
-        let checks = templates.get(&template).map(Vec::as_slice).unwrap_or_default();
-        let chosen: Vec<&StoredCheck> =
-            checks.iter().filter(|c| request.check_name.as_ref().is_none_or(|name| c.name.eq_ignore_ascii_case(name))).collect();
+        let checks = templates
+            .get(&template)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let chosen: Vec<&StoredCheck> = checks
+            .iter()
+            .filter(|c| {
+                request
+                    .check_name
+                    .as_ref()
+                    .is_none_or(|name| c.name.eq_ignore_ascii_case(name))
+            })
+            .collect();
         if chosen.is_empty() {
             let reason = match &request.check_name {
                 Some(name) => format!("its template {template:?} has no check named {name:?}"),
                 None => format!("its template {template:?} has no checks"),
             };
-            skipped.push(SkippedTeam { team_id, team, reason });
+            skipped.push(SkippedTeam {
+                team_id,
+                team,
+                reason,
+            });
             continue;
         }
         check_known = true;
@@ -171,7 +218,10 @@ pub fn queue_batch(conn: &Connection, request: &BatchRequest, now_ms: i64) -> Re
     }
     if !check_known {
         let name = request.check_name.clone().unwrap_or_default();
-        return Err(ApiError::invalid("check", format!("no lab template of these teams has a check named {name:?}")));
+        return Err(ApiError::invalid(
+            "check",
+            format!("no lab template of these teams has a check named {name:?}"),
+        ));
     }
     conn.execute(
         "INSERT INTO check_batches (event_id, reason, requested_by, team_id, check_name, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -208,16 +258,28 @@ pub fn queue_batch(conn: &Connection, request: &BatchRequest, now_ms: i64) -> Re
             ..NewJob::new(JOB_KIND, serde_json::json!({"check_run_id": run_id})).for_team(team_id)
         };
         let (job_id, _) = jobs::enqueue(conn, &job, now_ms)?;
-        conn.prepare_cached("UPDATE check_runs SET job_id = ?2 WHERE id = ?1")?.execute(params![run_id, job_id])?;
+        conn.prepare_cached("UPDATE check_runs SET job_id = ?2 WHERE id = ?1")?
+            .execute(params![run_id, job_id])?;
         queued += 1;
     }
-    Ok(BatchQueued { batch_id, queued, skipped })
+    Ok(BatchQueued {
+        batch_id,
+        queued,
+        skipped,
+    })
 }
 
 /// Records a host's report of a check task, in the report's write. Only a check that ran
 /// gives the run a result; a task that could not run is the worker's to retry.
-pub fn record_report(conn: &Connection, check_run_id: i64, outcome: &TaskOutcome, now_ms: i64) -> Result<(), ApiError> {
-    let TaskOutcome::Checked { check } = outcome else { return Ok(()) };
+pub fn record_report(
+    conn: &Connection,
+    check_run_id: i64,
+    outcome: &TaskOutcome,
+    now_ms: i64,
+) -> Result<(), ApiError> {
+    let TaskOutcome::Checked { check } = outcome else {
+        return Ok(());
+    };
     let recorded = conn.prepare_cached(
         "UPDATE check_runs SET state = ?2, message = ?3, output = ?4, exit_code = ?5, timed_out = ?6, duration_ms = ?7, finished_ms = ?8
          WHERE id = ?1 AND state IN ('queued', 'running')",
@@ -362,38 +424,69 @@ say STATUS "$(/usr/bin/cat "$d/status") $(/usr/bin/wc -c <"$d/out") $(/usr/bin/w
 /// Reads what [`remote_program`] printed into a check result; an error means the check
 /// could not be run (or is still running elsewhere) and the job should retry. Only lines
 /// with the run's nonce count.
-pub fn parse_remote(printed: &str, check: &SshCheck, duration_ms: u64) -> Result<labrack_provisioner::check::CheckResult, String> {
+pub fn parse_remote(
+    printed: &str,
+    check: &SshCheck,
+    duration_ms: u64,
+) -> Result<labrack_provisioner::check::CheckResult, String> {
     use base64::Engine as _;
-    use labrack_provisioner::check::{CheckResult, Captured, verdict};
+    use labrack_provisioner::check::{Captured, CheckResult, verdict};
     let marker = format!("LABRACK-{} ", check.nonce);
     let mut lines = printed.lines();
     let first = lines.next().unwrap_or_default();
-    let said = first.strip_prefix(&marker).ok_or_else(|| format!("unexpected answer from the host: {:?}", first.chars().take(120).collect::<String>()))?;
+    let said = first.strip_prefix(&marker).ok_or_else(|| {
+        format!(
+            "unexpected answer from the host: {:?}",
+            first.chars().take(120).collect::<String>()
+        )
+    })?;
     if said == "PENDING" {
         return Err("an earlier attempt of this check is still running on the host".into());
     }
     if let Some(why) = said.strip_prefix("CANNOT ") {
         return Err(format!("the check could not run on this host: {why}"));
     }
-    let fields: Vec<&str> = said.strip_prefix("STATUS ").ok_or_else(|| format!("unexpected answer from the host: {said:?}"))?.split(' ').collect();
+    let fields: Vec<&str> = said
+        .strip_prefix("STATUS ")
+        .ok_or_else(|| format!("unexpected answer from the host: {said:?}"))?
+        .split(' ')
+        .collect();
     let number = |i: usize| fields.get(i).and_then(|f| f.trim().parse::<u64>().ok());
     let (Some(status), Some(out_len), Some(err_len)) = (number(0), number(1), number(2)) else {
         return Err(format!("unexpected status line from the host: {said:?}"));
     };
-    let decode = |line: Option<&str>| base64::engine::general_purpose::STANDARD.decode(line.unwrap_or_default().trim()).unwrap_or_default();
+    let decode = |line: Option<&str>| {
+        base64::engine::general_purpose::STANDARD
+            .decode(line.unwrap_or_default().trim())
+            .unwrap_or_default()
+    };
     let (out, err) = (decode(lines.next()), decode(lines.next()));
-    let captured = |bytes: Vec<u8>, total: u64| Captured { dropped: total.saturating_sub(bytes.len() as u64), head: bytes };
+    let captured = |bytes: Vec<u8>, total: u64| Captured {
+        dropped: total.saturating_sub(bytes.len() as u64),
+        head: bytes,
+    };
     let (stdout, stderr) = (captured(out, out_len).text(), captured(err, err_len).text());
     // `timeout -s KILL` ends a check that ran out of time with 128 + 9.
     let timed_out = status == 137;
-    let exit_code = if status < 128 { i32::try_from(status).ok() } else { None };
+    let exit_code = if status < 128 {
+        i32::try_from(status).ok()
+    } else {
+        None
+    };
     let (passed, message) = verdict(exit_code, timed_out, check.timeout_secs, &stdout, &stderr);
     let mut output = stdout;
     if !stderr.is_empty() {
         output.push_str("--- stderr ---\n");
         output.push_str(&stderr);
     }
-    Ok(CheckResult { passed, message, exit_code, timed_out, duration_ms, output })
+    Ok(CheckResult {
+        passed,
+        message,
+        exit_code,
+        timed_out,
+        duration_ms,
+        output,
+    })
 }
 
 /// What a worker found when it took a job.
@@ -402,14 +495,26 @@ enum Begin {
     /// the run already has its result (reported while nobody waited)
     Finished,
     /// a host task is out: wait for its report
-    Waiting { task_id: String, deadline_ms: i64, issued: bool },
+    Waiting {
+        task_id: String,
+        deadline_ms: i64,
+        issued: bool,
+    },
     /// the run cannot proceed now (the job fails and backs off)
     CannotRun(String),
     /// the lab's host has no agent: run the check over SSH from here
-    OverSsh { target: labrack_streamer::terminal::TerminalTarget, check: SshCheck },
+    OverSsh {
+        target: labrack_streamer::terminal::TerminalTarget,
+        check: SshCheck,
+    },
 }
 
-fn begin(conn: &Connection, secrets: &crate::secrets::SecretBox, job: &Job, now_ms: i64) -> Result<Begin, ApiError> {
+fn begin(
+    conn: &Connection,
+    secrets: &crate::secrets::SecretBox,
+    job: &Job,
+    now_ms: i64,
+) -> Result<Begin, ApiError> {
     let Some(run_id) = job.payload["check_run_id"].as_i64() else {
         return Ok(Begin::CannotRun("the job has no check_run_id".into()));
     };
@@ -422,7 +527,9 @@ fn begin(conn: &Connection, secrets: &crate::secrets::SecretBox, job: &Job, now_
         )
         .optional()?;
     let Some((state, allocation_id, name, script, timeout_secs, memory_mib, network)) = run else {
-        return Ok(Begin::CannotRun(format!("check run {run_id} does not exist")));
+        return Ok(Begin::CannotRun(format!(
+            "check run {run_id} does not exist"
+        )));
     };
     if matches!(state.as_str(), "passed" | "failed" | "cancelled") {
         return Ok(Begin::Finished);
@@ -436,7 +543,11 @@ fn begin(conn: &Connection, secrets: &crate::secrets::SecretBox, job: &Job, now_
         )
         .optional()?;
     if let Some((task_id, created_ms, None)) = latest {
-        return Ok(Begin::Waiting { task_id, deadline_ms: deadline_from(created_ms), issued: false });
+        return Ok(Begin::Waiting {
+            task_id,
+            deadline_ms: deadline_from(created_ms),
+            issued: false,
+        });
     }
     let lab: Option<(i64, String, bool)> = conn
         .query_row("SELECT a.host_id, a.state, h.agent FROM allocations a JOIN hosts h ON h.id = a.host_id WHERE a.id = ?1", [allocation_id], |r| {
@@ -445,26 +556,44 @@ fn begin(conn: &Connection, secrets: &crate::secrets::SecretBox, job: &Job, now_
         .optional()?;
     let (host_id, agent) = match lab {
         Some((host_id, lab_state, agent)) if lab_state == "active" => (host_id, agent),
-        Some((_, lab_state, _)) => return Ok(Begin::CannotRun(format!("the team's lab is {lab_state}, not active"))),
+        Some((_, lab_state, _)) => {
+            return Ok(Begin::CannotRun(format!(
+                "the team's lab is {lab_state}, not active"
+            )));
+        }
         None => return Ok(Begin::CannotRun("the team's lab no longer exists".into())),
     };
     if !agent {
         let Some(desktop) = crate::labs::desktop_secret(conn, secrets, allocation_id)? else {
-            return Ok(Begin::CannotRun("the lab has no login for its SSH server".into()));
+            return Ok(Begin::CannotRun(
+                "the lab has no login for its SSH server".into(),
+            ));
         };
         let Some(host_key) = desktop.ssh_host_key else {
-            return Ok(Begin::CannotRun("the host's SSH key is not known: it cannot be verified".into()));
+            return Ok(Begin::CannotRun(
+                "the host's SSH key is not known: it cannot be verified".into(),
+            ));
         };
         // Checks run as the host's checker account, never as the team.
-        let Some((checker, checker_password)) = crate::labs::checker_login(conn, secrets, host_id)? else {
-            return Ok(Begin::CannotRun("the host has no checker account: checks never run as the team".into()));
+        let Some((checker, checker_password)) = crate::labs::checker_login(conn, secrets, host_id)?
+        else {
+            return Ok(Begin::CannotRun(
+                "the host has no checker account: checks never run as the team".into(),
+            ));
         };
-        let stored: Option<String> = conn.query_row("SELECT ssh_nonce FROM check_runs WHERE id = ?1", [run_id], |r| r.get(0))?;
+        let stored: Option<String> = conn.query_row(
+            "SELECT ssh_nonce FROM check_runs WHERE id = ?1",
+            [run_id],
+            |r| r.get(0),
+        )?;
         let nonce = match stored {
             Some(nonce) => nonce,
             None => {
                 let nonce = format!("{:016x}", rand::random::<u64>());
-                conn.execute("UPDATE check_runs SET ssh_nonce = ?2 WHERE id = ?1", params![run_id, nonce])?;
+                conn.execute(
+                    "UPDATE check_runs SET ssh_nonce = ?2 WHERE id = ?1",
+                    params![run_id, nonce],
+                )?;
                 nonce
             }
         };
@@ -475,33 +604,73 @@ fn begin(conn: &Connection, secrets: &crate::secrets::SecretBox, job: &Job, now_
             password: checker_password,
             host_key,
         };
-        conn.execute("UPDATE check_runs SET state = 'running' WHERE id = ?1", [run_id])?;
-        let check = SshCheck { run_id, nonce, lab_user: desktop.username, name, script, timeout_secs, memory_mib, network };
+        conn.execute(
+            "UPDATE check_runs SET state = 'running' WHERE id = ?1",
+            [run_id],
+        )?;
+        let check = SshCheck {
+            run_id,
+            nonce,
+            lab_user: desktop.username,
+            name,
+            script,
+            timeout_secs,
+            memory_mib,
+            network,
+        };
         return Ok(Begin::OverSsh { target, check });
     }
-    let issued_before: u32 = conn.query_row("SELECT count(*) FROM host_tasks WHERE check_run_id = ?1", [run_id], |r| r.get(0))?;
+    let issued_before: u32 = conn.query_row(
+        "SELECT count(*) FROM host_tasks WHERE check_run_id = ?1",
+        [run_id],
+        |r| r.get(0),
+    )?;
     let task = HostTask {
         version: PROTOCOL_VERSION,
         id: TaskId::check(run_id, issued_before + 1),
         host_id,
-        kind: TaskKind::RunCheck { allocation_id, check_run_id: run_id, name, script, timeout_secs, memory_mib, network },
+        kind: TaskKind::RunCheck {
+            allocation_id,
+            check_run_id: run_id,
+            name,
+            script,
+            timeout_secs,
+            memory_mib,
+            network,
+        },
     };
     let body = serde_json::to_string(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
     conn.execute(
         "INSERT INTO host_tasks (id, host_id, allocation_id, body, created_ms, check_run_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![task.id.0, host_id, allocation_id, body, now_ms, run_id],
     )?;
-    conn.execute("UPDATE check_runs SET state = 'running' WHERE id = ?1", [run_id])?;
-    Ok(Begin::Waiting { task_id: task.id.0, deadline_ms: deadline_from(now_ms), issued: true })
+    conn.execute(
+        "UPDATE check_runs SET state = 'running' WHERE id = ?1",
+        [run_id],
+    )?;
+    Ok(Begin::Waiting {
+        task_id: task.id.0,
+        deadline_ms: deadline_from(now_ms),
+        issued: true,
+    })
 }
 
 /// Fails the job's attempt; the run waits for the retry, or is `error` once the job is dead.
-fn fail_attempt(conn: &Connection, job: &Job, worker: &str, error: &str, now_ms: i64) -> Result<(), ApiError> {
+fn fail_attempt(
+    conn: &Connection,
+    job: &Job,
+    worker: &str,
+    error: &str,
+    now_ms: i64,
+) -> Result<(), ApiError> {
     let state = jobs::fail(conn, job.id, worker, error, now_ms)?;
     if state == "dead" {
         settle_ended_jobs(conn, now_ms)?;
     } else {
-        conn.execute("UPDATE check_runs SET state = 'queued' WHERE job_id = ?1 AND state = 'running'", [job.id])?;
+        conn.execute(
+            "UPDATE check_runs SET state = 'queued' WHERE job_id = ?1 AND state = 'running'",
+            [job.id],
+        )?;
     }
     Ok(())
 }
@@ -537,7 +706,17 @@ async fn dispatch(state: AppState, name: String, slots: usize) {
             .db
             .writer()
             .write(move |conn| {
-                let job = jobs::claim(conn, &worker, &[JOB_KIND, crate::api::scores::SUBMISSION_JOB, crate::agents::HINT_JOB], LEASE_MS, now())?;
+                let job = jobs::claim(
+                    conn,
+                    &worker,
+                    &[
+                        JOB_KIND,
+                        crate::api::scores::SUBMISSION_JOB,
+                        crate::agents::HINT_JOB,
+                    ],
+                    LEASE_MS,
+                    now(),
+                )?;
                 if job.is_none() {
                     settle_ended_jobs(conn, now())?;
                 }
@@ -573,7 +752,12 @@ async fn dispatch(state: AppState, name: String, slots: usize) {
 
 /// Runs `work` while renewing `job_id`'s lease; `None` when the lease was lost (staff
 /// cancelled the job) or the appliance shuts down, and the job was handed back.
-async fn renewing<T>(state: &AppState, job_id: i64, worker: &str, work: impl std::future::Future<Output = T>) -> Option<T> {
+async fn renewing<T>(
+    state: &AppState,
+    job_id: i64,
+    worker: &str,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
     let mut renew = tokio::time::interval(RENEW_EVERY);
     renew.tick().await;
     let mut shutdown = state.shutdown.subscribe();
@@ -593,21 +777,38 @@ async fn renewing<T>(state: &AppState, job_id: i64, worker: &str, work: impl std
         match wake {
             Wake::Done(done) => return Some(done),
             Wake::Renew => {
-                let renewed = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)).await;
+                let renewed = state
+                    .db
+                    .writer()
+                    .write(move |conn| {
+                        Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)
+                    })
+                    .await;
                 if let Err(error) = renewed {
                     tracing::info!(job = job_id, error = ?ApiError::from(error), "stopped a job that is no longer ours");
                     return None;
                 }
             }
             Wake::Stop => {
-                let _ = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::abandon(conn, job_id, &worker, now())?)).await;
+                let _ = state
+                    .db
+                    .writer()
+                    .write(move |conn| {
+                        Ok::<_, ApiError>(jobs::abandon(conn, job_id, &worker, now())?)
+                    })
+                    .await;
                 return None;
             }
         }
     }
 }
 
-async fn run_claimed(state: AppState, name: String, job: Job, slot: tokio::sync::OwnedSemaphorePermit) {
+async fn run_claimed(
+    state: AppState,
+    name: String,
+    job: Job,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
     if job.kind == crate::api::scores::SUBMISSION_JOB {
         let (worker, attempts) = (name.clone(), state.queue.attempts_for(JOB_KIND));
         let expanded = state
@@ -617,10 +818,17 @@ async fn run_claimed(state: AppState, name: String, job: Job, slot: tokio::sync:
                 use crate::api::scores::Scoring;
                 let submission = job.payload["submission_id"].as_i64().unwrap_or_default();
                 match crate::api::scores::expand_submission(conn, submission, attempts, now()) {
-                    Ok(Scoring::Wait) => {
-                        jobs::defer(conn, job.id, &worker, SUBMISSION_WAIT_MS, "waiting for the team's previous submission's checks", now())?
+                    Ok(Scoring::Wait) => jobs::defer(
+                        conn,
+                        job.id,
+                        &worker,
+                        SUBMISSION_WAIT_MS,
+                        "waiting for the team's previous submission's checks",
+                        now(),
+                    )?,
+                    Ok(Scoring::Queued(_) | Scoring::Superseded | Scoring::Unscored) => {
+                        jobs::complete(conn, job.id, &worker, now())?
                     }
-                    Ok(Scoring::Queued(_) | Scoring::Superseded | Scoring::Unscored) => jobs::complete(conn, job.id, &worker, now())?,
                     Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now())?,
                 }
                 Ok::<_, ApiError>(())
@@ -628,10 +836,19 @@ async fn run_claimed(state: AppState, name: String, job: Job, slot: tokio::sync:
             .await;
         match expanded {
             Ok(()) => state.wake_workers(),
-            Err(error) => tracing::warn!(worker = %name, error = ?ApiError::from(error), "scoring a submission failed"),
+            Err(error) => {
+                tracing::warn!(worker = %name, error = ?ApiError::from(error), "scoring a submission failed")
+            }
         }
     } else if job.kind == crate::agents::HINT_JOB {
-        let Some(answered) = renewing(&state, job.id, &name, crate::agents::answer_question(&state, job.id, &job.payload)).await else {
+        let Some(answered) = renewing(
+            &state,
+            job.id,
+            &name,
+            crate::agents::answer_question(&state, job.id, &job.payload),
+        )
+        .await
+        else {
             return;
         };
         let worker = name.clone();
@@ -657,22 +874,45 @@ async fn run_claimed(state: AppState, name: String, job: Job, slot: tokio::sync:
     state.wake_workers();
 }
 
-async fn run_job(state: &AppState, worker: &str, job: Job, slot: tokio::sync::OwnedSemaphorePermit) -> Result<(), ApiError> {
+async fn run_job(
+    state: &AppState,
+    worker: &str,
+    job: Job,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), ApiError> {
     let started = {
         let (job, secrets) = (job.clone(), state.secrets.clone());
-        state.db.writer().write(move |conn| begin(conn, &secrets, &job, now())).await?
+        state
+            .db
+            .writer()
+            .write(move |conn| begin(conn, &secrets, &job, now()))
+            .await?
     };
     let (task_id, deadline_ms) = match started {
         Begin::Finished => {
             let (job_id, worker) = (job.id, worker.to_owned());
-            return Ok(state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::complete(conn, job_id, &worker, now())?)).await?);
+            return Ok(state
+                .db
+                .writer()
+                .write(move |conn| Ok::<_, ApiError>(jobs::complete(conn, job_id, &worker, now())?))
+                .await?);
         }
         Begin::CannotRun(reason) => {
             let worker = worker.to_owned();
-            return Ok(state.db.writer().write(move |conn| fail_attempt(conn, &job, &worker, &reason, now())).await?);
+            return Ok(state
+                .db
+                .writer()
+                .write(move |conn| fail_attempt(conn, &job, &worker, &reason, now()))
+                .await?);
         }
-        Begin::OverSsh { target, check } => return run_over_ssh(state, worker, job, target, check).await,
-        Begin::Waiting { task_id, deadline_ms, issued } => {
+        Begin::OverSsh { target, check } => {
+            return run_over_ssh(state, worker, job, target, check).await;
+        }
+        Begin::Waiting {
+            task_id,
+            deadline_ms,
+            issued,
+        } => {
             if issued {
                 state.wake_hosts();
             }
@@ -691,25 +931,43 @@ async fn run_job(state: &AppState, worker: &str, job: Job, slot: tokio::sync::Ow
         let done: Option<(Option<i64>, Option<String>)> = state
             .db
             .read(move |conn| {
-                conn.query_row("SELECT done_ms, outcome FROM host_tasks WHERE id = ?1", [&id], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-                    .map_err(ApiError::from)
+                conn.query_row(
+                    "SELECT done_ms, outcome FROM host_tasks WHERE id = ?1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(ApiError::from)
             })
             .await?;
         let worker_name = worker.to_owned();
         let job_for_write = job.clone();
         match done {
             Some((Some(_), outcome)) => {
-                let outcome: Option<TaskOutcome> = outcome.as_deref().and_then(|o| serde_json::from_str(o).ok());
+                let outcome: Option<TaskOutcome> = outcome
+                    .as_deref()
+                    .and_then(|o| serde_json::from_str(o).ok());
                 return Ok(state
                     .db
                     .writer()
                     .write(move |conn| match outcome {
-                        Some(TaskOutcome::Checked { .. }) => Ok(jobs::complete(conn, job_for_write.id, &worker_name, now())?),
-                        Some(TaskOutcome::Failed { error }) => {
-                            fail_attempt(conn, &job_for_write, &worker_name, &format!("the host could not run the check: {error}"), now())
+                        Some(TaskOutcome::Checked { .. }) => {
+                            Ok(jobs::complete(conn, job_for_write.id, &worker_name, now())?)
                         }
-                        _ => fail_attempt(conn, &job_for_write, &worker_name, "the check's task was withdrawn (the lab changed)", now()),
+                        Some(TaskOutcome::Failed { error }) => fail_attempt(
+                            conn,
+                            &job_for_write,
+                            &worker_name,
+                            &format!("the host could not run the check: {error}"),
+                            now(),
+                        ),
+                        _ => fail_attempt(
+                            conn,
+                            &job_for_write,
+                            &worker_name,
+                            "the check's task was withdrawn (the lab changed)",
+                            now(),
+                        ),
                     })
                     .await?);
             }
@@ -745,7 +1003,13 @@ async fn run_job(state: &AppState, worker: &str, job: Job, slot: tokio::sync::Ow
             Wake::Look => {}
             Wake::Renew => {
                 let (job_id, worker) = (job.id, worker.to_owned());
-                let renewed = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)).await;
+                let renewed = state
+                    .db
+                    .writer()
+                    .write(move |conn| {
+                        Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)
+                    })
+                    .await;
                 if let Err(error) = renewed {
                     // Cancelled by staff, or the lease was lost: the job is no longer ours.
                     tracing::info!(job = job.id, error = ?ApiError::from(error), "stopped waiting for a check");
@@ -756,7 +1020,13 @@ async fn run_job(state: &AppState, worker: &str, job: Job, slot: tokio::sync::Ow
                 // Hand the job back so the next start picks it up at once; its host task
                 // stays out and the next worker waits for that one instead of a new one.
                 let (job_id, worker) = (job.id, worker.to_owned());
-                let _ = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::abandon(conn, job_id, &worker, now())?)).await;
+                let _ = state
+                    .db
+                    .writer()
+                    .write(move |conn| {
+                        Ok::<_, ApiError>(jobs::abandon(conn, job_id, &worker, now())?)
+                    })
+                    .await;
                 return Ok(());
             }
         }
@@ -764,12 +1034,25 @@ async fn run_job(state: &AppState, worker: &str, job: Job, slot: tokio::sync::Ow
 }
 
 /// Runs an SSH check from the appliance while renewing the job's lease, then records it.
-async fn run_over_ssh(state: &AppState, worker: &str, job: Job, target: labrack_streamer::terminal::TerminalTarget, check: SshCheck) -> Result<(), ApiError> {
+async fn run_over_ssh(
+    state: &AppState,
+    worker: &str,
+    job: Job,
+    target: labrack_streamer::terminal::TerminalTarget,
+    check: SshCheck,
+) -> Result<(), ApiError> {
     let program = remote_program(&check);
     let wait = Duration::from_secs(u64::from(check.timeout_secs) + 60);
     let started = std::time::Instant::now();
-    let mut ssh =
-        tokio::task::spawn_blocking(move || labrack_streamer::terminal::run_command(&target, REMOTE_COMMAND, program.as_bytes(), wait, 256 * 1024));
+    let mut ssh = tokio::task::spawn_blocking(move || {
+        labrack_streamer::terminal::run_command(
+            &target,
+            REMOTE_COMMAND,
+            program.as_bytes(),
+            wait,
+            256 * 1024,
+        )
+    });
     let mut renew = tokio::time::interval(RENEW_EVERY);
     renew.tick().await;
     let ran = loop {
@@ -792,7 +1075,11 @@ async fn run_over_ssh(state: &AppState, worker: &str, job: Job, target: labrack_
             if printed.starts_with(&format!("LABRACK-{} ", check.nonce)) {
                 parse_remote(&printed, &check, duration_ms)
             } else {
-                Err(format!("the host's shell failed ({:?}): {}", output.exit_code, String::from_utf8_lossy(&output.stderr).trim()))
+                Err(format!(
+                    "the host's shell failed ({:?}): {}",
+                    output.exit_code,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))
             }
         }
         Ok(Err(error)) => Err(error.to_string()),
@@ -804,7 +1091,12 @@ async fn run_over_ssh(state: &AppState, worker: &str, job: Job, target: labrack_
         .writer()
         .write(move |conn| match result {
             Ok(checked) => {
-                record_report(conn, check.run_id, &TaskOutcome::Checked { check: checked }, now())?;
+                record_report(
+                    conn,
+                    check.run_id,
+                    &TaskOutcome::Checked { check: checked },
+                    now(),
+                )?;
                 Ok::<_, ApiError>(jobs::complete(conn, job.id, &worker, now())?)
             }
             Err(error) => fail_attempt(conn, &job, &worker, &format!("over SSH: {error}"), now()),
@@ -844,61 +1136,144 @@ mod tests {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("bash runs");
-        child.stdin.take().expect("stdin").write_all(remote_program(check).as_bytes()).expect("program");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(remote_program(check).as_bytes())
+            .expect("program");
         let output = child.wait_with_output().expect("bash ends");
-        (String::from_utf8_lossy(&output.stdout).into_owned(), u64::try_from(started.elapsed().as_millis()).unwrap_or(0))
+        (
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            u64::try_from(started.elapsed().as_millis()).unwrap_or(0),
+        )
     }
 
     #[test]
     fn an_ssh_check_runs_once_per_run_and_reports_like_an_agent() {
-        let checker = std::env::temp_dir().join(format!("labrack-ssh-check-{}", rand::random::<u32>()));
+        let checker =
+            std::env::temp_dir().join(format!("labrack-ssh-check-{}", rand::random::<u32>()));
         std::fs::create_dir_all(&checker).expect("checker's home");
         let marks = checker.join("runs.log");
-        let counting = check(&format!("echo \"$LABRACK_CHECK_RUN $LABRACK_CHECK\" >> {}; echo 'FAIL: not yet'; exit 3", marks.display()), 10, true);
+        let counting = check(
+            &format!(
+                "echo \"$LABRACK_CHECK_RUN $LABRACK_CHECK\" >> {}; echo 'FAIL: not yet'; exit 3",
+                marks.display()
+            ),
+            10,
+            true,
+        );
         let (first, ms) = run_here(&checker, &counting);
         let result = parse_remote(&first, &counting, ms).expect("ran");
-        assert_eq!((result.passed, result.exit_code, result.message.as_deref()), (false, Some(3), Some("not yet")));
+        assert_eq!(
+            (result.passed, result.exit_code, result.message.as_deref()),
+            (false, Some(3), Some("not yet"))
+        );
         // A retry of the same run (the appliance restarted) reads the result; it does not run again.
         let (again, ms) = run_here(&checker, &counting);
-        assert_eq!(parse_remote(&again, &counting, ms).expect("read back").message.as_deref(), Some("not yet"));
-        assert_eq!(std::fs::read_to_string(&marks).expect("log"), "41 it's a check\n", "ran exactly once, quoting intact");
+        assert_eq!(
+            parse_remote(&again, &counting, ms)
+                .expect("read back")
+                .message
+                .as_deref(),
+            Some("not yet")
+        );
+        assert_eq!(
+            std::fs::read_to_string(&marks).expect("log"),
+            "41 it's a check\n",
+            "ran exactly once, quoting intact"
+        );
         // A run with another nonce is another run: the result of one never answers the other.
-        let other = SshCheck { nonce: "fedcba9876543210".into(), ..counting.clone() };
-        assert!(parse_remote(&again, &other, 1).is_err(), "lines without the run's nonce are not its answer");
+        let other = SshCheck {
+            nonce: "fedcba9876543210".into(),
+            ..counting.clone()
+        };
+        assert!(
+            parse_remote(&again, &other, 1).is_err(),
+            "lines without the run's nonce are not its answer"
+        );
 
         // Without network the check sits in an empty namespace: even loopback is unreachable
         // (with network, the same connect is refused by the closed port instead).
-        let isolated = SshCheck { run_id: 42, ..check("(exec 3<>/dev/tcp/127.0.0.1/9) 2>&1", 10, false) };
+        let isolated = SshCheck {
+            run_id: 42,
+            ..check("(exec 3<>/dev/tcp/127.0.0.1/9) 2>&1", 10, false)
+        };
         let (printed, ms) = run_here(&checker, &isolated);
         let result = parse_remote(&printed, &isolated, ms).expect("ran");
-        assert!(result.output.contains("Network is unreachable"), "{}", result.output);
-        let open = SshCheck { run_id: 44, ..check("(exec 3<>/dev/tcp/127.0.0.1/9) 2>&1", 10, true) };
+        assert!(
+            result.output.contains("Network is unreachable"),
+            "{}",
+            result.output
+        );
+        let open = SshCheck {
+            run_id: 44,
+            ..check("(exec 3<>/dev/tcp/127.0.0.1/9) 2>&1", 10, true)
+        };
         let (printed, ms) = run_here(&checker, &open);
-        assert!(parse_remote(&printed, &open, ms).expect("ran").output.contains("Connection refused"));
-        let slow = SshCheck { run_id: 43, ..check("sleep 30", 1, true) };
+        assert!(
+            parse_remote(&printed, &open, ms)
+                .expect("ran")
+                .output
+                .contains("Connection refused")
+        );
+        let slow = SshCheck {
+            run_id: 43,
+            ..check("sleep 30", 1, true)
+        };
         let (printed, ms) = run_here(&checker, &slow);
         let result = parse_remote(&printed, &slow, ms).expect("ran");
-        assert_eq!((result.timed_out, result.message.as_deref()), (true, Some("the check did not finish within 1 s")));
+        assert_eq!(
+            (result.timed_out, result.message.as_deref()),
+            (true, Some("the check did not finish within 1 s"))
+        );
         // A check's own stderr cannot say "could not run": only the program's marker can.
-        let faked = SshCheck { run_id: 45, ..check("echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1", 10, false) };
+        let faked = SshCheck {
+            run_id: 45,
+            ..check(
+                "echo 'unshare: unshare failed: Operation not permitted' >&2; exit 1",
+                10,
+                false,
+            )
+        };
         let (printed, ms) = run_here(&checker, &faked);
         let result = parse_remote(&printed, &faked, ms).expect("a result, not an error");
         assert_eq!((result.passed, result.exit_code), (false, Some(1)));
         // A missing lab account is decided before the script starts.
-        let nobody = SshCheck { run_id: 46, lab_user: "no-such-lab-user".into(), ..check("true", 5, true) };
+        let nobody = SshCheck {
+            run_id: 46,
+            lab_user: "no-such-lab-user".into(),
+            ..check("true", 5, true)
+        };
         let (printed, ms) = run_here(&checker, &nobody);
-        assert!(parse_remote(&printed, &nobody, ms).is_err_and(|e| e.contains("could not run") && e.contains("no-such-lab-user")), "{printed}");
+        assert!(
+            parse_remote(&printed, &nobody, ms)
+                .is_err_and(|e| e.contains("could not run") && e.contains("no-such-lab-user")),
+            "{printed}"
+        );
         let _ = std::fs::remove_dir_all(&checker);
     }
 
     #[test]
     fn odd_answers_are_errors_not_results() {
         let c = check("true", 5, true);
-        assert!(parse_remote("LABRACK-0123456789abcdef PENDING\n", &c, 1).is_err_and(|e| e.contains("still running")));
-        assert!(parse_remote("LABRACK-0123456789abcdef CANNOT no sandbox\n", &c, 1).is_err_and(|e| e.contains("no sandbox")));
+        assert!(
+            parse_remote("LABRACK-0123456789abcdef PENDING\n", &c, 1)
+                .is_err_and(|e| e.contains("still running"))
+        );
+        assert!(
+            parse_remote("LABRACK-0123456789abcdef CANNOT no sandbox\n", &c, 1)
+                .is_err_and(|e| e.contains("no sandbox"))
+        );
         assert!(parse_remote("hello\n", &c, 1).is_err());
         assert!(parse_remote("LABRACK-0123456789abcdef STATUS x y z\n", &c, 1).is_err());
-        assert!(parse_remote("LABRACK-ffffffffffffffff STATUS 0 0 0\n\n\n", &c, 1).is_err(), "another nonce");
-        assert!(parse_remote("LABRACK-STATUS 0 0 0\n\n\n", &c, 1).is_err(), "the old unmarked format");
+        assert!(
+            parse_remote("LABRACK-ffffffffffffffff STATUS 0 0 0\n\n\n", &c, 1).is_err(),
+            "another nonce"
+        );
+        assert!(
+            parse_remote("LABRACK-STATUS 0 0 0\n\n\n", &c, 1).is_err(),
+            "the old unmarked format"
+        );
     }
 }

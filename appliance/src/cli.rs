@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "labrack", version, about = "LabRack edge appliance for on-site hackathons and lab events")]
+#[command(
+    name = "labrack",
+    version,
+    about = "LabRack edge appliance for on-site hackathons and lab events"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -37,7 +41,11 @@ pub enum CloudCommand {
         #[arg(long, env = "LABRACK_CLOUD_LISTEN", default_value = "0.0.0.0:7443")]
         listen: SocketAddr,
         /// TCP address of the HTTPS read API
-        #[arg(long, env = "LABRACK_CLOUD_HTTP_LISTEN", default_value = "0.0.0.0:7444")]
+        #[arg(
+            long,
+            env = "LABRACK_CLOUD_HTTP_LISTEN",
+            default_value = "0.0.0.0:7444"
+        )]
         http_listen: SocketAddr,
         /// extra DNS names or IP addresses for the certificate (comma-separated)
         #[arg(long, value_delimiter = ',')]
@@ -150,7 +158,12 @@ pub struct ServeArgs {
     pub job_attempts: Vec<String>,
     /// an OpenAI-compatible endpoint for the agents (repeatable: tried in order); none: the
     /// agents use their rules
-    #[arg(long = "llm-endpoint", value_name = "URL", env = "LABRACK_LLM_ENDPOINTS", value_delimiter = ',')]
+    #[arg(
+        long = "llm-endpoint",
+        value_name = "URL",
+        env = "LABRACK_LLM_ENDPOINTS",
+        value_delimiter = ','
+    )]
     pub llm_endpoints: Vec<String>,
     /// the model to ask for at every endpoint [default: default]
     #[arg(long, env = "LABRACK_LLM_MODEL")]
@@ -285,21 +298,43 @@ impl ServeArgs {
             Some(path) => load_config_file(path)?,
             None => ConfigFile::default(),
         };
-        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data"));
-        let host_heartbeat_secs = self.host_heartbeat_secs.or(file.host_heartbeat_secs).unwrap_or(5);
-        anyhow::ensure!((1..=300).contains(&host_heartbeat_secs), "host_heartbeat_secs must be between 1 and 300");
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./data"));
+        let host_heartbeat_secs = self
+            .host_heartbeat_secs
+            .or(file.host_heartbeat_secs)
+            .unwrap_or(5);
+        anyhow::ensure!(
+            (1..=300).contains(&host_heartbeat_secs),
+            "host_heartbeat_secs must be between 1 and 300"
+        );
         let host_grace_secs = self.host_grace_secs.or(file.host_grace_secs).unwrap_or(900);
-        anyhow::ensure!((1..=86_400).contains(&host_grace_secs), "host_grace_secs must be between 1 and 86400");
+        anyhow::ensure!(
+            (1..=86_400).contains(&host_grace_secs),
+            "host_grace_secs must be between 1 and 86400"
+        );
         let check_workers = self.check_workers.or(file.check_workers).unwrap_or(16);
-        anyhow::ensure!((1..=256).contains(&check_workers), "check_workers must be between 1 and 256");
+        anyhow::ensure!(
+            (1..=256).contains(&check_workers),
+            "check_workers must be between 1 and 256"
+        );
         let mut max_attempts = file.job_attempts.unwrap_or_default();
         for pair in &self.job_attempts {
-            let (kind, n) = pair.split_once('=').with_context(|| format!("--job-attempts {pair:?}: expected KIND=N"))?;
-            let n: u32 = n.parse().with_context(|| format!("--job-attempts {pair:?}: N must be a number"))?;
+            let (kind, n) = pair
+                .split_once('=')
+                .with_context(|| format!("--job-attempts {pair:?}: expected KIND=N"))?;
+            let n: u32 = n
+                .parse()
+                .with_context(|| format!("--job-attempts {pair:?}: N must be a number"))?;
             max_attempts.insert(kind.trim().to_owned(), n);
         }
         for (kind, n) in &max_attempts {
-            anyhow::ensure!((1..=100).contains(n), "job attempts for {kind:?} must be between 1 and 100 (got {n})");
+            anyhow::ensure!(
+                (1..=100).contains(n),
+                "job attempts for {kind:?} must be between 1 and 100 (got {n})"
+            );
         }
         let endpoints = if self.llm_endpoints.is_empty() {
             file.llm_endpoints.unwrap_or_default()
@@ -307,56 +342,133 @@ impl ServeArgs {
             let model = self.llm_model.clone().unwrap_or_else(|| "default".into());
             self.llm_endpoints
                 .iter()
-                .map(|url| crate::llm::LlmEndpoint { url: url.trim().to_owned(), model: model.clone(), api_key_env: self.llm_api_key_env.clone() })
+                .map(|url| crate::llm::LlmEndpoint {
+                    url: url.trim().to_owned(),
+                    model: model.clone(),
+                    api_key_env: self.llm_api_key_env.clone(),
+                })
                 .collect()
         };
-        crate::llm::check_policy(&endpoints, self.llm_allow_remote || file.llm_allow_remote.unwrap_or(false)).map_err(anyhow::Error::msg)?;
+        crate::llm::check_policy(
+            &endpoints,
+            self.llm_allow_remote || file.llm_allow_remote.unwrap_or(false),
+        )
+        .map_err(anyhow::Error::msg)?;
         let llm = crate::llm::LlmSettings {
             endpoints,
-            team_token_budget: self.llm_team_budget.or(file.llm_team_budget).unwrap_or(50_000),
-            requests_per_minute: self.llm_requests_per_minute.or(file.llm_requests_per_minute).unwrap_or(6),
-            cents_per_1k_tokens: self.llm_rate_cents_per_1k_tokens.or(file.llm_rate_cents_per_1k_tokens).unwrap_or(0),
+            team_token_budget: self
+                .llm_team_budget
+                .or(file.llm_team_budget)
+                .unwrap_or(50_000),
+            requests_per_minute: self
+                .llm_requests_per_minute
+                .or(file.llm_requests_per_minute)
+                .unwrap_or(6),
+            cents_per_1k_tokens: self
+                .llm_rate_cents_per_1k_tokens
+                .or(file.llm_rate_cents_per_1k_tokens)
+                .unwrap_or(0),
         };
-        let billing_window_secs = self.billing_window_secs.or(file.billing_window_secs).unwrap_or(900);
-        anyhow::ensure!((10..=86_400).contains(&billing_window_secs), "billing_window_secs must be between 10 and 86400");
+        let billing_window_secs = self
+            .billing_window_secs
+            .or(file.billing_window_secs)
+            .unwrap_or(900);
+        anyhow::ensure!(
+            (10..=86_400).contains(&billing_window_secs),
+            "billing_window_secs must be between 10 and 86400"
+        );
         let billing = crate::billing::BillingSettings {
-            gpu_hour_cents: self.gpu_hour_rate_cents.or(file.gpu_hour_rate_cents).unwrap_or(100),
+            gpu_hour_cents: self
+                .gpu_hour_rate_cents
+                .or(file.gpu_hour_rate_cents)
+                .unwrap_or(100),
             llm_1k_tokens_cents: llm.cents_per_1k_tokens,
             window: std::time::Duration::from_secs(billing_window_secs),
         };
-        anyhow::ensure!(llm.requests_per_minute >= 1, "llm_requests_per_minute must be at least 1");
+        anyhow::ensure!(
+            llm.requests_per_minute >= 1,
+            "llm_requests_per_minute must be at least 1"
+        );
         let observer_secs = self.observer_secs.or(file.observer_secs).unwrap_or(60);
-        anyhow::ensure!((1..=3600).contains(&observer_secs), "observer_secs must be between 1 and 3600");
+        anyhow::ensure!(
+            (1..=3600).contains(&observer_secs),
+            "observer_secs must be between 1 and 3600"
+        );
         let idle_minutes = self.idle_minutes.or(file.idle_minutes).unwrap_or(30);
-        anyhow::ensure!((1..=1440).contains(&idle_minutes), "idle_minutes must be between 1 and 1440");
+        anyhow::ensure!(
+            (1..=1440).contains(&idle_minutes),
+            "idle_minutes must be between 1 and 1440"
+        );
         let sync = match self.cloud.clone().or(file.cloud) {
             None => None,
             Some(cloud) => {
-                let cloud_ca = self.cloud_ca.clone().or(file.cloud_ca).context("--cloud needs --cloud-ca (the cloud's CA certificate)")?;
+                let cloud_ca = self
+                    .cloud_ca
+                    .clone()
+                    .or(file.cloud_ca)
+                    .context("--cloud needs --cloud-ca (the cloud's CA certificate)")?;
                 anyhow::ensure!(cloud.contains(':'), "--cloud must be host:port");
-                let name = self.cloud_name.clone().or(file.cloud_name).unwrap_or_else(|| {
-                    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "appliance".into())
-                });
+                let name = self
+                    .cloud_name
+                    .clone()
+                    .or(file.cloud_name)
+                    .unwrap_or_else(|| {
+                        std::fs::read_to_string("/etc/hostname")
+                            .map(|h| h.trim().to_owned())
+                            .unwrap_or_else(|_| "appliance".into())
+                    });
                 Some(crate::sync::relay::SyncSettings {
                     cloud,
                     cloud_ca,
                     token: self.cloud_token.clone(),
                     name,
                     batch_rows: 2000,
-                    retention: std::time::Duration::from_secs(self.outbox_retention_secs.or(file.outbox_retention_secs).unwrap_or(3600)),
+                    retention: std::time::Duration::from_secs(
+                        self.outbox_retention_secs
+                            .or(file.outbox_retention_secs)
+                            .unwrap_or(3600),
+                    ),
                 })
             }
         };
-        let max_connections = self.max_connections.or(file.max_connections).unwrap_or(4_096);
-        anyhow::ensure!((64..=1_000_000).contains(&max_connections), "max_connections must be between 64 and 1000000");
-        let per_client = self.max_connections_per_client.or(file.max_connections_per_client).unwrap_or(64);
-        anyhow::ensure!((1..=max_connections).contains(&per_client), "max_connections_per_client must be between 1 and max_connections");
-        let header_timeout_secs = self.header_timeout_secs.or(file.header_timeout_secs).unwrap_or(10);
-        anyhow::ensure!((1..=600).contains(&header_timeout_secs), "header_timeout_secs must be between 1 and 600");
-        let idle_timeout_secs = self.idle_timeout_secs.or(file.idle_timeout_secs).unwrap_or(120);
-        anyhow::ensure!((header_timeout_secs..=3600).contains(&idle_timeout_secs), "idle_timeout_secs must be between header_timeout_secs and 3600");
+        let max_connections = self
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(4_096);
+        anyhow::ensure!(
+            (64..=1_000_000).contains(&max_connections),
+            "max_connections must be between 64 and 1000000"
+        );
+        let per_client = self
+            .max_connections_per_client
+            .or(file.max_connections_per_client)
+            .unwrap_or(64);
+        anyhow::ensure!(
+            (1..=max_connections).contains(&per_client),
+            "max_connections_per_client must be between 1 and max_connections"
+        );
+        let header_timeout_secs = self
+            .header_timeout_secs
+            .or(file.header_timeout_secs)
+            .unwrap_or(10);
+        anyhow::ensure!(
+            (1..=600).contains(&header_timeout_secs),
+            "header_timeout_secs must be between 1 and 600"
+        );
+        let idle_timeout_secs = self
+            .idle_timeout_secs
+            .or(file.idle_timeout_secs)
+            .unwrap_or(120);
+        anyhow::ensure!(
+            (header_timeout_secs..=3600).contains(&idle_timeout_secs),
+            "idle_timeout_secs must be between header_timeout_secs and 3600"
+        );
         Ok(ServeConfig {
-            connections: crate::connections::ConnectionLimits { max: max_connections, per_client, reserved_for_hosts: max_connections / 16 },
+            connections: crate::connections::ConnectionLimits {
+                max: max_connections,
+                per_client,
+                reserved_for_hosts: max_connections / 16,
+            },
             header_timeout: std::time::Duration::from_secs(header_timeout_secs),
             idle_timeout: std::time::Duration::from_secs(idle_timeout_secs),
             sync,
@@ -364,34 +476,71 @@ impl ServeArgs {
             llm,
             observer_every: std::time::Duration::from_secs(observer_secs),
             idle_after: std::time::Duration::from_secs(idle_minutes * 60),
-            queue: crate::checks::QueueSettings { max_attempts, check_workers },
-            secret_key_file: self.secret_key_file.or(file.secret_key_file).unwrap_or_else(|| data_dir.join("secret.key")),
+            queue: crate::checks::QueueSettings {
+                max_attempts,
+                check_workers,
+            },
+            secret_key_file: self
+                .secret_key_file
+                .or(file.secret_key_file)
+                .unwrap_or_else(|| data_dir.join("secret.key")),
             host_heartbeat_secs,
             host_grace_secs,
-            webrtc_bind: self.webrtc_bind.or(file.webrtc_bind).unwrap_or_else(|| "0.0.0.0:0".into()),
+            webrtc_bind: self
+                .webrtc_bind
+                .or(file.webrtc_bind)
+                .unwrap_or_else(|| "0.0.0.0:0".into()),
             data_dir,
-            listen: self.listen.or(file.listen).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8443))),
             dev_http: self.dev_http || file.dev_http.unwrap_or(false),
-            web_dir: self.web_dir.or(file.web_dir).unwrap_or_else(|| PathBuf::from("./web/dist")),
-            tls_names: if self.tls_names.is_empty() { file.tls_names.unwrap_or_default() } else { self.tls_names },
+            web_dir: self
+                .web_dir
+                .or(file.web_dir)
+                .unwrap_or_else(|| PathBuf::from("./web/dist")),
+            tls_names: if self.tls_names.is_empty() {
+                file.tls_names.unwrap_or_default()
+            } else {
+                self.tls_names
+            },
             mdns: !self.no_mdns && file.mdns.unwrap_or(true),
-            log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Json),
+            log_format: self
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Json),
         })
     }
 }
 
 fn load_config_file(path: &Path) -> anyhow::Result<ConfigFile> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => crate::serve::serve(args.resolve()?),
-        Command::Cloud(CloudCommand::Serve { data_dir, listen, http_listen, tls_names }) => {
-            let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-            crate::sync::cloud::serve(crate::sync::cloud::CloudConfig { data_dir, listen, http_listen, tls_names })
+        Command::Cloud(CloudCommand::Serve {
+            data_dir,
+            listen,
+            http_listen,
+            tls_names,
+        }) => {
+            let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init();
+            crate::sync::cloud::serve(crate::sync::cloud::CloudConfig {
+                data_dir,
+                listen,
+                http_listen,
+                tls_names,
+            })
         }
         Command::Cloud(CloudCommand::EnrolToken { data_dir, ttl_secs }) => {
             println!("{}", crate::sync::cloud::enrol_token(&data_dir, ttl_secs)?);
@@ -403,8 +552,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("(it must be changed at the next login)");
             Ok(())
         }
-        Command::Admin(AdminCommand::ProbeDesktop { allocation, data_dir, secret_key_file, watch_secs, expect_rgb, ppm, stream_secs, size }) => {
-            let expect_rgb = expect_rgb.as_deref().map(crate::probe::parse_rgb).transpose()?;
+        Command::Admin(AdminCommand::ProbeDesktop {
+            allocation,
+            data_dir,
+            secret_key_file,
+            watch_secs,
+            expect_rgb,
+            ppm,
+            stream_secs,
+            size,
+        }) => {
+            let expect_rgb = expect_rgb
+                .as_deref()
+                .map(crate::probe::parse_rgb)
+                .transpose()?;
             let options = crate::probe::ProbeOptions {
                 data_dir,
                 secret_key_file,
@@ -430,17 +591,38 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("labrack-cfg-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("labrack.toml");
-        std::fs::write(&path, "data_dir = \"/srv/labrack\"\nlisten = \"127.0.0.1:9000\"\nlog_format = \"text\"\n").expect("write");
-        let cli = Cli::try_parse_from(["labrack", "serve", "--config", path.to_str().expect("utf8"), "--listen", "127.0.0.1:9001"]).expect("parse");
-        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        std::fs::write(
+            &path,
+            "data_dir = \"/srv/labrack\"\nlisten = \"127.0.0.1:9000\"\nlog_format = \"text\"\n",
+        )
+        .expect("write");
+        let cli = Cli::try_parse_from([
+            "labrack",
+            "serve",
+            "--config",
+            path.to_str().expect("utf8"),
+            "--listen",
+            "127.0.0.1:9001",
+        ])
+        .expect("parse");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
         let config = args.resolve().expect("resolve");
         assert_eq!(config.data_dir, PathBuf::from("/srv/labrack"));
-        assert_eq!(config.listen, "127.0.0.1:9001".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(
+            config.listen,
+            "127.0.0.1:9001".parse::<SocketAddr>().expect("addr")
+        );
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.dev_http);
         std::fs::write(&path, "colour = \"blue\"\n").expect("write");
-        let cli = Cli::try_parse_from(["labrack", "serve", "--config", path.to_str().expect("utf8")]).expect("parse");
-        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        let cli =
+            Cli::try_parse_from(["labrack", "serve", "--config", path.to_str().expect("utf8")])
+                .expect("parse");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
         let error = args.resolve().expect_err("unknown key refused");
         assert!(format!("{error:#}").contains("colour"), "{error:#}");
         let _ = std::fs::remove_dir_all(dir);

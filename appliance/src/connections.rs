@@ -33,7 +33,11 @@ pub struct ConnectionLimits {
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        Self { max: 4_096, per_client: 64, reserved_for_hosts: 256 }
+        Self {
+            max: 4_096,
+            per_client: 64,
+            reserved_for_hosts: 256,
+        }
     }
 }
 
@@ -41,9 +45,15 @@ impl ConnectionLimits {
     /// The caps, lowered to fit the process's file-descriptor limit (with room for the
     /// database, the logs and the lab connections the appliance opens itself).
     pub fn within_nofile(self, nofile: u64) -> Self {
-        let room = usize::try_from(nofile.saturating_sub(512)).unwrap_or(usize::MAX).max(64);
+        let room = usize::try_from(nofile.saturating_sub(512))
+            .unwrap_or(usize::MAX)
+            .max(64);
         let max = self.max.min(room);
-        Self { max, per_client: self.per_client.min(max), reserved_for_hosts: self.reserved_for_hosts.min(max / 2) }
+        Self {
+            max,
+            per_client: self.per_client.min(max),
+            reserved_for_hosts: self.reserved_for_hosts.min(max / 2),
+        }
     }
 }
 
@@ -74,7 +84,12 @@ pub struct ConnectionGate {
 
 impl ConnectionGate {
     pub fn new(limits: ConnectionLimits) -> Self {
-        Self { limits, counts: Mutex::default(), hosts: RwLock::default(), refused: AtomicU64::new(0) }
+        Self {
+            limits,
+            counts: Mutex::default(),
+            hosts: RwLock::default(),
+            refused: AtomicU64::new(0),
+        }
     }
 
     pub fn limits(&self) -> ConnectionLimits {
@@ -83,25 +98,43 @@ impl ConnectionGate {
 
     /// Remembers that a lab host calls from `ip`.
     pub fn note_host(&self, ip: IpAddr) {
-        let known = self.hosts.read().map(|hosts| hosts.contains(&ip)).unwrap_or(false);
+        let known = self
+            .hosts
+            .read()
+            .map(|hosts| hosts.contains(&ip))
+            .unwrap_or(false);
         if !known && let Ok(mut hosts) = self.hosts.write() {
             hosts.insert(ip.to_canonical());
         }
     }
 
     fn is_host(&self, ip: IpAddr) -> bool {
-        self.hosts.read().map(|hosts| hosts.contains(&ip.to_canonical())).unwrap_or(false)
+        self.hosts
+            .read()
+            .map(|hosts| hosts.contains(&ip.to_canonical()))
+            .unwrap_or(false)
     }
 
     /// A permit for one connection from `ip`, released when dropped.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refused> {
         let host = self.is_host(ip);
         let key = client_key(ip);
-        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let cap = if host { self.limits.max } else { self.limits.max.saturating_sub(self.limits.reserved_for_hosts) };
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cap = if host {
+            self.limits.max
+        } else {
+            self.limits
+                .max
+                .saturating_sub(self.limits.reserved_for_hosts)
+        };
         let refused = if counts.total >= cap {
             Some(Refused::Full)
-        } else if !host && counts.per_client.get(&key).copied().unwrap_or(0) >= self.limits.per_client {
+        } else if !host
+            && counts.per_client.get(&key).copied().unwrap_or(0) >= self.limits.per_client
+        {
             Some(Refused::ClientFull)
         } else {
             None
@@ -112,7 +145,10 @@ impl ConnectionGate {
         }
         counts.total += 1;
         *counts.per_client.entry(key.clone()).or_default() += 1;
-        Ok(ConnectionPermit { gate: self.clone(), key })
+        Ok(ConnectionPermit {
+            gate: self.clone(),
+            key,
+        })
     }
 
     /// Connections open now.
@@ -126,7 +162,10 @@ impl ConnectionGate {
     }
 
     fn release(&self, key: &str) {
-        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         counts.total = counts.total.saturating_sub(1);
         if let Some(n) = counts.per_client.get_mut(key) {
             *n = n.saturating_sub(1);
@@ -158,13 +197,21 @@ pub struct GatedStream {
 }
 
 impl AsyncRead for GatedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for GatedStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -176,7 +223,11 @@ impl AsyncWrite for GatedStream {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -211,7 +262,13 @@ impl<S> axum_server::accept::Accept<TcpStream, S> for GateAcceptor {
         });
         std::future::ready(admitted.map(|permit| {
             let _ = stream.set_nodelay(true);
-            (GatedStream { inner: stream, _permit: permit }, service)
+            (
+                GatedStream {
+                    inner: stream,
+                    _permit: permit,
+                },
+                service,
+            )
         }))
     }
 }
@@ -222,7 +279,9 @@ pub fn raise_nofile_limit() -> u64 {
         Ok(limit) => limit,
         Err(error) => {
             tracing::warn!(%error, "could not raise the open-file limit");
-            rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1_024)
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .map(|(soft, _)| soft)
+                .unwrap_or(1_024)
         }
     }
 }
@@ -237,30 +296,51 @@ mod tests {
 
     #[test]
     fn a_client_cannot_take_more_than_its_share_and_hosts_keep_theirs() {
-        let gate = Arc::new(ConnectionGate::new(ConnectionLimits { max: 12, per_client: 3, reserved_for_hosts: 4 }));
+        let gate = Arc::new(ConnectionGate::new(ConnectionLimits {
+            max: 12,
+            per_client: 3,
+            reserved_for_hosts: 4,
+        }));
         let mut held = Vec::new();
         for _ in 0..3 {
             held.push(gate.admit(ip("10.0.0.9")).expect("within its share"));
         }
-        assert_eq!(gate.admit(ip("10.0.0.9")).map(|_| ()), Err(Refused::ClientFull));
+        assert_eq!(
+            gate.admit(ip("10.0.0.9")).map(|_| ()),
+            Err(Refused::ClientFull)
+        );
         // a /64 is one client
         held.push(gate.admit(ip("2001:db8::1")).expect("ipv6"));
         held.push(gate.admit(ip("2001:db8::2")).expect("ipv6"));
         held.push(gate.admit(ip("2001:db8::3")).expect("ipv6"));
-        assert_eq!(gate.admit(ip("2001:db8::4")).map(|_| ()), Err(Refused::ClientFull));
+        assert_eq!(
+            gate.admit(ip("2001:db8::4")).map(|_| ()),
+            Err(Refused::ClientFull)
+        );
         held.push(gate.admit(ip("10.0.0.50")).expect("room"));
         held.push(gate.admit(ip("10.0.0.51")).expect("room"));
         // 8 open, 12 - 4 reserved = 8 for strangers: full for them, not for a host
         assert_eq!(gate.admit(ip("10.0.0.52")).map(|_| ()), Err(Refused::Full));
         gate.note_host(ip("10.0.0.200"));
         for _ in 0..4 {
-            held.push(gate.admit(ip("10.0.0.200")).expect("the reserve is the host's"));
+            held.push(
+                gate.admit(ip("10.0.0.200"))
+                    .expect("the reserve is the host's"),
+            );
         }
-        assert_eq!(gate.admit(ip("10.0.0.200")).map(|_| ()), Err(Refused::Full), "the global cap holds for hosts too");
+        assert_eq!(
+            gate.admit(ip("10.0.0.200")).map(|_| ()),
+            Err(Refused::Full),
+            "the global cap holds for hosts too"
+        );
         assert_eq!(gate.open(), 12);
         assert_eq!(gate.refused(), 4);
         held.clear();
-        assert_eq!(gate.open(), 0, "permits are released when connections close");
+        assert_eq!(
+            gate.open(),
+            0,
+            "permits are released when connections close"
+        );
         assert!(gate.admit(ip("10.0.0.9")).is_ok());
     }
 
@@ -269,6 +349,9 @@ mod tests {
         let limits = ConnectionLimits::default().within_nofile(1_024);
         assert_eq!(limits.max, 512);
         assert!(limits.reserved_for_hosts <= 256 && limits.per_client <= 64);
-        assert_eq!(ConnectionLimits::default().within_nofile(1 << 20), ConnectionLimits::default());
+        assert_eq!(
+            ConnectionLimits::default().within_nofile(1 << 20),
+            ConnectionLimits::default()
+        );
     }
 }

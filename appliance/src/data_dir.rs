@@ -16,7 +16,8 @@ pub fn prepare(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn tighten(dir: &Path) -> anyhow::Result<()> {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("making {} private (0700)", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (0700)", dir.display()))?;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
         let kind = entry.file_type()?;
@@ -45,7 +46,8 @@ mod tests {
         std::fs::create_dir_all(dir.join("tls")).expect("dir");
         for file in ["labrack.db", "tls/ca.key"] {
             std::fs::write(dir.join(file), b"x").expect("file");
-            std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod");
         }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         tighten(&dir).expect("tighten");

@@ -36,7 +36,12 @@ pub enum JobError {
     #[error("no job {0}")]
     NotFound(i64),
     #[error("job {id} is {state}; {action} needs it {needs}")]
-    WrongState { id: i64, state: String, action: &'static str, needs: &'static str },
+    WrongState {
+        id: i64,
+        state: String,
+        action: &'static str,
+        needs: &'static str,
+    },
     #[error("job {0} is no longer leased to this worker (its lease ran out)")]
     LeaseLost(i64),
 }
@@ -57,7 +62,14 @@ pub struct NewJob {
 
 impl NewJob {
     pub fn new(kind: impl Into<String>, payload: serde_json::Value) -> Self {
-        Self { kind: kind.into(), payload, idempotency_key: None, priority: 0, max_attempts: DEFAULT_MAX_ATTEMPTS, fair_key: None }
+        Self {
+            kind: kind.into(),
+            payload,
+            idempotency_key: None,
+            priority: 0,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            fair_key: None,
+        }
     }
 
     /// The job works for `team_id` (see [`NewJob::fair_key`]).
@@ -95,8 +107,7 @@ impl Job {
     }
 }
 
-const COLUMNS: &str =
-    "id, kind, payload, idempotency_key, priority, state, attempts, max_attempts, run_after_ms, lease_owner, lease_expires_ms, last_error, created_ms, updated_ms, fair_key";
+const COLUMNS: &str = "id, kind, payload, idempotency_key, priority, state, attempts, max_attempts, run_after_ms, lease_owner, lease_expires_ms, last_error, created_ms, updated_ms, fair_key";
 
 fn row_to_job(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let payload: String = row.get(2)?;
@@ -127,7 +138,9 @@ pub fn backoff_ms(attempts: u32) -> i64 {
 
 fn check_name(what: &str, value: &str) -> Result<(), JobError> {
     if value.is_empty() || value.len() > MAX_NAME_LEN || value.chars().any(char::is_control) {
-        return Err(JobError::Invalid(format!("{what} must be 1–{MAX_NAME_LEN} printable characters")));
+        return Err(JobError::Invalid(format!(
+            "{what} must be 1–{MAX_NAME_LEN} printable characters"
+        )));
     }
     Ok(())
 }
@@ -147,11 +160,19 @@ pub fn enqueue(conn: &Connection, job: &NewJob, now_ms: i64) -> Result<(i64, boo
     }
     let payload = job.payload.to_string();
     if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(JobError::Invalid(format!("the payload is {} bytes; at most {MAX_PAYLOAD_BYTES} are accepted", payload.len())));
+        return Err(JobError::Invalid(format!(
+            "the payload is {} bytes; at most {MAX_PAYLOAD_BYTES} are accepted",
+            payload.len()
+        )));
     }
     if let Some(key) = &job.idempotency_key {
-        let existing: Option<i64> =
-            conn.query_row("SELECT id FROM jobs WHERE kind = ?1 AND idempotency_key = ?2", params![job.kind, key], |r| r.get(0)).optional()?;
+        let existing: Option<i64> = conn
+            .query_row(
+                "SELECT id FROM jobs WHERE kind = ?1 AND idempotency_key = ?2",
+                params![job.kind, key],
+                |r| r.get(0),
+            )
+            .optional()?;
         if let Some(id) = existing {
             return Ok((id, false));
         }
@@ -168,7 +189,13 @@ pub fn enqueue(conn: &Connection, job: &NewJob, now_ms: i64) -> Result<(i64, boo
 /// running jobs, then oldest) for `worker` until `now + lease_ms`. Ready: queued and due, or
 /// running with a lapsed lease (its worker died), and its key below [`PER_KEY_RUNNING`]
 /// running jobs. A lapsed job that has used all its attempts is dead instead.
-pub fn claim(conn: &Connection, worker: &str, kinds: &[&str], lease_ms: i64, now_ms: i64) -> Result<Option<Job>, JobError> {
+pub fn claim(
+    conn: &Connection,
+    worker: &str,
+    kinds: &[&str],
+    lease_ms: i64,
+    now_ms: i64,
+) -> Result<Option<Job>, JobError> {
     check_name("the worker name", worker)?;
     // Lapsed leases on jobs with no attempts left: dead, with the reason.
     conn.execute(
@@ -192,12 +219,27 @@ pub fn claim(conn: &Connection, worker: &str, kinds: &[&str], lease_ms: i64, now
              LIMIT 1)
          RETURNING {COLUMNS}"
     );
-    Ok(conn.query_row(&sql, params![worker, now_ms + lease_ms.max(1), now_ms, kinds_json, PER_KEY_RUNNING], row_to_job).optional()?)
+    Ok(conn
+        .query_row(
+            &sql,
+            params![
+                worker,
+                now_ms + lease_ms.max(1),
+                now_ms,
+                kinds_json,
+                PER_KEY_RUNNING
+            ],
+            row_to_job,
+        )
+        .optional()?)
 }
 
 fn leased(conn: &Connection, id: i64, worker: &str, now_ms: i64) -> Result<Job, JobError> {
     let job = get(conn, id)?.ok_or(JobError::NotFound(id))?;
-    if job.state != "running" || job.lease_owner.as_deref() != Some(worker) || job.lease_expires_ms.is_none_or(|at| at <= now_ms) {
+    if job.state != "running"
+        || job.lease_owner.as_deref() != Some(worker)
+        || job.lease_expires_ms.is_none_or(|at| at <= now_ms)
+    {
         return Err(JobError::LeaseLost(id));
     }
     Ok(job)
@@ -215,10 +257,20 @@ pub fn complete(conn: &Connection, id: i64, worker: &str, now_ms: i64) -> Result
 
 /// The attempt failed: the job waits its backoff and runs again, or is dead when it has no
 /// attempts left. Returns the job's new state.
-pub fn fail(conn: &Connection, id: i64, worker: &str, error: &str, now_ms: i64) -> Result<String, JobError> {
+pub fn fail(
+    conn: &Connection,
+    id: i64,
+    worker: &str,
+    error: &str,
+    now_ms: i64,
+) -> Result<String, JobError> {
     let job = leased(conn, id, worker, now_ms)?;
     let error: String = error.chars().take(4000).collect();
-    let state = if job.attempts >= job.max_attempts { "dead" } else { "queued" };
+    let state = if job.attempts >= job.max_attempts {
+        "dead"
+    } else {
+        "queued"
+    };
     conn.execute(
         "UPDATE jobs SET state = ?2, run_after_ms = ?3, lease_owner = NULL, lease_expires_ms = NULL, last_error = ?4, updated_ms = ?5 WHERE id = ?1",
         params![id, state, now_ms + backoff_ms(job.attempts), error, now_ms],
@@ -227,9 +279,18 @@ pub fn fail(conn: &Connection, id: i64, worker: &str, error: &str, now_ms: i64) 
 }
 
 /// The worker is still on the job: its lease runs until `now + lease_ms`.
-pub fn extend(conn: &Connection, id: i64, worker: &str, lease_ms: i64, now_ms: i64) -> Result<(), JobError> {
+pub fn extend(
+    conn: &Connection,
+    id: i64,
+    worker: &str,
+    lease_ms: i64,
+    now_ms: i64,
+) -> Result<(), JobError> {
     leased(conn, id, worker, now_ms)?;
-    conn.execute("UPDATE jobs SET lease_expires_ms = ?2, updated_ms = ?3 WHERE id = ?1", params![id, now_ms + lease_ms.max(1), now_ms])?;
+    conn.execute(
+        "UPDATE jobs SET lease_expires_ms = ?2, updated_ms = ?3 WHERE id = ?1",
+        params![id, now_ms + lease_ms.max(1), now_ms],
+    )?;
     Ok(())
 }
 
@@ -247,7 +308,14 @@ pub fn abandon(conn: &Connection, id: i64, worker: &str, now_ms: i64) -> Result<
 
 /// The job cannot start yet for a reason that is not a failure (the team's previous batch
 /// still runs): it waits `delay_ms` and the attempt is not counted.
-pub fn defer(conn: &Connection, id: i64, worker: &str, delay_ms: i64, reason: &str, now_ms: i64) -> Result<(), JobError> {
+pub fn defer(
+    conn: &Connection,
+    id: i64,
+    worker: &str,
+    delay_ms: i64,
+    reason: &str,
+    now_ms: i64,
+) -> Result<(), JobError> {
     leased(conn, id, worker, now_ms)?;
     conn.execute(
         "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), run_after_ms = ?2, lease_owner = NULL, lease_expires_ms = NULL,
@@ -262,7 +330,12 @@ pub fn defer(conn: &Connection, id: i64, worker: &str, delay_ms: i64, reason: &s
 pub fn requeue(conn: &Connection, id: i64, now_ms: i64) -> Result<(), JobError> {
     let job = get(conn, id)?.ok_or(JobError::NotFound(id))?;
     if !matches!(job.state.as_str(), "dead" | "cancelled") {
-        return Err(JobError::WrongState { id, state: job.state, action: "requeue", needs: "dead or cancelled" });
+        return Err(JobError::WrongState {
+            id,
+            state: job.state,
+            action: "requeue",
+            needs: "dead or cancelled",
+        });
     }
     conn.execute("UPDATE jobs SET state = 'queued', attempts = 0, run_after_ms = ?2, updated_ms = ?2 WHERE id = ?1", params![id, now_ms])?;
     Ok(())
@@ -272,7 +345,12 @@ pub fn requeue(conn: &Connection, id: i64, now_ms: i64) -> Result<(), JobError> 
 pub fn cancel(conn: &Connection, id: i64, now_ms: i64) -> Result<(), JobError> {
     let job = get(conn, id)?.ok_or(JobError::NotFound(id))?;
     if !matches!(job.state.as_str(), "queued" | "running") {
-        return Err(JobError::WrongState { id, state: job.state, action: "cancel", needs: "queued or running" });
+        return Err(JobError::WrongState {
+            id,
+            state: job.state,
+            action: "cancel",
+            needs: "queued or running",
+        });
     }
     conn.execute(
         "UPDATE jobs SET state = 'cancelled', lease_owner = NULL, lease_expires_ms = NULL, updated_ms = ?2 WHERE id = ?1",
@@ -282,14 +360,22 @@ pub fn cancel(conn: &Connection, id: i64, now_ms: i64) -> Result<(), JobError> {
 }
 
 pub fn get(conn: &Connection, id: i64) -> Result<Option<Job>, JobError> {
-    Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"), [id], row_to_job).optional()?)
+    Ok(conn
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
+            [id],
+            row_to_job,
+        )
+        .optional()?)
 }
 
 /// Jobs in a state (all states when `None`), most recently changed first.
 pub fn list(conn: &Connection, state: Option<&str>, limit: u32) -> Result<Vec<Job>, JobError> {
     let mut statement =
         conn.prepare(&format!("SELECT {COLUMNS} FROM jobs WHERE ?1 IS NULL OR state = ?1 ORDER BY updated_ms DESC, id DESC LIMIT ?2"))?;
-    let jobs = statement.query_map(params![state, limit.min(1000)], row_to_job)?.collect::<Result<Vec<_>, _>>()?;
+    let jobs = statement
+        .query_map(params![state, limit.min(1000)], row_to_job)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(jobs)
 }
 
@@ -300,7 +386,11 @@ mod tests {
 
     /// A real SQLite file with the appliance's schema.
     fn db() -> (Connection, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!("labrack-jobs-{}-{}.db", std::process::id(), rand::random::<u32>()));
+        let path = std::env::temp_dir().join(format!(
+            "labrack-jobs-{}-{}.db",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let mut conn = crate::db::open_connection(&path, false).expect("open");
         crate::db::migrate(&mut conn).expect("migrate");
         (conn, path)
@@ -319,16 +409,36 @@ mod tests {
         job.idempotency_key = Some("team-1-v3".into());
         let (first, created) = enqueue(&conn, &job, 1_000).expect("enqueue");
         assert!(created);
-        assert_eq!(enqueue(&conn, &job, 2_000).expect("again"), (first, false), "the same key gives the same job");
+        assert_eq!(
+            enqueue(&conn, &job, 2_000).expect("again"),
+            (first, false),
+            "the same key gives the same job"
+        );
         let mut urgent = NewJob::new("check", json!({"team": 2}));
         urgent.priority = 10;
         let (urgent_id, _) = enqueue(&conn, &urgent, 3_000).expect("enqueue");
-        let claimed = claim(&conn, "w1", &[], 30_000, 4_000).expect("claim").expect("a job");
+        let claimed = claim(&conn, "w1", &[], 30_000, 4_000)
+            .expect("claim")
+            .expect("a job");
         assert_eq!(claimed.id, urgent_id, "higher priority first");
-        assert_eq!((claimed.state.as_str(), claimed.attempts, claimed.lease_expires_ms), ("running", 1, Some(34_000)));
-        let next = claim(&conn, "w2", &[], 30_000, 4_000).expect("claim").expect("a job");
+        assert_eq!(
+            (
+                claimed.state.as_str(),
+                claimed.attempts,
+                claimed.lease_expires_ms
+            ),
+            ("running", 1, Some(34_000))
+        );
+        let next = claim(&conn, "w2", &[], 30_000, 4_000)
+            .expect("claim")
+            .expect("a job");
         assert_eq!(next.id, first);
-        assert!(claim(&conn, "w3", &[], 30_000, 4_000).expect("claim").is_none(), "no job is handed out twice while leased");
+        assert!(
+            claim(&conn, "w3", &[], 30_000, 4_000)
+                .expect("claim")
+                .is_none(),
+            "no job is handed out twice while leased"
+        );
         cleanup(&path);
     }
 
@@ -339,14 +449,22 @@ mod tests {
         let mut now = 0;
         let mut waits = Vec::new();
         for attempt in 1..=5 {
-            let job = claim(&conn, "w", &[], 10_000, now).expect("claim").expect("due");
+            let job = claim(&conn, "w", &[], 10_000, now)
+                .expect("claim")
+                .expect("due");
             assert_eq!(job.attempts, attempt);
-            let state = fail(&conn, id, "w", &format!("FAIL: attempt {attempt}"), now).expect("fail");
+            let state =
+                fail(&conn, id, "w", &format!("FAIL: attempt {attempt}"), now).expect("fail");
             let job = get(&conn, id).expect("get").expect("job");
             if attempt < 5 {
                 assert_eq!(state, "queued");
                 waits.push(job.run_after_ms - now);
-                assert!(claim(&conn, "w", &[], 10_000, job.run_after_ms - 1).expect("claim").is_none(), "not before its backoff");
+                assert!(
+                    claim(&conn, "w", &[], 10_000, job.run_after_ms - 1)
+                        .expect("claim")
+                        .is_none(),
+                    "not before its backoff"
+                );
                 now = job.run_after_ms;
             } else {
                 assert_eq!(state, "dead");
@@ -354,10 +472,20 @@ mod tests {
             }
         }
         assert_eq!(waits, [2_000, 4_000, 8_000, 16_000]);
-        assert!(claim(&conn, "w", &[], 10_000, now + 1_000_000).expect("claim").is_none(), "dead jobs do not run");
-        assert!(matches!(cancel(&conn, id, now), Err(JobError::WrongState { .. })));
+        assert!(
+            claim(&conn, "w", &[], 10_000, now + 1_000_000)
+                .expect("claim")
+                .is_none(),
+            "dead jobs do not run"
+        );
+        assert!(matches!(
+            cancel(&conn, id, now),
+            Err(JobError::WrongState { .. })
+        ));
         requeue(&conn, id, now).expect("requeue");
-        let job = claim(&conn, "w", &[], 10_000, now).expect("claim").expect("requeued");
+        let job = claim(&conn, "w", &[], 10_000, now)
+            .expect("claim")
+            .expect("requeued");
         assert_eq!(job.attempts, 1, "attempts start over");
         cleanup(&path);
     }
@@ -368,14 +496,41 @@ mod tests {
         let mut job = NewJob::new("check", json!({}));
         job.max_attempts = 2;
         let (id, _) = enqueue(&conn, &job, 0).expect("enqueue");
-        claim(&conn, "dies", &[], 5_000, 0).expect("claim").expect("job");
-        assert!(claim(&conn, "other", &[], 5_000, 4_999).expect("claim").is_none(), "still leased");
-        let retried = claim(&conn, "other", &[], 5_000, 5_000).expect("claim").expect("lease lapsed");
-        assert_eq!((retried.id, retried.attempts, retried.lease_owner.as_deref()), (id, 2, Some("other")));
-        assert!(retried.last_error.as_deref().is_some_and(|e| e.contains("lease expired")));
-        assert!(matches!(complete(&conn, id, "dies", 5_001), Err(JobError::LeaseLost(_))), "the first worker's late answer changes nothing");
+        claim(&conn, "dies", &[], 5_000, 0)
+            .expect("claim")
+            .expect("job");
+        assert!(
+            claim(&conn, "other", &[], 5_000, 4_999)
+                .expect("claim")
+                .is_none(),
+            "still leased"
+        );
+        let retried = claim(&conn, "other", &[], 5_000, 5_000)
+            .expect("claim")
+            .expect("lease lapsed");
+        assert_eq!(
+            (retried.id, retried.attempts, retried.lease_owner.as_deref()),
+            (id, 2, Some("other"))
+        );
+        assert!(
+            retried
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("lease expired"))
+        );
+        assert!(
+            matches!(
+                complete(&conn, id, "dies", 5_001),
+                Err(JobError::LeaseLost(_))
+            ),
+            "the first worker's late answer changes nothing"
+        );
         // The second worker dies too, on the last attempt: dead, not retried.
-        assert!(claim(&conn, "third", &[], 5_000, 10_000).expect("claim").is_none());
+        assert!(
+            claim(&conn, "third", &[], 5_000, 10_000)
+                .expect("claim")
+                .is_none()
+        );
         assert_eq!(get(&conn, id).expect("get").expect("job").state, "dead");
         cleanup(&path);
     }
@@ -385,9 +540,17 @@ mod tests {
         let (conn, path) = db();
         let (check, _) = enqueue(&conn, &NewJob::new("check", json!({})), 0).expect("enqueue");
         let (hint, _) = enqueue(&conn, &NewJob::new("agent", json!({})), 0).expect("enqueue");
-        assert_eq!(claim(&conn, "w", &["agent"], 1_000, 0).expect("claim").map(|j| j.id), Some(hint));
+        assert_eq!(
+            claim(&conn, "w", &["agent"], 1_000, 0)
+                .expect("claim")
+                .map(|j| j.id),
+            Some(hint)
+        );
         cancel(&conn, check, 0).expect("cancel");
-        assert!(claim(&conn, "w", &[], 1_000, 0).expect("claim").is_none(), "cancelled jobs do not run");
+        assert!(
+            claim(&conn, "w", &[], 1_000, 0).expect("claim").is_none(),
+            "cancelled jobs do not run"
+        );
         assert_eq!(list(&conn, Some("cancelled"), 10).expect("list").len(), 1);
         assert_eq!(list(&conn, None, 10).expect("list").len(), 2);
         let bad = [
@@ -395,13 +558,26 @@ mod tests {
             NewJob::new("x".repeat(MAX_NAME_LEN + 1), json!({})),
             NewJob::new("bad\nkind", json!({})),
             NewJob::new("big", json!("x".repeat(MAX_PAYLOAD_BYTES))),
-            NewJob { max_attempts: 0, ..NewJob::new("check", json!({})) },
+            NewJob {
+                max_attempts: 0,
+                ..NewJob::new("check", json!({}))
+            },
         ];
         for job in bad {
-            assert!(matches!(enqueue(&conn, &job, 0), Err(JobError::Invalid(_))), "{job:?}");
+            assert!(
+                matches!(enqueue(&conn, &job, 0), Err(JobError::Invalid(_))),
+                "{job:?}"
+            );
         }
-        assert_eq!(list(&conn, None, 10).expect("list").len(), 2, "refused jobs change nothing");
-        assert!(matches!(requeue(&conn, 999, 0), Err(JobError::NotFound(999))));
+        assert_eq!(
+            list(&conn, None, 10).expect("list").len(),
+            2,
+            "refused jobs change nothing"
+        );
+        assert!(matches!(
+            requeue(&conn, 999, 0),
+            Err(JobError::NotFound(999))
+        ));
         cleanup(&path);
     }
 
@@ -409,12 +585,24 @@ mod tests {
     fn a_worker_extends_its_lease_or_hands_the_job_back() {
         let (conn, path) = db();
         let (id, _) = enqueue(&conn, &NewJob::new("check", json!({})), 0).expect("enqueue");
-        claim(&conn, "w", &[], 1_000, 0).expect("claim").expect("job");
+        claim(&conn, "w", &[], 1_000, 0)
+            .expect("claim")
+            .expect("job");
         extend(&conn, id, "w", 1_000, 900).expect("extend");
-        assert!(claim(&conn, "other", &[], 1_000, 1_500).expect("claim").is_none(), "the extended lease holds");
-        assert!(matches!(extend(&conn, id, "other", 1_000, 1_500), Err(JobError::LeaseLost(_))));
+        assert!(
+            claim(&conn, "other", &[], 1_000, 1_500)
+                .expect("claim")
+                .is_none(),
+            "the extended lease holds"
+        );
+        assert!(matches!(
+            extend(&conn, id, "other", 1_000, 1_500),
+            Err(JobError::LeaseLost(_))
+        ));
         abandon(&conn, id, "w", 1_600).expect("abandon");
-        let again = claim(&conn, "other", &[], 1_000, 1_600).expect("claim").expect("ready at once");
+        let again = claim(&conn, "other", &[], 1_000, 1_600)
+            .expect("claim")
+            .expect("ready at once");
         assert_eq!(again.attempts, 1, "the abandoned attempt does not count");
         cleanup(&path);
     }
@@ -426,25 +614,51 @@ mod tests {
         for n in 0..10 {
             enqueue(&conn, &NewJob::new("check", json!({"n": n})).for_team(1), n).expect("enqueue");
         }
-        let (second_team, _) = enqueue(&conn, &NewJob::new("check", json!({})).for_team(2), 100).expect("enqueue");
+        let (second_team, _) =
+            enqueue(&conn, &NewJob::new("check", json!({})).for_team(2), 100).expect("enqueue");
         let (unkeyed, _) = enqueue(&conn, &NewJob::new("check", json!({})), 200).expect("enqueue");
         let mut claimed = Vec::new();
         while let Some(job) = claim(&conn, "w", &[], 60_000, 1_000).expect("claim") {
             claimed.push(job);
         }
         let team_one = claimed.iter().filter(|j| j.fair_key_is("team:1")).count();
-        assert_eq!(team_one, PER_KEY_RUNNING as usize, "team 1 runs at most its share");
-        assert_eq!(claimed.len(), PER_KEY_RUNNING as usize + 2, "the other team and the unkeyed job run beside it");
+        assert_eq!(
+            team_one, PER_KEY_RUNNING as usize,
+            "team 1 runs at most its share"
+        );
+        assert_eq!(
+            claimed.len(),
+            PER_KEY_RUNNING as usize + 2,
+            "the other team and the unkeyed job run beside it"
+        );
         let position = |id| claimed.iter().position(|j| j.id == id).expect("claimed");
-        assert!(position(second_team) <= 1, "the idle team goes before the busy team's second job: {:?}", claimed.iter().map(|j| j.id).collect::<Vec<_>>());
+        assert!(
+            position(second_team) <= 1,
+            "the idle team goes before the busy team's second job: {:?}",
+            claimed.iter().map(|j| j.id).collect::<Vec<_>>()
+        );
         assert!(position(unkeyed) <= 2);
         // One of team 1's jobs ends: the next of its jobs may run.
-        let first = claimed.iter().find(|j| j.fair_key_is("team:1")).expect("team 1 job").id;
+        let first = claimed
+            .iter()
+            .find(|j| j.fair_key_is("team:1"))
+            .expect("team 1 job")
+            .id;
         complete(&conn, first, "w", 2_000).expect("complete");
-        assert!(claim(&conn, "w", &[], 60_000, 2_000).expect("claim").is_some_and(|j| j.fair_key_is("team:1")));
-        assert!(claim(&conn, "w", &[], 60_000, 2_000).expect("claim").is_none());
+        assert!(
+            claim(&conn, "w", &[], 60_000, 2_000)
+                .expect("claim")
+                .is_some_and(|j| j.fair_key_is("team:1"))
+        );
+        assert!(
+            claim(&conn, "w", &[], 60_000, 2_000)
+                .expect("claim")
+                .is_none()
+        );
         // A lapsed lease does not count against the team (its worker died).
-        let next = claim(&conn, "w2", &[], 60_000, 70_000).expect("claim").expect("lapsed jobs are ready again");
+        let next = claim(&conn, "w2", &[], 60_000, 70_000)
+            .expect("claim")
+            .expect("lapsed jobs are ready again");
         assert!(next.attempts >= 1);
         cleanup(&path);
     }
@@ -457,13 +671,30 @@ mod tests {
         let (id, _) = enqueue(&conn, &job, 0).expect("enqueue");
         for round in 0..5 {
             let now = round * 10_000;
-            claim(&conn, "w", &[], 1_000, now).expect("claim").expect("due");
+            claim(&conn, "w", &[], 1_000, now)
+                .expect("claim")
+                .expect("due");
             defer(&conn, id, "w", 5_000, "the team's previous batch runs", now).expect("defer");
-            assert!(claim(&conn, "w", &[], 1_000, now + 4_999).expect("claim").is_none(), "not before the delay");
+            assert!(
+                claim(&conn, "w", &[], 1_000, now + 4_999)
+                    .expect("claim")
+                    .is_none(),
+                "not before the delay"
+            );
         }
         let job = get(&conn, id).expect("get").expect("job");
-        assert_eq!((job.state.as_str(), job.attempts), ("queued", 0), "deferring is no failure, whatever max_attempts");
-        assert!(matches!(defer(&conn, id, "w", 5_000, "x", 60_000), Err(JobError::LeaseLost(_))), "only the lease holder defers");
+        assert_eq!(
+            (job.state.as_str(), job.attempts),
+            ("queued", 0),
+            "deferring is no failure, whatever max_attempts"
+        );
+        assert!(
+            matches!(
+                defer(&conn, id, "w", 5_000, "x", 60_000),
+                Err(JobError::LeaseLost(_))
+            ),
+            "only the lease holder defers"
+        );
         cleanup(&path);
     }
 

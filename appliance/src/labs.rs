@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use labrack_provisioner::allocation::{self, Allocation, AllocationState, Input, Output, RetryPolicy};
+use labrack_provisioner::allocation::{
+    self, Allocation, AllocationState, Input, Output, RetryPolicy,
+};
 use labrack_provisioner::limits::LabLimits;
 use labrack_provisioner::protocol::{DesktopAccess, HostTask, Password, TaskId};
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -99,7 +101,14 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
             ))
         })
         .optional()?;
-    Ok(row.map(|(alloc, event_id, team_id, gpus)| StoredAllocation { alloc, event_id, team_id, gpus }))
+    Ok(
+        row.map(|(alloc, event_id, team_id, gpus)| StoredAllocation {
+            alloc,
+            event_id,
+            team_id,
+            gpus,
+        }),
+    )
 }
 
 fn save(conn: &Connection, alloc: &Allocation) -> Result<(), ApiError> {
@@ -139,16 +148,27 @@ pub fn generate_password() -> String {
     use rand::Rng as _;
     const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::thread_rng();
-    (0..20).map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())])).collect()
+    (0..20)
+        .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
+        .collect()
 }
 
 /// Stores a host task: a password it carries is sealed into its own column and left out
 /// of the body, so no task body in the database holds a secret.
-pub fn insert_task(conn: &Connection, secrets: &SecretBox, task: &HostTask, allocation_id: i64, cleanup: bool, now_ms: i64) -> Result<(), ApiError> {
+pub fn insert_task(
+    conn: &Connection,
+    secrets: &SecretBox,
+    task: &HostTask,
+    allocation_id: i64,
+    cleanup: bool,
+    now_ms: i64,
+) -> Result<(), ApiError> {
     let mut stored = task.clone();
     let secret = match stored.kind.password_mut() {
         Some(password) if !password.0.is_empty() => {
-            let sealed = secrets.seal(&task_secret_context(&task.id.0), password.0.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let sealed = secrets
+                .seal(&task_secret_context(&task.id.0), password.0.as_bytes())
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
             *password = Password::default();
             Some(sealed)
         }
@@ -163,11 +183,28 @@ pub fn insert_task(conn: &Connection, secrets: &SecretBox, task: &HostTask, allo
 }
 
 /// The password a stored task carries, unsealed (for delivery to its host).
-pub fn task_password(conn: &Connection, secrets: &SecretBox, task_id: &str) -> Result<Option<String>, ApiError> {
-    let sealed: Option<Vec<u8>> = conn.query_row("SELECT secret FROM host_tasks WHERE id = ?1", [task_id], |r| r.get(0)).optional()?.flatten();
-    let Some(sealed) = sealed else { return Ok(None) };
-    let password = secrets.open(&task_secret_context(task_id), &sealed).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Some(String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?))
+pub fn task_password(
+    conn: &Connection,
+    secrets: &SecretBox,
+    task_id: &str,
+) -> Result<Option<String>, ApiError> {
+    let sealed: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT secret FROM host_tasks WHERE id = ?1",
+            [task_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let Some(sealed) = sealed else {
+        return Ok(None);
+    };
+    let password = secrets
+        .open(&task_secret_context(task_id), &sealed)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Some(
+        String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?,
+    ))
 }
 
 /// What [`apply`] did.
@@ -211,17 +248,36 @@ pub fn apply(
                 applied.issued = true;
             }
             Output::Desktop(desktop) => {
-                let task_id = reported.as_deref().ok_or_else(|| ApiError::Internal("desktop details without a report".into()))?;
-                let password = task_password(conn, secrets, task_id)?
-                    .ok_or_else(|| ApiError::Internal(format!("task {task_id} set a password the appliance never sealed")))?;
+                let task_id = reported
+                    .as_deref()
+                    .ok_or_else(|| ApiError::Internal("desktop details without a report".into()))?;
+                let password = task_password(conn, secrets, task_id)?.ok_or_else(|| {
+                    ApiError::Internal(format!(
+                        "task {task_id} set a password the appliance never sealed"
+                    ))
+                })?;
                 store_desktop(conn, secrets, alloc.id, &desktop, &password)?;
             }
             Output::Changed { from, to } => {
                 let detail = serde_json::json!({"from": state_name(from), "to": state_name(to), "reason": alloc.reason});
-                audit(conn, actor, meta, "allocation.state", Some(&format!("allocation:{}", alloc.id)), detail)?;
+                audit(
+                    conn,
+                    actor,
+                    meta,
+                    "allocation.state",
+                    Some(&format!("allocation:{}", alloc.id)),
+                    detail,
+                )?;
             }
             Output::ResetDone => {
-                audit(conn, actor, meta, "allocation.reset_done", Some(&format!("allocation:{}", alloc.id)), serde_json::json!({}))?;
+                audit(
+                    conn,
+                    actor,
+                    meta,
+                    "allocation.reset_done",
+                    Some(&format!("allocation:{}", alloc.id)),
+                    serde_json::json!({}),
+                )?;
             }
             Output::Ignored { why } => applied.ignored = Some(why),
         }
@@ -230,7 +286,10 @@ pub fn apply(
     // reset) is withdrawn so the host stops seeing it. Checks stay while the lab is active
     // and untouched; a reset or release withdraws them too (their workers retry).
     // (An unreachable lab keeps them too: its host runs them when it is back.)
-    let keep_checks = matches!(alloc.state, AllocationState::Active | AllocationState::Unreachable) && alloc.in_flight.is_none();
+    let keep_checks = matches!(
+        alloc.state,
+        AllocationState::Active | AllocationState::Unreachable
+    ) && alloc.in_flight.is_none();
     // Cleanup tasks of a force-released lab stay until its host comes back for them.
     conn.prepare_cached(
         "UPDATE host_tasks SET done_ms = ?2, outcome = '{\"result\":\"cancelled\"}', secret = NULL
@@ -239,16 +298,26 @@ pub fn apply(
     .execute(params![alloc.id, now, alloc.in_flight.as_ref().map(|t| t.0.as_str()), keep_checks])?;
     // A reported task's password has done its job (it is sealed with the lab, if set).
     if let Some(task_id) = &reported {
-        conn.execute("UPDATE host_tasks SET secret = NULL WHERE id = ?1", [task_id])?;
+        conn.execute(
+            "UPDATE host_tasks SET secret = NULL WHERE id = ?1",
+            [task_id],
+        )?;
     }
     if alloc.state == AllocationState::Released {
         // The desktop is gone; so are its credentials.
-        conn.execute("UPDATE allocations SET desktop_secret = NULL WHERE id = ?1", [alloc.id])?;
+        conn.execute(
+            "UPDATE allocations SET desktop_secret = NULL WHERE id = ?1",
+            [alloc.id],
+        )?;
     }
     if forced && alloc.state == AllocationState::Released && alloc.tasks_issued > 0 {
         // Let go without the host's help, but the host may come back with the lab's account
         // and processes still there: a release task waits for it, outside the state machine.
-        let agent: bool = conn.query_row("SELECT agent FROM hosts WHERE id = ?1", [alloc.host_id], |r| r.get(0))?;
+        let agent: bool = conn.query_row(
+            "SELECT agent FROM hosts WHERE id = ?1",
+            [alloc.host_id],
+            |r| r.get(0),
+        )?;
         if agent {
             stored.alloc.tasks_issued = stored.alloc.tasks_issued.saturating_add(1);
             let alloc = &stored.alloc;
@@ -256,10 +325,19 @@ pub fn apply(
                 version: labrack_provisioner::protocol::PROTOCOL_VERSION,
                 id: TaskId::new(alloc.id, "cleanup", alloc.tasks_issued),
                 host_id: alloc.host_id,
-                kind: labrack_provisioner::protocol::TaskKind::Release { allocation_id: alloc.id },
+                kind: labrack_provisioner::protocol::TaskKind::Release {
+                    allocation_id: alloc.id,
+                },
             };
             insert_task(conn, secrets, &task, alloc.id, true, now)?;
-            audit(conn, actor, meta, "allocation.cleanup_queued", Some(&format!("allocation:{}", alloc.id)), serde_json::json!({"host_id": alloc.host_id, "task": task.id.0}))?;
+            audit(
+                conn,
+                actor,
+                meta,
+                "allocation.cleanup_queued",
+                Some(&format!("allocation:{}", alloc.id)),
+                serde_json::json!({"host_id": alloc.host_id, "task": task.id.0}),
+            )?;
             applied.issued = true;
         }
     }
@@ -268,8 +346,16 @@ pub fn apply(
     Ok(applied)
 }
 
-pub fn store_desktop(conn: &Connection, secrets: &SecretBox, id: i64, desktop: &DesktopAccess, password: &str) -> Result<(), ApiError> {
-    let sealed = secrets.seal(&secret_context(id), password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+pub fn store_desktop(
+    conn: &Connection,
+    secrets: &SecretBox,
+    id: i64,
+    desktop: &DesktopAccess,
+    password: &str,
+) -> Result<(), ApiError> {
+    let sealed = secrets
+        .seal(&secret_context(id), password.as_bytes())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     conn.execute(
         "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5, ssh_host_key = ?6, rdp_cert_sha256 = ?7
          WHERE id = ?1",
@@ -293,8 +379,14 @@ pub struct DesktopSecret {
 impl DesktopSecret {
     /// The RDP login the streamer makes, at `width`×`height`; fails when the host did not
     /// report its RDP certificate (the connection could not be verified).
-    pub fn rdp_target(self, width: u16, height: u16) -> Result<labrack_streamer::rdp::DesktopTarget, &'static str> {
-        let cert_sha256 = self.rdp_cert_sha256.ok_or("the lab host did not report its RDP certificate; the desktop cannot be verified")?;
+    pub fn rdp_target(
+        self,
+        width: u16,
+        height: u16,
+    ) -> Result<labrack_streamer::rdp::DesktopTarget, &'static str> {
+        let cert_sha256 = self.rdp_cert_sha256.ok_or(
+            "the lab host did not report its RDP certificate; the desktop cannot be verified",
+        )?;
         Ok(labrack_streamer::rdp::DesktopTarget {
             host: self.host_address,
             port: self.rdp_port,
@@ -307,7 +399,11 @@ impl DesktopSecret {
     }
 }
 
-pub fn desktop_secret(conn: &Connection, secrets: &SecretBox, id: i64) -> Result<Option<DesktopSecret>, ApiError> {
+pub fn desktop_secret(
+    conn: &Connection,
+    secrets: &SecretBox,
+    id: i64,
+) -> Result<Option<DesktopSecret>, ApiError> {
     let row = conn
         .query_row(
             "SELECT h.address, a.desktop_user, a.desktop_secret, a.rdp_port, a.ssh_port, a.ssh_host_key, a.rdp_cert_sha256 FROM allocations a
@@ -326,10 +422,24 @@ pub fn desktop_secret(conn: &Connection, secrets: &SecretBox, id: i64) -> Result
             },
         )
         .optional()?;
-    let Some((host_address, username, sealed, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256)) = row else { return Ok(None) };
-    let password = secrets.open(&secret_context(id), &sealed).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let Some((host_address, username, sealed, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256)) =
+        row
+    else {
+        return Ok(None);
+    };
+    let password = secrets
+        .open(&secret_context(id), &sealed)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let password = String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Some(DesktopSecret { host_address, username, password, rdp_port, ssh_port, ssh_host_key, rdp_cert_sha256 }))
+    Ok(Some(DesktopSecret {
+        host_address,
+        username,
+        password,
+        rdp_port,
+        ssh_port,
+        ssh_host_key,
+        rdp_cert_sha256,
+    }))
 }
 
 /// The associated data a host's checker password is sealed with.
@@ -339,16 +449,34 @@ pub fn checker_context(host_id: i64) -> String {
 
 /// The checker account of a host without an agent (user name and password, decrypted), if
 /// it has one. For the appliance's own use; never serialised to a client.
-pub fn checker_login(conn: &Connection, secrets: &SecretBox, host_id: i64) -> Result<Option<(String, String)>, ApiError> {
-    let row: Option<(Option<String>, Option<Vec<u8>>)> =
-        conn.query_row("SELECT checker_user, checker_secret FROM hosts WHERE id = ?1", [host_id], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-    let Some((Some(user), Some(sealed))) = row else { return Ok(None) };
-    let password = secrets.open(&checker_context(host_id), &sealed).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Some((user, String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?)))
+pub fn checker_login(
+    conn: &Connection,
+    secrets: &SecretBox,
+    host_id: i64,
+) -> Result<Option<(String, String)>, ApiError> {
+    let row: Option<(Option<String>, Option<Vec<u8>>)> = conn
+        .query_row(
+            "SELECT checker_user, checker_secret FROM hosts WHERE id = ?1",
+            [host_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((Some(user), Some(sealed))) = row else {
+        return Ok(None);
+    };
+    let password = secrets
+        .open(&checker_context(host_id), &sealed)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Some((
+        user,
+        String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?,
+    )))
 }
 
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// One reconciler pass: hosts that missed three heartbeats become unhealthy (and their
@@ -365,7 +493,10 @@ pub fn reconcile(
     heartbeat: Duration,
     grace: Duration,
 ) -> Result<bool, ApiError> {
-    let meta = RequestMeta { remote_addr: "local".into(), request_id: String::new() };
+    let meta = RequestMeta {
+        remote_addr: "local".into(),
+        request_id: String::new(),
+    };
     let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
     let silence = i64::try_from(heartbeat.as_millis().saturating_mul(3)).unwrap_or(i64::MAX);
     let mut issued = false;
@@ -375,14 +506,29 @@ pub fn reconcile(
         .collect::<Result<_, _>>()?;
     for (host_id, name) in lost {
         conn.execute("UPDATE hosts SET healthy = 0 WHERE id = ?1", [host_id])?;
-        audit(conn, RECONCILER, &meta, "host.unhealthy", Some(&format!("host:{host_id}")), serde_json::json!({"name": name}))?;
+        audit(
+            conn,
+            RECONCILER,
+            &meta,
+            "host.unhealthy",
+            Some(&format!("host:{host_id}")),
+            serde_json::json!({"name": name}),
+        )?;
         tracing::warn!(host_id, %name, "lab host missed its heartbeats: marked unhealthy");
         let labs: Vec<i64> = conn
             .prepare_cached("SELECT id FROM allocations WHERE host_id = ?1 AND state IN ('provisioning', 'active', 'releasing')")?
             .query_map([host_id], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         for id in labs {
-            apply(conn, secrets, id, Input::HostUnhealthy, now_ms, RECONCILER, &meta)?;
+            apply(
+                conn,
+                secrets,
+                id,
+                Input::HostUnhealthy,
+                now_ms,
+                RECONCILER,
+                &meta,
+            )?;
         }
     }
     let back: Vec<i64> = conn
@@ -390,15 +536,34 @@ pub fn reconcile(
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in back {
-        issued |= apply(conn, secrets, id, Input::HostBack, now_ms, RECONCILER, &meta)?.issued;
+        issued |= apply(
+            conn,
+            secrets,
+            id,
+            Input::HostBack,
+            now_ms,
+            RECONCILER,
+            &meta,
+        )?
+        .issued;
     }
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
     let over: Vec<i64> = conn
-        .prepare_cached("SELECT id FROM allocations WHERE state = 'unreachable' AND unreachable_since_ms <= ?1")?
+        .prepare_cached(
+            "SELECT id FROM allocations WHERE state = 'unreachable' AND unreachable_since_ms <= ?1",
+        )?
         .query_map([now.saturating_sub(grace_ms)], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for id in over {
-        apply(conn, secrets, id, Input::GraceOver, now_ms, RECONCILER, &meta)?;
+        apply(
+            conn,
+            secrets,
+            id,
+            Input::GraceOver,
+            now_ms,
+            RECONCILER,
+            &meta,
+        )?;
     }
     let due: Vec<i64> = conn
         .prepare_cached("SELECT id FROM allocations WHERE retry_at_ms IS NOT NULL AND retry_at_ms <= ?1 AND state <> 'unreachable'")?
@@ -430,7 +595,11 @@ pub async fn run_reconciler(state: AppState) {
             .writer()
             .write(move |conn| {
                 let issued = reconcile(conn, &secrets, unix_ms(), started_ms, heartbeat, grace)?;
-                crate::billing::bill_active(conn, &billing, i64::try_from(unix_ms()).unwrap_or(i64::MAX))?;
+                crate::billing::bill_active(
+                    conn,
+                    &billing,
+                    i64::try_from(unix_ms()).unwrap_or(i64::MAX),
+                )?;
                 Ok::<_, ApiError>(issued)
             })
             .await;
@@ -447,7 +616,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_appliance_s_own_downtime_does_not_count_as_a_host_s_silence() -> Result<(), Box<dyn std::error::Error>> {
+    fn the_appliance_s_own_downtime_does_not_count_as_a_host_s_silence()
+    -> Result<(), Box<dyn std::error::Error>> {
         let mut conn = Connection::open_in_memory()?;
         crate::db::migrate(&mut conn)?;
         let secrets = SecretBox::from_key(&[9; 32]);
@@ -457,15 +627,23 @@ mod tests {
             "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms) VALUES ('rack-1', zeroblob(32), '127.0.0.1', 0, 4, 'now', ?1)",
             [i64::try_from(now - 3_600_000)?],
         )?;
-        let healthy = |conn: &Connection| conn.query_row("SELECT healthy FROM hosts", [], |r| r.get::<_, bool>(0));
+        let healthy = |conn: &Connection| {
+            conn.query_row("SELECT healthy FROM hosts", [], |r| r.get::<_, bool>(0))
+        };
         let beat = Duration::from_secs(5);
         // Up for 2 s: the host has three beats (15 s) to be heard again.
         let grace = Duration::from_secs(900);
         reconcile(&conn, &secrets, now, now - 2_000, beat, grace)?;
-        assert!(healthy(&conn)?, "no host is blamed for the appliance's own restart");
+        assert!(
+            healthy(&conn)?,
+            "no host is blamed for the appliance's own restart"
+        );
         // Up for 16 s and still nothing from it: now it is silent.
         reconcile(&conn, &secrets, now, now - 16_000, beat, grace)?;
-        assert!(!healthy(&conn)?, "a host silent for three beats after the restart is unhealthy");
+        assert!(
+            !healthy(&conn)?,
+            "a host silent for three beats after the restart is unhealthy"
+        );
         Ok(())
     }
 }

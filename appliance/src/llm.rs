@@ -54,7 +54,12 @@ pub struct LlmSettings {
 
 impl Default for LlmSettings {
     fn default() -> Self {
-        Self { endpoints: Vec::new(), team_token_budget: 50_000, requests_per_minute: 6, cents_per_1k_tokens: 0 }
+        Self {
+            endpoints: Vec::new(),
+            team_token_budget: 50_000,
+            requests_per_minute: 6,
+            cents_per_1k_tokens: 0,
+        }
     }
 }
 
@@ -62,12 +67,19 @@ impl Default for LlmSettings {
 /// address) unless remote endpoints are allowed.
 pub fn check_policy(endpoints: &[LlmEndpoint], allow_remote: bool) -> Result<(), String> {
     for endpoint in endpoints {
-        let url = reqwest::Url::parse(&endpoint.url).map_err(|e| format!("LLM endpoint {:?} is not a URL: {e}", endpoint.url))?;
+        let url = reqwest::Url::parse(&endpoint.url)
+            .map_err(|e| format!("LLM endpoint {:?} is not a URL: {e}", endpoint.url))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!("LLM endpoint {:?} must be http:// or https://", endpoint.url));
+            return Err(format!(
+                "LLM endpoint {:?} must be http:// or https://",
+                endpoint.url
+            ));
         }
         if endpoint.model.trim().is_empty() {
-            return Err(format!("LLM endpoint {:?} needs a model name", endpoint.url));
+            return Err(format!(
+                "LLM endpoint {:?} needs a model name",
+                endpoint.url
+            ));
         }
         let host = url.host_str().unwrap_or_default().trim_matches(['[', ']']);
         let local = match host.parse::<IpAddr>() {
@@ -99,10 +111,16 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn system(content: impl Into<String>) -> Self {
-        Self { role: "system".into(), content: content.into() }
+        Self {
+            role: "system".into(),
+            content: content.into(),
+        }
     }
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: "user".into(), content: content.into() }
+        Self {
+            role: "user".into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -140,11 +158,18 @@ pub struct Payer {
 }
 
 /// A reply already recorded for `job_id` (an earlier attempt of the job got it).
-pub fn recorded_reply(conn: &rusqlite::Connection, job_id: i64) -> Result<Option<String>, rusqlite::Error> {
+pub fn recorded_reply(
+    conn: &rusqlite::Connection,
+    job_id: i64,
+) -> Result<Option<String>, rusqlite::Error> {
     use rusqlite::OptionalExtension as _;
-    conn.query_row("SELECT reply FROM llm_usage WHERE job_id = ?1", [job_id], |r| r.get::<_, Option<String>>(0))
-        .optional()
-        .map(Option::flatten)
+    conn.query_row(
+        "SELECT reply FROM llm_usage WHERE job_id = ?1",
+        [job_id],
+        |r| r.get::<_, Option<String>>(0),
+    )
+    .optional()
+    .map(Option::flatten)
 }
 
 #[derive(Debug, Default)]
@@ -176,7 +201,10 @@ struct Usage {
 /// A rough token count (4 characters a token), used before a call and when a server
 /// reports no usage.
 pub fn estimate_tokens(messages: &[ChatMessage]) -> u64 {
-    let chars: usize = messages.iter().map(|m| m.content.chars().count() + m.role.len() + 4).sum();
+    let chars: usize = messages
+        .iter()
+        .map(|m| m.content.chars().count() + m.role.len() + 4)
+        .sum();
     u64::try_from(chars.div_ceil(4)).unwrap_or(u64::MAX)
 }
 
@@ -193,15 +221,30 @@ pub struct Gateway {
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gateway").field("endpoints", &self.settings.endpoints.len()).finish()
+        f.debug_struct("Gateway")
+            .field("endpoints", &self.settings.endpoints.len())
+            .finish()
     }
 }
 
 impl Gateway {
     pub fn new(settings: LlmSettings) -> Self {
-        let breakers = settings.endpoints.iter().map(|_| Mutex::new(Breaker::default())).collect();
-        let http = reqwest::Client::builder().timeout(CALL_TIMEOUT).build().unwrap_or_default();
-        Self { settings, http, breakers, reserved: tokio::sync::Mutex::new(HashMap::new()), buckets: Mutex::new(HashMap::new()) }
+        let breakers = settings
+            .endpoints
+            .iter()
+            .map(|_| Mutex::new(Breaker::default()))
+            .collect();
+        let http = reqwest::Client::builder()
+            .timeout(CALL_TIMEOUT)
+            .build()
+            .unwrap_or_default();
+        Self {
+            settings,
+            http,
+            breakers,
+            reserved: tokio::sync::Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn configured(&self) -> bool {
@@ -214,14 +257,20 @@ impl Gateway {
 
     fn take_rate_token(&self, team_id: i64) -> Result<(), LlmError> {
         let per_minute = f64::from(self.settings.requests_per_minute.max(1));
-        let mut buckets = self.buckets.lock().map_err(|_| LlmError::Storage("rate limiter poisoned".into()))?;
+        let mut buckets = self
+            .buckets
+            .lock()
+            .map_err(|_| LlmError::Storage("rate limiter poisoned".into()))?;
         let now = Instant::now();
         let (tokens, last) = buckets.entry(team_id).or_insert((per_minute, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0).min(per_minute);
+        *tokens =
+            (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0).min(per_minute);
         *last = now;
         if *tokens < 1.0 {
             let wait = ((1.0 - *tokens) * 60.0 / per_minute).ceil() as u64;
-            return Err(LlmError::RateLimited { retry_after_secs: wait.max(1) });
+            return Err(LlmError::RateLimited {
+                retry_after_secs: wait.max(1),
+            });
         }
         *tokens -= 1.0;
         Ok(())
@@ -239,7 +288,14 @@ impl Gateway {
     }
 
     /// One chat completion for `agent`, paid by `payer`, with at most `max_tokens` of reply.
-    pub async fn chat(&self, db: &Db, payer: Payer, agent: &str, messages: Vec<ChatMessage>, max_tokens: u64) -> Result<ChatReply, LlmError> {
+    pub async fn chat(
+        &self,
+        db: &Db,
+        payer: Payer,
+        agent: &str,
+        messages: Vec<ChatMessage>,
+        max_tokens: u64,
+    ) -> Result<ChatReply, LlmError> {
         if !self.configured() {
             return Err(LlmError::NotConfigured);
         }
@@ -254,7 +310,10 @@ impl Gateway {
                 let left = budget.saturating_sub(used + in_flight + prompt_estimate);
                 // Too little left for a useful answer: refuse before calling.
                 if left < 16 {
-                    return Err(LlmError::BudgetExceeded { used: used + in_flight, budget });
+                    return Err(LlmError::BudgetExceeded {
+                        used: used + in_flight,
+                        budget,
+                    });
                 }
                 self.take_rate_token(team_id)?;
                 max_tokens = max_tokens.min(left);
@@ -272,9 +331,14 @@ impl Gateway {
                 let mut record = reply.clone();
                 if record.prompt_tokens == 0 && record.completion_tokens == 0 {
                     record.prompt_tokens = prompt_estimate;
-                    record.completion_tokens = estimate_tokens(&[ChatMessage { role: String::new(), content: record.content.clone() }]);
+                    record.completion_tokens = estimate_tokens(&[ChatMessage {
+                        role: String::new(),
+                        content: record.content.clone(),
+                    }]);
                 }
-                self.record(db, payer, agent, &record).await.map(|()| record)
+                self.record(db, payer, agent, &record)
+                    .await
+                    .map(|()| record)
             }
             Err(_) => Err(LlmError::Unavailable(String::new())),
         };
@@ -287,7 +351,13 @@ impl Gateway {
         recorded
     }
 
-    async fn record(&self, db: &Db, payer: Payer, agent: &str, reply: &ChatReply) -> Result<(), LlmError> {
+    async fn record(
+        &self,
+        db: &Db,
+        payer: Payer,
+        agent: &str,
+        reply: &ChatReply,
+    ) -> Result<(), LlmError> {
         let record = reply.clone();
         let agent = agent.to_owned();
         let rate = self.settings.cents_per_1k_tokens;
@@ -339,12 +409,23 @@ impl Gateway {
             .map_err(|e| LlmError::Storage(format!("{e:?}")))
     }
 
-    async fn call_endpoints(&self, messages: &[ChatMessage], max_tokens: u64) -> Result<ChatReply, LlmError> {
+    async fn call_endpoints(
+        &self,
+        messages: &[ChatMessage],
+        max_tokens: u64,
+    ) -> Result<ChatReply, LlmError> {
         let mut errors = Vec::new();
         for (endpoint, breaker) in self.settings.endpoints.iter().zip(&self.breakers) {
-            let open = breaker.lock().ok().and_then(|b| b.open_until).is_some_and(|until| Instant::now() < until);
+            let open = breaker
+                .lock()
+                .ok()
+                .and_then(|b| b.open_until)
+                .is_some_and(|until| Instant::now() < until);
             if open {
-                errors.push(format!("{}: circuit open after repeated failures", endpoint.url));
+                errors.push(format!(
+                    "{}: circuit open after repeated failures",
+                    endpoint.url
+                ));
                 continue;
             }
             match self.call(endpoint, messages, max_tokens).await {
@@ -370,24 +451,47 @@ impl Gateway {
         Err(LlmError::Unavailable(errors.join("; ")))
     }
 
-    async fn call(&self, endpoint: &LlmEndpoint, messages: &[ChatMessage], max_tokens: u64) -> Result<ChatReply, String> {
+    async fn call(
+        &self,
+        endpoint: &LlmEndpoint,
+        messages: &[ChatMessage],
+        max_tokens: u64,
+    ) -> Result<ChatReply, String> {
         let url = format!("{}/v1/chat/completions", endpoint.url.trim_end_matches('/'));
         let mut request = self.http.post(&url).json(&serde_json::json!({
             "model": endpoint.model,
             "messages": messages,
             "max_tokens": max_tokens,
         }));
-        if let Some(key) = endpoint.api_key_env.as_deref().and_then(|var| std::env::var(var).ok()) {
+        if let Some(key) = endpoint
+            .api_key_env
+            .as_deref()
+            .and_then(|var| std::env::var(var).ok())
+        {
             request = request.bearer_auth(key);
         }
-        let response = request.send().await.map_err(|e| format!("request failed: {e}"))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
         let status = response.status();
         if !status.is_success() {
             return Err(format!("HTTP {status}"));
         }
-        let body: CompletionResponse = response.json().await.map_err(|e| format!("not a chat completion: {e}"))?;
-        let content = body.choices.into_iter().next().map(|c| c.message.content).ok_or("the reply has no choices")?;
-        let usage = body.usage.unwrap_or(Usage { prompt_tokens: 0, completion_tokens: 0 });
+        let body: CompletionResponse = response
+            .json()
+            .await
+            .map_err(|e| format!("not a chat completion: {e}"))?;
+        let content = body
+            .choices
+            .into_iter()
+            .next()
+            .map(|c| c.message.content)
+            .ok_or("the reply has no choices")?;
+        let usage = body.usage.unwrap_or(Usage {
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        });
         Ok(ChatReply {
             content,
             model: body.model.unwrap_or_else(|| endpoint.model.clone()),
@@ -403,24 +507,50 @@ mod tests {
     use super::*;
 
     fn endpoint(url: &str) -> LlmEndpoint {
-        LlmEndpoint { url: url.into(), model: "m".into(), api_key_env: None }
+        LlmEndpoint {
+            url: url.into(),
+            model: "m".into(),
+            api_key_env: None,
+        }
     }
 
     #[test]
     fn endpoints_off_the_venue_network_need_policy() {
-        for local in ["http://127.0.0.1:8080", "http://10.1.2.3", "http://192.168.1.5:11434", "http://localhost:8000", "http://[::1]:9"] {
+        for local in [
+            "http://127.0.0.1:8080",
+            "http://10.1.2.3",
+            "http://192.168.1.5:11434",
+            "http://localhost:8000",
+            "http://[::1]:9",
+        ] {
             assert!(check_policy(&[endpoint(local)], false).is_ok(), "{local}");
         }
         let cloud = endpoint("https://api.example.com");
-        assert!(check_policy(std::slice::from_ref(&cloud), false).is_err_and(|e| e.contains("--llm-allow-remote")));
+        assert!(
+            check_policy(std::slice::from_ref(&cloud), false)
+                .is_err_and(|e| e.contains("--llm-allow-remote"))
+        );
         assert!(check_policy(&[cloud], true).is_ok());
         assert!(check_policy(&[endpoint("ftp://127.0.0.1")], true).is_err());
-        assert!(check_policy(&[LlmEndpoint { model: " ".into(), ..endpoint("http://127.0.0.1") }], true).is_err());
+        assert!(
+            check_policy(
+                &[LlmEndpoint {
+                    model: " ".into(),
+                    ..endpoint("http://127.0.0.1")
+                }],
+                true
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn token_estimates_round_up() {
-        assert_eq!(estimate_tokens(&[ChatMessage::user("abcd")]), 3, "4 + 'user' + 4 = 12 characters");
+        assert_eq!(
+            estimate_tokens(&[ChatMessage::user("abcd")]),
+            3,
+            "4 + 'user' + 4 = 12 characters"
+        );
         assert_eq!(estimate_tokens(&[]), 0);
     }
 }

@@ -30,8 +30,15 @@ pub enum HashError {
 }
 
 enum Work {
-    Verify { password: String, stored: Option<String>, reply: tokio::sync::oneshot::Sender<bool> },
-    Hash { password: String, reply: tokio::sync::oneshot::Sender<Result<String, String>> },
+    Verify {
+        password: String,
+        stored: Option<String>,
+        reply: tokio::sync::oneshot::Sender<bool>,
+    },
+    Hash {
+        password: String,
+        reply: tokio::sync::oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// A few threads that hash and verify passwords, behind a bounded queue.
@@ -58,23 +65,29 @@ impl PasswordPool {
         let receiver = Arc::new(Mutex::new(receiver));
         for n in 0..threads {
             let receiver = receiver.clone();
-            let spawned = std::thread::Builder::new().name(format!("password-{n}")).spawn(move || {
-                loop {
-                    let next = match receiver.lock() {
-                        Ok(guard) => guard.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok(WorkBox(work)) = next else { return };
-                    match work {
-                        Work::Verify { password, stored, reply } => {
-                            let _ = reply.send(verify_password(&password, stored.as_deref()));
-                        }
-                        Work::Hash { password, reply } => {
-                            let _ = reply.send(hash_password(&password));
+            let spawned = std::thread::Builder::new()
+                .name(format!("password-{n}"))
+                .spawn(move || {
+                    loop {
+                        let next = match receiver.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(WorkBox(work)) = next else { return };
+                        match work {
+                            Work::Verify {
+                                password,
+                                stored,
+                                reply,
+                            } => {
+                                let _ = reply.send(verify_password(&password, stored.as_deref()));
+                            }
+                            Work::Hash { password, reply } => {
+                                let _ = reply.send(hash_password(&password));
+                            }
                         }
                     }
-                }
-            });
+                });
             if let Err(error) = spawned {
                 tracing::error!(%error, "could not start a password thread");
             }
@@ -92,15 +105,26 @@ impl PasswordPool {
         match self.sender.try_send(WorkBox(work)) {
             Ok(()) => Ok(()),
             // each verification is ~50 ms: a full queue drains within a second or so
-            Err(mpsc::TrySendError::Full(_)) => Err(Busy { retry_after: Duration::from_secs(1) }.into()),
+            Err(mpsc::TrySendError::Full(_)) => Err(Busy {
+                retry_after: Duration::from_secs(1),
+            }
+            .into()),
             Err(mpsc::TrySendError::Disconnected(_)) => Err(HashError::Stopped),
         }
     }
 
     /// Whether `password` matches `stored`; `None` burns the same time against a dummy.
-    pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, HashError> {
+    pub async fn verify(
+        &self,
+        password: String,
+        stored: Option<String>,
+    ) -> Result<bool, HashError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.submit(Work::Verify { password, stored, reply })?;
+        self.submit(Work::Verify {
+            password,
+            stored,
+            reply,
+        })?;
         answer.await.map_err(|_| HashError::Stopped)
     }
 
@@ -108,7 +132,10 @@ impl PasswordPool {
     pub async fn hash(&self, password: String) -> Result<String, HashError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.submit(Work::Hash { password, reply })?;
-        answer.await.map_err(|_| HashError::Stopped)?.map_err(HashError::Argon2)
+        answer
+            .await
+            .map_err(|_| HashError::Stopped)?
+            .map_err(HashError::Argon2)
     }
 
     pub fn threads(&self) -> usize {
@@ -119,7 +146,10 @@ impl PasswordPool {
 /// An argon2id hash with a fresh salt (blocking: call from the pool or at start-up).
 pub fn hash_password(password: &str) -> Result<String, String> {
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
-    Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Verifies against a stored argon2id hash; `None` burns the same time against a dummy
@@ -128,8 +158,13 @@ pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let dummy = DUMMY.get_or_init(|| hash_password("labrack-dummy-password").unwrap_or_default());
     let target = stored.unwrap_or(dummy);
-    let Ok(parsed) = PasswordHash::new(target) else { return false };
-    Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok() && stored.is_some()
+    let Ok(parsed) = PasswordHash::new(target) else {
+        return false;
+    };
+    Argon2::default()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_ok()
+        && stored.is_some()
 }
 
 #[cfg(test)]
@@ -139,15 +174,40 @@ mod tests {
     #[tokio::test]
     async fn the_pool_verifies_and_refuses_beyond_its_queue() {
         let pool = PasswordPool::new(1, 2);
-        let hash = pool.hash("correct horse battery".into()).await.expect("hash");
-        assert!(pool.verify("correct horse battery".into(), Some(hash.clone())).await.expect("verify"));
-        assert!(!pool.verify("wrong".into(), Some(hash.clone())).await.expect("verify"));
-        assert!(!pool.verify("correct horse battery".into(), None).await.expect("verify"));
+        let hash = pool
+            .hash("correct horse battery".into())
+            .await
+            .expect("hash");
+        assert!(
+            pool.verify("correct horse battery".into(), Some(hash.clone()))
+                .await
+                .expect("verify")
+        );
+        assert!(
+            !pool
+                .verify("wrong".into(), Some(hash.clone()))
+                .await
+                .expect("verify")
+        );
+        assert!(
+            !pool
+                .verify("correct horse battery".into(), None)
+                .await
+                .expect("verify")
+        );
         // one thread busy, two waiting: of 20 at once, most are refused straight away
-        let attempts: Vec<_> = (0..20).map(|_| pool.verify("x".into(), Some(hash.clone()))).collect();
+        let attempts: Vec<_> = (0..20)
+            .map(|_| pool.verify("x".into(), Some(hash.clone())))
+            .collect();
         let results = futures_util::future::join_all(attempts).await;
-        let busy = results.iter().filter(|r| matches!(r, Err(HashError::Busy(_)))).count();
+        let busy = results
+            .iter()
+            .filter(|r| matches!(r, Err(HashError::Busy(_))))
+            .count();
         let done = results.iter().filter(|r| matches!(r, Ok(false))).count();
-        assert!((2..=4).contains(&done) && busy == 20 - done, "busy {busy}, done {done}");
+        assert!(
+            (2..=4).contains(&done) && busy == 20 - done,
+            "busy {busy}, done {done}"
+        );
     }
 }

@@ -26,11 +26,20 @@ pub struct ProbeOptions {
 
 /// `WIDTHxHEIGHT`, each 200–8192.
 pub fn parse_size(text: &str) -> Result<(u16, u16), String> {
-    let (w, h) = text.split_once(['x', 'X']).ok_or_else(|| format!("a size is WIDTHxHEIGHT, like 1280x720 (got {text:?})"))?;
-    let parse = |n: &str| n.trim().parse::<u16>().ok().filter(|n| (200..=8192).contains(n));
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("a size is WIDTHxHEIGHT, like 1280x720 (got {text:?})"))?;
+    let parse = |n: &str| {
+        n.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (200..=8192).contains(n))
+    };
     match (parse(w), parse(h)) {
         (Some(w), Some(h)) => Ok((w, h)),
-        _ => Err(format!("{text:?}: width and height must be numbers from 200 to 8192")),
+        _ => Err(format!(
+            "{text:?}: width and height must be numbers from 200 to 8192"
+        )),
     }
 }
 
@@ -51,12 +60,17 @@ const CHANNEL_TOLERANCE: u8 = 12;
 
 /// Whether two colours are the same up to codec loss.
 pub fn close_to(seen: [u8; 3], wanted: [u8; 3]) -> bool {
-    seen.iter().zip(wanted).all(|(a, b)| a.abs_diff(b) <= CHANNEL_TOLERANCE)
+    seen.iter()
+        .zip(wanted)
+        .all(|(a, b)| a.abs_diff(b) <= CHANNEL_TOLERANCE)
 }
 
 pub fn parse_rgb(text: &str) -> anyhow::Result<[u8; 3]> {
     let hex = text.trim().trim_start_matches('#');
-    anyhow::ensure!(hex.len() == 6, "a colour is six hex digits, like 1e90ff (got {text:?})");
+    anyhow::ensure!(
+        hex.len() == 6,
+        "a colour is six hex digits, like 1e90ff (got {text:?})"
+    );
     let bytes = hex::decode(hex).with_context(|| format!("{text:?} is not hex"))?;
     Ok([bytes[0], bytes[1], bytes[2]])
 }
@@ -64,20 +78,34 @@ pub fn parse_rgb(text: &str) -> anyhow::Result<[u8; 3]> {
 pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
     let db_path = options.data_dir.join(crate::serve::DB_FILE);
     anyhow::ensure!(db_path.exists(), "no database at {}", db_path.display());
-    let key_path = options.secret_key_file.clone().unwrap_or_else(|| options.data_dir.join("secret.key"));
+    let key_path = options
+        .secret_key_file
+        .clone()
+        .unwrap_or_else(|| options.data_dir.join("secret.key"));
     anyhow::ensure!(key_path.exists(), "no secret key at {}", key_path.display());
     let secrets = SecretBox::load_or_create(&key_path)?;
     let conn = crate::db::open_connection(&db_path, true)?;
     let desktop = crate::labs::desktop_secret(&conn, &secrets, options.allocation)
         .map_err(|e| anyhow::anyhow!("{e}"))?
-        .with_context(|| format!("allocation {} is not active or has no desktop yet", options.allocation))?;
-    let target = desktop.rdp_target(options.size.0, options.size.1).map_err(anyhow::Error::msg)?;
+        .with_context(|| {
+            format!(
+                "allocation {} is not active or has no desktop yet",
+                options.allocation
+            )
+        })?;
+    let target = desktop
+        .rdp_target(options.size.0, options.size.1)
+        .map_err(anyhow::Error::msg)?;
     let expect = options.expect_rgb;
     let stream = match options.stream {
         Some(duration) => Some(stream_report(&target, duration)?),
         None => None,
     };
-    let shot = rdp::snapshot(&target, options.watch, |s| expect.is_none_or(|rgb| close_to(s.dominant_rgb, rgb) && s.dominant_per_mille >= EXPECTED_SHARE))?;
+    let shot = rdp::snapshot(&target, options.watch, |s| {
+        expect.is_none_or(|rgb| {
+            close_to(s.dominant_rgb, rgb) && s.dominant_per_mille >= EXPECTED_SHARE
+        })
+    })?;
     if let Some(path) = &options.ppm {
         write_ppm(path, &shot)?;
     }
@@ -108,10 +136,13 @@ const STEADY_AFTER: Duration = Duration::from_secs(2);
 /// Runs the one-encode-per-desktop pipeline with one viewer for `duration`.
 fn stream_report(target: &DesktopTarget, duration: Duration) -> anyhow::Result<serde_json::Value> {
     use labrack_streamer::desktop::{DesktopStream, StreamSettings};
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let stream = DesktopStream::start(target.clone(), StreamSettings::default())?;
     let mut frames = stream.subscribe(labrack_streamer::encode::Codec::H264);
-    let (mut count, mut first_keyframe, mut first_frame_ms, mut bytes, mut size) = (0_u64, None, None, 0_u64, None);
+    let (mut count, mut first_keyframe, mut first_frame_ms, mut bytes, mut size) =
+        (0_u64, None, None, 0_u64, None);
     let mut steady = 0_u64;
     let started = std::time::Instant::now();
     let cpu_before = process_cpu();
@@ -129,9 +160,14 @@ fn stream_report(target: &DesktopTarget, duration: Duration) -> anyhow::Result<s
         }
     });
     let elapsed = started.elapsed();
-    let cpu = process_cpu().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
+    let cpu = process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let stats = &stream.stats;
-    let encoded = stats.frames.load(std::sync::atomic::Ordering::Relaxed).max(1);
+    let encoded = stats
+        .frames
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .max(1);
     Ok(serde_json::json!({
         "frames": count,
         "fps": count as f64 / elapsed.as_secs_f64().max(0.001),
@@ -149,7 +185,9 @@ fn stream_report(target: &DesktopTarget, duration: Duration) -> anyhow::Result<s
 }
 
 fn write_ppm(path: &Path, shot: &Snapshot) -> anyhow::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
     write!(out, "P6\n{} {}\n255\n", shot.width, shot.height)?;
     for pixel in shot.rgba.chunks_exact(4) {
         out.write_all(&pixel[..3])?;
@@ -166,12 +204,19 @@ mod tests {
     fn sizes_parse() {
         assert_eq!(parse_size("1280x720"), Ok((1280, 720)));
         assert!(parse_size("1280").is_err());
-        assert!(parse_size("100x720").expect_err("too small").contains("200 to 8192"));
+        assert!(
+            parse_size("100x720")
+                .expect_err("too small")
+                .contains("200 to 8192")
+        );
     }
 
     #[test]
     fn cpu_time_is_read() {
-        assert!(process_cpu().is_some(), "/proc/self/stat has utime and stime");
+        assert!(
+            process_cpu().is_some(),
+            "/proc/self/stat has utime and stime"
+        );
     }
 
     #[test]
@@ -180,7 +225,13 @@ mod tests {
         assert_eq!(parse_rgb("000000").expect("colour"), [0, 0, 0]);
         assert!(parse_rgb("blue").is_err());
         assert!(parse_rgb("#12345").is_err());
-        assert!(close_to([0x1c, 0x90, 0xfc], [0x1e, 0x90, 0xff]), "codec loss is tolerated");
-        assert!(!close_to([0, 0, 0], [0x1e, 0x90, 0xff]), "a black screen is not the desktop");
+        assert!(
+            close_to([0x1c, 0x90, 0xfc], [0x1e, 0x90, 0xff]),
+            "codec loss is tolerated"
+        );
+        assert!(
+            !close_to([0, 0, 0], [0x1e, 0x90, 0xff]),
+            "a black screen is not the desktop"
+        );
     }
 }

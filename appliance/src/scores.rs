@@ -73,7 +73,12 @@ fn reached(row: &mut BoardRow, at: i64) {
 }
 
 /// Builds the ranked rows from the teams, their latest check results and judges' points.
-pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedPoints], adjustments: &[(i64, f64)]) -> Vec<BoardRow> {
+pub fn rank(
+    teams: &[(i64, String)],
+    results: &[LatestResult],
+    judged: &[JudgedPoints],
+    adjustments: &[(i64, f64)],
+) -> Vec<BoardRow> {
     let mut rows: Vec<BoardRow> = teams
         .iter()
         .map(|(id, name)| BoardRow {
@@ -90,9 +95,15 @@ pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedP
             reached_ms: None,
         })
         .collect();
-    let index: BTreeMap<i64, usize> = rows.iter().enumerate().map(|(i, r)| (r.team_id, i)).collect();
+    let index: BTreeMap<i64, usize> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.team_id, i))
+        .collect();
     for result in results {
-        let Some(row) = index.get(&result.team_id).and_then(|i| rows.get_mut(*i)) else { continue };
+        let Some(row) = index.get(&result.team_id).and_then(|i| rows.get_mut(*i)) else {
+            continue;
+        };
         row.checks_scored += 1;
         if result.passed {
             row.checks_passed += 1;
@@ -105,7 +116,9 @@ pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedP
         }
     }
     for judged in judged {
-        let Some(row) = index.get(&judged.team_id).and_then(|i| rows.get_mut(*i)) else { continue };
+        let Some(row) = index.get(&judged.team_id).and_then(|i| rows.get_mut(*i)) else {
+            continue;
+        };
         row.judge_points += judged.points;
         *row.dimensions.entry(judged.dimension.clone()).or_default() += judged.points;
         if judged.points > 0.0 {
@@ -121,7 +134,8 @@ pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedP
         // Two decimals are plenty for a board and keep equal sums equal.
         row.judge_points = (row.judge_points * 100.0).round() / 100.0;
         row.adjustments = (row.adjustments * 100.0).round() / 100.0;
-        row.total = ((row.check_points + row.judge_points + row.adjustments) * 100.0).round() / 100.0;
+        row.total =
+            ((row.check_points + row.judge_points + row.adjustments) * 100.0).round() / 100.0;
         for points in row.dimensions.values_mut() {
             *points = (*points * 100.0).round() / 100.0;
         }
@@ -129,7 +143,11 @@ pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedP
     rows.sort_by(|a, b| {
         b.total
             .total_cmp(&a.total)
-            .then_with(|| a.reached_ms.unwrap_or(i64::MAX).cmp(&b.reached_ms.unwrap_or(i64::MAX)))
+            .then_with(|| {
+                a.reached_ms
+                    .unwrap_or(i64::MAX)
+                    .cmp(&b.reached_ms.unwrap_or(i64::MAX))
+            })
             .then_with(|| a.team.to_lowercase().cmp(&b.team.to_lowercase()))
     });
     let mut previous: Option<(f64, Option<i64>, u32)> = None;
@@ -145,7 +163,11 @@ pub fn rank(teams: &[(i64, String)], results: &[LatestResult], judged: &[JudgedP
 }
 
 /// The latest result of each (team, check) of an event, optionally as of `until_ms`.
-pub fn latest_results(conn: &Connection, event_id: i64, until_ms: Option<i64>) -> Result<Vec<LatestResult>, rusqlite::Error> {
+pub fn latest_results(
+    conn: &Connection,
+    event_id: i64,
+    until_ms: Option<i64>,
+) -> Result<Vec<LatestResult>, rusqlite::Error> {
     let mut statement = conn.prepare_cached(
         "SELECT r.team_id, r.dimension, r.weight, r.state = 'passed', r.finished_ms FROM check_runs r
          JOIN (SELECT max(id) AS id FROM check_runs
@@ -153,13 +175,23 @@ pub fn latest_results(conn: &Connection, event_id: i64, until_ms: Option<i64>) -
                GROUP BY team_id, check_name COLLATE NOCASE) latest ON latest.id = r.id",
     )?;
     let rows = statement.query_map(rusqlite::params![event_id, until_ms], |r| {
-        Ok(LatestResult { team_id: r.get(0)?, dimension: r.get(1)?, weight: r.get(2)?, passed: r.get(3)?, finished_ms: r.get(4)? })
+        Ok(LatestResult {
+            team_id: r.get(0)?,
+            dimension: r.get(1)?,
+            weight: r.get(2)?,
+            passed: r.get(3)?,
+            finished_ms: r.get(4)?,
+        })
     })?;
     rows.collect()
 }
 
 /// Judges' points per (team, dimension): each judge's latest score, averaged over judges.
-pub fn judged_points(conn: &Connection, event_id: i64, until_ms: Option<i64>) -> Result<Vec<JudgedPoints>, rusqlite::Error> {
+pub fn judged_points(
+    conn: &Connection,
+    event_id: i64,
+    until_ms: Option<i64>,
+) -> Result<Vec<JudgedPoints>, rusqlite::Error> {
     let mut statement = conn.prepare_cached(
         "SELECT s.team_id, s.dimension, avg(s.points), max(s.created_ms) FROM judge_scores s
          JOIN (SELECT max(id) AS id FROM judge_scores WHERE event_id = ?1 AND (?2 IS NULL OR created_ms <= ?2)
@@ -167,24 +199,43 @@ pub fn judged_points(conn: &Connection, event_id: i64, until_ms: Option<i64>) ->
          GROUP BY s.team_id, s.dimension",
     )?;
     let rows = statement.query_map(rusqlite::params![event_id, until_ms], |r| {
-        Ok(JudgedPoints { team_id: r.get(0)?, dimension: r.get(1)?, points: r.get(2)?, at_ms: r.get(3)? })
+        Ok(JudgedPoints {
+            team_id: r.get(0)?,
+            dimension: r.get(1)?,
+            points: r.get(2)?,
+            at_ms: r.get(3)?,
+        })
     })?;
     rows.collect()
 }
 
 /// The score ledger's sum per team (hint costs, corrections), optionally as of `until_ms`.
-pub fn adjustments(conn: &Connection, event_id: i64, until_ms: Option<i64>) -> Result<Vec<(i64, f64)>, rusqlite::Error> {
+pub fn adjustments(
+    conn: &Connection,
+    event_id: i64,
+    until_ms: Option<i64>,
+) -> Result<Vec<(i64, f64)>, rusqlite::Error> {
     let mut statement = conn.prepare_cached(
         "SELECT team_id, sum(points) FROM score_adjustments WHERE event_id = ?1 AND (?2 IS NULL OR created_ms <= ?2) GROUP BY team_id",
     )?;
-    let rows = statement.query_map(rusqlite::params![event_id, until_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = statement.query_map(rusqlite::params![event_id, until_ms], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
     rows.collect()
 }
 
 /// The event's rubric, or the default one.
 pub fn rubric(conn: &Connection, event_id: i64) -> Result<Rubric, rusqlite::Error> {
-    let stored: Option<String> = conn.query_row("SELECT rubric FROM rubrics WHERE event_id = ?1", [event_id], |r| r.get(0)).optional()?;
-    Ok(stored.and_then(|json| serde_json::from_str(&json).ok()).unwrap_or_default())
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT rubric FROM rubrics WHERE event_id = ?1",
+            [event_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(stored
+        .and_then(|json| serde_json::from_str(&json).ok())
+        .unwrap_or_default())
 }
 
 /// Why a board cannot be built.
@@ -197,40 +248,77 @@ pub enum BoardError {
 }
 
 /// The event's board as of `as_of_ms` (live when none), for one bracket or all teams.
-pub fn leaderboard(conn: &Connection, event_id: i64, as_of_ms: Option<i64>, bracket: Option<&str>) -> Result<Leaderboard, BoardError> {
+pub fn leaderboard(
+    conn: &Connection,
+    event_id: i64,
+    as_of_ms: Option<i64>,
+    bracket: Option<&str>,
+) -> Result<Leaderboard, BoardError> {
     let rubric = rubric(conn, event_id)?;
     let mut teams: Vec<(i64, String)> = conn
         .prepare_cached("SELECT id, name FROM teams WHERE event_id = ?1")?
         .query_map([event_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     if let Some(name) = bracket {
-        let chosen = rubric.brackets.iter().find(|b| b.name == name).ok_or_else(|| BoardError::UnknownBracket(name.to_owned()))?;
+        let chosen = rubric
+            .brackets
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| BoardError::UnknownBracket(name.to_owned()))?;
         let members: Vec<String> = chosen.teams.iter().map(|t| t.to_lowercase()).collect();
         teams.retain(|(_, team)| members.contains(&team.to_lowercase()));
     }
     let results = latest_results(conn, event_id, as_of_ms)?;
     let judged = judged_points(conn, event_id, as_of_ms)?;
     let mut dimensions: Vec<String> = rubric.dimensions.iter().map(|d| d.name.clone()).collect();
-    for dimension in results.iter().map(|r| &r.dimension).chain(judged.iter().map(|j| &j.dimension)) {
+    for dimension in results
+        .iter()
+        .map(|r| &r.dimension)
+        .chain(judged.iter().map(|j| &j.dimension))
+    {
         if !dimensions.contains(dimension) {
             dimensions.push(dimension.clone());
         }
     }
     let adjusted = adjustments(conn, event_id, as_of_ms)?;
-    Ok(Leaderboard { event_id, dimensions, bracket: bracket.map(str::to_owned), as_of_ms, rows: rank(&teams, &results, &judged, &adjusted) })
+    Ok(Leaderboard {
+        event_id,
+        dimensions,
+        bracket: bracket.map(str::to_owned),
+        as_of_ms,
+        rows: rank(&teams, &results, &judged, &adjusted),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn result(team_id: i64, dimension: &str, weight: u32, passed: bool, finished_ms: i64) -> LatestResult {
-        LatestResult { team_id, dimension: dimension.into(), weight, passed, finished_ms }
+    fn result(
+        team_id: i64,
+        dimension: &str,
+        weight: u32,
+        passed: bool,
+        finished_ms: i64,
+    ) -> LatestResult {
+        LatestResult {
+            team_id,
+            dimension: dimension.into(),
+            weight,
+            passed,
+            finished_ms,
+        }
     }
 
     #[test]
     fn totals_dimensions_and_tie_breaks() {
-        let teams = vec![(1, "Red".to_owned()), (2, "blue".to_owned()), (3, "Green".to_owned()), (4, "Amber".to_owned()), (5, "Zinc".to_owned())];
+        let teams = vec![
+            (1, "Red".to_owned()),
+            (2, "blue".to_owned()),
+            (3, "Green".to_owned()),
+            (4, "Amber".to_owned()),
+            (5, "Zinc".to_owned()),
+        ];
         let results = vec![
             result(1, "functionality", 10, true, 500),
             result(1, "security", 5, false, 400),
@@ -241,26 +329,69 @@ mod tests {
             result(99, "functionality", 10, true, 1), // another event's team: ignored
         ];
         let rows = rank(&teams, &results, &[], &[]);
-        let order: Vec<(&str, u32, f64)> = rows.iter().map(|r| (r.team.as_str(), r.rank, r.total)).collect();
-        assert_eq!(order, vec![("blue", 1, 10.0), ("Green", 2, 10.0), ("Red", 2, 10.0), ("Amber", 4, 0.0), ("Zinc", 4, 0.0)]);
+        let order: Vec<(&str, u32, f64)> = rows
+            .iter()
+            .map(|r| (r.team.as_str(), r.rank, r.total))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("blue", 1, 10.0),
+                ("Green", 2, 10.0),
+                ("Red", 2, 10.0),
+                ("Amber", 4, 0.0),
+                ("Zinc", 4, 0.0)
+            ]
+        );
         let red = rows.iter().find(|r| r.team == "Red").expect("red");
         assert_eq!((red.checks_passed, red.checks_scored), (1, 2));
         assert_eq!(red.dimensions.get("functionality"), Some(&10.0));
         assert_eq!(red.dimensions.get("security"), None);
         let green = rows.iter().find(|r| r.team == "Green").expect("green");
         assert_eq!(green.dimensions.get("quality"), Some(&6.0));
-        assert_eq!(rows.iter().find(|r| r.team == "Amber").expect("amber").reached_ms, None, "zero points reach nothing");
+        assert_eq!(
+            rows.iter()
+                .find(|r| r.team == "Amber")
+                .expect("amber")
+                .reached_ms,
+            None,
+            "zero points reach nothing"
+        );
     }
 
     #[test]
     fn judges_points_add_to_checks_and_can_overtake() {
         let teams = vec![(1, "Red".to_owned()), (2, "Blue".to_owned())];
-        let results = vec![result(1, "functionality", 10, true, 100), result(2, "functionality", 10, true, 200)];
-        let judged = vec![JudgedPoints { team_id: 2, dimension: "presentation".into(), points: 7.0 / 3.0, at_ms: 300 }];
+        let results = vec![
+            result(1, "functionality", 10, true, 100),
+            result(2, "functionality", 10, true, 200),
+        ];
+        let judged = vec![JudgedPoints {
+            team_id: 2,
+            dimension: "presentation".into(),
+            points: 7.0 / 3.0,
+            at_ms: 300,
+        }];
         let rows = rank(&teams, &results, &judged, &[(1, -0.5)]);
-        assert_eq!((rows[0].team.as_str(), rows[0].total, rows[0].judge_points), ("Blue", 12.33, 2.33));
-        assert_eq!(rows[0].reached_ms, Some(300), "the judges' score is when Blue reached its total");
+        assert_eq!(
+            (rows[0].team.as_str(), rows[0].total, rows[0].judge_points),
+            ("Blue", 12.33, 2.33)
+        );
+        assert_eq!(
+            rows[0].reached_ms,
+            Some(300),
+            "the judges' score is when Blue reached its total"
+        );
         assert_eq!(rows[0].dimensions.get("presentation"), Some(&2.33));
-        assert_eq!((rows[1].team.as_str(), rows[1].rank, rows[1].total, rows[1].adjustments), ("Red", 2, 9.5, -0.5), "a hint's cost comes off");
+        assert_eq!(
+            (
+                rows[1].team.as_str(),
+                rows[1].rank,
+                rows[1].total,
+                rows[1].adjustments
+            ),
+            ("Red", 2, 9.5, -0.5),
+            "a hint's cost comes off"
+        );
     }
 }

@@ -13,7 +13,10 @@ use ring::rand::{SecureRandom as _, SystemRandom};
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("secret key file {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("secret key file {path} must hold exactly 32 bytes (found {found})")]
     BadKey { path: String, found: usize },
     #[error("sealed value is corrupt or belongs elsewhere")]
@@ -40,12 +43,17 @@ impl std::fmt::Debug for SecretBox {
 impl SecretBox {
     /// Loads the key from `path`, creating it (mode 0600) on first start.
     pub fn load_or_create(path: &Path) -> Result<Self, SecretError> {
-        let io = |source| SecretError::Io { path: path.display().to_string(), source };
+        let io = |source| SecretError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         let bytes = match std::fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut fresh = [0_u8; 32];
-                SystemRandom::new().fill(&mut fresh).map_err(|_| SecretError::Random)?;
+                SystemRandom::new()
+                    .fill(&mut fresh)
+                    .map_err(|_| SecretError::Random)?;
                 write_private(path, &fresh).map_err(io)?;
                 fresh.to_vec()
             }
@@ -54,16 +62,27 @@ impl SecretBox {
         let key: [u8; 32] = bytes
             .as_slice()
             .try_into()
-            .map_err(|_| SecretError::BadKey { path: path.display().to_string(), found: bytes.len() })?;
+            .map_err(|_| SecretError::BadKey {
+                path: path.display().to_string(),
+                found: bytes.len(),
+            })?;
         Ok(Self::from_key(&key))
     }
 
     pub fn from_key(key: &[u8; 32]) -> Self {
-        let unbound = UnboundKey::new(&AES_256_GCM, key).unwrap_or_else(|_| unreachable!("a 32-byte key is valid for AES-256"));
+        let unbound = UnboundKey::new(&AES_256_GCM, key)
+            .unwrap_or_else(|_| unreachable!("a 32-byte key is valid for AES-256"));
         // A key of its own for the MAC, derived from the secret key (never the AES key itself).
-        let derived = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), b"labrack code hash v1");
+        let derived = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+            b"labrack code hash v1",
+        );
         let code_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref());
-        Self { key: LessSafeKey::new(unbound), code_key, rng: SystemRandom::new() }
+        Self {
+            key: LessSafeKey::new(unbound),
+            code_key,
+            rng: SystemRandom::new(),
+        }
     }
 
     /// The stored hash of a code people type (`purpose` keeps join codes and enrolment
@@ -82,7 +101,11 @@ impl SecretBox {
         self.rng.fill(&mut nonce).map_err(|_| SecretError::Random)?;
         let mut in_out = plaintext.to_vec();
         self.key
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(context.as_bytes()), &mut in_out)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(context.as_bytes()),
+                &mut in_out,
+            )
             .map_err(|_| SecretError::Random)?;
         let mut sealed = nonce.to_vec();
         sealed.extend_from_slice(&in_out);
@@ -96,7 +119,10 @@ impl SecretBox {
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SecretError::Open)?;
         let mut in_out = rest.to_vec();
-        let plain = self.key.open_in_place(nonce, Aad::from(context.as_bytes()), &mut in_out).map_err(|_| SecretError::Open)?;
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(context.as_bytes()), &mut in_out)
+            .map_err(|_| SecretError::Open)?;
         Ok(plain.to_vec())
     }
 }
@@ -106,7 +132,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -119,12 +149,34 @@ mod tests {
     fn sealed_values_open_only_with_their_context_and_key() {
         let secrets = SecretBox::from_key(&[7; 32]);
         let sealed = secrets.seal("allocation:1", b"hunter2").expect("seal");
-        assert!(!sealed.windows(7).any(|w| w == b"hunter2"), "no plaintext in the sealed bytes");
-        assert_eq!(secrets.open("allocation:1", &sealed).expect("open"), b"hunter2");
-        assert!(matches!(secrets.open("allocation:2", &sealed), Err(SecretError::Open)), "bound to its row");
-        assert!(matches!(SecretBox::from_key(&[8; 32]).open("allocation:1", &sealed), Err(SecretError::Open)));
-        assert_ne!(secrets.seal("allocation:1", b"hunter2").expect("seal"), sealed, "fresh nonce each time");
-        assert!(matches!(secrets.open("allocation:1", b"short"), Err(SecretError::Open)));
+        assert!(
+            !sealed.windows(7).any(|w| w == b"hunter2"),
+            "no plaintext in the sealed bytes"
+        );
+        assert_eq!(
+            secrets.open("allocation:1", &sealed).expect("open"),
+            b"hunter2"
+        );
+        assert!(
+            matches!(
+                secrets.open("allocation:2", &sealed),
+                Err(SecretError::Open)
+            ),
+            "bound to its row"
+        );
+        assert!(matches!(
+            SecretBox::from_key(&[8; 32]).open("allocation:1", &sealed),
+            Err(SecretError::Open)
+        ));
+        assert_ne!(
+            secrets.seal("allocation:1", b"hunter2").expect("seal"),
+            sealed,
+            "fresh nonce each time"
+        );
+        assert!(matches!(
+            secrets.open("allocation:1", b"short"),
+            Err(SecretError::Open)
+        ));
     }
 
     #[test]
@@ -139,7 +191,10 @@ mod tests {
         let again = SecretBox::load_or_create(&path).expect("load");
         assert_eq!(again.open("x", &sealed).expect("open"), b"v");
         std::fs::write(&path, b"short").expect("write");
-        assert!(matches!(SecretBox::load_or_create(&path), Err(SecretError::BadKey { found: 5, .. })));
+        assert!(matches!(
+            SecretBox::load_or_create(&path),
+            Err(SecretError::BadKey { found: 5, .. })
+        ));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

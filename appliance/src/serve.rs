@@ -21,9 +21,17 @@ pub const DB_FILE: &str = "labrack.db";
 /// connection must send each next request's headers within `idle` (hyper's timer runs while
 /// the connection waits too: it is also the idle timeout); HTTP/2 clients must answer pings
 /// within `header`. A slow or silent client cannot hold a connection for long.
-fn bound_slow_clients(builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>, header: Duration, idle: Duration) {
+fn bound_slow_clients(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    header: Duration,
+    idle: Duration,
+) {
     builder.http1().header_read_timeout(Some(idle));
-    builder.http2().keep_alive_interval(Some(header)).keep_alive_timeout(header).max_concurrent_streams(256);
+    builder
+        .http2()
+        .keep_alive_interval(Some(header))
+        .keep_alive_timeout(header)
+        .max_concurrent_streams(256);
 }
 
 /// Lab hosts whose address is an IP get the connections kept for hosts from the start,
@@ -34,7 +42,8 @@ async fn note_host_addresses(state: &AppState) {
         .read(|conn| {
             let mut stmt = conn.prepare("SELECT address FROM hosts")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(crate::api::error::ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(crate::api::error::ApiError::from)
         })
         .await
         .unwrap_or_default();
@@ -47,16 +56,25 @@ async fn note_host_addresses(state: &AppState) {
 
 pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     init_logging(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     runtime.block_on(run(config))
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.json().with_current_span(true).flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .flatten_event(true)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }
@@ -65,21 +83,34 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let started = Instant::now();
     crate::data_dir::prepare(&config.data_dir)?;
     let metrics = Arc::new(Metrics::default());
-    let db = Db::open(&config.data_dir.join(DB_FILE), metrics.clone()).context("opening the database")?;
+    let db = Db::open(&config.data_dir.join(DB_FILE), metrics.clone())
+        .context("opening the database")?;
     let first_admin_password = bootstrap_first_admin(&db).await?;
 
     let nofile = crate::connections::raise_nofile_limit();
     let limits = config.connections.within_nofile(nofile);
     if limits != config.connections {
-        tracing::warn!(nofile, max = limits.max, "the open-file limit lowers the connection cap");
+        tracing::warn!(
+            nofile,
+            max = limits.max,
+            "the open-file limit lowers the connection cap"
+        );
     }
-    let listener = std::net::TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
+    let listener = std::net::TcpListener::bind(config.listen)
+        .with_context(|| format!("binding {}", config.listen))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     let handle = axum_server::Handle::<SocketAddr>::new();
     let signals = ShutdownSignals::register()?;
-    let secrets = crate::secrets::SecretBox::load_or_create(&config.secret_key_file).context("loading the secret key")?;
-    let mut state = AppState::new(db.clone(), metrics, !config.dev_http, Some(config.web_dir.clone()), secrets);
+    let secrets = crate::secrets::SecretBox::load_or_create(&config.secret_key_file)
+        .context("loading the secret key")?;
+    let mut state = AppState::new(
+        db.clone(),
+        metrics,
+        !config.dev_http,
+        Some(config.web_dir.clone()),
+        secrets,
+    );
     state.heartbeat = Duration::from_secs(config.host_heartbeat_secs);
     state.host_grace = Duration::from_secs(config.host_grace_secs);
     state.webrtc_bind = config.webrtc_bind.clone();
@@ -89,7 +120,12 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     if config.llm.endpoints.is_empty() {
         tracing::info!("no language model configured: the agents use their rules");
     } else {
-        let urls: Vec<&str> = config.llm.endpoints.iter().map(|e| e.url.as_str()).collect();
+        let urls: Vec<&str> = config
+            .llm
+            .endpoints
+            .iter()
+            .map(|e| e.url.as_str())
+            .collect();
         tracing::info!(endpoints = ?urls, budget = config.llm.team_token_budget, "agents use a language model");
     }
     state.llm = Arc::new(crate::llm::Gateway::new(config.llm.clone()));
@@ -99,34 +135,73 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
         println!("labrack: syncing to the cloud at {}", settings.cloud);
         tokio::spawn(crate::sync::relay::run(state.clone(), settings))
     });
-    let observer = tokio::spawn(crate::agents::run_observer(state.clone(), config.observer_every, config.idle_after));
+    let observer = tokio::spawn(crate::agents::run_observer(
+        state.clone(),
+        config.observer_every,
+        config.idle_after,
+    ));
     let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
     let workers = crate::checks::spawn_workers(&state, config.queue.check_workers);
     let shutdown = state.shutdown.clone();
     // The TLS identity first: the appliance page shows its CA fingerprint for consoles.
-    let identity = if config.dev_http { None } else { Some(crate::tls::load_or_create(&config.data_dir, &config.tls_names)?) };
-    state.ca_fingerprint = identity.as_ref().map(|identity| format!("SHA256:{}", identity.ca_fingerprint));
+    let identity = if config.dev_http {
+        None
+    } else {
+        Some(crate::tls::load_or_create(
+            &config.data_dir,
+            &config.tls_names,
+        )?)
+    };
+    state.ca_fingerprint = identity
+        .as_ref()
+        .map(|identity| format!("SHA256:{}", identity.ca_fingerprint));
     let gate = crate::connections::GateAcceptor::new(state.connections.clone());
     let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
 
-    let shown_host = if local.ip().is_unspecified() { "127.0.0.1".to_owned() } else { local.ip().to_string() };
+    let shown_host = if local.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        local.ip().to_string()
+    };
     let scheme = if identity.is_some() { "https" } else { "http" };
-    let url = format!("{scheme}://{}/", SocketAddr::new(shown_host.parse()?, local.port()));
+    let url = format!(
+        "{scheme}://{}/",
+        SocketAddr::new(shown_host.parse()?, local.port())
+    );
     // Withdrawn (dropped) when the server stops.
     let mut announcement = None;
     let server = if let Some(identity) = identity {
-        println!("labrack: ca certificate {}", identity.files.ca_cert.display());
+        println!(
+            "labrack: ca certificate {}",
+            identity.files.ca_cert.display()
+        );
         println!("labrack: ca fingerprint SHA256:{}", identity.ca_fingerprint);
         announcement = announce(&config, local, &identity.ca_fingerprint);
         let tls = axum_server::tls_rustls::RustlsConfig::from_config(identity.server_config);
-        let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).handshake_timeout(config.header_timeout).acceptor(gate);
-        let mut server = axum_server::from_tcp(listener)?.acceptor(acceptor).handle(handle.clone()).first_request_timeout(config.header_timeout);
-        bound_slow_clients(server.http_builder(), config.header_timeout, config.idle_timeout);
+        let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+            .handshake_timeout(config.header_timeout)
+            .acceptor(gate);
+        let mut server = axum_server::from_tcp(listener)?
+            .acceptor(acceptor)
+            .handle(handle.clone())
+            .first_request_timeout(config.header_timeout);
+        bound_slow_clients(
+            server.http_builder(),
+            config.header_timeout,
+            config.idle_timeout,
+        );
         tokio::spawn(async move { server.serve(app).await })
     } else {
         tracing::warn!("serving plain HTTP (--dev-http): for development only");
-        let mut server = axum_server::from_tcp(listener)?.acceptor(gate).handle(handle.clone()).first_request_timeout(config.header_timeout);
-        bound_slow_clients(server.http_builder(), config.header_timeout, config.idle_timeout);
+        let mut server = axum_server::from_tcp(listener)?
+            .acceptor(gate)
+            .handle(handle.clone())
+            .first_request_timeout(config.header_timeout);
+        bound_slow_clients(
+            server.http_builder(),
+            config.header_timeout,
+            config.idle_timeout,
+        );
         tokio::spawn(async move { server.serve(app).await })
     };
     if let Some(password) = first_admin_password {
@@ -157,19 +232,36 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
 /// Announces the appliance on the LAN (mDNS) unless turned off or listening on loopback only.
 /// The name announced is one the server certificate holds: the first `--tls-names` entry, else
 /// the machine's host name. Failing to announce is logged, never fatal.
-fn announce(config: &crate::cli::ServeConfig, local: SocketAddr, fingerprint: &str) -> Option<labrack_discovery::Announcement> {
+fn announce(
+    config: &crate::cli::ServeConfig,
+    local: SocketAddr,
+    fingerprint: &str,
+) -> Option<labrack_discovery::Announcement> {
     if !config.mdns || local.ip().is_loopback() {
         return None;
     }
     let machine = crate::tls::host_name();
-    let cert_host = config.tls_names.first().cloned().filter(|n| !n.is_empty()).unwrap_or_else(|| machine.clone());
+    let cert_host = config
+        .tls_names
+        .first()
+        .cloned()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| machine.clone());
     if cert_host.is_empty() {
         tracing::warn!("not announcing on the LAN: no host name (set --tls-names)");
         return None;
     }
-    match labrack_discovery::Announcement::start(&machine, &cert_host, local.port(), &format!("SHA256:{fingerprint}")) {
+    match labrack_discovery::Announcement::start(
+        &machine,
+        &cert_host,
+        local.port(),
+        &format!("SHA256:{fingerprint}"),
+    ) {
         Ok(announcement) => {
-            println!("labrack: announced on the LAN as {} (mDNS)", announcement.fullname());
+            println!(
+                "labrack: announced on the LAN as {} (mDNS)",
+                announcement.fullname()
+            );
             Some(announcement)
         }
         Err(error) => {
@@ -195,7 +287,11 @@ impl ShutdownSignals {
         })
     }
 
-    async fn shutdown(mut self, handle: axum_server::Handle<SocketAddr>, stop: Arc<tokio::sync::watch::Sender<bool>>) {
+    async fn shutdown(
+        mut self,
+        handle: axum_server::Handle<SocketAddr>,
+        stop: Arc<tokio::sync::watch::Sender<bool>>,
+    ) {
         tokio::select! {
             _ = self.terminate.recv() => {},
             _ = self.interrupt.recv() => {},
@@ -210,7 +306,13 @@ impl ShutdownSignals {
 /// A readable one-time password: 4 groups of 4 from the unambiguous alphabet (80 bits).
 fn one_time_password() -> String {
     let raw = api::events_random_code(16);
-    format!("{}-{}-{}-{}", &raw[..4], &raw[4..8], &raw[8..12], &raw[12..])
+    format!(
+        "{}-{}-{}-{}",
+        &raw[..4],
+        &raw[4..8],
+        &raw[8..12],
+        &raw[12..]
+    )
 }
 
 /// Creates `admin` with a one-time password when there is no staff account yet.
@@ -248,13 +350,32 @@ pub fn reset_password(data_dir: &Path, username: &str) -> anyhow::Result<String>
     let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tx = conn.transaction()?;
     let id: i64 = tx
-        .query_row("SELECT id FROM staff WHERE username = ?1", [username], |r| r.get(0))
+        .query_row(
+            "SELECT id FROM staff WHERE username = ?1",
+            [username],
+            |r| r.get(0),
+        )
         .with_context(|| format!("no staff account named {username:?}"))?;
-    tx.execute("UPDATE staff SET password_hash = ?1, must_change_password = 1 WHERE id = ?2", params![hash, id])?;
+    tx.execute(
+        "UPDATE staff SET password_hash = ?1, must_change_password = 1 WHERE id = ?2",
+        params![hash, id],
+    )?;
     tx.execute("DELETE FROM sessions WHERE staff_id = ?1", [id])?;
     let (at, target) = (api::now_rfc3339(), format!("staff:{id}"));
-    let entry = crate::audit::Entry { at: &at, actor: "system:cli", action: "auth.password_reset", target: Some(&target), remote_addr: None, request_id: None, detail: "{}" };
-    crate::audit::append(&tx, &entry, i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
+    let entry = crate::audit::Entry {
+        at: &at,
+        actor: "system:cli",
+        action: "auth.password_reset",
+        target: Some(&target),
+        remote_addr: None,
+        request_id: None,
+        detail: "{}",
+    };
+    crate::audit::append(
+        &tx,
+        &entry,
+        i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX),
+    )?;
     tx.commit()?;
     Ok(password)
 }

@@ -37,9 +37,17 @@ impl Reply {
     #[track_caller]
     pub fn problem(&self, status: u16) -> &Value {
         assert_eq!(self.status.as_u16(), status, "body: {}", self.body);
-        assert_eq!(self.content_type, "application/problem+json", "body: {}", self.body);
+        assert_eq!(
+            self.content_type, "application/problem+json",
+            "body: {}",
+            self.body
+        );
         assert_eq!(self.body["status"], status);
-        assert!(self.body["detail"].as_str().is_some_and(|d| !d.is_empty()), "no detail: {}", self.body);
+        assert!(
+            self.body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "no detail: {}",
+            self.body
+        );
         &self.body
     }
 }
@@ -60,36 +68,66 @@ impl TestApp {
 
     /// A test app whose state `adjust` changes first (e.g. an LLM gateway).
     pub async fn with(adjust: impl FnOnce(&mut AppState)) -> Self {
-        let dir = std::env::temp_dir().join(format!("labrack-api-test-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "labrack-api-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let metrics = Arc::new(Metrics::default());
         let db = Db::open(&dir.join("labrack.db"), metrics.clone()).expect("open db");
-        let mut state = AppState::new(db.clone(), metrics, true, None, labrack::secrets::SecretBox::from_key(&[9; 32]));
+        let mut state = AppState::new(
+            db.clone(),
+            metrics,
+            true,
+            None,
+            labrack::secrets::SecretBox::from_key(&[9; 32]),
+        );
         adjust(&mut state);
-        Self { router: api::app(state.clone()), db, dir, state }
+        Self {
+            router: api::app(state.clone()),
+            db,
+            dir,
+            state,
+        }
     }
 
     pub async fn call(&self, method: &str, path: &str, who: &As, body: Option<Value>) -> Reply {
         let mut builder = Request::builder().method(method).uri(path);
         match who {
             As::Nobody => {}
-            As::Bearer(token) => builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}")),
+            As::Bearer(token) => {
+                builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"))
+            }
             As::Cookie(token, csrf) => {
-                builder = builder.header(header::COOKIE, format!("{}={token}", auth::SESSION_COOKIE));
+                builder =
+                    builder.header(header::COOKIE, format!("{}={token}", auth::SESSION_COOKIE));
                 if let Some(csrf) = csrf {
                     builder = builder.header(auth::CSRF_HEADER, csrf);
                 }
             }
         }
         let request = match body {
-            Some(body) => builder.header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_string())),
+            Some(body) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
             None => builder.body(Body::empty()),
         };
         self.send(request.expect("request")).await
     }
 
-    pub async fn raw(&self, method: &str, path: &str, who: &As, content_type: &str, body: impl Into<Body>) -> Reply {
-        let mut builder = Request::builder().method(method).uri(path).header(header::CONTENT_TYPE, content_type);
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        who: &As,
+        content_type: &str,
+        body: impl Into<Body>,
+    ) -> Reply {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, content_type);
         if let As::Bearer(token) = who {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -97,14 +135,44 @@ impl TestApp {
     }
 
     pub async fn send(&self, request: Request<Body>) -> Reply {
-        let response = self.router.clone().oneshot(request).await.expect("infallible");
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("infallible");
         let status = response.status();
-        let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let set_cookie = response.headers().get(header::SET_COOKIE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let retry_after = response.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let bytes = response.into_body().collect().await.expect("body").to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Reply { status, content_type, set_cookie, retry_after, body }
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let set_cookie = response
+            .headers()
+            .get(header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Reply {
+            status,
+            content_type,
+            set_cookie,
+            retry_after,
+            body,
+        }
     }
 
     /// Creates a staff account directly and logs it in; returns its bearer token.
@@ -126,7 +194,14 @@ impl TestApp {
     }
 
     pub async fn login(&self, username: &str, password: &str) -> String {
-        let reply = self.call("POST", "/api/v1/auth/login", &As::Nobody, Some(json!({"username": username, "password": password, "bearer": true}))).await;
+        let reply = self
+            .call(
+                "POST",
+                "/api/v1/auth/login",
+                &As::Nobody,
+                Some(json!({"username": username, "password": password, "bearer": true})),
+            )
+            .await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
         reply.body["token"].as_str().expect("token").to_owned()
     }
@@ -180,7 +255,12 @@ impl Drop for TestApp {
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher as _, Hasher as _};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -203,10 +283,18 @@ pub async fn seed(app: &TestApp, organizer: &As) -> Seed {
     assert_eq!(event.status, StatusCode::CREATED, "{}", event.body);
     let event_id = event.body["id"].as_i64().expect("id");
     let import = app
-        .raw("POST", &format!("/api/v1/events/{event_id}/participants/import"), organizer, "text/csv", "team,name,email\nAlpha,Ada,ada@x.io\nBeta,Bob,\n")
+        .raw(
+            "POST",
+            &format!("/api/v1/events/{event_id}/participants/import"),
+            organizer,
+            "text/csv",
+            "team,name,email\nAlpha,Ada,ada@x.io\nBeta,Bob,\n",
+        )
         .await;
     assert_eq!(import.status, StatusCode::OK, "{}", import.body);
-    let people = import.body["participants"].as_array().expect("participants");
+    let people = import.body["participants"]
+        .as_array()
+        .expect("participants");
     Seed {
         event_id,
         event_code: event.body["code"].as_str().expect("code").to_owned(),
@@ -220,14 +308,20 @@ pub async fn seed(app: &TestApp, organizer: &As) -> Seed {
 }
 
 pub async fn join(app: &TestApp, event_code: &str, join_code: &str) -> String {
-    let reply = app.call("POST", "/api/v1/join", &As::Nobody, Some(json!({"event_code": event_code, "join_code": join_code, "bearer": true}))).await;
+    let reply = app
+        .call(
+            "POST",
+            "/api/v1/join",
+            &As::Nobody,
+            Some(json!({"event_code": event_code, "join_code": join_code, "bearer": true})),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     reply.body["token"].as_str().expect("token").to_owned()
 }
 
 /// What a test host says it has: 8 CPUs, 32 GB, no GPU, every limit but disk and IO weight.
-pub const HOST_RESOURCES: &str =
-    r#"{"cpus":8,"memory_mib":32000,"pids_max":4194304,"gpus":0,"isolation":"cgroup-v1","enforces":["cpu","memory","pids","devices","network"]}"#;
+pub const HOST_RESOURCES: &str = r#"{"cpus":8,"memory_mib":32000,"pids_max":4194304,"gpus":0,"isolation":"cgroup-v1","enforces":["cpu","memory","pids","devices","network"]}"#;
 
 /// Inserts an enrolled host directly (its agent is not needed in-process); returns its id.
 pub async fn insert_host(app: &TestApp, name: &str, capacity: u32) -> i64 {

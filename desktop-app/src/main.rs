@@ -39,11 +39,17 @@ struct RememberedAppliance {
 }
 
 fn remembered_path(app: &tauri::AppHandle) -> Option<std::path::PathBuf> {
-    app.path().app_config_dir().ok().map(|dir| dir.join("appliances.json"))
+    app.path()
+        .app_config_dir()
+        .ok()
+        .map(|dir| dir.join("appliances.json"))
 }
 
 fn load_remembered(app: &tauri::AppHandle) -> Vec<RememberedAppliance> {
-    remembered_path(app).and_then(|path| std::fs::read(path).ok()).and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
+    remembered_path(app)
+        .and_then(|path| std::fs::read(path).ok())
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
 }
 
 fn remember(app: &tauri::AppHandle, appliance: RememberedAppliance) {
@@ -59,7 +65,8 @@ fn remember(app: &tauri::AppHandle, appliance: RememberedAppliance) {
 }
 
 fn normalize_url(url: &str) -> Result<String, String> {
-    let parsed = reqwest::Url::parse(url.trim()).map_err(|_| format!("{url:?} is not a URL, e.g. https://10.0.0.2:8443"))?;
+    let parsed = reqwest::Url::parse(url.trim())
+        .map_err(|_| format!("{url:?} is not a URL, e.g. https://10.0.0.2:8443"))?;
     if parsed.scheme() != "https" {
         return Err("the appliance URL must start with https://".into());
     }
@@ -84,19 +91,34 @@ async fn discover() -> Result<Vec<labrack_discovery::Found>, String> {
 /// Connects to an appliance, pinning its CA by fingerprint; checks it answers. `address` (from
 /// discovery) is where the URL's host is reached, as `IP:PORT`.
 #[tauri::command]
-async fn connect(app: tauri::AppHandle, state: tauri::State<'_, AppState>, url: String, fingerprint: String, address: Option<String>) -> Result<String, String> {
+async fn connect(
+    app: tauri::AppHandle,
+    state: tauri::State<'_, AppState>,
+    url: String,
+    fingerprint: String,
+    address: Option<String>,
+) -> Result<String, String> {
     let base = normalize_url(&url)?;
     let fingerprint = pin::normalize(&fingerprint)?;
     let address = address.filter(|a| !a.trim().is_empty());
     let resolve = match &address {
         Some(text) => {
-            let at: std::net::SocketAddr = text.trim().parse().map_err(|_| format!("{text:?} is not an address (IP:PORT)"))?;
-            let host = reqwest::Url::parse(&base).ok().and_then(|u| u.host_str().map(str::to_owned)).ok_or("the URL has no host")?;
+            let at: std::net::SocketAddr = text
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not an address (IP:PORT)"))?;
+            let host = reqwest::Url::parse(&base)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .ok_or("the URL has no host")?;
             Some((host, at))
         }
         None => None,
     };
-    let client = pin::client(&fingerprint, resolve.as_ref().map(|(host, at)| (host.as_str(), *at)))?;
+    let client = pin::client(
+        &fingerprint,
+        resolve.as_ref().map(|(host, at)| (host.as_str(), *at)),
+    )?;
     let health = client.get(format!("{base}/healthz")).send().await.map_err(|e| {
         let text = format!("{e:?}");
         if text.contains("does not match the fingerprint") {
@@ -109,13 +131,26 @@ async fn connect(app: tauri::AppHandle, state: tauri::State<'_, AppState>, url: 
         return Err(format!("the appliance answered {}", health.status()));
     }
     let mut connection = state.connection.lock().map_err(|_| "state lock poisoned")?;
-    *connection = Connection { base: Some(base.clone()), client: Some(client), token: None };
+    *connection = Connection {
+        base: Some(base.clone()),
+        client: Some(client),
+        token: None,
+    };
     drop(connection);
-    remember(&app, RememberedAppliance { url: base.clone(), fingerprint, address });
+    remember(
+        &app,
+        RememberedAppliance {
+            url: base.clone(),
+            fingerprint,
+            address,
+        },
+    );
     Ok(base)
 }
 
-fn connected(state: &tauri::State<'_, AppState>) -> Result<(reqwest::Client, String, Option<String>), String> {
+fn connected(
+    state: &tauri::State<'_, AppState>,
+) -> Result<(reqwest::Client, String, Option<String>), String> {
     let connection = state.connection.lock().map_err(|_| "state lock poisoned")?;
     match (&connection.client, &connection.base) {
         (Some(client), Some(base)) => Ok((client.clone(), base.clone(), connection.token.clone())),
@@ -126,15 +161,30 @@ fn connected(state: &tauri::State<'_, AppState>) -> Result<(reqwest::Client, Str
 async fn answer(response: reqwest::Response) -> Result<serde_json::Value, String> {
     let status = response.status();
     let text = response.text().await.map_err(|e| e.to_string())?;
-    let body: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    let body: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     if status.is_success() {
         Ok(body)
     } else {
-        let detail = body["detail"].as_str().map(str::to_owned).unwrap_or_else(|| body.to_string());
+        let detail = body["detail"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| body.to_string());
         // Row errors of a CSV import, one per line, so staff can fix the file.
         let rows: Vec<String> = body["errors"]
             .as_array()
-            .map(|errors| errors.iter().map(|e| format!("\nline {}: {}", e["line"], e["reason"].as_str().unwrap_or_default())).collect())
+            .map(|errors| {
+                errors
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "\nline {}: {}",
+                            e["line"],
+                            e["reason"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         Err(format!("{}: {detail}{}", status.as_u16(), rows.concat()))
     }
@@ -142,7 +192,11 @@ async fn answer(response: reqwest::Response) -> Result<serde_json::Value, String
 
 /// Logs in as staff; the session token stays in this process.
 #[tauri::command]
-async fn login(state: tauri::State<'_, AppState>, username: String, password: String) -> Result<serde_json::Value, String> {
+async fn login(
+    state: tauri::State<'_, AppState>,
+    username: String,
+    password: String,
+) -> Result<serde_json::Value, String> {
     let (client, base, _) = connected(&state)?;
     let response = client
         .post(format!("{base}/api/v1/auth/login"))
@@ -151,43 +205,73 @@ async fn login(state: tauri::State<'_, AppState>, username: String, password: St
         .await
         .map_err(|e| e.to_string())?;
     let body = answer(response).await?;
-    let token = body["token"].as_str().ok_or("the appliance gave no session token")?.to_owned();
-    state.connection.lock().map_err(|_| "state lock poisoned")?.token = Some(token);
+    let token = body["token"]
+        .as_str()
+        .ok_or("the appliance gave no session token")?
+        .to_owned();
+    state
+        .connection
+        .lock()
+        .map_err(|_| "state lock poisoned")?
+        .token = Some(token);
     Ok(body["principal"].clone())
 }
 
 /// Calls the appliance's API (`/api/v1/…` only) as the logged-in staff member.
 #[tauri::command]
-async fn api(state: tauri::State<'_, AppState>, method: String, path: String, body: Option<serde_json::Value>, csv: Option<String>) -> Result<serde_json::Value, String> {
+async fn api(
+    state: tauri::State<'_, AppState>,
+    method: String,
+    path: String,
+    body: Option<serde_json::Value>,
+    csv: Option<String>,
+) -> Result<serde_json::Value, String> {
     if !path.starts_with("/api/v1/") || path.contains("..") {
         return Err("only /api/v1/ paths may be called".into());
     }
     let (client, base, token) = connected(&state)?;
-    let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).map_err(|_| "bad method")?;
+    let method =
+        reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).map_err(|_| "bad method")?;
     let mut request = client.request(method, format!("{base}{path}"));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
     if let Some(csv) = csv {
-        request = request.header(reqwest::header::CONTENT_TYPE, "text/csv").body(csv);
+        request = request
+            .header(reqwest::header::CONTENT_TYPE, "text/csv")
+            .body(csv);
     } else if let Some(body) = body {
         request = request.json(&body);
     }
-    let response = request.send().await.map_err(|e| format!("the appliance is unreachable: {e}"))?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("the appliance is unreachable: {e}"))?;
     answer(response).await
 }
 
 /// A lab desktop's latest picture (view-only), as a `data:` URL for an `<img>`.
 #[tauri::command]
-async fn thumbnail(state: tauri::State<'_, AppState>, allocation_id: i64) -> Result<String, String> {
+async fn thumbnail(
+    state: tauri::State<'_, AppState>,
+    allocation_id: i64,
+) -> Result<String, String> {
     use base64::Engine as _;
     let (client, base, token) = connected(&state)?;
-    let mut request = client.get(format!("{base}/api/v1/allocations/{allocation_id}/thumbnail"));
+    let mut request = client.get(format!(
+        "{base}/api/v1/allocations/{allocation_id}/thumbnail"
+    ));
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
-    let response = request.send().await.map_err(|e| format!("the appliance is unreachable: {e}"))?;
-    let is_jpeg = response.headers().get(reqwest::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == b"image/jpeg");
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("the appliance is unreachable: {e}"))?;
+    let is_jpeg = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"image/jpeg");
     if !response.status().is_success() {
         return Err(answer(response).await.err().unwrap_or_default());
     }
@@ -195,7 +279,10 @@ async fn thumbnail(state: tauri::State<'_, AppState>, allocation_id: i64) -> Res
         return Err("the appliance sent no picture".into());
     }
     let jpeg = response.bytes().await.map_err(|e| e.to_string())?;
-    Ok(format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(&jpeg)))
+    Ok(format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&jpeg)
+    ))
 }
 
 /// Shows a desktop notification (the freedesktop notification service on Linux).
@@ -204,7 +291,12 @@ async fn notify(title: String, body: String) -> Result<(), String> {
     let title: String = title.chars().take(120).collect();
     let body: String = body.chars().take(500).collect();
     tokio::task::spawn_blocking(move || {
-        notify_rust::Notification::new().appname("LabRack console").summary(&title).body(&body).show().map(|_| ())
+        notify_rust::Notification::new()
+            .appname("LabRack console")
+            .summary(&title)
+            .body(&body)
+            .show()
+            .map(|_| ())
     })
     .await
     .map_err(|e| e.to_string())?
@@ -216,19 +308,40 @@ const MAX_ROSTER_BYTES: u64 = 1024 * 1024;
 
 /// Where a save dialog starts: the user's documents folder, else home.
 fn documents(app: &tauri::AppHandle) -> Option<std::path::PathBuf> {
-    app.path().document_dir().ok().filter(|d| d.is_dir()).or_else(|| app.path().home_dir().ok())
+    app.path()
+        .document_dir()
+        .ok()
+        .filter(|d| d.is_dir())
+        .or_else(|| app.path().home_dir().ok())
 }
 
 /// Asks where to save `bytes` (a native save dialog); returns the path, or None if cancelled.
-async fn save_with_dialog(app: &tauri::AppHandle, title: &str, file_name: &str, filter: (&str, &str), bytes: Vec<u8>) -> Result<Option<String>, String> {
+async fn save_with_dialog(
+    app: &tauri::AppHandle,
+    title: &str,
+    file_name: &str,
+    filter: (&str, &str),
+    bytes: Vec<u8>,
+) -> Result<Option<String>, String> {
     use tauri_plugin_dialog::DialogExt as _;
-    let mut dialog = app.dialog().file().set_title(title).set_file_name(file_name).add_filter(filter.0, &[filter.1]);
+    let mut dialog = app
+        .dialog()
+        .file()
+        .set_title(title)
+        .set_file_name(file_name)
+        .add_filter(filter.0, &[filter.1]);
     if let Some(dir) = documents(app) {
         dialog = dialog.set_directory(dir);
     }
-    let chosen = tokio::task::spawn_blocking(move || dialog.blocking_save_file()).await.map_err(|e| e.to_string())?;
-    let Some(chosen) = chosen else { return Ok(None) };
-    let path = chosen.into_path().map_err(|e| format!("that is not a local file: {e}"))?;
+    let chosen = tokio::task::spawn_blocking(move || dialog.blocking_save_file())
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(chosen) = chosen else {
+        return Ok(None);
+    };
+    let path = chosen
+        .into_path()
+        .map_err(|e| format!("that is not a local file: {e}"))?;
     std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
     Ok(Some(path.display().to_string()))
 }
@@ -236,19 +349,42 @@ async fn save_with_dialog(app: &tauri::AppHandle, title: &str, file_name: &str, 
 /// Saves join-code badges as a PDF where staff choose (a native save dialog); returns the
 /// file's path, or None if they cancelled.
 #[tauri::command]
-async fn save_badges(app: tauri::AppHandle, event: String, event_code: String, badges: Vec<badges::Badge>) -> Result<Option<String>, String> {
+async fn save_badges(
+    app: tauri::AppHandle,
+    event: String,
+    event_code: String,
+    badges: Vec<badges::Badge>,
+) -> Result<Option<String>, String> {
     if badges.is_empty() {
         return Err("no join codes to print: they are shown once, right after an import".into());
     }
-    let safe_code: String = event_code.chars().filter(char::is_ascii_alphanumeric).collect();
+    let safe_code: String = event_code
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
     let pdf = badges::pdf(&event, &event_code, &badges);
-    save_with_dialog(&app, "Save join-code badges", &format!("badges-{safe_code}.pdf"), ("PDF", "pdf"), pdf).await
+    save_with_dialog(
+        &app,
+        "Save join-code badges",
+        &format!("badges-{safe_code}.pdf"),
+        ("PDF", "pdf"),
+        pdf,
+    )
+    .await
 }
 
 /// Saves text the appliance sent (a CSV export) where staff choose; None if cancelled.
 #[tauri::command]
-async fn save_text(app: tauri::AppHandle, title: String, file_name: String, text: String) -> Result<Option<String>, String> {
-    let safe_name: String = file_name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).collect();
+async fn save_text(
+    app: tauri::AppHandle,
+    title: String,
+    file_name: String,
+    text: String,
+) -> Result<Option<String>, String> {
+    let safe_name: String = file_name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
     save_with_dialog(&app, &title, &safe_name, ("CSV", "csv"), text.into_bytes()).await
 }
 
@@ -256,19 +392,39 @@ async fn save_text(app: tauri::AppHandle, title: String, file_name: String, text
 #[tauri::command]
 async fn pick_roster(app: tauri::AppHandle) -> Result<Option<String>, String> {
     use tauri_plugin_dialog::DialogExt as _;
-    let mut dialog = app.dialog().file().set_title("Choose a roster CSV (team,name,email)").add_filter("CSV", &["csv", "txt"]);
+    let mut dialog = app
+        .dialog()
+        .file()
+        .set_title("Choose a roster CSV (team,name,email)")
+        .add_filter("CSV", &["csv", "txt"]);
     if let Some(dir) = documents(&app) {
         dialog = dialog.set_directory(dir);
     }
-    let chosen = tokio::task::spawn_blocking(move || dialog.blocking_pick_file()).await.map_err(|e| e.to_string())?;
-    let Some(chosen) = chosen else { return Ok(None) };
-    let path = chosen.into_path().map_err(|e| format!("that is not a local file: {e}"))?;
-    let size = std::fs::metadata(&path).map_err(|e| format!("reading {}: {e}", path.display()))?.len();
+    let chosen = tokio::task::spawn_blocking(move || dialog.blocking_pick_file())
+        .await
+        .map_err(|e| e.to_string())?;
+    let Some(chosen) = chosen else {
+        return Ok(None);
+    };
+    let path = chosen
+        .into_path()
+        .map_err(|e| format!("that is not a local file: {e}"))?;
+    let size = std::fs::metadata(&path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?
+        .len();
     if size > MAX_ROSTER_BYTES {
-        return Err(format!("{} is {size} bytes; a roster may be at most {MAX_ROSTER_BYTES} (split it)", path.display()));
+        return Err(format!(
+            "{} is {size} bytes; a roster may be at most {MAX_ROSTER_BYTES} (split it)",
+            path.display()
+        ));
     }
     let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    String::from_utf8(bytes).map(Some).map_err(|_| format!("{} is not UTF-8 text: save it as CSV (UTF-8)", path.display()))
+    String::from_utf8(bytes).map(Some).map_err(|_| {
+        format!(
+            "{} is not UTF-8 text: save it as CSV (UTF-8)",
+            path.display()
+        )
+    })
 }
 
 /// What the tray shows: the event's state (as the label beside the icon, the tooltip and the
@@ -278,7 +434,8 @@ fn set_tray(app: tauri::AppHandle, text: String) -> Result<(), String> {
     let text: String = text.chars().take(80).collect();
     if let Some(icon) = app.tray_by_id(TRAY_ID) {
         icon.set_title(Some(&text)).map_err(|e| e.to_string())?;
-        icon.set_tooltip(Some(&format!("LabRack console: {text}"))).map_err(|e| e.to_string())?;
+        icon.set_tooltip(Some(&format!("LabRack console: {text}")))
+            .map_err(|e| e.to_string())?;
     }
     // No tray on this desktop (see `main`): the window still shows the state.
     match app.try_state::<TrayState>() {
@@ -300,7 +457,15 @@ fn build_tray(app: &tauri::App) -> tauri::Result<()> {
     let state_line = MenuItem::with_id(app, "state", "Not connected", false, None::<&str>)?;
     let show = MenuItem::with_id(app, "show", "Show the console", true, None::<&str>)?;
     let quit = MenuItem::with_id(app, "quit", "Quit", true, None::<&str>)?;
-    let menu = Menu::with_items(app, &[&state_line, &PredefinedMenuItem::separator(app)?, &show, &quit])?;
+    let menu = Menu::with_items(
+        app,
+        &[
+            &state_line,
+            &PredefinedMenuItem::separator(app)?,
+            &show,
+            &quit,
+        ],
+    )?;
     let mut tray = tauri::tray::TrayIconBuilder::with_id(TRAY_ID)
         .menu(&menu)
         .title("LabRack")
@@ -327,7 +492,11 @@ fn build_tray(app: &tauri::App) -> tauri::Result<()> {
 /// Forgets the session (the appliance stays connected).
 #[tauri::command]
 fn logout(state: tauri::State<'_, AppState>) -> Result<(), String> {
-    state.connection.lock().map_err(|_| "state lock poisoned")?.token = None;
+    state
+        .connection
+        .lock()
+        .map_err(|_| "state lock poisoned")?
+        .token = None;
     Ok(())
 }
 
@@ -342,7 +511,20 @@ fn main() {
             }
             Ok(())
         })
-        .invoke_handler(tauri::generate_handler![remembered, connect, login, api, logout, save_badges, save_text, pick_roster, thumbnail, notify, set_tray, discover])
+        .invoke_handler(tauri::generate_handler![
+            remembered,
+            connect,
+            login,
+            api,
+            logout,
+            save_badges,
+            save_text,
+            pick_roster,
+            thumbnail,
+            notify,
+            set_tray,
+            discover
+        ])
         .build(tauri::generate_context!());
     match app {
         Ok(app) => app.run(|_, _| {}),

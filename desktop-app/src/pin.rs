@@ -13,10 +13,20 @@ use sha2::Digest as _;
 /// `AB:CD:…`, `abcd…` or `SHA256:AB:…` → 64 lower-case hex digits, or why not.
 pub(crate) fn normalize(fingerprint: &str) -> Result<String, String> {
     let text = fingerprint.trim();
-    let text = text.strip_prefix("SHA256:").or_else(|| text.strip_prefix("sha256:")).unwrap_or(text);
-    let hex: String = text.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect::<String>().to_lowercase();
+    let text = text
+        .strip_prefix("SHA256:")
+        .or_else(|| text.strip_prefix("sha256:"))
+        .unwrap_or(text);
+    let hex: String = text
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect::<String>()
+        .to_lowercase();
     if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err("the CA fingerprint must be the 64 hex digits (SHA-256) that `labrack serve` prints".into());
+        return Err(
+            "the CA fingerprint must be the 64 hex digits (SHA-256) that `labrack serve` prints"
+                .into(),
+        );
     }
     Ok(hex)
 }
@@ -29,7 +39,10 @@ pub(crate) struct PinnedCa {
 
 impl PinnedCa {
     pub(crate) fn new(fingerprint: String) -> Self {
-        Self { fingerprint, provider: Arc::new(rustls::crypto::ring::default_provider()) }
+        Self {
+            fingerprint,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        }
     }
 }
 
@@ -45,31 +58,65 @@ impl ServerCertVerifier for PinnedCa {
         let ca = intermediates
             .iter()
             .find(|cert| hex::encode(sha2::Sha256::digest(cert.as_ref())) == self.fingerprint)
-            .ok_or_else(|| rustls::Error::General("the appliance's CA does not match the fingerprint you entered".into()))?;
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the appliance's CA does not match the fingerprint you entered".into(),
+                )
+            })?;
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.clone().into_owned()).map_err(|e| rustls::Error::General(format!("the appliance's CA is unusable: {e}")))?;
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(format!("the appliance's CA is unusable: {e}")))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
         verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// An HTTPS client that trusts only the pinned CA; `resolve` reaches a host name (one the
 /// certificate holds) at a given address, as found on the LAN.
-pub(crate) fn client(fingerprint: &str, resolve: Option<(&str, std::net::SocketAddr)>) -> Result<reqwest::Client, String> {
+pub(crate) fn client(
+    fingerprint: &str,
+    resolve: Option<(&str, std::net::SocketAddr)>,
+) -> Result<reqwest::Client, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -77,7 +124,9 @@ pub(crate) fn client(fingerprint: &str, resolve: Option<(&str, std::net::SocketA
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCa::new(fingerprint.to_owned())))
         .with_no_client_auth();
-    let mut builder = reqwest::Client::builder().use_preconfigured_tls(tls).timeout(std::time::Duration::from_secs(15));
+    let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(std::time::Duration::from_secs(15));
     if let Some((host, address)) = resolve {
         builder = builder.resolve(host, address);
     }

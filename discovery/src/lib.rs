@@ -49,7 +49,11 @@ impl Found {
     /// The address to reach `host` at: the first non-loopback IPv4, else the first at all.
     #[must_use]
     pub fn best_address(&self) -> Option<IpAddr> {
-        self.addresses.iter().copied().find(|a| a.is_ipv4() && !a.is_loopback()).or_else(|| self.addresses.first().copied())
+        self.addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() && !a.is_loopback())
+            .or_else(|| self.addresses.first().copied())
     }
 }
 
@@ -61,20 +65,52 @@ pub struct Announcement {
 
 impl std::fmt::Debug for Announcement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Announcement").field("fullname", &self.fullname).finish()
+        f.debug_struct("Announcement")
+            .field("fullname", &self.fullname)
+            .finish()
     }
 }
 
 impl Announcement {
     /// Announces an appliance on `machine` (its host name) reachable as `https://cert_host:port`.
     /// The instance name carries the port, so two appliances on one machine stay apart.
-    pub fn start(machine: &str, cert_host: &str, port: u16, fingerprint: &str) -> Result<Self, DiscoveryError> {
+    pub fn start(
+        machine: &str,
+        cert_host: &str,
+        port: u16,
+        fingerprint: &str,
+    ) -> Result<Self, DiscoveryError> {
         let daemon = ServiceDaemon::new()?;
-        let label: String = machine.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
-        let label = if label.is_empty() { "labrack".to_owned() } else { label };
+        let label: String = machine
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let label = if label.is_empty() {
+            "labrack".to_owned()
+        } else {
+            label
+        };
         let instance = format!("LabRack on {label} ({port})");
-        let properties = [(TXT_HOST, cert_host), (TXT_FINGERPRINT, fingerprint), (TXT_VERSION, "1")];
-        let info = ServiceInfo::new(SERVICE_TYPE, &instance, &format!("{label}.local."), "", port, &properties[..])?.enable_addr_auto();
+        let properties = [
+            (TXT_HOST, cert_host),
+            (TXT_FINGERPRINT, fingerprint),
+            (TXT_VERSION, "1"),
+        ];
+        let info = ServiceInfo::new(
+            SERVICE_TYPE,
+            &instance,
+            &format!("{label}.local."),
+            "",
+            port,
+            &properties[..],
+        )?
+        .enable_addr_auto();
         let fullname = info.get_fullname().to_owned();
         daemon.register(info)?;
         Ok(Self { daemon, fullname })
@@ -94,11 +130,27 @@ impl Drop for Announcement {
 }
 
 fn found_from(info: &ServiceInfo) -> Option<Found> {
-    let host = info.get_property_val_str(TXT_HOST).filter(|h| !h.is_empty())?.to_owned();
+    let host = info
+        .get_property_val_str(TXT_HOST)
+        .filter(|h| !h.is_empty())?
+        .to_owned();
     let mut addresses: Vec<IpAddr> = info.get_addresses().iter().copied().collect();
     addresses.sort_by_key(|a| (!a.is_ipv4(), a.is_loopback(), *a));
-    let instance = info.get_fullname().strip_suffix(SERVICE_TYPE).unwrap_or(info.get_fullname()).trim_end_matches('.').to_owned();
-    Some(Found { instance, host, port: info.get_port(), addresses, fingerprint_hint: info.get_property_val_str(TXT_FINGERPRINT).map(str::to_owned) })
+    let instance = info
+        .get_fullname()
+        .strip_suffix(SERVICE_TYPE)
+        .unwrap_or(info.get_fullname())
+        .trim_end_matches('.')
+        .to_owned();
+    Some(Found {
+        instance,
+        host,
+        port: info.get_port(),
+        addresses,
+        fingerprint_hint: info
+            .get_property_val_str(TXT_FINGERPRINT)
+            .map(str::to_owned),
+    })
 }
 
 /// Listens for announcements for `wait` (2–3 s finds a LAN's appliances); blocking.

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use labrack_provisioner::protocol::{
-    EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse, TaskId, TaskKind, TaskOutcome, TaskReport,
+    EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse, TaskId,
+    TaskKind, TaskOutcome, TaskReport,
 };
 use tokio::sync::Notify;
 
@@ -37,8 +38,14 @@ pub(crate) struct EnrolOptions {
 fn address_towards(url: &reqwest::Url) -> Option<String> {
     let host = url.host_str()?;
     let port = url.port_or_known_default()?;
-    let target = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(['[', ']']), port)).ok()?.next()?;
-    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let target = std::net::ToSocketAddrs::to_socket_addrs(&(host.trim_matches(['[', ']']), port))
+        .ok()?
+        .next()?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     let socket = std::net::UdpSocket::bind(bind).ok()?;
     socket.connect(target).ok()?;
     Some(socket.local_addr().ok()?.ip().to_string())
@@ -51,9 +58,14 @@ pub(crate) async fn enrol(options: EnrolOptions) -> anyhow::Result<HostConfig> {
             options.state_dir.join(identity::CONFIG_FILE).display()
         );
     }
-    let url = reqwest::Url::parse(&options.appliance).with_context(|| format!("--appliance {:?} is not a URL", options.appliance))?;
-    anyhow::ensure!(url.scheme() == "https", "--appliance must be an https:// URL");
-    let ca_pem = std::fs::read(&options.ca).with_context(|| format!("reading --ca {}", options.ca.display()))?;
+    let url = reqwest::Url::parse(&options.appliance)
+        .with_context(|| format!("--appliance {:?} is not a URL", options.appliance))?;
+    anyhow::ensure!(
+        url.scheme() == "https",
+        "--appliance must be an https:// URL"
+    );
+    let ca_pem = std::fs::read(&options.ca)
+        .with_context(|| format!("reading --ca {}", options.ca.display()))?;
     let http = http_client(&ca_pem, Duration::from_secs(30))?;
     let name = match options.name {
         Some(name) => name,
@@ -61,9 +73,13 @@ pub(crate) async fn enrol(options: EnrolOptions) -> anyhow::Result<HostConfig> {
     };
     let address = match options.address {
         Some(address) => address,
-        None => address_towards(&url).context("could not work out this host's address; pass --address")?,
+        None => address_towards(&url)
+            .context("could not work out this host's address; pass --address")?,
     };
-    let resources = runtime::host_resources(&crate::isolation::cgroup::Cgroups::detect()?, &crate::isolation::gpus::GpuInventory::discover());
+    let resources = runtime::host_resources(
+        &crate::isolation::cgroup::Cgroups::detect()?,
+        &crate::isolation::gpus::GpuInventory::discover(),
+    );
     let (pkcs8, public_key) = identity::generate_key()?;
     let request = EnrolRequest {
         version: PROTOCOL_VERSION,
@@ -81,8 +97,15 @@ pub(crate) async fn enrol(options: EnrolOptions) -> anyhow::Result<HostConfig> {
         .send()
         .await
         .with_context(|| format!("reaching the appliance at {base}"))?;
-    let enrolled: EnrolResponse = decode(response).await.map_err(|e| anyhow::anyhow!("enrolment failed: {e}"))?;
-    let config = HostConfig { appliance: base.to_owned(), host_id: enrolled.host_id, name, heartbeat_secs: enrolled.heartbeat_secs };
+    let enrolled: EnrolResponse = decode(response)
+        .await
+        .map_err(|e| anyhow::anyhow!("enrolment failed: {e}"))?;
+    let config = HostConfig {
+        appliance: base.to_owned(),
+        host_id: enrolled.host_id,
+        name,
+        heartbeat_secs: enrolled.heartbeat_secs,
+    };
     identity::save(&options.state_dir, &config, &pkcs8, &ca_pem)?;
     Ok(config)
 }
@@ -121,17 +144,29 @@ pub(crate) struct CheckSlots {
 impl CheckSlots {
     pub(crate) fn new(total: usize) -> Self {
         let total = total.max(1);
-        Self { total: Arc::new(tokio::sync::Semaphore::new(total)), per_lab: total.div_ceil(2), labs: std::sync::Mutex::new(Default::default()) }
+        Self {
+            total: Arc::new(tokio::sync::Semaphore::new(total)),
+            per_lab: total.div_ceil(2),
+            labs: std::sync::Mutex::new(Default::default()),
+        }
     }
 
     /// Waits for a slot for a check of `allocation_id`; held until dropped.
-    pub(crate) async fn acquire(&self, allocation_id: i64) -> Option<(tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit)> {
+    pub(crate) async fn acquire(
+        &self,
+        allocation_id: i64,
+    ) -> Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
         let lab = {
             let mut labs = self.labs.lock().ok()?;
             // Forget labs with nothing running or waiting (nobody else holds their Arc).
             // (a held permit keeps its semaphore's Arc too)
             labs.retain(|_, slots| Arc::strong_count(slots) > 1);
-            labs.entry(allocation_id).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_lab))).clone()
+            labs.entry(allocation_id)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_lab)))
+                .clone()
         };
         let mine = lab.acquire_owned().await.ok()?;
         let shared = self.total.clone().acquire_owned().await.ok()?;
@@ -150,8 +185,14 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
     // failed instead of running it again (the appliance retries under a new task id).
     for id in spool.interrupted()? {
         tracing::warn!(task = %id.0, "task was interrupted by an agent restart; reporting it failed, not running it again");
-        let outcome = TaskOutcome::Failed { error: "the lab-host agent stopped while this task ran; it is not run twice".into() };
-        spool.finish(&TaskReport { version: PROTOCOL_VERSION, id, outcome })?;
+        let outcome = TaskOutcome::Failed {
+            error: "the lab-host agent stopped while this task ran; it is not run twice".into(),
+        };
+        spool.finish(&TaskReport {
+            version: PROTOCOL_VERSION,
+            id,
+            outcome,
+        })?;
     }
     let http = http_client(&identity.ca_pem, Duration::from_secs(45))?;
     let config = identity.config;
@@ -164,19 +205,34 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
         check_slots: CheckSlots::new(options.check_concurrency),
     });
     tracing::info!(host_id = config.host_id, name = %config.name, appliance = %config.appliance, "labrack-host running");
-    println!("labrack-host: running as host {} ({})", config.host_id, config.name);
+    println!(
+        "labrack-host: running as host {} ({})",
+        config.host_id, config.name
+    );
 
     // Labs this host holds run again (after an agent restart, a host reboot, a box that
     // died), on their own loop: starting a box must never hold up heartbeats.
     let keeper = tokio::spawn(keep_boxes(options.runtime.clone()));
     let sender = tokio::spawn(send_loop(shared.clone()));
-    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), options.runtime.clone(), Duration::from_secs(u64::from(config.heartbeat_secs.max(1)))));
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        shared.clone(),
+        options.runtime.clone(),
+        Duration::from_secs(u64::from(config.heartbeat_secs.max(1))),
+    ));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut backoff = Backoff::default();
     loop {
-        let running: Vec<TaskId> = shared.running_checks.lock().map(|set| set.iter().cloned().collect()).unwrap_or_default();
-        let request = PollRequest { version: PROTOCOL_VERSION, wait_ms: 25_000, running };
+        let running: Vec<TaskId> = shared
+            .running_checks
+            .lock()
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
+        let request = PollRequest {
+            version: PROTOCOL_VERSION,
+            wait_ms: 25_000,
+            running,
+        };
         let polled = tokio::select! {
             polled = shared.client.call::<_, PollResponse>("/api/v1/host/poll", &request) => polled,
             _ = terminate.recv() => break,
@@ -207,7 +263,10 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!(waiting = shared.spool.waiting(), "labrack-host stopping; spooled messages are kept for the next start");
+    tracing::info!(
+        waiting = shared.spool.waiting(),
+        "labrack-host stopping; spooled messages are kept for the next start"
+    );
     sender.abort();
     heartbeat.abort();
     keeper.abort();
@@ -218,7 +277,9 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
 async fn keep_boxes(settings: RuntimeSettings) {
     loop {
         let pass = settings.clone();
-        if let Err(error) = tokio::task::spawn_blocking(move || runtime::local_user::ensure_boxes(&pass)).await {
+        if let Err(error) =
+            tokio::task::spawn_blocking(move || runtime::local_user::ensure_boxes(&pass)).await
+        {
             tracing::error!(%error, "keeping the labs' boxes up failed");
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -227,7 +288,11 @@ async fn keep_boxes(settings: RuntimeSettings) {
 
 /// Runs a task unless this host has seen its id before; says whether it ran (or, for a
 /// check, started: checks run side by side and report when they end).
-async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> anyhow::Result<bool> {
+async fn run_one(
+    shared: &Arc<Shared>,
+    options: &RunOptions,
+    task: HostTask,
+) -> anyhow::Result<bool> {
     if task.host_id != shared.host_id {
         tracing::error!(task = %task.id.0, for_host = task.host_id, "got another host's task; ignoring it");
         return Ok(false);
@@ -249,7 +314,11 @@ async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> 
         if let Ok(mut running) = shared.running_checks.lock() {
             running.insert(task.id.clone());
         }
-        let (shared, settings, pause) = (shared.clone(), options.runtime.clone(), options.pause_in_task);
+        let (shared, settings, pause) = (
+            shared.clone(),
+            options.runtime.clone(),
+            options.pause_in_task,
+        );
         let lab = match &task.kind {
             TaskKind::RunCheck { allocation_id, .. } => *allocation_id,
             _ => 0,
@@ -272,7 +341,12 @@ async fn run_one(shared: &Arc<Shared>, options: &RunOptions, task: HostTask) -> 
 }
 
 /// Runs a started task and spools its report.
-async fn execute(shared: &Arc<Shared>, settings: RuntimeSettings, pause: Option<Duration>, task: HostTask) -> anyhow::Result<()> {
+async fn execute(
+    shared: &Arc<Shared>,
+    settings: RuntimeSettings,
+    pause: Option<Duration>,
+    task: HostTask,
+) -> anyhow::Result<()> {
     if let Some(pause) = pause {
         tokio::time::sleep(pause).await;
     }
@@ -280,15 +354,23 @@ async fn execute(shared: &Arc<Shared>, settings: RuntimeSettings, pause: Option<
     let kind = task.kind.clone();
     let outcome = tokio::task::spawn_blocking(move || runtime::run_task(&settings, &kind))
         .await
-        .unwrap_or_else(|e| TaskOutcome::Failed { error: format!("the task panicked: {e}") });
+        .unwrap_or_else(|e| TaskOutcome::Failed {
+            error: format!("the task panicked: {e}"),
+        });
     match &outcome {
-        TaskOutcome::Succeeded { .. } => tracing::info!(task = %task.id.0, ms = started.elapsed().as_millis(), "task succeeded"),
+        TaskOutcome::Succeeded { .. } => {
+            tracing::info!(task = %task.id.0, ms = started.elapsed().as_millis(), "task succeeded")
+        }
         TaskOutcome::Checked { check } => {
             tracing::info!(task = %task.id.0, ms = check.duration_ms, passed = check.passed, message = check.message.as_deref().unwrap_or(""), "check ran");
         }
         TaskOutcome::Failed { error } => tracing::warn!(task = %task.id.0, %error, "task failed"),
     }
-    shared.spool.finish(&TaskReport { version: PROTOCOL_VERSION, id: task.id, outcome })?;
+    shared.spool.finish(&TaskReport {
+        version: PROTOCOL_VERSION,
+        id: task.id,
+        outcome,
+    })?;
     shared.wake_sender.notify_one();
     Ok(())
 }
@@ -298,7 +380,12 @@ async fn heartbeat_loop(shared: Arc<Shared>, settings: RuntimeSettings, every: D
         let settings = settings.clone();
         let sample = tokio::task::spawn_blocking(move || {
             let labs = crate::isolation::records(&settings.state_dir).unwrap_or_default();
-            telemetry::sample(Duration::from_millis(200), settings.resources(), &labs, |pid| settings.cgroups.lab_of(pid))
+            telemetry::sample(
+                Duration::from_millis(200),
+                settings.resources(),
+                &labs,
+                |pid| settings.cgroups.lab_of(pid),
+            )
         })
         .await;
         match sample {
@@ -326,12 +413,21 @@ async fn send_loop(shared: Arc<Shared>) {
         };
         let Some((key, message)) = next else {
             // Wake on new messages, and look again now and then regardless.
-            let _ = tokio::time::timeout(Duration::from_secs(1), shared.wake_sender.notified()).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), shared.wake_sender.notified()).await;
             continue;
         };
         let result = match &message {
-            Message::Report(report) => shared.client.call::<_, serde_json::Value>("/api/v1/host/report", report).await.map(|_| ()),
-            Message::Telemetry(sample) => shared.client.call::<_, serde_json::Value>("/api/v1/host/heartbeat", sample).await.map(|_| ()),
+            Message::Report(report) => shared
+                .client
+                .call::<_, serde_json::Value>("/api/v1/host/report", report)
+                .await
+                .map(|_| ()),
+            Message::Telemetry(sample) => shared
+                .client
+                .call::<_, serde_json::Value>("/api/v1/host/heartbeat", sample)
+                .await
+                .map(|_| ()),
         };
         match result {
             Ok(()) => {
@@ -363,7 +459,9 @@ struct Backoff {
 impl Backoff {
     fn next(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        Duration::from_millis(500).saturating_mul(1 << self.failures.saturating_sub(1).min(5)).min(Duration::from_secs(10))
+        Duration::from_millis(500)
+            .saturating_mul(1 << self.failures.saturating_sub(1).min(5))
+            .min(Duration::from_secs(10))
     }
 
     fn reset(&mut self) {
@@ -399,10 +497,23 @@ mod tests {
         assert!(third.is_err(), "lab 1's third check waits");
         let b1 = slots.acquire(2).await.expect("another lab runs beside it");
         let b2 = slots.acquire(2).await.expect("another lab runs beside it");
-        assert!(tokio::time::timeout(Duration::from_millis(100), slots.acquire(3)).await.is_err(), "four at most");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), slots.acquire(3))
+                .await
+                .is_err(),
+            "four at most"
+        );
         drop(a1);
-        assert!(tokio::time::timeout(Duration::from_secs(1), slots.acquire(3)).await.is_ok_and(|s| s.is_some()));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), slots.acquire(3))
+                .await
+                .is_ok_and(|s| s.is_some())
+        );
         drop((a2, b1, b2));
-        assert_eq!(CheckSlots::new(1).per_lab, 1, "a one-slot host still runs checks");
+        assert_eq!(
+            CheckSlots::new(1).per_lab,
+            1,
+            "a one-slot host still runs checks"
+        );
     }
 }

@@ -21,7 +21,8 @@ pub(crate) enum CallError {
 }
 
 pub(crate) fn http_client(ca_pem: &[u8], timeout: Duration) -> anyhow::Result<reqwest::Client> {
-    let ca = reqwest::Certificate::from_pem(ca_pem).map_err(|e| anyhow::anyhow!("the appliance CA does not parse: {e}"))?;
+    let ca = reqwest::Certificate::from_pem(ca_pem)
+        .map_err(|e| anyhow::anyhow!("the appliance CA does not parse: {e}"))?;
     Ok(reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(ca)
@@ -31,11 +32,19 @@ pub(crate) fn http_client(ca_pem: &[u8], timeout: Duration) -> anyhow::Result<re
 }
 
 /// Turns a response into `T` or a [`CallError`] carrying the problem's detail.
-pub(crate) async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, CallError> {
+pub(crate) async fn decode<T: DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, CallError> {
     let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| CallError::Unreachable(e.to_string()))?;
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| CallError::Unreachable(e.to_string()))?;
     if status.is_success() {
-        return serde_json::from_slice(&bytes).map_err(|e| CallError::Refused { status: status.as_u16(), detail: format!("unexpected answer: {e}") });
+        return serde_json::from_slice(&bytes).map_err(|e| CallError::Refused {
+            status: status.as_u16(),
+            detail: format!("unexpected answer: {e}"),
+        });
     }
     let detail = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
@@ -44,7 +53,10 @@ pub(crate) async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> 
     if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
         Err(CallError::Unreachable(format!("{status}: {detail}")))
     } else {
-        Err(CallError::Refused { status: status.as_u16(), detail })
+        Err(CallError::Refused {
+            status: status.as_u16(),
+            detail,
+        })
     }
 }
 
@@ -61,30 +73,64 @@ pub(crate) struct HostClient {
 }
 
 impl HostClient {
-    pub(crate) fn new(http: reqwest::Client, appliance: &str, host_id: i64, key: Ed25519KeyPair) -> Self {
+    pub(crate) fn new(
+        http: reqwest::Client,
+        appliance: &str,
+        host_id: i64,
+        key: Ed25519KeyPair,
+    ) -> Self {
         let instance = format!("{:016x}", rand::random::<u64>());
-        Self { http, base: appliance.trim_end_matches('/').to_owned(), host_id, key, instance, counter: std::sync::atomic::AtomicU64::new(0) }
+        Self {
+            http,
+            base: appliance.trim_end_matches('/').to_owned(),
+            host_id,
+            key,
+            instance,
+            counter: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     /// POSTs `body` as JSON to `path` (e.g. `/api/v1/host/poll`), signed.
-    pub(crate) async fn call<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, CallError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| CallError::Refused { status: 0, detail: e.to_string() })?;
+    pub(crate) async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CallError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| CallError::Refused {
+            status: 0,
+            detail: e.to_string(),
+        })?;
         self.call_raw(path, bytes).await
     }
 
-    pub(crate) async fn call_raw<T: DeserializeOwned>(&self, path: &str, bytes: Vec<u8>) -> Result<T, CallError> {
+    pub(crate) async fn call_raw<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<T, CallError> {
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let digest = hex::encode(sha2::Sha256::digest(&bytes));
-        let counter = self.counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        let message = protocol::signing_message("POST", path, timestamp, &self.instance, counter, &digest);
-        let signature = base64::engine::general_purpose::STANDARD.encode(self.key.sign(&message).as_ref());
+        let counter = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let message =
+            protocol::signing_message("POST", path, timestamp, &self.instance, counter, &digest);
+        let signature =
+            base64::engine::general_purpose::STANDARD.encode(self.key.sign(&message).as_ref());
         let response = self
             .http
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
-            .header("authorization", format!("{HOST_AUTH_SCHEME} host={},ts={timestamp},i={},n={counter},sig={signature}", self.host_id, self.instance))
+            .header(
+                "authorization",
+                format!(
+                    "{HOST_AUTH_SCHEME} host={},ts={timestamp},i={},n={counter},sig={signature}",
+                    self.host_id, self.instance
+                ),
+            )
             .body(bytes)
             .send()
             .await

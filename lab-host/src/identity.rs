@@ -37,8 +37,10 @@ pub(crate) struct Identity {
 
 /// A fresh key pair: the PKCS#8 document to keep and the public key to send (base64).
 pub(crate) fn generate_key() -> anyhow::Result<(Vec<u8>, String)> {
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| anyhow::anyhow!("generating an Ed25519 key failed"))?;
-    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| anyhow::anyhow!("the generated key does not parse"))?;
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+        .map_err(|_| anyhow::anyhow!("generating an Ed25519 key failed"))?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+        .map_err(|_| anyhow::anyhow!("the generated key does not parse"))?;
     let public = base64::engine::general_purpose::STANDARD.encode(pair.public_key().as_ref());
     Ok((pkcs8.as_ref().to_vec(), public))
 }
@@ -65,7 +67,8 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 pub(crate) fn private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("chmod 0700 {}", dir.display()))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", dir.display()))
 }
 
 /// Makes the state directory root's alone: the directory and every directory below 0700,
@@ -75,7 +78,9 @@ pub(crate) fn private_dir(dir: &Path) -> anyhow::Result<()> {
 pub(crate) fn secure_state_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     fn walk(path: &Path) -> anyhow::Result<()> {
-        for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+        {
             let entry = entry?;
             let kind = entry.file_type()?;
             let child = entry.path();
@@ -98,7 +103,12 @@ pub(crate) fn secure_state_dir(dir: &Path) -> anyhow::Result<()> {
     walk(dir)
 }
 
-pub(crate) fn save(dir: &Path, config: &HostConfig, pkcs8: &[u8], ca_pem: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn save(
+    dir: &Path,
+    config: &HostConfig,
+    pkcs8: &[u8],
+    ca_pem: &[u8],
+) -> anyhow::Result<()> {
     private_dir(dir)?;
     write_private(&dir.join(KEY_FILE), pkcs8)?;
     write_private(&dir.join(CA_FILE), ca_pem)?;
@@ -109,11 +119,27 @@ pub(crate) fn save(dir: &Path, config: &HostConfig, pkcs8: &[u8], ca_pem: &[u8])
 
 pub(crate) fn load(dir: &Path) -> anyhow::Result<Identity> {
     let config_path: PathBuf = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("reading {} (run `labrack-host enrol` first)", config_path.display()))?;
-    let config: HostConfig = toml::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
-    let pkcs8 = std::fs::read(dir.join(KEY_FILE)).with_context(|| format!("reading {}", dir.join(KEY_FILE).display()))?;
-    let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| anyhow::anyhow!("{} is not an Ed25519 PKCS#8 key", dir.join(KEY_FILE).display()))?;
-    let ca_pem = std::fs::read(dir.join(CA_FILE)).with_context(|| format!("reading {}", dir.join(CA_FILE).display()))?;
-    Ok(Identity { config, key, ca_pem })
+    let text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!(
+            "reading {} (run `labrack-host enrol` first)",
+            config_path.display()
+        )
+    })?;
+    let config: HostConfig =
+        toml::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+    let pkcs8 = std::fs::read(dir.join(KEY_FILE))
+        .with_context(|| format!("reading {}", dir.join(KEY_FILE).display()))?;
+    let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| {
+        anyhow::anyhow!(
+            "{} is not an Ed25519 PKCS#8 key",
+            dir.join(KEY_FILE).display()
+        )
+    })?;
+    let ca_pem = std::fs::read(dir.join(CA_FILE))
+        .with_context(|| format!("reading {}", dir.join(CA_FILE).display()))?;
+    Ok(Identity {
+        config,
+        key,
+        ca_pem,
+    })
 }

@@ -124,9 +124,17 @@ enum Command {
 
 /// `START-END`, two ports per lab.
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
-    let (first, last) = text.split_once('-').ok_or("write FIRST-LAST, e.g. 42000-42999")?;
-    let first: u16 = first.trim().parse().map_err(|_| format!("{first:?} is not a port"))?;
-    let last: u16 = last.trim().parse().map_err(|_| format!("{last:?} is not a port"))?;
+    let (first, last) = text
+        .split_once('-')
+        .ok_or("write FIRST-LAST, e.g. 42000-42999")?;
+    let first: u16 = first
+        .trim()
+        .parse()
+        .map_err(|_| format!("{first:?} is not a port"))?;
+    let last: u16 = last
+        .trim()
+        .parse()
+        .map_err(|_| format!("{last:?} is not a port"))?;
     if first == 0 || last <= first {
         return Err("the range must hold at least two ports, the first above 0".into());
     }
@@ -161,24 +169,65 @@ fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Telemetry { interval_ms } => {
-            let resources = runtime::host_resources(&isolation::cgroup::Cgroups::detect()?, &isolation::gpus::GpuInventory::discover());
-            println!("{}", serde_json::to_string_pretty(&telemetry::sample(Duration::from_millis(interval_ms), resources, &[], |_| None))?);
+            let resources = runtime::host_resources(
+                &isolation::cgroup::Cgroups::detect()?,
+                &isolation::gpus::GpuInventory::discover(),
+            );
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&telemetry::sample(
+                    Duration::from_millis(interval_ms),
+                    resources,
+                    &[],
+                    |_| None
+                ))?
+            );
             Ok(())
         }
-        Command::Enrol { appliance, token, ca, name, address, capacity, state_dir, force } => {
+        Command::Enrol {
+            appliance,
+            token,
+            ca,
+            name,
+            address,
+            capacity,
+            state_dir,
+            force,
+        } => {
             init_logging();
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let options = agent::EnrolOptions { appliance, token, ca, name, address, capacity, state_dir: state_dir.clone(), force };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let options = agent::EnrolOptions {
+                appliance,
+                token,
+                ca,
+                name,
+                address,
+                capacity,
+                state_dir: state_dir.clone(),
+                force,
+            };
             let config = runtime.block_on(agent::enrol(options))?;
-            println!("labrack-host: enrolled as host {} ({}) with {}", config.host_id, config.name, config.appliance);
-            println!("labrack-host: identity saved in {}; start it with `labrack-host run`", state_dir.display());
+            println!(
+                "labrack-host: enrolled as host {} ({}) with {}",
+                config.host_id, config.name, config.appliance
+            );
+            println!(
+                "labrack-host: identity saved in {}; start it with `labrack-host run`",
+                state_dir.display()
+            );
             Ok(())
         }
         Command::Run {
@@ -212,8 +261,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             // Fault injection for the restart tests; undocumented for operators on purpose.
-            let pause_in_task = std::env::var("LABRACK_HOST_TEST_PAUSE_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
-            let host_table = format!("labrack_{}", &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(state_dir.display().to_string().as_bytes()))[..8]);
+            let pause_in_task = std::env::var("LABRACK_HOST_TEST_PAUSE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis);
+            let host_table = format!(
+                "labrack_{}",
+                &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                    state_dir.display().to_string().as_bytes()
+                ))[..8]
+            );
             let boxes = isolation::BoxSettings {
                 state_dir: state_dir.clone(),
                 listen: lab_listen,
@@ -234,14 +291,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ssh_host_key,
                     rdp_cert_sha256,
                     cgroups: isolation::cgroup::Cgroups::detect()?,
-                    gpus: gpus.map_or_else(isolation::gpus::GpuInventory::discover, isolation::gpus::GpuInventory::counted),
+                    gpus: gpus.map_or_else(
+                        isolation::gpus::GpuInventory::discover,
+                        isolation::gpus::GpuInventory::counted,
+                    ),
                 },
                 boxes,
                 state_dir,
                 pause_in_task,
                 check_concurrency: usize::from(check_concurrency),
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             runtime.block_on(agent::run(options))
         }
         Command::ClearLabs { state_dir } => {
@@ -264,6 +327,8 @@ fn certificate_sha256(path: &std::path::Path) -> anyhow::Result<String> {
     use anyhow::Context as _;
     use sha2::Digest as _;
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let der = rustls_pemfile::certs(&mut pem.as_slice()).next().context("no certificate in the file")??;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .context("no certificate in the file")??;
     Ok(hex::encode(sha2::Sha256::digest(der.as_ref())))
 }

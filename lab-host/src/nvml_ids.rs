@@ -17,7 +17,10 @@ pub(crate) fn instance_ids(mig: &Device<'_>) -> Option<(u32, u32)> {
     // through a pointer to a local that outlives the call.
     let (gi_status, ci_status) = unsafe {
         let handle = mig.handle();
-        (gpu_instance_fn(handle, &raw mut gpu_instance), compute_instance_fn(handle, &raw mut compute_instance))
+        (
+            gpu_instance_fn(handle, &raw mut gpu_instance),
+            compute_instance_fn(handle, &raw mut compute_instance),
+        )
     };
     (gi_status == 0 && ci_status == 0).then_some((gpu_instance, compute_instance))
 }

@@ -54,7 +54,13 @@ impl Spool {
     }
 
     pub(crate) fn mark(&self, id: &TaskId) -> Result<Option<TaskMark>, SpoolError> {
-        Ok(self.tasks.get(id.0.as_bytes())?.map(|v| if v.as_ref() == b"done" { TaskMark::Done } else { TaskMark::Started }))
+        Ok(self.tasks.get(id.0.as_bytes())?.map(|v| {
+            if v.as_ref() == b"done" {
+                TaskMark::Done
+            } else {
+                TaskMark::Started
+            }
+        }))
     }
 
     /// Tasks marked started but never finished: the agent died while running them.
@@ -71,7 +77,14 @@ impl Spool {
 
     /// Durably records that `id` is about to run. Returns false if it was seen before.
     pub(crate) fn start(&self, id: &TaskId) -> Result<bool, SpoolError> {
-        let fresh = self.tasks.compare_and_swap(id.0.as_bytes(), None as Option<&[u8]>, Some(&b"started"[..]))?.is_ok();
+        let fresh = self
+            .tasks
+            .compare_and_swap(
+                id.0.as_bytes(),
+                None as Option<&[u8]>,
+                Some(&b"started"[..]),
+            )?
+            .is_ok();
         self.db.flush()?;
         Ok(fresh)
     }
@@ -98,7 +111,10 @@ impl Spool {
             return Ok(false);
         }
         let key = self.db.generate_id()?.to_be_bytes();
-        self.outbox.insert(&key[..], serde_json::to_vec(&Message::Telemetry(sample.clone()))?)?;
+        self.outbox.insert(
+            &key[..],
+            serde_json::to_vec(&Message::Telemetry(sample.clone()))?,
+        )?;
         self.db.flush()?;
         Ok(true)
     }
@@ -133,7 +149,11 @@ mod tests {
     }
 
     fn report(id: &str) -> TaskReport {
-        TaskReport { version: PROTOCOL_VERSION, id: TaskId(id.into()), outcome: TaskOutcome::done() }
+        TaskReport {
+            version: PROTOCOL_VERSION,
+            id: TaskId(id.into()),
+            outcome: TaskOutcome::done(),
+        }
     }
 
     #[test]
@@ -143,14 +163,22 @@ mod tests {
             let spool = Spool::open(&dir).expect("open");
             let id = TaskId("alloc-1-provision-1".into());
             assert!(spool.start(&id).expect("start"));
-            assert!(!spool.start(&id).expect("again"), "a second start is refused");
+            assert!(
+                !spool.start(&id).expect("again"),
+                "a second start is refused"
+            );
             assert_eq!(spool.interrupted().expect("scan"), vec![id]);
         }
         let spool = Spool::open(&dir).expect("reopen");
         let id = TaskId("alloc-1-provision-1".into());
         assert_eq!(spool.mark(&id).expect("mark"), Some(TaskMark::Started));
-        assert!(!spool.start(&id).expect("after restart"), "still refused after a restart");
-        spool.finish(&report("alloc-1-provision-1")).expect("finish");
+        assert!(
+            !spool.start(&id).expect("after restart"),
+            "still refused after a restart"
+        );
+        spool
+            .finish(&report("alloc-1-provision-1"))
+            .expect("finish");
         assert_eq!(spool.mark(&id).expect("mark"), Some(TaskMark::Done));
         assert!(spool.interrupted().expect("scan").is_empty());
         drop(spool);
@@ -170,7 +198,9 @@ mod tests {
         let spool = Spool::open(&dir).expect("reopen");
         let mut seen = Vec::new();
         while let Some((key, message)) = spool.peek().expect("peek") {
-            let Message::Report(r) = message else { panic!("only reports queued") };
+            let Message::Report(r) = message else {
+                panic!("only reports queued")
+            };
             seen.push(r.id.0);
             spool.ack(&key).expect("ack");
         }

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use labrack_provisioner::limits::HostResources;
-use labrack_provisioner::protocol::{DiskUsage, GpuDevice, GpuProcess, GpuTelemetry, LabUsage, PROTOCOL_VERSION, Telemetry};
+use labrack_provisioner::protocol::{
+    DiskUsage, GpuDevice, GpuProcess, GpuTelemetry, LabUsage, PROTOCOL_VERSION, Telemetry,
+};
 
 use crate::isolation::LabRecord;
 use crate::isolation::gpus::{MigSlice, PhysicalGpu};
@@ -15,7 +17,12 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 
 /// Samples the host once; CPU use is measured over `interval`. Each lab's GPU memory is
 /// summed from NVML's processes, attributed to a lab by `lab_of` (its cgroup).
-pub(crate) fn sample(interval: Duration, resources: HostResources, labs: &[LabRecord], lab_of: impl Fn(u32) -> Option<String>) -> Telemetry {
+pub(crate) fn sample(
+    interval: Duration,
+    resources: HostResources,
+    labs: &[LabRecord],
+    lab_of: impl Fn(u32) -> Option<String>,
+) -> Telemetry {
     let mut system = sysinfo::System::new();
     system.refresh_cpu_usage();
     std::thread::sleep(interval.max(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL));
@@ -45,9 +52,20 @@ pub(crate) fn sample(interval: Duration, resources: HostResources, labs: &[LabRe
 }
 
 /// GPU memory per lab: every NVML process whose cgroup is a lab's counts for that lab.
-pub(crate) fn lab_usage(gpus: &GpuTelemetry, labs: &[LabRecord], lab_of: impl Fn(u32) -> Option<String>) -> Vec<LabUsage> {
+pub(crate) fn lab_usage(
+    gpus: &GpuTelemetry,
+    labs: &[LabRecord],
+    lab_of: impl Fn(u32) -> Option<String>,
+) -> Vec<LabUsage> {
     let GpuTelemetry::Present { devices, .. } = gpus else {
-        return labs.iter().map(|lab| LabUsage { allocation_id: lab.allocation_id, gpus: lab.gpus.clone(), gpu_memory_bytes: 0 }).collect();
+        return labs
+            .iter()
+            .map(|lab| LabUsage {
+                allocation_id: lab.allocation_id,
+                gpus: lab.gpus.clone(),
+                gpu_memory_bytes: 0,
+            })
+            .collect();
     };
     labs.iter()
         .map(|lab| {
@@ -57,7 +75,11 @@ pub(crate) fn lab_usage(gpus: &GpuTelemetry, labs: &[LabRecord], lab_of: impl Fn
                 .filter(|p| lab_of(p.pid).as_deref() == Some(lab.user.as_str()))
                 .map(|p| p.used_memory_bytes.unwrap_or(0))
                 .sum();
-            LabUsage { allocation_id: lab.allocation_id, gpus: lab.gpus.clone(), gpu_memory_bytes: used }
+            LabUsage {
+                allocation_id: lab.allocation_id,
+                gpus: lab.gpus.clone(),
+                gpu_memory_bytes: used,
+            }
         })
         .collect()
 }
@@ -65,7 +87,9 @@ pub(crate) fn lab_usage(gpus: &GpuTelemetry, labs: &[LabRecord], lab_of: impl Fn
 /// The physical GPUs and, for those in MIG mode, their MIG devices (none without a
 /// driver). A GPU NVML cannot describe is left out, as it could not be granted safely.
 pub(crate) fn physical_gpus() -> Vec<PhysicalGpu> {
-    let Ok(nvml) = Nvml::init() else { return Vec::new() };
+    let Ok(nvml) = Nvml::init() else {
+        return Vec::new();
+    };
     let count = nvml.device_count().unwrap_or(0);
     (0..count)
         .filter_map(|index| {
@@ -75,7 +99,12 @@ pub(crate) fn physical_gpus() -> Vec<PhysicalGpu> {
                 Ok(mode) if mode.current == 1 => Some(mig_slices(&device)),
                 _ => None,
             };
-            Some(PhysicalGpu { minor, uuid: device.uuid().ok(), memory_mib: device.memory_info().map(|m| m.total >> 20).unwrap_or(0), mig })
+            Some(PhysicalGpu {
+                minor,
+                uuid: device.uuid().ok(),
+                memory_mib: device.memory_info().map(|m| m.total >> 20).unwrap_or(0),
+                mig,
+            })
         })
         .collect()
 }
@@ -87,7 +116,12 @@ fn mig_slices(device: &nvml_wrapper::Device<'_>) -> Vec<MigSlice> {
         .filter_map(|i| {
             let mig = device.mig_device_by_index(i).ok()?;
             let (gpu_instance, compute_instance) = crate::nvml_ids::instance_ids(&mig)?;
-            Some(MigSlice { uuid: mig.uuid().ok()?, memory_mib: mig.memory_info().ok()?.total >> 20, gpu_instance, compute_instance })
+            Some(MigSlice {
+                uuid: mig.uuid().ok()?,
+                memory_mib: mig.memory_info().ok()?.total >> 20,
+                gpu_instance,
+                compute_instance,
+            })
         })
         .collect()
 }
@@ -117,11 +151,19 @@ fn compute_processes(device: &nvml_wrapper::Device<'_>) -> Vec<GpuProcess> {
 pub(crate) fn gpus() -> GpuTelemetry {
     let nvml = match Nvml::init() {
         Ok(nvml) => nvml,
-        Err(error) => return GpuTelemetry::NoGpu { reason: format!("NVML unavailable: {error}") },
+        Err(error) => {
+            return GpuTelemetry::NoGpu {
+                reason: format!("NVML unavailable: {error}"),
+            };
+        }
     };
     let count = match nvml.device_count() {
         Ok(count) => count,
-        Err(error) => return GpuTelemetry::NoGpu { reason: format!("NVML device count failed: {error}") },
+        Err(error) => {
+            return GpuTelemetry::NoGpu {
+                reason: format!("NVML device count failed: {error}"),
+            };
+        }
     };
     let devices = (0..count)
         .filter_map(|index| {
@@ -129,18 +171,26 @@ pub(crate) fn gpus() -> GpuTelemetry {
             let memory = device.memory_info().ok();
             Some(GpuDevice {
                 index,
-                name: device.name().unwrap_or_else(|_| "unknown NVIDIA GPU".into()),
+                name: device
+                    .name()
+                    .unwrap_or_else(|_| "unknown NVIDIA GPU".into()),
                 utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
                 memory_total_bytes: memory.as_ref().map(|m| m.total),
                 memory_used_bytes: memory.as_ref().map(|m| m.used),
                 temperature_celsius: device.temperature(TemperatureSensor::Gpu).ok(),
                 // NVML reports milliwatts.
-                power_watts: device.power_usage().ok().map(|mw| f64::from(mw) as f32 / 1000.0),
+                power_watts: device
+                    .power_usage()
+                    .ok()
+                    .map(|mw| f64::from(mw) as f32 / 1000.0),
                 processes: compute_processes(&device),
             })
         })
         .collect();
-    GpuTelemetry::Present { driver_version: nvml.sys_driver_version().ok(), devices }
+    GpuTelemetry::Present {
+        driver_version: nvml.sys_driver_version().ok(),
+        devices,
+    }
 }
 
 #[cfg(test)]
@@ -150,7 +200,15 @@ mod tests {
     /// Runs the real sampling path. On a machine without NVIDIA (CI) this is the no-GPU
     /// path; on a GPU machine it must list at least one device with a name.
     fn resources() -> HostResources {
-        HostResources { cpus: 2, memory_mib: 1024, pids_max: 32_768, gpus: 0, gpu_units: vec![], isolation: "cgroup-v1".into(), enforces: vec![] }
+        HostResources {
+            cpus: 2,
+            memory_mib: 1024,
+            pids_max: 32_768,
+            gpus: 0,
+            gpu_units: vec![],
+            isolation: "cgroup-v1".into(),
+            enforces: vec![],
+        }
     }
 
     #[test]
@@ -166,7 +224,10 @@ mod tests {
             gpus,
             gpu_grants: vec![],
         };
-        let process = |pid: u32, mib: u64| GpuProcess { pid, used_memory_bytes: Some(mib << 20) };
+        let process = |pid: u32, mib: u64| GpuProcess {
+            pid,
+            used_memory_bytes: Some(mib << 20),
+        };
         let device = |index: u32, processes: Vec<GpuProcess>| GpuDevice {
             index,
             name: "H200".into(),
@@ -177,7 +238,13 @@ mod tests {
             power_watts: None,
             processes,
         };
-        let gpus = GpuTelemetry::Present { driver_version: None, devices: vec![device(0, vec![process(10, 100), process(11, 50)]), device(1, vec![process(20, 7)])] };
+        let gpus = GpuTelemetry::Present {
+            driver_version: None,
+            devices: vec![
+                device(0, vec![process(10, 100), process(11, 50)]),
+                device(1, vec![process(20, 7)]),
+            ],
+        };
         let labs = [lab(1, "lr-a1", vec![0]), lab(2, "lr-a2", vec![1])];
         let owner = |pid: u32| match pid {
             10 | 11 => Some("lr-a1".to_owned()),
@@ -185,8 +252,20 @@ mod tests {
             _ => None,
         };
         let usage = lab_usage(&gpus, &labs, owner);
-        assert_eq!(usage.iter().map(|u| (u.allocation_id, u.gpu_memory_bytes >> 20)).collect::<Vec<_>>(), [(1, 150), (2, 7)]);
-        let none = lab_usage(&GpuTelemetry::NoGpu { reason: "NVML unavailable".into() }, &labs, owner);
+        assert_eq!(
+            usage
+                .iter()
+                .map(|u| (u.allocation_id, u.gpu_memory_bytes >> 20))
+                .collect::<Vec<_>>(),
+            [(1, 150), (2, 7)]
+        );
+        let none = lab_usage(
+            &GpuTelemetry::NoGpu {
+                reason: "NVML unavailable".into(),
+            },
+            &labs,
+            owner,
+        );
         assert!(none.iter().all(|u| u.gpu_memory_bytes == 0));
     }
 
@@ -194,11 +273,20 @@ mod tests {
     fn a_sample_describes_this_host() {
         let telemetry = sample(Duration::from_millis(250), resources(), &[], |_| None);
         assert!(telemetry.cpu_count >= 1);
-        assert!((0.0..=100.0).contains(&telemetry.cpu_percent), "{}", telemetry.cpu_percent);
-        assert!(telemetry.memory_total_bytes > 0 && telemetry.memory_used_bytes <= telemetry.memory_total_bytes);
+        assert!(
+            (0.0..=100.0).contains(&telemetry.cpu_percent),
+            "{}",
+            telemetry.cpu_percent
+        );
+        assert!(
+            telemetry.memory_total_bytes > 0
+                && telemetry.memory_used_bytes <= telemetry.memory_total_bytes
+        );
         match &telemetry.gpus {
             GpuTelemetry::NoGpu { reason } => assert!(reason.starts_with("NVML"), "{reason}"),
-            GpuTelemetry::Present { devices, .. } => assert!(devices.iter().all(|d| !d.name.is_empty())),
+            GpuTelemetry::Present { devices, .. } => {
+                assert!(devices.iter().all(|d| !d.name.is_empty()))
+            }
         }
         let json = serde_json::to_string(&telemetry).expect("encode");
         let back: Telemetry = serde_json::from_str(&json).expect("decode");

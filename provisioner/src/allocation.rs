@@ -25,7 +25,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::LabLimits;
-use crate::protocol::{DesktopAccess, HostTask, PROTOCOL_VERSION, Password, TaskId, TaskKind, TaskOutcome};
+use crate::protocol::{
+    DesktopAccess, HostTask, PROTOCOL_VERSION, Password, TaskId, TaskKind, TaskOutcome,
+};
 
 /// Where an allocation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,15 +61,23 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: 5, base_backoff: Duration::from_secs(2), max_backoff: Duration::from_secs(60) }
+        Self {
+            max_attempts: 5,
+            base_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(60),
+        }
     }
 }
 
 impl RetryPolicy {
     /// Wait before attempt `attempt + 1` after `attempt` failed: base × 2^(attempt-1), capped.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1_u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
-        self.base_backoff.saturating_mul(factor).min(self.max_backoff)
+        let factor = 1_u32
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.base_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
     }
 }
 
@@ -105,7 +115,12 @@ pub struct Allocation {
 }
 
 impl Allocation {
-    pub fn new(id: i64, host_id: i64, template: &crate::template::Template, gpu_indices: Vec<u32>) -> Self {
+    pub fn new(
+        id: i64,
+        host_id: i64,
+        template: &crate::template::Template,
+        gpu_indices: Vec<u32>,
+    ) -> Self {
         Self {
             id,
             host_id,
@@ -155,7 +170,10 @@ pub enum Output {
     /// deliver this task to the host (idempotent: the id is stable)
     Issue(HostTask),
     /// the state changed; persist and audit it
-    Changed { from: AllocationState, to: AllocationState },
+    Changed {
+        from: AllocationState,
+        to: AllocationState,
+    },
     /// the host reported (new) desktop credentials; store them encrypted
     Desktop(DesktopAccess),
     /// a reset finished; the allocation stays active
@@ -165,7 +183,12 @@ pub enum Output {
 }
 
 /// Advances `alloc` by one input at time `now_ms`.
-pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPolicy) -> Vec<Output> {
+pub fn step(
+    alloc: &mut Allocation,
+    input: Input,
+    now_ms: u64,
+    policy: &RetryPolicy,
+) -> Vec<Output> {
     use AllocationState as S;
     let mut out = Vec::new();
     match (alloc.state, input) {
@@ -181,7 +204,9 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
         }
         (S::Provisioning | S::Releasing | S::Active, Input::Report { id, outcome }) => {
             if alloc.in_flight.as_ref() != Some(&id) {
-                out.push(Output::Ignored { why: "report for a task that is not in flight" });
+                out.push(Output::Ignored {
+                    why: "report for a task that is not in flight",
+                });
                 return out;
             }
             alloc.in_flight = None;
@@ -205,11 +230,17 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
                     };
                     if alloc.attempt >= policy.max_attempts {
                         alloc.retry_at_ms = None;
-                        alloc.reason = Some(format!("gave up after {} attempts: {error}", alloc.attempt));
-                        let to = if alloc.state == S::Releasing { S::ReleaseFailed } else { S::Failed };
+                        alloc.reason =
+                            Some(format!("gave up after {} attempts: {error}", alloc.attempt));
+                        let to = if alloc.state == S::Releasing {
+                            S::ReleaseFailed
+                        } else {
+                            S::Failed
+                        };
                         transition(alloc, to, &mut out);
                     } else {
-                        let wait = u64::try_from(policy.backoff(alloc.attempt).as_millis()).unwrap_or(u64::MAX);
+                        let wait = u64::try_from(policy.backoff(alloc.attempt).as_millis())
+                            .unwrap_or(u64::MAX);
                         alloc.retry_at_ms = Some(now_ms.saturating_add(wait));
                         alloc.reason = Some(error);
                     }
@@ -218,7 +249,9 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
         }
         (S::Active, Input::ResetRequested) => {
             if alloc.in_flight.is_some() || alloc.retry_at_ms.is_some() {
-                out.push(Output::Ignored { why: "a reset is already under way" });
+                out.push(Output::Ignored {
+                    why: "a reset is already under way",
+                });
             } else {
                 issue(alloc, 1, &mut out);
             }
@@ -227,7 +260,9 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
             transition(alloc, S::Releasing, &mut out);
             issue(alloc, 1, &mut out);
         }
-        (S::Requested, Input::ReleaseRequested) | (_, Input::ForceRelease) if alloc.state != S::Released => {
+        (S::Requested, Input::ReleaseRequested) | (_, Input::ForceRelease)
+            if alloc.state != S::Released =>
+        {
             alloc.in_flight = None;
             alloc.retry_at_ms = None;
             transition(alloc, S::Released, &mut out);
@@ -236,7 +271,9 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
             // The task in flight stays out: the host answers it when it is back.
             alloc.resume_to = Some(alloc.state);
             alloc.unreachable_since_ms = Some(now_ms);
-            alloc.reason = Some("the host stopped sending heartbeats; the lab waits for it to come back".into());
+            alloc.reason = Some(
+                "the host stopped sending heartbeats; the lab waits for it to come back".into(),
+            );
             transition(alloc, S::Unreachable, &mut out);
         }
         (S::Unreachable, Input::HostBack) => {
@@ -254,13 +291,19 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
             out.extend(step(alloc, Input::Report { id, outcome }, now_ms, policy));
         }
         (S::Unreachable, Input::GraceOver) => {
-            let silent_for = alloc.unreachable_since_ms.map_or(0, |since| now_ms.saturating_sub(since) / 1000);
+            let silent_for = alloc
+                .unreachable_since_ms
+                .map_or(0, |since| now_ms.saturating_sub(since) / 1000);
             alloc.in_flight = None;
             alloc.retry_at_ms = None;
             alloc.reason = Some(format!(
                 "the host has been silent for {silent_for} s, longer than the grace; nothing was removed: resume the lab once the host is back, reassign or release it"
             ));
-            let to = if alloc.resume_to == Some(S::Releasing) { S::ReleaseFailed } else { S::Failed };
+            let to = if alloc.resume_to == Some(S::Releasing) {
+                S::ReleaseFailed
+            } else {
+                S::Failed
+            };
             transition(alloc, to, &mut out);
         }
         (S::Failed, Input::Resume) if alloc.resume_to == Some(S::Active) => {
@@ -276,12 +319,22 @@ pub fn step(alloc: &mut Allocation, input: Input, now_ms: u64, policy: &RetryPol
             issue(alloc, 1, &mut out);
         }
         (_, Input::Tick) => {}
-        (_, Input::Report { .. }) => out.push(Output::Ignored { why: "no task is in flight in this state" }),
-        (_, Input::ReleaseRequested) => out.push(Output::Ignored { why: "already releasing or released" }),
-        (_, Input::ResetRequested) => out.push(Output::Ignored { why: "only an active lab can be reset" }),
-        (_, Input::ForceRelease) => out.push(Output::Ignored { why: "already released" }),
+        (_, Input::Report { .. }) => out.push(Output::Ignored {
+            why: "no task is in flight in this state",
+        }),
+        (_, Input::ReleaseRequested) => out.push(Output::Ignored {
+            why: "already releasing or released",
+        }),
+        (_, Input::ResetRequested) => out.push(Output::Ignored {
+            why: "only an active lab can be reset",
+        }),
+        (_, Input::ForceRelease) => out.push(Output::Ignored {
+            why: "already released",
+        }),
         (_, Input::HostUnhealthy | Input::HostBack | Input::GraceOver) => {}
-        (_, Input::Resume) => out.push(Output::Ignored { why: "only a lab that failed because its host went silent can be resumed" }),
+        (_, Input::Resume) => out.push(Output::Ignored {
+            why: "only a lab that failed because its host went silent can be resumed",
+        }),
     }
     out
 }
@@ -301,7 +354,10 @@ fn transition(alloc: &mut Allocation, to: AllocationState, out: &mut Vec<Output>
         alloc.resume_to = None;
         alloc.unreachable_since_ms = None;
     }
-    if matches!(to, AllocationState::Provisioning | AllocationState::Releasing) {
+    if matches!(
+        to,
+        AllocationState::Provisioning | AllocationState::Releasing
+    ) {
         alloc.attempt = 0;
     }
     out.push(Output::Changed { from, to });
@@ -311,7 +367,9 @@ fn transition(alloc: &mut Allocation, to: AllocationState, out: &mut Vec<Output>
 /// the caller fills in a fresh one before the task is stored (`TaskKind::password_mut`).
 fn issue(alloc: &mut Allocation, attempt: u32, out: &mut Vec<Output>) {
     let kind = match alloc.state {
-        AllocationState::Releasing => TaskKind::Release { allocation_id: alloc.id },
+        AllocationState::Releasing => TaskKind::Release {
+            allocation_id: alloc.id,
+        },
         AllocationState::Active => TaskKind::Reset {
             allocation_id: alloc.id,
             skeleton: alloc.skeleton.clone(),
@@ -334,7 +392,12 @@ fn issue(alloc: &mut Allocation, attempt: u32, out: &mut Vec<Output>) {
     alloc.attempt = attempt;
     alloc.in_flight = Some(id.clone());
     alloc.retry_at_ms = None;
-    out.push(Output::Issue(HostTask { version: PROTOCOL_VERSION, id, host_id: alloc.host_id, kind }));
+    out.push(Output::Issue(HostTask {
+        version: PROTOCOL_VERSION,
+        id,
+        host_id: alloc.host_id,
+        kind,
+    }));
 }
 
 #[cfg(test)]
@@ -343,21 +406,49 @@ mod tests {
     use super::*;
 
     fn policy() -> RetryPolicy {
-        RetryPolicy { max_attempts: 3, base_backoff: Duration::from_secs(2), max_backoff: Duration::from_secs(60) }
+        RetryPolicy {
+            max_attempts: 3,
+            base_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(60),
+        }
     }
 
     fn issued(out: &[Output]) -> Option<&HostTask> {
-        out.iter().find_map(|o| if let Output::Issue(task) = o { Some(task) } else { None })
+        out.iter().find_map(|o| {
+            if let Output::Issue(task) = o {
+                Some(task)
+            } else {
+                None
+            }
+        })
     }
 
     fn fail(alloc: &mut Allocation, now: u64) -> Vec<Output> {
         let id = alloc.in_flight.clone().expect("a task in flight");
-        step(alloc, Input::Report { id, outcome: TaskOutcome::Failed { error: "boom".into() } }, now, &policy())
+        step(
+            alloc,
+            Input::Report {
+                id,
+                outcome: TaskOutcome::Failed {
+                    error: "boom".into(),
+                },
+            },
+            now,
+            &policy(),
+        )
     }
 
     fn succeed(alloc: &mut Allocation, now: u64) -> Vec<Output> {
         let id = alloc.in_flight.clone().expect("a task in flight");
-        step(alloc, Input::Report { id, outcome: TaskOutcome::done() }, now, &policy())
+        step(
+            alloc,
+            Input::Report {
+                id,
+                outcome: TaskOutcome::done(),
+            },
+            now,
+            &policy(),
+        )
     }
 
     fn template(name: &str) -> crate::template::Template {
@@ -378,14 +469,26 @@ mod tests {
     }
 
     fn desktop(port: u16) -> DesktopAccess {
-        DesktopAccess { username: "lr-a9".into(), rdp_port: port, ssh_port: port + 1, ssh_host_key: None, rdp_cert_sha256: None }
+        DesktopAccess {
+            username: "lr-a9".into(),
+            rdp_port: port,
+            ssh_port: port + 1,
+            ssh_host_key: None,
+            rdp_cert_sha256: None,
+        }
     }
 
     #[test]
     fn happy_path_requested_to_released() {
         let mut a = alloc(9, 2, "gpu");
         let out = step(&mut a, Input::Tick, 0, &policy());
-        assert_eq!(out[0], Output::Changed { from: S::Requested, to: S::Provisioning });
+        assert_eq!(
+            out[0],
+            Output::Changed {
+                from: S::Requested,
+                to: S::Provisioning
+            }
+        );
         let task = issued(&out).expect("provision task");
         assert_eq!(task.id.0, "alloc-9-provision-1");
         assert_eq!(
@@ -401,10 +504,33 @@ mod tests {
             }
         );
         let id = a.in_flight.clone().expect("in flight");
-        let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop(42000)) } }, 10, &policy());
-        assert_eq!(out, vec![Output::Desktop(desktop(42000)), Output::Changed { from: S::Provisioning, to: S::Active }]);
+        let out = step(
+            &mut a,
+            Input::Report {
+                id,
+                outcome: TaskOutcome::Succeeded {
+                    desktop: Some(desktop(42000)),
+                },
+            },
+            10,
+            &policy(),
+        );
+        assert_eq!(
+            out,
+            vec![
+                Output::Desktop(desktop(42000)),
+                Output::Changed {
+                    from: S::Provisioning,
+                    to: S::Active
+                }
+            ]
+        );
         let out = step(&mut a, Input::ReleaseRequested, 20, &policy());
-        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-9-release-2"), "the allocation's second task");
+        assert_eq!(
+            issued(&out).map(|t| t.id.0.as_str()),
+            Some("alloc-9-release-2"),
+            "the allocation's second task"
+        );
         succeed(&mut a, 30);
         assert_eq!(a.state, S::Released);
         assert!(a.state.is_terminal());
@@ -416,14 +542,26 @@ mod tests {
         step(&mut a, Input::Tick, 0, &policy());
         assert!(fail(&mut a, 1_000).is_empty());
         assert_eq!(a.retry_at_ms, Some(3_000), "2 s after the first failure");
-        assert!(issued(&step(&mut a, Input::Tick, 2_999, &policy())).is_none(), "not before the backoff");
+        assert!(
+            issued(&step(&mut a, Input::Tick, 2_999, &policy())).is_none(),
+            "not before the backoff"
+        );
         let retry = step(&mut a, Input::Tick, 3_000, &policy());
-        assert_eq!(issued(&retry).map(|t| t.id.0.as_str()), Some("alloc-1-provision-2"));
+        assert_eq!(
+            issued(&retry).map(|t| t.id.0.as_str()),
+            Some("alloc-1-provision-2")
+        );
         fail(&mut a, 4_000);
         assert_eq!(a.retry_at_ms, Some(8_000), "4 s after the second failure");
         step(&mut a, Input::Tick, 8_000, &policy());
         let out = fail(&mut a, 9_000);
-        assert_eq!(out, vec![Output::Changed { from: S::Provisioning, to: S::Failed }]);
+        assert_eq!(
+            out,
+            vec![Output::Changed {
+                from: S::Provisioning,
+                to: S::Failed
+            }]
+        );
         assert_eq!(a.reason.as_deref(), Some("gave up after 3 attempts: boom"));
         assert!(issued(&step(&mut a, Input::Tick, 100_000, &policy())).is_none());
     }
@@ -436,12 +574,31 @@ mod tests {
         fail(&mut a, 0);
         step(&mut a, Input::Tick, 2_000, &policy());
         // A late success for attempt 1 must not activate the allocation.
-        let out = step(&mut a, Input::Report { id: first, outcome: TaskOutcome::done() }, 2_100, &policy());
+        let out = step(
+            &mut a,
+            Input::Report {
+                id: first,
+                outcome: TaskOutcome::done(),
+            },
+            2_100,
+            &policy(),
+        );
         assert!(matches!(out[..], [Output::Ignored { .. }]));
         assert_eq!(a.state, S::Provisioning);
         succeed(&mut a, 2_200);
-        let again = step(&mut a, Input::Report { id: TaskId::new(1, "provision", 2), outcome: TaskOutcome::done() }, 2_300, &policy());
-        assert!(matches!(again[..], [Output::Ignored { .. }]), "a duplicate report changes nothing");
+        let again = step(
+            &mut a,
+            Input::Report {
+                id: TaskId::new(1, "provision", 2),
+                outcome: TaskOutcome::done(),
+            },
+            2_300,
+            &policy(),
+        );
+        assert!(
+            matches!(again[..], [Output::Ignored { .. }]),
+            "a duplicate report changes nothing"
+        );
         assert_eq!(a.state, S::Active);
     }
 
@@ -451,20 +608,64 @@ mod tests {
         step(&mut a, Input::Tick, 0, &policy());
         succeed(&mut a, 1);
         let out = step(&mut a, Input::HostUnhealthy, 2, &policy());
-        assert_eq!(out, vec![Output::Changed { from: S::Active, to: S::Unreachable }]);
-        assert!(matches!(step(&mut a, Input::ResetRequested, 3, &policy())[..], [Output::Ignored { .. }]), "no reset while unreachable");
+        assert_eq!(
+            out,
+            vec![Output::Changed {
+                from: S::Active,
+                to: S::Unreachable
+            }]
+        );
+        assert!(
+            matches!(
+                step(&mut a, Input::ResetRequested, 3, &policy())[..],
+                [Output::Ignored { .. }]
+            ),
+            "no reset while unreachable"
+        );
         let out = step(&mut a, Input::HostBack, 4, &policy());
-        assert_eq!(out, vec![Output::Changed { from: S::Unreachable, to: S::Active }]);
-        assert_eq!((a.reason.as_deref(), a.resume_to, a.unreachable_since_ms), (None, None, None));
+        assert_eq!(
+            out,
+            vec![Output::Changed {
+                from: S::Unreachable,
+                to: S::Active
+            }]
+        );
+        assert_eq!(
+            (a.reason.as_deref(), a.resume_to, a.unreachable_since_ms),
+            (None, None, None)
+        );
         // A provisioning lab keeps its task out while the host is away, and takes its
         // report when the host answers it.
         let mut b = alloc(2, 1, "t");
         step(&mut b, Input::Tick, 0, &policy());
         let task = b.in_flight.clone().expect("in flight");
         step(&mut b, Input::HostUnhealthy, 1, &policy());
-        assert_eq!((b.state, b.in_flight.as_ref()), (S::Unreachable, Some(&task)));
-        let out = step(&mut b, Input::Report { id: task, outcome: TaskOutcome::done() }, 2, &policy());
-        assert_eq!(out, vec![Output::Changed { from: S::Unreachable, to: S::Provisioning }, Output::Changed { from: S::Provisioning, to: S::Active }]);
+        assert_eq!(
+            (b.state, b.in_flight.as_ref()),
+            (S::Unreachable, Some(&task))
+        );
+        let out = step(
+            &mut b,
+            Input::Report {
+                id: task,
+                outcome: TaskOutcome::done(),
+            },
+            2,
+            &policy(),
+        );
+        assert_eq!(
+            out,
+            vec![
+                Output::Changed {
+                    from: S::Unreachable,
+                    to: S::Provisioning
+                },
+                Output::Changed {
+                    from: S::Provisioning,
+                    to: S::Active
+                }
+            ]
+        );
     }
 
     #[test]
@@ -472,16 +673,46 @@ mod tests {
         let mut a = alloc(1, 1, "t");
         step(&mut a, Input::Tick, 0, &policy());
         succeed(&mut a, 1);
-        assert!(matches!(step(&mut a, Input::Resume, 2, &policy())[..], [Output::Ignored { .. }]), "an active lab is not resumed");
+        assert!(
+            matches!(
+                step(&mut a, Input::Resume, 2, &policy())[..],
+                [Output::Ignored { .. }]
+            ),
+            "an active lab is not resumed"
+        );
         step(&mut a, Input::HostUnhealthy, 1_000, &policy());
         let out = step(&mut a, Input::GraceOver, 901_000, &policy());
-        assert_eq!(out, vec![Output::Changed { from: S::Unreachable, to: S::Failed }]);
-        assert!(a.reason.as_deref().is_some_and(|r| r.contains("900 s") && r.contains("nothing was removed")), "{:?}", a.reason);
-        assert!(step(&mut a, Input::HostBack, 902_000, &policy()).is_empty(), "a failed lab does not come back on its own");
+        assert_eq!(
+            out,
+            vec![Output::Changed {
+                from: S::Unreachable,
+                to: S::Failed
+            }]
+        );
+        assert!(
+            a.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("900 s") && r.contains("nothing was removed")),
+            "{:?}",
+            a.reason
+        );
+        assert!(
+            step(&mut a, Input::HostBack, 902_000, &policy()).is_empty(),
+            "a failed lab does not come back on its own"
+        );
         assert_eq!(a.state, S::Failed);
         let out = step(&mut a, Input::Resume, 903_000, &policy());
-        assert_eq!(out, vec![Output::Changed { from: S::Failed, to: S::Active }]);
-        assert!(issued(&out).is_none(), "resuming issues nothing: the lab is as it was");
+        assert_eq!(
+            out,
+            vec![Output::Changed {
+                from: S::Failed,
+                to: S::Active
+            }]
+        );
+        assert!(
+            issued(&out).is_none(),
+            "resuming issues nothing: the lab is as it was"
+        );
         // A lab that failed for another reason cannot be resumed.
         let mut b = alloc(2, 1, "t");
         step(&mut b, Input::Tick, 0, &policy());
@@ -490,7 +721,10 @@ mod tests {
             step(&mut b, Input::Tick, now + 60_000, &policy());
         }
         assert_eq!(b.state, S::Failed);
-        assert!(matches!(step(&mut b, Input::Resume, 100_000, &policy())[..], [Output::Ignored { .. }]));
+        assert!(matches!(
+            step(&mut b, Input::Resume, 100_000, &policy())[..],
+            [Output::Ignored { .. }]
+        ));
     }
 
     #[test]
@@ -510,8 +744,17 @@ mod tests {
         assert_eq!(a.state, S::ReleaseFailed);
         // ... and staff can always force it.
         let out = step(&mut a, Input::ForceRelease, 5, &policy());
-        assert_eq!(out, vec![Output::Changed { from: S::ReleaseFailed, to: S::Released }]);
-        assert!(matches!(step(&mut a, Input::ForceRelease, 6, &policy())[..], [Output::Ignored { .. }]));
+        assert_eq!(
+            out,
+            vec![Output::Changed {
+                from: S::ReleaseFailed,
+                to: S::Released
+            }]
+        );
+        assert!(matches!(
+            step(&mut a, Input::ForceRelease, 6, &policy())[..],
+            [Output::Ignored { .. }]
+        ));
     }
 
     #[test]
@@ -524,30 +767,73 @@ mod tests {
         assert_eq!(task.id.0, "alloc-9-reset-2");
         assert_eq!(
             task.kind,
-            TaskKind::Reset { allocation_id: 9, skeleton: "/srv/skel".into(), password: Password::default(), limits: LabLimits::default(), gpus: vec![1] },
+            TaskKind::Reset {
+                allocation_id: 9,
+                skeleton: "/srv/skel".into(),
+                password: Password::default(),
+                limits: LabLimits::default(),
+                gpus: vec![1]
+            },
             "a reset keeps the lab's limits and GPUs"
         );
         assert_eq!(a.state, S::Active);
-        assert!(matches!(step(&mut a, Input::ResetRequested, 3, &policy())[..], [Output::Ignored { .. }]), "one reset at a time");
+        assert!(
+            matches!(
+                step(&mut a, Input::ResetRequested, 3, &policy())[..],
+                [Output::Ignored { .. }]
+            ),
+            "one reset at a time"
+        );
         fail(&mut a, 4);
-        assert!(matches!(step(&mut a, Input::ResetRequested, 5, &policy())[..], [Output::Ignored { .. }]), "a retry is pending");
+        assert!(
+            matches!(
+                step(&mut a, Input::ResetRequested, 5, &policy())[..],
+                [Output::Ignored { .. }]
+            ),
+            "a retry is pending"
+        );
         let retry = step(&mut a, Input::Tick, 2_004, &policy());
-        assert_eq!(issued(&retry).map(|t| t.id.0.as_str()), Some("alloc-9-reset-3"));
+        assert_eq!(
+            issued(&retry).map(|t| t.id.0.as_str()),
+            Some("alloc-9-reset-3")
+        );
         let id = a.in_flight.clone().expect("in flight");
-        let out = step(&mut a, Input::Report { id, outcome: TaskOutcome::Succeeded { desktop: Some(desktop(42002)) } }, 2_100, &policy());
-        assert_eq!(out, vec![Output::Desktop(desktop(42002)), Output::ResetDone]);
-        assert_eq!((a.state, a.in_flight.clone(), a.reason.clone()), (S::Active, None, None));
+        let out = step(
+            &mut a,
+            Input::Report {
+                id,
+                outcome: TaskOutcome::Succeeded {
+                    desktop: Some(desktop(42002)),
+                },
+            },
+            2_100,
+            &policy(),
+        );
+        assert_eq!(
+            out,
+            vec![Output::Desktop(desktop(42002)), Output::ResetDone]
+        );
+        assert_eq!(
+            (a.state, a.in_flight.clone(), a.reason.clone()),
+            (S::Active, None, None)
+        );
         // A second reset gets an id no host has seen (a host runs each id once) and starts
         // from attempt 1; one that keeps failing gives up into failed.
         let out = step(&mut a, Input::ResetRequested, 3_000, &policy());
-        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-9-reset-4"));
+        assert_eq!(
+            issued(&out).map(|t| t.id.0.as_str()),
+            Some("alloc-9-reset-4")
+        );
         assert_eq!(a.attempt, 1);
         for now in [3_001, 10_000, 20_000] {
             step(&mut a, Input::Tick, now, &policy());
             fail(&mut a, now);
         }
         assert_eq!(a.state, S::Failed);
-        assert!(matches!(step(&mut a, Input::ResetRequested, 30_000, &policy())[..], [Output::Ignored { .. }]));
+        assert!(matches!(
+            step(&mut a, Input::ResetRequested, 30_000, &policy())[..],
+            [Output::Ignored { .. }]
+        ));
     }
 
     #[test]
@@ -558,8 +844,19 @@ mod tests {
         step(&mut a, Input::ResetRequested, 2, &policy());
         let reset = a.in_flight.clone().expect("reset in flight");
         let out = step(&mut a, Input::ReleaseRequested, 3, &policy());
-        assert_eq!(issued(&out).map(|t| t.id.0.as_str()), Some("alloc-4-release-3"));
-        let late = step(&mut a, Input::Report { id: reset, outcome: TaskOutcome::done() }, 4, &policy());
+        assert_eq!(
+            issued(&out).map(|t| t.id.0.as_str()),
+            Some("alloc-4-release-3")
+        );
+        let late = step(
+            &mut a,
+            Input::Report {
+                id: reset,
+                outcome: TaskOutcome::done(),
+            },
+            4,
+            &policy(),
+        );
         assert!(matches!(late[..], [Output::Ignored { .. }]));
         assert_eq!(a.state, S::Releasing);
     }

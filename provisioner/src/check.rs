@@ -38,7 +38,9 @@ impl Captured {
         let room = MAX_OUTPUT_BYTES.saturating_sub(self.head.len());
         let kept = bytes.len().min(room);
         self.head.extend_from_slice(&bytes[..kept]);
-        self.dropped = self.dropped.saturating_add(u64::try_from(bytes.len() - kept).unwrap_or(u64::MAX));
+        self.dropped = self
+            .dropped
+            .saturating_add(u64::try_from(bytes.len() - kept).unwrap_or(u64::MAX));
     }
 
     /// The text, valid UTF-8 with control characters other than newline and tab removed,
@@ -67,23 +69,47 @@ pub fn fail_reason(stdout: &str, stderr: &str) -> Option<String> {
         .filter_map(|line| line.trim_start().strip_prefix("FAIL:"))
         .next_back()
         .map(|reason| {
-            let clean: String = reason.trim().chars().filter(|c| !c.is_control()).take(MAX_MESSAGE_CHARS).collect();
-            if clean.is_empty() { "the check failed".to_owned() } else { clean }
+            let clean: String = reason
+                .trim()
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(MAX_MESSAGE_CHARS)
+                .collect();
+            if clean.is_empty() {
+                "the check failed".to_owned()
+            } else {
+                clean
+            }
         })
 }
 
 /// The verdict: a check passes when its script exits 0 within its time and prints no
 /// `FAIL:` line. A failure's message is its `FAIL:` reason, or says what happened.
-pub fn verdict(exit_code: Option<i32>, timed_out: bool, timeout_secs: u32, stdout: &str, stderr: &str) -> (bool, Option<String>) {
+pub fn verdict(
+    exit_code: Option<i32>,
+    timed_out: bool,
+    timeout_secs: u32,
+    stdout: &str,
+    stderr: &str,
+) -> (bool, Option<String>) {
     let reason = fail_reason(stdout, stderr);
     if timed_out {
-        return (false, Some(reason.unwrap_or_else(|| format!("the check did not finish within {timeout_secs} s"))));
+        return (
+            false,
+            Some(
+                reason
+                    .unwrap_or_else(|| format!("the check did not finish within {timeout_secs} s")),
+            ),
+        );
     }
     match (exit_code, reason) {
         (Some(0), None) => (true, None),
         (_, Some(reason)) => (false, Some(reason)),
         (Some(code), None) => (false, Some(format!("the check exited with status {code}"))),
-        (None, None) => (false, Some("the check was killed (it may have run out of memory)".to_owned())),
+        (None, None) => (
+            false,
+            Some("the check was killed (it may have run out of memory)".to_owned()),
+        ),
     }
 }
 
@@ -94,13 +120,38 @@ mod tests {
     #[test]
     fn verdicts() {
         assert_eq!(verdict(Some(0), false, 10, "all good\n", ""), (true, None));
-        assert_eq!(verdict(Some(1), false, 10, "FAIL: port 8080 is closed\n", ""), (false, Some("port 8080 is closed".into())));
-        assert_eq!(verdict(Some(0), false, 10, "FAIL: first\nFAIL: last\n", ""), (false, Some("last".into())), "the last FAIL line wins, even on exit 0");
-        assert_eq!(verdict(Some(0), false, 10, "", "  FAIL: from stderr"), (false, Some("from stderr".into())));
-        assert_eq!(verdict(Some(3), false, 10, "", ""), (false, Some("the check exited with status 3".into())));
-        assert_eq!(verdict(None, true, 7, "", ""), (false, Some("the check did not finish within 7 s".into())));
-        assert_eq!(verdict(None, false, 7, "", ""), (false, Some("the check was killed (it may have run out of memory)".into())));
-        assert_eq!(verdict(Some(1), false, 7, "FAIL:\n", ""), (false, Some("the check failed".into())));
+        assert_eq!(
+            verdict(Some(1), false, 10, "FAIL: port 8080 is closed\n", ""),
+            (false, Some("port 8080 is closed".into()))
+        );
+        assert_eq!(
+            verdict(Some(0), false, 10, "FAIL: first\nFAIL: last\n", ""),
+            (false, Some("last".into())),
+            "the last FAIL line wins, even on exit 0"
+        );
+        assert_eq!(
+            verdict(Some(0), false, 10, "", "  FAIL: from stderr"),
+            (false, Some("from stderr".into()))
+        );
+        assert_eq!(
+            verdict(Some(3), false, 10, "", ""),
+            (false, Some("the check exited with status 3".into()))
+        );
+        assert_eq!(
+            verdict(None, true, 7, "", ""),
+            (false, Some("the check did not finish within 7 s".into()))
+        );
+        assert_eq!(
+            verdict(None, false, 7, "", ""),
+            (
+                false,
+                Some("the check was killed (it may have run out of memory)".into())
+            )
+        );
+        assert_eq!(
+            verdict(Some(1), false, 7, "FAIL:\n", ""),
+            (false, Some("the check failed".into()))
+        );
         let long = format!("FAIL: {}\u{7}x", "é".repeat(500));
         let message = verdict(Some(1), false, 7, &long, "").1.expect("message");
         assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS);
@@ -116,8 +167,15 @@ mod tests {
         let text = captured.text();
         assert_eq!(captured.head.len(), MAX_OUTPUT_BYTES);
         assert_eq!(captured.dropped, "é and more".len() as u64 - 1 + 9);
-        assert!(text.ends_with("[… 19 more bytes not kept]\n"), "{}", &text[text.len() - 40..]);
-        assert!(text.contains('\u{FFFD}'), "the split character is replaced, not an error");
+        assert!(
+            text.ends_with("[… 19 more bytes not kept]\n"),
+            "{}",
+            &text[text.len() - 40..]
+        );
+        assert!(
+            text.contains('\u{FFFD}'),
+            "the split character is replaced, not an error"
+        );
         let mut small = Captured::default();
         small.push(b"ok\x00\tdone\n");
         assert_eq!(small.text(), "ok\tdone\n");

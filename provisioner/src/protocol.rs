@@ -16,7 +16,11 @@ pub struct Password(pub String);
 
 impl std::fmt::Debug for Password {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "<unset>" } else { "<redacted>" })
+        f.write_str(if self.0.is_empty() {
+            "<unset>"
+        } else {
+            "<redacted>"
+        })
     }
 }
 
@@ -56,7 +60,13 @@ pub enum TaskKind {
         gpus: Vec<u32>,
     },
     /// end everything of the lab, restore its home from the skeleton, set the new password
-    Reset { allocation_id: i64, skeleton: String, password: Password, limits: LabLimits, gpus: Vec<u32> },
+    Reset {
+        allocation_id: i64,
+        skeleton: String,
+        password: Password,
+        limits: LabLimits,
+        gpus: Vec<u32>,
+    },
     /// remove the desktop and everything it owned
     Release { allocation_id: i64 },
     /// run one of the template's checks against the allocation's lab, sandboxed: as the
@@ -112,9 +122,13 @@ pub enum TaskOutcome {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         desktop: Option<DesktopAccess>,
     },
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
     /// a check ran (whether it passed is in the result); `Failed` means it could not run
-    Checked { check: crate::check::CheckResult },
+    Checked {
+        check: crate::check::CheckResult,
+    },
 }
 
 impl TaskOutcome {
@@ -196,7 +210,10 @@ pub struct DiskUsage {
 pub enum GpuTelemetry {
     /// no NVIDIA driver or library on this host: a normal state, not an error
     NoGpu { reason: String },
-    Present { driver_version: Option<String>, devices: Vec<GpuDevice> },
+    Present {
+        driver_version: Option<String>,
+        devices: Vec<GpuDevice>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,13 +308,23 @@ pub struct HostAuth {
 /// The bytes a host signs: protocol tag, method, path, timestamp, instance, counter and the
 /// body's SHA-256, so a signature cannot be moved to another call or another body, nor
 /// replayed.
-pub fn signing_message(method: &str, path: &str, timestamp_ms: u64, instance: &str, counter: u64, body_sha256_hex: &str) -> Vec<u8> {
+pub fn signing_message(
+    method: &str,
+    path: &str,
+    timestamp_ms: u64,
+    instance: &str,
+    counter: u64,
+    body_sha256_hex: &str,
+) -> Vec<u8> {
     format!("labrack-host-v{PROTOCOL_VERSION}\n{method}\n{path}\n{timestamp_ms}\n{instance}\n{counter}\n{body_sha256_hex}").into_bytes()
 }
 
 /// A valid instance id: 16 lowercase hex digits.
 pub fn valid_instance(instance: &str) -> bool {
-    instance.len() == 16 && instance.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    instance.len() == 16
+        && instance
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Parses `host=ID,ts=MS,i=INSTANCE,n=COUNTER,sig=B64` (after the scheme).
@@ -315,7 +342,13 @@ pub fn parse_host_auth(value: &str) -> Option<HostAuth> {
             _ => return None,
         }
     }
-    Some(HostAuth { host_id: host?, timestamp_ms: ts?, instance: instance?, counter: counter?, signature: sig? })
+    Some(HostAuth {
+        host_id: host?,
+        timestamp_ms: ts?,
+        instance: instance?,
+        counter: counter?,
+        signature: sig?,
+    })
 }
 
 /// Why a message from a peer was refused.
@@ -333,7 +366,9 @@ pub enum DecodeError {
 pub fn decode_report(bytes: &[u8]) -> Result<TaskReport, DecodeError> {
     let report: TaskReport = serde_json::from_slice(bytes)?;
     if report.version != PROTOCOL_VERSION {
-        return Err(DecodeError::Version { found: report.version });
+        return Err(DecodeError::Version {
+            found: report.version,
+        });
     }
     Ok(report)
 }
@@ -363,46 +398,127 @@ mod tests {
             json,
             r#"{"version":2,"id":"alloc-7-provision-1","host_id":3,"kind":{"type":"provision","allocation_id":7,"template":"gpu-desktop","runtime":"local-user","skeleton":"/srv/skel","password":"abcdefghijkmnpqrstuvw","limits":{"cpu_millicores":2000,"cpu_weight":100,"memory_mib":4096,"pids":1024,"network":"none"},"gpus":[1]}}"#
         );
-        assert_eq!(serde_json::from_str::<HostTask>(&json).expect("decode"), task);
-        assert!(!format!("{task:?}").contains("abcdefghijk"), "the password never reaches logs");
+        assert_eq!(
+            serde_json::from_str::<HostTask>(&json).expect("decode"),
+            task
+        );
+        assert!(
+            !format!("{task:?}").contains("abcdefghijk"),
+            "the password never reaches logs"
+        );
     }
 
     #[test]
     fn reports_are_decoded_strictly() {
         let ok = decode_report(br#"{"version":2,"id":"alloc-1-reset-1","outcome":{"result":"failed","error":"disk full"}}"#).expect("valid");
-        assert_eq!(ok.outcome, TaskOutcome::Failed { error: "disk full".into() });
-        assert!(matches!(decode_report(br#"{"version":1,"id":"x","outcome":{"result":"succeeded"}}"#), Err(DecodeError::Version { found: 1 })));
-        assert!(matches!(decode_report(br#"{"version":2,"id":"x","outcome":{"result":"maybe"}}"#), Err(DecodeError::Malformed(_))));
-        assert!(matches!(decode_report(b"\xff\x00"), Err(DecodeError::Malformed(_))));
+        assert_eq!(
+            ok.outcome,
+            TaskOutcome::Failed {
+                error: "disk full".into()
+            }
+        );
+        assert!(matches!(
+            decode_report(br#"{"version":1,"id":"x","outcome":{"result":"succeeded"}}"#),
+            Err(DecodeError::Version { found: 1 })
+        ));
+        assert!(matches!(
+            decode_report(br#"{"version":2,"id":"x","outcome":{"result":"maybe"}}"#),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_report(b"\xff\x00"),
+            Err(DecodeError::Malformed(_))
+        ));
         let extra = br#"{"version":2,"id":"x","outcome":{"result":"succeeded"},"admin":true}"#;
-        assert!(matches!(decode_report(extra), Err(DecodeError::Malformed(_))), "unknown fields refused");
+        assert!(
+            matches!(decode_report(extra), Err(DecodeError::Malformed(_))),
+            "unknown fields refused"
+        );
         let with_desktop =
             decode_report(br#"{"version":2,"id":"x","outcome":{"result":"succeeded","desktop":{"username":"lr-a1","rdp_port":42000,"ssh_port":42001}}}"#)
                 .expect("valid");
-        let TaskOutcome::Succeeded { desktop: Some(desktop) } = with_desktop.outcome else { panic!("desktop expected") };
-        assert_eq!((desktop.username.as_str(), desktop.rdp_port), ("lr-a1", 42000));
+        let TaskOutcome::Succeeded {
+            desktop: Some(desktop),
+        } = with_desktop.outcome
+        else {
+            panic!("desktop expected")
+        };
+        assert_eq!(
+            (desktop.username.as_str(), desktop.rdp_port),
+            ("lr-a1", 42000)
+        );
         let with_password = br#"{"version":2,"id":"x","outcome":{"result":"succeeded","desktop":{"username":"lr-a1","password":"pw","rdp_port":1,"ssh_port":2}}}"#;
-        assert!(matches!(decode_report(with_password), Err(DecodeError::Malformed(_))), "hosts no longer send passwords");
+        assert!(
+            matches!(decode_report(with_password), Err(DecodeError::Malformed(_))),
+            "hosts no longer send passwords"
+        );
     }
 
     #[test]
     fn host_auth_headers_parse_and_messages_bind_everything() {
-        let parsed = parse_host_auth("LabrackHost host=12,ts=1700000000000,i=0123456789abcdef,n=7,sig=ab+/cd==");
+        let parsed = parse_host_auth(
+            "LabrackHost host=12,ts=1700000000000,i=0123456789abcdef,n=7,sig=ab+/cd==",
+        );
         assert_eq!(
             parsed,
-            Some(HostAuth { host_id: 12, timestamp_ms: 1_700_000_000_000, instance: "0123456789abcdef".into(), counter: 7, signature: "ab+/cd==".into() })
+            Some(HostAuth {
+                host_id: 12,
+                timestamp_ms: 1_700_000_000_000,
+                instance: "0123456789abcdef".into(),
+                counter: 7,
+                signature: "ab+/cd==".into()
+            })
         );
         assert_eq!(parse_host_auth("Bearer x"), None);
-        assert_eq!(parse_host_auth("LabrackHost host=x,ts=1,i=0123456789abcdef,n=1,sig=a"), None);
-        assert_eq!(parse_host_auth("LabrackHost host=1,ts=1,sig=a"), None, "instance and counter are required");
-        assert_eq!(parse_host_auth("LabrackHost host=1,ts=1,i=XYZ,n=1,sig=a"), None);
-        assert_eq!(parse_host_auth("LabrackHost host=1,ts=1,i=0123456789abcdef,n=0,sig=a"), None, "counters start at 1");
-        assert_eq!(parse_host_auth("LabrackHost host=1,ts=1,i=0123456789abcdef,n=1,sig=a,extra=1"), None);
+        assert_eq!(
+            parse_host_auth("LabrackHost host=x,ts=1,i=0123456789abcdef,n=1,sig=a"),
+            None
+        );
+        assert_eq!(
+            parse_host_auth("LabrackHost host=1,ts=1,sig=a"),
+            None,
+            "instance and counter are required"
+        );
+        assert_eq!(
+            parse_host_auth("LabrackHost host=1,ts=1,i=XYZ,n=1,sig=a"),
+            None
+        );
+        assert_eq!(
+            parse_host_auth("LabrackHost host=1,ts=1,i=0123456789abcdef,n=0,sig=a"),
+            None,
+            "counters start at 1"
+        );
+        assert_eq!(
+            parse_host_auth("LabrackHost host=1,ts=1,i=0123456789abcdef,n=1,sig=a,extra=1"),
+            None
+        );
         let a = signing_message("POST", "/api/v1/host/poll", 1, "0123456789abcdef", 1, "00");
-        assert_ne!(a, signing_message("POST", "/api/v1/host/report", 1, "0123456789abcdef", 1, "00"));
-        assert_ne!(a, signing_message("POST", "/api/v1/host/poll", 2, "0123456789abcdef", 1, "00"));
-        assert_ne!(a, signing_message("POST", "/api/v1/host/poll", 1, "0123456789abcdef", 2, "00"));
-        assert_ne!(a, signing_message("POST", "/api/v1/host/poll", 1, "fedcba9876543210", 1, "00"));
-        assert_ne!(a, signing_message("POST", "/api/v1/host/poll", 1, "0123456789abcdef", 1, "01"));
+        assert_ne!(
+            a,
+            signing_message(
+                "POST",
+                "/api/v1/host/report",
+                1,
+                "0123456789abcdef",
+                1,
+                "00"
+            )
+        );
+        assert_ne!(
+            a,
+            signing_message("POST", "/api/v1/host/poll", 2, "0123456789abcdef", 1, "00")
+        );
+        assert_ne!(
+            a,
+            signing_message("POST", "/api/v1/host/poll", 1, "0123456789abcdef", 2, "00")
+        );
+        assert_ne!(
+            a,
+            signing_message("POST", "/api/v1/host/poll", 1, "fedcba9876543210", 1, "00")
+        );
+        assert_ne!(
+            a,
+            signing_message("POST", "/api/v1/host/poll", 1, "0123456789abcdef", 1, "01")
+        );
     }
 }

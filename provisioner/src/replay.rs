@@ -20,7 +20,9 @@ pub enum Verdict {
     /// the same instance and counter came before, or it is too old to tell
     Replay,
     /// an instance that another one has replaced spoke again: two machines, one identity
-    TwoMachines { other: String },
+    TwoMachines {
+        other: String,
+    },
 }
 
 /// One host's calls.
@@ -37,7 +39,12 @@ impl ReplayGuard {
     /// A guard that knows `instance` already sent every counter up to `highest` (as stored
     /// before an appliance restart).
     pub fn resume(instance: Option<String>, highest: u64) -> Self {
-        Self { current: instance, highest, seen: u64::MAX, superseded: Vec::new() }
+        Self {
+            current: instance,
+            highest,
+            seen: u64::MAX,
+            superseded: Vec::new(),
+        }
     }
 
     /// The instance and highest counter to store.
@@ -48,9 +55,9 @@ impl ReplayGuard {
     pub fn check(&mut self, instance: &str, counter: u64) -> Verdict {
         match &self.current {
             Some(current) if current == instance => self.advance(counter),
-            Some(_) if self.superseded.iter().any(|old| old == instance) => {
-                Verdict::TwoMachines { other: self.current.clone().unwrap_or_default() }
-            }
+            Some(_) if self.superseded.iter().any(|old| old == instance) => Verdict::TwoMachines {
+                other: self.current.clone().unwrap_or_default(),
+            },
             previous => {
                 if let Some(previous) = previous.clone() {
                     self.superseded.push(previous);
@@ -69,7 +76,11 @@ impl ReplayGuard {
     fn advance(&mut self, counter: u64) -> Verdict {
         if counter > self.highest {
             let shift = counter - self.highest;
-            self.seen = if shift >= WINDOW { 0 } else { self.seen << shift };
+            self.seen = if shift >= WINDOW {
+                0
+            } else {
+                self.seen << shift
+            };
             self.seen |= 1;
             self.highest = counter;
             return Verdict::Accept;
@@ -101,8 +112,16 @@ mod tests {
             assert_eq!(guard.check("a", replayed), Verdict::Replay, "{replayed}");
         }
         assert_eq!(guard.check("a", 100), Verdict::Accept);
-        assert_eq!(guard.check("a", 36), Verdict::Replay, "older than the window");
-        assert_eq!(guard.check("a", 37), Verdict::Accept, "inside the window, unseen");
+        assert_eq!(
+            guard.check("a", 36),
+            Verdict::Replay,
+            "older than the window"
+        );
+        assert_eq!(
+            guard.check("a", 37),
+            Verdict::Accept,
+            "inside the window, unseen"
+        );
         assert_eq!(guard.position(), (Some("a"), 100));
     }
 
@@ -113,8 +132,16 @@ mod tests {
         guard.check("a", 2);
         assert_eq!(guard.check("b", 1), Verdict::Accept, "the agent restarted");
         assert_eq!(guard.check("b", 2), Verdict::Accept);
-        assert_eq!(guard.check("a", 3), Verdict::TwoMachines { other: "b".into() }, "the old instance is still alive somewhere");
-        assert_eq!(guard.check("b", 3), Verdict::Accept, "the current one goes on");
+        assert_eq!(
+            guard.check("a", 3),
+            Verdict::TwoMachines { other: "b".into() },
+            "the old instance is still alive somewhere"
+        );
+        assert_eq!(
+            guard.check("b", 3),
+            Verdict::Accept,
+            "the current one goes on"
+        );
     }
 
     #[test]

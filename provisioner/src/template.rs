@@ -91,10 +91,15 @@ pub fn unfit_for_hosts(templates: &[Template], hosts: &[HostResources]) -> Vec<T
     templates
         .iter()
         .filter_map(|t| {
-            limits::fits_some_host(&t.limits, t.gpus, t.gpu_memory_mib, hosts).err().map(|unfit| TemplateError {
-                line: t.lines.of(unfit.field),
-                message: format!("template {:?}: no enrolled lab host can run it: {unfit}", t.name),
-            })
+            limits::fits_some_host(&t.limits, t.gpus, t.gpu_memory_mib, hosts)
+                .err()
+                .map(|unfit| TemplateError {
+                    line: t.lines.of(unfit.field),
+                    message: format!(
+                        "template {:?}: no enrolled lab host can run it: {unfit}",
+                        t.name
+                    ),
+                })
         })
         .collect()
 }
@@ -187,23 +192,41 @@ fn default_weight() -> Spanned<u32> {
 
 /// The 1-based line of a byte offset in `text`.
 pub fn line_at(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// Parses a TOML file into `T`; a syntax, type or unknown-key error comes back with its
 /// line. Shared by every organizer-written TOML file (templates, rubrics).
 pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, (usize, String)> {
-    toml::from_str(text).map_err(|e| (e.span().map_or(1, |span| line_at(text, span.start)), e.message().to_owned()))
+    toml::from_str(text).map_err(|e| {
+        (
+            e.span().map_or(1, |span| line_at(text, span.start)),
+            e.message().to_owned(),
+        )
+    })
 }
 
 /// Parses and validates a template file.
 pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
     let line = |offset: usize| line_at(text, offset);
-    let file: File = parse_toml(text).map_err(|(line, message)| vec![TemplateError { line, message }])?;
+    let file: File =
+        parse_toml(text).map_err(|(line, message)| vec![TemplateError { line, message }])?;
     let mut errors = Vec::new();
-    let mut error = |offset: usize, message: String| errors.push(TemplateError { line: line(offset), message });
+    let mut error = |offset: usize, message: String| {
+        errors.push(TemplateError {
+            line: line(offset),
+            message,
+        })
+    };
     if file.template.is_empty() {
-        error(0, "no templates: add at least one [[template]] table".into());
+        error(
+            0,
+            "no templates: add at least one [[template]] table".into(),
+        );
     }
     let mut names = HashSet::new();
     let mut templates = Vec::new();
@@ -212,14 +235,29 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
         let name = t.name.get_ref().trim();
         let valid_name = !name.is_empty()
             && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid_name {
-            error(t.name.span().start, format!("template name {name:?} must be 1–64 characters of a–z, 0–9 and '-'"));
+            error(
+                t.name.span().start,
+                format!("template name {name:?} must be 1–64 characters of a–z, 0–9 and '-'"),
+            );
         } else if !names.insert(name.to_owned()) {
-            error(t.name.span().start, format!("template {name:?} is defined twice"));
+            error(
+                t.name.span().start,
+                format!("template {name:?} is defined twice"),
+            );
         }
         if !RUNTIMES.contains(&t.runtime.get_ref().as_str()) {
-            error(t.runtime.span().start, format!("unknown runtime {:?}; known: {}", t.runtime.get_ref(), RUNTIMES.join(", ")));
+            error(
+                t.runtime.span().start,
+                format!(
+                    "unknown runtime {:?}; known: {}",
+                    t.runtime.get_ref(),
+                    RUNTIMES.join(", ")
+                ),
+            );
         }
         if *t.gpus.get_ref() > 16 {
             error(t.gpus.span().start, "gpus must be at most 16".into());
@@ -229,26 +267,45 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
         }
         let skeleton = t.skeleton.get_ref();
         if !skeleton.starts_with('/') || skeleton.split('/').any(|part| part == "..") {
-            error(t.skeleton.span().start, format!("skeleton {skeleton:?} must be an absolute path without '..'"));
+            error(
+                t.skeleton.span().start,
+                format!("skeleton {skeleton:?} must be an absolute path without '..'"),
+            );
         }
         let template_line = line(raw.span().start);
-        let at = |span: Option<std::ops::Range<usize>>| span.map_or(template_line, |s| line(s.start));
+        let at =
+            |span: Option<std::ops::Range<usize>>| span.map_or(template_line, |s| line(s.start));
         let mut limits = LabLimits::default();
         if let Some(cpu) = &t.cpu {
             let cores = *cpu.get_ref();
             if !(0.1..=512.0).contains(&cores) {
-                error(cpu.span().start, "cpu must be between 0.1 and 512 cores".into());
+                error(
+                    cpu.span().start,
+                    "cpu must be between 0.1 and 512 cores".into(),
+                );
             } else {
                 // Rounded to whole thousandths of a core.
-                limits.cpu_millicores = format!("{:.0}", cores * 1000.0).parse().unwrap_or(limits.cpu_millicores);
+                limits.cpu_millicores = format!("{:.0}", cores * 1000.0)
+                    .parse()
+                    .unwrap_or(limits.cpu_millicores);
             }
         }
-        let ranged = |value: &Option<Spanned<u32>>, range: std::ops::RangeInclusive<u32>, what: &str, error: &mut dyn FnMut(usize, String)| {
+        let ranged = |value: &Option<Spanned<u32>>,
+                      range: std::ops::RangeInclusive<u32>,
+                      what: &str,
+                      error: &mut dyn FnMut(usize, String)| {
             value.as_ref().and_then(|v| {
                 if range.contains(v.get_ref()) {
                     Some(*v.get_ref())
                 } else {
-                    error(v.span().start, format!("{what} must be between {} and {}", range.start(), range.end()));
+                    error(
+                        v.span().start,
+                        format!(
+                            "{what} must be between {} and {}",
+                            range.start(),
+                            range.end()
+                        ),
+                    );
                     None
                 }
             })
@@ -267,11 +324,20 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
         if let Some(network) = &t.network {
             match NetworkPolicy::parse(network.get_ref()) {
                 Some(policy) => limits.network = policy,
-                None => error(network.span().start, format!("network must be \"none\", \"venue\" or \"internet\" (got {:?})", network.get_ref())),
+                None => error(
+                    network.span().start,
+                    format!(
+                        "network must be \"none\", \"venue\" or \"internet\" (got {:?})",
+                        network.get_ref()
+                    ),
+                ),
             }
         }
         if t.allow.len() > 64 {
-            error(t.allow[64].span().start, "allow holds at most 64 entries".into());
+            error(
+                t.allow[64].span().start,
+                "allow holds at most 64 entries".into(),
+            );
         }
         for entry in &t.allow {
             match Endpoint::parse(entry.get_ref()) {
@@ -285,7 +351,11 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
             cpu: at(t.cpu.as_ref().map(Spanned::span)),
             memory_mib: at(t.memory_mib.as_ref().map(Spanned::span)),
             pids: at(t.pids.as_ref().map(Spanned::span)),
-            gpus: if t.gpus.span() == (0..0) { template_line } else { line(t.gpus.span().start) },
+            gpus: if t.gpus.span() == (0..0) {
+                template_line
+            } else {
+                line(t.gpus.span().start)
+            },
             gpu_memory_mib: at(t.gpu_memory_mib.as_ref().map(Spanned::span)),
             io_weight: at(t.io_weight.as_ref().map(Spanned::span)),
             disk_mib: at(t.disk_mib.as_ref().map(Spanned::span)),
@@ -299,22 +369,40 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
             if check_name.is_empty() {
                 error(c.name.span().start, "check name must not be empty".into());
             } else if !check_names.insert(check_name.to_lowercase()) {
-                error(c.name.span().start, format!("check {check_name:?} appears twice in template {name:?}"));
+                error(
+                    c.name.span().start,
+                    format!("check {check_name:?} appears twice in template {name:?}"),
+                );
             }
             if c.script.get_ref().trim().is_empty() {
-                error(c.script.span().start, "check script must not be empty".into());
+                error(
+                    c.script.span().start,
+                    "check script must not be empty".into(),
+                );
             }
             if !(1..=3600).contains(c.timeout_secs.get_ref()) {
-                error(c.timeout_secs.span().start, "timeout_secs must be between 1 and 3600".into());
+                error(
+                    c.timeout_secs.span().start,
+                    "timeout_secs must be between 1 and 3600".into(),
+                );
             }
             if *c.weight.get_ref() > 1000 {
-                error(c.weight.span().start.max(raw_check.span().start), "weight must be at most 1000".into());
+                error(
+                    c.weight.span().start.max(raw_check.span().start),
+                    "weight must be at most 1000".into(),
+                );
             }
             if c.dimension.get_ref().trim().is_empty() {
-                error(c.dimension.span().start, "dimension must not be empty".into());
+                error(
+                    c.dimension.span().start,
+                    "dimension must not be empty".into(),
+                );
             }
             if !(16..=65_536).contains(c.memory_mib.get_ref()) {
-                error(c.memory_mib.span().start.max(raw_check.span().start), "memory_mib must be between 16 and 65536".into());
+                error(
+                    c.memory_mib.span().start.max(raw_check.span().start),
+                    "memory_mib must be between 16 and 65536".into(),
+                );
             }
             checks.push(Check {
                 name: check_name.to_owned(),
@@ -338,7 +426,11 @@ pub fn parse(text: &str) -> Result<Vec<Template>, Vec<TemplateError>> {
             lines,
         });
     }
-    if errors.is_empty() { Ok(templates) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(templates)
+    } else {
+        Err(errors)
+    }
 }
 
 #[cfg(test)]
@@ -367,7 +459,12 @@ skeleton = "/srv/labrack/skel/cpu"
 "#;
 
     fn lines(text: &str) -> Vec<(usize, String)> {
-        parse(text).err().unwrap_or_default().into_iter().map(|e| (e.line, e.message)).collect()
+        parse(text)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.line, e.message))
+            .collect()
     }
 
     #[test]
@@ -377,7 +474,10 @@ skeleton = "/srv/labrack/skel/cpu"
         assert_eq!(templates[0].gpus, 1);
         assert_eq!(templates[0].checks[0].timeout_secs, 30);
         assert!(!templates[0].checks[0].hidden);
-        assert!(!templates[0].checks[0].network, "no network unless the template allows it");
+        assert!(
+            !templates[0].checks[0].network,
+            "no network unless the template allows it"
+        );
         assert_eq!(templates[0].checks[0].memory_mib, DEFAULT_CHECK_MEMORY_MIB);
         assert_eq!(templates[1].gpus, 0);
         assert!(templates[1].checks.is_empty());
@@ -388,7 +488,10 @@ skeleton = "/srv/labrack/skel/cpu"
         let bad = GOOD
             .replace("name = \"cpu-only\"", "name = \"gpu-desktop\"")
             .replace("timeout_secs = 30", "timeout_secs = 0")
-            .replace("runtime = \"local-user\"\nskeleton = \"/srv/labrack/skel/cpu\"", "runtime = \"vm\"\nskeleton = \"../cpu\"");
+            .replace(
+                "runtime = \"local-user\"\nskeleton = \"/srv/labrack/skel/cpu\"",
+                "runtime = \"vm\"\nskeleton = \"../cpu\"",
+            );
         let found = lines(&bad);
         let at: Vec<usize> = found.iter().map(|(l, _)| *l).collect();
         assert_eq!(at, vec![12, 17, 18, 19], "{found:?}");
@@ -401,8 +504,15 @@ skeleton = "/srv/labrack/skel/cpu"
     #[test]
     fn check_limits_are_validated_on_their_line() {
         let text = GOOD.replace("weight = 10", "weight = 10\nnetwork = true\nmemory_mib = 4");
-        assert_eq!(lines(&text), vec![(15, "memory_mib must be between 16 and 65536".to_owned())]);
-        let ok = parse(&GOOD.replace("weight = 10", "weight = 10\nnetwork = true\nmemory_mib = 2048")).expect("valid");
+        assert_eq!(
+            lines(&text),
+            vec![(15, "memory_mib must be between 16 and 65536".to_owned())]
+        );
+        let ok = parse(&GOOD.replace(
+            "weight = 10",
+            "weight = 10\nnetwork = true\nmemory_mib = 2048",
+        ))
+        .expect("valid");
         assert!(ok[0].checks[0].network);
         assert_eq!(ok[0].checks[0].memory_mib, 2048);
     }
@@ -417,9 +527,18 @@ skeleton = "/srv/labrack/skel/cpu"
         );
         let set = parse(&text).expect("valid");
         let cpu = &set[1].limits;
-        assert_eq!((cpu.cpu_millicores, cpu.memory_mib, cpu.pids, cpu.disk_mib), (500, 2048, 300, Some(10_240)));
+        assert_eq!(
+            (cpu.cpu_millicores, cpu.memory_mib, cpu.pids, cpu.disk_mib),
+            (500, 2048, 300, Some(10_240))
+        );
         assert_eq!(cpu.network, NetworkPolicy::None);
-        assert_eq!(cpu.allow.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.0.0.5:5432", "db.lan:80"]);
+        assert_eq!(
+            cpu.allow
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.5:5432", "db.lan:80"]
+        );
         assert_eq!(set[1].lines.memory_mib, 21);
         let bad = GOOD.replace(
             "skeleton = \"/srv/labrack/skel/cpu\"",
@@ -430,7 +549,10 @@ skeleton = "/srv/labrack/skel/cpu"
             vec![
                 (20, "cpu must be between 0.1 and 512 cores".to_owned()),
                 (21, "memory_mib must be between 64 and 1048576".to_owned()),
-                (22, "network must be \"none\", \"venue\" or \"internet\" (got \"lan\")".to_owned()),
+                (
+                    22,
+                    "network must be \"none\", \"venue\" or \"internet\" (got \"lan\")".to_owned()
+                ),
                 (23, "allow: \"nowhere\": write HOST:PORT".to_owned()),
             ]
         );
@@ -441,29 +563,72 @@ skeleton = "/srv/labrack/skel/cpu"
             gpus: 1,
             gpu_units: vec![],
             isolation: "cgroup-v1".into(),
-            enforces: vec![limits::Enforcement::Cpu, limits::Enforcement::Memory, limits::Enforcement::Pids, limits::Enforcement::Network, limits::Enforcement::Devices],
+            enforces: vec![
+                limits::Enforcement::Cpu,
+                limits::Enforcement::Memory,
+                limits::Enforcement::Pids,
+                limits::Enforcement::Network,
+                limits::Enforcement::Devices,
+            ],
         };
-        let big = parse(&GOOD.replace("gpu_memory_mib = 8000", "gpu_memory_mib = 8000\nmemory_mib = 65536")).expect("valid");
+        let big = parse(&GOOD.replace(
+            "gpu_memory_mib = 8000",
+            "gpu_memory_mib = 8000\nmemory_mib = 65536",
+        ))
+        .expect("valid");
         let unfit = unfit_for_hosts(&big, std::slice::from_ref(&host));
         assert_eq!(unfit.len(), 2, "{unfit:?}");
         assert_eq!(unfit[0].line, 7, "on the memory_mib line: {unfit:?}");
-        assert!(unfit[0].message.contains("memory_mib: asks for 65536 MiB; the largest host has 4000 MiB") && unfit[0].message.contains("\"gpu-desktop\""), "{unfit:?}");
-        assert_eq!(unfit[1].line, 17, "a default that no host meets is named at its template: {unfit:?}");
-        assert!(unfit[1].message.contains("memory_mib: asks for 4096 MiB"), "{unfit:?}");
-        assert!(unfit_for_hosts(&big, &[]).is_empty(), "no hosts: nothing to compare yet");
-        let small_gpu = HostResources { memory_mib: 1 << 20, cpus: 8, gpu_units: vec![limits::GpuUnit { memory_mib: 4_000, mig: true }], ..host };
+        assert!(
+            unfit[0]
+                .message
+                .contains("memory_mib: asks for 65536 MiB; the largest host has 4000 MiB")
+                && unfit[0].message.contains("\"gpu-desktop\""),
+            "{unfit:?}"
+        );
+        assert_eq!(
+            unfit[1].line, 17,
+            "a default that no host meets is named at its template: {unfit:?}"
+        );
+        assert!(
+            unfit[1].message.contains("memory_mib: asks for 4096 MiB"),
+            "{unfit:?}"
+        );
+        assert!(
+            unfit_for_hosts(&big, &[]).is_empty(),
+            "no hosts: nothing to compare yet"
+        );
+        let small_gpu = HostResources {
+            memory_mib: 1 << 20,
+            cpus: 8,
+            gpu_units: vec![limits::GpuUnit {
+                memory_mib: 4_000,
+                mig: true,
+            }],
+            ..host
+        };
         let unfit = unfit_for_hosts(&parse(GOOD).expect("valid"), &[small_gpu]);
         assert_eq!(unfit.len(), 1, "{unfit:?}");
         assert_eq!(unfit[0].line, 6, "on the gpu_memory_mib line: {unfit:?}");
-        assert!(unfit[0].message.contains("gpu_memory_mib: asks for 8000 MiB") && unfit[0].message.contains("4000 MiB"), "{unfit:?}");
+        assert!(
+            unfit[0]
+                .message
+                .contains("gpu_memory_mib: asks for 8000 MiB")
+                && unfit[0].message.contains("4000 MiB"),
+            "{unfit:?}"
+        );
     }
 
     #[test]
     fn syntax_type_and_unknown_key_errors_name_their_line() {
         assert_eq!(lines("[[template]]\nname = \"a\"\nruntime = = 1\n")[0].0, 3);
-        let wrong_type = lines("[[template]]\nname = \"a\"\nruntime = \"local-user\"\ngpus = \"two\"\nskeleton = \"/s\"\n");
+        let wrong_type = lines(
+            "[[template]]\nname = \"a\"\nruntime = \"local-user\"\ngpus = \"two\"\nskeleton = \"/s\"\n",
+        );
         assert_eq!(wrong_type[0].0, 4, "{wrong_type:?}");
-        let unknown = lines("[[template]]\nname = \"a\"\nruntime = \"local-user\"\nskeleton = \"/s\"\ncolour = \"red\"\n");
+        let unknown = lines(
+            "[[template]]\nname = \"a\"\nruntime = \"local-user\"\nskeleton = \"/s\"\ncolour = \"red\"\n",
+        );
         assert!(unknown[0].1.contains("colour"), "{unknown:?}");
         assert_eq!(lines("")[0].0, 1);
     }

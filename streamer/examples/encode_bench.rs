@@ -12,7 +12,10 @@ use labrack_streamer::convert::{I420, Rect};
 use labrack_streamer::encode::{Codec, VideoEncoder};
 
 fn main() {
-    let frames: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(300);
+    let frames: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(300);
     for codec in [Codec::H264, Codec::Vp8] {
         for (width, height) in [(1280_u32, 720_u32), (1920, 1080)] {
             for workload in ["typing", "motion"] {
@@ -39,7 +42,10 @@ fn thumbnails(width: u32, height: u32, count: usize) -> String {
     }
     let first = times[0];
     times.sort_by(f64::total_cmp);
-    let (p50, p95) = (times[times.len() / 2], times[(times.len() as f64 * 0.95) as usize]);
+    let (p50, p95) = (
+        times[times.len() / 2],
+        times[(times.len() as f64 * 0.95) as usize],
+    );
     format!(
         r#"{{"codec":"JPEG","size":"{width}x{height}","workload":"thumbnail","frames":{count},"encode_ms_p50":{p50:.2},"encode_ms_p95":{p95:.2},"first_frame_ms":{first:.2},"kbit_per_s_at_30fps":0,"bytes":{bytes}}}"#
     )
@@ -51,7 +57,8 @@ fn desktop(width: u32, height: u32) -> Vec<u8> {
     for y in 0..height {
         for x in 0..width {
             let at = ((y * width + x) * 4) as usize;
-            let in_window = x > width / 8 && x < width * 7 / 8 && y > height / 8 && y < height * 7 / 8;
+            let in_window =
+                x > width / 8 && x < width * 7 / 8 && y > height / 8 && y < height * 7 / 8;
             let (r, g, b) = if !in_window {
                 (30, 144, 255)
             } else if (y / 2) % 9 < 2 && (x / 5) % 7 != 0 {
@@ -82,11 +89,20 @@ fn run(codec: Codec, width: u32, height: u32, workload: &str, frames: usize) -> 
             for y in top..top + 24 {
                 for x in left..left + 8 {
                     let at = ((y * width + x) * 4) as usize;
-                    let v = if (x + y + n as u32).is_multiple_of(3) { 10 } else { 240 };
+                    let v = if (x + y + n as u32).is_multiple_of(3) {
+                        10
+                    } else {
+                        240
+                    };
                     rgba[at..at + 3].copy_from_slice(&[v, v, v]);
                 }
             }
-            vec![Rect { left, top, right: left + 8, bottom: top + 24 }]
+            vec![Rect {
+                left,
+                top,
+                right: left + 8,
+                bottom: top + 24,
+            }]
         } else {
             for px in rgba.chunks_exact_mut(4) {
                 seed ^= seed << 13;

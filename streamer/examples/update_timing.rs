@@ -9,23 +9,53 @@ use labrack_streamer::rdp::{DesktopSession, DesktopTarget, Pump};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [host, port, username, password, cert, size, display, xauthority] = args.as_slice() else { return Err("usage: HOST PORT USER PASSWORD CERT WxH DISPLAY XAUTHORITY".into()) };
+    let [
+        host,
+        port,
+        username,
+        password,
+        cert,
+        size,
+        display,
+        xauthority,
+    ] = args.as_slice()
+    else {
+        return Err("usage: HOST PORT USER PASSWORD CERT WxH DISPLAY XAUTHORITY".into());
+    };
     let (w, h) = size.split_once('x').ok_or("WxH")?;
-    let target = DesktopTarget { host: host.clone(), port: port.parse()?, username: username.clone(), password: password.clone(), cert_sha256: cert.clone(), width: w.parse()?, height: h.parse()? };
+    let target = DesktopTarget {
+        host: host.clone(),
+        port: port.parse()?,
+        username: username.clone(),
+        password: password.clone(),
+        cert_sha256: cert.clone(),
+        width: w.parse()?,
+        height: h.parse()?,
+    };
     let mut session = DesktopSession::connect(&target, Duration::from_millis(2))?;
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(4) {
         session.pump()?;
     }
     println!("desktop {}x{}", session.width(), session.height());
-    let colours = [("#ff0000", [255u8, 0, 0]), ("#0000ff", [0, 0, 255]), ("#00c800", [0, 200, 0])];
+    let colours = [
+        ("#ff0000", [255u8, 0, 0]),
+        ("#0000ff", [0, 0, 255]),
+        ("#00c800", [0, 200, 0]),
+    ];
     for round in 0..12 {
         let (name, rgb) = colours[round % 3];
-        let status = Command::new("xsetroot").args(["-display", display, "-solid", name]).env("XAUTHORITY", xauthority).status()?;
+        let status = Command::new("xsetroot")
+            .args(["-display", display, "-solid", name])
+            .env("XAUTHORITY", xauthority)
+            .status()?;
         let changed = Instant::now();
         assert!(status.success());
         let (mut first, mut ready, mut last, mut updates) = (None, None, None, 0);
-        let (px, py) = (usize::from(session.width()) - 40, usize::from(session.height()) / 2);
+        let (px, py) = (
+            usize::from(session.width()) - 40,
+            usize::from(session.height()) / 2,
+        );
         while changed.elapsed() < Duration::from_millis(600) {
             if let Pump::Damage(rects) = session.pump()? {
                 updates += rects.len();
@@ -38,7 +68,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        println!("{name}: first update {first:?}, pixel decoded {ready:?}, last update {last:?}, {updates} rectangles");
+        println!(
+            "{name}: first update {first:?}, pixel decoded {ready:?}, last update {last:?}, {updates} rectangles"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     Ok(())

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use ironrdp_cliprdr::backend::CliprdrBackend;
 use ironrdp_cliprdr::pdu::{
-    ClipboardFormat, ClipboardFormatId, ClipboardGeneralCapabilityFlags, FileContentsRequest, FileContentsResponse, FormatDataRequest,
-    FormatDataResponse, LockDataId, OwnedFormatDataResponse,
+    ClipboardFormat, ClipboardFormatId, ClipboardGeneralCapabilityFlags, FileContentsRequest,
+    FileContentsResponse, FormatDataRequest, FormatDataResponse, LockDataId,
+    OwnedFormatDataResponse,
 };
 
 /// The most clipboard text that travels either way (characters beyond are cut).
@@ -63,19 +64,35 @@ pub(crate) fn to_remote(text: &str) -> String {
 
 /// Windows clipboard text as browser text: LF line ends, no trailing NULs, cut to the limit.
 pub(crate) fn from_remote(text: &str) -> String {
-    text.trim_end_matches('\0').replace("\r\n", "\n").chars().take(MAX_CLIPBOARD_CHARS).collect()
+    text.trim_end_matches('\0')
+        .replace("\r\n", "\n")
+        .chars()
+        .take(MAX_CLIPBOARD_CHARS)
+        .collect()
 }
 
 /// The text format to fetch from what the server offers.
 pub(crate) fn text_format(formats: &[ClipboardFormat]) -> Option<ClipboardFormatId> {
-    [ClipboardFormatId::CF_UNICODETEXT, ClipboardFormatId::CF_TEXT].into_iter().find(|wanted| formats.iter().any(|f| f.id() == *wanted))
+    [
+        ClipboardFormatId::CF_UNICODETEXT,
+        ClipboardFormatId::CF_TEXT,
+    ]
+    .into_iter()
+    .find(|wanted| formats.iter().any(|f| f.id() == *wanted))
 }
 
 /// Our answer when the server asks for the clipboard in `format`.
-pub(crate) fn provide(local_text: Option<&str>, format: ClipboardFormatId) -> OwnedFormatDataResponse {
+pub(crate) fn provide(
+    local_text: Option<&str>,
+    format: ClipboardFormatId,
+) -> OwnedFormatDataResponse {
     match local_text {
-        Some(text) if format == ClipboardFormatId::CF_UNICODETEXT => OwnedFormatDataResponse::new_unicode_string(&to_remote(text)),
-        Some(text) if format == ClipboardFormatId::CF_TEXT => OwnedFormatDataResponse::new_string(&to_remote(text)),
+        Some(text) if format == ClipboardFormatId::CF_UNICODETEXT => {
+            OwnedFormatDataResponse::new_unicode_string(&to_remote(text))
+        }
+        Some(text) if format == ClipboardFormatId::CF_TEXT => {
+            OwnedFormatDataResponse::new_string(&to_remote(text))
+        }
         _ => OwnedFormatDataResponse::new_error(),
     }
 }
@@ -107,7 +124,10 @@ impl CliprdrBackend for QueueingBackend {
     }
 
     fn on_format_data_request(&mut self, request: FormatDataRequest) {
-        self.with(|s| s.actions.push_back(ClipboardAction::Provide(request.format)));
+        self.with(|s| {
+            s.actions
+                .push_back(ClipboardAction::Provide(request.format))
+        });
     }
 
     fn on_format_data_response(&mut self, response: FormatDataResponse<'_>) {
@@ -150,7 +170,10 @@ mod tests {
     fn line_ends_and_limits() {
         assert_eq!(to_remote("a\nb\r\nc"), "a\r\nb\r\nc");
         assert_eq!(from_remote("a\r\nb\0\0"), "a\nb");
-        assert_eq!(to_remote(&"x".repeat(MAX_CLIPBOARD_CHARS + 5)).len(), MAX_CLIPBOARD_CHARS);
+        assert_eq!(
+            to_remote(&"x".repeat(MAX_CLIPBOARD_CHARS + 5)).len(),
+            MAX_CLIPBOARD_CHARS
+        );
         assert_eq!(from_remote("héllo ✓"), "héllo ✓");
     }
 
@@ -159,8 +182,14 @@ mod tests {
         let unicode = ClipboardFormat::new(ClipboardFormatId::CF_UNICODETEXT);
         let ansi = ClipboardFormat::new(ClipboardFormatId::CF_TEXT);
         let image = ClipboardFormat::new(ClipboardFormatId::CF_DIB);
-        assert_eq!(text_format(&[ansi.clone(), unicode]), Some(ClipboardFormatId::CF_UNICODETEXT));
-        assert_eq!(text_format(&[image.clone(), ansi]), Some(ClipboardFormatId::CF_TEXT));
+        assert_eq!(
+            text_format(&[ansi.clone(), unicode]),
+            Some(ClipboardFormatId::CF_UNICODETEXT)
+        );
+        assert_eq!(
+            text_format(&[image.clone(), ansi]),
+            Some(ClipboardFormatId::CF_TEXT)
+        );
         assert_eq!(text_format(&[image]), None);
     }
 
@@ -168,7 +197,15 @@ mod tests {
     fn answers_carry_our_text_or_an_error() {
         let answer = provide(Some("hi\n"), ClipboardFormatId::CF_UNICODETEXT);
         assert!(!answer.is_error());
-        assert_eq!(answer.to_unicode_string().ok().as_deref().map(from_remote).as_deref(), Some("hi\n"));
+        assert_eq!(
+            answer
+                .to_unicode_string()
+                .ok()
+                .as_deref()
+                .map(from_remote)
+                .as_deref(),
+            Some("hi\n")
+        );
         assert!(provide(None, ClipboardFormatId::CF_UNICODETEXT).is_error());
         assert!(provide(Some("x"), ClipboardFormatId::CF_DIB).is_error());
     }
@@ -176,18 +213,32 @@ mod tests {
     #[test]
     fn callbacks_queue_actions_and_remote_text() {
         let shared = Arc::new(Mutex::new(ClipboardShared::default()));
-        let mut backend = QueueingBackend { shared: shared.clone() };
+        let mut backend = QueueingBackend {
+            shared: shared.clone(),
+        };
         backend.on_ready();
         backend.on_remote_copy(&[ClipboardFormat::new(ClipboardFormatId::CF_UNICODETEXT)]);
-        backend.on_format_data_request(FormatDataRequest { format: ClipboardFormatId::CF_UNICODETEXT });
-        shared.lock().expect("lock").fetching(ClipboardFormatId::CF_UNICODETEXT);
+        backend.on_format_data_request(FormatDataRequest {
+            format: ClipboardFormatId::CF_UNICODETEXT,
+        });
+        shared
+            .lock()
+            .expect("lock")
+            .fetching(ClipboardFormatId::CF_UNICODETEXT);
         backend.on_format_data_response(OwnedFormatDataResponse::new_unicode_string("copied\r\n"));
         backend.on_format_data_response(OwnedFormatDataResponse::new_error());
         let shared = shared.lock().expect("lock");
         assert_eq!(
             shared.actions.iter().copied().collect::<Vec<_>>(),
-            [ClipboardAction::Advertise, ClipboardAction::Fetch(ClipboardFormatId::CF_UNICODETEXT), ClipboardAction::Provide(ClipboardFormatId::CF_UNICODETEXT)]
+            [
+                ClipboardAction::Advertise,
+                ClipboardAction::Fetch(ClipboardFormatId::CF_UNICODETEXT),
+                ClipboardAction::Provide(ClipboardFormatId::CF_UNICODETEXT)
+            ]
         );
-        assert_eq!(shared.remote_text.iter().cloned().collect::<Vec<_>>(), ["copied\n"]);
+        assert_eq!(
+            shared.remote_text.iter().cloned().collect::<Vec<_>>(),
+            ["copied\n"]
+        );
     }
 }

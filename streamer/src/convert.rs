@@ -15,7 +15,12 @@ pub struct Rect {
 
 impl Rect {
     pub fn full(width: u32, height: u32) -> Self {
-        Self { left: 0, top: 0, right: width, bottom: height }
+        Self {
+            left: 0,
+            top: 0,
+            right: width,
+            bottom: height,
+        }
     }
 
     /// Grown to even coordinates (one chroma sample covers 2×2 pixels) and clipped.
@@ -58,7 +63,10 @@ fn luma(r: i32, g: i32, b: i32) -> u8 {
 fn chroma(r: i32, g: i32, b: i32) -> (u8, u8) {
     let u = ((U_R * r + U_G * g + U_B * b + HALF) >> 16) + 128;
     let v = ((V_R * r + V_G * g + V_B * b + HALF) >> 16) + 128;
-    (u8::try_from(u.clamp(0, 255)).unwrap_or(128), u8::try_from(v.clamp(0, 255)).unwrap_or(128))
+    (
+        u8::try_from(u.clamp(0, 255)).unwrap_or(128),
+        u8::try_from(v.clamp(0, 255)).unwrap_or(128),
+    )
 }
 
 impl I420 {
@@ -66,7 +74,13 @@ impl I420 {
     pub fn new(width: u32, height: u32) -> Self {
         let (width, height) = (width & !1, height & !1);
         let luma_len = (width * height) as usize;
-        Self { width, height, y: vec![16; luma_len], u: vec![128; luma_len / 4], v: vec![128; luma_len / 4] }
+        Self {
+            width,
+            height,
+            y: vec![16; luma_len],
+            u: vec![128; luma_len / 4],
+            v: vec![128; luma_len / 4],
+        }
     }
 
     /// Converts the `damage` rectangles of an RGBA framebuffer (`stride` bytes per row).
@@ -87,7 +101,9 @@ impl I420 {
                 let (mut rs, mut gs, mut bs) = (0, 0, 0);
                 for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
                     let at = (row + dy) * stride + (col + dx) * 4;
-                    let Some(px) = rgba.get(at..at + 3) else { continue };
+                    let Some(px) = rgba.get(at..at + 3) else {
+                        continue;
+                    };
                     let (r, g, b) = (i32::from(px[0]), i32::from(px[1]), i32::from(px[2]));
                     self.y[(row + dy) * width + col + dx] = luma(r, g, b);
                     rs += r;
@@ -110,7 +126,9 @@ mod tests {
     use super::*;
 
     fn solid(width: u32, height: u32, rgb: [u8; 3]) -> Vec<u8> {
-        (0..width * height).flat_map(|_| [rgb[0], rgb[1], rgb[2], 255]).collect()
+        (0..width * height)
+            .flat_map(|_| [rgb[0], rgb[1], rgb[2], 255])
+            .collect()
     }
 
     #[test]
@@ -124,7 +142,11 @@ mod tests {
         ] {
             let mut picture = I420::new(4, 2);
             picture.update(&solid(4, 2, rgb), 16, &[Rect::full(4, 2)]);
-            assert_eq!((picture.y[0], picture.u[0], picture.v[0]), expected, "{rgb:?}");
+            assert_eq!(
+                (picture.y[0], picture.u[0], picture.v[0]),
+                expected,
+                "{rgb:?}"
+            );
         }
     }
 
@@ -132,21 +154,50 @@ mod tests {
     fn only_damaged_rectangles_change_and_odd_edges_are_covered() {
         let mut picture = I420::new(8, 8);
         let white = solid(8, 8, [255, 255, 255]);
-        picture.update(&white, 32, &[Rect { left: 3, top: 3, right: 5, bottom: 4 }]);
+        picture.update(
+            &white,
+            32,
+            &[Rect {
+                left: 3,
+                top: 3,
+                right: 5,
+                bottom: 4,
+            }],
+        );
         // The damage grows to the 2×2 grid: rows 2..4, columns 2..6.
         for row in 0..8 {
             for col in 0..8 {
                 let inside = (2..4).contains(&row) && (2..6).contains(&col);
-                assert_eq!(picture.y[row * 8 + col], if inside { 235 } else { 16 }, "({col}, {row})");
+                assert_eq!(
+                    picture.y[row * 8 + col],
+                    if inside { 235 } else { 16 },
+                    "({col}, {row})"
+                );
             }
         }
-        assert_eq!(picture.u.iter().filter(|&&u| u == 128).count(), 16, "chroma is neutral for white and black");
+        assert_eq!(
+            picture.u.iter().filter(|&&u| u == 128).count(),
+            16,
+            "chroma is neutral for white and black"
+        );
     }
 
     #[test]
     fn odd_sizes_round_down_and_short_buffers_do_not_panic() {
         let mut picture = I420::new(5, 3);
         assert_eq!((picture.width, picture.height), (4, 2));
-        picture.update(&[255; 8], 20, &[Rect::full(5, 3), Rect { left: 100, top: 100, right: 200, bottom: 200 }]);
+        picture.update(
+            &[255; 8],
+            20,
+            &[
+                Rect::full(5, 3),
+                Rect {
+                    left: 100,
+                    top: 100,
+                    right: 200,
+                    bottom: 200,
+                },
+            ],
+        );
     }
 }

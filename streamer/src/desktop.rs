@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ironrdp_pdu::input::fast_path::FastPathInputEvent;
@@ -44,7 +44,10 @@ pub struct StreamSettings {
 
 impl Default for StreamSettings {
     fn default() -> Self {
-        Self { max_fps: 30.0, bitrate_bps: 4_000_000 }
+        Self {
+            max_fps: 30.0,
+            bitrate_bps: 4_000_000,
+        }
     }
 }
 
@@ -121,7 +124,10 @@ impl ResizePacer {
 
     /// The size to apply now, if one is wanted and the last change is old enough.
     pub fn due(&mut self, now: Instant) -> Option<(u32, u32)> {
-        if self.last.is_some_and(|last| now.duration_since(last) < RESIZE_EVERY) {
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < RESIZE_EVERY)
+        {
             return None;
         }
         let wanted = self.wanted.take()?;
@@ -140,7 +146,10 @@ struct Outputs {
 
 impl Outputs {
     fn new() -> Self {
-        Self { h264: broadcast::channel(8).0, vp8: broadcast::channel(8).0 }
+        Self {
+            h264: broadcast::channel(8).0,
+            vp8: broadcast::channel(8).0,
+        }
     }
 
     fn of(&self, codec: Codec) -> &broadcast::Sender<Arc<Frame>> {
@@ -189,7 +198,9 @@ impl DesktopStream {
         let wanted_bitrate = Arc::new(AtomicU32::new(0));
         let (thumbnails_tx, thumbnails) = tokio::sync::watch::channel(None);
         let thumbnails_wanted_until = Arc::new(Mutex::new(None));
-        stats.bitrate_bps.store(u64::from(settings.bitrate_bps), Ordering::Relaxed);
+        stats
+            .bitrate_bps
+            .store(u64::from(settings.bitrate_bps), Ordering::Relaxed);
         let worker = Worker {
             target,
             settings,
@@ -208,7 +219,18 @@ impl DesktopStream {
             .name("desktop-stream".into())
             .spawn(move || worker.run(session))
             .map_err(|e| DesktopError::Rdp(format!("starting the stream thread: {e}")))?;
-        Ok(Self { frames, control, requests, clipboard, viewer_bitrates: Arc::default(), wanted_bitrate, ended, thumbnails, thumbnails_wanted_until, stats })
+        Ok(Self {
+            frames,
+            control,
+            requests,
+            clipboard,
+            viewer_bitrates: Arc::default(),
+            wanted_bitrate,
+            ended,
+            thumbnails,
+            thumbnails_wanted_until,
+            stats,
+        })
     }
 
     /// Ends the stream (its viewers should reconnect to a new one).
@@ -279,7 +301,10 @@ impl DesktopStream {
     fn update_bitrates(&self, change: impl FnOnce(&mut HashMap<u64, u32>)) {
         if let Ok(mut rates) = self.viewer_bitrates.lock() {
             change(&mut rates);
-            self.wanted_bitrate.store(rates.values().copied().min().unwrap_or(0), Ordering::Relaxed);
+            self.wanted_bitrate.store(
+                rates.values().copied().min().unwrap_or(0),
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -321,7 +346,11 @@ struct Worker {
 
 impl Worker {
     fn thumbnails_wanted(&self) -> bool {
-        self.thumbnails_wanted_until.lock().ok().and_then(|until| *until).is_some_and(|until| Instant::now() < until)
+        self.thumbnails_wanted_until
+            .lock()
+            .ok()
+            .and_then(|until| *until)
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// Somebody watches: a video viewer, or a wall that wants thumbnails.
@@ -349,7 +378,13 @@ impl Worker {
             loop {
                 std::thread::sleep(backoff);
                 let stopped = self.requests.stop.load(Ordering::Relaxed);
-                if stopped || matches!(self.commands.try_recv(), Err(mpsc::TryRecvError::Disconnected)) || !self.watched() {
+                if stopped
+                    || matches!(
+                        self.commands.try_recv(),
+                        Err(mpsc::TryRecvError::Disconnected)
+                    )
+                    || !self.watched()
+                {
                     return;
                 }
                 match DesktopSession::connect(&self.target, Duration::from_millis(5)) {
@@ -371,7 +406,10 @@ impl Worker {
 
     /// Streams until the session fails (Err) or every handle is dropped (Ok).
     fn stream(&mut self, session: &mut DesktopSession) -> Result<(), DesktopError> {
-        let (mut width, mut height) = (u32::from(session.width()) & !1, u32::from(session.height()) & !1);
+        let (mut width, mut height) = (
+            u32::from(session.width()) & !1,
+            u32::from(session.height()) & !1,
+        );
         let mut picture = I420::new(width, height);
         let mut bitrate = match self.wanted_bitrate.load(Ordering::Relaxed) {
             0 => self.settings.bitrate_bps,
@@ -428,11 +466,21 @@ impl Worker {
             if self.requests.keyframe.swap(false, Ordering::Relaxed) {
                 keyframe = true;
             }
-            let text = self.requests.clipboard.lock().ok().and_then(|mut c| c.take());
+            let text = self
+                .requests
+                .clipboard
+                .lock()
+                .ok()
+                .and_then(|mut c| c.take());
             if let Some(text) = text {
                 session.set_clipboard(text)?;
             }
-            let due = self.requests.resize.lock().ok().and_then(|mut pacer| pacer.due(Instant::now()));
+            let due = self
+                .requests
+                .resize
+                .lock()
+                .ok()
+                .and_then(|mut pacer| pacer.due(Instant::now()));
             if let Some(size) = due {
                 self.wanted_size = Some(size);
             }
@@ -443,7 +491,8 @@ impl Worker {
                 session.resize(w, h)?;
                 self.wanted_size = None;
                 // A reconnect (RDP server restart) asks for this size from the start.
-                let (w, h) = ironrdp_displaycontrol::pdu::MonitorLayoutEntry::adjust_display_size(w, h);
+                let (w, h) =
+                    ironrdp_displaycontrol::pdu::MonitorLayoutEntry::adjust_display_size(w, h);
                 self.target.width = u16::try_from(w).unwrap_or(self.target.width);
                 self.target.height = u16::try_from(h).unwrap_or(self.target.height);
             }
@@ -455,20 +504,38 @@ impl Worker {
             // An increase only matters when the encoder uses what it has: an idle or typing
             // desktop is app-limited, and a new encoder (and its keyframe) would buy nothing.
             if output_window.0.elapsed() >= Duration::from_secs(2) {
-                recent_output_bps = output_window.1 * 8 / output_window.0.elapsed().as_secs().max(1);
+                recent_output_bps =
+                    output_window.1 * 8 / output_window.0.elapsed().as_secs().max(1);
                 output_window = (Instant::now(), 0);
             }
             let wanted = self.wanted_bitrate.load(Ordering::Relaxed);
             let needed = wanted < bitrate || recent_output_bps * 2 >= u64::from(bitrate);
-            if wanted != 0 && needed && crate::rate::worth_rebuilding(bitrate, wanted, encoder_built.elapsed(), BITRATE_CHANGE_GAP) {
-                tracing::debug!(from = bitrate, to = wanted, "desktop bitrate follows its viewers");
+            if wanted != 0
+                && needed
+                && crate::rate::worth_rebuilding(
+                    bitrate,
+                    wanted,
+                    encoder_built.elapsed(),
+                    BITRATE_CHANGE_GAP,
+                )
+            {
+                tracing::debug!(
+                    from = bitrate,
+                    to = wanted,
+                    "desktop bitrate follows its viewers"
+                );
                 bitrate = wanted;
                 encoders = [None, None];
                 encoder_built = Instant::now();
-                self.stats.bitrate_bps.store(u64::from(bitrate), Ordering::Relaxed);
+                self.stats
+                    .bitrate_bps
+                    .store(u64::from(bitrate), Ordering::Relaxed);
                 self.stats.bitrate_changes.fetch_add(1, Ordering::Relaxed);
             }
-            let size = (u32::from(session.width()) & !1, u32::from(session.height()) & !1);
+            let size = (
+                u32::from(session.width()) & !1,
+                u32::from(session.height()) & !1,
+            );
             if size != (width, height) {
                 (width, height) = size;
                 picture = I420::new(width, height);
@@ -487,8 +554,15 @@ impl Worker {
                     *slot = None;
                 }
             }
-            if thumbnail_stale && last_thumbnail.is_none_or(|at| at.elapsed() >= THUMBNAIL_EVERY) && self.thumbnails_wanted() {
-                match thumbnail::make(session.rgba(), u32::from(session.width()), u32::from(session.height())) {
+            if thumbnail_stale
+                && last_thumbnail.is_none_or(|at| at.elapsed() >= THUMBNAIL_EVERY)
+                && self.thumbnails_wanted()
+            {
+                match thumbnail::make(
+                    session.rgba(),
+                    u32::from(session.width()),
+                    u32::from(session.height()),
+                ) {
                     Ok(picture) => {
                         self.thumbnails.send_replace(Some(Arc::new(picture)));
                     }
@@ -518,32 +592,53 @@ impl Worker {
                     }
                     let encoder = match slot {
                         Some(encoder) => encoder,
-                        None => slot.insert(VideoEncoder::new(codec, width, height, bitrate, self.settings.max_fps).map_err(|e| DesktopError::Rdp(e.to_string()))?),
+                        None => slot.insert(
+                            VideoEncoder::new(codec, width, height, bitrate, self.settings.max_fps)
+                                .map_err(|e| DesktopError::Rdp(e.to_string()))?,
+                        ),
                     };
                     if keyframe_now {
                         encoder.request_keyframe();
                     }
-                    let encoded = encoder.encode(&picture).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                    let encoded = encoder
+                        .encode(&picture)
+                        .map_err(|e| DesktopError::Rdp(e.to_string()))?;
                     if encoded.data.is_empty() {
                         continue; // rate control dropped this picture
                     }
                     self.stats.frames.fetch_add(1, Ordering::Relaxed);
-                    self.stats.bytes.fetch_add(encoded.data.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .bytes
+                        .fetch_add(encoded.data.len() as u64, Ordering::Relaxed);
                     output_window.1 += encoded.data.len() as u64;
                     if encoded.keyframe {
                         self.stats.keyframes.fetch_add(1, Ordering::Relaxed);
                     }
-                    let _ = output.send(Arc::new(Frame { codec, encoded, captured: started, width, height }));
+                    let _ = output.send(Arc::new(Frame {
+                        codec,
+                        encoded,
+                        captured: started,
+                        width,
+                        height,
+                    }));
                 }
-                self.stats.encode_us.fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+                self.stats.encode_us.fetch_add(
+                    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
                 if let Some(since) = damage_since.take() {
-                    self.stats.change_to_send_us.fetch_add(u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+                    self.stats.change_to_send_us.fetch_add(
+                        u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
                     self.stats.changes_sent.fetch_add(1, Ordering::Relaxed);
                 }
                 frame_tokens = (frame_tokens + refill).min(FRAME_BURST) - 1.0;
                 last_encode = started;
             } else if self.frames.receivers() == 0 {
-                if !self.watched() && idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_STOP {
+                if !self.watched()
+                    && idle_since.get_or_insert_with(Instant::now).elapsed() >= IDLE_STOP
+                {
                     return Ok(());
                 }
                 // Nobody watches: keep the picture current but encode nothing.
@@ -572,11 +667,17 @@ mod pacing_tests {
         // then only the last one does.
         let mut replaced = 0;
         for n in 0..1000 {
-            replaced += usize::from(pacer.want(if n % 2 == 0 { 3840 } else { 800 }, if n % 2 == 0 { 2160 } else { 600 }));
+            replaced += usize::from(pacer.want(
+                if n % 2 == 0 { 3840 } else { 800 },
+                if n % 2 == 0 { 2160 } else { 600 },
+            ));
             assert!(pacer.due(start + Duration::from_millis(n / 2)).is_none());
         }
         assert_eq!(replaced, 999);
         assert_eq!(pacer.due(start + RESIZE_EVERY), Some((800, 600)));
-        assert!(pacer.due(start + RESIZE_EVERY * 3).is_none(), "applied once");
+        assert!(
+            pacer.due(start + RESIZE_EVERY * 3).is_none(),
+            "applied once"
+        );
     }
 }

@@ -15,7 +15,11 @@ pub struct RateLimits {
 
 impl Default for RateLimits {
     fn default() -> Self {
-        Self { min_bps: 300_000, start_bps: 4_000_000, max_bps: 8_000_000 }
+        Self {
+            min_bps: 300_000,
+            start_bps: 4_000_000,
+            max_bps: 8_000_000,
+        }
     }
 }
 
@@ -37,7 +41,13 @@ pub struct RateController {
 impl RateController {
     pub fn new(limits: RateLimits) -> Self {
         let start = limits.start_bps.clamp(limits.min_bps, limits.max_bps);
-        Self { limits, loss_based_bps: start, remb: None, last_increase: None, lossy: false }
+        Self {
+            limits,
+            loss_based_bps: start,
+            remb: None,
+            last_increase: None,
+            lossy: false,
+        }
     }
 
     /// The bitrate to encode at for this viewer now.
@@ -46,7 +56,9 @@ impl RateController {
             Some((bps, at)) if now.duration_since(at) < REMB_FRESH => bps,
             _ => u32::MAX,
         };
-        self.loss_based_bps.min(cap).clamp(self.limits.min_bps, self.limits.max_bps)
+        self.loss_based_bps
+            .min(cap)
+            .clamp(self.limits.min_bps, self.limits.max_bps)
     }
 
     /// A receiver report's loss for our stream (`fraction_lost` in 1/256 units).
@@ -60,11 +72,17 @@ impl RateController {
         let current = f64::from(self.loss_based_bps);
         if loss > 0.10 {
             self.loss_based_bps = (current * (1.0 - 0.5 * loss)) as u32;
-        } else if loss < 0.02 && self.last_increase.is_none_or(|at| now.duration_since(at) >= INCREASE_EVERY) {
+        } else if loss < 0.02
+            && self
+                .last_increase
+                .is_none_or(|at| now.duration_since(at) >= INCREASE_EVERY)
+        {
             self.loss_based_bps = (current * 1.08) as u32 + 1_000;
             self.last_increase = Some(now);
         }
-        self.loss_based_bps = self.loss_based_bps.clamp(self.limits.min_bps, self.limits.max_bps);
+        self.loss_based_bps = self
+            .loss_based_bps
+            .clamp(self.limits.min_bps, self.limits.max_bps);
         self.target(now)
     }
 
@@ -84,8 +102,14 @@ impl RateController {
 
 /// Whether the encoder should be rebuilt for `wanted`: a change of at least 15 %, at most
 /// once per `min_gap` (a new encoder starts with a keyframe, which costs bandwidth itself).
-pub fn worth_rebuilding(current_bps: u32, wanted_bps: u32, since_last: Duration, min_gap: Duration) -> bool {
-    let change = (f64::from(wanted_bps) - f64::from(current_bps)).abs() / f64::from(current_bps.max(1));
+pub fn worth_rebuilding(
+    current_bps: u32,
+    wanted_bps: u32,
+    since_last: Duration,
+    min_gap: Duration,
+) -> bool {
+    let change =
+        (f64::from(wanted_bps) - f64::from(current_bps)).abs() / f64::from(current_bps.max(1));
     change >= 0.15 && since_last >= min_gap
 }
 
@@ -94,7 +118,14 @@ mod tests {
     use super::*;
 
     fn controller() -> (RateController, Instant) {
-        (RateController::new(RateLimits { min_bps: 300_000, start_bps: 4_000_000, max_bps: 8_000_000 }), Instant::now())
+        (
+            RateController::new(RateLimits {
+                min_bps: 300_000,
+                start_bps: 4_000_000,
+                max_bps: 8_000_000,
+            }),
+            Instant::now(),
+        )
     }
 
     #[test]
@@ -106,14 +137,21 @@ mod tests {
         for i in 1..20 {
             rate.on_loss(64, t0 + Duration::from_secs(i));
         }
-        assert_eq!(rate.target(t0 + Duration::from_secs(20)), 300_000, "sustained loss reaches the floor, not zero");
+        assert_eq!(
+            rate.target(t0 + Duration::from_secs(20)),
+            300_000,
+            "sustained loss reaches the floor, not zero"
+        );
         // Clean reports climb back, 8 % a second, up to the ceiling.
         let mut now = t0 + Duration::from_secs(20);
         let mut previous = rate.target(now);
         for _ in 0..10 {
             now += Duration::from_secs(1);
             let next = rate.on_loss(0, now);
-            assert!(next > previous, "grows on a clean report: {next} after {previous}");
+            assert!(
+                next > previous,
+                "grows on a clean report: {next} after {previous}"
+            );
             previous = next;
         }
         for _ in 0..100 {
@@ -126,9 +164,17 @@ mod tests {
     #[test]
     fn moderate_loss_holds_and_bursts_of_reports_do_not_grow_faster() {
         let (mut rate, t0) = controller();
-        assert_eq!(rate.on_loss(12, t0), 4_000_000, "about 5 % loss holds the rate");
+        assert_eq!(
+            rate.on_loss(12, t0),
+            4_000_000,
+            "about 5 % loss holds the rate"
+        );
         let grown = rate.on_loss(0, t0);
-        assert_eq!(rate.on_loss(0, t0 + Duration::from_millis(100)), grown, "a second clean report right after changes nothing");
+        assert_eq!(
+            rate.on_loss(0, t0 + Duration::from_millis(100)),
+            grown,
+            "a second clean report right after changes nothing"
+        );
     }
 
     #[test]
@@ -136,10 +182,25 @@ mod tests {
         let (mut rate, t0) = controller();
         rate.on_loss(12, t0); // ~5 % loss
         assert_eq!(rate.on_remb(1_000_000.0, t0), 950_000);
-        assert_eq!(rate.on_loss(12, t0 + Duration::from_secs(1)), 950_000, "held under the receiver's estimate while lossy");
-        assert!(rate.target(t0 + Duration::from_secs(6)) > 900_000, "a stale estimate no longer caps");
-        assert_eq!(rate.on_remb(f32::NAN, t0), rate.target(t0), "nonsense estimates are ignored");
-        assert_eq!(rate.on_remb(10.0, t0 + Duration::from_secs(7)), 300_000, "never below the floor");
+        assert_eq!(
+            rate.on_loss(12, t0 + Duration::from_secs(1)),
+            950_000,
+            "held under the receiver's estimate while lossy"
+        );
+        assert!(
+            rate.target(t0 + Duration::from_secs(6)) > 900_000,
+            "a stale estimate no longer caps"
+        );
+        assert_eq!(
+            rate.on_remb(f32::NAN, t0),
+            rate.target(t0),
+            "nonsense estimates are ignored"
+        );
+        assert_eq!(
+            rate.on_remb(10.0, t0 + Duration::from_secs(7)),
+            300_000,
+            "never below the floor"
+        );
     }
 
     #[test]
@@ -157,8 +218,19 @@ mod tests {
     #[test]
     fn rebuilds_only_for_real_changes_and_not_too_often() {
         let gap = Duration::from_secs(2);
-        assert!(worth_rebuilding(4_000_000, 3_000_000, Duration::from_secs(3), gap));
-        assert!(!worth_rebuilding(4_000_000, 3_700_000, Duration::from_secs(3), gap), "7 % is not worth a keyframe");
-        assert!(!worth_rebuilding(4_000_000, 1_000_000, Duration::from_secs(1), gap), "too soon after the last");
+        assert!(worth_rebuilding(
+            4_000_000,
+            3_000_000,
+            Duration::from_secs(3),
+            gap
+        ));
+        assert!(
+            !worth_rebuilding(4_000_000, 3_700_000, Duration::from_secs(3), gap),
+            "7 % is not worth a keyframe"
+        );
+        assert!(
+            !worth_rebuilding(4_000_000, 1_000_000, Duration::from_secs(1), gap),
+            "too soon after the last"
+        );
     }
 }

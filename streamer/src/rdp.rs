@@ -16,8 +16,12 @@ use std::sync::Mutex;
 
 use ironrdp_cliprdr::CliprdrClient;
 use ironrdp_cliprdr::pdu::{ClipboardFormat, ClipboardFormatId};
-use ironrdp_connector::connection_activation::{ConnectionActivationFactory, ConnectionActivationState};
-use ironrdp_connector::{ClientConnector, Config, ConnectionOutcome, Credentials, DesktopSize, Sequence as _, ServerName};
+use ironrdp_connector::connection_activation::{
+    ConnectionActivationFactory, ConnectionActivationState,
+};
+use ironrdp_connector::{
+    ClientConnector, Config, ConnectionOutcome, Credentials, DesktopSize, Sequence as _, ServerName,
+};
 use ironrdp_displaycontrol::client::DisplayControlClient;
 use ironrdp_dvc::DrdynvcClient;
 use ironrdp_graphics::image_processing::PixelFormat;
@@ -45,14 +49,21 @@ pub struct DesktopTarget {
 
 impl std::fmt::Debug for DesktopTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DesktopTarget").field("host", &self.host).field("port", &self.port).field("username", &self.username).finish_non_exhaustive()
+        f.debug_struct("DesktopTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DesktopError {
     #[error("cannot reach the lab's RDP server at {address}: {source}")]
-    Connect { address: String, source: std::io::Error },
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("the lab's RDP certificate does not match the one its host reported")]
     CertificateMismatch,
     #[error("TLS with the lab's RDP server failed: {0}")]
@@ -90,7 +101,14 @@ struct PinnedCertificate {
 }
 
 impl ServerCertVerifier for PinnedCertificate {
-    fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &TlsName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &TlsName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         if sha2::Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256.as_slice() {
             Ok(ServerCertVerified::assertion())
         } else {
@@ -98,22 +116,47 @@ impl ServerCertVerifier for PinnedCertificate {
         }
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 fn config(target: &DesktopTarget) -> Config {
     Config {
-        desktop_size: DesktopSize { width: target.width, height: target.height },
+        desktop_size: DesktopSize {
+            width: target.width,
+            height: target.height,
+        },
         monitor_layout: None,
         desktop_scale_factor: 0,
         desktop_physical_size: None,
@@ -125,7 +168,10 @@ fn config(target: &DesktopTarget) -> Config {
         // NLA (CredSSP with NTLM) where the server asks for it; TLS-only servers (xrdp) pick TLS.
         enable_credssp: true,
         enable_standard_rdp_security: false,
-        credentials: Credentials::UsernamePassword { username: target.username.clone(), password: target.password.clone() },
+        credentials: Credentials::UsernamePassword {
+            username: target.username.clone(),
+            password: target.password.clone(),
+        },
         domain: None,
         // xrdp treats builds up to 419 as clients that cannot resize (libxrdp_reset).
         client_build: 7601,
@@ -138,7 +184,11 @@ fn config(target: &DesktopTarget) -> Config {
         ime_file_name: String::new(),
         bitmap: ironrdp_pdu::rdp::capability_sets::client_codecs_capabilities(&["remotefx"])
             .ok()
-            .map(|codecs| ironrdp_connector::BitmapConfig { lossy_compression: false, color_depth: 32, codecs }),
+            .map(|codecs| ironrdp_connector::BitmapConfig {
+                lossy_compression: false,
+                color_depth: 32,
+                codecs,
+            }),
         dig_product_id: String::new(),
         client_dir: String::new(),
         alternate_shell: String::new(),
@@ -167,8 +217,14 @@ fn config(target: &DesktopTarget) -> Config {
 struct NoNetwork;
 
 impl ironrdp_connector::sspi::network_client::NetworkClient for NoNetwork {
-    fn send(&self, _: &ironrdp_connector::sspi::generator::NetworkRequest) -> ironrdp_connector::sspi::Result<Vec<u8>> {
-        Err(ironrdp_connector::sspi::Error::new(ironrdp_connector::sspi::ErrorKind::NoAuthenticatingAuthority, "no network client: Kerberos is not used"))
+    fn send(
+        &self,
+        _: &ironrdp_connector::sspi::generator::NetworkRequest,
+    ) -> ironrdp_connector::sspi::Result<Vec<u8>> {
+        Err(ironrdp_connector::sspi::Error::new(
+            ironrdp_connector::sspi::ErrorKind::NoAuthenticatingAuthority,
+            "no network client: Kerberos is not used",
+        ))
     }
 }
 
@@ -188,7 +244,10 @@ pub struct DesktopSession {
 
 impl std::fmt::Debug for DesktopSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DesktopSession").field("width", &self.image.width()).field("height", &self.image.height()).finish_non_exhaustive()
+        f.debug_struct("DesktopSession")
+            .field("width", &self.image.width())
+            .field("height", &self.image.height())
+            .finish_non_exhaustive()
     }
 }
 
@@ -207,36 +266,63 @@ impl DesktopSession {
     pub fn connect(target: &DesktopTarget, read_timeout: Duration) -> Result<Self, DesktopError> {
         let started = Instant::now();
         let address = format!("{}:{}", target.host, target.port);
-        let connect_error = |source| DesktopError::Connect { address: address.clone(), source };
-        let socket = address.to_socket_addrs().map_err(connect_error)?.next().ok_or_else(|| connect_error(std::io::ErrorKind::NotFound.into()))?;
-        let tcp = TcpStream::connect_timeout(&socket, Duration::from_secs(5)).map_err(connect_error)?;
+        let connect_error = |source| DesktopError::Connect {
+            address: address.clone(),
+            source,
+        };
+        let socket = address
+            .to_socket_addrs()
+            .map_err(connect_error)?
+            .next()
+            .ok_or_else(|| connect_error(std::io::ErrorKind::NotFound.into()))?;
+        let tcp =
+            TcpStream::connect_timeout(&socket, Duration::from_secs(5)).map_err(connect_error)?;
         // The connection sequence gets time; the short read timeout applies once it is done.
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).map_err(connect_error)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(connect_error)?;
         let _ = tcp.set_nodelay(true);
         let client_addr = tcp.local_addr().map_err(connect_error)?;
 
         let clipboard = Arc::new(Mutex::new(crate::clipboard::ClipboardShared::default()));
         let mut connector = ClientConnector::new(config(target), client_addr)
-            .with_static_channel(CliprdrClient::new(Box::new(crate::clipboard::QueueingBackend { shared: clipboard.clone() })))
-            .with_static_channel(DrdynvcClient::new().with_dynamic_channel(DisplayControlClient::new(|_| Ok(Vec::new()))));
+            .with_static_channel(CliprdrClient::new(Box::new(
+                crate::clipboard::QueueingBackend {
+                    shared: clipboard.clone(),
+                },
+            )))
+            .with_static_channel(
+                DrdynvcClient::new()
+                    .with_dynamic_channel(DisplayControlClient::new(|_| Ok(Vec::new()))),
+            );
         let mut framed = ironrdp_blocking::Framed::new(tcp);
-        let should_upgrade = ironrdp_blocking::connect_begin(&mut framed, &mut connector).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let should_upgrade = ironrdp_blocking::connect_begin(&mut framed, &mut connector)
+            .map_err(|e| DesktopError::Rdp(e.to_string()))?;
         let tcp = framed.into_inner_no_leftover();
 
-        let pin = hex::decode(target.cert_sha256.trim()).map_err(|_| DesktopError::CertificateMismatch)?;
+        let pin = hex::decode(target.cert_sha256.trim())
+            .map_err(|_| DesktopError::CertificateMismatch)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls_config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| DesktopError::Tls(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCertificate { sha256: pin, provider }))
+            .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
+                sha256: pin,
+                provider,
+            }))
             .with_no_client_auth();
         tls_config.resumption = rustls::client::Resumption::disabled();
-        let name = TlsName::try_from(target.host.clone()).map_err(|e| DesktopError::Tls(e.to_string()))?;
-        let connection = rustls::ClientConnection::new(Arc::new(tls_config), name).map_err(|e| DesktopError::Tls(e.to_string()))?;
+        let name =
+            TlsName::try_from(target.host.clone()).map_err(|e| DesktopError::Tls(e.to_string()))?;
+        let connection = rustls::ClientConnection::new(Arc::new(tls_config), name)
+            .map_err(|e| DesktopError::Tls(e.to_string()))?;
         let mut tls = rustls::StreamOwned::new(connection, tcp);
         if let Err(error) = tls.flush() {
-            return Err(if error.to_string().contains("pin mismatch") { DesktopError::CertificateMismatch } else { DesktopError::Tls(error.to_string()) });
+            return Err(if error.to_string().contains("pin mismatch") {
+                DesktopError::CertificateMismatch
+            } else {
+                DesktopError::Tls(error.to_string())
+            });
         }
         let server_public_key = tls
             .conn
@@ -245,23 +331,44 @@ impl DesktopSession {
             .and_then(|cert| {
                 use x509_cert::der::Decode as _;
                 let cert = x509_cert::Certificate::from_der(cert.as_ref()).ok()?;
-                cert.tbs_certificate.subject_public_key_info.subject_public_key.as_bytes().map(<[u8]>::to_vec)
+                cert.tbs_certificate
+                    .subject_public_key_info
+                    .subject_public_key
+                    .as_bytes()
+                    .map(<[u8]>::to_vec)
             })
             .ok_or_else(|| DesktopError::Tls("the server sent no usable certificate".into()))?;
 
         let upgraded = ironrdp_blocking::mark_as_upgraded(should_upgrade, &mut connector);
         let mut framed = ironrdp_blocking::Framed::new(tls);
-        let outcome = ironrdp_blocking::connect_finalize(upgraded, connector, &mut framed, &mut NoNetwork, ServerName::new(target.host.clone()), server_public_key, None)
-            .map_err(|e| DesktopError::Rdp(e.to_string()))?;
-        let ConnectionOutcome::Connected(result) = outcome else { return Err(DesktopError::Redirected) };
+        let outcome = ironrdp_blocking::connect_finalize(
+            upgraded,
+            connector,
+            &mut framed,
+            &mut NoNetwork,
+            ServerName::new(target.host.clone()),
+            server_public_key,
+            None,
+        )
+        .map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let ConnectionOutcome::Connected(result) = outcome else {
+            return Err(DesktopError::Redirected);
+        };
         let connect_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         framed
             .get_inner_mut()
             .0
             .sock
             .set_read_timeout(Some(read_timeout.max(Duration::from_millis(1))))
-            .map_err(|source| DesktopError::Connect { address: address.clone(), source })?;
-        let image = DecodedImage::new(PixelFormat::RgbA32, result.desktop_size.width, result.desktop_size.height);
+            .map_err(|source| DesktopError::Connect {
+                address: address.clone(),
+                source,
+            })?;
+        let image = DecodedImage::new(
+            PixelFormat::RgbA32,
+            result.desktop_size.width,
+            result.desktop_size.height,
+        );
         let stage = ActiveStageBuilder {
             static_channels: result.static_channels,
             user_channel_id: result.user_channel_id,
@@ -274,7 +381,16 @@ impl DesktopSession {
         }
         .build();
         let read_timeout = read_timeout.max(Duration::from_millis(1));
-        Ok(Self { framed, stage, image, activation: result.activation_factory, clipboard, read_timeout, started, connect_ms })
+        Ok(Self {
+            framed,
+            stage,
+            image,
+            activation: result.activation_factory,
+            clipboard,
+            read_timeout,
+            started,
+            connect_ms,
+        })
     }
 
     pub fn width(&self) -> u16 {
@@ -298,16 +414,36 @@ impl DesktopSession {
     pub fn pump(&mut self) -> Result<Pump, DesktopError> {
         let (action, payload) = match self.framed.read_pdu() {
             Ok(frame) => frame,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return Ok(Pump::Idle),
-            Err(e) => return Err(DesktopError::Rdp(format!("reading from the RDP server: {e}"))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Pump::Idle);
+            }
+            Err(e) => {
+                return Err(DesktopError::Rdp(format!(
+                    "reading from the RDP server: {e}"
+                )));
+            }
         };
-        let outputs = self.stage.process(&mut self.image, action, &payload, None).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+        let outputs = self
+            .stage
+            .process(&mut self.image, action, &payload, None)
+            .map_err(|e| DesktopError::Rdp(e.to_string()))?;
         self.apply(outputs)
     }
 
     /// Sends keyboard and mouse input.
-    pub fn send_input(&mut self, events: &[ironrdp_pdu::input::fast_path::FastPathInputEvent]) -> Result<Pump, DesktopError> {
-        let outputs = self.stage.process_fastpath_input(&mut self.image, events).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+    pub fn send_input(
+        &mut self,
+        events: &[ironrdp_pdu::input::fast_path::FastPathInputEvent],
+    ) -> Result<Pump, DesktopError> {
+        let outputs = self
+            .stage
+            .process_fastpath_input(&mut self.image, events)
+            .map_err(|e| DesktopError::Rdp(e.to_string()))?;
         self.apply(outputs)
     }
 
@@ -315,41 +451,72 @@ impl DesktopSession {
         let mut damage = Vec::new();
         for output in outputs {
             match output {
-                ActiveStageOutput::ResponseFrame(frame) => self.framed.write_all(&frame).map_err(|e| DesktopError::Rdp(e.to_string()))?,
+                ActiveStageOutput::ResponseFrame(frame) => self
+                    .framed
+                    .write_all(&frame)
+                    .map_err(|e| DesktopError::Rdp(e.to_string()))?,
                 ActiveStageOutput::GraphicsUpdate(rect) => damage.push(crate::convert::Rect {
                     left: u32::from(rect.left),
                     top: u32::from(rect.top),
                     right: u32::from(rect.right) + 1,
                     bottom: u32::from(rect.bottom) + 1,
                 }),
-                ActiveStageOutput::Terminate(reason) => return Err(DesktopError::Rdp(format!("the server ended the session: {reason:?}"))),
+                ActiveStageOutput::Terminate(reason) => {
+                    return Err(DesktopError::Rdp(format!(
+                        "the server ended the session: {reason:?}"
+                    )));
+                }
                 ActiveStageOutput::DeactivateAll => {
                     self.reactivate()?;
-                    damage.push(crate::convert::Rect::full(u32::from(self.width()), u32::from(self.height())));
+                    damage.push(crate::convert::Rect::full(
+                        u32::from(self.width()),
+                        u32::from(self.height()),
+                    ));
                 }
                 _ => {}
             }
         }
         self.drive_clipboard()?;
-        Ok(if damage.is_empty() { Pump::Idle } else { Pump::Damage(damage) })
+        Ok(if damage.is_empty() {
+            Pump::Idle
+        } else {
+            Pump::Damage(damage)
+        })
     }
 
     /// The server deactivated the session (after a resize, typically): run the capability
     /// exchange and finalization again, then carry on with a picture of the new size.
     fn reactivate(&mut self) -> Result<(), DesktopError> {
-        let rdp = |e: &dyn std::fmt::Display| DesktopError::Rdp(format!("reactivating the session: {e}"));
+        let rdp =
+            |e: &dyn std::fmt::Display| DesktopError::Rdp(format!("reactivating the session: {e}"));
         self.set_read_timeout(Duration::from_secs(10))?;
         let mut sequence = self.activation.create();
         let mut buf = ironrdp_core::WriteBuf::new();
         let mut skipped = 0_u32;
         let finalized = loop {
             if let ConnectionActivationState::Finalized {
-                desktop_size, share_id, enable_server_pointer, pointer_software_rendering, static_channel_chunk_size, refresh_rect_support, ..
+                desktop_size,
+                share_id,
+                enable_server_pointer,
+                pointer_software_rendering,
+                static_channel_chunk_size,
+                refresh_rect_support,
+                ..
             } = sequence.connection_activation_state()
             {
-                break (desktop_size, share_id, enable_server_pointer, pointer_software_rendering, static_channel_chunk_size, refresh_rect_support);
+                break (
+                    desktop_size,
+                    share_id,
+                    enable_server_pointer,
+                    pointer_software_rendering,
+                    static_channel_chunk_size,
+                    refresh_rect_support,
+                );
             }
-            if matches!(sequence.connection_activation_state(), ConnectionActivationState::Redirected { .. }) {
+            if matches!(
+                sequence.connection_activation_state(),
+                ConnectionActivationState::Redirected { .. }
+            ) {
                 return Err(DesktopError::Redirected);
             }
             buf.clear();
@@ -357,7 +524,10 @@ impl DesktopSession {
                 // Updates for the old picture and channel traffic can still arrive before the
                 // server's new Demand Active: skip them (a failed step leaves the sequence
                 // consumed, so it steps a copy).
-                let (action, pdu) = self.framed.read_pdu().map_err(|e| rdp(&format!("reading: {e}")))?;
+                let (action, pdu) = self
+                    .framed
+                    .read_pdu()
+                    .map_err(|e| rdp(&format!("reading: {e}")))?;
                 if action == ironrdp_pdu::Action::FastPath {
                     continue;
                 }
@@ -375,40 +545,66 @@ impl DesktopSession {
                     Err(error) => return Err(rdp(&format!("step: {error:?}"))),
                 }
             } else {
-                sequence.step_no_input(&mut buf).map_err(|e| rdp(&format!("step: {e:?}")))?
+                sequence
+                    .step_no_input(&mut buf)
+                    .map_err(|e| rdp(&format!("step: {e:?}")))?
             };
             if let Some(len) = written.size() {
                 self.framed.write_all(&buf[..len]).map_err(|e| rdp(&e))?;
             }
         };
-        let (size, share_id, server_pointer, software_pointer, chunk_size, refresh_rect) = finalized;
-        if !self.stage.reactivate(self.activation.io_channel_id(), self.activation.user_channel_id(), share_id, server_pointer, software_pointer, chunk_size) {
+        let (size, share_id, server_pointer, software_pointer, chunk_size, refresh_rect) =
+            finalized;
+        if !self.stage.reactivate(
+            self.activation.io_channel_id(),
+            self.activation.user_channel_id(),
+            share_id,
+            server_pointer,
+            software_pointer,
+            chunk_size,
+        ) {
             return Err(rdp(&"the server's virtual channel chunk size is invalid"));
         }
         self.image = DecodedImage::new(PixelFormat::RgbA32, size.width, size.height);
         // The new picture starts blank: ask for all of it rather than wait for changes.
-        for frame in self.stage.request_full_redraw(size.width, size.height, refresh_rect, false).map_err(|e| rdp(&e))? {
+        for frame in self
+            .stage
+            .request_full_redraw(size.width, size.height, refresh_rect, false)
+            .map_err(|e| rdp(&e))?
+        {
             self.framed.write_all(&frame).map_err(|e| rdp(&e))?;
         }
-        tracing::debug!(width = size.width, height = size.height, "RDP session reactivated");
+        tracing::debug!(
+            width = size.width,
+            height = size.height,
+            "RDP session reactivated"
+        );
         self.set_read_timeout(self.read_timeout)
     }
 
     fn set_read_timeout(&mut self, timeout: Duration) -> Result<(), DesktopError> {
-        self.framed.get_inner_mut().0.sock.set_read_timeout(Some(timeout)).map_err(|e| DesktopError::Rdp(format!("socket: {e}")))
+        self.framed
+            .get_inner_mut()
+            .0
+            .sock
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| DesktopError::Rdp(format!("socket: {e}")))
     }
 
     /// Asks the server to change the desktop to `width × height` (display control). Returns
     /// false where the server offers no display control (the viewer then scales the picture);
     /// the new picture arrives through [`Self::pump`] once the server has resized.
     pub fn resize(&mut self, width: u32, height: u32) -> Result<bool, DesktopError> {
-        let (width, height) = ironrdp_displaycontrol::pdu::MonitorLayoutEntry::adjust_display_size(width, height);
+        let (width, height) =
+            ironrdp_displaycontrol::pdu::MonitorLayoutEntry::adjust_display_size(width, height);
         if (width, height) == (u32::from(self.width()), u32::from(self.height())) {
             return Ok(true);
         }
         match self.stage.encode_resize(width, height, None, None) {
             Some(Ok(frame)) => {
-                self.framed.write_all(&frame).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+                self.framed
+                    .write_all(&frame)
+                    .map_err(|e| DesktopError::Rdp(e.to_string()))?;
                 Ok(true)
             }
             Some(Err(error)) => Err(DesktopError::Rdp(format!("resize: {error}"))),
@@ -425,14 +621,19 @@ impl DesktopSession {
     pub fn set_clipboard(&mut self, text: String) -> Result<(), DesktopError> {
         if let Ok(mut shared) = self.clipboard.lock() {
             shared.local_text = Some(text);
-            shared.actions.push_back(crate::clipboard::ClipboardAction::Advertise);
+            shared
+                .actions
+                .push_back(crate::clipboard::ClipboardAction::Advertise);
         }
         self.drive_clipboard()
     }
 
     /// Text copied on the remote desktop since the last call, oldest first.
     pub fn take_remote_clipboard(&mut self) -> Vec<String> {
-        self.clipboard.lock().map(|mut shared| shared.remote_text.drain(..).collect()).unwrap_or_default()
+        self.clipboard
+            .lock()
+            .map(|mut shared| shared.remote_text.drain(..).collect())
+            .unwrap_or_default()
     }
 
     /// Turns what the clipboard backend queued into channel messages.
@@ -451,12 +652,16 @@ impl DesktopSession {
                 },
                 Err(_) => return Ok(()),
             };
-            let Some(cliprdr) = self.stage.get_svc_processor_mut::<CliprdrClient>() else { return Ok(()) };
+            let Some(cliprdr) = self.stage.get_svc_processor_mut::<CliprdrClient>() else {
+                return Ok(());
+            };
             let messages = match action {
-                ClipboardAction::Advertise if local_text.is_some() => cliprdr.initiate_copy(&[ClipboardFormat::new(ClipboardFormatId::CF_UNICODETEXT)]),
+                ClipboardAction::Advertise if local_text.is_some() => cliprdr
+                    .initiate_copy(&[ClipboardFormat::new(ClipboardFormatId::CF_UNICODETEXT)]),
                 ClipboardAction::Advertise => cliprdr.initiate_copy(&[]),
                 ClipboardAction::Fetch(format) => cliprdr.initiate_paste(format),
-                ClipboardAction::Provide(format) => cliprdr.submit_format_data(crate::clipboard::provide(local_text.as_deref(), format)),
+                ClipboardAction::Provide(format) => cliprdr
+                    .submit_format_data(crate::clipboard::provide(local_text.as_deref(), format)),
             };
             let messages = match messages {
                 Ok(messages) => messages,
@@ -466,15 +671,24 @@ impl DesktopSession {
                     continue;
                 }
             };
-            let frame = self.stage.process_svc_processor_messages(messages).map_err(|e| DesktopError::Rdp(format!("clipboard: {e}")))?;
-            self.framed.write_all(&frame).map_err(|e| DesktopError::Rdp(e.to_string()))?;
+            let frame = self
+                .stage
+                .process_svc_processor_messages(messages)
+                .map_err(|e| DesktopError::Rdp(format!("clipboard: {e}")))?;
+            self.framed
+                .write_all(&frame)
+                .map_err(|e| DesktopError::Rdp(e.to_string()))?;
         }
     }
 }
 
 /// Connects, logs in and watches the desktop for `watch` (or until `done` says the picture
 /// is what the caller waits for), then disconnects. Blocking.
-pub fn snapshot(target: &DesktopTarget, watch: Duration, done: impl Fn(&Snapshot) -> bool) -> Result<Snapshot, DesktopError> {
+pub fn snapshot(
+    target: &DesktopTarget,
+    watch: Duration,
+    done: impl Fn(&Snapshot) -> bool,
+) -> Result<Snapshot, DesktopError> {
     let mut session = DesktopSession::connect(target, Duration::from_millis(250))?;
     let mut updates = 0_u32;
     let mut first_update_ms = None;
@@ -485,7 +699,9 @@ pub fn snapshot(target: &DesktopTarget, watch: Duration, done: impl Fn(&Snapshot
         let idle = matches!(pump, Pump::Idle);
         if let Pump::Damage(rects) = pump {
             updates += u32::try_from(rects.len()).unwrap_or(u32::MAX);
-            first_update_ms.get_or_insert_with(|| u64::try_from(session.since_connect().as_millis()).unwrap_or(u64::MAX));
+            first_update_ms.get_or_insert_with(|| {
+                u64::try_from(session.since_connect().as_millis()).unwrap_or(u64::MAX)
+            });
         }
         // Judging the picture costs a pass over it: when the desktop is idle, or every 200 ms.
         if updates > 0 && (idle || last_check.elapsed() >= Duration::from_millis(200)) {
@@ -527,7 +743,12 @@ pub fn dominant(rgba: &[u8]) -> ([u8; 3], u32) {
     counts
         .into_iter()
         .max_by_key(|(colour, count)| (*count, *colour))
-        .map_or(([0; 3], 0), |(colour, count)| (colour, u32::try_from(u64::from(count) * 1000 / total).unwrap_or(1000)))
+        .map_or(([0; 3], 0), |(colour, count)| {
+            (
+                colour,
+                u32::try_from(u64::from(count) * 1000 / total).unwrap_or(1000),
+            )
+        })
 }
 
 #[cfg(test)]

@@ -24,14 +24,21 @@ pub struct TerminalTarget {
 
 impl std::fmt::Debug for TerminalTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TerminalTarget").field("host", &self.host).field("port", &self.port).field("username", &self.username).finish_non_exhaustive()
+        f.debug_struct("TerminalTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TerminalError {
     #[error("cannot reach the lab's SSH server at {address}: {source}")]
-    Connect { address: String, source: std::io::Error },
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("SSH handshake with the lab failed: {0}")]
     Handshake(ssh2::Error),
     #[error("the lab's SSH host key does not match the one its host reported")]
@@ -50,7 +57,10 @@ pub enum TerminalError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TerminalInput {
     Data(Vec<u8>),
-    Resize { cols: u16, rows: u16 },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
     /// the tab closed: end the shell
     Close,
 }
@@ -74,8 +84,13 @@ pub struct Terminal {
 }
 
 fn key_bytes(line: &str) -> Result<Vec<u8>, TerminalError> {
-    let blob = line.split_whitespace().nth(1).ok_or(TerminalError::BadReportedKey)?;
-    base64::engine::general_purpose::STANDARD.decode(blob).map_err(|_| TerminalError::BadReportedKey)
+    let blob = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or(TerminalError::BadReportedKey)?;
+    base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .map_err(|_| TerminalError::BadReportedKey)
 }
 
 /// Terminal sizes the PTY accepts.
@@ -86,13 +101,17 @@ pub fn clamp_size(cols: u16, rows: u16) -> (u16, u16) {
 /// Connects, checks the host key against the reported one and logs in. Blocking.
 pub fn connect(target: &TerminalTarget) -> Result<ssh2::Session, TerminalError> {
     let address = format!("{}:{}", target.host, target.port);
-    let connect_error = |source| TerminalError::Connect { address: address.clone(), source };
+    let connect_error = |source| TerminalError::Connect {
+        address: address.clone(),
+        source,
+    };
     let socket_address = address
         .to_socket_addrs()
         .map_err(connect_error)?
         .next()
         .ok_or_else(|| connect_error(std::io::Error::new(ErrorKind::NotFound, "no address")))?;
-    let tcp = TcpStream::connect_timeout(&socket_address, Duration::from_secs(5)).map_err(connect_error)?;
+    let tcp = TcpStream::connect_timeout(&socket_address, Duration::from_secs(5))
+        .map_err(connect_error)?;
     let _ = tcp.set_nodelay(true);
     let mut session = ssh2::Session::new()?;
     session.set_tcp_stream(tcp);
@@ -103,7 +122,9 @@ pub fn connect(target: &TerminalTarget) -> Result<ssh2::Session, TerminalError> 
         Some((seen, _)) if seen == expected.as_slice() => {}
         _ => return Err(TerminalError::HostKeyMismatch),
     }
-    session.userauth_password(&target.username, &target.password).map_err(|_| TerminalError::Auth)?;
+    session
+        .userauth_password(&target.username, &target.password)
+        .map_err(|_| TerminalError::Auth)?;
     if !session.authenticated() {
         return Err(TerminalError::Auth);
     }
@@ -121,7 +142,13 @@ pub struct CommandOutput {
 
 /// Runs one command (no PTY) as the target's user and collects at most `limit` bytes of
 /// each stream; gives up after `timeout`. Blocking.
-pub fn run_command(target: &TerminalTarget, command: &str, stdin: &[u8], timeout: Duration, limit: usize) -> Result<CommandOutput, TerminalError> {
+pub fn run_command(
+    target: &TerminalTarget,
+    command: &str,
+    stdin: &[u8],
+    timeout: Duration,
+    limit: usize,
+) -> Result<CommandOutput, TerminalError> {
     use std::io::Write as _;
     let session = connect(target)?;
     session.set_timeout(u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
@@ -146,7 +173,11 @@ pub fn run_command(target: &TerminalTarget, command: &str, stdin: &[u8], timeout
     let stderr = read_capped(&mut channel.stderr())?;
     channel.wait_close()?;
     let exit_code = channel.exit_status().ok();
-    Ok(CommandOutput { exit_code, stdout, stderr })
+    Ok(CommandOutput {
+        exit_code,
+        stdout,
+        stderr,
+    })
 }
 
 /// Connects, checks the host key, logs in and starts a login shell on a PTY. Blocking:
@@ -156,7 +187,11 @@ pub fn open(target: &TerminalTarget, cols: u16, rows: u16) -> Result<Terminal, T
     let session = connect(target)?;
     let mut channel = session.channel_session()?;
     let (cols, rows) = clamp_size(cols, rows);
-    channel.request_pty("xterm-256color", None, Some((u32::from(cols), u32::from(rows), 0, 0)))?;
+    channel.request_pty(
+        "xterm-256color",
+        None,
+        Some((u32::from(cols), u32::from(rows), 0, 0)),
+    )?;
     channel.shell()?;
     session.set_timeout(0);
     session.set_blocking(false);
@@ -170,7 +205,10 @@ pub fn open(target: &TerminalTarget, cols: u16, rows: u16) -> Result<Terminal, T
             pump(&session, channel, &mut input_rx, &output_tx);
         })
         .map_err(|e| TerminalError::Connect { address, source: e })?;
-    Ok(Terminal { input: input_tx, output: output_rx })
+    Ok(Terminal {
+        input: input_tx,
+        output: output_rx,
+    })
 }
 
 /// Input messages queued for the shell before senders wait.
@@ -180,7 +218,12 @@ const INPUT_MESSAGES: usize = 64;
 const MAX_PENDING_INPUT: usize = 64 * 1024;
 
 /// Moves bytes until the shell exits or the browser goes away. Idle, it wakes every 10 ms.
-fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, input: &mut tokio::sync::mpsc::Receiver<TerminalInput>, output: &tokio::sync::mpsc::Sender<TerminalOutput>) {
+fn pump(
+    session: &ssh2::Session,
+    mut channel: ssh2::Channel,
+    input: &mut tokio::sync::mpsc::Receiver<TerminalInput>,
+    output: &tokio::sync::mpsc::Sender<TerminalOutput>,
+) {
     let mut buffer = [0_u8; 16 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     loop {
@@ -190,7 +233,10 @@ fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, input: &mut tokio::
             Ok(0) => {}
             Ok(n) => {
                 busy = true;
-                if output.blocking_send(TerminalOutput::Data(buffer[..n].to_vec())).is_err() {
+                if output
+                    .blocking_send(TerminalOutput::Data(buffer[..n].to_vec()))
+                    .is_err()
+                {
                     break; // the browser side is gone
                 }
             }
@@ -206,14 +252,17 @@ fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, input: &mut tokio::
                 Ok(TerminalInput::Resize { cols, rows }) => {
                     let (cols, rows) = clamp_size(cols, rows);
                     // Non-blocking: retry until the request is sent.
-                    while let Err(e) = channel.request_pty_size(u32::from(cols), u32::from(rows), None, None) {
+                    while let Err(e) =
+                        channel.request_pty_size(u32::from(cols), u32::from(rows), None, None)
+                    {
                         if e.code() != ssh2::ErrorCode::Session(-37) {
                             break;
                         }
                         std::thread::sleep(Duration::from_millis(2));
                     }
                 }
-                Ok(TerminalInput::Close) | Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                Ok(TerminalInput::Close)
+                | Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
                     close(session, &mut channel);
                     return;
                 }
@@ -255,9 +304,18 @@ mod tests {
 
     #[test]
     fn reported_keys_parse_and_sizes_are_clamped() {
-        assert_eq!(key_bytes("ssh-ed25519 AAEC host").expect("key"), vec![0, 1, 2]);
-        assert!(matches!(key_bytes("ssh-ed25519"), Err(TerminalError::BadReportedKey)));
-        assert!(matches!(key_bytes("ssh-ed25519 !!!"), Err(TerminalError::BadReportedKey)));
+        assert_eq!(
+            key_bytes("ssh-ed25519 AAEC host").expect("key"),
+            vec![0, 1, 2]
+        );
+        assert!(matches!(
+            key_bytes("ssh-ed25519"),
+            Err(TerminalError::BadReportedKey)
+        ));
+        assert!(matches!(
+            key_bytes("ssh-ed25519 !!!"),
+            Err(TerminalError::BadReportedKey)
+        ));
         assert_eq!(clamp_size(0, 0), (10, 4));
         assert_eq!(clamp_size(80, 24), (80, 24));
         assert_eq!(clamp_size(9999, 9999), (500, 200));
@@ -265,7 +323,13 @@ mod tests {
 
     #[test]
     fn debug_hides_the_password() {
-        let target = TerminalTarget { host: "h".into(), port: 22, username: "u".into(), password: "sekret".into(), host_key: String::new() };
+        let target = TerminalTarget {
+            host: "h".into(),
+            port: 22,
+            username: "u".into(),
+            password: "sekret".into(),
+            host_key: String::new(),
+        };
         assert!(!format!("{target:?}").contains("sekret"));
     }
 }

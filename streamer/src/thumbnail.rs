@@ -14,7 +14,12 @@ const JPEG_QUALITY: u8 = 70;
 #[derive(Debug, thiserror::Error)]
 pub enum ThumbnailError {
     #[error("the framebuffer is {got} bytes; {width}×{height} RGBA needs {need}")]
-    ShortFramebuffer { got: usize, need: usize, width: u32, height: u32 },
+    ShortFramebuffer {
+        got: usize,
+        need: usize,
+        width: u32,
+        height: u32,
+    },
     #[error("the desktop has no pixels ({0}×{1})")]
     Empty(u32, u32),
     #[error("encoding the thumbnail: {0}")]
@@ -37,10 +42,15 @@ pub fn fitted_size(width: u32, height: u32, bound: (u32, u32)) -> (u32, u32) {
     if width == 0 || height == 0 {
         return (0, 0);
     }
-    let scale = (f64::from(bound.0) / f64::from(width)).min(f64::from(bound.1) / f64::from(height)).min(1.0);
+    let scale = (f64::from(bound.0) / f64::from(width))
+        .min(f64::from(bound.1) / f64::from(height))
+        .min(1.0);
     // Rounded to whole pixels; the casts hold values ≤ the bound.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let fitted = ((f64::from(width) * scale).round().max(1.0) as u32, (f64::from(height) * scale).round().max(1.0) as u32);
+    let fitted = (
+        (f64::from(width) * scale).round().max(1.0) as u32,
+        (f64::from(height) * scale).round().max(1.0) as u32,
+    );
     fitted
 }
 
@@ -48,7 +58,12 @@ pub fn fitted_size(width: u32, height: u32, bound: (u32, u32)) -> (u32, u32) {
 /// window edges stay legible, unlike nearest-neighbour sampling). RGBA in, RGB out.
 #[must_use]
 pub fn downscale(rgba: &[u8], width: u32, height: u32, out_width: u32, out_height: u32) -> Vec<u8> {
-    let (w, h, ow, oh) = (width as usize, height as usize, out_width as usize, out_height as usize);
+    let (w, h, ow, oh) = (
+        width as usize,
+        height as usize,
+        out_width as usize,
+        out_height as usize,
+    );
     let mut out = Vec::with_capacity(ow * oh * 3);
     let mut sums = vec![[0_u32; 3]; ow];
     let column_start = |ox: usize| ox * w / ow;
@@ -58,7 +73,10 @@ pub fn downscale(rgba: &[u8], width: u32, height: u32, out_width: u32, out_heigh
         for y in y0..y1.min(h) {
             let row = &rgba[y * w * 4..(y + 1) * w * 4];
             for (ox, sum) in sums.iter_mut().enumerate() {
-                let (x0, x1) = (column_start(ox), column_start(ox + 1).max(column_start(ox) + 1).min(w));
+                let (x0, x1) = (
+                    column_start(ox),
+                    column_start(ox + 1).max(column_start(ox) + 1).min(w),
+                );
                 for pixel in row[x0 * 4..x1 * 4].chunks_exact(4) {
                     sum[0] += u32::from(pixel[0]);
                     sum[1] += u32::from(pixel[1]);
@@ -68,8 +86,13 @@ pub fn downscale(rgba: &[u8], width: u32, height: u32, out_width: u32, out_heigh
         }
         for (ox, sum) in sums.iter().enumerate() {
             let columns = column_start(ox + 1).max(column_start(ox) + 1).min(w) - column_start(ox);
-            let count = u32::try_from(columns * (y1.min(h) - y0)).unwrap_or(u32::MAX).max(1);
-            out.extend(sum.iter().map(|s| u8::try_from(s / count).unwrap_or(u8::MAX)));
+            let count = u32::try_from(columns * (y1.min(h) - y0))
+                .unwrap_or(u32::MAX)
+                .max(1);
+            out.extend(
+                sum.iter()
+                    .map(|s| u8::try_from(s / count).unwrap_or(u8::MAX)),
+            );
         }
     }
     out
@@ -79,7 +102,12 @@ pub fn downscale(rgba: &[u8], width: u32, height: u32, out_width: u32, out_heigh
 pub fn make(rgba: &[u8], width: u32, height: u32) -> Result<Thumbnail, ThumbnailError> {
     let need = width as usize * height as usize * 4;
     if rgba.len() < need {
-        return Err(ThumbnailError::ShortFramebuffer { got: rgba.len(), need, width, height });
+        return Err(ThumbnailError::ShortFramebuffer {
+            got: rgba.len(),
+            need,
+            width,
+            height,
+        });
     }
     let (out_width, out_height) = fitted_size(width, height, THUMBNAIL_BOX);
     if out_width == 0 {
@@ -88,9 +116,22 @@ pub fn make(rgba: &[u8], width: u32, height: u32) -> Result<Thumbnail, Thumbnail
     let rgb = downscale(rgba, width, height, out_width, out_height);
     let mut jpeg = Vec::with_capacity(rgb.len() / 8);
     // Both sides are ≤ THUMBNAIL_BOX, well inside u16.
-    let (w16, h16) = (u16::try_from(out_width).unwrap_or(u16::MAX), u16::try_from(out_height).unwrap_or(u16::MAX));
-    jpeg_encoder::Encoder::new(&mut jpeg, JPEG_QUALITY).encode(&rgb, w16, h16, jpeg_encoder::ColorType::Rgb)?;
-    Ok(Thumbnail { jpeg, width: out_width, height: out_height, taken: SystemTime::now() })
+    let (w16, h16) = (
+        u16::try_from(out_width).unwrap_or(u16::MAX),
+        u16::try_from(out_height).unwrap_or(u16::MAX),
+    );
+    jpeg_encoder::Encoder::new(&mut jpeg, JPEG_QUALITY).encode(
+        &rgb,
+        w16,
+        h16,
+        jpeg_encoder::ColorType::Rgb,
+    )?;
+    Ok(Thumbnail {
+        jpeg,
+        width: out_width,
+        height: out_height,
+        taken: SystemTime::now(),
+    })
 }
 
 #[cfg(test)]
@@ -111,7 +152,9 @@ mod tests {
         // 4×2: left half black, right half white → 2×1: one black, one white pixel.
         let mut rgba = Vec::new();
         for _ in 0..2 {
-            rgba.extend([0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255, 255]);
+            rgba.extend([
+                0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255, 255, 255, 255, 255, 255,
+            ]);
         }
         assert_eq!(downscale(&rgba, 4, 2, 2, 1), vec![0, 0, 0, 255, 255, 255]);
         // A 1-pixel red line in 4 rows of black averages to a quarter red.
@@ -123,13 +166,30 @@ mod tests {
     #[test]
     fn a_thumbnail_is_a_jpeg_of_the_fitted_size() -> Result<(), ThumbnailError> {
         let (w, h) = (1280_u32, 720_u32);
-        let rgba: Vec<u8> = std::iter::repeat_n([30_u8, 120, 200, 255], (w * h) as usize).flatten().collect();
+        let rgba: Vec<u8> = std::iter::repeat_n([30_u8, 120, 200, 255], (w * h) as usize)
+            .flatten()
+            .collect();
         let thumbnail = make(&rgba, w, h)?;
         assert_eq!((thumbnail.width, thumbnail.height), (480, 270));
-        assert_eq!(&thumbnail.jpeg[..3], &[0xFF, 0xD8, 0xFF], "JPEG start of image");
-        assert_eq!(&thumbnail.jpeg[thumbnail.jpeg.len() - 2..], &[0xFF, 0xD9], "JPEG end of image");
-        assert!(thumbnail.jpeg.len() < 20_000, "a flat 480×270 picture is small: {} bytes", thumbnail.jpeg.len());
-        assert!(matches!(make(&rgba[..100], w, h), Err(ThumbnailError::ShortFramebuffer { .. })));
+        assert_eq!(
+            &thumbnail.jpeg[..3],
+            &[0xFF, 0xD8, 0xFF],
+            "JPEG start of image"
+        );
+        assert_eq!(
+            &thumbnail.jpeg[thumbnail.jpeg.len() - 2..],
+            &[0xFF, 0xD9],
+            "JPEG end of image"
+        );
+        assert!(
+            thumbnail.jpeg.len() < 20_000,
+            "a flat 480×270 picture is small: {} bytes",
+            thumbnail.jpeg.len()
+        );
+        assert!(matches!(
+            make(&rgba[..100], w, h),
+            Err(ThumbnailError::ShortFramebuffer { .. })
+        ));
         Ok(())
     }
 }

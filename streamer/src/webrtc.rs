@@ -10,15 +10,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rtc::interceptor::{Attribute, Interceptor, Packet as InterceptorPacket, Slot, StreamInfo, TaggedPacket};
+use rtc::interceptor::{
+    Attribute, Interceptor, Packet as InterceptorPacket, Slot, StreamInfo, TaggedPacket,
+};
 use rtc::media_stream::MediaStreamTrack;
-use rtc::peer_connection::configuration::interceptor_registry::{configure_nack, configure_rtcp_reports};
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_nack, configure_rtcp_reports,
+};
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_VP8};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::receiver_report::ReceiverReport;
-use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
+};
 use rtc::sansio::Protocol;
 use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
@@ -26,8 +33,9 @@ use webrtc::media_stream::Track as _;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::peer_connection::{
-    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceGatheringState,
-    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCConfigurationBuilder, RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription,
+    Registry, SettingEngineBuilder,
 };
 
 use crate::desktop::DesktopStream;
@@ -113,7 +121,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
                 .iter()
                 .filter(|p| {
                     let any = p.as_any();
-                    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() || any.is::<ReceiverReport>() || any.is::<ReceiverEstimatedMaximumBitrate>()
+                    any.is::<PictureLossIndication>()
+                        || any.is::<FullIntraRequest>()
+                        || any.is::<ReceiverReport>()
+                        || any.is::<ReceiverEstimatedMaximumBitrate>()
                 })
                 .cloned()
                 .collect();
@@ -159,7 +170,9 @@ pub struct Viewer {
 
 impl std::fmt::Debug for Viewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Viewer").field("stats", &self.stats).finish_non_exhaustive()
+        f.debug_struct("Viewer")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 
@@ -167,29 +180,56 @@ impl Viewer {
     /// Answers a browser's offer; returns the viewer and the answer SDP (all candidates in it).
     /// `udp_bind` is where this viewer's UDP socket binds, e.g. `0.0.0.0:0` (one socket per
     /// LAN interface) or `127.0.0.1:0`.
-    pub async fn answer(offer_sdp: String, stream: DesktopStream, interactive: bool, udp_bind: String) -> Result<(Self, String), ViewerError> {
+    pub async fn answer(
+        offer_sdp: String,
+        stream: DesktopStream,
+        interactive: bool,
+        udp_bind: String,
+    ) -> Result<(Self, String), ViewerError> {
         let codec = choose_codec(&offer_sdp).ok_or(ViewerError::NoCodec)?;
-        let feedback = vec![RTCPFeedback { typ: "ccm".into(), parameter: "fir".into() }, RTCPFeedback { typ: "goog-remb".into(), parameter: String::new() }];
+        let feedback = vec![
+            RTCPFeedback {
+                typ: "ccm".into(),
+                parameter: "fir".into(),
+            },
+            RTCPFeedback {
+                typ: "goog-remb".into(),
+                parameter: String::new(),
+            },
+        ];
         let video = match codec {
             Codec::H264 => RTCRtpCodecParameters {
                 rtp_codec: RTCRtpCodec {
                     mime_type: MIME_TYPE_H264.to_owned(),
                     clock_rate: 90_000,
                     channels: 0,
-                    sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f".to_owned(),
+                    sdp_fmtp_line:
+                        "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+                            .to_owned(),
                     rtcp_feedback: feedback,
                 },
                 payload_type: 102,
             },
             Codec::Vp8 => RTCRtpCodecParameters {
-                rtp_codec: RTCRtpCodec { mime_type: MIME_TYPE_VP8.to_owned(), clock_rate: 90_000, channels: 0, sdp_fmtp_line: String::new(), rtcp_feedback: feedback },
+                rtp_codec: RTCRtpCodec {
+                    mime_type: MIME_TYPE_VP8.to_owned(),
+                    clock_rate: 90_000,
+                    channels: 0,
+                    sdp_fmtp_line: String::new(),
+                    rtcp_feedback: feedback,
+                },
                 payload_type: 96,
             },
         };
         let mut media_engine = MediaEngine::default();
-        media_engine.register_codec(video.clone(), RtpCodecKind::Video).map_err(webrtc_error)?;
-        let registry = configure_rtcp_reports(configure_nack(Registry::new(), &mut media_engine)).with(Slot::from(14_000), KeyframeRequests::default());
-        let settings = SettingEngineBuilder::new().with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::QueryOnly).build();
+        media_engine
+            .register_codec(video.clone(), RtpCodecKind::Video)
+            .map_err(webrtc_error)?;
+        let registry = configure_rtcp_reports(configure_nack(Registry::new(), &mut media_engine))
+            .with(Slot::from(14_000), KeyframeRequests::default());
+        let settings = SettingEngineBuilder::new()
+            .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::QueryOnly)
+            .build();
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let pc: Arc<dyn PeerConnection> = Arc::new(
             PeerConnectionBuilder::new()
@@ -210,17 +250,29 @@ impl Viewer {
             "desktop".to_owned(),
             RtpCodecKind::Video,
             vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
                 codec: video.rtp_codec.clone(),
                 active: true,
                 ..Default::default()
             }],
         )));
-        let sender = pc.add_track(track.clone() as Arc<dyn TrackLocal>).await.map_err(webrtc_error)?;
+        let sender = pc
+            .add_track(track.clone() as Arc<dyn TrackLocal>)
+            .await
+            .map_err(webrtc_error)?;
         let result = async {
-            pc.set_remote_description(RTCSessionDescription::offer(offer_sdp).map_err(webrtc_error)?).await.map_err(webrtc_error)?;
+            pc.set_remote_description(
+                RTCSessionDescription::offer(offer_sdp).map_err(webrtc_error)?,
+            )
+            .await
+            .map_err(webrtc_error)?;
             let answer = pc.create_answer(None).await.map_err(webrtc_error)?;
-            pc.set_local_description(answer).await.map_err(webrtc_error)?;
+            pc.set_local_description(answer)
+                .await
+                .map_err(webrtc_error)?;
             Ok::<_, ViewerError>(())
         }
         .await;
@@ -246,7 +298,14 @@ impl Viewer {
                 return Err(ViewerError::WebRtc("ICE gathering did not finish".into()));
             }
         };
-        let payload_type = match sender.get_parameters().await.map_err(webrtc_error)?.rtp_parameters.codecs.first() {
+        let payload_type = match sender
+            .get_parameters()
+            .await
+            .map_err(webrtc_error)?
+            .rtp_parameters
+            .codecs
+            .first()
+        {
             Some(codec) => codec.payload_type,
             None => {
                 let _ = pc.close().await;
@@ -264,7 +323,10 @@ impl Viewer {
             async move {
                 let mut rate = RateController::new(RateLimits::default());
                 while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = track.poll().await {
-                    if packets.iter().any(|p| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>()) {
+                    if packets.iter().any(|p| {
+                        p.as_any().is::<PictureLossIndication>()
+                            || p.as_any().is::<FullIntraRequest>()
+                    }) {
                         stats.keyframe_requests.fetch_add(1, Ordering::Relaxed);
                         stream.request_keyframe();
                     }
@@ -273,10 +335,15 @@ impl Viewer {
                         let now = Instant::now();
                         if let Some(report) = packet.as_any().downcast_ref::<ReceiverReport>() {
                             for block in report.reports.iter().filter(|block| block.ssrc == ssrc) {
-                                stats.fraction_lost.store(u64::from(block.fraction_lost), Ordering::Relaxed);
+                                stats
+                                    .fraction_lost
+                                    .store(u64::from(block.fraction_lost), Ordering::Relaxed);
                                 target = Some(rate.on_loss(block.fraction_lost, now));
                             }
-                        } else if let Some(remb) = packet.as_any().downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+                        } else if let Some(remb) = packet
+                            .as_any()
+                            .downcast_ref::<ReceiverEstimatedMaximumBitrate>()
+                        {
                             stats.remb_bps.store(remb.bitrate as u64, Ordering::Relaxed);
                             target = Some(rate.on_remb(remb.bitrate, now));
                         }
@@ -305,26 +372,45 @@ impl Viewer {
                     };
                     match event {
                         Event::State(RTCPeerConnectionState::Connected) if media.is_none() => {
-                            media = Some(tokio::spawn(pump_media(track.clone(), stream.clone(), video.rtp_codec.clone(), codec, ssrc, payload_type, stats.clone())));
+                            media = Some(tokio::spawn(pump_media(
+                                track.clone(),
+                                stream.clone(),
+                                video.rtp_codec.clone(),
+                                codec,
+                                ssrc,
+                                payload_type,
+                                stats.clone(),
+                            )));
                         }
-                        Event::State(RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) => break,
+                        Event::State(
+                            RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed,
+                        ) => break,
                         Event::DataChannel(channel) => {
-                            let (stream, stats, done_tx) = (stream.clone(), stats.clone(), done_tx.clone());
+                            let (stream, stats, done_tx) =
+                                (stream.clone(), stats.clone(), done_tx.clone());
                             tokio::spawn(async move {
                                 while let Some(event) = channel.poll().await {
                                     match event {
-                                        DataChannelEvent::OnMessage(message) if !message.is_string => {
+                                        DataChannelEvent::OnMessage(message)
+                                            if !message.is_string =>
+                                        {
                                             if !interactive {
-                                                stats.inputs_dropped.fetch_add(1, Ordering::Relaxed);
+                                                stats
+                                                    .inputs_dropped
+                                                    .fetch_add(1, Ordering::Relaxed);
                                                 continue;
                                             }
                                             match crate::input::decode(&message.data) {
                                                 Ok(events) => {
-                                                    stats.inputs_applied.fetch_add(1, Ordering::Relaxed);
+                                                    stats
+                                                        .inputs_applied
+                                                        .fetch_add(1, Ordering::Relaxed);
                                                     stream.input(events);
                                                 }
                                                 Err(_) => {
-                                                    stats.inputs_malformed.fetch_add(1, Ordering::Relaxed);
+                                                    stats
+                                                        .inputs_malformed
+                                                        .fetch_add(1, Ordering::Relaxed);
                                                 }
                                             }
                                         }
@@ -349,7 +435,15 @@ impl Viewer {
                 stream.forget_viewer(viewer_id);
             }
         });
-        Ok((Self { pc, codec, stats, done }, answer))
+        Ok((
+            Self {
+                pc,
+                codec,
+                stats,
+                done,
+            },
+            answer,
+        ))
     }
 
     /// Resolves once the browser left (data channel closed, ICE failed) or the viewer was closed.
@@ -369,7 +463,13 @@ const RTP_MTU: usize = 1200;
 /// its OpenH264 plugin); None when it offers neither.
 fn choose_codec(offer_sdp: &str) -> Option<Codec> {
     let offered = |name: &str| {
-        offer_sdp.lines().any(|line| line.starts_with("a=rtpmap:") && line.split_whitespace().nth(1).is_some_and(|codec| codec.eq_ignore_ascii_case(&format!("{name}/90000"))))
+        offer_sdp.lines().any(|line| {
+            line.starts_with("a=rtpmap:")
+                && line
+                    .split_whitespace()
+                    .nth(1)
+                    .is_some_and(|codec| codec.eq_ignore_ascii_case(&format!("{name}/90000")))
+        })
     };
     if offered("H264") {
         Some(Codec::H264)
@@ -386,14 +486,29 @@ fn choose_codec(offer_sdp: &str) -> Option<Codec> {
 /// stamps a frame with the previous frame's duration, so the first frame after an idle
 /// spell looked seconds late to the browser, whose jitter buffer then held every frame
 /// about a second: measured 1.1 s glass to glass before this.)
-async fn pump_media(track: Arc<TrackLocalStaticRTP>, stream: DesktopStream, rtp_codec: RTCRtpCodec, codec: Codec, ssrc: u32, payload_type: u8, stats: Arc<ViewerStats>) {
+async fn pump_media(
+    track: Arc<TrackLocalStaticRTP>,
+    stream: DesktopStream,
+    rtp_codec: RTCRtpCodec,
+    codec: Codec,
+    ssrc: u32,
+    payload_type: u8,
+    stats: Arc<ViewerStats>,
+) {
     use rtc::rtp::packetizer::Packetizer as _;
     let Ok(payloader) = rtp_codec.payloader() else {
         tracing::warn!(codec = codec.name(), "no RTP payloader for the codec");
         return;
     };
-    let mut packetizer =
-        rtc::rtp::packetizer::new_packetizer(Instant::now(), RTP_MTU, payload_type, ssrc, payloader, Box::new(rtc::rtp::sequence::new_random_sequencer()), 90_000);
+    let mut packetizer = rtc::rtp::packetizer::new_packetizer(
+        Instant::now(),
+        RTP_MTU,
+        payload_type,
+        ssrc,
+        payloader,
+        Box::new(rtc::rtp::sequence::new_random_sequencer()),
+        90_000,
+    );
     let clock_base: u32 = rand::random();
     let mut clock_start: Option<Instant> = None;
     let mut frames = stream.subscribe(codec);
@@ -413,15 +528,20 @@ async fn pump_media(track: Arc<TrackLocalStaticRTP>, stream: DesktopStream, rtp_
             continue;
         }
         waiting_for_keyframe = false;
-        let since_start = frame.captured.saturating_duration_since(*clock_start.get_or_insert(frame.captured));
-        let timestamp = clock_base.wrapping_add((since_start.as_secs_f64() * 90_000.0) as u64 as u32);
-        let packets = match packetizer.packetize(frame.captured, &Bytes::from(frame.encoded.data.clone()), 0) {
-            Ok(packets) => packets,
-            Err(error) => {
-                tracing::warn!(%error, "packetizing a frame failed");
-                continue;
-            }
-        };
+        let since_start = frame
+            .captured
+            .saturating_duration_since(*clock_start.get_or_insert(frame.captured));
+        let timestamp =
+            clock_base.wrapping_add((since_start.as_secs_f64() * 90_000.0) as u64 as u32);
+        let packets =
+            match packetizer.packetize(frame.captured, &Bytes::from(frame.encoded.data.clone()), 0)
+            {
+                Ok(packets) => packets,
+                Err(error) => {
+                    tracing::warn!(%error, "packetizing a frame failed");
+                    continue;
+                }
+            };
         for mut packet in packets {
             packet.header.timestamp = timestamp;
             packet.header.payload_type = payload_type;
@@ -430,7 +550,9 @@ async fn pump_media(track: Arc<TrackLocalStaticRTP>, stream: DesktopStream, rtp_
             }
         }
         stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-        stats.bytes_sent.fetch_add(frame.encoded.data.len() as u64, Ordering::Relaxed);
+        stats
+            .bytes_sent
+            .fetch_add(frame.encoded.data.len() as u64, Ordering::Relaxed);
     }
 }
 

@@ -17,7 +17,10 @@ pub fn labrack_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/debug/deps/e2e-HASH → target/debug/labrack
-    exe.parent().and_then(Path::parent).map(|dir| dir.join("labrack")).unwrap_or_default()
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("labrack"))
+        .unwrap_or_default()
 }
 
 /// A temp data directory removed on drop.
@@ -25,8 +28,12 @@ pub struct DataDir(pub PathBuf);
 
 impl DataDir {
     pub fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("labrack-e2e-{tag}-{}-{nanos}", std::process::id()));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("labrack-e2e-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).ok();
         Self(dir)
     }
@@ -60,7 +67,12 @@ impl Server {
     }
 
     /// Starts a given `labrack` binary (xtask uses the release build for benchmarks).
-    pub fn start_binary(binary: &Path, data_dir: &Path, listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start_binary(
+        binary: &Path,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(binary)
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
@@ -82,7 +94,9 @@ impl Server {
             if let Some(rest) = line.strip_prefix("labrack: ca fingerprint ") {
                 ca_fingerprint = Some(rest.trim().to_owned());
             }
-            let done = line.strip_prefix("labrack: listening on ").map(|rest| rest.trim().trim_end_matches('/').to_owned());
+            let done = line
+                .strip_prefix("labrack: listening on ")
+                .map(|rest| rest.trim().trim_end_matches('/').to_owned());
             seen.push(line);
             if done.is_some() {
                 url = done;
@@ -94,7 +108,13 @@ impl Server {
             let status = child.wait()?;
             bail!("labrack exited before listening ({status}); printed: {seen:?}");
         };
-        Ok(Self { child, url, admin_password, ca_fingerprint, stdout_lines: seen })
+        Ok(Self {
+            child,
+            url,
+            admin_password,
+            ca_fingerprint,
+            stdout_lines: seen,
+        })
     }
 
     /// The generated CA certificate of a server started on `data_dir`.
@@ -128,7 +148,9 @@ impl Drop for Server {
 }
 
 fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
-    let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status()?;
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()?;
     anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
     Ok(())
 }
@@ -152,7 +174,12 @@ pub struct Api {
 }
 
 impl Api {
-    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
         let mut request = self.client.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -163,7 +190,10 @@ impl Api {
         let response = request.send().await?;
         let status = response.status().as_u16();
         let text = response.text().await?;
-        Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
     }
 
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<(u16, Value)> {
@@ -182,12 +212,21 @@ impl Api {
         }
         let response = request.send().await?;
         let status = response.status().as_u16();
-        let kind = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        let kind = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         Ok((status, kind, response.bytes().await?.to_vec()))
     }
 
     pub async fn post_csv(&self, path: &str, csv: &str) -> anyhow::Result<(u16, Value)> {
-        let mut request = self.client.post(format!("{}{path}", self.base)).header("content-type", "text/csv").body(csv.to_owned());
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "text/csv")
+            .body(csv.to_owned());
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -198,16 +237,31 @@ impl Api {
 
     /// Logs in as admin with the one-time password, sets `new_password`, keeps the token.
     pub async fn first_admin_login(&mut self, otp: &str, new_password: &str) -> anyhow::Result<()> {
-        let (status, body) = self.post("/api/v1/auth/login", json!({"username": "admin", "password": otp, "bearer": true})).await?;
+        let (status, body) = self
+            .post(
+                "/api/v1/auth/login",
+                json!({"username": "admin", "password": otp, "bearer": true}),
+            )
+            .await?;
         anyhow::ensure!(status == 200, "login: {status} {body}");
         self.token = body["token"].as_str().map(str::to_owned);
-        let (status, body) = self.post("/api/v1/auth/password", json!({"current_password": otp, "new_password": new_password})).await?;
+        let (status, body) = self
+            .post(
+                "/api/v1/auth/password",
+                json!({"current_password": otp, "new_password": new_password}),
+            )
+            .await?;
         anyhow::ensure!(status == 200, "password change: {status} {body}");
         Ok(())
     }
 
     pub async fn login(&mut self, username: &str, password: &str) -> anyhow::Result<()> {
-        let (status, body) = self.post("/api/v1/auth/login", json!({"username": username, "password": password, "bearer": true})).await?;
+        let (status, body) = self
+            .post(
+                "/api/v1/auth/login",
+                json!({"username": username, "password": password, "bearer": true}),
+            )
+            .await?;
         anyhow::ensure!(status == 200, "login: {status} {body}");
         self.token = body["token"].as_str().map(str::to_owned);
         Ok(())
@@ -217,7 +271,11 @@ impl Api {
 impl Api {
     /// PUTs a TOML file (lab templates).
     pub async fn put_toml(&self, path: &str, toml: &str) -> anyhow::Result<(u16, Value)> {
-        let mut request = self.client.put(format!("{}{path}", self.base)).header("content-type", "application/toml").body(toml.to_owned());
+        let mut request = self
+            .client
+            .put(format!("{}{path}", self.base))
+            .header("content-type", "application/toml")
+            .body(toml.to_owned());
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -228,7 +286,12 @@ impl Api {
 
     /// Polls `GET path` until `done` holds for the body, or fails after `timeout` with the
     /// last body seen.
-    pub async fn wait_for(&self, path: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    pub async fn wait_for(
+        &self,
+        path: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let (status, body) = self.get(path).await?;
@@ -236,7 +299,9 @@ impl Api {
                 return Ok(body);
             }
             if std::time::Instant::now() > deadline {
-                bail!("timed out after {timeout:?} waiting on {path}; last answer {status}: {body}");
+                bail!(
+                    "timed out after {timeout:?} waiting on {path}; last answer {status}: {body}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -252,19 +317,58 @@ pub fn labrack_host_bin() -> PathBuf {
 }
 
 /// `labrack-host enrol` into `state_dir`; returns (success, stdout + stderr).
-pub fn enrol_host(server_url: &str, data_dir: &Path, token: &str, name: &str, state_dir: &Path) -> anyhow::Result<(bool, String)> {
-    enrol_host_binary(&labrack_host_bin(), server_url, data_dir, token, name, state_dir)
+pub fn enrol_host(
+    server_url: &str,
+    data_dir: &Path,
+    token: &str,
+    name: &str,
+    state_dir: &Path,
+) -> anyhow::Result<(bool, String)> {
+    enrol_host_binary(
+        &labrack_host_bin(),
+        server_url,
+        data_dir,
+        token,
+        name,
+        state_dir,
+    )
 }
 
 /// [`enrol_host`] with a given `labrack-host` binary (benchmarks use the release build).
-pub fn enrol_host_binary(binary: &Path, server_url: &str, data_dir: &Path, token: &str, name: &str, state_dir: &Path) -> anyhow::Result<(bool, String)> {
+pub fn enrol_host_binary(
+    binary: &Path,
+    server_url: &str,
+    data_dir: &Path,
+    token: &str,
+    name: &str,
+    state_dir: &Path,
+) -> anyhow::Result<(bool, String)> {
     enrol_host_args(binary, server_url, data_dir, token, name, state_dir, &[])
 }
 
 /// [`enrol_host_binary`] with more `labrack-host enrol` options (e.g. `--capacity`).
-pub fn enrol_host_args(binary: &Path, server_url: &str, data_dir: &Path, token: &str, name: &str, state_dir: &Path, extra: &[&str]) -> anyhow::Result<(bool, String)> {
+pub fn enrol_host_args(
+    binary: &Path,
+    server_url: &str,
+    data_dir: &Path,
+    token: &str,
+    name: &str,
+    state_dir: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(bool, String)> {
     let output = Command::new(binary)
-        .args(["enrol", "--appliance", server_url, "--token", token, "--name", name, "--address", "127.0.0.1", "--ca"])
+        .args([
+            "enrol",
+            "--appliance",
+            server_url,
+            "--token",
+            token,
+            "--name",
+            name,
+            "--address",
+            "127.0.0.1",
+            "--ca",
+        ])
         .arg(Server::ca_cert(data_dir))
         .arg("--state-dir")
         .arg(state_dir)
@@ -272,7 +376,11 @@ pub fn enrol_host_args(binary: &Path, server_url: &str, data_dir: &Path, token: 
         .env("LABRACK_LOG", "warn")
         .output()
         .context("running labrack-host enrol")?;
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok((output.status.success(), text))
 }
 
@@ -298,8 +406,11 @@ fn test_host_network(state_dir: &Path) -> anyhow::Result<(u16, String)> {
     }
     let seed = rand_suffix();
     for attempt in 0..200u32 {
-        let port = 20_000 + u16::try_from((seed.wrapping_add(attempt * 7919)) % 600).unwrap_or(0) * (TEST_HOST_SLOTS * 2);
-        let all_free = (port..port + TEST_HOST_SLOTS * 2).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        let port = 20_000
+            + u16::try_from((seed.wrapping_add(attempt * 7919)) % 600).unwrap_or(0)
+                * (TEST_HOST_SLOTS * 2);
+        let all_free = (port..port + TEST_HOST_SLOTS * 2)
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
         if all_free {
             let block = (seed.wrapping_add(attempt)) % 16_384;
             let network = format!("100.{}.{}.0/24", 64 + block / 256, block % 256);
@@ -308,13 +419,29 @@ fn test_host_network(state_dir: &Path) -> anyhow::Result<(u16, String)> {
             return Ok((port, network));
         }
     }
-    bail!("no free range of {} ports for a test host", TEST_HOST_SLOTS * 2)
+    bail!(
+        "no free range of {} ports for a test host",
+        TEST_HOST_SLOTS * 2
+    )
 }
 
 impl LabHost {
     /// Starts the agent with the run's user prefix, SSH host key and a skeleton root.
-    pub fn start(state_dir: &Path, users: &LabUsers, skeleton_root: &Path, env: &[(&str, &str)], extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_binary(&labrack_host_bin(), state_dir, users, skeleton_root, env, extra)
+    pub fn start(
+        state_dir: &Path,
+        users: &LabUsers,
+        skeleton_root: &Path,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_binary(
+            &labrack_host_bin(),
+            state_dir,
+            users,
+            skeleton_root,
+            env,
+            extra,
+        )
     }
 
     /// [`LabHost::start`] with a given binary (benchmarks use the release build).
@@ -330,13 +457,29 @@ impl LabHost {
         let ports = format!("{first_port}-{}", first_port + TEST_HOST_SLOTS * 2 - 1);
         let mut command = Command::new(binary);
         command
-            .args(["run", "--user-prefix", &users.prefix, "--lab-ports", &ports, "--lab-listen", "127.0.0.1", "--lab-network", &network, "--state-dir"])
+            .args([
+                "run",
+                "--user-prefix",
+                &users.prefix,
+                "--lab-ports",
+                &ports,
+                "--lab-listen",
+                "127.0.0.1",
+                "--lab-network",
+                &network,
+                "--state-dir",
+            ])
             .arg(state_dir)
             .arg("--skeleton-root")
             .arg(skeleton_root)
             .arg("--ssh-host-key-file")
             .arg(&users.ssh_host_key)
-            .args(["--rdp-cert-file", "/etc/xrdp/cert.pem", "--rdp-key-file", "/etc/xrdp/key.pem"])
+            .args([
+                "--rdp-cert-file",
+                "/etc/xrdp/cert.pem",
+                "--rdp-key-file",
+                "/etc/xrdp/key.pem",
+            ])
             .args(extra)
             .env("LABRACK_LOG", "info")
             .env("NO_COLOR", "1")
@@ -362,14 +505,23 @@ impl LabHost {
                 }
             }
         });
-        Ok(Self { child, log, first_port })
+        Ok(Self {
+            child,
+            log,
+            first_port,
+        })
     }
 
     /// Waits until a log line contains `needle`.
     pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            if self.log.lock().map(|log| log.iter().any(|l| l.contains(needle))).unwrap_or(false) {
+            if self
+                .log
+                .lock()
+                .map(|log| log.iter().any(|l| l.contains(needle)))
+                .unwrap_or(false)
+            {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
@@ -414,8 +566,15 @@ impl LabUsers {
         let prefix = format!("lrt{}-", rand_suffix());
         let keys = DataDir::new("host-key");
         let ssh_host_key = keys.0.join("ssh_host_ed25519_key");
-        let _ = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&ssh_host_key).status();
-        let users = Self { prefix, ssh_host_key, _keys: keys };
+        let _ = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&ssh_host_key)
+            .status();
+        let users = Self {
+            prefix,
+            ssh_host_key,
+            _keys: keys,
+        };
         users.sweep();
         users
     }
@@ -432,27 +591,49 @@ impl LabUsers {
 
     /// The lab users (not their checkers).
     pub fn labs(&self) -> Vec<String> {
-        self.list().into_iter().filter(|name| !name.ends_with('c')).collect()
+        self.list()
+            .into_iter()
+            .filter(|name| !name.ends_with('c'))
+            .collect()
     }
 
     pub fn sweep(&self) {
         // Boxes first: their supervisors, then whatever is left in their cgroups.
-        let _ = Command::new("pkill").args(["-KILL", "-f", &format!("lab-box --state-dir .* --lab {}", self.prefix)]).status();
-        for controller in ["pids", "freezer", "memory", "cpu", "devices", "blkio", "cpuacct", "cpuset"] {
+        let _ = Command::new("pkill")
+            .args([
+                "-KILL",
+                "-f",
+                &format!("lab-box --state-dir .* --lab {}", self.prefix),
+            ])
+            .status();
+        for controller in [
+            "pids", "freezer", "memory", "cpu", "devices", "blkio", "cpuacct", "cpuset",
+        ] {
             let base = PathBuf::from(format!("/sys/fs/cgroup/{controller}/labrack"));
             for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&self.prefix) {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&self.prefix)
+                {
                     remove_cgroup_tree(&entry.path());
                 }
             }
         }
-        for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(&self.prefix) {
                 let _ = Command::new("ip").args(["netns", "del", &name]).status();
             }
         }
-        for line in std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines() {
+        for line in std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+        {
             if let Some(target) = line.split_whitespace().nth(1)
                 && target.starts_with(&format!("/home/{}", self.prefix))
             {
@@ -464,7 +645,10 @@ impl LabUsers {
         names.sort_by_key(|name| !name.ends_with('c'));
         for name in names {
             let _ = Command::new("pkill").args(["-KILL", "-u", &name]).status();
-            let _ = Command::new("userdel").args([&name]).stderr(Stdio::null()).status();
+            let _ = Command::new("userdel")
+                .args([&name])
+                .stderr(Stdio::null())
+                .status();
             let _ = std::fs::remove_dir_all(format!("/home/{name}"));
         }
     }
@@ -483,7 +667,10 @@ fn remove_cgroup_tree(dir: &Path) {
             break;
         }
         for pid in procs.lines() {
-            let _ = Command::new("kill").args(["-KILL", pid.trim()]).stderr(Stdio::null()).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", pid.trim()])
+                .stderr(Stdio::null())
+                .status();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -503,13 +690,18 @@ impl Drop for LabUsers {
 }
 
 fn rand_suffix() -> u32 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     (nanos ^ std::process::id().rotate_left(16)) % 100_000
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A real OpenSSH server on 127.0.0.1 with its own host key, accepting passwords only
@@ -531,7 +723,11 @@ impl Sshd {
     pub fn start_with(user_prefix: &str, extra: &str) -> anyhow::Result<Self> {
         let dir = DataDir::new("sshd");
         let key = dir.0.join("host_key");
-        let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status().context("ssh-keygen")?;
+        let keygen = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .context("ssh-keygen")?;
         anyhow::ensure!(keygen.success(), "ssh-keygen failed");
         let port = free_port()?;
         let config = dir.0.join("sshd_config");
@@ -554,10 +750,18 @@ impl Sshd {
             .context("starting /usr/sbin/sshd (apt package openssh-server)")?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "sshd did not start listening on {port}");
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "sshd did not start listening on {port}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Self { child, port, host_key_pub: key.with_extension("pub"), _dir: dir })
+        Ok(Self {
+            child,
+            port,
+            host_key_pub: key.with_extension("pub"),
+            _dir: dir,
+        })
     }
 }
 
@@ -569,7 +773,8 @@ impl Drop for Sshd {
 }
 
 /// A WebSocket over TLS to the appliance, trusting only its CA, with a bearer token.
-pub type AppSocket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+pub type AppSocket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// A TLS connector that trusts only the appliance's CA.
 pub fn tls_connector(data_dir: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
@@ -578,21 +783,35 @@ pub fn tls_connector(data_dir: &Path) -> anyhow::Result<tokio_rustls::TlsConnect
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(cert?)?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)))
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
 }
 
-pub async fn websocket(data_dir: &Path, base_url: &str, path: &str, bearer: &str) -> anyhow::Result<AppSocket> {
+pub async fn websocket(
+    data_dir: &Path,
+    base_url: &str,
+    path: &str,
+    bearer: &str,
+) -> anyhow::Result<AppSocket> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    let authority = base_url.trim_start_matches("https://").trim_end_matches('/').to_owned();
+    let authority = base_url
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_owned();
     let tcp = tokio::net::TcpStream::connect(&authority).await?;
     let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
     let tls = tls_connector(data_dir)?.connect(server_name, tcp).await?;
     let mut request = format!("wss://{authority}{path}").into_client_request()?;
-    request.headers_mut().insert("authorization", format!("Bearer {bearer}").parse()?);
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {bearer}").parse()?);
     let (socket, _) = tokio_tungstenite::client_async(request, tls).await?;
     Ok(socket)
 }
@@ -629,22 +848,28 @@ impl UdpFaultProxy {
         let faults = Arc::new(std::sync::Mutex::new(Faults::default()));
         let shared = faults.clone();
         let task = tokio::spawn(async move {
-            let mut upstreams: HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
+            let mut upstreams: HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
+                HashMap::new();
             let mut buffer = vec![0u8; 65_536];
             loop {
-                let Ok((n, client)) = listener.recv_from(&mut buffer).await else { return };
+                let Ok((n, client)) = listener.recv_from(&mut buffer).await else {
+                    return;
+                };
                 let packet = buffer[..n].to_vec();
                 let upstream = match upstreams.get(&client) {
                     Some(socket) => socket.clone(),
                     None => {
-                        let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else { continue };
+                        let Ok(socket) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
+                            continue;
+                        };
                         if socket.connect(target).await.is_err() {
                             continue;
                         }
                         let socket = Arc::new(socket);
                         upstreams.insert(client, socket.clone());
                         // The way back: server → client, through the same faults.
-                        let (back, listener, faults) = (socket.clone(), listener.clone(), shared.clone());
+                        let (back, listener, faults) =
+                            (socket.clone(), listener.clone(), shared.clone());
                         tokio::spawn(async move {
                             let mut buffer = vec![0u8; 65_536];
                             while let Ok(n) = back.recv(&mut buffer).await {
@@ -707,7 +932,11 @@ where
         return;
     }
     let copies = if roll(faults.duplicate_percent) { 2 } else { 1 };
-    let extra = if roll(faults.reorder_percent) { 1 + (rand_suffix() % 30) as u64 } else { 0 };
+    let extra = if roll(faults.reorder_percent) {
+        1 + (rand_suffix() % 30) as u64
+    } else {
+        0
+    };
     let delay = Duration::from_millis(faults.delay_ms + extra);
     tokio::spawn(async move {
         if !delay.is_zero() {

@@ -30,21 +30,37 @@ fn server_addr(server: &Server) -> anyhow::Result<SocketAddr> {
 /// Whether the server has closed `stream` (a read gives EOF or an error within `wait`).
 async fn closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
     let mut byte = [0_u8; 1];
-    matches!(tokio::time::timeout(wait, stream.read(&mut byte)).await, Ok(Ok(0) | Err(_)))
+    matches!(
+        tokio::time::timeout(wait, stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
 }
 
 /// The server's peak resident memory (VmHWM), in MiB.
 fn peak_rss_mib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).ok_or_else(|| anyhow::anyhow!("no VmHWM"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM"))?;
     let kib: u64 = line.split_whitespace().nth(1).unwrap_or("0").parse()?;
     Ok(kib / 1024)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_connections_are_capped_per_client_and_closed_while_others_are_served() -> anyhow::Result<()> {
+async fn slow_connections_are_capped_per_client_and_closed_while_others_are_served()
+-> anyhow::Result<()> {
     let data = DataDir::new("abuse-slow");
-    let server = Server::start_with(&data.0, "127.0.0.1:0", &["--max-connections-per-client", "16", "--header-timeout-secs", "2"])?;
+    let server = Server::start_with(
+        &data.0,
+        "127.0.0.1:0",
+        &[
+            "--max-connections-per-client",
+            "16",
+            "--header-timeout-secs",
+            "2",
+        ],
+    )?;
     let addr = server_addr(&server)?;
     let honest = client_from(&data.0, "127.0.0.9")?;
 
@@ -61,7 +77,10 @@ async fn slow_connections_are_capped_per_client_and_closed_while_others_are_serv
             refused += 1;
         }
     }
-    assert!(refused >= 44, "beyond 16 per client, connections are closed at once ({refused} of 60 were)");
+    assert!(
+        refused >= 44,
+        "beyond 16 per client, connections are closed at once ({refused} of 60 were)"
+    );
     // everyone else is served meanwhile
     let health = honest.get(format!("{}/healthz", server.url)).send().await?;
     assert_eq!(health.status(), 200);
@@ -69,7 +88,14 @@ async fn slow_connections_are_capped_per_client_and_closed_while_others_are_serv
     // timeout is longer than clients keep idle connections, so they never send into one
     // being closed)
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(honest.get(format!("{}/healthz", server.url)).send().await?.status(), 200);
+    assert_eq!(
+        honest
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .await?
+            .status(),
+        200
+    );
     // the stranger's 16 admitted connections were closed when their handshake timed out
     let mut still_open = 0;
     for stream in &mut silent {
@@ -84,33 +110,76 @@ async fn slow_connections_are_capped_per_client_and_closed_while_others_are_serv
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.bind("127.0.0.3:0".parse()?)?;
     let tcp = socket.connect(addr).await?;
-    let mut tls = connector.connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned(), tcp).await?;
+    let mut tls = connector
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned(),
+            tcp,
+        )
+        .await?;
     tokio::io::AsyncWriteExt::write_all(&mut tls, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await?;
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "a request whose headers never end is closed within the header timeout");
-    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"), "it was never answered as a request");
+    assert!(
+        read.is_ok(),
+        "a request whose headers never end is closed within the header timeout"
+    );
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("200 OK"),
+        "it was never answered as a request"
+    );
 
     // and the stranger may connect again once it behaves
     let stranger = client_from(&data.0, "127.0.0.2")?;
-    assert_eq!(stranger.get(format!("{}/healthz", server.url)).send().await?.status(), 200);
-    let metrics = honest.get(format!("{}/metrics", server.url)).send().await?.text().await?;
-    let refused_metric = metrics.lines().find(|l| l.starts_with("labrack_connections_refused_total ")).unwrap_or_default().to_owned();
-    assert!(refused_metric.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= 44), "{refused_metric}");
+    assert_eq!(
+        stranger
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .await?
+            .status(),
+        200
+    );
+    let metrics = honest
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let refused_metric = metrics
+        .lines()
+        .find(|l| l.starts_with("labrack_connections_refused_total "))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        refused_metric
+            .split(' ')
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n >= 44),
+        "{refused_metric}"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_login_flood_runs_argon2_only_within_the_limits_and_the_admin_still_gets_in() -> anyhow::Result<()> {
+async fn a_login_flood_runs_argon2_only_within_the_limits_and_the_admin_still_gets_in()
+-> anyhow::Result<()> {
     let data = DataDir::new("abuse-login");
     let server = Server::start(&data.0, "127.0.0.1:0")?;
     let otp = server.admin_password.clone().expect("otp");
-    let mut admin = Api { client: client_from(&data.0, "127.0.0.9")?, base: server.url.clone(), token: None };
-    admin.first_admin_login(&otp, "a-strong-admin-password").await?;
+    let mut admin = Api {
+        client: client_from(&data.0, "127.0.0.9")?,
+        base: server.url.clone(),
+        token: None,
+    };
+    admin
+        .first_admin_login(&otp, "a-strong-admin-password")
+        .await?;
     let rss_before = peak_rss_mib(server.pid())?;
 
     // 300 logins at once with random usernames, 15 from each of 20 strangers
-    let strangers: Vec<reqwest::Client> = (1..=20).map(|n| client_from(&data.0, &format!("127.0.1.{n}"))).collect::<Result<_, _>>()?;
+    let strangers: Vec<reqwest::Client> = (1..=20)
+        .map(|n| client_from(&data.0, &format!("127.0.1.{n}")))
+        .collect::<Result<_, _>>()?;
     let attempts = (0..300).map(|n| {
         let stranger = strangers[n % strangers.len()].clone();
         let url = format!("{}/api/v1/auth/login", server.url);
@@ -128,7 +197,10 @@ async fn a_login_flood_runs_argon2_only_within_the_limits_and_the_admin_still_ge
         for _ in 0..20 {
             let started = std::time::Instant::now();
             let (status, _) = admin.get("/api/v1/events").await?;
-            anyhow::ensure!(status == 200, "the admin was refused during the flood: {status}");
+            anyhow::ensure!(
+                status == 200,
+                "the admin was refused during the flood: {status}"
+            );
             slowest = slowest.max(started.elapsed());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -145,11 +217,23 @@ async fn a_login_flood_runs_argon2_only_within_the_limits_and_the_admin_still_ge
             assert!(retry_after, "a refusal says when to retry");
         }
     }
-    assert!(counts.keys().all(|s| [401, 429, 503].contains(s)), "{counts:?}");
-    assert!(counts.get(&401).copied().unwrap_or(0) <= 200, "at most ten guesses per stranger reach argon2: {counts:?}");
-    assert!(slowest < Duration::from_secs(2), "an honest request took {slowest:?} during the flood");
+    assert!(
+        counts.keys().all(|s| [401, 429, 503].contains(s)),
+        "{counts:?}"
+    );
+    assert!(
+        counts.get(&401).copied().unwrap_or(0) <= 200,
+        "at most ten guesses per stranger reach argon2: {counts:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "an honest request took {slowest:?} during the flood"
+    );
     let rss_after = peak_rss_mib(server.pid())?;
-    assert!(rss_after < rss_before + 200, "peak memory grew from {rss_before} MiB to {rss_after} MiB");
+    assert!(
+        rss_after < rss_before + 200,
+        "peak memory grew from {rss_before} MiB to {rss_after} MiB"
+    );
     // nor did it lock the admin out: a fresh login works once the pool has drained
     tokio::time::sleep(Duration::from_secs(2)).await;
     admin.login("admin", "a-strong-admin-password").await?;
@@ -157,15 +241,27 @@ async fn a_login_flood_runs_argon2_only_within_the_limits_and_the_admin_still_ge
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scoreboard_crowd_is_capped_per_client_and_every_stream_gets_the_board() -> anyhow::Result<()> {
+async fn a_scoreboard_crowd_is_capped_per_client_and_every_stream_gets_the_board()
+-> anyhow::Result<()> {
     let data = DataDir::new("abuse-board");
     let server = Server::start(&data.0, "127.0.0.1:0")?;
     let otp = server.admin_password.clone().expect("otp");
-    let mut admin = Api { client: client_from(&data.0, "127.0.0.9")?, base: server.url.clone(), token: None };
-    admin.first_admin_login(&otp, "a-strong-admin-password").await?;
+    let mut admin = Api {
+        client: client_from(&data.0, "127.0.0.9")?,
+        base: server.url.clone(),
+        token: None,
+    };
+    admin
+        .first_admin_login(&otp, "a-strong-admin-password")
+        .await?;
     let (_, event) = admin.post("/api/v1/events", json!({"name": "Crowd", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
     let event_id = event["id"].as_i64().expect("id");
-    let (status, _) = admin.post(&format!("/api/v1/events/{event_id}/transition"), json!({"to": "live"})).await?;
+    let (status, _) = admin
+        .post(
+            &format!("/api/v1/events/{event_id}/transition"),
+            json!({"to": "live"}),
+        )
+        .await?;
     assert_eq!(status, 200);
     let url = format!("{}/api/v1/events/{event_id}/scoreboard/stream", server.url);
     // One phone-wielding stranger opens streams until refused.
@@ -174,18 +270,39 @@ async fn a_scoreboard_crowd_is_capped_per_client_and_every_stream_gets_the_board
     for _ in 0..16 {
         let mut reply = crowd.get(&url).send().await?;
         assert_eq!(reply.status().as_u16(), 200);
-        let first = tokio::time::timeout(Duration::from_secs(10), reply.chunk()).await??.unwrap_or_default();
-        assert!(String::from_utf8_lossy(&first).contains("event: board"), "every stream starts with the board");
+        let first = tokio::time::timeout(Duration::from_secs(10), reply.chunk())
+            .await??
+            .unwrap_or_default();
+        assert!(
+            String::from_utf8_lossy(&first).contains("event: board"),
+            "every stream starts with the board"
+        );
         open.push(reply);
     }
     let refused = crowd.get(&url).send().await?;
-    assert_eq!(refused.status().as_u16(), 429, "the 17th stream from one client is refused");
+    assert_eq!(
+        refused.status().as_u16(),
+        429,
+        "the 17th stream from one client is refused"
+    );
     assert!(refused.headers().get("retry-after").is_some());
-    assert_eq!(refused.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("application/problem+json"));
+    assert_eq!(
+        refused
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
     // Another client still gets its board, and so does the projector's plain GET.
     let other = client_from(&data.0, "127.0.4.2")?;
     assert_eq!(other.get(&url).send().await?.status().as_u16(), 200);
-    let board = other.get(format!("{}/api/v1/events/{event_id}/scoreboard", server.url)).send().await?;
+    let board = other
+        .get(format!(
+            "{}/api/v1/events/{event_id}/scoreboard",
+            server.url
+        ))
+        .send()
+        .await?;
     assert_eq!(board.status().as_u16(), 200);
     let body: serde_json::Value = board.json().await?;
     assert_eq!(body["event"], "Crowd");
@@ -197,7 +314,10 @@ async fn a_scoreboard_crowd_is_capped_per_client_and_every_stream_gets_the_board
         if again.status().as_u16() == 200 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the closed stream's place never came back");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed stream's place never came back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())

@@ -12,7 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host, free_port};
+use labrack_e2e::{
+    Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host, free_port,
+};
 use serde_json::{Value, json};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -36,7 +38,15 @@ fn console_bin() -> PathBuf {
 /// Xvfb on a display it picks itself.
 fn xvfb() -> anyhow::Result<(Killed, String)> {
     let mut child = Command::new("Xvfb")
-        .args(["-displayfd", "1", "-screen", "0", "1280x800x24", "-nolisten", "tcp"])
+        .args([
+            "-displayfd",
+            "1",
+            "-screen",
+            "0",
+            "1280x800x24",
+            "-nolisten",
+            "tcp",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -53,7 +63,12 @@ fn notification_daemon(dir: &Path, display: &str) -> anyhow::Result<(Killed, Kil
     let address = format!("unix:path={}", socket.display());
     let bus = Killed(
         Command::new("dbus-daemon")
-            .args(["--session", "--nofork", "--nopidfile", &format!("--address={address}")])
+            .args([
+                "--session",
+                "--nofork",
+                "--nopidfile",
+                &format!("--address={address}"),
+            ])
             .stdout(Stdio::null())
             .spawn()
             .context("dbus-daemon (apt dbus)")?,
@@ -78,7 +93,10 @@ fn notification_daemon(dir: &Path, display: &str) -> anyhow::Result<(Killed, Kil
 
 /// The notifications dunst has shown (closed first: `dunstctl history` lists closed ones).
 fn shown_notifications(address: &str) -> String {
-    let _ = Command::new("dunstctl").arg("close-all").env("DBUS_SESSION_BUS_ADDRESS", address).status();
+    let _ = Command::new("dunstctl")
+        .arg("close-all")
+        .env("DBUS_SESSION_BUS_ADDRESS", address)
+        .status();
     Command::new("dunstctl")
         .arg("history")
         .env("DBUS_SESSION_BUS_ADDRESS", address)
@@ -91,13 +109,37 @@ fn shown_notifications(address: &str) -> String {
 /// as a StatusNotifierItem under /org/ayatana/NotificationItem, its label a property.
 fn tray_items(address: &str) -> String {
     let gdbus = |args: &[&str]| {
-        Command::new("gdbus").args(args).env("DBUS_SESSION_BUS_ADDRESS", address).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+        Command::new("gdbus")
+            .args(args)
+            .env("DBUS_SESSION_BUS_ADDRESS", address)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
     };
-    let names = gdbus(&["call", "--session", "--dest", "org.freedesktop.DBus", "--object-path", "/org/freedesktop/DBus", "--method", "org.freedesktop.DBus.ListNames"]);
+    let names = gdbus(&[
+        "call",
+        "--session",
+        "--dest",
+        "org.freedesktop.DBus",
+        "--object-path",
+        "/org/freedesktop/DBus",
+        "--method",
+        "org.freedesktop.DBus.ListNames",
+    ]);
     names
         .split('\'')
         .filter(|name| name.starts_with(':'))
-        .map(|name| gdbus(&["introspect", "--session", "--dest", name, "--object-path", "/org/ayatana/NotificationItem", "--recurse"]))
+        .map(|name| {
+            gdbus(&[
+                "introspect",
+                "--session",
+                "--dest",
+                name,
+                "--object-path",
+                "/org/ayatana/NotificationItem",
+                "--recurse",
+            ])
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -105,14 +147,23 @@ fn tray_items(address: &str) -> String {
 /// Answers the console's native (GTK) file dialog titled `title` by typing `path` into it, as
 /// staff would at the keyboard (xdotool on the Xvfb display).
 async fn answer_file_dialog(display: &str, title: &str, path: &Path) -> anyhow::Result<()> {
-    let xdo = |args: &[&str]| Command::new("xdotool").args(args).env("DISPLAY", display).output().context("xdotool (apt xdotool)");
+    let xdo = |args: &[&str]| {
+        Command::new("xdotool")
+            .args(args)
+            .env("DISPLAY", display)
+            .output()
+            .context("xdotool (apt xdotool)")
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     let window = loop {
         let found = xdo(&["search", "--name", title])?;
         if let Some(id) = String::from_utf8_lossy(&found.stdout).lines().next() {
             break id.to_owned();
         }
-        anyhow::ensure!(Instant::now() < deadline, "no file dialog titled {title:?} opened");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no file dialog titled {title:?} opened"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     // Let GTK map and focus the dialog's entry before typing.
@@ -135,7 +186,12 @@ struct Driver {
 
 impl Driver {
     async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        let response = self.http.post(format!("{}/session/{}{path}", self.base, self.session)).json(&body).send().await?;
+        let response = self
+            .http
+            .post(format!("{}/session/{}{path}", self.base, self.session))
+            .json(&body)
+            .send()
+            .await?;
         let value: Value = response.json().await?;
         if value["value"]["error"].is_string() {
             anyhow::bail!("webdriver {path}: {}", value["value"]);
@@ -144,7 +200,13 @@ impl Driver {
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        let value: Value = self.http.get(format!("{}/session/{}{path}", self.base, self.session)).send().await?.json().await?;
+        let value: Value = self
+            .http
+            .get(format!("{}/session/{}{path}", self.base, self.session))
+            .send()
+            .await?
+            .json()
+            .await?;
         if value["value"]["error"].is_string() {
             anyhow::bail!("webdriver {path}: {}", value["value"]);
         }
@@ -157,10 +219,15 @@ impl Driver {
         loop {
             let found = self.post("/element", json!({"using": "css selector", "value": format!("[data-testid=\"{testid}\"]")})).await;
             match found {
-                Ok(found) if found[ELEMENT].is_string() => return Ok(found[ELEMENT].as_str().unwrap_or_default().to_owned()),
+                Ok(found) if found[ELEMENT].is_string() => {
+                    return Ok(found[ELEMENT].as_str().unwrap_or_default().to_owned());
+                }
                 other if Instant::now() > deadline => {
                     let source = self.get("/source").await.unwrap_or_default();
-                    anyhow::bail!("no element {testid}: {other:?}; the page is {}", source.to_string().chars().take(600).collect::<String>());
+                    anyhow::bail!(
+                        "no element {testid}: {other:?}; the page is {}",
+                        source.to_string().chars().take(600).collect::<String>()
+                    );
                 }
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -175,8 +242,13 @@ impl Driver {
         loop {
             let id = self.find(testid).await?;
             let typed = async {
-                self.post(&format!("/element/{id}/clear"), json!({})).await?;
-                self.post(&format!("/element/{id}/value"), json!({"text": text.replace('\n', "\u{E007}")})).await
+                self.post(&format!("/element/{id}/clear"), json!({}))
+                    .await?;
+                self.post(
+                    &format!("/element/{id}/value"),
+                    json!({"text": text.replace('\n', "\u{E007}")}),
+                )
+                .await
             };
             match typed.await {
                 Ok(_) => return Ok(()),
@@ -192,18 +264,28 @@ impl Driver {
 
     async fn click(&self, testid: &str) -> anyhow::Result<()> {
         let id = self.find(testid).await?;
-        self.post(&format!("/element/{id}/click"), json!({})).await?;
+        self.post(&format!("/element/{id}/click"), json!({}))
+            .await?;
         Ok(())
     }
 
     async fn text(&self, testid: &str) -> anyhow::Result<String> {
         let id = self.find(testid).await?;
-        Ok(self.get(&format!("/element/{id}/text")).await?.as_str().unwrap_or_default().to_owned())
+        Ok(self
+            .get(&format!("/element/{id}/text"))
+            .await?
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
     }
 
     async fn displayed(&self, testid: &str) -> anyhow::Result<bool> {
         let id = self.find(testid).await?;
-        Ok(self.get(&format!("/element/{id}/displayed")).await?.as_bool().unwrap_or(false))
+        Ok(self
+            .get(&format!("/element/{id}/displayed"))
+            .await?
+            .as_bool()
+            .unwrap_or(false))
     }
 
     /// Waits until `testid`'s text contains `needle`.
@@ -215,8 +297,16 @@ impl Driver {
                 return Ok(text);
             }
             if Instant::now() >= deadline {
-                let source = self.get("/source").await.unwrap_or_default().as_str().unwrap_or_default().to_owned();
-                let at = source.find(&format!("data-testid=\"{testid}\"")).unwrap_or(0);
+                let source = self
+                    .get("/source")
+                    .await
+                    .unwrap_or_default()
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let at = source
+                    .find(&format!("data-testid=\"{testid}\""))
+                    .unwrap_or(0);
                 let html: String = source[at.saturating_sub(100)..].chars().take(700).collect();
                 anyhow::bail!("{testid} never showed {needle:?}; it shows {text:?} ({html})");
             }
@@ -235,13 +325,15 @@ impl Driver {
 
     /// Runs a script in the page; `arguments[0]` is `arg`.
     async fn execute(&self, script: &str, arg: Value) -> anyhow::Result<Value> {
-        self.post("/execute/sync", json!({"script": script, "args": [arg]})).await
+        self.post("/execute/sync", json!({"script": script, "args": [arg]}))
+            .await
     }
 
     async fn screenshot(&self, path: &Path) -> anyhow::Result<()> {
         use base64::Engine as _;
         let png = self.get("/screenshot").await?;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap_or_default())?;
+        let bytes =
+            base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap_or_default())?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -251,11 +343,20 @@ impl Driver {
 }
 
 /// Starts the console (a WebDriver session through tauri-driver); returns the session id.
-async fn start_console(http: &reqwest::Client, base: &str, console: &Path) -> anyhow::Result<String> {
+async fn start_console(
+    http: &reqwest::Client,
+    base: &str,
+    console: &Path,
+) -> anyhow::Result<String> {
     let capabilities = json!({"capabilities": {"alwaysMatch": {"browserName": "wry", "tauri:options": {"application": console}}}});
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match http.post(format!("{base}/session")).json(&capabilities).send().await {
+        match http
+            .post(format!("{base}/session"))
+            .json(&capabilities)
+            .send()
+            .await
+        {
             Ok(response) => {
                 let value: Value = response.json().await?;
                 if let Some(id) = value["value"]["sessionId"].as_str() {
@@ -263,7 +364,10 @@ async fn start_console(http: &reqwest::Client, base: &str, console: &Path) -> an
                 }
                 anyhow::ensure!(Instant::now() < deadline, "no webdriver session: {value}");
             }
-            Err(error) => anyhow::ensure!(Instant::now() < deadline, "tauri-driver did not start: {error}"),
+            Err(error) => anyhow::ensure!(
+                Instant::now() < deadline,
+                "tauri-driver did not start: {error}"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -271,11 +375,26 @@ async fn start_console(http: &reqwest::Client, base: &str, console: &Path) -> an
 
 /// Enrols a lab host named `name` and runs it (its labs' desktops are their own xrdp);
 /// returns it and its state directory (kept while it runs).
-async fn start_host(admin: &Api, url: &str, data: &Path, name: &str, users: &LabUsers, skeletons: &Path) -> anyhow::Result<(LabHost, DataDir)> {
-    let (status, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
+async fn start_host(
+    admin: &Api,
+    url: &str,
+    data: &Path,
+    name: &str,
+    users: &LabUsers,
+    skeletons: &Path,
+) -> anyhow::Result<(LabHost, DataDir)> {
+    let (status, token) = admin
+        .post("/api/v1/hosts/enrolment-tokens", json!({}))
+        .await?;
     anyhow::ensure!(status == 201, "{token}");
     let state = DataDir::new(&format!("console-{name}"));
-    let (ok, text) = enrol_host(url, data, token["token"].as_str().context("token")?, name, &state.0)?;
+    let (ok, text) = enrol_host(
+        url,
+        data,
+        token["token"].as_str().context("token")?,
+        name,
+        &state.0,
+    )?;
     anyhow::ensure!(ok, "{text}");
     let host = LabHost::start(&state.0, users, skeletons, &[], &[])?;
     Ok((host, state))
@@ -288,17 +407,31 @@ async fn focused_event(admin: &Api) -> anyhow::Result<i64> {
 }
 
 #[tokio::test]
-async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_sees_a_host() -> anyhow::Result<()> {
+async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_sees_a_host()
+-> anyhow::Result<()> {
     let console = console_bin();
-    anyhow::ensure!(console.exists(), "{} is missing: cargo xtask test builds it", console.display());
+    anyhow::ensure!(
+        console.exists(),
+        "{} is missing: cargo xtask test builds it",
+        console.display()
+    );
     let data = DataDir::new("console");
     // Hosts beat every second, so a stopped one is marked down within seconds.
     // On every interface, so it announces itself on the LAN (mDNS) for the console to find.
     // A fixed port: the appliance restarts mid-test where the console knows it.
     let listen = format!("0.0.0.0:{}", free_port()?);
     let server = Server::start_with(&data.0, &listen, &["--host-heartbeat-secs", "1"])?;
-    let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
-    admin.first_admin_login(server.admin_password.as_deref().context("otp")?, "console-admin-password").await?;
+    let mut admin = Api {
+        client: client_trusting(&data.0)?,
+        base: server.url.clone(),
+        token: None,
+    };
+    admin
+        .first_admin_login(
+            server.admin_password.as_deref().context("otp")?,
+            "console-admin-password",
+        )
+        .await?;
     let fingerprint = server.ca_fingerprint.clone().context("fingerprint")?;
 
     let (_xvfb, display) = xvfb()?;
@@ -321,22 +454,41 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let session = start_console(&http, &base, &console).await?;
-    let driver = Driver { http, base, session };
+    let driver = Driver {
+        http,
+        base,
+        session,
+    };
 
     // The console finds the appliance on the LAN: its certificate's host name and port,
     // reached at the announced address.
     let port = reqwest::Url::parse(&server.url)?.port().context("port")?;
     driver.click("discover").await?;
-    driver.wait_text("discovered", &format!(":{port} at ")).await?;
+    driver
+        .wait_text("discovered", &format!(":{port} at "))
+        .await?;
     driver.click(&format!("use-{port}")).await?;
     let machine = std::fs::read_to_string("/etc/hostname")?.trim().to_owned();
-    let url = driver.execute("return document.querySelector('[data-testid=\"url\"]').value", json!(null)).await?;
+    let url = driver
+        .execute(
+            "return document.querySelector('[data-testid=\"url\"]').value",
+            json!(null),
+        )
+        .await?;
     assert_eq!(url, format!("https://{machine}:{port}"));
     // A wrong fingerprint is refused; the right one connects.
-    driver.fill("fingerprint", &format!("SHA256:{}", "AB:".repeat(31) + "AB")).await?;
+    driver
+        .fill(
+            "fingerprint",
+            &format!("SHA256:{}", "AB:".repeat(31) + "AB"),
+        )
+        .await?;
     driver.click("connect-button").await?;
     driver.wait_text("connect-error", "does not match").await?;
-    assert!(!driver.displayed("login").await?, "no login before the CA is right");
+    assert!(
+        !driver.displayed("login").await?,
+        "no login before the CA is right"
+    );
     driver.fill("fingerprint", &fingerprint).await?;
     driver.click("connect-button").await?;
     driver.wait_displayed("login").await?;
@@ -353,26 +505,45 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     driver.click("create-event").await?;
     driver.wait_text("events", "Console Cup").await?;
     // A bad row is named with its line; nothing is imported.
-    driver.fill("csv", "team,name,email\nRed,Ada,not-an-email\n").await?;
+    driver
+        .fill("csv", "team,name,email\nRed,Ada,not-an-email\n")
+        .await?;
     driver.click("import").await?;
     driver.wait_text("import-errors", "line 2").await?;
     // The good roster comes from a file picked in the native open dialog.
     let roster = home.0.join("roster.csv");
-    std::fs::write(&roster, "team,name,email\nRed,Ada,ada@example.org\nBlue,Bob,\n")?;
+    std::fs::write(
+        &roster,
+        "team,name,email\nRed,Ada,ada@example.org\nBlue,Bob,\n",
+    )?;
     driver.click("pick-roster").await?;
     answer_file_dialog(&display, "Choose a roster CSV", &roster).await?;
-    driver.wait_text("import-result", "Loaded 2 row(s) from the file").await?;
+    driver
+        .wait_text("import-result", "Loaded 2 row(s) from the file")
+        .await?;
     driver.click("import").await?;
-    driver.wait_text("import-result", "Imported 2 participant(s), 2 new team(s)").await?;
+    driver
+        .wait_text("import-result", "Imported 2 participant(s), 2 new team(s)")
+        .await?;
     // Badges with the join codes, shown this once, as a PDF saved where staff choose.
     driver.click("save-badges").await?;
     let badges_pdf = home.0.join("badges.pdf");
     answer_file_dialog(&display, "Save join-code badges", &badges_pdf).await?;
-    let saved = driver.wait_text("badges-result", "Saved 2 badge(s) to ").await?;
-    assert_eq!(saved.trim_start_matches("Saved 2 badge(s) to ").trim(), badges_pdf.display().to_string());
+    let saved = driver
+        .wait_text("badges-result", "Saved 2 badge(s) to ")
+        .await?;
+    assert_eq!(
+        saved.trim_start_matches("Saved 2 badge(s) to ").trim(),
+        badges_pdf.display().to_string()
+    );
     let pdf = std::fs::read(&badges_pdf)?;
     let pdf_text = String::from_utf8_lossy(&pdf);
-    assert!(pdf_text.starts_with("%PDF-1.4") && pdf_text.contains("(Ada) Tj") && pdf_text.contains("(Team Blue) Tj"), "{pdf_text}");
+    assert!(
+        pdf_text.starts_with("%PDF-1.4")
+            && pdf_text.contains("(Ada) Tj")
+            && pdf_text.contains("(Team Blue) Tj"),
+        "{pdf_text}"
+    );
     driver.wait_text("events", "2").await?;
 
     // Search finds participants by name, e-mail or team.
@@ -380,7 +551,10 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     driver.fill("people-search", "bob").await?;
     driver.wait_text("people-count", "1 of 2").await?;
     let found = driver.text("people").await?;
-    assert!(found.contains("Bob") && found.contains("Blue") && !found.contains("Ada"), "{found}");
+    assert!(
+        found.contains("Bob") && found.contains("Blue") && !found.contains("Ada"),
+        "{found}"
+    );
     driver.fill("people-search", "ada@example").await?;
     driver.wait_text("people", "Ada").await?;
     driver.wait_text("summary-people", "0/2 joined").await?;
@@ -389,19 +563,47 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     // lab on its wall of view-only thumbnails.
     let users = LabUsers::new();
     let skeleton = DataDir::new("console-skel");
-    std::fs::write(skeleton.0.join(".xsession"), "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n")?;
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.0.display());
+    std::fs::write(
+        skeleton.0.join(".xsession"),
+        "xsetroot -solid '#1e90ff'\nexec xterm -geometry 40x10+20+20\n",
+    )?;
+    let templates = format!(
+        "[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n",
+        skeleton.0.display()
+    );
     let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
-    let (host, _state) = start_host(&admin, &server.url, &data.0, "rack-a1", &users, &skeleton.0).await?;
+    let (host, _state) =
+        start_host(&admin, &server.url, &data.0, "rack-a1", &users, &skeleton.0).await?;
     driver.wait_text("hosts", "rack-a1").await?;
     driver.wait_text("hosts", "healthy").await?;
-    let (_, teams) = admin.get(&format!("/api/v1/events/{}/teams", focused_event(&admin).await?)).await?;
-    let red = teams["teams"].as_array().and_then(|t| t.iter().find(|t| t["name"] == "Red")).context("team Red")?["id"].as_i64().context("id")?;
-    let (status, lab) = admin.post(&format!("/api/v1/teams/{red}/allocation"), json!({"template": "desk"})).await?;
+    let (_, teams) = admin
+        .get(&format!(
+            "/api/v1/events/{}/teams",
+            focused_event(&admin).await?
+        ))
+        .await?;
+    let red = teams["teams"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "Red"))
+        .context("team Red")?["id"]
+        .as_i64()
+        .context("id")?;
+    let (status, lab) = admin
+        .post(
+            &format!("/api/v1/teams/{red}/allocation"),
+            json!({"template": "desk"}),
+        )
+        .await?;
     anyhow::ensure!(status == 201, "{lab}");
     let lab_id = lab["id"].as_i64().context("allocation")?;
-    admin.wait_for(&format!("/api/v1/allocations/{lab_id}"), Duration::from_secs(120), |a| a["state"] == "active" && a["busy"] == false).await?;
+    admin
+        .wait_for(
+            &format!("/api/v1/allocations/{lab_id}"),
+            Duration::from_secs(120),
+            |a| a["state"] == "active" && a["busy"] == false,
+        )
+        .await?;
     driver.wait_text("summary-labs", "1 active").await?;
     driver.wait_text("desktop-wall", "Red · rack-a1").await?;
     // The tile shows the lab's own desktop: its background colour, sampled in the page.
@@ -413,11 +615,19 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let rgb = driver.execute(sample, json!("Red")).await?;
-        let close = rgb.as_array().is_some_and(|c| c.len() == 3 && c.iter().zip([0x1e, 0x90, 0xff]).all(|(got, want)| got.as_i64().is_some_and(|g| (g - want).abs() < 24)));
+        let close = rgb.as_array().is_some_and(|c| {
+            c.len() == 3
+                && c.iter()
+                    .zip([0x1e, 0x90, 0xff])
+                    .all(|(got, want)| got.as_i64().is_some_and(|g| (g - want).abs() < 24))
+        });
         if close {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "the wall never showed Red's desktop (last sample {rgb})");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the wall never showed Red's desktop (last sample {rgb})"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
@@ -432,7 +642,11 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     // The tray icon's label follows the event's state.
     let deadline = Instant::now() + Duration::from_secs(15);
     while !tray_items(&bus_address).contains("Console Cup: frozen") {
-        anyhow::ensure!(Instant::now() < deadline, "the tray never showed the frozen event: {}", tray_items(&bus_address));
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the tray never showed the frozen event: {}",
+            tray_items(&bus_address)
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     driver.wait_text("board", "Red").await?;
@@ -441,79 +655,141 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     // An announcement from the console reaches the event's participants.
     driver.fill("announcement", "Doors close at 18:00").await?;
     driver.click("announce").await?;
-    driver.wait_text("announcements", "Doors close at 18:00").await?;
+    driver
+        .wait_text("announcements", "Doors close at 18:00")
+        .await?;
     let event_id = events["events"][0]["id"].as_i64().context("event id")?;
-    let (_, sent) = admin.get(&format!("/api/v1/events/{event_id}/announcements")).await?;
+    let (_, sent) = admin
+        .get(&format!("/api/v1/events/{event_id}/announcements"))
+        .await?;
     assert_eq!(sent[0]["text"], "Doors close at 18:00", "{sent}");
     // The billing ledger exports through a native save dialog, byte for byte what the API serves.
-    let (status, body) = admin.post(&format!("/api/v1/events/{event_id}/ledger"), json!({"kind": "credit", "amount_cents": 1250, "note": "projector hire"})).await?;
+    let (status, body) = admin
+        .post(
+            &format!("/api/v1/events/{event_id}/ledger"),
+            json!({"kind": "credit", "amount_cents": 1250, "note": "projector hire"}),
+        )
+        .await?;
     anyhow::ensure!(status == 201, "{body}");
     driver.click("export-ledger").await?;
     let ledger = home.0.join("ledger.csv");
     answer_file_dialog(&display, "Export the billing ledger", &ledger).await?;
-    driver.wait_text("export-result", "Saved the ledger to").await?;
-    let (_, _, served) = admin.get_bytes(&format!("/api/v1/events/{event_id}/ledger.csv")).await?;
+    driver
+        .wait_text("export-result", "Saved the ledger to")
+        .await?;
+    let (_, _, served) = admin
+        .get_bytes(&format!("/api/v1/events/{event_id}/ledger.csv"))
+        .await?;
     let exported = std::fs::read(&ledger)?;
-    assert!(String::from_utf8_lossy(&exported).contains("projector hire"), "{}", String::from_utf8_lossy(&exported));
+    assert!(
+        String::from_utf8_lossy(&exported).contains("projector hire"),
+        "{}",
+        String::from_utf8_lossy(&exported)
+    );
     assert_eq!(exported, served);
 
     let shots = std::env::var_os("LABRACK_SCREENSHOT_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| labrack_e2e::labrack_bin().parent().and_then(Path::parent).map(|t| t.join("screenshots")).unwrap_or_default());
+        .unwrap_or_else(|| {
+            labrack_e2e::labrack_bin()
+                .parent()
+                .and_then(Path::parent)
+                .map(|t| t.join("screenshots"))
+                .unwrap_or_default()
+        });
     let show = "document.querySelector('[data-testid=\"' + arguments[0] + '\"]').scrollIntoView({block: 'start'}); return null;";
     driver.execute(show, json!("event-card")).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    driver.screenshot(&shots.join("console-dashboard.png")).await?;
+    driver
+        .screenshot(&shots.join("console-dashboard.png"))
+        .await?;
     driver.execute(show, json!("desktop-wall")).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     driver.screenshot(&shots.join("console-wall.png")).await?;
 
     // The lab host stops: the dashboard names the problem and a desktop notification says so.
     drop(host);
-    driver.wait_text("problems", "rack-a1 stopped answering").await?;
+    driver
+        .wait_text("problems", "rack-a1 stopped answering")
+        .await?;
     driver.wait_text("notify-state", "Notified").await?;
     let deadline = Instant::now() + Duration::from_secs(15);
     while !shown_notifications(&bus_address).contains("Lab host down") {
-        anyhow::ensure!(Instant::now() < deadline, "dunst never showed the notification: {}", shown_notifications(&bus_address));
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "dunst never showed the notification: {}",
+            shown_notifications(&bus_address)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // Staff move Red's lab off the dead host: a fresh lab from the same template elsewhere.
-    let (host_b, _state_b) = start_host(&admin, &server.url, &data.0, "rack-b", &users, &skeleton.0).await?;
+    let (host_b, _state_b) =
+        start_host(&admin, &server.url, &data.0, "rack-b", &users, &skeleton.0).await?;
     driver.wait_text("hosts", "rack-b").await?;
     driver.click("lab-reassign").await?;
-    driver.wait_text("labs", "Confirm: move Red's lab to another host").await?;
+    driver
+        .wait_text("labs", "Confirm: move Red's lab to another host")
+        .await?;
     driver.click("lab-reassign").await?;
     if let Err(error) = driver.wait_text("labs", "rack-b").await {
-        anyhow::bail!("{error}; the event card says {:?}", driver.text("focus-error").await.unwrap_or_default());
+        anyhow::bail!(
+            "{error}; the event card says {:?}",
+            driver.text("focus-error").await.unwrap_or_default()
+        );
     }
-    let (_, labs) = admin.get(&format!("/api/v1/events/{event_id}/allocations")).await?;
+    let (_, labs) = admin
+        .get(&format!("/api/v1/events/{event_id}/allocations"))
+        .await?;
     let states: Vec<(String, String)> = labs["allocations"]
         .as_array()
         .context("allocations")?
         .iter()
-        .map(|a| (a["host_name"].as_str().unwrap_or_default().to_owned(), a["state"].as_str().unwrap_or_default().to_owned()))
+        .map(|a| {
+            (
+                a["host_name"].as_str().unwrap_or_default().to_owned(),
+                a["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
         .collect();
-    assert!(states.contains(&("rack-a1".into(), "released".into())) && states.iter().any(|(host, state)| host == "rack-b" && state != "released"), "{states:?}");
+    assert!(
+        states.contains(&("rack-a1".into(), "released".into()))
+            && states
+                .iter()
+                .any(|(host, state)| host == "rack-b" && state != "released"),
+        "{states:?}"
+    );
     drop(host_b);
 
     // The link drops (the appliance stops, as when a laptop loses Wi-Fi): the console says so
     // and keeps trying, then carries on with the same session once the appliance is back.
     let status = server.terminate()?;
     anyhow::ensure!(status.success(), "labrack exited with {status}");
-    driver.wait_text("link-state", "Appliance unreachable").await?;
+    driver
+        .wait_text("link-state", "Appliance unreachable")
+        .await?;
     let _server = Server::start_with(&data.0, &listen, &["--host-heartbeat-secs", "1"])?;
     driver.wait_text("link-state", "Connected").await?;
     driver.wait_text("events", "Console Cup").await?;
 
     // Started again, the console remembers the appliance with its pinned CA and address.
-    driver.http.delete(format!("{}/session/{}", driver.base, driver.session)).send().await?;
+    driver
+        .http
+        .delete(format!("{}/session/{}", driver.base, driver.session))
+        .send()
+        .await?;
     let session = start_console(&driver.http, &driver.base, &console).await?;
     let driver = Driver { session, ..driver };
-    driver.wait_text("remembered", &format!("https://{machine}:{port}")).await?;
+    driver
+        .wait_text("remembered", &format!("https://{machine}:{port}"))
+        .await?;
     driver.click("use-remembered").await?;
     driver.click("connect-button").await?;
     driver.wait_displayed("login").await?;
-    let _ = driver.http.delete(format!("{}/session/{}", driver.base, driver.session)).send().await;
+    let _ = driver
+        .http
+        .delete(format!("{}/session/{}", driver.base, driver.session))
+        .send()
+        .await;
     Ok(())
 }

@@ -30,8 +30,14 @@ async fn writes_survive_a_stop(stop: Stop) -> anyhow::Result<()> {
     let server = Server::start(&data.0, "127.0.0.1:0")?;
     let otp = server.admin_password.clone().expect("otp");
     let client = client_trusting(&data.0)?;
-    let mut admin = Api { client: client.clone(), base: server.url.clone(), token: None };
-    admin.first_admin_login(&otp, "a-strong-admin-password").await?;
+    let mut admin = Api {
+        client: client.clone(),
+        base: server.url.clone(),
+        token: None,
+    };
+    admin
+        .first_admin_login(&otp, "a-strong-admin-password")
+        .await?;
     let (_, event) = admin.post("/api/v1/events", json!({"name": "Durable", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T09:00:00Z"})).await?;
     let event_id = event["id"].as_i64().expect("id");
 
@@ -42,7 +48,13 @@ async fn writes_survive_a_stop(stop: Stop) -> anyhow::Result<()> {
         writers.push(tokio::spawn(async move {
             for n in 0..100_000 {
                 let name = format!("w{writer}-{n}");
-                match api.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": name})).await {
+                match api
+                    .post(
+                        &format!("/api/v1/events/{event_id}/teams"),
+                        json!({"name": name}),
+                    )
+                    .await
+                {
                     Ok((201, _)) => acknowledged.lock().await.push(name),
                     Ok((status, body)) => panic!("unexpected answer {status} {body}"),
                     Err(_) => break, // the server is gone
@@ -61,7 +73,10 @@ async fn writes_survive_a_stop(stop: Stop) -> anyhow::Result<()> {
         Stop::Kill9 => server.kill_hard()?,
         Stop::Sigterm => {
             let status = server.terminate()?;
-            assert!(status.success(), "SIGTERM under load must exit 0, got {status}");
+            assert!(
+                status.success(),
+                "SIGTERM under load must exit 0, got {status}"
+            );
         }
     }
     for writer in writers {
@@ -71,16 +86,38 @@ async fn writes_survive_a_stop(stop: Stop) -> anyhow::Result<()> {
     assert!(acknowledged.len() >= 300);
 
     let server = Server::start(&data.0, "127.0.0.1:0")?;
-    let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
+    let mut admin = Api {
+        client: client_trusting(&data.0)?,
+        base: server.url.clone(),
+        token: None,
+    };
     admin.login("admin", "a-strong-admin-password").await?;
-    let (_, teams) = admin.get(&format!("/api/v1/events/{event_id}/teams")).await?;
-    let stored: std::collections::HashSet<String> =
-        teams["teams"].as_array().expect("teams").iter().filter_map(|t| t["name"].as_str().map(str::to_owned)).collect();
-    let missing: Vec<_> = acknowledged.iter().filter(|name| !stored.contains(*name)).collect();
-    assert!(missing.is_empty(), "{} acknowledged writes lost, e.g. {:?}", missing.len(), missing.first());
+    let (_, teams) = admin
+        .get(&format!("/api/v1/events/{event_id}/teams"))
+        .await?;
+    let stored: std::collections::HashSet<String> = teams["teams"]
+        .as_array()
+        .expect("teams")
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    let missing: Vec<_> = acknowledged
+        .iter()
+        .filter(|name| !stored.contains(*name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes lost, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
     // The audit log agrees with the data: one team.created row per stored team.
     let db = rusqlite::Connection::open(data.0.join("labrack.db"))?;
-    let audited: i64 = db.query_row("SELECT count(*) FROM audit_log WHERE action = 'team.created'", [], |r| r.get(0))?;
+    let audited: i64 = db.query_row(
+        "SELECT count(*) FROM audit_log WHERE action = 'team.created'",
+        [],
+        |r| r.get(0),
+    )?;
     assert_eq!(usize::try_from(audited)?, stored.len());
     assert!(server.terminate()?.success());
     Ok(())

@@ -8,15 +8,29 @@ use serde_json::json;
 async fn event_roster_join_survive_a_restart() -> anyhow::Result<()> {
     let data = DataDir::new("flow");
     let server = Server::start(&data.0, "127.0.0.1:0")?;
-    assert!(server.url.starts_with("https://127.0.0.1:"), "{}", server.url);
-    let fingerprint = server.ca_fingerprint.clone().expect("CA fingerprint printed");
-    assert!(fingerprint.starts_with("SHA256:") && fingerprint.len() == 7 + 95, "{fingerprint}");
-    let otp = server.admin_password.clone().expect("one-time password printed at first start");
+    assert!(
+        server.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    let fingerprint = server
+        .ca_fingerprint
+        .clone()
+        .expect("CA fingerprint printed");
+    assert!(
+        fingerprint.starts_with("SHA256:") && fingerprint.len() == 7 + 95,
+        "{fingerprint}"
+    );
+    let otp = server
+        .admin_password
+        .clone()
+        .expect("one-time password printed at first start");
 
     // Only the appliance's user may read its data: the directory and every file in it.
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
         assert_eq!(mode(&data.0)?, 0o700, "the data dir");
         let mut files = vec![data.0.clone()];
         while let Some(dir) = files.pop() {
@@ -38,27 +52,56 @@ async fn event_roster_join_survive_a_restart() -> anyhow::Result<()> {
     let ready = client.get(format!("{}/readyz", server.url)).send().await?;
     assert_eq!(ready.status(), 200);
 
-    let mut admin = Api { client: client.clone(), base: server.url.clone(), token: None };
-    admin.first_admin_login(&otp, "a-strong-admin-password").await?;
+    let mut admin = Api {
+        client: client.clone(),
+        base: server.url.clone(),
+        token: None,
+    };
+    admin
+        .first_admin_login(&otp, "a-strong-admin-password")
+        .await?;
     let (status, event) = admin
         .post("/api/v1/events", json!({"name": "Venue Hack", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2026-12-02T18:00:00+02:00"}))
         .await?;
     assert_eq!(status, 201, "{event}");
-    assert_eq!(event["ends_at"], "2026-12-02T16:00:00Z", "schedule normalised to UTC");
+    assert_eq!(
+        event["ends_at"], "2026-12-02T16:00:00Z",
+        "schedule normalised to UTC"
+    );
     let event_id = event["id"].as_i64().expect("id");
     let event_code = event["code"].as_str().expect("code").to_owned();
     let (status, imported) = admin
-        .post_csv(&format!("/api/v1/events/{event_id}/participants/import"), "team,name,email\nRed,Ada,ada@example.org\nRed,Bob,\nBlue,Cy,\n")
+        .post_csv(
+            &format!("/api/v1/events/{event_id}/participants/import"),
+            "team,name,email\nRed,Ada,ada@example.org\nRed,Bob,\nBlue,Cy,\n",
+        )
         .await?;
     assert_eq!(status, 200, "{imported}");
     assert_eq!(imported["imported"], 3);
     assert_eq!(imported["teams_created"], 2);
-    let ada_code = imported["participants"][0]["join_code"].as_str().expect("code").to_owned();
-    let (status, _) = admin.post(&format!("/api/v1/events/{event_id}/transition"), json!({"to": "live", "from": "draft"})).await?;
+    let ada_code = imported["participants"][0]["join_code"]
+        .as_str()
+        .expect("code")
+        .to_owned();
+    let (status, _) = admin
+        .post(
+            &format!("/api/v1/events/{event_id}/transition"),
+            json!({"to": "live", "from": "draft"}),
+        )
+        .await?;
     assert_eq!(status, 200);
 
-    let mut ada = Api { client: client.clone(), base: server.url.clone(), token: None };
-    let (status, joined) = ada.post("/api/v1/join", json!({"event_code": event_code, "join_code": ada_code, "bearer": true})).await?;
+    let mut ada = Api {
+        client: client.clone(),
+        base: server.url.clone(),
+        token: None,
+    };
+    let (status, joined) = ada
+        .post(
+            "/api/v1/join",
+            json!({"event_code": event_code, "join_code": ada_code, "bearer": true}),
+        )
+        .await?;
     assert_eq!(status, 200, "{joined}");
     ada.token = joined["token"].as_str().map(str::to_owned);
     let (_, me) = ada.get("/api/v1/me").await?;
@@ -69,27 +112,64 @@ async fn event_roster_join_survive_a_restart() -> anyhow::Result<()> {
 
     // Restart on the same data dir: same CA, no new admin password, everything intact.
     let server = Server::start(&data.0, "127.0.0.1:0")?;
-    assert_eq!(server.ca_fingerprint.as_deref(), Some(fingerprint.as_str()), "CA kept across restarts");
-    assert!(server.admin_password.is_none(), "no second one-time password");
+    assert_eq!(
+        server.ca_fingerprint.as_deref(),
+        Some(fingerprint.as_str()),
+        "CA kept across restarts"
+    );
+    assert!(
+        server.admin_password.is_none(),
+        "no second one-time password"
+    );
     let client = client_trusting(&data.0)?;
-    let mut admin = Api { client: client.clone(), base: server.url.clone(), token: None };
+    let mut admin = Api {
+        client: client.clone(),
+        base: server.url.clone(),
+        token: None,
+    };
     admin.login("admin", "a-strong-admin-password").await?;
     let (_, event) = admin.get(&format!("/api/v1/events/{event_id}")).await?;
     assert_eq!(event["state"], "live");
     assert_eq!(event["participant_count"], 3);
     assert_eq!(event["team_count"], 2);
-    let (_, people) = admin.get(&format!("/api/v1/events/{event_id}/participants")).await?;
-    let joined: Vec<_> = people["participants"].as_array().expect("list").iter().filter(|p| p["joined_at"].is_string()).collect();
+    let (_, people) = admin
+        .get(&format!("/api/v1/events/{event_id}/participants"))
+        .await?;
+    let joined: Vec<_> = people["participants"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|p| p["joined_at"].is_string())
+        .collect();
     assert_eq!(joined.len(), 1);
     assert_eq!(joined[0]["name"], "Ada");
     // The participant's session survived too (sessions are durable rows).
-    let ada = Api { client, base: server.url.clone(), token: ada.token };
+    let ada = Api {
+        client,
+        base: server.url.clone(),
+        token: ada.token,
+    };
     let (status, me) = ada.get("/api/v1/me").await?;
     assert_eq!(status, 200, "{me}");
     let (_, audit) = admin.get("/api/v1/audit?limit=100").await?;
-    let actions: Vec<_> = audit["entries"].as_array().expect("entries").iter().filter_map(|e| e["action"].as_str()).collect();
-    for expected in ["staff.bootstrap_admin", "auth.password_changed", "event.created", "participants.imported", "event.transition", "participant.joined"] {
-        assert!(actions.contains(&expected), "audit lacks {expected}: {actions:?}");
+    let actions: Vec<_> = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for expected in [
+        "staff.bootstrap_admin",
+        "auth.password_changed",
+        "event.created",
+        "participants.imported",
+        "event.transition",
+        "participant.joined",
+    ] {
+        assert!(
+            actions.contains(&expected),
+            "audit lacks {expected}: {actions:?}"
+        );
     }
     assert!(server.terminate()?.success());
     Ok(())
@@ -100,7 +180,13 @@ async fn plain_http_only_with_the_dev_flag() -> anyhow::Result<()> {
     let data = DataDir::new("https-only");
     let server = Server::start(&data.0, "127.0.0.1:0")?;
     // An HTTP request to the HTTPS port gets no API answer.
-    let plain = reqwest::Client::new().get(format!("{}/healthz", server.url.replace("https://", "http://"))).send().await;
+    let plain = reqwest::Client::new()
+        .get(format!(
+            "{}/healthz",
+            server.url.replace("https://", "http://")
+        ))
+        .send()
+        .await;
     assert!(plain.is_err() || plain.is_ok_and(|r| r.status() != 200));
     assert!(server.terminate()?.success());
 
@@ -115,9 +201,22 @@ async fn plain_http_only_with_the_dev_flag() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(response.status(), 200);
-    let cookie = response.headers().get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && !cookie.contains("Secure"), "{cookie}");
-    assert!(!dev_data.0.join("tls").exists(), "dev mode made TLS material");
+    let cookie = response
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict")
+            && !cookie.contains("Secure"),
+        "{cookie}"
+    );
+    assert!(
+        !dev_data.0.join("tls").exists(),
+        "dev mode made TLS material"
+    );
     assert!(dev.terminate()?.success());
     Ok(())
 }

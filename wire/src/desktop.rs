@@ -19,15 +19,21 @@ pub const MAX_CLIPBOARD_BYTES: usize = 128 * 1024;
 
 /// Checks a viewer's message; the error names what is wrong with it.
 pub fn viewer_message(text: &str) -> Result<ViewerMessage, String> {
-    let message: ViewerMessage = serde_json::from_str(text).map_err(|e| format!("not a desktop message: {e}"))?;
+    let message: ViewerMessage =
+        serde_json::from_str(text).map_err(|e| format!("not a desktop message: {e}"))?;
     match &message {
-        ViewerMessage::Clipboard { text } if text.len() > MAX_CLIPBOARD_BYTES => {
-            Err(format!("clipboard text is {} bytes; at most {MAX_CLIPBOARD_BYTES} are accepted", text.len()))
-        }
+        ViewerMessage::Clipboard { text } if text.len() > MAX_CLIPBOARD_BYTES => Err(format!(
+            "clipboard text is {} bytes; at most {MAX_CLIPBOARD_BYTES} are accepted",
+            text.len()
+        )),
         ViewerMessage::Resize { width, height }
-            if !(MIN_DESKTOP..=MAX_DESKTOP.0).contains(width) || !(MIN_DESKTOP..=MAX_DESKTOP.1).contains(height) =>
+            if !(MIN_DESKTOP..=MAX_DESKTOP.0).contains(width)
+                || !(MIN_DESKTOP..=MAX_DESKTOP.1).contains(height) =>
         {
-            Err(format!("a desktop of {width}×{height} is out of range ({MIN_DESKTOP}–{} × {MIN_DESKTOP}–{})", MAX_DESKTOP.0, MAX_DESKTOP.1))
+            Err(format!(
+                "a desktop of {width}×{height} is out of range ({MIN_DESKTOP}–{} × {MIN_DESKTOP}–{})",
+                MAX_DESKTOP.0, MAX_DESKTOP.1
+            ))
         }
         _ => Ok(message),
     }
@@ -39,21 +45,47 @@ mod tests {
 
     #[test]
     fn viewer_messages_are_checked() {
-        assert!(matches!(viewer_message(r#"{"type":"clipboard","text":"hi"}"#), Ok(ViewerMessage::Clipboard { text }) if text == "hi"));
-        assert!(matches!(viewer_message(r#"{"type":"resize","width":1024,"height":768}"#), Ok(ViewerMessage::Resize { width: 1024, height: 768 })));
+        assert!(
+            matches!(viewer_message(r#"{"type":"clipboard","text":"hi"}"#), Ok(ViewerMessage::Clipboard { text }) if text == "hi")
+        );
+        assert!(matches!(
+            viewer_message(r#"{"type":"resize","width":1024,"height":768}"#),
+            Ok(ViewerMessage::Resize {
+                width: 1024,
+                height: 768
+            })
+        ));
         let refused = [
-            (r#"{"type":"resize","width":100,"height":768}"#, "out of range"),
-            (r#"{"type":"resize","width":1024,"height":9000}"#, "out of range"),
-            (r#"{"type":"resize","width":-5,"height":768}"#, "not a desktop message"),
+            (
+                r#"{"type":"resize","width":100,"height":768}"#,
+                "out of range",
+            ),
+            (
+                r#"{"type":"resize","width":1024,"height":9000}"#,
+                "out of range",
+            ),
+            (
+                r#"{"type":"resize","width":-5,"height":768}"#,
+                "not a desktop message",
+            ),
             (r#"{"type":"paste","text":"x"}"#, "unknown variant"),
-            (r#"{"type":"clipboard","text":"x","extra":1}"#, "unknown field"),
+            (
+                r#"{"type":"clipboard","text":"x","extra":1}"#,
+                "unknown field",
+            ),
             ("not json", "not a desktop message"),
         ];
         for (message, why) in refused {
             let error = viewer_message(message).expect_err(message);
             assert!(error.contains(why), "{message}: {error}");
         }
-        let big = serde_json::json!({"type": "clipboard", "text": "x".repeat(MAX_CLIPBOARD_BYTES + 1)}).to_string();
-        assert!(viewer_message(&big).expect_err("too big").contains("at most"));
+        let big =
+            serde_json::json!({"type": "clipboard", "text": "x".repeat(MAX_CLIPBOARD_BYTES + 1)})
+                .to_string();
+        assert!(
+            viewer_message(&big)
+                .expect_err("too big")
+                .contains("at most")
+        );
     }
 }

@@ -9,7 +9,10 @@ pub struct FieldError {
 }
 
 fn broken(field: &str, message: String) -> FieldError {
-    FieldError { field: field.to_owned(), message }
+    FieldError {
+        field: field.to_owned(),
+        message,
+    }
 }
 
 /// A trimmed, non-empty, printable name of at most `max` characters.
@@ -19,21 +22,35 @@ pub fn name(field: &str, value: &str, max: usize) -> Result<String, FieldError> 
         return Err(broken(field, format!("{field} must not be empty")));
     }
     if trimmed.chars().count() > max {
-        return Err(broken(field, format!("{field} must be at most {max} characters")));
+        return Err(broken(
+            field,
+            format!("{field} must be at most {max} characters"),
+        ));
     }
     if trimmed.chars().any(char::is_control) {
-        return Err(broken(field, format!("{field} must not contain control characters")));
+        return Err(broken(
+            field,
+            format!("{field} must not contain control characters"),
+        ));
     }
     Ok(trimmed.to_owned())
 }
 
 /// An optional e-mail address: empty means none.
 pub fn email(field: &str, value: Option<&str>) -> Result<Option<String>, FieldError> {
-    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else { return Ok(None) };
+    let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
     let valid = value.len() <= 254
         && !value.chars().any(|c| c.is_whitespace() || c.is_control())
-        && value.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.contains('@'));
-    if valid { Ok(Some(value.to_owned())) } else { Err(broken(field, format!("{field} is not an e-mail address"))) }
+        && value.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.contains('@')
+        });
+    if valid {
+        Ok(Some(value.to_owned()))
+    } else {
+        Err(broken(field, format!("{field} is not an e-mail address")))
+    }
 }
 
 #[cfg(test)]

@@ -57,7 +57,11 @@ pub fn decode(mut bytes: &[u8]) -> Result<Vec<FastPathInputEvent>, InputError> {
                 FastPathInputEvent::KeyboardEvent(flags, message[2])
             }
             2 => {
-                let flags = if message[1] & 1 == 0 { KeyboardFlags::RELEASE } else { KeyboardFlags::empty() };
+                let flags = if message[1] & 1 == 0 {
+                    KeyboardFlags::RELEASE
+                } else {
+                    KeyboardFlags::empty()
+                };
                 FastPathInputEvent::UnicodeKeyboardEvent(flags, u16_at(message, 2))
             }
             3 => FastPathInputEvent::MouseEvent(MousePdu {
@@ -76,13 +80,21 @@ pub fn decode(mut bytes: &[u8]) -> Result<Vec<FastPathInputEvent>, InputError> {
                 if message[2] != 0 {
                     flags |= PointerFlags::DOWN;
                 }
-                FastPathInputEvent::MouseEvent(MousePdu { flags, number_of_wheel_rotation_units: 0, x_position: u16_at(message, 3), y_position: u16_at(message, 5) })
+                FastPathInputEvent::MouseEvent(MousePdu {
+                    flags,
+                    number_of_wheel_rotation_units: 0,
+                    x_position: u16_at(message, 3),
+                    y_position: u16_at(message, 5),
+                })
             }
             _ => {
                 let delta = i16::from_le_bytes([message[1], message[2]]);
                 FastPathInputEvent::MouseEvent(MousePdu {
                     flags: PointerFlags::VERTICAL_WHEEL,
-                    number_of_wheel_rotation_units: delta.clamp(*MousePdu::WHEEL_ROTATION_RANGE.start(), *MousePdu::WHEEL_ROTATION_RANGE.end()),
+                    number_of_wheel_rotation_units: delta.clamp(
+                        *MousePdu::WHEEL_ROTATION_RANGE.start(),
+                        *MousePdu::WHEEL_ROTATION_RANGE.end(),
+                    ),
                     x_position: u16_at(message, 3),
                     y_position: u16_at(message, 5),
                 })
@@ -105,30 +117,67 @@ mod tests {
         message.extend_from_slice(&[5, 0xf6, 0xff, 1, 0, 2, 0]);
         message.extend_from_slice(&[2, 1, 0xe9, 0]);
         let events = decode(&message).expect("valid");
-        assert_eq!(events[0], FastPathInputEvent::KeyboardEvent(KeyboardFlags::empty(), 0x1e), "'a' down");
-        assert_eq!(events[1], FastPathInputEvent::KeyboardEvent(KeyboardFlags::RELEASE, 0x1e), "'a' up");
-        assert_eq!(events[2], FastPathInputEvent::KeyboardEvent(KeyboardFlags::EXTENDED, 0x48), "arrow up down");
+        assert_eq!(
+            events[0],
+            FastPathInputEvent::KeyboardEvent(KeyboardFlags::empty(), 0x1e),
+            "'a' down"
+        );
+        assert_eq!(
+            events[1],
+            FastPathInputEvent::KeyboardEvent(KeyboardFlags::RELEASE, 0x1e),
+            "'a' up"
+        );
+        assert_eq!(
+            events[2],
+            FastPathInputEvent::KeyboardEvent(KeyboardFlags::EXTENDED, 0x48),
+            "arrow up down"
+        );
         assert_eq!(
             events[3],
-            FastPathInputEvent::MouseEvent(MousePdu { flags: PointerFlags::MOVE, number_of_wheel_rotation_units: 0, x_position: 16, y_position: 32 })
+            FastPathInputEvent::MouseEvent(MousePdu {
+                flags: PointerFlags::MOVE,
+                number_of_wheel_rotation_units: 0,
+                x_position: 16,
+                y_position: 32
+            })
         );
         assert_eq!(
             events[4],
-            FastPathInputEvent::MouseEvent(MousePdu { flags: PointerFlags::RIGHT_BUTTON | PointerFlags::DOWN, number_of_wheel_rotation_units: 0, x_position: 5, y_position: 6 })
+            FastPathInputEvent::MouseEvent(MousePdu {
+                flags: PointerFlags::RIGHT_BUTTON | PointerFlags::DOWN,
+                number_of_wheel_rotation_units: 0,
+                x_position: 5,
+                y_position: 6
+            })
         );
         assert_eq!(
             events[5],
-            FastPathInputEvent::MouseEvent(MousePdu { flags: PointerFlags::VERTICAL_WHEEL, number_of_wheel_rotation_units: -10, x_position: 1, y_position: 2 })
+            FastPathInputEvent::MouseEvent(MousePdu {
+                flags: PointerFlags::VERTICAL_WHEEL,
+                number_of_wheel_rotation_units: -10,
+                x_position: 1,
+                y_position: 2
+            })
         );
-        assert_eq!(events[6], FastPathInputEvent::UnicodeKeyboardEvent(KeyboardFlags::empty(), 0xe9));
+        assert_eq!(
+            events[6],
+            FastPathInputEvent::UnicodeKeyboardEvent(KeyboardFlags::empty(), 0xe9)
+        );
     }
 
     #[test]
     fn bad_messages_are_refused_whole() {
         assert_eq!(decode(&[9]), Err(InputError::UnknownType(9)));
-        assert_eq!(decode(&[1, 1, 0x1e, 3, 0]), Err(InputError::Truncated { kind: 3 }));
+        assert_eq!(
+            decode(&[1, 1, 0x1e, 3, 0]),
+            Err(InputError::Truncated { kind: 3 })
+        );
         assert_eq!(decode(&[4, 7, 1, 0, 0, 0, 0]), Err(InputError::Button(7)));
         assert_eq!(decode(&[]), Ok(Vec::new()));
-        assert_eq!(decode(&[5, 0xff, 0x7f, 0, 0, 0, 0]).map(|e| e.len()), Ok(1), "huge wheel deltas are clamped");
+        assert_eq!(
+            decode(&[5, 0xff, 0x7f, 0, 0, 0, 0]).map(|e| e.len()),
+            Ok(1),
+            "huge wheel deltas are clamped"
+        );
     }
 }

@@ -19,7 +19,13 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 /// Dimensions every rubric starts with.
-pub const DEFAULT_DIMENSIONS: [&str; 5] = ["functionality", "quality", "performance", "security", "presentation"];
+pub const DEFAULT_DIMENSIONS: [&str; 5] = [
+    "functionality",
+    "quality",
+    "performance",
+    "security",
+    "presentation",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Dimension {
@@ -46,7 +52,11 @@ impl Default for Rubric {
         Self {
             dimensions: DEFAULT_DIMENSIONS
                 .iter()
-                .map(|name| Dimension { name: (*name).to_owned(), label: (*name).to_owned(), judge_max: 10 })
+                .map(|name| Dimension {
+                    name: (*name).to_owned(),
+                    label: (*name).to_owned(),
+                    judge_max: 10,
+                })
                 .collect(),
             brackets: Vec::new(),
         }
@@ -93,7 +103,11 @@ struct RawBracket {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// Parses and validates a rubric; `team_exists` says whether a bracket's team name is a
@@ -101,14 +115,26 @@ fn valid_name(name: &str) -> bool {
 pub fn parse(text: &str, team_exists: impl Fn(&str) -> bool) -> Result<Rubric, Vec<RubricError>> {
     use labrack_provisioner::template::{line_at, parse_toml};
     let line = |offset: usize| line_at(text, offset);
-    let file: File = parse_toml(text).map_err(|(line, message)| vec![RubricError { line, message }])?;
+    let file: File =
+        parse_toml(text).map_err(|(line, message)| vec![RubricError { line, message }])?;
     let mut errors = Vec::new();
-    let mut error = |offset: usize, message: String| errors.push(RubricError { line: line(offset), message });
+    let mut error = |offset: usize, message: String| {
+        errors.push(RubricError {
+            line: line(offset),
+            message,
+        })
+    };
     if file.dimension.is_empty() {
-        error(0, "no dimensions: add at least one [[dimension]] table".into());
+        error(
+            0,
+            "no dimensions: add at least one [[dimension]] table".into(),
+        );
     }
     if file.dimension.len() > 20 {
-        error(file.dimension[20].span().start, "at most 20 dimensions".into());
+        error(
+            file.dimension[20].span().start,
+            "at most 20 dimensions".into(),
+        );
     }
     let mut names = HashSet::new();
     let mut dimensions = Vec::new();
@@ -116,9 +142,15 @@ pub fn parse(text: &str, team_exists: impl Fn(&str) -> bool) -> Result<Rubric, V
         let d = raw.get_ref();
         let name = d.name.get_ref().trim();
         if !valid_name(name) {
-            error(d.name.span().start, format!("dimension name {name:?} must be 1–64 characters of a–z, 0–9, '-' and '_'"));
+            error(
+                d.name.span().start,
+                format!("dimension name {name:?} must be 1–64 characters of a–z, 0–9, '-' and '_'"),
+            );
         } else if !names.insert(name.to_owned()) {
-            error(d.name.span().start, format!("dimension {name:?} is defined twice"));
+            error(
+                d.name.span().start,
+                format!("dimension {name:?} is defined twice"),
+            );
         }
         let label = d.label.clone().unwrap_or_else(|| name.to_owned());
         if label.trim().is_empty() || label.chars().count() > 80 {
@@ -130,7 +162,11 @@ pub fn parse(text: &str, team_exists: impl Fn(&str) -> bool) -> Result<Rubric, V
         {
             error(max.span().start, "judge_max must be at most 1000".into());
         }
-        dimensions.push(Dimension { name: name.to_owned(), label: label.trim().to_owned(), judge_max });
+        dimensions.push(Dimension {
+            name: name.to_owned(),
+            label: label.trim().to_owned(),
+            judge_max,
+        });
     }
     let mut bracket_names = HashSet::new();
     let mut brackets = Vec::new();
@@ -138,9 +174,15 @@ pub fn parse(text: &str, team_exists: impl Fn(&str) -> bool) -> Result<Rubric, V
         let b = raw.get_ref();
         let name = b.name.get_ref().trim();
         if !valid_name(name) {
-            error(b.name.span().start, format!("bracket name {name:?} must be 1–64 characters of a–z, 0–9, '-' and '_'"));
+            error(
+                b.name.span().start,
+                format!("bracket name {name:?} must be 1–64 characters of a–z, 0–9, '-' and '_'"),
+            );
         } else if !bracket_names.insert(name.to_owned()) {
-            error(b.name.span().start, format!("bracket {name:?} is defined twice"));
+            error(
+                b.name.span().start,
+                format!("bracket {name:?} is defined twice"),
+            );
         }
         if b.teams.is_empty() {
             error(raw.span().start, format!("bracket {name:?} has no teams"));
@@ -149,14 +191,34 @@ pub fn parse(text: &str, team_exists: impl Fn(&str) -> bool) -> Result<Rubric, V
         for team in &b.teams {
             let team_name = team.get_ref().trim();
             if !team_exists(team_name) {
-                error(team.span().start, format!("bracket {name:?}: no team named {team_name:?} in this event"));
+                error(
+                    team.span().start,
+                    format!("bracket {name:?}: no team named {team_name:?} in this event"),
+                );
             } else if !seen.insert(team_name.to_lowercase()) {
-                error(team.span().start, format!("bracket {name:?} lists {team_name:?} twice"));
+                error(
+                    team.span().start,
+                    format!("bracket {name:?} lists {team_name:?} twice"),
+                );
             }
         }
-        brackets.push(Bracket { name: name.to_owned(), teams: b.teams.iter().map(|t| t.get_ref().trim().to_owned()).collect() });
+        brackets.push(Bracket {
+            name: name.to_owned(),
+            teams: b
+                .teams
+                .iter()
+                .map(|t| t.get_ref().trim().to_owned())
+                .collect(),
+        });
     }
-    if errors.is_empty() { Ok(Rubric { dimensions, brackets }) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(Rubric {
+            dimensions,
+            brackets,
+        })
+    } else {
+        Err(errors)
+    }
 }
 
 #[cfg(test)]
@@ -182,15 +244,30 @@ teams = ["Red", "blue"]
     }
 
     fn errors(text: &str) -> Vec<(usize, String)> {
-        parse(text, teams).err().unwrap_or_default().into_iter().map(|e| (e.line, e.message)).collect()
+        parse(text, teams)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.line, e.message))
+            .collect()
     }
 
     #[test]
     fn a_good_rubric() {
         let rubric = parse(GOOD, teams).expect("valid");
-        assert_eq!(rubric.dimensions[0], Dimension { name: "functionality".into(), label: "functionality".into(), judge_max: 20 });
+        assert_eq!(
+            rubric.dimensions[0],
+            Dimension {
+                name: "functionality".into(),
+                label: "functionality".into(),
+                judge_max: 20
+            }
+        );
         assert_eq!(rubric.dimensions[1].label, "Pitch");
-        assert_eq!(rubric.dimensions[1].judge_max, 10, "judges give up to 10 by default");
+        assert_eq!(
+            rubric.dimensions[1].judge_max, 10,
+            "judges give up to 10 by default"
+        );
         assert_eq!(rubric.brackets[0].teams, ["Red", "blue"]);
         assert_eq!(Rubric::default().dimensions.len(), 5);
     }
@@ -213,9 +290,22 @@ teams = ["Red", "blue"]
     #[test]
     fn syntax_types_unknown_keys_and_empty_files() {
         assert_eq!(errors("[[dimension]]\nname = = 1\n")[0].0, 2);
-        assert_eq!(errors("[[dimension]]\nname = \"a\"\njudge_max = \"ten\"\n")[0].0, 3);
-        assert!(errors("[[dimension]]\nname = \"a\"\ncolour = 1\n")[0].1.contains("colour"));
-        assert_eq!(errors(""), vec![(1, "no dimensions: add at least one [[dimension]] table".to_owned())]);
+        assert_eq!(
+            errors("[[dimension]]\nname = \"a\"\njudge_max = \"ten\"\n")[0].0,
+            3
+        );
+        assert!(
+            errors("[[dimension]]\nname = \"a\"\ncolour = 1\n")[0]
+                .1
+                .contains("colour")
+        );
+        assert_eq!(
+            errors(""),
+            vec![(
+                1,
+                "no dimensions: add at least one [[dimension]] table".to_owned()
+            )]
+        );
         assert_eq!(errors("[[dimension]]\nname = \"Bad Name\"\n")[0].0, 2);
     }
 }

@@ -139,7 +139,8 @@ impl Frame {
             Self::Refused(m) => serde_json::to_vec(m)?,
             Self::Batch(m) => {
                 let json = serde_json::to_vec(m)?;
-                let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+                let mut encoder =
+                    flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
                 encoder.write_all(&json)?;
                 encoder.finish()?
             }
@@ -163,7 +164,9 @@ impl Frame {
             3 => {
                 let mut json = Vec::new();
                 // Bounded: a small frame must not inflate into gigabytes.
-                flate2::read::DeflateDecoder::new(body).take(MAX_FRAME as u64 + 1).read_to_end(&mut json)?;
+                flate2::read::DeflateDecoder::new(body)
+                    .take(MAX_FRAME as u64 + 1)
+                    .read_to_end(&mut json)?;
                 if json.len() > MAX_FRAME {
                     return Err(FrameError::TooLarge(json.len()));
                 }
@@ -176,12 +179,17 @@ impl Frame {
     }
 }
 
-pub async fn write_frame(stream: &mut (impl tokio::io::AsyncWrite + Unpin), frame: &Frame) -> Result<(), FrameError> {
+pub async fn write_frame(
+    stream: &mut (impl tokio::io::AsyncWrite + Unpin),
+    frame: &Frame,
+) -> Result<(), FrameError> {
     stream.write_all(&frame.encode()?).await?;
     Ok(())
 }
 
-pub async fn read_frame(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<Frame, FrameError> {
+pub async fn read_frame(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<Frame, FrameError> {
     let mut length = [0u8; 4];
     match stream.read_exact(&mut length).await {
         Ok(_) => {}
@@ -194,14 +202,21 @@ pub async fn read_frame(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Res
     }
     let mut kind = [0u8; 1];
     stream.read_exact(&mut kind).await?;
-    let limit = if kind[0] == 3 { MAX_FRAME } else { MAX_CONTROL_FRAME };
+    let limit = if kind[0] == 3 {
+        MAX_FRAME
+    } else {
+        MAX_CONTROL_FRAME
+    };
     if length > limit {
         return Err(FrameError::TooLarge(length));
     }
     // Grown as bytes arrive, never from the length alone: a peer that claims 64 MiB and
     // sends nothing costs nothing.
     let mut body = Vec::with_capacity((length - 1).min(MAX_CONTROL_FRAME));
-    let read = stream.take(u64::try_from(length - 1).unwrap_or(u64::MAX)).read_to_end(&mut body).await?;
+    let read = stream
+        .take(u64::try_from(length - 1).unwrap_or(u64::MAX))
+        .read_to_end(&mut body)
+        .await?;
     if read != length - 1 {
         return Err(FrameError::Closed);
     }
@@ -214,33 +229,76 @@ mod tests {
 
     #[tokio::test]
     async fn frames_round_trip_and_bad_ones_are_refused() {
-        let rows = (1..=500).map(|seq| Row { seq, kind: "ledger".into(), entity: format!("ledger:{seq}"), body: "{\"amount_cents\":-100}".into(), created_ms: seq }).collect();
+        let rows = (1..=500)
+            .map(|seq| Row {
+                seq,
+                kind: "ledger".into(),
+                entity: format!("ledger:{seq}"),
+                body: "{\"amount_cents\":-100}".into(),
+                created_ms: seq,
+            })
+            .collect();
         let frames = vec![
-            Frame::Hello(Hello { version: VERSION, name: "rack-1".into(), token: Some("lrc_x".into()), epoch: "e1".into(), base: 0, last_seq: 500 }),
-            Frame::Welcome(Welcome { appliance_id: 3, acked: 41, epoch: "c1".into() }),
+            Frame::Hello(Hello {
+                version: VERSION,
+                name: "rack-1".into(),
+                token: Some("lrc_x".into()),
+                epoch: "e1".into(),
+                base: 0,
+                last_seq: 500,
+            }),
+            Frame::Welcome(Welcome {
+                appliance_id: 3,
+                acked: 41,
+                epoch: "c1".into(),
+            }),
             Frame::Batch(Batch { rows }),
             Frame::Ack(Ack { acked: 500 }),
-            Frame::Refused(Refused { reason: "not enrolled".into(), code: None }),
+            Frame::Refused(Refused {
+                reason: "not enrolled".into(),
+                code: None,
+            }),
         ];
         let mut wire = Vec::new();
         for frame in &frames {
             wire.extend(frame.encode().expect("encode"));
         }
         let batch_bytes = frames[2].encode().expect("encode").len();
-        assert!(batch_bytes < 500 * 40, "batches are compressed: {batch_bytes} bytes");
+        assert!(
+            batch_bytes < 500 * 40,
+            "batches are compressed: {batch_bytes} bytes"
+        );
         let mut reader = wire.as_slice();
         for frame in &frames {
             assert_eq!(&read_frame(&mut reader).await.expect("decode"), frame);
         }
-        assert!(matches!(read_frame(&mut reader).await, Err(FrameError::Closed)));
-        assert!(matches!(Frame::decode(9, b"{}"), Err(FrameError::UnknownType(9))));
-        assert!(matches!(Frame::decode(4, br#"{"acked":1,"extra":2}"#), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            read_frame(&mut reader).await,
+            Err(FrameError::Closed)
+        ));
+        assert!(matches!(
+            Frame::decode(9, b"{}"),
+            Err(FrameError::UnknownType(9))
+        ));
+        assert!(matches!(
+            Frame::decode(4, br#"{"acked":1,"extra":2}"#),
+            Err(FrameError::Malformed(_))
+        ));
         let mut huge: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1];
-        assert!(matches!(read_frame(&mut huge).await, Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut huge).await,
+            Err(FrameError::TooLarge(_))
+        ));
         // A hello may not be a megabyte, whatever follows; a batch may.
         let mut big_hello: &[u8] = &[0x00, 0x10, 0x00, 0x00, 1];
-        assert!(matches!(read_frame(&mut big_hello).await, Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut big_hello).await,
+            Err(FrameError::TooLarge(_))
+        ));
         let mut cut_batch: &[u8] = &[0x00, 0x10, 0x00, 0x00, 3, 1, 2, 3];
-        assert!(matches!(read_frame(&mut cut_batch).await, Err(FrameError::Closed)), "a cut-off frame is the link closing");
+        assert!(
+            matches!(read_frame(&mut cut_batch).await, Err(FrameError::Closed)),
+            "a cut-off frame is the link closing"
+        );
     }
 }

@@ -38,7 +38,16 @@ mod tests {
         let hello: Hello = serde_json::from_str(r#"{"ticket":"t"}"#).expect("hello");
         assert_eq!((hello.cols, hello.rows), (80, 24));
         assert!(serde_json::from_str::<Hello>(r#"{"ticket":"t","cols":70000}"#).is_err());
-        assert!(matches!(serde_json::from_str::<Control>(r#"{"type":"resize","cols":120,"rows":40}"#), Ok(Control::Resize { cols: 120, rows: 40 })));
-        assert!(serde_json::from_str::<Control>(r#"{"type":"resize","cols":1,"rows":1,"x":0}"#).is_err());
+        assert!(matches!(
+            serde_json::from_str::<Control>(r#"{"type":"resize","cols":120,"rows":40}"#),
+            Ok(Control::Resize {
+                cols: 120,
+                rows: 40
+            })
+        ));
+        assert!(
+            serde_json::from_str::<Control>(r#"{"type":"resize","cols":1,"rows":1,"x":0}"#)
+                .is_err()
+        );
     }
 }

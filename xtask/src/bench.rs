@@ -33,10 +33,18 @@ pub(crate) fn cmd_bench(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn parse_options(args: &[String]) -> anyhow::Result<Options> {
-    let mut options = Options { requests: 20_000, concurrency: 64, runs: 3 };
+    let mut options = Options {
+        requests: 20_000,
+        concurrency: 64,
+        runs: 3,
+    };
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
-        let value: usize = iter.next().with_context(|| format!("{flag} needs a value"))?.parse().with_context(|| format!("{flag} needs a number"))?;
+        let value: usize = iter
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?
+            .parse()
+            .with_context(|| format!("{flag} needs a number"))?;
         match flag.as_str() {
             "--requests" => options.requests = value,
             "--concurrency" => options.concurrency = value,
@@ -44,7 +52,10 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             _ => bail!("unknown option {flag}"),
         }
     }
-    anyhow::ensure!(options.requests > 0 && options.concurrency > 0 && options.runs > 0, "values must be positive");
+    anyhow::ensure!(
+        options.requests > 0 && options.concurrency > 0 && options.runs > 0,
+        "values must be positive"
+    );
     Ok(options)
 }
 
@@ -61,13 +72,23 @@ struct RunResult {
 fn bench_api(options: Options) -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "-p", "labrack"]))?;
     let binary = util::target_dir().join("release/labrack");
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let mut results = Vec::new();
     for index in 0..options.runs {
         let result = runtime.block_on(one_run(&binary, &options))?;
         println!(
             "run {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, cold start {:.0} ms, idle RSS {:.1} MB, peak RSS {:.1} MB, errors {}",
-            index + 1, result.requests_per_sec, result.p50_ms, result.p99_ms, result.cold_start_ms, result.idle_rss_mb, result.peak_rss_mb, result.errors
+            index + 1,
+            result.requests_per_sec,
+            result.p50_ms,
+            result.p99_ms,
+            result.cold_start_ms,
+            result.idle_rss_mb,
+            result.peak_rss_mb,
+            result.errors
         );
         results.push(result);
     }
@@ -76,12 +97,27 @@ fn bench_api(options: Options) -> anyhow::Result<()> {
         values.sort_by(f64::total_cmp);
         values[values.len() / 2]
     };
-    println!("\nbench api: {} durable writes, concurrency {}, median of {} runs", options.requests, options.concurrency, options.runs);
-    println!("  throughput      {:>8.0} req/s   (target >= 2000)", median(|r| r.requests_per_sec));
+    println!(
+        "\nbench api: {} durable writes, concurrency {}, median of {} runs",
+        options.requests, options.concurrency, options.runs
+    );
+    println!(
+        "  throughput      {:>8.0} req/s   (target >= 2000)",
+        median(|r| r.requests_per_sec)
+    );
     println!("  latency p50     {:>8.2} ms", median(|r| r.p50_ms));
-    println!("  latency p99     {:>8.2} ms      (target <= 50)", median(|r| r.p99_ms));
-    println!("  cold start      {:>8.0} ms      (to /readyz; target <= 1000)", median(|r| r.cold_start_ms));
-    println!("  idle RSS        {:>8.1} MB      (target <= 60)", median(|r| r.idle_rss_mb));
+    println!(
+        "  latency p99     {:>8.2} ms      (target <= 50)",
+        median(|r| r.p99_ms)
+    );
+    println!(
+        "  cold start      {:>8.0} ms      (to /readyz; target <= 1000)",
+        median(|r| r.cold_start_ms)
+    );
+    println!(
+        "  idle RSS        {:>8.1} MB      (target <= 60)",
+        median(|r| r.idle_rss_mb)
+    );
     println!("  peak RSS        {:>8.1} MB", median(|r| r.peak_rss_mb));
     let errors: usize = results.iter().map(|r| r.errors).sum();
     if errors > 0 {
@@ -114,7 +150,12 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
         .build()?;
     let base = server.url.clone();
     loop {
-        if client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        if client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             break;
         }
         if spawned.elapsed() > Duration::from_secs(30) {
@@ -127,7 +168,10 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
     let idle_rss_mb = rss_mb(pid, "VmRSS:");
 
     // Seed: admin password, one event, 2,000 participants in 20 teams.
-    let otp = server.admin_password.clone().context("no one-time password printed")?;
+    let otp = server
+        .admin_password
+        .clone()
+        .context("no one-time password printed")?;
     let token = login(&client, &base, &otp).await?;
     let auth = format!("Bearer {token}");
     let event: Value = client
@@ -142,13 +186,24 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
         csv.push_str(&format!("Team {},Participant {i}\n", i % 20));
     }
     let imported: Value = client
-        .post(format!("{base}/api/v1/events/{event_id}/participants/import"))
+        .post(format!(
+            "{base}/api/v1/events/{event_id}/participants/import"
+        ))
         .header("authorization", &auth)
         .header("content-type", "text/csv")
         .body(csv)
-        .send().await?.error_for_status()?.json().await?;
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
     let codes: Arc<Vec<String>> = Arc::new(
-        imported["participants"].as_array().context("participants")?.iter().filter_map(|p| p["join_code"].as_str().map(str::to_owned)).collect(),
+        imported["participants"]
+            .as_array()
+            .context("participants")?
+            .iter()
+            .filter_map(|p| p["join_code"].as_str().map(str::to_owned))
+            .collect(),
     );
 
     let next = Arc::new(AtomicUsize::new(0));
@@ -164,7 +219,13 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
             .http1_only()
             .local_address(std::net::IpAddr::from([127, 0, 2, octets + 1]))
             .build()?;
-        let (base, auth, codes, next, event_code) = (base.clone(), auth.clone(), codes.clone(), next.clone(), event_code.clone());
+        let (base, auth, codes, next, event_code) = (
+            base.clone(),
+            auth.clone(),
+            codes.clone(),
+            next.clone(),
+            event_code.clone(),
+        );
         let total = options.requests;
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -177,9 +238,14 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
                 }
                 let sent = Instant::now();
                 let request = if i % 2 == 0 {
-                    client.post(format!("{base}/api/v1/join")).json(&json!({"event_code": event_code, "join_code": codes[i / 2 % codes.len()]}))
+                    client.post(format!("{base}/api/v1/join")).json(
+                        &json!({"event_code": event_code, "join_code": codes[i / 2 % codes.len()]}),
+                    )
                 } else {
-                    client.post(format!("{base}/api/v1/events/{event_id}/teams")).header("authorization", &auth).json(&json!({"name": format!("Bench team {i}")}))
+                    client
+                        .post(format!("{base}/api/v1/events/{event_id}/teams"))
+                        .header("authorization", &auth)
+                        .json(&json!({"name": format!("Bench team {i}")}))
                 };
                 match request.send().await {
                     Ok(response) if response.status().is_success() => {
@@ -190,7 +256,11 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
                         errors += 1;
                         if first_error.is_none() {
                             first_error = Some(match other {
-                                Ok(response) => format!("{} {}", response.status(), response.text().await.unwrap_or_default()),
+                                Ok(response) => format!(
+                                    "{} {}",
+                                    response.status(),
+                                    response.text().await.unwrap_or_default()
+                                ),
                                 Err(error) => error.to_string(),
                             });
                         }
@@ -215,7 +285,9 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
     latencies.sort();
     let pct = |p: f64| {
         let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
-        latencies.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        latencies
+            .get(index)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     let result = RunResult {
         requests_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
@@ -226,7 +298,10 @@ async fn one_run(binary: &std::path::Path, options: &Options) -> anyhow::Result<
         peak_rss_mb,
         errors,
     };
-    anyhow::ensure!(server.terminate()?.success(), "labrack did not exit cleanly");
+    anyhow::ensure!(
+        server.terminate()?.success(),
+        "labrack did not exit cleanly"
+    );
     let _ = std::fs::remove_dir_all(&data);
     Ok(result)
 }
@@ -236,13 +311,19 @@ async fn login(client: &reqwest::Client, base: &str, otp: &str) -> anyhow::Resul
     let session: Value = client
         .post(format!("{base}/api/v1/auth/login"))
         .json(&json!({"username": "admin", "password": otp, "bearer": true}))
-        .send().await?.error_for_status()?.json().await?;
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
     let token = session["token"].as_str().context("token")?.to_owned();
     client
         .post(format!("{base}/api/v1/auth/password"))
         .header("authorization", format!("Bearer {token}"))
         .json(&json!({"current_password": otp, "new_password": "bench-password-1234"}))
-        .send().await?.error_for_status()?;
+        .send()
+        .await?
+        .error_for_status()?;
     Ok(token)
 }
 
@@ -254,11 +335,18 @@ fn bench_stream(args: &[String]) -> anyhow::Result<()> {
     let mut frames = "300".to_owned();
     let mut runs = 3_usize;
     let (mut encode, mut e2e) = (true, true);
-    let mut e2e_options = crate::bench_stream::Options { max_streams: 6, flips: 30, phase_secs: 10 };
+    let mut e2e_options = crate::bench_stream::Options {
+        max_streams: 6,
+        flips: 30,
+        phase_secs: 10,
+    };
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
         let mut number = |name: &str| -> anyhow::Result<usize> {
-            iter.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| format!("{name} needs a number"))
+            iter.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .parse()
+                .with_context(|| format!("{name} needs a number"))
         };
         match flag.as_str() {
             "--frames" => frames = number("--frames")?.to_string(),
@@ -281,20 +369,50 @@ fn bench_stream(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn bench_encode(frames: &str, runs: usize) -> anyhow::Result<()> {
-    run(cargo().args(["build", "--release", "-p", "labrack-streamer", "--example", "encode_bench"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "labrack-streamer",
+        "--example",
+        "encode_bench",
+    ]))?;
     let binary = util::target_dir().join("release/examples/encode_bench");
     let mut all: Vec<Vec<Value>> = Vec::new();
     for index in 0..runs {
-        let output = std::process::Command::new(&binary).arg(frames).output().context("running encode_bench")?;
-        anyhow::ensure!(output.status.success(), "encode_bench failed: {}", String::from_utf8_lossy(&output.stderr));
-        let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        println!("run {}: {}", index + 1, lines.iter().map(Value::to_string).collect::<Vec<_>>().join("\n       "));
+        let output = std::process::Command::new(&binary)
+            .arg(frames)
+            .output()
+            .context("running encode_bench")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "encode_bench failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        println!(
+            "run {}: {}",
+            index + 1,
+            lines
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n       ")
+        );
         all.push(lines);
     }
-    println!("\nbench stream (encode side), median of {runs} runs, {frames} frames each, one thread:");
+    println!(
+        "\nbench stream (encode side), median of {runs} runs, {frames} frames each, one thread:"
+    );
     for (i, first) in all[0].iter().enumerate() {
         let median = |key: &str| {
-            let mut values: Vec<f64> = all.iter().filter_map(|run| run.get(i)?.get(key)?.as_f64()).collect();
+            let mut values: Vec<f64> = all
+                .iter()
+                .filter_map(|run| run.get(i)?.get(key)?.as_f64())
+                .collect();
             values.sort_by(f64::total_cmp);
             values[values.len() / 2]
         };

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use labrack_e2e::{Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host_binary, free_port};
+use labrack_e2e::{
+    Api, DataDir, LabHost, LabUsers, Server, client_trusting, enrol_host_binary, free_port,
+};
 use serde_json::{Value, json};
 
 use crate::util::{self, cargo, run};
@@ -34,12 +36,25 @@ struct Options {
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
-    let mut options =
-        Options { teams: 2_000, per_team: 10, concurrency: 64, runs: 3, lab_teams: 4, checks: 25, workers: vec![1, 2, 4, 8] };
+    let mut options = Options {
+        teams: 2_000,
+        per_team: 10,
+        concurrency: 64,
+        runs: 3,
+        lab_teams: 4,
+        checks: 25,
+        workers: vec![1, 2, 4, 8],
+    };
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
-        let value = iter.next().with_context(|| format!("{flag} needs a value"))?;
-        let number = || value.parse::<usize>().with_context(|| format!("{flag} needs a number"));
+        let value = iter
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<usize>()
+                .with_context(|| format!("{flag} needs a number"))
+        };
         match flag.as_str() {
             "--teams" => options.teams = number()?,
             "--per-team" => options.per_team = number()?,
@@ -48,20 +63,35 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
             "--lab-teams" => options.lab_teams = number()?,
             "--checks" => options.checks = number()?,
             "--workers" => {
-                options.workers = value.split(',').map(|n| n.trim().parse::<usize>()).collect::<Result<_, _>>().context("--workers takes a list like 1,2,4")?
+                options.workers = value
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .context("--workers takes a list like 1,2,4")?
             }
-            _ => bail!("unknown option {flag}; options: --teams --per-team --concurrency --runs --lab-teams --checks --workers"),
+            _ => bail!(
+                "unknown option {flag}; options: --teams --per-team --concurrency --runs --lab-teams --checks --workers"
+            ),
         }
     }
-    anyhow::ensure!(options.teams > 0 && options.per_team > 0 && options.concurrency > 0 && options.runs > 0, "values must be positive");
-    anyhow::ensure!(options.teams <= 5_000, "--teams: one roster import takes at most 5,000 rows");
+    anyhow::ensure!(
+        options.teams > 0 && options.per_team > 0 && options.concurrency > 0 && options.runs > 0,
+        "values must be positive"
+    );
+    anyhow::ensure!(
+        options.teams <= 5_000,
+        "--teams: one roster import takes at most 5,000 rows"
+    );
     Ok(options)
 }
 
 pub(crate) fn bench_scoring(args: &[String]) -> anyhow::Result<()> {
     let options = parse(args)?;
     run(cargo().args(["build", "--release", "-p", "labrack", "-p", "labrack-host"]))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let mut waves = Vec::new();
     for index in 0..options.runs {
         let wave = runtime.block_on(wave(&options))?;
@@ -85,12 +115,24 @@ pub(crate) fn bench_scoring(args: &[String]) -> anyhow::Result<()> {
         values[values.len() / 2]
     };
     let total = options.teams * options.per_team;
-    println!("\nbench scoring: wave of {total} submissions from {} teams, concurrency {}, median of {} runs", options.teams, options.concurrency, options.runs);
-    println!("  accepted in     {:>8.2} s     (target <= 30 s, none lost)", median(|w| w.seconds));
-    println!("  throughput      {:>8.0} /s", median(|w| w.accepted as f64 / w.seconds));
+    println!(
+        "\nbench scoring: wave of {total} submissions from {} teams, concurrency {}, median of {} runs",
+        options.teams, options.concurrency, options.runs
+    );
+    println!(
+        "  accepted in     {:>8.2} s     (target <= 30 s, none lost)",
+        median(|w| w.seconds)
+    );
+    println!(
+        "  throughput      {:>8.0} /s",
+        median(|w| w.accepted as f64 / w.seconds)
+    );
     println!("  latency p50     {:>8.1} ms", median(|w| w.p50_ms));
     println!("  latency p99     {:>8.1} ms", median(|w| w.p99_ms));
-    println!("  jobs drained in {:>8.1} s     (20,000 scoring jobs → check batches, 4 workers)", median(|w| w.drain_seconds));
+    println!(
+        "  jobs drained in {:>8.1} s     (20,000 scoring jobs → check batches, 4 workers)",
+        median(|w| w.drain_seconds)
+    );
     if options.lab_teams > 0 && options.checks > 0 {
         runtime.block_on(checks(&options))?;
     }
@@ -115,12 +157,27 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 fn db(data: &Path) -> anyhow::Result<rusqlite::Connection> {
-    Ok(rusqlite::Connection::open_with_flags(data.join("labrack.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?)
+    Ok(rusqlite::Connection::open_with_flags(
+        data.join("labrack.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?)
 }
 
 async fn admin_of(server: &Server, data: &Path) -> anyhow::Result<Api> {
-    let mut admin = Api { client: client_trusting(data)?, base: server.url.clone(), token: None };
-    admin.first_admin_login(server.admin_password.as_deref().context("no one-time password")?, "a-strong-admin-password").await?;
+    let mut admin = Api {
+        client: client_trusting(data)?,
+        base: server.url.clone(),
+        token: None,
+    };
+    admin
+        .first_admin_login(
+            server
+                .admin_password
+                .as_deref()
+                .context("no one-time password")?,
+            "a-strong-admin-password",
+        )
+        .await?;
     Ok(admin)
 }
 
@@ -129,7 +186,12 @@ async fn live_event(admin: &Api, name: &str) -> anyhow::Result<(i64, String)> {
     let (status, event) = admin.post("/api/v1/events", json!({"name": name, "starts_at": "2026-01-01T09:00:00Z", "ends_at": "2099-01-01T09:00:00Z"})).await?;
     anyhow::ensure!(status == 201, "{event}");
     let id = event["id"].as_i64().context("event id")?;
-    let (status, body) = admin.post(&format!("/api/v1/events/{id}/transition"), json!({"to": "live"})).await?;
+    let (status, body) = admin
+        .post(
+            &format!("/api/v1/events/{id}/transition"),
+            json!({"to": "live"}),
+        )
+        .await?;
     anyhow::ensure!(status == 200, "{body}");
     Ok((id, event["code"].as_str().context("code")?.to_owned()))
 }
@@ -144,7 +206,12 @@ async fn wave(options: &Options) -> anyhow::Result<Wave> {
     for n in 0..options.teams {
         roster.push_str(&format!("Team {n:04},Member {n:04},\n"));
     }
-    let (status, imported) = admin.post_csv(&format!("/api/v1/events/{event_id}/participants/import"), &roster).await?;
+    let (status, imported) = admin
+        .post_csv(
+            &format!("/api/v1/events/{event_id}/participants/import"),
+            &roster,
+        )
+        .await?;
     anyhow::ensure!(status == 200, "import: {imported}");
     let codes: Vec<String> = imported["participants"]
         .as_array()
@@ -152,7 +219,12 @@ async fn wave(options: &Options) -> anyhow::Result<Wave> {
         .iter()
         .filter_map(|p| p["join_code"].as_str().map(str::to_owned))
         .collect();
-    anyhow::ensure!(codes.len() == options.teams, "imported {} of {}", codes.len(), options.teams);
+    anyhow::ensure!(
+        codes.len() == options.teams,
+        "imported {} of {}",
+        codes.len(),
+        options.teams
+    );
     let client = admin.client.clone();
     let base = server.url.trim_end_matches('/').to_owned();
     // Each team's participant joins (a bearer session per team).
@@ -161,7 +233,12 @@ async fn wave(options: &Options) -> anyhow::Result<Wave> {
         let joins: Vec<_> = chunk
             .iter()
             .map(|join_code| {
-                let (client, base, code, join_code) = (client.clone(), base.clone(), code.clone(), join_code.clone());
+                let (client, base, code, join_code) = (
+                    client.clone(),
+                    base.clone(),
+                    code.clone(),
+                    join_code.clone(),
+                );
                 tokio::spawn(async move {
                     let response = client
                         .post(format!("{base}/api/v1/join"))
@@ -169,7 +246,10 @@ async fn wave(options: &Options) -> anyhow::Result<Wave> {
                         .send()
                         .await?;
                     let body: Value = response.json().await?;
-                    body["token"].as_str().map(str::to_owned).context("join gave no token")
+                    body["token"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .context("join gave no token")
                 })
             })
             .collect();
@@ -178,8 +258,11 @@ async fn wave(options: &Options) -> anyhow::Result<Wave> {
         }
     }
     // The wave: every team submits `per_team` versions, spread over `concurrency` tasks.
-    let work: Arc<Vec<(String, String)>> =
-        Arc::new((0..options.per_team).flat_map(|v| tokens.iter().map(move |t| (t.clone(), format!("v{v}")))).collect());
+    let work: Arc<Vec<(String, String)>> = Arc::new(
+        (0..options.per_team)
+            .flat_map(|v| tokens.iter().map(move |t| (t.clone(), format!("v{v}"))))
+            .collect(),
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -190,11 +273,20 @@ async fn wave(options: &Options) -> anyhow::Result<Wave> {
             let mut failures = 0usize;
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some((token, version)) = work.get(index) else { break };
+                let Some((token, version)) = work.get(index) else {
+                    break;
+                };
                 let sent = Instant::now();
-                let response = client.post(format!("{base}/api/v1/me/submissions")).bearer_auth(token).json(&json!({"version": version})).send().await;
+                let response = client
+                    .post(format!("{base}/api/v1/me/submissions"))
+                    .bearer_auth(token)
+                    .json(&json!({"version": version}))
+                    .send()
+                    .await;
                 match response {
-                    Ok(r) if r.status().as_u16() == 201 => latencies.push(sent.elapsed().as_secs_f64() * 1000.0),
+                    Ok(r) if r.status().as_u16() == 201 => {
+                        latencies.push(sent.elapsed().as_secs_f64() * 1000.0)
+                    }
                     _ => failures += 1,
                 }
             }
@@ -209,19 +301,37 @@ async fn wave(options: &Options) -> anyhow::Result<Wave> {
         failures += f;
     }
     let seconds = started.elapsed().as_secs_f64();
-    anyhow::ensure!(failures == 0, "{failures} submissions were not acknowledged");
+    anyhow::ensure!(
+        failures == 0,
+        "{failures} submissions were not acknowledged"
+    );
     latencies.sort_by(f64::total_cmp);
     let conn = db(&data.0)?;
     let stored: i64 = conn.query_row("SELECT count(*) FROM submissions", [], |r| r.get(0))?;
-    let jobs: i64 = conn.query_row("SELECT count(*) FROM jobs WHERE kind = 'score_submission'", [], |r| r.get(0))?;
-    anyhow::ensure!(stored == work.len() as i64 && jobs == stored, "lost work: {stored} stored, {jobs} jobs for {} accepted", work.len());
+    let jobs: i64 = conn.query_row(
+        "SELECT count(*) FROM jobs WHERE kind = 'score_submission'",
+        [],
+        |r| r.get(0),
+    )?;
+    anyhow::ensure!(
+        stored == work.len() as i64 && jobs == stored,
+        "lost work: {stored} stored, {jobs} jobs for {} accepted",
+        work.len()
+    );
     let drain_started = Instant::now();
     loop {
-        let open: i64 = conn.query_row("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')", [], |r| r.get(0))?;
+        let open: i64 = conn.query_row(
+            "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')",
+            [],
+            |r| r.get(0),
+        )?;
         if open == 0 {
             break;
         }
-        anyhow::ensure!(drain_started.elapsed() < Duration::from_secs(600), "{open} scoring jobs still open after 10 minutes");
+        anyhow::ensure!(
+            drain_started.elapsed() < Duration::from_secs(600),
+            "{open} scoring jobs still open after 10 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let drain_seconds = drain_started.elapsed().as_secs_f64();
@@ -246,54 +356,125 @@ async fn checks(options: &Options) -> anyhow::Result<()> {
     std::fs::write(skeleton.join("README.txt"), "bench\n")?;
     let listen = format!("127.0.0.1:{}", free_port()?);
     let start = |workers: usize| {
-        Server::start_binary(&target.join("labrack"), &data.0, &listen, &["--host-heartbeat-secs", "2", "--check-workers", &workers.to_string()])
+        Server::start_binary(
+            &target.join("labrack"),
+            &data.0,
+            &listen,
+            &[
+                "--host-heartbeat-secs",
+                "2",
+                "--check-workers",
+                &workers.to_string(),
+            ],
+        )
     };
     let mut server = start(options.workers.first().copied().unwrap_or(4))?;
     let admin = admin_of(&server, &data.0).await?;
     let (event_id, _) = live_event(&admin, "Checks").await?;
-    let mut template = format!("[[template]]\nname = \"bench\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeleton.display());
+    let mut template = format!(
+        "[[template]]\nname = \"bench\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n",
+        skeleton.display()
+    );
     for n in 0..options.checks {
         template.push_str(&format!("[[template.check]]\nname = \"c{n}\"\nscript = \"true\"\ntimeout_secs = 10\ndimension = \"quality\"\n"));
     }
     let (status, body) = admin.put_toml("/api/v1/templates", &template).await?;
     anyhow::ensure!(status == 200, "{body}");
-    let (_, token) = admin.post("/api/v1/hosts/enrolment-tokens", json!({})).await?;
+    let (_, token) = admin
+        .post("/api/v1/hosts/enrolment-tokens", json!({}))
+        .await?;
     let state = DataDir::new("bench-checks-host");
     let host_bin = target.join("labrack-host");
-    let (ok, text) = enrol_host_binary(&host_bin, &server.url, &data.0, token["token"].as_str().context("token")?, "bench-host", &state.0)?;
+    let (ok, text) = enrol_host_binary(
+        &host_bin,
+        &server.url,
+        &data.0,
+        token["token"].as_str().context("token")?,
+        "bench-host",
+        &state.0,
+    )?;
     anyhow::ensure!(ok, "{text}");
     let users = LabUsers::new();
-    let host = LabHost::start_binary(&host_bin, &state.0, &users, &skeletons.0, &[("LABRACK_HOST_QUIET", "1")], &["--check-concurrency", "8"])?;
+    let host = LabHost::start_binary(
+        &host_bin,
+        &state.0,
+        &users,
+        &skeletons.0,
+        &[("LABRACK_HOST_QUIET", "1")],
+        &["--check-concurrency", "8"],
+    )?;
     for n in 0..options.lab_teams {
-        let (_, team) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": format!("Lab team {n}")})).await?;
+        let (_, team) = admin
+            .post(
+                &format!("/api/v1/events/{event_id}/teams"),
+                json!({"name": format!("Lab team {n}")}),
+            )
+            .await?;
         let team_id = team["id"].as_i64().context("team")?;
-        let (status, alloc) = admin.post(&format!("/api/v1/teams/{team_id}/allocation"), json!({"template": "bench"})).await?;
+        let (status, alloc) = admin
+            .post(
+                &format!("/api/v1/teams/{team_id}/allocation"),
+                json!({"template": "bench"}),
+            )
+            .await?;
         anyhow::ensure!(status == 201, "{alloc}");
         let id = alloc["id"].as_i64().context("allocation")?;
-        admin.wait_for(&format!("/api/v1/allocations/{id}"), Duration::from_secs(60), |a| a["state"] == "active" && a["busy"] == false).await?;
+        admin
+            .wait_for(
+                &format!("/api/v1/allocations/{id}"),
+                Duration::from_secs(60),
+                |a| a["state"] == "active" && a["busy"] == false,
+            )
+            .await?;
     }
     let runs = options.lab_teams * options.checks;
-    println!("\nchecks: {} teams × {} checks = {runs} sandboxed runs per batch on one lab host (8 at once)", options.lab_teams, options.checks);
+    println!(
+        "\nchecks: {} teams × {} checks = {runs} sandboxed runs per batch on one lab host (8 at once)",
+        options.lab_teams, options.checks
+    );
     for (index, workers) in options.workers.iter().enumerate() {
         if index > 0 {
             server.terminate()?;
             server = start(*workers)?;
         }
-        let admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: admin.token.clone() };
+        let admin = Api {
+            client: client_trusting(&data.0)?,
+            base: server.url.clone(),
+            token: admin.token.clone(),
+        };
         let mut rates = Vec::new();
         for _ in 0..options.runs {
             let started = Instant::now();
-            let (status, queued) = admin.post(&format!("/api/v1/events/{event_id}/check-batches"), json!({"reason": format!("bench {workers} workers")})).await?;
+            let (status, queued) = admin
+                .post(
+                    &format!("/api/v1/events/{event_id}/check-batches"),
+                    json!({"reason": format!("bench {workers} workers")}),
+                )
+                .await?;
             anyhow::ensure!(status == 201 && queued["queued"] == runs, "{queued}");
             let batch = queued["batch_id"].as_i64().context("batch")?;
-            let done = admin.wait_for(&format!("/api/v1/check-batches/{batch}"), Duration::from_secs(600), |b| b["done"] == true).await?;
+            let done = admin
+                .wait_for(
+                    &format!("/api/v1/check-batches/{batch}"),
+                    Duration::from_secs(600),
+                    |b| b["done"] == true,
+                )
+                .await?;
             let seconds = started.elapsed().as_secs_f64();
-            anyhow::ensure!(done["counts"]["passed"] == runs, "not every check passed: {done}");
+            anyhow::ensure!(
+                done["counts"]["passed"] == runs,
+                "not every check passed: {done}"
+            );
             rates.push(runs as f64 / seconds);
         }
         rates.sort_by(f64::total_cmp);
         let shown: Vec<String> = rates.iter().map(|r| format!("{r:.1}")).collect();
-        println!("  {workers} worker(s): median {:.1} checks/s over {} batches ({})", rates[rates.len() / 2], rates.len(), shown.join(", "));
+        println!(
+            "  {workers} worker(s): median {:.1} checks/s over {} batches ({})",
+            rates[rates.len() / 2],
+            rates.len(),
+            shown.join(", ")
+        );
     }
     drop(host);
     drop(server);

@@ -17,8 +17,16 @@ use anyhow::{Context as _, bail};
 use crate::util::{project_root, run, step};
 
 /// Every fuzz target, one per parser.
-pub(crate) const TARGETS: &[&str] =
-    &["roster_csv", "template_toml", "rubric_toml", "host_protocol", "sync_frames", "desktop_messages", "desktop_input", "terminal_messages"];
+pub(crate) const TARGETS: &[&str] = &[
+    "roster_csv",
+    "template_toml",
+    "rubric_toml",
+    "host_protocol",
+    "sync_frames",
+    "desktop_messages",
+    "desktop_input",
+    "terminal_messages",
+];
 /// How long `cargo xtask test` fuzzes each target.
 pub(crate) const TEST_SECONDS: u64 = 20;
 
@@ -33,11 +41,17 @@ fn target_dir() -> PathBuf {
 /// cargo fuzz needs a nightly toolchain (its sanitizer flags); it and cargo-fuzz are checked
 /// and cargo-fuzz installed (once) here, with a clear error when nightly is missing.
 pub(crate) fn ensure_tools() -> anyhow::Result<()> {
-    let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "--version"]).output();
+    let nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output();
     if !nightly.is_ok_and(|o| o.status.success()) {
-        bail!("fuzzing needs Rust's nightly toolchain (cargo fuzz builds with sanitizers): run `rustup toolchain install nightly`");
+        bail!(
+            "fuzzing needs Rust's nightly toolchain (cargo fuzz builds with sanitizers): run `rustup toolchain install nightly`"
+        );
     }
-    let installed = Command::new("cargo").args(["+nightly", "fuzz", "--version"]).output();
+    let installed = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .output();
     if installed.is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
@@ -48,8 +62,11 @@ pub(crate) fn ensure_tools() -> anyhow::Result<()> {
 /// Builds every target (release, AddressSanitizer) in a target dir of its own.
 fn build() -> anyhow::Result<()> {
     step("building the fuzz targets (cargo +nightly fuzz build)");
-    run(Command::new("cargo").current_dir(fuzz_dir()).env("CARGO_TARGET_DIR", target_dir()).args(["+nightly", "fuzz", "build", "--release"]))
-        .context("building the fuzz targets")
+    run(Command::new("cargo")
+        .current_dir(fuzz_dir())
+        .env("CARGO_TARGET_DIR", target_dir())
+        .args(["+nightly", "fuzz", "build", "--release"]))
+    .context("building the fuzz targets")
 }
 
 /// Runs `target` for `seconds`; new finds go to `corpus` (the repo's corpus is read as well).
@@ -65,8 +82,17 @@ fn run_target(target: &str, seconds: u64, corpus: &std::path::Path) -> anyhow::R
     if corpus != committed {
         command.arg(&committed);
     }
-    command.args(["--", &format!("-max_total_time={seconds}"), "-max_len=65536", "-rss_limit_mb=2048", "-timeout=10", "-print_final_stats=1"]);
-    run(&mut command).with_context(|| format!("fuzz target {target} found a crash (see fuzz/artifacts/{target}/)"))
+    command.args([
+        "--",
+        &format!("-max_total_time={seconds}"),
+        "-max_len=65536",
+        "-rss_limit_mb=2048",
+        "-timeout=10",
+        "-print_final_stats=1",
+    ]);
+    run(&mut command).with_context(|| {
+        format!("fuzz target {target} found a crash (see fuzz/artifacts/{target}/)")
+    })
 }
 
 /// `cargo xtask fuzz [--seconds N] [TARGET…]`.
@@ -76,9 +102,18 @@ pub(crate) fn cmd_fuzz(args: &[String]) -> anyhow::Result<()> {
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--seconds" => seconds = args.next().context("--seconds needs a number")?.parse().context("--seconds must be a number")?,
+            "--seconds" => {
+                seconds = args
+                    .next()
+                    .context("--seconds needs a number")?
+                    .parse()
+                    .context("--seconds must be a number")?
+            }
             name if TARGETS.contains(&name) => chosen.push(name.to_owned()),
-            other => bail!("unknown fuzz target or option {other:?}; targets: {}", TARGETS.join(", ")),
+            other => bail!(
+                "unknown fuzz target or option {other:?}; targets: {}",
+                TARGETS.join(", ")
+            ),
         }
     }
     if chosen.is_empty() {
@@ -87,7 +122,9 @@ pub(crate) fn cmd_fuzz(args: &[String]) -> anyhow::Result<()> {
     ensure_tools()?;
     build()?;
     for target in &chosen {
-        step(&format!("fuzzing {target} for {seconds} s (new finds go to fuzz/corpus/{target}/)"));
+        step(&format!(
+            "fuzzing {target} for {seconds} s (new finds go to fuzz/corpus/{target}/)"
+        ));
         run_target(target, seconds, &fuzz_dir().join("corpus").join(target))?;
     }
     Ok(())

@@ -4,8 +4,8 @@
 mod bench;
 mod bench_reset;
 mod bench_scoring;
-mod bench_sync;
 mod bench_stream;
+mod bench_sync;
 mod fuzz;
 mod util;
 
@@ -116,7 +116,10 @@ fn cmd_run(extra: &[String]) -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "-p", "labrack"]))?;
     let binary = util::target_dir().join("release/labrack");
     let mut command = std::process::Command::new(binary);
-    command.current_dir(project_root()).args(["serve", "--log-format", "text"]).args(extra);
+    command
+        .current_dir(project_root())
+        .args(["serve", "--log-format", "text"])
+        .args(extra);
     run(&mut command)
 }
 
@@ -137,18 +140,37 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     util::step("building labrack and the test binaries");
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;
     util::step("lints (cargo clippy, warnings are errors)");
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     util::step("Rust tests (cargo nextest)");
     run(cargo()
         .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .env("LABRACK_BIN", util::target_dir().join("debug/labrack"))
-        .env("LABRACK_CONSOLE_BIN", util::target_dir().join("debug/labrack-console"))
-        .env("LABRACK_SCREENSHOT_DIR", util::target_dir().join("screenshots")))?;
+        .env(
+            "LABRACK_CONSOLE_BIN",
+            util::target_dir().join("debug/labrack-console"),
+        )
+        .env(
+            "LABRACK_SCREENSHOT_DIR",
+            util::target_dir().join("screenshots"),
+        ))?;
     util::step("browser tests (Debian Chromium, headless)");
     browser_tests()?;
-    util::step(&format!("fuzzing: each parser for {} s (cargo fuzz)", fuzz::TEST_SECONDS));
+    util::step(&format!(
+        "fuzzing: each parser for {} s (cargo fuzz)",
+        fuzz::TEST_SECONDS
+    ));
     fuzz::test_run()?;
-    util::step(&format!("all tests passed in {:.0} s", started.elapsed().as_secs_f64()));
+    util::step(&format!(
+        "all tests passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 
@@ -157,12 +179,20 @@ pub(crate) fn build_web() -> anyhow::Result<()> {
     util::step("building the web UI");
     let lock = web.join("package-lock.json");
     let stamp = web.join("node_modules/.package-lock.json");
-    let fresh = util::modified(&stamp).zip(util::modified(&lock)).is_some_and(|(installed, wanted)| installed >= wanted);
+    let fresh = util::modified(&stamp)
+        .zip(util::modified(&lock))
+        .is_some_and(|(installed, wanted)| installed >= wanted);
     if !fresh {
-        run(std::process::Command::new("npm").current_dir(&web).args(["ci", "--no-audit", "--no-fund"]))
-            .context("installing the web UI's npm packages")?;
+        run(std::process::Command::new("npm").current_dir(&web).args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+        ]))
+        .context("installing the web UI's npm packages")?;
     }
-    run(std::process::Command::new("npm").current_dir(&web).args(["run", "build"]))
+    run(std::process::Command::new("npm")
+        .current_dir(&web)
+        .args(["run", "build"]))
 }
 
 /// Starts a real `labrack serve` on a fresh data dir and runs the Chromium tests against it.
@@ -175,12 +205,21 @@ fn browser_tests() -> anyhow::Result<()> {
     node.current_dir(project_root().join("web"))
         .args(["--test", "--test-reporter=spec", "tests/"])
         .env("LABRACK_URL", &server.url)
-        .env("LABRACK_CA_FINGERPRINT", server.ca_fingerprint.as_deref().unwrap_or_default())
-        .env("LABRACK_ADMIN_PASSWORD", server.admin_password.as_deref().unwrap_or_default())
+        .env(
+            "LABRACK_CA_FINGERPRINT",
+            server.ca_fingerprint.as_deref().unwrap_or_default(),
+        )
+        .env(
+            "LABRACK_ADMIN_PASSWORD",
+            server.admin_password.as_deref().unwrap_or_default(),
+        )
         .env("LABRACK_SCREENSHOT_DIR", &screenshots);
     let result = run(&mut node);
     let status = server.terminate()?;
-    anyhow::ensure!(status.success(), "labrack exited with {status} after SIGTERM");
+    anyhow::ensure!(
+        status.success(),
+        "labrack exited with {status} after SIGTERM"
+    );
     let _ = std::fs::remove_dir_all(&data);
     result?;
     println!("xtask: screenshots in {}", screenshots.display());

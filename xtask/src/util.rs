@@ -9,7 +9,9 @@ pub(crate) fn project_root() -> PathBuf {
     // `cargo run` sets CARGO_MANIFEST_DIR at run time: the checkout being worked on. The
     // compile-time value can name another checkout, since the build cache (and this binary)
     // is shared between clones.
-    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
@@ -28,7 +30,9 @@ pub(crate) fn target_dir() -> PathBuf {
 
 pub(crate) fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command.current_dir(project_root()).env("CARGO_TARGET_DIR", target_dir());
+    command
+        .current_dir(project_root())
+        .env("CARGO_TARGET_DIR", target_dir());
     command
 }
 
@@ -38,7 +42,9 @@ pub(crate) fn step(what: &str) {
 
 pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{command:?}");
-    let status = command.status().with_context(|| format!("starting {shown}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("starting {shown}"))?;
     if !status.success() {
         bail!("{shown} failed: {status}");
     }
@@ -50,13 +56,20 @@ pub(crate) fn modified(path: &Path) -> Option<std::time::SystemTime> {
 }
 
 pub(crate) fn temp_dir(tag: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("labrack-xtask-{tag}-{}-{}", std::process::id(), now_nanos()));
+    let dir = std::env::temp_dir().join(format!(
+        "labrack-xtask-{tag}-{}-{}",
+        std::process::id(),
+        now_nanos()
+    ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
 
 fn now_nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 fn installed(package: &str) -> bool {
@@ -73,11 +86,26 @@ pub(crate) fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
         step("system packages: all present");
         return Ok(());
     }
-    step(&format!("installing system packages: {}", missing.join(" ")));
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    step(&format!(
+        "installing system packages: {}",
+        missing.join(" ")
+    ));
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
     let apt = |args: &[&str]| {
-        let mut command = if root { Command::new("apt-get") } else { let mut c = Command::new("sudo"); c.arg("apt-get"); c };
-        command.env("DEBIAN_FRONTEND", "noninteractive").args(["-o", "DPkg::Lock::Timeout=900"]).args(args);
+        let mut command = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        command
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["-o", "DPkg::Lock::Timeout=900"])
+            .args(args);
         run(&mut command)
     };
     apt(&["update"])?;
@@ -88,27 +116,62 @@ pub(crate) fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
 
 /// cargo-nextest, from crates.io if absent (a fresh Debian machine has only rustup's cargo).
 pub(crate) fn ensure_nextest() -> anyhow::Result<()> {
-    if cargo().args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success()) {
+    if cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
     step("installing cargo-nextest (once)");
-    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["install", "cargo-nextest", "--locked"]))
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+            "install",
+            "cargo-nextest",
+            "--locked",
+        ]),
+    )
 }
 
 /// tauri-driver, the WebDriver bridge the console's UI test drives (built from crates.io once).
 pub(crate) fn ensure_tauri_driver() -> anyhow::Result<()> {
-    if Command::new("tauri-driver").arg("--help").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("tauri-driver")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
     step("installing tauri-driver 2.1.0 (once)");
-    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args(["install", "tauri-driver", "--version", "2.1.0", "--locked"]))
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+            "install",
+            "tauri-driver",
+            "--version",
+            "2.1.0",
+            "--locked",
+        ]),
+    )
 }
 
 /// Node.js ≥ 18 with npm, from Debian if absent.
 pub(crate) fn ensure_node() -> anyhow::Result<()> {
-    let version = Command::new("node").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-    let major = version.as_deref().and_then(|v| v.trim_start_matches('v').split('.').next()?.parse::<u32>().ok());
-    let has_npm = Command::new("npm").arg("--version").output().is_ok_and(|o| o.status.success());
+    let version = Command::new("node")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let major = version.as_deref().and_then(|v| {
+        v.trim_start_matches('v')
+            .split('.')
+            .next()?
+            .parse::<u32>()
+            .ok()
+    });
+    let has_npm = Command::new("npm")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if major.is_some_and(|m| m >= 18) && has_npm {
         return Ok(());
     }

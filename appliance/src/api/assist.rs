@@ -25,21 +25,34 @@ fn now_ms() -> i64 {
 }
 
 fn time_of(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).map(format_time).unwrap_or_default()
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(format_time)
+        .unwrap_or_default()
 }
 
 fn participant(caller: &Caller) -> Result<(i64, i64), ApiError> {
     match &caller.principal {
-        Principal::Participant { team_id, event_id, .. } => Ok((*team_id, *event_id)),
-        Principal::Staff { .. } => Err(ApiError::forbidden("only participants do this for their team")),
+        Principal::Participant {
+            team_id, event_id, ..
+        } => Ok((*team_id, *event_id)),
+        Principal::Staff { .. } => Err(ApiError::forbidden(
+            "only participants do this for their team",
+        )),
     }
 }
 
 fn require_running(conn: &Connection, event_id: i64, what: &str) -> Result<(), ApiError> {
-    let state: String =
-        conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| r.get(0)).optional()?.ok_or(ApiError::NotFound("event"))?;
+    let state: String = conn
+        .query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .ok_or(ApiError::NotFound("event"))?;
     if !matches!(state.as_str(), "live" | "frozen") {
-        return Err(ApiError::conflict(Some("state"), format!("{what} while the event is live; it is {state}")));
+        return Err(ApiError::conflict(
+            Some("state"),
+            format!("{what} while the event is live; it is {state}"),
+        ));
     }
     Ok(())
 }
@@ -110,7 +123,11 @@ pub async fn create_hint(
 /// The event's hints with how many teams unlocked each (staff and judges).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/hints", tag = "assist", params(("event_id" = i64, Path)),
     responses((status = 200, body = [HintView]), (status = 403, body = Problem)))]
-pub async fn list_hints(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Vec<HintView>>, ApiError> {
+pub async fn list_hints(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<Vec<HintView>>, ApiError> {
     caller.require_staff(&READERS)?;
     let hints = state
         .db
@@ -160,16 +177,28 @@ fn team_hints(conn: &Connection, event_id: i64, team_id: i64) -> Result<Vec<Hint
 
 /// The team's hints: titles and costs, and the text of those it unlocked.
 #[utoipa::path(get, path = "/api/v1/me/hints", tag = "assist", responses((status = 200, body = [HintView]), (status = 403, body = Problem)))]
-pub async fn my_hints(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<HintView>>, ApiError> {
+pub async fn my_hints(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<HintView>>, ApiError> {
     let (team_id, event_id) = participant(&caller)?;
-    Ok(Json(state.db.read(move |conn| team_hints(conn, event_id, team_id)).await?))
+    Ok(Json(
+        state
+            .db
+            .read(move |conn| team_hints(conn, event_id, team_id))
+            .await?,
+    ))
 }
 
 /// Unlocks a hint for the team: its cost goes into the score ledger once (unlocking again
 /// changes nothing).
 #[utoipa::path(post, path = "/api/v1/me/hints/{hint_id}/unlock", tag = "assist", params(("hint_id" = i64, Path)),
     responses((status = 200, body = HintView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn unlock_hint(State(state): State<AppState>, caller: Caller, ApiPath(hint_id): ApiPath<i64>) -> Result<Json<HintView>, ApiError> {
+pub async fn unlock_hint(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(hint_id): ApiPath<i64>,
+) -> Result<Json<HintView>, ApiError> {
     let (team_id, event_id) = participant(&caller)?;
     let view = state
         .db
@@ -239,7 +268,15 @@ fn ledger(conn: &Connection, team_id: i64) -> Result<Vec<LedgerEntry>, ApiError>
     let mut statement =
         conn.prepare_cached("SELECT id, team_id, points, kind, reason, actor, created_ms FROM score_adjustments WHERE team_id = ?1 ORDER BY id")?;
     let rows = statement.query_map([team_id], |r| {
-        Ok(LedgerEntry { id: r.get(0)?, team_id: r.get(1)?, points: r.get(2)?, kind: r.get(3)?, reason: r.get(4)?, actor: r.get(5)?, at: time_of(r.get(6)?) })
+        Ok(LedgerEntry {
+            id: r.get(0)?,
+            team_id: r.get(1)?,
+            points: r.get(2)?,
+            kind: r.get(3)?,
+            reason: r.get(4)?,
+            actor: r.get(5)?,
+            at: time_of(r.get(6)?),
+        })
     })?;
     rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
 }
@@ -255,11 +292,17 @@ pub async fn correct(
 ) -> Result<(StatusCode, Json<Vec<LedgerEntry>>), ApiError> {
     caller.require_staff(&WRITERS)?;
     if !body.points.is_finite() || body.points == 0.0 || body.points.abs() > 1000.0 {
-        return Err(ApiError::invalid("points", "must be between -1000 and 1000 and not 0"));
+        return Err(ApiError::invalid(
+            "points",
+            "must be between -1000 and 1000 and not 0",
+        ));
     }
     let reason = super::validate::name("reason", &body.reason, 500)?;
     if reason.chars().count() < 3 {
-        return Err(ApiError::invalid("reason", "say why (at least 3 characters)"));
+        return Err(ApiError::invalid(
+            "reason",
+            "say why (at least 3 characters)",
+        ));
     }
     let entries = state
         .db
@@ -285,9 +328,15 @@ pub async fn correct(
 /// A team's score ledger (hint costs and corrections).
 #[utoipa::path(get, path = "/api/v1/teams/{team_id}/score-ledger", tag = "assist", params(("team_id" = i64, Path)),
     responses((status = 200, body = [LedgerEntry]), (status = 403, body = Problem)))]
-pub async fn get_ledger(State(state): State<AppState>, caller: Caller, ApiPath(team_id): ApiPath<i64>) -> Result<Json<Vec<LedgerEntry>>, ApiError> {
+pub async fn get_ledger(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(team_id): ApiPath<i64>,
+) -> Result<Json<Vec<LedgerEntry>>, ApiError> {
     caller.require_staff(&READERS)?;
-    Ok(Json(state.db.read(move |conn| ledger(conn, team_id)).await?))
+    Ok(Json(
+        state.db.read(move |conn| ledger(conn, team_id)).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -305,7 +354,11 @@ pub struct QuestionQueued {
 /// The team asks the hint agent; the answer arrives in its messages.
 #[utoipa::path(post, path = "/api/v1/me/assistant", tag = "assist", request_body = Question,
     responses((status = 202, body = QuestionQueued), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
-pub async fn ask(State(state): State<AppState>, caller: Caller, ApiJson(body): ApiJson<Question>) -> Result<(StatusCode, Json<QuestionQueued>), ApiError> {
+pub async fn ask(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Question>,
+) -> Result<(StatusCode, Json<QuestionQueued>), ApiError> {
     let (team_id, event_id) = participant(&caller)?;
     let question = super::validate::name("question", &body.question, 1000)?;
     let attempts = state.queue.attempts_for(crate::agents::HINT_JOB);
@@ -349,7 +402,14 @@ pub struct AgentMessage {
 }
 
 fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentMessage> {
-    Ok(AgentMessage { id: r.get(0)?, team_id: r.get(1)?, agent: r.get(2)?, source: r.get(3)?, body: r.get(4)?, at: time_of(r.get(5)?) })
+    Ok(AgentMessage {
+        id: r.get(0)?,
+        team_id: r.get(1)?,
+        agent: r.get(2)?,
+        source: r.get(3)?,
+        body: r.get(4)?,
+        at: time_of(r.get(5)?),
+    })
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -363,7 +423,10 @@ pub struct MyMessages {
 
 /// The agents' messages to the team, newest first, and its AI budget.
 #[utoipa::path(get, path = "/api/v1/me/messages", tag = "assist", responses((status = 200, body = MyMessages), (status = 403, body = Problem)))]
-pub async fn my_messages(State(state): State<AppState>, caller: Caller) -> Result<Json<MyMessages>, ApiError> {
+pub async fn my_messages(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<MyMessages>, ApiError> {
     let (team_id, _) = participant(&caller)?;
     let messages = state
         .db
@@ -376,8 +439,17 @@ pub async fn my_messages(State(state): State<AppState>, caller: Caller) -> Resul
             .map_err(ApiError::from)
         })
         .await?;
-    let tokens_used = state.llm.used(&state.db, team_id).await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(MyMessages { messages, model_configured: state.llm.configured(), token_budget: state.llm.team_budget(), tokens_used }))
+    let tokens_used = state
+        .llm
+        .used(&state.db, team_id)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(MyMessages {
+        messages,
+        model_configured: state.llm.configured(),
+        token_budget: state.llm.team_budget(),
+        tokens_used,
+    }))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -425,7 +497,11 @@ pub struct Alert {
 /// The live observer's alerts, newest first (staff).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/alerts", tag = "assist", params(("event_id" = i64, Path)),
     responses((status = 200, body = [Alert]), (status = 403, body = Problem)))]
-pub async fn alerts(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Vec<Alert>>, ApiError> {
+pub async fn alerts(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<Vec<Alert>>, ApiError> {
     caller.require_staff(&OPERATORS)?;
     let alerts = state
         .db
@@ -451,7 +527,11 @@ pub struct TokenUse {
 /// LLM tokens used per team (for billing).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/llm-usage", tag = "assist", params(("event_id" = i64, Path)),
     responses((status = 200, body = [TokenUse]), (status = 403, body = Problem)))]
-pub async fn llm_usage(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Vec<TokenUse>>, ApiError> {
+pub async fn llm_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<Vec<TokenUse>>, ApiError> {
     caller.require_staff(&OPERATORS)?;
     let usage = state
         .db
@@ -522,14 +602,31 @@ pub async fn announce(
 /// The event's announcements, newest first (staff and judges).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/announcements", tag = "assist", params(("event_id" = i64, Path)),
     responses((status = 200, body = [Announcement]), (status = 403, body = Problem)))]
-pub async fn list_announcements(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Vec<Announcement>>, ApiError> {
+pub async fn list_announcements(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<Vec<Announcement>>, ApiError> {
     caller.require_staff(&READERS)?;
-    Ok(Json(state.db.read(move |conn| announcements_of(conn, event_id)).await?))
+    Ok(Json(
+        state
+            .db
+            .read(move |conn| announcements_of(conn, event_id))
+            .await?,
+    ))
 }
 
 /// The announcements of the participant's event, newest first.
 #[utoipa::path(get, path = "/api/v1/me/announcements", tag = "assist", responses((status = 200, body = [Announcement]), (status = 403, body = Problem)))]
-pub async fn my_announcements(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<Announcement>>, ApiError> {
+pub async fn my_announcements(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Announcement>>, ApiError> {
     let (_, event_id) = participant(&caller)?;
-    Ok(Json(state.db.read(move |conn| announcements_of(conn, event_id)).await?))
+    Ok(Json(
+        state
+            .db
+            .read(move |conn| announcements_of(conn, event_id))
+            .await?,
+    ))
 }

@@ -59,8 +59,18 @@ impl Role {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Principal {
-    Staff { id: i64, username: String, role: Role, must_change_password: bool },
-    Participant { id: i64, name: String, team_id: i64, event_id: i64 },
+    Staff {
+        id: i64,
+        username: String,
+        role: Role,
+        must_change_password: bool,
+    },
+    Participant {
+        id: i64,
+        name: String,
+        team_id: i64,
+        event_id: i64,
+    },
 }
 
 impl Principal {
@@ -83,17 +93,24 @@ pub struct Caller {
 }
 
 /// Paths a staff member who must still change the one-time password may call.
-const ALLOWED_BEFORE_PASSWORD_CHANGE: [&str; 3] = ["/api/v1/auth/session", "/api/v1/auth/password", "/api/v1/auth/logout"];
+const ALLOWED_BEFORE_PASSWORD_CHANGE: [&str; 3] = [
+    "/api/v1/auth/session",
+    "/api/v1/auth/password",
+    "/api/v1/auth/logout",
+];
 
 impl Caller {
     /// The staff member's role if it is one of `allowed`; otherwise 403.
     pub fn require_staff(&self, allowed: &[Role]) -> Result<(i64, Role), ApiError> {
         match &self.principal {
             Principal::Staff { id, role, .. } if allowed.contains(role) => Ok((*id, *role)),
-            Principal::Staff { role, .. } => {
-                Err(ApiError::forbidden(format!("the {} role may not do this", role.as_str())))
+            Principal::Staff { role, .. } => Err(ApiError::forbidden(format!(
+                "the {} role may not do this",
+                role.as_str()
+            ))),
+            Principal::Participant { .. } => {
+                Err(ApiError::forbidden("participants may not do this"))
             }
-            Principal::Participant { .. } => Err(ApiError::forbidden("participants may not do this")),
         }
     }
 
@@ -105,52 +122,89 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let meta = RequestMeta::from_parts(parts);
         let (token, from_cookie) = session_token(parts)
             .ok_or_else(|| ApiError::Unauthenticated("no session: log in first".into()))?;
         let token_hash = hash_secret(&token);
         let lookup_hash = token_hash.clone();
         let now = unix_now();
-        let found = state.db.read(move |conn| load_session(conn, &lookup_hash, now)).await?;
-        let (principal, csrf_token) =
-            found.ok_or_else(|| ApiError::Unauthenticated("session expired or unknown: log in again".into()))?;
+        let found = state
+            .db
+            .read(move |conn| load_session(conn, &lookup_hash, now))
+            .await?;
+        let (principal, csrf_token) = found.ok_or_else(|| {
+            ApiError::Unauthenticated("session expired or unknown: log in again".into())
+        })?;
         let writes = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         if from_cookie && writes {
-            let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let sent = parts
+                .headers
+                .get(CSRF_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             if !constant_time_eq(sent.as_bytes(), csrf_token.as_bytes()) {
                 return Err(ApiError::forbidden("missing or wrong X-CSRF-Token header"));
             }
         }
-        if let Principal::Staff { must_change_password: true, .. } = principal {
+        if let Principal::Staff {
+            must_change_password: true,
+            ..
+        } = principal
+        {
             // Inside the nested /api router the URI is stripped of its prefix; use the original.
-            let path = parts.extensions.get::<axum::extract::OriginalUri>().map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
+            let path = parts
+                .extensions
+                .get::<axum::extract::OriginalUri>()
+                .map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
             if !ALLOWED_BEFORE_PASSWORD_CHANGE.contains(&path.as_str()) {
-                return Err(ApiError::forbidden("change the one-time password first (POST /api/v1/auth/password)"));
+                return Err(ApiError::forbidden(
+                    "change the one-time password first (POST /api/v1/auth/password)",
+                ));
             }
         }
-        Ok(Self { principal, token_hash, csrf_token, meta })
+        Ok(Self {
+            principal,
+            token_hash,
+            csrf_token,
+            meta,
+        })
     }
 }
 
 /// The session token and whether it came from the cookie (true) or a bearer header.
 fn session_token(parts: &Parts) -> Option<(String, bool)> {
-    if let Some(value) = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        return value.strip_prefix("Bearer ").map(|t| (t.trim().to_owned(), false));
+    if let Some(value) = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        return value
+            .strip_prefix("Bearer ")
+            .map(|t| (t.trim().to_owned(), false));
     }
     for value in parts.headers.get_all(header::COOKIE) {
         let Ok(text) = value.to_str() else { continue };
         for pair in text.split(';') {
             if let Some((name, token)) = pair.trim().split_once('=')
-                && name == SESSION_COOKIE && !token.is_empty() {
-                    return Some((token.to_owned(), true));
-                }
+                && name == SESSION_COOKIE
+                && !token.is_empty()
+            {
+                return Some((token.to_owned(), true));
+            }
         }
     }
     None
 }
 
-fn load_session(conn: &Connection, token_hash: &str, now: i64) -> Result<Option<(Principal, String)>, ApiError> {
+fn load_session(
+    conn: &Connection,
+    token_hash: &str,
+    now: i64,
+) -> Result<Option<(Principal, String)>, ApiError> {
     let row = conn
         .prepare_cached(
             "SELECT s.csrf_token, s.staff_id, st.username, st.role, st.must_change_password,
@@ -160,34 +214,31 @@ fn load_session(conn: &Connection, token_hash: &str, now: i64) -> Result<Option<
              LEFT JOIN participants p ON p.id = s.participant_id
              WHERE s.token_hash = ?1 AND s.expires_at > ?2",
         )?
-        .query_row(
-            params![token_hash, now],
-            |r| {
-                let csrf: String = r.get(0)?;
-                let staff_id: Option<i64> = r.get(1)?;
-                let principal = match staff_id {
-                    Some(id) => {
-                        let role: String = r.get(3)?;
-                        Some(Principal::Staff {
-                            id,
-                            username: r.get(2)?,
-                            role: Role::parse(&role).unwrap_or(Role::Judge),
-                            must_change_password: r.get(4)?,
-                        })
-                    }
-                    None => match r.get::<_, Option<i64>>(5)? {
-                        Some(id) => Some(Principal::Participant {
-                            id,
-                            name: r.get(6)?,
-                            team_id: r.get(7)?,
-                            event_id: r.get(8)?,
-                        }),
-                        None => None,
-                    },
-                };
-                Ok(principal.map(|p| (p, csrf)))
-            },
-        )
+        .query_row(params![token_hash, now], |r| {
+            let csrf: String = r.get(0)?;
+            let staff_id: Option<i64> = r.get(1)?;
+            let principal = match staff_id {
+                Some(id) => {
+                    let role: String = r.get(3)?;
+                    Some(Principal::Staff {
+                        id,
+                        username: r.get(2)?,
+                        role: Role::parse(&role).unwrap_or(Role::Judge),
+                        must_change_password: r.get(4)?,
+                    })
+                }
+                None => match r.get::<_, Option<i64>>(5)? {
+                    Some(id) => Some(Principal::Participant {
+                        id,
+                        name: r.get(6)?,
+                        team_id: r.get(7)?,
+                        event_id: r.get(8)?,
+                    }),
+                    None => None,
+                },
+            };
+            Ok(principal.map(|p| (p, csrf)))
+        })
         .optional()?;
     Ok(row.flatten())
 }
@@ -205,14 +256,21 @@ pub enum Revoked {
 /// Whether the session `token_hash` may go on with an open terminal or desktop: `Some(why)`
 /// when it may not (the session ended, or — for participants who `work` in their lab, not
 /// just watch — the event has ended).
-pub fn revoked_because(conn: &Connection, token_hash: &str, work: bool) -> Result<Option<Revoked>, ApiError> {
+pub fn revoked_because(
+    conn: &Connection,
+    token_hash: &str,
+    work: bool,
+) -> Result<Option<Revoked>, ApiError> {
     let Some((principal, _)) = load_session(conn, token_hash, unix_now())? else {
         return Ok(Some(Revoked::SessionEnded));
     };
     if let Principal::Participant { event_id, .. } = principal
         && work
     {
-        let state: String = conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| r.get(0))?;
+        let state: String =
+            conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| {
+                r.get(0)
+            })?;
         if !crate::api::events::participants_may_work(&state) {
             return Ok(Some(Revoked::EventEnded(state)));
         }
@@ -234,7 +292,11 @@ pub async fn until_revoked(state: &AppState, token_hash: String, work: bool) -> 
             _ = tokio::time::sleep(ACCESS_RECHECK) => {}
         }
         let hash = token_hash.clone();
-        match state.db.read(move |conn| revoked_because(conn, &hash, work)).await {
+        match state
+            .db
+            .read(move |conn| revoked_because(conn, &hash, work))
+            .await
+        {
             Ok(Some(why)) => return why,
             Ok(None) => {}
             // A database that cannot answer ends nothing; the next look decides.
@@ -244,7 +306,10 @@ pub async fn until_revoked(state: &AppState, token_hash: String, work: bool) -> 
 }
 
 /// Creates a session row; returns (token, csrf token). Runs inside a write.
-pub fn create_session(conn: &Connection, principal: &Principal) -> Result<(String, String), ApiError> {
+pub fn create_session(
+    conn: &Connection,
+    principal: &Principal,
+) -> Result<(String, String), ApiError> {
     let token = random_token();
     let csrf = random_token();
     let (staff_id, participant_id, lifetime) = match principal {
@@ -253,7 +318,8 @@ pub fn create_session(conn: &Connection, principal: &Principal) -> Result<(Strin
     };
     let now = unix_now();
     // Expired sessions are swept as new ones are made, so the table stays small.
-    conn.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?.execute([now])?;
+    conn.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
+        .execute([now])?;
     conn.prepare_cached(
         "INSERT INTO sessions (token_hash, staff_id, participant_id, csrf_token, created_at, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -265,7 +331,9 @@ pub fn create_session(conn: &Connection, principal: &Principal) -> Result<(Strin
 /// The Set-Cookie value for a session.
 pub fn session_cookie(token: &str, secure: bool, max_age: i64) -> String {
     let secure = if secure { "; Secure" } else { "" };
-    format!("{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}")
+    format!(
+        "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    )
 }
 
 /// 32 random bytes, URL-safe base64.
@@ -282,7 +350,8 @@ pub fn hash_secret(secret: &str) -> String {
 
 /// An argon2id hash (blocking: at start-up; handlers use [`crate::passwords::PasswordPool`]).
 pub fn hash_password(password: &str) -> Result<String, ApiError> {
-    crate::passwords::hash_password(password).map_err(|e| ApiError::Internal(format!("argon2: {e}")))
+    crate::passwords::hash_password(password)
+        .map_err(|e| ApiError::Internal(format!("argon2: {e}")))
 }
 
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -301,8 +370,14 @@ mod tests {
     fn passwords_verify_only_against_their_hash() {
         let hash = hash_password("correct horse battery").expect("hash");
         assert!(hash.starts_with("$argon2id$"));
-        assert!(crate::passwords::verify_password("correct horse battery", Some(&hash)));
+        assert!(crate::passwords::verify_password(
+            "correct horse battery",
+            Some(&hash)
+        ));
         assert!(!crate::passwords::verify_password("wrong", Some(&hash)));
-        assert!(!crate::passwords::verify_password("correct horse battery", None));
+        assert!(!crate::passwords::verify_password(
+            "correct horse battery",
+            None
+        ));
     }
 }

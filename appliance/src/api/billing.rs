@@ -32,8 +32,16 @@ pub struct LedgerView {
 }
 
 fn exists(conn: &rusqlite::Connection, event_id: i64) -> Result<(), ApiError> {
-    let found: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)", [event_id], |r| r.get(0))?;
-    if found { Ok(()) } else { Err(ApiError::NotFound("event")) }
+    let found: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)",
+        [event_id],
+        |r| r.get(0),
+    )?;
+    if found {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound("event"))
+    }
 }
 
 /// The event's ledger and balance.
@@ -51,7 +59,10 @@ pub async fn ledger(
         .db
         .read(move |conn| {
             exists(conn, event_id)?;
-            Ok::<_, ApiError>(LedgerView { entries: billing::entries(conn, event_id, query.team_id)?, balance: billing::balance(conn, event_id)? })
+            Ok::<_, ApiError>(LedgerView {
+                entries: billing::entries(conn, event_id, query.team_id)?,
+                balance: billing::balance(conn, event_id)?,
+            })
         })
         .await?;
     Ok(Json(view))
@@ -59,14 +70,22 @@ pub async fn ledger(
 
 fn csv_field(text: &str) -> String {
     // Quote everything; a leading = + - @ would be a formula in a spreadsheet.
-    let safe = if text.starts_with(['=', '+', '-', '@']) { format!("'{text}") } else { text.to_owned() };
+    let safe = if text.starts_with(['=', '+', '-', '@']) {
+        format!("'{text}")
+    } else {
+        text.to_owned()
+    };
     format!("\"{}\"", safe.replace('"', "\"\""))
 }
 
 /// The event's ledger as CSV (one row per entry; amounts in cents and currency units).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/ledger.csv", tag = "billing", params(("event_id" = i64, Path)),
     responses((status = 200, description = "text/csv"), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn ledger_csv(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<impl IntoResponse, ApiError> {
+pub async fn ledger_csv(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<impl IntoResponse, ApiError> {
     caller.require_staff(&READERS)?;
     let entries = state
         .db
@@ -75,9 +94,13 @@ pub async fn ledger_csv(State(state): State<AppState>, caller: Caller, ApiPath(e
             Ok::<_, ApiError>(billing::entries(conn, event_id, None)?)
         })
         .await?;
-    let mut csv = String::from("id,at,team_id,kind,quantity,unit,amount_cents,amount,reference,note,actor\n");
+    let mut csv =
+        String::from("id,at,team_id,kind,quantity,unit,amount_cents,amount,reference,note,actor\n");
     for e in entries {
-        let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(e.created_ms) * 1_000_000).map(format_time).unwrap_or_default();
+        let at =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(e.created_ms) * 1_000_000)
+                .map(format_time)
+                .unwrap_or_default();
         csv.push_str(&format!(
             "{},{},{},{},{},{},{},{:.2},{},{},{}\n",
             e.id,
@@ -94,7 +117,13 @@ pub async fn ledger_csv(State(state): State<AppState>, caller: Caller, ApiPath(e
         ));
     }
     Ok((
-        [(header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()), (header::CONTENT_DISPOSITION, format!("attachment; filename=\"ledger-event-{event_id}.csv\""))],
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"ledger-event-{event_id}.csv\""),
+            ),
+        ],
         csv,
     ))
 }
@@ -122,13 +151,22 @@ pub async fn add_entry(
 ) -> Result<(StatusCode, Json<LedgerView>), ApiError> {
     caller.require_staff(&WRITERS)?;
     if !matches!(body.kind.as_str(), "credit" | "correction") {
-        return Err(ApiError::invalid("kind", "staff add `credit` or `correction` entries; usage is entered by the appliance"));
+        return Err(ApiError::invalid(
+            "kind",
+            "staff add `credit` or `correction` entries; usage is entered by the appliance",
+        ));
     }
     if body.amount_cents == 0 || body.amount_cents.abs() > 100_000_000 {
-        return Err(ApiError::invalid("amount_cents", "must be non-zero and at most 100,000,000 either way"));
+        return Err(ApiError::invalid(
+            "amount_cents",
+            "must be non-zero and at most 100,000,000 either way",
+        ));
     }
     if body.kind == "credit" && body.amount_cents < 0 {
-        return Err(ApiError::invalid("amount_cents", "a credit is positive; take money back with a correction"));
+        return Err(ApiError::invalid(
+            "amount_cents",
+            "a credit is positive; take money back with a correction",
+        ));
     }
     let note = super::validate::name("note", &body.note, 500)?;
     if note.chars().count() < 3 {
@@ -180,7 +218,10 @@ pub struct SyncView {
 
 /// The sync link: state, lag (count and age of unacknowledged rows) and the last error.
 #[utoipa::path(get, path = "/api/v1/sync", tag = "billing", responses((status = 200, body = SyncView), (status = 403, body = Problem)))]
-pub async fn sync_status(State(state): State<AppState>, caller: Caller) -> Result<Json<SyncView>, ApiError> {
+pub async fn sync_status(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<SyncView>, ApiError> {
     caller.require_staff(&READERS)?;
     let mut link = state.link.status();
     if !link.configured {
@@ -196,7 +237,12 @@ pub async fn sync_status(State(state): State<AppState>, caller: Caller) -> Resul
         })
         .await?;
     let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
-    Ok(Json(SyncView { link, pending_rows, pending_age_ms: oldest.map(|at| now - at), last_seq }))
+    Ok(Json(SyncView {
+        link,
+        pending_rows,
+        pending_age_ms: oldest.map(|at| now - at),
+        last_seq,
+    }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -211,7 +257,10 @@ pub struct SyncEpoch {
 /// from a backup) the cloud refuses the old epoch (`mismatch`); a new one sends what the
 /// outbox holds as a new stream that continues the old one from `base`.
 #[utoipa::path(post, path = "/api/v1/sync/epoch", tag = "billing", responses((status = 201, body = SyncEpoch), (status = 403, body = Problem)))]
-pub async fn start_sync_epoch(State(state): State<AppState>, caller: Caller) -> Result<(StatusCode, Json<SyncEpoch>), ApiError> {
+pub async fn start_sync_epoch(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<(StatusCode, Json<SyncEpoch>), ApiError> {
     caller.require_staff(&[Role::Admin])?;
     let started = state
         .db
@@ -219,7 +268,14 @@ pub async fn start_sync_epoch(State(state): State<AppState>, caller: Caller) -> 
         .write(move |conn| {
             let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
             let (epoch, base) = crate::outbox::start_epoch(conn, now)?;
-            audit(conn, &caller.actor(), &caller.meta, "sync.epoch_started", None, serde_json::json!({"epoch": epoch, "base": base}))?;
+            audit(
+                conn,
+                &caller.actor(),
+                &caller.meta,
+                "sync.epoch_started",
+                None,
+                serde_json::json!({"epoch": epoch, "base": base}),
+            )?;
             Ok::<_, ApiError>(SyncEpoch { epoch, base })
         })
         .await?;

@@ -46,11 +46,19 @@ pub struct Boards {
 impl Boards {
     fn fresh(&self, key: &Key) -> Option<Arc<Computed>> {
         let cache = self.cache.lock().ok()?;
-        cache.get(key).filter(|e| e.at.elapsed() < BOARD_FRESH).map(|e| e.computed.clone())
+        cache
+            .get(key)
+            .filter(|e| e.at.elapsed() < BOARD_FRESH)
+            .map(|e| e.computed.clone())
     }
 
     /// The board for `key`, computed by `compute` at most once per [`BOARD_FRESH`].
-    pub async fn get<F, Fut>(&self, event_id: i64, bracket: Option<String>, compute: F) -> Result<Arc<Computed>, ApiError>
+    pub async fn get<F, Fut>(
+        &self,
+        event_id: i64,
+        bracket: Option<String>,
+        compute: F,
+    ) -> Result<Arc<Computed>, ApiError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<PublicBoard, ApiError>>,
@@ -60,7 +68,10 @@ impl Boards {
             return Ok(hit);
         }
         let lock = {
-            let mut computing = self.computing.lock().map_err(|_| ApiError::Internal("board lock poisoned".into()))?;
+            let mut computing = self
+                .computing
+                .lock()
+                .map_err(|_| ApiError::Internal("board lock poisoned".into()))?;
             computing.entry(key.clone()).or_default().clone()
         };
         let _turn = lock.lock().await;
@@ -68,19 +79,37 @@ impl Boards {
             return Ok(hit);
         }
         let board = compute().await?;
-        let mut cache = self.cache.lock().map_err(|_| ApiError::Internal("board cache poisoned".into()))?;
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| ApiError::Internal("board cache poisoned".into()))?;
         let previous = cache.get(&key).map(|e| e.computed.clone());
         let computed = match previous {
             Some(previous) if previous.board == board => previous,
             _ => {
-                let json: Arc<str> = serde_json::to_string(&board).map_err(|e| ApiError::Internal(e.to_string()))?.into();
-                let version = self.versions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                Arc::new(Computed { board, json, version })
+                let json: Arc<str> = serde_json::to_string(&board)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .into();
+                let version = self
+                    .versions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                Arc::new(Computed {
+                    board,
+                    json,
+                    version,
+                })
             }
         };
         // Boards nobody asked for in a minute are forgotten.
         cache.retain(|_, e| e.at.elapsed() < Duration::from_secs(60));
-        cache.insert(key, Entry { at: Instant::now(), computed: computed.clone() });
+        cache.insert(
+            key,
+            Entry {
+                at: Instant::now(),
+                computed: computed.clone(),
+            },
+        );
         Ok(computed)
     }
 
@@ -94,17 +123,28 @@ impl Boards {
     /// A place for one more stream from `client`, or a refusal naming the cap.
     pub fn open_stream(self: &Arc<Self>, client: &str) -> Result<StreamSlot, ApiError> {
         use std::sync::atomic::Ordering;
-        let mut streams = self.streams.lock().map_err(|_| ApiError::Internal("stream counts poisoned".into()))?;
+        let mut streams = self
+            .streams
+            .lock()
+            .map_err(|_| ApiError::Internal("stream counts poisoned".into()))?;
         let mine = streams.get(client).copied().unwrap_or(0);
         if mine >= MAX_STREAMS_PER_CLIENT {
-            return Err(ApiError::RateLimited { retry_after_secs: 10 });
+            return Err(ApiError::RateLimited {
+                retry_after_secs: 10,
+            });
         }
         if self.total.load(Ordering::Relaxed) >= MAX_STREAMS {
-            return Err(ApiError::Busy { detail: format!("{MAX_STREAMS} scoreboard streams are open; try again shortly"), retry_after_secs: 10 });
+            return Err(ApiError::Busy {
+                detail: format!("{MAX_STREAMS} scoreboard streams are open; try again shortly"),
+                retry_after_secs: 10,
+            });
         }
         self.total.fetch_add(1, Ordering::Relaxed);
         streams.insert(client.to_owned(), mine + 1);
-        Ok(StreamSlot { boards: self.clone(), client: client.to_owned() })
+        Ok(StreamSlot {
+            boards: self.clone(),
+            client: client.to_owned(),
+        })
     }
 
     /// Streams open now.
@@ -122,7 +162,9 @@ pub struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.boards.total.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.boards
+            .total
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut streams) = self.boards.streams.lock()
             && let Some(count) = streams.get_mut(&self.client)
         {
@@ -143,7 +185,13 @@ mod tests {
             event: name.into(),
             state: "live".into(),
             frozen_at: None,
-            board: crate::scores::Leaderboard { event_id: 1, dimensions: Vec::new(), bracket: None, as_of_ms: None, rows: Vec::new() },
+            board: crate::scores::Leaderboard {
+                event_id: 1,
+                dimensions: Vec::new(),
+                bracket: None,
+                as_of_ms: None,
+                rows: Vec::new(),
+            },
         }
     }
 
@@ -162,18 +210,33 @@ mod tests {
                 .expect("board");
             versions.push(got.version);
         }
-        assert_eq!(computed.load(std::sync::atomic::Ordering::SeqCst), 1, "500 asks, one computation");
+        assert_eq!(
+            computed.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "500 asks, one computation"
+        );
         assert!(versions.iter().all(|v| *v == versions[0]));
-        let other = boards.get(1, Some("students".into()), || async { Ok(board("Hack")) }).await.expect("board");
+        let other = boards
+            .get(1, Some("students".into()), || async { Ok(board("Hack")) })
+            .await
+            .expect("board");
         assert_ne!(other.version, versions[0], "each bracket has its own board");
     }
 
     #[test]
     fn streams_are_capped_per_client_and_given_back() {
         let boards = Arc::new(Boards::default());
-        let slots: Vec<StreamSlot> = (0..MAX_STREAMS_PER_CLIENT).map(|_| boards.open_stream("10.0.0.1").expect("slot")).collect();
-        assert!(matches!(boards.open_stream("10.0.0.1"), Err(ApiError::RateLimited { .. })));
-        assert!(boards.open_stream("10.0.0.2").is_ok(), "another client still gets one");
+        let slots: Vec<StreamSlot> = (0..MAX_STREAMS_PER_CLIENT)
+            .map(|_| boards.open_stream("10.0.0.1").expect("slot"))
+            .collect();
+        assert!(matches!(
+            boards.open_stream("10.0.0.1"),
+            Err(ApiError::RateLimited { .. })
+        ));
+        assert!(
+            boards.open_stream("10.0.0.2").is_ok(),
+            "another client still gets one"
+        );
         drop(slots);
         assert_eq!(boards.streams_open(), 0);
         assert!(boards.open_stream("10.0.0.1").is_ok());

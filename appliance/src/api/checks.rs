@@ -21,7 +21,14 @@ const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Jud
 const TEAM_RUN_INTERVAL_MS: i64 = 30_000;
 /// A team's own request runs before a staff rejudge wave.
 const TEAM_PRIORITY: i64 = 10;
-const RUN_STATES: [&str; 6] = ["queued", "running", "passed", "failed", "error", "cancelled"];
+const RUN_STATES: [&str; 6] = [
+    "queued",
+    "running",
+    "passed",
+    "failed",
+    "error",
+    "cancelled",
+];
 
 fn now_ms() -> i64 {
     i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
@@ -29,7 +36,9 @@ fn now_ms() -> i64 {
 
 fn time_of(ms: Option<i64>) -> Option<String> {
     let ms = ms?;
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok().map(format_time)
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .map(format_time)
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -112,7 +121,11 @@ pub struct BatchView {
 /// A batch's progress.
 #[utoipa::path(get, path = "/api/v1/check-batches/{batch_id}", tag = "checks", params(("batch_id" = i64, Path)),
     responses((status = 200, body = BatchView), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn get_batch(State(state): State<AppState>, caller: Caller, ApiPath(batch_id): ApiPath<i64>) -> Result<Json<BatchView>, ApiError> {
+pub async fn get_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(batch_id): ApiPath<i64>,
+) -> Result<Json<BatchView>, ApiError> {
     caller.require_staff(&READERS)?;
     let view = state
         .db
@@ -193,12 +206,18 @@ pub async fn list_runs(
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(200);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "limit must be between 1 and 1000"));
+        return Err(ApiError::invalid(
+            "limit",
+            "limit must be between 1 and 1000",
+        ));
     }
     if let Some(wanted) = &query.state
         && !RUN_STATES.contains(&wanted.as_str())
     {
-        return Err(ApiError::invalid("state", format!("state must be one of {}", RUN_STATES.join(", "))));
+        return Err(ApiError::invalid(
+            "state",
+            format!("state must be one of {}", RUN_STATES.join(", ")),
+        ));
     }
     let runs = state
         .db
@@ -242,15 +261,22 @@ pub async fn list_runs(
 
 fn participant(caller: &Caller) -> Result<(i64, i64), ApiError> {
     match &caller.principal {
-        Principal::Participant { team_id, event_id, .. } => Ok((*team_id, *event_id)),
-        Principal::Staff { .. } => Err(ApiError::forbidden("only participants have team checks; staff queue check batches")),
+        Principal::Participant {
+            team_id, event_id, ..
+        } => Ok((*team_id, *event_id)),
+        Principal::Staff { .. } => Err(ApiError::forbidden(
+            "only participants have team checks; staff queue check batches",
+        )),
     }
 }
 
 /// A team runs its own lab's checks (at most every 30 s, and not while some still run).
 #[utoipa::path(post, path = "/api/v1/me/checks/run", tag = "checks",
     responses((status = 201, body = BatchQueued), (status = 403, body = Problem), (status = 409, body = Problem), (status = 429, body = Problem)))]
-pub async fn run_mine(State(state): State<AppState>, caller: Caller) -> Result<(StatusCode, Json<BatchQueued>), ApiError> {
+pub async fn run_mine(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<(StatusCode, Json<BatchQueued>), ApiError> {
     let (team_id, event_id) = participant(&caller)?;
     let max_attempts = state.queue.attempts_for(checks::JOB_KIND);
     let queued = state
@@ -324,7 +350,10 @@ pub struct MyChecks {
 
 /// The team's visible checks with their latest results.
 #[utoipa::path(get, path = "/api/v1/me/checks", tag = "checks", responses((status = 200, body = MyChecks), (status = 403, body = Problem)))]
-pub async fn my_checks(State(state): State<AppState>, caller: Caller) -> Result<Json<MyChecks>, ApiError> {
+pub async fn my_checks(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<MyChecks>, ApiError> {
     let (team_id, _) = participant(&caller)?;
     let view = state
         .db

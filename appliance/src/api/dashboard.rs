@@ -98,13 +98,19 @@ pub struct Dashboard {
 
 /// Where `now` stands against the event's times.
 fn clock(now: time::OffsetDateTime, starts_at: &str, ends_at: &str) -> Clock {
-    let parse = |text: &str| time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok();
+    let parse = |text: &str| {
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+    };
     let (phase, left) = match (parse(starts_at), parse(ends_at)) {
         (Some(start), _) if now < start => ("before_start", (start - now).whole_seconds()),
         (_, Some(end)) if now < end => ("running", (end - now).whole_seconds()),
         _ => ("after_end", 0),
     };
-    Clock { now: format_time(now), phase: phase.into(), seconds_left: left }
+    Clock {
+        now: format_time(now),
+        phase: phase.into(),
+        seconds_left: left,
+    }
 }
 
 /// The conditions staff should hear about, from the summary's numbers.
@@ -112,7 +118,11 @@ fn problems(hosts: &HostSummary, queue: &Queue, sync: &SyncSummary) -> Vec<Troub
     let mut found: Vec<Trouble> = hosts
         .unhealthy
         .iter()
-        .map(|name| Trouble { kind: "host_down".into(), key: format!("host_down:{name}"), detail: format!("lab host {name} stopped answering") })
+        .map(|name| Trouble {
+            kind: "host_down".into(),
+            key: format!("host_down:{name}"),
+            detail: format!("lab host {name} stopped answering"),
+        })
         .collect();
     found.extend(hosts.identity_conflicts.iter().map(|name| Trouble {
         kind: "host_identity_conflict".into(),
@@ -123,7 +133,10 @@ fn problems(hosts: &HostSummary, queue: &Queue, sync: &SyncSummary) -> Vec<Troub
         found.push(Trouble {
             kind: "dead_letters".into(),
             key: format!("dead_letters:{}", queue.dead),
-            detail: format!("{} job(s) failed every attempt and wait in the dead-letter list", queue.dead),
+            detail: format!(
+                "{} job(s) failed every attempt and wait in the dead-letter list",
+                queue.dead
+            ),
         });
     }
     if sync.state == "mismatch" {
@@ -132,7 +145,9 @@ fn problems(hosts: &HostSummary, queue: &Queue, sync: &SyncSummary) -> Vec<Troub
             key: "sync_mismatch".into(),
             detail: format!(
                 "the cloud link stopped: {} (an admin decides; see the README's Sync section)",
-                sync.last_error.as_deref().unwrap_or("this database and the cloud disagree")
+                sync.last_error
+                    .as_deref()
+                    .unwrap_or("this database and the cloud disagree")
             ),
         });
     } else if sync.state != "off" && sync.pending_age_ms.is_some_and(|age| age > SYNC_STALL_MS) {
@@ -144,7 +159,10 @@ fn problems(hosts: &HostSummary, queue: &Queue, sync: &SyncSummary) -> Vec<Troub
                 sync.pending_rows,
                 sync.pending_age_ms.unwrap_or(0) / 1000,
                 sync.state,
-                sync.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                sync.last_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
             ),
         });
     }
@@ -154,7 +172,11 @@ fn problems(hosts: &HostSummary, queue: &Queue, sync: &SyncSummary) -> Vec<Troub
 /// An event at a glance, with the problems to act on (staff).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/dashboard", tag = "events", params(("event_id" = i64, Path)),
     responses((status = 200, body = Dashboard), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn dashboard(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Dashboard>, ApiError> {
+pub async fn dashboard(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<Dashboard>, ApiError> {
     caller.require_staff(&READERS)?;
     let mut link = state.link.status();
     if !link.configured {
@@ -235,30 +257,94 @@ mod tests {
 
     #[test]
     fn the_clock_counts_down_to_the_start_then_the_end() {
-        let at = |s: &str| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).expect("time");
+        let at = |s: &str| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .expect("time")
+        };
         let (start, end) = ("2026-12-01T09:00:00Z", "2026-12-01T18:00:00Z");
         let before = clock(at("2026-12-01T08:59:00Z"), start, end);
-        assert_eq!((before.phase.as_str(), before.seconds_left), ("before_start", 60));
+        assert_eq!(
+            (before.phase.as_str(), before.seconds_left),
+            ("before_start", 60)
+        );
         let during = clock(at("2026-12-01T17:00:00Z"), start, end);
-        assert_eq!((during.phase.as_str(), during.seconds_left), ("running", 3600));
+        assert_eq!(
+            (during.phase.as_str(), during.seconds_left),
+            ("running", 3600)
+        );
         let after = clock(at("2026-12-01T18:00:00Z"), start, end);
         assert_eq!((after.phase.as_str(), after.seconds_left), ("after_end", 0));
     }
 
     #[test]
     fn problems_name_down_hosts_dead_letters_and_a_stalled_link_only() {
-        let hosts = HostSummary { total: 2, unhealthy: vec!["rack-b".into()], identity_conflicts: vec!["rack-c".into()] };
-        let queue = Queue { queued: 3, running: 1, dead: 2 };
-        let mut sync = SyncSummary { state: "down".into(), pending_rows: 10, pending_age_ms: Some(SYNC_STALL_MS + 1), last_error: Some("timed out".into()) };
+        let hosts = HostSummary {
+            total: 2,
+            unhealthy: vec!["rack-b".into()],
+            identity_conflicts: vec!["rack-c".into()],
+        };
+        let queue = Queue {
+            queued: 3,
+            running: 1,
+            dead: 2,
+        };
+        let mut sync = SyncSummary {
+            state: "down".into(),
+            pending_rows: 10,
+            pending_age_ms: Some(SYNC_STALL_MS + 1),
+            last_error: Some("timed out".into()),
+        };
         let found = problems(&hosts, &queue, &sync);
         let keys: Vec<&str> = found.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, ["host_down:rack-b", "host_identity_conflict:rack-c", "dead_letters:2", "sync_stalled"]);
-        assert!(found[3].detail.contains("link down: timed out"), "{}", found[3].detail);
+        assert_eq!(
+            keys,
+            [
+                "host_down:rack-b",
+                "host_identity_conflict:rack-c",
+                "dead_letters:2",
+                "sync_stalled"
+            ]
+        );
+        assert!(
+            found[3].detail.contains("link down: timed out"),
+            "{}",
+            found[3].detail
+        );
         // Young pending rows, or no cloud at all, are not a stall.
         sync.pending_age_ms = Some(5_000);
-        assert_eq!(problems(&HostSummary { total: 1, unhealthy: vec![], identity_conflicts: vec![] }, &Queue { queued: 0, running: 0, dead: 0 }, &sync), vec![]);
+        assert_eq!(
+            problems(
+                &HostSummary {
+                    total: 1,
+                    unhealthy: vec![],
+                    identity_conflicts: vec![]
+                },
+                &Queue {
+                    queued: 0,
+                    running: 0,
+                    dead: 0
+                },
+                &sync
+            ),
+            vec![]
+        );
         sync.pending_age_ms = Some(SYNC_STALL_MS * 10);
         sync.state = "off".into();
-        assert_eq!(problems(&HostSummary { total: 1, unhealthy: vec![], identity_conflicts: vec![] }, &Queue { queued: 0, running: 0, dead: 0 }, &sync), vec![]);
+        assert_eq!(
+            problems(
+                &HostSummary {
+                    total: 1,
+                    unhealthy: vec![],
+                    identity_conflicts: vec![]
+                },
+                &Queue {
+                    queued: 0,
+                    running: 0,
+                    dead: 0
+                },
+                &sync
+            ),
+            vec![]
+        );
     }
 }

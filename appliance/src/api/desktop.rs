@@ -59,7 +59,12 @@ pub struct DesktopRegistry {
 impl DesktopRegistry {
     /// The desktop's live stream, unless it stopped.
     fn get(&self, allocation_id: i64) -> Option<DesktopStream> {
-        self.streams.lock().ok()?.get(&allocation_id).filter(|stream| !stream.stopped()).cloned()
+        self.streams
+            .lock()
+            .ok()?
+            .get(&allocation_id)
+            .filter(|stream| !stream.stopped())
+            .cloned()
     }
 
     /// Keeps `stream` unless another live one got there first (then that one is used).
@@ -95,7 +100,9 @@ impl DesktopRegistry {
 
     /// Whether this look at a thumbnail starts a new audited watch (not one every poll).
     fn thumbnail_watch_starts(&self, actor: &str, allocation_id: i64) -> bool {
-        let Ok(mut audits) = self.thumbnail_audits.lock() else { return true };
+        let Ok(mut audits) = self.thumbnail_audits.lock() else {
+            return true;
+        };
         let key = (actor.to_owned(), allocation_id);
         match audits.get(&key) {
             Some(at) if at.elapsed() < THUMBNAIL_AUDIT_EVERY => false,
@@ -109,7 +116,11 @@ impl DesktopRegistry {
     /// Ends one desktop's stream (its session and password are about to change: reset,
     /// release); its viewers are disconnected and reconnect to a fresh one.
     pub fn forget(&self, allocation_id: i64) {
-        let stream = self.streams.lock().ok().and_then(|mut streams| streams.remove(&allocation_id));
+        let stream = self
+            .streams
+            .lock()
+            .ok()
+            .and_then(|mut streams| streams.remove(&allocation_id));
         if let Some(stream) = stream {
             stream.stop();
         }
@@ -129,18 +140,28 @@ pub struct DesktopTicket {
 /// Issues a single-use ticket to watch (staff) or use (its team) a lab's desktop.
 #[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/desktop-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 201, body = DesktopTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<(StatusCode, Json<DesktopTicket>), ApiError> {
+pub async fn ticket(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<(StatusCode, Json<DesktopTicket>), ApiError> {
     let (view, event_state) = state
         .db
         .read(move |conn| {
             let view = super::labs::load_view(conn, id)?;
-            let event_state: String = conn.query_row("SELECT state FROM events WHERE id = ?1", [view.event_id], |r| r.get(0))?;
+            let event_state: String = conn.query_row(
+                "SELECT state FROM events WHERE id = ?1",
+                [view.event_id],
+                |r| r.get(0),
+            )?;
             Ok::<_, ApiError>((view, event_state))
         })
         .await?;
     let interactive = match &caller.principal {
         // From the event's end on, the team watches its desktop while judges look.
-        Principal::Participant { team_id, .. } if *team_id == view.team_id => super::events::participants_may_work(&event_state),
+        Principal::Participant { team_id, .. } if *team_id == view.team_id => {
+            super::events::participants_may_work(&event_state)
+        }
         Principal::Participant { .. } => return Err(ApiError::NotFound("allocation")),
         Principal::Staff { .. } => {
             caller.require_staff(&WATCHERS)?;
@@ -148,11 +169,28 @@ pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): 
         }
     };
     if !view.desktop_ready || view.busy {
-        return Err(ApiError::conflict(None, format!("the lab is {}{}; its desktop opens once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
+        return Err(ApiError::conflict(
+            None,
+            format!(
+                "the lab is {}{}; its desktop opens once it is active and idle",
+                view.state,
+                if view.busy { " (busy)" } else { "" }
+            ),
+        ));
     }
-    let raw = state.terminal_tickets.issue(id, Purpose::Desktop { interactive }, &caller)?;
+    let raw = state
+        .terminal_tickets
+        .issue(id, Purpose::Desktop { interactive }, &caller)?;
     let mode = if interactive { "interactive" } else { "view" };
-    Ok((StatusCode::CREATED, Json(DesktopTicket { ticket: raw, mode: mode.into(), expires_in_secs: 30, path: "/api/v1/desktop".into() })))
+    Ok((
+        StatusCode::CREATED,
+        Json(DesktopTicket {
+            ticket: raw,
+            mode: mode.into(),
+            expires_in_secs: 30,
+            path: "/api/v1/desktop".into(),
+        }),
+    ))
 }
 
 /// A thumbnail watch is audited again after this long.
@@ -165,13 +203,31 @@ const FIRST_THUMBNAIL_WAIT: Duration = Duration::from_secs(8);
 #[utoipa::path(get, path = "/api/v1/allocations/{allocation_id}/thumbnail", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, content_type = "image/jpeg", description = "the picture; `x-labrack-taken` is when it was taken (ms since the epoch)"),
         (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 502, body = Problem), (status = 503, body = Problem)))]
-pub async fn thumbnail(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Response, ApiError> {
+pub async fn thumbnail(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Response, ApiError> {
     caller.require_staff(&WATCHERS)?;
-    let view = state.db.read(move |conn| super::labs::load_view(conn, id)).await?;
+    let view = state
+        .db
+        .read(move |conn| super::labs::load_view(conn, id))
+        .await?;
     if !view.desktop_ready || view.busy {
-        return Err(ApiError::conflict(None, format!("the lab is {}{}; its desktop shows once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
+        return Err(ApiError::conflict(
+            None,
+            format!(
+                "the lab is {}{}; its desktop shows once it is active and idle",
+                view.state,
+                if view.busy { " (busy)" } else { "" }
+            ),
+        ));
     }
-    let stream = stream_for(&state, id, (1280, 720)).await.map_err(|detail| ApiError::Upstream(format!("the lab's desktop could not be opened: {detail}")))?;
+    let stream = stream_for(&state, id, (1280, 720))
+        .await
+        .map_err(|detail| {
+            ApiError::Upstream(format!("the lab's desktop could not be opened: {detail}"))
+        })?;
     let mut pictures = stream.want_thumbnails();
     let actor = caller.actor();
     if state.desktops.thumbnail_watch_starts(&actor, id) {
@@ -180,7 +236,16 @@ pub async fn thumbnail(State(state): State<AppState>, caller: Caller, ApiPath(id
         let recorded = state
             .db
             .writer()
-            .write(move |conn| audit(conn, &audited_as, &meta, "desktop.thumbnail_watched", Some(&format!("allocation:{id}")), serde_json::json!({"mode": "view"})))
+            .write(move |conn| {
+                audit(
+                    conn,
+                    &audited_as,
+                    &meta,
+                    "desktop.thumbnail_watched",
+                    Some(&format!("allocation:{id}")),
+                    serde_json::json!({"mode": "view"}),
+                )
+            })
             .await;
         // Nobody watches a desktop unrecorded: the next look tries the audit again.
         if let Err(error) = recorded {
@@ -188,14 +253,25 @@ pub async fn thumbnail(State(state): State<AppState>, caller: Caller, ApiPath(id
             return Err(error.into());
         }
     }
-    let picture = match tokio::time::timeout(FIRST_THUMBNAIL_WAIT, pictures.wait_for(Option::is_some)).await {
+    let picture = match tokio::time::timeout(
+        FIRST_THUMBNAIL_WAIT,
+        pictures.wait_for(Option::is_some),
+    )
+    .await
+    {
         Ok(Ok(picture)) => picture.clone(),
         _ => None,
     };
     let Some(picture) = picture else {
-        return Err(ApiError::NotReady { detail: "the lab's desktop is still connecting; ask again shortly".into(), retry_after_secs: 1 });
+        return Err(ApiError::NotReady {
+            detail: "the lab's desktop is still connecting; ask again shortly".into(),
+            retry_after_secs: 1,
+        });
     };
-    let taken = picture.taken.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let taken = picture
+        .taken
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     let mut response = picture.jpeg.clone().into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"));
@@ -223,24 +299,42 @@ struct Hello {
 /// The size a new stream starts at: the interactive viewer's window where it is in range.
 fn start_size(hello: &Hello, interactive: bool) -> (u16, u16) {
     match (hello.width, hello.height) {
-        (Some(w), Some(h)) if interactive && (MIN_DESKTOP..=MAX_DESKTOP.0).contains(&w) && (MIN_DESKTOP..=MAX_DESKTOP.1).contains(&h) => {
-            (u16::try_from(w & !1).unwrap_or(1280), u16::try_from(h).unwrap_or(720))
+        (Some(w), Some(h))
+            if interactive
+                && (MIN_DESKTOP..=MAX_DESKTOP.0).contains(&w)
+                && (MIN_DESKTOP..=MAX_DESKTOP.1).contains(&h) =>
+        {
+            (
+                u16::try_from(w & !1).unwrap_or(1280),
+                u16::try_from(h).unwrap_or(720),
+            )
         }
         _ => (1280, 720),
     }
 }
 
 /// The desktop signaling WebSocket (see the module docs).
-pub async fn socket(State(state): State<AppState>, caller: Caller, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn socket(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     same_origin(&headers)?;
-    Ok(upgrade.max_message_size(1024 * 1024).on_upgrade(move |ws| async move {
-        if let Err(error) = signal(state, caller, ws).await {
-            tracing::info!(%error, "desktop viewer ended");
-        }
-    }))
+    Ok(upgrade
+        .max_message_size(1024 * 1024)
+        .on_upgrade(move |ws| async move {
+            if let Err(error) = signal(state, caller, ws).await {
+                tracing::info!(%error, "desktop viewer ended");
+            }
+        }))
 }
 
-async fn stream_for(state: &AppState, allocation_id: i64, (width, height): (u16, u16)) -> Result<DesktopStream, String> {
+async fn stream_for(
+    state: &AppState,
+    allocation_id: i64,
+    (width, height): (u16, u16),
+) -> Result<DesktopStream, String> {
     if let Some(stream) = state.desktops.get(allocation_id) {
         return Ok(stream);
     }
@@ -252,40 +346,81 @@ async fn stream_for(state: &AppState, allocation_id: i64, (width, height): (u16,
         .map_err(|e| e.to_string())?
         .ok_or("the lab is no longer active")?;
     let target = desktop.rdp_target(width, height)?;
-    let stream = tokio::task::spawn_blocking(move || DesktopStream::start(target, StreamSettings::default()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let stream = tokio::task::spawn_blocking(move || {
+        DesktopStream::start(target, StreamSettings::default())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     Ok(state.desktops.put(allocation_id, stream))
 }
 
 async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::Result<()> {
     let first = match tokio::time::timeout(Duration::from_secs(10), ws.recv()).await {
         Ok(Some(Ok(Message::Text(text)))) => text,
-        _ => return refuse(ws, "send {\"ticket\": …, \"offer\": …} as the first message").await,
+        _ => {
+            return refuse(
+                ws,
+                "send {\"ticket\": …, \"offer\": …} as the first message",
+            )
+            .await;
+        }
     };
     let hello: Hello = match serde_json::from_str(first.as_str()) {
         Ok(hello) => hello,
-        Err(e) => return refuse(ws, &format!("the first message is not a desktop hello: {e}")).await,
+        Err(e) => {
+            return refuse(
+                ws,
+                &format!("the first message is not a desktop hello: {e}"),
+            )
+            .await;
+        }
     };
-    let ticket = match state.terminal_tickets.redeem(&hello.ticket, &caller.token_hash, false) {
+    let ticket = match state
+        .terminal_tickets
+        .redeem(&hello.ticket, &caller.token_hash, false)
+    {
         Ok(ticket) => ticket,
         Err(error) => {
-            super::terminal::audit_ticket_refused(&state, &caller, "desktop.ticket_refused", &error).await;
+            super::terminal::audit_ticket_refused(
+                &state,
+                &caller,
+                "desktop.ticket_refused",
+                &error,
+            )
+            .await;
             return refuse(ws, &error.to_string()).await;
         }
     };
-    let Purpose::Desktop { interactive } = ticket.purpose else { return refuse(ws, "this ticket does not open a desktop").await };
+    let Purpose::Desktop { interactive } = ticket.purpose else {
+        return refuse(ws, "this ticket does not open a desktop").await;
+    };
     // Each viewer is a WebRTC peer with a UDP socket of its own: capped per session and lab.
-    let _opened = match state.terminal_tickets.open(false, &caller.token_hash, ticket.allocation_id) {
+    let _opened = match state
+        .terminal_tickets
+        .open(false, &caller.token_hash, ticket.allocation_id)
+    {
         Ok(opened) => opened,
         Err(error) => return refuse(ws, &error.to_string()).await,
     };
-    let stream = match stream_for(&state, ticket.allocation_id, start_size(&hello, interactive)).await {
+    let stream = match stream_for(
+        &state,
+        ticket.allocation_id,
+        start_size(&hello, interactive),
+    )
+    .await
+    {
         Ok(stream) => stream,
         Err(detail) => return refuse(ws, &detail).await,
     };
-    let (mut viewer, answer) = match Viewer::answer(hello.offer, stream.clone(), interactive, state.webrtc_bind.clone()).await {
+    let (mut viewer, answer) = match Viewer::answer(
+        hello.offer,
+        stream.clone(),
+        interactive,
+        state.webrtc_bind.clone(),
+    )
+    .await
+    {
         Ok(answered) => answered,
         Err(error) => return refuse(ws, &error.to_string()).await,
     };
@@ -297,11 +432,24 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     let recorded = state
         .db
         .writer()
-        .write(move |conn| audit(conn, &actor, &meta, "desktop.viewer_joined", Some(&format!("allocation:{allocation_id}")), serde_json::json!({"mode": mode, "codec": codec})))
+        .write(move |conn| {
+            audit(
+                conn,
+                &actor,
+                &meta,
+                "desktop.viewer_joined",
+                Some(&format!("allocation:{allocation_id}")),
+                serde_json::json!({"mode": mode, "codec": codec}),
+            )
+        })
         .await;
     if let Err(error) = recorded {
         tracing::warn!(error = ?ApiError::from(error), "a desktop watch could not be audited; refused");
-        return refuse(ws, "the appliance could not record this watch; try again shortly").await;
+        return refuse(
+            ws,
+            "the appliance could not record this watch; try again shortly",
+        )
+        .await;
     }
     let revoked = super::auth::until_revoked(&state, caller.token_hash.clone(), interactive);
     tokio::pin!(revoked);
@@ -382,7 +530,14 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         .db
         .writer()
         .write(move |conn| {
-            audit(conn, &actor, &meta, "desktop.viewer_left", Some(&format!("allocation:{allocation_id}")), serde_json::json!({"mode": mode, "inputs_dropped": dropped}))
+            audit(
+                conn,
+                &actor,
+                &meta,
+                "desktop.viewer_left",
+                Some(&format!("allocation:{allocation_id}")),
+                serde_json::json!({"mode": mode, "inputs_dropped": dropped}),
+            )
         })
         .await;
     Ok(())
@@ -394,10 +549,27 @@ mod tests {
 
     #[test]
     fn a_new_stream_starts_at_the_interactive_viewers_size() {
-        let hello = |w: Option<u32>, h: Option<u32>| Hello { ticket: String::new(), offer: String::new(), width: w, height: h };
-        assert_eq!(start_size(&hello(Some(1121), Some(748)), true), (1120, 748), "widths are even");
-        assert_eq!(start_size(&hello(Some(1120), Some(748)), false), (1280, 720), "watchers do not size the desktop");
+        let hello = |w: Option<u32>, h: Option<u32>| Hello {
+            ticket: String::new(),
+            offer: String::new(),
+            width: w,
+            height: h,
+        };
+        assert_eq!(
+            start_size(&hello(Some(1121), Some(748)), true),
+            (1120, 748),
+            "widths are even"
+        );
+        assert_eq!(
+            start_size(&hello(Some(1120), Some(748)), false),
+            (1280, 720),
+            "watchers do not size the desktop"
+        );
         assert_eq!(start_size(&hello(None, None), true), (1280, 720));
-        assert_eq!(start_size(&hello(Some(9000), Some(748)), true), (1280, 720), "out of range falls back");
+        assert_eq!(
+            start_size(&hello(Some(9000), Some(748)), true),
+            (1280, 720),
+            "out of range falls back"
+        );
     }
 }

@@ -34,10 +34,16 @@ pub struct Problem {
 pub enum ApiError {
     /// the body or a parameter could not be parsed
     #[error("{detail}")]
-    Malformed { detail: String, field: Option<String> },
+    Malformed {
+        detail: String,
+        field: Option<String>,
+    },
     /// parsed, but a field breaks a rule
     #[error("{detail}")]
-    Invalid { detail: String, field: Option<String> },
+    Invalid {
+        detail: String,
+        field: Option<String>,
+    },
     /// an uploaded file has bad rows; nothing was imported
     #[error("{} bad rows", .0.len())]
     BadRows(Vec<RowError>),
@@ -55,7 +61,10 @@ pub enum ApiError {
     NotFound(&'static str),
     /// the request conflicts with the current state
     #[error("{detail}")]
-    Conflict { detail: String, field: Option<String> },
+    Conflict {
+        detail: String,
+        field: Option<String>,
+    },
     /// the body is larger than this endpoint accepts
     #[error("request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
@@ -73,13 +82,19 @@ pub enum ApiError {
     MethodNotAllowed,
     /// a bounded resource is full (password checks, the write queue); retry shortly
     #[error("{detail}")]
-    Busy { detail: String, retry_after_secs: u64 },
+    Busy {
+        detail: String,
+        retry_after_secs: u64,
+    },
     /// the server is shutting down or its storage failed
     #[error("service unavailable")]
     Unavailable,
     /// the thing is being prepared (a desktop connecting); ask again in a moment
     #[error("{detail}")]
-    NotReady { detail: String, retry_after_secs: u64 },
+    NotReady {
+        detail: String,
+        retry_after_secs: u64,
+    },
     /// a machine the appliance talks to on the caller's behalf (a lab desktop) failed
     #[error("{0}")]
     Upstream(String),
@@ -90,11 +105,17 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(field: &str, detail: impl Into<String>) -> Self {
-        Self::Invalid { detail: detail.into(), field: Some(field.to_owned()) }
+        Self::Invalid {
+            detail: detail.into(),
+            field: Some(field.to_owned()),
+        }
     }
 
     pub fn conflict(field: Option<&str>, detail: impl Into<String>) -> Self {
-        Self::Conflict { detail: detail.into(), field: field.map(str::to_owned) }
+        Self::Conflict {
+            detail: detail.into(),
+            field: field.map(str::to_owned),
+        }
     }
 
     pub fn forbidden(detail: impl Into<String>) -> Self {
@@ -103,25 +124,81 @@ impl ApiError {
 
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            Self::Malformed { .. } => (StatusCode::BAD_REQUEST, "malformed-request", "Malformed request"),
-            Self::Invalid { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation-failed", "Validation failed"),
-            Self::BadRows(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad-rows", "The file has bad rows; nothing was imported"),
-            Self::BadFile(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad-file", "The file has errors; nothing was changed"),
-            Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated", "Authentication required"),
+            Self::Malformed { .. } => (
+                StatusCode::BAD_REQUEST,
+                "malformed-request",
+                "Malformed request",
+            ),
+            Self::Invalid { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation-failed",
+                "Validation failed",
+            ),
+            Self::BadRows(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad-rows",
+                "The file has bad rows; nothing was imported",
+            ),
+            Self::BadFile(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "bad-file",
+                "The file has errors; nothing was changed",
+            ),
+            Self::Unauthenticated(_) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Authentication required",
+            ),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
-            Self::NotFound(_) | Self::NoRoute(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
-            Self::Conflict { .. } => (StatusCode::CONFLICT, "conflict", "Conflict"),
-            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Request body too large"),
-            Self::UnsupportedMediaType { .. } => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
+            Self::NotFound(_) | Self::NoRoute(_) => {
+                (StatusCode::NOT_FOUND, "not-found", "Not found")
             }
-            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many attempts"),
-            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
-            Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
-            Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy", "Busy; retry shortly"),
-            Self::NotReady { .. } => (StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready yet"),
-            Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream-failed", "A lab machine did not answer"),
-            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
+            Self::Conflict { .. } => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            Self::TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                "Request body too large",
+            ),
+            Self::UnsupportedMediaType { .. } => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            ),
+            Self::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many attempts",
+            ),
+            Self::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+            ),
+            Self::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+            ),
+            Self::Busy { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "Busy; retry shortly",
+            ),
+            Self::NotReady { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+                "Not ready yet",
+            ),
+            Self::Upstream(_) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream-failed",
+                "A lab machine did not answer",
+            ),
+            Self::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal server error",
+            ),
         }
     }
 }
@@ -133,9 +210,9 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %cause, "internal error");
         }
         let (field, errors) = match &self {
-            Self::Malformed { field, .. } | Self::Invalid { field, .. } | Self::Conflict { field, .. } => {
-                (field.clone(), None)
-            }
+            Self::Malformed { field, .. }
+            | Self::Invalid { field, .. }
+            | Self::Conflict { field, .. } => (field.clone(), None),
             Self::BadRows(rows) | Self::BadFile(rows) => (None, Some(rows.clone())),
             _ => (None, None),
         };
@@ -154,25 +231,40 @@ impl IntoResponse for ApiError {
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if let Self::RateLimited { retry_after_secs } | Self::NotReady { retry_after_secs, .. } | Self::Busy { retry_after_secs, .. } = self
-            && let Ok(value) = HeaderValue::from_str(&retry_after_secs.to_string()) {
-                headers.insert(header::RETRY_AFTER, value);
-            }
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Self::RateLimited { retry_after_secs }
+        | Self::NotReady {
+            retry_after_secs, ..
+        }
+        | Self::Busy {
+            retry_after_secs, ..
+        } = self
+            && let Ok(value) = HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            headers.insert(header::RETRY_AFTER, value);
+        }
         response
     }
 }
 
 impl From<crate::attempts::TooManyAttempts> for ApiError {
     fn from(refused: crate::attempts::TooManyAttempts) -> Self {
-        Self::RateLimited { retry_after_secs: refused.retry_after.as_secs().max(1) }
+        Self::RateLimited {
+            retry_after_secs: refused.retry_after.as_secs().max(1),
+        }
     }
 }
 
 impl From<crate::passwords::HashError> for ApiError {
     fn from(error: crate::passwords::HashError) -> Self {
         match error {
-            crate::passwords::HashError::Busy(busy) => Self::Busy { detail: busy.to_string(), retry_after_secs: busy.retry_after.as_secs().max(1) },
+            crate::passwords::HashError::Busy(busy) => Self::Busy {
+                detail: busy.to_string(),
+                retry_after_secs: busy.retry_after.as_secs().max(1),
+            },
             other => Self::Internal(other.to_string()),
         }
     }
@@ -182,7 +274,10 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::WriterClosed => Self::Unavailable,
-            StoreError::Busy => Self::Busy { detail: "the appliance is busy writing; retry shortly".into(), retry_after_secs: 1 },
+            StoreError::Busy => Self::Busy {
+                detail: "the appliance is busy writing; retry shortly".into(),
+                retry_after_secs: 1,
+            },
             other => Self::Internal(other.to_string()),
         }
     }
@@ -209,19 +304,28 @@ impl From<BytesRejection> for ApiError {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Self::TooLarge { limit: 0 }
         } else {
-            Self::Malformed { detail: rejection.body_text(), field: None }
+            Self::Malformed {
+                detail: rejection.body_text(),
+                field: None,
+            }
         }
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
-        Self::Malformed { detail: rejection.body_text(), field: Some("path".into()) }
+        Self::Malformed {
+            detail: rejection.body_text(),
+            field: Some("path".into()),
+        }
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        Self::Malformed { detail: rejection.body_text(), field: Some("query".into()) }
+        Self::Malformed {
+            detail: rejection.body_text(),
+            field: Some("query".into()),
+        }
     }
 }

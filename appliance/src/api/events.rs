@@ -36,13 +36,28 @@ impl EventState {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::Draft, Self::Live, Self::Frozen, Self::Ended, Self::Archived].into_iter().find(|s| s.as_str() == text)
+        [
+            Self::Draft,
+            Self::Live,
+            Self::Frozen,
+            Self::Ended,
+            Self::Archived,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
     }
 
     /// The legal transitions; everything else is refused.
     pub fn can_become(self, to: Self) -> bool {
         use EventState::{Archived, Draft, Ended, Frozen, Live};
-        matches!((self, to), (Draft, Live) | (Live, Frozen) | (Frozen, Live) | (Live | Frozen, Ended) | (Ended, Archived))
+        matches!(
+            (self, to),
+            (Draft, Live)
+                | (Live, Frozen)
+                | (Frozen, Live)
+                | (Live | Frozen, Ended)
+                | (Ended, Archived)
+        )
     }
 
     /// Whether teams and participants may still be added or changed.
@@ -63,12 +78,24 @@ pub fn participants_may_work(state: &str) -> bool {
 }
 
 /// Refuses a participant's lab work (terminal, reset) once their event has ended.
-pub fn require_participants_work(conn: &rusqlite::Connection, event_id: i64, what: &str) -> Result<(), ApiError> {
-    let state: String = conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| r.get(0))?;
+pub fn require_participants_work(
+    conn: &rusqlite::Connection,
+    event_id: i64,
+    what: &str,
+) -> Result<(), ApiError> {
+    let state: String =
+        conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| {
+            r.get(0)
+        })?;
     if participants_may_work(&state) {
         Ok(())
     } else {
-        Err(ApiError::conflict(Some("state"), format!("the event is {state}: {what} is closed to participants; the desktop stays viewable")))
+        Err(ApiError::conflict(
+            Some("state"),
+            format!(
+                "the event is {state}: {what} is closed to participants; the desktop stays viewable"
+            ),
+        ))
     }
 }
 
@@ -112,9 +139,13 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
 }
 
 pub fn load_event(conn: &Connection, id: i64) -> Result<Event, ApiError> {
-    conn.query_row(&format!("SELECT {EVENT_COLUMNS} FROM events e WHERE e.id = ?1"), [id], event_from_row)
-        .optional()?
-        .ok_or(ApiError::NotFound("event"))
+    conn.query_row(
+        &format!("SELECT {EVENT_COLUMNS} FROM events e WHERE e.id = ?1"),
+        [id],
+        event_from_row,
+    )
+    .optional()?
+    .ok_or(ApiError::NotFound("event"))
 }
 
 const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
@@ -122,12 +153,17 @@ const EVENT_WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
 
 /// Lists events, newest first.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", responses((status = 200, body = EventList), (status = 401, body = Problem), (status = 403, body = Problem)))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<EventList>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<EventList>, ApiError> {
     caller.require_staff(&READERS)?;
     let events = state
         .db
         .read(|conn| {
-            let mut stmt = conn.prepare(&format!("SELECT {EVENT_COLUMNS} FROM events e ORDER BY e.id DESC"))?;
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events e ORDER BY e.id DESC"
+            ))?;
             let rows = stmt.query_map([], event_from_row)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
         })
@@ -149,7 +185,10 @@ fn schedule(starts_at: &str, ends_at: &str) -> Result<(String, String), ApiError
     let start = validate::timestamp("starts_at", starts_at)?;
     let end = validate::timestamp("ends_at", ends_at)?;
     if end <= start {
-        return Err(ApiError::invalid("ends_at", "ends_at must be after starts_at"));
+        return Err(ApiError::invalid(
+            "ends_at",
+            "ends_at must be after starts_at",
+        ));
     }
     Ok((format_time(start), format_time(end)))
 }
@@ -159,13 +198,19 @@ pub const CODE_ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
 
 pub fn random_code(len: usize) -> String {
     let mut rng = rand::rngs::OsRng;
-    (0..len).map(|_| char::from(CODE_ALPHABET[rng.gen_range(0..CODE_ALPHABET.len())])).collect()
+    (0..len)
+        .map(|_| char::from(CODE_ALPHABET[rng.gen_range(0..CODE_ALPHABET.len())]))
+        .collect()
 }
 
 /// Creates an event in `draft`.
 #[utoipa::path(post, path = "/api/v1/events", tag = "events", request_body = NewEvent,
     responses((status = 201, body = Event), (status = 403, body = Problem), (status = 422, body = Problem)))]
-pub async fn create(State(state): State<AppState>, caller: Caller, ApiJson(req): ApiJson<NewEvent>) -> Result<(StatusCode, Json<Event>), ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewEvent>,
+) -> Result<(StatusCode, Json<Event>), ApiError> {
     caller.require_staff(&EVENT_WRITERS)?;
     let name = validate::name("name", &req.name, 200)?;
     let (starts_at, ends_at) = schedule(&req.starts_at, &req.ends_at)?;
@@ -194,9 +239,18 @@ pub async fn create(State(state): State<AppState>, caller: Caller, ApiJson(req):
 /// One event.
 #[utoipa::path(get, path = "/api/v1/events/{event_id}", tag = "events", params(("event_id" = i64, Path)),
     responses((status = 200, body = Event), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn get_one(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Event>, ApiError> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<Event>, ApiError> {
     caller.require_staff(&READERS)?;
-    Ok(Json(state.db.read(move |conn| load_event(conn, event_id)).await?))
+    Ok(Json(
+        state
+            .db
+            .read(move |conn| load_event(conn, event_id))
+            .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -218,9 +272,16 @@ pub async fn update(
 ) -> Result<Json<Event>, ApiError> {
     caller.require_staff(&EVENT_WRITERS)?;
     if req.name.is_none() && req.starts_at.is_none() && req.ends_at.is_none() {
-        return Err(ApiError::invalid("body", "give at least one of name, starts_at, ends_at"));
+        return Err(ApiError::invalid(
+            "body",
+            "give at least one of name, starts_at, ends_at",
+        ));
     }
-    let name = req.name.as_deref().map(|n| validate::name("name", n, 200)).transpose()?;
+    let name = req
+        .name
+        .as_deref()
+        .map(|n| validate::name("name", n, 200))
+        .transpose()?;
     let event = state
         .db
         .writer()
@@ -252,7 +313,13 @@ fn to_outbox(conn: &Connection, event_id: i64) -> Result<Event, ApiError> {
     let event = load_event(conn, event_id)?;
     let body = serde_json::json!({"id": event.id, "name": event.name, "code": event.code, "state": event.state.as_str(),
         "starts_at": event.starts_at, "ends_at": event.ends_at});
-    crate::outbox::append(conn, crate::outbox::Change::Event, &format!("event:{event_id}"), &body, i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
+    crate::outbox::append(
+        conn,
+        crate::outbox::Change::Event,
+        &format!("event:{event_id}"),
+        &body,
+        i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX),
+    )?;
     Ok(event)
 }
 
@@ -281,20 +348,47 @@ pub async fn transition(
         .write(move |conn| {
             let current = load_event(conn, event_id)?;
             if let Some(expected) = req.from
-                && expected != current.state {
-                    return Err(ApiError::conflict(Some("from"), format!("the event is {}, not {}", current.state.as_str(), expected.as_str())));
-                }
-            if !current.state.can_become(req.to) {
-                return Err(ApiError::conflict(Some("to"), format!("an event cannot go from {} to {}", current.state.as_str(), req.to.as_str())));
+                && expected != current.state
+            {
+                return Err(ApiError::conflict(
+                    Some("from"),
+                    format!(
+                        "the event is {}, not {}",
+                        current.state.as_str(),
+                        expected.as_str()
+                    ),
+                ));
             }
-            conn.execute("UPDATE events SET state = ?1, updated_at = ?2 WHERE id = ?3", params![req.to.as_str(), super::now_rfc3339(), event_id])?;
+            if !current.state.can_become(req.to) {
+                return Err(ApiError::conflict(
+                    Some("to"),
+                    format!(
+                        "an event cannot go from {} to {}",
+                        current.state.as_str(),
+                        req.to.as_str()
+                    ),
+                ));
+            }
+            conn.execute(
+                "UPDATE events SET state = ?1, updated_at = ?2 WHERE id = ?3",
+                params![req.to.as_str(), super::now_rfc3339(), event_id],
+            )?;
             // The public scoreboard shows the board as it was when the freeze began.
             if req.to == EventState::Frozen {
                 let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
-                conn.execute("UPDATE events SET frozen_at_ms = ?1 WHERE id = ?2", params![now, event_id])?;
+                conn.execute(
+                    "UPDATE events SET frozen_at_ms = ?1 WHERE id = ?2",
+                    params![now, event_id],
+                )?;
             }
-            audit(conn, &caller.actor(), &caller.meta, "event.transition", Some(&format!("event:{event_id}")),
-                serde_json::json!({"from": current.state.as_str(), "to": req.to.as_str()}))?;
+            audit(
+                conn,
+                &caller.actor(),
+                &caller.meta,
+                "event.transition",
+                Some(&format!("event:{event_id}")),
+                serde_json::json!({"from": current.state.as_str(), "to": req.to.as_str()}),
+            )?;
             to_outbox(conn, event_id)
         })
         .await?;
@@ -312,12 +406,26 @@ mod tests {
     #[test]
     fn transition_table() {
         let all = [Draft, Live, Frozen, Ended, Archived];
-        let legal = [(Draft, Live), (Live, Frozen), (Frozen, Live), (Live, Ended), (Frozen, Ended), (Ended, Archived)];
+        let legal = [
+            (Draft, Live),
+            (Live, Frozen),
+            (Frozen, Live),
+            (Live, Ended),
+            (Frozen, Ended),
+            (Ended, Archived),
+        ];
         for from in all {
             for to in all {
-                assert_eq!(from.can_become(to), legal.contains(&(from, to)), "{from:?} -> {to:?}");
+                assert_eq!(
+                    from.can_become(to),
+                    legal.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
             }
         }
-        assert!(all.iter().all(|s| EventState::parse(s.as_str()) == Some(*s)));
+        assert!(
+            all.iter()
+                .all(|s| EventState::parse(s.as_str()) == Some(*s))
+        );
     }
 }

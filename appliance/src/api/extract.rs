@@ -42,14 +42,24 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             // serde names an unknown or missing field only in its message: `name`.
             message.split('`').nth(1).map(str::to_owned)
         };
-        let detail = if path == "." { message } else { format!("{path}: {message}") };
+        let detail = if path == "." {
+            message
+        } else {
+            format!("{path}: {message}")
+        };
         if inner.is_data() {
             ApiError::Invalid { detail, field }
         } else {
-            ApiError::Malformed { detail: format!("body is not valid JSON: {detail}"), field: None }
+            ApiError::Malformed {
+                detail: format!("body is not valid JSON: {detail}"),
+                field: None,
+            }
         }
     })?;
-    deserializer.end().map_err(|e| ApiError::Malformed { detail: format!("trailing data after JSON: {e}"), field: None })?;
+    deserializer.end().map_err(|e| ApiError::Malformed {
+        detail: format!("trailing data after JSON: {e}"),
+        field: None,
+    })?;
     Ok(value)
 }
 
@@ -63,15 +73,31 @@ impl<S: Send + Sync> FromRequest<S> for CsvBody {
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         require_content_type(req.headers(), "text/csv")?;
         let body = read_limited(req, CSV_LIMIT).await?;
-        let text = String::from_utf8(body.to_vec())
-            .map_err(|e| ApiError::Malformed { detail: format!("csv is not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()), field: None })?;
+        let text = String::from_utf8(body.to_vec()).map_err(|e| ApiError::Malformed {
+            detail: format!(
+                "csv is not valid UTF-8 (byte {})",
+                e.utf8_error().valid_up_to()
+            ),
+            field: None,
+        })?;
         Ok(Self(text))
     }
 }
 
-pub(crate) fn require_content_type(headers: &HeaderMap, expected: &'static str) -> Result<(), ApiError> {
-    let given = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let essence = given.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+pub(crate) fn require_content_type(
+    headers: &HeaderMap,
+    expected: &'static str,
+) -> Result<(), ApiError> {
+    let given = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = given
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if essence == expected {
         Ok(())
     } else {
@@ -79,7 +105,10 @@ pub(crate) fn require_content_type(headers: &HeaderMap, expected: &'static str) 
     }
 }
 
-pub(crate) async fn read_limited(req: Request, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_limited(
+    req: Request,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -88,7 +117,9 @@ pub(crate) async fn read_limited(req: Request, limit: usize) -> Result<axum::bod
     if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::TooLarge { limit });
     }
-    axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| ApiError::TooLarge { limit })
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::TooLarge { limit })
 }
 
 /// Where a request came from and its id: what the audit log records.
@@ -119,7 +150,10 @@ impl RequestMeta {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        Self { remote_addr, request_id }
+        Self {
+            remote_addr,
+            request_id,
+        }
     }
 }
 
@@ -139,7 +173,8 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::extract::Path(value) = axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        let axum::extract::Path(value) =
+            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
         Ok(Self(value))
     }
 }

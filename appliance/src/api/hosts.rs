@@ -10,7 +10,8 @@ use axum::http::{StatusCode, header};
 use base64::Engine as _;
 use labrack_provisioner::allocation::Input;
 use labrack_provisioner::protocol::{
-    self, EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse, TaskReport, Telemetry,
+    self, EnrolRequest, EnrolResponse, HostTask, PROTOCOL_VERSION, PollRequest, PollResponse,
+    TaskReport, Telemetry,
 };
 use labrack_provisioner::replay::{ReplayGuard, Verdict};
 use ring::signature::{ED25519, UnparsedPublicKey};
@@ -60,7 +61,10 @@ pub async fn create_enrolment_token(
     caller.require_staff(&HOST_ADMINS)?;
     let ttl = req.ttl_secs.unwrap_or(3600);
     if !(60..=604_800).contains(&ttl) {
-        return Err(ApiError::invalid("ttl_secs", "must be between 60 and 604800 seconds"));
+        return Err(ApiError::invalid(
+            "ttl_secs",
+            "must be between 60 and 604800 seconds",
+        ));
     }
     let note = match req.note {
         Some(note) => Some(super::validate::name("note", &note, 200)?),
@@ -70,7 +74,8 @@ pub async fn create_enrolment_token(
     let hash = enrolment_token_hash(&state.secrets, &token);
     let expires_ms = unix_ms().saturating_add(ttl * 1000);
     let expires_at = format_time(
-        time::OffsetDateTime::from_unix_timestamp(i64::try_from(expires_ms / 1000).unwrap_or(0)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        time::OffsetDateTime::from_unix_timestamp(i64::try_from(expires_ms / 1000).unwrap_or(0))
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
     );
     state
         .db
@@ -85,7 +90,10 @@ pub async fn create_enrolment_token(
             Ok::<_, ApiError>(())
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(IssuedEnrolmentToken { token, expires_at })))
+    Ok((
+        StatusCode::CREATED,
+        Json(IssuedEnrolmentToken { token, expires_at }),
+    ))
 }
 
 /// An enrolled host as staff see it.
@@ -117,7 +125,10 @@ pub struct HostList {
 
 /// Lists enrolled hosts with health, capacity and telemetry.
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = HostList), (status = 403, body = Problem)))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<HostList>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<HostList>, ApiError> {
     caller.require_staff(&HOST_READERS)?;
     let hosts = state
         .db
@@ -150,7 +161,10 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<
             rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
         })
         .await?;
-    Ok(Json(HostList { hosts, heartbeat_secs: state.heartbeat.as_secs() }))
+    Ok(Json(HostList {
+        hosts,
+        heartbeat_secs: state.heartbeat.as_secs(),
+    }))
 }
 
 /// The stored hash of an enrolment token: keyed, like join codes (tokens made before that
@@ -170,7 +184,8 @@ pub async fn enrol(
     let keys = [(meta.client_key(), crate::attempts::ENROL_CLIENT)];
     if let Err(refused) = state.attempts.begin(&keys) {
         if refused.first {
-            let detail = serde_json::json!({"retry_after_secs": refused.retry_after.as_secs().max(1)});
+            let detail =
+                serde_json::json!({"retry_after_secs": refused.retry_after.as_secs().max(1)});
             super::session::audit_refused(&state, &meta, "host.enrol_lockout", None, detail).await;
         }
         return Err(refused.into());
@@ -181,29 +196,63 @@ pub async fn enrol(
     match &result {
         Ok(_) => state.attempts.succeeded(&[keys[0].0.clone()]),
         Err(ApiError::Unauthenticated(_)) => {
-            super::session::audit_refused(&state, &meta, "host.enrol_failed", None, serde_json::json!({"name": name})).await;
+            super::session::audit_refused(
+                &state,
+                &meta,
+                "host.enrol_failed",
+                None,
+                serde_json::json!({"name": name}),
+            )
+            .await;
         }
         Err(_) => state.attempts.refund(&keys),
     }
     result
 }
 
-async fn enrol_counted(state: &AppState, meta: RequestMeta, req: EnrolRequest) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
+async fn enrol_counted(
+    state: &AppState,
+    meta: RequestMeta,
+    req: EnrolRequest,
+) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
     if req.version != PROTOCOL_VERSION {
-        return Err(ApiError::invalid("version", format!("protocol version {} is not supported (this appliance speaks {PROTOCOL_VERSION})", req.version)));
+        return Err(ApiError::invalid(
+            "version",
+            format!(
+                "protocol version {} is not supported (this appliance speaks {PROTOCOL_VERSION})",
+                req.version
+            ),
+        ));
     }
     let name = super::validate::name("name", &req.name, 64)?;
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-        return Err(ApiError::invalid("name", "use letters, digits, '-', '_' and '.' only"));
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(ApiError::invalid(
+            "name",
+            "use letters, digits, '-', '_' and '.' only",
+        ));
     }
     let public_key = base64::engine::general_purpose::STANDARD
         .decode(req.public_key.trim())
         .ok()
         .filter(|k| k.len() == 32)
-        .ok_or_else(|| ApiError::invalid("public_key", "must be a base64 Ed25519 public key (32 bytes)"))?;
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "public_key",
+                "must be a base64 Ed25519 public key (32 bytes)",
+            )
+        })?;
     let address = super::validate::name("address", &req.address, 253)?;
-    if !address.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
-        return Err(ApiError::invalid("address", "must be a host name or IP address"));
+    if !address
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
+        return Err(ApiError::invalid(
+            "address",
+            "must be a host name or IP address",
+        ));
     }
     check_resources(&req.resources)?;
     if !(1..=256).contains(&req.capacity) {
@@ -213,7 +262,8 @@ async fn enrol_counted(state: &AppState, meta: RequestMeta, req: EnrolRequest) -
     let legacy_hash = hash_secret(req.token.trim());
     let now = unix_ms();
     let (gpus, capacity) = (req.resources.gpus, req.capacity);
-    let resources = serde_json::to_string(&req.resources).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let resources =
+        serde_json::to_string(&req.resources).map_err(|e| ApiError::Internal(e.to_string()))?;
     let result = state
         .db
         .writer()
@@ -247,25 +297,49 @@ async fn enrol_counted(state: &AppState, meta: RequestMeta, req: EnrolRequest) -
         .await
         .map_err(ApiError::from);
     let host_id = result?;
-    Ok((StatusCode::CREATED, Json(EnrolResponse { host_id, heartbeat_secs: u32::try_from(state.heartbeat.as_secs()).unwrap_or(5) })))
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrolResponse {
+            host_id,
+            heartbeat_secs: u32::try_from(state.heartbeat.as_secs()).unwrap_or(5),
+        }),
+    ))
 }
 
 /// What a host says it has: sane numbers only.
 fn check_resources(resources: &labrack_provisioner::limits::HostResources) -> Result<(), ApiError> {
     if !(1..=4096).contains(&resources.cpus) {
-        return Err(ApiError::invalid("resources.cpus", "must be between 1 and 4096"));
+        return Err(ApiError::invalid(
+            "resources.cpus",
+            "must be between 1 and 4096",
+        ));
     }
     if !(64..=64 * 1024 * 1024).contains(&resources.memory_mib) {
-        return Err(ApiError::invalid("resources.memory_mib", "must be between 64 MiB and 64 TiB"));
+        return Err(ApiError::invalid(
+            "resources.memory_mib",
+            "must be between 64 MiB and 64 TiB",
+        ));
     }
     if resources.gpus > 64 {
         return Err(ApiError::invalid("resources.gpus", "at most 64"));
     }
-    if resources.isolation.is_empty() || resources.isolation.len() > 40 || !resources.isolation.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(ApiError::invalid("resources.isolation", "a short name such as cgroup-v1"));
+    if resources.isolation.is_empty()
+        || resources.isolation.len() > 40
+        || !resources
+            .isolation
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(ApiError::invalid(
+            "resources.isolation",
+            "a short name such as cgroup-v1",
+        ));
     }
     if resources.enforces.len() > 16 {
-        return Err(ApiError::invalid("resources.enforces", "at most 16 entries"));
+        return Err(ApiError::invalid(
+            "resources.enforces",
+            "at most 16 entries",
+        ));
     }
     Ok(())
 }
@@ -317,19 +391,38 @@ pub async fn register_agentless(
 ) -> Result<(StatusCode, Json<AgentlessHost>), ApiError> {
     caller.require_staff(&HOST_ADMINS)?;
     let name = super::validate::name("name", &req.name, 64)?;
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-        return Err(ApiError::invalid("name", "use letters, digits, '-', '_' and '.' only"));
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(ApiError::invalid(
+            "name",
+            "use letters, digits, '-', '_' and '.' only",
+        ));
     }
     let address = super::validate::name("address", &req.address, 253)?;
-    if !address.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) {
-        return Err(ApiError::invalid("address", "must be a host name or IP address"));
+    if !address
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+    {
+        return Err(ApiError::invalid(
+            "address",
+            "must be a host name or IP address",
+        ));
     }
     let key = req.ssh_host_key.trim().to_owned();
     let mut parts = key.split_whitespace();
     let valid_key = matches!(parts.next(), Some(kind) if kind.starts_with("ssh-") || kind.starts_with("ecdsa-"))
-        && parts.next().is_some_and(|blob| base64::engine::general_purpose::STANDARD.decode(blob).is_ok_and(|b| b.len() >= 32));
+        && parts.next().is_some_and(|blob| {
+            base64::engine::general_purpose::STANDARD
+                .decode(blob)
+                .is_ok_and(|b| b.len() >= 32)
+        });
     if !valid_key || key.len() > 4096 {
-        return Err(ApiError::invalid("ssh_host_key", "must be an OpenSSH public key line, e.g. `ssh-ed25519 AAAA…`"));
+        return Err(ApiError::invalid(
+            "ssh_host_key",
+            "must be an OpenSSH public key line, e.g. `ssh-ed25519 AAAA…`",
+        ));
     }
     let port = req.ssh_port.unwrap_or(22);
     if port == 0 {
@@ -400,12 +493,28 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(protocol::parse_host_auth)
-            .ok_or_else(|| ApiError::Unauthenticated(format!("host calls need `Authorization: {} host=ID,ts=MS,sig=BASE64`", protocol::HOST_AUTH_SCHEME)))?;
-        let protocol::HostAuth { host_id, timestamp_ms, instance, counter, signature } = auth;
+            .ok_or_else(|| {
+                ApiError::Unauthenticated(format!(
+                    "host calls need `Authorization: {} host=ID,ts=MS,sig=BASE64`",
+                    protocol::HOST_AUTH_SCHEME
+                ))
+            })?;
+        let protocol::HostAuth {
+            host_id,
+            timestamp_ms,
+            instance,
+            counter,
+            signature,
+        } = auth;
         if unix_ms().abs_diff(timestamp_ms) > protocol::HOST_CLOCK_SKEW_MS {
-            return Err(ApiError::Unauthenticated("the signed timestamp is too far from the appliance's clock".into()));
+            return Err(ApiError::Unauthenticated(
+                "the signed timestamp is too far from the appliance's clock".into(),
+            ));
         }
-        let path = parts.extensions.get::<OriginalUri>().map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
+        let path = parts
+            .extensions
+            .get::<OriginalUri>()
+            .map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
         let method = parts.method.as_str().to_owned();
         require_content_type(&parts.headers, "application/json")?;
         let bytes = read_limited(Request::from_parts(parts, body), HOST_BODY_LIMIT).await?;
@@ -420,32 +529,43 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
                 .map_err(ApiError::from)
             })
             .await?;
-        let (public_key, stored_instance, stored_counter) = known.ok_or_else(|| ApiError::Unauthenticated("unknown host: enrol first".into()))?;
+        let (public_key, stored_instance, stored_counter) =
+            known.ok_or_else(|| ApiError::Unauthenticated("unknown host: enrol first".into()))?;
         let signature = base64::engine::general_purpose::STANDARD
             .decode(signature)
             .map_err(|_| ApiError::Unauthenticated("the signature is not base64".into()))?;
         let digest = hex::encode(sha2::Sha256::digest(&bytes));
-        let message = protocol::signing_message(&method, &path, timestamp_ms, &instance, counter, &digest);
+        let message =
+            protocol::signing_message(&method, &path, timestamp_ms, &instance, counter, &digest);
         UnparsedPublicKey::new(&ED25519, &public_key)
             .verify(&message, &signature)
             .map_err(|_| ApiError::Unauthenticated("bad host signature".into()))?;
         let (verdict, position) = {
-            let mut guards = state.host_calls.lock().map_err(|_| ApiError::Internal("the host-call guard is poisoned".into()))?;
-            let guard = guards
-                .entry(host_id)
-                .or_insert_with(|| ReplayGuard::resume(stored_instance, u64::try_from(stored_counter).unwrap_or(0)));
+            let mut guards = state
+                .host_calls
+                .lock()
+                .map_err(|_| ApiError::Internal("the host-call guard is poisoned".into()))?;
+            let guard = guards.entry(host_id).or_insert_with(|| {
+                ReplayGuard::resume(stored_instance, u64::try_from(stored_counter).unwrap_or(0))
+            });
             let verdict = guard.check(&instance, counter);
             let (current, highest) = guard.position();
             (verdict, (current.unwrap_or_default().to_owned(), highest))
         };
         match verdict {
             Verdict::Accept => {}
-            Verdict::Replay => return Err(ApiError::Unauthenticated("this signed call was taken before: a replay is refused".into())),
+            Verdict::Replay => {
+                return Err(ApiError::Unauthenticated(
+                    "this signed call was taken before: a replay is refused".into(),
+                ));
+            }
             Verdict::TwoMachines { other } => {
                 record_identity_conflict(state, host_id, &instance, &other, &meta).await;
                 return Err(ApiError::conflict(
                     None,
-                    format!("this host identity is in use by another machine (agent {other}); staff have been alerted — enrol this machine with a token of its own"),
+                    format!(
+                        "this host identity is in use by another machine (agent {other}); staff have been alerted — enrol this machine with a token of its own"
+                    ),
                 ));
             }
         }
@@ -454,28 +574,56 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
             state.connections.note_host(ip);
         }
         let body = parse_json(&bytes)?;
-        Ok(Self { host_id, body, meta, position })
+        Ok(Self {
+            host_id,
+            body,
+            meta,
+            position,
+        })
     }
 }
 
 /// Marks the host as used by two machines (once a minute at most) for staff to see.
-async fn record_identity_conflict(state: &AppState, host_id: i64, instance: &str, other: &str, meta: &RequestMeta) {
+async fn record_identity_conflict(
+    state: &AppState,
+    host_id: i64,
+    instance: &str,
+    other: &str,
+    meta: &RequestMeta,
+) {
     let (instance, other, meta) = (instance.to_owned(), other.to_owned(), meta.clone());
     let now = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
     let recorded = state
         .db
         .writer()
         .write(move |conn| {
-            let last: Option<i64> = conn.query_row("SELECT identity_conflict_ms FROM hosts WHERE id = ?1", [host_id], |r| r.get(0))?;
+            let last: Option<i64> = conn.query_row(
+                "SELECT identity_conflict_ms FROM hosts WHERE id = ?1",
+                [host_id],
+                |r| r.get(0),
+            )?;
             if last.is_some_and(|at| now - at < 60_000) {
                 return Ok::<_, ApiError>(());
             }
-            conn.execute("UPDATE hosts SET identity_conflict_ms = ?2 WHERE id = ?1", params![host_id, now])?;
-            audit(conn, &format!("host:{host_id}"), &meta, "host.identity_conflict", Some(&format!("host:{host_id}")), serde_json::json!({"instance": instance, "current": other}))?;
+            conn.execute(
+                "UPDATE hosts SET identity_conflict_ms = ?2 WHERE id = ?1",
+                params![host_id, now],
+            )?;
+            audit(
+                conn,
+                &format!("host:{host_id}"),
+                &meta,
+                "host.identity_conflict",
+                Some(&format!("host:{host_id}")),
+                serde_json::json!({"instance": instance, "current": other}),
+            )?;
             Ok(())
         })
         .await;
-    tracing::error!(host_id, "one lab-host identity is used from two machines at once");
+    tracing::error!(
+        host_id,
+        "one lab-host identity is used from two machines at once"
+    );
     if let Err(error) = recorded {
         tracing::error!(host_id, error = ?ApiError::from(error), "could not record the identity conflict");
     }
@@ -483,20 +631,29 @@ async fn record_identity_conflict(state: &AppState, host_id: i64, instance: &str
 
 /// Stores the instance and counter a host's calls reached, so a restarted appliance still
 /// refuses their replays. In the caller's write.
-fn store_position(conn: &rusqlite::Connection, host_id: i64, position: &(String, u64)) -> Result<(), ApiError> {
+fn store_position(
+    conn: &rusqlite::Connection,
+    host_id: i64,
+    position: &(String, u64),
+) -> Result<(), ApiError> {
     conn.prepare_cached("UPDATE hosts SET instance = ?2, instance_counter = max(CASE WHEN instance IS ?2 THEN instance_counter ELSE 0 END, ?3) WHERE id = ?1")?
         .execute(params![host_id, position.0, i64::try_from(position.1).unwrap_or(i64::MAX)])?;
     Ok(())
 }
 
-fn pending_tasks(conn: &rusqlite::Connection, secrets: &crate::secrets::SecretBox, host_id: i64) -> Result<Vec<HostTask>, ApiError> {
+fn pending_tasks(
+    conn: &rusqlite::Connection,
+    secrets: &crate::secrets::SecretBox,
+    host_id: i64,
+) -> Result<Vec<HostTask>, ApiError> {
     let rows: Vec<(String, String)> = conn
         .prepare_cached("SELECT id, body FROM host_tasks WHERE host_id = ?1 AND done_ms IS NULL ORDER BY created_ms, id")?
         .query_map([host_id], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     let mut tasks = Vec::with_capacity(rows.len());
     for (id, body) in rows {
-        let mut task: HostTask = serde_json::from_str(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut task: HostTask =
+            serde_json::from_str(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
         // The password a task sets travels only in the answer to its own host.
         if let Some(slot) = task.kind.password_mut() {
             slot.0 = labs::task_password(conn, secrets, &id)?.unwrap_or_default();
@@ -509,9 +666,15 @@ fn pending_tasks(conn: &rusqlite::Connection, secrets: &crate::secrets::SecretBo
 /// Long poll: the host's pending tasks, as soon as there is one or after `wait_ms`.
 #[utoipa::path(post, path = "/api/v1/host/poll", tag = "hosts", request_body(content = Object, description = "PollRequest (signed)"),
     responses((status = 200, description = "PollResponse"), (status = 401, body = Problem)))]
-pub async fn poll(State(state): State<AppState>, call: HostCall<PollRequest>) -> Result<Json<PollResponse>, ApiError> {
+pub async fn poll(
+    State(state): State<AppState>,
+    call: HostCall<PollRequest>,
+) -> Result<Json<PollResponse>, ApiError> {
     if call.body.version != PROTOCOL_VERSION {
-        return Err(ApiError::invalid("version", format!("this appliance speaks protocol version {PROTOCOL_VERSION}")));
+        return Err(ApiError::invalid(
+            "version",
+            format!("this appliance speaks protocol version {PROTOCOL_VERSION}"),
+        ));
     }
     let wait = Duration::from_millis(call.body.wait_ms).min(MAX_POLL_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
@@ -522,7 +685,10 @@ pub async fn poll(State(state): State<AppState>, call: HostCall<PollRequest>) ->
     loop {
         wake.borrow_and_update();
         let secrets = state.secrets.clone();
-        let mut tasks = state.db.read(move |conn| pending_tasks(conn, &secrets, host_id)).await?;
+        let mut tasks = state
+            .db
+            .read(move |conn| pending_tasks(conn, &secrets, host_id))
+            .await?;
         // Checks the host is running now are not news to it.
         tasks.retain(|task| !running.contains(&task.id));
         if !tasks.is_empty() || tokio::time::Instant::now() >= deadline || *shutdown.borrow() {
@@ -556,10 +722,16 @@ pub struct ReportAck {
 /// acknowledged and changes nothing.
 #[utoipa::path(post, path = "/api/v1/host/report", tag = "hosts", request_body(content = Object, description = "TaskReport (signed)"),
     responses((status = 200, body = ReportAck), (status = 401, body = Problem), (status = 404, body = Problem)))]
-pub async fn report(State(state): State<AppState>, call: HostCall<TaskReport>) -> Result<Json<ReportAck>, ApiError> {
+pub async fn report(
+    State(state): State<AppState>,
+    call: HostCall<TaskReport>,
+) -> Result<Json<ReportAck>, ApiError> {
     let report = call.body;
     if report.version != PROTOCOL_VERSION {
-        return Err(ApiError::invalid("version", format!("this appliance speaks protocol version {PROTOCOL_VERSION}")));
+        return Err(ApiError::invalid(
+            "version",
+            format!("this appliance speaks protocol version {PROTOCOL_VERSION}"),
+        ));
     }
     let host_id = call.host_id;
     let meta = call.meta;
@@ -627,7 +799,12 @@ const GPU_ALERT_EVERY_MS: i64 = 10 * 60 * 1000;
 /// Raises a staff alert for each lab of this host whose GPU memory is over its template's
 /// `gpu_memory_mib` (where MIG cannot enforce it, NVML watches it). A host speaks only for
 /// its own active labs.
-fn watch_gpu_memory(conn: &rusqlite::Connection, host_id: i64, usage: &[protocol::LabUsage], now: i64) -> Result<(), ApiError> {
+fn watch_gpu_memory(
+    conn: &rusqlite::Connection,
+    host_id: i64,
+    usage: &[protocol::LabUsage],
+    now: i64,
+) -> Result<(), ApiError> {
     for lab in usage.iter().take(256) {
         let limit: Option<(i64, i64, Option<i64>)> = conn
             .query_row(
@@ -637,7 +814,9 @@ fn watch_gpu_memory(conn: &rusqlite::Connection, host_id: i64, usage: &[protocol
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some((event_id, team_id, Some(limit_mib))) = limit else { continue };
+        let Some((event_id, team_id, Some(limit_mib))) = limit else {
+            continue;
+        };
         let used_mib = i64::try_from(lab.gpu_memory_bytes / (1024 * 1024)).unwrap_or(i64::MAX);
         if used_mib <= limit_mib {
             continue;
@@ -668,16 +847,24 @@ pub struct HeartbeatAck {
 /// Heartbeat with a telemetry sample.
 #[utoipa::path(post, path = "/api/v1/host/heartbeat", tag = "hosts", request_body(content = Object, description = "Telemetry (signed)"),
     responses((status = 200, body = HeartbeatAck), (status = 401, body = Problem)))]
-pub async fn heartbeat(State(state): State<AppState>, call: HostCall<Telemetry>) -> Result<Json<HeartbeatAck>, ApiError> {
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    call: HostCall<Telemetry>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
     if call.body.version != PROTOCOL_VERSION {
-        return Err(ApiError::invalid("version", format!("this appliance speaks protocol version {PROTOCOL_VERSION}")));
+        return Err(ApiError::invalid(
+            "version",
+            format!("this appliance speaks protocol version {PROTOCOL_VERSION}"),
+        ));
     }
     check_resources(&call.body.resources)?;
     let host_id = call.host_id;
     let meta = call.meta;
     let position = call.position;
-    let sample = serde_json::to_string(&call.body).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let resources = serde_json::to_string(&call.body.resources).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let sample =
+        serde_json::to_string(&call.body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let resources = serde_json::to_string(&call.body.resources)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let gpus = call.body.resources.gpus;
     let usage = call.body.labs;
     state
@@ -698,5 +885,7 @@ pub async fn heartbeat(State(state): State<AppState>, call: HostCall<Telemetry>)
             Ok::<_, ApiError>(())
         })
         .await?;
-    Ok(Json(HeartbeatAck { heartbeat_secs: state.heartbeat.as_secs() }))
+    Ok(Json(HeartbeatAck {
+        heartbeat_secs: state.heartbeat.as_secs(),
+    }))
 }

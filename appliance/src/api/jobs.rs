@@ -35,7 +35,9 @@ impl From<JobError> for ApiError {
             JobError::Sqlite(e) => e.into(),
             JobError::Invalid(detail) => ApiError::invalid("job", detail),
             JobError::NotFound(_) => ApiError::NotFound("job"),
-            wrong @ (JobError::WrongState { .. } | JobError::LeaseLost(_)) => ApiError::conflict(Some("state"), wrong.to_string()),
+            wrong @ (JobError::WrongState { .. } | JobError::LeaseLost(_)) => {
+                ApiError::conflict(Some("state"), wrong.to_string())
+            }
         }
     }
 }
@@ -52,27 +54,48 @@ pub async fn list(
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "limit must be between 1 and 1000"));
+        return Err(ApiError::invalid(
+            "limit",
+            "limit must be between 1 and 1000",
+        ));
     }
     if let Some(wanted) = &query.state
         && !STATES.contains(&wanted.as_str())
     {
-        return Err(ApiError::invalid("state", format!("state must be one of {}", STATES.join(", "))));
+        return Err(ApiError::invalid(
+            "state",
+            format!("state must be one of {}", STATES.join(", ")),
+        ));
     }
-    let jobs = state.db.read(move |conn| jobs::list(conn, query.state.as_deref(), limit).map_err(ApiError::from)).await?;
+    let jobs = state
+        .db
+        .read(move |conn| jobs::list(conn, query.state.as_deref(), limit).map_err(ApiError::from))
+        .await?;
     Ok(Json(JobsPage { jobs }))
 }
 
 /// One job, with its attempts, lease and last error.
 #[utoipa::path(get, path = "/api/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = i64, Path)),
     responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn get_one(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<Job>, ApiError> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<Job>, ApiError> {
     caller.require_staff(&QUEUE_STAFF)?;
-    let job = state.db.read(move |conn| jobs::get(conn, id).map_err(ApiError::from)).await?;
+    let job = state
+        .db
+        .read(move |conn| jobs::get(conn, id).map_err(ApiError::from))
+        .await?;
     job.map(Json).ok_or(ApiError::NotFound("job"))
 }
 
-async fn change(state: AppState, caller: Caller, id: i64, action: &'static str) -> Result<Json<Job>, ApiError> {
+async fn change(
+    state: AppState,
+    caller: Caller,
+    id: i64,
+    action: &'static str,
+) -> Result<Json<Job>, ApiError> {
     caller.require_staff(&QUEUE_STAFF)?;
     let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
     let job = state
@@ -89,7 +112,14 @@ async fn change(state: AppState, caller: Caller, id: i64, action: &'static str) 
                     crate::checks::settle_ended_jobs(conn, now)?;
                 }
             }
-            audit(conn, &caller.actor(), &caller.meta, action, Some(&format!("job:{id}")), serde_json::json!({}))?;
+            audit(
+                conn,
+                &caller.actor(),
+                &caller.meta,
+                action,
+                Some(&format!("job:{id}")),
+                serde_json::json!({}),
+            )?;
             jobs::get(conn, id)?.ok_or(ApiError::NotFound("job"))
         })
         .await?;
@@ -100,13 +130,21 @@ async fn change(state: AppState, caller: Caller, id: i64, action: &'static str) 
 /// Puts a dead or cancelled job back in the queue; its attempts start over.
 #[utoipa::path(post, path = "/api/v1/jobs/{job_id}/requeue", tag = "jobs", params(("job_id" = i64, Path)),
     responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn requeue(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<Job>, ApiError> {
+pub async fn requeue(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<Job>, ApiError> {
     change(state, caller, id, "job.requeued").await
 }
 
 /// Stops a queued or running job; a worker's later answer for it is refused.
 #[utoipa::path(post, path = "/api/v1/jobs/{job_id}/cancel", tag = "jobs", params(("job_id" = i64, Path)),
     responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn cancel(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<Job>, ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<Job>, ApiError> {
     change(state, caller, id, "job.cancelled").await
 }

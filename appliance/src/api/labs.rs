@@ -69,7 +69,10 @@ impl<S: Send + Sync> FromRequest<S> for TomlBody {
         require_content_type(req.headers(), "application/toml")?;
         let body = read_limited(req, TEMPLATE_LIMIT).await?;
         let text = String::from_utf8(body.to_vec()).map_err(|e| ApiError::Malformed {
-            detail: format!("the file is not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+            detail: format!(
+                "the file is not valid UTF-8 (byte {})",
+                e.utf8_error().valid_up_to()
+            ),
             field: None,
         })?;
         Ok(Self(text))
@@ -81,12 +84,22 @@ fn load_templates(conn: &Connection) -> Result<TemplateSet, ApiError> {
     let rows = stmt.query_map([], |r| {
         let checks: String = r.get(5)?;
         let limits: Option<String> = r.get(6)?;
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, Option<i64>>(3)?, r.get::<_, String>(4)?, checks, limits))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, u32>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+            r.get::<_, String>(4)?,
+            checks,
+            limits,
+        ))
     })?;
     let mut templates = Vec::new();
     for row in rows {
         let (name, runtime, gpus, gpu_memory_mib, skeleton, checks, limits) = row?;
-        let limits: LabLimits = limits.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default();
+        let limits: LabLimits = limits
+            .and_then(|l| serde_json::from_str(&l).ok())
+            .unwrap_or_default();
         let checks: Vec<serde_json::Value> = serde_json::from_str(&checks).unwrap_or_default();
         let checks = checks
             .into_iter()
@@ -114,27 +127,45 @@ fn load_templates(conn: &Connection) -> Result<TemplateSet, ApiError> {
             limits: serde_json::to_value(&limits).unwrap_or_default(),
         });
     }
-    let source: Option<(String, String)> =
-        conn.query_row("SELECT toml, updated_at FROM lab_template_source WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    let source: Option<(String, String)> = conn
+        .query_row(
+            "SELECT toml, updated_at FROM lab_template_source WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
     let (source, updated_at) = match source {
         Some((text, at)) => (text, Some(at)),
         None => (String::new(), None),
     };
-    Ok(TemplateSet { templates, source, updated_at })
+    Ok(TemplateSet {
+        templates,
+        source,
+        updated_at,
+    })
 }
 
 /// The lab templates.
 #[utoipa::path(get, path = "/api/v1/templates", tag = "labs", responses((status = 200, body = TemplateSet), (status = 403, body = Problem)))]
-pub async fn list_templates(State(state): State<AppState>, caller: Caller) -> Result<Json<TemplateSet>, ApiError> {
+pub async fn list_templates(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<TemplateSet>, ApiError> {
     caller.require_staff(&READERS)?;
     Ok(Json(state.db.read(load_templates).await?))
 }
 
 /// What the enrolled hosts with an agent last said they have and can enforce.
 fn host_resources(conn: &Connection) -> Result<Vec<HostResources>, ApiError> {
-    let rows: Vec<Option<String>> =
-        conn.prepare_cached("SELECT resources FROM hosts WHERE agent = 1")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-    Ok(rows.into_iter().flatten().filter_map(|text| serde_json::from_str(&text).ok()).collect())
+    let rows: Vec<Option<String>> = conn
+        .prepare_cached("SELECT resources FROM hosts WHERE agent = 1")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows
+        .into_iter()
+        .flatten()
+        .filter_map(|text| serde_json::from_str(&text).ok())
+        .collect())
 }
 
 /// Replaces every lab template with the uploaded TOML file. A file with any error changes
@@ -143,10 +174,22 @@ fn host_resources(conn: &Connection) -> Result<Vec<HostResources>, ApiError> {
 /// enforce), on the line of the field at fault.
 #[utoipa::path(put, path = "/api/v1/templates", tag = "labs", request_body(content = String, content_type = "application/toml"),
     responses((status = 200, body = TemplateSet), (status = 403, body = Problem), (status = 422, body = Problem)))]
-pub async fn put_templates(State(state): State<AppState>, caller: Caller, TomlBody(text): TomlBody) -> Result<Json<TemplateSet>, ApiError> {
+pub async fn put_templates(
+    State(state): State<AppState>,
+    caller: Caller,
+    TomlBody(text): TomlBody,
+) -> Result<Json<TemplateSet>, ApiError> {
     caller.require_staff(&TEMPLATE_ADMINS)?;
     let parsed = template::parse(&text).map_err(|errors| {
-        ApiError::BadFile(errors.into_iter().map(|e| RowError { line: u64::try_from(e.line).unwrap_or(0), reason: e.message }).collect())
+        ApiError::BadFile(
+            errors
+                .into_iter()
+                .map(|e| RowError {
+                    line: u64::try_from(e.line).unwrap_or(0),
+                    reason: e.message,
+                })
+                .collect(),
+        )
     })?;
     let set = state
         .db
@@ -228,7 +271,8 @@ const VIEW_COLUMNS: &str = "a.id, a.event_id, a.team_id, t.name, a.host_id, h.na
     (a.in_flight IS NOT NULL OR a.retry_at_ms IS NOT NULL), a.reason,
     (a.state = 'active' AND a.desktop_secret IS NOT NULL), a.created_at, a.updated_at, a.gpu_indices,
     (a.state = 'failed' AND a.resume_to IS 'active')";
-const VIEW_FROM: &str = "allocations a JOIN teams t ON t.id = a.team_id JOIN hosts h ON h.id = a.host_id";
+const VIEW_FROM: &str =
+    "allocations a JOIN teams t ON t.id = a.team_id JOIN hosts h ON h.id = a.host_id";
 
 fn view_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AllocationView> {
     Ok(AllocationView {
@@ -251,9 +295,13 @@ fn view_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AllocationView> {
 }
 
 pub fn load_view(conn: &Connection, id: i64) -> Result<AllocationView, ApiError> {
-    conn.query_row(&format!("SELECT {VIEW_COLUMNS} FROM {VIEW_FROM} WHERE a.id = ?1"), [id], view_from_row)
-        .optional()?
-        .ok_or(ApiError::NotFound("allocation"))
+    conn.query_row(
+        &format!("SELECT {VIEW_COLUMNS} FROM {VIEW_FROM} WHERE a.id = ?1"),
+        [id],
+        view_from_row,
+    )
+    .optional()?
+    .ok_or(ApiError::NotFound("allocation"))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -264,13 +312,19 @@ pub struct AllocationList {
 /// An event's lab allocations (released ones included).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/allocations", tag = "labs", params(("event_id" = i64, Path)),
     responses((status = 200, body = AllocationList), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn list_allocations(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<AllocationList>, ApiError> {
+pub async fn list_allocations(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<AllocationList>, ApiError> {
     caller.require_staff(&READERS)?;
     let allocations = state
         .db
         .read(move |conn| {
             super::events::load_event(conn, event_id)?;
-            let mut stmt = conn.prepare(&format!("SELECT {VIEW_COLUMNS} FROM {VIEW_FROM} WHERE a.event_id = ?1 ORDER BY a.id"))?;
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {VIEW_COLUMNS} FROM {VIEW_FROM} WHERE a.event_id = ?1 ORDER BY a.id"
+            ))?;
             let rows = stmt.query_map([event_id], view_from_row)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
         })
@@ -302,7 +356,9 @@ fn host_slots(conn: &Connection) -> Result<Vec<HostSlot>, ApiError> {
             capacity: r.get(2)?,
             gpus: r.get(3)?,
             labs_in_use: r.get(4)?,
-            gpus_held: held.and_then(|h| serde_json::from_str(&h).ok()).unwrap_or_default(),
+            gpus_held: held
+                .and_then(|h| serde_json::from_str(&h).ok())
+                .unwrap_or_default(),
             resources: resources.and_then(|text| serde_json::from_str(&text).ok()),
         })
     })?;
@@ -324,9 +380,17 @@ struct NewLab<'a> {
 
 /// Inserts a requested allocation, audits it (with `extra` in the detail) and lets the state
 /// machine issue its first task; returns its id. Call inside the write that placed it.
-fn create_lab(conn: &Connection, secrets: &crate::secrets::SecretBox, caller: &Caller, lab: &NewLab<'_>, extra: serde_json::Value) -> Result<i64, ApiError> {
-    let limits = serde_json::to_string(lab.limits).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let gpu_indices = serde_json::to_string(lab.gpu_indices).map_err(|e| ApiError::Internal(e.to_string()))?;
+fn create_lab(
+    conn: &Connection,
+    secrets: &crate::secrets::SecretBox,
+    caller: &Caller,
+    lab: &NewLab<'_>,
+    extra: serde_json::Value,
+) -> Result<i64, ApiError> {
+    let limits =
+        serde_json::to_string(lab.limits).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let gpu_indices =
+        serde_json::to_string(lab.gpu_indices).map_err(|e| ApiError::Internal(e.to_string()))?;
     conn.execute(
         "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at, limits, gpu_indices)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8, ?9, ?10)",
@@ -337,15 +401,32 @@ fn create_lab(conn: &Connection, secrets: &crate::secrets::SecretBox, caller: &C
     if let (Some(detail), serde_json::Value::Object(extra)) = (detail.as_object_mut(), extra) {
         detail.extend(extra);
     }
-    audit(conn, &caller.actor(), &caller.meta, "allocation.created", Some(&format!("allocation:{id}")), detail)?;
-    labs::apply(conn, secrets, id, Input::Tick, unix_ms(), &caller.actor(), &caller.meta)?;
+    audit(
+        conn,
+        &caller.actor(),
+        &caller.meta,
+        "allocation.created",
+        Some(&format!("allocation:{id}")),
+        detail,
+    )?;
+    labs::apply(
+        conn,
+        secrets,
+        id,
+        Input::Tick,
+        unix_ms(),
+        &caller.actor(),
+        &caller.meta,
+    )?;
     Ok(id)
 }
 
 /// Placement's refusal as a problem: a template no host can run names the field at fault.
 fn placement_refused(default_field: &'static str, error: &inventory::PlacementError) -> ApiError {
     match error {
-        inventory::PlacementError::Unfit(unfit) if unfit.field != "host" => ApiError::conflict(Some(unfit.field), error.to_string()),
+        inventory::PlacementError::Unfit(unfit) if unfit.field != "host" => {
+            ApiError::conflict(Some(unfit.field), error.to_string())
+        }
         _ => ApiError::conflict(Some(default_field), error.to_string()),
     }
 }
@@ -353,12 +434,20 @@ fn placement_refused(default_field: &'static str, error: &inventory::PlacementEr
 /// A 409 naming why, when the state machine would ignore `input` in the lab's current state.
 fn refuse_if_ignored(alloc: &Allocation, input: &Input) -> Result<(), ApiError> {
     let mut probe = alloc.clone();
-    let outputs = labrack_provisioner::allocation::step(&mut probe, input.clone(), unix_ms(), &Default::default());
+    let outputs = labrack_provisioner::allocation::step(
+        &mut probe,
+        input.clone(),
+        unix_ms(),
+        &Default::default(),
+    );
     match outputs.iter().find_map(|o| match o {
         labrack_provisioner::allocation::Output::Ignored { why } => Some(*why),
         _ => None,
     }) {
-        Some(why) => Err(ApiError::conflict(None, format!("the lab is {}: {why}", labs::state_name(alloc.state)))),
+        Some(why) => Err(ApiError::conflict(
+            None,
+            format!("the lab is {}: {why}", labs::state_name(alloc.state)),
+        )),
         None => Ok(()),
     }
 }
@@ -438,10 +527,18 @@ struct AgentlessHostRow {
 pub fn unix_user(field: &'static str, name: &str) -> Result<String, ApiError> {
     let name = name.trim();
     let valid = (1..=32).contains(&name.len())
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if !valid {
-        return Err(ApiError::invalid(field, "a Unix user name: 1–32 characters of a–z, 0–9, '_' and '-'"));
+        return Err(ApiError::invalid(
+            field,
+            "a Unix user name: 1–32 characters of a–z, 0–9, '_' and '-'",
+        ));
     }
     Ok(name.to_owned())
 }
@@ -544,7 +641,11 @@ fn may_read(caller: &Caller, team_id: i64) -> Result<(), ApiError> {
 /// One allocation (staff, or its own team).
 #[utoipa::path(get, path = "/api/v1/allocations/{allocation_id}", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn get_allocation(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+pub async fn get_allocation(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<AllocationView>, ApiError> {
     let view = state.db.read(move |conn| load_view(conn, id)).await?;
     may_read(&caller, view.team_id)?;
     Ok(Json(view))
@@ -558,7 +659,10 @@ pub struct MyAllocation {
 
 /// The participant's team's current lab.
 #[utoipa::path(get, path = "/api/v1/me/allocation", tag = "labs", responses((status = 200, body = MyAllocation), (status = 403, body = Problem)))]
-pub async fn my_allocation(State(state): State<AppState>, caller: Caller) -> Result<Json<MyAllocation>, ApiError> {
+pub async fn my_allocation(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<MyAllocation>, ApiError> {
     let Principal::Participant { team_id, .. } = caller.principal else {
         return Err(ApiError::forbidden("only participants have a team lab"));
     };
@@ -566,7 +670,11 @@ pub async fn my_allocation(State(state): State<AppState>, caller: Caller) -> Res
         .db
         .read(move |conn| {
             let id: Option<i64> = conn
-                .query_row("SELECT id FROM allocations WHERE team_id = ?1 AND state <> 'released'", [team_id], |r| r.get(0))
+                .query_row(
+                    "SELECT id FROM allocations WHERE team_id = ?1 AND state <> 'released'",
+                    [team_id],
+                    |r| r.get(0),
+                )
                 .optional()?;
             id.map(|id| load_view(conn, id)).transpose()
         })
@@ -583,7 +691,12 @@ enum Action {
     Resume,
 }
 
-async fn act(state: AppState, caller: Caller, id: i64, action: Action) -> Result<Json<AllocationView>, ApiError> {
+async fn act(
+    state: AppState,
+    caller: Caller,
+    id: i64,
+    action: Action,
+) -> Result<Json<AllocationView>, ApiError> {
     match action {
         // A team may reset its own lab; staff any.
         Action::Reset => {
@@ -717,14 +830,22 @@ pub async fn reassign(
 /// Restores the lab from its template (ends the session, rotates the password).
 #[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/reset", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn reset(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+pub async fn reset(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<AllocationView>, ApiError> {
     act(state, caller, id, Action::Reset).await
 }
 
 /// Releases the lab: the host removes its user and everything it owned.
 #[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/release", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn release(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+pub async fn release(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<AllocationView>, ApiError> {
     act(state, caller, id, Action::Release).await
 }
 
@@ -732,13 +853,21 @@ pub async fn release(State(state): State<AppState>, caller: Caller, ApiPath(id):
 /// host is heard again: the lab is active as it was (nothing was removed).
 #[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/resume", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn resume(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+pub async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<AllocationView>, ApiError> {
     act(state, caller, id, Action::Resume).await
 }
 
 /// Marks the lab released without the host's help (the host is gone for good).
 #[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/force-release", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn force_release(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<Json<AllocationView>, ApiError> {
+pub async fn force_release(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<AllocationView>, ApiError> {
     act(state, caller, id, Action::ForceRelease).await
 }

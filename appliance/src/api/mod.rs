@@ -13,6 +13,7 @@ pub mod desktop;
 pub mod error;
 pub mod extract;
 pub use validate::{email as validate_email, name as validate_name};
+pub mod boards;
 pub mod events;
 pub mod hosts;
 pub mod jobs;
@@ -20,7 +21,6 @@ pub mod labs;
 pub mod ops;
 pub mod people;
 pub mod scores;
-pub mod boards;
 pub mod session;
 pub mod staff;
 pub mod terminal;
@@ -103,11 +103,19 @@ pub struct AppState {
     /// the appliance CA's fingerprint (`SHA256:AB:…`) consoles pin; None over plain HTTP
     pub ca_fingerprint: Option<String>,
     /// per host: the signed calls taken (replays refused, one identity on two machines seen)
-    pub host_calls: Arc<std::sync::Mutex<std::collections::HashMap<i64, labrack_provisioner::replay::ReplayGuard>>>,
+    pub host_calls: Arc<
+        std::sync::Mutex<std::collections::HashMap<i64, labrack_provisioner::replay::ReplayGuard>>,
+    >,
 }
 
 impl AppState {
-    pub fn new(db: Db, metrics: Arc<Metrics>, secure_cookies: bool, web_dir: Option<PathBuf>, secrets: SecretBox) -> Self {
+    pub fn new(
+        db: Db,
+        metrics: Arc<Metrics>,
+        secure_cookies: bool,
+        web_dir: Option<PathBuf>,
+        secrets: SecretBox,
+    ) -> Self {
         Self {
             secrets: Arc::new(secrets),
             host_wake: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -133,7 +141,9 @@ impl AppState {
             attempts: Arc::default(),
             passwords: crate::passwords::PasswordPool::for_this_machine(),
             readiness: Arc::default(),
-            connections: Arc::new(crate::connections::ConnectionGate::new(crate::connections::ConnectionLimits::default())),
+            connections: Arc::new(crate::connections::ConnectionGate::new(
+                crate::connections::ConnectionLimits::default(),
+            )),
             secure_cookies,
             web_dir,
         }
@@ -194,72 +204,156 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/join", post(session::join))
         .route("/v1/staff", get(staff::list).post(staff::create))
         .route("/v1/events", get(events::list).post(events::create))
-        .route("/v1/events/{event_id}", get(events::get_one).patch(events::update))
+        .route(
+            "/v1/events/{event_id}",
+            get(events::get_one).patch(events::update),
+        )
         .route("/v1/events/{event_id}/transition", post(events::transition))
         .route("/v1/events/{event_id}/dashboard", get(dashboard::dashboard))
-        .route("/v1/events/{event_id}/teams", get(people::list_teams).post(people::create_team))
-        .route("/v1/events/{event_id}/participants", get(people::list_participants).post(people::create_participant))
-        .route("/v1/events/{event_id}/participants/import", post(people::import_participants))
+        .route(
+            "/v1/events/{event_id}/teams",
+            get(people::list_teams).post(people::create_team),
+        )
+        .route(
+            "/v1/events/{event_id}/participants",
+            get(people::list_participants).post(people::create_participant),
+        )
+        .route(
+            "/v1/events/{event_id}/participants/import",
+            post(people::import_participants),
+        )
         .route("/v1/teams/{team_id}", get(people::get_team))
-        .route("/v1/participants/{participant_id}/join-code", post(people::regenerate_join_code))
-        .route("/v1/participants/{participant_id}/sign-out", post(people::sign_out_participant))
+        .route(
+            "/v1/participants/{participant_id}/join-code",
+            post(people::regenerate_join_code),
+        )
+        .route(
+            "/v1/participants/{participant_id}/sign-out",
+            post(people::sign_out_participant),
+        )
         .route("/v1/me", get(people::me))
         .route("/v1/audit", get(ops::audit_log))
         .route("/v1/audit/verify", get(ops::verify_audit))
         .route("/v1/hosts", get(hosts::list))
-        .route("/v1/hosts/enrolment-tokens", post(hosts::create_enrolment_token))
+        .route(
+            "/v1/hosts/enrolment-tokens",
+            post(hosts::create_enrolment_token),
+        )
         .route("/v1/hosts/enrol", post(hosts::enrol))
         .route("/v1/hosts/agentless", post(hosts::register_agentless))
-        .route("/v1/teams/{team_id}/agentless-lab", post(labs::register_agentless_lab))
+        .route(
+            "/v1/teams/{team_id}/agentless-lab",
+            post(labs::register_agentless_lab),
+        )
         .route("/v1/host/poll", post(hosts::poll))
         .route("/v1/host/report", post(hosts::report))
         .route("/v1/host/heartbeat", post(hosts::heartbeat))
-        .route("/v1/templates", get(labs::list_templates).put(labs::put_templates))
-        .route("/v1/events/{event_id}/allocations", get(labs::list_allocations))
+        .route(
+            "/v1/templates",
+            get(labs::list_templates).put(labs::put_templates),
+        )
+        .route(
+            "/v1/events/{event_id}/allocations",
+            get(labs::list_allocations),
+        )
         .route("/v1/teams/{team_id}/allocation", post(labs::allocate))
         .route("/v1/allocations/{allocation_id}", get(labs::get_allocation))
         .route("/v1/allocations/{allocation_id}/reset", post(labs::reset))
-        .route("/v1/allocations/{allocation_id}/release", post(labs::release))
-        .route("/v1/allocations/{allocation_id}/force-release", post(labs::force_release))
+        .route(
+            "/v1/allocations/{allocation_id}/release",
+            post(labs::release),
+        )
+        .route(
+            "/v1/allocations/{allocation_id}/force-release",
+            post(labs::force_release),
+        )
         .route("/v1/allocations/{allocation_id}/resume", post(labs::resume))
-        .route("/v1/allocations/{allocation_id}/reassign", post(labs::reassign))
+        .route(
+            "/v1/allocations/{allocation_id}/reassign",
+            post(labs::reassign),
+        )
         .route("/v1/me/allocation", get(labs::my_allocation))
-        .route("/v1/allocations/{allocation_id}/terminal-ticket", post(terminal::ticket))
+        .route(
+            "/v1/allocations/{allocation_id}/terminal-ticket",
+            post(terminal::ticket),
+        )
         .route("/v1/terminal", get(terminal::socket))
-        .route("/v1/allocations/{allocation_id}/desktop-ticket", post(desktop::ticket))
+        .route(
+            "/v1/allocations/{allocation_id}/desktop-ticket",
+            post(desktop::ticket),
+        )
         .route("/v1/desktop", get(desktop::socket))
-        .route("/v1/allocations/{allocation_id}/thumbnail", get(desktop::thumbnail))
+        .route(
+            "/v1/allocations/{allocation_id}/thumbnail",
+            get(desktop::thumbnail),
+        )
         .route("/v1/jobs", get(jobs::list))
         .route("/v1/jobs/{job_id}", get(jobs::get_one))
         .route("/v1/jobs/{job_id}/requeue", post(jobs::requeue))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
-        .route("/v1/events/{event_id}/check-batches", post(checks::queue_batch))
+        .route(
+            "/v1/events/{event_id}/check-batches",
+            post(checks::queue_batch),
+        )
         .route("/v1/check-batches/{batch_id}", get(checks::get_batch))
         .route("/v1/events/{event_id}/check-runs", get(checks::list_runs))
-        .route("/v1/events/{event_id}/leaderboard", get(scores::leaderboard))
-        .route("/v1/events/{event_id}/rubric", get(scores::get_rubric).put(scores::put_rubric))
-        .route("/v1/teams/{team_id}/judge-scores", get(scores::get_judge_scores).post(scores::put_judge_scores))
+        .route(
+            "/v1/events/{event_id}/leaderboard",
+            get(scores::leaderboard),
+        )
+        .route(
+            "/v1/events/{event_id}/rubric",
+            get(scores::get_rubric).put(scores::put_rubric),
+        )
+        .route(
+            "/v1/teams/{team_id}/judge-scores",
+            get(scores::get_judge_scores).post(scores::put_judge_scores),
+        )
         .route("/v1/events/{event_id}/scoreboard", get(scores::scoreboard))
-        .route("/v1/events/{event_id}/scoreboard/stream", get(scores::scoreboard_stream))
-        .route("/v1/me/submissions", get(scores::my_submissions).post(scores::submit))
-        .route("/v1/events/{event_id}/hints", get(assist::list_hints).post(assist::create_hint))
+        .route(
+            "/v1/events/{event_id}/scoreboard/stream",
+            get(scores::scoreboard_stream),
+        )
+        .route(
+            "/v1/me/submissions",
+            get(scores::my_submissions).post(scores::submit),
+        )
+        .route(
+            "/v1/events/{event_id}/hints",
+            get(assist::list_hints).post(assist::create_hint),
+        )
         .route("/v1/me/hints", get(assist::my_hints))
         .route("/v1/me/hints/{hint_id}/unlock", post(assist::unlock_hint))
-        .route("/v1/teams/{team_id}/score-ledger", get(assist::get_ledger).post(assist::correct))
+        .route(
+            "/v1/teams/{team_id}/score-ledger",
+            get(assist::get_ledger).post(assist::correct),
+        )
         .route("/v1/me/assistant", post(assist::ask))
         .route("/v1/me/messages", get(assist::my_messages))
-        .route("/v1/events/{event_id}/agent-messages", get(assist::event_messages))
+        .route(
+            "/v1/events/{event_id}/agent-messages",
+            get(assist::event_messages),
+        )
         .route("/v1/events/{event_id}/alerts", get(assist::alerts))
-        .route("/v1/events/{event_id}/announcements", get(assist::list_announcements).post(assist::announce))
+        .route(
+            "/v1/events/{event_id}/announcements",
+            get(assist::list_announcements).post(assist::announce),
+        )
         .route("/v1/me/announcements", get(assist::my_announcements))
         .route("/v1/events/{event_id}/llm-usage", get(assist::llm_usage))
-        .route("/v1/events/{event_id}/ledger", get(billing::ledger).post(billing::add_entry))
+        .route(
+            "/v1/events/{event_id}/ledger",
+            get(billing::ledger).post(billing::add_entry),
+        )
         .route("/v1/events/{event_id}/ledger.csv", get(billing::ledger_csv))
         .route("/v1/sync", get(billing::sync_status))
         .route("/v1/sync/epoch", post(billing::start_sync_epoch))
         .route("/v1/me/checks", get(checks::my_checks))
         .route("/v1/me/checks/run", post(checks::run_mine))
-        .route("/openapi.json", get(|| async { axum::Json(ApiDoc::openapi()) }))
+        .route(
+            "/openapi.json",
+            get(|| async { axum::Json(ApiDoc::openapi()) }),
+        )
         .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::map_response(no_store));
@@ -276,7 +370,9 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn no_store(mut response: Response) -> Response {
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -286,12 +382,24 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Request id, tracing span, security headers and metrics for every request.
 async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let incoming = request.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|id| {
-        !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    });
+    let incoming = request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
     let request_id = match incoming {
         Some(id) => id.to_owned(),
-        None => format!("{:08x}-{:06x}", std::process::id(), REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed)),
+        None => format!(
+            "{:08x}-{:06x}",
+            std::process::id(),
+            REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ),
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         request.headers_mut().insert(X_REQUEST_ID.clone(), value);
@@ -301,20 +409,38 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| if request.uri().path().starts_with("/api/") { "/api/*".into() } else { "/*".into() });
+        .unwrap_or_else(|| {
+            if request.uri().path().starts_with("/api/") {
+                "/api/*".into()
+            } else {
+                "/*".into()
+            }
+        });
     let span = tracing::info_span!("request", %request_id, %method, %route);
     let mut response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     state.metrics.observe(&method, &route, status, elapsed);
-    span.in_scope(|| tracing::debug!(status, elapsed_ms = elapsed.as_secs_f64() * 1000.0, "request finished"));
+    span.in_scope(|| {
+        tracing::debug!(
+            status,
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "request finished"
+        )
+    });
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         headers.insert(X_REQUEST_ID.clone(), value);
     }
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"),
@@ -328,8 +454,12 @@ pub fn now_rfc3339() -> String {
 }
 
 pub fn format_time(t: time::OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC).replace_nanosecond(0).unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    let t = t
+        .to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Appends one audit row. Call inside the same write as the change it records.
@@ -363,7 +493,11 @@ pub fn audit(
         request_id: Some(&meta.request_id),
         detail: &detail,
     };
-    crate::audit::append(conn, &entry, i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
+    crate::audit::append(
+        conn,
+        &entry,
+        i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX),
+    )?;
     Ok(())
 }
 

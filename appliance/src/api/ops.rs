@@ -27,7 +27,11 @@ pub struct ApplianceCard {
 
 /// A Host header worth echoing: a host name or address with an optional port.
 fn sane_host(host: &str) -> bool {
-    !host.is_empty() && host.len() <= 255 && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 /// The text a console connection QR code carries.
@@ -38,22 +42,46 @@ pub fn card_text(url: &str, fingerprint: &str) -> String {
 /// A QR code of `text` as SVG.
 pub fn qr_svg(text: &str) -> Option<String> {
     let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
-    Some(code.render::<qrcode::render::svg::Color<'_>>().min_dimensions(220, 220).quiet_zone(true).build())
+    Some(
+        code.render::<qrcode::render::svg::Color<'_>>()
+            .min_dimensions(220, 220)
+            .quiet_zone(true)
+            .build(),
+    )
 }
 
 /// What a staff console needs to connect: this appliance's URL and CA fingerprint, also as
 /// a QR code. Public: the fingerprint is a hash of the certificate every TLS client is sent.
 #[utoipa::path(get, path = "/api/v1/appliance", tag = "auth", responses((status = 200, body = ApplianceCard)))]
-pub async fn appliance_card(State(state): State<AppState>, uri: axum::http::Uri, headers: axum::http::HeaderMap) -> Json<ApplianceCard> {
-    let scheme = if state.ca_fingerprint.is_some() { "https" } else { "http" };
+pub async fn appliance_card(
+    State(state): State<AppState>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> Json<ApplianceCard> {
+    let scheme = if state.ca_fingerprint.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     // HTTP/2 carries the host in the request's authority, HTTP/1.1 in the Host header.
-    let host = uri.authority().map(|a| a.as_str().to_owned()).or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned));
-    let url = host.filter(|h| sane_host(h)).map(|host| format!("{scheme}://{host}"));
+    let host = uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
+        headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+    });
+    let url = host
+        .filter(|h| sane_host(h))
+        .map(|host| format!("{scheme}://{host}"));
     let qr = match (&url, &state.ca_fingerprint) {
         (Some(url), Some(fingerprint)) => qr_svg(&card_text(url, fingerprint)),
         _ => None,
     };
-    Json(ApplianceCard { url, ca_fingerprint: state.ca_fingerprint.clone(), qr_svg: qr })
+    Json(ApplianceCard {
+        url,
+        ca_fingerprint: state.ca_fingerprint.clone(),
+        qr_svg: qr,
+    })
 }
 
 /// Liveness: the process answers.
@@ -68,7 +96,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let ready = match *last {
         Some((at, ready)) if at.elapsed() < std::time::Duration::from_secs(1) => ready,
         _ => {
-            let read = state.db.read(|conn| conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).map_err(ApiError::from)).await;
+            let read = state
+                .db
+                .read(|conn| {
+                    conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                        .map_err(ApiError::from)
+                })
+                .await;
             let write = state.db.writer().write(|_| Ok::<_, ApiError>(())).await;
             let ready = read.is_ok() && write.is_ok();
             *last = Some((std::time::Instant::now(), ready));
@@ -76,15 +110,28 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         }
     };
     drop(last);
-    if ready { "ready".into_response() } else { ApiError::Unavailable.into_response() }
+    if ready {
+        "ready".into_response()
+    } else {
+        ApiError::Unavailable.into_response()
+    }
 }
 
 /// Prometheus text exposition.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    state.metrics.connections_open.store(i64::try_from(state.connections.open()).unwrap_or(i64::MAX), std::sync::atomic::Ordering::Relaxed);
-    state.metrics.connections_refused.store(state.connections.refused(), std::sync::atomic::Ordering::Relaxed);
+    state.metrics.connections_open.store(
+        i64::try_from(state.connections.open()).unwrap_or(i64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    state.metrics.connections_refused.store(
+        state.connections.refused(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let mut response = state.metrics.render().into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
     response
 }
 
@@ -127,7 +174,10 @@ pub async fn audit_log(
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "limit must be between 1 and 1000"));
+        return Err(ApiError::invalid(
+            "limit",
+            "limit must be between 1 and 1000",
+        ));
     }
     let before = query.before.unwrap_or(i64::MAX);
     let entries = state
@@ -158,9 +208,17 @@ pub async fn audit_log(
 /// Checks the audit log's hash chain (admins): how many rows it holds and the first one
 /// that was edited, removed or put out of order, if any.
 #[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit", responses((status = 200, body = crate::audit::Verified), (status = 403, body = Problem)))]
-pub async fn verify_audit(State(state): State<AppState>, caller: Caller) -> Result<Json<crate::audit::Verified>, ApiError> {
+pub async fn verify_audit(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<crate::audit::Verified>, ApiError> {
     caller.require_staff(&[Role::Admin])?;
-    Ok(Json(state.db.read(|conn| crate::audit::verify(conn).map_err(ApiError::from)).await?))
+    Ok(Json(
+        state
+            .db
+            .read(|conn| crate::audit::verify(conn).map_err(ApiError::from))
+            .await?,
+    ))
 }
 
 const NOT_BUILT: &str = "<!doctype html><meta charset=utf-8><title>LabRack</title>\
@@ -188,7 +246,10 @@ mod card_tests {
         let colors = code.to_colors();
         let side = (width + 2 * quiet) * scale;
         let mut image = rqrr::PreparedImage::prepare_from_greyscale(side, side, |x, y| {
-            let (mx, my) = ((x / scale).wrapping_sub(quiet), (y / scale).wrapping_sub(quiet));
+            let (mx, my) = (
+                (x / scale).wrapping_sub(quiet),
+                (y / scale).wrapping_sub(quiet),
+            );
             let dark = mx < width && my < width && colors[my * width + mx] == qrcode::Color::Dark;
             if dark { 0 } else { 255 }
         });
@@ -197,12 +258,21 @@ mod card_tests {
         let (_, content) = grids[0].decode().expect("decodes");
         assert_eq!(content, text);
         let svg = qr_svg(&text).expect("svg");
-        assert!(svg.starts_with("<?xml") && svg.contains("<svg"), "{}", &svg[..80.min(svg.len())]);
+        assert!(
+            svg.starts_with("<?xml") && svg.contains("<svg"),
+            "{}",
+            &svg[..80.min(svg.len())]
+        );
     }
 
     #[test]
     fn only_plain_host_headers_are_echoed() {
         assert!(sane_host("rack-1.local:8443") && sane_host("10.0.0.2") && sane_host("[::1]:8443"));
-        assert!(!sane_host("") && !sane_host("evil.example/<script>") && !sane_host(&"a".repeat(300)) && !sane_host("a b"));
+        assert!(
+            !sane_host("")
+                && !sane_host("evil.example/<script>")
+                && !sane_host(&"a".repeat(300))
+                && !sane_host("a b")
+        );
     }
 }

@@ -67,11 +67,18 @@ pub struct ImportResult {
 }
 
 fn team_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Team> {
-    Ok(Team { id: r.get(0)?, event_id: r.get(1)?, name: r.get(2)?, participant_count: r.get(3)?, created_at: r.get(4)? })
+    Ok(Team {
+        id: r.get(0)?,
+        event_id: r.get(1)?,
+        name: r.get(2)?,
+        participant_count: r.get(3)?,
+        created_at: r.get(4)?,
+    })
 }
 
 const TEAM_COLUMNS: &str = "t.id, t.event_id, t.name, (SELECT count(*) FROM participants p WHERE p.team_id = t.id), t.created_at";
-const PARTICIPANT_COLUMNS: &str = "p.id, p.event_id, p.team_id, t.name, p.name, p.email, p.joined_at, p.created_at";
+const PARTICIPANT_COLUMNS: &str =
+    "p.id, p.event_id, p.team_id, t.name, p.name, p.email, p.joined_at, p.created_at";
 
 fn participant_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Participant> {
     Ok(Participant {
@@ -87,9 +94,13 @@ fn participant_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Participant> 
 }
 
 fn load_team(conn: &Connection, team_id: i64) -> Result<Team, ApiError> {
-    conn.query_row(&format!("SELECT {TEAM_COLUMNS} FROM teams t WHERE t.id = ?1"), [team_id], team_from_row)
-        .optional()?
-        .ok_or(ApiError::NotFound("team"))
+    conn.query_row(
+        &format!("SELECT {TEAM_COLUMNS} FROM teams t WHERE t.id = ?1"),
+        [team_id],
+        team_from_row,
+    )
+    .optional()?
+    .ok_or(ApiError::NotFound("team"))
 }
 
 fn load_participant(conn: &Connection, id: i64) -> Result<Participant, ApiError> {
@@ -112,7 +123,10 @@ pub(crate) fn open_event(conn: &Connection, event_id: i64) -> Result<(), ApiErro
         .ok_or(ApiError::NotFound("event"))?;
     match EventState::parse(&state) {
         Some(state) if state.accepts_changes() => Ok(()),
-        _ => Err(ApiError::conflict(None, format!("the event is {state}; teams and participants can no longer change"))),
+        _ => Err(ApiError::conflict(
+            None,
+            format!("the event is {state}; teams and participants can no longer change"),
+        )),
     }
 }
 
@@ -126,7 +140,11 @@ fn new_join_code(conn: &Connection, secrets: &SecretBox) -> Result<(String, Stri
     loop {
         let raw = random_code(10);
         let hash = join_code_hash(secrets, &raw);
-        let taken: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM participants WHERE join_code_hash = ?1)", [&hash], |r| r.get(0))?;
+        let taken: bool = conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM participants WHERE join_code_hash = ?1)",
+            [&hash],
+            |r| r.get(0),
+        )?;
         if !taken {
             debug_assert!(raw.bytes().all(|b| CODE_ALPHABET.contains(&b)));
             return Ok((format!("{}-{}", &raw[..5], &raw[5..]), hash));
@@ -149,13 +167,20 @@ fn insert_participant(
         params![event_id, team_id, name, email, hash, super::now_rfc3339()],
     )?;
     let participant = load_participant(conn, conn.last_insert_rowid())?;
-    Ok(IssuedCode { participant, join_code })
+    Ok(IssuedCode {
+        participant,
+        join_code,
+    })
 }
 
 /// Lists an event's teams.
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/teams", tag = "people", params(("event_id" = i64, Path)),
     responses((status = 200, body = TeamList), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn list_teams(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<TeamList>, ApiError> {
+pub async fn list_teams(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<TeamList>, ApiError> {
     caller.require_staff(&READERS)?;
     let teams = state
         .db
@@ -218,10 +243,18 @@ pub struct TeamDetail {
 /// One team with its participants. A participant may read only its own team.
 #[utoipa::path(get, path = "/api/v1/teams/{team_id}", tag = "people", params(("team_id" = i64, Path)),
     responses((status = 200, body = TeamDetail), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn get_team(State(state): State<AppState>, caller: Caller, ApiPath(team_id): ApiPath<i64>) -> Result<Json<TeamDetail>, ApiError> {
+pub async fn get_team(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(team_id): ApiPath<i64>,
+) -> Result<Json<TeamDetail>, ApiError> {
     let is_participant = match &caller.principal {
         Principal::Participant { team_id: own, .. } if *own == team_id => true,
-        Principal::Participant { .. } => return Err(ApiError::forbidden("participants may only see their own team")),
+        Principal::Participant { .. } => {
+            return Err(ApiError::forbidden(
+                "participants may only see their own team",
+            ));
+        }
         Principal::Staff { .. } => false,
     };
     let detail = state
@@ -246,7 +279,11 @@ pub async fn get_team(State(state): State<AppState>, caller: Caller, ApiPath(tea
 /// Lists an event's participants.
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/participants", tag = "people", params(("event_id" = i64, Path)),
     responses((status = 200, body = ParticipantList), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn list_participants(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<ParticipantList>, ApiError> {
+pub async fn list_participants(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<ParticipantList>, ApiError> {
     caller.require_staff(&READERS)?;
     let participants = state
         .db
@@ -403,10 +440,23 @@ pub async fn regenerate_join_code(
             let participant = load_participant(conn, participant_id)?;
             open_event(conn, participant.event_id)?;
             let (join_code, hash) = new_join_code(conn, &secrets)?;
-            conn.execute("UPDATE participants SET join_code_hash = ?1 WHERE id = ?2", params![hash, participant_id])?;
+            conn.execute(
+                "UPDATE participants SET join_code_hash = ?1 WHERE id = ?2",
+                params![hash, participant_id],
+            )?;
             let ended = end_sessions(conn, participant_id)?;
-            audit(conn, &caller.actor(), &caller.meta, "participant.join_code_regenerated", Some(&format!("participant:{participant_id}")), serde_json::json!({"sessions_ended": ended}))?;
-            Ok(IssuedCode { participant, join_code })
+            audit(
+                conn,
+                &caller.actor(),
+                &caller.meta,
+                "participant.join_code_regenerated",
+                Some(&format!("participant:{participant_id}")),
+                serde_json::json!({"sessions_ended": ended}),
+            )?;
+            Ok(IssuedCode {
+                participant,
+                join_code,
+            })
         })
         .await?;
     state.access_changed();
@@ -415,7 +465,9 @@ pub async fn regenerate_join_code(
 
 /// Ends every session of a participant; how many there were.
 fn end_sessions(conn: &Connection, participant_id: i64) -> Result<usize, ApiError> {
-    Ok(conn.prepare_cached("DELETE FROM sessions WHERE participant_id = ?1")?.execute([participant_id])?)
+    Ok(conn
+        .prepare_cached("DELETE FROM sessions WHERE participant_id = ?1")?
+        .execute([participant_id])?)
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -439,7 +491,14 @@ pub async fn sign_out_participant(
         .write(move |conn| {
             load_participant(conn, participant_id)?;
             let sessions_ended = end_sessions(conn, participant_id)?;
-            audit(conn, &caller.actor(), &caller.meta, "participant.signed_out", Some(&format!("participant:{participant_id}")), serde_json::json!({"sessions_ended": sessions_ended}))?;
+            audit(
+                conn,
+                &caller.actor(),
+                &caller.meta,
+                "participant.signed_out",
+                Some(&format!("participant:{participant_id}")),
+                serde_json::json!({"sessions_ended": sessions_ended}),
+            )?;
             Ok(SignedOut { sessions_ended })
         })
         .await?;

@@ -36,7 +36,9 @@ impl From<BoardError> for ApiError {
     fn from(error: BoardError) -> Self {
         match error {
             BoardError::Sqlite(e) => e.into(),
-            unknown @ BoardError::UnknownBracket(_) => ApiError::invalid("bracket", unknown.to_string()),
+            unknown @ BoardError::UnknownBracket(_) => {
+                ApiError::invalid("bracket", unknown.to_string())
+            }
         }
     }
 }
@@ -46,19 +48,32 @@ fn now_ms() -> i64 {
 }
 
 fn time_of(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).map(format_time).unwrap_or_default()
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map(format_time)
+        .unwrap_or_default()
 }
 
-fn event_state(conn: &Connection, event_id: i64) -> Result<(String, Option<i64>, String), ApiError> {
-    conn.query_row("SELECT state, frozen_at_ms, ends_at FROM events WHERE id = ?1", [event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?
-        .ok_or(ApiError::NotFound("event"))
+fn event_state(
+    conn: &Connection,
+    event_id: i64,
+) -> Result<(String, Option<i64>, String), ApiError> {
+    conn.query_row(
+        "SELECT state, frozen_at_ms, ends_at FROM events WHERE id = ?1",
+        [event_id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()?
+    .ok_or(ApiError::NotFound("event"))
 }
 
 /// The event's rubric (the default five dimensions until one is uploaded).
 #[utoipa::path(get, path = "/api/v1/events/{event_id}/rubric", tag = "scores", params(("event_id" = i64, Path)),
     responses((status = 200, body = Rubric), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn get_rubric(State(state): State<AppState>, caller: Caller, ApiPath(event_id): ApiPath<i64>) -> Result<Json<Rubric>, ApiError> {
+pub async fn get_rubric(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(event_id): ApiPath<i64>,
+) -> Result<Json<Rubric>, ApiError> {
     caller.require_staff(&READERS)?;
     let rubric = state
         .db
@@ -133,7 +148,13 @@ fn latest_judge_scores(conn: &Connection, team_id: i64) -> Result<Vec<JudgeScore
          JOIN staff st ON st.id = s.judge_id ORDER BY st.username, s.dimension",
     )?;
     let rows = statement.query_map([team_id], |r| {
-        Ok(JudgeScoreView { judge: r.get(0)?, dimension: r.get(1)?, points: r.get(2)?, comment: r.get(3)?, at: time_of(r.get(4)?) })
+        Ok(JudgeScoreView {
+            judge: r.get(0)?,
+            dimension: r.get(1)?,
+            points: r.get(2)?,
+            comment: r.get(3)?,
+            at: time_of(r.get(4)?),
+        })
     })?;
     rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
 }
@@ -150,7 +171,10 @@ pub async fn put_judge_scores(
 ) -> Result<Json<Vec<JudgeScoreView>>, ApiError> {
     let (judge_id, _) = caller.require_staff(&JUDGES)?;
     if body.scores.is_empty() {
-        return Err(ApiError::invalid("scores", "give at least one dimension's points"));
+        return Err(ApiError::invalid(
+            "scores",
+            "give at least one dimension's points",
+        ));
     }
     let comment = match body.comment {
         Some(comment) => Some(super::validate::name("comment", &comment, 2000)?),
@@ -200,12 +224,20 @@ pub async fn put_judge_scores(
 /// Every judge's latest scores for a team.
 #[utoipa::path(get, path = "/api/v1/teams/{team_id}/judge-scores", tag = "scores", params(("team_id" = i64, Path)),
     responses((status = 200, body = [JudgeScoreView]), (status = 403, body = Problem), (status = 404, body = Problem)))]
-pub async fn get_judge_scores(State(state): State<AppState>, caller: Caller, ApiPath(team_id): ApiPath<i64>) -> Result<Json<Vec<JudgeScoreView>>, ApiError> {
+pub async fn get_judge_scores(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(team_id): ApiPath<i64>,
+) -> Result<Json<Vec<JudgeScoreView>>, ApiError> {
     caller.require_staff(&READERS)?;
     let views = state
         .db
         .read(move |conn| {
-            let exists: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM teams WHERE id = ?1)", [team_id], |r| r.get(0))?;
+            let exists: bool = conn.query_row(
+                "SELECT EXISTS(SELECT 1 FROM teams WHERE id = ?1)",
+                [team_id],
+                |r| r.get(0),
+            )?;
             if !exists {
                 return Err(ApiError::NotFound("team"));
             }
@@ -237,7 +269,8 @@ pub async fn leaderboard(
         .db
         .read(move |conn| {
             event_state(conn, event_id)?;
-            scores::leaderboard(conn, event_id, None, query.bracket.as_deref()).map_err(ApiError::from)
+            scores::leaderboard(conn, event_id, None, query.bracket.as_deref())
+                .map_err(ApiError::from)
         })
         .await?;
     Ok(Json(board))
@@ -252,23 +285,45 @@ pub struct PublicBoard {
     pub board: Leaderboard,
 }
 
-fn public_board(conn: &Connection, event_id: i64, bracket: Option<&str>) -> Result<PublicBoard, ApiError> {
+fn public_board(
+    conn: &Connection,
+    event_id: i64,
+    bracket: Option<&str>,
+) -> Result<PublicBoard, ApiError> {
     let (state, frozen_at_ms, _) = event_state(conn, event_id)?;
     if state == "draft" {
         // Not published yet: look exactly like a missing event.
         return Err(ApiError::NotFound("event"));
     }
-    let name: String = conn.query_row("SELECT name FROM events WHERE id = ?1", [event_id], |r| r.get(0))?;
+    let name: String =
+        conn.query_row("SELECT name FROM events WHERE id = ?1", [event_id], |r| {
+            r.get(0)
+        })?;
     let as_of = frozen_at_ms.filter(|_| state == "frozen");
     let board = scores::leaderboard(conn, event_id, as_of, bracket)?;
-    Ok(PublicBoard { event: name, state, frozen_at: as_of.map(time_of), board })
+    Ok(PublicBoard {
+        event: name,
+        state,
+        frozen_at: as_of.map(time_of),
+        board,
+    })
 }
 
 /// The public board for (event, bracket), computed at most once a second for everyone.
-async fn shared_board(state: &AppState, event_id: i64, bracket: Option<String>) -> Result<Arc<super::boards::Computed>, ApiError> {
+async fn shared_board(
+    state: &AppState,
+    event_id: i64,
+    bracket: Option<String>,
+) -> Result<Arc<super::boards::Computed>, ApiError> {
     let wanted = bracket.clone();
     let db = state.db.clone();
-    state.boards.get(event_id, bracket, move || async move { db.read(move |conn| public_board(conn, event_id, wanted.as_deref())).await }).await
+    state
+        .boards
+        .get(event_id, bracket, move || async move {
+            db.read(move |conn| public_board(conn, event_id, wanted.as_deref()))
+                .await
+        })
+        .await
 }
 
 /// The public scoreboard for the venue's projector: no login; during a freeze it shows
@@ -283,7 +338,11 @@ pub async fn scoreboard(
     use axum::response::IntoResponse as _;
     let Query(query) = query?;
     let computed = shared_board(&state, event_id, query.bracket).await?;
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], computed.json.to_string()).into_response())
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        computed.json.to_string(),
+    )
+        .into_response())
 }
 
 /// The public scoreboard as server-sent events: `board` with the whole board at once and
@@ -302,28 +361,31 @@ pub async fn scoreboard_stream(
     // Refuse a draft, unknown event or bracket up front with a problem document.
     let first = shared_board(&state, event_id, bracket.clone()).await?;
     let slot = state.boards.open_stream(&meta.client_key())?;
-    let stream = futures_util::stream::unfold((state, Some(first), 0_u64, bracket, slot), move |(state, mut next, last, bracket, slot)| async move {
-        loop {
-            let computed = match next.take() {
-                Some(computed) => computed,
-                None => {
-                    let mut shutdown = state.shutdown.subscribe();
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.wait_for(|stop| *stop) => return None,
+    let stream = futures_util::stream::unfold(
+        (state, Some(first), 0_u64, bracket, slot),
+        move |(state, mut next, last, bracket, slot)| async move {
+            loop {
+                let computed = match next.take() {
+                    Some(computed) => computed,
+                    None => {
+                        let mut shutdown = state.shutdown.subscribe();
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shutdown.wait_for(|stop| *stop) => return None,
+                        }
+                        match shared_board(&state, event_id, bracket.clone()).await {
+                            Ok(computed) => computed,
+                            Err(_) => return None,
+                        }
                     }
-                    match shared_board(&state, event_id, bracket.clone()).await {
-                        Ok(computed) => computed,
-                        Err(_) => return None,
-                    }
+                };
+                if computed.version != last {
+                    let event = SseEvent::default().event("board").data(&*computed.json);
+                    return Some((Ok(event), (state, None, computed.version, bracket, slot)));
                 }
-            };
-            if computed.version != last {
-                let event = SseEvent::default().event("board").data(&*computed.json);
-                return Some((Ok(event), (state, None, computed.version, bracket, slot)));
             }
-        }
-    });
+        },
+    );
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
@@ -347,16 +409,35 @@ pub struct Submission {
 }
 
 fn row_to_submission(r: &rusqlite::Row<'_>) -> rusqlite::Result<Submission> {
-    Ok(Submission { id: r.get(0)?, team_id: r.get(1)?, version: r.get(2)?, note: r.get(3)?, submitted_at: time_of(r.get(4)?), submitted_by: r.get(5)? })
+    Ok(Submission {
+        id: r.get(0)?,
+        team_id: r.get(1)?,
+        version: r.get(2)?,
+        note: r.get(3)?,
+        submitted_at: time_of(r.get(4)?),
+        submitted_by: r.get(5)?,
+    })
 }
 
 /// The team submits a version before the deadline (the event's end); its checks run.
 #[utoipa::path(post, path = "/api/v1/me/submissions", tag = "scores", request_body = NewSubmission,
     responses((status = 201, body = Submission), (status = 200, body = Submission, description = "this version was already submitted"),
         (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
-pub async fn submit(State(state): State<AppState>, caller: Caller, ApiJson(body): ApiJson<NewSubmission>) -> Result<(StatusCode, Json<Submission>), ApiError> {
-    let Principal::Participant { id: participant_id, team_id, event_id, .. } = caller.principal else {
-        return Err(ApiError::forbidden("only participants submit for their team"));
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<NewSubmission>,
+) -> Result<(StatusCode, Json<Submission>), ApiError> {
+    let Principal::Participant {
+        id: participant_id,
+        team_id,
+        event_id,
+        ..
+    } = caller.principal
+    else {
+        return Err(ApiError::forbidden(
+            "only participants submit for their team",
+        ));
     };
     let version = super::validate::name("version", &body.version, 100)?;
     let note = match body.note {
@@ -410,14 +491,26 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, ApiJson(body)
     if created {
         state.wake_workers();
     }
-    Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(submission)))
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(submission),
+    ))
 }
 
 /// The team's submissions, newest first.
 #[utoipa::path(get, path = "/api/v1/me/submissions", tag = "scores", responses((status = 200, body = [Submission]), (status = 403, body = Problem)))]
-pub async fn my_submissions(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<Submission>>, ApiError> {
+pub async fn my_submissions(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<Submission>>, ApiError> {
     let Principal::Participant { team_id, .. } = caller.principal else {
-        return Err(ApiError::forbidden("only participants have team submissions"));
+        return Err(ApiError::forbidden(
+            "only participants have team submissions",
+        ));
     };
     let list = state
         .db
@@ -446,13 +539,27 @@ pub enum Scoring {
 }
 
 /// Turns a submission into a check batch for its team (run by the queue's workers).
-pub fn expand_submission(conn: &Connection, submission_id: i64, check_attempts: u32, now_ms: i64) -> Result<Scoring, ApiError> {
+pub fn expand_submission(
+    conn: &Connection,
+    submission_id: i64,
+    check_attempts: u32,
+    now_ms: i64,
+) -> Result<Scoring, ApiError> {
     let row: Option<(i64, i64, String)> = conn
-        .query_row("SELECT event_id, team_id, version FROM submissions WHERE id = ?1", [submission_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(
+            "SELECT event_id, team_id, version FROM submissions WHERE id = ?1",
+            [submission_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .optional()?;
-    let Some((event_id, team_id, version)) = row else { return Err(ApiError::NotFound("submission")) };
-    let newer: bool =
-        conn.query_row("SELECT EXISTS(SELECT 1 FROM submissions WHERE team_id = ?1 AND id > ?2)", params![team_id, submission_id], |r| r.get(0))?;
+    let Some((event_id, team_id, version)) = row else {
+        return Err(ApiError::NotFound("submission"));
+    };
+    let newer: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM submissions WHERE team_id = ?1 AND id > ?2)",
+        params![team_id, submission_id],
+        |r| r.get(0),
+    )?;
     if newer {
         return Ok(Scoring::Superseded);
     }

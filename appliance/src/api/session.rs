@@ -9,13 +9,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{
-    Caller, PARTICIPANT_SESSION_SECS, Principal, Role, STAFF_SESSION_SECS, create_session, hash_secret,
-    session_cookie,
+    Caller, PARTICIPANT_SESSION_SECS, Principal, Role, STAFF_SESSION_SECS, create_session,
+    hash_secret, session_cookie,
 };
 use super::error::{ApiError, Problem};
-use crate::attempts;
 use super::extract::{ApiJson, RequestMeta};
 use super::{AppState, audit};
+use crate::attempts;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -40,7 +40,8 @@ pub struct SessionInfo {
 
 fn with_cookie(state: &AppState, token: &str, lifetime: i64, body: SessionInfo) -> Response {
     let mut response = Json(body).into_response();
-    if let Ok(value) = HeaderValue::from_str(&session_cookie(token, state.secure_cookies, lifetime)) {
+    if let Ok(value) = HeaderValue::from_str(&session_cookie(token, state.secure_cookies, lifetime))
+    {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
     response
@@ -49,20 +50,32 @@ fn with_cookie(state: &AppState, token: &str, lifetime: i64, body: SessionInfo) 
 /// Staff login with username and password.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 429, body = Problem)))]
-pub async fn login(State(state): State<AppState>, meta: RequestMeta, ApiJson(req): ApiJson<LoginRequest>) -> Result<Response, ApiError> {
+pub async fn login(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Result<Response, ApiError> {
     if req.username.len() > 64 || req.password.len() > 256 {
-        return Err(ApiError::Unauthenticated("wrong username or password".into()));
+        return Err(ApiError::Unauthenticated(
+            "wrong username or password".into(),
+        ));
     }
     // Counted before the lookup and argon2, so a burst cannot pass the check together.
     let client = meta.client_key();
     let account = format!("user:{}", req.username.to_lowercase());
     let keys = [
         (client.clone(), attempts::CLIENT),
-        (format!("{account} from {client}"), attempts::ACCOUNT_FROM_CLIENT),
+        (
+            format!("{account} from {client}"),
+            attempts::ACCOUNT_FROM_CLIENT,
+        ),
         (account, attempts::ACCOUNT),
     ];
     if let Err(refused) = state.attempts.begin(&keys) {
-        state.metrics.login_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state
+            .metrics
+            .login_rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if refused.first {
             let detail = serde_json::json!({"username": req.username, "retry_after_secs": refused.retry_after.as_secs().max(1)});
             audit_refused(&state, &meta, "auth.lockout", None, detail).await;
@@ -92,26 +105,54 @@ pub async fn login(State(state): State<AppState>, meta: RequestMeta, ApiJson(req
             return Err(error.into());
         }
     };
-    let Some((id, username, _, role, must_change_password)) = found.clone().filter(|_| verified) else {
+    let Some((id, username, _, role, must_change_password)) = found.clone().filter(|_| verified)
+    else {
         tracing::info!(remote_addr = %meta.remote_addr, "login failed");
         let target = found.map(|f| format!("staff:{}", f.0));
-        audit_refused(&state, &meta, "auth.login_failed", target, serde_json::json!({"username": req.username})).await;
-        return Err(ApiError::Unauthenticated("wrong username or password".into()));
+        audit_refused(
+            &state,
+            &meta,
+            "auth.login_failed",
+            target,
+            serde_json::json!({"username": req.username}),
+        )
+        .await;
+        return Err(ApiError::Unauthenticated(
+            "wrong username or password".into(),
+        ));
     };
     state.attempts.refund(&keys[..1]);
-    state.attempts.succeeded(&[keys[1].0.clone(), keys[2].0.clone()]);
-    let principal = Principal::Staff { id, username, role: Role::parse(&role).unwrap_or(Role::Judge), must_change_password };
+    state
+        .attempts
+        .succeeded(&[keys[1].0.clone(), keys[2].0.clone()]);
+    let principal = Principal::Staff {
+        id,
+        username,
+        role: Role::parse(&role).unwrap_or(Role::Judge),
+        must_change_password,
+    };
     let session_principal = principal.clone();
     let (token, csrf) = state
         .db
         .writer()
         .write(move |conn| {
             let created = create_session(conn, &session_principal)?;
-            audit(conn, &session_principal.actor(), &meta, "auth.login", None, serde_json::json!({}))?;
+            audit(
+                conn,
+                &session_principal.actor(),
+                &meta,
+                "auth.login",
+                None,
+                serde_json::json!({}),
+            )?;
             Ok::<_, ApiError>(created)
         })
         .await?;
-    let body = SessionInfo { principal, csrf_token: csrf, token: req.bearer.then(|| token.clone()) };
+    let body = SessionInfo {
+        principal,
+        csrf_token: csrf,
+        token: req.bearer.then(|| token.clone()),
+    };
     Ok(with_cookie(&state, &token, STAFF_SESSION_SECS, body))
 }
 
@@ -124,7 +165,14 @@ pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Res
         .writer()
         .write(move |conn| {
             conn.execute("DELETE FROM sessions WHERE token_hash = ?1", [&token_hash])?;
-            audit(conn, &caller.actor(), &caller.meta, "auth.logout", None, serde_json::json!({}))
+            audit(
+                conn,
+                &caller.actor(),
+                &caller.meta,
+                "auth.logout",
+                None,
+                serde_json::json!({}),
+            )
         })
         .await?;
     state.access_changed();
@@ -138,7 +186,11 @@ pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Res
 /// The current session's principal and CSRF token.
 #[utoipa::path(get, path = "/api/v1/auth/session", tag = "auth", responses((status = 200, body = SessionInfo), (status = 401, body = Problem)))]
 pub async fn current(caller: Caller) -> Json<SessionInfo> {
-    Json(SessionInfo { principal: caller.principal, csrf_token: caller.csrf_token, token: None })
+    Json(SessionInfo {
+        principal: caller.principal,
+        csrf_token: caller.csrf_token,
+        token: None,
+    })
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -152,24 +204,49 @@ pub struct PasswordChange {
 /// Changes the caller's own password (staff). Other sessions of the account end.
 #[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = PasswordChange,
     responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 422, body = Problem)))]
-pub async fn change_password(State(state): State<AppState>, caller: Caller, ApiJson(req): ApiJson<PasswordChange>) -> Result<Json<SessionInfo>, ApiError> {
-    let Principal::Staff { id, username, role, .. } = caller.principal.clone() else {
+pub async fn change_password(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<PasswordChange>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let Principal::Staff {
+        id, username, role, ..
+    } = caller.principal.clone()
+    else {
         return Err(ApiError::forbidden("participants have no password"));
     };
     validate_password(&req.new_password, "new_password")?;
     if req.new_password == req.current_password {
-        return Err(ApiError::invalid("new_password", "the new password must differ from the current one"));
+        return Err(ApiError::invalid(
+            "new_password",
+            "the new password must differ from the current one",
+        ));
     }
     let stored: String = state
         .db
-        .read(move |conn| conn.query_row("SELECT password_hash FROM staff WHERE id = ?1", [id], |r| r.get(0)).map_err(ApiError::from))
+        .read(move |conn| {
+            conn.query_row("SELECT password_hash FROM staff WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .map_err(ApiError::from)
+        })
         .await?;
     // a stolen session must not guess the password it would change
-    let keys = [(format!("password-change:{id}"), attempts::ACCOUNT_FROM_CLIENT)];
+    let keys = [(
+        format!("password-change:{id}"),
+        attempts::ACCOUNT_FROM_CLIENT,
+    )];
     state.attempts.begin(&keys)?;
-    let verified = state.passwords.verify(req.current_password.clone(), Some(stored)).await.inspect_err(|_| state.attempts.refund(&keys))?;
+    let verified = state
+        .passwords
+        .verify(req.current_password.clone(), Some(stored))
+        .await
+        .inspect_err(|_| state.attempts.refund(&keys))?;
     if !verified {
-        return Err(ApiError::invalid("current_password", "the current password is wrong"));
+        return Err(ApiError::invalid(
+            "current_password",
+            "the current password is wrong",
+        ));
     }
     state.attempts.succeeded(&[keys[0].0.clone()]);
     let new_hash = state.passwords.hash(req.new_password.clone()).await?;
@@ -180,14 +257,32 @@ pub async fn change_password(State(state): State<AppState>, caller: Caller, ApiJ
         .db
         .writer()
         .write(move |conn| {
-            conn.execute("UPDATE staff SET password_hash = ?1, must_change_password = 0 WHERE id = ?2", params![new_hash, id])?;
-            conn.execute("DELETE FROM sessions WHERE staff_id = ?1 AND token_hash <> ?2", params![id, token_hash])?;
-            audit(conn, &actor, &meta, "auth.password_changed", Some(&format!("staff:{id}")), serde_json::json!({}))
+            conn.execute(
+                "UPDATE staff SET password_hash = ?1, must_change_password = 0 WHERE id = ?2",
+                params![new_hash, id],
+            )?;
+            conn.execute(
+                "DELETE FROM sessions WHERE staff_id = ?1 AND token_hash <> ?2",
+                params![id, token_hash],
+            )?;
+            audit(
+                conn,
+                &actor,
+                &meta,
+                "auth.password_changed",
+                Some(&format!("staff:{id}")),
+                serde_json::json!({}),
+            )
         })
         .await?;
     state.access_changed();
     Ok(Json(SessionInfo {
-        principal: Principal::Staff { id, username, role, must_change_password: false },
+        principal: Principal::Staff {
+            id,
+            username,
+            role,
+            must_change_password: false,
+        },
         csrf_token: caller.csrf_token,
         token: None,
     }))
@@ -196,7 +291,10 @@ pub async fn change_password(State(state): State<AppState>, caller: Caller, ApiJ
 pub fn validate_password(password: &str, field: &str) -> Result<(), ApiError> {
     let chars = password.chars().count();
     if !(12..=256).contains(&chars) {
-        return Err(ApiError::invalid(field, "password must be 12 to 256 characters"));
+        return Err(ApiError::invalid(
+            field,
+            "password must be 12 to 256 characters",
+        ));
     }
     Ok(())
 }
@@ -215,12 +313,20 @@ pub struct JoinRequest {
 /// Participant join: event code + personal join code → participant session.
 #[utoipa::path(post, path = "/api/v1/join", tag = "auth", request_body = JoinRequest,
     responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 409, body = Problem), (status = 429, body = Problem)))]
-pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req): ApiJson<JoinRequest>) -> Result<Response, ApiError> {
+pub async fn join(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<Response, ApiError> {
     let keys = [(meta.client_key(), attempts::JOIN_CLIENT)];
     if let Err(refused) = state.attempts.begin(&keys) {
-        state.metrics.login_rate_limited.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state
+            .metrics
+            .login_rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if refused.first {
-            let detail = serde_json::json!({"retry_after_secs": refused.retry_after.as_secs().max(1)});
+            let detail =
+                serde_json::json!({"retry_after_secs": refused.retry_after.as_secs().max(1)});
             audit_refused(&state, &meta, "participant.join_lockout", None, detail).await;
         }
         return Err(refused.into());
@@ -263,20 +369,41 @@ pub async fn join(State(state): State<AppState>, meta: RequestMeta, ApiJson(req)
         .map_err(ApiError::from);
     // only a wrong code is a guess
     if matches!(result, Err(ApiError::Unauthenticated(_))) {
-        audit_refused(&state, &meta_for_audit, "participant.join_failed", None, serde_json::json!({"event_code": event_code_typed})).await;
+        audit_refused(
+            &state,
+            &meta_for_audit,
+            "participant.join_failed",
+            None,
+            serde_json::json!({"event_code": event_code_typed}),
+        )
+        .await;
     } else {
         state.attempts.refund(&keys);
     }
     let (principal, token, csrf) = result?;
-    let body = SessionInfo { principal, csrf_token: csrf, token: req.bearer.then(|| token.clone()) };
+    let body = SessionInfo {
+        principal,
+        csrf_token: csrf,
+        token: req.bearer.then(|| token.clone()),
+    };
     Ok(with_cookie(&state, &token, PARTICIPANT_SESSION_SECS, body))
 }
 
 /// Records a refused sign-in (a wrong password or code, the start of a lockout) by whoever
 /// tried. A full writer queue loses the row, not the refusal: the answer is the same.
-pub(crate) async fn audit_refused(state: &AppState, meta: &RequestMeta, action: &'static str, target: Option<String>, detail: serde_json::Value) {
+pub(crate) async fn audit_refused(
+    state: &AppState,
+    meta: &RequestMeta,
+    action: &'static str,
+    target: Option<String>,
+    detail: serde_json::Value,
+) {
     let meta = meta.clone();
-    let written = state.db.writer().write(move |conn| audit(conn, "anonymous", &meta, action, target.as_deref(), detail)).await;
+    let written = state
+        .db
+        .writer()
+        .write(move |conn| audit(conn, "anonymous", &meta, action, target.as_deref(), detail))
+        .await;
     if let Err(error) = written {
         tracing::warn!(action, error = ?ApiError::from(error), "a refused sign-in could not be audited");
     }
@@ -284,5 +411,8 @@ pub(crate) async fn audit_refused(state: &AppState, meta: &RequestMeta, action: 
 
 /// Codes are typed by people: case, spaces and dashes do not matter.
 pub fn normalize_code(code: &str) -> String {
-    code.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_uppercase()).collect()
+    code.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_uppercase())
+        .collect()
 }

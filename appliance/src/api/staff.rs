@@ -29,7 +29,10 @@ pub struct StaffList {
 
 /// Lists staff accounts.
 #[utoipa::path(get, path = "/api/v1/staff", tag = "staff", responses((status = 200, body = StaffList), (status = 403, body = Problem)))]
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<StaffList>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<StaffList>, ApiError> {
     caller.require_staff(&[Role::Admin])?;
     let staff = state
         .db
@@ -64,13 +67,22 @@ pub struct NewStaff {
 /// Creates a staff account. The person must change the password at first login.
 #[utoipa::path(post, path = "/api/v1/staff", tag = "staff", request_body = NewStaff,
     responses((status = 201, body = StaffAccount), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
-pub async fn create(State(state): State<AppState>, caller: Caller, ApiJson(req): ApiJson<NewStaff>) -> Result<(StatusCode, Json<StaffAccount>), ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<NewStaff>,
+) -> Result<(StatusCode, Json<StaffAccount>), ApiError> {
     caller.require_staff(&[Role::Admin])?;
     let username = req.username.trim().to_owned();
     let valid = (3..=64).contains(&username.len())
-        && username.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && username
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !valid {
-        return Err(ApiError::invalid("username", "username must be 3–64 characters of letters, digits, '.', '_' or '-'"));
+        return Err(ApiError::invalid(
+            "username",
+            "username must be 3–64 characters of letters, digits, '.', '_' or '-'",
+        ));
     }
     validate_password(&req.password, "password")?;
     let password = req.password.clone();

@@ -38,7 +38,9 @@ const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(10);
 pub enum Purpose {
     Terminal,
     /// the desktop stream; `interactive` for the lab's own team, view-only for staff
-    Desktop { interactive: bool },
+    Desktop {
+        interactive: bool,
+    },
 }
 
 /// What a ticket is good for.
@@ -108,21 +110,43 @@ impl Drop for Opened {
 
 impl TicketStore {
     /// A single-use ticket, unless the session already holds its share of unused ones.
-    pub fn issue(&self, allocation_id: i64, purpose: Purpose, caller: &Caller) -> Result<String, ApiError> {
-        self.insert(Ticket { allocation_id, purpose, session_hash: caller.token_hash.clone(), actor: caller.actor(), expires: Instant::now() + TICKET_TTL })
+    pub fn issue(
+        &self,
+        allocation_id: i64,
+        purpose: Purpose,
+        caller: &Caller,
+    ) -> Result<String, ApiError> {
+        self.insert(Ticket {
+            allocation_id,
+            purpose,
+            session_hash: caller.token_hash.clone(),
+            actor: caller.actor(),
+            expires: Instant::now() + TICKET_TTL,
+        })
     }
 
     fn insert(&self, ticket: Ticket) -> Result<String, ApiError> {
         let raw = random_token();
-        let mut tickets = self.tickets.lock().map_err(|_| ApiError::Internal("ticket store poisoned".into()))?;
+        let mut tickets = self
+            .tickets
+            .lock()
+            .map_err(|_| ApiError::Internal("ticket store poisoned".into()))?;
         let now = Instant::now();
         tickets.retain(|_, t| t.expires > now);
-        let held = tickets.values().filter(|t| t.session_hash == ticket.session_hash).count();
+        let held = tickets
+            .values()
+            .filter(|t| t.session_hash == ticket.session_hash)
+            .count();
         if held >= MAX_TICKETS_PER_SESSION {
-            return Err(ApiError::RateLimited { retry_after_secs: TICKET_TTL.as_secs() });
+            return Err(ApiError::RateLimited {
+                retry_after_secs: TICKET_TTL.as_secs(),
+            });
         }
         if tickets.len() >= MAX_TICKETS {
-            return Err(ApiError::Busy { detail: "too many tickets are outstanding; try again shortly".into(), retry_after_secs: 5 });
+            return Err(ApiError::Busy {
+                detail: "too many tickets are outstanding; try again shortly".into(),
+                retry_after_secs: 5,
+            });
         }
         tickets.insert(hash_secret(&raw), ticket);
         Ok(raw)
@@ -130,31 +154,84 @@ impl TicketStore {
 
     /// Counts an open terminal (or desktop viewer) of this session on this lab, or refuses
     /// it when either is at its cap.
-    pub fn open(self: &std::sync::Arc<Self>, terminal: bool, session_hash: &str, allocation_id: i64) -> Result<Opened, ApiError> {
-        let (per_session, per_lab, what) =
-            if terminal { (MAX_TERMINALS_PER_SESSION, MAX_TERMINALS_PER_LAB, "terminals") } else { (MAX_VIEWERS_PER_SESSION, MAX_VIEWERS_PER_LAB, "desktop viewers") };
-        let mut open = self.open.lock().map_err(|_| ApiError::Internal("open counts poisoned".into()))?;
+    pub fn open(
+        self: &std::sync::Arc<Self>,
+        terminal: bool,
+        session_hash: &str,
+        allocation_id: i64,
+    ) -> Result<Opened, ApiError> {
+        let (per_session, per_lab, what) = if terminal {
+            (
+                MAX_TERMINALS_PER_SESSION,
+                MAX_TERMINALS_PER_LAB,
+                "terminals",
+            )
+        } else {
+            (
+                MAX_VIEWERS_PER_SESSION,
+                MAX_VIEWERS_PER_LAB,
+                "desktop viewers",
+            )
+        };
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| ApiError::Internal("open counts poisoned".into()))?;
         let session = (terminal, session_hash.to_owned());
         if open.by_session.get(&session).copied().unwrap_or(0) >= per_session {
-            return Err(ApiError::conflict(None, format!("this session already has {per_session} {what} open; close one first")));
+            return Err(ApiError::conflict(
+                None,
+                format!("this session already has {per_session} {what} open; close one first"),
+            ));
         }
-        if open.by_lab.get(&(terminal, allocation_id)).copied().unwrap_or(0) >= per_lab {
-            return Err(ApiError::conflict(None, format!("this lab already has {per_lab} {what} open")));
+        if open
+            .by_lab
+            .get(&(terminal, allocation_id))
+            .copied()
+            .unwrap_or(0)
+            >= per_lab
+        {
+            return Err(ApiError::conflict(
+                None,
+                format!("this lab already has {per_lab} {what} open"),
+            ));
         }
         *open.by_session.entry(session).or_default() += 1;
         *open.by_lab.entry((terminal, allocation_id)).or_default() += 1;
-        Ok(Opened { store: self.clone(), terminal, session_hash: session_hash.to_owned(), allocation_id })
+        Ok(Opened {
+            store: self.clone(),
+            terminal,
+            session_hash: session_hash.to_owned(),
+            allocation_id,
+        })
     }
 
     /// Takes the ticket out (single use) if it exists, is fresh and belongs to `session_hash`.
-    pub fn redeem(&self, raw: &str, session_hash: &str, terminal: bool) -> Result<Ticket, ApiError> {
-        let ticket = self.tickets.lock().ok().and_then(|mut t| t.remove(&hash_secret(raw)));
+    pub fn redeem(
+        &self,
+        raw: &str,
+        session_hash: &str,
+        terminal: bool,
+    ) -> Result<Ticket, ApiError> {
+        let ticket = self
+            .tickets
+            .lock()
+            .ok()
+            .and_then(|mut t| t.remove(&hash_secret(raw)));
         let what = if terminal { "terminal" } else { "desktop" };
         match ticket {
-            None => Err(ApiError::Unauthenticated(format!("unknown or already used {what} ticket"))),
-            Some(t) if t.expires <= Instant::now() => Err(ApiError::Unauthenticated(format!("the {what} ticket expired"))),
-            Some(t) if t.session_hash != session_hash => Err(ApiError::forbidden(format!("the {what} ticket belongs to another session"))),
-            Some(t) if (t.purpose == Purpose::Terminal) != terminal => Err(ApiError::forbidden(format!("this ticket does not open a {what}"))),
+            None => Err(ApiError::Unauthenticated(format!(
+                "unknown or already used {what} ticket"
+            ))),
+            Some(t) if t.expires <= Instant::now() => Err(ApiError::Unauthenticated(format!(
+                "the {what} ticket expired"
+            ))),
+            Some(t) if t.session_hash != session_hash => Err(ApiError::forbidden(format!(
+                "the {what} ticket belongs to another session"
+            ))),
+            Some(t) if (t.purpose == Purpose::Terminal) != terminal => Err(ApiError::forbidden(
+                format!("this ticket does not open a {what}"),
+            )),
             Some(t) => Ok(t),
         }
     }
@@ -181,17 +258,45 @@ fn may_open(caller: &Caller, team_id: i64) -> Result<(), ApiError> {
 /// Issues a single-use ticket for the lab's browser terminal.
 #[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/terminal-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 201, body = TerminalTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn ticket(State(state): State<AppState>, caller: Caller, ApiPath(id): ApiPath<i64>) -> Result<(StatusCode, Json<TerminalTicket>), ApiError> {
-    let view = state.db.read(move |conn| super::labs::load_view(conn, id)).await?;
+pub async fn ticket(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<(StatusCode, Json<TerminalTicket>), ApiError> {
+    let view = state
+        .db
+        .read(move |conn| super::labs::load_view(conn, id))
+        .await?;
     may_open(&caller, view.team_id)?;
     if let Principal::Participant { event_id, .. } = caller.principal {
-        state.db.read(move |conn| super::events::require_participants_work(conn, event_id, "the terminal")).await?;
+        state
+            .db
+            .read(move |conn| {
+                super::events::require_participants_work(conn, event_id, "the terminal")
+            })
+            .await?;
     }
     if !view.desktop_ready || view.busy {
-        return Err(ApiError::conflict(None, format!("the lab is {}{}; its terminal opens once it is active and idle", view.state, if view.busy { " (busy)" } else { "" })));
+        return Err(ApiError::conflict(
+            None,
+            format!(
+                "the lab is {}{}; its terminal opens once it is active and idle",
+                view.state,
+                if view.busy { " (busy)" } else { "" }
+            ),
+        ));
     }
-    let raw = state.terminal_tickets.issue(id, Purpose::Terminal, &caller)?;
-    Ok((StatusCode::CREATED, Json(TerminalTicket { ticket: raw, expires_in_secs: TICKET_TTL.as_secs(), path: "/api/v1/terminal".into() })))
+    let raw = state
+        .terminal_tickets
+        .issue(id, Purpose::Terminal, &caller)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TerminalTicket {
+            ticket: raw,
+            expires_in_secs: TICKET_TTL.as_secs(),
+            path: "/api/v1/terminal".into(),
+        }),
+    ))
 }
 
 use labrack_wire::terminal::{Control, Hello};
@@ -199,23 +304,35 @@ use labrack_wire::terminal::{Control, Hello};
 /// Cross-site WebSocket hijacking: a browser always sends Origin; it must be us.
 pub fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
         if origin_host != host {
-            return Err(ApiError::forbidden("the WebSocket must be opened from the appliance's own pages"));
+            return Err(ApiError::forbidden(
+                "the WebSocket must be opened from the appliance's own pages",
+            ));
         }
     }
     Ok(())
 }
 
 /// The terminal WebSocket (see the module docs for the protocol).
-pub async fn socket(State(state): State<AppState>, caller: Caller, headers: HeaderMap, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn socket(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     same_origin(&headers)?;
-    Ok(upgrade.max_message_size(64 * 1024).on_upgrade(move |ws| async move {
-        if let Err(error) = bridge(state, caller, ws).await {
-            tracing::info!(%error, "terminal ended");
-        }
-    }))
+    Ok(upgrade
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |ws| async move {
+            if let Err(error) = bridge(state, caller, ws).await {
+                tracing::info!(%error, "terminal ended");
+            }
+        }))
 }
 
 pub(crate) fn json_text(value: serde_json::Value) -> Message {
@@ -224,16 +341,38 @@ pub(crate) fn json_text(value: serde_json::Value) -> Message {
 
 /// Records a ticket that did not open what it was shown for (stolen, replayed, another
 /// session's); the refusal stands whether or not the row could be written.
-pub(crate) async fn audit_ticket_refused(state: &AppState, caller: &Caller, action: &'static str, error: &ApiError) {
+pub(crate) async fn audit_ticket_refused(
+    state: &AppState,
+    caller: &Caller,
+    action: &'static str,
+    error: &ApiError,
+) {
     let (actor, meta, detail) = (caller.actor(), caller.meta.clone(), error.to_string());
-    let written = state.db.writer().write(move |conn| audit(conn, &actor, &meta, action, None, serde_json::json!({"detail": detail}))).await;
+    let written = state
+        .db
+        .writer()
+        .write(move |conn| {
+            audit(
+                conn,
+                &actor,
+                &meta,
+                action,
+                None,
+                serde_json::json!({"detail": detail}),
+            )
+        })
+        .await;
     if let Err(error) = written {
         tracing::warn!(action, error = ?ApiError::from(error), "a refused ticket could not be audited");
     }
 }
 
 pub(crate) async fn refuse(mut ws: WebSocket, detail: &str) -> anyhow::Result<()> {
-    let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": detail}))).await;
+    let _ = ws
+        .send(json_text(
+            serde_json::json!({"type": "error", "detail": detail}),
+        ))
+        .await;
     let _ = ws.send(Message::Close(None)).await;
     anyhow::bail!("{detail}")
 }
@@ -245,31 +384,56 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     };
     let hello: Hello = match serde_json::from_str(first.as_str()) {
         Ok(hello) => hello,
-        Err(e) => return refuse(ws, &format!("the first message is not a terminal hello: {e}")).await,
+        Err(e) => {
+            return refuse(
+                ws,
+                &format!("the first message is not a terminal hello: {e}"),
+            )
+            .await;
+        }
     };
-    let ticket = match state.terminal_tickets.redeem(&hello.ticket, &caller.token_hash, true) {
+    let ticket = match state
+        .terminal_tickets
+        .redeem(&hello.ticket, &caller.token_hash, true)
+    {
         Ok(ticket) => ticket,
         Err(error) => {
             audit_ticket_refused(&state, &caller, "terminal.ticket_refused", &error).await;
             return refuse(ws, &error.to_string()).await;
         }
     };
-    let _opened = match state.terminal_tickets.open(true, &caller.token_hash, ticket.allocation_id) {
+    let _opened = match state
+        .terminal_tickets
+        .open(true, &caller.token_hash, ticket.allocation_id)
+    {
         Ok(opened) => opened,
         Err(error) => return refuse(ws, &error.to_string()).await,
     };
     let secrets = state.secrets.clone();
     let allocation_id = ticket.allocation_id;
-    let desktop = state.db.read(move |conn| labs::desktop_secret(conn, &secrets, allocation_id)).await;
+    let desktop = state
+        .db
+        .read(move |conn| labs::desktop_secret(conn, &secrets, allocation_id))
+        .await;
     let desktop = match desktop {
         Ok(Some(desktop)) => desktop,
         Ok(None) => return refuse(ws, "the lab is no longer active").await,
         Err(error) => return refuse(ws, &error.to_string()).await,
     };
     let Some(host_key) = desktop.ssh_host_key.clone() else {
-        return refuse(ws, "the lab host did not report its SSH host key; the terminal cannot verify it").await;
+        return refuse(
+            ws,
+            "the lab host did not report its SSH host key; the terminal cannot verify it",
+        )
+        .await;
     };
-    let target = TerminalTarget { host: desktop.host_address, port: desktop.ssh_port, username: desktop.username, password: desktop.password, host_key };
+    let target = TerminalTarget {
+        host: desktop.host_address,
+        port: desktop.ssh_port,
+        username: desktop.username,
+        password: desktop.password,
+        host_key,
+    };
     let (cols, rows) = (hello.cols, hello.rows);
     let opened = tokio::task::spawn_blocking(move || terminal::open(&target, cols, rows)).await?;
     let mut term = match opened {
@@ -281,10 +445,20 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     state
         .db
         .writer()
-        .write(move |conn| audit(conn, &actor, &meta, "terminal.opened", Some(&format!("allocation:{allocation_id}")), serde_json::json!({})))
+        .write(move |conn| {
+            audit(
+                conn,
+                &actor,
+                &meta,
+                "terminal.opened",
+                Some(&format!("allocation:{allocation_id}")),
+                serde_json::json!({}),
+            )
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{:?}", ApiError::from(e)))?;
-    ws.send(json_text(serde_json::json!({"type": "ready"}))).await?;
+    ws.send(json_text(serde_json::json!({"type": "ready"})))
+        .await?;
     let revoked = super::auth::until_revoked(&state, caller.token_hash.clone(), true);
     tokio::pin!(revoked);
     // Input the shell's queue had no room for: while one waits, the WebSocket is not read
@@ -352,40 +526,107 @@ mod tests {
     use super::*;
 
     fn ticket(session: &str, ttl: Duration) -> Ticket {
-        Ticket { allocation_id: 1, purpose: Purpose::Terminal, session_hash: session.into(), actor: "participant:1".into(), expires: Instant::now() + ttl }
+        Ticket {
+            allocation_id: 1,
+            purpose: Purpose::Terminal,
+            session_hash: session.into(),
+            actor: "participant:1".into(),
+            expires: Instant::now() + ttl,
+        }
     }
 
     #[test]
     fn tickets_are_single_use_session_bound_and_expire() {
         let store = TicketStore::default();
         let raw = store.insert(ticket("s1", TICKET_TTL)).expect("issued");
-        assert!(matches!(store.redeem(&raw, "s2", true), Err(ApiError::Forbidden(_))), "another session");
-        assert!(matches!(store.redeem(&raw, "s1", true), Err(ApiError::Unauthenticated(_))), "a refused try still uses it up");
+        assert!(
+            matches!(store.redeem(&raw, "s2", true), Err(ApiError::Forbidden(_))),
+            "another session"
+        );
+        assert!(
+            matches!(
+                store.redeem(&raw, "s1", true),
+                Err(ApiError::Unauthenticated(_))
+            ),
+            "a refused try still uses it up"
+        );
         let raw = store.insert(ticket("s1", TICKET_TTL)).expect("issued");
-        assert_eq!(store.redeem(&raw, "s1", true).expect("valid").allocation_id, 1);
-        assert!(matches!(store.redeem(&raw, "s1", true), Err(ApiError::Unauthenticated(_))), "single use");
+        assert_eq!(
+            store.redeem(&raw, "s1", true).expect("valid").allocation_id,
+            1
+        );
+        assert!(
+            matches!(
+                store.redeem(&raw, "s1", true),
+                Err(ApiError::Unauthenticated(_))
+            ),
+            "single use"
+        );
         let stale = store.insert(ticket("s1", Duration::ZERO)).expect("issued");
-        assert!(matches!(store.redeem(&stale, "s1", true), Err(ApiError::Unauthenticated(detail)) if detail.contains("expired")));
-        let desktop = store.insert(Ticket { purpose: Purpose::Desktop { interactive: true }, ..ticket("s1", TICKET_TTL) }).expect("issued");
-        assert!(matches!(store.redeem(&desktop, "s1", true), Err(ApiError::Forbidden(_))), "a desktop ticket opens no terminal");
+        assert!(
+            matches!(store.redeem(&stale, "s1", true), Err(ApiError::Unauthenticated(detail)) if detail.contains("expired"))
+        );
+        let desktop = store
+            .insert(Ticket {
+                purpose: Purpose::Desktop { interactive: true },
+                ..ticket("s1", TICKET_TTL)
+            })
+            .expect("issued");
+        assert!(
+            matches!(
+                store.redeem(&desktop, "s1", true),
+                Err(ApiError::Forbidden(_))
+            ),
+            "a desktop ticket opens no terminal"
+        );
     }
 
     #[test]
     fn a_session_holds_a_bounded_number_of_tickets_terminals_and_viewers() {
         let store = std::sync::Arc::new(TicketStore::default());
-        let held: Vec<String> = (0..MAX_TICKETS_PER_SESSION).map(|_| store.insert(ticket("s1", TICKET_TTL)).expect("issued")).collect();
-        assert!(matches!(store.insert(ticket("s1", TICKET_TTL)), Err(ApiError::RateLimited { .. })), "a ninth unused ticket");
-        assert!(store.insert(ticket("s2", TICKET_TTL)).is_ok(), "another session is not held back");
+        let held: Vec<String> = (0..MAX_TICKETS_PER_SESSION)
+            .map(|_| store.insert(ticket("s1", TICKET_TTL)).expect("issued"))
+            .collect();
+        assert!(
+            matches!(
+                store.insert(ticket("s1", TICKET_TTL)),
+                Err(ApiError::RateLimited { .. })
+            ),
+            "a ninth unused ticket"
+        );
+        assert!(
+            store.insert(ticket("s2", TICKET_TTL)).is_ok(),
+            "another session is not held back"
+        );
         store.redeem(&held[0], "s1", true).expect("valid");
-        assert!(store.insert(ticket("s1", TICKET_TTL)).is_ok(), "a used ticket frees its place");
-        let terminals: Vec<Opened> = (0..MAX_TERMINALS_PER_SESSION).map(|_| store.open(true, "s1", 1).expect("open")).collect();
-        assert!(store.open(true, "s1", 1).is_err(), "a fifth terminal of one session");
-        assert!(store.open(false, "s1", 1).is_ok(), "viewers are counted apart");
-        let others: Vec<Opened> = (0..MAX_TERMINALS_PER_LAB - MAX_TERMINALS_PER_SESSION).map(|n| store.open(true, &format!("o{n}"), 1).expect("open")).collect();
-        assert!(store.open(true, "late", 1).is_err(), "the lab's terminals are capped");
+        assert!(
+            store.insert(ticket("s1", TICKET_TTL)).is_ok(),
+            "a used ticket frees its place"
+        );
+        let terminals: Vec<Opened> = (0..MAX_TERMINALS_PER_SESSION)
+            .map(|_| store.open(true, "s1", 1).expect("open"))
+            .collect();
+        assert!(
+            store.open(true, "s1", 1).is_err(),
+            "a fifth terminal of one session"
+        );
+        assert!(
+            store.open(false, "s1", 1).is_ok(),
+            "viewers are counted apart"
+        );
+        let others: Vec<Opened> = (0..MAX_TERMINALS_PER_LAB - MAX_TERMINALS_PER_SESSION)
+            .map(|n| store.open(true, &format!("o{n}"), 1).expect("open"))
+            .collect();
+        assert!(
+            store.open(true, "late", 1).is_err(),
+            "the lab's terminals are capped"
+        );
         assert!(store.open(true, "late", 2).is_ok(), "another lab is not");
         drop(terminals);
-        assert!(store.open(true, "s1", 1).is_ok(), "closed terminals give their places back");
+        assert!(
+            store.open(true, "s1", 1).is_ok(),
+            "closed terminals give their places back"
+        );
         drop(others);
     }
 }

@@ -4,7 +4,8 @@ use super::error::ApiError;
 
 /// A trimmed, non-empty, printable name of at most `max` characters.
 pub fn name(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
-    labrack_wire::fields::name(field, value, max).map_err(|e| ApiError::invalid(&e.field, e.message))
+    labrack_wire::fields::name(field, value, max)
+        .map_err(|e| ApiError::invalid(&e.field, e.message))
 }
 
 /// An optional e-mail address: empty means none.
@@ -15,7 +16,12 @@ pub fn email(field: &str, value: Option<&str>) -> Result<Option<String>, ApiErro
 /// An RFC 3339 timestamp, returned normalised to UTC.
 pub fn timestamp(field: &str, value: &str) -> Result<time::OffsetDateTime, ApiError> {
     time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc3339)
-        .map_err(|_| ApiError::invalid(field, format!("{field} must be an RFC 3339 timestamp like 2026-12-01T09:00:00Z")))
+        .map_err(|_| {
+            ApiError::invalid(
+                field,
+                format!("{field} must be an RFC 3339 timestamp like 2026-12-01T09:00:00Z"),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -25,8 +31,12 @@ mod tests {
     #[test]
     fn a_broken_rule_is_a_problem_naming_its_field() {
         // The rules themselves are tested in labrack-wire; here, that the field travels.
-        assert!(matches!(name("team", "   ", 10), Err(ApiError::Invalid { field: Some(f), .. }) if f == "team"));
-        assert!(matches!(email("email", Some("a@b")), Err(ApiError::Invalid { field: Some(f), .. }) if f == "email"));
+        assert!(
+            matches!(name("team", "   ", 10), Err(ApiError::Invalid { field: Some(f), .. }) if f == "team")
+        );
+        assert!(
+            matches!(email("email", Some("a@b")), Err(ApiError::Invalid { field: Some(f), .. }) if f == "email")
+        );
     }
 
     #[test]

@@ -417,11 +417,15 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
     if current > known {
-        return Err(StoreError::Sqlite(rusqlite::Error::InvalidParameterName(format!(
-            "database schema version {current} is newer than this labrack ({known})"
-        ))));
+        return Err(StoreError::Sqlite(rusqlite::Error::InvalidParameterName(
+            format!("database schema version {current} is newer than this labrack ({known})"),
+        )));
     }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(current).unwrap_or(0)) {
+    for (index, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", index + 1)?;
@@ -440,10 +444,16 @@ mod tests {
         let mut conn = Connection::open_in_memory().expect("in-memory db");
         migrate(&mut conn).expect("first run");
         migrate(&mut conn).expect("second run is a no-op");
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
         assert_eq!(version, i64::try_from(MIGRATIONS.len()).expect("fits"));
         let tables: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
             .expect("count");
         assert_eq!(tables, 29);
     }
@@ -452,15 +462,23 @@ mod tests {
     fn audit_log_rejects_update_and_delete() {
         let mut conn = Connection::open_in_memory().expect("in-memory db");
         migrate(&mut conn).expect("migrate");
-        conn.execute("INSERT INTO audit_log (at, actor, action) VALUES ('t', 'a', 'x')", []).expect("insert");
-        assert!(conn.execute("UPDATE audit_log SET action = 'y'", []).is_err());
+        conn.execute(
+            "INSERT INTO audit_log (at, actor, action) VALUES ('t', 'a', 'x')",
+            [],
+        )
+        .expect("insert");
+        assert!(
+            conn.execute("UPDATE audit_log SET action = 'y'", [])
+                .is_err()
+        );
         assert!(conn.execute("DELETE FROM audit_log", []).is_err());
     }
 
     #[test]
     fn newer_schema_is_refused() {
         let mut conn = Connection::open_in_memory().expect("in-memory db");
-        conn.pragma_update(None, "user_version", 999).expect("set version");
+        conn.pragma_update(None, "user_version", 999)
+            .expect("set version");
         assert!(migrate(&mut conn).is_err());
     }
 }

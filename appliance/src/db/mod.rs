@@ -37,7 +37,9 @@ pub fn open_connection(path: &Path, read_only: bool) -> Result<Connection, Store
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -62,7 +64,11 @@ impl Db {
         let mut conn = open_connection(path, false)?;
         migrate(&mut conn)?;
         let writer = Writer::start(conn, metrics);
-        Ok(Self { path: path.to_path_buf(), writer, readers: Arc::new(Mutex::new(Vec::new())) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer,
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
     }
 
     /// The group-commit writer.
@@ -102,8 +108,9 @@ impl Db {
 
     fn put_reader(&self, conn: Connection) {
         if let Ok(mut pool) = self.readers.lock()
-            && pool.len() < 16 {
-                pool.push(conn);
-            }
+            && pool.len() < 16
+        {
+            pool.push(conn);
+        }
     }
 }

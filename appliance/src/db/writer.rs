@@ -58,7 +58,9 @@ where
         let Some(f) = self.f.take() else { return false };
         let outcome = match catch_unwind(AssertUnwindSafe(|| f(conn))) {
             Ok(result) => result.map_err(WriteError::Rejected),
-            Err(_) => Err(WriteError::Store(StoreError::Join("write job panicked".into()))),
+            Err(_) => Err(WriteError::Store(StoreError::Join(
+                "write job panicked".into(),
+            ))),
         };
         let ok = outcome.is_ok();
         self.outcome = Some(outcome);
@@ -71,7 +73,9 @@ where
             (Some(Err(WriteError::Rejected(e))), _) => Err(WriteError::Rejected(e)),
             (_, Some(error)) => Err(WriteError::Store(error)),
             (Some(outcome), None) => outcome,
-            (None, None) => Err(WriteError::Store(StoreError::Join("the write was never run".into()))),
+            (None, None) => Err(WriteError::Store(StoreError::Join(
+                "the write was never run".into(),
+            ))),
         };
         let _ = self.reply.send(answer);
     }
@@ -103,7 +107,11 @@ impl Writer {
             .name("sqlite-writer".into())
             .spawn(move || run(conn, jobs, &thread_metrics))
             .ok();
-        Self { queue, metrics, thread: Arc::new(std::sync::Mutex::new(thread)) }
+        Self {
+            queue,
+            metrics,
+            thread: Arc::new(std::sync::Mutex::new(thread)),
+        }
     }
 
     /// Runs `f` inside the next group-committed transaction and resolves once the commit is
@@ -115,20 +123,32 @@ impl Writer {
         F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel::<Result<T, WriteError<E>>>();
-        let job: Box<dyn Pending> = Box::new(PendingWrite { f: Some(f), outcome: None, reply });
-        self.metrics.writer_queue_depth.fetch_add(1, Ordering::Relaxed);
+        let job: Box<dyn Pending> = Box::new(PendingWrite {
+            f: Some(f),
+            outcome: None,
+            reply,
+        });
+        self.metrics
+            .writer_queue_depth
+            .fetch_add(1, Ordering::Relaxed);
         match self.queue.try_send(Message::Job(job)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics.writer_queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.metrics
+                    .writer_queue_depth
+                    .fetch_sub(1, Ordering::Relaxed);
                 return Err(WriteError::Store(StoreError::Busy));
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics.writer_queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.metrics
+                    .writer_queue_depth
+                    .fetch_sub(1, Ordering::Relaxed);
                 return Err(WriteError::Store(StoreError::WriterClosed));
             }
         }
-        answer.await.unwrap_or(Err(WriteError::Store(StoreError::WriterClosed)))
+        answer
+            .await
+            .unwrap_or(Err(WriteError::Store(StoreError::WriterClosed)))
     }
 
     /// Lets the writer finish every write queued so far, then stops it and waits. Writes
@@ -172,8 +192,12 @@ fn run(conn: Connection, mut jobs: mpsc::Receiver<Message>, metrics: &Metrics) {
             continue;
         }
         let taken = i64::try_from(batch.len()).unwrap_or(i64::MAX);
-        metrics.writer_queue_depth.fetch_sub(taken, Ordering::Relaxed);
-        metrics.writer_jobs.fetch_add(taken.unsigned_abs(), Ordering::Relaxed);
+        metrics
+            .writer_queue_depth
+            .fetch_sub(taken, Ordering::Relaxed);
+        metrics
+            .writer_jobs
+            .fetch_add(taken.unsigned_abs(), Ordering::Relaxed);
         let mut pending: std::collections::VecDeque<Box<dyn Pending>> = batch.drain(..).collect();
         while !pending.is_empty() {
             metrics.writer_batches.fetch_add(1, Ordering::Relaxed);
@@ -202,7 +226,10 @@ fn run_batch(conn: &Connection, pending: &mut std::collections::VecDeque<Box<dyn
     let mut ran: Vec<Box<dyn Pending>> = Vec::new();
     let mut lost = None;
     while let Some(mut job) = pending.pop_front() {
-        if let Err(error) = conn.prepare_cached("SAVEPOINT request").and_then(|mut s| s.execute([])) {
+        if let Err(error) = conn
+            .prepare_cached("SAVEPOINT request")
+            .and_then(|mut s| s.execute([]))
+        {
             pending.push_front(job);
             lost = Some(error.to_string());
             break;
@@ -215,19 +242,32 @@ fn run_batch(conn: &Connection, pending: &mut std::collections::VecDeque<Box<dyn
             lost = Some("the transaction was rolled back by SQLite".to_owned());
             break;
         }
-        let closing = if ok { conn.prepare_cached("RELEASE request").and_then(|mut s| s.execute([])).map(drop) } else { conn.execute_batch("ROLLBACK TO request; RELEASE request") };
+        let closing = if ok {
+            conn.prepare_cached("RELEASE request")
+                .and_then(|mut s| s.execute([]))
+                .map(drop)
+        } else {
+            conn.execute_batch("ROLLBACK TO request; RELEASE request")
+        };
         if let Err(error) = closing {
             lost = Some(format!("closing a savepoint failed: {error}"));
             break;
         }
     }
     if let Some(why) = lost {
-        tracing::error!(why, ran = ran.len(), retried = pending.len(), "write batch lost; the requests it ran failed, the rest go in a new batch");
+        tracing::error!(
+            why,
+            ran = ran.len(),
+            retried = pending.len(),
+            "write batch lost; the requests it ran failed, the rest go in a new batch"
+        );
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
         for job in ran {
-            job.finish(Some(StoreError::Join(format!("the write was not stored: {why}"))));
+            job.finish(Some(StoreError::Join(format!(
+                "the write was not stored: {why}"
+            ))));
         }
         return;
     }
@@ -256,7 +296,8 @@ mod tests {
     fn writer() -> (Writer, tempfile_path::TempPath) {
         let path = tempfile_path::TempPath::new();
         let conn = super::super::open_connection(&path.0, false).expect("open");
-        conn.execute_batch("CREATE TABLE t (v INTEGER NOT NULL UNIQUE)").expect("schema");
+        conn.execute_batch("CREATE TABLE t (v INTEGER NOT NULL UNIQUE)")
+            .expect("schema");
         (Writer::start(conn, Arc::new(Metrics::default())), path)
     }
 
@@ -264,7 +305,11 @@ mod tests {
         pub(crate) struct TempPath(pub(crate) std::path::PathBuf);
         impl TempPath {
             pub(crate) fn new() -> Self {
-                let name = format!("labrack-writer-test-{}-{}.db", std::process::id(), rand::random::<u64>());
+                let name = format!(
+                    "labrack-writer-test-{}-{}.db",
+                    std::process::id(),
+                    rand::random::<u64>()
+                );
                 Self(std::env::temp_dir().join(name))
             }
         }
@@ -285,7 +330,8 @@ mod tests {
             let w = writer.clone();
             tasks.push(tokio::spawn(async move {
                 w.write(move |c| {
-                    c.execute("INSERT INTO t (v) VALUES (?1)", [v]).map_err(|e| e.to_string())?;
+                    c.execute("INSERT INTO t (v) VALUES (?1)", [v])
+                        .map_err(|e| e.to_string())?;
                     if v % 10 == 0 {
                         return Err("refused".to_string());
                     }
@@ -304,9 +350,13 @@ mod tests {
         }
         assert_eq!(accepted, 180);
         let reader = rusqlite::Connection::open(&path.0).expect("open reader");
-        let stored: i64 = reader.query_row("SELECT count(*) FROM t WHERE v % 10 = 0", [], |r| r.get(0)).expect("q");
+        let stored: i64 = reader
+            .query_row("SELECT count(*) FROM t WHERE v % 10 = 0", [], |r| r.get(0))
+            .expect("q");
         assert_eq!(stored, 0, "rolled-back savepoints left rows");
-        let total: i64 = reader.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("q");
+        let total: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .expect("q");
         assert_eq!(total, 180);
         writer.shutdown();
     }
@@ -316,7 +366,8 @@ mod tests {
         let (writer, path) = writer();
         let result: Result<(), WriteError<String>> = writer
             .write(|c| {
-                c.execute("INSERT INTO t (v) VALUES (1)", []).map_err(|e| e.to_string())?;
+                c.execute("INSERT INTO t (v) VALUES (1)", [])
+                    .map_err(|e| e.to_string())?;
                 panic!("boom")
             })
             .await;
@@ -324,7 +375,9 @@ mod tests {
         let ok: Result<i64, WriteError<String>> = writer.write(|_| Ok(7)).await;
         assert_eq!(ok.ok(), Some(7));
         let reader = rusqlite::Connection::open(&path.0).expect("open reader");
-        let total: i64 = reader.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("q");
+        let total: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .expect("q");
         assert_eq!(total, 0);
         writer.shutdown();
     }
@@ -346,20 +399,41 @@ mod tests {
         let (writer, path) = writer();
         let held = hold_writer(&writer);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let insert = |v: i64| move |c: &Connection| c.execute("INSERT INTO t (v) VALUES (?1)", [v]).map(drop).map_err(|e| e.to_string());
+        let insert = |v: i64| {
+            move |c: &Connection| {
+                c.execute("INSERT INTO t (v) VALUES (?1)", [v])
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        };
         let (first, breaker, after) = tokio::join!(
             writer.write(insert(1)),
             // ends the outer transaction itself, as SQLite does after a full disk
-            writer.write(|c: &Connection| c.execute_batch("INSERT INTO t (v) VALUES (2); ROLLBACK").map_err(|e| e.to_string())),
+            writer.write(|c: &Connection| c
+                .execute_batch("INSERT INTO t (v) VALUES (2); ROLLBACK")
+                .map_err(|e| e.to_string())),
             writer.write(insert(3)),
         );
         held.await.expect("join").expect("held");
-        assert!(matches!(first, Err(WriteError::Store(_))), "its changes went with the transaction: {first:?}");
+        assert!(
+            matches!(first, Err(WriteError::Store(_))),
+            "its changes went with the transaction: {first:?}"
+        );
         assert!(matches!(breaker, Err(WriteError::Store(_))), "{breaker:?}");
         assert!(after.is_ok(), "the rest ran in a new batch: {after:?}");
         let reader = rusqlite::Connection::open(&path.0).expect("open reader");
-        let stored: Vec<i64> = reader.prepare("SELECT v FROM t ORDER BY v").expect("q").query_map([], |r| r.get(0)).expect("q").collect::<Result<_, _>>().expect("rows");
-        assert_eq!(stored, vec![3], "what callers were told failed is not stored, nothing ran in autocommit");
+        let stored: Vec<i64> = reader
+            .prepare("SELECT v FROM t ORDER BY v")
+            .expect("q")
+            .query_map([], |r| r.get(0))
+            .expect("q")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(
+            stored,
+            vec![3],
+            "what callers were told failed is not stored, nothing ran in autocommit"
+        );
         writer.shutdown();
     }
 
@@ -367,7 +441,8 @@ mod tests {
     async fn nothing_runs_when_the_transaction_cannot_begin() {
         let path = tempfile_path::TempPath::new();
         let conn = super::super::open_connection(&path.0, false).expect("open");
-        conn.busy_timeout(std::time::Duration::from_millis(50)).expect("timeout");
+        conn.busy_timeout(std::time::Duration::from_millis(50))
+            .expect("timeout");
         // another process holds the write lock: BEGIN IMMEDIATE fails as busy
         let other = super::super::open_connection(&path.0, false).expect("open other");
         other.execute_batch("BEGIN IMMEDIATE").expect("lock");
@@ -381,7 +456,10 @@ mod tests {
             })
             .await;
         assert!(matches!(result, Err(WriteError::Store(_))), "{result:?}");
-        assert!(!ran.load(Ordering::SeqCst), "the closure must not run outside a transaction");
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "the closure must not run outside a transaction"
+        );
         other.execute_batch("ROLLBACK").expect("unlock");
         let again: Result<i64, WriteError<String>> = writer.write(|_| Ok(1)).await;
         assert_eq!(again.ok(), Some(1), "the next batch begins normally");
@@ -395,10 +473,15 @@ mod tests {
         let writer = Writer::start_with_capacity(conn, Arc::new(Metrics::default()), 4);
         let held = hold_writer(&writer);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let writes: Vec<_> = (0..10).map(|_| writer.write(|_| Ok::<_, String>(()))).collect();
+        let writes: Vec<_> = (0..10)
+            .map(|_| writer.write(|_| Ok::<_, String>(())))
+            .collect();
         let results = futures_util::future::join_all(writes).await;
         held.await.expect("join").expect("held");
-        let busy = results.iter().filter(|r| matches!(r, Err(WriteError::Store(StoreError::Busy)))).count();
+        let busy = results
+            .iter()
+            .filter(|r| matches!(r, Err(WriteError::Store(StoreError::Busy))))
+            .count();
         assert_eq!(busy, 6, "four queued, six refused: {results:?}");
         assert!(results.iter().filter(|r| r.is_ok()).count() == 4);
         writer.shutdown();

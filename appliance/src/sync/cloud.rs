@@ -100,10 +100,15 @@ CREATE VIEW effective AS
 fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     conn.execute_batch(SCHEMA).context("the cloud schema")?;
     let applied: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    anyhow::ensure!(applied <= MIGRATIONS.len(), "the cloud database is at schema {applied}, newer than this labrack ({})", MIGRATIONS.len());
+    anyhow::ensure!(
+        applied <= MIGRATIONS.len(),
+        "the cloud database is at schema {applied}, newer than this labrack ({})",
+        MIGRATIONS.len()
+    );
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql).with_context(|| format!("cloud migration {}", index + 1))?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("cloud migration {}", index + 1))?;
         tx.pragma_update(None, "user_version", index + 1)?;
         tx.commit()?;
     }
@@ -120,7 +125,8 @@ fn sha256_hex(text: &str) -> String {
 
 pub fn open(data_dir: &Path) -> anyhow::Result<Connection> {
     crate::data_dir::prepare(data_dir)?;
-    let mut conn = crate::db::open_connection(&data_dir.join(DB_FILE), false).context("opening the cloud database")?;
+    let mut conn = crate::db::open_connection(&data_dir.join(DB_FILE), false)
+        .context("opening the cloud database")?;
     migrate(&mut conn)?;
     Ok(conn)
 }
@@ -130,7 +136,11 @@ pub fn new_enrolment_token(conn: &Connection, ttl_secs: u64) -> anyhow::Result<S
     let token = format!("lrc_{}", crate::api::auth::random_token());
     conn.execute(
         "INSERT INTO enrolment_tokens (token_sha256, expires_ms) VALUES (?1, ?2)",
-        params![sha256_hex(&token), now_ms().saturating_add(i64::try_from(ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX))],
+        params![
+            sha256_hex(&token),
+            now_ms()
+                .saturating_add(i64::try_from(ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX))
+        ],
     )?;
     Ok(token)
 }
@@ -141,10 +151,19 @@ type Refusal = (String, Option<String>);
 /// Who is calling — an enrolled appliance, or one enrolled now — and where its stream for
 /// `hello.epoch` stands: `(appliance id, acked)`. A new epoch starts a stream at its base;
 /// an epoch whose stream holds more than the appliance ever wrote is refused.
-fn admit(conn: &Connection, fingerprint: &str, hello: &protocol::Hello) -> Result<(i64, i64), Refusal> {
-    let id = enrolled(conn, fingerprint, &hello.name, hello.token.as_deref()).map_err(|reason| (reason, None))?;
+fn admit(
+    conn: &Connection,
+    fingerprint: &str,
+    hello: &protocol::Hello,
+) -> Result<(i64, i64), Refusal> {
+    let id = enrolled(conn, fingerprint, &hello.name, hello.token.as_deref())
+        .map_err(|reason| (reason, None))?;
     let stream: Option<i64> = conn
-        .query_row("SELECT acked FROM streams WHERE appliance_id = ?1 AND epoch = ?2", params![id, hello.epoch], |r| r.get(0))
+        .query_row(
+            "SELECT acked FROM streams WHERE appliance_id = ?1 AND epoch = ?2",
+            params![id, hello.epoch],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(|e| (e.to_string(), None))?;
     let acked = match stream {
@@ -160,7 +179,13 @@ fn admit(conn: &Connection, fingerprint: &str, hello: &protocol::Hello) -> Resul
         Some(acked) => acked,
         None => {
             if hello.base < 0 || hello.base > hello.last_seq {
-                return Err((format!("epoch {:?} starts after {} but the appliance wrote only {}", hello.epoch, hello.base, hello.last_seq), None));
+                return Err((
+                    format!(
+                        "epoch {:?} starts after {} but the appliance wrote only {}",
+                        hello.epoch, hello.base, hello.last_seq
+                    ),
+                    None,
+                ));
             }
             conn.execute(
                 "INSERT INTO streams (appliance_id, epoch, base, acked, started_ms) VALUES (?1, ?2, ?3, ?3, ?4)",
@@ -171,27 +196,54 @@ fn admit(conn: &Connection, fingerprint: &str, hello: &protocol::Hello) -> Resul
             hello.base
         }
     };
-    conn.execute("UPDATE appliances SET epoch = ?2, acked = ?3 WHERE id = ?1", params![id, hello.epoch, acked]).map_err(|e| (e.to_string(), None))?;
+    conn.execute(
+        "UPDATE appliances SET epoch = ?2, acked = ?3 WHERE id = ?1",
+        params![id, hello.epoch, acked],
+    )
+    .map_err(|e| (e.to_string(), None))?;
     Ok((id, acked))
 }
 
 /// The enrolled appliance with this certificate, or one enrolled now with `token`.
-fn enrolled(conn: &Connection, fingerprint: &str, name: &str, token: Option<&str>) -> Result<i64, String> {
-    let known: Option<i64> =
-        conn.query_row("SELECT id FROM appliances WHERE cert_sha256 = ?1", [fingerprint], |r| r.get(0)).optional().map_err(|e| e.to_string())?;
+fn enrolled(
+    conn: &Connection,
+    fingerprint: &str,
+    name: &str,
+    token: Option<&str>,
+) -> Result<i64, String> {
+    let known: Option<i64> = conn
+        .query_row(
+            "SELECT id FROM appliances WHERE cert_sha256 = ?1",
+            [fingerprint],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| e.to_string())?;
     if let Some(id) = known {
-        conn.execute("UPDATE appliances SET last_seen_ms = ?2 WHERE id = ?1", params![id, now_ms()]).map_err(|e| e.to_string())?;
+        conn.execute(
+            "UPDATE appliances SET last_seen_ms = ?2 WHERE id = ?1",
+            params![id, now_ms()],
+        )
+        .map_err(|e| e.to_string())?;
         return Ok(id);
     }
-    let Some(token) = token else { return Err("this appliance is not enrolled: give it an enrolment token from `labrack cloud enrol-token`".into()) };
+    let Some(token) = token else {
+        return Err("this appliance is not enrolled: give it an enrolment token from `labrack cloud enrol-token`".into());
+    };
     let row: Option<(i64, Option<i64>)> = conn
-        .query_row("SELECT expires_ms, used_by FROM enrolment_tokens WHERE token_sha256 = ?1", [sha256_hex(token)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT expires_ms, used_by FROM enrolment_tokens WHERE token_sha256 = ?1",
+            [sha256_hex(token)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()
         .map_err(|e| e.to_string())?;
     match row {
         None => Err("unknown enrolment token".into()),
         Some((_, Some(_))) => Err("this enrolment token was already used".into()),
-        Some((expires, None)) if expires <= now_ms() => Err("this enrolment token has expired".into()),
+        Some((expires, None)) if expires <= now_ms() => {
+            Err("this enrolment token has expired".into())
+        }
         Some(_) => {
             let name: String = name.chars().filter(|c| !c.is_control()).take(100).collect();
             conn.execute(
@@ -200,7 +252,11 @@ fn enrolled(conn: &Connection, fingerprint: &str, name: &str, token: Option<&str
             )
             .map_err(|e| e.to_string())?;
             let id = conn.last_insert_rowid();
-            conn.execute("UPDATE enrolment_tokens SET used_by = ?2 WHERE token_sha256 = ?1", params![sha256_hex(token), id]).map_err(|e| e.to_string())?;
+            conn.execute(
+                "UPDATE enrolment_tokens SET used_by = ?2 WHERE token_sha256 = ?1",
+                params![sha256_hex(token), id],
+            )
+            .map_err(|e| e.to_string())?;
             tracing::info!(appliance = id, %name, "appliance enrolled");
             Ok(id)
         }
@@ -210,35 +266,60 @@ fn enrolled(conn: &Connection, fingerprint: &str, name: &str, token: Option<&str
 /// Applies a batch to the appliance's stream for `epoch` in one transaction: rows already
 /// held (and rows at or below the stream's base) change nothing; returns the highest
 /// contiguous sequence now held.
-pub fn apply(conn: &mut Connection, appliance_id: i64, epoch: &str, batch: &Batch) -> Result<i64, rusqlite::Error> {
+pub fn apply(
+    conn: &mut Connection,
+    appliance_id: i64,
+    epoch: &str,
+    batch: &Batch,
+) -> Result<i64, rusqlite::Error> {
     let tx = conn.transaction()?;
-    let (base, mut acked): (i64, i64) =
-        tx.query_row("SELECT base, acked FROM streams WHERE appliance_id = ?1 AND epoch = ?2", params![appliance_id, epoch], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (base, mut acked): (i64, i64) = tx.query_row(
+        "SELECT base, acked FROM streams WHERE appliance_id = ?1 AND epoch = ?2",
+        params![appliance_id, epoch],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO received (appliance_id, epoch, seq, kind, entity, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         for row in batch.rows.iter().filter(|row| row.seq > base) {
-            insert.execute(params![appliance_id, epoch, row.seq, row.kind, row.entity, row.body, row.created_ms])?;
+            insert.execute(params![
+                appliance_id,
+                epoch,
+                row.seq,
+                row.kind,
+                row.entity,
+                row.body,
+                row.created_ms
+            ])?;
         }
         let mut held = tx.prepare_cached("SELECT EXISTS(SELECT 1 FROM received WHERE appliance_id = ?1 AND epoch = ?2 AND seq = ?3)")?;
         loop {
-            let next: bool = held.query_row(params![appliance_id, epoch, acked + 1], |r| r.get(0))?;
+            let next: bool =
+                held.query_row(params![appliance_id, epoch, acked + 1], |r| r.get(0))?;
             if !next {
                 break;
             }
             acked += 1;
         }
     }
-    tx.execute("UPDATE streams SET acked = ?3 WHERE appliance_id = ?1 AND epoch = ?2", params![appliance_id, epoch, acked])?;
-    tx.execute("UPDATE appliances SET acked = ?2, last_seen_ms = ?3 WHERE id = ?1 AND epoch = ?4", params![appliance_id, acked, now_ms(), epoch])?;
+    tx.execute(
+        "UPDATE streams SET acked = ?3 WHERE appliance_id = ?1 AND epoch = ?2",
+        params![appliance_id, epoch, acked],
+    )?;
+    tx.execute(
+        "UPDATE appliances SET acked = ?2, last_seen_ms = ?3 WHERE id = ?1 AND epoch = ?4",
+        params![appliance_id, acked, now_ms(), epoch],
+    )?;
     tx.commit()?;
     Ok(acked)
 }
 
 /// This cloud database's epoch.
 fn epoch(conn: &Connection) -> Result<String, rusqlite::Error> {
-    conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))
+    conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+        r.get(0)
+    })
 }
 
 /// Connections not yet identified, per source address (see [`MAX_UNIDENTIFIED_PER_ADDRESS`]).
@@ -253,14 +334,22 @@ struct Stranger {
 }
 
 impl Strangers {
-    fn admit(self: &Arc<Self>, address: std::net::IpAddr, slot: tokio::sync::OwnedSemaphorePermit) -> Option<Stranger> {
+    fn admit(
+        self: &Arc<Self>,
+        address: std::net::IpAddr,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Option<Stranger> {
         let mut counts = self.0.lock().ok()?;
         let count = counts.entry(address).or_default();
         if *count >= MAX_UNIDENTIFIED_PER_ADDRESS {
             return None;
         }
         *count += 1;
-        Some(Stranger { strangers: self.clone(), address, _slot: slot })
+        Some(Stranger {
+            strangers: self.clone(),
+            address,
+            _slot: slot,
+        })
     }
 }
 
@@ -277,13 +366,20 @@ impl Drop for Stranger {
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>, unidentified: Stranger) -> anyhow::Result<()> {
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    db: Arc<Mutex<Connection>>,
+    unidentified: Stranger,
+) -> anyhow::Result<()> {
     // Handshake, stream and hello within one deadline, under the unidentified cap.
     let identified = tokio::time::timeout(HELLO_WAIT, async {
         let connection = incoming.await.context("handshake")?;
-        let fingerprint = super::tls::peer_fingerprint(&connection).context("no client certificate")?;
+        let fingerprint =
+            super::tls::peer_fingerprint(&connection).context("no client certificate")?;
         let (send, mut recv) = connection.accept_bi().await.context("opening the stream")?;
-        let Frame::Hello(hello) = protocol::read_frame(&mut recv).await? else { anyhow::bail!("expected hello") };
+        let Frame::Hello(hello) = protocol::read_frame(&mut recv).await? else {
+            anyhow::bail!("expected hello")
+        };
         Ok::<_, anyhow::Error>((connection, fingerprint, send, recv, hello))
     })
     .await
@@ -295,7 +391,11 @@ async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>,
     drop(unidentified);
     if hello.version != protocol::VERSION {
         let refusal = Frame::Refused(Refused {
-            reason: format!("protocol version {} is not supported (this cloud speaks {})", hello.version, protocol::VERSION),
+            reason: format!(
+                "protocol version {} is not supported (this cloud speaks {})",
+                hello.version,
+                protocol::VERSION
+            ),
             code: None,
         });
         protocol::write_frame(&mut send, &refusal).await?;
@@ -307,7 +407,9 @@ async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>,
         let db = db.clone();
         let (fingerprint, hello) = (fingerprint.clone(), hello.clone());
         tokio::task::spawn_blocking(move || {
-            let conn = db.lock().map_err(|_| ("database lock poisoned".to_owned(), None))?;
+            let conn = db
+                .lock()
+                .map_err(|_| ("database lock poisoned".to_owned(), None))?;
             let admitted = admit(&conn, &fingerprint, &hello)?;
             Ok::<_, Refusal>((admitted, epoch(&conn).map_err(|e| (e.to_string(), None))?))
         })
@@ -320,11 +422,20 @@ async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>,
             protocol::write_frame(&mut send, &Frame::Refused(Refused { reason, code })).await?;
             let _ = send.finish();
             // Let the refusal arrive before the connection goes.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connection.closed()).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), connection.closed()).await;
             return Ok(());
         }
     };
-    protocol::write_frame(&mut send, &Frame::Welcome(Welcome { appliance_id, acked, epoch: cloud_epoch })).await?;
+    protocol::write_frame(
+        &mut send,
+        &Frame::Welcome(Welcome {
+            appliance_id,
+            acked,
+            epoch: cloud_epoch,
+        }),
+    )
+    .await?;
     let stream_epoch = hello.epoch.clone();
     loop {
         let frame = match protocol::read_frame(&mut recv).await {
@@ -332,10 +443,14 @@ async fn serve_connection(incoming: quinn::Incoming, db: Arc<Mutex<Connection>>,
             Err(protocol::FrameError::Closed) => return Ok(()),
             Err(error) => return Err(error.into()),
         };
-        let Frame::Batch(batch) = frame else { anyhow::bail!("expected a batch") };
+        let Frame::Batch(batch) = frame else {
+            anyhow::bail!("expected a batch")
+        };
         let (db, epoch) = (db.clone(), stream_epoch.clone());
         let acked = tokio::task::spawn_blocking(move || {
-            let mut conn = db.lock().map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
+            let mut conn = db
+                .lock()
+                .map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
             apply(&mut conn, appliance_id, &epoch, &batch).map_err(anyhow::Error::from)
         })
         .await??;
@@ -353,21 +468,29 @@ pub struct CloudConfig {
 
 /// Runs the receiver until SIGTERM/SIGINT.
 pub fn serve(config: CloudConfig) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run(config))
 }
 
 async fn run(config: CloudConfig) -> anyhow::Result<()> {
     let conn = open(&config.data_dir)?;
-    let fresh: bool = conn.query_row("SELECT NOT EXISTS(SELECT 1 FROM admin_tokens)", [], |r| r.get(0))?;
+    let fresh: bool = conn.query_row("SELECT NOT EXISTS(SELECT 1 FROM admin_tokens)", [], |r| {
+        r.get(0)
+    })?;
     if fresh {
         let token = format!("lrca_{}", crate::api::auth::random_token());
-        conn.execute("INSERT INTO admin_tokens (token_sha256, created_ms) VALUES (?1, ?2)", params![sha256_hex(&token), now_ms()])?;
+        conn.execute(
+            "INSERT INTO admin_tokens (token_sha256, created_ms) VALUES (?1, ?2)",
+            params![sha256_hex(&token), now_ms()],
+        )?;
         println!("labrack cloud: admin token for the read API (shown once): {token}");
     }
     let material = crate::tls::server_material(&config.data_dir, &config.tls_names)?;
     let server = super::tls::server_config(material.chain.clone(), material.key.clone_key())?;
-    let endpoint = quinn::Endpoint::server(server, config.listen).with_context(|| format!("binding UDP {}", config.listen))?;
+    let endpoint = quinn::Endpoint::server(server, config.listen)
+        .with_context(|| format!("binding UDP {}", config.listen))?;
     let quic_addr = endpoint.local_addr()?;
     let db = Arc::new(Mutex::new(conn));
     let unidentified = Arc::new(tokio::sync::Semaphore::new(MAX_UNIDENTIFIED));
@@ -380,15 +503,25 @@ async fn run(config: CloudConfig) -> anyhow::Result<()> {
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(material.chain, material.key)?;
-    let listener = std::net::TcpListener::bind(config.http_listen).with_context(|| format!("binding {}", config.http_listen))?;
+    let listener = std::net::TcpListener::bind(config.http_listen)
+        .with_context(|| format!("binding {}", config.http_listen))?;
     listener.set_nonblocking(true)?;
     let http_addr = listener.local_addr()?;
     let handle = axum_server::Handle::<SocketAddr>::new();
-    let http_server = axum_server::from_tcp_rustls(listener, axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)))?
-        .handle(handle.clone())
-        .serve(http.into_make_service());
-    println!("labrack cloud: ca certificate {}", material.files.ca_cert.display());
-    println!("labrack cloud: ca fingerprint SHA256:{}", material.ca_fingerprint);
+    let http_server = axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls)),
+    )?
+    .handle(handle.clone())
+    .serve(http.into_make_service());
+    println!(
+        "labrack cloud: ca certificate {}",
+        material.files.ca_cert.display()
+    );
+    println!(
+        "labrack cloud: ca fingerprint SHA256:{}",
+        material.ca_fingerprint
+    );
     println!("labrack cloud: sync (QUIC) on {quic_addr}");
     println!("labrack cloud: read API on https://{http_addr}/");
     let http_task = tokio::spawn(http_server);
@@ -427,7 +560,10 @@ async fn run(config: CloudConfig) -> anyhow::Result<()> {
 
 /// `labrack cloud enrol-token`: works while the receiver runs (SQLite serialises writers).
 pub fn enrol_token(data_dir: &Path, ttl_secs: u64) -> anyhow::Result<String> {
-    anyhow::ensure!((60..=30 * 86_400).contains(&ttl_secs), "--ttl-secs must be between 60 and 2592000");
+    anyhow::ensure!(
+        (60..=30 * 86_400).contains(&ttl_secs),
+        "--ttl-secs must be between 60 and 2592000"
+    );
     let conn = open(data_dir)?;
     new_enrolment_token(&conn, ttl_secs)
 }

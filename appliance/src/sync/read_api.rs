@@ -21,15 +21,29 @@ fn authorize(db: &Db, headers: &HeaderMap) -> Result<(), ApiError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::Unauthenticated("send `Authorization: Bearer <admin token>`".into()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthenticated("send `Authorization: Bearer <admin token>`".into())
+        })?;
     let hash = hex::encode(sha2::Sha256::digest(token.trim().as_bytes()));
-    let conn = db.lock().map_err(|_| ApiError::Internal("database lock poisoned".into()))?;
-    let known: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM admin_tokens WHERE token_sha256 = ?1)", [hash], |r| r.get(0))?;
-    if known { Ok(()) } else { Err(ApiError::Unauthenticated("unknown admin token".into())) }
+    let conn = db
+        .lock()
+        .map_err(|_| ApiError::Internal("database lock poisoned".into()))?;
+    let known: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM admin_tokens WHERE token_sha256 = ?1)",
+        [hash],
+        |r| r.get(0),
+    )?;
+    if known {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthenticated("unknown admin token".into()))
+    }
 }
 
 fn with_db<T>(db: &Db, f: impl FnOnce(&Connection) -> Result<T, ApiError>) -> Result<T, ApiError> {
-    let conn = db.lock().map_err(|_| ApiError::Internal("database lock poisoned".into()))?;
+    let conn = db
+        .lock()
+        .map_err(|_| ApiError::Internal("database lock poisoned".into()))?;
     f(&conn)
 }
 
@@ -43,14 +57,24 @@ struct ApplianceView {
     last_seen_ms: i64,
 }
 
-async fn appliances(State(db): State<Db>, headers: HeaderMap) -> Result<Json<Vec<ApplianceView>>, ApiError> {
+async fn appliances(
+    State(db): State<Db>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<ApplianceView>>, ApiError> {
     authorize(&db, &headers)?;
     with_db(&db, |conn| {
         let mut statement = conn.prepare(
             "SELECT a.id, a.name, a.acked, (SELECT count(*) FROM effective r WHERE r.appliance_id = a.id), a.enrolled_ms, a.last_seen_ms FROM appliances a ORDER BY a.id",
         )?;
         let rows = statement.query_map([], |r| {
-            Ok(ApplianceView { id: r.get(0)?, name: r.get(1)?, acked: r.get(2)?, rows: r.get(3)?, enrolled_ms: r.get(4)?, last_seen_ms: r.get(5)? })
+            Ok(ApplianceView {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                acked: r.get(2)?,
+                rows: r.get(3)?,
+                enrolled_ms: r.get(4)?,
+                last_seen_ms: r.get(5)?,
+            })
         })?;
         Ok(Json(rows.collect::<Result<Vec<_>, _>>()?))
     })
@@ -74,26 +98,54 @@ pub fn checksum<'a>(rows: impl Iterator<Item = (i64, &'a str, &'a str, &'a str)>
     hex::encode(hasher.finalize())
 }
 
-async fn summary(State(db): State<Db>, headers: HeaderMap, Path(id): Path<i64>) -> Result<Json<Summary>, ApiError> {
+async fn summary(
+    State(db): State<Db>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<Summary>, ApiError> {
     authorize(&db, &headers)?;
     with_db(&db, |conn| {
-        let acked: i64 = conn.query_row("SELECT acked FROM appliances WHERE id = ?1", [id], |r| r.get(0)).map_err(|_| ApiError::NotFound("appliance"))?;
-        let mut statement = conn.prepare("SELECT seq, kind, entity, body FROM effective WHERE appliance_id = ?1 ORDER BY seq")?;
-        let rows: Vec<(i64, String, String, String)> =
-            statement.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect::<Result<_, _>>()?;
+        let acked: i64 = conn
+            .query_row("SELECT acked FROM appliances WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .map_err(|_| ApiError::NotFound("appliance"))?;
+        let mut statement = conn.prepare(
+            "SELECT seq, kind, entity, body FROM effective WHERE appliance_id = ?1 ORDER BY seq",
+        )?;
+        let rows: Vec<(i64, String, String, String)> = statement
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
         let max_seq = rows.last().map_or(0, |r| r.0);
-        let checksum = checksum(rows.iter().map(|(s, k, e, b)| (*s, k.as_str(), e.as_str(), b.as_str())));
-        Ok(Json(Summary { rows: i64::try_from(rows.len()).unwrap_or(i64::MAX), max_seq, acked, checksum }))
+        let checksum = checksum(
+            rows.iter()
+                .map(|(s, k, e, b)| (*s, k.as_str(), e.as_str(), b.as_str())),
+        );
+        Ok(Json(Summary {
+            rows: i64::try_from(rows.len()).unwrap_or(i64::MAX),
+            max_seq,
+            acked,
+            checksum,
+        }))
     })
 }
 
-fn bodies(conn: &Connection, appliance: i64, kind: &str, event_id: i64) -> Result<Vec<serde_json::Value>, ApiError> {
-    let mut statement = conn.prepare_cached("SELECT body FROM effective WHERE appliance_id = ?1 AND kind = ?2 ORDER BY seq")?;
+fn bodies(
+    conn: &Connection,
+    appliance: i64,
+    kind: &str,
+    event_id: i64,
+) -> Result<Vec<serde_json::Value>, ApiError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT body FROM effective WHERE appliance_id = ?1 AND kind = ?2 ORDER BY seq",
+    )?;
     let rows = statement.query_map(params![appliance, kind], |r| r.get::<_, String>(0))?;
     let mut out = Vec::new();
     for row in rows {
         let value: serde_json::Value = serde_json::from_str(&row?).unwrap_or_default();
-        if value["event_id"].as_i64() == Some(event_id) || (kind == "event" && value["id"].as_i64() == Some(event_id)) {
+        if value["event_id"].as_i64() == Some(event_id)
+            || (kind == "event" && value["id"].as_i64() == Some(event_id))
+        {
             out.push(value);
         }
     }
@@ -106,27 +158,44 @@ struct CloudLedger {
     balance_cents: i64,
 }
 
-async fn ledger(State(db): State<Db>, headers: HeaderMap, Path((id, event_id)): Path<(i64, i64)>) -> Result<Json<CloudLedger>, ApiError> {
+async fn ledger(
+    State(db): State<Db>,
+    headers: HeaderMap,
+    Path((id, event_id)): Path<(i64, i64)>,
+) -> Result<Json<CloudLedger>, ApiError> {
     authorize(&db, &headers)?;
     with_db(&db, |conn| {
         let entries = bodies(conn, id, "ledger", event_id)?;
-        let balance_cents = entries.iter().filter_map(|e| e["amount_cents"].as_i64()).sum();
-        Ok(Json(CloudLedger { entries, balance_cents }))
+        let balance_cents = entries
+            .iter()
+            .filter_map(|e| e["amount_cents"].as_i64())
+            .sum();
+        Ok(Json(CloudLedger {
+            entries,
+            balance_cents,
+        }))
     })
 }
 
 /// The event's board as the cloud sees it: the same ranking the appliance uses, rebuilt
 /// from teams, check results, judges' scores and score adjustments received.
-async fn event_scores(State(db): State<Db>, headers: HeaderMap, Path((id, event_id)): Path<(i64, i64)>) -> Result<Json<Vec<scores::BoardRow>>, ApiError> {
+async fn event_scores(
+    State(db): State<Db>,
+    headers: HeaderMap,
+    Path((id, event_id)): Path<(i64, i64)>,
+) -> Result<Json<Vec<scores::BoardRow>>, ApiError> {
     authorize(&db, &headers)?;
     with_db(&db, |conn| {
         let teams: Vec<(i64, String)> = bodies(conn, id, "team", event_id)?
             .iter()
             .filter_map(|t| Some((t["id"].as_i64()?, t["name"].as_str()?.to_owned())))
             .collect();
-        let mut latest: std::collections::HashMap<(i64, String), LatestResult> = std::collections::HashMap::new();
+        let mut latest: std::collections::HashMap<(i64, String), LatestResult> =
+            std::collections::HashMap::new();
         for r in bodies(conn, id, "check_result", event_id)? {
-            let (Some(team_id), Some(check)) = (r["team_id"].as_i64(), r["check"].as_str()) else { continue };
+            let (Some(team_id), Some(check)) = (r["team_id"].as_i64(), r["check"].as_str()) else {
+                continue;
+            };
             latest.insert(
                 (team_id, check.to_lowercase()),
                 LatestResult {
@@ -138,21 +207,42 @@ async fn event_scores(State(db): State<Db>, headers: HeaderMap, Path((id, event_
                 },
             );
         }
-        let mut judged: std::collections::HashMap<(i64, i64, String), (f64, i64)> = std::collections::HashMap::new();
+        let mut judged: std::collections::HashMap<(i64, i64, String), (f64, i64)> =
+            std::collections::HashMap::new();
         for j in bodies(conn, id, "judge_score", event_id)? {
-            let (Some(team_id), Some(judge), Some(dimension)) = (j["team_id"].as_i64(), j["judge_id"].as_i64(), j["dimension"].as_str()) else { continue };
-            judged.insert((team_id, judge, dimension.to_owned()), (j["points"].as_f64().unwrap_or(0.0), j["at_ms"].as_i64().unwrap_or(0)));
+            let (Some(team_id), Some(judge), Some(dimension)) = (
+                j["team_id"].as_i64(),
+                j["judge_id"].as_i64(),
+                j["dimension"].as_str(),
+            ) else {
+                continue;
+            };
+            judged.insert(
+                (team_id, judge, dimension.to_owned()),
+                (
+                    j["points"].as_f64().unwrap_or(0.0),
+                    j["at_ms"].as_i64().unwrap_or(0),
+                ),
+            );
         }
-        let mut per_dimension: std::collections::HashMap<(i64, String), (f64, u32, i64)> = std::collections::HashMap::new();
+        let mut per_dimension: std::collections::HashMap<(i64, String), (f64, u32, i64)> =
+            std::collections::HashMap::new();
         for ((team_id, _, dimension), (points, at)) in judged {
-            let entry = per_dimension.entry((team_id, dimension)).or_insert((0.0, 0, 0));
+            let entry = per_dimension
+                .entry((team_id, dimension))
+                .or_insert((0.0, 0, 0));
             entry.0 += points;
             entry.1 += 1;
             entry.2 = entry.2.max(at);
         }
         let judged: Vec<JudgedPoints> = per_dimension
             .into_iter()
-            .map(|((team_id, dimension), (sum, n, at_ms))| JudgedPoints { team_id, dimension, points: sum / f64::from(n.max(1)), at_ms })
+            .map(|((team_id, dimension), (sum, n, at_ms))| JudgedPoints {
+                team_id,
+                dimension,
+                points: sum / f64::from(n.max(1)),
+                at_ms,
+            })
             .collect();
         let mut adjustments: std::collections::HashMap<i64, f64> = std::collections::HashMap::new();
         for a in bodies(conn, id, "score_adjustment", event_id)? {
@@ -170,8 +260,14 @@ pub fn router(db: Db) -> Router {
     Router::new()
         .route("/api/v1/appliances", get(appliances))
         .route("/api/v1/appliances/{id}/summary", get(summary))
-        .route("/api/v1/appliances/{id}/events/{event_id}/ledger", get(ledger))
-        .route("/api/v1/appliances/{id}/events/{event_id}/scores", get(event_scores))
+        .route(
+            "/api/v1/appliances/{id}/events/{event_id}/ledger",
+            get(ledger),
+        )
+        .route(
+            "/api/v1/appliances/{id}/events/{event_id}/scores",
+            get(event_scores),
+        )
         .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
         .with_state(db)
 }

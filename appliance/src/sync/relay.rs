@@ -108,8 +108,14 @@ pub async fn run(state: AppState, settings: SyncSettings) {
             result = session(&state, &settings) => result,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
-        let stop = session.as_ref().err().and_then(|e| e.downcast_ref::<Stop>());
-        let (refused, mismatch) = (matches!(stop, Some(Stop::Refused(_))), matches!(stop, Some(Stop::Mismatch(_))));
+        let stop = session
+            .as_ref()
+            .err()
+            .and_then(|e| e.downcast_ref::<Stop>());
+        let (refused, mismatch) = (
+            matches!(stop, Some(Stop::Refused(_))),
+            matches!(stop, Some(Stop::Mismatch(_))),
+        );
         if let Err(error) = &session {
             let text = format!("{error:#}");
             tracing::warn!(error = %text, "sync link down");
@@ -117,11 +123,26 @@ pub async fn run(state: AppState, settings: SyncSettings) {
                 // Loudly, once: staff must decide (it will not heal by waiting).
                 tracing::error!(error = %text, "sync mismatch: the link stops until staff act");
                 let detail = serde_json::json!({"detail": text});
-                let meta = crate::api::extract::RequestMeta { remote_addr: "local".into(), request_id: String::new() };
-                let _ = state.db.writer().write(move |conn| crate::api::audit(conn, "system:sync", &meta, "sync.mismatch", None, detail)).await;
+                let meta = crate::api::extract::RequestMeta {
+                    remote_addr: "local".into(),
+                    request_id: String::new(),
+                };
+                let _ = state
+                    .db
+                    .writer()
+                    .write(move |conn| {
+                        crate::api::audit(conn, "system:sync", &meta, "sync.mismatch", None, detail)
+                    })
+                    .await;
             }
             state.link.update(|s| {
-                s.state = if mismatch { "mismatch".into() } else if refused { "refused".into() } else { "down".into() };
+                s.state = if mismatch {
+                    "mismatch".into()
+                } else if refused {
+                    "refused".into()
+                } else {
+                    "down".into()
+                };
                 s.last_error = Some(text);
                 s.linked_since_ms = None;
             });
@@ -133,7 +154,9 @@ pub async fn run(state: AppState, settings: SyncSettings) {
         let wait = if mismatch || refused {
             Duration::from_secs(30)
         } else {
-            Duration::from_millis(500).saturating_mul(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(5))
+            Duration::from_millis(500)
+                .saturating_mul(1 << failures.saturating_sub(1).min(6))
+                .min(Duration::from_secs(5))
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -157,32 +180,65 @@ async fn read_rows(state: &AppState, after: i64, limit: usize) -> Result<Vec<Row
 }
 
 async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()> {
-    let ca = std::fs::read(&settings.cloud_ca).with_context(|| format!("reading the cloud CA {}", settings.cloud_ca.display()))?;
-    let data_dir = state.data_dir.clone().context("the appliance has no data directory for its sync identity")?;
+    let ca = std::fs::read(&settings.cloud_ca)
+        .with_context(|| format!("reading the cloud CA {}", settings.cloud_ca.display()))?;
+    let data_dir = state
+        .data_dir
+        .clone()
+        .context("the appliance has no data directory for its sync identity")?;
     let (chain, key) = crate::tls::client_identity(&data_dir, "sync-client")?;
     let client = super::tls::client_config(&ca, chain, key)?;
-    let address = settings.cloud.to_socket_addrs().with_context(|| format!("resolving {}", settings.cloud))?.next().context("no address")?;
-    let host = settings.cloud.rsplit_once(':').map_or(settings.cloud.as_str(), |(h, _)| h).trim_matches(['[', ']']).to_owned();
-    let bind: std::net::SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let address = settings
+        .cloud
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", settings.cloud))?
+        .next()
+        .context("no address")?;
+    let host = settings
+        .cloud
+        .rsplit_once(':')
+        .map_or(settings.cloud.as_str(), |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let bind: std::net::SocketAddr = if address.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
     let mut endpoint = quinn::Endpoint::client(bind)?;
     endpoint.set_default_client_config(client);
-    let connection = tokio::time::timeout(Duration::from_secs(10), endpoint.connect(address, &host)?)
-        .await
-        .context("the cloud did not answer within 10 s")?
-        .context("connecting to the cloud")?;
+    let connection =
+        tokio::time::timeout(Duration::from_secs(10), endpoint.connect(address, &host)?)
+            .await
+            .context("the cloud did not answer within 10 s")?
+            .context("connecting to the cloud")?;
     let (epoch, base, last_seq, pruned) = state
         .db
         .read(|conn| {
             let (epoch, base) = crate::outbox::current_epoch(conn)?;
-            Ok::<_, ApiError>((epoch, base, crate::outbox::last_seq(conn)?, crate::outbox::pruned_through(conn)?))
+            Ok::<_, ApiError>((
+                epoch,
+                base,
+                crate::outbox::last_seq(conn)?,
+                crate::outbox::pruned_through(conn)?,
+            ))
         })
         .await?;
     let (mut send, mut recv) = connection.open_bi().await?;
-    let hello = Hello { version: protocol::VERSION, name: settings.name.clone(), token: settings.token.clone(), epoch: epoch.clone(), base, last_seq };
+    let hello = Hello {
+        version: protocol::VERSION,
+        name: settings.name.clone(),
+        token: settings.token.clone(),
+        epoch: epoch.clone(),
+        base,
+        last_seq,
+    };
     protocol::write_frame(&mut send, &Frame::Hello(hello)).await?;
     let welcome = match protocol::read_frame(&mut recv).await? {
         Frame::Welcome(welcome) => welcome,
-        Frame::Refused(refused) if refused.code.as_deref() == Some(protocol::EPOCH_MISMATCH) => return Err(Stop::Mismatch(refused.reason).into()),
+        Frame::Refused(refused) if refused.code.as_deref() == Some(protocol::EPOCH_MISMATCH) => {
+            return Err(Stop::Mismatch(refused.reason).into());
+        }
         Frame::Refused(refused) => return Err(Stop::Refused(refused.reason).into()),
         other => anyhow::bail!("unexpected answer {other:?}"),
     };
@@ -215,7 +271,11 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
     if previous.as_ref().is_some_and(|p| *p != welcome.epoch) {
         tracing::warn!(previous = ?previous, now = %welcome.epoch, "the cloud's database changed (replaced or restored); its acknowledgement fits, so the link goes on");
     }
-    tracing::info!(appliance_id = welcome.appliance_id, acked = welcome.acked, "sync link up");
+    tracing::info!(
+        appliance_id = welcome.appliance_id,
+        acked = welcome.acked,
+        "sync link up"
+    );
     state.link.update(|s| {
         s.state = "linked".into();
         s.acked = welcome.acked;
@@ -229,17 +289,26 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
         let (acked, sent_so_far) = (acked.clone(), sent_so_far.clone());
         tokio::spawn(async move {
             loop {
-                let frame: Result<Frame, protocol::FrameError> = protocol::read_frame(&mut recv).await;
+                let frame: Result<Frame, protocol::FrameError> =
+                    protocol::read_frame(&mut recv).await;
                 match frame {
                     Ok(Frame::Ack(ack)) => {
                         let sent = sent_so_far.load(std::sync::atomic::Ordering::SeqCst);
                         if ack.acked > sent {
                             // Never believed: that would prune rows the cloud does not hold.
-                            return Err(Stop::Mismatch(format!("the cloud acknowledged rows up to {} but only {sent} were sent", ack.acked)).into());
+                            return Err(Stop::Mismatch(format!(
+                                "the cloud acknowledged rows up to {} but only {sent} were sent",
+                                ack.acked
+                            ))
+                            .into());
                         }
                         acked.send_modify(|value| *value = (*value).max(ack.acked));
                     }
-                    Ok(other) => return Err::<(), anyhow::Error>(anyhow::anyhow!("unexpected frame {other:?}")),
+                    Ok(other) => {
+                        return Err::<(), anyhow::Error>(anyhow::anyhow!(
+                            "unexpected frame {other:?}"
+                        ));
+                    }
                     Err(error) => return Err(anyhow::Error::from(error)),
                 }
             }
@@ -306,7 +375,11 @@ async fn prune(state: &AppState, acked: i64, retention: Duration) -> Result<(), 
     const SLICE: i64 = 5_000;
     let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     loop {
-        let deleted = state.db.writer().write(move |conn| Ok::<_, ApiError>(crate::outbox::prune(conn, acked, cutoff, SLICE)?)).await?;
+        let deleted = state
+            .db
+            .writer()
+            .write(move |conn| Ok::<_, ApiError>(crate::outbox::prune(conn, acked, cutoff, SLICE)?))
+            .await?;
         if i64::try_from(deleted).unwrap_or(0) < SLICE {
             return Ok(());
         }

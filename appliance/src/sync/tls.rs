@@ -23,16 +23,41 @@ impl ClientCertVerifier for ProofOfKey {
         &[]
     }
 
-    fn verify_client_cert(&self, _end_entity: &CertificateDer<'_>, _intermediates: &[CertificateDer<'_>], _now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &rustls::DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -45,7 +70,10 @@ impl ClientCertVerifier for ProofOfKey {
 }
 
 /// The cloud's QUIC server configuration.
-pub fn server_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> anyhow::Result<quinn::ServerConfig> {
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -60,7 +88,11 @@ pub fn server_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'st
     // The server sends no keep-alives (the appliance does): a peer that goes quiet is
     // dropped after the idle timeout instead of being kept alive by us.
     transport.keep_alive_interval(None);
-    transport.max_idle_timeout(Some(std::time::Duration::from_secs(20).try_into().context("idle timeout")?));
+    transport.max_idle_timeout(Some(
+        std::time::Duration::from_secs(20)
+            .try_into()
+            .context("idle timeout")?,
+    ));
     // One stream per link is all the protocol uses; none the other way.
     transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
@@ -71,11 +103,17 @@ pub fn server_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'st
 }
 
 /// The appliance's QUIC client configuration: trusts `cloud_ca_pem` only.
-pub fn client_config(cloud_ca_pem: &[u8], chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> anyhow::Result<quinn::ClientConfig> {
+pub fn client_config(
+    cloud_ca_pem: &[u8],
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<quinn::ClientConfig> {
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(cloud_ca_pem) {
-        roots.add(cert.context("parsing the cloud CA")?).context("adding the cloud CA")?;
+        roots
+            .add(cert.context("parsing the cloud CA")?)
+            .context("adding the cloud CA")?;
     }
     anyhow::ensure!(!roots.is_empty(), "the cloud CA file holds no certificate");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -90,7 +128,11 @@ pub fn client_config(cloud_ca_pem: &[u8], chain: Vec<CertificateDer<'static>>, k
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
-    transport.max_idle_timeout(Some(std::time::Duration::from_secs(20).try_into().context("idle timeout")?));
+    transport.max_idle_timeout(Some(
+        std::time::Duration::from_secs(20)
+            .try_into()
+            .context("idle timeout")?,
+    ));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -100,5 +142,7 @@ pub fn peer_fingerprint(connection: &quinn::Connection) -> Option<String> {
     use sha2::Digest as _;
     let identity = connection.peer_identity()?;
     let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    chain.first().map(|cert| hex::encode(sha2::Sha256::digest(cert.as_ref())))
+    chain
+        .first()
+        .map(|cert| hex::encode(sha2::Sha256::digest(cert.as_ref())))
 }

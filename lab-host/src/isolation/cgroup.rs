@@ -53,9 +53,15 @@ impl Unit {
 /// The host's cgroup driver.
 #[derive(Debug, Clone)]
 pub(crate) enum Cgroups {
-    V1 { root: PathBuf, controllers: Vec<&'static str>, io_weight_file: Option<&'static str> },
+    V1 {
+        root: PathBuf,
+        controllers: Vec<&'static str>,
+        io_weight_file: Option<&'static str>,
+    },
     V2Systemd,
-    V2 { base: PathBuf },
+    V2 {
+        base: PathBuf,
+    },
 }
 
 impl Cgroups {
@@ -67,24 +73,47 @@ impl Cgroups {
             if Path::new("/run/systemd/system").exists() {
                 return Ok(Self::V2Systemd);
             }
-            let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
-            let path = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup v2 entry in /proc/self/cgroup")?;
+            let own = std::fs::read_to_string("/proc/self/cgroup")
+                .context("reading /proc/self/cgroup")?;
+            let path = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .context("no cgroup v2 entry in /proc/self/cgroup")?;
             let own_dir = root.join(path.trim_start_matches('/'));
             // cgroup v2 lets a group with processes hand no controllers to its children:
             // the agent moves itself into a leaf of its (delegated) group first.
             if own_dir != root && !own_dir.ends_with("agent") {
                 let leaf = own_dir.join("agent");
-                std::fs::create_dir_all(&leaf).with_context(|| format!("creating {} (delegate the agent's cgroup to it)", leaf.display()))?;
-                std::fs::write(leaf.join("cgroup.procs"), "0").with_context(|| format!("moving the agent into {}", leaf.display()))?;
-                return Ok(Self::V2 { base: own_dir.join("labrack") });
+                std::fs::create_dir_all(&leaf).with_context(|| {
+                    format!(
+                        "creating {} (delegate the agent's cgroup to it)",
+                        leaf.display()
+                    )
+                })?;
+                std::fs::write(leaf.join("cgroup.procs"), "0")
+                    .with_context(|| format!("moving the agent into {}", leaf.display()))?;
+                return Ok(Self::V2 {
+                    base: own_dir.join("labrack"),
+                });
             }
-            let parent = if own_dir.ends_with("agent") { own_dir.parent().map(Path::to_path_buf).unwrap_or(own_dir.clone()) } else { own_dir };
-            return Ok(Self::V2 { base: parent.join("labrack") });
+            let parent = if own_dir.ends_with("agent") {
+                own_dir
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or(own_dir.clone())
+            } else {
+                own_dir
+            };
+            return Ok(Self::V2 {
+                base: parent.join("labrack"),
+            });
         }
         let mut controllers = Vec::new();
         for controller in V1_REQUIRED {
             if !root.join(controller).join("cgroup.procs").exists() {
-                bail!("this host has no cgroup v1 `{controller}` hierarchy at /sys/fs/cgroup/{controller} and no cgroup v2: labs cannot be isolated");
+                bail!(
+                    "this host has no cgroup v1 `{controller}` hierarchy at /sys/fs/cgroup/{controller} and no cgroup v2: labs cannot be isolated"
+                );
             }
             controllers.push(controller);
         }
@@ -93,8 +122,14 @@ impl Cgroups {
                 controllers.push(controller);
             }
         }
-        let io_weight_file = ["blkio.bfq.weight", "blkio.weight"].into_iter().find(|f| root.join("blkio").join(f).exists());
-        Ok(Self::V1 { root, controllers, io_weight_file })
+        let io_weight_file = ["blkio.bfq.weight", "blkio.weight"]
+            .into_iter()
+            .find(|f| root.join("blkio").join(f).exists());
+        Ok(Self::V1 {
+            root,
+            controllers,
+            io_weight_file,
+        })
     }
 
     pub(crate) fn name(&self) -> &'static str {
@@ -130,21 +165,42 @@ impl Cgroups {
     }
 
     /// Makes (or updates) the lab's group with its limits and device rules.
-    pub(crate) fn prepare_lab(&self, lab: &str, limits: &LabLimits, devices: &[DeviceRule]) -> anyhow::Result<()> {
+    pub(crate) fn prepare_lab(
+        &self,
+        lab: &str,
+        limits: &LabLimits,
+        devices: &[DeviceRule],
+    ) -> anyhow::Result<()> {
         match self {
-            Self::V1 { root, controllers, io_weight_file } => {
+            Self::V1 {
+                root,
+                controllers,
+                io_weight_file,
+            } => {
                 for controller in controllers {
                     let dir = Self::v1_dir(root, controller, lab, None);
-                    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
                 }
                 let at = |controller: &str| Self::v1_dir(root, controller, lab, None);
-                write(&at("cpu").join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                write(&at("cpu").join("cpu.cfs_quota_us"), &quota_us(limits.cpu_millicores).to_string())?;
-                write(&at("cpu").join("cpu.shares"), &shares(limits.cpu_weight).to_string())?;
+                write(
+                    &at("cpu").join("cpu.cfs_period_us"),
+                    &CPU_PERIOD_US.to_string(),
+                )?;
+                write(
+                    &at("cpu").join("cpu.cfs_quota_us"),
+                    &quota_us(limits.cpu_millicores).to_string(),
+                )?;
+                write(
+                    &at("cpu").join("cpu.shares"),
+                    &shares(limits.cpu_weight).to_string(),
+                )?;
                 set_v1_memory(&at("memory"), u64::from(limits.memory_mib) * 1024 * 1024)?;
                 write(&at("pids").join("pids.max"), &limits.pids.to_string())?;
                 if let Some(weight) = limits.io_weight {
-                    let file = io_weight_file.context("io_weight: this host's block layer has no IO weight (no BFQ scheduler)")?;
+                    let file = io_weight_file.context(
+                        "io_weight: this host's block layer has no IO weight (no BFQ scheduler)",
+                    )?;
                     write(&at("blkio").join(file), &v1_io_weight(weight).to_string())?;
                 }
                 apply_v1_devices(&at("devices"), devices)?;
@@ -152,16 +208,25 @@ impl Cgroups {
             }
             Self::V2Systemd => {
                 let mut command = Command::new("systemctl");
-                command.args(["set-property", "--runtime", &slice(lab)]).args(systemd_limits(limits));
+                command
+                    .args(["set-property", "--runtime", &slice(lab)])
+                    .args(systemd_limits(limits));
                 run(&mut command)
             }
             Self::V2 { base } => {
                 let dir = base.join(lab);
-                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
                 enable_v2_controllers(base, &dir)?;
-                write(&dir.join("cpu.max"), &format!("{} {CPU_PERIOD_US}", quota_us(limits.cpu_millicores)))?;
+                write(
+                    &dir.join("cpu.max"),
+                    &format!("{} {CPU_PERIOD_US}", quota_us(limits.cpu_millicores)),
+                )?;
                 write(&dir.join("cpu.weight"), &limits.cpu_weight.to_string())?;
-                write(&dir.join("memory.max"), &(u64::from(limits.memory_mib) * 1024 * 1024).to_string())?;
+                write(
+                    &dir.join("memory.max"),
+                    &(u64::from(limits.memory_mib) * 1024 * 1024).to_string(),
+                )?;
                 let _ = write(&dir.join("memory.swap.max"), "0");
                 write(&dir.join("pids.max"), &limits.pids.to_string())?;
                 if let Some(weight) = limits.io_weight {
@@ -175,30 +240,50 @@ impl Cgroups {
     /// Makes a unit's group below the lab's, with the lab's device rules and, for a check,
     /// its own memory limit. Returns the `cgroup.procs` files a process of the unit writes
     /// `0` to (empty under systemd, where the unit's command is wrapped instead).
-    pub(crate) fn prepare_unit(&self, lab: &str, unit: &Unit, memory_mib: Option<u32>, pids: Option<u32>, devices: &[DeviceRule]) -> anyhow::Result<Vec<PathBuf>> {
+    pub(crate) fn prepare_unit(
+        &self,
+        lab: &str,
+        unit: &Unit,
+        memory_mib: Option<u32>,
+        pids: Option<u32>,
+        devices: &[DeviceRule],
+    ) -> anyhow::Result<Vec<PathBuf>> {
         match self {
-            Self::V1 { root, controllers, .. } => {
+            Self::V1 {
+                root, controllers, ..
+            } => {
                 let mut joins = Vec::new();
                 for controller in controllers {
                     let dir = Self::v1_dir(root, controller, lab, Some(unit));
-                    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
                     joins.push(dir.join("cgroup.procs"));
                 }
                 apply_v1_devices(&Self::v1_dir(root, "devices", lab, Some(unit)), devices)?;
                 if let Some(memory) = memory_mib {
-                    set_v1_memory(&Self::v1_dir(root, "memory", lab, Some(unit)), u64::from(memory) * 1024 * 1024)?;
+                    set_v1_memory(
+                        &Self::v1_dir(root, "memory", lab, Some(unit)),
+                        u64::from(memory) * 1024 * 1024,
+                    )?;
                 }
                 if let Some(pids) = pids {
-                    write(&Self::v1_dir(root, "pids", lab, Some(unit)).join("pids.max"), &pids.to_string())?;
+                    write(
+                        &Self::v1_dir(root, "pids", lab, Some(unit)).join("pids.max"),
+                        &pids.to_string(),
+                    )?;
                 }
                 Ok(joins)
             }
             Self::V2Systemd => Ok(Vec::new()),
             Self::V2 { base } => {
                 let dir = base.join(lab).join(unit.dir());
-                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
                 if let Some(memory) = memory_mib {
-                    write(&dir.join("memory.max"), &(u64::from(memory) * 1024 * 1024).to_string())?;
+                    write(
+                        &dir.join("memory.max"),
+                        &(u64::from(memory) * 1024 * 1024).to_string(),
+                    )?;
                 }
                 if let Some(pids) = pids {
                     write(&dir.join("pids.max"), &pids.to_string())?;
@@ -210,7 +295,14 @@ impl Cgroups {
 
     /// Under systemd, the command that starts `argv` in the unit's own scope; otherwise
     /// `argv` unchanged (its process joins the group itself).
-    pub(crate) fn wrap(&self, lab: &str, unit: &Unit, memory_mib: Option<u32>, devices: &[DeviceRule], argv: Vec<String>) -> Vec<String> {
+    pub(crate) fn wrap(
+        &self,
+        lab: &str,
+        unit: &Unit,
+        memory_mib: Option<u32>,
+        devices: &[DeviceRule],
+        argv: Vec<String>,
+    ) -> Vec<String> {
         match self {
             Self::V2Systemd => {
                 let mut wrapped = vec![
@@ -265,7 +357,9 @@ impl Cgroups {
                 None => slice(lab),
             };
             // Stopping a unit that does not exist is not an error worth failing on.
-            let _ = Command::new("systemctl").args(["kill", "--signal=KILL", &target]).output();
+            let _ = Command::new("systemctl")
+                .args(["kill", "--signal=KILL", &target])
+                .output();
         }
         let freezer = match (self, unit) {
             (Self::V1 { root, .. }, _) => Some(Self::v1_dir(root, "freezer", lab, unit)),
@@ -294,7 +388,10 @@ impl Cgroups {
             let frozen = freezer.as_ref().is_some_and(|dir| set_frozen(dir, true));
             let pids = self.members(lab, unit);
             for pid in &pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(*pid).unwrap_or(0)), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(i32::try_from(*pid).unwrap_or(0)),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             if frozen && let Some(dir) = &freezer {
                 set_frozen(dir, false);
@@ -313,13 +410,17 @@ impl Cgroups {
     pub(crate) fn remove_lab(&self, lab: &str) -> anyhow::Result<()> {
         self.kill(lab, None)?;
         match self {
-            Self::V1 { root, controllers, .. } => {
+            Self::V1 {
+                root, controllers, ..
+            } => {
                 for controller in controllers {
                     remove_tree(&Self::v1_dir(root, controller, lab, None));
                 }
             }
             Self::V2Systemd => {
-                let _ = Command::new("systemctl").args(["stop", &slice(lab)]).output();
+                let _ = Command::new("systemctl")
+                    .args(["stop", &slice(lab)])
+                    .output();
             }
             Self::V2 { base } => remove_tree(&base.join(lab)),
         }
@@ -398,7 +499,10 @@ fn v1_io_weight(weight: u32) -> u32 {
 /// memory ≤ memory+swap at every step, so a rise sets memory+swap first and a cut memory
 /// first; a reused group may still hold the last run's page cache, emptied before a cut.
 fn set_v1_memory(dir: &Path, bytes: u64) -> anyhow::Result<()> {
-    let (memory, memsw) = (dir.join("memory.limit_in_bytes"), dir.join("memory.memsw.limit_in_bytes"));
+    let (memory, memsw) = (
+        dir.join("memory.limit_in_bytes"),
+        dir.join("memory.memsw.limit_in_bytes"),
+    );
     let value = bytes.to_string();
     let swap = memsw.exists();
     if swap && std::fs::write(&memsw, &value).is_ok() {
@@ -419,9 +523,14 @@ fn write(path: &Path, value: &str) -> anyhow::Result<()> {
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
-        bail!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -433,7 +542,11 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
 fn apply_v1_devices(dir: &Path, devices: &[DeviceRule]) -> anyhow::Result<()> {
     let mut wanted: Vec<String> = devices.iter().map(DeviceRule::v1).collect();
     wanted.sort();
-    let mut current: Vec<String> = std::fs::read_to_string(dir.join("devices.list")).unwrap_or_default().lines().map(str::to_owned).collect();
+    let mut current: Vec<String> = std::fs::read_to_string(dir.join("devices.list"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
     current.sort();
     if current == wanted {
         return Ok(());
@@ -445,7 +558,8 @@ fn apply_v1_devices(dir: &Path, devices: &[DeviceRule]) -> anyhow::Result<()> {
             }
         }
     }
-    write(&dir.join("devices.deny"), "a").context("device rules (a group below it is still in use)")?;
+    write(&dir.join("devices.deny"), "a")
+        .context("device rules (a group below it is still in use)")?;
     for rule in devices {
         write(&dir.join("devices.allow"), &rule.v1())?;
     }
@@ -518,24 +632,47 @@ mod tests {
         assert_eq!(shares(1), 10);
         assert_eq!(v1_io_weight(100), 10);
         assert_eq!(v1_io_weight(10_000), 1000);
-        let limits = LabLimits { io_weight: Some(300), ..LabLimits::default() };
+        let limits = LabLimits {
+            io_weight: Some(300),
+            ..LabLimits::default()
+        };
         assert_eq!(
             systemd_limits(&limits),
-            ["CPUQuota=200%", "CPUWeight=100", "MemoryMax=4096M", "MemorySwapMax=0", "TasksMax=1024", "IOWeight=300"]
+            [
+                "CPUQuota=200%",
+                "CPUWeight=100",
+                "MemoryMax=4096M",
+                "MemorySwapMax=0",
+                "TasksMax=1024",
+                "IOWeight=300"
+            ]
         );
     }
 
     #[test]
     fn a_process_is_traced_to_its_lab_by_its_cgroup_path() {
-        assert_eq!(lab_in("9:name=systemd:/\n8:pids:/labrack/lr-a7/box\n").as_deref(), Some("lr-a7"));
-        assert_eq!(lab_in("0::/labrack.slice/labrack-lr_a7.slice/labrack-lr_a7-check-3.scope\n").as_deref(), Some("lr-a7"));
+        assert_eq!(
+            lab_in("9:name=systemd:/\n8:pids:/labrack/lr-a7/box\n").as_deref(),
+            Some("lr-a7")
+        );
+        assert_eq!(
+            lab_in("0::/labrack.slice/labrack-lr_a7.slice/labrack-lr_a7-check-3.scope\n")
+                .as_deref(),
+            Some("lr-a7")
+        );
         assert_eq!(lab_in("0::/system.slice/ssh.service\n"), None);
     }
 
     #[test]
     fn systemd_scopes_carry_the_device_rules() {
         let rules = [DeviceRule::char(195, Some(1)), DeviceRule::char(1, Some(3))];
-        let argv = Cgroups::V2Systemd.wrap("lr-a7", &Unit::Check(12), Some(256), &rules, vec!["labrack-host".into(), "check-exec".into()]);
+        let argv = Cgroups::V2Systemd.wrap(
+            "lr-a7",
+            &Unit::Check(12),
+            Some(256),
+            &rules,
+            vec!["labrack-host".into(), "check-exec".into()],
+        );
         assert_eq!(
             argv,
             [
@@ -554,7 +691,15 @@ mod tests {
                 "check-exec"
             ]
         );
-        let v1 = Cgroups::V1 { root: "/sys/fs/cgroup".into(), controllers: vec![], io_weight_file: None };
-        assert_eq!(v1.wrap("lr-a7", &Unit::Box, None, &rules, vec!["x".into()]), ["x"], "v1 processes join by themselves");
+        let v1 = Cgroups::V1 {
+            root: "/sys/fs/cgroup".into(),
+            controllers: vec![],
+            io_weight_file: None,
+        };
+        assert_eq!(
+            v1.wrap("lr-a7", &Unit::Box, None, &rules, vec!["x".into()]),
+            ["x"],
+            "v1 processes join by themselves"
+        );
     }
 }

@@ -16,7 +16,11 @@ pub(crate) struct DeviceRule {
 
 impl DeviceRule {
     pub(crate) fn char(major: u32, minor: Option<u32>) -> Self {
-        Self { major, minor, name: None }
+        Self {
+            major,
+            minor,
+            name: None,
+        }
     }
 
     /// The cgroup v1 `devices.allow` line.
@@ -44,11 +48,25 @@ pub(crate) const NVIDIA_MAJOR: u32 = 195;
 /// What every lab may open: null, zero, full, random, urandom, tty, console, ptmx, the
 /// pseudo-terminals (its own devpts instance) and fuse (desktops mount with it).
 pub(crate) fn base_rules() -> Vec<DeviceRule> {
-    let mut rules: Vec<DeviceRule> = [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2), (10, 229)]
-        .into_iter()
-        .map(|(major, minor)| DeviceRule::char(major, Some(minor)))
-        .collect();
-    rules.push(DeviceRule { major: 136, minor: None, name: Some("pts") });
+    let mut rules: Vec<DeviceRule> = [
+        (1, 3),
+        (1, 5),
+        (1, 7),
+        (1, 8),
+        (1, 9),
+        (5, 0),
+        (5, 1),
+        (5, 2),
+        (10, 229),
+    ]
+    .into_iter()
+    .map(|(major, minor)| DeviceRule::char(major, Some(minor)))
+    .collect();
+    rules.push(DeviceRule {
+        major: 136,
+        minor: None,
+        name: Some("pts"),
+    });
     rules
 }
 
@@ -72,7 +90,10 @@ pub(crate) fn lab_rules(gpus: &[GpuGrant], proc_devices: &str) -> Vec<DeviceRule
                 Some(major) => rules.push(DeviceRule::char(major, Some(*cap))),
                 // without the caps nodes a slice cannot be opened: the lab sees no GPU,
                 // which is safe, and the warning says why
-                None => tracing::warn!(gpu = gpu.index, "no nvidia-caps major in /proc/devices: the MIG slice cannot be opened"),
+                None => tracing::warn!(
+                    gpu = gpu.index,
+                    "no nvidia-caps major in /proc/devices: the MIG slice cannot be opened"
+                ),
             }
         }
     }
@@ -100,7 +121,14 @@ fn major_of(proc_devices: &str, name: &str) -> Option<u32> {
 /// `CUDA_VISIBLE_DEVICES` / `NVIDIA_VISIBLE_DEVICES` for the assigned GPUs (`none` when a
 /// lab has none, so CUDA finds nothing rather than everything).
 pub(crate) fn visible_devices(gpus: &[GpuGrant]) -> String {
-    if gpus.is_empty() { "none".to_owned() } else { gpus.iter().map(|g| g.visible.as_str()).collect::<Vec<_>>().join(",") }
+    if gpus.is_empty() {
+        "none".to_owned()
+    } else {
+        gpus.iter()
+            .map(|g| g.visible.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 #[cfg(test)]
@@ -115,33 +143,86 @@ mod tests {
 
     #[test]
     fn a_mig_slice_opens_its_gpu_and_only_its_own_access_nodes() {
-        let slice = |index: u32, caps: Vec<u32>| GpuGrant { index, gpu_minor: 0, caps, visible: format!("MIG-{index}") };
-        let rules: Vec<String> = lab_rules(&[slice(0, vec![12, 13]), slice(1, vec![21, 22])], PROC_DEVICES).iter().map(DeviceRule::v1).collect();
-        for wanted in ["c 195:0 rwm", "c 237:12 rwm", "c 237:13 rwm", "c 237:21 rwm", "c 195:255 rwm"] {
+        let slice = |index: u32, caps: Vec<u32>| GpuGrant {
+            index,
+            gpu_minor: 0,
+            caps,
+            visible: format!("MIG-{index}"),
+        };
+        let rules: Vec<String> = lab_rules(
+            &[slice(0, vec![12, 13]), slice(1, vec![21, 22])],
+            PROC_DEVICES,
+        )
+        .iter()
+        .map(DeviceRule::v1)
+        .collect();
+        for wanted in [
+            "c 195:0 rwm",
+            "c 237:12 rwm",
+            "c 237:13 rwm",
+            "c 237:21 rwm",
+            "c 195:255 rwm",
+        ] {
             assert!(rules.contains(&wanted.to_owned()), "{wanted}: {rules:?}");
         }
-        assert_eq!(rules.iter().filter(|r| *r == "c 195:0 rwm").count(), 1, "the GPU node once: {rules:?}");
-        let one: Vec<String> = lab_rules(&[slice(1, vec![21, 22])], PROC_DEVICES).iter().map(DeviceRule::v1).collect();
-        assert!(!one.iter().any(|r| r == "c 237:12 rwm" || r == "c 237:1 rwm" || r == "c 237:2 rwm"), "not another slice, nor config/monitor: {one:?}");
+        assert_eq!(
+            rules.iter().filter(|r| *r == "c 195:0 rwm").count(),
+            1,
+            "the GPU node once: {rules:?}"
+        );
+        let one: Vec<String> = lab_rules(&[slice(1, vec![21, 22])], PROC_DEVICES)
+            .iter()
+            .map(DeviceRule::v1)
+            .collect();
+        assert!(
+            !one.iter()
+                .any(|r| r == "c 237:12 rwm" || r == "c 237:1 rwm" || r == "c 237:2 rwm"),
+            "not another slice, nor config/monitor: {one:?}"
+        );
         assert_eq!(visible_devices(&[slice(1, vec![21, 22])]), "MIG-1");
     }
 
     #[test]
     fn a_lab_gets_its_own_gpus_and_the_control_nodes() {
-        let rules: Vec<String> = lab_rules(&whole(&[1, 3]), PROC_DEVICES).iter().map(DeviceRule::v1).collect();
-        assert!(rules.contains(&"c 195:1 rwm".to_owned()) && rules.contains(&"c 195:3 rwm".to_owned()));
-        assert!(!rules.contains(&"c 195:0 rwm".to_owned()) && !rules.contains(&"c 195:2 rwm".to_owned()), "{rules:?}");
-        assert!(rules.contains(&"c 195:255 rwm".to_owned()) && rules.contains(&"c 236:0 rwm".to_owned()), "{rules:?}");
+        let rules: Vec<String> = lab_rules(&whole(&[1, 3]), PROC_DEVICES)
+            .iter()
+            .map(DeviceRule::v1)
+            .collect();
+        assert!(
+            rules.contains(&"c 195:1 rwm".to_owned()) && rules.contains(&"c 195:3 rwm".to_owned())
+        );
+        assert!(
+            !rules.contains(&"c 195:0 rwm".to_owned())
+                && !rules.contains(&"c 195:2 rwm".to_owned()),
+            "{rules:?}"
+        );
+        assert!(
+            rules.contains(&"c 195:255 rwm".to_owned())
+                && rules.contains(&"c 236:0 rwm".to_owned()),
+            "{rules:?}"
+        );
         assert!(rules.contains(&"c 136:* rwm".to_owned()));
-        let none: Vec<String> = lab_rules(&[], PROC_DEVICES).iter().map(DeviceRule::v1).collect();
-        assert!(none.iter().all(|r| !r.starts_with("c 195:")), "no NVIDIA node without a GPU: {none:?}");
+        let none: Vec<String> = lab_rules(&[], PROC_DEVICES)
+            .iter()
+            .map(DeviceRule::v1)
+            .collect();
+        assert!(
+            none.iter().all(|r| !r.starts_with("c 195:")),
+            "no NVIDIA node without a GPU: {none:?}"
+        );
         assert_eq!(visible_devices(&whole(&[1, 3])), "1,3");
         assert_eq!(visible_devices(&[]), "none");
     }
 
     #[test]
     fn systemd_names_devices_by_number_or_group() {
-        assert_eq!(DeviceRule::char(195, Some(1)).systemd(), "/dev/char/195:1 rw");
-        assert_eq!(base_rules().last().map(DeviceRule::systemd).as_deref(), Some("char-pts rw"));
+        assert_eq!(
+            DeviceRule::char(195, Some(1)).systemd(),
+            "/dev/char/195:1 rw"
+        );
+        assert_eq!(
+            base_rules().last().map(DeviceRule::systemd).as_deref(),
+            Some("char-pts rw")
+        );
     }
 }

@@ -33,7 +33,12 @@ pub(crate) struct GpuGrant {
 impl GpuGrant {
     /// A whole GPU known only by its index (`--gpus N`, or a record from before grants).
     pub(crate) fn whole(index: u32) -> Self {
-        Self { index, gpu_minor: index, caps: Vec::new(), visible: index.to_string() }
+        Self {
+            index,
+            gpu_minor: index,
+            caps: Vec::new(),
+            visible: index.to_string(),
+        }
     }
 }
 
@@ -65,7 +70,19 @@ pub(crate) struct GpuInventory {
 impl GpuInventory {
     /// `count` whole GPUs `/dev/nvidia0…`, sizes unknown (`--gpus N`).
     pub(crate) fn counted(count: u32) -> Self {
-        Self { units: (0..count).map(|i| (GpuUnit { memory_mib: 0, mig: false }, GpuGrant::whole(i))).collect() }
+        Self {
+            units: (0..count)
+                .map(|i| {
+                    (
+                        GpuUnit {
+                            memory_mib: 0,
+                            mig: false,
+                        },
+                        GpuGrant::whole(i),
+                    )
+                })
+                .collect(),
+        }
     }
 
     /// Whole GPUs, and the slices of GPUs in MIG mode, in NVML's order. A slice whose
@@ -80,22 +97,51 @@ impl GpuInventory {
                 None => {
                     let index = next_index(&units);
                     let visible = gpu.uuid.clone().unwrap_or_else(|| index.to_string());
-                    units.push((GpuUnit { memory_mib: gpu.memory_mib, mig: false }, GpuGrant { index, gpu_minor: gpu.minor, caps: Vec::new(), visible }));
+                    units.push((
+                        GpuUnit {
+                            memory_mib: gpu.memory_mib,
+                            mig: false,
+                        },
+                        GpuGrant {
+                            index,
+                            gpu_minor: gpu.minor,
+                            caps: Vec::new(),
+                            visible,
+                        },
+                    ));
                 }
                 Some(slices) => {
                     if slices.is_empty() {
-                        tracing::warn!(gpu = gpu.minor, "GPU is in MIG mode with no MIG devices: labs get nothing of it (create some with nvidia-smi mig -cgi … -C)");
+                        tracing::warn!(
+                            gpu = gpu.minor,
+                            "GPU is in MIG mode with no MIG devices: labs get nothing of it (create some with nvidia-smi mig -cgi … -C)"
+                        );
                     }
                     for slice in slices {
                         let gi = format!("gpu{}/gi{}/access", gpu.minor, slice.gpu_instance);
-                        let ci = format!("gpu{}/gi{}/ci{}/access", gpu.minor, slice.gpu_instance, slice.compute_instance);
-                        let (Some(gi_minor), Some(ci_minor)) = (minors.get(&gi), minors.get(&ci)) else {
+                        let ci = format!(
+                            "gpu{}/gi{}/ci{}/access",
+                            gpu.minor, slice.gpu_instance, slice.compute_instance
+                        );
+                        let (Some(gi_minor), Some(ci_minor)) = (minors.get(&gi), minors.get(&ci))
+                        else {
                             tracing::warn!(gpu = gpu.minor, slice = %slice.uuid, "no nvidia-caps minors for this MIG device in /proc/driver/nvidia-caps/mig-minors: not offered to labs");
                             continue;
                         };
                         let index = next_index(&units);
-                        let grant = GpuGrant { index, gpu_minor: gpu.minor, caps: vec![*gi_minor, *ci_minor], visible: slice.uuid.clone() };
-                        units.push((GpuUnit { memory_mib: slice.memory_mib, mig: true }, grant));
+                        let grant = GpuGrant {
+                            index,
+                            gpu_minor: gpu.minor,
+                            caps: vec![*gi_minor, *ci_minor],
+                            visible: slice.uuid.clone(),
+                        };
+                        units.push((
+                            GpuUnit {
+                                memory_mib: slice.memory_mib,
+                                mig: true,
+                            },
+                            grant,
+                        ));
                     }
                 }
             }
@@ -105,7 +151,8 @@ impl GpuInventory {
 
     /// Asks NVML and the driver; no NVIDIA driver is no GPUs.
     pub(crate) fn discover() -> Self {
-        let minors = std::fs::read_to_string("/proc/driver/nvidia-caps/mig-minors").unwrap_or_default();
+        let minors =
+            std::fs::read_to_string("/proc/driver/nvidia-caps/mig-minors").unwrap_or_default();
         Self::build(&crate::telemetry::physical_gpus(), &minors)
     }
 
@@ -116,7 +163,11 @@ impl GpuInventory {
     /// What the appliance is told of each (sizes, slice or whole); nothing when only
     /// counted, as sizes are unknown then.
     pub(crate) fn units(&self) -> Vec<GpuUnit> {
-        if self.units.iter().all(|(unit, _)| unit.memory_mib == 0 && !unit.mig) {
+        if self
+            .units
+            .iter()
+            .all(|(unit, _)| unit.memory_mib == 0 && !unit.mig)
+        {
             return Vec::new();
         }
         self.units.iter().map(|(unit, _)| unit.clone()).collect()
@@ -124,7 +175,15 @@ impl GpuInventory {
 
     /// The grants for the indices the appliance assigned, or which index does not exist.
     pub(crate) fn grants(&self, indices: &[u32]) -> Result<Vec<GpuGrant>, u32> {
-        indices.iter().map(|i| self.units.get(usize::try_from(*i).map_err(|_| *i)?).map(|(_, grant)| grant.clone()).ok_or(*i)).collect()
+        indices
+            .iter()
+            .map(|i| {
+                self.units
+                    .get(usize::try_from(*i).map_err(|_| *i)?)
+                    .map(|(_, grant)| grant.clone())
+                    .ok_or(*i)
+            })
+            .collect()
     }
 }
 
@@ -150,24 +209,76 @@ mod tests {
     const MIG_MINORS: &str = "config 1\nmonitor 2\ngpu0/gi1/access 12\ngpu0/gi1/ci0/access 13\ngpu0/gi2/access 21\ngpu0/gi2/ci0/access 22\ngpu0/gi3/access 30\n";
 
     fn slice(uuid: &str, memory_mib: u64, gpu_instance: u32) -> MigSlice {
-        MigSlice { uuid: uuid.into(), memory_mib, gpu_instance, compute_instance: 0 }
+        MigSlice {
+            uuid: uuid.into(),
+            memory_mib,
+            gpu_instance,
+            compute_instance: 0,
+        }
     }
 
     #[test]
     fn mig_slices_are_assignable_gpus_with_their_own_access_nodes() {
         let gpus = [
-            PhysicalGpu { minor: 0, uuid: Some("GPU-a".into()), memory_mib: 81_559, mig: Some(vec![slice("MIG-1", 40_192, 1), slice("MIG-2", 19_968, 2), slice("MIG-3", 9_856, 3)]) },
-            PhysicalGpu { minor: 1, uuid: Some("GPU-b".into()), memory_mib: 81_559, mig: None },
+            PhysicalGpu {
+                minor: 0,
+                uuid: Some("GPU-a".into()),
+                memory_mib: 81_559,
+                mig: Some(vec![
+                    slice("MIG-1", 40_192, 1),
+                    slice("MIG-2", 19_968, 2),
+                    slice("MIG-3", 9_856, 3),
+                ]),
+            },
+            PhysicalGpu {
+                minor: 1,
+                uuid: Some("GPU-b".into()),
+                memory_mib: 81_559,
+                mig: None,
+            },
         ];
         let inventory = GpuInventory::build(&gpus, MIG_MINORS);
-        assert_eq!(inventory.count(), 3, "slice 3 has no compute-instance node listed, so it is left out");
+        assert_eq!(
+            inventory.count(),
+            3,
+            "slice 3 has no compute-instance node listed, so it is left out"
+        );
         assert_eq!(
             inventory.units(),
-            vec![GpuUnit { memory_mib: 40_192, mig: true }, GpuUnit { memory_mib: 19_968, mig: true }, GpuUnit { memory_mib: 81_559, mig: false }]
+            vec![
+                GpuUnit {
+                    memory_mib: 40_192,
+                    mig: true
+                },
+                GpuUnit {
+                    memory_mib: 19_968,
+                    mig: true
+                },
+                GpuUnit {
+                    memory_mib: 81_559,
+                    mig: false
+                }
+            ]
         );
         let grants = inventory.grants(&[1, 2]).expect("both exist");
-        assert_eq!(grants[0], GpuGrant { index: 1, gpu_minor: 0, caps: vec![21, 22], visible: "MIG-2".into() });
-        assert_eq!(grants[1], GpuGrant { index: 2, gpu_minor: 1, caps: vec![], visible: "GPU-b".into() });
+        assert_eq!(
+            grants[0],
+            GpuGrant {
+                index: 1,
+                gpu_minor: 0,
+                caps: vec![21, 22],
+                visible: "MIG-2".into()
+            }
+        );
+        assert_eq!(
+            grants[1],
+            GpuGrant {
+                index: 2,
+                gpu_minor: 1,
+                caps: vec![],
+                visible: "GPU-b".into()
+            }
+        );
         assert_eq!(inventory.grants(&[0, 3]), Err(3));
     }
 
@@ -175,9 +286,20 @@ mod tests {
     fn counted_gpus_are_whole_and_unsized() {
         let inventory = GpuInventory::counted(2);
         assert_eq!(inventory.count(), 2);
-        assert!(inventory.units().is_empty(), "sizes unknown: the appliance is told the count only");
+        assert!(
+            inventory.units().is_empty(),
+            "sizes unknown: the appliance is told the count only"
+        );
         assert_eq!(inventory.grants(&[1]), Ok(vec![GpuGrant::whole(1)]));
-        let empty_mig = GpuInventory::build(&[PhysicalGpu { minor: 0, uuid: None, memory_mib: 1, mig: Some(vec![]) }], "");
+        let empty_mig = GpuInventory::build(
+            &[PhysicalGpu {
+                minor: 0,
+                uuid: None,
+                memory_mib: 1,
+                mig: Some(vec![]),
+            }],
+            "",
+        );
         assert_eq!(empty_mig.count(), 0);
     }
 }

@@ -54,14 +54,25 @@ struct Running {
 }
 
 pub(crate) fn run(spec_path: &Path) -> anyhow::Result<()> {
-    let spec: InitSpec = serde_json::from_slice(&std::fs::read(spec_path).with_context(|| format!("reading {}", spec_path.display()))?)
-        .with_context(|| format!("parsing {}", spec_path.display()))?;
+    let spec: InitSpec = serde_json::from_slice(
+        &std::fs::read(spec_path).with_context(|| format!("reading {}", spec_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", spec_path.display()))?;
     super::cgroup::join(&spec.joins)?;
     // The box's init is the last thing the kernel's OOM killer should pick inside it.
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     make_mounts(spec.tmp_mib, &spec.box_dir, &spec.home)?;
     nix::unistd::sethostname(&spec.hostname).context("setting the box's host name")?;
-    let mut running: Vec<Running> = spec.daemons.into_iter().map(|daemon| Running { daemon, child: None, restart_at: Instant::now(), restarts: 0 }).collect();
+    let mut running: Vec<Running> = spec
+        .daemons
+        .into_iter()
+        .map(|daemon| Running {
+            daemon,
+            child: None,
+            restart_at: Instant::now(),
+            restarts: 0,
+        })
+        .collect();
     loop {
         for entry in &mut running {
             if entry.child.is_none() && Instant::now() >= entry.restart_at {
@@ -71,7 +82,9 @@ pub(crate) fn run(spec_path: &Path) -> anyhow::Result<()> {
                 }
                 // 0.2 s, 0.4 s, … at most 10 s between restarts of a server that keeps dying.
                 entry.restarts = entry.restarts.saturating_add(1);
-                entry.restart_at = Instant::now() + Duration::from_millis(200u64.saturating_mul(1 << entry.restarts.min(6))).min(Duration::from_secs(10));
+                entry.restart_at = Instant::now()
+                    + Duration::from_millis(200u64.saturating_mul(1 << entry.restarts.min(6)))
+                        .min(Duration::from_secs(10));
             }
         }
         // Reap: our own servers (restart them later) and any orphan of the box.
@@ -81,8 +94,15 @@ pub(crate) fn run(spec_path: &Path) -> anyhow::Result<()> {
                 Ok(status) => {
                     if let Some(pid) = status.pid() {
                         for entry in &mut running {
-                            if entry.child.as_ref().is_some_and(|c| c.id() == u32::try_from(pid.as_raw()).unwrap_or(0)) {
-                                eprintln!("lab-init: {} exited ({status:?}); restarting it", entry.daemon.name);
+                            if entry
+                                .child
+                                .as_ref()
+                                .is_some_and(|c| c.id() == u32::try_from(pid.as_raw()).unwrap_or(0))
+                            {
+                                eprintln!(
+                                    "lab-init: {} exited ({status:?}); restarting it",
+                                    entry.daemon.name
+                                );
                                 entry.child = None;
                             }
                         }
@@ -95,14 +115,21 @@ pub(crate) fn run(spec_path: &Path) -> anyhow::Result<()> {
 }
 
 fn spawn(daemon: &Daemon) -> anyhow::Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&daemon.log).with_context(|| format!("opening {}", daemon.log.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&daemon.log)
+        .with_context(|| format!("opening {}", daemon.log.display()))?;
     Command::new(&daemon.argv[0])
         .args(&daemon.argv[1..])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("LANG", "C.UTF-8")
         .spawn()
         .with_context(|| format!("starting {}", daemon.argv[0]))
@@ -113,18 +140,36 @@ fn mount_tmpfs(target: &str, mode: &str, size_mib: u32) -> anyhow::Result<()> {
         return Ok(());
     }
     let options = format!("mode={mode},size={size_mib}m");
-    mount(Some("tmpfs"), target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(options.as_str()))
-        .with_context(|| format!("mounting a private tmpfs on {target}"))
+    mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .with_context(|| format!("mounting a private tmpfs on {target}"))
 }
 
 /// Shows a directory opened (`O_PATH`) before anything was masked at `target`.
 fn bind_fd(fd: &std::os::fd::OwnedFd, target: &str) -> anyhow::Result<()> {
     let source = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd));
-    mount(Some(source.as_str()), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).with_context(|| format!("binding {target}"))
+    mount(
+        Some(source.as_str()),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .with_context(|| format!("binding {target}"))
 }
 
 fn open_path(dir: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
-    nix::fcntl::open(dir, nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY, nix::sys::stat::Mode::empty()).with_context(|| format!("opening {}", dir.display()))
+    nix::fcntl::open(
+        dir,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", dir.display()))
 }
 
 fn make_mounts(tmp_mib: u32, box_dir: &Path, home: &Path) -> anyhow::Result<()> {
@@ -132,14 +177,39 @@ fn make_mounts(tmp_mib: u32, box_dir: &Path, home: &Path) -> anyhow::Result<()> 
     let box_fd = open_path(box_dir)?;
     let home_fd = open_path(home)?;
     // Nothing mounted here reaches the host (unshare made the tree private; again to be sure).
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).context("making the box's mounts private")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making the box's mounts private")?;
     let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(Some("proc"), "/proc", Some("proc"), proc_flags, Some("hidepid=invisible"))
-        .or_else(|_| mount(Some("proc"), "/proc", Some("proc"), proc_flags, Some("hidepid=2")))
-        .context("mounting the box's /proc")?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        proc_flags,
+        Some("hidepid=invisible"),
+    )
+    .or_else(|_| {
+        mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            proc_flags,
+            Some("hidepid=2"),
+        )
+    })
+    .context("mounting the box's /proc")?;
     mount_tmpfs("/run", "0755", 64)?;
-    std::fs::create_dir_all(super::supervisor::INNER_DIR).context("creating the box's own directory")?;
-    std::fs::set_permissions(super::supervisor::INNER_DIR, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    std::fs::create_dir_all(super::supervisor::INNER_DIR)
+        .context("creating the box's own directory")?;
+    std::fs::set_permissions(
+        super::supervisor::INNER_DIR,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
     bind_fd(&box_fd, super::supervisor::INNER_DIR)?;
     drop(box_fd);
     // No other lab's home, not even its name.
@@ -153,12 +223,32 @@ fn make_mounts(tmp_mib: u32, box_dir: &Path, home: &Path) -> anyhow::Result<()> 
     mount_tmpfs("/var/tmp", "1777", tmp_mib)?;
     mount_tmpfs("/dev/shm", "1777", tmp_mib)?;
     // Its own pseudo-terminals: no lab sees another's /dev/pts.
-    mount(Some("devpts"), "/dev/pts", Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620,gid=5"))
-        .context("mounting the box's /dev/pts")?;
-    mount(Some("/dev/pts/ptmx"), "/dev/ptmx", None::<&str>, MsFlags::MS_BIND, None::<&str>).context("binding /dev/ptmx")?;
-    for (dir, mode) in [("/run/sshd", 0o755), ("/run/xrdp", 0o755), ("/run/xrdp/sockdir", 0o1777), ("/run/lock", 0o1777), ("/run/user", 0o755)] {
+    mount(
+        Some("devpts"),
+        "/dev/pts",
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )
+    .context("mounting the box's /dev/pts")?;
+    mount(
+        Some("/dev/pts/ptmx"),
+        "/dev/ptmx",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .context("binding /dev/ptmx")?;
+    for (dir, mode) in [
+        ("/run/sshd", 0o755),
+        ("/run/xrdp", 0o755),
+        ("/run/xrdp/sockdir", 0o1777),
+        ("/run/lock", 0o1777),
+        ("/run/user", 0o755),
+    ] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode)).with_context(|| format!("chmod {dir}"))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .with_context(|| format!("chmod {dir}"))?;
     }
     // A crontab written inside lands here, never in the host's spool.
     mount_tmpfs("/var/spool/cron", "0755", 1)?;

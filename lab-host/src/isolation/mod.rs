@@ -65,7 +65,14 @@ pub(crate) struct LabRecord {
 impl LabRecord {
     /// The GPUs it was granted.
     pub(crate) fn grants(&self) -> Vec<gpus::GpuGrant> {
-        if self.gpu_grants.is_empty() { self.gpus.iter().map(|i| gpus::GpuGrant::whole(*i)).collect() } else { self.gpu_grants.clone() }
+        if self.gpu_grants.is_empty() {
+            self.gpus
+                .iter()
+                .map(|i| gpus::GpuGrant::whole(*i))
+                .collect()
+        } else {
+            self.gpu_grants.clone()
+        }
     }
 }
 
@@ -90,17 +97,24 @@ impl BoxSettings {
     const FILE: &'static str = "box-settings.json";
 
     pub(crate) fn save(&self) -> anyhow::Result<()> {
-        crate::identity::write_private(&self.state_dir.join(Self::FILE), &serde_json::to_vec_pretty(self)?)
+        crate::identity::write_private(
+            &self.state_dir.join(Self::FILE),
+            &serde_json::to_vec_pretty(self)?,
+        )
     }
 
     pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Self> {
         let path = state_dir.join(Self::FILE);
-        let text = std::fs::read(&path).with_context(|| format!("reading {} (written by `labrack-host run`)", path.display()))?;
+        let text = std::fs::read(&path).with_context(|| {
+            format!("reading {} (written by `labrack-host run`)", path.display())
+        })?;
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
     pub(crate) fn network(&self) -> anyhow::Result<LabNetwork> {
-        self.lab_network.parse().map_err(|e: String| anyhow::anyhow!("--lab-network: {e}"))
+        self.lab_network
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--lab-network: {e}"))
     }
 }
 
@@ -120,12 +134,19 @@ fn record_path(state_dir: &Path, user: &str) -> PathBuf {
 pub(crate) fn save_record(state_dir: &Path, record: &LabRecord) -> anyhow::Result<()> {
     let dir = labs_dir(state_dir);
     crate::identity::private_dir(&dir)?;
-    crate::identity::write_private(&record_path(state_dir, &record.user), &serde_json::to_vec_pretty(record)?)
+    crate::identity::write_private(
+        &record_path(state_dir, &record.user),
+        &serde_json::to_vec_pretty(record)?,
+    )
 }
 
 pub(crate) fn load_record(state_dir: &Path, user: &str) -> anyhow::Result<Option<LabRecord>> {
     match std::fs::read(record_path(state_dir, user)) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("parsing the record of lab {user}"))?)),
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("parsing the record of lab {user}")
+            })?))
+        }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(error).with_context(|| format!("reading the record of lab {user}")),
     }
@@ -139,12 +160,18 @@ pub(crate) fn remove_record(state_dir: &Path, user: &str) {
 /// Every lab this host holds.
 pub(crate) fn records(state_dir: &Path) -> anyhow::Result<Vec<LabRecord>> {
     let mut records = Vec::new();
-    let Ok(entries) = std::fs::read_dir(labs_dir(state_dir)) else { return Ok(records) };
+    let Ok(entries) = std::fs::read_dir(labs_dir(state_dir)) else {
+        return Ok(records);
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().is_some_and(|e| e == "json") {
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            records.push(serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?);
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            records.push(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("parsing {}", path.display()))?,
+            );
         }
     }
     records.sort_by_key(|r: &LabRecord| r.slot);
@@ -177,7 +204,11 @@ pub(crate) fn start(state_dir: &Path, user: &str) -> anyhow::Result<()> {
     let dir = box_dir(state_dir, user);
     crate::identity::private_dir(&dir)?;
     let _ = std::fs::remove_file(dir.join("ready"));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("box.log")).context("opening the box's log")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("box.log"))
+        .context("opening the box's log")?;
     let exe = std::env::current_exe().context("finding the labrack-host binary")?;
     // `setsid --fork`: the supervisor is nobody's child, so it outlives the agent and is
     // never left as its zombie.
@@ -213,7 +244,11 @@ fn wait_ready(state_dir: &Path, user: &str) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(dir.join("box.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            bail!("the box of lab {user} was not ready within {} s: {}", READY_TIMEOUT.as_secs(), tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+            bail!(
+                "the box of lab {user} was not ready within {} s: {}",
+                READY_TIMEOUT.as_secs(),
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -222,7 +257,10 @@ fn wait_ready(state_dir: &Path, user: &str) -> anyhow::Result<()> {
 /// Stops the lab's box: its supervisor, then everything in its cgroup.
 pub(crate) fn stop(state_dir: &Path, cgroups: &Cgroups, user: &str) -> anyhow::Result<()> {
     if let Some(pid) = supervisor_pid(state_dir, user) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         while process_start_time(pid).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));

@@ -43,9 +43,17 @@ impl std::str::FromStr for LabNetwork {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (address, prefix) = text.split_once('/').ok_or_else(|| format!("{text:?}: write ADDRESS/PREFIX, e.g. 100.64.0.0/16"))?;
-        let base: Ipv4Addr = address.parse().map_err(|_| format!("{text:?}: {address:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| format!("{text:?}: the prefix must be 8–30"))?;
+        let (address, prefix) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?}: write ADDRESS/PREFIX, e.g. 100.64.0.0/16"))?;
+        let base: Ipv4Addr = address
+            .parse()
+            .map_err(|_| format!("{text:?}: {address:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| format!("{text:?}: the prefix must be 8–30"))?;
         let mask = u32::MAX << (32 - prefix);
         if u32::from(base) & !mask != 0 {
             return Err(format!("{text:?}: {base} is not the start of a /{prefix}"));
@@ -84,7 +92,10 @@ pub(crate) struct LabNet {
 impl LabNet {
     pub(crate) fn new(lab: &str) -> Self {
         let digest = sha2::Sha256::digest(lab.as_bytes());
-        Self { netns: lab.to_owned(), veth: format!("lv{}", &hex::encode(digest)[..10]) }
+        Self {
+            netns: lab.to_owned(),
+            veth: format!("lv{}", &hex::encode(digest)[..10]),
+        }
     }
 
     pub(crate) fn netns_path(&self) -> String {
@@ -98,9 +109,17 @@ pub(crate) fn needs_link(limits: &LabLimits) -> bool {
 }
 
 fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| format!("running {program} (iproute2 / nftables)"))?;
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program} (iproute2 / nftables)"))?;
     if !output.status.success() {
-        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -118,11 +137,23 @@ fn nft_load(netns: Option<&str>, ruleset: &str) -> anyhow::Result<()> {
             c
         }
     };
-    let mut child = command.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().context("running nft (apt package nftables)")?;
-    child.stdin.take().context("nft stdin")?.write_all(ruleset.as_bytes())?;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (apt package nftables)")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(ruleset.as_bytes())?;
     let output = child.wait_with_output()?;
     if !output.status.success() {
-        bail!("nft refused the lab's rules: {}", String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "nft refused the lab's rules: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -141,23 +172,37 @@ pub(crate) fn host_addresses() -> anyhow::Result<Vec<Ipv4Addr>> {
 }
 
 /// The nftables rules inside a lab's namespace.
-pub(crate) fn lab_ruleset(limits: &LabLimits, host_addrs: &[Ipv4Addr], lab_network: LabNetwork, allowed: &[(Ipv4Addr, u16)]) -> String {
-    let mut out = String::from("table inet labrack_lab\ndelete table inet labrack_lab\ntable inet labrack_lab {\n");
+pub(crate) fn lab_ruleset(
+    limits: &LabLimits,
+    host_addrs: &[Ipv4Addr],
+    lab_network: LabNetwork,
+    allowed: &[(Ipv4Addr, u16)],
+) -> String {
+    let mut out = String::from(
+        "table inet labrack_lab\ndelete table inet labrack_lab\ntable inet labrack_lab {\n",
+    );
     out.push_str("  chain input {\n    type filter hook input priority 0; policy drop;\n    iif \"lo\" accept\n    ct state established,related accept\n  }\n");
     out.push_str("  chain output {\n    type filter hook output priority 0; policy drop;\n    oif \"lo\" accept\n    ct state established,related accept\n");
     // Other labs first: no allowlist entry reaches them. Refused, not dropped, so a
     // participant's program fails at once instead of hanging.
-    out.push_str(&format!("    ip daddr {lab_network} reject with icmpx admin-prohibited\n"));
+    out.push_str(&format!(
+        "    ip daddr {lab_network} reject with icmpx admin-prohibited\n"
+    ));
     for (address, port) in allowed {
         out.push_str(&format!("    ip daddr {address} tcp dport {port} accept\n    ip daddr {address} udp dport {port} accept\n"));
     }
     if !host_addrs.is_empty() {
         let list: Vec<String> = host_addrs.iter().map(Ipv4Addr::to_string).collect();
-        out.push_str(&format!("    ip daddr {{ {} }} reject with icmpx admin-prohibited\n", list.join(", ")));
+        out.push_str(&format!(
+            "    ip daddr {{ {} }} reject with icmpx admin-prohibited\n",
+            list.join(", ")
+        ));
     }
     match limits.network {
         NetworkPolicy::None => {}
-        NetworkPolicy::Venue => out.push_str(&format!("    ip daddr {{ {VENUE_NETWORKS} }} accept\n")),
+        NetworkPolicy::Venue => {
+            out.push_str(&format!("    ip daddr {{ {VENUE_NETWORKS} }} accept\n"))
+        }
         NetworkPolicy::Internet => out.push_str("    meta nfproto ipv4 accept\n"),
     }
     out.push_str("    reject with icmpx admin-prohibited\n  }\n}\n");
@@ -169,7 +214,11 @@ pub(crate) fn lab_ruleset(limits: &LabLimits, host_addrs: &[Ipv4Addr], lab_netwo
 /// nothing but lab traffic. Several agents' tables may meet at the forward hook (tests run
 /// several on one machine): no rule here drops another agent's lab traffic.
 fn host_ruleset(table: &str, lab_network: LabNetwork, host_forwarded_before: bool) -> String {
-    let rest = if host_forwarded_before { "" } else { "    iifname != \"lv*\" drop\n" };
+    let rest = if host_forwarded_before {
+        ""
+    } else {
+        "    iifname != \"lv*\" drop\n"
+    };
     format!(
         "table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    \
          iifname \"lv*\" oifname \"lv*\" drop\n    oifname \"lv*\" ct state established,related accept\n    \
@@ -183,13 +232,15 @@ fn host_ruleset(table: &str, lab_network: LabNetwork, host_forwarded_before: boo
 pub(crate) fn resolve_allowlist(allow: &[Endpoint]) -> anyhow::Result<Vec<(Ipv4Addr, u16)>> {
     let mut resolved = Vec::new();
     for endpoint in allow {
-        let addrs = std::net::ToSocketAddrs::to_socket_addrs(&(endpoint.host.as_str(), endpoint.port))
-            .with_context(|| format!("allow: {endpoint} does not resolve on this host"))?;
-        let v4: Vec<Ipv4Addr> = addrs.filter_map(|a| match a.ip() {
-            std::net::IpAddr::V4(ip) => Some(ip),
-            std::net::IpAddr::V6(_) => None,
-        })
-        .collect();
+        let addrs =
+            std::net::ToSocketAddrs::to_socket_addrs(&(endpoint.host.as_str(), endpoint.port))
+                .with_context(|| format!("allow: {endpoint} does not resolve on this host"))?;
+        let v4: Vec<Ipv4Addr> = addrs
+            .filter_map(|a| match a.ip() {
+                std::net::IpAddr::V4(ip) => Some(ip),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect();
         if v4.is_empty() {
             bail!("allow: {endpoint} has no IPv4 address (labs have IPv4 links only)");
         }
@@ -200,51 +251,153 @@ pub(crate) fn resolve_allowlist(allow: &[Endpoint]) -> anyhow::Result<Vec<(Ipv4A
 
 /// Creates the lab's namespace afresh (an old one is removed with everything in it) and,
 /// when its policy allows any network, its link and rules.
-pub(crate) fn setup(net: &LabNet, limits: &LabLimits, lab_network: LabNetwork, slot: u32, host_table: &str) -> anyhow::Result<()> {
+pub(crate) fn setup(
+    net: &LabNet,
+    limits: &LabLimits,
+    lab_network: LabNetwork,
+    slot: u32,
+    host_table: &str,
+) -> anyhow::Result<()> {
     teardown(net);
     run("ip", &["netns", "add", &net.netns])?;
     run("ip", &["-n", &net.netns, "link", "set", "lo", "up"])?;
     let allowed = resolve_allowlist(&limits.allow)?;
     let mut host_addrs = host_addresses()?;
     if needs_link(limits) {
-        let lab_ip = lab_network.address(slot).with_context(|| format!("lab slot {slot} is outside --lab-network {lab_network}"))?;
-        run("ip", &["link", "add", &net.veth, "type", "veth", "peer", "name", "eth0", "netns", &net.netns])?;
+        let lab_ip = lab_network
+            .address(slot)
+            .with_context(|| format!("lab slot {slot} is outside --lab-network {lab_network}"))?;
+        run(
+            "ip",
+            &[
+                "link", "add", &net.veth, "type", "veth", "peer", "name", "eth0", "netns",
+                &net.netns,
+            ],
+        )?;
         // No address on the host's end, IPv6 off before it comes up (no link-local address).
-        std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.veth), "1").context("turning IPv6 off on the lab's link")?;
+        std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.veth),
+            "1",
+        )
+        .context("turning IPv6 off on the lab's link")?;
         run("ip", &["link", "set", &net.veth, "up"])?;
-        run("ip", &["route", "add", &format!("{lab_ip}/32"), "dev", &net.veth])?;
-        let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", net.veth)).context("reading the link's address")?;
-        run("ip", &["-n", &net.netns, "addr", "add", &format!("{lab_ip}/32"), "dev", "eth0"])?;
+        run(
+            "ip",
+            &["route", "add", &format!("{lab_ip}/32"), "dev", &net.veth],
+        )?;
+        let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", net.veth))
+            .context("reading the link's address")?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &net.netns,
+                "addr",
+                "add",
+                &format!("{lab_ip}/32"),
+                "dev",
+                "eth0",
+            ],
+        )?;
         run("ip", &["-n", &net.netns, "link", "set", "eth0", "up"])?;
-        run("ip", &["-n", &net.netns, "route", "add", &GATEWAY.to_string(), "dev", "eth0", "scope", "link"])?;
-        run("ip", &["-n", &net.netns, "neigh", "replace", &GATEWAY.to_string(), "lladdr", mac.trim(), "dev", "eth0", "nud", "permanent"])?;
-        run("ip", &["-n", &net.netns, "route", "add", "default", "via", &GATEWAY.to_string(), "dev", "eth0"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &net.netns,
+                "route",
+                "add",
+                &GATEWAY.to_string(),
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &net.netns,
+                "neigh",
+                "replace",
+                &GATEWAY.to_string(),
+                "lladdr",
+                mac.trim(),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &net.netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &GATEWAY.to_string(),
+                "dev",
+                "eth0",
+            ],
+        )?;
         host_addrs.push(GATEWAY);
-        let forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
-        let forwarded_before = forwarding.trim() == "1" && !std::path::Path::new(&format!("/run/{host_table}.forwarding")).exists();
+        let forwarding =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
+        let forwarded_before = forwarding.trim() == "1"
+            && !std::path::Path::new(&format!("/run/{host_table}.forwarding")).exists();
         if !forwarded_before {
             // Remember that it was us, so a restart does not mistake it for the host's own.
-            let _ = std::fs::write(format!("/run/{host_table}.forwarding"), "set by labrack-host\n");
+            let _ = std::fs::write(
+                format!("/run/{host_table}.forwarding"),
+                "set by labrack-host\n",
+            );
         }
-        nft_load(None, &host_ruleset(host_table, lab_network, forwarded_before))?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding for lab links")?;
+        nft_load(
+            None,
+            &host_ruleset(host_table, lab_network, forwarded_before),
+        )?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .context("enabling IPv4 forwarding for lab links")?;
     }
     host_addrs.sort();
     host_addrs.dedup();
-    nft_load(Some(&net.netns), &lab_ruleset(limits, &host_addrs, lab_network, &allowed))?;
+    nft_load(
+        Some(&net.netns),
+        &lab_ruleset(limits, &host_addrs, lab_network, &allowed),
+    )?;
     Ok(())
 }
 
 /// Removes the lab's namespace and link (nothing happens if there are none).
 pub(crate) fn teardown(net: &LabNet) {
-    let _ = Command::new("ip").args(["link", "del", &net.veth]).stderr(Stdio::null()).status();
-    let _ = Command::new("ip").args(["netns", "del", &net.netns]).stderr(Stdio::null()).status();
+    let _ = Command::new("ip")
+        .args(["link", "del", &net.veth])
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &net.netns])
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Whether nftables and iproute2 are there to isolate labs' networks.
 pub(crate) fn available() -> bool {
-    Command::new("nft").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-        && Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("nft")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("ip")
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
 }
 
 #[cfg(test)]
@@ -256,7 +409,10 @@ mod tests {
         let network: LabNetwork = "100.64.3.0/24".parse().expect("valid");
         assert_eq!(network.slots(), 254);
         assert_eq!(network.address(0), Some("100.64.3.1".parse().expect("ip")));
-        assert_eq!(network.address(253), Some("100.64.3.254".parse().expect("ip")));
+        assert_eq!(
+            network.address(253),
+            Some("100.64.3.254".parse().expect("ip"))
+        );
         assert_eq!(network.address(254), None);
         for bad in ["100.64.3.1/24", "100.64.0.0", "100.64.0.0/31", "x/16"] {
             assert!(bad.parse::<LabNetwork>().is_err(), "{bad}");
@@ -268,17 +424,59 @@ mod tests {
     fn the_lab_ruleset_keeps_the_host_and_other_labs_out_whatever_the_policy() {
         let network: LabNetwork = "100.64.0.0/16".parse().expect("valid");
         let host = ["192.168.1.10".parse().expect("ip")];
-        let venue = lab_ruleset(&LabLimits { network: NetworkPolicy::Venue, ..LabLimits::default() }, &host, network, &[("192.168.1.20".parse().expect("ip"), 5432)]);
-        let drop_labs = venue.find("ip daddr 100.64.0.0/16 reject").expect("other labs refused");
-        let allow = venue.find("ip daddr 192.168.1.20 tcp dport 5432 accept").expect("allowlist");
-        let drop_host = venue.find("ip daddr { 192.168.1.10 } reject").expect("host refused");
+        let venue = lab_ruleset(
+            &LabLimits {
+                network: NetworkPolicy::Venue,
+                ..LabLimits::default()
+            },
+            &host,
+            network,
+            &[("192.168.1.20".parse().expect("ip"), 5432)],
+        );
+        let drop_labs = venue
+            .find("ip daddr 100.64.0.0/16 reject")
+            .expect("other labs refused");
+        let allow = venue
+            .find("ip daddr 192.168.1.20 tcp dport 5432 accept")
+            .expect("allowlist");
+        let drop_host = venue
+            .find("ip daddr { 192.168.1.10 } reject")
+            .expect("host refused");
         let venue_accept = venue.find("ip daddr { 10.0.0.0/8").expect("venue networks");
-        assert!(drop_labs < allow && allow < drop_host && drop_host < venue_accept, "{venue}");
+        assert!(
+            drop_labs < allow && allow < drop_host && drop_host < venue_accept,
+            "{venue}"
+        );
         assert!(venue.contains("policy drop"));
-        let none = lab_ruleset(&LabLimits { network: NetworkPolicy::None, ..LabLimits::default() }, &host, network, &[]);
-        assert!(!none.contains("10.0.0.0/8") && !none.contains("nfproto"), "{none}");
-        let internet = lab_ruleset(&LabLimits { network: NetworkPolicy::Internet, ..LabLimits::default() }, &host, network, &[]);
-        assert!(internet.find("192.168.1.10").expect("host") < internet.find("nfproto ipv4 accept").expect("anywhere"));
-        assert!(!needs_link(&LabLimits { network: NetworkPolicy::None, ..LabLimits::default() }));
+        let none = lab_ruleset(
+            &LabLimits {
+                network: NetworkPolicy::None,
+                ..LabLimits::default()
+            },
+            &host,
+            network,
+            &[],
+        );
+        assert!(
+            !none.contains("10.0.0.0/8") && !none.contains("nfproto"),
+            "{none}"
+        );
+        let internet = lab_ruleset(
+            &LabLimits {
+                network: NetworkPolicy::Internet,
+                ..LabLimits::default()
+            },
+            &host,
+            network,
+            &[],
+        );
+        assert!(
+            internet.find("192.168.1.10").expect("host")
+                < internet.find("nfproto ipv4 accept").expect("anywhere")
+        );
+        assert!(!needs_link(&LabLimits {
+            network: NetworkPolicy::None,
+            ..LabLimits::default()
+        }));
     }
 }

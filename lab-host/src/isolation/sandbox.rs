@@ -68,28 +68,53 @@ const SPEC_ENV: &str = "LABRACK_CHECK_SPEC";
 /// `check-exec`: outside the new PID namespace, in the check's mount/net namespaces.
 pub(crate) fn exec() -> anyhow::Result<std::process::ExitCode> {
     let mut input = Vec::new();
-    std::io::stdin().take(4 * 1024 * 1024).read_to_end(&mut input).context("reading the check request")?;
-    let mut request: CheckRequest = serde_json::from_slice(&input).context("parsing the check request")?;
+    std::io::stdin()
+        .take(4 * 1024 * 1024)
+        .read_to_end(&mut input)
+        .context("reading the check request")?;
+    let mut request: CheckRequest =
+        serde_json::from_slice(&input).context("parsing the check request")?;
     super::cgroup::join(&request.joins)?;
     match &request.netns {
         Some(path) => {
-            let netns = std::fs::File::open(path).with_context(|| format!("the lab's network namespace {} is missing (is its box running?)", path.display()))?;
-            nix::sched::setns(&netns, CloneFlags::CLONE_NEWNET).context("entering the lab's network namespace")?;
+            let netns = std::fs::File::open(path).with_context(|| {
+                format!(
+                    "the lab's network namespace {} is missing (is its box running?)",
+                    path.display()
+                )
+            })?;
+            nix::sched::setns(&netns, CloneFlags::CLONE_NEWNET)
+                .context("entering the lab's network namespace")?;
         }
-        None => nix::sched::unshare(CloneFlags::CLONE_NEWNET).context("making the check's empty network namespace")?,
+        None => nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+            .context("making the check's empty network namespace")?,
     }
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-        .context("making the check's namespaces")?;
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS,
+    )
+    .context("making the check's namespaces")?;
     // The script in a sealed memory file the check's bash reads as /dev/fd/N. Its first
     // line closes N again, so nothing the script starts inherits it.
-    let memfd = nix::sys::memfd::memfd_create("labrack-check", nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING).context("memfd_create")?;
+    let memfd = nix::sys::memfd::memfd_create(
+        "labrack-check",
+        nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .context("memfd_create")?;
     let fd = memfd.as_raw_fd();
     let mut file = std::fs::File::from(memfd);
     write!(file, "exec {fd}<&-; ").context("writing the script")?;
-    file.write_all(request.script.as_bytes()).context("writing the script")?;
+    file.write_all(request.script.as_bytes())
+        .context("writing the script")?;
     file.flush()?;
-    let seals = nix::fcntl::SealFlag::F_SEAL_SEAL | nix::fcntl::SealFlag::F_SEAL_SHRINK | nix::fcntl::SealFlag::F_SEAL_GROW | nix::fcntl::SealFlag::F_SEAL_WRITE;
-    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_ADD_SEALS(seals)).context("sealing the script")?;
+    let seals = nix::fcntl::SealFlag::F_SEAL_SEAL
+        | nix::fcntl::SealFlag::F_SEAL_SHRINK
+        | nix::fcntl::SealFlag::F_SEAL_GROW
+        | nix::fcntl::SealFlag::F_SEAL_WRITE;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_ADD_SEALS(seals))
+        .context("sealing the script")?;
     request.inner.script_fd = fd;
     let exe = std::env::current_exe().context("finding the labrack-host binary")?;
     let status = Command::new(exe)
@@ -106,26 +131,70 @@ pub(crate) fn exec() -> anyhow::Result<std::process::ExitCode> {
 /// The exit status as a process exit code (a signal `n` becomes 128 + n, as shells do).
 fn exit_code(status: std::process::ExitStatus) -> std::process::ExitCode {
     use std::os::unix::process::ExitStatusExt as _;
-    let code = status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(255);
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(255);
     std::process::ExitCode::from(u8::try_from(code).unwrap_or(255))
 }
 
 /// `check-init`: PID 1 of the check's PID namespace.
 pub(crate) fn init() -> anyhow::Result<std::process::ExitCode> {
-    let spec: InnerSpec = serde_json::from_str(&std::env::var(SPEC_ENV).context("no check spec")?).context("parsing the check spec")?;
+    let spec: InnerSpec = serde_json::from_str(&std::env::var(SPEC_ENV).context("no check spec")?)
+        .context("parsing the check spec")?;
     let proc_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).context("making the check's mounts private")?;
-    mount(Some("proc"), "/proc", Some("proc"), proc_flags, Some("hidepid=invisible"))
-        .or_else(|_| mount(Some("proc"), "/proc", Some("proc"), proc_flags, Some("hidepid=2")))
-        .context("mounting the check's /proc")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making the check's mounts private")?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        proc_flags,
+        Some("hidepid=invisible"),
+    )
+    .or_else(|_| {
+        mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            proc_flags,
+            Some("hidepid=2"),
+        )
+    })
+    .context("mounting the check's /proc")?;
     for target in ["/tmp", "/var/tmp", "/dev/shm"] {
-        mount(Some("tmpfs"), target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777,size=256m"))
-            .with_context(|| format!("mounting the check's {target}"))?;
+        mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777,size=256m"),
+        )
+        .with_context(|| format!("mounting the check's {target}"))?;
     }
-    mount(Some("tmpfs"), "/run", Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755,size=1m")).context("mounting the check's /run")?;
+    mount(
+        Some("tmpfs"),
+        "/run",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=1m"),
+    )
+    .context("mounting the check's /run")?;
     let cpu = u64::from(spec.cpu_secs);
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CPU, cpu, cpu.saturating_add(1)).context("setting the CPU-time limit")?;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0).context("turning core dumps off")?;
+    nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_CPU,
+        cpu,
+        cpu.saturating_add(1),
+    )
+    .context("setting the CPU-time limit")?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .context("turning core dumps off")?;
     nix::sys::prctl::set_no_new_privs().context("setting no-new-privileges")?;
     if !std::path::Path::new("/bin/bash").exists() {
         bail!("/bin/bash is missing on this host");
@@ -167,7 +236,9 @@ pub(crate) fn init() -> anyhow::Result<std::process::ExitCode> {
                     nix::sys::wait::WaitStatus::Signaled(_, signal, _) => 128 + signal as i32,
                     _ => continue,
                 };
-                return Ok(std::process::ExitCode::from(u8::try_from(code).unwrap_or(255)));
+                return Ok(std::process::ExitCode::from(
+                    u8::try_from(code).unwrap_or(255),
+                ));
             }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => {}

@@ -40,10 +40,17 @@ struct Slot {
 
 impl Slot {
     fn take(lab: &str) -> anyhow::Result<Self> {
-        let mut slots = SLOTS.lock().map_err(|_| anyhow::anyhow!("the check slots are poisoned"))?;
-        let index = (0..).find(|i| !slots.iter().any(|(l, s)| l == lab && s == i)).unwrap_or(0);
+        let mut slots = SLOTS
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the check slots are poisoned"))?;
+        let index = (0..)
+            .find(|i| !slots.iter().any(|(l, s)| l == lab && s == i))
+            .unwrap_or(0);
         slots.push((lab.to_owned(), index));
-        Ok(Self { lab: lab.to_owned(), index })
+        Ok(Self {
+            lab: lab.to_owned(),
+            index,
+        })
     }
 }
 
@@ -68,7 +75,11 @@ pub(crate) struct CheckSpec<'a> {
 }
 
 /// Reads a stream; for stdout, first the sandbox's ready marker.
-fn capture(mut stream: impl std::io::Read + Send + 'static, done: mpsc::Sender<(bool, bool, Captured)>, is_stdout: bool) {
+fn capture(
+    mut stream: impl std::io::Read + Send + 'static,
+    done: mpsc::Sender<(bool, bool, Captured)>,
+    is_stdout: bool,
+) {
     std::thread::spawn(move || {
         let mut captured = Captured::default();
         let mut ready = !is_stdout;
@@ -104,19 +115,43 @@ fn capture(mut stream: impl std::io::Read + Send + 'static, done: mpsc::Sender<(
 /// Runs the check and says how it went; an error means it could not be run at all.
 pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::Result<CheckResult> {
     let user = accounts::lab_user(&settings.user_prefix, spec.allocation_id);
-    let lab = accounts::lookup(&user)?.with_context(|| format!("the lab user {user} is not on this host"))?;
+    let lab = accounts::lookup(&user)?
+        .with_context(|| format!("the lab user {user} is not on this host"))?;
     let checker_name = accounts::checker_of(&user);
-    let checker = accounts::lookup(&checker_name)?.with_context(|| format!("the checker {checker_name} of lab {user} is not on this host"))?;
-    let record = isolation::load_record(&settings.state_dir, &user)?.with_context(|| format!("this host has no record of lab {user}"))?;
+    let checker = accounts::lookup(&checker_name)?
+        .with_context(|| format!("the checker {checker_name} of lab {user} is not on this host"))?;
+    let record = isolation::load_record(&settings.state_dir, &user)?
+        .with_context(|| format!("this host has no record of lab {user}"))?;
     let slot = Slot::take(&user)?;
     // systemd makes a scope per run (a stopping one keeps its name a moment): named by run.
-    let unit = Unit::Check(if matches!(settings.cgroups, crate::isolation::cgroup::Cgroups::V2Systemd) { spec.check_run_id } else { slot.index });
-    let rules = devices::lab_rules(&record.grants(), &std::fs::read_to_string("/proc/devices").unwrap_or_default());
-    let joins = settings.cgroups.prepare_unit(&user, &unit, Some(spec.memory_mib), Some(CHECK_PIDS), &rules)?;
+    let unit = Unit::Check(
+        if matches!(
+            settings.cgroups,
+            crate::isolation::cgroup::Cgroups::V2Systemd
+        ) {
+            spec.check_run_id
+        } else {
+            slot.index
+        },
+    );
+    let rules = devices::lab_rules(
+        &record.grants(),
+        &std::fs::read_to_string("/proc/devices").unwrap_or_default(),
+    );
+    let joins = settings.cgroups.prepare_unit(
+        &user,
+        &unit,
+        Some(spec.memory_mib),
+        Some(CHECK_PIDS),
+        &rules,
+    )?;
     let netns = if spec.network {
         let path = std::path::PathBuf::from(crate::isolation::net::LabNet::new(&user).netns_path());
         if !path.exists() {
-            bail!("the lab's box is not running (no network namespace {}): the check cannot reach it", path.display());
+            bail!(
+                "the lab's box is not running (no network namespace {}): the check cannot reach it",
+                path.display()
+            );
         }
         Some(path)
     } else {
@@ -140,7 +175,13 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
         script: spec.script.to_owned(),
     };
     let exe = std::env::current_exe().context("finding the labrack-host binary")?;
-    let argv = settings.cgroups.wrap(&user, &unit, Some(spec.memory_mib), &rules, vec![exe.display().to_string(), "check-exec".to_owned()]);
+    let argv = settings.cgroups.wrap(
+        &user,
+        &unit,
+        Some(spec.memory_mib),
+        &rules,
+        vec![exe.display().to_string(), "check-exec".to_owned()],
+    );
     let started = Instant::now();
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
@@ -160,7 +201,9 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
     }
     if let Some(mut stdin) = child.stdin.take() {
         // The script travels on a pipe, never in an argument vector.
-        let written = serde_json::to_vec(&request).map_err(anyhow::Error::from).and_then(|bytes| stdin.write_all(&bytes).map_err(anyhow::Error::from));
+        let written = serde_json::to_vec(&request)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| stdin.write_all(&bytes).map_err(anyhow::Error::from));
         if let Err(error) = written {
             let _ = settings.cgroups.kill(&user, Some(&unit));
             let _ = child.kill();
@@ -203,7 +246,14 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
     if !ready {
         let why = stderr.text();
         let why = why.trim().trim_start_matches("labrack-host: error: ");
-        bail!("the check's sandbox could not start: {}", if why.is_empty() { "no reason given" } else { why });
+        bail!(
+            "the check's sandbox could not start: {}",
+            if why.is_empty() {
+                "no reason given"
+            } else {
+                why
+            }
+        );
     }
     use std::os::unix::process::ExitStatusExt as _;
     // The sandbox passes a signal that ended the script on as 128 + n.
@@ -213,11 +263,24 @@ pub(crate) fn run(settings: &RuntimeSettings, spec: &CheckSpec<'_>) -> anyhow::R
     };
     let _ = status.signal();
     let (stdout_text, stderr_text) = (stdout.text(), stderr.text());
-    let (passed, message) = verdict(exit_code, timed_out, spec.timeout_secs, &stdout_text, &stderr_text);
+    let (passed, message) = verdict(
+        exit_code,
+        timed_out,
+        spec.timeout_secs,
+        &stdout_text,
+        &stderr_text,
+    );
     let mut output = stdout_text;
     if !stderr_text.is_empty() {
         output.push_str("--- stderr ---\n");
         output.push_str(&stderr_text);
     }
-    Ok(CheckResult { passed, message, exit_code, timed_out, duration_ms, output })
+    Ok(CheckResult {
+        passed,
+        message,
+        exit_code,
+        timed_out,
+        duration_ms,
+        output,
+    })
 }

@@ -41,7 +41,9 @@ impl RuntimeSettings {
     /// How many labs the port range and the lab network leave room for.
     pub(crate) fn slots(&self) -> u32 {
         // Two ports a lab: (last - first + 1) / 2 pairs.
-        let ports = u32::from(self.last_port).saturating_sub(u32::from(self.first_port)).div_ceil(2);
+        let ports = u32::from(self.last_port)
+            .saturating_sub(u32::from(self.first_port))
+            .div_ceil(2);
         ports.min(self.lab_network.slots())
     }
 
@@ -49,7 +51,9 @@ impl RuntimeSettings {
     pub(crate) fn ports(&self, slot: u32) -> Option<(u16, u16)> {
         let rdp = u32::from(self.first_port) + slot * 2;
         let ssh = rdp + 1;
-        (ssh <= u32::from(self.last_port)).then(|| (u16::try_from(rdp).ok(), u16::try_from(ssh).ok())).and_then(|(a, b)| Some((a?, b?)))
+        (ssh <= u32::from(self.last_port))
+            .then(|| (u16::try_from(rdp).ok(), u16::try_from(ssh).ok()))
+            .and_then(|(a, b)| Some((a?, b?)))
     }
 
     /// What this host has and can enforce, as it tells the appliance.
@@ -63,8 +67,13 @@ pub(crate) fn host_resources(cgroups: &Cgroups, gpus: &GpuInventory) -> HostReso
     {
         let mut system = sysinfo::System::new();
         system.refresh_memory();
-        let cpus = u32::try_from(std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).unwrap_or(1);
-        let pids_max = std::fs::read_to_string("/proc/sys/kernel/pid_max").ok().and_then(|t| t.trim().parse().ok()).unwrap_or(32_768);
+        let cpus =
+            u32::try_from(std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+                .unwrap_or(1);
+        let pids_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(32_768);
         let mut enforces = cgroups.enforces();
         if net::available() {
             enforces.push(Enforcement::Network);
@@ -88,15 +97,55 @@ pub(crate) fn host_resources(cgroups: &Cgroups, gpus: &GpuInventory) -> HostReso
 /// Runs one task and says how it ended; never panics on bad input.
 pub(crate) fn run_task(settings: &RuntimeSettings, kind: &TaskKind) -> TaskOutcome {
     let desktop = match kind {
-        TaskKind::Provision { allocation_id, runtime, skeleton, password, limits, gpus, .. } => match runtime.as_str() {
-            "local-user" => local_user::provision(settings, *allocation_id, skeleton, &password.0, limits, gpus).map(Some),
-            other => Err(anyhow::anyhow!("this host does not know the desktop runtime {other:?}")),
+        TaskKind::Provision {
+            allocation_id,
+            runtime,
+            skeleton,
+            password,
+            limits,
+            gpus,
+            ..
+        } => match runtime.as_str() {
+            "local-user" => local_user::provision(
+                settings,
+                *allocation_id,
+                skeleton,
+                &password.0,
+                limits,
+                gpus,
+            )
+            .map(Some),
+            other => Err(anyhow::anyhow!(
+                "this host does not know the desktop runtime {other:?}"
+            )),
         },
-        TaskKind::Reset { allocation_id, skeleton, password, limits, gpus } => {
-            local_user::reset(settings, *allocation_id, skeleton, &password.0, limits, gpus).map(Some)
+        TaskKind::Reset {
+            allocation_id,
+            skeleton,
+            password,
+            limits,
+            gpus,
+        } => local_user::reset(
+            settings,
+            *allocation_id,
+            skeleton,
+            &password.0,
+            limits,
+            gpus,
+        )
+        .map(Some),
+        TaskKind::Release { allocation_id } => {
+            local_user::release(settings, *allocation_id).map(|()| None)
         }
-        TaskKind::Release { allocation_id } => local_user::release(settings, *allocation_id).map(|()| None),
-        TaskKind::RunCheck { allocation_id, check_run_id, name, script, timeout_secs, memory_mib, network } => {
+        TaskKind::RunCheck {
+            allocation_id,
+            check_run_id,
+            name,
+            script,
+            timeout_secs,
+            memory_mib,
+            network,
+        } => {
             let spec = check::CheckSpec {
                 allocation_id: *allocation_id,
                 check_run_id: *check_run_id,
@@ -108,13 +157,17 @@ pub(crate) fn run_task(settings: &RuntimeSettings, kind: &TaskKind) -> TaskOutco
             };
             return match check::run(settings, &spec) {
                 Ok(check) => TaskOutcome::Checked { check },
-                Err(error) => TaskOutcome::Failed { error: format!("{error:#}") },
+                Err(error) => TaskOutcome::Failed {
+                    error: format!("{error:#}"),
+                },
             };
         }
     };
     match desktop {
         Ok(desktop) => TaskOutcome::Succeeded { desktop },
-        Err(error) => TaskOutcome::Failed { error: format!("{error:#}") },
+        Err(error) => TaskOutcome::Failed {
+            error: format!("{error:#}"),
+        },
     }
 }
 
@@ -140,7 +193,10 @@ mod tests {
         assert_eq!(settings.ports(0), Some((42_000, 42_001)));
         assert_eq!(settings.ports(4), Some((42_008, 42_009)));
         assert_eq!(settings.ports(5), None);
-        let small = RuntimeSettings { lab_network: "100.64.0.0/30".parse().expect("network"), ..settings };
+        let small = RuntimeSettings {
+            lab_network: "100.64.0.0/30".parse().expect("network"),
+            ..settings
+        };
         assert_eq!(small.slots(), 2);
     }
 }

@@ -46,20 +46,54 @@ pub async fn fixture_with(tag: &str, listen: &str, extra: &[&str]) -> anyhow::Re
     let data = DataDir::new(tag);
     let skeletons = DataDir::new(&format!("{tag}-skel"));
     write_skeleton(&skeletons.0.join("desk"));
-    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist").display().to_string();
-    let mut args = vec!["--host-heartbeat-secs", "1", "--web-dir", &web, "--webrtc-bind", "127.0.0.1:0", "--job-attempts", "run_check=2"];
+    let web = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../web/dist")
+        .display()
+        .to_string();
+    let mut args = vec![
+        "--host-heartbeat-secs",
+        "1",
+        "--web-dir",
+        &web,
+        "--webrtc-bind",
+        "127.0.0.1:0",
+        "--job-attempts",
+        "run_check=2",
+    ];
     args.extend_from_slice(extra);
     let server = Server::start_with(&data.0, listen, &args)?;
-    let mut admin = Api { client: client_trusting(&data.0)?, base: server.url.clone(), token: None };
-    admin.first_admin_login(server.admin_password.as_deref().expect("otp"), "a-strong-admin-password").await?;
+    let mut admin = Api {
+        client: client_trusting(&data.0)?,
+        base: server.url.clone(),
+        token: None,
+    };
+    admin
+        .first_admin_login(
+            server.admin_password.as_deref().expect("otp"),
+            "a-strong-admin-password",
+        )
+        .await?;
     let (status, event) = admin
         .post("/api/v1/events", json!({"name": "Lab Day", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"}))
         .await?;
     anyhow::ensure!(status == 201, "{event}");
     let event_id = event["id"].as_i64().expect("event id");
-    let (_, red) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Red"})).await?;
-    let (_, blue) = admin.post(&format!("/api/v1/events/{event_id}/teams"), json!({"name": "Blue"})).await?;
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n", skeletons.0.join("desk").display());
+    let (_, red) = admin
+        .post(
+            &format!("/api/v1/events/{event_id}/teams"),
+            json!({"name": "Red"}),
+        )
+        .await?;
+    let (_, blue) = admin
+        .post(
+            &format!("/api/v1/events/{event_id}/teams"),
+            json!({"name": "Blue"}),
+        )
+        .await?;
+    let templates = format!(
+        "[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n",
+        skeletons.0.join("desk").display()
+    );
     let (status, body) = admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
     Ok(Fixture {
@@ -77,7 +111,10 @@ pub async fn fixture_with(tag: &str, listen: &str, extra: &[&str]) -> anyhow::Re
 
 impl Fixture {
     pub async fn token(&self) -> anyhow::Result<String> {
-        let (status, body) = self.admin.post("/api/v1/hosts/enrolment-tokens", json!({"note": "rack 1"})).await?;
+        let (status, body) = self
+            .admin
+            .post("/api/v1/hosts/enrolment-tokens", json!({"note": "rack 1"}))
+            .await?;
         anyhow::ensure!(status == 201, "{body}");
         Ok(body["token"].as_str().expect("token").to_owned())
     }
@@ -101,7 +138,13 @@ impl Fixture {
     }
 
     pub async fn allocate(&self, team_id: i64) -> anyhow::Result<i64> {
-        let (status, body) = self.admin.post(&format!("/api/v1/teams/{team_id}/allocation"), json!({"template": "desk"})).await?;
+        let (status, body) = self
+            .admin
+            .post(
+                &format!("/api/v1/teams/{team_id}/allocation"),
+                json!({"template": "desk"}),
+            )
+            .await?;
         anyhow::ensure!(status == 201, "allocate: {status} {body}");
         Ok(body["id"].as_i64().expect("allocation id"))
     }
@@ -109,32 +152,54 @@ impl Fixture {
     pub async fn wait_state(&self, id: i64, state: &str) -> anyhow::Result<Value> {
         let want = state.to_owned();
         self.admin
-            .wait_for(&format!("/api/v1/allocations/{id}"), LONG, move |a| a["state"] == want.as_str() && a["busy"] == false)
+            .wait_for(&format!("/api/v1/allocations/{id}"), LONG, move |a| {
+                a["state"] == want.as_str() && a["busy"] == false
+            })
             .await
     }
 
     pub fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.data.0.join("labrack.db")).expect("open the appliance's database")
+        rusqlite::Connection::open(self.data.0.join("labrack.db"))
+            .expect("open the appliance's database")
     }
 
     /// `node SCRIPT` in web/ with what every Chromium driver needs: the appliance's URL and
     /// the event and personal codes of a new participant of the Red team named `name`.
-    pub async fn chromium_driver(&self, script: &str, name: &str) -> anyhow::Result<tokio::process::Command> {
-        let (_, event) = self.admin.get(&format!("/api/v1/events/{}", self.event_id)).await?;
+    pub async fn chromium_driver(
+        &self,
+        script: &str,
+        name: &str,
+    ) -> anyhow::Result<tokio::process::Command> {
+        let (_, event) = self
+            .admin
+            .get(&format!("/api/v1/events/{}", self.event_id))
+            .await?;
         let (status, issued) = self
             .admin
-            .post(&format!("/api/v1/events/{}/participants", self.event_id), json!({"team_id": self.team_id, "name": name}))
+            .post(
+                &format!("/api/v1/events/{}/participants", self.event_id),
+                json!({"team_id": self.team_id, "name": name}),
+            )
             .await?;
         anyhow::ensure!(status == 201, "{issued}");
         let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
-        anyhow::ensure!(web.join("node_modules/playwright-core").exists(), "run `npm ci` in web/ (cargo xtask test does)");
+        anyhow::ensure!(
+            web.join("node_modules/playwright-core").exists(),
+            "run `npm ci` in web/ (cargo xtask test does)"
+        );
         let mut command = tokio::process::Command::new("node");
         command
             .arg(script)
             .current_dir(&web)
             .env("LABRACK_URL", &self.url)
-            .env("LABRACK_EVENT_CODE", event["code"].as_str().unwrap_or_default())
-            .env("LABRACK_JOIN_CODE", issued["join_code"].as_str().unwrap_or_default());
+            .env(
+                "LABRACK_EVENT_CODE",
+                event["code"].as_str().unwrap_or_default(),
+            )
+            .env(
+                "LABRACK_JOIN_CODE",
+                issued["join_code"].as_str().unwrap_or_default(),
+            );
         if let Some(dir) = std::env::var_os("LABRACK_SCREENSHOT_DIR") {
             command.env("LABRACK_SCREENSHOT_DIR", dir);
         }
@@ -142,13 +207,23 @@ impl Fixture {
     }
 
     pub async fn participant(&self, team_id: i64) -> anyhow::Result<Api> {
-        let (_, event) = self.admin.get(&format!("/api/v1/events/{}", self.event_id)).await?;
+        let (_, event) = self
+            .admin
+            .get(&format!("/api/v1/events/{}", self.event_id))
+            .await?;
         let (status, issued) = self
             .admin
-            .post(&format!("/api/v1/events/{}/participants", self.event_id), json!({"team_id": team_id, "name": format!("p{team_id}")}))
+            .post(
+                &format!("/api/v1/events/{}/participants", self.event_id),
+                json!({"team_id": team_id, "name": format!("p{team_id}")}),
+            )
             .await?;
         anyhow::ensure!(status == 201, "{issued}");
-        let mut api = Api { client: self.admin.client.clone(), base: self.url.clone(), token: None };
+        let mut api = Api {
+            client: self.admin.client.clone(),
+            base: self.url.clone(),
+            token: None,
+        };
         let (status, joined) = api
             .post("/api/v1/join", json!({"event_code": event["code"], "join_code": issued["join_code"], "bearer": true}))
             .await?;
@@ -169,26 +244,52 @@ pub struct Signer {
 
 impl Signer {
     pub fn load(state: &Path) -> anyhow::Result<Self> {
-        let config: toml::Table = toml::from_str(&std::fs::read_to_string(state.join("host.toml"))?)?;
-        let key = Ed25519KeyPair::from_pkcs8(&std::fs::read(state.join("host.key"))?).map_err(|_| anyhow::anyhow!("key"))?;
+        let config: toml::Table =
+            toml::from_str(&std::fs::read_to_string(state.join("host.toml"))?)?;
+        let key = Ed25519KeyPair::from_pkcs8(&std::fs::read(state.join("host.key"))?)
+            .map_err(|_| anyhow::anyhow!("key"))?;
         let instance = format!("{:016x}", rand::random::<u64>());
-        Ok(Self { host_id: config["host_id"].as_integer().expect("host_id"), key, instance, counter: std::sync::atomic::AtomicU64::new(0) })
+        Ok(Self {
+            host_id: config["host_id"].as_integer().expect("host_id"),
+            key,
+            instance,
+            counter: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     pub fn header(&self, claimed_host: i64, path: &str, body: &[u8]) -> String {
-        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
         self.header_numbered(claimed_host, path, body, n)
     }
 
     pub fn header_numbered(&self, claimed_host: i64, path: &str, body: &[u8], n: u64) -> String {
-        let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis();
         let digest = hex::encode(sha2::Sha256::digest(body));
-        let message = format!("labrack-host-v2\nPOST\n{path}\n{ts}\n{}\n{n}\n{digest}", self.instance);
-        let sig = base64::engine::general_purpose::STANDARD.encode(self.key.sign(message.as_bytes()).as_ref());
-        format!("LabrackHost host={claimed_host},ts={ts},i={},n={n},sig={sig}", self.instance)
+        let message = format!(
+            "labrack-host-v2\nPOST\n{path}\n{ts}\n{}\n{n}\n{digest}",
+            self.instance
+        );
+        let sig = base64::engine::general_purpose::STANDARD
+            .encode(self.key.sign(message.as_bytes()).as_ref());
+        format!(
+            "LabrackHost host={claimed_host},ts={ts},i={},n={n},sig={sig}",
+            self.instance
+        )
     }
 
-    pub async fn post(&self, api: &Api, claimed_host: i64, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+    pub async fn post(
+        &self,
+        api: &Api,
+        claimed_host: i64,
+        path: &str,
+        body: &Value,
+    ) -> anyhow::Result<(u16, Value)> {
         let bytes = serde_json::to_vec(body)?;
         let response = api
             .client
@@ -210,16 +311,39 @@ pub fn serve_in_lab(user: &str, port: u16, body: &str) -> anyhow::Result<Killed>
         "import http.server\nclass H(http.server.BaseHTTPRequestHandler):\n  def do_GET(self):\n    self.send_response(200); self.end_headers(); self.wfile.write(b{body:?})\n  def log_message(self, *a): pass\nhttp.server.HTTPServer(('0.0.0.0', {port}), H).serve_forever()\n"
     );
     let child = Command::new("nsenter")
-        .args([&format!("--net=/run/netns/{user}"), "--", "runuser", "-u", user, "--", "python3", "-c", &script])
+        .args([
+            &format!("--net=/run/netns/{user}"),
+            "--",
+            "runuser",
+            "-u",
+            user,
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ])
         .spawn()
         .context("starting the lab's server")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let up = Command::new("ip").args(["netns", "exec", user, "bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")]).stderr(std::process::Stdio::null()).status()?;
+        let up = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                user,
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/127.0.0.1/{port}"),
+            ])
+            .stderr(std::process::Stdio::null())
+            .status()?;
         if up.success() {
             return Ok(Killed(child));
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "the lab's server did not start");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the lab's server did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -236,7 +360,10 @@ impl Drop for Killed {
 
 /// Replaces the templates with `desk` carrying `checks` (TOML `[[template.check]]` tables).
 pub async fn put_checks(fx: &Fixture, checks: &str) -> anyhow::Result<()> {
-    let templates = format!("[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n{checks}", fx.skeletons.0.join("desk").display());
+    let templates = format!(
+        "[[template]]\nname = \"desk\"\nruntime = \"local-user\"\nskeleton = \"{}\"\n{checks}",
+        fx.skeletons.0.join("desk").display()
+    );
     let (status, body) = fx.admin.put_toml("/api/v1/templates", &templates).await?;
     anyhow::ensure!(status == 200, "{body}");
     Ok(())
@@ -246,46 +373,84 @@ pub async fn put_checks(fx: &Fixture, checks: &str) -> anyhow::Result<()> {
 pub async fn wait_batch(fx: &Fixture, batch: i64) -> anyhow::Result<Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let last = fx.admin.get(&format!("/api/v1/check-batches/{batch}")).await;
+        let last = fx
+            .admin
+            .get(&format!("/api/v1/check-batches/{batch}"))
+            .await;
         if let Ok((200, body)) = &last
             && body["done"] == true
         {
             return Ok(body.clone());
         }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "batch {batch} did not finish: {last:?}");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "batch {batch} did not finish: {last:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 pub fn run_by_name<'a>(runs: &'a Value, name: &str) -> &'a Value {
-    runs.as_array().and_then(|runs| runs.iter().find(|r| r["check"] == name)).unwrap_or(&Value::Null)
+    runs.as_array()
+        .and_then(|runs| runs.iter().find(|r| r["check"] == name))
+        .unwrap_or(&Value::Null)
 }
 
 /// A Linux account with a password and a home, as a venue's own machine would have.
 pub fn make_account(name: &str, password: &str, extra: &[&str]) -> anyhow::Result<()> {
-    anyhow::ensure!(Command::new("useradd").args(["--create-home", "--shell", "/bin/bash"]).args(extra).arg(name).status()?.success(), "useradd {name}");
-    let mut chpasswd = Command::new("chpasswd").stdin(std::process::Stdio::piped()).spawn()?;
+    anyhow::ensure!(
+        Command::new("useradd")
+            .args(["--create-home", "--shell", "/bin/bash"])
+            .args(extra)
+            .arg(name)
+            .status()?
+            .success(),
+        "useradd {name}"
+    );
+    let mut chpasswd = Command::new("chpasswd")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
     use std::io::Write as _;
-    chpasswd.stdin.take().expect("stdin").write_all(format!("{name}:{password}\n").as_bytes())?;
+    chpasswd
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{name}:{password}\n").as_bytes())?;
     anyhow::ensure!(chpasswd.wait()?.success(), "chpasswd");
     Ok(())
 }
-
 
 /// Runs `script` (bash) as the lab's team, where the team's own shell runs: inside the
 /// lab's box (its mount, UTS, IPC, network and PID namespaces), in the box's cgroup, as the
 /// lab user. Returns its output, stdout and stderr together.
 pub fn as_team(user: &str, script: &str) -> anyhow::Result<(bool, String)> {
-    let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/labrack/{user}/box/cgroup.procs")).context("the lab's box is not running")?;
-    let pid = procs.lines().next().context("the lab's box is empty")?.trim().to_owned();
+    let procs = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/pids/labrack/{user}/box/cgroup.procs"
+    ))
+    .context("the lab's box is not running")?;
+    let pid = procs
+        .lines()
+        .next()
+        .context("the lab's box is empty")?
+        .trim()
+        .to_owned();
     let join = format!(
         "for c in pids memory cpu devices freezer blkio; do [ -d /sys/fs/cgroup/$c/labrack/{user}/box ] && echo 0 > /sys/fs/cgroup/$c/labrack/{user}/box/cgroup.procs; done; exec runuser -u {user} -- /bin/bash -c \"$1\""
     );
     let output = Command::new("nsenter")
-        .args(["-t", &pid, "-m", "-u", "-i", "-n", "-p", "--", "/bin/sh", "-c", &join, "sh", script])
+        .args([
+            "-t", &pid, "-m", "-u", "-i", "-n", "-p", "--", "/bin/sh", "-c", &join, "sh", script,
+        ])
         .output()
         .context("entering the lab's box")?;
-    Ok((output.status.success(), format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))))
+    Ok((
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    ))
 }
 
 /// Fake NVIDIA device nodes (`mknod`, major 195) for a machine without a GPU: opening an
@@ -296,12 +461,16 @@ pub struct FakeGpus(Vec<std::path::PathBuf>);
 impl FakeGpus {
     pub fn make(count: u32) -> anyhow::Result<Self> {
         let mut made = Vec::new();
-        let nodes = (0..count).map(|n| (format!("/dev/nvidia{n}"), n)).chain([("/dev/nvidiactl".to_owned(), 255)]);
+        let nodes = (0..count)
+            .map(|n| (format!("/dev/nvidia{n}"), n))
+            .chain([("/dev/nvidiactl".to_owned(), 255)]);
         for (path, minor) in nodes {
             if Path::new(&path).exists() {
                 continue;
             }
-            let status = Command::new("mknod").args(["-m", "666", &path, "c", "195", &minor.to_string()]).status()?;
+            let status = Command::new("mknod")
+                .args(["-m", "666", &path, "c", "195", &minor.to_string()])
+                .status()?;
             anyhow::ensure!(status.success(), "mknod {path}");
             made.push(std::path::PathBuf::from(path));
         }

@@ -713,6 +713,28 @@ async fn audit_log_records_who_what_and_where() {
     assert!(created["remote_addr"].is_string() && created["request_id"].is_string());
 }
 
+/// The API fuzzing's "refused requests change nothing" check ignores the audit rows that
+/// record refusals; its list must be this one.
+#[test]
+fn the_api_fuzzing_hooks_know_every_refusal_audit() {
+    let hooks = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/schemathesis/hooks.py"
+    ))
+    .expect("hooks.py");
+    let listed = hooks
+        .split("REFUSAL_AUDITS = [")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .expect("a REFUSAL_AUDITS list in hooks.py");
+    let listed: Vec<&str> = listed
+        .split(',')
+        .map(|a| a.trim().trim_matches('"'))
+        .filter(|a| !a.is_empty())
+        .collect();
+    assert_eq!(listed, labrack::api::REFUSAL_AUDITS);
+}
+
 #[tokio::test]
 async fn openapi_document_lists_every_route() {
     let app = TestApp::new().await;

@@ -21,7 +21,8 @@ pub fn name(field: &str, value: &str, max: usize) -> Result<String, FieldError> 
     if trimmed.is_empty() {
         return Err(broken(field, format!("{field} must not be empty")));
     }
-    if trimmed.chars().count() > max {
+    // counted before trimming, as the API document's maxLength counts
+    if value.chars().count() > max {
         return Err(broken(
             field,
             format!("{field} must be at most {max} characters"),

@@ -60,11 +60,15 @@ fn require_running(conn: &Connection, event_id: i64, what: &str) -> Result<(), A
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewHint {
+    #[schema(max_length = 120)]
     pub title: String,
+    #[schema(max_length = 4000)]
     pub body: String,
     /// points it costs to unlock (0: free), at most 1000
+    #[schema(maximum = 1000)]
     pub cost: u32,
     /// the check it helps with, if any
+    #[schema(max_length = 128)]
     pub check: Option<String>,
 }
 
@@ -248,8 +252,10 @@ pub async fn unlock_hint(
 #[serde(deny_unknown_fields)]
 pub struct Correction {
     /// points added (negative: taken away), −1000 to 1000, not 0
+    #[schema(minimum = -1000, maximum = 1000)]
     pub points: f64,
     /// why; shown in the ledger
+    #[schema(max_length = 500)]
     pub reason: String,
 }
 
@@ -343,6 +349,7 @@ pub async fn get_ledger(
 #[serde(deny_unknown_fields)]
 pub struct Question {
     /// what the team wants help with, 1–1000 characters
+    #[schema(max_length = 1000)]
     pub question: String,
 }
 
@@ -453,9 +460,11 @@ pub async fn my_messages(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AgentQuery {
     /// hint, commentary
+    #[param(pattern = "^(hint|commentary)$")]
     pub agent: Option<String>,
 }
 
@@ -470,6 +479,16 @@ pub async fn event_messages(
 ) -> Result<Json<Vec<AgentMessage>>, ApiError> {
     caller.require_staff(&READERS)?;
     let Query(query) = query?;
+    if query
+        .agent
+        .as_deref()
+        .is_some_and(|agent| !matches!(agent, "hint" | "commentary"))
+    {
+        return Err(ApiError::invalid(
+            "agent",
+            "agent must be `hint` or `commentary`",
+        ));
+    }
     let messages = state
         .db
         .read(move |conn| {
@@ -551,6 +570,7 @@ pub async fn llm_usage(
 #[serde(deny_unknown_fields)]
 pub struct NewAnnouncement {
     /// what every participant of the event sees, 1–1000 characters
+    #[schema(max_length = 1000)]
     pub text: String,
 }
 

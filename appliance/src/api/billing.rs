@@ -18,6 +18,7 @@ const READERS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerQuery {
     /// one team's entries only
@@ -132,11 +133,14 @@ pub async fn ledger_csv(
 #[serde(deny_unknown_fields)]
 pub struct NewLedgerEntry {
     /// `credit` (a top-up, positive) or `correction` (either sign)
+    #[schema(pattern = "^(credit|correction)$")]
     pub kind: String,
     pub team_id: Option<i64>,
     /// cents; not 0, at most 100,000,000 either way
+    #[schema(minimum = -100_000_000, maximum = 100_000_000)]
     pub amount_cents: i64,
     /// why; shown in the ledger
+    #[schema(max_length = 500)]
     pub note: String,
 }
 

@@ -47,8 +47,10 @@ pub struct RunChecks {
     /// one team of the event; every team when absent
     pub team_id: Option<i64>,
     /// one check by name; every check of each team's template when absent
+    #[schema(max_length = 128)]
     pub check: Option<String>,
     /// why (shown in the queue), e.g. "rejudge after fixing the script"; default "rejudge"
+    #[schema(max_length = 200)]
     pub reason: Option<String>,
 }
 
@@ -161,13 +163,16 @@ pub async fn get_batch(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RunsQuery {
     pub team_id: Option<i64>,
     pub batch_id: Option<i64>,
     /// queued, running, passed, failed, error or cancelled
+    #[param(pattern = "^(queued|running|passed|failed|error|cancelled)$")]
     pub state: Option<String>,
     /// 1–1000, default 200; newest first
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 

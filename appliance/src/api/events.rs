@@ -174,10 +174,13 @@ pub async fn list(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEvent {
+    #[schema(max_length = 200)]
     pub name: String,
     /// RFC 3339
+    #[schema(format = DateTime)]
     pub starts_at: String,
     /// RFC 3339, after `starts_at`
+    #[schema(format = DateTime)]
     pub ends_at: String,
 }
 
@@ -256,8 +259,11 @@ pub async fn get_one(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventUpdate {
+    #[schema(max_length = 200)]
     pub name: Option<String>,
+    #[schema(format = DateTime)]
     pub starts_at: Option<String>,
+    #[schema(format = DateTime)]
     pub ends_at: Option<String>,
 }
 

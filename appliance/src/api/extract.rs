@@ -29,10 +29,34 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Parses JSON strictly into `T`, naming the failing field.
+/// Parses a JSON object strictly into `T`, naming the failing field.
+///
+/// JSON has one number type: `3.0` is the integer 3 (JSON Schema agrees), so integral
+/// numbers are accepted where integers are expected. Every body is an object: serde would
+/// also take a struct written as an array of its fields, which no client means to send.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+    let mut value: serde_json::Value = {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let value = serde::Deserialize::deserialize(&mut deserializer).map_err(|e| {
+            ApiError::Malformed {
+                detail: format!("body is not valid JSON: {e}"),
+                field: None,
+            }
+        })?;
+        deserializer.end().map_err(|e| ApiError::Malformed {
+            detail: format!("trailing data after JSON: {e}"),
+            field: None,
+        })?;
+        value
+    };
+    if !value.is_object() {
+        return Err(ApiError::Invalid {
+            detail: "the body must be a JSON object".into(),
+            field: Some("body".into()),
+        });
+    }
+    integral_numbers_as_integers(&mut value);
+    serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner();
         let message = inner.to_string();
@@ -47,20 +71,27 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         } else {
             format!("{path}: {message}")
         };
-        if inner.is_data() {
-            ApiError::Invalid { detail, field }
-        } else {
-            ApiError::Malformed {
-                detail: format!("body is not valid JSON: {detail}"),
-                field: None,
+        ApiError::Invalid { detail, field }
+    })
+}
+
+/// Turns every number with no fraction that fits an integer (`3.0`, `-2e3`) into that integer.
+fn integral_numbers_as_integers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(number) if number.is_f64() => {
+            if let Some(float) = number.as_f64().filter(|f| f.fract() == 0.0) {
+                // within ±2^53 every integer is exact; beyond it a float names no one integer
+                if float.abs() <= 9_007_199_254_740_992.0 {
+                    *value = serde_json::Value::from(float as i64);
+                }
             }
         }
-    })?;
-    deserializer.end().map_err(|e| ApiError::Malformed {
-        detail: format!("trailing data after JSON: {e}"),
-        field: None,
-    })?;
-    Ok(value)
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_numbers_as_integers),
+        serde_json::Value::Object(members) => {
+            members.values_mut().for_each(integral_numbers_as_integers)
+        }
+        _ => {}
+    }
 }
 
 /// A UTF-8 CSV body (`text/csv`).
@@ -176,5 +207,63 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
         let axum::extract::Path(value) =
             axum::extract::Path::<T>::from_request_parts(parts, state).await?;
         Ok(Self(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Entry {
+        amount: i64,
+        note: Option<String>,
+    }
+
+    #[test]
+    fn integral_numbers_are_integers_and_fractions_are_not() {
+        assert_eq!(
+            parse_json::<Entry>(br#"{"amount": 3.0}"#).expect("3.0 is 3"),
+            Entry {
+                amount: 3,
+                note: None
+            }
+        );
+        assert_eq!(
+            parse_json::<Entry>(br#"{"amount": -2e3}"#)
+                .expect("-2e3 is -2000")
+                .amount,
+            -2000
+        );
+        assert!(
+            matches!(parse_json::<Entry>(br#"{"amount": 2.5}"#), Err(ApiError::Invalid { field: Some(f), .. }) if f == "amount")
+        );
+        assert!(matches!(
+            parse_json::<Entry>(br#"{"amount": 1e300}"#),
+            Err(ApiError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn a_body_is_an_object_and_broken_json_is_malformed() {
+        assert!(
+            matches!(parse_json::<Entry>(br#"[5, null]"#), Err(ApiError::Invalid { field: Some(f), .. }) if f == "body")
+        );
+        assert!(matches!(
+            parse_json::<Entry>(br#"{"amount": 1"#),
+            Err(ApiError::Malformed { .. })
+        ));
+        assert!(matches!(
+            parse_json::<Entry>(br#"{"amount": 1} {}"#),
+            Err(ApiError::Malformed { .. })
+        ));
+        assert!(
+            matches!(parse_json::<Entry>(br#"{"amount": "1"}"#), Err(ApiError::Invalid { field: Some(f), .. }) if f == "amount")
+        );
+        assert!(matches!(
+            parse_json::<Entry>(br#"{"amount": 1, "extra": 2}"#),
+            Err(ApiError::Invalid { .. })
+        ));
     }
 }

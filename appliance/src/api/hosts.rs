@@ -38,8 +38,10 @@ const MAX_POLL_WAIT: Duration = Duration::from_secs(30);
 #[serde(deny_unknown_fields)]
 pub struct NewEnrolmentToken {
     /// lifetime in seconds, 60 to 604800 (a week); default 3600
+    #[schema(minimum = 60, maximum = 604_800)]
     pub ttl_secs: Option<u64>,
     /// what the token is for, e.g. the rack slot
+    #[schema(max_length = 200)]
     pub note: Option<String>,
 }
 
@@ -174,7 +176,7 @@ fn enrolment_token_hash(secrets: &crate::secrets::SecretBox, token: &str) -> Str
 }
 
 /// Trades a one-time enrolment token for a host identity (its public key).
-#[utoipa::path(post, path = "/api/v1/hosts/enrol", tag = "hosts", request_body(content = Object, description = "EnrolRequest of the host protocol"),
+#[utoipa::path(post, path = "/api/v1/hosts/enrol", tag = "hosts", request_body(content = Object, content_type = "application/json", description = "EnrolRequest of the host protocol"),
     responses((status = 201, description = "EnrolResponse"), (status = 401, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
 pub async fn enrol(
     State(state): State<AppState>,
@@ -348,15 +350,19 @@ fn check_resources(resources: &labrack_provisioner::limits::HostResources) -> Re
 #[serde(deny_unknown_fields)]
 pub struct NewAgentlessHost {
     /// the host's name in the inventory (unique)
+    #[schema(max_length = 64)]
     pub name: String,
     /// where the appliance reaches its SSH server
+    #[schema(max_length = 253)]
     pub address: String,
     /// default 22
+    #[schema(minimum = 1)]
     pub ssh_port: Option<u16>,
     /// the SSH server's public host key (an OpenSSH line, e.g. from `ssh-keyscan`): every
     /// connection is checked against it
     pub ssh_host_key: String,
     /// how many labs it holds; default 1
+    #[schema(minimum = 1, maximum = 256)]
     pub capacity: Option<u32>,
     /// the account checks run as (never the team's): a user of its own with a forced
     /// command (see the README); without one, labs whose template has checks are refused
@@ -368,7 +374,9 @@ pub struct NewAgentlessHost {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckerAccount {
+    #[schema(pattern = "^\\s*[a-z_][a-z0-9_-]{0,31}\\s*$")]
     pub username: String,
+    #[schema(min_length = 1, max_length = 256)]
     pub password: String,
 }
 

@@ -16,11 +16,14 @@ const QUEUE_STAFF: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const STATES: [&str; 5] = ["queued", "running", "succeeded", "dead", "cancelled"];
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct JobsQuery {
     /// queued, running, succeeded, dead (the dead letters) or cancelled; all when absent
+    #[param(pattern = "^(queued|running|succeeded|dead|cancelled)$")]
     pub state: Option<String>,
     /// at most this many (1–1000, default 100), most recently changed first
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 

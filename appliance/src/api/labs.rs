@@ -508,8 +508,10 @@ pub struct NewAgentlessLab {
     /// the lab template whose checks apply
     pub template: String,
     /// the team's account on that host
+    #[schema(pattern = "^\\s*[a-z_][a-z0-9_-]{0,31}\\s*$")]
     pub username: String,
     /// its password: stored encrypted, used only by the appliance
+    #[schema(min_length = 1, max_length = 256)]
     pub password: String,
 }
 

@@ -136,11 +136,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// at most this many entries (1–1000, default 100)
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// only entries with an id below this (paging backwards)
+    #[param(minimum = 1)]
     pub before: Option<i64>,
 }
 
@@ -177,6 +180,12 @@ pub async fn audit_log(
         return Err(ApiError::invalid(
             "limit",
             "limit must be between 1 and 1000",
+        ));
+    }
+    if query.before.is_some_and(|before| before < 1) {
+        return Err(ApiError::invalid(
+            "before",
+            "before is an audit entry id, 1 or more",
         ));
     }
     let before = query.before.unwrap_or(i64::MAX);

@@ -197,6 +197,7 @@ pub async fn list_teams(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTeam {
+    #[schema(max_length = 100)]
     pub name: String,
 }
 
@@ -304,6 +305,7 @@ pub async fn list_participants(
 #[serde(deny_unknown_fields)]
 pub struct NewParticipant {
     pub team_id: i64,
+    #[schema(max_length = 200)]
     pub name: String,
     pub email: Option<String>,
 }

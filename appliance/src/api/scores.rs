@@ -129,6 +129,7 @@ pub async fn put_rubric(
 pub struct JudgeScores {
     /// points per rubric dimension, 0 to the dimension's judge_max
     pub scores: BTreeMap<String, u32>,
+    #[schema(max_length = 2000)]
     pub comment: Option<String>,
 }
 
@@ -248,6 +249,7 @@ pub async fn get_judge_scores(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct BoardQuery {
     /// a bracket of the rubric: its teams only, ranked among themselves
@@ -394,7 +396,9 @@ pub async fn scoreboard_stream(
 pub struct NewSubmission {
     /// what is submitted: a commit, a tag or a label, 1–100 characters; submitting the
     /// same version again returns the first submission
+    #[schema(max_length = 100)]
     pub version: String,
+    #[schema(max_length = 500)]
     pub note: Option<String>,
 }
 
@@ -422,7 +426,8 @@ fn row_to_submission(r: &rusqlite::Row<'_>) -> rusqlite::Result<Submission> {
 /// The team submits a version before the deadline (the event's end); its checks run.
 #[utoipa::path(post, path = "/api/v1/me/submissions", tag = "scores", request_body = NewSubmission,
     responses((status = 201, body = Submission), (status = 200, body = Submission, description = "this version was already submitted"),
-        (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+        (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem),
+        (status = 429, body = Problem, description = "the team submitted less than 10 s ago")))]
 pub async fn submit(
     State(state): State<AppState>,
     caller: Caller,

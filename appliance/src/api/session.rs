@@ -198,12 +198,13 @@ pub async fn current(caller: Caller) -> Json<SessionInfo> {
 pub struct PasswordChange {
     pub current_password: String,
     /// 12 to 256 characters
+    #[schema(min_length = 12, max_length = 256)]
     pub new_password: String,
 }
 
 /// Changes the caller's own password (staff). Other sessions of the account end.
 #[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = PasswordChange,
-    responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
 pub async fn change_password(
     State(state): State<AppState>,
     caller: Caller,

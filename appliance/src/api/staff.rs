@@ -58,8 +58,10 @@ pub async fn list(
 #[serde(deny_unknown_fields)]
 pub struct NewStaff {
     /// 3–64 characters: letters, digits, `.`, `_`, `-`
+    #[schema(pattern = "^\\s*[A-Za-z0-9._-]{3,64}\\s*$")]
     pub username: String,
     /// an initial password (12–256 characters) the person must change at first login
+    #[schema(min_length = 12, max_length = 256)]
     pub password: String,
     pub role: Role,
 }

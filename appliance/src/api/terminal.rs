@@ -257,7 +257,8 @@ fn may_open(caller: &Caller, team_id: i64) -> Result<(), ApiError> {
 
 /// Issues a single-use ticket for the lab's browser terminal.
 #[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/terminal-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
-    responses((status = 201, body = TerminalTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 201, body = TerminalTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem),
+        (status = 429, body = Problem, description = "this session holds as many unused tickets as it may")))]
 pub async fn ticket(
     State(state): State<AppState>,
     caller: Caller,

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the developer and CI entry points. CI calls exactly what a developer
 //! runs (`.ci/run` → `cargo xtask test`), so the two never drift.
 
+mod api_fuzz;
 mod bench;
 mod bench_reset;
 mod bench_scoring;
@@ -22,7 +23,8 @@ commands:
   run [ARGS…]       build the web UI and labrack (release) and start `labrack serve`
                     on ./data; extra ARGS go to `labrack serve`
   test              install missing system packages (apt-get), build everything,
-                    run every test: Rust (nextest) and browser (Chromium)
+                    run every test: Rust (nextest), browser (Chromium), API fuzzing
+                    (schemathesis) and parser fuzzing (cargo fuzz)
   test --no-install skip the apt-get step
   bench api         durable-write benchmark against a running release labrack
                     [--requests N] [--concurrency N] [--runs N]
@@ -36,6 +38,9 @@ commands:
   fuzz [--seconds N] [TARGET…]
                     coverage-guided fuzzing (cargo fuzz, nightly) of every parser strangers
                     and teams can feed, N s per target (300); new finds go to fuzz/corpus/
+  api-fuzz [--seconds N]
+                    schemathesis against a running debug labrack, as a participant and
+                    as the admin, N s each (the test command's step; build first)
   web               build the web UI only
 ";
 
@@ -68,6 +73,8 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "python3-minimal",
     // tests run small servers and ptrace attempts inside labs with Debian's python3
     "python3",
+    // schemathesis (the API fuzzing) runs in a virtual environment of its own
+    "python3-venv",
     "util-linux",
     // each lab's box: network namespaces and their rules, disk images, the cron spool it masks
     "iproute2",
@@ -95,6 +102,7 @@ fn main() -> ExitCode {
         Some("test") => cmd_test(&args[1..]),
         Some("bench") => bench::cmd_bench(&args[1..]),
         Some("fuzz") => fuzz::cmd_fuzz(&args[1..]),
+        Some("api-fuzz") => api_fuzz::cmd_api_fuzz(&args[1..]),
         Some("web") => build_web(),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
@@ -135,6 +143,7 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
         util::ensure_nextest()?;
         util::ensure_tauri_driver()?;
         fuzz::ensure_tools()?;
+        api_fuzz::ensure_tools()?;
     }
     build_web()?;
     util::step("building labrack and the test binaries");
@@ -162,6 +171,8 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
         ))?;
     util::step("browser tests (Debian Chromium, headless)");
     browser_tests()?;
+    util::step("API fuzzing: schemathesis against a running labrack serve");
+    api_fuzz::test_run()?;
     util::step(&format!(
         "fuzzing: each parser for {} s (cargo fuzz)",
         fuzz::TEST_SECONDS

@@ -6,8 +6,11 @@ Two checks of our own run beside schemathesis's:
   each call, and the two must be equal outside the audit rows that record refusals;
 - every error is an RFC 9457 problem document naming its status.
 
-The run uses one worker, so nothing else writes between the two reads. Set LABRACK_DB to the
-appliance's database file (opened read-only; the appliance keeps it in WAL mode).
+The run uses one worker, so no other request writes between the two reads; the appliance's
+own job workers may (a queued job leased, retried or finished, for a request accepted
+earlier), so a job's progress columns are not compared, only that no job was added or
+removed. Set LABRACK_DB to the appliance's database file (opened read-only; the appliance
+keeps it in WAL mode).
 """
 
 import json
@@ -46,6 +49,10 @@ TABLES = [
 ]
 
 
+# Columns a job worker changes as it works through a queued job: not the request's doing.
+JOB_COLUMNS = "id, kind, payload, idempotency_key, priority, max_attempts, created_ms"
+
+
 def snapshot():
     refusals = ", ".join("'" + a.replace("'", "''") + "'" for a in REFUSAL_AUDITS) or "''"
     connection = sqlite3.connect(f"file:{DB_PATH}?mode=ro", uri=True, timeout=30)
@@ -57,7 +64,8 @@ def snapshot():
                 where = f"WHERE action NOT IN ({refusals})"
             elif table == "outbox":
                 where = f"WHERE NOT (kind = 'audit' AND json_extract(body, '$.action') IN ({refusals}))"
-            for row in connection.execute(f"SELECT * FROM {table} {where} ORDER BY rowid"):
+            columns = JOB_COLUMNS if table == "jobs" else "*"
+            for row in connection.execute(f"SELECT {columns} FROM {table} {where} ORDER BY rowid"):
                 rows.append((table, row))
         return rows
     finally:

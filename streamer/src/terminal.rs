@@ -246,6 +246,12 @@ fn pump(
                 break;
             }
         }
+        // The browser side is gone while the shell reads nothing: the queue cannot be
+        // drained to its end, so look at the senders instead.
+        if pending.len() >= MAX_PENDING_INPUT && input.is_closed() {
+            close(session, &mut channel);
+            return;
+        }
         while pending.len() < MAX_PENDING_INPUT {
             match input.try_recv() {
                 Ok(TerminalInput::Data(bytes)) => pending.extend_from_slice(&bytes),

@@ -585,6 +585,110 @@ async fn hello(fx: &Fixture, token: &str, ticket: &str) -> anyhow::Result<(AppSo
     Ok((ws, first))
 }
 
+/// The appliance's resident memory (VmRSS), in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        / 1024
+}
+
+/// A participant types into a terminal whose shell never reads (`sleep 1d`) as fast as the
+/// socket takes it: the appliance pushes back instead of buffering, its memory stays flat,
+/// everyone is still served, and closing the tab ends the shell (the flood had stalled the
+/// appliance's side for good before a stalled shell's input was dropped after 5 s).
+#[tokio::test]
+async fn a_keystroke_flood_into_a_shell_that_never_reads_is_pushed_back_not_buffered()
+-> anyhow::Result<()> {
+    let fx = fixture("terminal-flood", "127.0.0.1:0").await?;
+    let state = DataDir::new("terminal-flood-host");
+    fx.enrol("host-tf", &state.0).await?;
+    let host = fx.start_host(&state.0, &[])?;
+    let id = fx.allocate(fx.team_id).await?;
+    fx.wait_state(id, "active").await?;
+    let user = format!("{}a{id}", fx.users.prefix);
+    let red = fx.participant(fx.team_id).await?;
+    let token = red.token.clone().expect("token");
+    let (_, ticket) = red
+        .post(
+            &format!("/api/v1/allocations/{id}/terminal-ticket"),
+            json!({}),
+        )
+        .await?;
+    let (mut ws, first) = hello(&fx, &token, ticket["ticket"].as_str().expect("ticket")).await?;
+    assert!(first.contains("ready"), "{first}");
+    ws.send(Message::Binary(b"sleep 1d\r".to_vec().into()))
+        .await?;
+    let pid = fx.server.as_ref().expect("server").pid();
+    let before = rss_mib(pid);
+    // Offer 1 GiB of keystrokes with resizes between them; the shell reads none of it.
+    let keys = vec![b'x'; 64 * 1024];
+    let (mut taken, mut pushed_back) = (0usize, false);
+    let started = std::time::Instant::now();
+    while taken < 1 << 30 && started.elapsed() < Duration::from_secs(15) {
+        let message = if taken % (64 << 20) == 0 {
+            Message::Text(
+                json!({"type": "resize", "cols": 80 + (taken >> 20) % 100, "rows": 30})
+                    .to_string()
+                    .into(),
+            )
+        } else {
+            Message::Binary(keys.clone().into())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), ws.send(message)).await {
+            Ok(Ok(())) => taken += keys.len(),
+            Ok(Err(e)) => anyhow::bail!("the terminal closed under the flood: {e}"),
+            Err(_) => {
+                pushed_back = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        pushed_back,
+        "the appliance took {} MiB without pushing back",
+        taken >> 20
+    );
+    assert!(
+        taken < 256 << 20,
+        "took {} MiB before pushing back",
+        taken >> 20
+    );
+    let after = rss_mib(pid);
+    assert!(
+        after < before + 64,
+        "the appliance grew from {before} MiB to {after} MiB under the flood"
+    );
+    // Everyone else is served meanwhile, the flooding team included.
+    let (status, _) = fx.admin.get("/api/v1/hosts").await?;
+    assert_eq!(status, 200);
+    let (status, _) = red.get("/api/v1/me").await?;
+    assert_eq!(status, 200);
+    // Closing the tab ends the shell and its `sleep`.
+    drop(ws);
+    let deadline = std::time::Instant::now() + LONG;
+    while Command::new("pgrep")
+        .args(["-u", &user, "sleep"])
+        .output()?
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flooded shell outlived its closed terminal"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(host);
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_terminal_reaches_the_lab_shell_with_single_use_tickets_and_closes_with_the_tab()
 -> anyhow::Result<()> {

@@ -32,6 +32,8 @@ use crate::labs;
 const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const TICKET_TTL: Duration = Duration::from_secs(30);
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(10);
+/// How long a shell may read no input while more waits before further input is dropped.
+const SHELL_STALL: Duration = Duration::from_secs(5);
 
 /// What a ticket opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -464,37 +466,55 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
     tokio::pin!(revoked);
     // Input the shell's queue had no room for: while one waits, the WebSocket is not read
     // (so TCP pushes back on the browser) but output keeps flowing, so neither side can
-    // wait on the other for ever.
+    // wait on the other for ever. A shell that reads nothing for SHELL_STALL (`sleep 1d`
+    // under a keystroke flood) gets what is typed meanwhile dropped, as a full tty drops
+    // it: the socket is read again, so a closed tab is noticed and ends the shell.
     let mut held: Option<TerminalInput> = None;
+    let mut dropping = false;
+    let mut dropped_bytes = 0_usize;
+    let stall = tokio::time::sleep(SHELL_STALL);
+    tokio::pin!(stall);
     loop {
         tokio::select! {
             permit = term.input.reserve(), if held.is_some() => match (permit, held.take()) {
-                (Ok(permit), Some(message)) => permit.send(message),
+                (Ok(permit), Some(message)) => {
+                    permit.send(message);
+                    dropping = false;
+                }
                 _ => break,
             },
-            incoming = ws.recv(), if held.is_none() => match incoming {
-                Some(Ok(Message::Binary(bytes))) => {
-                    match term.input.try_send(TerminalInput::Data(bytes.to_vec())) {
-                        Ok(()) => {}
-                        Err(tokio::sync::mpsc::error::TrySendError::Full(message)) => held = Some(message),
-                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
-                    }
-                }
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<Control>(text.as_str()) {
-                    Ok(Control::Resize { cols, rows }) => {
-                        match term.input.try_send(TerminalInput::Resize { cols, rows }) {
-                            Ok(()) => {}
-                            Err(tokio::sync::mpsc::error::TrySendError::Full(message)) => held = Some(message),
-                            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
+            () = &mut stall, if held.is_some() && !dropping => {
+                dropping = true;
+                tracing::warn!(allocation_id, "the lab's shell has read no input for {SHELL_STALL:?}: dropping what is typed until it does");
+            }
+            incoming = ws.recv(), if held.is_none() || dropping => {
+                let input = match incoming {
+                    Some(Ok(Message::Binary(bytes))) => TerminalInput::Data(bytes.to_vec()),
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<Control>(text.as_str()) {
+                        Ok(Control::Resize { cols, rows }) => TerminalInput::Resize { cols, rows },
+                        Err(e) => {
+                            let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": format!("unknown control message: {e}")}))).await;
+                            continue;
                         }
+                    },
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                };
+                if dropping {
+                    if let TerminalInput::Data(bytes) = &input {
+                        dropped_bytes += bytes.len();
                     }
-                    Err(e) => {
-                        let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": format!("unknown control message: {e}")}))).await;
+                    continue;
+                }
+                match term.input.try_send(input) {
+                    Ok(()) => {}
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(message)) => {
+                        held = Some(message);
+                        stall.as_mut().reset(tokio::time::Instant::now() + SHELL_STALL);
                     }
-                },
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
-            },
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
+                }
+            }
             why = &mut revoked => {
                 let _ = ws.send(json_text(serde_json::json!({"type": "error", "detail": why.to_string()}))).await;
                 let _ = ws.send(Message::Close(None)).await;
@@ -516,6 +536,13 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                 None => break,
             },
         }
+    }
+    if dropped_bytes > 0 {
+        tracing::warn!(
+            allocation_id,
+            dropped_bytes,
+            "terminal input dropped while the lab's shell read none"
+        );
     }
     // Closing the tab closes the channel: the pump sees Close (or a dropped sender).
     let _ = term.input.try_send(TerminalInput::Close);

@@ -1,7 +1,8 @@
 //! A stranger on the venue LAN against the real `labrack serve`: connections that never
 //! finish a request, and a burst of logins with random usernames. The appliance must stay
 //! up and answer everyone else at once, close the slow connections, run argon2 only for the
-//! few attempts its limits allow, and keep its memory small.
+//! few attempts its limits allow, and keep its memory small; junk methods, a readiness-probe
+//! storm and a roster bomb change nothing.
 //!
 //! Each attacker and each honest client has its own loopback address (127.0.0.N), as
 //! machines on a LAN have: the caps are per client.
@@ -320,5 +321,134 @@ async fn a_scoreboard_crowd_is_capped_per_client_and_every_stream_gets_the_board
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// A counter's value in a Prometheus text exposition (0 when absent).
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_methods_a_readiness_storm_and_a_roster_of_blank_rows_change_nothing()
+-> anyhow::Result<()> {
+    let data = DataDir::new("abuse-junk");
+    let server = Server::start(&data.0, "127.0.0.1:0")?;
+    let otp = server.admin_password.clone().expect("otp");
+    let mut admin = Api {
+        client: client_from(&data.0, "127.0.0.9")?,
+        base: server.url.clone(),
+        token: None,
+    };
+    admin
+        .first_admin_login(&otp, "a-strong-admin-password")
+        .await?;
+    let (_, event) = admin.post("/api/v1/events", json!({"name": "Junk", "starts_at": "2026-12-01T09:00:00Z", "ends_at": "2099-12-02T18:00:00Z"})).await?;
+    let event_id = event["id"].as_i64().expect("id");
+    let stranger = client_from(&data.0, "127.0.5.1")?;
+    let metrics_text = || async {
+        anyhow::Ok(
+            admin
+                .client
+                .get(format!("{}/metrics", server.url))
+                .send()
+                .await?
+                .text()
+                .await?,
+        )
+    };
+    let label_sets = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("labrack_http_requests_total{"))
+            .count()
+    };
+
+    // 300 requests, each with a method of its own: answered, and never a metrics key
+    for n in 0..300 {
+        let method = reqwest::Method::from_bytes(format!("AAAA{n:04}").as_bytes())?;
+        let reply = stranger
+            .request(method, format!("{}/api/v1/events", server.url))
+            .send()
+            .await?;
+        assert!(reply.status().is_client_error(), "{}", reply.status());
+    }
+    let metrics = metrics_text().await?;
+    assert!(
+        !metrics.contains("AAAA"),
+        "invented methods are not metric labels"
+    );
+    assert!(
+        label_sets(&metrics) < 20,
+        "the request counter has a few label sets, not one per method: {}",
+        label_sets(&metrics)
+    );
+
+    // 400 readiness probes at once: each answered, the database probed about once a second
+    let writes_before = counter(&metrics, "labrack_writer_jobs_total");
+    let started = std::time::Instant::now();
+    // from 8 addresses: 50 connections each stay within the per-client cap
+    let probers: Vec<reqwest::Client> = (1..=8)
+        .map(|n| client_from(&data.0, &format!("127.0.5.{}", 10 + n)))
+        .collect::<Result<_, _>>()?;
+    let probes = (0..400).map(|n| {
+        let (stranger, url) = (probers[n % 8].clone(), format!("{}/readyz", server.url));
+        async move { anyhow::Ok(stranger.get(url).send().await?.status().as_u16()) }
+    });
+    for status in futures_util::future::join_all(probes).await {
+        assert_eq!(status?, 200);
+    }
+    let seconds = started.elapsed().as_secs();
+    let writes = counter(&metrics_text().await?, "labrack_writer_jobs_total") - writes_before;
+    assert!(
+        writes <= seconds + 2,
+        "{writes} writes for 400 probes in {seconds} s: the probe is shared"
+    );
+
+    // A roster of 500,000 blank rows: parsed in linear time off the async workers, it imports
+    // nobody, and everyone else is answered meanwhile.
+    let mut bomb = String::from("team,name,email\n");
+    bomb.push_str(&"\n".repeat(500_000));
+    let import_path = format!("/api/v1/events/{event_id}/participants/import");
+    let import = admin.post_csv(&import_path, &bomb);
+    let honest = async {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..10 {
+            let sent = std::time::Instant::now();
+            let (status, _) = admin.get("/api/v1/events").await?;
+            anyhow::ensure!(status == 200, "refused during the import: {status}");
+            slowest = slowest.max(sent.elapsed());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(slowest)
+    };
+    let ((status, body), slowest) = {
+        let (import, honest) = tokio::join!(import, honest);
+        (import?, honest?)
+    };
+    assert!(
+        status == 422 || (status == 200 && body["imported"] == 0),
+        "{status} {body}"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "an honest request took {slowest:?}"
+    );
+    let (_, participants) = admin
+        .get(&format!("/api/v1/events/{event_id}/participants"))
+        .await?;
+    assert_eq!(
+        participants["participants"].as_array().map(Vec::len),
+        Some(0),
+        "{participants}"
+    );
+    let (_, teams) = admin
+        .get(&format!("/api/v1/events/{event_id}/teams"))
+        .await?;
+    assert_eq!(teams["teams"].as_array().map(Vec::len), Some(0), "{teams}");
     Ok(())
 }

@@ -34,6 +34,9 @@ const TICKET_TTL: Duration = Duration::from_secs(30);
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(10);
 /// How long a shell may read no input while more waits before further input is dropped.
 const SHELL_STALL: Duration = Duration::from_secs(5);
+/// Bytes a second of input read (and dropped) while the shell reads none: enough to reach a
+/// closed tab's end within seconds, little enough that a flood costs next to nothing.
+const DROPPED_INPUT_RATE: usize = 1024 * 1024;
 
 /// What a ticket opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,6 +506,10 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
                 if dropping {
                     if let TerminalInput::Data(bytes) = &input {
                         dropped_bytes += bytes.len();
+                        // read what is dropped at DROPPED_INPUT_RATE at most: reading a
+                        // flood at LAN speed would cost a core
+                        let pause = bytes.len() as f64 / DROPPED_INPUT_RATE as f64;
+                        tokio::time::sleep(Duration::from_secs_f64(pause)).await;
                     }
                     continue;
                 }

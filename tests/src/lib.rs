@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
+pub mod cloud;
+pub mod drill;
+
 /// The `labrack` binary: `$LABRACK_BIN` (set by `cargo xtask test`), else the one beside
 /// the test executable's target directory.
 pub fn labrack_bin() -> PathBuf {
@@ -800,12 +803,35 @@ pub async fn websocket(
     path: &str,
     bearer: &str,
 ) -> anyhow::Result<AppSocket> {
+    websocket_from(data_dir, base_url, path, bearer, None).await
+}
+
+/// [`websocket`] from a given local address (a machine of its own on the venue LAN, for the
+/// per-client limits), or the system's choice with `None`.
+pub async fn websocket_from(
+    data_dir: &Path,
+    base_url: &str,
+    path: &str,
+    bearer: &str,
+    local: Option<std::net::IpAddr>,
+) -> anyhow::Result<AppSocket> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let authority = base_url
         .trim_start_matches("https://")
         .trim_end_matches('/')
         .to_owned();
-    let tcp = tokio::net::TcpStream::connect(&authority).await?;
+    let tcp = match local {
+        None => tokio::net::TcpStream::connect(&authority).await?,
+        Some(local) => {
+            let remote: std::net::SocketAddr = authority.parse()?;
+            let socket = match remote {
+                std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.bind(std::net::SocketAddr::new(local, 0))?;
+            socket.connect(remote).await?
+        }
+    };
     let server_name = rustls::pki_types::ServerName::try_from("127.0.0.1")?.to_owned();
     let tls = tls_connector(data_dir)?.connect(server_name, tcp).await?;
     let mut request = format!("wss://{authority}{path}").into_client_request()?;

@@ -93,6 +93,8 @@ pub struct StreamStats {
 pub const INPUT_QUEUE: usize = 4096;
 /// The desktop changes size at most this often (each change costs a keyframe).
 pub const RESIZE_EVERY: Duration = Duration::from_secs(1);
+/// How long a wished-for size must hold before the desktop takes it.
+pub const RESIZE_SETTLE: Duration = Duration::from_millis(300);
 
 enum Control {
     Input(Vec<FastPathInputEvent>),
@@ -108,21 +110,35 @@ struct Requests {
     resize: Mutex<ResizePacer>,
 }
 
-/// Resizes, latest wins, at most one per [`RESIZE_EVERY`]: a viewer alternating window
-/// sizes gets one keyframe a second, not one per message.
+/// Resizes, latest wins, at most one per [`RESIZE_EVERY`], and only once the wish has held
+/// for [`RESIZE_SETTLE`] (a window being dragged, or a viewer alternating sizes, changes
+/// nothing until it stops): each change costs a keyframe and, at 4K, tens of MiB of frame
+/// buffers.
 #[derive(Debug, Default)]
 pub struct ResizePacer {
-    wanted: Option<(u32, u32)>,
+    /// the size wished for, and since when
+    wanted: Option<((u32, u32), Instant)>,
     last: Option<Instant>,
 }
 
 impl ResizePacer {
     /// A new wish replaces one not yet applied; says whether it replaced one.
-    pub fn want(&mut self, width: u32, height: u32) -> bool {
-        self.wanted.replace((width, height)).is_some()
+    pub fn want(&mut self, width: u32, height: u32, now: Instant) -> bool {
+        match self.wanted {
+            Some((size, _)) if size == (width, height) => true,
+            Some(_) => {
+                self.wanted = Some(((width, height), now));
+                true
+            }
+            None => {
+                self.wanted = Some(((width, height), now));
+                false
+            }
+        }
     }
 
-    /// The size to apply now, if one is wanted and the last change is old enough.
+    /// The size to apply now, if one is wanted, has held long enough, and the last change
+    /// is old enough.
     pub fn due(&mut self, now: Instant) -> Option<(u32, u32)> {
         if self
             .last
@@ -130,9 +146,13 @@ impl ResizePacer {
         {
             return None;
         }
-        let wanted = self.wanted.take()?;
+        let (size, since) = self.wanted?;
+        if now.duration_since(since) < RESIZE_SETTLE {
+            return None;
+        }
+        self.wanted = None;
         self.last = Some(now);
-        Some(wanted)
+        Some(size)
     }
 }
 
@@ -278,7 +298,7 @@ impl DesktopStream {
     /// The server may refuse (no display control): the picture keeps its size and is scaled.
     pub fn resize(&self, width: u32, height: u32) {
         if let Ok(mut pacer) = self.requests.resize.lock()
-            && pacer.want(width, height)
+            && pacer.want(width, height, Instant::now())
         {
             self.stats.resizes_coalesced.fetch_add(1, Ordering::Relaxed);
         }
@@ -657,27 +677,37 @@ mod pacing_tests {
     use super::*;
 
     #[test]
-    fn resizes_are_latest_wins_and_at_most_one_a_second() {
+    fn resizes_are_latest_wins_settled_and_at_most_one_a_second() {
         let mut pacer = ResizePacer::default();
         let start = Instant::now();
         assert!(pacer.due(start).is_none(), "nothing wanted");
-        assert!(!pacer.want(1280, 720));
-        assert_eq!(pacer.due(start), Some((1280, 720)));
-        // A viewer alternates sizes as fast as it can: within the second nothing applies,
-        // then only the last one does.
+        assert!(!pacer.want(1280, 720, start));
+        assert!(pacer.due(start).is_none(), "not settled yet");
+        let settled = start + RESIZE_SETTLE;
+        assert_eq!(pacer.due(settled), Some((1280, 720)));
+        // A viewer alternates sizes as fast as it can: nothing applies while it does, then
+        // only the last one does, once it has held.
         let mut replaced = 0;
+        let mut at = settled;
         for n in 0..1000 {
+            at = settled + Duration::from_millis(n * 3);
             replaced += usize::from(pacer.want(
                 if n % 2 == 0 { 3840 } else { 800 },
                 if n % 2 == 0 { 2160 } else { 600 },
+                at,
             ));
-            assert!(pacer.due(start + Duration::from_millis(n / 2)).is_none());
+            assert!(pacer.due(at).is_none(), "applied mid-flood at {n}");
         }
         assert_eq!(replaced, 999);
-        assert_eq!(pacer.due(start + RESIZE_EVERY), Some((800, 600)));
-        assert!(
-            pacer.due(start + RESIZE_EVERY * 3).is_none(),
-            "applied once"
+        assert!(pacer.due(at + RESIZE_SETTLE / 2).is_none());
+        assert_eq!(pacer.due(at + RESIZE_SETTLE), Some((800, 600)));
+        assert!(pacer.due(at + RESIZE_EVERY * 3).is_none(), "applied once");
+        // the same size again is no new wish: it keeps its time
+        assert!(!pacer.want(1024, 768, at + RESIZE_EVERY * 4));
+        assert!(pacer.want(1024, 768, at + RESIZE_EVERY * 4 + RESIZE_SETTLE / 2));
+        assert_eq!(
+            pacer.due(at + RESIZE_EVERY * 4 + RESIZE_SETTLE),
+            Some((1024, 768))
         );
     }
 }

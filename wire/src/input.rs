@@ -10,7 +10,9 @@
 //! | 4 | `4, button, down, u16 x, u16 y` | button 0 left, 1 middle, 2 right |
 //! | 5 | `5, i16 delta, u16 x, u16 y` | vertical wheel, positive away from the user |
 //!
-//! Several messages may be concatenated in one data-channel message.
+//! Several messages may be concatenated in one data-channel message. Consecutive pointer
+//! moves in one message become the last of them: only where the pointer ends up matters
+//! (a browser sends one message per frame), and a flood of moves then costs the desktop one.
 
 use ironrdp_pdu::input::fast_path::{FastPathInputEvent, KeyboardFlags};
 use ironrdp_pdu::input::mouse::{MousePdu, PointerFlags};
@@ -101,6 +103,13 @@ pub fn decode(mut bytes: &[u8]) -> Result<Vec<FastPathInputEvent>, InputError> {
             }
         });
         bytes = &bytes[len..];
+        let moves = |e: Option<&FastPathInputEvent>| matches!(e, Some(FastPathInputEvent::MouseEvent(m)) if m.flags == PointerFlags::MOVE);
+        if events.len() >= 2 && moves(events.last()) && moves(events.get(events.len() - 2)) {
+            let last = events.pop();
+            if let (Some(previous), Some(last)) = (events.last_mut(), last) {
+                *previous = last;
+            }
+        }
     }
     Ok(events)
 }
@@ -108,6 +117,32 @@ pub fn decode(mut bytes: &[u8]) -> Result<Vec<FastPathInputEvent>, InputError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_pointer_moves_become_the_last_one() {
+        let mut message = Vec::new();
+        for x in 0..100_u16 {
+            message.push(3);
+            message.extend_from_slice(&x.to_le_bytes());
+            message.extend_from_slice(&[7, 0]);
+        }
+        let at = |x: u16, y: u16| {
+            FastPathInputEvent::MouseEvent(MousePdu {
+                flags: PointerFlags::MOVE,
+                number_of_wheel_rotation_units: 0,
+                x_position: x,
+                y_position: y,
+            })
+        };
+        assert_eq!(decode(&message).expect("valid"), [at(99, 7)]);
+        // a button between moves keeps its place, and the moves either side of it
+        message.extend_from_slice(&[4, 0, 1, 99, 0, 7, 0]);
+        message.extend_from_slice(&[3, 1, 0, 2, 0, 3, 5, 0, 6, 0]);
+        let events = decode(&message).expect("valid");
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[0], at(99, 7));
+        assert_eq!(events[2], at(5, 6));
+    }
 
     #[test]
     fn keys_pointer_and_wheel_decode() {

@@ -28,7 +28,11 @@ pub(crate) fn cmd_bench(args: &[String]) -> anyhow::Result<()> {
         Some("stream") => bench_stream(&args[1..]),
         Some("scoring") => crate::bench_scoring::bench_scoring(&args[1..]),
         Some("sync") => crate::bench_sync::bench_sync(&args[1..]),
-        other => bail!("unknown benchmark {other:?}; available: api, reset, stream, scoring, sync"),
+        Some("abuse") => crate::bench_abuse::bench_abuse(&args[1..]),
+        Some("drill") => crate::bench_drill::bench_drill(&args[1..]),
+        other => bail!(
+            "unknown benchmark {other:?}; available: api, reset, stream, scoring, sync, abuse, drill"
+        ),
     }
 }
 

@@ -3,6 +3,8 @@
 
 mod api_fuzz;
 mod bench;
+mod bench_abuse;
+mod bench_drill;
 mod bench_reset;
 mod bench_scoring;
 mod bench_stream;
@@ -35,6 +37,13 @@ commands:
                     [--lab-teams N] [--checks N] [--workers 1,2,4,8]
   bench sync        outbox rows over QUIC to labrack cloud: rows/s, lag, partition catch-up
                     [--rows N] [--runs N] [--partition-secs N] [--write-secs N]
+  bench abuse       200 participants and 4 lab hosts at work while strangers flood logins,
+                    slow connections, a terminal, a desktop and the public scoreboard
+                    [--participants N] [--hosts N] [--phase-secs N] [--logins N]
+                    [--slow N] [--streams N]
+  bench drill       the power-cut drill: a scripted event while kill -9 hits the appliance,
+                    the lab host and the cloud at random; nothing lost, nothing twice
+                    [--minutes N] [--kill-every-secs N] [--teams N]
   fuzz [--seconds N] [TARGET…]
                     coverage-guided fuzzing (cargo fuzz, nightly) of every parser strangers
                     and teams can feed, N s per target (300); new finds go to fuzz/corpus/
@@ -145,6 +154,9 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
         fuzz::ensure_tools()?;
         api_fuzz::ensure_tools()?;
     }
+    util::step("formatting (cargo fmt --check)");
+    run(cargo().args(["fmt", "--all", "--check"]))
+        .context("the tree is not in rustfmt's style: run `cargo fmt --all`")?;
     build_web()?;
     util::step("building labrack and the test binaries");
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;

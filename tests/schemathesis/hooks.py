@@ -9,7 +9,9 @@ Two checks of our own run beside schemathesis's:
 The run uses one worker, so no other request writes between the two reads; the appliance's
 own job workers may (a queued job leased, retried or finished, for a request accepted
 earlier), so a job's progress columns are not compared, only that no job was added or
-removed. Set LABRACK_DB to the appliance's database file (opened read-only; the appliance
+removed; and what a job writes as its result (an agent's answer, its model use) is the
+job's, so rows with a job_id are left out (a refused request that queued a job shows as
+that job). Set LABRACK_DB to the appliance's database file (opened read-only; the appliance
 keeps it in WAL mode).
 """
 
@@ -62,6 +64,8 @@ def snapshot():
             where = ""
             if table == "audit_log":
                 where = f"WHERE action NOT IN ({refusals})"
+            elif table in ("agent_messages", "llm_usage"):
+                where = "WHERE job_id IS NULL"
             elif table == "outbox":
                 where = f"WHERE NOT (kind = 'audit' AND json_extract(body, '$.action') IN ({refusals}))"
             columns = JOB_COLUMNS if table == "jobs" else "*"

@@ -69,14 +69,14 @@ pub async fn ledger(
     Ok(Json(view))
 }
 
-fn csv_field(text: &str) -> String {
-    // Quote everything; a leading = + - @ would be a formula in a spreadsheet.
-    let safe = if text.starts_with(['=', '+', '-', '@']) {
-        format!("'{text}")
+/// A cell a spreadsheet will not run: text starting with `=`, `+`, `-`, `@`, a tab or a
+/// carriage return would be read as a formula, so it gets a leading `'`.
+fn defused(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{text}"))
     } else {
-        text.to_owned()
-    };
-    format!("\"{}\"", safe.replace('"', "\"\""))
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 /// The event's ledger as CSV (one row per entry; amounts in cents and currency units).
@@ -95,28 +95,45 @@ pub async fn ledger_csv(
             Ok::<_, ApiError>(billing::entries(conn, event_id, None)?)
         })
         .await?;
-    let mut csv =
-        String::from("id,at,team_id,kind,quantity,unit,amount_cents,amount,reference,note,actor\n");
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    let failed = |error: csv::Error| ApiError::Internal(format!("writing the ledger CSV: {error}"));
+    csv.write_record([
+        "id",
+        "at",
+        "team_id",
+        "kind",
+        "quantity",
+        "unit",
+        "amount_cents",
+        "amount",
+        "reference",
+        "note",
+        "actor",
+    ])
+    .map_err(failed)?;
     for e in entries {
         let at =
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(e.created_ms) * 1_000_000)
                 .map(format_time)
                 .unwrap_or_default();
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{:.2},{},{},{}\n",
-            e.id,
-            at,
-            e.team_id.map(|t| t.to_string()).unwrap_or_default(),
-            e.kind,
-            e.quantity,
-            csv_field(&e.unit),
-            e.amount_cents,
-            e.amount_cents as f64 / 100.0,
-            csv_field(e.reference.as_deref().unwrap_or("")),
-            csv_field(&e.note),
-            csv_field(&e.actor),
-        ));
+        csv.write_record([
+            e.id.to_string().as_str(),
+            &at,
+            &e.team_id.map(|t| t.to_string()).unwrap_or_default(),
+            &defused(&e.kind),
+            &e.quantity.to_string(),
+            &defused(&e.unit),
+            &e.amount_cents.to_string(),
+            &format!("{:.2}", e.amount_cents as f64 / 100.0),
+            &defused(e.reference.as_deref().unwrap_or("")),
+            &defused(&e.note),
+            &defused(&e.actor),
+        ])
+        .map_err(failed)?;
     }
+    let csv = csv
+        .into_inner()
+        .map_err(|error| ApiError::Internal(format!("writing the ledger CSV: {error}")))?;
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
@@ -285,4 +302,19 @@ pub async fn start_sync_epoch(
         .await?;
     state.link.reconnect();
     Ok((StatusCode::CREATED, Json(started)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_a_spreadsheet_would_run_are_defused_and_others_kept() {
+        for formula in ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\r=1"] {
+            assert_eq!(defused(formula), format!("'{formula}"), "{formula:?}");
+        }
+        for plain in ["gpu-hour", "a = b", "", "1-2"] {
+            assert_eq!(defused(plain), plain);
+        }
+    }
 }

@@ -26,38 +26,11 @@ pub enum Command {
     /// Administrative tasks on a data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
-    /// The central-cloud receiver that appliances sync to.
-    #[command(subcommand)]
-    Cloud(CloudCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CloudCommand {
-    /// Receive appliances' outboxes over QUIC and serve the read API.
-    Serve {
-        #[arg(long, env = "LABRACK_CLOUD_DATA_DIR", default_value = "./cloud-data")]
-        data_dir: PathBuf,
-        /// UDP address of the sync (QUIC) listener
-        #[arg(long, env = "LABRACK_CLOUD_LISTEN", default_value = "0.0.0.0:7443")]
-        listen: SocketAddr,
-        /// TCP address of the HTTPS read API
-        #[arg(
-            long,
-            env = "LABRACK_CLOUD_HTTP_LISTEN",
-            default_value = "0.0.0.0:7444"
-        )]
-        http_listen: SocketAddr,
-        /// extra DNS names or IP addresses for the certificate (comma-separated)
-        #[arg(long, value_delimiter = ',')]
-        tls_names: Vec<String>,
-    },
-    /// Print a one-time token that enrols one appliance (`labrack serve --cloud-token`).
-    EnrolToken {
-        #[arg(long, env = "LABRACK_CLOUD_DATA_DIR", default_value = "./cloud-data")]
-        data_dir: PathBuf,
-        /// how long the token is valid
-        #[arg(long, default_value_t = 86_400)]
-        ttl_secs: u64,
+    /// Moved: the central cloud is its own program, `labrack-cloud`.
+    #[command(hide = true, disable_help_flag = true)]
+    Cloud {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -520,32 +493,19 @@ fn load_config_file(path: &Path) -> anyhow::Result<ConfigFile> {
     toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
 }
 
+/// `labrack cloud …` from before the cloud had its own binary: say where it went.
+fn moved_cloud(args: &[String]) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the central cloud is its own program now: run `labrack-cloud {}` (the same arguments; \
+         it is built beside `labrack`)",
+        args.join(" ")
+    )
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => crate::serve::serve(args.resolve()?),
-        Command::Cloud(CloudCommand::Serve {
-            data_dir,
-            listen,
-            http_listen,
-            tls_names,
-        }) => {
-            let filter = tracing_subscriber::EnvFilter::try_from_env("LABRACK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .try_init();
-            crate::sync::cloud::serve(crate::sync::cloud::CloudConfig {
-                data_dir,
-                listen,
-                http_listen,
-                tls_names,
-            })
-        }
-        Command::Cloud(CloudCommand::EnrolToken { data_dir, ttl_secs }) => {
-            println!("{}", crate::sync::cloud::enrol_token(&data_dir, ttl_secs)?);
-            Ok(())
-        }
+        Command::Cloud { args } => Err(moved_cloud(&args)),
         Command::Admin(AdminCommand::ResetPassword { username, data_dir }) => {
             let password = crate::serve::reset_password(&data_dir, &username)?;
             println!("labrack: one-time password for {username}: {password}");
@@ -585,6 +545,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_old_cloud_subcommand_points_to_labrack_cloud() {
+        let cli = Cli::try_parse_from([
+            "labrack",
+            "cloud",
+            "enrol-token",
+            "--data-dir",
+            "/srv/cloud",
+        ])
+        .expect("still parses");
+        let error = run(cli).expect_err("refused");
+        assert!(
+            error
+                .to_string()
+                .contains("run `labrack-cloud enrol-token --data-dir /srv/cloud`"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn flags_beat_file_and_file_beats_defaults() {

@@ -273,6 +273,109 @@ impl<S> axum_server::accept::Accept<TcpStream, S> for GateAcceptor {
     }
 }
 
+/// How much lower than request handling a TLS handshake runs (a nice value).
+const HANDSHAKE_NICE: i32 = 5;
+
+/// Threads of their own for TLS handshakes, the costliest work a stranger can ask for
+/// before anyone knows who they are. They run at a lower CPU priority than request
+/// handling, so a burst of new connections (a thousand logins at once) delays new
+/// connections, not the requests of those already open.
+pub struct HandshakeThreads {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl HandshakeThreads {
+    pub fn start(threads: usize) -> io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("tls-handshake")
+            .on_thread_start(|| {
+                labrack_serving::priority::lower_this_threads_priority(
+                    HANDSHAKE_NICE,
+                    "tls-handshake",
+                );
+            })
+            .enable_all()
+            .build()?;
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+
+    fn handle(&self) -> Option<tokio::runtime::Handle> {
+        self.runtime
+            .as_ref()
+            .map(|runtime| runtime.handle().clone())
+    }
+}
+
+impl Drop for HandshakeThreads {
+    fn drop(&mut self) {
+        // Dropped from async code at shutdown: do not wait for handshakes in flight.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The axum-server acceptor for HTTPS: the gate first (before any TLS work), then the
+/// handshake on [`HandshakeThreads`] within `timeout`.
+#[derive(Clone)]
+pub struct GatedTlsAcceptor {
+    gate: GateAcceptor,
+    tls: tokio_rustls::TlsAcceptor,
+    handshakes: tokio::runtime::Handle,
+    timeout: std::time::Duration,
+}
+
+impl GatedTlsAcceptor {
+    pub fn new(
+        gate: GateAcceptor,
+        config: Arc<rustls::ServerConfig>,
+        handshakes: &HandshakeThreads,
+        timeout: std::time::Duration,
+    ) -> io::Result<Self> {
+        let handshakes = handshakes
+            .handle()
+            .ok_or_else(|| io::Error::other("the handshake threads have stopped"))?;
+        Ok(Self {
+            gate,
+            tls: tokio_rustls::TlsAcceptor::from(config),
+            handshakes,
+            timeout,
+        })
+    }
+}
+
+type Accepted<S> = io::Result<(tokio_rustls::server::TlsStream<GatedStream>, S)>;
+
+impl<S: Send + 'static> axum_server::accept::Accept<TcpStream, S> for GatedTlsAcceptor {
+    type Stream = tokio_rustls::server::TlsStream<GatedStream>;
+    type Service = S;
+    type Future = Pin<Box<dyn std::future::Future<Output = Accepted<S>> + Send>>;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        let gated =
+            axum_server::accept::Accept::<TcpStream, S>::accept(&self.gate, stream, service)
+                .into_inner();
+        let (tls, handshakes, timeout) = (self.tls.clone(), self.handshakes.clone(), self.timeout);
+        Box::pin(async move {
+            let (stream, service) = gated?;
+            let handshake = handshakes
+                .spawn(async move { tokio::time::timeout(timeout, tls.accept(stream)).await });
+            match handshake.await {
+                Ok(Ok(Ok(stream))) => Ok((stream, service)),
+                Ok(Ok(Err(error))) => Err(error),
+                Ok(Err(_elapsed)) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the TLS handshake took too long",
+                )),
+                Err(join) => Err(io::Error::other(join)),
+            }
+        })
+    }
+}
+
 /// Raises this process's open-file limit to its hard limit; returns the soft limit now.
 pub fn raise_nofile_limit() -> u64 {
     match rlimit::increase_nofile_limit(u64::MAX) {

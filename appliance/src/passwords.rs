@@ -2,7 +2,9 @@
 //! and tens of milliseconds of a core; run on the shared blocking pool, a login flood used
 //! gigabytes and starved every database read. Here a fixed number of threads verify, at
 //! most `queue` more wait, and the rest are refused at once ([`Busy`]), so memory stays
-//! near `threads × 19 MiB` and the database's threads are never taken.
+//! near `threads × 19 MiB` and the database's threads are never taken. The threads run at a
+//! lower CPU priority than the rest of the process, so a storm of guesses slows logins, not
+//! the API.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -41,6 +43,11 @@ enum Work {
     },
 }
 
+/// How much lower than request handling a password thread runs (a nice value): during a
+/// login storm the verifications take the CPU the API leaves, instead of an equal share of
+/// a two-core box (about a tenth when the API wants it all, so logins still finish).
+const PASSWORD_NICE: i32 = 10;
+
 /// A few threads that hash and verify passwords, behind a bounded queue.
 #[derive(Debug, Clone)]
 pub struct PasswordPool {
@@ -68,6 +75,10 @@ impl PasswordPool {
             let spawned = std::thread::Builder::new()
                 .name(format!("password-{n}"))
                 .spawn(move || {
+                    labrack_serving::priority::lower_this_threads_priority(
+                        PASSWORD_NICE,
+                        "password",
+                    );
                     loop {
                         let next = match receiver.lock() {
                             Ok(guard) => guard.recv(),

@@ -81,7 +81,7 @@ fn init_logging(format: LogFormat) {
 
 async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let started = Instant::now();
-    crate::data_dir::prepare(&config.data_dir)?;
+    labrack_serving::data_dir::prepare(&config.data_dir)?;
     let metrics = Arc::new(Metrics::default());
     let db = Db::open(&config.data_dir.join(DB_FILE), metrics.clone())
         .context("opening the database")?;
@@ -147,7 +147,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let identity = if config.dev_http {
         None
     } else {
-        Some(crate::tls::load_or_create(
+        Some(labrack_serving::certificates::load_or_create(
             &config.data_dir,
             &config.tls_names,
         )?)
@@ -170,6 +170,16 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     );
     // Withdrawn (dropped) when the server stops.
     let mut announcement = None;
+    // Kept until the server stops.
+    let handshakes = identity
+        .as_ref()
+        .map(|_| {
+            crate::connections::HandshakeThreads::start(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )
+        })
+        .transpose()
+        .context("starting the TLS handshake threads")?;
     let server = if let Some(identity) = identity {
         println!(
             "labrack: ca certificate {}",
@@ -177,10 +187,15 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
         );
         println!("labrack: ca fingerprint SHA256:{}", identity.ca_fingerprint);
         announcement = announce(&config, local, &identity.ca_fingerprint);
-        let tls = axum_server::tls_rustls::RustlsConfig::from_config(identity.server_config);
-        let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
-            .handshake_timeout(config.header_timeout)
-            .acceptor(gate);
+        let handshake_threads = handshakes
+            .as_ref()
+            .context("no threads for TLS handshakes")?;
+        let acceptor = crate::connections::GatedTlsAcceptor::new(
+            gate,
+            identity.server_config,
+            handshake_threads,
+            config.header_timeout,
+        )?;
         let mut server = axum_server::from_tcp(listener)?
             .acceptor(acceptor)
             .handle(handle.clone())
@@ -240,7 +255,7 @@ fn announce(
     if !config.mdns || local.ip().is_loopback() {
         return None;
     }
-    let machine = crate::tls::host_name();
+    let machine = labrack_serving::certificates::host_name();
     let cert_host = config
         .tls_names
         .first()

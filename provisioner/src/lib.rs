@@ -7,7 +7,8 @@
 //! - [`protocol`]: the versioned wire types of the appliance↔host task protocol;
 //! - [`limits`]: what a lab may use of its host, what a host can enforce, whether it fits;
 //! - [`replay`]: which signed host calls to take (replays, one identity on two machines);
-//! - [`check`]: what a check run means (verdict, `FAIL:` reasons, output truncation).
+//! - [`check`]: what a check run means (verdict, `FAIL:` reasons, output truncation);
+//! - [`ranking`]: the leaderboard's order (the appliance's board and the cloud's).
 //!
 //! Architecture invariant: this crate knows nothing of HTTP, SQLite, clocks or sockets.
 
@@ -16,5 +17,6 @@ pub mod check;
 pub mod inventory;
 pub mod limits;
 pub mod protocol;
+pub mod ranking;
 pub mod replay;
 pub mod template;

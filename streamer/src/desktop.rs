@@ -379,6 +379,7 @@ impl Worker {
     }
 
     fn run(mut self, session: DesktopSession) {
+        lower_this_threads_priority();
         self.run_until_stopped(session);
         self.stats.connected.store(false, Ordering::Relaxed);
         self.stats.stopped.store(true, Ordering::Relaxed);
@@ -669,6 +670,19 @@ impl Worker {
                 keyframe = true;
             }
         }
+    }
+}
+
+/// How much lower than request handling a desktop's decode-and-encode thread runs (a nice
+/// value; Linux keeps it per thread).
+const STREAM_NICE: i32 = 5;
+
+/// Video is the bulk of the appliance's CPU and degrades gracefully (fewer frames), while
+/// a slow API answer or a late heartbeat does not: when the cores are short, request
+/// handling goes first and the streams take what it leaves.
+fn lower_this_threads_priority() {
+    if let Err(error) = rustix::process::nice(STREAM_NICE) {
+        tracing::warn!(%error, "could not lower the desktop stream thread's priority");
     }
 }
 

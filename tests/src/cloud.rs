@@ -1,4 +1,4 @@
-//! The real `labrack cloud` for end-to-end tests and benchmarks: start it, kill it, read its
+//! The real `labrack-cloud` for end-to-end tests and benchmarks: start it, kill it, read its
 //! API, and compare what it holds with an appliance's outbox.
 
 use std::io::{BufRead as _, BufReader};
@@ -10,9 +10,9 @@ use anyhow::Context as _;
 use serde_json::Value;
 use sha2::Digest as _;
 
-use crate::{Api, client_trusting, labrack_bin};
+use crate::{Api, client_trusting, labrack_cloud_bin};
 
-/// A running `labrack cloud serve`.
+/// A running `labrack-cloud serve`.
 pub struct Cloud {
     child: Child,
     /// its read API, `https://127.0.0.1:PORT`
@@ -22,16 +22,15 @@ pub struct Cloud {
 }
 
 impl Cloud {
-    /// The test build's `labrack cloud serve` with its QUIC port on 127.0.0.1.
+    /// The test build's `labrack-cloud serve` with its QUIC port on 127.0.0.1.
     pub fn start(data: &Path, quic_port: u16) -> anyhow::Result<Self> {
-        Self::start_binary(&labrack_bin(), data, quic_port)
+        Self::start_binary(&labrack_cloud_bin(), data, quic_port)
     }
 
-    /// [`Cloud::start`] with a given binary (benchmarks use the release build).
+    /// [`Cloud::start`] with a given `labrack-cloud` (benchmarks use the release build).
     pub fn start_binary(binary: &Path, data: &Path, quic_port: u16) -> anyhow::Result<Self> {
         let mut child = Command::new(binary)
             .args([
-                "cloud",
                 "serve",
                 "--listen",
                 &format!("127.0.0.1:{quic_port}"),
@@ -44,17 +43,17 @@ impl Cloud {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting labrack cloud")?;
+            .context("starting labrack-cloud")?;
         let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
         let (mut http, mut admin_token) = (None, None);
         for line in lines.by_ref() {
             let line = line?;
             if let Some(token) =
-                line.strip_prefix("labrack cloud: admin token for the read API (shown once): ")
+                line.strip_prefix("labrack-cloud: admin token for the read API (shown once): ")
             {
                 admin_token = Some(token.trim().to_owned());
             }
-            if let Some(url) = line.strip_prefix("labrack cloud: read API on ") {
+            if let Some(url) = line.strip_prefix("labrack-cloud: read API on ") {
                 http = Some(url.trim().trim_end_matches('/').to_owned());
                 break;
             }
@@ -87,15 +86,15 @@ impl Drop for Cloud {
     }
 }
 
-/// A one-time enrolment token for an appliance, made by `labrack cloud enrol-token`.
+/// A one-time enrolment token for an appliance, made by `labrack-cloud enrol-token`.
 pub fn enrol_token(data: &Path) -> anyhow::Result<String> {
-    enrol_token_binary(&labrack_bin(), data)
+    enrol_token_binary(&labrack_cloud_bin(), data)
 }
 
-/// [`enrol_token`] with a given binary.
+/// [`enrol_token`] with a given `labrack-cloud`.
 pub fn enrol_token_binary(binary: &Path, data: &Path) -> anyhow::Result<String> {
     let output = Command::new(binary)
-        .args(["cloud", "enrol-token", "--data-dir"])
+        .args(["enrol-token", "--data-dir"])
         .arg(data)
         .output()?;
     anyhow::ensure!(

@@ -124,7 +124,7 @@ impl Rack {
 
     fn start_cloud(&mut self) -> anyhow::Result<()> {
         self.cloud = Some(Cloud::start_binary(
-            &self.labrack,
+            &self.labrack.with_file_name("labrack-cloud"),
             &self.cloud_data,
             self.quic_port,
         )?);
@@ -158,7 +158,10 @@ pub async fn run(options: &DrillOptions) -> anyhow::Result<DrillReport> {
     std::fs::create_dir_all(skeletons.0.join("desk"))?;
     std::fs::write(skeletons.0.join("desk/README.txt"), "drill\n")?;
     let quic_port = free_port()?;
-    let token = enrol_token_binary(&options.labrack, &cloud_data.0)?;
+    let token = enrol_token_binary(
+        &options.labrack.with_file_name("labrack-cloud"),
+        &cloud_data.0,
+    )?;
     let proxy = UdpFaultProxy::start(format!("127.0.0.1:{quic_port}").parse()?).await?;
     proxy.set(Faults {
         drop_percent: 3,

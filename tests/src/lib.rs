@@ -319,6 +319,14 @@ pub fn labrack_host_bin() -> PathBuf {
     labrack_bin().with_file_name("labrack-host")
 }
 
+/// The `labrack-cloud` binary beside `labrack`.
+pub fn labrack_cloud_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("LABRACK_CLOUD_BIN") {
+        return PathBuf::from(path);
+    }
+    labrack_bin().with_file_name("labrack-cloud")
+}
+
 /// `labrack-host enrol` into `state_dir`; returns (success, stdout + stderr).
 pub fn enrol_host(
     server_url: &str,

@@ -1,5 +1,5 @@
 //! Cloud sync end to end: the real `labrack serve` relaying its outbox over real QUIC to
-//! the real `labrack cloud` in another process. After every disturbance — no cloud at all
+//! the real `labrack-cloud` in another process. After every disturbance — no cloud at all
 //! while the event runs, the cloud killed with -9 mid-stream, the appliance killed with -9 —
 //! the cloud holds exactly the appliance's rows: the same count and the same checksum.
 
@@ -583,9 +583,9 @@ async fn strangers_that_never_say_hello_are_dropped_and_cannot_crowd_out_an_appl
     // Strangers on another address finish the QUIC handshake with a certificate of their
     // own, then say nothing.
     let stranger_dir = DataDir::new("hello-stranger");
-    let (chain, key) = labrack::tls::client_identity(&stranger_dir.0, "stranger")?;
+    let (chain, key) = labrack_serving::certificates::client_identity(&stranger_dir.0, "stranger")?;
     let mut endpoint = quinn::Endpoint::client("127.0.0.2:0".parse()?)?;
-    endpoint.set_default_client_config(labrack::sync::tls::client_config(
+    endpoint.set_default_client_config(labrack_serving::sync_link::client_config(
         &std::fs::read(&ca)?,
         chain,
         key,
@@ -605,7 +605,7 @@ async fn strangers_that_never_say_hello_are_dropped_and_cannot_crowd_out_an_appl
     }
     assert_eq!(
         (held.len(), refused),
-        (labrack::sync::cloud::MAX_UNIDENTIFIED_PER_ADDRESS, 12),
+        (labrack_cloud::receiver::MAX_UNIDENTIFIED_PER_ADDRESS, 12),
         "one address holds a bounded number"
     );
     // Meanwhile a real appliance links and delivers.
@@ -631,7 +631,7 @@ async fn strangers_that_never_say_hello_are_dropped_and_cannot_crowd_out_an_appl
     // Those that never said hello are dropped by the cloud.
     for connection in &held {
         tokio::time::timeout(
-            labrack::sync::cloud::HELLO_WAIT + Duration::from_secs(10),
+            labrack_cloud::receiver::HELLO_WAIT + Duration::from_secs(10),
             connection.closed(),
         )
         .await

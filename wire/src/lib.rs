@@ -5,6 +5,7 @@
 
 pub mod desktop;
 pub mod fields;
+#[cfg(feature = "desktop-input")]
 pub mod input;
 pub mod roster;
 pub mod rubric;

@@ -15,14 +15,17 @@
 //! 3. terminal flood: one participant types into a terminal blocked in `sleep 1d` as fast
 //!    as the socket takes it, with alternating resizes;
 //! 4. desktop flood: Debian's Chromium floods the lab's desktop with input, clipboard and
-//!    alternating 4K/VGA resize messages (`web/e2e/flood-desktop.mjs`); Chromium shares the
-//!    two cores with the appliance, so it runs at the lowest priority (`nice -n 19`);
+//!    alternating 4K/VGA resize messages (`web/e2e/flood-desktop.mjs`);
 //! 5. scoreboard crowd: 2,000 streams of the public scoreboard from 125 addresses;
 //! 6. after: the honest load alone again.
 //!
 //! Measured: the honest requests' p50/p99 and failures per phase, heartbeats missed (a gap
 //! between two heartbeats the appliance stored longer than twice the interval, or a host
 //! marked unhealthy), the appliance's peak RSS (VmHWM) and whether it is still up.
+//!
+//! The attackers (this process's attack runtime and Chromium) would be other people's
+//! laptops at a venue; here they share the two cores, so they run in a CPU cgroup of the
+//! lowest weight (`cpu_groups.rs`) while the honest clients run on a runtime of their own.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -38,6 +41,7 @@ use labrack_e2e::{
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::cpu_groups::AttackerGroup;
 use crate::util::{self, cargo, run};
 
 const PHASES: [&str; 7] = [
@@ -103,11 +107,28 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
 pub(crate) fn bench_abuse(args: &[String]) -> anyhow::Result<()> {
     let options = parse(args)?;
     run(cargo().args(["build", "--release", "-p", "labrack", "-p", "labrack-host"]))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The honest clients on a runtime of their own at the normal weight, made before this
+    // thread joins the attackers.
+    let honest = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("honest")
         .enable_all()
         .build()?;
-    runtime.block_on(bench(&options))
+    let group = Arc::new(AttackerGroup::create());
+    let attacker_threads = group.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("attack")
+        .on_thread_start(move || attacker_threads.enter_current_thread())
+        .enable_all()
+        .build()?;
+    // orchestration and attacks run here, on this thread and the attack runtime's
+    group.enter_current_thread();
+    let result = runtime.block_on(bench(&options, honest.handle(), &group));
+    drop(runtime);
+    drop(honest);
+    drop(group);
+    result
 }
 
 /// A client of the appliance from its own loopback address.
@@ -196,7 +217,12 @@ impl Shared {
     }
 }
 
-async fn bench(options: &Options) -> anyhow::Result<()> {
+async fn bench(
+    options: &Options,
+    honest_runtime: &tokio::runtime::Handle,
+    group: &AttackerGroup,
+) -> anyhow::Result<()> {
+    println!("xtask: {}", group.describe());
     let release = util::target_dir().join("release");
     let data = DataDir::new("bench-abuse");
     let skeletons = DataDir::new("bench-abuse-skel");
@@ -370,10 +396,12 @@ async fn bench(options: &Options) -> anyhow::Result<()> {
     });
     // The honest load.
     let mut honest = Vec::new();
-    for (n, (client, token, _, _)) in participants.into_iter().enumerate() {
+    for (n, (_, token, _, local)) in participants.into_iter().enumerate() {
         let (shared, base) = (shared.clone(), base.clone());
         let submits = n < teams;
-        honest.push(tokio::spawn(async move {
+        // a fresh client, so its connections are driven by the honest runtime
+        let client = client_from(&data.0, local)?;
+        honest.push(honest_runtime.spawn(async move {
             // spread the 200 over the first second
             tokio::time::sleep(Duration::from_millis((n as u64 * 997) % 1000)).await;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -414,7 +442,7 @@ async fn bench(options: &Options) -> anyhow::Result<()> {
     let watcher = {
         let (shared, missed, max_gap_ms) = (shared.clone(), missed.clone(), max_gap_ms.clone());
         let db_path = data.0.join("labrack.db");
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        honest_runtime.spawn_blocking(move || -> anyhow::Result<()> {
             let conn = rusqlite::Connection::open_with_flags(
                 &db_path,
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -484,16 +512,14 @@ async fn bench(options: &Options) -> anyhow::Result<()> {
                 shared.note(index, flood);
             }
             4 => {
-                let flood = desktop_flood(
-                    &web,
-                    &base,
-                    &admin,
+                let flooder = Flooder {
+                    base: &base,
+                    admin: &admin,
                     event_id,
-                    flood_team,
-                    &event_code,
-                    options.phase_secs,
-                )
-                .await?;
+                    team_id: flood_team,
+                    event_code: &event_code,
+                };
+                let flood = desktop_flood(&web, group, &flooder, options.phase_secs).await?;
                 shared.note(index, flood);
             }
             5 => scoreboard_crowd(options, &data.0, &base, event_id, until, &shared, index).await?,
@@ -786,17 +812,30 @@ async fn terminal_flood(
     ))
 }
 
+/// Who floods the desktop: a new participant of `team_id`, added by `admin`.
+struct Flooder<'a> {
+    base: &'a str,
+    admin: &'a Api,
+    event_id: i64,
+    team_id: i64,
+    event_code: &'a str,
+}
+
 /// (c) the lab's desktop flooded from Chromium: input on the data channel, clipboard and
 /// resize messages on the signaling socket.
 async fn desktop_flood(
     web: &Path,
-    base: &str,
-    admin: &Api,
-    event_id: i64,
-    team_id: i64,
-    event_code: &str,
+    group: &AttackerGroup,
+    flooder: &Flooder<'_>,
     secs: u64,
 ) -> anyhow::Result<String> {
+    let Flooder {
+        base,
+        admin,
+        event_id,
+        team_id,
+        event_code,
+    } = *flooder;
     let (status, issued) = admin
         .post(
             &format!("/api/v1/events/{event_id}/participants"),
@@ -804,10 +843,14 @@ async fn desktop_flood(
         )
         .await?;
     anyhow::ensure!(status == 201, "{issued}");
-    // At the lowest priority: the attacker's laptop is another machine at a venue, here it
-    // shares the two cores with the appliance and the honest clients.
-    let output = tokio::process::Command::new("nice")
-        .args(["-n", "19", "node", "e2e/flood-desktop.mjs"])
+    // The attacker's laptop is another machine at a venue; here it shares the two cores with
+    // the appliance and the honest clients, so it runs in the attackers' CPU group.
+    let output = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{}exec nice -n 19 node e2e/flood-desktop.mjs",
+            group.shell_prefix()
+        ))
         .current_dir(web)
         .env("LABRACK_URL", base)
         .env("LABRACK_EVENT_CODE", event_code)

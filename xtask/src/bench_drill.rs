@@ -29,7 +29,16 @@ pub(crate) fn bench_drill(args: &[String]) -> anyhow::Result<()> {
         minutes > 0 && kill_every > 0 && teams > 0,
         "values must be positive"
     );
-    run(cargo().args(["build", "--release", "-p", "labrack", "-p", "labrack-host"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "labrack",
+        "-p",
+        "labrack-host",
+        "-p",
+        "labrack-cloud",
+    ]))?;
     let release = util::target_dir().join("release");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,4 +1,4 @@
-//! `cargo xtask bench sync`: the outbox over QUIC to `labrack cloud`, on loopback.
+//! `cargo xtask bench sync`: the outbox over QUIC to `labrack-cloud`, on loopback.
 //!
 //! 1. **Throughput.** A fresh appliance data dir gets N outbox rows (ledger-sized JSON)
 //!    written straight into its SQLite file while the appliance is stopped; a fresh cloud is
@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use labrack_e2e::cloud::Cloud;
 use labrack_e2e::{Api, DataDir, Faults, Server, UdpFaultProxy, client_trusting, free_port};
 use serde_json::{Value, json};
 
@@ -54,7 +55,7 @@ pub(crate) fn bench_sync(args: &[String]) -> anyhow::Result<()> {
         options.rows > 0 && options.runs > 0,
         "values must be positive"
     );
-    run(cargo().args(["build", "--release", "-p", "labrack"]))?;
+    run(cargo().args(["build", "--release", "-p", "labrack", "-p", "labrack-cloud"]))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -62,58 +63,20 @@ pub(crate) fn bench_sync(args: &[String]) -> anyhow::Result<()> {
     runtime.block_on(bench(&options))
 }
 
-struct Cloud {
-    child: std::process::Child,
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn labrack() -> std::path::PathBuf {
     util::target_dir().join("release/labrack")
 }
 
+fn labrack_cloud() -> std::path::PathBuf {
+    util::target_dir().join("release/labrack-cloud")
+}
+
 fn start_cloud(data: &Path, port: u16) -> anyhow::Result<Cloud> {
-    use std::io::BufRead as _;
-    let mut child = std::process::Command::new(labrack())
-        .args([
-            "cloud",
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(data)
-        .env("LABRACK_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-    for line in lines.by_ref() {
-        if line?.starts_with("labrack cloud: read API on ") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Ok(Cloud { child })
+    Cloud::start_binary(&labrack_cloud(), data, port)
 }
 
 fn enrol_token(data: &Path) -> anyhow::Result<String> {
-    let output = std::process::Command::new(labrack())
-        .args(["cloud", "enrol-token", "--data-dir"])
-        .arg(data)
-        .output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+    labrack_e2e::cloud::enrol_token_binary(&labrack_cloud(), data)
 }
 
 /// Makes the appliance's database (by starting it once) and writes `rows` outbox rows;

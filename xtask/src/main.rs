@@ -9,7 +9,9 @@ mod bench_reset;
 mod bench_scoring;
 mod bench_stream;
 mod bench_sync;
+mod cpu_groups;
 mod fuzz;
+mod tidy;
 mod util;
 
 use std::path::PathBuf;
@@ -35,7 +37,7 @@ commands:
   bench scoring     a submission wave (2,000 teams × 10) and check throughput with N workers
                     [--teams N] [--per-team N] [--concurrency N] [--runs N]
                     [--lab-teams N] [--checks N] [--workers 1,2,4,8]
-  bench sync        outbox rows over QUIC to labrack cloud: rows/s, lag, partition catch-up
+  bench sync        outbox rows over QUIC to labrack-cloud: rows/s, lag, partition catch-up
                     [--rows N] [--runs N] [--partition-secs N] [--write-secs N]
   bench abuse       200 participants and 4 lab hosts at work while strangers flood logins,
                     slow connections, a terminal, a desktop and the public scoreboard
@@ -157,6 +159,8 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     util::step("formatting (cargo fmt --check)");
     run(cargo().args(["fmt", "--all", "--check"]))
         .context("the tree is not in rustfmt's style: run `cargo fmt --all`")?;
+    util::step("architecture invariants (cargo xtask tidy)");
+    tidy::check()?;
     build_web()?;
     util::step("building labrack and the test binaries");
     run(cargo().args(["build", "--workspace", "--all-targets"]))?;

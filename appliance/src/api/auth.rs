@@ -4,11 +4,8 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{Method, header};
-use base64::Engine as _;
-use rand::RngCore as _;
 use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use utoipa::ToSchema;
 
 use super::AppState;
@@ -336,17 +333,7 @@ pub fn session_cookie(token: &str, secure: bool, max_age: i64) -> String {
     )
 }
 
-/// 32 random bytes, URL-safe base64.
-pub fn random_token() -> String {
-    let mut bytes = [0_u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-/// SHA-256 hex of a high-entropy secret (session tokens, join codes): stored instead of it.
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
+pub use labrack_serving::tokens::{hash_secret, random_token};
 
 /// An argon2id hash (blocking: at start-up; handlers use [`crate::passwords::PasswordPool`]).
 pub fn hash_password(password: &str) -> Result<String, ApiError> {

@@ -414,25 +414,11 @@ ALTER TABLE audit_log ADD COLUMN hash TEXT;
 /// Applies every migration newer than the database's `user_version`, each in its own
 /// transaction. Refuses a database written by a newer LabRack.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
-    if current > known {
-        return Err(StoreError::Sqlite(rusqlite::Error::InvalidParameterName(
-            format!("database schema version {current} is newer than this labrack ({known})"),
-        )));
-    }
-    for (index, sql) in MIGRATIONS
-        .iter()
-        .enumerate()
-        .skip(usize::try_from(current).unwrap_or(0))
-    {
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", index + 1)?;
-        tx.commit()?;
-        tracing::info!(version = index + 1, "applied schema migration");
-    }
-    Ok(())
+    Ok(labrack_serving::sqlite::migrate(
+        conn,
+        "appliance",
+        MIGRATIONS,
+    )?)
 }
 
 #[cfg(test)]

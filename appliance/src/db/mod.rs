@@ -13,7 +13,7 @@ pub use writer::{WriteError, Writer};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
 /// Errors from the storage layer itself (not from the domain rules run inside it).
 #[derive(Debug, thiserror::Error)]
@@ -30,24 +30,14 @@ pub enum StoreError {
     /// a blocking read task failed to run
     #[error("read task failed: {0}")]
     Join(String),
+    /// the schema could not be brought up to date
+    #[error(transparent)]
+    Migration(#[from] labrack_serving::sqlite::MigrationError),
 }
 
 /// Opens a connection with the pragmas every LabRack connection needs.
 pub fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
-    let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    };
-    let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    // WAL + FULL: a commit is on disk before we acknowledge it (survives kill -9 and power loss).
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;",
-    )?;
-    Ok(conn)
+    Ok(labrack_serving::sqlite::open_connection(path, read_only)?)
 }
 
 /// Handle to the database: the writer and a small pool of read connections.

@@ -1,9 +1,7 @@
-//! Cloud sync (issue 6): the wire protocol, TLS for the link, the appliance's relay and the
-//! cloud's receiver (`labrack cloud`) with its read API.
+//! Cloud sync, the appliance's side: the relay that sends the outbox to the cloud
+//! (`labrack-cloud`, its own crate and binary). The link's TLS is `labrack_serving::sync_link`.
 
-pub mod cloud;
 /// The frames, in `labrack-wire` (parsed with no I/O there, and fuzzed).
 pub use labrack_wire::sync as protocol;
-pub mod read_api;
 pub mod relay;
-pub mod tls;
+pub mod session;

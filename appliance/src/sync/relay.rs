@@ -9,6 +9,10 @@
 //! or less than was already pruned — or that refuses this database's epoch is a *mismatch*:
 //! the link stops, says why (state `mismatch`, an audit row, a dashboard problem) and waits
 //! for staff (`POST /api/v1/sync/epoch` starts a new epoch) instead of lagging silently.
+//!
+//! Every decision (what fits, what goes next, the window, which acks to believe, when to
+//! prune, how long to wait) is `super::session`'s, with no I/O; this module only moves bytes
+//! and rows.
 
 use std::net::ToSocketAddrs as _;
 use std::path::PathBuf;
@@ -21,15 +25,13 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::protocol::{self, Batch, Frame, Hello, Row};
+use super::session::{Backoff, Ended, Outbox, Session, WINDOW};
 use crate::api::AppState;
 use crate::api::error::ApiError;
 
-/// Batches in flight before the relay waits for acknowledgements.
-pub const WINDOW: usize = 8;
-
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
-    /// `host:port` of `labrack cloud`'s QUIC listener
+    /// `host:port` of `labrack-cloud`'s QUIC listener
     pub cloud: String,
     /// the cloud's CA certificate (PEM): the only certificate the link trusts
     pub cloud_ca: PathBuf,
@@ -101,11 +103,11 @@ pub async fn run(state: AppState, settings: SyncSettings) {
         s.cloud = Some(settings.cloud.clone());
     });
     let mut shutdown = state.shutdown.subscribe();
-    let mut failures = 0u32;
+    let mut backoff = Backoff::default();
     let mut mismatched = false;
     loop {
         let session = tokio::select! {
-            result = session(&state, &settings) => result,
+            result = session(&state, &settings, &mut backoff) => result,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         let stop = session
@@ -116,6 +118,13 @@ pub async fn run(state: AppState, settings: SyncSettings) {
             matches!(stop, Some(Stop::Refused(_))),
             matches!(stop, Some(Stop::Mismatch(_))),
         );
+        let ended = if mismatch {
+            Ended::Mismatch
+        } else if refused {
+            Ended::Refused
+        } else {
+            Ended::Down
+        };
         if let Err(error) = &session {
             let text = format!("{error:#}");
             tracing::warn!(error = %text, "sync link down");
@@ -136,28 +145,17 @@ pub async fn run(state: AppState, settings: SyncSettings) {
                     .await;
             }
             state.link.update(|s| {
-                s.state = if mismatch {
-                    "mismatch".into()
-                } else if refused {
-                    "refused".into()
-                } else {
-                    "down".into()
+                s.state = match ended {
+                    Ended::Mismatch => "mismatch".into(),
+                    Ended::Refused => "refused".into(),
+                    Ended::Down => "down".into(),
                 };
                 s.last_error = Some(text);
                 s.linked_since_ms = None;
             });
-        } else {
-            failures = 0;
         }
         mismatched = mismatch;
-        failures = failures.saturating_add(1);
-        let wait = if mismatch || refused {
-            Duration::from_secs(30)
-        } else {
-            Duration::from_millis(500)
-                .saturating_mul(1 << failures.saturating_sub(1).min(6))
-                .min(Duration::from_secs(5))
-        };
+        let wait = backoff.after(ended);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = state.link.restart.notified() => {}
@@ -179,15 +177,19 @@ async fn read_rows(state: &AppState, after: i64, limit: usize) -> Result<Vec<Row
         .await
 }
 
-async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()> {
+async fn session(
+    state: &AppState,
+    settings: &SyncSettings,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
     let ca = std::fs::read(&settings.cloud_ca)
         .with_context(|| format!("reading the cloud CA {}", settings.cloud_ca.display()))?;
     let data_dir = state
         .data_dir
         .clone()
         .context("the appliance has no data directory for its sync identity")?;
-    let (chain, key) = crate::tls::client_identity(&data_dir, "sync-client")?;
-    let client = super::tls::client_config(&ca, chain, key)?;
+    let (chain, key) = labrack_serving::certificates::client_identity(&data_dir, "sync-client")?;
+    let client = labrack_serving::sync_link::client_config(&ca, chain, key)?;
     let address = settings
         .cloud
         .to_socket_addrs()
@@ -242,21 +244,14 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
         Frame::Refused(refused) => return Err(Stop::Refused(refused.reason).into()),
         other => anyhow::bail!("unexpected answer {other:?}"),
     };
-    if welcome.acked > last_seq {
-        return Err(Stop::Mismatch(format!(
-            "the cloud acknowledges rows up to {} of epoch {epoch:?}, but this appliance has written only up to {last_seq}",
-            welcome.acked
-        ))
-        .into());
-    }
-    if welcome.acked < pruned {
-        return Err(Stop::Mismatch(format!(
-            "the cloud holds rows only up to {}, but this appliance already pruned rows up to {pruned} once the cloud had acknowledged them: the cloud's database went back (restored from a backup?) and rows {}–{pruned} are no longer anywhere this link can send from. Restore the cloud's newer data, or start a new epoch to send the rest",
-            welcome.acked,
-            welcome.acked + 1
-        ))
-        .into());
-    }
+    let outbox = Outbox {
+        epoch,
+        last_seq,
+        pruned,
+    };
+    let core = Session::start(welcome.acked, &outbox, WINDOW)
+        .map_err(|mismatch| Stop::Mismatch(mismatch.0))?;
+    backoff.linked();
     let cloud_epoch = welcome.epoch.clone();
     let previous = state
         .db
@@ -282,72 +277,55 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
         s.last_error = None;
         s.linked_since_ms = Some(now_ms());
     });
-    let acked = std::sync::Arc::new(tokio::sync::watch::Sender::new(welcome.acked));
-    let sent_so_far = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(welcome.acked));
+    let core = std::sync::Arc::new(Mutex::new(core));
+    let acks = std::sync::Arc::new(tokio::sync::Notify::new());
     // Acknowledgements arrive on their own task, so sending never waits on them.
     let reader = {
-        let (acked, sent_so_far) = (acked.clone(), sent_so_far.clone());
+        let (core, acks) = (core.clone(), acks.clone());
         tokio::spawn(async move {
             loop {
-                let frame: Result<Frame, protocol::FrameError> =
-                    protocol::read_frame(&mut recv).await;
-                match frame {
+                match protocol::read_frame(&mut recv).await {
                     Ok(Frame::Ack(ack)) => {
-                        let sent = sent_so_far.load(std::sync::atomic::Ordering::SeqCst);
-                        if ack.acked > sent {
-                            // Never believed: that would prune rows the cloud does not hold.
-                            return Err(Stop::Mismatch(format!(
-                                "the cloud acknowledged rows up to {} but only {sent} were sent",
-                                ack.acked
-                            ))
-                            .into());
-                        }
-                        acked.send_modify(|value| *value = (*value).max(ack.acked));
+                        lock(&core)?
+                            .ack(ack.acked)
+                            .map_err(|mismatch| Stop::Mismatch(mismatch.0))?;
+                        acks.notify_one();
                     }
-                    Ok(other) => {
-                        return Err::<(), anyhow::Error>(anyhow::anyhow!(
-                            "unexpected frame {other:?}"
-                        ));
-                    }
-                    Err(error) => return Err(anyhow::Error::from(error)),
+                    Ok(other) => anyhow::bail!("unexpected frame {other:?}"),
+                    Err(error) => return Err::<(), anyhow::Error>(error.into()),
                 }
             }
         })
     };
-    let mut acked_rx = acked.subscribe();
-    let mut sent = welcome.acked;
-    let mut in_flight: std::collections::VecDeque<i64> = std::collections::VecDeque::new();
-    let mut last_prune_seq = 0i64;
-    let mut last_prune_at = std::time::Instant::now() - Duration::from_secs(60);
     let result: anyhow::Result<()> = async {
         loop {
             if reader.is_finished() {
                 break;
             }
-            let confirmed = *acked_rx.borrow_and_update();
-            while in_flight.front().is_some_and(|last| *last <= confirmed) {
-                in_flight.pop_front();
-            }
+            let (confirmed, prune_through) = {
+                let core = lock(&core)?;
+                (core.confirmed(), core.prune_due(std::time::Instant::now()))
+            };
             state.link.update(|s| s.acked = confirmed);
-            // Pruning looks at most every 10 s: acknowledged rows stay for the retention anyway.
-            if confirmed > last_prune_seq && last_prune_at.elapsed() >= Duration::from_secs(10) {
-                prune(state, confirmed, settings.retention).await?;
-                last_prune_seq = confirmed;
-                last_prune_at = std::time::Instant::now();
+            if let Some(through) = prune_through {
+                prune(state, through, settings.retention).await?;
+                lock(&core)?.pruned(through, std::time::Instant::now());
             }
-            if in_flight.len() < WINDOW {
-                let rows = read_rows(state, sent, settings.batch_rows).await?;
+            let next_after = {
+                let core = lock(&core)?;
+                core.may_send().then(|| core.next_after())
+            };
+            if let Some(after) = next_after {
+                let rows = read_rows(state, after, settings.batch_rows).await?;
                 if let Some(last) = rows.last().map(|r| r.seq) {
                     // Counted as sent before it goes, so its acknowledgement is never early.
-                    sent_so_far.store(last, std::sync::atomic::Ordering::SeqCst);
+                    lock(&core)?.sending(last);
                     protocol::write_frame(&mut send, &Frame::Batch(Batch { rows })).await?;
-                    in_flight.push_back(last);
-                    sent = last;
                     continue;
                 }
             }
             tokio::select! {
-                _ = acked_rx.changed() => {}
+                _ = acks.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
@@ -367,6 +345,13 @@ async fn session(state: &AppState, settings: &SyncSettings) -> anyhow::Result<()
     };
     connection.close(0u32.into(), b"bye");
     result
+}
+
+/// The session's decisions, shared by the sender and the acknowledgement reader; never
+/// held across an await.
+fn lock(core: &Mutex<Session>) -> anyhow::Result<std::sync::MutexGuard<'_, Session>> {
+    core.lock()
+        .map_err(|_| anyhow::anyhow!("the sync session's state was poisoned"))
 }
 
 /// Drops acknowledged rows older than the retention, a slice per write so other writers

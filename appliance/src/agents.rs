@@ -1,4 +1,4 @@
-//! Platform agents (issue 5, item 4):
+//! Platform agents:
 //!
 //! - the **hint agent** answers a team's question from its failing checks, through the LLM
 //!   gateway when a model is configured and the team's budget allows, else by rule;

@@ -1,4 +1,4 @@
-//! The billing ledger (issue 6, item 1): append-only entries in cents, per event and
+//! The billing ledger: append-only entries in cents, per event and
 //! optionally per team — credits (top-ups), GPU-hours of active labs × the rate, LLM tokens
 //! × the rate, hint unlocks (points, no money), corrections. There is no update or delete
 //! path in the code, and triggers refuse them in the database. Balances are sums of entries.

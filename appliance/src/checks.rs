@@ -1,4 +1,4 @@
-//! Checks against team labs (issue 5, item 2): queueing a batch of check runs (a rejudge
+//! Checks against team labs: queueing a batch of check runs (a rejudge
 //! is one batch), the workers that run each as a `RunCheck` task on the lab's host, and
 //! recording what the host reports.
 //!

@@ -1,4 +1,4 @@
-//! The durable job queue (issue 5, item 1): jobs live in the appliance's SQLite file, so an
+//! The durable job queue: jobs live in the appliance's SQLite file, so an
 //! acknowledged job survives `kill -9`.
 //!
 //! - **Enqueue** with a kind, a JSON payload, a priority and an optional idempotency key:

@@ -1,4 +1,4 @@
-//! The transactional outbox (issue 6, item 2): every change the cloud must see is written
+//! The transactional outbox: every change the cloud must see is written
 //! here in the same SQLite transaction as the change itself, with a per-appliance sequence
 //! number that has no gaps (`AUTOINCREMENT` never reuses a number, and a refused request's
 //! savepoint takes its outbox row and its number back with it). The sync relay sends rows in

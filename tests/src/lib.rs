@@ -319,6 +319,21 @@ pub fn labrack_host_bin() -> PathBuf {
     labrack_bin().with_file_name("labrack-host")
 }
 
+/// A memory figure of a running process from `/proc/PID/status`, in MiB: `key` is
+/// `VmRSS` (now) or `VmHWM` (its peak).
+pub fn process_memory_mib(pid: u32, key: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next())
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))?
+        .parse()
+        .with_context(|| format!("{key} of process {pid}"))?;
+    Ok(kib / 1024)
+}
+
 /// The `labrack-cloud` binary beside `labrack`.
 pub fn labrack_cloud_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("LABRACK_CLOUD_BIN") {

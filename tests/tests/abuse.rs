@@ -39,13 +39,7 @@ async fn closed(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
 
 /// The server's peak resident memory (VmHWM), in MiB.
 fn peak_rss_mib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmHWM"))?;
-    let kib: u64 = line.split_whitespace().nth(1).unwrap_or("0").parse()?;
-    Ok(kib / 1024)
+    labrack_e2e::process_memory_mib(pid, "VmHWM")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

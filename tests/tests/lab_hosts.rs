@@ -586,17 +586,8 @@ async fn hello(fx: &Fixture, token: &str, ticket: &str) -> anyhow::Result<(AppSo
 }
 
 /// The appliance's resident memory (VmRSS), in MiB.
-fn rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
+fn rss_mib(pid: u32) -> anyhow::Result<u64> {
+    labrack_e2e::process_memory_mib(pid, "VmRSS")
 }
 
 /// A participant types into a terminal whose shell never reads (`sleep 1d`) as fast as the
@@ -626,7 +617,7 @@ async fn a_keystroke_flood_into_a_shell_that_never_reads_is_pushed_back_not_buff
     ws.send(Message::Binary(b"sleep 1d\r".to_vec().into()))
         .await?;
     let pid = fx.server.as_ref().expect("server").pid();
-    let before = rss_mib(pid);
+    let before = rss_mib(pid)?;
     // Offer 1 GiB of keystrokes with resizes between them; the shell reads none of it.
     let keys = vec![b'x'; 64 * 1024];
     let (mut taken, mut pushed_back) = (0usize, false);
@@ -660,7 +651,7 @@ async fn a_keystroke_flood_into_a_shell_that_never_reads_is_pushed_back_not_buff
         "took {} MiB before pushing back",
         taken >> 20
     );
-    let after = rss_mib(pid);
+    let after = rss_mib(pid)?;
     assert!(
         after < before + 64,
         "the appliance grew from {before} MiB to {after} MiB under the flood"

@@ -153,17 +153,9 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
-fn status_line(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        / 1024
+/// 0 once the process is gone (the sampler outlives it at the end).
+fn memory_mib(pid: u32, key: &str) -> u64 {
+    labrack_e2e::process_memory_mib(pid, key).unwrap_or(0)
 }
 
 /// The process's CPU time so far (user + system), in clock ticks (1/100 s on Linux).
@@ -451,7 +443,7 @@ async fn bench(
             let interval_ms = (HEARTBEAT_SECS * 1000) as i64;
             while !shared.stop.load(Ordering::Relaxed) {
                 let phase = shared.phase.load(Ordering::Relaxed);
-                let rss = status_line(pid, "VmRSS:");
+                let rss = memory_mib(pid, "VmRSS");
                 if let Ok(mut stats) = shared.stats.lock() {
                     stats[phase].peak_rss_mib = stats[phase].peak_rss_mib.max(rss);
                 }
@@ -538,7 +530,7 @@ async fn bench(
     watcher.await??;
     let alive = std::fs::metadata(format!("/proc/{pid}")).is_ok();
     let health = admin.get("/healthz").await.map(|(s, _)| s).unwrap_or(0);
-    let peak = status_line(pid, "VmHWM:");
+    let peak = memory_mib(pid, "VmHWM");
     let (_, hosts_now) = admin.get("/api/v1/hosts").await?;
     let healthy_hosts = hosts_now["hosts"]
         .as_array()

@@ -26,6 +26,7 @@ pub(crate) const TARGETS: &[&str] = &[
     "desktop_messages",
     "desktop_input",
     "terminal_messages",
+    "sdp_offer",
 ];
 /// How long `cargo xtask test` fuzzes each target.
 pub(crate) const TEST_SECONDS: u64 = 20;

@@ -10,13 +10,14 @@
 //! agents still work, and say so.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use crate::api::AppState;
-use crate::api::error::ApiError;
+use crate::error::Error;
 use crate::llm::{ChatMessage, LlmError, Payer};
+use crate::store::Db;
 
 /// The job kind of a team's question to the hint agent.
 pub const HINT_JOB: &str = "agent_hint";
@@ -75,8 +76,12 @@ fn insert_message(
     Ok(())
 }
 
-fn now() -> i64 {
-    i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
+/// What the agents run with: the store, the way to a language model, and the stop signal.
+#[derive(Clone)]
+pub struct AgentContext {
+    pub db: Db,
+    pub llm: Arc<crate::llm::Gateway>,
+    pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// A team's answered question, to post in the job's completing write.
@@ -114,14 +119,14 @@ pub fn post_answer(
 /// retry after the reply was recorded (and billed) uses that reply; a retry after the
 /// answer was posted posts nothing new (see [`post_answer`]).
 pub async fn answer_question(
-    state: &AppState,
+    state: &AgentContext,
     job_id: i64,
     payload: &serde_json::Value,
-) -> Result<Answer, ApiError> {
+) -> Result<Answer, Error> {
     let (Some(event_id), Some(team_id)) =
         (payload["event_id"].as_i64(), payload["team_id"].as_i64())
     else {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "payload",
             "the job needs event_id and team_id",
         ));
@@ -137,7 +142,7 @@ pub async fn answer_question(
                 params![event_id, team_id],
                 |r| r.get(0),
             )?;
-            Ok::<_, ApiError>((failing, hints, crate::llm::recorded_reply(conn, job_id)?))
+            Ok::<_, Error>((failing, hints, crate::llm::recorded_reply(conn, job_id)?))
         })
         .await?;
     let rules = rule_hint(&failing, hints);
@@ -177,7 +182,7 @@ pub async fn answer_question(
                 | LlmError::RateLimited { .. }
                 | LlmError::Unavailable(_)),
             ) => ("rules", format!("{rules} (rule-based: {error})")),
-            Err(other) => return Err(ApiError::Internal(other.to_string())),
+            Err(other) => return Err(Error::Internal(other.to_string())),
         }
     } else {
         ("rules", format!("{rules} {NO_MODEL}"))
@@ -242,7 +247,7 @@ pub fn observe(conn: &Connection, now_ms: i64, idle_ms: i64) -> Result<Observed,
         }
         // Idle labs: active for a while, and nothing from the team since `idle_ms` ago.
         let since = now_ms - idle_ms;
-        let since_text = crate::api::format_time(
+        let since_text = crate::clock::format_time(
             time::OffsetDateTime::from_unix_timestamp(since / 1000)
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
         );
@@ -290,7 +295,10 @@ pub fn observe(conn: &Connection, now_ms: i64, idle_ms: i64) -> Result<Observed,
 }
 
 /// Announces a new leader of each live event's board (by rule, or in the model's words).
-pub async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Result<(), ApiError> {
+pub async fn commentary(
+    state: &AgentContext,
+    leaders: &mut HashMap<i64, i64>,
+) -> Result<(), Error> {
     let boards = state
         .db
         .read(|conn| {
@@ -305,7 +313,7 @@ pub async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Re
                     boards.push((event_id, top.team_id, top.team.clone(), top.total));
                 }
             }
-            Ok::<_, ApiError>(boards)
+            Ok::<_, Error>(boards)
         })
         .await?;
     for (event_id, team_id, team, total) in boards {
@@ -345,14 +353,14 @@ pub async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Re
             .db
             .writer()
             .write(move |conn| {
-                Ok::<_, ApiError>(insert_message(
+                Ok::<_, Error>(insert_message(
                     conn,
                     event_id,
                     None,
                     "commentary",
                     source,
                     &body,
-                    now(),
+                    crate::clock::now_ms(),
                 )?)
             })
             .await?;
@@ -361,7 +369,7 @@ pub async fn commentary(state: &AppState, leaders: &mut HashMap<i64, i64>) -> Re
 }
 
 /// Runs the observer and commentary every `every` until shutdown.
-pub async fn run_observer(state: AppState, every: Duration, idle: Duration) {
+pub async fn run_observer(state: AgentContext, every: Duration, idle: Duration) {
     let mut shutdown = state.shutdown.subscribe();
     let mut leaders = HashMap::new();
     let idle_ms = i64::try_from(idle.as_millis()).unwrap_or(i64::MAX);
@@ -376,7 +384,7 @@ pub async fn run_observer(state: AppState, every: Duration, idle: Duration) {
         let observed = state
             .db
             .writer()
-            .write(move |conn| Ok::<_, ApiError>(observe(conn, now(), idle_ms)?))
+            .write(move |conn| Ok::<_, Error>(observe(conn, crate::clock::now_ms(), idle_ms)?))
             .await;
         match observed {
             Ok(found) => {
@@ -384,7 +392,7 @@ pub async fn run_observer(state: AppState, every: Duration, idle: Duration) {
                     tracing::warn!(event_id, team_id, %kind, %detail, "observer alert");
                 }
             }
-            Err(error) => tracing::error!(error = ?ApiError::from(error), "observer pass failed"),
+            Err(error) => tracing::error!(error = ?Error::from(error), "observer pass failed"),
         }
         if let Err(error) = commentary(&state, &mut leaders).await {
             tracing::error!(?error, "commentary failed");

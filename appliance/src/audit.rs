@@ -7,6 +7,58 @@
 use rusqlite::{Connection, OptionalExtension as _, params};
 use sha2::Digest as _;
 
+/// Where a request came from and its id: what the audit log records.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    pub remote_addr: String,
+    pub request_id: String,
+}
+
+impl RequestMeta {
+    /// The key guesses from this client are counted under (an IPv6 client by its /64).
+    pub fn client_key(&self) -> String {
+        match self.remote_addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => crate::attempts::client_key(ip),
+            Err(_) => format!("ip:{}", self.remote_addr),
+        }
+    }
+}
+
+/// Audit actions that record a refused attempt: the one trace a refused request leaves.
+pub const REFUSAL_AUDITS: &[&str] = &[
+    "auth.login_failed",
+    "auth.lockout",
+    "participant.join_failed",
+    "participant.join_lockout",
+    "host.enrol_failed",
+    "host.enrol_lockout",
+    "terminal.ticket_refused",
+    "desktop.ticket_refused",
+];
+
+/// Appends one audit row for a change made on `meta`'s request by `actor`. Call inside the same write as the change it records.
+pub fn record(
+    conn: &Connection,
+    actor: &str,
+    meta: &RequestMeta,
+    action: &str,
+    target: Option<&str>,
+    detail: serde_json::Value,
+) -> Result<(), crate::error::Error> {
+    let (at, detail) = (crate::clock::now_rfc3339(), detail.to_string());
+    let entry = Entry {
+        at: &at,
+        actor,
+        action,
+        target,
+        remote_addr: Some(&meta.remote_addr),
+        request_id: Some(&meta.request_id),
+        detail: &detail,
+    };
+    append(conn, &entry, crate::clock::now_ms())?;
+    Ok(())
+}
+
 /// One row to append.
 #[derive(Debug, Clone, Copy)]
 pub struct Entry<'a> {
@@ -147,7 +199,7 @@ mod tests {
     fn an_edited_inserted_or_removed_row_breaks_the_chain_from_there()
     -> Result<(), Box<dyn std::error::Error>> {
         let mut conn = Connection::open_in_memory()?;
-        crate::db::migrate(&mut conn)?;
+        crate::store::migrate(&mut conn)?;
         // A row from before the chain: not checked, not a break.
         conn.execute("INSERT INTO audit_log (at, actor, action, detail) VALUES ('2026-01-01T00:00:00Z', 'system', 'old', '{}')", [])?;
         for n in 0..5 {

@@ -289,8 +289,8 @@ mod tests {
     fn db() -> (Connection, std::path::PathBuf) {
         let path =
             std::env::temp_dir().join(format!("labrack-billing-{}.db", rand::random::<u32>()));
-        let mut conn = crate::db::open_connection(&path, false).expect("open");
-        crate::db::migrate(&mut conn).expect("migrate");
+        let mut conn = crate::store::open_connection(&path, false).expect("open");
+        crate::store::migrate(&mut conn).expect("migrate");
         conn.execute_batch(
             "INSERT INTO events (name, code, state, starts_at, ends_at, created_at, updated_at) VALUES ('e', 'C', 'live', 'a', 'b', 'c', 'd');
              INSERT INTO teams (event_id, name, created_at) VALUES (1, 'Red', 'now');

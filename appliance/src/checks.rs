@@ -26,10 +26,8 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::api::AppState;
-use crate::api::error::ApiError;
+use crate::error::Error;
 use crate::jobs::{self, Job, NewJob};
-use crate::labs::unix_ms;
 
 /// The job kind of a check run.
 pub const JOB_KIND: &str = "run_check";
@@ -125,7 +123,7 @@ pub fn queue_batch(
     conn: &Connection,
     request: &BatchRequest,
     now_ms: i64,
-) -> Result<BatchQueued, ApiError> {
+) -> Result<BatchQueued, Error> {
     let event_state: Option<String> = conn
         .query_row(
             "SELECT state FROM events WHERE id = ?1",
@@ -133,9 +131,9 @@ pub fn queue_batch(
             |r| r.get(0),
         )
         .optional()?;
-    let event_state = event_state.ok_or(ApiError::NotFound("event"))?;
+    let event_state = event_state.ok_or(Error::NotFound("event"))?;
     if matches!(event_state.as_str(), "ended" | "archived") {
-        return Err(ApiError::conflict(
+        return Err(Error::conflict(
             Some("state"),
             format!("the event is {event_state}: checks no longer run"),
         ));
@@ -152,7 +150,7 @@ pub fn queue_batch(
         })?
         .collect::<Result<_, _>>()?;
     if request.team_id.is_some() && teams.is_empty() {
-        return Err(ApiError::NotFound("team"));
+        return Err(Error::NotFound("team"));
     }
     let mut templates: HashMap<String, Vec<StoredCheck>> = HashMap::new();
     let mut planned = Vec::new();
@@ -218,7 +216,7 @@ pub fn queue_batch(
     }
     if !check_known {
         let name = request.check_name.clone().unwrap_or_default();
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "check",
             format!("no lab template of these teams has a check named {name:?}"),
         ));
@@ -276,7 +274,7 @@ pub fn record_report(
     check_run_id: i64,
     outcome: &TaskOutcome,
     now_ms: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     let TaskOutcome::Checked { check } = outcome else {
         return Ok(());
     };
@@ -514,7 +512,7 @@ fn begin(
     secrets: &crate::secrets::SecretBox,
     job: &Job,
     now_ms: i64,
-) -> Result<Begin, ApiError> {
+) -> Result<Begin, Error> {
     let Some(run_id) = job.payload["check_run_id"].as_i64() else {
         return Ok(Begin::CannotRun("the job has no check_run_id".into()));
     };
@@ -639,7 +637,7 @@ fn begin(
             network,
         },
     };
-    let body = serde_json::to_string(&task).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let body = serde_json::to_string(&task).map_err(|e| Error::Internal(e.to_string()))?;
     conn.execute(
         "INSERT INTO host_tasks (id, host_id, allocation_id, body, created_ms, check_run_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![task.id.0, host_id, allocation_id, body, now_ms, run_id],
@@ -662,7 +660,7 @@ fn fail_attempt(
     worker: &str,
     error: &str,
     now_ms: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     let state = jobs::fail(conn, job.id, worker, error, now_ms)?;
     if state == "dead" {
         settle_ended_jobs(conn, now_ms)?;
@@ -675,8 +673,42 @@ fn fail_attempt(
     Ok(())
 }
 
-fn now() -> i64 {
-    i64::try_from(unix_ms()).unwrap_or(i64::MAX)
+/// What the queue's workers run with (check runs, scoring, hints): not the HTTP layer's
+/// state, only these.
+#[derive(Clone)]
+pub struct Workers {
+    pub db: crate::store::Db,
+    /// opens lab credentials for checks run over SSH
+    pub secrets: Arc<crate::secrets::SecretBox>,
+    /// attempts per job kind, number of check workers
+    pub queue: Arc<QueueSettings>,
+    /// the agents' way to a language model (hint jobs)
+    pub llm: Arc<crate::llm::Gateway>,
+    /// bumped when host tasks are issued: wakes long polls
+    pub host_wake: Arc<tokio::sync::watch::Sender<u64>>,
+    /// bumped when jobs are queued or end: wakes idle workers
+    pub jobs_wake: Arc<tokio::sync::watch::Sender<u64>>,
+    /// bumped when a host reports a check: wakes the worker waiting for it
+    pub check_reported: Arc<tokio::sync::watch::Sender<u64>>,
+    pub shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Workers {
+    fn wake_hosts(&self) {
+        self.host_wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn wake_workers(&self) {
+        self.jobs_wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn agents(&self) -> crate::agents::AgentContext {
+        crate::agents::AgentContext {
+            db: self.db.clone(),
+            llm: self.llm.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
 }
 
 /// Starts the queue's dispatcher with `slots` jobs at once (check runs over SSH, scoring,
@@ -684,12 +716,12 @@ fn now() -> i64 {
 /// host's agent gives its slot back as soon as the host has it: waiting for a report costs
 /// nothing, so a slow check never holds a slot. A team holds at most
 /// [`jobs::PER_KEY_RUNNING`] running jobs (see [`jobs::claim`]).
-pub fn spawn_workers(state: &AppState, slots: usize) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn spawn_workers(state: &Workers, slots: usize) -> Vec<tokio::task::JoinHandle<()>> {
     let name = format!("queue-{:x}", rand::random::<u32>());
     vec![tokio::spawn(dispatch(state.clone(), name, slots.max(1)))]
 }
 
-async fn dispatch(state: AppState, name: String, slots: usize) {
+async fn dispatch(state: Workers, name: String, slots: usize) {
     let slots = Arc::new(tokio::sync::Semaphore::new(slots));
     let mut shutdown = state.shutdown.subscribe();
     let mut jobs_added = state.jobs_wake.subscribe();
@@ -711,16 +743,16 @@ async fn dispatch(state: AppState, name: String, slots: usize) {
                     &worker,
                     &[
                         JOB_KIND,
-                        crate::api::scores::SUBMISSION_JOB,
+                        crate::scores::SUBMISSION_JOB,
                         crate::agents::HINT_JOB,
                     ],
                     LEASE_MS,
-                    now(),
+                    crate::clock::now_ms(),
                 )?;
                 if job.is_none() {
-                    settle_ended_jobs(conn, now())?;
+                    settle_ended_jobs(conn, crate::clock::now_ms())?;
                 }
-                Ok::<_, ApiError>(job)
+                Ok::<_, Error>(job)
             })
             .await;
         match claimed {
@@ -741,7 +773,7 @@ async fn dispatch(state: AppState, name: String, slots: usize) {
             }
             Err(error) => {
                 drop(slot);
-                tracing::error!(worker = %name, error = ?ApiError::from(error), "claiming a queue job failed");
+                tracing::error!(worker = %name, error = ?Error::from(error), "claiming a queue job failed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -753,7 +785,7 @@ async fn dispatch(state: AppState, name: String, slots: usize) {
 /// Runs `work` while renewing `job_id`'s lease; `None` when the lease was lost (staff
 /// cancelled the job) or the appliance shuts down, and the job was handed back.
 async fn renewing<T>(
-    state: &AppState,
+    state: &Workers,
     job_id: i64,
     worker: &str,
     work: impl std::future::Future<Output = T>,
@@ -781,11 +813,17 @@ async fn renewing<T>(
                     .db
                     .writer()
                     .write(move |conn| {
-                        Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)
+                        Ok::<_, Error>(jobs::extend(
+                            conn,
+                            job_id,
+                            &worker,
+                            LEASE_MS,
+                            crate::clock::now_ms(),
+                        )?)
                     })
                     .await;
                 if let Err(error) = renewed {
-                    tracing::info!(job = job_id, error = ?ApiError::from(error), "stopped a job that is no longer ours");
+                    tracing::info!(job = job_id, error = ?Error::from(error), "stopped a job that is no longer ours");
                     return None;
                 }
             }
@@ -794,7 +832,12 @@ async fn renewing<T>(
                     .db
                     .writer()
                     .write(move |conn| {
-                        Ok::<_, ApiError>(jobs::abandon(conn, job_id, &worker, now())?)
+                        Ok::<_, Error>(jobs::abandon(
+                            conn,
+                            job_id,
+                            &worker,
+                            crate::clock::now_ms(),
+                        )?)
                     })
                     .await;
                 return None;
@@ -804,40 +847,51 @@ async fn renewing<T>(
 }
 
 async fn run_claimed(
-    state: AppState,
+    state: Workers,
     name: String,
     job: Job,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    if job.kind == crate::api::scores::SUBMISSION_JOB {
+    if job.kind == crate::scores::SUBMISSION_JOB {
         let (worker, attempts) = (name.clone(), state.queue.attempts_for(JOB_KIND));
         let expanded = state
             .db
             .writer()
             .write(move |conn| {
-                use crate::api::scores::Scoring;
+                use crate::scores::Scoring;
                 let submission = job.payload["submission_id"].as_i64().unwrap_or_default();
-                match crate::api::scores::expand_submission(conn, submission, attempts, now()) {
+                match crate::scores::expand_submission(
+                    conn,
+                    submission,
+                    attempts,
+                    crate::clock::now_ms(),
+                ) {
                     Ok(Scoring::Wait) => jobs::defer(
                         conn,
                         job.id,
                         &worker,
                         SUBMISSION_WAIT_MS,
                         "waiting for the team's previous submission's checks",
-                        now(),
+                        crate::clock::now_ms(),
                     )?,
                     Ok(Scoring::Queued(_) | Scoring::Superseded | Scoring::Unscored) => {
-                        jobs::complete(conn, job.id, &worker, now())?
+                        jobs::complete(conn, job.id, &worker, crate::clock::now_ms())?
                     }
-                    Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now())?,
+                    Err(error) => fail_attempt(
+                        conn,
+                        &job,
+                        &worker,
+                        &format!("{error}"),
+                        crate::clock::now_ms(),
+                    )?,
                 }
-                Ok::<_, ApiError>(())
+                Ok::<_, Error>(())
             })
             .await;
         match expanded {
             Ok(()) => state.wake_workers(),
             Err(error) => {
-                tracing::warn!(worker = %name, error = ?ApiError::from(error), "scoring a submission failed")
+                tracing::warn!(worker = %name, error = ?Error::from(error), "scoring a submission failed")
             }
         }
     } else if job.kind == crate::agents::HINT_JOB {
@@ -845,7 +899,7 @@ async fn run_claimed(
             &state,
             job.id,
             &name,
-            crate::agents::answer_question(&state, job.id, &job.payload),
+            crate::agents::answer_question(&state.agents(), job.id, &job.payload),
         )
         .await
         else {
@@ -858,14 +912,25 @@ async fn run_claimed(
             .write(move |conn| match answered {
                 // Posted and completed in one write: a job cannot post twice.
                 Ok(answer) => {
-                    crate::agents::post_answer(conn, job.id, &answer, now())?;
-                    Ok::<_, ApiError>(jobs::complete(conn, job.id, &worker, now())?)
+                    crate::agents::post_answer(conn, job.id, &answer, crate::clock::now_ms())?;
+                    Ok::<_, Error>(jobs::complete(
+                        conn,
+                        job.id,
+                        &worker,
+                        crate::clock::now_ms(),
+                    )?)
                 }
-                Err(error) => fail_attempt(conn, &job, &worker, &format!("{error}"), now()),
+                Err(error) => fail_attempt(
+                    conn,
+                    &job,
+                    &worker,
+                    &format!("{error}"),
+                    crate::clock::now_ms(),
+                ),
             })
             .await;
         if let Err(error) = finished {
-            tracing::warn!(worker = %name, error = ?ApiError::from(error), "answering a question failed");
+            tracing::warn!(worker = %name, error = ?Error::from(error), "answering a question failed");
         }
     } else if let Err(error) = run_job(&state, &name, job, slot).await {
         tracing::warn!(worker = %name, ?error, "check job step failed");
@@ -875,17 +940,17 @@ async fn run_claimed(
 }
 
 async fn run_job(
-    state: &AppState,
+    state: &Workers,
     worker: &str,
     job: Job,
     slot: tokio::sync::OwnedSemaphorePermit,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     let started = {
         let (job, secrets) = (job.clone(), state.secrets.clone());
         state
             .db
             .writer()
-            .write(move |conn| begin(conn, &secrets, &job, now()))
+            .write(move |conn| begin(conn, &secrets, &job, crate::clock::now_ms()))
             .await?
     };
     let (task_id, deadline_ms) = match started {
@@ -894,7 +959,14 @@ async fn run_job(
             return Ok(state
                 .db
                 .writer()
-                .write(move |conn| Ok::<_, ApiError>(jobs::complete(conn, job_id, &worker, now())?))
+                .write(move |conn| {
+                    Ok::<_, Error>(jobs::complete(
+                        conn,
+                        job_id,
+                        &worker,
+                        crate::clock::now_ms(),
+                    )?)
+                })
                 .await?);
         }
         Begin::CannotRun(reason) => {
@@ -902,7 +974,9 @@ async fn run_job(
             return Ok(state
                 .db
                 .writer()
-                .write(move |conn| fail_attempt(conn, &job, &worker, &reason, now()))
+                .write(move |conn| {
+                    fail_attempt(conn, &job, &worker, &reason, crate::clock::now_ms())
+                })
                 .await?);
         }
         Begin::OverSsh { target, check } => {
@@ -937,7 +1011,7 @@ async fn run_job(
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
-                .map_err(ApiError::from)
+                .map_err(Error::from)
             })
             .await?;
         let worker_name = worker.to_owned();
@@ -951,28 +1025,31 @@ async fn run_job(
                     .db
                     .writer()
                     .write(move |conn| match outcome {
-                        Some(TaskOutcome::Checked { .. }) => {
-                            Ok(jobs::complete(conn, job_for_write.id, &worker_name, now())?)
-                        }
+                        Some(TaskOutcome::Checked { .. }) => Ok(jobs::complete(
+                            conn,
+                            job_for_write.id,
+                            &worker_name,
+                            crate::clock::now_ms(),
+                        )?),
                         Some(TaskOutcome::Failed { error }) => fail_attempt(
                             conn,
                             &job_for_write,
                             &worker_name,
                             &format!("the host could not run the check: {error}"),
-                            now(),
+                            crate::clock::now_ms(),
                         ),
                         _ => fail_attempt(
                             conn,
                             &job_for_write,
                             &worker_name,
                             "the check's task was withdrawn (the lab changed)",
-                            now(),
+                            crate::clock::now_ms(),
                         ),
                     })
                     .await?);
             }
-            None => return Err(ApiError::Internal(format!("host task {task_id} vanished"))),
-            Some((None, _)) if now() >= deadline_ms => {
+            None => return Err(Error::Internal(format!("host task {task_id} vanished"))),
+            Some((None, _)) if crate::clock::now_ms() >= deadline_ms => {
                 let id = task_id.clone();
                 return Ok(state
                     .db
@@ -980,9 +1057,9 @@ async fn run_job(
                     .write(move |conn| {
                         conn.execute(
                             "UPDATE host_tasks SET done_ms = ?2, outcome = '{\"result\":\"cancelled\"}' WHERE id = ?1 AND done_ms IS NULL",
-                            params![id, now()],
+                            params![id, crate::clock::now_ms()],
                         )?;
-                        fail_attempt(conn, &job_for_write, &worker_name, "the lab host did not report the check in time", now())
+                        fail_attempt(conn, &job_for_write, &worker_name, "the lab host did not report the check in time", crate::clock::now_ms())
                     })
                     .await?);
             }
@@ -1007,12 +1084,18 @@ async fn run_job(
                     .db
                     .writer()
                     .write(move |conn| {
-                        Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)
+                        Ok::<_, Error>(jobs::extend(
+                            conn,
+                            job_id,
+                            &worker,
+                            LEASE_MS,
+                            crate::clock::now_ms(),
+                        )?)
                     })
                     .await;
                 if let Err(error) = renewed {
                     // Cancelled by staff, or the lease was lost: the job is no longer ours.
-                    tracing::info!(job = job.id, error = ?ApiError::from(error), "stopped waiting for a check");
+                    tracing::info!(job = job.id, error = ?Error::from(error), "stopped waiting for a check");
                     return Ok(());
                 }
             }
@@ -1024,7 +1107,12 @@ async fn run_job(
                     .db
                     .writer()
                     .write(move |conn| {
-                        Ok::<_, ApiError>(jobs::abandon(conn, job_id, &worker, now())?)
+                        Ok::<_, Error>(jobs::abandon(
+                            conn,
+                            job_id,
+                            &worker,
+                            crate::clock::now_ms(),
+                        )?)
                     })
                     .await;
                 return Ok(());
@@ -1035,12 +1123,12 @@ async fn run_job(
 
 /// Runs an SSH check from the appliance while renewing the job's lease, then records it.
 async fn run_over_ssh(
-    state: &AppState,
+    state: &Workers,
     worker: &str,
     job: Job,
     target: labrack_streamer::terminal::TerminalTarget,
     check: SshCheck,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     let program = remote_program(&check);
     let wait = Duration::from_secs(u64::from(check.timeout_secs) + 60);
     let started = std::time::Instant::now();
@@ -1060,7 +1148,7 @@ async fn run_over_ssh(
             done = &mut ssh => break done,
             _ = renew.tick() => {
                 let (job_id, worker) = (job.id, worker.to_owned());
-                let renewed = state.db.writer().write(move |conn| Ok::<_, ApiError>(jobs::extend(conn, job_id, &worker, LEASE_MS, now())?)).await;
+                let renewed = state.db.writer().write(move |conn| Ok::<_, Error>(jobs::extend(conn, job_id, &worker, LEASE_MS, crate::clock::now_ms())?)).await;
                 if renewed.is_err() {
                     // Cancelled or lost: the check's result, if it comes, is not ours to record.
                     return Ok(());
@@ -1095,11 +1183,22 @@ async fn run_over_ssh(
                     conn,
                     check.run_id,
                     &TaskOutcome::Checked { check: checked },
-                    now(),
+                    crate::clock::now_ms(),
                 )?;
-                Ok::<_, ApiError>(jobs::complete(conn, job.id, &worker, now())?)
+                Ok::<_, Error>(jobs::complete(
+                    conn,
+                    job.id,
+                    &worker,
+                    crate::clock::now_ms(),
+                )?)
             }
-            Err(error) => fail_attempt(conn, &job, &worker, &format!("over SSH: {error}"), now()),
+            Err(error) => fail_attempt(
+                conn,
+                &job,
+                &worker,
+                &format!("over SSH: {error}"),
+                crate::clock::now_ms(),
+            ),
         })
         .await?;
     Ok(())

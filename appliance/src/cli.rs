@@ -258,7 +258,7 @@ pub struct ServeConfig {
     pub sync: Option<crate::sync::relay::SyncSettings>,
     pub observer_every: std::time::Duration,
     pub idle_after: std::time::Duration,
-    pub connections: crate::connections::ConnectionLimits,
+    pub connections: crate::http::connections::ConnectionLimits,
     /// for a new connection's TLS handshake and first request
     pub header_timeout: std::time::Duration,
     /// for a kept-alive connection's next request
@@ -437,7 +437,7 @@ impl ServeArgs {
             "idle_timeout_secs must be between header_timeout_secs and 3600"
         );
         Ok(ServeConfig {
-            connections: crate::connections::ConnectionLimits {
+            connections: crate::http::connections::ConnectionLimits {
                 max: max_connections,
                 per_client,
                 reserved_for_hosts: max_connections / 16,
@@ -504,10 +504,10 @@ fn moved_cloud(args: &[String]) -> anyhow::Error {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => crate::serve::serve(args.resolve()?),
+        Command::Serve(args) => crate::http::serve::serve(args.resolve()?),
         Command::Cloud { args } => Err(moved_cloud(&args)),
         Command::Admin(AdminCommand::ResetPassword { username, data_dir }) => {
-            let password = crate::serve::reset_password(&data_dir, &username)?;
+            let password = crate::http::serve::reset_password(&data_dir, &username)?;
             println!("labrack: one-time password for {username}: {password}");
             println!("(it must be changed at the next login)");
             Ok(())

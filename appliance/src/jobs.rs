@@ -391,8 +391,8 @@ mod tests {
             std::process::id(),
             rand::random::<u32>()
         ));
-        let mut conn = crate::db::open_connection(&path, false).expect("open");
-        crate::db::migrate(&mut conn).expect("migrate");
+        let mut conn = crate::store::open_connection(&path, false).expect("open");
+        crate::store::migrate(&mut conn).expect("migrate");
         (conn, path)
     }
 

@@ -14,9 +14,9 @@ use labrack_provisioner::limits::LabLimits;
 use labrack_provisioner::protocol::{DesktopAccess, HostTask, Password, TaskId};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use crate::api::error::ApiError;
-use crate::api::extract::RequestMeta;
-use crate::api::{AppState, audit};
+use crate::audit;
+use crate::audit::RequestMeta;
+use crate::error::Error;
 use crate::secrets::SecretBox;
 
 /// How the reconciler signs its audit rows.
@@ -58,7 +58,7 @@ pub fn parse_state(text: &str) -> Option<AllocationState> {
     })
 }
 
-pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiError> {
+pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, Error> {
     let row = conn
         .prepare_cached(
             "SELECT id, host_id, template, runtime, skeleton, state, attempt, in_flight, retry_at_ms, reason, event_id, team_id, gpus,
@@ -111,7 +111,7 @@ pub fn load(conn: &Connection, id: i64) -> Result<Option<StoredAllocation>, ApiE
     )
 }
 
-fn save(conn: &Connection, alloc: &Allocation) -> Result<(), ApiError> {
+fn save(conn: &Connection, alloc: &Allocation) -> Result<(), Error> {
     conn.prepare_cached(
         "UPDATE allocations SET state = ?2, attempt = ?3, in_flight = ?4, retry_at_ms = ?5, reason = ?6, updated_at = ?7, tasks_issued = ?8,
                                 resume_to = ?9, unreachable_since_ms = ?10
@@ -124,7 +124,7 @@ fn save(conn: &Connection, alloc: &Allocation) -> Result<(), ApiError> {
         alloc.in_flight.as_ref().map(|t| t.0.as_str()),
         alloc.retry_at_ms.and_then(|v| i64::try_from(v).ok()),
         alloc.reason,
-        crate::api::now_rfc3339(),
+        crate::clock::now_rfc3339(),
         alloc.tasks_issued,
         alloc.resume_to.map(state_name),
         alloc.unreachable_since_ms.and_then(|v| i64::try_from(v).ok()),
@@ -162,19 +162,19 @@ pub fn insert_task(
     allocation_id: i64,
     cleanup: bool,
     now_ms: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     let mut stored = task.clone();
     let secret = match stored.kind.password_mut() {
         Some(password) if !password.0.is_empty() => {
             let sealed = secrets
                 .seal(&task_secret_context(&task.id.0), password.0.as_bytes())
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                .map_err(|e| Error::Internal(e.to_string()))?;
             *password = Password::default();
             Some(sealed)
         }
         _ => None,
     };
-    let body = serde_json::to_string(&stored).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let body = serde_json::to_string(&stored).map_err(|e| Error::Internal(e.to_string()))?;
     conn.prepare_cached(
         "INSERT OR IGNORE INTO host_tasks (id, host_id, allocation_id, body, created_ms, secret, cleanup) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
@@ -187,7 +187,7 @@ pub fn task_password(
     conn: &Connection,
     secrets: &SecretBox,
     task_id: &str,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<String>, Error> {
     let sealed: Option<Vec<u8>> = conn
         .query_row(
             "SELECT secret FROM host_tasks WHERE id = ?1",
@@ -201,9 +201,9 @@ pub fn task_password(
     };
     let password = secrets
         .open(&task_secret_context(task_id), &sealed)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?;
     Ok(Some(
-        String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?,
+        String::from_utf8(password).map_err(|e| Error::Internal(e.to_string()))?,
     ))
 }
 
@@ -225,8 +225,8 @@ pub fn apply(
     now_ms: u64,
     actor: &str,
     meta: &RequestMeta,
-) -> Result<Applied, ApiError> {
-    let mut stored = load(conn, id)?.ok_or(ApiError::NotFound("allocation"))?;
+) -> Result<Applied, Error> {
+    let mut stored = load(conn, id)?.ok_or(Error::NotFound("allocation"))?;
     let reported = match &input {
         Input::Report { id, .. } => Some(id.0.clone()),
         _ => None,
@@ -250,9 +250,9 @@ pub fn apply(
             Output::Desktop(desktop) => {
                 let task_id = reported
                     .as_deref()
-                    .ok_or_else(|| ApiError::Internal("desktop details without a report".into()))?;
+                    .ok_or_else(|| Error::Internal("desktop details without a report".into()))?;
                 let password = task_password(conn, secrets, task_id)?.ok_or_else(|| {
-                    ApiError::Internal(format!(
+                    Error::Internal(format!(
                         "task {task_id} set a password the appliance never sealed"
                     ))
                 })?;
@@ -260,7 +260,7 @@ pub fn apply(
             }
             Output::Changed { from, to } => {
                 let detail = serde_json::json!({"from": state_name(from), "to": state_name(to), "reason": alloc.reason});
-                audit(
+                audit::record(
                     conn,
                     actor,
                     meta,
@@ -270,7 +270,7 @@ pub fn apply(
                 )?;
             }
             Output::ResetDone => {
-                audit(
+                audit::record(
                     conn,
                     actor,
                     meta,
@@ -330,7 +330,7 @@ pub fn apply(
                 },
             };
             insert_task(conn, secrets, &task, alloc.id, true, now)?;
-            audit(
+            audit::record(
                 conn,
                 actor,
                 meta,
@@ -352,10 +352,10 @@ pub fn store_desktop(
     id: i64,
     desktop: &DesktopAccess,
     password: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     let sealed = secrets
         .seal(&secret_context(id), password.as_bytes())
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?;
     conn.execute(
         "UPDATE allocations SET desktop_user = ?2, desktop_secret = ?3, rdp_port = ?4, ssh_port = ?5, ssh_host_key = ?6, rdp_cert_sha256 = ?7
          WHERE id = ?1",
@@ -403,7 +403,7 @@ pub fn desktop_secret(
     conn: &Connection,
     secrets: &SecretBox,
     id: i64,
-) -> Result<Option<DesktopSecret>, ApiError> {
+) -> Result<Option<DesktopSecret>, Error> {
     let row = conn
         .query_row(
             "SELECT h.address, a.desktop_user, a.desktop_secret, a.rdp_port, a.ssh_port, a.ssh_host_key, a.rdp_cert_sha256 FROM allocations a
@@ -429,8 +429,8 @@ pub fn desktop_secret(
     };
     let password = secrets
         .open(&secret_context(id), &sealed)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let password = String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let password = String::from_utf8(password).map_err(|e| Error::Internal(e.to_string()))?;
     Ok(Some(DesktopSecret {
         host_address,
         username,
@@ -453,7 +453,7 @@ pub fn checker_login(
     conn: &Connection,
     secrets: &SecretBox,
     host_id: i64,
-) -> Result<Option<(String, String)>, ApiError> {
+) -> Result<Option<(String, String)>, Error> {
     let row: Option<(Option<String>, Option<Vec<u8>>)> = conn
         .query_row(
             "SELECT checker_user, checker_secret FROM hosts WHERE id = ?1",
@@ -466,17 +466,11 @@ pub fn checker_login(
     };
     let password = secrets
         .open(&checker_context(host_id), &sealed)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?;
     Ok(Some((
         user,
-        String::from_utf8(password).map_err(|e| ApiError::Internal(e.to_string()))?,
+        String::from_utf8(password).map_err(|e| Error::Internal(e.to_string()))?,
     )))
-}
-
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// One reconciler pass: hosts that missed three heartbeats become unhealthy (and their
@@ -492,7 +486,7 @@ pub fn reconcile(
     listening_since_ms: u64,
     heartbeat: Duration,
     grace: Duration,
-) -> Result<bool, ApiError> {
+) -> Result<bool, Error> {
     let meta = RequestMeta {
         remote_addr: "local".into(),
         request_id: String::new(),
@@ -506,7 +500,7 @@ pub fn reconcile(
         .collect::<Result<_, _>>()?;
     for (host_id, name) in lost {
         conn.execute("UPDATE hosts SET healthy = 0 WHERE id = ?1", [host_id])?;
-        audit(
+        audit::record(
             conn,
             RECONCILER,
             &meta,
@@ -575,10 +569,25 @@ pub fn reconcile(
     Ok(issued)
 }
 
+/// What the reconciler runs with.
+#[derive(Clone)]
+pub struct Reconciler {
+    pub db: crate::store::Db,
+    pub secrets: std::sync::Arc<SecretBox>,
+    pub billing: std::sync::Arc<crate::billing::BillingSettings>,
+    /// how often hosts send heartbeats; three missed mark a host unhealthy
+    pub heartbeat: Duration,
+    /// how long the labs of an unhealthy host wait for it before they fail
+    pub host_grace: Duration,
+    /// bumped when host tasks are issued: wakes long polls
+    pub host_wake: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    pub shutdown: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
 /// Runs [`reconcile`] every second until shutdown.
-pub async fn run_reconciler(state: AppState) {
+pub async fn run_reconciler(state: Reconciler) {
     let mut shutdown = state.shutdown.subscribe();
-    let started_ms = unix_ms();
+    let started_ms = crate::clock::unix_ms();
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -589,24 +598,26 @@ pub async fn run_reconciler(state: AppState) {
         let secrets = state.secrets.clone();
         let (heartbeat, grace) = (state.heartbeat, state.host_grace);
         let billing = state.billing.clone();
-        state.desktops.reap();
         let result = state
             .db
             .writer()
             .write(move |conn| {
-                let issued = reconcile(conn, &secrets, unix_ms(), started_ms, heartbeat, grace)?;
-                crate::billing::bill_active(
+                let issued = reconcile(
                     conn,
-                    &billing,
-                    i64::try_from(unix_ms()).unwrap_or(i64::MAX),
+                    &secrets,
+                    crate::clock::unix_ms(),
+                    started_ms,
+                    heartbeat,
+                    grace,
                 )?;
-                Ok::<_, ApiError>(issued)
+                crate::billing::bill_active(conn, &billing, crate::clock::now_ms())?;
+                Ok::<_, Error>(issued)
             })
             .await;
         match result {
-            Ok(true) => state.wake_hosts(),
+            Ok(true) => state.host_wake.send_modify(|n| *n = n.wrapping_add(1)),
             Ok(false) => {}
-            Err(error) => tracing::error!(error = ?ApiError::from(error), "reconciler pass failed"),
+            Err(error) => tracing::error!(error = ?Error::from(error), "reconciler pass failed"),
         }
     }
 }
@@ -619,7 +630,7 @@ mod tests {
     fn the_appliance_s_own_downtime_does_not_count_as_a_host_s_silence()
     -> Result<(), Box<dyn std::error::Error>> {
         let mut conn = Connection::open_in_memory()?;
-        crate::db::migrate(&mut conn)?;
+        crate::store::migrate(&mut conn)?;
         let secrets = SecretBox::from_key(&[9; 32]);
         // Last heard from an hour ago, before the appliance went down.
         let now: u64 = 10_000_000;

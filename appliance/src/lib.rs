@@ -1,14 +1,15 @@
 //! The LabRack appliance: control plane, API and web UI (`labrack serve`).
 
 pub mod agents;
-pub mod api;
 pub mod attempts;
 pub mod audit;
 pub mod billing;
 pub mod checks;
 pub mod cli;
-pub mod connections;
-pub mod db;
+pub mod clock;
+pub mod error;
+pub mod events;
+pub mod http;
 pub mod jobs;
 pub mod labs;
 pub mod llm;
@@ -20,5 +21,5 @@ pub use labrack_wire::roster;
 pub use labrack_wire::rubric;
 pub mod scores;
 pub mod secrets;
-pub mod serve;
+pub mod store;
 pub mod sync;

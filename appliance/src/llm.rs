@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
-use crate::db::Db;
+use crate::store::Db;
 
 /// Consecutive failures that open an endpoint's breaker.
 pub const BREAKER_FAILURES: u32 = 3;
@@ -280,7 +280,7 @@ impl Gateway {
     pub async fn used(&self, db: &Db, team_id: i64) -> Result<u64, LlmError> {
         db.read(move |conn| {
             conn.query_row("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM llm_usage WHERE team_id = ?1", [team_id], |r| r.get::<_, i64>(0))
-                .map_err(crate::db::StoreError::from)
+                .map_err(crate::store::StoreError::from)
         })
         .await
         .map(|n| u64::try_from(n).unwrap_or(0))
@@ -361,7 +361,7 @@ impl Gateway {
         let record = reply.clone();
         let agent = agent.to_owned();
         let rate = self.settings.cents_per_1k_tokens;
-        let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+        let now = crate::clock::now_ms();
         db.writer()
             .write(move |conn| {
                 if let Some(job_id) = payer.job_id {

@@ -164,8 +164,8 @@ mod tests {
     fn sequence_numbers_have_no_gaps_even_when_a_savepoint_rolls_back_or_rows_are_pruned() {
         let path =
             std::env::temp_dir().join(format!("labrack-outbox-{}.db", rand::random::<u32>()));
-        let mut conn = crate::db::open_connection(&path, false).expect("open");
-        crate::db::migrate(&mut conn).expect("migrate");
+        let mut conn = crate::store::open_connection(&path, false).expect("open");
+        crate::store::migrate(&mut conn).expect("migrate");
         let body = serde_json::json!({"x": 1});
         assert_eq!(
             append(&conn, Change::Event, "event:1", &body, 1).expect("append"),

@@ -76,7 +76,7 @@ pub fn parse_rgb(text: &str) -> anyhow::Result<[u8; 3]> {
 }
 
 pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
-    let db_path = options.data_dir.join(crate::serve::DB_FILE);
+    let db_path = options.data_dir.join(crate::store::DB_FILE);
     anyhow::ensure!(db_path.exists(), "no database at {}", db_path.display());
     let key_path = options
         .secret_key_file
@@ -84,7 +84,7 @@ pub fn probe(options: &ProbeOptions) -> anyhow::Result<serde_json::Value> {
         .unwrap_or_else(|| options.data_dir.join("secret.key"));
     anyhow::ensure!(key_path.exists(), "no secret key at {}", key_path.display());
     let secrets = SecretBox::load_or_create(&key_path)?;
-    let conn = crate::db::open_connection(&db_path, true)?;
+    let conn = crate::store::open_connection(&db_path, true)?;
     let desktop = crate::labs::desktop_secret(&conn, &secrets, options.allocation)
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_context(|| {

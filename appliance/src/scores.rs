@@ -4,13 +4,17 @@
 //! board's inputs are read from the database. A board can be built as of a moment (the
 //! freeze), from the results and scores that existed then, and for a bracket (a sub-board).
 
-use rusqlite::{Connection, OptionalExtension as _};
+use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 pub use labrack_provisioner::ranking::{BoardRow, JudgedPoints, LatestResult, rank};
 
+use crate::error::Error;
 use crate::rubric::Rubric;
+
+/// The job kind that turns a team's submission into a check batch.
+pub const SUBMISSION_JOB: &str = "score_submission";
 
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Leaderboard {
@@ -149,4 +153,68 @@ pub fn leaderboard(
         as_of_ms,
         rows: rank(&teams, &results, &judged, &adjusted),
     })
+}
+
+/// What scoring a submission came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// its checks are queued as this batch
+    Queued(i64),
+    /// the team's previous submission is still being checked: try again later (a team has
+    /// one outstanding scoring batch)
+    Wait,
+    /// a newer submission of the team replaces it before it was checked; that one is scored
+    Superseded,
+    /// the event ended between submitting and scoring: the submission stands unscored
+    Unscored,
+}
+
+/// Turns a submission into a check batch for its team (run by the queue's workers).
+pub fn expand_submission(
+    conn: &Connection,
+    submission_id: i64,
+    check_attempts: u32,
+    now_ms: i64,
+) -> Result<Scoring, Error> {
+    let row: Option<(i64, i64, String)> = conn
+        .query_row(
+            "SELECT event_id, team_id, version FROM submissions WHERE id = ?1",
+            [submission_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((event_id, team_id, version)) = row else {
+        return Err(Error::NotFound("submission"));
+    };
+    let newer: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM submissions WHERE team_id = ?1 AND id > ?2)",
+        params![team_id, submission_id],
+        |r| r.get(0),
+    )?;
+    if newer {
+        return Ok(Scoring::Superseded);
+    }
+    let outstanding: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM check_runs r JOIN check_batches b ON b.id = r.batch_id
+                       WHERE r.team_id = ?1 AND r.state IN ('queued', 'running') AND b.requested_by LIKE 'submission:%')",
+        [team_id],
+        |r| r.get(0),
+    )?;
+    if outstanding {
+        return Ok(Scoring::Wait);
+    }
+    let request = crate::checks::BatchRequest {
+        event_id,
+        team_id: Some(team_id),
+        check_name: None,
+        reason: format!("submission {version}"),
+        requested_by: format!("submission:{submission_id}"),
+        max_attempts: check_attempts,
+        priority: 5,
+    };
+    match crate::checks::queue_batch(conn, &request, now_ms) {
+        Ok(queued) => Ok(Scoring::Queued(queued.batch_id)),
+        Err(Error::Conflict { .. }) => Ok(Scoring::Unscored),
+        Err(other) => Err(other),
+    }
 }

@@ -1,7 +1,7 @@
 //! Handler tests, in-process: the authorization matrix, the bad-input table, sessions,
 //! CSRF, the one-time password gate, rate limiting and the OpenAPI document.
 
-mod common;
+use crate::common;
 
 use axum::http::StatusCode;
 use common::{As, TestApp, join, seed};
@@ -618,7 +618,7 @@ async fn logins_are_rate_limited() {
         let db = app.db.clone();
         async move {
             db.read(move |conn| {
-                Ok::<_, labrack::db::StoreError>(conn.query_row(
+                Ok::<_, labrack::store::StoreError>(conn.query_row(
                     "SELECT count(*) FROM audit_log WHERE action = ?1",
                     [action],
                     |r| r.get::<_, i64>(0),
@@ -633,7 +633,7 @@ async fn logins_are_rate_limited() {
     let target: String = app
         .db
         .read(|conn| {
-            Ok::<_, labrack::db::StoreError>(conn.query_row(
+            Ok::<_, labrack::store::StoreError>(conn.query_row(
                 "SELECT target FROM audit_log WHERE action = 'auth.login_failed' LIMIT 1",
                 [],
                 |r| r.get(0),
@@ -670,7 +670,7 @@ async fn wrong_join_codes_are_audited() {
             let rows = statement
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, labrack::db::StoreError>(rows)
+            Ok::<_, labrack::store::StoreError>(rows)
         })
         .await
         .expect("audit");
@@ -732,7 +732,7 @@ fn the_api_fuzzing_hooks_know_every_refusal_audit() {
         .map(|a| a.trim().trim_matches('"'))
         .filter(|a| !a.is_empty())
         .collect();
-    assert_eq!(listed, labrack::api::REFUSAL_AUDITS);
+    assert_eq!(listed, labrack::audit::REFUSAL_AUDITS);
 }
 
 #[tokio::test]
@@ -877,17 +877,17 @@ async fn join_codes_are_stored_keyed_and_codes_from_before_still_work_once_rehas
     let s = seed(&app, &organizer).await;
     let plain = |code: &str| {
         hex::encode(sha2::Sha256::digest(
-            labrack::api::session::normalize_code(code).as_bytes(),
+            labrack::http::session::normalize_code(code).as_bytes(),
         ))
     };
-    let stored = |db: labrack::db::Db| async move {
+    let stored = |db: labrack::store::Db| async move {
         db.read(|conn| {
             let mut statement =
                 conn.prepare("SELECT join_code_hash FROM participants ORDER BY id")?;
             let rows = statement
                 .query_map([], |r| r.get::<_, String>(0))?
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, labrack::db::StoreError>(rows)
+            Ok::<_, labrack::store::StoreError>(rows)
         })
         .await
         .expect("hashes")
@@ -904,7 +904,7 @@ async fn join_codes_are_stored_keyed_and_codes_from_before_still_work_once_rehas
     app.db
         .writer()
         .write(move |conn| {
-            Ok::<_, labrack::db::StoreError>(conn.execute(
+            Ok::<_, labrack::store::StoreError>(conn.execute(
                 "UPDATE participants SET join_code_hash = ?1 WHERE id = ?2",
                 rusqlite::params![set, id],
             )?)

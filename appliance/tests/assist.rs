@@ -1,7 +1,7 @@
 //! Hints, the score ledger, the LLM gateway and the agents, in-process, against a small
 //! local HTTP server that speaks the OpenAI chat-completions API (the test peer).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -69,14 +69,14 @@ fn settings(urls: &[&str], budget: u64, per_minute: u32) -> LlmSettings {
 
 /// Answers a question as the queue's job `job_id` does: the answer is posted in its own write.
 async fn answer(app: &TestApp, job_id: i64, payload: &Value) {
-    let answer = labrack::agents::answer_question(&app.state, job_id, payload)
+    let answer = labrack::agents::answer_question(&app.state.agents(), job_id, payload)
         .await
         .expect("answered");
-    let now = i64::try_from(labrack::labs::unix_ms()).unwrap_or(0);
+    let now = i64::try_from(labrack::clock::unix_ms()).unwrap_or(0);
     app.db
         .writer()
         .write(move |conn| {
-            Ok::<_, labrack::db::StoreError>(labrack::agents::post_answer(
+            Ok::<_, labrack::store::StoreError>(labrack::agents::post_answer(
                 conn, job_id, &answer, now,
             )?)
         })
@@ -88,7 +88,7 @@ async fn used(app: &TestApp, team_id: i64) -> i64 {
     app.db
         .read(move |conn| {
             conn.query_row("SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM llm_usage WHERE team_id = ?1", [team_id], |r| r.get(0))
-                .map_err(labrack::db::StoreError::from)
+                .map_err(labrack::store::StoreError::from)
         })
         .await
         .expect("usage")
@@ -593,7 +593,7 @@ async fn the_observer_flags_failing_streaks_once() {
                     rusqlite::params![event_id, team_id, state, i64::try_from(n).unwrap_or(0)],
                 )?;
             }
-            let now = i64::try_from(labrack::labs::unix_ms()).unwrap_or(i64::MAX);
+            let now = labrack::clock::now_ms();
             let first = labrack::agents::observe(conn, now, 60_000)?;
             let second = labrack::agents::observe(conn, now + 1000, 60_000)?;
             Ok::<_, rusqlite::Error>((first, second))
@@ -646,7 +646,7 @@ async fn commentary_announces_a_new_leader_once_in_the_models_words_or_by_rule()
     )
     .await;
     let mut leaders = std::collections::HashMap::new();
-    labrack::agents::commentary(&app.state, &mut leaders)
+    labrack::agents::commentary(&app.state.agents(), &mut leaders)
         .await
         .expect("commentary");
     let path = format!(
@@ -669,10 +669,10 @@ async fn commentary_announces_a_new_leader_once_in_the_models_words_or_by_rule()
         Some(json!({"scores": {"quality": 5}})),
     )
     .await;
-    labrack::agents::commentary(&app.state, &mut leaders)
+    labrack::agents::commentary(&app.state.agents(), &mut leaders)
         .await
         .expect("commentary");
-    labrack::agents::commentary(&app.state, &mut leaders)
+    labrack::agents::commentary(&app.state.agents(), &mut leaders)
         .await
         .expect("commentary");
     let said = app.call("GET", &path, &judge, None).await;
@@ -715,7 +715,7 @@ async fn commentary_announces_a_new_leader_once_in_the_models_words_or_by_rule()
             Some(json!({"scores": {"quality": 2}})),
         )
         .await;
-    labrack::agents::commentary(&plain.state, &mut std::collections::HashMap::new())
+    labrack::agents::commentary(&plain.state.agents(), &mut std::collections::HashMap::new())
         .await
         .expect("commentary");
     let said = plain
@@ -838,7 +838,7 @@ async fn a_retried_question_is_asked_billed_and_answered_once() {
     let payload = json!({"event_id": s.event_id, "team_id": s.team_a, "question": "Why?"});
     // The first attempt got the model's reply (recorded and billed with the job), then its
     // worker died before posting; the retry must not ask or bill again.
-    labrack::agents::answer_question(&app.state, 77, &payload)
+    labrack::agents::answer_question(&app.state.agents(), 77, &payload)
         .await
         .expect("answered");
     assert_eq!(good.calls.load(Ordering::SeqCst), 1);
@@ -874,7 +874,7 @@ async fn a_retried_question_is_asked_billed_and_answered_once() {
                 [],
                 |r| r.get(0),
             )?;
-            Ok::<_, labrack::db::StoreError>((usage, billed))
+            Ok::<_, labrack::store::StoreError>((usage, billed))
         })
         .await
         .expect("counts");

@@ -2,7 +2,7 @@
 //! only, refusals that change nothing, CSV export, and outbox rows written with their
 //! changes in one gap-free sequence.
 
-mod common;
+use crate::common;
 
 use common::{As, TestApp, join, seed};
 use serde_json::json;
@@ -14,7 +14,7 @@ async fn outbox(app: &TestApp) -> Vec<(i64, String, String)> {
                 conn.prepare("SELECT seq, kind, entity FROM outbox ORDER BY seq")?;
             let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.collect::<Result<Vec<_>, _>>()
-                .map_err(labrack::db::StoreError::from)
+                .map_err(labrack::store::StoreError::from)
         })
         .await
         .expect("outbox")

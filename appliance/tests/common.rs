@@ -10,9 +10,9 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt as _;
-use labrack::api::{self, AppState, auth};
-use labrack::db::Db;
+use labrack::http::{self, AppState, auth};
 use labrack::metrics::Metrics;
+use labrack::store::Db;
 use serde_json::{Value, json};
 use tower::ServiceExt as _;
 
@@ -85,7 +85,7 @@ impl TestApp {
         );
         adjust(&mut state);
         Self {
-            router: api::app(state.clone()),
+            router: http::app(state.clone()),
             db,
             dir,
             state,
@@ -219,7 +219,7 @@ impl TestApp {
                     "rubrics", "judge_scores", "submissions", "hints", "score_adjustments", "llm_usage", "agent_messages", "alerts", "outbox", "billing_ledger", "announcements",
                     "sync_epochs", "sync_state",
                 ] {
-                    let refusals = labrack::api::REFUSAL_AUDITS.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ");
+                    let refusals = labrack::audit::REFUSAL_AUDITS.iter().map(|a| format!("'{a}'")).collect::<Vec<_>>().join(", ");
                     let only = match table {
                         "audit_log" => format!("WHERE action NOT IN ({refusals})"),
                         // (and their copies on the way to the cloud)
@@ -238,7 +238,7 @@ impl TestApp {
                         out.push('\n');
                     }
                 }
-                Ok::<_, labrack::db::StoreError>(out)
+                Ok::<_, labrack::store::StoreError>(out)
             })
             .await
             .expect("snapshot")

@@ -4,7 +4,7 @@
 //! never at rest in a task body, GPU memory over a template's limit alerting staff, a
 //! force-released lab cleaned up when its host comes back.
 
-mod common;
+use crate::common;
 
 use axum::body::Body;
 use axum::http::Request;
@@ -104,7 +104,7 @@ async fn query(app: &TestApp, sql: &'static str) -> Value {
     app.db
         .read(move |conn| {
             let text: Option<String> = conn.query_row(sql, [], |r| r.get(0))?;
-            Ok::<_, labrack::api::error::ApiError>(text.map_or(Value::Null, |t| {
+            Ok::<_, labrack::error::Error>(text.map_or(Value::Null, |t| {
                 serde_json::from_str(&t).unwrap_or(Value::String(t))
             }))
         })

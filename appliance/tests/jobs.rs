@@ -1,7 +1,7 @@
 //! The job queue's staff endpoints in-process: who may see and change jobs, dead letters
 //! and requeue, and what bad or out-of-order requests get (a problem document, no change).
 
-mod common;
+use crate::common;
 
 use common::{As, TestApp, join, seed};
 use labrack::jobs::{self, NewJob};
@@ -95,7 +95,7 @@ async fn staff_see_dead_letters_and_requeue_them() {
                 [format!("job:{id}")],
                 |r| r.get::<_, String>(0),
             )
-            .map_err(labrack::db::StoreError::from)
+            .map_err(labrack::store::StoreError::from)
         })
         .await
         .expect("audit");

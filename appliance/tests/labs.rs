@@ -1,7 +1,7 @@
 //! Lab endpoints in-process: who may touch templates, hosts and allocations, and what bad
 //! input gets (a problem document naming the field, and no change to stored state).
 
-mod common;
+use crate::common;
 
 use common::{As, TestApp, force_state, insert_host, join, seed};
 use serde_json::json;

@@ -2,7 +2,7 @@
 //! judges' limits, the deadline, and a freeze that hides changes from the public board
 //! only. Bad or unauthorised requests get a problem document and change nothing.
 
-mod common;
+use crate::common;
 
 use common::{As, TestApp, join, seed};
 use serde_json::json;

@@ -158,7 +158,13 @@ async function refreshHosts() {
 }
 
 // Legal moves from each event state (the appliance refuses the rest).
-const MOVES = { draft: [["live", "Go live"]], live: [["frozen", "Freeze board"], ["ended", "End event"]], frozen: [["live", "Unfreeze"], ["ended", "End event"]], ended: [["archived", "Archive"]], archived: [] };
+// Words on the transition buttons; which moves are legal comes from the event's next_states.
+const MOVE_LABELS = { live: "Go live", frozen: "Freeze board", ended: "End event", archived: "Archive" };
+
+function moveLabel(from, to) {
+  if (from === "frozen" && to === "live") return "Unfreeze";
+  return MOVE_LABELS[to] ?? to;
+}
 
 function heatColour(utilization, temperature) {
   // Blue when idle, through orange, to red when busy or hot.
@@ -221,11 +227,11 @@ async function refreshFocus() {
   $("focus-state").dataset.state = event.state;
   const moves = $("transitions");
   moves.replaceChildren();
-  for (const [to, label] of MOVES[event.state] ?? []) {
+  for (const to of event.next_states ?? []) {
     const button = document.createElement("button");
     button.className = "transition";
     button.dataset.testid = `transition-${to}`;
-    button.textContent = label;
+    button.textContent = moveLabel(event.state, to);
     button.addEventListener("click", async () => {
       text($("focus-error"), "");
       try {

@@ -8,12 +8,14 @@
 //! - [`limits`]: what a lab may use of its host, what a host can enforce, whether it fits;
 //! - [`replay`]: which signed host calls to take (replays, one identity on two machines);
 //! - [`check`]: what a check run means (verdict, `FAIL:` reasons, output truncation);
+//! - [`event`]: an event's states, their legal transitions and what each allows;
 //! - [`ranking`]: the leaderboard's order (the appliance's board and the cloud's).
 //!
 //! Architecture invariant: this crate knows nothing of HTTP, SQLite, clocks or sockets.
 
 pub mod allocation;
 pub mod check;
+pub mod event;
 pub mod inventory;
 pub mod limits;
 pub mod protocol;

@@ -27,7 +27,7 @@ DB_PATH = os.environ["LABRACK_DB"]
 schemathesis.serializer.alias("application/toml", "text/plain")
 
 # What a refused request may still write: the audit rows recording the refusal (and their
-# copies on the way to the cloud). `labrack::api::REFUSAL_AUDITS`; a test there keeps the two
+# copies on the way to the cloud). `labrack::audit::REFUSAL_AUDITS`; a test there keeps the two
 # lists equal.
 REFUSAL_AUDITS = [
     "auth.login_failed",

@@ -5,7 +5,7 @@
 //! were. Runs as root; users, boxes, namespaces and cgroups carry the run's prefix and are
 //! removed even when a test fails.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;

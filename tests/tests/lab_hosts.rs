@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use sha2::Digest as _;
 use tokio_tungstenite::tungstenite::Message;
 
-mod common;
+use crate::common;
 
 use common::{
     Fixture, LONG, Signer, fixture, fixture_with, make_account, put_checks, run_by_name,

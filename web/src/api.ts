@@ -32,6 +32,8 @@ export interface LabEvent {
   name: string;
   code: string;
   state: EventState;
+  /** the states staff may move it to now */
+  next_states: EventState[];
   starts_at: string;
   ends_at: string;
   created_at: string;

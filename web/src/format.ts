@@ -1,4 +1,4 @@
-// Date/time helpers, state labels and transition rules.
+// Date/time helpers, state labels and the words on transition buttons.
 
 import { EventState } from "./api";
 
@@ -61,17 +61,21 @@ export const STATE_LABELS: Record<EventState, string> = {
   archived: "Archived",
 };
 
-/** Legal transitions, with the button label for each. */
-export const TRANSITIONS: Record<EventState, { to: EventState; label: string; confirm?: string }[]> = {
-  draft: [{ to: "live", label: "Go live" }],
-  live: [
-    { to: "frozen", label: "Freeze" },
-    { to: "ended", label: "End event", confirm: "Yes, end the event" },
-  ],
-  frozen: [
-    { to: "live", label: "Unfreeze (go live)" },
-    { to: "ended", label: "End event", confirm: "Yes, end the event" },
-  ],
-  ended: [{ to: "archived", label: "Archive", confirm: "Yes, archive it" }],
-  archived: [],
-};
+/**
+ * The button that moves an event from `from` to `to`. Which moves are legal is the server's
+ * business: it sends them as the event's `next_states`.
+ */
+export function transitionButton(from: EventState, to: EventState): { label: string; confirm?: string } {
+  switch (to) {
+    case "live":
+      return { label: from === "frozen" ? "Unfreeze (go live)" : "Go live" };
+    case "frozen":
+      return { label: "Freeze" };
+    case "ended":
+      return { label: "End event", confirm: "Yes, end the event" };
+    case "archived":
+      return { label: "Archive", confirm: "Yes, archive it" };
+    default:
+      return { label: STATE_LABELS[to] ?? to };
+  }
+}

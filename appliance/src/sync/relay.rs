@@ -26,8 +26,7 @@ use utoipa::ToSchema;
 
 use super::protocol::{self, Batch, Frame, Hello, Row};
 use super::session::{Backoff, Ended, Outbox, Session, WINDOW};
-use crate::api::AppState;
-use crate::api::error::ApiError;
+use crate::error::Error;
 
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
@@ -90,13 +89,20 @@ impl Link {
     }
 }
 
-fn now_ms() -> i64 {
-    i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
+/// What the relay runs with.
+#[derive(Clone)]
+pub struct Relay {
+    pub db: crate::store::Db,
+    /// the link's state, for staff
+    pub link: std::sync::Arc<Link>,
+    /// where the sync identity lives; none in some tests
+    pub data_dir: Option<PathBuf>,
+    pub shutdown: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Runs the relay until shutdown, reconnecting with backoff (0.5 s doubling to 5 s: a venue
 /// link that comes back should be used at once).
-pub async fn run(state: AppState, settings: SyncSettings) {
+pub async fn run(state: Relay, settings: SyncSettings) {
     state.link.update(|s| {
         s.configured = true;
         s.state = "connecting".into();
@@ -132,7 +138,7 @@ pub async fn run(state: AppState, settings: SyncSettings) {
                 // Loudly, once: staff must decide (it will not heal by waiting).
                 tracing::error!(error = %text, "sync mismatch: the link stops until staff act");
                 let detail = serde_json::json!({"detail": text});
-                let meta = crate::api::extract::RequestMeta {
+                let meta = crate::audit::RequestMeta {
                     remote_addr: "local".into(),
                     request_id: String::new(),
                 };
@@ -140,7 +146,14 @@ pub async fn run(state: AppState, settings: SyncSettings) {
                     .db
                     .writer()
                     .write(move |conn| {
-                        crate::api::audit(conn, "system:sync", &meta, "sync.mismatch", None, detail)
+                        crate::audit::record(
+                            conn,
+                            "system:sync",
+                            &meta,
+                            "sync.mismatch",
+                            None,
+                            detail,
+                        )
                     })
                     .await;
             }
@@ -164,7 +177,7 @@ pub async fn run(state: AppState, settings: SyncSettings) {
     }
 }
 
-async fn read_rows(state: &AppState, after: i64, limit: usize) -> Result<Vec<Row>, ApiError> {
+async fn read_rows(state: &Relay, after: i64, limit: usize) -> Result<Vec<Row>, Error> {
     state
         .db
         .read(move |conn| {
@@ -172,13 +185,13 @@ async fn read_rows(state: &AppState, after: i64, limit: usize) -> Result<Vec<Row
             let rows = statement.query_map(params![after, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
                 Ok(Row { seq: r.get(0)?, kind: r.get(1)?, entity: r.get(2)?, body: r.get(3)?, created_ms: r.get(4)? })
             })?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await
 }
 
 async fn session(
-    state: &AppState,
+    state: &Relay,
     settings: &SyncSettings,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
@@ -218,7 +231,7 @@ async fn session(
         .db
         .read(|conn| {
             let (epoch, base) = crate::outbox::current_epoch(conn)?;
-            Ok::<_, ApiError>((
+            Ok::<_, Error>((
                 epoch,
                 base,
                 crate::outbox::last_seq(conn)?,
@@ -259,10 +272,10 @@ async fn session(
         .write(move |conn| {
             let previous = crate::outbox::cloud_epoch(conn)?;
             crate::outbox::set_cloud_epoch(conn, &cloud_epoch)?;
-            Ok::<_, ApiError>(previous)
+            Ok::<_, Error>(previous)
         })
         .await
-        .map_err(ApiError::from)?;
+        .map_err(Error::from)?;
     if previous.as_ref().is_some_and(|p| *p != welcome.epoch) {
         tracing::warn!(previous = ?previous, now = %welcome.epoch, "the cloud's database changed (replaced or restored); its acknowledgement fits, so the link goes on");
     }
@@ -275,7 +288,7 @@ async fn session(
         s.state = "linked".into();
         s.acked = welcome.acked;
         s.last_error = None;
-        s.linked_since_ms = Some(now_ms());
+        s.linked_since_ms = Some(crate::clock::now_ms());
     });
     let core = std::sync::Arc::new(Mutex::new(core));
     let acks = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -356,14 +369,14 @@ fn lock(core: &Mutex<Session>) -> anyhow::Result<std::sync::MutexGuard<'_, Sessi
 
 /// Drops acknowledged rows older than the retention, a slice per write so other writers
 /// are not held up.
-async fn prune(state: &AppState, acked: i64, retention: Duration) -> Result<(), ApiError> {
+async fn prune(state: &Relay, acked: i64, retention: Duration) -> Result<(), Error> {
     const SLICE: i64 = 5_000;
-    let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let cutoff = crate::clock::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     loop {
         let deleted = state
             .db
             .writer()
-            .write(move |conn| Ok::<_, ApiError>(crate::outbox::prune(conn, acked, cutoff, SLICE)?))
+            .write(move |conn| Ok::<_, Error>(crate::outbox::prune(conn, acked, cutoff, SLICE)?))
             .await?;
         if i64::try_from(deleted).unwrap_or(0) < SLICE {
             return Ok(());

@@ -12,7 +12,7 @@ import {
   table,
   withBusy,
 } from "../dom";
-import { formatDateTime, formatRange, localInputToRfc3339, toLocalInputValue, TRANSITIONS } from "../format";
+import { formatDateTime, formatRange, localInputToRfc3339, toLocalInputValue, transitionButton } from "../format";
 import { canManageEvents, canManageParticipants, currentStaff } from "../session";
 import { labsSection } from "./labs";
 
@@ -139,7 +139,7 @@ export function renderEvent(root: HTMLElement, eventId: string): void {
     heading.textContent = e.name;
     document.title = `${e.name} · LabRack`;
     const transitionError = errorBox("transition-error");
-    const transitions = TRANSITIONS[e.state] ?? [];
+    const transitions = (e.next_states ?? []).map((to) => ({ to, ...transitionButton(e.state, to) }));
 
     const doTransition = async (to: EventState): Promise<void> => {
       clearError(transitionError);

@@ -13,7 +13,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::{Caller, Role};
-use super::error::{ApiError, Problem};
+use super::problem::Problem;
+use crate::error::Error;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ApplianceCard {
@@ -100,10 +101,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
                 .db
                 .read(|conn| {
                     conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
-                        .map_err(ApiError::from)
+                        .map_err(Error::from)
                 })
                 .await;
-            let write = state.db.writer().write(|_| Ok::<_, ApiError>(())).await;
+            let write = state.db.writer().write(|_| Ok::<_, Error>(())).await;
             let ready = read.is_ok() && write.is_ok();
             *last = Some((std::time::Instant::now(), ready));
             ready
@@ -113,7 +114,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     if ready {
         "ready".into_response()
     } else {
-        ApiError::Unavailable.into_response()
+        Error::Unavailable.into_response()
     }
 }
 
@@ -172,18 +173,15 @@ pub async fn audit_log(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<AuditPage>, ApiError> {
+) -> Result<Json<AuditPage>, Error> {
     caller.require_staff(&[Role::Admin, Role::Organizer])?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid(
-            "limit",
-            "limit must be between 1 and 1000",
-        ));
+        return Err(Error::invalid("limit", "limit must be between 1 and 1000"));
     }
     if query.before.is_some_and(|before| before < 1) {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "before",
             "before is an audit entry id, 1 or more",
         ));
@@ -208,7 +206,7 @@ pub async fn audit_log(
                     detail: detail.and_then(|d| serde_json::from_str(&d).ok()).unwrap_or(serde_json::Value::Null),
                 })
             })?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(AuditPage { entries }))
@@ -220,12 +218,12 @@ pub async fn audit_log(
 pub async fn verify_audit(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<crate::audit::Verified>, ApiError> {
+) -> Result<Json<crate::audit::Verified>, Error> {
     caller.require_staff(&[Role::Admin])?;
     Ok(Json(
         state
             .db
-            .read(|conn| crate::audit::verify(conn).map_err(ApiError::from))
+            .read(|conn| crate::audit::verify(conn).map_err(Error::from))
             .await?,
     ))
 }

@@ -12,11 +12,13 @@ use rusqlite::OptionalExtension as _;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::AppState;
 use super::assist::Alert;
 use super::auth::{Caller, Role};
-use super::error::{ApiError, Problem};
 use super::extract::ApiPath;
-use super::{AppState, format_time};
+use super::problem::Problem;
+use crate::clock::format_time;
+use crate::error::Error;
 
 const READERS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 /// Unacknowledged sync rows older than this mean the link is stalled.
@@ -176,21 +178,21 @@ pub async fn dashboard(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<Dashboard>, ApiError> {
+) -> Result<Json<Dashboard>, Error> {
     caller.require_staff(&READERS)?;
     let mut link = state.link.status();
     if !link.configured {
         link.state = "off".into();
     }
     let acked = link.acked;
-    let now_ms = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+    let now_ms = crate::clock::now_ms();
     let mut board = state
         .db
         .read(move |conn| {
             let (name, event_state, starts_at, ends_at): (String, String, String, String) = conn
                 .query_row("SELECT name, state, starts_at, ends_at FROM events WHERE id = ?1", [event_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                 .optional()?
-                .ok_or(ApiError::NotFound("event"))?;
+                .ok_or(Error::NotFound("event"))?;
             let count = |sql: &str| conn.query_row(sql, [event_id], |r| r.get::<_, i64>(0));
             let people = People {
                 teams: count("SELECT count(*) FROM teams WHERE event_id = ?1")?,
@@ -227,9 +229,9 @@ pub async fn dashboard(
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             let (pending_rows, oldest) = crate::outbox::lag(conn, acked)?;
-            Ok::<_, ApiError>(Dashboard {
+            Ok::<_, Error>(Dashboard {
                 event_id,
-                clock: clock(time::OffsetDateTime::now_utc(), &starts_at, &ends_at),
+                clock: clock(crate::clock::now_utc(), &starts_at, &ends_at),
                 name,
                 state: event_state,
                 starts_at,

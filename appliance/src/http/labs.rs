@@ -13,11 +13,15 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::AppState;
 use super::auth::{Caller, Principal, Role};
-use super::error::{ApiError, Problem, RowError};
 use super::extract::{ApiJson, ApiPath, read_limited, require_content_type};
-use super::{AppState, audit, now_rfc3339};
-use crate::labs::{self, unix_ms};
+use super::problem::Problem;
+use crate::audit;
+use crate::clock::now_rfc3339;
+use crate::clock::unix_ms;
+use crate::error::{Error, RowError};
+use crate::labs;
 
 const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
 const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
@@ -63,12 +67,12 @@ pub struct TemplateSet {
 pub struct TomlBody(pub String);
 
 impl<S: Send + Sync> FromRequest<S> for TomlBody {
-    type Rejection = ApiError;
+    type Rejection = super::problem::Rejection;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         require_content_type(req.headers(), "application/toml")?;
         let body = read_limited(req, TEMPLATE_LIMIT).await?;
-        let text = String::from_utf8(body.to_vec()).map_err(|e| ApiError::Malformed {
+        let text = String::from_utf8(body.to_vec()).map_err(|e| Error::Malformed {
             detail: format!(
                 "the file is not valid UTF-8 (byte {})",
                 e.utf8_error().valid_up_to()
@@ -79,7 +83,7 @@ impl<S: Send + Sync> FromRequest<S> for TomlBody {
     }
 }
 
-fn load_templates(conn: &Connection) -> Result<TemplateSet, ApiError> {
+fn load_templates(conn: &Connection) -> Result<TemplateSet, Error> {
     let mut stmt = conn.prepare("SELECT name, runtime, gpus, gpu_memory_mib, skeleton, checks, limits FROM lab_templates ORDER BY name")?;
     let rows = stmt.query_map([], |r| {
         let checks: String = r.get(5)?;
@@ -150,13 +154,13 @@ fn load_templates(conn: &Connection) -> Result<TemplateSet, ApiError> {
 pub async fn list_templates(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<TemplateSet>, ApiError> {
+) -> Result<Json<TemplateSet>, Error> {
     caller.require_staff(&READERS)?;
     Ok(Json(state.db.read(load_templates).await?))
 }
 
 /// What the enrolled hosts with an agent last said they have and can enforce.
-fn host_resources(conn: &Connection) -> Result<Vec<HostResources>, ApiError> {
+fn host_resources(conn: &Connection) -> Result<Vec<HostResources>, Error> {
     let rows: Vec<Option<String>> = conn
         .prepare_cached("SELECT resources FROM hosts WHERE agent = 1")?
         .query_map([], |r| r.get(0))?
@@ -178,10 +182,10 @@ pub async fn put_templates(
     State(state): State<AppState>,
     caller: Caller,
     TomlBody(text): TomlBody,
-) -> Result<Json<TemplateSet>, ApiError> {
+) -> Result<Json<TemplateSet>, Error> {
     caller.require_staff(&TEMPLATE_ADMINS)?;
     let parsed = template::parse(&text).map_err(|errors| {
-        ApiError::BadFile(
+        Error::BadFile(
             errors
                 .into_iter()
                 .map(|e| RowError {
@@ -197,7 +201,7 @@ pub async fn put_templates(
         .write(move |conn| {
             let unfit = template::unfit_for_hosts(&parsed, &host_resources(conn)?);
             if !unfit.is_empty() {
-                return Err(ApiError::BadFile(unfit.into_iter().map(|e| RowError { line: u64::try_from(e.line).unwrap_or(0), reason: e.message }).collect()));
+                return Err(Error::BadFile(unfit.into_iter().map(|e| RowError { line: u64::try_from(e.line).unwrap_or(0), reason: e.message }).collect()));
             }
             conn.execute("DELETE FROM lab_templates", [])?;
             let now = now_rfc3339();
@@ -221,7 +225,7 @@ pub async fn put_templates(
                         t.skeleton,
                         serde_json::Value::Array(checks).to_string(),
                         now,
-                        serde_json::to_string(&t.limits).map_err(|e| ApiError::Internal(e.to_string()))?
+                        serde_json::to_string(&t.limits).map_err(|e| Error::Internal(e.to_string()))?
                     ],
                 )?;
             }
@@ -231,7 +235,7 @@ pub async fn put_templates(
                 params![text, now],
             )?;
             let names: Vec<&str> = parsed.iter().map(|t| t.name.as_str()).collect();
-            audit(conn, &caller.actor(), &caller.meta, "templates.replaced", None, serde_json::json!({"templates": names}))?;
+            audit::record(conn, &caller.actor(), &caller.meta, "templates.replaced", None, serde_json::json!({"templates": names}))?;
             load_templates(conn)
         })
         .await?;
@@ -294,14 +298,14 @@ fn view_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AllocationView> {
     })
 }
 
-pub fn load_view(conn: &Connection, id: i64) -> Result<AllocationView, ApiError> {
+pub fn load_view(conn: &Connection, id: i64) -> Result<AllocationView, Error> {
     conn.query_row(
         &format!("SELECT {VIEW_COLUMNS} FROM {VIEW_FROM} WHERE a.id = ?1"),
         [id],
         view_from_row,
     )
     .optional()?
-    .ok_or(ApiError::NotFound("allocation"))
+    .ok_or(Error::NotFound("allocation"))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -316,7 +320,7 @@ pub async fn list_allocations(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<AllocationList>, ApiError> {
+) -> Result<Json<AllocationList>, Error> {
     caller.require_staff(&READERS)?;
     let allocations = state
         .db
@@ -326,7 +330,7 @@ pub async fn list_allocations(
                 "SELECT {VIEW_COLUMNS} FROM {VIEW_FROM} WHERE a.event_id = ?1 ORDER BY a.id"
             ))?;
             let rows = stmt.query_map([event_id], view_from_row)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(AllocationList { allocations }))
@@ -339,7 +343,7 @@ pub struct NewAllocation {
     pub template: String,
 }
 
-fn host_slots(conn: &Connection) -> Result<Vec<HostSlot>, ApiError> {
+fn host_slots(conn: &Connection) -> Result<Vec<HostSlot>, Error> {
     let mut stmt = conn.prepare_cached(
         "SELECT h.id, h.healthy, h.capacity, h.gpus,
                 (SELECT count(*) FROM allocations a WHERE a.host_id = h.id AND a.state <> 'released'),
@@ -362,7 +366,7 @@ fn host_slots(conn: &Connection) -> Result<Vec<HostSlot>, ApiError> {
             resources: resources.and_then(|text| serde_json::from_str(&text).ok()),
         })
     })?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+    rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
 }
 
 /// A lab to create for a team on a chosen host.
@@ -386,11 +390,10 @@ fn create_lab(
     caller: &Caller,
     lab: &NewLab<'_>,
     extra: serde_json::Value,
-) -> Result<i64, ApiError> {
-    let limits =
-        serde_json::to_string(lab.limits).map_err(|e| ApiError::Internal(e.to_string()))?;
+) -> Result<i64, Error> {
+    let limits = serde_json::to_string(lab.limits).map_err(|e| Error::Internal(e.to_string()))?;
     let gpu_indices =
-        serde_json::to_string(lab.gpu_indices).map_err(|e| ApiError::Internal(e.to_string()))?;
+        serde_json::to_string(lab.gpu_indices).map_err(|e| Error::Internal(e.to_string()))?;
     conn.execute(
         "INSERT INTO allocations (event_id, team_id, host_id, template, runtime, skeleton, gpus, state, created_at, updated_at, limits, gpu_indices)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'requested', ?8, ?8, ?9, ?10)",
@@ -401,7 +404,7 @@ fn create_lab(
     if let (Some(detail), serde_json::Value::Object(extra)) = (detail.as_object_mut(), extra) {
         detail.extend(extra);
     }
-    audit(
+    audit::record(
         conn,
         &caller.actor(),
         &caller.meta,
@@ -422,17 +425,17 @@ fn create_lab(
 }
 
 /// Placement's refusal as a problem: a template no host can run names the field at fault.
-fn placement_refused(default_field: &'static str, error: &inventory::PlacementError) -> ApiError {
+fn placement_refused(default_field: &'static str, error: &inventory::PlacementError) -> Error {
     match error {
         inventory::PlacementError::Unfit(unfit) if unfit.field != "host" => {
-            ApiError::conflict(Some(unfit.field), error.to_string())
+            Error::conflict(Some(unfit.field), error.to_string())
         }
-        _ => ApiError::conflict(Some(default_field), error.to_string()),
+        _ => Error::conflict(Some(default_field), error.to_string()),
     }
 }
 
 /// A 409 naming why, when the state machine would ignore `input` in the lab's current state.
-fn refuse_if_ignored(alloc: &Allocation, input: &Input) -> Result<(), ApiError> {
+fn refuse_if_ignored(alloc: &Allocation, input: &Input) -> Result<(), Error> {
     let mut probe = alloc.clone();
     let outputs = labrack_provisioner::allocation::step(
         &mut probe,
@@ -444,7 +447,7 @@ fn refuse_if_ignored(alloc: &Allocation, input: &Input) -> Result<(), ApiError> 
         labrack_provisioner::allocation::Output::Ignored { why } => Some(*why),
         _ => None,
     }) {
-        Some(why) => Err(ApiError::conflict(
+        Some(why) => Err(Error::conflict(
             None,
             format!("the lab is {}: {why}", labs::state_name(alloc.state)),
         )),
@@ -461,7 +464,7 @@ pub async fn allocate(
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
     ApiJson(req): ApiJson<NewAllocation>,
-) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+) -> Result<(StatusCode, Json<AllocationView>), Error> {
     caller.require_staff(&OPERATORS)?;
     let secrets = state.secrets.clone();
     let view = state
@@ -471,7 +474,7 @@ pub async fn allocate(
             let event_id: i64 = conn
                 .query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0))
                 .optional()?
-                .ok_or(ApiError::NotFound("team"))?;
+                .ok_or(Error::NotFound("team"))?;
             super::people::open_event(conn, event_id)?;
             type TemplateRow = (String, String, u32, String, Option<String>, Option<i64>);
             let template: Option<TemplateRow> = conn
@@ -480,13 +483,13 @@ pub async fn allocate(
                 })
                 .optional()?;
             let Some((name, runtime, gpus, skeleton, limits, gpu_memory_mib)) = template else {
-                return Err(ApiError::invalid("template", format!("no lab template named {:?}", req.template)));
+                return Err(Error::invalid("template", format!("no lab template named {:?}", req.template)));
             };
             let live: Option<i64> = conn
                 .query_row("SELECT id FROM allocations WHERE team_id = ?1 AND state <> 'released'", [team_id], |r| r.get(0))
                 .optional()?;
             if let Some(existing) = live {
-                return Err(ApiError::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
+                return Err(Error::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
             }
             let limits: LabLimits = limits.and_then(|l| serde_json::from_str(&l).ok()).unwrap_or_default();
             let gpu_memory_mib = gpu_memory_mib.and_then(|m| u64::try_from(m).ok());
@@ -526,7 +529,7 @@ struct AgentlessHostRow {
 }
 
 /// A Unix user name, or a problem naming `field`.
-pub fn unix_user(field: &'static str, name: &str) -> Result<String, ApiError> {
+pub fn unix_user(field: &'static str, name: &str) -> Result<String, Error> {
     let name = name.trim();
     let valid = (1..=32).contains(&name.len())
         && name
@@ -537,7 +540,7 @@ pub fn unix_user(field: &'static str, name: &str) -> Result<String, ApiError> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if !valid {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             field,
             "a Unix user name: 1–32 characters of a–z, 0–9, '_' and '-'",
         ));
@@ -555,11 +558,11 @@ pub async fn register_agentless_lab(
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
     ApiJson(req): ApiJson<NewAgentlessLab>,
-) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+) -> Result<(StatusCode, Json<AllocationView>), Error> {
     caller.require_staff(&TEMPLATE_ADMINS)?;
     let username = unix_user("username", &req.username)?;
     if req.password.is_empty() || req.password.len() > 256 {
-        return Err(ApiError::invalid("password", "1–256 characters"));
+        return Err(Error::invalid("password", "1–256 characters"));
     }
     let secrets = state.secrets.clone();
     let view = state
@@ -567,7 +570,7 @@ pub async fn register_agentless_lab(
         .writer()
         .write(move |conn| {
             let event_id: i64 =
-                conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?.ok_or(ApiError::NotFound("team"))?;
+                conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?.ok_or(Error::NotFound("team"))?;
             super::people::open_event(conn, event_id)?;
             let host = conn
                 .query_row("SELECT agent, capacity, ssh_port, ssh_host_key, checker_user FROM hosts WHERE id = ?1", [req.host_id], |r| {
@@ -575,14 +578,14 @@ pub async fn register_agentless_lab(
                 })
                 .optional()?;
             let Some(AgentlessHostRow { agent, capacity, ssh_port, ssh_host_key, checker }) = host else {
-                return Err(ApiError::invalid("host_id", "no such host"));
+                return Err(Error::invalid("host_id", "no such host"));
             };
             if agent {
-                return Err(ApiError::invalid("host_id", "that host runs the agent: allocate a lab on it instead"));
+                return Err(Error::invalid("host_id", "that host runs the agent: allocate a lab on it instead"));
             }
             let in_use: u32 = conn.query_row("SELECT count(*) FROM allocations WHERE host_id = ?1 AND state <> 'released'", [req.host_id], |r| r.get(0))?;
             if in_use >= capacity {
-                return Err(ApiError::conflict(Some("host_id"), format!("the host holds {capacity} lab(s) and all are in use")));
+                return Err(Error::conflict(Some("host_id"), format!("the host holds {capacity} lab(s) and all are in use")));
             }
             let template: Option<(String, String, String, String)> = conn
                 .query_row("SELECT name, runtime, skeleton, checks FROM lab_templates WHERE name = ?1", [&req.template], |r| {
@@ -590,22 +593,22 @@ pub async fn register_agentless_lab(
                 })
                 .optional()?;
             let Some((name, runtime, skeleton, checks)) = template else {
-                return Err(ApiError::invalid("template", format!("no lab template named {:?}", req.template)));
+                return Err(Error::invalid("template", format!("no lab template named {:?}", req.template)));
             };
             let scored = serde_json::from_str::<Vec<serde_json::Value>>(&checks).is_ok_and(|c| !c.is_empty());
             if scored && checker.is_none() {
-                return Err(ApiError::invalid(
+                return Err(Error::invalid(
                     "host_id",
                     format!("template {name:?} has scored checks, and that host offers no checker account: checks never run as the team — register the host with one"),
                 ));
             }
             if checker.as_deref() == Some(username.as_str()) {
-                return Err(ApiError::invalid("username", "that is the host's checker account, not a team's"));
+                return Err(Error::invalid("username", "that is the host's checker account, not a team's"));
             }
             let live: Option<i64> =
                 conn.query_row("SELECT id FROM allocations WHERE team_id = ?1 AND state <> 'released'", [team_id], |r| r.get(0)).optional()?;
             if let Some(existing) = live {
-                return Err(ApiError::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
+                return Err(Error::conflict(None, format!("the team already has lab allocation {existing}; release it first")));
             }
             let now = now_rfc3339();
             conn.execute(
@@ -622,7 +625,7 @@ pub async fn register_agentless_lab(
                 rdp_cert_sha256: None,
             };
             labs::store_desktop(conn, &secrets, id, &access, &req.password)?;
-            audit(conn, &caller.actor(), &caller.meta, "allocation.registered_agentless", Some(&format!("allocation:{id}")),
+            audit::record(conn, &caller.actor(), &caller.meta, "allocation.registered_agentless", Some(&format!("allocation:{id}")),
                 serde_json::json!({"team_id": team_id, "host_id": req.host_id, "template": name, "username": username}))?;
             load_view(conn, id)
         })
@@ -631,12 +634,12 @@ pub async fn register_agentless_lab(
 }
 
 /// Whether the caller may see this allocation: staff, or a participant of its team.
-fn may_read(caller: &Caller, team_id: i64) -> Result<(), ApiError> {
+fn may_read(caller: &Caller, team_id: i64) -> Result<(), Error> {
     match &caller.principal {
         Principal::Staff { .. } => caller.require_staff(&READERS).map(|_| ()),
         Principal::Participant { team_id: own, .. } if *own == team_id => Ok(()),
         // Another team's lab looks exactly like a missing one.
-        Principal::Participant { .. } => Err(ApiError::NotFound("allocation")),
+        Principal::Participant { .. } => Err(Error::NotFound("allocation")),
     }
 }
 
@@ -647,7 +650,7 @@ pub async fn get_allocation(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<AllocationView>, ApiError> {
+) -> Result<Json<AllocationView>, Error> {
     let view = state.db.read(move |conn| load_view(conn, id)).await?;
     may_read(&caller, view.team_id)?;
     Ok(Json(view))
@@ -664,9 +667,9 @@ pub struct MyAllocation {
 pub async fn my_allocation(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<MyAllocation>, ApiError> {
+) -> Result<Json<MyAllocation>, Error> {
     let Principal::Participant { team_id, .. } = caller.principal else {
-        return Err(ApiError::forbidden("only participants have a team lab"));
+        return Err(Error::forbidden("only participants have a team lab"));
     };
     let allocation = state
         .db
@@ -698,7 +701,7 @@ async fn act(
     caller: Caller,
     id: i64,
     action: Action,
-) -> Result<Json<AllocationView>, ApiError> {
+) -> Result<Json<AllocationView>, Error> {
     match action {
         // A team may reset its own lab; staff any.
         Action::Reset => {
@@ -719,17 +722,17 @@ async fn act(
         .db
         .writer()
         .write(move |conn| {
-            let stored = labs::load(conn, id)?.ok_or(ApiError::NotFound("allocation"))?;
+            let stored = labs::load(conn, id)?.ok_or(Error::NotFound("allocation"))?;
             if let Principal::Participant { team_id, event_id, .. } = &caller.principal {
                 if *team_id != stored.team_id {
-                    return Err(ApiError::NotFound("allocation"));
+                    return Err(Error::NotFound("allocation"));
                 }
-                super::events::require_participants_work(conn, *event_id, "resetting the lab")?;
+                crate::events::require_participants_work(conn, *event_id, "resetting the lab")?;
             }
             let agent: bool = conn.query_row("SELECT agent FROM hosts WHERE id = ?1", [stored.alloc.host_id], |r| r.get(0))?;
             let (input, verb) = match action {
                 Action::Reset if !agent => {
-                    return Err(ApiError::conflict(None, "this lab's host has no agent: reset the lab on the host itself"));
+                    return Err(Error::conflict(None, "this lab's host has no agent: reset the lab on the host itself"));
                 }
                 Action::Reset => (Input::ResetRequested, "allocation.reset_requested"),
                 // No agent will remove anything: the appliance forgets the lab and its login.
@@ -739,14 +742,14 @@ async fn act(
                 Action::Resume => {
                     let healthy: bool = conn.query_row("SELECT healthy FROM hosts WHERE id = ?1", [stored.alloc.host_id], |r| r.get(0))?;
                     if !healthy {
-                        return Err(ApiError::conflict(None, "the lab's host is still silent; resume the lab once it sends heartbeats again"));
+                        return Err(Error::conflict(None, "the lab's host is still silent; resume the lab once it sends heartbeats again"));
                     }
                     (Input::Resume, "allocation.resumed")
                 }
             };
             // Dry-run first so a refused action leaves no audit row behind.
             refuse_if_ignored(&stored.alloc, &input)?;
-            audit(conn, &caller.actor(), &caller.meta, verb, Some(&format!("allocation:{id}")), serde_json::json!({}))?;
+            audit::record(conn, &caller.actor(), &caller.meta, verb, Some(&format!("allocation:{id}")), serde_json::json!({}))?;
             labs::apply(conn, &secrets, id, input, unix_ms(), &caller.actor(), &caller.meta)?;
             load_view(conn, id)
         })
@@ -776,28 +779,28 @@ pub async fn reassign(
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
     ApiJson(req): ApiJson<Reassignment>,
-) -> Result<(StatusCode, Json<AllocationView>), ApiError> {
+) -> Result<(StatusCode, Json<AllocationView>), Error> {
     caller.require_staff(&TEMPLATE_ADMINS)?;
     let secrets = state.secrets.clone();
     let view = state
         .db
         .writer()
         .write(move |conn| {
-            let stored = labs::load(conn, id)?.ok_or(ApiError::NotFound("allocation"))?;
+            let stored = labs::load(conn, id)?.ok_or(Error::NotFound("allocation"))?;
             super::people::open_event(conn, stored.event_id)?;
             let old_host = stored.alloc.host_id;
             let (host_name, host_healthy): (String, bool) = conn.query_row("SELECT name, healthy FROM hosts WHERE id = ?1", [old_host], |r| Ok((r.get(0)?, r.get(1)?)))?;
             let state_now = labs::state_name(stored.alloc.state);
             let failed = matches!(stored.alloc.state, AllocationState::Failed | AllocationState::ReleaseFailed);
             if host_healthy && !failed {
-                return Err(ApiError::conflict(None, format!("lab host {host_name} is healthy and the lab is {state_now}: reset it, or release it and allocate again")));
+                return Err(Error::conflict(None, format!("lab host {host_name} is healthy and the lab is {state_now}: reset it, or release it and allocate again")));
             }
             refuse_if_ignored(&stored.alloc, &Input::ForceRelease)?;
             let others: Vec<HostSlot> = host_slots(conn)?.into_iter().filter(|slot| slot.host_id != old_host).collect();
             let candidates: Vec<HostSlot> = match req.host_id {
-                Some(wanted) if wanted == old_host => return Err(ApiError::invalid("host_id", "that is the lab's current host; choose another")),
+                Some(wanted) if wanted == old_host => return Err(Error::invalid("host_id", "that is the lab's current host; choose another")),
                 Some(wanted) => {
-                    let slot = others.into_iter().find(|slot| slot.host_id == wanted).ok_or_else(|| ApiError::invalid("host_id", format!("no lab host {wanted} with an agent")))?;
+                    let slot = others.into_iter().find(|slot| slot.host_id == wanted).ok_or_else(|| Error::invalid("host_id", format!("no lab host {wanted} with an agent")))?;
                     vec![slot]
                 }
                 None => others,
@@ -805,9 +808,9 @@ pub async fn reassign(
             let gpu_memory_mib: Option<i64> =
                 conn.query_row("SELECT gpu_memory_mib FROM lab_templates WHERE name = ?1", [&stored.alloc.template], |r| r.get(0)).optional()?.flatten();
             let placed = inventory::place(&candidates, &stored.alloc.limits, stored.gpus, gpu_memory_mib.and_then(|m| u64::try_from(m).ok()))
-                .map_err(|e| ApiError::conflict(Some("host_id"), format!("no other host can take the lab: {e}")))?;
+                .map_err(|e| Error::conflict(Some("host_id"), format!("no other host can take the lab: {e}")))?;
             let new_host = placed.host_id;
-            audit(conn, &caller.actor(), &caller.meta, "allocation.reassigned", Some(&format!("allocation:{id}")), serde_json::json!({"from_host": old_host, "to_host": new_host}))?;
+            audit::record(conn, &caller.actor(), &caller.meta, "allocation.reassigned", Some(&format!("allocation:{id}")), serde_json::json!({"from_host": old_host, "to_host": new_host}))?;
             labs::apply(conn, &secrets, id, Input::ForceRelease, unix_ms(), &caller.actor(), &caller.meta)?;
             let a = &stored.alloc;
             let lab = NewLab {
@@ -836,7 +839,7 @@ pub async fn reset(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<AllocationView>, ApiError> {
+) -> Result<Json<AllocationView>, Error> {
     act(state, caller, id, Action::Reset).await
 }
 
@@ -847,7 +850,7 @@ pub async fn release(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<AllocationView>, ApiError> {
+) -> Result<Json<AllocationView>, Error> {
     act(state, caller, id, Action::Release).await
 }
 
@@ -859,7 +862,7 @@ pub async fn resume(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<AllocationView>, ApiError> {
+) -> Result<Json<AllocationView>, Error> {
     act(state, caller, id, Action::Resume).await
 }
 
@@ -870,6 +873,6 @@ pub async fn force_release(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<AllocationView>, ApiError> {
+) -> Result<Json<AllocationView>, Error> {
     act(state, caller, id, Action::ForceRelease).await
 }

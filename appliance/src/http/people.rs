@@ -10,11 +10,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{Caller, Principal, Role};
-use super::error::{ApiError, Problem, RowError};
 use super::events::{CODE_ALPHABET, EventState, load_event, random_code};
 use super::extract::{ApiJson, ApiPath, CsvBody};
+use super::problem::Problem;
 use super::session::normalize_code;
-use super::{AppState, audit, validate};
+use super::{AppState, validate};
+use crate::audit;
+use crate::error::{Error, RowError};
 use crate::secrets::SecretBox;
 
 const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
@@ -93,37 +95,37 @@ fn participant_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Participant> 
     })
 }
 
-fn load_team(conn: &Connection, team_id: i64) -> Result<Team, ApiError> {
+fn load_team(conn: &Connection, team_id: i64) -> Result<Team, Error> {
     conn.query_row(
         &format!("SELECT {TEAM_COLUMNS} FROM teams t WHERE t.id = ?1"),
         [team_id],
         team_from_row,
     )
     .optional()?
-    .ok_or(ApiError::NotFound("team"))
+    .ok_or(Error::NotFound("team"))
 }
 
-fn load_participant(conn: &Connection, id: i64) -> Result<Participant, ApiError> {
+fn load_participant(conn: &Connection, id: i64) -> Result<Participant, Error> {
     conn.query_row(
         &format!("SELECT {PARTICIPANT_COLUMNS} FROM participants p JOIN teams t ON t.id = p.team_id WHERE p.id = ?1"),
         [id],
         participant_from_row,
     )
     .optional()?
-    .ok_or(ApiError::NotFound("participant"))
+    .ok_or(Error::NotFound("participant"))
 }
 
 /// Refuses changes to an event that has ended. Reads only the state: this runs inside
 /// every team and participant write, so it must not count rows.
-pub(crate) fn open_event(conn: &Connection, event_id: i64) -> Result<(), ApiError> {
+pub(crate) fn open_event(conn: &Connection, event_id: i64) -> Result<(), Error> {
     let state: String = conn
         .prepare_cached("SELECT state FROM events WHERE id = ?1")?
         .query_row([event_id], |r| r.get(0))
         .optional()?
-        .ok_or(ApiError::NotFound("event"))?;
+        .ok_or(Error::NotFound("event"))?;
     match EventState::parse(&state) {
         Some(state) if state.accepts_changes() => Ok(()),
-        _ => Err(ApiError::conflict(
+        _ => Err(Error::conflict(
             None,
             format!("the event is {state}; teams and participants can no longer change"),
         )),
@@ -136,7 +138,7 @@ pub fn join_code_hash(secrets: &SecretBox, normalized: &str) -> String {
 }
 
 /// A fresh personal join code `XXXXX-XXXXX` (50 bits) and the hash stored for it.
-fn new_join_code(conn: &Connection, secrets: &SecretBox) -> Result<(String, String), ApiError> {
+fn new_join_code(conn: &Connection, secrets: &SecretBox) -> Result<(String, String), Error> {
     loop {
         let raw = random_code(10);
         let hash = join_code_hash(secrets, &raw);
@@ -159,12 +161,12 @@ fn insert_participant(
     team_id: i64,
     name: &str,
     email: Option<&str>,
-) -> Result<IssuedCode, ApiError> {
+) -> Result<IssuedCode, Error> {
     let (join_code, hash) = new_join_code(conn, secrets)?;
     debug_assert_eq!(hash, join_code_hash(secrets, &normalize_code(&join_code)));
     conn.execute(
         "INSERT INTO participants (event_id, team_id, name, email, join_code_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![event_id, team_id, name, email, hash, super::now_rfc3339()],
+        params![event_id, team_id, name, email, hash, crate::clock::now_rfc3339()],
     )?;
     let participant = load_participant(conn, conn.last_insert_rowid())?;
     Ok(IssuedCode {
@@ -180,7 +182,7 @@ pub async fn list_teams(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<TeamList>, ApiError> {
+) -> Result<Json<TeamList>, Error> {
     caller.require_staff(&READERS)?;
     let teams = state
         .db
@@ -188,7 +190,7 @@ pub async fn list_teams(
             load_event(conn, event_id)?;
             let mut stmt = conn.prepare(&format!("SELECT {TEAM_COLUMNS} FROM teams t WHERE t.event_id = ?1 ORDER BY t.name COLLATE NOCASE"))?;
             let rows = stmt.query_map([event_id], team_from_row)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(TeamList { teams }))
@@ -209,7 +211,7 @@ pub async fn create_team(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(req): ApiJson<NewTeam>,
-) -> Result<(StatusCode, Json<Team>), ApiError> {
+) -> Result<(StatusCode, Json<Team>), Error> {
     caller.require_staff(&PEOPLE_WRITERS)?;
     let name = validate::name("name", &req.name, 100)?;
     let team = state
@@ -223,12 +225,12 @@ pub async fn create_team(
                 |r| r.get(0),
             )?;
             if taken {
-                return Err(ApiError::conflict(Some("name"), format!("a team named {name:?} already exists in this event")));
+                return Err(Error::conflict(Some("name"), format!("a team named {name:?} already exists in this event")));
             }
-            conn.execute("INSERT INTO teams (event_id, name, created_at) VALUES (?1, ?2, ?3)", params![event_id, name, super::now_rfc3339()])?;
+            conn.execute("INSERT INTO teams (event_id, name, created_at) VALUES (?1, ?2, ?3)", params![event_id, name, crate::clock::now_rfc3339()])?;
             let id = conn.last_insert_rowid();
-            audit(conn, &caller.actor(), &caller.meta, "team.created", Some(&format!("team:{id}")), serde_json::json!({"event_id": event_id, "name": name}))?;
-            crate::outbox::append(conn, crate::outbox::Change::Team, &format!("team:{id}"), &serde_json::json!({"id": id, "event_id": event_id, "name": name}), i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
+            audit::record(conn, &caller.actor(), &caller.meta, "team.created", Some(&format!("team:{id}")), serde_json::json!({"event_id": event_id, "name": name}))?;
+            crate::outbox::append(conn, crate::outbox::Change::Team, &format!("team:{id}"), &serde_json::json!({"id": id, "event_id": event_id, "name": name}), crate::clock::now_ms())?;
             load_team(conn, id)
         })
         .await?;
@@ -248,13 +250,11 @@ pub async fn get_team(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
-) -> Result<Json<TeamDetail>, ApiError> {
+) -> Result<Json<TeamDetail>, Error> {
     let is_participant = match &caller.principal {
         Principal::Participant { team_id: own, .. } if *own == team_id => true,
         Principal::Participant { .. } => {
-            return Err(ApiError::forbidden(
-                "participants may only see their own team",
-            ));
+            return Err(Error::forbidden("participants may only see their own team"));
         }
         Principal::Staff { .. } => false,
     };
@@ -266,7 +266,7 @@ pub async fn get_team(
                 "SELECT {PARTICIPANT_COLUMNS} FROM participants p JOIN teams t ON t.id = p.team_id WHERE p.team_id = ?1 ORDER BY p.name COLLATE NOCASE"
             ))?;
             let participants = stmt.query_map([team_id], participant_from_row)?.collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, ApiError>(TeamDetail { team, participants })
+            Ok::<_, Error>(TeamDetail { team, participants })
         })
         .await?;
     let mut detail = detail;
@@ -284,7 +284,7 @@ pub async fn list_participants(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<ParticipantList>, ApiError> {
+) -> Result<Json<ParticipantList>, Error> {
     caller.require_staff(&READERS)?;
     let participants = state
         .db
@@ -295,7 +295,7 @@ pub async fn list_participants(
                  ORDER BY t.name COLLATE NOCASE, p.name COLLATE NOCASE"
             ))?;
             let rows = stmt.query_map([event_id], participant_from_row)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(ParticipantList { participants }))
@@ -318,7 +318,7 @@ pub async fn create_participant(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(req): ApiJson<NewParticipant>,
-) -> Result<(StatusCode, Json<IssuedCode>), ApiError> {
+) -> Result<(StatusCode, Json<IssuedCode>), Error> {
     caller.require_staff(&PEOPLE_WRITERS)?;
     let name = validate::name("name", &req.name, 200)?;
     let email = validate::email("email", req.email.as_deref())?;
@@ -331,7 +331,7 @@ pub async fn create_participant(
             open_event(conn, event_id)?;
             let team_event: Option<i64> = conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?;
             if team_event != Some(event_id) {
-                return Err(ApiError::invalid("team_id", "no such team in this event"));
+                return Err(Error::invalid("team_id", "no such team in this event"));
             }
             let taken: bool = conn.query_row(
                 "SELECT EXISTS(SELECT 1 FROM participants WHERE team_id = ?1 AND name = ?2 COLLATE NOCASE)",
@@ -339,10 +339,10 @@ pub async fn create_participant(
                 |r| r.get(0),
             )?;
             if taken {
-                return Err(ApiError::conflict(Some("name"), format!("{name:?} is already in this team")));
+                return Err(Error::conflict(Some("name"), format!("{name:?} is already in this team")));
             }
             let issued = insert_participant(conn, &secrets, event_id, team_id, &name, email.as_deref())?;
-            audit(conn, &caller.actor(), &caller.meta, "participant.created", Some(&format!("participant:{}", issued.participant.id)),
+            audit::record(conn, &caller.actor(), &caller.meta, "participant.created", Some(&format!("participant:{}", issued.participant.id)),
                 serde_json::json!({"team_id": team_id, "name": name}))?;
             Ok(issued)
         })
@@ -360,13 +360,13 @@ pub async fn import_participants(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     CsvBody(text): CsvBody,
-) -> Result<Json<ImportResult>, ApiError> {
+) -> Result<Json<ImportResult>, Error> {
     caller.require_staff(&PEOPLE_WRITERS)?;
     // Off the async workers: a large file must not stall other requests.
     let rows = tokio::task::spawn_blocking(move || crate::roster::parse(&text))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::BadRows)?;
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(Error::BadRows)?;
     let secrets = state.secrets.clone();
     let result = state
         .db
@@ -396,11 +396,11 @@ pub async fn import_participants(
                 }
             }
             if !errors.is_empty() {
-                return Err(ApiError::BadRows(errors));
+                return Err(Error::BadRows(errors));
             }
             let mut teams_created = 0;
             let mut issued = Vec::with_capacity(rows.len());
-            let now = super::now_rfc3339();
+            let now = crate::clock::now_rfc3339();
             for row in &rows {
                 let team_id = match teams.get(&row.team.to_lowercase()) {
                     Some(id) => *id,
@@ -408,7 +408,7 @@ pub async fn import_participants(
                         conn.execute("INSERT INTO teams (event_id, name, created_at) VALUES (?1, ?2, ?3)", params![event_id, row.team, now])?;
                         let id = conn.last_insert_rowid();
                         crate::outbox::append(conn, crate::outbox::Change::Team, &format!("team:{id}"),
-                            &serde_json::json!({"id": id, "event_id": event_id, "name": row.team}), i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
+                            &serde_json::json!({"id": id, "event_id": event_id, "name": row.team}), crate::clock::now_ms())?;
                         teams.insert(row.team.to_lowercase(), id);
                         teams_created += 1;
                         id
@@ -416,7 +416,7 @@ pub async fn import_participants(
                 };
                 issued.push(insert_participant(conn, &secrets, event_id, team_id, &row.name, row.email.as_deref())?);
             }
-            audit(conn, &caller.actor(), &caller.meta, "participants.imported", Some(&format!("event:{event_id}")),
+            audit::record(conn, &caller.actor(), &caller.meta, "participants.imported", Some(&format!("event:{event_id}")),
                 serde_json::json!({"participants": issued.len(), "teams_created": teams_created}))?;
             Ok(ImportResult { imported: issued.len(), teams_created, participants: issued })
         })
@@ -432,7 +432,7 @@ pub async fn regenerate_join_code(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(participant_id): ApiPath<i64>,
-) -> Result<Json<IssuedCode>, ApiError> {
+) -> Result<Json<IssuedCode>, Error> {
     caller.require_staff(&PEOPLE_WRITERS)?;
     let secrets = state.secrets.clone();
     let issued = state
@@ -447,7 +447,7 @@ pub async fn regenerate_join_code(
                 params![hash, participant_id],
             )?;
             let ended = end_sessions(conn, participant_id)?;
-            audit(
+            audit::record(
                 conn,
                 &caller.actor(),
                 &caller.meta,
@@ -466,7 +466,7 @@ pub async fn regenerate_join_code(
 }
 
 /// Ends every session of a participant; how many there were.
-fn end_sessions(conn: &Connection, participant_id: i64) -> Result<usize, ApiError> {
+fn end_sessions(conn: &Connection, participant_id: i64) -> Result<usize, Error> {
     Ok(conn
         .prepare_cached("DELETE FROM sessions WHERE participant_id = ?1")?
         .execute([participant_id])?)
@@ -485,7 +485,7 @@ pub async fn sign_out_participant(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(participant_id): ApiPath<i64>,
-) -> Result<Json<SignedOut>, ApiError> {
+) -> Result<Json<SignedOut>, Error> {
     caller.require_staff(&PEOPLE_WRITERS)?;
     let signed_out = state
         .db
@@ -493,7 +493,7 @@ pub async fn sign_out_participant(
         .write(move |conn| {
             load_participant(conn, participant_id)?;
             let sessions_ended = end_sessions(conn, participant_id)?;
-            audit(
+            audit::record(
                 conn,
                 &caller.actor(),
                 &caller.meta,
@@ -541,9 +541,9 @@ pub struct Me {
 
 /// The calling participant's own profile, team and event.
 #[utoipa::path(get, path = "/api/v1/me", tag = "people", responses((status = 200, body = Me), (status = 401, body = Problem), (status = 403, body = Problem)))]
-pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Me>, ApiError> {
+pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Me>, Error> {
     let Principal::Participant { id, .. } = caller.principal else {
-        return Err(ApiError::forbidden("only participants have a team page"));
+        return Err(Error::forbidden("only participants have a team page"));
     };
     let me = state
         .db
@@ -554,7 +554,7 @@ pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Me
             let teammates = stmt
                 .query_map(params![participant.team_id, id], |r| Ok(Teammate { id: r.get(0)?, name: r.get(1)?, joined: r.get(2)? }))?
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, ApiError>(Me {
+            Ok::<_, Error>(Me {
                 team: TeamRef { id: participant.team_id, name: participant.team_name.clone() },
                 event: EventSummary { id: event.id, name: event.name, code: event.code, state: event.state, starts_at: event.starts_at, ends_at: event.ends_at },
                 participant,

@@ -6,10 +6,12 @@ use axum::extract::{Query, State};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::AppState;
 use super::auth::{Caller, Role};
-use super::error::{ApiError, Problem};
 use super::extract::ApiPath;
-use super::{AppState, audit};
+use super::problem::Problem;
+use crate::audit;
+use crate::error::Error;
 use crate::jobs::{self, Job, JobError};
 
 const QUEUE_STAFF: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
@@ -32,14 +34,14 @@ pub struct JobsPage {
     pub jobs: Vec<Job>,
 }
 
-impl From<JobError> for ApiError {
+impl From<JobError> for Error {
     fn from(error: JobError) -> Self {
         match error {
             JobError::Sqlite(e) => e.into(),
-            JobError::Invalid(detail) => ApiError::invalid("job", detail),
-            JobError::NotFound(_) => ApiError::NotFound("job"),
+            JobError::Invalid(detail) => Error::invalid("job", detail),
+            JobError::NotFound(_) => Error::NotFound("job"),
             wrong @ (JobError::WrongState { .. } | JobError::LeaseLost(_)) => {
-                ApiError::conflict(Some("state"), wrong.to_string())
+                Error::conflict(Some("state"), wrong.to_string())
             }
         }
     }
@@ -52,27 +54,24 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<JobsPage>, ApiError> {
+) -> Result<Json<JobsPage>, Error> {
     caller.require_staff(&QUEUE_STAFF)?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid(
-            "limit",
-            "limit must be between 1 and 1000",
-        ));
+        return Err(Error::invalid("limit", "limit must be between 1 and 1000"));
     }
     if let Some(wanted) = &query.state
         && !STATES.contains(&wanted.as_str())
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "state",
             format!("state must be one of {}", STATES.join(", ")),
         ));
     }
     let jobs = state
         .db
-        .read(move |conn| jobs::list(conn, query.state.as_deref(), limit).map_err(ApiError::from))
+        .read(move |conn| jobs::list(conn, query.state.as_deref(), limit).map_err(Error::from))
         .await?;
     Ok(Json(JobsPage { jobs }))
 }
@@ -84,13 +83,13 @@ pub async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Json<Job>, Error> {
     caller.require_staff(&QUEUE_STAFF)?;
     let job = state
         .db
-        .read(move |conn| jobs::get(conn, id).map_err(ApiError::from))
+        .read(move |conn| jobs::get(conn, id).map_err(Error::from))
         .await?;
-    job.map(Json).ok_or(ApiError::NotFound("job"))
+    job.map(Json).ok_or(Error::NotFound("job"))
 }
 
 async fn change(
@@ -98,9 +97,9 @@ async fn change(
     caller: Caller,
     id: i64,
     action: &'static str,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Json<Job>, Error> {
     caller.require_staff(&QUEUE_STAFF)?;
-    let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+    let now = crate::clock::now_ms();
     let job = state
         .db
         .writer()
@@ -115,7 +114,7 @@ async fn change(
                     crate::checks::settle_ended_jobs(conn, now)?;
                 }
             }
-            audit(
+            audit::record(
                 conn,
                 &caller.actor(),
                 &caller.meta,
@@ -123,7 +122,7 @@ async fn change(
                 Some(&format!("job:{id}")),
                 serde_json::json!({}),
             )?;
-            jobs::get(conn, id)?.ok_or(ApiError::NotFound("job"))
+            jobs::get(conn, id)?.ok_or(Error::NotFound("job"))
         })
         .await?;
     state.wake_workers();
@@ -137,7 +136,7 @@ pub async fn requeue(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Json<Job>, Error> {
     change(state, caller, id, "job.requeued").await
 }
 
@@ -148,6 +147,6 @@ pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Json<Job>, ApiError> {
+) -> Result<Json<Job>, Error> {
     change(state, caller, id, "job.cancelled").await
 }

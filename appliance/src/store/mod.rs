@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
+/// The database file in the data directory.
+pub const DB_FILE: &str = "labrack.db";
+
 /// Errors from the storage layer itself (not from the domain rules run inside it).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

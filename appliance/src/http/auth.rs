@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::ApiError;
 use super::extract::RequestMeta;
+use crate::error::Error;
 
 pub const SESSION_COOKIE: &str = "labrack_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
@@ -98,16 +98,14 @@ const ALLOWED_BEFORE_PASSWORD_CHANGE: [&str; 3] = [
 
 impl Caller {
     /// The staff member's role if it is one of `allowed`; otherwise 403.
-    pub fn require_staff(&self, allowed: &[Role]) -> Result<(i64, Role), ApiError> {
+    pub fn require_staff(&self, allowed: &[Role]) -> Result<(i64, Role), Error> {
         match &self.principal {
             Principal::Staff { id, role, .. } if allowed.contains(role) => Ok((*id, *role)),
-            Principal::Staff { role, .. } => Err(ApiError::forbidden(format!(
+            Principal::Staff { role, .. } => Err(Error::forbidden(format!(
                 "the {} role may not do this",
                 role.as_str()
             ))),
-            Principal::Participant { .. } => {
-                Err(ApiError::forbidden("participants may not do this"))
-            }
+            Principal::Participant { .. } => Err(Error::forbidden("participants may not do this")),
         }
     }
 
@@ -117,24 +115,24 @@ impl Caller {
 }
 
 impl FromRequestParts<AppState> for Caller {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
     async fn from_request_parts(
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let meta = RequestMeta::from_parts(parts);
+        let meta = super::extract::request_meta(parts);
         let (token, from_cookie) = session_token(parts)
-            .ok_or_else(|| ApiError::Unauthenticated("no session: log in first".into()))?;
+            .ok_or_else(|| Error::Unauthenticated("no session: log in first".into()))?;
         let token_hash = hash_secret(&token);
         let lookup_hash = token_hash.clone();
-        let now = unix_now();
+        let now = crate::clock::now_secs();
         let found = state
             .db
             .read(move |conn| load_session(conn, &lookup_hash, now))
             .await?;
         let (principal, csrf_token) = found.ok_or_else(|| {
-            ApiError::Unauthenticated("session expired or unknown: log in again".into())
+            Error::Unauthenticated("session expired or unknown: log in again".into())
         })?;
         let writes = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
         if from_cookie && writes {
@@ -144,7 +142,7 @@ impl FromRequestParts<AppState> for Caller {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             if !constant_time_eq(sent.as_bytes(), csrf_token.as_bytes()) {
-                return Err(ApiError::forbidden("missing or wrong X-CSRF-Token header"));
+                return Err(Error::forbidden("missing or wrong X-CSRF-Token header"));
             }
         }
         if let Principal::Staff {
@@ -158,7 +156,7 @@ impl FromRequestParts<AppState> for Caller {
                 .get::<axum::extract::OriginalUri>()
                 .map_or_else(|| parts.uri.path().to_owned(), |u| u.path().to_owned());
             if !ALLOWED_BEFORE_PASSWORD_CHANGE.contains(&path.as_str()) {
-                return Err(ApiError::forbidden(
+                return Err(Error::forbidden(
                     "change the one-time password first (POST /api/v1/auth/password)",
                 ));
             }
@@ -201,7 +199,7 @@ fn load_session(
     conn: &Connection,
     token_hash: &str,
     now: i64,
-) -> Result<Option<(Principal, String)>, ApiError> {
+) -> Result<Option<(Principal, String)>, Error> {
     let row = conn
         .prepare_cached(
             "SELECT s.csrf_token, s.staff_id, st.username, st.role, st.must_change_password,
@@ -257,8 +255,8 @@ pub fn revoked_because(
     conn: &Connection,
     token_hash: &str,
     work: bool,
-) -> Result<Option<Revoked>, ApiError> {
-    let Some((principal, _)) = load_session(conn, token_hash, unix_now())? else {
+) -> Result<Option<Revoked>, Error> {
+    let Some((principal, _)) = load_session(conn, token_hash, crate::clock::now_secs())? else {
         return Ok(Some(Revoked::SessionEnded));
     };
     if let Principal::Participant { event_id, .. } = principal
@@ -268,7 +266,7 @@ pub fn revoked_because(
             conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| {
                 r.get(0)
             })?;
-        if !crate::api::events::participants_may_work(&state) {
+        if !crate::events::participants_may_work(&state) {
             return Ok(Some(Revoked::EventEnded(state)));
         }
     }
@@ -303,17 +301,14 @@ pub async fn until_revoked(state: &AppState, token_hash: String, work: bool) -> 
 }
 
 /// Creates a session row; returns (token, csrf token). Runs inside a write.
-pub fn create_session(
-    conn: &Connection,
-    principal: &Principal,
-) -> Result<(String, String), ApiError> {
+pub fn create_session(conn: &Connection, principal: &Principal) -> Result<(String, String), Error> {
     let token = random_token();
     let csrf = random_token();
     let (staff_id, participant_id, lifetime) = match principal {
         Principal::Staff { id, .. } => (Some(*id), None, STAFF_SESSION_SECS),
         Principal::Participant { id, .. } => (None, Some(*id), PARTICIPANT_SESSION_SECS),
     };
-    let now = unix_now();
+    let now = crate::clock::now_secs();
     // Expired sessions are swept as new ones are made, so the table stays small.
     conn.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
         .execute([now])?;
@@ -321,7 +316,7 @@ pub fn create_session(
         "INSERT INTO sessions (token_hash, staff_id, participant_id, csrf_token, created_at, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
-    .execute(params![hash_secret(&token), staff_id, participant_id, csrf, super::now_rfc3339(), now + lifetime])?;
+    .execute(params![hash_secret(&token), staff_id, participant_id, csrf, crate::clock::now_rfc3339(), now + lifetime])?;
     Ok((token, csrf))
 }
 
@@ -336,17 +331,12 @@ pub fn session_cookie(token: &str, secure: bool, max_age: i64) -> String {
 pub use labrack_serving::tokens::{hash_secret, random_token};
 
 /// An argon2id hash (blocking: at start-up; handlers use [`crate::passwords::PasswordPool`]).
-pub fn hash_password(password: &str) -> Result<String, ApiError> {
-    crate::passwords::hash_password(password)
-        .map_err(|e| ApiError::Internal(format!("argon2: {e}")))
+pub fn hash_password(password: &str) -> Result<String, Error> {
+    crate::passwords::hash_password(password).map_err(|e| Error::Internal(format!("argon2: {e}")))
 }
 
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub fn unix_now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 #[cfg(test)]

@@ -9,95 +9,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{Caller, Role};
-use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath};
-use super::{AppState, audit, format_time, validate};
-
-/// Where an event is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum EventState {
-    Draft,
-    Live,
-    Frozen,
-    Ended,
-    Archived,
-}
-
-impl EventState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Draft => "draft",
-            Self::Live => "live",
-            Self::Frozen => "frozen",
-            Self::Ended => "ended",
-            Self::Archived => "archived",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Draft,
-            Self::Live,
-            Self::Frozen,
-            Self::Ended,
-            Self::Archived,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-    }
-
-    /// The legal transitions; everything else is refused.
-    pub fn can_become(self, to: Self) -> bool {
-        use EventState::{Archived, Draft, Ended, Frozen, Live};
-        matches!(
-            (self, to),
-            (Draft, Live)
-                | (Live, Frozen)
-                | (Frozen, Live)
-                | (Live | Frozen, Ended)
-                | (Ended, Archived)
-        )
-    }
-
-    /// Whether teams and participants may still be added or changed.
-    pub fn accepts_changes(self) -> bool {
-        matches!(self, Self::Draft | Self::Live | Self::Frozen)
-    }
-
-    /// Whether participants may still work in their labs (type, open a terminal, reset);
-    /// from `ended` on they only watch, while judges look.
-    pub fn participants_work(self) -> bool {
-        matches!(self, Self::Draft | Self::Live | Self::Frozen)
-    }
-}
-
-/// [`EventState::participants_work`] for a stored state; an unknown one allows nothing.
-pub fn participants_may_work(state: &str) -> bool {
-    EventState::parse(state).is_some_and(EventState::participants_work)
-}
-
-/// Refuses a participant's lab work (terminal, reset) once their event has ended.
-pub fn require_participants_work(
-    conn: &rusqlite::Connection,
-    event_id: i64,
-    what: &str,
-) -> Result<(), ApiError> {
-    let state: String =
-        conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| {
-            r.get(0)
-        })?;
-    if participants_may_work(&state) {
-        Ok(())
-    } else {
-        Err(ApiError::conflict(
-            Some("state"),
-            format!(
-                "the event is {state}: {what} is closed to participants; the desktop stays viewable"
-            ),
-        ))
-    }
-}
+use super::problem::Problem;
+use super::{AppState, validate};
+use crate::audit;
+use crate::clock::format_time;
+use crate::error::Error;
+pub use labrack_provisioner::event::EventState;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Event {
@@ -106,6 +24,9 @@ pub struct Event {
     /// short code participants type to join
     pub code: String,
     pub state: EventState,
+    /// the states staff may move the event to now (`POST …/transition`); the UIs offer
+    /// these and keep no table of their own
+    pub next_states: Vec<EventState>,
     pub starts_at: String,
     pub ends_at: String,
     pub created_at: String,
@@ -124,11 +45,13 @@ const EVENT_COLUMNS: &str = "e.id, e.name, e.code, e.state, e.starts_at, e.ends_
 
 fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     let state: String = r.get(3)?;
+    let state = EventState::parse(&state).unwrap_or(EventState::Draft);
     Ok(Event {
         id: r.get(0)?,
         name: r.get(1)?,
         code: r.get(2)?,
-        state: EventState::parse(&state).unwrap_or(EventState::Draft),
+        state,
+        next_states: state.next_states(),
         starts_at: r.get(4)?,
         ends_at: r.get(5)?,
         created_at: r.get(6)?,
@@ -138,14 +61,14 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     })
 }
 
-pub fn load_event(conn: &Connection, id: i64) -> Result<Event, ApiError> {
+pub fn load_event(conn: &Connection, id: i64) -> Result<Event, Error> {
     conn.query_row(
         &format!("SELECT {EVENT_COLUMNS} FROM events e WHERE e.id = ?1"),
         [id],
         event_from_row,
     )
     .optional()?
-    .ok_or(ApiError::NotFound("event"))
+    .ok_or(Error::NotFound("event"))
 }
 
 const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
@@ -153,10 +76,7 @@ const EVENT_WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
 
 /// Lists events, newest first.
 #[utoipa::path(get, path = "/api/v1/events", tag = "events", responses((status = 200, body = EventList), (status = 401, body = Problem), (status = 403, body = Problem)))]
-pub async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<EventList>, ApiError> {
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<EventList>, Error> {
     caller.require_staff(&READERS)?;
     let events = state
         .db
@@ -165,7 +85,7 @@ pub async fn list(
                 "SELECT {EVENT_COLUMNS} FROM events e ORDER BY e.id DESC"
             ))?;
             let rows = stmt.query_map([], event_from_row)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(EventList { events }))
@@ -184,14 +104,11 @@ pub struct NewEvent {
     pub ends_at: String,
 }
 
-fn schedule(starts_at: &str, ends_at: &str) -> Result<(String, String), ApiError> {
+fn schedule(starts_at: &str, ends_at: &str) -> Result<(String, String), Error> {
     let start = validate::timestamp("starts_at", starts_at)?;
     let end = validate::timestamp("ends_at", ends_at)?;
     if end <= start {
-        return Err(ApiError::invalid(
-            "ends_at",
-            "ends_at must be after starts_at",
-        ));
+        return Err(Error::invalid("ends_at", "ends_at must be after starts_at"));
     }
     Ok((format_time(start), format_time(end)))
 }
@@ -213,7 +130,7 @@ pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewEvent>,
-) -> Result<(StatusCode, Json<Event>), ApiError> {
+) -> Result<(StatusCode, Json<Event>), Error> {
     caller.require_staff(&EVENT_WRITERS)?;
     let name = validate::name("name", &req.name, 200)?;
     let (starts_at, ends_at) = schedule(&req.starts_at, &req.ends_at)?;
@@ -221,7 +138,7 @@ pub async fn create(
         .db
         .writer()
         .write(move |conn| {
-            let now = super::now_rfc3339();
+            let now = crate::clock::now_rfc3339();
             let mut code = random_code(6);
             while conn.query_row("SELECT EXISTS(SELECT 1 FROM events WHERE code = ?1)", [&code], |r| r.get::<_, bool>(0))? {
                 code = random_code(6);
@@ -231,7 +148,7 @@ pub async fn create(
                 params![name, code, starts_at, ends_at, now],
             )?;
             let id = conn.last_insert_rowid();
-            audit(conn, &caller.actor(), &caller.meta, "event.created", Some(&format!("event:{id}")), serde_json::json!({"name": name}))?;
+            audit::record(conn, &caller.actor(), &caller.meta, "event.created", Some(&format!("event:{id}")), serde_json::json!({"name": name}))?;
             to_outbox(conn, id)?;
             load_event(conn, id)
         })
@@ -246,7 +163,7 @@ pub async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<Event>, ApiError> {
+) -> Result<Json<Event>, Error> {
     caller.require_staff(&READERS)?;
     Ok(Json(
         state
@@ -275,10 +192,10 @@ pub async fn update(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(req): ApiJson<EventUpdate>,
-) -> Result<Json<Event>, ApiError> {
+) -> Result<Json<Event>, Error> {
     caller.require_staff(&EVENT_WRITERS)?;
     if req.name.is_none() && req.starts_at.is_none() && req.ends_at.is_none() {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "body",
             "give at least one of name, starts_at, ends_at",
         ));
@@ -294,7 +211,7 @@ pub async fn update(
         .write(move |conn| {
             let current = load_event(conn, event_id)?;
             if !current.state.accepts_changes() {
-                return Err(ApiError::conflict(Some("state"), format!("the event is {}; it can no longer be changed", current.state.as_str())));
+                return Err(Error::conflict(Some("state"), format!("the event is {}; it can no longer be changed", current.state.as_str())));
             }
             let (starts_at, ends_at) = schedule(
                 req.starts_at.as_deref().unwrap_or(&current.starts_at),
@@ -303,9 +220,9 @@ pub async fn update(
             let name = name.unwrap_or(current.name);
             conn.execute(
                 "UPDATE events SET name = ?1, starts_at = ?2, ends_at = ?3, updated_at = ?4 WHERE id = ?5",
-                params![name, starts_at, ends_at, super::now_rfc3339(), event_id],
+                params![name, starts_at, ends_at, crate::clock::now_rfc3339(), event_id],
             )?;
-            audit(conn, &caller.actor(), &caller.meta, "event.updated", Some(&format!("event:{event_id}")),
+            audit::record(conn, &caller.actor(), &caller.meta, "event.updated", Some(&format!("event:{event_id}")),
                 serde_json::json!({"name": name, "starts_at": starts_at, "ends_at": ends_at}))?;
             to_outbox(conn, event_id)
         })
@@ -315,7 +232,7 @@ pub async fn update(
 }
 
 /// Records the event as it now is for the cloud, in the caller's write; returns it.
-fn to_outbox(conn: &Connection, event_id: i64) -> Result<Event, ApiError> {
+fn to_outbox(conn: &Connection, event_id: i64) -> Result<Event, Error> {
     let event = load_event(conn, event_id)?;
     let body = serde_json::json!({"id": event.id, "name": event.name, "code": event.code, "state": event.state.as_str(),
         "starts_at": event.starts_at, "ends_at": event.ends_at});
@@ -324,7 +241,7 @@ fn to_outbox(conn: &Connection, event_id: i64) -> Result<Event, ApiError> {
         crate::outbox::Change::Event,
         &format!("event:{event_id}"),
         &body,
-        i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX),
+        crate::clock::now_ms(),
     )?;
     Ok(event)
 }
@@ -346,7 +263,7 @@ pub async fn transition(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(req): ApiJson<Transition>,
-) -> Result<Json<Event>, ApiError> {
+) -> Result<Json<Event>, Error> {
     caller.require_staff(&EVENT_WRITERS)?;
     let event = state
         .db
@@ -356,7 +273,7 @@ pub async fn transition(
             if let Some(expected) = req.from
                 && expected != current.state
             {
-                return Err(ApiError::conflict(
+                return Err(Error::conflict(
                     Some("from"),
                     format!(
                         "the event is {}, not {}",
@@ -366,7 +283,7 @@ pub async fn transition(
                 ));
             }
             if !current.state.can_become(req.to) {
-                return Err(ApiError::conflict(
+                return Err(Error::conflict(
                     Some("to"),
                     format!(
                         "an event cannot go from {} to {}",
@@ -377,17 +294,17 @@ pub async fn transition(
             }
             conn.execute(
                 "UPDATE events SET state = ?1, updated_at = ?2 WHERE id = ?3",
-                params![req.to.as_str(), super::now_rfc3339(), event_id],
+                params![req.to.as_str(), crate::clock::now_rfc3339(), event_id],
             )?;
             // The public scoreboard shows the board as it was when the freeze began.
             if req.to == EventState::Frozen {
-                let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+                let now = crate::clock::now_ms();
                 conn.execute(
                     "UPDATE events SET frozen_at_ms = ?1 WHERE id = ?2",
                     params![now, event_id],
                 )?;
             }
-            audit(
+            audit::record(
                 conn,
                 &caller.actor(),
                 &caller.meta,
@@ -403,35 +320,4 @@ pub async fn transition(
     state.access_changed();
     state.boards.forget(event_id);
     Ok(Json(event))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::EventState::{self, *};
-
-    #[test]
-    fn transition_table() {
-        let all = [Draft, Live, Frozen, Ended, Archived];
-        let legal = [
-            (Draft, Live),
-            (Live, Frozen),
-            (Frozen, Live),
-            (Live, Ended),
-            (Frozen, Ended),
-            (Ended, Archived),
-        ];
-        for from in all {
-            for to in all {
-                assert_eq!(
-                    from.can_become(to),
-                    legal.contains(&(from, to)),
-                    "{from:?} -> {to:?}"
-                );
-            }
-        }
-        assert!(
-            all.iter()
-                .all(|s| EventState::parse(s.as_str()) == Some(*s))
-        );
-    }
 }

@@ -7,11 +7,13 @@ use rusqlite::params;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::AppState;
 use super::auth::{Caller, Role};
-use super::error::{ApiError, Problem};
 use super::extract::ApiJson;
+use super::problem::Problem;
 use super::session::validate_password;
-use super::{AppState, audit};
+use crate::audit;
+use crate::error::Error;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StaffAccount {
@@ -29,10 +31,7 @@ pub struct StaffList {
 
 /// Lists staff accounts.
 #[utoipa::path(get, path = "/api/v1/staff", tag = "staff", responses((status = 200, body = StaffList), (status = 403, body = Problem)))]
-pub async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<StaffList>, ApiError> {
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<StaffList>, Error> {
     caller.require_staff(&[Role::Admin])?;
     let staff = state
         .db
@@ -48,7 +47,7 @@ pub async fn list(
                     created_at: r.get(4)?,
                 })
             })?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(StaffList { staff }))
@@ -73,7 +72,7 @@ pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewStaff>,
-) -> Result<(StatusCode, Json<StaffAccount>), ApiError> {
+) -> Result<(StatusCode, Json<StaffAccount>), Error> {
     caller.require_staff(&[Role::Admin])?;
     let username = req.username.trim().to_owned();
     let valid = (3..=64).contains(&username.len())
@@ -81,7 +80,7 @@ pub async fn create(
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !valid {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "username",
             "username must be 3–64 characters of letters, digits, '.', '_' or '-'",
         ));
@@ -96,15 +95,15 @@ pub async fn create(
         .write(move |conn| {
             let taken: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM staff WHERE username = ?1)", [&username], |r| r.get(0))?;
             if taken {
-                return Err(ApiError::conflict(Some("username"), format!("username {username:?} is taken")));
+                return Err(Error::conflict(Some("username"), format!("username {username:?} is taken")));
             }
-            let created_at = super::now_rfc3339();
+            let created_at = crate::clock::now_rfc3339();
             conn.execute(
                 "INSERT INTO staff (username, password_hash, role, must_change_password, created_at) VALUES (?1, ?2, ?3, 1, ?4)",
                 params![username, hash, role.as_str(), created_at],
             )?;
             let id = conn.last_insert_rowid();
-            audit(conn, &caller.actor(), &caller.meta, "staff.created", Some(&format!("staff:{id}")), serde_json::json!({"username": username, "role": role.as_str()}))?;
+            audit::record(conn, &caller.actor(), &caller.meta, "staff.created", Some(&format!("staff:{id}")), serde_json::json!({"username": username, "role": role.as_str()}))?;
             Ok(StaffAccount { id, username, role, must_change_password: true, created_at })
         })
         .await?;

@@ -25,8 +25,8 @@
 //! and lab every [`THUMBNAIL_AUDIT_EVERY`].
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -39,11 +39,13 @@ use labrack_streamer::webrtc::Viewer;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::AppState;
 use super::auth::{Caller, Principal, Role};
-use super::error::{ApiError, Problem};
 use super::extract::ApiPath;
+use super::problem::Problem;
 use super::terminal::{Purpose, json_text, refuse, same_origin};
-use super::{AppState, audit};
+use crate::audit;
+use crate::error::Error;
 use crate::labs;
 
 const WATCHERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
@@ -54,6 +56,22 @@ pub struct DesktopRegistry {
     streams: Mutex<HashMap<i64, DesktopStream>>,
     /// when each (watcher, allocation) last had a thumbnail look audited
     thumbnail_audits: Mutex<HashMap<(String, i64), Instant>>,
+}
+
+/// Forgets stopped streams once a second until shutdown.
+pub async fn run_reaper(
+    desktops: Arc<DesktopRegistry>,
+    shutdown: Arc<tokio::sync::watch::Sender<bool>>,
+) {
+    let mut shutdown = shutdown.subscribe();
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => desktops.reap(),
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 impl DesktopRegistry {
@@ -145,7 +163,7 @@ pub async fn ticket(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<(StatusCode, Json<DesktopTicket>), ApiError> {
+) -> Result<(StatusCode, Json<DesktopTicket>), Error> {
     let (view, event_state) = state
         .db
         .read(move |conn| {
@@ -155,22 +173,22 @@ pub async fn ticket(
                 [view.event_id],
                 |r| r.get(0),
             )?;
-            Ok::<_, ApiError>((view, event_state))
+            Ok::<_, Error>((view, event_state))
         })
         .await?;
     let interactive = match &caller.principal {
         // From the event's end on, the team watches its desktop while judges look.
         Principal::Participant { team_id, .. } if *team_id == view.team_id => {
-            super::events::participants_may_work(&event_state)
+            crate::events::participants_may_work(&event_state)
         }
-        Principal::Participant { .. } => return Err(ApiError::NotFound("allocation")),
+        Principal::Participant { .. } => return Err(Error::NotFound("allocation")),
         Principal::Staff { .. } => {
             caller.require_staff(&WATCHERS)?;
             false
         }
     };
     if !view.desktop_ready || view.busy {
-        return Err(ApiError::conflict(
+        return Err(Error::conflict(
             None,
             format!(
                 "the lab is {}{}; its desktop opens once it is active and idle",
@@ -208,14 +226,14 @@ pub async fn thumbnail(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     caller.require_staff(&WATCHERS)?;
     let view = state
         .db
         .read(move |conn| super::labs::load_view(conn, id))
         .await?;
     if !view.desktop_ready || view.busy {
-        return Err(ApiError::conflict(
+        return Err(Error::conflict(
             None,
             format!(
                 "the lab is {}{}; its desktop shows once it is active and idle",
@@ -227,7 +245,7 @@ pub async fn thumbnail(
     let stream = stream_for(&state, id, (1280, 720))
         .await
         .map_err(|detail| {
-            ApiError::Upstream(format!("the lab's desktop could not be opened: {detail}"))
+            Error::Upstream(format!("the lab's desktop could not be opened: {detail}"))
         })?;
     let mut pictures = stream.want_thumbnails();
     let actor = caller.actor();
@@ -238,7 +256,7 @@ pub async fn thumbnail(
             .db
             .writer()
             .write(move |conn| {
-                audit(
+                audit::record(
                     conn,
                     &audited_as,
                     &meta,
@@ -264,7 +282,7 @@ pub async fn thumbnail(
         _ => None,
     };
     let Some(picture) = picture else {
-        return Err(ApiError::NotReady {
+        return Err(Error::NotReady {
             detail: "the lab's desktop is still connecting; ask again shortly".into(),
             retry_after_secs: 1,
         });
@@ -320,7 +338,7 @@ pub async fn socket(
     caller: Caller,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     same_origin(&headers)?;
     Ok(upgrade
         .max_message_size(1024 * 1024)
@@ -434,7 +452,7 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         .db
         .writer()
         .write(move |conn| {
-            audit(
+            audit::record(
                 conn,
                 &actor,
                 &meta,
@@ -445,7 +463,7 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         })
         .await;
     if let Err(error) = recorded {
-        tracing::warn!(error = ?ApiError::from(error), "a desktop watch could not be audited; refused");
+        tracing::warn!(error = ?Error::from(error), "a desktop watch could not be audited; refused");
         return refuse(
             ws,
             "the appliance could not record this watch; try again shortly",
@@ -531,7 +549,7 @@ async fn signal(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         .db
         .writer()
         .write(move |conn| {
-            audit(
+            audit::record(
                 conn,
                 &actor,
                 &meta,

@@ -23,10 +23,12 @@ use labrack_streamer::terminal::{self, TerminalInput, TerminalOutput, TerminalTa
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::AppState;
 use super::auth::{Caller, Principal, Role, hash_secret, random_token};
-use super::error::{ApiError, Problem};
 use super::extract::ApiPath;
-use super::{AppState, audit};
+use super::problem::Problem;
+use crate::audit;
+use crate::error::Error;
 use crate::labs;
 
 const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
@@ -120,7 +122,7 @@ impl TicketStore {
         allocation_id: i64,
         purpose: Purpose,
         caller: &Caller,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, Error> {
         self.insert(Ticket {
             allocation_id,
             purpose,
@@ -130,12 +132,12 @@ impl TicketStore {
         })
     }
 
-    fn insert(&self, ticket: Ticket) -> Result<String, ApiError> {
+    fn insert(&self, ticket: Ticket) -> Result<String, Error> {
         let raw = random_token();
         let mut tickets = self
             .tickets
             .lock()
-            .map_err(|_| ApiError::Internal("ticket store poisoned".into()))?;
+            .map_err(|_| Error::Internal("ticket store poisoned".into()))?;
         let now = Instant::now();
         tickets.retain(|_, t| t.expires > now);
         let held = tickets
@@ -143,12 +145,12 @@ impl TicketStore {
             .filter(|t| t.session_hash == ticket.session_hash)
             .count();
         if held >= MAX_TICKETS_PER_SESSION {
-            return Err(ApiError::RateLimited {
+            return Err(Error::RateLimited {
                 retry_after_secs: TICKET_TTL.as_secs(),
             });
         }
         if tickets.len() >= MAX_TICKETS {
-            return Err(ApiError::Busy {
+            return Err(Error::Busy {
                 detail: "too many tickets are outstanding; try again shortly".into(),
                 retry_after_secs: 5,
             });
@@ -164,7 +166,7 @@ impl TicketStore {
         terminal: bool,
         session_hash: &str,
         allocation_id: i64,
-    ) -> Result<Opened, ApiError> {
+    ) -> Result<Opened, Error> {
         let (per_session, per_lab, what) = if terminal {
             (
                 MAX_TERMINALS_PER_SESSION,
@@ -181,10 +183,10 @@ impl TicketStore {
         let mut open = self
             .open
             .lock()
-            .map_err(|_| ApiError::Internal("open counts poisoned".into()))?;
+            .map_err(|_| Error::Internal("open counts poisoned".into()))?;
         let session = (terminal, session_hash.to_owned());
         if open.by_session.get(&session).copied().unwrap_or(0) >= per_session {
-            return Err(ApiError::conflict(
+            return Err(Error::conflict(
                 None,
                 format!("this session already has {per_session} {what} open; close one first"),
             ));
@@ -196,7 +198,7 @@ impl TicketStore {
             .unwrap_or(0)
             >= per_lab
         {
-            return Err(ApiError::conflict(
+            return Err(Error::conflict(
                 None,
                 format!("this lab already has {per_lab} {what} open"),
             ));
@@ -212,12 +214,7 @@ impl TicketStore {
     }
 
     /// Takes the ticket out (single use) if it exists, is fresh and belongs to `session_hash`.
-    pub fn redeem(
-        &self,
-        raw: &str,
-        session_hash: &str,
-        terminal: bool,
-    ) -> Result<Ticket, ApiError> {
+    pub fn redeem(&self, raw: &str, session_hash: &str, terminal: bool) -> Result<Ticket, Error> {
         let ticket = self
             .tickets
             .lock()
@@ -225,16 +222,16 @@ impl TicketStore {
             .and_then(|mut t| t.remove(&hash_secret(raw)));
         let what = if terminal { "terminal" } else { "desktop" };
         match ticket {
-            None => Err(ApiError::Unauthenticated(format!(
+            None => Err(Error::Unauthenticated(format!(
                 "unknown or already used {what} ticket"
             ))),
-            Some(t) if t.expires <= Instant::now() => Err(ApiError::Unauthenticated(format!(
-                "the {what} ticket expired"
-            ))),
-            Some(t) if t.session_hash != session_hash => Err(ApiError::forbidden(format!(
+            Some(t) if t.expires <= Instant::now() => {
+                Err(Error::Unauthenticated(format!("the {what} ticket expired")))
+            }
+            Some(t) if t.session_hash != session_hash => Err(Error::forbidden(format!(
                 "the {what} ticket belongs to another session"
             ))),
-            Some(t) if (t.purpose == Purpose::Terminal) != terminal => Err(ApiError::forbidden(
+            Some(t) if (t.purpose == Purpose::Terminal) != terminal => Err(Error::forbidden(
                 format!("this ticket does not open a {what}"),
             )),
             Some(t) => Ok(t),
@@ -252,10 +249,10 @@ pub struct TerminalTicket {
 }
 
 /// Who may open a lab's terminal: its own team, or operators.
-fn may_open(caller: &Caller, team_id: i64) -> Result<(), ApiError> {
+fn may_open(caller: &Caller, team_id: i64) -> Result<(), Error> {
     match &caller.principal {
         Principal::Participant { team_id: own, .. } if *own == team_id => Ok(()),
-        Principal::Participant { .. } => Err(ApiError::NotFound("allocation")),
+        Principal::Participant { .. } => Err(Error::NotFound("allocation")),
         Principal::Staff { .. } => caller.require_staff(&OPERATORS).map(|_| ()),
     }
 }
@@ -268,7 +265,7 @@ pub async fn ticket(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
-) -> Result<(StatusCode, Json<TerminalTicket>), ApiError> {
+) -> Result<(StatusCode, Json<TerminalTicket>), Error> {
     let view = state
         .db
         .read(move |conn| super::labs::load_view(conn, id))
@@ -278,12 +275,12 @@ pub async fn ticket(
         state
             .db
             .read(move |conn| {
-                super::events::require_participants_work(conn, event_id, "the terminal")
+                crate::events::require_participants_work(conn, event_id, "the terminal")
             })
             .await?;
     }
     if !view.desktop_ready || view.busy {
-        return Err(ApiError::conflict(
+        return Err(Error::conflict(
             None,
             format!(
                 "the lab is {}{}; its terminal opens once it is active and idle",
@@ -308,7 +305,7 @@ pub async fn ticket(
 use labrack_wire::terminal::{Control, Hello};
 
 /// Cross-site WebSocket hijacking: a browser always sends Origin; it must be us.
-pub fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn same_origin(headers: &HeaderMap) -> Result<(), Error> {
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         let host = headers
             .get(header::HOST)
@@ -316,7 +313,7 @@ pub fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
             .unwrap_or("");
         let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
         if origin_host != host {
-            return Err(ApiError::forbidden(
+            return Err(Error::forbidden(
                 "the WebSocket must be opened from the appliance's own pages",
             ));
         }
@@ -330,7 +327,7 @@ pub async fn socket(
     caller: Caller,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     same_origin(&headers)?;
     Ok(upgrade
         .max_message_size(64 * 1024)
@@ -351,14 +348,14 @@ pub(crate) async fn audit_ticket_refused(
     state: &AppState,
     caller: &Caller,
     action: &'static str,
-    error: &ApiError,
+    error: &Error,
 ) {
     let (actor, meta, detail) = (caller.actor(), caller.meta.clone(), error.to_string());
     let written = state
         .db
         .writer()
         .write(move |conn| {
-            audit(
+            audit::record(
                 conn,
                 &actor,
                 &meta,
@@ -369,7 +366,7 @@ pub(crate) async fn audit_ticket_refused(
         })
         .await;
     if let Err(error) = written {
-        tracing::warn!(action, error = ?ApiError::from(error), "a refused ticket could not be audited");
+        tracing::warn!(action, error = ?Error::from(error), "a refused ticket could not be audited");
     }
 }
 
@@ -452,7 +449,7 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
         .db
         .writer()
         .write(move |conn| {
-            audit(
+            audit::record(
                 conn,
                 &actor,
                 &meta,
@@ -462,7 +459,7 @@ async fn bridge(state: AppState, caller: Caller, mut ws: WebSocket) -> anyhow::R
             )
         })
         .await
-        .map_err(|e| anyhow::anyhow!("{:?}", ApiError::from(e)))?;
+        .map_err(|e| anyhow::anyhow!("{:?}", Error::from(e)))?;
     ws.send(json_text(serde_json::json!({"type": "ready"})))
         .await?;
     let revoked = super::auth::until_revoked(&state, caller.token_hash.clone(), true);
@@ -575,13 +572,13 @@ mod tests {
         let store = TicketStore::default();
         let raw = store.insert(ticket("s1", TICKET_TTL)).expect("issued");
         assert!(
-            matches!(store.redeem(&raw, "s2", true), Err(ApiError::Forbidden(_))),
+            matches!(store.redeem(&raw, "s2", true), Err(Error::Forbidden(_))),
             "another session"
         );
         assert!(
             matches!(
                 store.redeem(&raw, "s1", true),
-                Err(ApiError::Unauthenticated(_))
+                Err(Error::Unauthenticated(_))
             ),
             "a refused try still uses it up"
         );
@@ -593,13 +590,13 @@ mod tests {
         assert!(
             matches!(
                 store.redeem(&raw, "s1", true),
-                Err(ApiError::Unauthenticated(_))
+                Err(Error::Unauthenticated(_))
             ),
             "single use"
         );
         let stale = store.insert(ticket("s1", Duration::ZERO)).expect("issued");
         assert!(
-            matches!(store.redeem(&stale, "s1", true), Err(ApiError::Unauthenticated(detail)) if detail.contains("expired"))
+            matches!(store.redeem(&stale, "s1", true), Err(Error::Unauthenticated(detail)) if detail.contains("expired"))
         );
         let desktop = store
             .insert(Ticket {
@@ -608,10 +605,7 @@ mod tests {
             })
             .expect("issued");
         assert!(
-            matches!(
-                store.redeem(&desktop, "s1", true),
-                Err(ApiError::Forbidden(_))
-            ),
+            matches!(store.redeem(&desktop, "s1", true), Err(Error::Forbidden(_))),
             "a desktop ticket opens no terminal"
         );
     }
@@ -625,7 +619,7 @@ mod tests {
         assert!(
             matches!(
                 store.insert(ticket("s1", TICKET_TTL)),
-                Err(ApiError::RateLimited { .. })
+                Err(Error::RateLimited { .. })
             ),
             "a ninth unused ticket"
         );

@@ -8,14 +8,16 @@ use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::AppState;
 use super::auth::{
     Caller, PARTICIPANT_SESSION_SECS, Principal, Role, STAFF_SESSION_SECS, create_session,
     hash_secret, session_cookie,
 };
-use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, RequestMeta};
-use super::{AppState, audit};
+use super::problem::Problem;
 use crate::attempts;
+use crate::audit;
+use crate::error::Error;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -54,11 +56,9 @@ pub async fn login(
     State(state): State<AppState>,
     meta: RequestMeta,
     ApiJson(req): ApiJson<LoginRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     if req.username.len() > 64 || req.password.len() > 256 {
-        return Err(ApiError::Unauthenticated(
-            "wrong username or password".into(),
-        ));
+        return Err(Error::Unauthenticated("wrong username or password".into()));
     }
     // Counted before the lookup and argon2, so a burst cannot pass the check together.
     let client = meta.client_key();
@@ -92,7 +92,7 @@ pub async fn login(
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get::<_, bool>(4)?)),
             )
             .optional()
-            .map_err(ApiError::from)
+            .map_err(Error::from)
         })
         .await?;
     let stored = found.as_ref().map(|f| f.2.clone());
@@ -117,9 +117,7 @@ pub async fn login(
             serde_json::json!({"username": req.username}),
         )
         .await;
-        return Err(ApiError::Unauthenticated(
-            "wrong username or password".into(),
-        ));
+        return Err(Error::Unauthenticated("wrong username or password".into()));
     };
     state.attempts.refund(&keys[..1]);
     state
@@ -137,7 +135,7 @@ pub async fn login(
         .writer()
         .write(move |conn| {
             let created = create_session(conn, &session_principal)?;
-            audit(
+            audit::record(
                 conn,
                 &session_principal.actor(),
                 &meta,
@@ -145,7 +143,7 @@ pub async fn login(
                 None,
                 serde_json::json!({}),
             )?;
-            Ok::<_, ApiError>(created)
+            Ok::<_, Error>(created)
         })
         .await?;
     let body = SessionInfo {
@@ -158,14 +156,14 @@ pub async fn login(
 
 /// Ends the current session.
 #[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 204), (status = 401, body = Problem)))]
-pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Response, Error> {
     let token_hash = caller.token_hash.clone();
     state
         .db
         .writer()
         .write(move |conn| {
             conn.execute("DELETE FROM sessions WHERE token_hash = ?1", [&token_hash])?;
-            audit(
+            audit::record(
                 conn,
                 &caller.actor(),
                 &caller.meta,
@@ -209,16 +207,16 @@ pub async fn change_password(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<PasswordChange>,
-) -> Result<Json<SessionInfo>, ApiError> {
+) -> Result<Json<SessionInfo>, Error> {
     let Principal::Staff {
         id, username, role, ..
     } = caller.principal.clone()
     else {
-        return Err(ApiError::forbidden("participants have no password"));
+        return Err(Error::forbidden("participants have no password"));
     };
     validate_password(&req.new_password, "new_password")?;
     if req.new_password == req.current_password {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "new_password",
             "the new password must differ from the current one",
         ));
@@ -229,7 +227,7 @@ pub async fn change_password(
             conn.query_row("SELECT password_hash FROM staff WHERE id = ?1", [id], |r| {
                 r.get(0)
             })
-            .map_err(ApiError::from)
+            .map_err(Error::from)
         })
         .await?;
     // a stolen session must not guess the password it would change
@@ -244,7 +242,7 @@ pub async fn change_password(
         .await
         .inspect_err(|_| state.attempts.refund(&keys))?;
     if !verified {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "current_password",
             "the current password is wrong",
         ));
@@ -266,7 +264,7 @@ pub async fn change_password(
                 "DELETE FROM sessions WHERE staff_id = ?1 AND token_hash <> ?2",
                 params![id, token_hash],
             )?;
-            audit(
+            audit::record(
                 conn,
                 &actor,
                 &meta,
@@ -289,10 +287,10 @@ pub async fn change_password(
     }))
 }
 
-pub fn validate_password(password: &str, field: &str) -> Result<(), ApiError> {
+pub fn validate_password(password: &str, field: &str) -> Result<(), Error> {
     let chars = password.chars().count();
     if !(12..=256).contains(&chars) {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             field,
             "password must be 12 to 256 characters",
         ));
@@ -318,7 +316,7 @@ pub async fn join(
     State(state): State<AppState>,
     meta: RequestMeta,
     ApiJson(req): ApiJson<JoinRequest>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let keys = [(meta.client_key(), attempts::JOIN_CLIENT)];
     if let Err(refused) = state.attempts.begin(&keys) {
         state
@@ -352,24 +350,24 @@ pub async fn join(
                 )
                 .optional()?;
             let Some((id, name, team_id, event_id, event_state)) = found else {
-                return Err(ApiError::Unauthenticated("unknown event code or join code".into()));
+                return Err(Error::Unauthenticated("unknown event code or join code".into()));
             };
             if matches!(event_state.as_str(), "ended" | "archived") {
-                return Err(ApiError::conflict(Some("event_code"), format!("the event has {event_state}; joining is closed")));
+                return Err(Error::conflict(Some("event_code"), format!("the event has {event_state}; joining is closed")));
             }
             conn.execute(
                 "UPDATE participants SET joined_at = COALESCE(joined_at, ?1), join_code_hash = ?3 WHERE id = ?2",
-                params![super::now_rfc3339(), id, code_hash],
+                params![crate::clock::now_rfc3339(), id, code_hash],
             )?;
             let principal = Principal::Participant { id, name, team_id, event_id };
             let (token, csrf) = create_session(conn, &principal)?;
-            audit(conn, &principal.actor(), &meta, "participant.joined", Some(&format!("team:{team_id}")), serde_json::json!({}))?;
+            audit::record(conn, &principal.actor(), &meta, "participant.joined", Some(&format!("team:{team_id}")), serde_json::json!({}))?;
             Ok((principal, token, csrf))
         })
         .await
-        .map_err(ApiError::from);
+        .map_err(Error::from);
     // only a wrong code is a guess
-    if matches!(result, Err(ApiError::Unauthenticated(_))) {
+    if matches!(result, Err(Error::Unauthenticated(_))) {
         audit_refused(
             &state,
             &meta_for_audit,
@@ -403,10 +401,12 @@ pub(crate) async fn audit_refused(
     let written = state
         .db
         .writer()
-        .write(move |conn| audit(conn, "anonymous", &meta, action, target.as_deref(), detail))
+        .write(move |conn| {
+            audit::record(conn, "anonymous", &meta, action, target.as_deref(), detail)
+        })
         .await;
     if let Err(error) = written {
-        tracing::warn!(action, error = ?ApiError::from(error), "a refused sign-in could not be audited");
+        tracing::warn!(action, error = ?Error::from(error), "a refused sign-in could not be audited");
     }
 }
 

@@ -15,11 +15,14 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::AppState;
 use super::auth::{Caller, Principal, Role};
-use super::error::{ApiError, Problem, RowError};
 use super::extract::{ApiJson, ApiPath};
 use super::labs::TomlBody;
-use super::{AppState, audit, format_time, now_rfc3339};
+use super::problem::Problem;
+use crate::audit;
+use crate::clock::now_rfc3339;
+use crate::error::{Error, RowError};
 use crate::jobs::{self, NewJob};
 use crate::rubric::{self, Rubric};
 use crate::scores::{self, BoardError, Leaderboard};
@@ -28,42 +31,28 @@ const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Jud
 const RUBRIC_WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
 const JUDGES: [Role; 3] = [Role::Admin, Role::Organizer, Role::Judge];
 /// The job that turns a submission into check runs.
-pub const SUBMISSION_JOB: &str = "score_submission";
 /// A team submits a new version at most this often.
 const SUBMISSION_INTERVAL_MS: i64 = 10_000;
 
-impl From<BoardError> for ApiError {
+impl From<BoardError> for Error {
     fn from(error: BoardError) -> Self {
         match error {
             BoardError::Sqlite(e) => e.into(),
             unknown @ BoardError::UnknownBracket(_) => {
-                ApiError::invalid("bracket", unknown.to_string())
+                Error::invalid("bracket", unknown.to_string())
             }
         }
     }
 }
 
-fn now_ms() -> i64 {
-    i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
-}
-
-fn time_of(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map(format_time)
-        .unwrap_or_default()
-}
-
-fn event_state(
-    conn: &Connection,
-    event_id: i64,
-) -> Result<(String, Option<i64>, String), ApiError> {
+fn event_state(conn: &Connection, event_id: i64) -> Result<(String, Option<i64>, String), Error> {
     conn.query_row(
         "SELECT state, frozen_at_ms, ends_at FROM events WHERE id = ?1",
         [event_id],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )
     .optional()?
-    .ok_or(ApiError::NotFound("event"))
+    .ok_or(Error::NotFound("event"))
 }
 
 /// The event's rubric (the default five dimensions until one is uploaded).
@@ -73,13 +62,13 @@ pub async fn get_rubric(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<Rubric>, ApiError> {
+) -> Result<Json<Rubric>, Error> {
     caller.require_staff(&READERS)?;
     let rubric = state
         .db
         .read(move |conn| {
             event_state(conn, event_id)?;
-            Ok::<_, ApiError>(scores::rubric(conn, event_id)?)
+            Ok::<_, Error>(scores::rubric(conn, event_id)?)
         })
         .await?;
     Ok(Json(rubric))
@@ -95,7 +84,7 @@ pub async fn put_rubric(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     TomlBody(text): TomlBody,
-) -> Result<Json<Rubric>, ApiError> {
+) -> Result<Json<Rubric>, Error> {
     caller.require_staff(&RUBRIC_WRITERS)?;
     let rubric = state
         .db
@@ -107,18 +96,18 @@ pub async fn put_rubric(
                 .query_map([event_id], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             let rubric = rubric::parse(&text, |name| teams.contains(&name.to_lowercase())).map_err(|errors| {
-                ApiError::BadFile(errors.into_iter().map(|e| RowError { line: u64::try_from(e.line).unwrap_or(0), reason: e.message }).collect())
+                Error::BadFile(errors.into_iter().map(|e| RowError { line: u64::try_from(e.line).unwrap_or(0), reason: e.message }).collect())
             })?;
-            let json = serde_json::to_string(&rubric).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let json = serde_json::to_string(&rubric).map_err(|e| Error::Internal(e.to_string()))?;
             conn.execute(
                 "INSERT INTO rubrics (event_id, toml, rubric, updated_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (event_id) DO UPDATE SET toml = excluded.toml, rubric = excluded.rubric, updated_at = excluded.updated_at",
                 params![event_id, text, json, now_rfc3339()],
             )?;
             let names: Vec<&str> = rubric.dimensions.iter().map(|d| d.name.as_str()).collect();
-            audit(conn, &caller.actor(), &caller.meta, "rubric.replaced", Some(&format!("event:{event_id}")),
+            audit::record(conn, &caller.actor(), &caller.meta, "rubric.replaced", Some(&format!("event:{event_id}")),
                 serde_json::json!({"dimensions": names, "brackets": rubric.brackets.len()}))?;
-            Ok::<_, ApiError>(rubric)
+            Ok::<_, Error>(rubric)
         })
         .await?;
     Ok(Json(rubric))
@@ -142,7 +131,7 @@ pub struct JudgeScoreView {
     pub at: String,
 }
 
-fn latest_judge_scores(conn: &Connection, team_id: i64) -> Result<Vec<JudgeScoreView>, ApiError> {
+fn latest_judge_scores(conn: &Connection, team_id: i64) -> Result<Vec<JudgeScoreView>, Error> {
     let mut statement = conn.prepare_cached(
         "SELECT st.username, s.dimension, s.points, s.comment, s.created_ms FROM judge_scores s
          JOIN (SELECT max(id) AS id FROM judge_scores WHERE team_id = ?1 GROUP BY judge_id, dimension) latest ON latest.id = s.id
@@ -154,10 +143,10 @@ fn latest_judge_scores(conn: &Connection, team_id: i64) -> Result<Vec<JudgeScore
             dimension: r.get(1)?,
             points: r.get(2)?,
             comment: r.get(3)?,
-            at: time_of(r.get(4)?),
+            at: crate::clock::format_ms_or_empty(r.get(4)?),
         })
     })?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+    rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
 }
 
 /// A judge scores a team in some of the rubric's dimensions (a later score replaces the
@@ -169,10 +158,10 @@ pub async fn put_judge_scores(
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
     ApiJson(body): ApiJson<JudgeScores>,
-) -> Result<Json<Vec<JudgeScoreView>>, ApiError> {
+) -> Result<Json<Vec<JudgeScoreView>>, Error> {
     let (judge_id, _) = caller.require_staff(&JUDGES)?;
     if body.scores.is_empty() {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "scores",
             "give at least one dimension's points",
         ));
@@ -186,25 +175,25 @@ pub async fn put_judge_scores(
         .writer()
         .write(move |conn| {
             let event_id: i64 =
-                conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?.ok_or(ApiError::NotFound("team"))?;
+                conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?.ok_or(Error::NotFound("team"))?;
             let (event, _, _) = event_state(conn, event_id)?;
             if matches!(event.as_str(), "draft" | "archived") {
-                return Err(ApiError::conflict(Some("state"), format!("judges score while the event runs or has ended; it is {event}")));
+                return Err(Error::conflict(Some("state"), format!("judges score while the event runs or has ended; it is {event}")));
             }
             let rubric = scores::rubric(conn, event_id)?;
             for (dimension, points) in &body.scores {
                 let Some(rule) = rubric.dimension(dimension) else {
                     let known: Vec<&str> = rubric.dimensions.iter().map(|d| d.name.as_str()).collect();
-                    return Err(ApiError::invalid("scores", format!("{dimension:?} is not a dimension of this event's rubric ({})", known.join(", "))));
+                    return Err(Error::invalid("scores", format!("{dimension:?} is not a dimension of this event's rubric ({})", known.join(", "))));
                 };
                 if rule.judge_max == 0 {
-                    return Err(ApiError::invalid("scores", format!("{dimension:?} is scored by checks only")));
+                    return Err(Error::invalid("scores", format!("{dimension:?} is scored by checks only")));
                 }
                 if *points > rule.judge_max {
-                    return Err(ApiError::invalid("scores", format!("{dimension:?} takes 0 to {} points; got {points}", rule.judge_max)));
+                    return Err(Error::invalid("scores", format!("{dimension:?} takes 0 to {} points; got {points}", rule.judge_max)));
                 }
             }
-            let now = now_ms();
+            let now = crate::clock::now_ms();
             for (dimension, points) in &body.scores {
                 conn.prepare_cached(
                     "INSERT INTO judge_scores (event_id, team_id, judge_id, dimension, points, comment, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -214,7 +203,7 @@ pub async fn put_judge_scores(
                 crate::outbox::append(conn, crate::outbox::Change::JudgeScore, &format!("judge_score:{id}"),
                     &serde_json::json!({"id": id, "event_id": event_id, "team_id": team_id, "judge_id": judge_id, "dimension": dimension, "points": points, "at_ms": now}), now)?;
             }
-            audit(conn, &caller.actor(), &caller.meta, "score.judged", Some(&format!("team:{team_id}")),
+            audit::record(conn, &caller.actor(), &caller.meta, "score.judged", Some(&format!("team:{team_id}")),
                 serde_json::json!({"scores": body.scores, "comment": comment}))?;
             latest_judge_scores(conn, team_id)
         })
@@ -229,7 +218,7 @@ pub async fn get_judge_scores(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
-) -> Result<Json<Vec<JudgeScoreView>>, ApiError> {
+) -> Result<Json<Vec<JudgeScoreView>>, Error> {
     caller.require_staff(&READERS)?;
     let views = state
         .db
@@ -240,7 +229,7 @@ pub async fn get_judge_scores(
                 |r| r.get(0),
             )?;
             if !exists {
-                return Err(ApiError::NotFound("team"));
+                return Err(Error::NotFound("team"));
             }
             latest_judge_scores(conn, team_id)
         })
@@ -264,15 +253,14 @@ pub async fn leaderboard(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<BoardQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Leaderboard>, ApiError> {
+) -> Result<Json<Leaderboard>, Error> {
     caller.require_staff(&READERS)?;
     let Query(query) = query?;
     let board = state
         .db
         .read(move |conn| {
             event_state(conn, event_id)?;
-            scores::leaderboard(conn, event_id, None, query.bracket.as_deref())
-                .map_err(ApiError::from)
+            scores::leaderboard(conn, event_id, None, query.bracket.as_deref()).map_err(Error::from)
         })
         .await?;
     Ok(Json(board))
@@ -291,11 +279,11 @@ fn public_board(
     conn: &Connection,
     event_id: i64,
     bracket: Option<&str>,
-) -> Result<PublicBoard, ApiError> {
+) -> Result<PublicBoard, Error> {
     let (state, frozen_at_ms, _) = event_state(conn, event_id)?;
     if state == "draft" {
         // Not published yet: look exactly like a missing event.
-        return Err(ApiError::NotFound("event"));
+        return Err(Error::NotFound("event"));
     }
     let name: String =
         conn.query_row("SELECT name FROM events WHERE id = ?1", [event_id], |r| {
@@ -306,7 +294,7 @@ fn public_board(
     Ok(PublicBoard {
         event: name,
         state,
-        frozen_at: as_of.map(time_of),
+        frozen_at: as_of.map(crate::clock::format_ms_or_empty),
         board,
     })
 }
@@ -316,7 +304,7 @@ async fn shared_board(
     state: &AppState,
     event_id: i64,
     bracket: Option<String>,
-) -> Result<Arc<super::boards::Computed>, ApiError> {
+) -> Result<Arc<super::boards::Computed>, Error> {
     let wanted = bracket.clone();
     let db = state.db.clone();
     state
@@ -336,7 +324,7 @@ pub async fn scoreboard(
     State(state): State<AppState>,
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<BoardQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::response::Response, ApiError> {
+) -> Result<axum::response::Response, Error> {
     use axum::response::IntoResponse as _;
     let Query(query) = query?;
     let computed = shared_board(&state, event_id, query.bracket).await?;
@@ -357,7 +345,7 @@ pub async fn scoreboard_stream(
     meta: super::extract::RequestMeta,
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<BoardQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>, Error> {
     let Query(query) = query?;
     let bracket = query.bracket;
     // Refuse a draft, unknown event or bracket up front with a problem document.
@@ -418,7 +406,7 @@ fn row_to_submission(r: &rusqlite::Row<'_>) -> rusqlite::Result<Submission> {
         team_id: r.get(1)?,
         version: r.get(2)?,
         note: r.get(3)?,
-        submitted_at: time_of(r.get(4)?),
+        submitted_at: crate::clock::format_ms_or_empty(r.get(4)?),
         submitted_by: r.get(5)?,
     })
 }
@@ -432,7 +420,7 @@ pub async fn submit(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<NewSubmission>,
-) -> Result<(StatusCode, Json<Submission>), ApiError> {
+) -> Result<(StatusCode, Json<Submission>), Error> {
     let Principal::Participant {
         id: participant_id,
         team_id,
@@ -440,16 +428,14 @@ pub async fn submit(
         ..
     } = caller.principal
     else {
-        return Err(ApiError::forbidden(
-            "only participants submit for their team",
-        ));
+        return Err(Error::forbidden("only participants submit for their team"));
     };
     let version = super::validate::name("version", &body.version, 100)?;
     let note = match body.note {
         Some(note) => Some(super::validate::name("note", &note, 500)?),
         None => None,
     };
-    let attempts = state.queue.attempts_for(SUBMISSION_JOB);
+    let attempts = state.queue.attempts_for(scores::SUBMISSION_JOB);
     let (created, submission) = state
         .db
         .writer()
@@ -463,19 +449,19 @@ pub async fn submit(
             }
             let (event, _, ends_at) = event_state(conn, event_id)?;
             if !matches!(event.as_str(), "live" | "frozen") {
-                return Err(ApiError::conflict(Some("state"), format!("submissions are accepted while the event is live; it is {event}")));
+                return Err(Error::conflict(Some("state"), format!("submissions are accepted while the event is live; it is {event}")));
             }
             let deadline = time::OffsetDateTime::parse(&ends_at, &time::format_description::well_known::Rfc3339)
                 .map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
                 .unwrap_or(i64::MAX);
-            let now = now_ms();
+            let now = crate::clock::now_ms();
             if now > deadline {
-                return Err(ApiError::conflict(Some("version"), format!("the deadline passed at {ends_at}; late submissions are refused")));
+                return Err(Error::conflict(Some("version"), format!("the deadline passed at {ends_at}; late submissions are refused")));
             }
             let last: Option<i64> = conn.query_row("SELECT max(created_ms) FROM submissions WHERE team_id = ?1", [team_id], |r| r.get(0))?;
             if let Some(last) = last.filter(|at| now - at < SUBMISSION_INTERVAL_MS) {
                 let wait = ((SUBMISSION_INTERVAL_MS - (now - last)).max(1000) + 999) / 1000;
-                return Err(ApiError::RateLimited { retry_after_secs: u64::try_from(wait).unwrap_or(10) });
+                return Err(Error::RateLimited { retry_after_secs: u64::try_from(wait).unwrap_or(10) });
             }
             conn.prepare_cached("INSERT INTO submissions (event_id, team_id, participant_id, version, note, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
                 .execute(params![event_id, team_id, participant_id, version, note, now])?;
@@ -483,14 +469,14 @@ pub async fn submit(
             let job = NewJob {
                 idempotency_key: Some(format!("submission-{id}")),
                 max_attempts: attempts,
-                ..NewJob::new(SUBMISSION_JOB, serde_json::json!({"submission_id": id})).for_team(team_id)
+                ..NewJob::new(scores::SUBMISSION_JOB, serde_json::json!({"submission_id": id})).for_team(team_id)
             };
             jobs::enqueue(conn, &job, now)?;
-            audit(conn, &caller.actor(), &caller.meta, "submission.created", Some(&format!("submission:{id}")),
+            audit::record(conn, &caller.actor(), &caller.meta, "submission.created", Some(&format!("submission:{id}")),
                 serde_json::json!({"team_id": team_id, "version": version}))?;
             crate::outbox::append(conn, crate::outbox::Change::Submission, &format!("submission:{id}"),
                 &serde_json::json!({"id": id, "event_id": event_id, "team_id": team_id, "version": version, "note": note, "at_ms": now}), now)?;
-            Ok((true, Submission { id, team_id, version, note, submitted_at: time_of(now), submitted_by: participant_id }))
+            Ok((true, Submission { id, team_id, version, note, submitted_at: crate::clock::format_ms_or_empty(now), submitted_by: participant_id }))
         })
         .await?;
     if created {
@@ -511,11 +497,9 @@ pub async fn submit(
 pub async fn my_submissions(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Vec<Submission>>, ApiError> {
+) -> Result<Json<Vec<Submission>>, Error> {
     let Principal::Participant { team_id, .. } = caller.principal else {
-        return Err(ApiError::forbidden(
-            "only participants have team submissions",
-        ));
+        return Err(Error::forbidden("only participants have team submissions"));
     };
     let list = state
         .db
@@ -523,72 +507,8 @@ pub async fn my_submissions(
             conn.prepare_cached("SELECT id, team_id, version, note, created_ms, participant_id FROM submissions WHERE team_id = ?1 ORDER BY id DESC")?
                 .query_map([team_id], row_to_submission)?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(ApiError::from)
+                .map_err(Error::from)
         })
         .await?;
     Ok(Json(list))
-}
-
-/// What scoring a submission came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scoring {
-    /// its checks are queued as this batch
-    Queued(i64),
-    /// the team's previous submission is still being checked: try again later (a team has
-    /// one outstanding scoring batch)
-    Wait,
-    /// a newer submission of the team replaces it before it was checked; that one is scored
-    Superseded,
-    /// the event ended between submitting and scoring: the submission stands unscored
-    Unscored,
-}
-
-/// Turns a submission into a check batch for its team (run by the queue's workers).
-pub fn expand_submission(
-    conn: &Connection,
-    submission_id: i64,
-    check_attempts: u32,
-    now_ms: i64,
-) -> Result<Scoring, ApiError> {
-    let row: Option<(i64, i64, String)> = conn
-        .query_row(
-            "SELECT event_id, team_id, version FROM submissions WHERE id = ?1",
-            [submission_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    let Some((event_id, team_id, version)) = row else {
-        return Err(ApiError::NotFound("submission"));
-    };
-    let newer: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM submissions WHERE team_id = ?1 AND id > ?2)",
-        params![team_id, submission_id],
-        |r| r.get(0),
-    )?;
-    if newer {
-        return Ok(Scoring::Superseded);
-    }
-    let outstanding: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM check_runs r JOIN check_batches b ON b.id = r.batch_id
-                       WHERE r.team_id = ?1 AND r.state IN ('queued', 'running') AND b.requested_by LIKE 'submission:%')",
-        [team_id],
-        |r| r.get(0),
-    )?;
-    if outstanding {
-        return Ok(Scoring::Wait);
-    }
-    let request = crate::checks::BatchRequest {
-        event_id,
-        team_id: Some(team_id),
-        check_name: None,
-        reason: format!("submission {version}"),
-        requested_by: format!("submission:{submission_id}"),
-        max_attempts: check_attempts,
-        priority: 5,
-    };
-    match crate::checks::queue_batch(conn, &request, now_ms) {
-        Ok(queued) => Ok(Scoring::Queued(queued.batch_id)),
-        Err(ApiError::Conflict { .. }) => Ok(Scoring::Unscored),
-        Err(other) => Err(other),
-    }
 }

@@ -21,11 +21,15 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use utoipa::ToSchema;
 
+use super::AppState;
 use super::auth::{Caller, Role, hash_secret, random_token};
-use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, RequestMeta, parse_json, read_limited, require_content_type};
-use super::{AppState, audit, format_time, now_rfc3339};
-use crate::labs::{self, unix_ms};
+use super::problem::Problem;
+use crate::audit;
+use crate::clock::unix_ms;
+use crate::clock::{format_time, now_rfc3339};
+use crate::error::Error;
+use crate::labs;
 
 const HOST_READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
 const HOST_ADMINS: [Role; 2] = [Role::Admin, Role::Organizer];
@@ -59,11 +63,11 @@ pub async fn create_enrolment_token(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewEnrolmentToken>,
-) -> Result<(StatusCode, Json<IssuedEnrolmentToken>), ApiError> {
+) -> Result<(StatusCode, Json<IssuedEnrolmentToken>), Error> {
     caller.require_staff(&HOST_ADMINS)?;
     let ttl = req.ttl_secs.unwrap_or(3600);
     if !(60..=604_800).contains(&ttl) {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "ttl_secs",
             "must be between 60 and 604800 seconds",
         ));
@@ -88,8 +92,8 @@ pub async fn create_enrolment_token(
                 params![hash, note, caller.actor(), now_rfc3339(), i64::try_from(expires_ms).unwrap_or(i64::MAX)],
             )?;
             let id = conn.last_insert_rowid();
-            audit(conn, &caller.actor(), &caller.meta, "host.enrolment_token_created", Some(&format!("enrolment_token:{id}")), serde_json::json!({"ttl_secs": ttl, "note": note}))?;
-            Ok::<_, ApiError>(())
+            audit::record(conn, &caller.actor(), &caller.meta, "host.enrolment_token_created", Some(&format!("enrolment_token:{id}")), serde_json::json!({"ttl_secs": ttl, "note": note}))?;
+            Ok::<_, Error>(())
         })
         .await?;
     Ok((
@@ -127,10 +131,7 @@ pub struct HostList {
 
 /// Lists enrolled hosts with health, capacity and telemetry.
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = HostList), (status = 403, body = Problem)))]
-pub async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<HostList>, ApiError> {
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<HostList>, Error> {
     caller.require_staff(&HOST_READERS)?;
     let hosts = state
         .db
@@ -160,7 +161,7 @@ pub async fn list(
                     telemetry: telemetry.and_then(|t| serde_json::from_str(&t).ok()),
                 })
             })?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(HostList {
@@ -182,7 +183,7 @@ pub async fn enrol(
     State(state): State<AppState>,
     meta: RequestMeta,
     ApiJson(req): ApiJson<EnrolRequest>,
-) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
+) -> Result<(StatusCode, Json<EnrolResponse>), Error> {
     let keys = [(meta.client_key(), crate::attempts::ENROL_CLIENT)];
     if let Err(refused) = state.attempts.begin(&keys) {
         if refused.first {
@@ -197,7 +198,7 @@ pub async fn enrol(
     // only a wrong token is a guess
     match &result {
         Ok(_) => state.attempts.succeeded(&[keys[0].0.clone()]),
-        Err(ApiError::Unauthenticated(_)) => {
+        Err(Error::Unauthenticated(_)) => {
             super::session::audit_refused(
                 &state,
                 &meta,
@@ -216,9 +217,9 @@ async fn enrol_counted(
     state: &AppState,
     meta: RequestMeta,
     req: EnrolRequest,
-) -> Result<(StatusCode, Json<EnrolResponse>), ApiError> {
+) -> Result<(StatusCode, Json<EnrolResponse>), Error> {
     if req.version != PROTOCOL_VERSION {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "version",
             format!(
                 "protocol version {} is not supported (this appliance speaks {PROTOCOL_VERSION})",
@@ -231,7 +232,7 @@ async fn enrol_counted(
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "name",
             "use letters, digits, '-', '_' and '.' only",
         ));
@@ -241,7 +242,7 @@ async fn enrol_counted(
         .ok()
         .filter(|k| k.len() == 32)
         .ok_or_else(|| {
-            ApiError::invalid(
+            Error::invalid(
                 "public_key",
                 "must be a base64 Ed25519 public key (32 bytes)",
             )
@@ -251,21 +252,21 @@ async fn enrol_counted(
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "address",
             "must be a host name or IP address",
         ));
     }
     check_resources(&req.resources)?;
     if !(1..=256).contains(&req.capacity) {
-        return Err(ApiError::invalid("capacity", "must be between 1 and 256"));
+        return Err(Error::invalid("capacity", "must be between 1 and 256"));
     }
     let token_hash = enrolment_token_hash(&state.secrets, req.token.trim());
     let legacy_hash = hash_secret(req.token.trim());
     let now = unix_ms();
     let (gpus, capacity) = (req.resources.gpus, req.capacity);
     let resources =
-        serde_json::to_string(&req.resources).map_err(|e| ApiError::Internal(e.to_string()))?;
+        serde_json::to_string(&req.resources).map_err(|e| Error::Internal(e.to_string()))?;
     let result = state
         .db
         .writer()
@@ -276,16 +277,16 @@ async fn enrol_counted(
                 })
                 .optional()?;
             let token_id = match token {
-                None => return Err(ApiError::Unauthenticated("unknown enrolment token".into())),
-                Some((_, _, Some(_))) => return Err(ApiError::Unauthenticated("this enrolment token was already used".into())),
+                None => return Err(Error::Unauthenticated("unknown enrolment token".into())),
+                Some((_, _, Some(_))) => return Err(Error::Unauthenticated("this enrolment token was already used".into())),
                 Some((_, expires, None)) if expires <= i64::try_from(now).unwrap_or(i64::MAX) => {
-                    return Err(ApiError::Unauthenticated("this enrolment token has expired".into()));
+                    return Err(Error::Unauthenticated("this enrolment token has expired".into()));
                 }
                 Some((id, _, None)) => id,
             };
             let taken: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM hosts WHERE name = ?1)", [&name], |r| r.get(0))?;
             if taken {
-                return Err(ApiError::conflict(Some("name"), format!("a host named {name:?} is already enrolled")));
+                return Err(Error::conflict(Some("name"), format!("a host named {name:?} is already enrolled")));
             }
             conn.execute(
                 "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms, resources) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -293,11 +294,11 @@ async fn enrol_counted(
             )?;
             let host_id = conn.last_insert_rowid();
             conn.execute("UPDATE enrolment_tokens SET used_at = ?2, host_id = ?3 WHERE id = ?1", params![token_id, now_rfc3339(), host_id])?;
-            audit(conn, &format!("host:{host_id}"), &meta, "host.enrolled", Some(&format!("host:{host_id}")), serde_json::json!({"name": name, "address": address, "gpus": gpus, "capacity": capacity}))?;
+            audit::record(conn, &format!("host:{host_id}"), &meta, "host.enrolled", Some(&format!("host:{host_id}")), serde_json::json!({"name": name, "address": address, "gpus": gpus, "capacity": capacity}))?;
             Ok(host_id)
         })
         .await
-        .map_err(ApiError::from);
+        .map_err(Error::from);
     let host_id = result?;
     Ok((
         StatusCode::CREATED,
@@ -309,21 +310,21 @@ async fn enrol_counted(
 }
 
 /// What a host says it has: sane numbers only.
-fn check_resources(resources: &labrack_provisioner::limits::HostResources) -> Result<(), ApiError> {
+fn check_resources(resources: &labrack_provisioner::limits::HostResources) -> Result<(), Error> {
     if !(1..=4096).contains(&resources.cpus) {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "resources.cpus",
             "must be between 1 and 4096",
         ));
     }
     if !(64..=64 * 1024 * 1024).contains(&resources.memory_mib) {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "resources.memory_mib",
             "must be between 64 MiB and 64 TiB",
         ));
     }
     if resources.gpus > 64 {
-        return Err(ApiError::invalid("resources.gpus", "at most 64"));
+        return Err(Error::invalid("resources.gpus", "at most 64"));
     }
     if resources.isolation.is_empty()
         || resources.isolation.len() > 40
@@ -332,16 +333,13 @@ fn check_resources(resources: &labrack_provisioner::limits::HostResources) -> Re
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "resources.isolation",
             "a short name such as cgroup-v1",
         ));
     }
     if resources.enforces.len() > 16 {
-        return Err(ApiError::invalid(
-            "resources.enforces",
-            "at most 16 entries",
-        ));
+        return Err(Error::invalid("resources.enforces", "at most 16 entries"));
     }
     Ok(())
 }
@@ -396,14 +394,14 @@ pub async fn register_agentless(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewAgentlessHost>,
-) -> Result<(StatusCode, Json<AgentlessHost>), ApiError> {
+) -> Result<(StatusCode, Json<AgentlessHost>), Error> {
     caller.require_staff(&HOST_ADMINS)?;
     let name = super::validate::name("name", &req.name, 64)?;
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "name",
             "use letters, digits, '-', '_' and '.' only",
         ));
@@ -413,7 +411,7 @@ pub async fn register_agentless(
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "address",
             "must be a host name or IP address",
         ));
@@ -427,24 +425,24 @@ pub async fn register_agentless(
                 .is_ok_and(|b| b.len() >= 32)
         });
     if !valid_key || key.len() > 4096 {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "ssh_host_key",
             "must be an OpenSSH public key line, e.g. `ssh-ed25519 AAAA…`",
         ));
     }
     let port = req.ssh_port.unwrap_or(22);
     if port == 0 {
-        return Err(ApiError::invalid("ssh_port", "must be 1–65535"));
+        return Err(Error::invalid("ssh_port", "must be 1–65535"));
     }
     let capacity = req.capacity.unwrap_or(1);
     if !(1..=256).contains(&capacity) {
-        return Err(ApiError::invalid("capacity", "must be between 1 and 256"));
+        return Err(Error::invalid("capacity", "must be between 1 and 256"));
     }
     let checker = match req.checker {
         Some(account) => {
             let user = super::labs::unix_user("checker.username", &account.username)?;
             if account.password.is_empty() || account.password.len() > 256 {
-                return Err(ApiError::invalid("checker.password", "1–256 characters"));
+                return Err(Error::invalid("checker.password", "1–256 characters"));
             }
             Some((user, account.password))
         }
@@ -457,21 +455,21 @@ pub async fn register_agentless(
         .write(move |conn| {
             let taken: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM hosts WHERE name = ?1)", [&name], |r| r.get(0))?;
             if taken {
-                return Err(ApiError::conflict(Some("name"), format!("a host named {name:?} is already registered")));
+                return Err(Error::conflict(Some("name"), format!("a host named {name:?} is already registered")));
             }
             // No heartbeat comes from such a host: it counts as seen now and is never aged out.
             conn.execute(
                 "INSERT INTO hosts (name, public_key, address, gpus, capacity, enrolled_at, last_seen_ms, agent, ssh_port, ssh_host_key)
                  VALUES (?1, x'', ?2, 0, ?3, ?4, ?5, 0, ?6, ?7)",
-                params![name, address, capacity, now_rfc3339(), i64::try_from(unix_ms()).unwrap_or(i64::MAX), port, key],
+                params![name, address, capacity, now_rfc3339(), crate::clock::now_ms(), port, key],
             )?;
             let id = conn.last_insert_rowid();
             if let Some((user, password)) = &checker {
-                let sealed = secrets.seal(&labs::checker_context(id), password.as_bytes()).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let sealed = secrets.seal(&labs::checker_context(id), password.as_bytes()).map_err(|e| Error::Internal(e.to_string()))?;
                 conn.execute("UPDATE hosts SET checker_user = ?2, checker_secret = ?3 WHERE id = ?1", params![id, user, sealed])?;
             }
             let checker_user = checker.as_ref().map(|(user, _)| user.clone());
-            audit(conn, &caller.actor(), &caller.meta, "host.registered_agentless", Some(&format!("host:{id}")), serde_json::json!({"name": name, "address": address, "checker": checker_user}))?;
+            audit::record(conn, &caller.actor(), &caller.meta, "host.registered_agentless", Some(&format!("host:{id}")), serde_json::json!({"name": name, "address": address, "checker": checker_user}))?;
             Ok(AgentlessHost { id, name, checker: checker.is_some() })
         })
         .await?;
@@ -491,18 +489,18 @@ pub struct HostCall<T> {
 }
 
 impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
-    type Rejection = ApiError;
+    type Rejection = super::problem::Rejection;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let (parts, body) = req.into_parts();
-        let meta = RequestMeta::from_parts(&parts);
+        let meta = super::extract::request_meta(&parts);
         let auth = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(protocol::parse_host_auth)
             .ok_or_else(|| {
-                ApiError::Unauthenticated(format!(
+                Error::Unauthenticated(format!(
                     "host calls need `Authorization: {} host=ID,ts=MS,sig=BASE64`",
                     protocol::HOST_AUTH_SCHEME
                 ))
@@ -515,9 +513,10 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
             signature,
         } = auth;
         if unix_ms().abs_diff(timestamp_ms) > protocol::HOST_CLOCK_SKEW_MS {
-            return Err(ApiError::Unauthenticated(
+            return Err(Error::Unauthenticated(
                 "the signed timestamp is too far from the appliance's clock".into(),
-            ));
+            )
+            .into());
         }
         let path = parts
             .extensions
@@ -534,25 +533,25 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })
                 .optional()
-                .map_err(ApiError::from)
+                .map_err(Error::from)
             })
             .await?;
         let (public_key, stored_instance, stored_counter) =
-            known.ok_or_else(|| ApiError::Unauthenticated("unknown host: enrol first".into()))?;
+            known.ok_or_else(|| Error::Unauthenticated("unknown host: enrol first".into()))?;
         let signature = base64::engine::general_purpose::STANDARD
             .decode(signature)
-            .map_err(|_| ApiError::Unauthenticated("the signature is not base64".into()))?;
+            .map_err(|_| Error::Unauthenticated("the signature is not base64".into()))?;
         let digest = hex::encode(sha2::Sha256::digest(&bytes));
         let message =
             protocol::signing_message(&method, &path, timestamp_ms, &instance, counter, &digest);
         UnparsedPublicKey::new(&ED25519, &public_key)
             .verify(&message, &signature)
-            .map_err(|_| ApiError::Unauthenticated("bad host signature".into()))?;
+            .map_err(|_| Error::Unauthenticated("bad host signature".into()))?;
         let (verdict, position) = {
             let mut guards = state
                 .host_calls
                 .lock()
-                .map_err(|_| ApiError::Internal("the host-call guard is poisoned".into()))?;
+                .map_err(|_| Error::Internal("the host-call guard is poisoned".into()))?;
             let guard = guards.entry(host_id).or_insert_with(|| {
                 ReplayGuard::resume(stored_instance, u64::try_from(stored_counter).unwrap_or(0))
             });
@@ -563,18 +562,19 @@ impl<T: DeserializeOwned> FromRequest<AppState> for HostCall<T> {
         match verdict {
             Verdict::Accept => {}
             Verdict::Replay => {
-                return Err(ApiError::Unauthenticated(
+                return Err(Error::Unauthenticated(
                     "this signed call was taken before: a replay is refused".into(),
-                ));
+                )
+                .into());
             }
             Verdict::TwoMachines { other } => {
                 record_identity_conflict(state, host_id, &instance, &other, &meta).await;
-                return Err(ApiError::conflict(
+                return Err(Error::conflict(
                     None,
                     format!(
                         "this host identity is in use by another machine (agent {other}); staff have been alerted — enrol this machine with a token of its own"
                     ),
-                ));
+                ).into());
             }
         }
         if let Ok(ip) = meta.remote_addr.parse() {
@@ -600,7 +600,7 @@ async fn record_identity_conflict(
     meta: &RequestMeta,
 ) {
     let (instance, other, meta) = (instance.to_owned(), other.to_owned(), meta.clone());
-    let now = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+    let now = crate::clock::now_ms();
     let recorded = state
         .db
         .writer()
@@ -611,13 +611,13 @@ async fn record_identity_conflict(
                 |r| r.get(0),
             )?;
             if last.is_some_and(|at| now - at < 60_000) {
-                return Ok::<_, ApiError>(());
+                return Ok::<_, Error>(());
             }
             conn.execute(
                 "UPDATE hosts SET identity_conflict_ms = ?2 WHERE id = ?1",
                 params![host_id, now],
             )?;
-            audit(
+            audit::record(
                 conn,
                 &format!("host:{host_id}"),
                 &meta,
@@ -633,7 +633,7 @@ async fn record_identity_conflict(
         "one lab-host identity is used from two machines at once"
     );
     if let Err(error) = recorded {
-        tracing::error!(host_id, error = ?ApiError::from(error), "could not record the identity conflict");
+        tracing::error!(host_id, error = ?Error::from(error), "could not record the identity conflict");
     }
 }
 
@@ -643,7 +643,7 @@ fn store_position(
     conn: &rusqlite::Connection,
     host_id: i64,
     position: &(String, u64),
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     conn.prepare_cached("UPDATE hosts SET instance = ?2, instance_counter = max(CASE WHEN instance IS ?2 THEN instance_counter ELSE 0 END, ?3) WHERE id = ?1")?
         .execute(params![host_id, position.0, i64::try_from(position.1).unwrap_or(i64::MAX)])?;
     Ok(())
@@ -653,7 +653,7 @@ fn pending_tasks(
     conn: &rusqlite::Connection,
     secrets: &crate::secrets::SecretBox,
     host_id: i64,
-) -> Result<Vec<HostTask>, ApiError> {
+) -> Result<Vec<HostTask>, Error> {
     let rows: Vec<(String, String)> = conn
         .prepare_cached("SELECT id, body FROM host_tasks WHERE host_id = ?1 AND done_ms IS NULL ORDER BY created_ms, id")?
         .query_map([host_id], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -661,7 +661,7 @@ fn pending_tasks(
     let mut tasks = Vec::with_capacity(rows.len());
     for (id, body) in rows {
         let mut task: HostTask =
-            serde_json::from_str(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+            serde_json::from_str(&body).map_err(|e| Error::Internal(e.to_string()))?;
         // The password a task sets travels only in the answer to its own host.
         if let Some(slot) = task.kind.password_mut() {
             slot.0 = labs::task_password(conn, secrets, &id)?.unwrap_or_default();
@@ -677,9 +677,9 @@ fn pending_tasks(
 pub async fn poll(
     State(state): State<AppState>,
     call: HostCall<PollRequest>,
-) -> Result<Json<PollResponse>, ApiError> {
+) -> Result<Json<PollResponse>, Error> {
     if call.body.version != PROTOCOL_VERSION {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "version",
             format!("this appliance speaks protocol version {PROTOCOL_VERSION}"),
         ));
@@ -733,10 +733,10 @@ pub struct ReportAck {
 pub async fn report(
     State(state): State<AppState>,
     call: HostCall<TaskReport>,
-) -> Result<Json<ReportAck>, ApiError> {
+) -> Result<Json<ReportAck>, Error> {
     let report = call.body;
     if report.version != PROTOCOL_VERSION {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "version",
             format!("this appliance speaks protocol version {PROTOCOL_VERSION}"),
         ));
@@ -757,7 +757,7 @@ pub async fn report(
             // Another host's task looks exactly like a missing one.
             let StoredTask { allocation_id, done, check_run_id, cleanup, .. } = match task {
                 Some(task) if task.host_id == host_id => task,
-                _ => return Err(ApiError::NotFound("task")),
+                _ => return Err(Error::NotFound("task")),
             };
             store_position(conn, host_id, &position)?;
             if done {
@@ -785,11 +785,11 @@ pub async fn report(
                 // The host came back and removed a force-released lab; a failure is retried
                 // by the host's next start (it reports every lab it still holds).
                 let outcome = serde_json::to_value(&recorded).unwrap_or_default();
-                audit(conn, &format!("host:{host_id}"), &meta, "allocation.cleaned_up", Some(&format!("allocation:{allocation_id}")), serde_json::json!({"outcome": outcome}))?;
+                audit::record(conn, &format!("host:{host_id}"), &meta, "allocation.cleaned_up", Some(&format!("allocation:{allocation_id}")), serde_json::json!({"outcome": outcome}))?;
                 return Ok((true, false, false));
             }
             let applied = labs::apply(conn, &secrets, allocation_id, Input::Report { id: report.id, outcome: report.outcome }, now, &format!("host:{host_id}"), &meta)?;
-            Ok::<_, ApiError>((applied.ignored.is_none(), applied.issued, false))
+            Ok::<_, Error>((applied.ignored.is_none(), applied.issued, false))
         })
         .await?;
     if issued {
@@ -812,7 +812,7 @@ fn watch_gpu_memory(
     host_id: i64,
     usage: &[protocol::LabUsage],
     now: i64,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     for lab in usage.iter().take(256) {
         let limit: Option<(i64, i64, Option<i64>)> = conn
             .query_row(
@@ -858,9 +858,9 @@ pub struct HeartbeatAck {
 pub async fn heartbeat(
     State(state): State<AppState>,
     call: HostCall<Telemetry>,
-) -> Result<Json<HeartbeatAck>, ApiError> {
+) -> Result<Json<HeartbeatAck>, Error> {
     if call.body.version != PROTOCOL_VERSION {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "version",
             format!("this appliance speaks protocol version {PROTOCOL_VERSION}"),
         ));
@@ -869,10 +869,9 @@ pub async fn heartbeat(
     let host_id = call.host_id;
     let meta = call.meta;
     let position = call.position;
-    let sample =
-        serde_json::to_string(&call.body).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let resources = serde_json::to_string(&call.body.resources)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let sample = serde_json::to_string(&call.body).map_err(|e| Error::Internal(e.to_string()))?;
+    let resources =
+        serde_json::to_string(&call.body.resources).map_err(|e| Error::Internal(e.to_string()))?;
     let gpus = call.body.resources.gpus;
     let usage = call.body.labs;
     state
@@ -880,7 +879,7 @@ pub async fn heartbeat(
         .writer()
         .write(move |conn| {
             let was_healthy: bool = conn.query_row("SELECT healthy FROM hosts WHERE id = ?1", [host_id], |r| r.get(0))?;
-            let now = i64::try_from(unix_ms()).unwrap_or(i64::MAX);
+            let now = crate::clock::now_ms();
             conn.execute(
                 "UPDATE hosts SET last_seen_ms = ?2, healthy = 1, telemetry = ?3, resources = ?4, gpus = ?5 WHERE id = ?1",
                 params![host_id, now, sample, resources, gpus],
@@ -888,9 +887,9 @@ pub async fn heartbeat(
             store_position(conn, host_id, &position)?;
             watch_gpu_memory(conn, host_id, &usage, now)?;
             if !was_healthy {
-                audit(conn, &format!("host:{host_id}"), &meta, "host.recovered", Some(&format!("host:{host_id}")), serde_json::json!({}))?;
+                audit::record(conn, &format!("host:{host_id}"), &meta, "host.recovered", Some(&format!("host:{host_id}")), serde_json::json!({}))?;
             }
-            Ok::<_, ApiError>(())
+            Ok::<_, Error>(())
         })
         .await?;
     Ok(Json(HeartbeatAck {

@@ -8,11 +8,14 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::AppState;
 use super::auth::{Caller, Role};
-use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath};
-use super::{AppState, audit, format_time};
+use super::problem::Problem;
+use crate::audit;
 use crate::billing::{self, Balance, Entry, NewEntry};
+use crate::clock::format_time;
+use crate::error::Error;
 
 const READERS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
@@ -32,7 +35,7 @@ pub struct LedgerView {
     pub balance: Balance,
 }
 
-fn exists(conn: &rusqlite::Connection, event_id: i64) -> Result<(), ApiError> {
+fn exists(conn: &rusqlite::Connection, event_id: i64) -> Result<(), Error> {
     let found: bool = conn.query_row(
         "SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)",
         [event_id],
@@ -41,7 +44,7 @@ fn exists(conn: &rusqlite::Connection, event_id: i64) -> Result<(), ApiError> {
     if found {
         Ok(())
     } else {
-        Err(ApiError::NotFound("event"))
+        Err(Error::NotFound("event"))
     }
 }
 
@@ -53,14 +56,14 @@ pub async fn ledger(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<LedgerView>, ApiError> {
+) -> Result<Json<LedgerView>, Error> {
     caller.require_staff(&READERS)?;
     let Query(query) = query?;
     let view = state
         .db
         .read(move |conn| {
             exists(conn, event_id)?;
-            Ok::<_, ApiError>(LedgerView {
+            Ok::<_, Error>(LedgerView {
                 entries: billing::entries(conn, event_id, query.team_id)?,
                 balance: billing::balance(conn, event_id)?,
             })
@@ -86,17 +89,17 @@ pub async fn ledger_csv(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<impl IntoResponse, Error> {
     caller.require_staff(&READERS)?;
     let entries = state
         .db
         .read(move |conn| {
             exists(conn, event_id)?;
-            Ok::<_, ApiError>(billing::entries(conn, event_id, None)?)
+            Ok::<_, Error>(billing::entries(conn, event_id, None)?)
         })
         .await?;
     let mut csv = csv::Writer::from_writer(Vec::new());
-    let failed = |error: csv::Error| ApiError::Internal(format!("writing the ledger CSV: {error}"));
+    let failed = |error: csv::Error| Error::Internal(format!("writing the ledger CSV: {error}"));
     csv.write_record([
         "id",
         "at",
@@ -133,7 +136,7 @@ pub async fn ledger_csv(
     }
     let csv = csv
         .into_inner()
-        .map_err(|error| ApiError::Internal(format!("writing the ledger CSV: {error}")))?;
+        .map_err(|error| Error::Internal(format!("writing the ledger CSV: {error}")))?;
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
@@ -169,31 +172,31 @@ pub async fn add_entry(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(body): ApiJson<NewLedgerEntry>,
-) -> Result<(StatusCode, Json<LedgerView>), ApiError> {
+) -> Result<(StatusCode, Json<LedgerView>), Error> {
     caller.require_staff(&WRITERS)?;
     if !matches!(body.kind.as_str(), "credit" | "correction") {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "kind",
             "staff add `credit` or `correction` entries; usage is entered by the appliance",
         ));
     }
     if body.amount_cents == 0 || body.amount_cents.abs() > 100_000_000 {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "amount_cents",
             "must be non-zero and at most 100,000,000 either way",
         ));
     }
     if body.kind == "credit" && body.amount_cents < 0 {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "amount_cents",
             "a credit is positive; take money back with a correction",
         ));
     }
     let note = super::validate::name("note", &body.note, 500)?;
     if note.chars().count() < 3 {
-        return Err(ApiError::invalid("note", "say why (at least 3 characters)"));
+        return Err(Error::invalid("note", "say why (at least 3 characters)"));
     }
-    let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+    let now = crate::clock::now_ms();
     let view = state
         .db
         .writer()
@@ -202,7 +205,7 @@ pub async fn add_entry(
             if let Some(team_id) = body.team_id {
                 let owned: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM teams WHERE id = ?1 AND event_id = ?2)", [team_id, event_id], |r| r.get(0))?;
                 if !owned {
-                    return Err(ApiError::invalid("team_id", "no such team in this event"));
+                    return Err(Error::invalid("team_id", "no such team in this event"));
                 }
             }
             let actor = caller.actor();
@@ -218,7 +221,7 @@ pub async fn add_entry(
                 actor: &actor,
             };
             let id = billing::append(conn, &entry, now)?;
-            audit(conn, &actor, &caller.meta, "ledger.entry_added", Some(&format!("event:{event_id}")),
+            audit::record(conn, &actor, &caller.meta, "ledger.entry_added", Some(&format!("event:{event_id}")),
                 serde_json::json!({"id": id, "kind": body.kind, "amount_cents": body.amount_cents, "note": note}))?;
             Ok(LedgerView { entries: billing::entries(conn, event_id, None)?, balance: billing::balance(conn, event_id)? })
         })
@@ -242,7 +245,7 @@ pub struct SyncView {
 pub async fn sync_status(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<SyncView>, ApiError> {
+) -> Result<Json<SyncView>, Error> {
     caller.require_staff(&READERS)?;
     let mut link = state.link.status();
     if !link.configured {
@@ -254,10 +257,10 @@ pub async fn sync_status(
         .read(move |conn| {
             let (count, oldest) = crate::outbox::lag(conn, acked)?;
             let last = crate::outbox::last_seq(conn)?;
-            Ok::<_, ApiError>((count, oldest, last))
+            Ok::<_, Error>((count, oldest, last))
         })
         .await?;
-    let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+    let now = crate::clock::now_ms();
     Ok(Json(SyncView {
         link,
         pending_rows,
@@ -281,15 +284,15 @@ pub struct SyncEpoch {
 pub async fn start_sync_epoch(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<(StatusCode, Json<SyncEpoch>), ApiError> {
+) -> Result<(StatusCode, Json<SyncEpoch>), Error> {
     caller.require_staff(&[Role::Admin])?;
     let started = state
         .db
         .writer()
         .write(move |conn| {
-            let now = i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX);
+            let now = crate::clock::now_ms();
             let (epoch, base) = crate::outbox::start_epoch(conn, now)?;
-            audit(
+            audit::record(
                 conn,
                 &caller.actor(),
                 &caller.meta,
@@ -297,7 +300,7 @@ pub async fn start_sync_epoch(
                 None,
                 serde_json::json!({"epoch": epoch, "base": base}),
             )?;
-            Ok::<_, ApiError>(SyncEpoch { epoch, base })
+            Ok::<_, Error>(SyncEpoch { epoch, base })
         })
         .await?;
     state.link.reconnect();

@@ -10,46 +10,38 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::AppState;
 use super::auth::{Caller, Principal, Role};
-use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath};
-use super::{AppState, audit, format_time};
+use super::problem::Problem;
+use crate::audit;
+use crate::error::Error;
 use crate::jobs::{self, NewJob};
 
 const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
 const WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
 const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 
-fn now_ms() -> i64 {
-    i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
-}
-
-fn time_of(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map(format_time)
-        .unwrap_or_default()
-}
-
-fn participant(caller: &Caller) -> Result<(i64, i64), ApiError> {
+fn participant(caller: &Caller) -> Result<(i64, i64), Error> {
     match &caller.principal {
         Principal::Participant {
             team_id, event_id, ..
         } => Ok((*team_id, *event_id)),
-        Principal::Staff { .. } => Err(ApiError::forbidden(
-            "only participants do this for their team",
-        )),
+        Principal::Staff { .. } => {
+            Err(Error::forbidden("only participants do this for their team"))
+        }
     }
 }
 
-fn require_running(conn: &Connection, event_id: i64, what: &str) -> Result<(), ApiError> {
+fn require_running(conn: &Connection, event_id: i64, what: &str) -> Result<(), Error> {
     let state: String = conn
         .query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| {
             r.get(0)
         })
         .optional()?
-        .ok_or(ApiError::NotFound("event"))?;
+        .ok_or(Error::NotFound("event"))?;
     if !matches!(state.as_str(), "live" | "frozen") {
-        return Err(ApiError::conflict(
+        return Err(Error::conflict(
             Some("state"),
             format!("{what} while the event is live; it is {state}"),
         ));
@@ -93,12 +85,12 @@ pub async fn create_hint(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(body): ApiJson<NewHint>,
-) -> Result<(StatusCode, Json<HintView>), ApiError> {
+) -> Result<(StatusCode, Json<HintView>), Error> {
     caller.require_staff(&WRITERS)?;
     let title = super::validate::name("title", &body.title, 120)?;
     let text = super::validate::name("body", &body.body, 4000)?;
     if body.cost > 1000 {
-        return Err(ApiError::invalid("cost", "at most 1000 points"));
+        return Err(Error::invalid("cost", "at most 1000 points"));
     }
     let check = match body.check {
         Some(check) => Some(super::validate::name("check", &check, 128)?),
@@ -110,14 +102,14 @@ pub async fn create_hint(
         .write(move |conn| {
             let exists: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)", [event_id], |r| r.get(0))?;
             if !exists {
-                return Err(ApiError::NotFound("event"));
+                return Err(Error::NotFound("event"));
             }
             conn.execute(
                 "INSERT INTO hints (event_id, title, body, cost, check_name, created_by, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![event_id, title, text, body.cost, check, caller.actor(), now_ms()],
+                params![event_id, title, text, body.cost, check, caller.actor(), crate::clock::now_ms()],
             )?;
             let id = conn.last_insert_rowid();
-            audit(conn, &caller.actor(), &caller.meta, "hint.created", Some(&format!("hint:{id}")), serde_json::json!({"title": title, "cost": body.cost}))?;
+            audit::record(conn, &caller.actor(), &caller.meta, "hint.created", Some(&format!("hint:{id}")), serde_json::json!({"title": title, "cost": body.cost}))?;
             Ok(HintView { id, title, cost: body.cost, check, body: Some(text), unlocked: false, unlocked_by_teams: Some(0) })
         })
         .await?;
@@ -131,7 +123,7 @@ pub async fn list_hints(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<Vec<HintView>>, ApiError> {
+) -> Result<Json<Vec<HintView>>, Error> {
     caller.require_staff(&READERS)?;
     let hints = state
         .db
@@ -152,13 +144,13 @@ pub async fn list_hints(
                     unlocked_by_teams: r.get(5)?,
                 })
             })?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(hints))
 }
 
-fn team_hints(conn: &Connection, event_id: i64, team_id: i64) -> Result<Vec<HintView>, ApiError> {
+fn team_hints(conn: &Connection, event_id: i64, team_id: i64) -> Result<Vec<HintView>, Error> {
     let mut statement = conn.prepare_cached(
         "SELECT h.id, h.title, h.cost, h.check_name, h.body,
                 EXISTS(SELECT 1 FROM score_adjustments a WHERE a.hint_id = h.id AND a.team_id = ?2 AND a.kind = 'hint')
@@ -176,7 +168,7 @@ fn team_hints(conn: &Connection, event_id: i64, team_id: i64) -> Result<Vec<Hint
             unlocked_by_teams: None,
         })
     })?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+    rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
 }
 
 /// The team's hints: titles and costs, and the text of those it unlocked.
@@ -184,7 +176,7 @@ fn team_hints(conn: &Connection, event_id: i64, team_id: i64) -> Result<Vec<Hint
 pub async fn my_hints(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Vec<HintView>>, ApiError> {
+) -> Result<Json<Vec<HintView>>, Error> {
     let (team_id, event_id) = participant(&caller)?;
     Ok(Json(
         state
@@ -202,7 +194,7 @@ pub async fn unlock_hint(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(hint_id): ApiPath<i64>,
-) -> Result<Json<HintView>, ApiError> {
+) -> Result<Json<HintView>, Error> {
     let (team_id, event_id) = participant(&caller)?;
     let view = state
         .db
@@ -211,7 +203,7 @@ pub async fn unlock_hint(
             let hint: Option<(String, u32)> = conn
                 .query_row("SELECT title, cost FROM hints WHERE id = ?1 AND event_id = ?2", params![hint_id, event_id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            let (title, cost) = hint.ok_or(ApiError::NotFound("hint"))?;
+            let (title, cost) = hint.ok_or(Error::NotFound("hint"))?;
             let unlocked: bool = conn.query_row(
                 "SELECT EXISTS(SELECT 1 FROM score_adjustments WHERE hint_id = ?1 AND team_id = ?2 AND kind = 'hint')",
                 params![hint_id, team_id],
@@ -221,11 +213,11 @@ pub async fn unlock_hint(
                 require_running(conn, event_id, "hints are unlocked")?;
                 conn.execute(
                     "INSERT INTO score_adjustments (event_id, team_id, points, kind, hint_id, reason, actor, created_ms) VALUES (?1, ?2, ?3, 'hint', ?4, ?5, ?6, ?7)",
-                    params![event_id, team_id, -f64::from(cost), hint_id, format!("hint unlocked: {title}"), caller.actor(), now_ms()],
+                    params![event_id, team_id, -f64::from(cost), hint_id, format!("hint unlocked: {title}"), caller.actor(), crate::clock::now_ms()],
                 )?;
                 let adjustment = conn.last_insert_rowid();
-                audit(conn, &caller.actor(), &caller.meta, "hint.unlocked", Some(&format!("hint:{hint_id}")), serde_json::json!({"team_id": team_id, "cost": cost}))?;
-                let now = now_ms();
+                audit::record(conn, &caller.actor(), &caller.meta, "hint.unlocked", Some(&format!("hint:{hint_id}")), serde_json::json!({"team_id": team_id, "cost": cost}))?;
+                let now = crate::clock::now_ms();
                 crate::outbox::append(conn, crate::outbox::Change::ScoreAdjustment, &format!("score_adjustment:{adjustment}"),
                     &serde_json::json!({"id": adjustment, "event_id": event_id, "team_id": team_id, "points": -f64::from(cost), "kind": "hint", "at_ms": now}), now)?;
                 // The billing ledger keeps hint unlocks too (points, no money).
@@ -242,7 +234,7 @@ pub async fn unlock_hint(
                     actor: &actor,
                 }, now)?;
             }
-            team_hints(conn, event_id, team_id)?.into_iter().find(|h| h.id == hint_id).ok_or(ApiError::NotFound("hint"))
+            team_hints(conn, event_id, team_id)?.into_iter().find(|h| h.id == hint_id).ok_or(Error::NotFound("hint"))
         })
         .await?;
     Ok(Json(view))
@@ -270,7 +262,7 @@ pub struct LedgerEntry {
     pub at: String,
 }
 
-fn ledger(conn: &Connection, team_id: i64) -> Result<Vec<LedgerEntry>, ApiError> {
+fn ledger(conn: &Connection, team_id: i64) -> Result<Vec<LedgerEntry>, Error> {
     let mut statement =
         conn.prepare_cached("SELECT id, team_id, points, kind, reason, actor, created_ms FROM score_adjustments WHERE team_id = ?1 ORDER BY id")?;
     let rows = statement.query_map([team_id], |r| {
@@ -281,10 +273,10 @@ fn ledger(conn: &Connection, team_id: i64) -> Result<Vec<LedgerEntry>, ApiError>
             kind: r.get(3)?,
             reason: r.get(4)?,
             actor: r.get(5)?,
-            at: time_of(r.get(6)?),
+            at: crate::clock::format_ms_or_empty(r.get(6)?),
         })
     })?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+    rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
 }
 
 /// Adds a correction to a team's score ledger (the only way to undo a hint's cost).
@@ -295,34 +287,31 @@ pub async fn correct(
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
     ApiJson(body): ApiJson<Correction>,
-) -> Result<(StatusCode, Json<Vec<LedgerEntry>>), ApiError> {
+) -> Result<(StatusCode, Json<Vec<LedgerEntry>>), Error> {
     caller.require_staff(&WRITERS)?;
     if !body.points.is_finite() || body.points == 0.0 || body.points.abs() > 1000.0 {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "points",
             "must be between -1000 and 1000 and not 0",
         ));
     }
     let reason = super::validate::name("reason", &body.reason, 500)?;
     if reason.chars().count() < 3 {
-        return Err(ApiError::invalid(
-            "reason",
-            "say why (at least 3 characters)",
-        ));
+        return Err(Error::invalid("reason", "say why (at least 3 characters)"));
     }
     let entries = state
         .db
         .writer()
         .write(move |conn| {
             let event_id: i64 =
-                conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?.ok_or(ApiError::NotFound("team"))?;
+                conn.query_row("SELECT event_id FROM teams WHERE id = ?1", [team_id], |r| r.get(0)).optional()?.ok_or(Error::NotFound("team"))?;
             conn.execute(
                 "INSERT INTO score_adjustments (event_id, team_id, points, kind, reason, actor, created_ms) VALUES (?1, ?2, ?3, 'correction', ?4, ?5, ?6)",
-                params![event_id, team_id, body.points, reason, caller.actor(), now_ms()],
+                params![event_id, team_id, body.points, reason, caller.actor(), crate::clock::now_ms()],
             )?;
             let adjustment = conn.last_insert_rowid();
-            audit(conn, &caller.actor(), &caller.meta, "score.corrected", Some(&format!("team:{team_id}")), serde_json::json!({"points": body.points, "reason": reason}))?;
-            let now = now_ms();
+            audit::record(conn, &caller.actor(), &caller.meta, "score.corrected", Some(&format!("team:{team_id}")), serde_json::json!({"points": body.points, "reason": reason}))?;
+            let now = crate::clock::now_ms();
             crate::outbox::append(conn, crate::outbox::Change::ScoreAdjustment, &format!("score_adjustment:{adjustment}"),
                 &serde_json::json!({"id": adjustment, "event_id": event_id, "team_id": team_id, "points": body.points, "kind": "correction", "reason": reason, "at_ms": now}), now)?;
             ledger(conn, team_id)
@@ -338,7 +327,7 @@ pub async fn get_ledger(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
-) -> Result<Json<Vec<LedgerEntry>>, ApiError> {
+) -> Result<Json<Vec<LedgerEntry>>, Error> {
     caller.require_staff(&READERS)?;
     Ok(Json(
         state.db.read(move |conn| ledger(conn, team_id)).await?,
@@ -365,7 +354,7 @@ pub async fn ask(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<Question>,
-) -> Result<(StatusCode, Json<QuestionQueued>), ApiError> {
+) -> Result<(StatusCode, Json<QuestionQueued>), Error> {
     let (team_id, event_id) = participant(&caller)?;
     let question = super::validate::name("question", &body.question, 1000)?;
     let attempts = state.queue.attempts_for(crate::agents::HINT_JOB);
@@ -380,7 +369,7 @@ pub async fn ask(
                 |r| r.get(0),
             )?;
             if pending {
-                return Err(ApiError::conflict(None, "your previous question is still being answered"));
+                return Err(Error::conflict(None, "your previous question is still being answered"));
             }
             let job = NewJob {
                 priority: 1,
@@ -388,9 +377,9 @@ pub async fn ask(
                 ..NewJob::new(crate::agents::HINT_JOB, serde_json::json!({"event_id": event_id, "team_id": team_id, "question": question}))
                     .for_team(team_id)
             };
-            let (id, _) = jobs::enqueue(conn, &job, now_ms())?;
-            audit(conn, &caller.actor(), &caller.meta, "assistant.asked", Some(&format!("team:{team_id}")), serde_json::json!({"job_id": id}))?;
-            Ok::<_, ApiError>(id)
+            let (id, _) = jobs::enqueue(conn, &job, crate::clock::now_ms())?;
+            audit::record(conn, &caller.actor(), &caller.meta, "assistant.asked", Some(&format!("team:{team_id}")), serde_json::json!({"job_id": id}))?;
+            Ok::<_, Error>(id)
         })
         .await?;
     state.wake_workers();
@@ -415,7 +404,7 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentMessage> {
         agent: r.get(2)?,
         source: r.get(3)?,
         body: r.get(4)?,
-        at: time_of(r.get(5)?),
+        at: crate::clock::format_ms_or_empty(r.get(5)?),
     })
 }
 
@@ -433,7 +422,7 @@ pub struct MyMessages {
 pub async fn my_messages(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<MyMessages>, ApiError> {
+) -> Result<Json<MyMessages>, Error> {
     let (team_id, _) = participant(&caller)?;
     let messages = state
         .db
@@ -443,14 +432,14 @@ pub async fn my_messages(
             )?
             .query_map([team_id], row_to_message)?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(ApiError::from)
+            .map_err(Error::from)
         })
         .await?;
     let tokens_used = state
         .llm
         .used(&state.db, team_id)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?;
     Ok(Json(MyMessages {
         messages,
         model_configured: state.llm.configured(),
@@ -476,7 +465,7 @@ pub async fn event_messages(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<AgentQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<AgentMessage>>, ApiError> {
+) -> Result<Json<Vec<AgentMessage>>, Error> {
     caller.require_staff(&READERS)?;
     let Query(query) = query?;
     if query
@@ -484,7 +473,7 @@ pub async fn event_messages(
         .as_deref()
         .is_some_and(|agent| !matches!(agent, "hint" | "commentary"))
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "agent",
             "agent must be `hint` or `commentary`",
         ));
@@ -498,7 +487,7 @@ pub async fn event_messages(
             )?
             .query_map(params![event_id, query.agent], row_to_message)?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(ApiError::from)
+            .map_err(Error::from)
         })
         .await?;
     Ok(Json(messages))
@@ -520,15 +509,15 @@ pub async fn alerts(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<Vec<Alert>>, ApiError> {
+) -> Result<Json<Vec<Alert>>, Error> {
     caller.require_staff(&OPERATORS)?;
     let alerts = state
         .db
         .read(move |conn| {
             conn.prepare_cached("SELECT id, team_id, kind, detail, created_ms FROM alerts WHERE event_id = ?1 ORDER BY id DESC LIMIT 200")?
-                .query_map([event_id], |r| Ok(Alert { id: r.get(0)?, team_id: r.get(1)?, kind: r.get(2)?, detail: r.get(3)?, at: time_of(r.get(4)?) }))?
+                .query_map([event_id], |r| Ok(Alert { id: r.get(0)?, team_id: r.get(1)?, kind: r.get(2)?, detail: r.get(3)?, at: crate::clock::format_ms_or_empty(r.get(4)?) }))?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(ApiError::from)
+                .map_err(Error::from)
         })
         .await?;
     Ok(Json(alerts))
@@ -550,7 +539,7 @@ pub async fn llm_usage(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<Vec<TokenUse>>, ApiError> {
+) -> Result<Json<Vec<TokenUse>>, Error> {
     caller.require_staff(&OPERATORS)?;
     let usage = state
         .db
@@ -560,7 +549,7 @@ pub async fn llm_usage(
             )?
             .query_map([event_id], |r| Ok(TokenUse { team_id: r.get(0)?, calls: r.get(1)?, prompt_tokens: r.get(2)?, completion_tokens: r.get(3)? }))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(ApiError::from)
+            .map_err(Error::from)
         })
         .await?;
     Ok(Json(usage))
@@ -582,11 +571,11 @@ pub struct Announcement {
     pub at: String,
 }
 
-fn announcements_of(conn: &Connection, event_id: i64) -> Result<Vec<Announcement>, ApiError> {
+fn announcements_of(conn: &Connection, event_id: i64) -> Result<Vec<Announcement>, Error> {
     conn.prepare_cached("SELECT id, body, author, created_ms FROM announcements WHERE event_id = ?1 ORDER BY id DESC LIMIT 100")?
-        .query_map([event_id], |r| Ok(Announcement { id: r.get(0)?, text: r.get(1)?, author: r.get(2)?, at: time_of(r.get(3)?) }))?
+        .query_map([event_id], |r| Ok(Announcement { id: r.get(0)?, text: r.get(1)?, author: r.get(2)?, at: crate::clock::format_ms_or_empty(r.get(3)?) }))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(ApiError::from)
+        .map_err(Error::from)
 }
 
 /// Broadcasts an announcement to the event's participants (their team page shows it).
@@ -597,7 +586,7 @@ pub async fn announce(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(body): ApiJson<NewAnnouncement>,
-) -> Result<(StatusCode, Json<Announcement>), ApiError> {
+) -> Result<(StatusCode, Json<Announcement>), Error> {
     caller.require_staff(&OPERATORS)?;
     let text = super::validate::name("text", &body.text, 1000)?;
     let announcement = state
@@ -606,14 +595,14 @@ pub async fn announce(
         .write(move |conn| {
             let exists: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)", [event_id], |r| r.get(0))?;
             if !exists {
-                return Err(ApiError::NotFound("event"));
+                return Err(Error::NotFound("event"));
             }
-            let now = now_ms();
+            let now = crate::clock::now_ms();
             let author = caller.actor();
             conn.execute("INSERT INTO announcements (event_id, body, author, created_ms) VALUES (?1, ?2, ?3, ?4)", params![event_id, text, author, now])?;
             let id = conn.last_insert_rowid();
-            audit(conn, &author, &caller.meta, "announcement.sent", Some(&format!("event:{event_id}")), serde_json::json!({"id": id}))?;
-            Ok(Announcement { id, text, author, at: time_of(now) })
+            audit::record(conn, &author, &caller.meta, "announcement.sent", Some(&format!("event:{event_id}")), serde_json::json!({"id": id}))?;
+            Ok(Announcement { id, text, author, at: crate::clock::format_ms_or_empty(now) })
         })
         .await?;
     Ok((StatusCode::CREATED, Json(announcement)))
@@ -626,7 +615,7 @@ pub async fn list_announcements(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
-) -> Result<Json<Vec<Announcement>>, ApiError> {
+) -> Result<Json<Vec<Announcement>>, Error> {
     caller.require_staff(&READERS)?;
     Ok(Json(
         state
@@ -641,7 +630,7 @@ pub async fn list_announcements(
 pub async fn my_announcements(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Vec<Announcement>>, ApiError> {
+) -> Result<Json<Vec<Announcement>>, Error> {
     let (_, event_id) = participant(&caller)?;
     Ok(Json(
         state

@@ -10,12 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rusqlite::params;
 
-use crate::api::{self, AppState, auth};
 use crate::cli::{LogFormat, ServeConfig};
-use crate::db::{self, Db};
+use crate::http::{self, AppState, auth};
 use crate::metrics::Metrics;
-
-pub const DB_FILE: &str = "labrack.db";
+use crate::store::{self, Db};
 
 /// After its first request (bounded by `first_request_timeout`), a kept-alive HTTP/1
 /// connection must send each next request's headers within `idle` (hyper's timer runs while
@@ -43,7 +41,7 @@ async fn note_host_addresses(state: &AppState) {
             let mut stmt = conn.prepare("SELECT address FROM hosts")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             rows.collect::<Result<Vec<_>, _>>()
-                .map_err(crate::api::error::ApiError::from)
+                .map_err(crate::error::Error::from)
         })
         .await
         .unwrap_or_default();
@@ -83,11 +81,14 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let started = Instant::now();
     labrack_serving::data_dir::prepare(&config.data_dir)?;
     let metrics = Arc::new(Metrics::default());
-    let db = Db::open(&config.data_dir.join(DB_FILE), metrics.clone())
-        .context("opening the database")?;
+    let db = Db::open(
+        &config.data_dir.join(crate::store::DB_FILE),
+        metrics.clone(),
+    )
+    .context("opening the database")?;
     let first_admin_password = bootstrap_first_admin(&db).await?;
 
-    let nofile = crate::connections::raise_nofile_limit();
+    let nofile = crate::http::connections::raise_nofile_limit();
     let limits = config.connections.within_nofile(nofile);
     if limits != config.connections {
         tracing::warn!(
@@ -115,7 +116,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     state.host_grace = Duration::from_secs(config.host_grace_secs);
     state.webrtc_bind = config.webrtc_bind.clone();
     state.queue = Arc::new(config.queue.clone());
-    state.connections = Arc::new(crate::connections::ConnectionGate::new(limits));
+    state.connections = Arc::new(crate::http::connections::ConnectionGate::new(limits));
     note_host_addresses(&state).await;
     if config.llm.endpoints.is_empty() {
         tracing::info!("no language model configured: the agents use their rules");
@@ -133,15 +134,19 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     state.data_dir = Some(config.data_dir.clone());
     let relay = config.sync.clone().map(|settings| {
         println!("labrack: syncing to the cloud at {}", settings.cloud);
-        tokio::spawn(crate::sync::relay::run(state.clone(), settings))
+        tokio::spawn(crate::sync::relay::run(state.relay(), settings))
     });
     let observer = tokio::spawn(crate::agents::run_observer(
-        state.clone(),
+        state.agents(),
         config.observer_every,
         config.idle_after,
     ));
-    let reconciler = tokio::spawn(crate::labs::run_reconciler(state.clone()));
-    let workers = crate::checks::spawn_workers(&state, config.queue.check_workers);
+    let reconciler = tokio::spawn(crate::labs::run_reconciler(state.reconciler()));
+    let reaper = tokio::spawn(super::desktop::run_reaper(
+        state.desktops.clone(),
+        state.shutdown.clone(),
+    ));
+    let workers = crate::checks::spawn_workers(&state.workers(), config.queue.check_workers);
     let shutdown = state.shutdown.clone();
     // The TLS identity first: the appliance page shows its CA fingerprint for consoles.
     let identity = if config.dev_http {
@@ -155,8 +160,8 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     state.ca_fingerprint = identity
         .as_ref()
         .map(|identity| format!("SHA256:{}", identity.ca_fingerprint));
-    let gate = crate::connections::GateAcceptor::new(state.connections.clone());
-    let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let gate = crate::http::connections::GateAcceptor::new(state.connections.clone());
+    let app = http::app(state).into_make_service_with_connect_info::<SocketAddr>();
 
     let shown_host = if local.ip().is_unspecified() {
         "127.0.0.1".to_owned()
@@ -174,7 +179,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let handshakes = identity
         .as_ref()
         .map(|_| {
-            crate::connections::HandshakeThreads::start(
+            crate::http::connections::HandshakeThreads::start(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             )
         })
@@ -190,7 +195,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let handshake_threads = handshakes
             .as_ref()
             .context("no threads for TLS handshakes")?;
-        let acceptor = crate::connections::GatedTlsAcceptor::new(
+        let acceptor = crate::http::connections::GatedTlsAcceptor::new(
             gate,
             identity.server_config,
             handshake_threads,
@@ -231,6 +236,7 @@ async fn run(config: ServeConfig) -> anyhow::Result<()> {
     drop(announcement);
     shutdown.send_replace(true);
     let _ = reconciler.await;
+    let _ = reaper.await;
     let _ = observer.await;
     if let Some(relay) = relay {
         let _ = relay.await;
@@ -320,7 +326,7 @@ impl ShutdownSignals {
 
 /// A readable one-time password: 4 groups of 4 from the unambiguous alphabet (80 bits).
 fn one_time_password() -> String {
-    let raw = api::events_random_code(16);
+    let raw = http::events_random_code(16);
     format!(
         "{}-{}-{}-{}",
         &raw[..4],
@@ -343,11 +349,11 @@ async fn bootstrap_first_admin(db: &Db) -> anyhow::Result<Option<String>> {
             }
             conn.execute(
                 "INSERT INTO staff (username, password_hash, role, must_change_password, created_at) VALUES ('admin', ?1, 'admin', 1, ?2)",
-                params![hash, api::now_rfc3339()],
+                params![hash, crate::clock::now_rfc3339()],
             )?;
-            let at = api::now_rfc3339();
+            let at = crate::clock::now_rfc3339();
             let entry = crate::audit::Entry { at: &at, actor: "system", action: "staff.bootstrap_admin", target: Some("staff:admin"), remote_addr: None, request_id: None, detail: "{}" };
-            crate::audit::append(conn, &entry, i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX))?;
+            crate::audit::append(conn, &entry, crate::clock::now_ms())?;
             Ok::<_, rusqlite::Error>(true)
         })
         .await
@@ -357,10 +363,10 @@ async fn bootstrap_first_admin(db: &Db) -> anyhow::Result<Option<String>> {
 
 /// `labrack admin reset-password`: works while the server runs (SQLite serialises writers).
 pub fn reset_password(data_dir: &Path, username: &str) -> anyhow::Result<String> {
-    let path = data_dir.join(DB_FILE);
+    let path = data_dir.join(crate::store::DB_FILE);
     anyhow::ensure!(path.exists(), "no database at {}", path.display());
-    let mut conn = db::open_connection(&path, false)?;
-    db::migrate(&mut conn)?;
+    let mut conn = store::open_connection(&path, false)?;
+    store::migrate(&mut conn)?;
     let password = one_time_password();
     let hash = auth::hash_password(&password).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tx = conn.transaction()?;
@@ -376,7 +382,7 @@ pub fn reset_password(data_dir: &Path, username: &str) -> anyhow::Result<String>
         params![hash, id],
     )?;
     tx.execute("DELETE FROM sessions WHERE staff_id = ?1", [id])?;
-    let (at, target) = (api::now_rfc3339(), format!("staff:{id}"));
+    let (at, target) = (crate::clock::now_rfc3339(), format!("staff:{id}"));
     let entry = crate::audit::Entry {
         at: &at,
         actor: "system:cli",
@@ -386,11 +392,7 @@ pub fn reset_password(data_dir: &Path, username: &str) -> anyhow::Result<String>
         request_id: None,
         detail: "{}",
     };
-    crate::audit::append(
-        &tx,
-        &entry,
-        i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX),
-    )?;
+    crate::audit::append(&tx, &entry, crate::clock::now_ms())?;
     tx.commit()?;
     Ok(password)
 }

@@ -9,11 +9,13 @@ use rusqlite::{OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::AppState;
 use super::auth::{Caller, Principal, Role};
-use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiPath};
-use super::{AppState, audit, format_time};
+use super::problem::Problem;
+use crate::audit;
 use crate::checks::{self, BatchQueued, BatchRequest};
+use crate::error::Error;
 
 const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
@@ -29,17 +31,6 @@ const RUN_STATES: [&str; 6] = [
     "error",
     "cancelled",
 ];
-
-fn now_ms() -> i64 {
-    i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX)
-}
-
-fn time_of(ms: Option<i64>) -> Option<String> {
-    let ms = ms?;
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .map(format_time)
-}
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +53,7 @@ pub async fn queue_batch(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(body): ApiJson<RunChecks>,
-) -> Result<(StatusCode, Json<BatchQueued>), ApiError> {
+) -> Result<(StatusCode, Json<BatchQueued>), Error> {
     caller.require_staff(&OPERATORS)?;
     let reason = match body.reason {
         Some(reason) => super::validate::name("reason", &reason, 200)?,
@@ -85,11 +76,11 @@ pub async fn queue_batch(
         .db
         .writer()
         .write(move |conn| {
-            let queued = checks::queue_batch(conn, &request, now_ms())?;
+            let queued = checks::queue_batch(conn, &request, crate::clock::now_ms())?;
             let detail = serde_json::json!({"team_id": request.team_id, "check": request.check_name, "reason": request.reason,
                 "queued": queued.queued, "skipped": queued.skipped.len()});
-            audit(conn, &caller.actor(), &caller.meta, "checks.queued", Some(&format!("check_batch:{}", queued.batch_id)), detail)?;
-            Ok::<_, ApiError>(queued)
+            audit::record(conn, &caller.actor(), &caller.meta, "checks.queued", Some(&format!("check_batch:{}", queued.batch_id)), detail)?;
+            Ok::<_, Error>(queued)
         })
         .await?;
     state.wake_workers();
@@ -127,7 +118,7 @@ pub async fn get_batch(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(batch_id): ApiPath<i64>,
-) -> Result<Json<BatchView>, ApiError> {
+) -> Result<Json<BatchView>, Error> {
     caller.require_staff(&READERS)?;
     let view = state
         .db
@@ -140,7 +131,7 @@ pub async fn get_batch(
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
                 )
                 .optional()?;
-            let Some((event_id, reason, requested_by, team_id, check, created_ms)) = batch else { return Err(ApiError::NotFound("check batch")) };
+            let Some((event_id, reason, requested_by, team_id, check, created_ms)) = batch else { return Err(Error::NotFound("check batch")) };
             let mut counts = RunCounts::default();
             let mut statement = conn.prepare_cached("SELECT state, count(*) FROM check_runs WHERE batch_id = ?1 GROUP BY state")?;
             let rows = statement.query_map([batch_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
@@ -156,7 +147,7 @@ pub async fn get_batch(
                 }
             }
             let done = counts.queued == 0 && counts.running == 0;
-            Ok(BatchView { id: batch_id, event_id, reason, requested_by, team_id, check, created_at: time_of(Some(created_ms)), counts, done })
+            Ok(BatchView { id: batch_id, event_id, reason, requested_by, team_id, check, created_at: crate::clock::format_ms_opt(Some(created_ms)), counts, done })
         })
         .await?;
     Ok(Json(view))
@@ -206,20 +197,17 @@ pub async fn list_runs(
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<RunView>>, ApiError> {
+) -> Result<Json<Vec<RunView>>, Error> {
     caller.require_staff(&READERS)?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(200);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid(
-            "limit",
-            "limit must be between 1 and 1000",
-        ));
+        return Err(Error::invalid("limit", "limit must be between 1 and 1000"));
     }
     if let Some(wanted) = &query.state
         && !RUN_STATES.contains(&wanted.as_str())
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "state",
             format!("state must be one of {}", RUN_STATES.join(", ")),
         ));
@@ -229,7 +217,7 @@ pub async fn list_runs(
         .read(move |conn| {
             let exists: bool = conn.query_row("SELECT EXISTS(SELECT 1 FROM events WHERE id = ?1)", [event_id], |r| r.get(0))?;
             if !exists {
-                return Err(ApiError::NotFound("event"));
+                return Err(Error::NotFound("event"));
             }
             let mut statement = conn.prepare_cached(
                 "SELECT id, batch_id, team_id, check_name, dimension, weight, hidden, state, message, output, exit_code, timed_out,
@@ -254,22 +242,22 @@ pub async fn list_runs(
                     timed_out: r.get(11)?,
                     duration_ms: r.get(12)?,
                     job_id: r.get(13)?,
-                    created_at: time_of(r.get(14)?),
-                    finished_at: time_of(r.get(15)?),
+                    created_at: crate::clock::format_ms_opt(r.get(14)?),
+                    finished_at: crate::clock::format_ms_opt(r.get(15)?),
                 })
             })?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(ApiError::from)
+            rows.collect::<Result<Vec<_>, _>>().map_err(Error::from)
         })
         .await?;
     Ok(Json(runs))
 }
 
-fn participant(caller: &Caller) -> Result<(i64, i64), ApiError> {
+fn participant(caller: &Caller) -> Result<(i64, i64), Error> {
     match &caller.principal {
         Principal::Participant {
             team_id, event_id, ..
         } => Ok((*team_id, *event_id)),
-        Principal::Staff { .. } => Err(ApiError::forbidden(
+        Principal::Staff { .. } => Err(Error::forbidden(
             "only participants have team checks; staff queue check batches",
         )),
     }
@@ -281,17 +269,17 @@ fn participant(caller: &Caller) -> Result<(i64, i64), ApiError> {
 pub async fn run_mine(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<(StatusCode, Json<BatchQueued>), ApiError> {
+) -> Result<(StatusCode, Json<BatchQueued>), Error> {
     let (team_id, event_id) = participant(&caller)?;
     let max_attempts = state.queue.attempts_for(checks::JOB_KIND);
     let queued = state
         .db
         .writer()
         .write(move |conn| {
-            let now = now_ms();
+            let now = crate::clock::now_ms();
             let event_state: String = conn.query_row("SELECT state FROM events WHERE id = ?1", [event_id], |r| r.get(0))?;
             if !matches!(event_state.as_str(), "live" | "frozen") {
-                return Err(ApiError::conflict(Some("state"), format!("checks run while the event is live; it is {event_state}")));
+                return Err(Error::conflict(Some("state"), format!("checks run while the event is live; it is {event_state}")));
             }
             let busy: bool = conn.query_row(
                 "SELECT EXISTS(SELECT 1 FROM check_runs WHERE team_id = ?1 AND state IN ('queued', 'running'))",
@@ -299,13 +287,13 @@ pub async fn run_mine(
                 |r| r.get(0),
             )?;
             if busy {
-                return Err(ApiError::conflict(None, "your checks are still running; wait for their results"));
+                return Err(Error::conflict(None, "your checks are still running; wait for their results"));
             }
             let last: Option<i64> =
                 conn.query_row("SELECT max(created_ms) FROM check_batches WHERE team_id = ?1 AND reason = 'team request'", [team_id], |r| r.get(0))?;
             if let Some(last) = last.filter(|at| now - at < TEAM_RUN_INTERVAL_MS) {
                 let wait = (TEAM_RUN_INTERVAL_MS - (now - last)).max(1000) / 1000;
-                return Err(ApiError::RateLimited { retry_after_secs: u64::try_from(wait).unwrap_or(30) });
+                return Err(Error::RateLimited { retry_after_secs: u64::try_from(wait).unwrap_or(30) });
             }
             let request = BatchRequest {
                 event_id,
@@ -319,9 +307,9 @@ pub async fn run_mine(
             let queued = checks::queue_batch(conn, &request, now)?;
             if queued.queued == 0 {
                 let why = queued.skipped.first().map_or_else(|| "nothing to run".to_owned(), |s| s.reason.clone());
-                return Err(ApiError::conflict(None, format!("no checks to run: {why}")));
+                return Err(Error::conflict(None, format!("no checks to run: {why}")));
             }
-            audit(conn, &caller.actor(), &caller.meta, "checks.queued", Some(&format!("check_batch:{}", queued.batch_id)),
+            audit::record(conn, &caller.actor(), &caller.meta, "checks.queued", Some(&format!("check_batch:{}", queued.batch_id)),
                 serde_json::json!({"team_id": team_id, "reason": "team request", "queued": queued.queued}))?;
             Ok(queued)
         })
@@ -358,7 +346,7 @@ pub struct MyChecks {
 pub async fn my_checks(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<MyChecks>, ApiError> {
+) -> Result<Json<MyChecks>, Error> {
     let (team_id, _) = participant(&caller)?;
     let view = state
         .db
@@ -399,7 +387,7 @@ pub async fn my_checks(
                     weight,
                     state,
                     message,
-                    finished_at: time_of(finished),
+                    finished_at: crate::clock::format_ms_opt(finished),
                 });
             }
             let running: bool = conn.query_row(
@@ -407,7 +395,7 @@ pub async fn my_checks(
                 [team_id],
                 |r| r.get(0),
             )?;
-            Ok::<_, ApiError>(MyChecks { checks, hidden_checks, visible_points, running })
+            Ok::<_, Error>(MyChecks { checks, hidden_checks, visible_points, running })
         })
         .await?;
     Ok(Json(view))

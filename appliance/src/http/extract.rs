@@ -8,7 +8,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use super::problem::Rejection;
+pub use crate::audit::RequestMeta;
+use crate::error::Error;
 
 /// Largest JSON body any endpoint accepts.
 pub const JSON_LIMIT: usize = 64 * 1024;
@@ -20,12 +22,12 @@ pub const CSV_LIMIT: usize = 1024 * 1024;
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
+    type Rejection = Rejection;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         require_content_type(req.headers(), "application/json")?;
         let body = read_limited(req, JSON_LIMIT).await?;
-        parse_json(&body).map(Self)
+        Ok(Self(parse_json(&body)?))
     }
 }
 
@@ -34,23 +36,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 /// JSON has one number type: `3.0` is the integer 3 (JSON Schema agrees), so integral
 /// numbers are accepted where integers are expected. Every body is an object: serde would
 /// also take a struct written as an array of its fields, which no client means to send.
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
     let mut value: serde_json::Value = {
         let mut deserializer = serde_json::Deserializer::from_slice(body);
-        let value = serde::Deserialize::deserialize(&mut deserializer).map_err(|e| {
-            ApiError::Malformed {
+        let value =
+            serde::Deserialize::deserialize(&mut deserializer).map_err(|e| Error::Malformed {
                 detail: format!("body is not valid JSON: {e}"),
                 field: None,
-            }
-        })?;
-        deserializer.end().map_err(|e| ApiError::Malformed {
+            })?;
+        deserializer.end().map_err(|e| Error::Malformed {
             detail: format!("trailing data after JSON: {e}"),
             field: None,
         })?;
         value
     };
     if !value.is_object() {
-        return Err(ApiError::Invalid {
+        return Err(Error::Invalid {
             detail: "the body must be a JSON object".into(),
             field: Some("body".into()),
         });
@@ -71,7 +72,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         } else {
             format!("{path}: {message}")
         };
-        ApiError::Invalid { detail, field }
+        Error::Invalid { detail, field }
     })
 }
 
@@ -99,12 +100,12 @@ fn integral_numbers_as_integers(value: &mut serde_json::Value) {
 pub struct CsvBody(pub String);
 
 impl<S: Send + Sync> FromRequest<S> for CsvBody {
-    type Rejection = ApiError;
+    type Rejection = Rejection;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
         require_content_type(req.headers(), "text/csv")?;
         let body = read_limited(req, CSV_LIMIT).await?;
-        let text = String::from_utf8(body.to_vec()).map_err(|e| ApiError::Malformed {
+        let text = String::from_utf8(body.to_vec()).map_err(|e| Error::Malformed {
             detail: format!(
                 "csv is not valid UTF-8 (byte {})",
                 e.utf8_error().valid_up_to()
@@ -118,7 +119,7 @@ impl<S: Send + Sync> FromRequest<S> for CsvBody {
 pub(crate) fn require_content_type(
     headers: &HeaderMap,
     expected: &'static str,
-) -> Result<(), ApiError> {
+) -> Result<(), Rejection> {
     let given = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -132,67 +133,48 @@ pub(crate) fn require_content_type(
     if essence == expected {
         Ok(())
     } else {
-        Err(ApiError::UnsupportedMediaType { expected })
+        Err(Rejection::UnsupportedMediaType { expected })
     }
 }
 
-pub(crate) async fn read_limited(
-    req: Request,
-    limit: usize,
-) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_limited(req: Request, limit: usize) -> Result<axum::body::Bytes, Error> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit) {
-        return Err(ApiError::TooLarge { limit });
+        return Err(Error::TooLarge { limit });
     }
     axum::body::to_bytes(req.into_body(), limit)
         .await
-        .map_err(|_| ApiError::TooLarge { limit })
+        .map_err(|_| Error::TooLarge { limit })
 }
 
-/// Where a request came from and its id: what the audit log records.
-#[derive(Debug, Clone)]
-pub struct RequestMeta {
-    pub remote_addr: String,
-    pub request_id: String,
-}
-
-impl RequestMeta {
-    /// The key guesses from this client are counted under (an IPv6 client by its /64).
-    pub fn client_key(&self) -> String {
-        match self.remote_addr.parse::<std::net::IpAddr>() {
-            Ok(ip) => crate::attempts::client_key(ip),
-            Err(_) => format!("ip:{}", self.remote_addr),
-        }
-    }
-
-    pub(crate) fn from_parts(parts: &Parts) -> Self {
-        let remote_addr = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip().to_string())
-            .unwrap_or_else(|| "local".to_owned());
-        let request_id = parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        Self {
-            remote_addr,
-            request_id,
-        }
+/// Where the request in `parts` came from: the peer address and the request id header.
+pub(crate) fn request_meta(parts: &Parts) -> RequestMeta {
+    let remote_addr = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip().to_string())
+        .unwrap_or_else(|| "local".to_owned());
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    RequestMeta {
+        remote_addr,
+        request_id,
     }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self::from_parts(parts))
+        Ok(request_meta(parts))
     }
 }
 
@@ -201,7 +183,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
 pub struct ApiPath<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let axum::extract::Path(value) =
@@ -237,33 +219,33 @@ mod tests {
             -2000
         );
         assert!(
-            matches!(parse_json::<Entry>(br#"{"amount": 2.5}"#), Err(ApiError::Invalid { field: Some(f), .. }) if f == "amount")
+            matches!(parse_json::<Entry>(br#"{"amount": 2.5}"#), Err(Error::Invalid { field: Some(f), .. }) if f == "amount")
         );
         assert!(matches!(
             parse_json::<Entry>(br#"{"amount": 1e300}"#),
-            Err(ApiError::Invalid { .. })
+            Err(Error::Invalid { .. })
         ));
     }
 
     #[test]
     fn a_body_is_an_object_and_broken_json_is_malformed() {
         assert!(
-            matches!(parse_json::<Entry>(br#"[5, null]"#), Err(ApiError::Invalid { field: Some(f), .. }) if f == "body")
+            matches!(parse_json::<Entry>(br#"[5, null]"#), Err(Error::Invalid { field: Some(f), .. }) if f == "body")
         );
         assert!(matches!(
             parse_json::<Entry>(br#"{"amount": 1"#),
-            Err(ApiError::Malformed { .. })
+            Err(Error::Malformed { .. })
         ));
         assert!(matches!(
             parse_json::<Entry>(br#"{"amount": 1} {}"#),
-            Err(ApiError::Malformed { .. })
+            Err(Error::Malformed { .. })
         ));
         assert!(
-            matches!(parse_json::<Entry>(br#"{"amount": "1"}"#), Err(ApiError::Invalid { field: Some(f), .. }) if f == "amount")
+            matches!(parse_json::<Entry>(br#"{"amount": "1"}"#), Err(Error::Invalid { field: Some(f), .. }) if f == "amount")
         );
         assert!(matches!(
             parse_json::<Entry>(br#"{"amount": 1, "extra": 2}"#),
-            Err(ApiError::Invalid { .. })
+            Err(Error::Invalid { .. })
         ));
     }
 }

@@ -8,10 +8,11 @@ pub mod assist;
 pub mod auth;
 pub mod billing;
 pub mod checks;
+pub mod connections;
 pub mod dashboard;
 pub mod desktop;
-pub mod error;
 pub mod extract;
+pub mod problem;
 pub use validate::{email as validate_email, name as validate_name};
 pub mod boards;
 pub mod events;
@@ -22,6 +23,7 @@ pub mod openapi;
 pub mod ops;
 pub mod people;
 pub mod scores;
+pub mod serve;
 pub mod session;
 pub mod staff;
 pub mod terminal;
@@ -38,14 +40,11 @@ use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use rusqlite::Connection;
 use tracing::Instrument as _;
 
-use crate::db::Db;
 use crate::metrics::Metrics;
 use crate::secrets::SecretBox;
-use error::ApiError;
-use extract::RequestMeta;
+use crate::store::Db;
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -58,7 +57,7 @@ pub struct AppState {
     /// argon2 on threads of its own behind a bounded queue
     pub passwords: crate::passwords::PasswordPool,
     /// open connections, capped in all and per client, with room kept for lab hosts
-    pub connections: Arc<crate::connections::ConnectionGate>,
+    pub connections: Arc<crate::http::connections::ConnectionGate>,
     /// the last readiness probe (when, and whether it passed)
     pub readiness: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
     /// whether cookies get the Secure attribute (false only in the plain-HTTP dev mode)
@@ -141,8 +140,8 @@ impl AppState {
             attempts: Arc::default(),
             passwords: crate::passwords::PasswordPool::for_this_machine(),
             readiness: Arc::default(),
-            connections: Arc::new(crate::connections::ConnectionGate::new(
-                crate::connections::ConnectionLimits::default(),
+            connections: Arc::new(crate::http::connections::ConnectionGate::new(
+                crate::http::connections::ConnectionLimits::default(),
             )),
             secure_cookies,
             web_dir,
@@ -157,6 +156,52 @@ impl AppState {
     /// Wakes idle job workers to claim new jobs.
     pub fn wake_workers(&self) {
         self.jobs_wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The job queue's workers' context.
+    pub fn workers(&self) -> crate::checks::Workers {
+        crate::checks::Workers {
+            db: self.db.clone(),
+            secrets: self.secrets.clone(),
+            queue: self.queue.clone(),
+            llm: self.llm.clone(),
+            host_wake: self.host_wake.clone(),
+            jobs_wake: self.jobs_wake.clone(),
+            check_reported: self.check_reported.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// The lab reconciler's context.
+    pub fn reconciler(&self) -> crate::labs::Reconciler {
+        crate::labs::Reconciler {
+            db: self.db.clone(),
+            secrets: self.secrets.clone(),
+            billing: self.billing.clone(),
+            heartbeat: self.heartbeat,
+            host_grace: self.host_grace,
+            host_wake: self.host_wake.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// The agents' context (observer, commentary, hints).
+    pub fn agents(&self) -> crate::agents::AgentContext {
+        crate::agents::AgentContext {
+            db: self.db.clone(),
+            llm: self.llm.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// The sync relay's context.
+    pub fn relay(&self) -> crate::sync::relay::Relay {
+        crate::sync::relay::Relay {
+            db: self.db.clone(),
+            link: self.link.clone(),
+            data_dir: self.data_dir.clone(),
+            shutdown: self.shutdown.clone(),
+        }
     }
 
     /// Sessions ended or an event changed state: open terminals and desktops check theirs.
@@ -323,8 +368,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/me/checks", get(checks::my_checks))
         .route("/v1/me/checks/run", post(checks::run_mine))
         .route("/openapi.json", get(openapi::document))
-        .fallback(|| async { ApiError::NoRoute("no such API endpoint".into()) })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback(|| async { problem::no_route("no such API endpoint") })
+        .method_not_allowed_fallback(|| async { problem::method_not_allowed() })
         .layer(middleware::map_response(no_store));
 
     let web = ops::web_ui(state.web_dir.clone());
@@ -415,59 +460,6 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
         HeaderValue::from_static("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"),
     );
     response
-}
-
-/// Now, as RFC 3339 UTC with second precision.
-pub fn now_rfc3339() -> String {
-    format_time(time::OffsetDateTime::now_utc())
-}
-
-pub fn format_time(t: time::OffsetDateTime) -> String {
-    let t = t
-        .to_offset(time::UtcOffset::UTC)
-        .replace_nanosecond(0)
-        .unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-/// Audit actions that record a refused attempt: the one trace a refused request leaves.
-pub const REFUSAL_AUDITS: &[&str] = &[
-    "auth.login_failed",
-    "auth.lockout",
-    "participant.join_failed",
-    "participant.join_lockout",
-    "host.enrol_failed",
-    "host.enrol_lockout",
-    "terminal.ticket_refused",
-    "desktop.ticket_refused",
-];
-
-/// Appends one audit row. Call inside the same write as the change it records.
-pub fn audit(
-    conn: &Connection,
-    actor: &str,
-    meta: &RequestMeta,
-    action: &str,
-    target: Option<&str>,
-    detail: serde_json::Value,
-) -> Result<(), ApiError> {
-    let (at, detail) = (now_rfc3339(), detail.to_string());
-    let entry = crate::audit::Entry {
-        at: &at,
-        actor,
-        action,
-        target,
-        remote_addr: Some(&meta.remote_addr),
-        request_id: Some(&meta.request_id),
-        detail: &detail,
-    };
-    crate::audit::append(
-        conn,
-        &entry,
-        i64::try_from(crate::labs::unix_ms()).unwrap_or(i64::MAX),
-    )?;
-    Ok(())
 }
 
 pub use events::random_code as events_random_code;

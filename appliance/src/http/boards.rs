@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::error::ApiError;
 use super::scores::PublicBoard;
+use crate::error::Error;
 
 /// How long a computed board is served before it is computed again.
 pub const BOARD_FRESH: Duration = Duration::from_secs(1);
@@ -58,10 +58,10 @@ impl Boards {
         event_id: i64,
         bracket: Option<String>,
         compute: F,
-    ) -> Result<Arc<Computed>, ApiError>
+    ) -> Result<Arc<Computed>, Error>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<PublicBoard, ApiError>>,
+        Fut: std::future::Future<Output = Result<PublicBoard, Error>>,
     {
         let key = (event_id, bracket);
         if let Some(hit) = self.fresh(&key) {
@@ -71,7 +71,7 @@ impl Boards {
             let mut computing = self
                 .computing
                 .lock()
-                .map_err(|_| ApiError::Internal("board lock poisoned".into()))?;
+                .map_err(|_| Error::Internal("board lock poisoned".into()))?;
             computing.entry(key.clone()).or_default().clone()
         };
         let _turn = lock.lock().await;
@@ -82,13 +82,13 @@ impl Boards {
         let mut cache = self
             .cache
             .lock()
-            .map_err(|_| ApiError::Internal("board cache poisoned".into()))?;
+            .map_err(|_| Error::Internal("board cache poisoned".into()))?;
         let previous = cache.get(&key).map(|e| e.computed.clone());
         let computed = match previous {
             Some(previous) if previous.board == board => previous,
             _ => {
                 let json: Arc<str> = serde_json::to_string(&board)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?
+                    .map_err(|e| Error::Internal(e.to_string()))?
                     .into();
                 let version = self
                     .versions
@@ -121,20 +121,20 @@ impl Boards {
     }
 
     /// A place for one more stream from `client`, or a refusal naming the cap.
-    pub fn open_stream(self: &Arc<Self>, client: &str) -> Result<StreamSlot, ApiError> {
+    pub fn open_stream(self: &Arc<Self>, client: &str) -> Result<StreamSlot, Error> {
         use std::sync::atomic::Ordering;
         let mut streams = self
             .streams
             .lock()
-            .map_err(|_| ApiError::Internal("stream counts poisoned".into()))?;
+            .map_err(|_| Error::Internal("stream counts poisoned".into()))?;
         let mine = streams.get(client).copied().unwrap_or(0);
         if mine >= MAX_STREAMS_PER_CLIENT {
-            return Err(ApiError::RateLimited {
+            return Err(Error::RateLimited {
                 retry_after_secs: 10,
             });
         }
         if self.total.load(Ordering::Relaxed) >= MAX_STREAMS {
-            return Err(ApiError::Busy {
+            return Err(Error::Busy {
                 detail: format!("{MAX_STREAMS} scoreboard streams are open; try again shortly"),
                 retry_after_secs: 10,
             });
@@ -231,7 +231,7 @@ mod tests {
             .collect();
         assert!(matches!(
             boards.open_stream("10.0.0.1"),
-            Err(ApiError::RateLimited { .. })
+            Err(Error::RateLimited { .. })
         ));
         assert!(
             boards.open_stream("10.0.0.2").is_ok(),

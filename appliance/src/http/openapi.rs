@@ -48,7 +48,7 @@ use super::auth::SESSION_COOKIE;
         super::assist::announce, super::assist::list_announcements, super::assist::my_announcements,
         super::billing::ledger, super::billing::ledger_csv, super::billing::add_entry, super::billing::sync_status, super::billing::start_sync_epoch,
     ),
-    components(schemas(super::error::Problem, super::error::RowError, super::auth::Principal, super::auth::Role)),
+    components(schemas(super::problem::Problem, crate::error::RowError, super::auth::Principal, super::auth::Role)),
     modifiers(&Conventions),
     tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores"), (name = "assist"), (name = "billing")),
 )]

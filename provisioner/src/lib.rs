@@ -6,6 +6,7 @@
 //!   parameter, outputs are typed host tasks);
 //! - [`protocol`]: the versioned wire types of the appliance↔host task protocol;
 //! - [`limits`]: what a lab may use of its host, what a host can enforce, whether it fits;
+//! - [`roles`]: staff roles and the named sets the API's rules use;
 //! - [`replay`]: which signed host calls to take (replays, one identity on two machines);
 //! - [`check`]: what a check run means (verdict, `FAIL:` reasons, output truncation);
 //! - [`event`]: an event's states, their legal transitions and what each allows;
@@ -21,4 +22,5 @@ pub mod limits;
 pub mod protocol;
 pub mod ranking;
 pub mod replay;
+pub mod roles;
 pub mod template;

@@ -11,16 +11,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::auth::{Caller, Principal, Role};
+use super::auth::{Caller, Principal};
 use super::extract::{ApiJson, ApiPath};
 use super::problem::Problem;
 use crate::audit;
 use crate::error::Error;
 use crate::jobs::{self, NewJob};
-
-const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
-const WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
-const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
+use labrack_provisioner::roles;
 
 fn participant(caller: &Caller) -> Result<(i64, i64), Error> {
     match &caller.principal {
@@ -78,7 +75,7 @@ pub struct HintView {
 }
 
 /// Adds a hint to the event.
-#[utoipa::path(post, path = "/api/v1/events/{event_id}/hints", tag = "assist", params(("event_id" = i64, Path)), request_body = NewHint,
+#[utoipa::path(post, path = "/v1/events/{event_id}/hints", tag = "assist", params(("event_id" = i64, Path)), request_body = NewHint,
     responses((status = 201, body = HintView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn create_hint(
     State(state): State<AppState>,
@@ -86,7 +83,7 @@ pub async fn create_hint(
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(body): ApiJson<NewHint>,
 ) -> Result<(StatusCode, Json<HintView>), Error> {
-    caller.require_staff(&WRITERS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let title = super::validate::name("title", &body.title, 120)?;
     let text = super::validate::name("body", &body.body, 4000)?;
     if body.cost > 1000 {
@@ -117,14 +114,14 @@ pub async fn create_hint(
 }
 
 /// The event's hints with how many teams unlocked each (staff and judges).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/hints", tag = "assist", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/hints", tag = "assist", params(("event_id" = i64, Path)),
     responses((status = 200, body = [HintView]), (status = 403, body = Problem)))]
 pub async fn list_hints(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<Vec<HintView>>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let hints = state
         .db
         .read(move |conn| {
@@ -172,7 +169,7 @@ fn team_hints(conn: &Connection, event_id: i64, team_id: i64) -> Result<Vec<Hint
 }
 
 /// The team's hints: titles and costs, and the text of those it unlocked.
-#[utoipa::path(get, path = "/api/v1/me/hints", tag = "assist", responses((status = 200, body = [HintView]), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/me/hints", tag = "assist", responses((status = 200, body = [HintView]), (status = 403, body = Problem)))]
 pub async fn my_hints(
     State(state): State<AppState>,
     caller: Caller,
@@ -188,7 +185,7 @@ pub async fn my_hints(
 
 /// Unlocks a hint for the team: its cost goes into the score ledger once (unlocking again
 /// changes nothing).
-#[utoipa::path(post, path = "/api/v1/me/hints/{hint_id}/unlock", tag = "assist", params(("hint_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/me/hints/{hint_id}/unlock", tag = "assist", params(("hint_id" = i64, Path)),
     responses((status = 200, body = HintView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn unlock_hint(
     State(state): State<AppState>,
@@ -280,7 +277,7 @@ fn ledger(conn: &Connection, team_id: i64) -> Result<Vec<LedgerEntry>, Error> {
 }
 
 /// Adds a correction to a team's score ledger (the only way to undo a hint's cost).
-#[utoipa::path(post, path = "/api/v1/teams/{team_id}/score-ledger", tag = "assist", params(("team_id" = i64, Path)), request_body = Correction,
+#[utoipa::path(post, path = "/v1/teams/{team_id}/score-ledger", tag = "assist", params(("team_id" = i64, Path)), request_body = Correction,
     responses((status = 201, body = [LedgerEntry]), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn correct(
     State(state): State<AppState>,
@@ -288,7 +285,7 @@ pub async fn correct(
     ApiPath(team_id): ApiPath<i64>,
     ApiJson(body): ApiJson<Correction>,
 ) -> Result<(StatusCode, Json<Vec<LedgerEntry>>), Error> {
-    caller.require_staff(&WRITERS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     if !body.points.is_finite() || body.points == 0.0 || body.points.abs() > 1000.0 {
         return Err(Error::invalid(
             "points",
@@ -321,14 +318,14 @@ pub async fn correct(
 }
 
 /// A team's score ledger (hint costs and corrections).
-#[utoipa::path(get, path = "/api/v1/teams/{team_id}/score-ledger", tag = "assist", params(("team_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/teams/{team_id}/score-ledger", tag = "assist", params(("team_id" = i64, Path)),
     responses((status = 200, body = [LedgerEntry]), (status = 403, body = Problem)))]
 pub async fn get_ledger(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
 ) -> Result<Json<Vec<LedgerEntry>>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     Ok(Json(
         state.db.read(move |conn| ledger(conn, team_id)).await?,
     ))
@@ -348,7 +345,7 @@ pub struct QuestionQueued {
 }
 
 /// The team asks the hint agent; the answer arrives in its messages.
-#[utoipa::path(post, path = "/api/v1/me/assistant", tag = "assist", request_body = Question,
+#[utoipa::path(post, path = "/v1/me/assistant", tag = "assist", request_body = Question,
     responses((status = 202, body = QuestionQueued), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn ask(
     State(state): State<AppState>,
@@ -418,7 +415,7 @@ pub struct MyMessages {
 }
 
 /// The agents' messages to the team, newest first, and its AI budget.
-#[utoipa::path(get, path = "/api/v1/me/messages", tag = "assist", responses((status = 200, body = MyMessages), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/me/messages", tag = "assist", responses((status = 200, body = MyMessages), (status = 403, body = Problem)))]
 pub async fn my_messages(
     State(state): State<AppState>,
     caller: Caller,
@@ -458,7 +455,7 @@ pub struct AgentQuery {
 }
 
 /// The agents' messages of an event, newest first (staff and judges).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/agent-messages", tag = "assist", params(("event_id" = i64, Path), AgentQuery),
+#[utoipa::path(get, path = "/v1/events/{event_id}/agent-messages", tag = "assist", params(("event_id" = i64, Path), AgentQuery),
     responses((status = 200, body = [AgentMessage]), (status = 403, body = Problem)))]
 pub async fn event_messages(
     State(state): State<AppState>,
@@ -466,7 +463,7 @@ pub async fn event_messages(
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<AgentQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<AgentMessage>>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let Query(query) = query?;
     if query
         .agent
@@ -503,14 +500,14 @@ pub struct Alert {
 }
 
 /// The live observer's alerts, newest first (staff).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/alerts", tag = "assist", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/alerts", tag = "assist", params(("event_id" = i64, Path)),
     responses((status = 200, body = [Alert]), (status = 403, body = Problem)))]
 pub async fn alerts(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<Vec<Alert>>, Error> {
-    caller.require_staff(&OPERATORS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let alerts = state
         .db
         .read(move |conn| {
@@ -533,14 +530,14 @@ pub struct TokenUse {
 }
 
 /// LLM tokens used per team (for billing).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/llm-usage", tag = "assist", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/llm-usage", tag = "assist", params(("event_id" = i64, Path)),
     responses((status = 200, body = [TokenUse]), (status = 403, body = Problem)))]
 pub async fn llm_usage(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<Vec<TokenUse>>, Error> {
-    caller.require_staff(&OPERATORS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let usage = state
         .db
         .read(move |conn| {
@@ -579,7 +576,7 @@ fn announcements_of(conn: &Connection, event_id: i64) -> Result<Vec<Announcement
 }
 
 /// Broadcasts an announcement to the event's participants (their team page shows it).
-#[utoipa::path(post, path = "/api/v1/events/{event_id}/announcements", tag = "assist", params(("event_id" = i64, Path)), request_body = NewAnnouncement,
+#[utoipa::path(post, path = "/v1/events/{event_id}/announcements", tag = "assist", params(("event_id" = i64, Path)), request_body = NewAnnouncement,
     responses((status = 201, body = Announcement), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn announce(
     State(state): State<AppState>,
@@ -587,7 +584,7 @@ pub async fn announce(
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(body): ApiJson<NewAnnouncement>,
 ) -> Result<(StatusCode, Json<Announcement>), Error> {
-    caller.require_staff(&OPERATORS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let text = super::validate::name("text", &body.text, 1000)?;
     let announcement = state
         .db
@@ -609,14 +606,14 @@ pub async fn announce(
 }
 
 /// The event's announcements, newest first (staff and judges).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/announcements", tag = "assist", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/announcements", tag = "assist", params(("event_id" = i64, Path)),
     responses((status = 200, body = [Announcement]), (status = 403, body = Problem)))]
 pub async fn list_announcements(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<Vec<Announcement>>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     Ok(Json(
         state
             .db
@@ -626,7 +623,7 @@ pub async fn list_announcements(
 }
 
 /// The announcements of the participant's event, newest first.
-#[utoipa::path(get, path = "/api/v1/me/announcements", tag = "assist", responses((status = 200, body = [Announcement]), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/me/announcements", tag = "assist", responses((status = 200, body = [Announcement]), (status = 403, body = Problem)))]
 pub async fn my_announcements(
     State(state): State<AppState>,
     caller: Caller,

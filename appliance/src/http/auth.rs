@@ -5,7 +5,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{Method, header};
 use rusqlite::{Connection, OptionalExtension as _, params};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
@@ -17,40 +17,7 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 pub const STAFF_SESSION_SECS: i64 = 12 * 3600;
 pub const PARTICIPANT_SESSION_SECS: i64 = 7 * 24 * 3600;
 
-/// Staff roles, most to least powerful.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// everything, including staff accounts
-    Admin,
-    /// events, their state, teams and participants
-    Organizer,
-    /// teams and participants of existing events
-    Staff,
-    /// read-only
-    Judge,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Admin => "admin",
-            Self::Organizer => "organizer",
-            Self::Staff => "staff",
-            Self::Judge => "judge",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "admin" => Some(Self::Admin),
-            "organizer" => Some(Self::Organizer),
-            "staff" => Some(Self::Staff),
-            "judge" => Some(Self::Judge),
-            _ => None,
-        }
-    }
-}
+pub use labrack_provisioner::roles::Role;
 
 /// Who a session belongs to.
 #[derive(Debug, Clone, Serialize, ToSchema)]

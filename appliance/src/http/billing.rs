@@ -9,16 +9,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::auth::{Caller, Role};
+use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
 use super::problem::Problem;
 use crate::audit;
 use crate::billing::{self, Balance, Entry, NewEntry};
 use crate::clock::format_time;
 use crate::error::Error;
-
-const READERS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
-const WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
+use labrack_provisioner::roles;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -49,7 +47,7 @@ fn exists(conn: &rusqlite::Connection, event_id: i64) -> Result<(), Error> {
 }
 
 /// The event's ledger and balance.
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/ledger", tag = "billing", params(("event_id" = i64, Path), LedgerQuery),
+#[utoipa::path(get, path = "/v1/events/{event_id}/ledger", tag = "billing", params(("event_id" = i64, Path), LedgerQuery),
     responses((status = 200, body = LedgerView), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn ledger(
     State(state): State<AppState>,
@@ -57,7 +55,7 @@ pub async fn ledger(
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<LedgerView>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let Query(query) = query?;
     let view = state
         .db
@@ -83,14 +81,14 @@ fn defused(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// The event's ledger as CSV (one row per entry; amounts in cents and currency units).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/ledger.csv", tag = "billing", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/ledger.csv", tag = "billing", params(("event_id" = i64, Path)),
     responses((status = 200, description = "text/csv"), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn ledger_csv(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<impl IntoResponse, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let entries = state
         .db
         .read(move |conn| {
@@ -165,7 +163,7 @@ pub struct NewLedgerEntry {
 }
 
 /// Adds a credit or a correction to the event's ledger.
-#[utoipa::path(post, path = "/api/v1/events/{event_id}/ledger", tag = "billing", params(("event_id" = i64, Path)), request_body = NewLedgerEntry,
+#[utoipa::path(post, path = "/v1/events/{event_id}/ledger", tag = "billing", params(("event_id" = i64, Path)), request_body = NewLedgerEntry,
     responses((status = 201, body = LedgerView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn add_entry(
     State(state): State<AppState>,
@@ -173,7 +171,7 @@ pub async fn add_entry(
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(body): ApiJson<NewLedgerEntry>,
 ) -> Result<(StatusCode, Json<LedgerView>), Error> {
-    caller.require_staff(&WRITERS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     if !matches!(body.kind.as_str(), "credit" | "correction") {
         return Err(Error::invalid(
             "kind",
@@ -241,12 +239,12 @@ pub struct SyncView {
 }
 
 /// The sync link: state, lag (count and age of unacknowledged rows) and the last error.
-#[utoipa::path(get, path = "/api/v1/sync", tag = "billing", responses((status = 200, body = SyncView), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/sync", tag = "billing", responses((status = 200, body = SyncView), (status = 403, body = Problem)))]
 pub async fn sync_status(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<SyncView>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let mut link = state.link.status();
     if !link.configured {
         link.state = "off".into();
@@ -280,12 +278,12 @@ pub struct SyncEpoch {
 /// Starts a new sync epoch (admins): after this appliance's database went back (restored
 /// from a backup) the cloud refuses the old epoch (`mismatch`); a new one sends what the
 /// outbox holds as a new stream that continues the old one from `base`.
-#[utoipa::path(post, path = "/api/v1/sync/epoch", tag = "billing", responses((status = 201, body = SyncEpoch), (status = 403, body = Problem)))]
+#[utoipa::path(post, path = "/v1/sync/epoch", tag = "billing", responses((status = 201, body = SyncEpoch), (status = 403, body = Problem)))]
 pub async fn start_sync_epoch(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<(StatusCode, Json<SyncEpoch>), Error> {
-    caller.require_staff(&[Role::Admin])?;
+    caller.require_staff(&roles::ADMINS)?;
     let started = state
         .db
         .writer()

@@ -10,15 +10,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::auth::{Caller, Principal, Role};
+use super::auth::{Caller, Principal};
 use super::extract::{ApiJson, ApiPath};
 use super::problem::Problem;
 use crate::audit;
 use crate::checks::{self, BatchQueued, BatchRequest};
 use crate::error::Error;
+use labrack_provisioner::roles;
 
-const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
-const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
 /// A team may ask for its checks again this often.
 const TEAM_RUN_INTERVAL_MS: i64 = 30_000;
 /// A team's own request runs before a staff rejudge wave.
@@ -46,7 +45,7 @@ pub struct RunChecks {
 }
 
 /// Queues a batch of check runs for the event's teams (a rejudge is one batch).
-#[utoipa::path(post, path = "/api/v1/events/{event_id}/check-batches", tag = "checks", params(("event_id" = i64, Path)), request_body = RunChecks,
+#[utoipa::path(post, path = "/v1/events/{event_id}/check-batches", tag = "checks", params(("event_id" = i64, Path)), request_body = RunChecks,
     responses((status = 201, body = BatchQueued), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn queue_batch(
     State(state): State<AppState>,
@@ -54,7 +53,7 @@ pub async fn queue_batch(
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(body): ApiJson<RunChecks>,
 ) -> Result<(StatusCode, Json<BatchQueued>), Error> {
-    caller.require_staff(&OPERATORS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let reason = match body.reason {
         Some(reason) => super::validate::name("reason", &reason, 200)?,
         None => "rejudge".to_owned(),
@@ -112,14 +111,14 @@ pub struct BatchView {
 }
 
 /// A batch's progress.
-#[utoipa::path(get, path = "/api/v1/check-batches/{batch_id}", tag = "checks", params(("batch_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/check-batches/{batch_id}", tag = "checks", params(("batch_id" = i64, Path)),
     responses((status = 200, body = BatchView), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_batch(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(batch_id): ApiPath<i64>,
 ) -> Result<Json<BatchView>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let view = state
         .db
         .read(move |conn| {
@@ -190,7 +189,7 @@ pub struct RunView {
 }
 
 /// Check runs of an event, newest first, with output.
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/check-runs", tag = "checks", params(("event_id" = i64, Path), RunsQuery),
+#[utoipa::path(get, path = "/v1/events/{event_id}/check-runs", tag = "checks", params(("event_id" = i64, Path), RunsQuery),
     responses((status = 200, body = [RunView]), (status = 400, body = Problem), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn list_runs(
     State(state): State<AppState>,
@@ -198,7 +197,7 @@ pub async fn list_runs(
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<RunView>>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(200);
     if !(1..=1000).contains(&limit) {
@@ -264,7 +263,7 @@ fn participant(caller: &Caller) -> Result<(i64, i64), Error> {
 }
 
 /// A team runs its own lab's checks (at most every 30 s, and not while some still run).
-#[utoipa::path(post, path = "/api/v1/me/checks/run", tag = "checks",
+#[utoipa::path(post, path = "/v1/me/checks/run", tag = "checks",
     responses((status = 201, body = BatchQueued), (status = 403, body = Problem), (status = 409, body = Problem), (status = 429, body = Problem)))]
 pub async fn run_mine(
     State(state): State<AppState>,
@@ -342,7 +341,7 @@ pub struct MyChecks {
 }
 
 /// The team's visible checks with their latest results.
-#[utoipa::path(get, path = "/api/v1/me/checks", tag = "checks", responses((status = 200, body = MyChecks), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/me/checks", tag = "checks", responses((status = 200, body = MyChecks), (status = 403, body = Problem)))]
 pub async fn my_checks(
     State(state): State<AppState>,
     caller: Caller,

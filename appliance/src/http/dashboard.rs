@@ -14,13 +14,13 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::assist::Alert;
-use super::auth::{Caller, Role};
+use super::auth::Caller;
 use super::extract::ApiPath;
 use super::problem::Problem;
 use crate::clock::format_time;
 use crate::error::Error;
+use labrack_provisioner::roles;
 
-const READERS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 /// Unacknowledged sync rows older than this mean the link is stalled.
 pub const SYNC_STALL_MS: i64 = 120_000;
 
@@ -172,14 +172,14 @@ fn problems(hosts: &HostSummary, queue: &Queue, sync: &SyncSummary) -> Vec<Troub
 }
 
 /// An event at a glance, with the problems to act on (staff).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/dashboard", tag = "events", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/dashboard", tag = "events", params(("event_id" = i64, Path)),
     responses((status = 200, body = Dashboard), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn dashboard(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<Dashboard>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let mut link = state.link.status();
     if !link.configured {
         link.state = "off".into();

@@ -40,15 +40,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::auth::{Caller, Principal, Role};
+use super::auth::{Caller, Principal};
 use super::extract::ApiPath;
 use super::problem::Problem;
 use super::terminal::{Purpose, json_text, refuse, same_origin};
 use crate::audit;
 use crate::error::Error;
 use crate::labs;
-
-const WATCHERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
+use labrack_provisioner::roles;
 
 /// The running desktop streams, by allocation.
 #[derive(Debug, Default)]
@@ -156,7 +155,7 @@ pub struct DesktopTicket {
 }
 
 /// Issues a single-use ticket to watch (staff) or use (its team) a lab's desktop.
-#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/desktop-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/desktop-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 201, body = DesktopTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem),
         (status = 429, body = Problem, description = "this session holds as many unused tickets as it may")))]
 pub async fn ticket(
@@ -183,7 +182,7 @@ pub async fn ticket(
         }
         Principal::Participant { .. } => return Err(Error::NotFound("allocation")),
         Principal::Staff { .. } => {
-            caller.require_staff(&WATCHERS)?;
+            caller.require_staff(&roles::ALL_STAFF)?;
             false
         }
     };
@@ -219,7 +218,7 @@ const FIRST_THUMBNAIL_WAIT: Duration = Duration::from_secs(8);
 
 /// The lab desktop's latest picture, a JPEG of at most 480×270, view-only (staff, judges).
 /// Asking keeps pictures coming for 20 s; a wall polls it every second or two.
-#[utoipa::path(get, path = "/api/v1/allocations/{allocation_id}/thumbnail", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/allocations/{allocation_id}/thumbnail", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, content_type = "image/jpeg", description = "the picture; `x-labrack-taken` is when it was taken (ms since the epoch)"),
         (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 502, body = Problem), (status = 503, body = Problem)))]
 pub async fn thumbnail(
@@ -227,7 +226,7 @@ pub async fn thumbnail(
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Response, Error> {
-    caller.require_staff(&WATCHERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let view = state
         .db
         .read(move |conn| super::labs::load_view(conn, id))

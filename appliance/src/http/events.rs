@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::{Caller, Role};
+use super::auth::Caller;
 use super::extract::{ApiJson, ApiPath};
 use super::problem::Problem;
 use super::{AppState, validate};
@@ -16,6 +16,7 @@ use crate::audit;
 use crate::clock::format_time;
 use crate::error::Error;
 pub use labrack_provisioner::event::EventState;
+use labrack_provisioner::roles;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Event {
@@ -71,13 +72,10 @@ pub fn load_event(conn: &Connection, id: i64) -> Result<Event, Error> {
     .ok_or(Error::NotFound("event"))
 }
 
-const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
-const EVENT_WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
-
 /// Lists events, newest first.
-#[utoipa::path(get, path = "/api/v1/events", tag = "events", responses((status = 200, body = EventList), (status = 401, body = Problem), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/events", tag = "events", responses((status = 200, body = EventList), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<EventList>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let events = state
         .db
         .read(|conn| {
@@ -124,14 +122,14 @@ pub fn random_code(len: usize) -> String {
 }
 
 /// Creates an event in `draft`.
-#[utoipa::path(post, path = "/api/v1/events", tag = "events", request_body = NewEvent,
+#[utoipa::path(post, path = "/v1/events", tag = "events", request_body = NewEvent,
     responses((status = 201, body = Event), (status = 403, body = Problem), (status = 422, body = Problem)))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewEvent>,
 ) -> Result<(StatusCode, Json<Event>), Error> {
-    caller.require_staff(&EVENT_WRITERS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let name = validate::name("name", &req.name, 200)?;
     let (starts_at, ends_at) = schedule(&req.starts_at, &req.ends_at)?;
     let event = state
@@ -157,14 +155,14 @@ pub async fn create(
 }
 
 /// One event.
-#[utoipa::path(get, path = "/api/v1/events/{event_id}", tag = "events", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}", tag = "events", params(("event_id" = i64, Path)),
     responses((status = 200, body = Event), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<Event>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     Ok(Json(
         state
             .db
@@ -185,7 +183,7 @@ pub struct EventUpdate {
 }
 
 /// Renames or reschedules an event (not once it has ended).
-#[utoipa::path(patch, path = "/api/v1/events/{event_id}", tag = "events", params(("event_id" = i64, Path)), request_body = EventUpdate,
+#[utoipa::path(patch, path = "/v1/events/{event_id}", tag = "events", params(("event_id" = i64, Path)), request_body = EventUpdate,
     responses((status = 200, body = Event), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn update(
     State(state): State<AppState>,
@@ -193,7 +191,7 @@ pub async fn update(
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(req): ApiJson<EventUpdate>,
 ) -> Result<Json<Event>, Error> {
-    caller.require_staff(&EVENT_WRITERS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     if req.name.is_none() && req.starts_at.is_none() && req.ends_at.is_none() {
         return Err(Error::invalid(
             "body",
@@ -256,7 +254,7 @@ pub struct Transition {
 }
 
 /// Moves an event to another state; illegal or stale transitions are refused.
-#[utoipa::path(post, path = "/api/v1/events/{event_id}/transition", tag = "events", params(("event_id" = i64, Path)), request_body = Transition,
+#[utoipa::path(post, path = "/v1/events/{event_id}/transition", tag = "events", params(("event_id" = i64, Path)), request_body = Transition,
     responses((status = 200, body = Event), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn transition(
     State(state): State<AppState>,
@@ -264,7 +262,7 @@ pub async fn transition(
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(req): ApiJson<Transition>,
 ) -> Result<Json<Event>, Error> {
-    caller.require_staff(&EVENT_WRITERS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let event = state
         .db
         .writer()

@@ -22,7 +22,7 @@ use sha2::Digest as _;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::auth::{Caller, Role, hash_secret, random_token};
+use super::auth::{Caller, hash_secret, random_token};
 use super::extract::{ApiJson, RequestMeta, parse_json, read_limited, require_content_type};
 use super::problem::Problem;
 use crate::audit;
@@ -30,9 +30,8 @@ use crate::clock::unix_ms;
 use crate::clock::{format_time, now_rfc3339};
 use crate::error::Error;
 use crate::labs;
+use labrack_provisioner::roles;
 
-const HOST_READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
-const HOST_ADMINS: [Role; 2] = [Role::Admin, Role::Organizer];
 /// Largest body a host may send (telemetry of a many-GPU host fits easily).
 const HOST_BODY_LIMIT: usize = 256 * 1024;
 /// Longest a poll may wait.
@@ -57,14 +56,14 @@ pub struct IssuedEnrolmentToken {
 }
 
 /// Creates a one-time, expiring enrolment token for `labrack-host enrol`.
-#[utoipa::path(post, path = "/api/v1/hosts/enrolment-tokens", tag = "hosts", request_body = NewEnrolmentToken,
+#[utoipa::path(post, path = "/v1/hosts/enrolment-tokens", tag = "hosts", request_body = NewEnrolmentToken,
     responses((status = 201, body = IssuedEnrolmentToken), (status = 403, body = Problem), (status = 422, body = Problem)))]
 pub async fn create_enrolment_token(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewEnrolmentToken>,
 ) -> Result<(StatusCode, Json<IssuedEnrolmentToken>), Error> {
-    caller.require_staff(&HOST_ADMINS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let ttl = req.ttl_secs.unwrap_or(3600);
     if !(60..=604_800).contains(&ttl) {
         return Err(Error::invalid(
@@ -130,9 +129,9 @@ pub struct HostList {
 }
 
 /// Lists enrolled hosts with health, capacity and telemetry.
-#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts", responses((status = 200, body = HostList), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = HostList), (status = 403, body = Problem)))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<HostList>, Error> {
-    caller.require_staff(&HOST_READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let hosts = state
         .db
         .read(|conn| {
@@ -177,7 +176,7 @@ fn enrolment_token_hash(secrets: &crate::secrets::SecretBox, token: &str) -> Str
 }
 
 /// Trades a one-time enrolment token for a host identity (its public key).
-#[utoipa::path(post, path = "/api/v1/hosts/enrol", tag = "hosts", request_body(content = Object, content_type = "application/json", description = "EnrolRequest of the host protocol"),
+#[utoipa::path(post, path = "/v1/hosts/enrol", tag = "hosts", request_body(content = Object, content_type = "application/json", description = "EnrolRequest of the host protocol"),
     responses((status = 201, description = "EnrolResponse"), (status = 401, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
 pub async fn enrol(
     State(state): State<AppState>,
@@ -388,14 +387,14 @@ pub struct AgentlessHost {
 
 /// Registers a host that runs no labrack-host agent: its labs are registered by staff and
 /// their checks run over SSH from the appliance.
-#[utoipa::path(post, path = "/api/v1/hosts/agentless", tag = "hosts", request_body = NewAgentlessHost,
+#[utoipa::path(post, path = "/v1/hosts/agentless", tag = "hosts", request_body = NewAgentlessHost,
     responses((status = 201, body = AgentlessHost), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn register_agentless(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewAgentlessHost>,
 ) -> Result<(StatusCode, Json<AgentlessHost>), Error> {
-    caller.require_staff(&HOST_ADMINS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let name = super::validate::name("name", &req.name, 64)?;
     if !name
         .bytes()
@@ -672,7 +671,7 @@ fn pending_tasks(
 }
 
 /// Long poll: the host's pending tasks, as soon as there is one or after `wait_ms`.
-#[utoipa::path(post, path = "/api/v1/host/poll", tag = "hosts", request_body(content = Object, description = "PollRequest (signed)"),
+#[utoipa::path(post, path = "/v1/host/poll", tag = "hosts", request_body(content = Object, description = "PollRequest (signed)"),
     responses((status = 200, description = "PollResponse"), (status = 401, body = Problem)))]
 pub async fn poll(
     State(state): State<AppState>,
@@ -728,7 +727,7 @@ pub struct ReportAck {
 
 /// A host reports how one of its tasks ended. Idempotent: a repeated report is
 /// acknowledged and changes nothing.
-#[utoipa::path(post, path = "/api/v1/host/report", tag = "hosts", request_body(content = Object, description = "TaskReport (signed)"),
+#[utoipa::path(post, path = "/v1/host/report", tag = "hosts", request_body(content = Object, description = "TaskReport (signed)"),
     responses((status = 200, body = ReportAck), (status = 401, body = Problem), (status = 404, body = Problem)))]
 pub async fn report(
     State(state): State<AppState>,
@@ -853,7 +852,7 @@ pub struct HeartbeatAck {
 }
 
 /// Heartbeat with a telemetry sample.
-#[utoipa::path(post, path = "/api/v1/host/heartbeat", tag = "hosts", request_body(content = Object, description = "Telemetry (signed)"),
+#[utoipa::path(post, path = "/v1/host/heartbeat", tag = "hosts", request_body(content = Object, description = "Telemetry (signed)"),
     responses((status = 200, body = HeartbeatAck), (status = 401, body = Problem)))]
 pub async fn heartbeat(
     State(state): State<AppState>,

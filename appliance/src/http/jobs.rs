@@ -7,14 +7,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::auth::{Caller, Role};
+use super::auth::Caller;
 use super::extract::ApiPath;
 use super::problem::Problem;
 use crate::audit;
 use crate::error::Error;
 use crate::jobs::{self, Job, JobError};
+use labrack_provisioner::roles;
 
-const QUEUE_STAFF: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const STATES: [&str; 5] = ["queued", "running", "succeeded", "dead", "cancelled"];
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -48,14 +48,14 @@ impl From<JobError> for Error {
 }
 
 /// Jobs by state, most recently changed first.
-#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", params(JobsQuery),
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobsQuery),
     responses((status = 200, body = JobsPage), (status = 400, body = Problem), (status = 403, body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobsPage>, Error> {
-    caller.require_staff(&QUEUE_STAFF)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -77,14 +77,14 @@ pub async fn list(
 }
 
 /// One job, with its attempts, lease and last error.
-#[utoipa::path(get, path = "/api/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = i64, Path)),
     responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<Job>, Error> {
-    caller.require_staff(&QUEUE_STAFF)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let job = state
         .db
         .read(move |conn| jobs::get(conn, id).map_err(Error::from))
@@ -98,7 +98,7 @@ async fn change(
     id: i64,
     action: &'static str,
 ) -> Result<Json<Job>, Error> {
-    caller.require_staff(&QUEUE_STAFF)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let now = crate::clock::now_ms();
     let job = state
         .db
@@ -130,7 +130,7 @@ async fn change(
 }
 
 /// Puts a dead or cancelled job back in the queue; its attempts start over.
-#[utoipa::path(post, path = "/api/v1/jobs/{job_id}/requeue", tag = "jobs", params(("job_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/jobs/{job_id}/requeue", tag = "jobs", params(("job_id" = i64, Path)),
     responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn requeue(
     State(state): State<AppState>,
@@ -141,7 +141,7 @@ pub async fn requeue(
 }
 
 /// Stops a queued or running job; a worker's later answer for it is refused.
-#[utoipa::path(post, path = "/api/v1/jobs/{job_id}/cancel", tag = "jobs", params(("job_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/jobs/{job_id}/cancel", tag = "jobs", params(("job_id" = i64, Path)),
     responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn cancel(
     State(state): State<AppState>,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::auth::{Caller, Principal, Role};
+use super::auth::{Caller, Principal};
 use super::extract::{ApiJson, ApiPath, read_limited, require_content_type};
 use super::problem::Problem;
 use crate::audit;
@@ -22,10 +22,8 @@ use crate::clock::now_rfc3339;
 use crate::clock::unix_ms;
 use crate::error::{Error, RowError};
 use crate::labs;
+use labrack_provisioner::roles;
 
-const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
-const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
-const TEMPLATE_ADMINS: [Role; 2] = [Role::Admin, Role::Organizer];
 const TEMPLATE_LIMIT: usize = 256 * 1024;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -150,12 +148,12 @@ fn load_templates(conn: &Connection) -> Result<TemplateSet, Error> {
 }
 
 /// The lab templates.
-#[utoipa::path(get, path = "/api/v1/templates", tag = "labs", responses((status = 200, body = TemplateSet), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/templates", tag = "labs", responses((status = 200, body = TemplateSet), (status = 403, body = Problem)))]
 pub async fn list_templates(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<TemplateSet>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     Ok(Json(state.db.read(load_templates).await?))
 }
 
@@ -176,14 +174,14 @@ fn host_resources(conn: &Connection) -> Result<Vec<HostResources>, Error> {
 /// nothing; the problem lists every error with its line — including a template no enrolled
 /// host could ever run (more CPU, memory, pids or GPUs than any has, or a limit none can
 /// enforce), on the line of the field at fault.
-#[utoipa::path(put, path = "/api/v1/templates", tag = "labs", request_body(content = String, content_type = "application/toml"),
+#[utoipa::path(put, path = "/v1/templates", tag = "labs", request_body(content = String, content_type = "application/toml"),
     responses((status = 200, body = TemplateSet), (status = 403, body = Problem), (status = 422, body = Problem)))]
 pub async fn put_templates(
     State(state): State<AppState>,
     caller: Caller,
     TomlBody(text): TomlBody,
 ) -> Result<Json<TemplateSet>, Error> {
-    caller.require_staff(&TEMPLATE_ADMINS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let parsed = template::parse(&text).map_err(|errors| {
         Error::BadFile(
             errors
@@ -314,14 +312,14 @@ pub struct AllocationList {
 }
 
 /// An event's lab allocations (released ones included).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/allocations", tag = "labs", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/allocations", tag = "labs", params(("event_id" = i64, Path)),
     responses((status = 200, body = AllocationList), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn list_allocations(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<AllocationList>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let allocations = state
         .db
         .read(move |conn| {
@@ -457,7 +455,7 @@ fn refuse_if_ignored(alloc: &Allocation, input: &Input) -> Result<(), Error> {
 
 /// Allocates a lab to a team: placed automatically on the healthy host with room and the
 /// GPUs the template needs, then provisioned by that host.
-#[utoipa::path(post, path = "/api/v1/teams/{team_id}/allocation", tag = "labs", params(("team_id" = i64, Path)), request_body = NewAllocation,
+#[utoipa::path(post, path = "/v1/teams/{team_id}/allocation", tag = "labs", params(("team_id" = i64, Path)), request_body = NewAllocation,
     responses((status = 201, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn allocate(
     State(state): State<AppState>,
@@ -465,7 +463,7 @@ pub async fn allocate(
     ApiPath(team_id): ApiPath<i64>,
     ApiJson(req): ApiJson<NewAllocation>,
 ) -> Result<(StatusCode, Json<AllocationView>), Error> {
-    caller.require_staff(&OPERATORS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let secrets = state.secrets.clone();
     let view = state
         .db
@@ -551,7 +549,7 @@ pub fn unix_user(field: &'static str, name: &str) -> Result<String, Error> {
 /// Registers a team's lab on a host without an agent: the account exists already; the
 /// appliance keeps its login (encrypted) for the browser terminal over SSH. Its checks run
 /// as the host's checker account: a template with checks on a host without one is refused.
-#[utoipa::path(post, path = "/api/v1/teams/{team_id}/agentless-lab", tag = "labs", params(("team_id" = i64, Path)), request_body = NewAgentlessLab,
+#[utoipa::path(post, path = "/v1/teams/{team_id}/agentless-lab", tag = "labs", params(("team_id" = i64, Path)), request_body = NewAgentlessLab,
     responses((status = 201, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn register_agentless_lab(
     State(state): State<AppState>,
@@ -559,7 +557,7 @@ pub async fn register_agentless_lab(
     ApiPath(team_id): ApiPath<i64>,
     ApiJson(req): ApiJson<NewAgentlessLab>,
 ) -> Result<(StatusCode, Json<AllocationView>), Error> {
-    caller.require_staff(&TEMPLATE_ADMINS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let username = unix_user("username", &req.username)?;
     if req.password.is_empty() || req.password.len() > 256 {
         return Err(Error::invalid("password", "1–256 characters"));
@@ -636,7 +634,7 @@ pub async fn register_agentless_lab(
 /// Whether the caller may see this allocation: staff, or a participant of its team.
 fn may_read(caller: &Caller, team_id: i64) -> Result<(), Error> {
     match &caller.principal {
-        Principal::Staff { .. } => caller.require_staff(&READERS).map(|_| ()),
+        Principal::Staff { .. } => caller.require_staff(&roles::ALL_STAFF).map(|_| ()),
         Principal::Participant { team_id: own, .. } if *own == team_id => Ok(()),
         // Another team's lab looks exactly like a missing one.
         Principal::Participant { .. } => Err(Error::NotFound("allocation")),
@@ -644,7 +642,7 @@ fn may_read(caller: &Caller, team_id: i64) -> Result<(), Error> {
 }
 
 /// One allocation (staff, or its own team).
-#[utoipa::path(get, path = "/api/v1/allocations/{allocation_id}", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/allocations/{allocation_id}", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_allocation(
     State(state): State<AppState>,
@@ -663,7 +661,7 @@ pub struct MyAllocation {
 }
 
 /// The participant's team's current lab.
-#[utoipa::path(get, path = "/api/v1/me/allocation", tag = "labs", responses((status = 200, body = MyAllocation), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/me/allocation", tag = "labs", responses((status = 200, body = MyAllocation), (status = 403, body = Problem)))]
 pub async fn my_allocation(
     State(state): State<AppState>,
     caller: Caller,
@@ -707,14 +705,14 @@ async fn act(
         Action::Reset => {
             if let Principal::Participant { .. } = caller.principal {
             } else {
-                caller.require_staff(&OPERATORS)?;
+                caller.require_staff(&roles::OPERATORS)?;
             }
         }
         Action::Release | Action::Resume => {
-            caller.require_staff(&OPERATORS)?;
+            caller.require_staff(&roles::OPERATORS)?;
         }
         Action::ForceRelease => {
-            caller.require_staff(&TEMPLATE_ADMINS)?;
+            caller.require_staff(&roles::ORGANIZERS)?;
         }
     }
     let secrets = state.secrets.clone();
@@ -772,7 +770,7 @@ pub struct Reassignment {
 /// Moves a team off a dead lab host (or out of a failed lab) in one step: the old lab is let
 /// go without its host's help, as force-release does, and a fresh lab from the same template
 /// is placed on another healthy host. A lab on a healthy host is reset or released instead.
-#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/reassign", tag = "labs", params(("allocation_id" = i64, Path)), request_body = Reassignment,
+#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/reassign", tag = "labs", params(("allocation_id" = i64, Path)), request_body = Reassignment,
     responses((status = 201, body = AllocationView, description = "the team's new lab"), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn reassign(
     State(state): State<AppState>,
@@ -780,7 +778,7 @@ pub async fn reassign(
     ApiPath(id): ApiPath<i64>,
     ApiJson(req): ApiJson<Reassignment>,
 ) -> Result<(StatusCode, Json<AllocationView>), Error> {
-    caller.require_staff(&TEMPLATE_ADMINS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let secrets = state.secrets.clone();
     let view = state
         .db
@@ -833,7 +831,7 @@ pub async fn reassign(
 }
 
 /// Restores the lab from its template (ends the session, rotates the password).
-#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/reset", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/reset", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn reset(
     State(state): State<AppState>,
@@ -844,7 +842,7 @@ pub async fn reset(
 }
 
 /// Releases the lab: the host removes its user and everything it owned.
-#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/release", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/release", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn release(
     State(state): State<AppState>,
@@ -856,7 +854,7 @@ pub async fn release(
 
 /// Takes back a lab that failed because its host stayed silent past the grace, once the
 /// host is heard again: the lab is active as it was (nothing was removed).
-#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/resume", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/resume", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn resume(
     State(state): State<AppState>,
@@ -867,7 +865,7 @@ pub async fn resume(
 }
 
 /// Marks the lab released without the host's help (the host is gone for good).
-#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/force-release", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/force-release", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 200, body = AllocationView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn force_release(
     State(state): State<AppState>,

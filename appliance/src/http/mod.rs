@@ -39,8 +39,10 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use tracing::Instrument as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::metrics::Metrics;
 use crate::secrets::SecretBox;
@@ -210,164 +212,94 @@ impl AppState {
     }
 }
 
+/// Every API route, in one list: each documented handler is registered with the path and
+/// method its `#[utoipa::path]` names, so the router and `/api/openapi.json` cannot
+/// disagree. Paths are relative to `/api`.
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(ops::appliance_card))
+        .routes(routes!(session::login))
+        .routes(routes!(session::logout))
+        .routes(routes!(session::current))
+        .routes(routes!(session::change_password))
+        .routes(routes!(session::join))
+        .routes(routes!(staff::list, staff::create))
+        .routes(routes!(events::list, events::create))
+        .routes(routes!(events::get_one, events::update))
+        .routes(routes!(events::transition))
+        .routes(routes!(dashboard::dashboard))
+        .routes(routes!(people::list_teams, people::create_team))
+        .routes(routes!(
+            people::list_participants,
+            people::create_participant
+        ))
+        .routes(routes!(people::import_participants))
+        .routes(routes!(people::get_team))
+        .routes(routes!(people::regenerate_join_code))
+        .routes(routes!(people::sign_out_participant))
+        .routes(routes!(people::me))
+        .routes(routes!(ops::audit_log))
+        .routes(routes!(ops::verify_audit))
+        .routes(routes!(hosts::list))
+        .routes(routes!(hosts::create_enrolment_token))
+        .routes(routes!(hosts::enrol))
+        .routes(routes!(hosts::register_agentless))
+        .routes(routes!(labs::register_agentless_lab))
+        .routes(routes!(hosts::poll))
+        .routes(routes!(hosts::report))
+        .routes(routes!(hosts::heartbeat))
+        .routes(routes!(labs::list_templates, labs::put_templates))
+        .routes(routes!(labs::list_allocations))
+        .routes(routes!(labs::allocate))
+        .routes(routes!(labs::get_allocation))
+        .routes(routes!(labs::reset))
+        .routes(routes!(labs::release))
+        .routes(routes!(labs::force_release))
+        .routes(routes!(labs::resume))
+        .routes(routes!(labs::reassign))
+        .routes(routes!(labs::my_allocation))
+        .routes(routes!(terminal::ticket))
+        .route("/v1/terminal", get(terminal::socket))
+        .routes(routes!(desktop::ticket))
+        .route("/v1/desktop", get(desktop::socket))
+        .routes(routes!(desktop::thumbnail))
+        .routes(routes!(jobs::list))
+        .routes(routes!(jobs::get_one))
+        .routes(routes!(jobs::requeue))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(checks::queue_batch))
+        .routes(routes!(checks::get_batch))
+        .routes(routes!(checks::list_runs))
+        .routes(routes!(scores::leaderboard))
+        .routes(routes!(scores::get_rubric, scores::put_rubric))
+        .routes(routes!(scores::get_judge_scores, scores::put_judge_scores))
+        .routes(routes!(scores::scoreboard))
+        .routes(routes!(scores::scoreboard_stream))
+        .routes(routes!(scores::my_submissions, scores::submit))
+        .routes(routes!(assist::list_hints, assist::create_hint))
+        .routes(routes!(assist::my_hints))
+        .routes(routes!(assist::unlock_hint))
+        .routes(routes!(assist::get_ledger, assist::correct))
+        .routes(routes!(assist::ask))
+        .routes(routes!(assist::my_messages))
+        .routes(routes!(assist::event_messages))
+        .routes(routes!(assist::alerts))
+        .routes(routes!(assist::list_announcements, assist::announce))
+        .routes(routes!(assist::my_announcements))
+        .routes(routes!(assist::llm_usage))
+        .routes(routes!(billing::ledger, billing::add_entry))
+        .routes(routes!(billing::ledger_csv))
+        .routes(routes!(billing::sync_status))
+        .routes(routes!(billing::start_sync_epoch))
+        .routes(routes!(checks::my_checks))
+        .routes(routes!(checks::run_mine))
+        .route("/openapi.json", get(openapi::document))
+}
+
 /// Builds the whole application: API, ops endpoints and the web UI.
 pub fn app(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/v1/appliance", get(ops::appliance_card))
-        .route("/v1/auth/login", post(session::login))
-        .route("/v1/auth/logout", post(session::logout))
-        .route("/v1/auth/session", get(session::current))
-        .route("/v1/auth/password", post(session::change_password))
-        .route("/v1/join", post(session::join))
-        .route("/v1/staff", get(staff::list).post(staff::create))
-        .route("/v1/events", get(events::list).post(events::create))
-        .route(
-            "/v1/events/{event_id}",
-            get(events::get_one).patch(events::update),
-        )
-        .route("/v1/events/{event_id}/transition", post(events::transition))
-        .route("/v1/events/{event_id}/dashboard", get(dashboard::dashboard))
-        .route(
-            "/v1/events/{event_id}/teams",
-            get(people::list_teams).post(people::create_team),
-        )
-        .route(
-            "/v1/events/{event_id}/participants",
-            get(people::list_participants).post(people::create_participant),
-        )
-        .route(
-            "/v1/events/{event_id}/participants/import",
-            post(people::import_participants),
-        )
-        .route("/v1/teams/{team_id}", get(people::get_team))
-        .route(
-            "/v1/participants/{participant_id}/join-code",
-            post(people::regenerate_join_code),
-        )
-        .route(
-            "/v1/participants/{participant_id}/sign-out",
-            post(people::sign_out_participant),
-        )
-        .route("/v1/me", get(people::me))
-        .route("/v1/audit", get(ops::audit_log))
-        .route("/v1/audit/verify", get(ops::verify_audit))
-        .route("/v1/hosts", get(hosts::list))
-        .route(
-            "/v1/hosts/enrolment-tokens",
-            post(hosts::create_enrolment_token),
-        )
-        .route("/v1/hosts/enrol", post(hosts::enrol))
-        .route("/v1/hosts/agentless", post(hosts::register_agentless))
-        .route(
-            "/v1/teams/{team_id}/agentless-lab",
-            post(labs::register_agentless_lab),
-        )
-        .route("/v1/host/poll", post(hosts::poll))
-        .route("/v1/host/report", post(hosts::report))
-        .route("/v1/host/heartbeat", post(hosts::heartbeat))
-        .route(
-            "/v1/templates",
-            get(labs::list_templates).put(labs::put_templates),
-        )
-        .route(
-            "/v1/events/{event_id}/allocations",
-            get(labs::list_allocations),
-        )
-        .route("/v1/teams/{team_id}/allocation", post(labs::allocate))
-        .route("/v1/allocations/{allocation_id}", get(labs::get_allocation))
-        .route("/v1/allocations/{allocation_id}/reset", post(labs::reset))
-        .route(
-            "/v1/allocations/{allocation_id}/release",
-            post(labs::release),
-        )
-        .route(
-            "/v1/allocations/{allocation_id}/force-release",
-            post(labs::force_release),
-        )
-        .route("/v1/allocations/{allocation_id}/resume", post(labs::resume))
-        .route(
-            "/v1/allocations/{allocation_id}/reassign",
-            post(labs::reassign),
-        )
-        .route("/v1/me/allocation", get(labs::my_allocation))
-        .route(
-            "/v1/allocations/{allocation_id}/terminal-ticket",
-            post(terminal::ticket),
-        )
-        .route("/v1/terminal", get(terminal::socket))
-        .route(
-            "/v1/allocations/{allocation_id}/desktop-ticket",
-            post(desktop::ticket),
-        )
-        .route("/v1/desktop", get(desktop::socket))
-        .route(
-            "/v1/allocations/{allocation_id}/thumbnail",
-            get(desktop::thumbnail),
-        )
-        .route("/v1/jobs", get(jobs::list))
-        .route("/v1/jobs/{job_id}", get(jobs::get_one))
-        .route("/v1/jobs/{job_id}/requeue", post(jobs::requeue))
-        .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
-        .route(
-            "/v1/events/{event_id}/check-batches",
-            post(checks::queue_batch),
-        )
-        .route("/v1/check-batches/{batch_id}", get(checks::get_batch))
-        .route("/v1/events/{event_id}/check-runs", get(checks::list_runs))
-        .route(
-            "/v1/events/{event_id}/leaderboard",
-            get(scores::leaderboard),
-        )
-        .route(
-            "/v1/events/{event_id}/rubric",
-            get(scores::get_rubric).put(scores::put_rubric),
-        )
-        .route(
-            "/v1/teams/{team_id}/judge-scores",
-            get(scores::get_judge_scores).post(scores::put_judge_scores),
-        )
-        .route("/v1/events/{event_id}/scoreboard", get(scores::scoreboard))
-        .route(
-            "/v1/events/{event_id}/scoreboard/stream",
-            get(scores::scoreboard_stream),
-        )
-        .route(
-            "/v1/me/submissions",
-            get(scores::my_submissions).post(scores::submit),
-        )
-        .route(
-            "/v1/events/{event_id}/hints",
-            get(assist::list_hints).post(assist::create_hint),
-        )
-        .route("/v1/me/hints", get(assist::my_hints))
-        .route("/v1/me/hints/{hint_id}/unlock", post(assist::unlock_hint))
-        .route(
-            "/v1/teams/{team_id}/score-ledger",
-            get(assist::get_ledger).post(assist::correct),
-        )
-        .route("/v1/me/assistant", post(assist::ask))
-        .route("/v1/me/messages", get(assist::my_messages))
-        .route(
-            "/v1/events/{event_id}/agent-messages",
-            get(assist::event_messages),
-        )
-        .route("/v1/events/{event_id}/alerts", get(assist::alerts))
-        .route(
-            "/v1/events/{event_id}/announcements",
-            get(assist::list_announcements).post(assist::announce),
-        )
-        .route("/v1/me/announcements", get(assist::my_announcements))
-        .route("/v1/events/{event_id}/llm-usage", get(assist::llm_usage))
-        .route(
-            "/v1/events/{event_id}/ledger",
-            get(billing::ledger).post(billing::add_entry),
-        )
-        .route("/v1/events/{event_id}/ledger.csv", get(billing::ledger_csv))
-        .route("/v1/sync", get(billing::sync_status))
-        .route("/v1/sync/epoch", post(billing::start_sync_epoch))
-        .route("/v1/me/checks", get(checks::my_checks))
-        .route("/v1/me/checks/run", post(checks::run_mine))
-        .route("/openapi.json", get(openapi::document))
+    let (api, _) = api_routes().split_for_parts();
+    let api = api
         .fallback(|| async { problem::no_route("no such API endpoint") })
         .method_not_allowed_fallback(|| async { problem::method_not_allowed() })
         .layer(middleware::map_response(no_store));

@@ -25,31 +25,12 @@ use utoipa::openapi::{Content, HeaderBuilder, OpenApi, Ref, RefOr, ResponseBuild
 
 use super::auth::SESSION_COOKIE;
 
-/// The OpenAPI document, generated from the handlers' annotations.
+/// What the document says besides its paths: title, shared schemas, tags. The paths come
+/// from the router ([`super::api_routes`]); see [`model`].
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "LabRack appliance API", version = "1", description = "Control plane of the LabRack edge appliance. Errors are application/problem+json (RFC 9457)."),
-    paths(
-        super::ops::appliance_card, super::session::login, super::session::logout, super::session::current, super::session::change_password, super::session::join,
-        super::staff::list, super::staff::create,
-        super::events::list, super::events::create, super::events::get_one, super::events::update, super::events::transition,
-        super::people::list_teams, super::people::create_team, super::people::get_team,
-        super::people::list_participants, super::people::create_participant, super::people::import_participants, super::people::regenerate_join_code, super::people::sign_out_participant,
-        super::people::me, super::ops::audit_log, super::ops::verify_audit,
-        super::hosts::create_enrolment_token, super::hosts::list, super::hosts::enrol, super::hosts::register_agentless, super::labs::register_agentless_lab, super::hosts::poll, super::hosts::report, super::hosts::heartbeat,
-        super::labs::list_templates, super::labs::put_templates, super::labs::list_allocations, super::labs::allocate, super::labs::get_allocation,
-        super::labs::my_allocation, super::labs::reset, super::labs::release, super::labs::force_release, super::labs::resume, super::labs::reassign, super::terminal::ticket, super::desktop::ticket, super::desktop::thumbnail, super::dashboard::dashboard,
-        super::jobs::list, super::jobs::get_one, super::jobs::requeue, super::jobs::cancel,
-        super::checks::queue_batch, super::checks::get_batch, super::checks::list_runs, super::checks::run_mine, super::checks::my_checks,
-        super::scores::get_rubric, super::scores::put_rubric, super::scores::put_judge_scores, super::scores::get_judge_scores, super::scores::leaderboard,
-        super::scores::scoreboard, super::scores::scoreboard_stream, super::scores::submit, super::scores::my_submissions,
-        super::assist::create_hint, super::assist::list_hints, super::assist::my_hints, super::assist::unlock_hint, super::assist::correct, super::assist::get_ledger,
-        super::assist::ask, super::assist::my_messages, super::assist::event_messages, super::assist::alerts, super::assist::llm_usage,
-        super::assist::announce, super::assist::list_announcements, super::assist::my_announcements,
-        super::billing::ledger, super::billing::ledger_csv, super::billing::add_entry, super::billing::sync_status, super::billing::start_sync_epoch,
-    ),
     components(schemas(super::problem::Problem, crate::error::RowError, super::auth::Principal, super::auth::Role)),
-    modifiers(&Conventions),
     tags((name = "auth"), (name = "staff"), (name = "events"), (name = "people"), (name = "audit"), (name = "hosts"), (name = "labs"), (name = "jobs"), (name = "checks"), (name = "scores"), (name = "assist"), (name = "billing")),
 )]
 pub struct ApiDoc;
@@ -281,10 +262,19 @@ fn complete(method: &str, path: &str, operation: &mut Operation) {
 }
 
 /// `GET /api/openapi.json`: the document, built once.
+/// The whole document: the routes' own annotations under `/api`, completed by
+/// [`Conventions`].
+pub fn model() -> OpenApi {
+    let (_, routes) = super::api_routes().split_for_parts();
+    let mut doc = ApiDoc::openapi().nest("/api", routes);
+    utoipa::Modify::modify(&Conventions, &mut doc);
+    doc
+}
+
 pub async fn document() -> Response {
     static DOCUMENT: OnceLock<Vec<u8>> = OnceLock::new();
     let body = DOCUMENT
-        .get_or_init(|| serde_json::to_vec(&ApiDoc::openapi()).unwrap_or_default())
+        .get_or_init(|| serde_json::to_vec(&model()).unwrap_or_default())
         .clone();
     let mut response = body.into_response();
     response.headers_mut().insert(
@@ -301,7 +291,7 @@ mod tests {
     /// A query struct without `parameter_in = Query` is documented as path parameters.
     #[test]
     fn every_path_parameter_is_in_its_path_and_every_error_a_problem_document() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).expect("document");
+        let doc = serde_json::to_value(model()).expect("document");
         let paths = doc["paths"].as_object().expect("paths");
         assert!(paths.len() > 50);
         for (path, item) in paths {

@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::auth::{Caller, Role};
+use super::auth::Caller;
 use super::problem::Problem;
 use crate::error::Error;
+use labrack_provisioner::roles;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ApplianceCard {
@@ -53,7 +54,7 @@ pub fn qr_svg(text: &str) -> Option<String> {
 
 /// What a staff console needs to connect: this appliance's URL and CA fingerprint, also as
 /// a QR code. Public: the fingerprint is a hash of the certificate every TLS client is sent.
-#[utoipa::path(get, path = "/api/v1/appliance", tag = "auth", responses((status = 200, body = ApplianceCard)))]
+#[utoipa::path(get, path = "/v1/appliance", tag = "auth", responses((status = 200, body = ApplianceCard)))]
 pub async fn appliance_card(
     State(state): State<AppState>,
     uri: axum::http::Uri,
@@ -167,14 +168,14 @@ pub struct AuditPage {
 }
 
 /// The append-only audit log, newest first.
-#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery),
     responses((status = 200, body = AuditPage), (status = 403, body = Problem)))]
 pub async fn audit_log(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AuditPage>, Error> {
-    caller.require_staff(&[Role::Admin, Role::Organizer])?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -214,12 +215,12 @@ pub async fn audit_log(
 
 /// Checks the audit log's hash chain (admins): how many rows it holds and the first one
 /// that was edited, removed or put out of order, if any.
-#[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit", responses((status = 200, body = crate::audit::Verified), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/audit/verify", tag = "audit", responses((status = 200, body = crate::audit::Verified), (status = 403, body = Problem)))]
 pub async fn verify_audit(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<crate::audit::Verified>, Error> {
-    caller.require_staff(&[Role::Admin])?;
+    caller.require_staff(&roles::ADMINS)?;
     Ok(Json(
         state
             .db

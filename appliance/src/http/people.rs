@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::auth::{Caller, Principal, Role};
+use super::auth::{Caller, Principal};
 use super::events::{CODE_ALPHABET, EventState, load_event, random_code};
 use super::extract::{ApiJson, ApiPath, CsvBody};
 use super::problem::Problem;
@@ -18,9 +18,7 @@ use super::{AppState, validate};
 use crate::audit;
 use crate::error::{Error, RowError};
 use crate::secrets::SecretBox;
-
-const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
-const PEOPLE_WRITERS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
+use labrack_provisioner::roles;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Team {
@@ -176,14 +174,14 @@ fn insert_participant(
 }
 
 /// Lists an event's teams.
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/teams", tag = "people", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/teams", tag = "people", params(("event_id" = i64, Path)),
     responses((status = 200, body = TeamList), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn list_teams(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<TeamList>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let teams = state
         .db
         .read(move |conn| {
@@ -204,7 +202,7 @@ pub struct NewTeam {
 }
 
 /// Creates a team.
-#[utoipa::path(post, path = "/api/v1/events/{event_id}/teams", tag = "people", params(("event_id" = i64, Path)), request_body = NewTeam,
+#[utoipa::path(post, path = "/v1/events/{event_id}/teams", tag = "people", params(("event_id" = i64, Path)), request_body = NewTeam,
     responses((status = 201, body = Team), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn create_team(
     State(state): State<AppState>,
@@ -212,7 +210,7 @@ pub async fn create_team(
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(req): ApiJson<NewTeam>,
 ) -> Result<(StatusCode, Json<Team>), Error> {
-    caller.require_staff(&PEOPLE_WRITERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let name = validate::name("name", &req.name, 100)?;
     let team = state
         .db
@@ -244,7 +242,7 @@ pub struct TeamDetail {
 }
 
 /// One team with its participants. A participant may read only its own team.
-#[utoipa::path(get, path = "/api/v1/teams/{team_id}", tag = "people", params(("team_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/teams/{team_id}", tag = "people", params(("team_id" = i64, Path)),
     responses((status = 200, body = TeamDetail), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_team(
     State(state): State<AppState>,
@@ -278,14 +276,14 @@ pub async fn get_team(
 }
 
 /// Lists an event's participants.
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/participants", tag = "people", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/participants", tag = "people", params(("event_id" = i64, Path)),
     responses((status = 200, body = ParticipantList), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn list_participants(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<ParticipantList>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let participants = state
         .db
         .read(move |conn| {
@@ -311,7 +309,7 @@ pub struct NewParticipant {
 }
 
 /// Adds a participant to a team; answers its join code once.
-#[utoipa::path(post, path = "/api/v1/events/{event_id}/participants", tag = "people", params(("event_id" = i64, Path)), request_body = NewParticipant,
+#[utoipa::path(post, path = "/v1/events/{event_id}/participants", tag = "people", params(("event_id" = i64, Path)), request_body = NewParticipant,
     responses((status = 201, body = IssuedCode), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn create_participant(
     State(state): State<AppState>,
@@ -319,7 +317,7 @@ pub async fn create_participant(
     ApiPath(event_id): ApiPath<i64>,
     ApiJson(req): ApiJson<NewParticipant>,
 ) -> Result<(StatusCode, Json<IssuedCode>), Error> {
-    caller.require_staff(&PEOPLE_WRITERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let name = validate::name("name", &req.name, 200)?;
     let email = validate::email("email", req.email.as_deref())?;
     let team_id = req.team_id;
@@ -352,7 +350,7 @@ pub async fn create_participant(
 
 /// Imports a roster CSV (`team,name,email`); teams are created as needed. All or nothing:
 /// if any row is bad, every bad row is reported and nothing is imported.
-#[utoipa::path(post, path = "/api/v1/events/{event_id}/participants/import", tag = "people", params(("event_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/events/{event_id}/participants/import", tag = "people", params(("event_id" = i64, Path)),
     request_body(content = String, content_type = "text/csv"),
     responses((status = 200, body = ImportResult), (status = 403, body = Problem), (status = 409, body = Problem), (status = 413, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)))]
 pub async fn import_participants(
@@ -361,7 +359,7 @@ pub async fn import_participants(
     ApiPath(event_id): ApiPath<i64>,
     CsvBody(text): CsvBody,
 ) -> Result<Json<ImportResult>, Error> {
-    caller.require_staff(&PEOPLE_WRITERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     // Off the async workers: a large file must not stall other requests.
     let rows = tokio::task::spawn_blocking(move || crate::roster::parse(&text))
         .await
@@ -426,14 +424,14 @@ pub async fn import_participants(
 
 /// Issues a new join code; the old one stops working and the participant's sessions end
 /// (a leaked code must not leave a signed-in stranger behind).
-#[utoipa::path(post, path = "/api/v1/participants/{participant_id}/join-code", tag = "people", params(("participant_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/participants/{participant_id}/join-code", tag = "people", params(("participant_id" = i64, Path)),
     responses((status = 200, body = IssuedCode), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn regenerate_join_code(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(participant_id): ApiPath<i64>,
 ) -> Result<Json<IssuedCode>, Error> {
-    caller.require_staff(&PEOPLE_WRITERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let secrets = state.secrets.clone();
     let issued = state
         .db
@@ -479,14 +477,14 @@ pub struct SignedOut {
 }
 
 /// Signs a participant out everywhere (their join code keeps working).
-#[utoipa::path(post, path = "/api/v1/participants/{participant_id}/sign-out", tag = "people", params(("participant_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/participants/{participant_id}/sign-out", tag = "people", params(("participant_id" = i64, Path)),
     responses((status = 200, body = SignedOut), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn sign_out_participant(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(participant_id): ApiPath<i64>,
 ) -> Result<Json<SignedOut>, Error> {
-    caller.require_staff(&PEOPLE_WRITERS)?;
+    caller.require_staff(&roles::OPERATORS)?;
     let signed_out = state
         .db
         .writer()
@@ -540,7 +538,7 @@ pub struct Me {
 }
 
 /// The calling participant's own profile, team and event.
-#[utoipa::path(get, path = "/api/v1/me", tag = "people", responses((status = 200, body = Me), (status = 401, body = Problem), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/me", tag = "people", responses((status = 200, body = Me), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<Me>, Error> {
     let Principal::Participant { id, .. } = caller.principal else {
         return Err(Error::forbidden("only participants have a team page"));

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::auth::{Caller, Principal, Role};
+use super::auth::{Caller, Principal};
 use super::extract::{ApiJson, ApiPath};
 use super::labs::TomlBody;
 use super::problem::Problem;
@@ -26,10 +26,8 @@ use crate::error::{Error, RowError};
 use crate::jobs::{self, NewJob};
 use crate::rubric::{self, Rubric};
 use crate::scores::{self, BoardError, Leaderboard};
+use labrack_provisioner::roles;
 
-const READERS: [Role; 4] = [Role::Admin, Role::Organizer, Role::Staff, Role::Judge];
-const RUBRIC_WRITERS: [Role; 2] = [Role::Admin, Role::Organizer];
-const JUDGES: [Role; 3] = [Role::Admin, Role::Organizer, Role::Judge];
 /// The job that turns a submission into check runs.
 /// A team submits a new version at most this often.
 const SUBMISSION_INTERVAL_MS: i64 = 10_000;
@@ -56,14 +54,14 @@ fn event_state(conn: &Connection, event_id: i64) -> Result<(String, Option<i64>,
 }
 
 /// The event's rubric (the default five dimensions until one is uploaded).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/rubric", tag = "scores", params(("event_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/events/{event_id}/rubric", tag = "scores", params(("event_id" = i64, Path)),
     responses((status = 200, body = Rubric), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_rubric(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(event_id): ApiPath<i64>,
 ) -> Result<Json<Rubric>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let rubric = state
         .db
         .read(move |conn| {
@@ -76,7 +74,7 @@ pub async fn get_rubric(
 
 /// Replaces the event's rubric with the uploaded TOML; a file with any error changes
 /// nothing and every error names its line.
-#[utoipa::path(put, path = "/api/v1/events/{event_id}/rubric", tag = "scores", params(("event_id" = i64, Path)),
+#[utoipa::path(put, path = "/v1/events/{event_id}/rubric", tag = "scores", params(("event_id" = i64, Path)),
     request_body(content = String, content_type = "application/toml"),
     responses((status = 200, body = Rubric), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn put_rubric(
@@ -85,7 +83,7 @@ pub async fn put_rubric(
     ApiPath(event_id): ApiPath<i64>,
     TomlBody(text): TomlBody,
 ) -> Result<Json<Rubric>, Error> {
-    caller.require_staff(&RUBRIC_WRITERS)?;
+    caller.require_staff(&roles::ORGANIZERS)?;
     let rubric = state
         .db
         .writer()
@@ -151,7 +149,7 @@ fn latest_judge_scores(conn: &Connection, team_id: i64) -> Result<Vec<JudgeScore
 
 /// A judge scores a team in some of the rubric's dimensions (a later score replaces the
 /// judge's earlier one; history is kept).
-#[utoipa::path(post, path = "/api/v1/teams/{team_id}/judge-scores", tag = "scores", params(("team_id" = i64, Path)), request_body = JudgeScores,
+#[utoipa::path(post, path = "/v1/teams/{team_id}/judge-scores", tag = "scores", params(("team_id" = i64, Path)), request_body = JudgeScores,
     responses((status = 200, body = [JudgeScoreView]), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn put_judge_scores(
     State(state): State<AppState>,
@@ -159,7 +157,7 @@ pub async fn put_judge_scores(
     ApiPath(team_id): ApiPath<i64>,
     ApiJson(body): ApiJson<JudgeScores>,
 ) -> Result<Json<Vec<JudgeScoreView>>, Error> {
-    let (judge_id, _) = caller.require_staff(&JUDGES)?;
+    let (judge_id, _) = caller.require_staff(&roles::JUDGES)?;
     if body.scores.is_empty() {
         return Err(Error::invalid(
             "scores",
@@ -212,14 +210,14 @@ pub async fn put_judge_scores(
 }
 
 /// Every judge's latest scores for a team.
-#[utoipa::path(get, path = "/api/v1/teams/{team_id}/judge-scores", tag = "scores", params(("team_id" = i64, Path)),
+#[utoipa::path(get, path = "/v1/teams/{team_id}/judge-scores", tag = "scores", params(("team_id" = i64, Path)),
     responses((status = 200, body = [JudgeScoreView]), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_judge_scores(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(team_id): ApiPath<i64>,
 ) -> Result<Json<Vec<JudgeScoreView>>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let views = state
         .db
         .read(move |conn| {
@@ -246,7 +244,7 @@ pub struct BoardQuery {
 }
 
 /// The live leaderboard (staff and judges see it live even during a freeze).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/leaderboard", tag = "scores", params(("event_id" = i64, Path), BoardQuery),
+#[utoipa::path(get, path = "/v1/events/{event_id}/leaderboard", tag = "scores", params(("event_id" = i64, Path), BoardQuery),
     responses((status = 200, body = Leaderboard), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn leaderboard(
     State(state): State<AppState>,
@@ -254,7 +252,7 @@ pub async fn leaderboard(
     ApiPath(event_id): ApiPath<i64>,
     query: Result<Query<BoardQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Leaderboard>, Error> {
-    caller.require_staff(&READERS)?;
+    caller.require_staff(&roles::ALL_STAFF)?;
     let Query(query) = query?;
     let board = state
         .db
@@ -318,7 +316,7 @@ async fn shared_board(
 
 /// The public scoreboard for the venue's projector: no login; during a freeze it shows
 /// the board as it was when the freeze began. Computed at most once a second.
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/scoreboard", tag = "scores", params(("event_id" = i64, Path), BoardQuery),
+#[utoipa::path(get, path = "/v1/events/{event_id}/scoreboard", tag = "scores", params(("event_id" = i64, Path), BoardQuery),
     responses((status = 200, body = PublicBoard), (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn scoreboard(
     State(state): State<AppState>,
@@ -338,7 +336,7 @@ pub async fn scoreboard(
 /// The public scoreboard as server-sent events: `board` with the whole board at once and
 /// whenever it changes. Each stream looks once a second at the shared board; at most
 /// 3,000 streams in all and 16 per client (429 / 503 with `Retry-After` beyond).
-#[utoipa::path(get, path = "/api/v1/events/{event_id}/scoreboard/stream", tag = "scores", params(("event_id" = i64, Path), BoardQuery),
+#[utoipa::path(get, path = "/v1/events/{event_id}/scoreboard/stream", tag = "scores", params(("event_id" = i64, Path), BoardQuery),
     responses((status = 200, description = "text/event-stream of `board` events"), (status = 404, body = Problem), (status = 429, body = Problem), (status = 503, body = Problem)))]
 pub async fn scoreboard_stream(
     State(state): State<AppState>,
@@ -412,7 +410,7 @@ fn row_to_submission(r: &rusqlite::Row<'_>) -> rusqlite::Result<Submission> {
 }
 
 /// The team submits a version before the deadline (the event's end); its checks run.
-#[utoipa::path(post, path = "/api/v1/me/submissions", tag = "scores", request_body = NewSubmission,
+#[utoipa::path(post, path = "/v1/me/submissions", tag = "scores", request_body = NewSubmission,
     responses((status = 201, body = Submission), (status = 200, body = Submission, description = "this version was already submitted"),
         (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem),
         (status = 429, body = Problem, description = "the team submitted less than 10 s ago")))]
@@ -493,7 +491,7 @@ pub async fn submit(
 }
 
 /// The team's submissions, newest first.
-#[utoipa::path(get, path = "/api/v1/me/submissions", tag = "scores", responses((status = 200, body = [Submission]), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/me/submissions", tag = "scores", responses((status = 200, body = [Submission]), (status = 403, body = Problem)))]
 pub async fn my_submissions(
     State(state): State<AppState>,
     caller: Caller,

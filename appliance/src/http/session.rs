@@ -50,7 +50,7 @@ fn with_cookie(state: &AppState, token: &str, lifetime: i64, body: SessionInfo) 
 }
 
 /// Staff login with username and password.
-#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
+#[utoipa::path(post, path = "/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 429, body = Problem)))]
 pub async fn login(
     State(state): State<AppState>,
@@ -155,7 +155,7 @@ pub async fn login(
 }
 
 /// Ends the current session.
-#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 204), (status = 401, body = Problem)))]
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "auth", responses((status = 204), (status = 401, body = Problem)))]
 pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Response, Error> {
     let token_hash = caller.token_hash.clone();
     state
@@ -182,7 +182,7 @@ pub async fn logout(State(state): State<AppState>, caller: Caller) -> Result<Res
 }
 
 /// The current session's principal and CSRF token.
-#[utoipa::path(get, path = "/api/v1/auth/session", tag = "auth", responses((status = 200, body = SessionInfo), (status = 401, body = Problem)))]
+#[utoipa::path(get, path = "/v1/auth/session", tag = "auth", responses((status = 200, body = SessionInfo), (status = 401, body = Problem)))]
 pub async fn current(caller: Caller) -> Json<SessionInfo> {
     Json(SessionInfo {
         principal: caller.principal,
@@ -201,7 +201,7 @@ pub struct PasswordChange {
 }
 
 /// Changes the caller's own password (staff). Other sessions of the account end.
-#[utoipa::path(post, path = "/api/v1/auth/password", tag = "auth", request_body = PasswordChange,
+#[utoipa::path(post, path = "/v1/auth/password", tag = "auth", request_body = PasswordChange,
     responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem)))]
 pub async fn change_password(
     State(state): State<AppState>,
@@ -310,7 +310,7 @@ pub struct JoinRequest {
 }
 
 /// Participant join: event code + personal join code → participant session.
-#[utoipa::path(post, path = "/api/v1/join", tag = "auth", request_body = JoinRequest,
+#[utoipa::path(post, path = "/v1/join", tag = "auth", request_body = JoinRequest,
     responses((status = 200, body = SessionInfo), (status = 401, body = Problem), (status = 409, body = Problem), (status = 429, body = Problem)))]
 pub async fn join(
     State(state): State<AppState>,

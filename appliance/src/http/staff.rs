@@ -14,6 +14,7 @@ use super::problem::Problem;
 use super::session::validate_password;
 use crate::audit;
 use crate::error::Error;
+use labrack_provisioner::roles;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct StaffAccount {
@@ -30,9 +31,9 @@ pub struct StaffList {
 }
 
 /// Lists staff accounts.
-#[utoipa::path(get, path = "/api/v1/staff", tag = "staff", responses((status = 200, body = StaffList), (status = 403, body = Problem)))]
+#[utoipa::path(get, path = "/v1/staff", tag = "staff", responses((status = 200, body = StaffList), (status = 403, body = Problem)))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<StaffList>, Error> {
-    caller.require_staff(&[Role::Admin])?;
+    caller.require_staff(&roles::ADMINS)?;
     let staff = state
         .db
         .read(|conn| {
@@ -66,14 +67,14 @@ pub struct NewStaff {
 }
 
 /// Creates a staff account. The person must change the password at first login.
-#[utoipa::path(post, path = "/api/v1/staff", tag = "staff", request_body = NewStaff,
+#[utoipa::path(post, path = "/v1/staff", tag = "staff", request_body = NewStaff,
     responses((status = 201, body = StaffAccount), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(req): ApiJson<NewStaff>,
 ) -> Result<(StatusCode, Json<StaffAccount>), Error> {
-    caller.require_staff(&[Role::Admin])?;
+    caller.require_staff(&roles::ADMINS)?;
     let username = req.username.trim().to_owned();
     let valid = (3..=64).contains(&username.len())
         && username

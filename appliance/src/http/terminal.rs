@@ -24,14 +24,14 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::auth::{Caller, Principal, Role, hash_secret, random_token};
+use super::auth::{Caller, Principal, hash_secret, random_token};
 use super::extract::ApiPath;
 use super::problem::Problem;
 use crate::audit;
 use crate::error::Error;
 use crate::labs;
+use labrack_provisioner::roles;
 
-const OPERATORS: [Role; 3] = [Role::Admin, Role::Organizer, Role::Staff];
 const TICKET_TTL: Duration = Duration::from_secs(30);
 const FIRST_MESSAGE_WAIT: Duration = Duration::from_secs(10);
 /// How long a shell may read no input while more waits before further input is dropped.
@@ -253,12 +253,12 @@ fn may_open(caller: &Caller, team_id: i64) -> Result<(), Error> {
     match &caller.principal {
         Principal::Participant { team_id: own, .. } if *own == team_id => Ok(()),
         Principal::Participant { .. } => Err(Error::NotFound("allocation")),
-        Principal::Staff { .. } => caller.require_staff(&OPERATORS).map(|_| ()),
+        Principal::Staff { .. } => caller.require_staff(&roles::OPERATORS).map(|_| ()),
     }
 }
 
 /// Issues a single-use ticket for the lab's browser terminal.
-#[utoipa::path(post, path = "/api/v1/allocations/{allocation_id}/terminal-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/terminal-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 201, body = TerminalTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem),
         (status = 429, body = Problem, description = "this session holds as many unused tickets as it may")))]
 pub async fn ticket(

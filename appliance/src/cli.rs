@@ -43,6 +43,9 @@ pub enum AdminCommand {
         #[arg(long, env = "LABRACK_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
     },
+    /// Print the API's OpenAPI document (what `GET /api/openapi.json` serves) on stdout.
+    #[command(name = "openapi")]
+    OpenApi,
     /// Log in to a lab's desktop over RDP as the streamer does and report what it shows.
     ProbeDesktop {
         /// the allocation id
@@ -510,6 +513,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let password = crate::http::serve::reset_password(&data_dir, &username)?;
             println!("labrack: one-time password for {username}: {password}");
             println!("(it must be changed at the next login)");
+            Ok(())
+        }
+        Command::Admin(AdminCommand::OpenApi) => {
+            let document = serde_json::to_string_pretty(&crate::http::openapi::model())?;
+            println!("{document}");
             Ok(())
         }
         Command::Admin(AdminCommand::ProbeDesktop {

@@ -735,6 +735,21 @@ fn the_api_fuzzing_hooks_know_every_refusal_audit() {
     assert_eq!(listed, labrack::audit::REFUSAL_AUDITS);
 }
 
+/// The web UI's types are generated from a copy of the document kept in its tree
+/// (`cargo xtask web` refreshes it); that copy must be the document the server serves.
+#[test]
+fn the_web_ui_s_copy_of_the_document_is_current() {
+    let copy =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/src/generated/openapi.json");
+    let text = std::fs::read_to_string(&copy).expect("web/src/generated/openapi.json");
+    let kept: Value = serde_json::from_str(&text).expect("the copy is JSON");
+    let served = serde_json::to_value(labrack::http::openapi::model()).expect("document");
+    assert!(
+        kept == served,
+        "web/src/generated/openapi.json is not the document the server serves: run `cargo xtask web`"
+    );
+}
+
 /// The router and the document come from one list, so every documented operation must be
 /// served: called with made-up ids and no credentials, none may meet the router's own "no
 /// such endpoint" or "method not allowed".

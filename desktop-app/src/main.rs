@@ -362,7 +362,7 @@ async fn save_badges(
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .collect();
-    let pdf = badges::pdf(&event, &event_code, &badges);
+    let pdf = badges::pdf(&event, &event_code, &badges)?;
     save_with_dialog(
         &app,
         "Save join-code badges",

@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use crate::client::{CallError, HostClient, decode, http_client};
 use crate::identity::{self, HostConfig};
 use crate::runtime::{self, RuntimeSettings};
-use crate::spool::{Message, Spool, TaskMark};
+use crate::spool::{HostMemory, Message, Spool, TaskMark};
 use crate::telemetry;
 
 pub(crate) struct EnrolOptions {
@@ -123,7 +123,7 @@ pub(crate) struct RunOptions {
 
 struct Shared {
     client: HostClient,
-    spool: Spool,
+    spool: Box<dyn HostMemory>,
     wake_sender: Notify,
     host_id: i64,
     /// checks running now, side by side (lab tasks run one at a time in the poll loop)
@@ -180,7 +180,8 @@ pub(crate) async fn run(options: RunOptions) -> anyhow::Result<()> {
     identity::secure_state_dir(&options.state_dir)?;
     options.boxes.save()?;
     let identity = identity::load(&options.state_dir)?;
-    let spool = Spool::open(&options.state_dir.join("spool")).context("opening the spool")?;
+    let spool: Box<dyn HostMemory> =
+        Box::new(Spool::open(&options.state_dir.join("spool")).context("opening the spool")?);
     // A task marked started but never finished died with the previous agent: report it
     // failed instead of running it again (the appliance retries under a new task id).
     for id in spool.interrupted()? {

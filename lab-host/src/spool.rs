@@ -6,6 +6,9 @@
 //!   delivered in order and removed only once the appliance acknowledged them.
 //!
 //! A task's `done` mark and its report enter the spool in one sled transaction.
+//!
+//! The agent sees only [`HostMemory`] and [`OutboxKey`]: sled, its trees and the bytes
+//! stored in them are this module's business, so the file format can change here alone.
 
 use std::path::Path;
 
@@ -39,6 +42,32 @@ pub(crate) enum SpoolError {
     Corrupt(#[from] serde_json::Error),
 }
 
+/// Where a waiting message sits in the outbox, to acknowledge it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OutboxKey(Vec<u8>);
+
+/// What the agent keeps across crashes and restarts: which tasks ran, and the messages the
+/// appliance has not acknowledged yet.
+pub(crate) trait HostMemory: Send + Sync {
+    /// How far `id` got: never seen, started, or done.
+    fn mark(&self, id: &TaskId) -> Result<Option<TaskMark>, SpoolError>;
+    /// Tasks marked started but never finished: the agent died while running them.
+    fn interrupted(&self) -> Result<Vec<TaskId>, SpoolError>;
+    /// Durably records that `id` is about to run. Returns false if it was seen before.
+    fn start(&self, id: &TaskId) -> Result<bool, SpoolError>;
+    /// Marks the task done and queues its report, atomically and durably.
+    fn finish(&self, report: &TaskReport) -> Result<(), SpoolError>;
+    /// Queues a telemetry sample unless the outbox is long; whether it was kept.
+    fn push_telemetry(&self, sample: &Telemetry) -> Result<bool, SpoolError>;
+    /// The oldest waiting message.
+    fn peek(&self) -> Result<Option<(OutboxKey, Message)>, SpoolError>;
+    /// Removes a delivered message.
+    fn ack(&self, key: &OutboxKey) -> Result<(), SpoolError>;
+    /// How many messages wait.
+    fn waiting(&self) -> usize;
+}
+
+/// [`HostMemory`] in a sled database.
 pub(crate) struct Spool {
     db: sled::Db,
     tasks: sled::Tree,
@@ -52,8 +81,10 @@ impl Spool {
         let outbox = db.open_tree("outbox")?;
         Ok(Self { db, tasks, outbox })
     }
+}
 
-    pub(crate) fn mark(&self, id: &TaskId) -> Result<Option<TaskMark>, SpoolError> {
+impl HostMemory for Spool {
+    fn mark(&self, id: &TaskId) -> Result<Option<TaskMark>, SpoolError> {
         Ok(self.tasks.get(id.0.as_bytes())?.map(|v| {
             if v.as_ref() == b"done" {
                 TaskMark::Done
@@ -64,7 +95,7 @@ impl Spool {
     }
 
     /// Tasks marked started but never finished: the agent died while running them.
-    pub(crate) fn interrupted(&self) -> Result<Vec<TaskId>, SpoolError> {
+    fn interrupted(&self) -> Result<Vec<TaskId>, SpoolError> {
         let mut ids = Vec::new();
         for entry in self.tasks.iter() {
             let (key, value) = entry?;
@@ -76,7 +107,7 @@ impl Spool {
     }
 
     /// Durably records that `id` is about to run. Returns false if it was seen before.
-    pub(crate) fn start(&self, id: &TaskId) -> Result<bool, SpoolError> {
+    fn start(&self, id: &TaskId) -> Result<bool, SpoolError> {
         let fresh = self
             .tasks
             .compare_and_swap(
@@ -90,7 +121,7 @@ impl Spool {
     }
 
     /// Marks the task done and queues its report, atomically and durably.
-    pub(crate) fn finish(&self, report: &TaskReport) -> Result<(), SpoolError> {
+    fn finish(&self, report: &TaskReport) -> Result<(), SpoolError> {
         let body = serde_json::to_vec(&Message::Report(report.clone()))?;
         let key = self.db.generate_id()?.to_be_bytes();
         (&self.tasks, &self.outbox)
@@ -106,7 +137,7 @@ impl Spool {
 
     /// Queues a telemetry sample, unless the spool is already long (then it is dropped:
     /// old telemetry is worth less than room for reports).
-    pub(crate) fn push_telemetry(&self, sample: &Telemetry) -> Result<bool, SpoolError> {
+    fn push_telemetry(&self, sample: &Telemetry) -> Result<bool, SpoolError> {
         if self.outbox.len() >= TELEMETRY_SPOOL_LIMIT {
             return Ok(false);
         }
@@ -120,21 +151,24 @@ impl Spool {
     }
 
     /// The oldest waiting message.
-    pub(crate) fn peek(&self) -> Result<Option<(sled::IVec, Message)>, SpoolError> {
+    fn peek(&self) -> Result<Option<(OutboxKey, Message)>, SpoolError> {
         match self.outbox.first()? {
-            Some((key, value)) => Ok(Some((key, serde_json::from_slice(&value)?))),
+            Some((key, value)) => Ok(Some((
+                OutboxKey(key.to_vec()),
+                serde_json::from_slice(&value)?,
+            ))),
             None => Ok(None),
         }
     }
 
     /// Removes a delivered message.
-    pub(crate) fn ack(&self, key: &[u8]) -> Result<(), SpoolError> {
-        self.outbox.remove(key)?;
+    fn ack(&self, key: &OutboxKey) -> Result<(), SpoolError> {
+        self.outbox.remove(&key.0)?;
         self.db.flush()?;
         Ok(())
     }
 
-    pub(crate) fn waiting(&self) -> usize {
+    fn waiting(&self) -> usize {
         self.outbox.len()
     }
 }

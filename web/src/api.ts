@@ -1,83 +1,34 @@
-// Typed client for the LabRack JSON API (same origin, cookie session + CSRF header).
+// Typed client for the LabRack JSON API (same origin, cookie session + CSRF header). The
+// types are the server's: generated from its OpenAPI document (`cargo xtask web`) into
+// ./generated/schema.ts; the names below are the UI's words for them.
 
-export type StaffRole = "admin" | "organizer" | "staff" | "judge";
+import type { components } from "./generated/schema";
 
-export interface StaffPrincipal {
-  kind: "staff";
-  id: string | number;
-  username: string;
-  role: StaffRole;
-  must_change_password: boolean;
-}
+type Schemas = components["schemas"];
 
-export interface ParticipantPrincipal {
-  kind: "participant";
-  id: string | number;
-  name: string;
-  team_id: string | number;
-  event_id: string | number;
-}
+export type StaffRole = Schemas["Role"];
 
-export type Principal = StaffPrincipal | ParticipantPrincipal;
+export type StaffPrincipal = Extract<Principal, { kind: "staff" }>;
 
-export interface AuthResponse {
-  principal: Principal;
-  csrf_token: string;
-}
+export type ParticipantPrincipal = Extract<Principal, { kind: "participant" }>;
 
-export type EventState = "draft" | "live" | "frozen" | "ended" | "archived";
+export type Principal = Schemas["Principal"];
 
-export interface LabEvent {
-  id: string | number;
-  name: string;
-  code: string;
-  state: EventState;
-  /** the states staff may move it to now */
-  next_states: EventState[];
-  starts_at: string;
-  ends_at: string;
-  created_at: string;
-  updated_at: string;
-  team_count: number;
-  participant_count: number;
-}
+export type AuthResponse = Schemas["SessionInfo"];
 
-export interface Team {
-  id: string | number;
-  event_id: string | number;
-  name: string;
-  participant_count: number;
-  created_at: string;
-}
+export type EventState = Schemas["EventState"];
 
-export interface Participant {
-  id: string | number;
-  event_id: string | number;
-  team_id: string | number;
-  team_name: string;
-  name: string;
-  email: string | null;
-  joined_at: string | null;
-  created_at: string;
-}
+export type LabEvent = Schemas["Event"];
 
-export interface IssuedJoinCode {
-  participant: Participant;
-  join_code: string;
-}
+export type Team = Schemas["Team"];
 
-export interface ImportResult {
-  imported: number;
-  teams_created: number;
-  participants: IssuedJoinCode[];
-}
+export type Participant = Schemas["Participant"];
 
-export interface MeResponse {
-  participant: Participant;
-  team: { id: string | number; name: string };
-  event: Pick<LabEvent, "id" | "name" | "code" | "state" | "starts_at" | "ends_at">;
-  teammates: { id: string | number; name: string; joined: boolean }[];
-}
+export type IssuedJoinCode = Schemas["IssuedCode"];
+
+export type ImportResult = Schemas["ImportResult"];
+
+export type MeResponse = Schemas["Me"];
 
 export type AllocationState =
   | "requested"
@@ -89,23 +40,8 @@ export type AllocationState =
   | "release_failed"
   | "unreachable";
 
-export interface Allocation {
-  id: number;
-  event_id: number;
-  team_id: number;
-  team_name: string;
-  host_id: number;
-  host_name: string;
-  template: string;
-  state: AllocationState;
-  busy: boolean;
-  reason: string | null;
-  desktop_ready: boolean;
-  created_at: string;
-  updated_at: string;
-  /** failed while its host was silent past the grace: staff may resume it */
-  resumable?: boolean;
-}
+/** The server documents `state` as text; these are its values. */
+export type Allocation = Omit<Schemas["AllocationView"], "state"> & { state: AllocationState };
 
 export interface GpuDevice {
   index: number;
@@ -125,175 +61,46 @@ export interface Telemetry {
   gpus: { status: "no_gpu"; reason: string } | { status: "present"; driver_version: string | null; devices: GpuDevice[] };
 }
 
-export interface LabHost {
-  id: number;
-  name: string;
-  address: string;
-  gpus: number;
-  capacity: number;
-  labs_in_use: number;
-  healthy: boolean;
-  last_seen_at: string;
-  enrolled_at: string;
-  telemetry: Telemetry | null;
-}
+/** The server passes the host's telemetry through as the host sent it (free JSON). */
+export type LabHost = Omit<Schemas["HostView"], "telemetry"> & { telemetry: Telemetry | null };
 
-export interface LabTemplate {
-  name: string;
-  runtime: string;
-  gpus: number;
-  gpu_memory_mib: number | null;
-  skeleton: string;
-  checks: { name: string; dimension: string; weight: number; hidden: boolean }[];
-}
+export type LabTemplate = Schemas["TemplateView"];
 
-export interface BoardRow {
-  rank: number;
-  team_id: number;
-  team: string;
-  total: number;
-  check_points: number;
-  judge_points: number;
-  adjustments: number;
-  dimensions: Record<string, number>;
-  checks_passed: number;
-  checks_scored: number;
-  reached_ms: number | null;
-}
+export type BoardRow = Schemas["BoardRow"];
 
-export interface Leaderboard {
-  event_id: number;
-  dimensions: string[];
-  bracket: string | null;
-  as_of_ms: number | null;
-  rows: BoardRow[];
-}
+export type Leaderboard = Schemas["Leaderboard"];
 
-export interface PublicBoard {
-  event: string;
-  state: EventState;
-  frozen_at: string | null;
-  board: Leaderboard;
-}
+export type PublicBoard = Schemas["PublicBoard"];
 
-export interface MyCheck {
-  name: string;
-  dimension: string;
-  weight: number;
-  state: string;
-  message: string | null;
-  finished_at: string | null;
-}
+export type MyCheck = Schemas["MyCheck"];
 
-export interface MyChecks {
-  checks: MyCheck[];
-  hidden_checks: number;
-  visible_points: number;
-  running: boolean;
-}
+export type MyChecks = Schemas["MyChecks"];
 
-export interface Submission {
-  id: number;
-  team_id: number;
-  version: string;
-  note: string | null;
-  submitted_at: string;
-}
+export type Submission = Schemas["Submission"];
 
-export interface Hint {
-  id: number;
-  title: string;
-  cost: number;
-  check: string | null;
-  body: string | null;
-  unlocked: boolean;
-  unlocked_by_teams: number | null;
-}
+export type Hint = Schemas["HintView"];
 
-export interface AgentMessage {
-  id: number;
-  team_id: number | null;
-  agent: string;
-  source: "llm" | "rules";
-  body: string;
-  at: string;
-}
+export type AgentMessage = Schemas["AgentMessage"];
 
-export interface BatchQueued {
-  batch_id: number;
-  queued: number;
-  skipped: { team_id: number; team: string; reason: string }[];
-}
+export type BatchQueued = Schemas["BatchQueued"];
 
-export interface BatchView {
-  id: number;
-  reason: string;
-  counts: Record<"queued" | "running" | "passed" | "failed" | "error" | "cancelled", number>;
-  done: boolean;
-}
+export type BatchView = Schemas["BatchView"];
 
-export interface Job {
-  id: number;
-  kind: string;
-  payload: unknown;
-  state: string;
-  attempts: number;
-  max_attempts: number;
-  last_error: string | null;
-  updated_ms: number;
-}
+export type Job = Schemas["Job"];
 
-export interface Rubric {
-  dimensions: { name: string; label: string; judge_max: number }[];
-  brackets: { name: string; teams: string[] }[];
-}
+export type Rubric = Schemas["Rubric"];
 
-export interface Alert {
-  id: number;
-  team_id: number | null;
-  kind: string;
-  detail: string;
-  at: string;
-}
+export type Alert = Schemas["Alert"];
 
-export interface LedgerEntry {
-  id: number;
-  team_id: number | null;
-  kind: string;
-  quantity: number;
-  unit: string;
-  amount_cents: number;
-  note: string;
-  actor: string;
-  created_ms: number;
-}
+export type LedgerEntry = Schemas["LedgerEntry"];
 
-export interface LedgerView {
-  entries: LedgerEntry[];
-  balance: { credits_cents: number; charges_cents: number; balance_cents: number; status: "ok" | "low" | "depleted" };
-}
+export type LedgerView = Schemas["LedgerView"];
 
-export interface SyncView {
-  link: { configured: boolean; state: string; cloud: string | null; acked: number; last_error: string | null; linked_since_ms: number | null };
-  pending_rows: number;
-  pending_age_ms: number | null;
-  last_seq: number;
-}
+export type SyncView = Schemas["SyncView"];
 
-export interface RowError {
-  line: number;
-  reason: string;
-}
+export type RowError = Schemas["RowError"];
 
-/** RFC 9457 problem details as answered by the server. */
-export interface Problem {
-  type?: string;
-  title?: string;
-  status?: number;
-  detail?: string;
-  field?: string;
-  errors?: RowError[];
-}
+export type Problem = Schemas["Problem"];
 
 export class ApiError extends Error {
   readonly status: number;
@@ -338,12 +145,12 @@ async function readProblem(res: Response): Promise<Problem> {
       if (body && typeof body === "object") return body as Problem;
     } else {
       const text = (await res.text()).trim();
-      if (text) return { status: res.status, title: res.statusText, detail: text.slice(0, 500) };
+      if (text) return { type: "about:blank", status: res.status, title: res.statusText, detail: text.slice(0, 500) };
     }
   } catch {
     // fall through to the generic problem
   }
-  return { status: res.status, title: res.statusText || `HTTP ${res.status}` };
+  return { type: "about:blank", status: res.status, title: res.statusText || `HTTP ${res.status}`, detail: "" };
 }
 
 export async function request<T>(method: string, path: string, opts: RequestOptions = {}): Promise<T> {
@@ -370,6 +177,8 @@ export async function request<T>(method: string, path: string, opts: RequestOpti
     res = await fetch(path, { method, headers, body, credentials: "same-origin", cache: "no-store" });
   } catch {
     throw new ApiError(0, {
+      type: "urn:labrack:problem:network",
+      status: 0,
       title: "Network error",
       detail: "Could not reach the LabRack server. Check your connection and try again.",
     });
@@ -396,12 +205,7 @@ export async function request<T>(method: string, path: string, opts: RequestOpti
 type Id = string | number;
 const enc = (id: Id): string => encodeURIComponent(String(id));
 
-/** What a staff console needs to connect (public). */
-export interface ApplianceCard {
-  url: string | null;
-  ca_fingerprint: string | null;
-  qr_svg: string | null;
-}
+export type ApplianceCard = Schemas["ApplianceCard"];
 
 export const api = {
   appliance: () => request<ApplianceCard>("GET", "/api/v1/appliance", { sessionRequired: false }),

@@ -52,7 +52,9 @@ commands:
   api-fuzz [--seconds N]
                     schemathesis against a running debug labrack, as a participant and
                     as the admin, N s each (the test command's step; build first)
-  web               build the web UI only
+  web               refresh the web UI's copy of the API document from the server's code
+                    (web/src/generated/openapi.json), regenerate its TypeScript types
+                    from it and build the web UI
 ";
 
 /// Debian packages the test command needs, with the command that shows each is present.
@@ -73,6 +75,11 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "libglib2.0-bin",
     // drives the console's native file dialogs in its test
     "xdotool",
+    // the join-code badges embed these fonts (every script a name may be written in), and
+    // their tests read the PDFs back with poppler
+    "fonts-dejavu-core",
+    "fonts-droid-fallback",
+    "poppler-utils",
     "chromium",
     "ca-certificates",
     "openssh-server",
@@ -114,7 +121,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::cmd_bench(&args[1..]),
         Some("fuzz") => fuzz::cmd_fuzz(&args[1..]),
         Some("api-fuzz") => api_fuzz::cmd_api_fuzz(&args[1..]),
-        Some("web") => build_web(),
+        Some("web") => cmd_web(),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -201,6 +208,27 @@ fn cmd_test(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo xtask web`: the document from the server's code, then the types and the build.
+fn cmd_web() -> anyhow::Result<()> {
+    util::step("the API document (labrack admin openapi)");
+    let output = cargo()
+        .args(["run", "--quiet", "-p", "labrack", "--", "admin", "openapi"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running labrack admin openapi")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "labrack admin openapi failed ({})",
+        output.status
+    );
+    let copy = project_root().join("web/src/generated/openapi.json");
+    std::fs::write(&copy, &output.stdout).with_context(|| format!("writing {}", copy.display()))?;
+    println!("xtask: wrote {}", copy.display());
+    build_web()
+}
+
+/// Builds the web UI: its TypeScript types are generated from the kept copy of the API
+/// document (`npm run generate`, part of `npm run build`), then type-checked and bundled.
 pub(crate) fn build_web() -> anyhow::Result<()> {
     let web = project_root().join("web");
     util::step("building the web UI");

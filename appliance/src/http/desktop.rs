@@ -155,7 +155,7 @@ pub struct DesktopTicket {
 }
 
 /// Issues a single-use ticket to watch (staff) or use (its team) a lab's desktop.
-#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/desktop-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(post, operation_id = "desktop_ticket", path = "/v1/allocations/{allocation_id}/desktop-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 201, body = DesktopTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem),
         (status = 429, body = Problem, description = "this session holds as many unused tickets as it may")))]
 pub async fn ticket(

@@ -73,7 +73,7 @@ pub fn load_event(conn: &Connection, id: i64) -> Result<Event, Error> {
 }
 
 /// Lists events, newest first.
-#[utoipa::path(get, path = "/v1/events", tag = "events", responses((status = 200, body = EventList), (status = 401, body = Problem), (status = 403, body = Problem)))]
+#[utoipa::path(get, operation_id = "list_events", path = "/v1/events", tag = "events", responses((status = 200, body = EventList), (status = 401, body = Problem), (status = 403, body = Problem)))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<EventList>, Error> {
     caller.require_staff(&roles::ALL_STAFF)?;
     let events = state
@@ -122,7 +122,7 @@ pub fn random_code(len: usize) -> String {
 }
 
 /// Creates an event in `draft`.
-#[utoipa::path(post, path = "/v1/events", tag = "events", request_body = NewEvent,
+#[utoipa::path(post, operation_id = "create_event", path = "/v1/events", tag = "events", request_body = NewEvent,
     responses((status = 201, body = Event), (status = 403, body = Problem), (status = 422, body = Problem)))]
 pub async fn create(
     State(state): State<AppState>,
@@ -155,7 +155,7 @@ pub async fn create(
 }
 
 /// One event.
-#[utoipa::path(get, path = "/v1/events/{event_id}", tag = "events", params(("event_id" = i64, Path)),
+#[utoipa::path(get, operation_id = "get_event", path = "/v1/events/{event_id}", tag = "events", params(("event_id" = i64, Path)),
     responses((status = 200, body = Event), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_one(
     State(state): State<AppState>,

@@ -129,7 +129,7 @@ pub struct HostList {
 }
 
 /// Lists enrolled hosts with health, capacity and telemetry.
-#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = HostList), (status = 403, body = Problem)))]
+#[utoipa::path(get, operation_id = "list_hosts", path = "/v1/hosts", tag = "hosts", responses((status = 200, body = HostList), (status = 403, body = Problem)))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<HostList>, Error> {
     caller.require_staff(&roles::ALL_STAFF)?;
     let hosts = state

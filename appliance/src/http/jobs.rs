@@ -48,7 +48,7 @@ impl From<JobError> for Error {
 }
 
 /// Jobs by state, most recently changed first.
-#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobsQuery),
+#[utoipa::path(get, operation_id = "list_jobs", path = "/v1/jobs", tag = "jobs", params(JobsQuery),
     responses((status = 200, body = JobsPage), (status = 400, body = Problem), (status = 403, body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
@@ -77,7 +77,7 @@ pub async fn list(
 }
 
 /// One job, with its attempts, lease and last error.
-#[utoipa::path(get, path = "/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = i64, Path)),
+#[utoipa::path(get, operation_id = "get_job", path = "/v1/jobs/{job_id}", tag = "jobs", params(("job_id" = i64, Path)),
     responses((status = 200, body = Job), (status = 403, body = Problem), (status = 404, body = Problem)))]
 pub async fn get_one(
     State(state): State<AppState>,

@@ -290,6 +290,23 @@ mod tests {
 
     /// A query struct without `parameter_in = Query` is documented as path parameters.
     #[test]
+    fn operation_ids_are_unique_so_generated_clients_can_name_them() {
+        let doc = serde_json::to_value(model()).expect("document");
+        let mut seen = std::collections::BTreeMap::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, operation) in item.as_object().expect("path item") {
+                let id = operation["operationId"]
+                    .as_str()
+                    .expect("an operationId")
+                    .to_owned();
+                if let Some(other) = seen.insert(id.clone(), format!("{method} {path}")) {
+                    panic!("operationId {id} names both {other} and {method} {path}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn every_path_parameter_is_in_its_path_and_every_error_a_problem_document() {
         let doc = serde_json::to_value(model()).expect("document");
         let paths = doc["paths"].as_object().expect("paths");

@@ -31,7 +31,7 @@ pub struct StaffList {
 }
 
 /// Lists staff accounts.
-#[utoipa::path(get, path = "/v1/staff", tag = "staff", responses((status = 200, body = StaffList), (status = 403, body = Problem)))]
+#[utoipa::path(get, operation_id = "list_staff", path = "/v1/staff", tag = "staff", responses((status = 200, body = StaffList), (status = 403, body = Problem)))]
 pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<StaffList>, Error> {
     caller.require_staff(&roles::ADMINS)?;
     let staff = state
@@ -67,7 +67,7 @@ pub struct NewStaff {
 }
 
 /// Creates a staff account. The person must change the password at first login.
-#[utoipa::path(post, path = "/v1/staff", tag = "staff", request_body = NewStaff,
+#[utoipa::path(post, operation_id = "create_staff", path = "/v1/staff", tag = "staff", request_body = NewStaff,
     responses((status = 201, body = StaffAccount), (status = 403, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn create(
     State(state): State<AppState>,

@@ -258,7 +258,7 @@ fn may_open(caller: &Caller, team_id: i64) -> Result<(), Error> {
 }
 
 /// Issues a single-use ticket for the lab's browser terminal.
-#[utoipa::path(post, path = "/v1/allocations/{allocation_id}/terminal-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
+#[utoipa::path(post, operation_id = "terminal_ticket", path = "/v1/allocations/{allocation_id}/terminal-ticket", tag = "labs", params(("allocation_id" = i64, Path)),
     responses((status = 201, body = TerminalTicket), (status = 403, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem),
         (status = 429, body = Problem, description = "this session holds as many unused tickets as it may")))]
 pub async fn ticket(

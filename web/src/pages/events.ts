@@ -169,7 +169,7 @@ function syncCard(page: HTMLElement): HTMLElement {
         detail.textContent = `${s.pending_rows} change(s) recorded for the cloud.`;
         return;
       }
-      const age = s.pending_age_ms === null ? "" : `, oldest ${Math.round(s.pending_age_ms / 1000)} s`;
+      const age = s.pending_age_ms == null ? "" : `, oldest ${Math.round(s.pending_age_ms / 1000)} s`;
       line.textContent = `${s.link.state === "linked" ? "Linked" : s.link.state} to ${s.link.cloud ?? "?"} — ${s.pending_rows} change(s) waiting${age}; ${s.link.acked} of ${s.last_seq} acknowledged.`;
       detail.textContent = s.link.last_error ? `Last error: ${s.link.last_error}` : "";
     } catch (err) {

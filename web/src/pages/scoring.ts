@@ -152,7 +152,7 @@ export function renderScoring(root: HTMLElement, eventId: string): void {
   const loadAlerts = async (): Promise<void> => {
     try {
       const alerts = await api.alerts(eventId);
-      const name = (id: number | null): string => teams.find((t) => Number(t.id) === id)?.name ?? (id === null ? "—" : `team ${id}`);
+      const name = (id: number | null | undefined): string => teams.find((t) => Number(t.id) === id)?.name ?? (id == null ? "—" : `team ${id}`);
       replace(alertsBody, alerts.length ? h("ul", { class: "plain" }, alerts.map((a) => h("li", { testid: "alert" }, `${formatDateTime(a.at)} · ${name(a.team_id)}: ${a.detail}`))) : h("p", { class: "muted" }, "No alerts."));
     } catch (err) {
       if (root.isConnected) showError(error, err);

@@ -1,46 +1,129 @@
-//! Prometheus metrics, kept by hand: a few counters, a latency histogram per route and
-//! the writer's queue depth. Rendered in the text exposition format at `/metrics`.
+//! Prometheus metrics through `prometheus-client` (the Prometheus project's own crate): a
+//! request counter and latency histogram per route, the writer's queue, the connection
+//! gate and the login limiter. Each server has a registry of its own (tests run several in
+//! one process), rendered in the OpenMetrics text format at `/metrics`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
 const LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-#[derive(Default)]
-struct RouteStats {
-    /// count per status code
-    statuses: BTreeMap<u16, u64>,
-    buckets: [u64; LATENCY_BUCKETS.len()],
-    count: u64,
-    sum_seconds: f64,
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: &'static str,
+    route: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 /// Process-wide metrics.
-#[derive(Default)]
 pub struct Metrics {
-    routes: Mutex<BTreeMap<(String, String), RouteStats>>,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// writes queued and not yet taken by the writer
-    pub writer_queue_depth: AtomicI64,
+    pub writer_queue_depth: Gauge,
     /// transactions committed by the writer
-    pub writer_batches: AtomicU64,
+    pub writer_batches: Counter,
     /// requests run by the writer
-    pub writer_jobs: AtomicU64,
+    pub writer_jobs: Counter,
     /// input refused by the login rate limiter
-    pub login_rate_limited: AtomicU64,
-    /// connections open now and refused since start (set by the connection gate's owner)
-    pub connections_open: AtomicI64,
-    pub connections_refused: AtomicU64,
+    pub login_rate_limited: Counter,
+    /// connections open now (set by the connection gate's owner before each render)
+    pub connections_open: Gauge,
+    /// connections refused since start (brought up to the gate's count before each render)
+    pub connections_refused: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("labrack");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let metrics = Self {
+            writer_queue_depth: Gauge::default(),
+            writer_batches: Counter::default(),
+            writer_jobs: Counter::default(),
+            login_rate_limited: Counter::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Counter::default(),
+            requests: requests.clone(),
+            latency: latency.clone(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests by method, route and status",
+            requests,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            latency,
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            metrics.connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused by the connection caps",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "writer_queue_depth",
+            "Writes waiting for the group-commit writer",
+            metrics.writer_queue_depth.clone(),
+        );
+        registry.register(
+            "writer_batches",
+            "Transactions committed by the writer",
+            metrics.writer_batches.clone(),
+        );
+        registry.register(
+            "writer_jobs",
+            "Write requests run by the writer",
+            metrics.writer_jobs.clone(),
+        );
+        registry.register(
+            "login_rate_limited",
+            "Logins and joins refused by the rate limiter",
+            metrics.login_rate_limited.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
 }
 
 impl Metrics {
     /// Records one finished request. A method outside the standard ones counts as `OTHER`,
-    /// so a client inventing methods cannot grow the map (routes are the router's own).
+    /// so a client inventing methods cannot grow the families (routes are the router's own).
     pub fn observe(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         const METHODS: [&str; 9] = [
             "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
@@ -50,119 +133,38 @@ impl Metrics {
             .find(|m| **m == method)
             .copied()
             .unwrap_or("OTHER");
-        let seconds = elapsed.as_secs_f64();
-        let Ok(mut routes) = self.routes.lock() else {
-            return;
-        };
-        let stats = routes
-            .entry((method.to_owned(), route.to_owned()))
-            .or_default();
-        *stats.statuses.entry(status).or_default() += 1;
-        stats.count += 1;
-        stats.sum_seconds += seconds;
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(stats.buckets.iter_mut()) {
-            if seconds <= *bound {
-                *bucket += 1;
-            }
+        self.requests
+            .get_or_create(&RequestLabels {
+                method,
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                method,
+                route: route.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The connection gate's figures, taken just before a render.
+    pub fn note_connections(&self, open: usize, refused: u64) {
+        self.connections_open
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+        let counted = self.connections_refused.get();
+        if refused > counted {
+            self.connections_refused.inc_by(refused - counted);
         }
     }
 
-    /// The text exposition format.
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str(
-            "# HELP labrack_http_requests_total HTTP requests by method, route and status.\n",
-        );
-        out.push_str("# TYPE labrack_http_requests_total counter\n");
-        let routes = match self.routes.lock() {
-            Ok(routes) => routes,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for ((method, route), stats) in routes.iter() {
-            for (status, count) in &stats.statuses {
-                let _ = writeln!(
-                    out,
-                    "labrack_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {count}"
-                );
-            }
-        }
-        out.push_str("# HELP labrack_http_request_duration_seconds HTTP request latency.\n");
-        out.push_str("# TYPE labrack_http_request_duration_seconds histogram\n");
-        for ((method, route), stats) in routes.iter() {
-            let labels = format!("method=\"{method}\",route=\"{route}\"");
-            for (bound, bucket) in LATENCY_BUCKETS.iter().zip(stats.buckets.iter()) {
-                let _ = writeln!(
-                    out,
-                    "labrack_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {bucket}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "labrack_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                stats.count
-            );
-            let _ = writeln!(
-                out,
-                "labrack_http_request_duration_seconds_sum{{{labels}}} {}",
-                stats.sum_seconds
-            );
-            let _ = writeln!(
-                out,
-                "labrack_http_request_duration_seconds_count{{{labels}}} {}",
-                stats.count
-            );
-        }
-        drop(routes);
-        let gauges: [(&str, &str, &str, i64); 6] = [
-            (
-                "labrack_connections_open",
-                "gauge",
-                "Client connections open now.",
-                self.connections_open.load(Ordering::Relaxed),
-            ),
-            (
-                "labrack_connections_refused_total",
-                "counter",
-                "Connections refused by the connection caps.",
-                to_i64(self.connections_refused.load(Ordering::Relaxed)),
-            ),
-            (
-                "labrack_writer_queue_depth",
-                "gauge",
-                "Writes waiting for the group-commit writer.",
-                self.writer_queue_depth.load(Ordering::Relaxed),
-            ),
-            (
-                "labrack_writer_batches_total",
-                "counter",
-                "Transactions committed by the writer.",
-                to_i64(self.writer_batches.load(Ordering::Relaxed)),
-            ),
-            (
-                "labrack_writer_jobs_total",
-                "counter",
-                "Write requests run by the writer.",
-                to_i64(self.writer_jobs.load(Ordering::Relaxed)),
-            ),
-            (
-                "labrack_login_rate_limited_total",
-                "counter",
-                "Logins and joins refused by the rate limiter.",
-                to_i64(self.login_rate_limited.load(Ordering::Relaxed)),
-            ),
-        ];
-        for (name, kind, help, value) in gauges {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -170,7 +172,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative() {
+    fn histogram_buckets_are_cumulative_and_invented_methods_are_one_key() {
         let m = Metrics::default();
         m.observe("GET", "/x", 200, Duration::from_millis(3));
         m.observe("GET", "/x", 404, Duration::from_millis(300));
@@ -178,15 +180,22 @@ mod tests {
         assert!(
             text.contains(
                 "labrack_http_requests_total{method=\"GET\",route=\"/x\",status=\"200\"} 1"
-            )
+            ),
+            "{text}"
         );
         assert!(
             text.contains(
                 "labrack_http_requests_total{method=\"GET\",route=\"/x\",status=\"404\"} 1"
             )
         );
-        assert!(text.contains("le=\"0.005\"} 1"));
-        assert!(text.contains("le=\"0.5\"} 2"));
+        assert!(
+            text.contains("le=\"0.005\",method=\"GET\",route=\"/x\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("le=\"0.5\",method=\"GET\",route=\"/x\"} 2"),
+            "{text}"
+        );
         assert!(text.contains(
             "labrack_http_request_duration_seconds_count{method=\"GET\",route=\"/x\"} 2"
         ));
@@ -201,5 +210,24 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("AAAA"), "invented methods are not keys");
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn gauges_and_counters_render_with_their_names() {
+        let m = Metrics::default();
+        m.writer_queue_depth.inc();
+        m.writer_jobs.inc_by(3);
+        m.note_connections(7, 5);
+        m.note_connections(6, 4);
+        let text = m.render();
+        for line in [
+            "labrack_writer_queue_depth 1",
+            "labrack_writer_jobs_total 3",
+            "labrack_connections_open 6",
+            "labrack_connections_refused_total 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
     }
 }

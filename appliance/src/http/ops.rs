@@ -119,20 +119,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus text exposition.
+/// The metrics in the OpenMetrics text format (Prometheus scrapes it).
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    state.metrics.connections_open.store(
-        i64::try_from(state.connections.open()).unwrap_or(i64::MAX),
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    state.metrics.connections_refused.store(
-        state.connections.refused(),
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    state
+        .metrics
+        .note_connections(state.connections.open(), state.connections.refused());
     let mut response = state.metrics.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
     );
     response
 }

@@ -72,10 +72,7 @@ pub async fn login(
         (account, attempts::ACCOUNT),
     ];
     if let Err(refused) = state.attempts.begin(&keys) {
-        state
-            .metrics
-            .login_rate_limited
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.metrics.login_rate_limited.inc();
         if refused.first {
             let detail = serde_json::json!({"username": req.username, "retry_after_secs": refused.retry_after.as_secs().max(1)});
             audit_refused(&state, &meta, "auth.lockout", None, detail).await;
@@ -319,10 +316,7 @@ pub async fn join(
 ) -> Result<Response, Error> {
     let keys = [(meta.client_key(), attempts::JOIN_CLIENT)];
     if let Err(refused) = state.attempts.begin(&keys) {
-        state
-            .metrics
-            .login_rate_limited
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        state.metrics.login_rate_limited.inc();
         if refused.first {
             let detail =
                 serde_json::json!({"retry_after_secs": refused.retry_after.as_secs().max(1)});

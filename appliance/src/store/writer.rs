@@ -10,7 +10,6 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
@@ -128,21 +127,15 @@ impl Writer {
             outcome: None,
             reply,
         });
-        self.metrics
-            .writer_queue_depth
-            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.writer_queue_depth.inc();
         match self.queue.try_send(Message::Job(job)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.metrics
-                    .writer_queue_depth
-                    .fetch_sub(1, Ordering::Relaxed);
+                self.metrics.writer_queue_depth.dec();
                 return Err(WriteError::Store(StoreError::Busy));
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics
-                    .writer_queue_depth
-                    .fetch_sub(1, Ordering::Relaxed);
+                self.metrics.writer_queue_depth.dec();
                 return Err(WriteError::Store(StoreError::WriterClosed));
             }
         }
@@ -192,15 +185,11 @@ fn run(conn: Connection, mut jobs: mpsc::Receiver<Message>, metrics: &Metrics) {
             continue;
         }
         let taken = i64::try_from(batch.len()).unwrap_or(i64::MAX);
-        metrics
-            .writer_queue_depth
-            .fetch_sub(taken, Ordering::Relaxed);
-        metrics
-            .writer_jobs
-            .fetch_add(taken.unsigned_abs(), Ordering::Relaxed);
+        metrics.writer_queue_depth.dec_by(taken);
+        metrics.writer_jobs.inc_by(taken.unsigned_abs());
         let mut pending: std::collections::VecDeque<Box<dyn Pending>> = batch.drain(..).collect();
         while !pending.is_empty() {
-            metrics.writer_batches.fetch_add(1, Ordering::Relaxed);
+            metrics.writer_batches.inc();
             run_batch(&conn, &mut pending);
         }
     }
@@ -291,6 +280,8 @@ fn run_batch(conn: &Connection, pending: &mut std::collections::VecDeque<Box<dyn
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     fn writer() -> (Writer, tempfile_path::TempPath) {

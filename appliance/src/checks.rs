@@ -702,6 +702,45 @@ impl Workers {
         self.jobs_wake.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// Renews `worker`'s lease on `job_id`; an error when the job is no longer ours (staff
+    /// cancelled it, or the lease was lost).
+    async fn extend_lease(&self, job_id: i64, worker: &str) -> Result<(), Error> {
+        let worker = worker.to_owned();
+        self.db
+            .writer()
+            .write(move |conn| {
+                Ok::<_, Error>(jobs::extend(
+                    conn,
+                    job_id,
+                    &worker,
+                    LEASE_MS,
+                    crate::clock::now_ms(),
+                )?)
+            })
+            .await
+            .map_err(Error::from)
+    }
+
+    /// Hands `job_id` back to the queue at shutdown, so the next start picks it up at once.
+    async fn hand_back(&self, job_id: i64, worker: &str) {
+        let worker = worker.to_owned();
+        let handed = self
+            .db
+            .writer()
+            .write(move |conn| {
+                Ok::<_, Error>(jobs::abandon(
+                    conn,
+                    job_id,
+                    &worker,
+                    crate::clock::now_ms(),
+                )?)
+            })
+            .await;
+        if let Err(error) = handed {
+            tracing::info!(job = job_id, error = ?Error::from(error), "could not hand a job back");
+        }
+    }
+
     fn agents(&self) -> crate::agents::AgentContext {
         crate::agents::AgentContext {
             db: self.db.clone(),
@@ -805,41 +844,17 @@ async fn renewing<T>(
             _ = renew.tick() => Wake::Renew,
             _ = shutdown.wait_for(|stop| *stop) => Wake::Stop,
         };
-        let worker = worker.to_owned();
         match wake {
             Wake::Done(done) => return Some(done),
             Wake::Renew => {
-                let renewed = state
-                    .db
-                    .writer()
-                    .write(move |conn| {
-                        Ok::<_, Error>(jobs::extend(
-                            conn,
-                            job_id,
-                            &worker,
-                            LEASE_MS,
-                            crate::clock::now_ms(),
-                        )?)
-                    })
-                    .await;
+                let renewed = state.extend_lease(job_id, worker).await;
                 if let Err(error) = renewed {
-                    tracing::info!(job = job_id, error = ?Error::from(error), "stopped a job that is no longer ours");
+                    tracing::info!(job = job_id, ?error, "stopped a job that is no longer ours");
                     return None;
                 }
             }
             Wake::Stop => {
-                let _ = state
-                    .db
-                    .writer()
-                    .write(move |conn| {
-                        Ok::<_, Error>(jobs::abandon(
-                            conn,
-                            job_id,
-                            &worker,
-                            crate::clock::now_ms(),
-                        )?)
-                    })
-                    .await;
+                state.hand_back(job_id, worker).await;
                 return None;
             }
         }
@@ -1079,42 +1094,17 @@ async fn run_job(
         match wake {
             Wake::Look => {}
             Wake::Renew => {
-                let (job_id, worker) = (job.id, worker.to_owned());
-                let renewed = state
-                    .db
-                    .writer()
-                    .write(move |conn| {
-                        Ok::<_, Error>(jobs::extend(
-                            conn,
-                            job_id,
-                            &worker,
-                            LEASE_MS,
-                            crate::clock::now_ms(),
-                        )?)
-                    })
-                    .await;
+                let renewed = state.extend_lease(job.id, worker).await;
                 if let Err(error) = renewed {
                     // Cancelled by staff, or the lease was lost: the job is no longer ours.
-                    tracing::info!(job = job.id, error = ?Error::from(error), "stopped waiting for a check");
+                    tracing::info!(job = job.id, ?error, "stopped waiting for a check");
                     return Ok(());
                 }
             }
             Wake::Stop => {
                 // Hand the job back so the next start picks it up at once; its host task
                 // stays out and the next worker waits for that one instead of a new one.
-                let (job_id, worker) = (job.id, worker.to_owned());
-                let _ = state
-                    .db
-                    .writer()
-                    .write(move |conn| {
-                        Ok::<_, Error>(jobs::abandon(
-                            conn,
-                            job_id,
-                            &worker,
-                            crate::clock::now_ms(),
-                        )?)
-                    })
-                    .await;
+                state.hand_back(job.id, worker).await;
                 return Ok(());
             }
         }
@@ -1147,8 +1137,7 @@ async fn run_over_ssh(
         tokio::select! {
             done = &mut ssh => break done,
             _ = renew.tick() => {
-                let (job_id, worker) = (job.id, worker.to_owned());
-                let renewed = state.db.writer().write(move |conn| Ok::<_, Error>(jobs::extend(conn, job_id, &worker, LEASE_MS, crate::clock::now_ms())?)).await;
+                let renewed = state.extend_lease(job.id, worker).await;
                 if renewed.is_err() {
                     // Cancelled or lost: the check's result, if it comes, is not ours to record.
                     return Ok(());

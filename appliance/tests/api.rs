@@ -117,10 +117,7 @@ fn allowed(role: &str, index: usize) -> bool {
 #[tokio::test]
 async fn authorization_matrix_every_role_times_every_endpoint() {
     let app = TestApp::new().await;
-    let mut callers = Vec::new();
-    for role in ["admin", "organizer", "staff", "judge"] {
-        callers.push((role, As::Bearer(app.staff(&format!("{role}1"), role).await)));
-    }
+    let mut callers = common::staff_cast(&app).await;
     let organizer = callers[1].1.clone();
     let s = seed(&app, &organizer).await;
     callers.push((

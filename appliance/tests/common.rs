@@ -264,6 +264,16 @@ fn rand_suffix() -> u64 {
     h.finish()
 }
 
+/// One bearer session per staff role (`admin1`, `organizer1`, `staff1`, `judge1`), in that
+/// order: the cast every authorization matrix runs through.
+pub async fn staff_cast(app: &TestApp) -> Vec<(&'static str, As)> {
+    let mut cast = Vec::new();
+    for role in ["admin", "organizer", "staff", "judge"] {
+        cast.push((role, As::Bearer(app.staff(&format!("{role}1"), role).await)));
+    }
+    cast
+}
+
 /// An event with two teams and a participant in each; returns ids and join codes.
 pub struct Seed {
     pub event_id: i64,

@@ -66,10 +66,7 @@ type MatrixCase<'a> = (
 #[tokio::test]
 async fn lab_authorization_matrix() {
     let app = TestApp::new().await;
-    let mut callers = Vec::new();
-    for role in ["admin", "organizer", "staff", "judge"] {
-        callers.push((role, As::Bearer(app.staff(&format!("{role}1"), role).await)));
-    }
+    let mut callers = common::staff_cast(&app).await;
     let organizer = callers[1].1.clone();
     let s = seed(&app, &organizer).await;
     insert_host(&app, "rack-1", 256).await;

@@ -158,35 +158,43 @@ fn connected(
     }
 }
 
-async fn answer(response: reqwest::Response) -> Result<serde_json::Value, String> {
+/// Why a call failed, as the webview gets it: the appliance's problem document exactly as
+/// it was sent (so the screen can name the field at fault, as the web UI does), or a
+/// sentence for what failed before any answer (unreachable, not connected).
+type Failure = serde_json::Value;
+
+async fn answer(response: reqwest::Response) -> Result<serde_json::Value, Failure> {
     let status = response.status();
     let text = response.text().await.map_err(|e| e.to_string())?;
-    let body: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    let parsed: Option<serde_json::Value> = serde_json::from_str(&text).ok();
     if status.is_success() {
-        Ok(body)
-    } else {
-        let detail = body["detail"]
+        return Ok(parsed.unwrap_or(serde_json::Value::String(text)));
+    }
+    match parsed {
+        Some(problem)
+            if problem
+                .get("detail")
+                .is_some_and(serde_json::Value::is_string) =>
+        {
+            Err(problem)
+        }
+        // Not a problem document (a proxy's page, say): one in the same shape.
+        _ => Err(serde_json::json!({
+            "type": "about:blank",
+            "status": status.as_u16(),
+            "title": status.canonical_reason().unwrap_or("error"),
+            "detail": text.chars().take(500).collect::<String>(),
+        })),
+    }
+}
+
+/// A failure in one line, for places that show no fields (a wall tile's caption).
+fn sentence(failure: &Failure) -> String {
+    match (failure["status"].as_u64(), failure["detail"].as_str()) {
+        (Some(status), Some(detail)) => format!("{status}: {detail}"),
+        _ => failure
             .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| body.to_string());
-        // Row errors of a CSV import, one per line, so staff can fix the file.
-        let rows: Vec<String> = body["errors"]
-            .as_array()
-            .map(|errors| {
-                errors
-                    .iter()
-                    .map(|e| {
-                        format!(
-                            "\nline {}: {}",
-                            e["line"],
-                            e["reason"].as_str().unwrap_or_default()
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Err(format!("{}: {detail}{}", status.as_u16(), rows.concat()))
+            .map_or_else(|| failure.to_string(), str::to_owned),
     }
 }
 
@@ -196,7 +204,7 @@ async fn login(
     state: tauri::State<'_, AppState>,
     username: String,
     password: String,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, Failure> {
     let (client, base, _) = connected(&state)?;
     let response = client
         .post(format!("{base}/api/v1/auth/login"))
@@ -225,13 +233,13 @@ async fn api(
     path: String,
     body: Option<serde_json::Value>,
     csv: Option<String>,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, Failure> {
     if !path.starts_with("/api/v1/") || path.contains("..") {
         return Err("only /api/v1/ paths may be called".into());
     }
     let (client, base, token) = connected(&state)?;
-    let method =
-        reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).map_err(|_| "bad method")?;
+    let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes())
+        .map_err(|_| Failure::from("bad method"))?;
     let mut request = client.request(method, format!("{base}{path}"));
     if let Some(token) = token {
         request = request.bearer_auth(token);
@@ -273,7 +281,11 @@ async fn thumbnail(
         .get(reqwest::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes() == b"image/jpeg");
     if !response.status().is_success() {
-        return Err(answer(response).await.err().unwrap_or_default());
+        return Err(answer(response)
+            .await
+            .err()
+            .map(|failure| sentence(&failure))
+            .unwrap_or_default());
     }
     if !is_jpeg {
         return Err("the appliance sent no picture".into());

@@ -13,6 +13,32 @@ function text(el, value) {
   el.textContent = value ?? "";
 }
 
+// A failed call in words: the appliance's problem document (its status, detail and the
+// bad rows of an upload, one per line) or the console's own sentence.
+function describe(err) {
+  if (err && typeof err === "object" && typeof err.detail === "string") {
+    const rows = (err.errors ?? []).map((row) => `\nline ${row.line}: ${row.reason}`).join("");
+    return `${err.status}: ${err.detail}${rows}`;
+  }
+  return String(err);
+}
+
+// Shows a failure in `box` and marks the input the appliance named as at fault (the
+// problem document's `field`, looked up in `inputs`), clearing earlier marks.
+function showFailure(box, err, inputs = {}) {
+  text(box, describe(err));
+  for (const input of Object.values(inputs)) {
+    input.classList.remove("invalid");
+    input.removeAttribute("aria-invalid");
+  }
+  const bad = err && typeof err === "object" ? inputs[err.field] : undefined;
+  if (bad) {
+    bad.classList.add("invalid");
+    bad.setAttribute("aria-invalid", "true");
+    bad.focus();
+  }
+}
+
 async function call(method, path, body) {
   return invoke("api", { method, path, body: body ?? null, csv: null });
 }
@@ -67,7 +93,7 @@ $("discover").addEventListener("click", async () => {
       list.append(item);
     }
   } catch (err) {
-    text($("discover-state"), String(err));
+    text($("discover-state"), describe(err));
   }
 });
 
@@ -79,7 +105,7 @@ $("connect-button").addEventListener("click", async () => {
     show("login");
     $("username").focus();
   } catch (err) {
-    text($("connect-error"), String(err));
+    text($("connect-error"), describe(err));
   }
 });
 
@@ -95,7 +121,7 @@ $("login-button").addEventListener("click", async () => {
     show("dashboard");
     await refresh();
   } catch (err) {
-    text($("login-error"), String(err));
+    text($("login-error"), describe(err));
   }
 });
 
@@ -238,7 +264,7 @@ async function refreshFocus() {
         await call("POST", `/api/v1/events/${eventId}/transition`, { to, from: event.state });
         await refreshFocus();
       } catch (err) {
-        text($("focus-error"), String(err));
+        text($("focus-error"), describe(err));
       }
     });
     moves.append(button);
@@ -283,7 +309,7 @@ async function refreshFocus() {
           await call("POST", `/api/v1/allocations/${lab.id}/${action}`, {});
           await refreshFocus();
         } catch (err) {
-          text($("focus-error"), String(err));
+          text($("focus-error"), describe(err));
         }
       });
       actions.append(button);
@@ -338,7 +364,7 @@ function renderSummary(summary) {
       const titles = { host_down: "Lab host down", dead_letters: "Jobs failed for good", sync_stalled: "Cloud sync stalled" };
       invoke("notify", { title: `LabRack · ${titles[problem.kind] ?? problem.kind}`, body: problem.detail })
         .then(() => text($("notify-state"), `Notified: ${problem.detail}`))
-        .catch((err) => text($("notify-state"), String(err)));
+        .catch((err) => text($("notify-state"), describe(err)));
     }
   }
   const alerts = $("alerts");
@@ -404,7 +430,7 @@ async function loadThumbnail(tile) {
     tile.img.src = await invoke("thumbnail", { allocationId: tile.lab.id });
     tile.caption.textContent = `${tile.lab.team_name} · ${tile.lab.host_name}`;
   } catch (err) {
-    tile.caption.replaceChildren(`${tile.lab.team_name} · `, Object.assign(document.createElement("span"), { className: "stale", textContent: String(err) }));
+    tile.caption.replaceChildren(`${tile.lab.team_name} · `, Object.assign(document.createElement("span"), { className: "stale", textContent: describe(err) }));
   } finally {
     tile.loading = false;
   }
@@ -442,13 +468,14 @@ async function refresh() {
 }
 
 $("create-event").addEventListener("click", async () => {
-  text($("event-error"), "");
+  const inputs = { name: $("event-name"), starts_at: $("event-starts"), ends_at: $("event-ends") };
+  showFailure($("event-error"), "", inputs);
   try {
-    await call("POST", "/api/v1/events", { name: $("event-name").value, starts_at: $("event-starts").value, ends_at: $("event-ends").value });
-    $("event-name").value = "";
+    await call("POST", "/api/v1/events", { name: inputs.name.value, starts_at: inputs.starts_at.value, ends_at: inputs.ends_at.value });
+    inputs.name.value = "";
     await refreshEvents();
   } catch (err) {
-    text($("event-error"), String(err));
+    showFailure($("event-error"), err, inputs);
   }
 });
 
@@ -464,7 +491,7 @@ $("import").addEventListener("click", async () => {
     text($("badges-result"), "");
     await refreshEvents();
   } catch (err) {
-    const [summary, ...rows] = String(err).split("\n");
+    const [summary, ...rows] = describe(err).split("\n");
     text($("import-result"), summary);
     for (const row of rows) {
       const item = document.createElement("li");
@@ -481,7 +508,7 @@ setInterval(() => {
 
 void renderRemembered();
 
-$("focus-event").addEventListener("change", () => void refreshFocus().catch((err) => text($("focus-error"), String(err))));
+$("focus-event").addEventListener("change", () => void refreshFocus().catch((err) => text($("focus-error"), describe(err))));
 
 $("announce").addEventListener("click", async () => {
   text($("focus-error"), "");
@@ -490,7 +517,7 @@ $("announce").addEventListener("click", async () => {
     $("announcement").value = "";
     await refreshFocus();
   } catch (err) {
-    text($("focus-error"), String(err));
+    text($("focus-error"), describe(err));
   }
 });
 
@@ -501,7 +528,7 @@ $("save-badges").addEventListener("click", async () => {
     const path = await invoke("save_badges", { event: lastImport.event?.name ?? "", eventCode: lastImport.event?.code ?? "", badges });
     text($("badges-result"), path ? `Saved ${badges.length} badge(s) to ${path}` : "Not saved (cancelled).");
   } catch (err) {
-    text($("badges-result"), String(err));
+    text($("badges-result"), describe(err));
   }
 });
 
@@ -514,7 +541,7 @@ $("pick-roster").addEventListener("click", async () => {
     const rows = csv.split("\n").filter((line) => line.trim()).length - 1;
     text($("import-result"), `Loaded ${rows} row(s) from the file: check them, then Import.`);
   } catch (err) {
-    text($("import-result"), String(err));
+    text($("import-result"), describe(err));
   }
 });
 
@@ -528,6 +555,6 @@ $("export-ledger").addEventListener("click", async () => {
     const path = await invoke("save_text", { title: "Export the billing ledger", fileName: `ledger-${code}.csv`, text: String(csv) });
     text($("export-result"), path ? `Saved the ledger to ${path}` : "Not saved (cancelled).");
   } catch (err) {
-    text($("export-result"), String(err));
+    text($("export-result"), describe(err));
   }
 });

@@ -501,9 +501,32 @@ async fn the_console_pins_the_ca_logs_in_creates_an_event_imports_a_roster_and_s
     driver.click("login-button").await?;
     driver.wait_displayed("dashboard").await?;
 
+    // The appliance's problem document reaches the screen whole: its detail is shown and
+    // the field it names is marked, as the web UI does.
+    driver.fill("event-name", "   ").await?;
+    driver.click("create-event").await?;
+    driver.wait_text("event-error", "422").await?;
+    let marked = driver
+        .execute(
+            "return document.querySelector('[data-testid=\"event-name\"]').getAttribute('aria-invalid');",
+            json!(null),
+        )
+        .await?;
+    assert_eq!(
+        marked,
+        json!("true"),
+        "the name field is marked as at fault"
+    );
     driver.fill("event-name", "Console Cup").await?;
     driver.click("create-event").await?;
     driver.wait_text("events", "Console Cup").await?;
+    let marked = driver
+        .execute(
+            "return document.querySelector('[data-testid=\"event-name\"]').getAttribute('aria-invalid');",
+            json!(null),
+        )
+        .await?;
+    assert_eq!(marked, json!(null), "the mark goes once the event is made");
     // A bad row is named with its line; nothing is imported.
     driver
         .fill("csv", "team,name,email\nRed,Ada,not-an-email\n")

@@ -20,7 +20,6 @@ use crate::llm::{ChatMessage, LlmError, Payer};
 use crate::store::Db;
 
 /// The job kind of a team's question to the hint agent.
-pub const HINT_JOB: &str = "agent_hint";
 /// Checks failing this many times in a row raise an alert.
 pub const FAILING_STREAK: usize = 3;
 /// An alert is not repeated within this time.
@@ -121,17 +120,9 @@ pub fn post_answer(
 pub async fn answer_question(
     state: &AgentContext,
     job_id: i64,
-    payload: &serde_json::Value,
+    hint: &crate::jobs::AgentHint,
 ) -> Result<Answer, Error> {
-    let (Some(event_id), Some(team_id)) =
-        (payload["event_id"].as_i64(), payload["team_id"].as_i64())
-    else {
-        return Err(Error::invalid(
-            "payload",
-            "the job needs event_id and team_id",
-        ));
-    };
-    let question = payload["question"].as_str().unwrap_or_default().to_owned();
+    let (event_id, team_id, question) = (hint.event_id, hint.team_id, hint.question.clone());
     let (failing, hints, recorded) = state
         .db
         .read(move |conn| {

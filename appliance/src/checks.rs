@@ -4,7 +4,7 @@
 //!
 //! A run is a snapshot of the check as it was queued (script, limits, weight, dimension),
 //! so editing templates never changes a run in flight. Each run is one job of kind
-//! [`JOB_KIND`] in the durable queue:
+//! [`jobs::Work::RunCheck`] in the durable queue:
 //!
 //! 1. a worker claims the job and issues a host task `check-{run}-{n}` — unless the run
 //!    already has a task in flight (the appliance restarted mid-check): then it waits for
@@ -30,7 +30,6 @@ use crate::error::Error;
 use crate::jobs::{self, Job, NewJob};
 
 /// The job kind of a check run.
-pub const JOB_KIND: &str = "run_check";
 /// How long a worker's claim holds without renewal.
 const LEASE_MS: i64 = 15_000;
 /// How often a waiting worker renews its lease.
@@ -253,7 +252,10 @@ pub fn queue_batch(
             idempotency_key: Some(format!("check-run-{run_id}")),
             priority: request.priority,
             max_attempts: request.max_attempts,
-            ..NewJob::new(JOB_KIND, serde_json::json!({"check_run_id": run_id})).for_team(team_id)
+            ..NewJob::work(&jobs::Work::RunCheck(jobs::RunCheck {
+                check_run_id: run_id,
+            }))
+            .for_team(team_id)
         };
         let (job_id, _) = jobs::enqueue(conn, &job, now_ms)?;
         conn.prepare_cached("UPDATE check_runs SET job_id = ?2 WHERE id = ?1")?
@@ -513,8 +515,15 @@ fn begin(
     job: &Job,
     now_ms: i64,
 ) -> Result<Begin, Error> {
-    let Some(run_id) = job.payload["check_run_id"].as_i64() else {
-        return Ok(Begin::CannotRun("the job has no check_run_id".into()));
+    let run_id = match jobs::Work::of(job) {
+        Ok(jobs::Work::RunCheck(work)) => work.check_run_id,
+        Ok(other) => {
+            return Ok(Begin::CannotRun(format!(
+                "a {} job is no check",
+                other.kind()
+            )));
+        }
+        Err(why) => return Ok(Begin::CannotRun(why)),
     };
     #[allow(clippy::type_complexity)]
     let run: Option<(String, i64, String, String, u32, u32, bool)> = conn
@@ -780,11 +789,7 @@ async fn dispatch(state: Workers, name: String, slots: usize) {
                 let job = jobs::claim(
                     conn,
                     &worker,
-                    &[
-                        JOB_KIND,
-                        crate::scores::SUBMISSION_JOB,
-                        crate::agents::HINT_JOB,
-                    ],
+                    &jobs::Work::KINDS,
                     LEASE_MS,
                     crate::clock::now_ms(),
                 )?;
@@ -867,14 +872,18 @@ async fn run_claimed(
     job: Job,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
-    if job.kind == crate::scores::SUBMISSION_JOB {
-        let (worker, attempts) = (name.clone(), state.queue.attempts_for(JOB_KIND));
+    let work = jobs::Work::of(&job);
+    if let Ok(jobs::Work::ScoreSubmission(scoring)) = &work {
+        let submission = scoring.submission_id;
+        let (worker, attempts) = (
+            name.clone(),
+            state.queue.attempts_for(jobs::Work::RUN_CHECK),
+        );
         let expanded = state
             .db
             .writer()
             .write(move |conn| {
                 use crate::scores::Scoring;
-                let submission = job.payload["submission_id"].as_i64().unwrap_or_default();
                 match crate::scores::expand_submission(
                     conn,
                     submission,
@@ -909,12 +918,12 @@ async fn run_claimed(
                 tracing::warn!(worker = %name, error = ?Error::from(error), "scoring a submission failed")
             }
         }
-    } else if job.kind == crate::agents::HINT_JOB {
+    } else if let Ok(jobs::Work::AgentHint(hint)) = &work {
         let Some(answered) = renewing(
             &state,
             job.id,
             &name,
-            crate::agents::answer_question(&state.agents(), job.id, &job.payload),
+            crate::agents::answer_question(&state.agents(), job.id, hint),
         )
         .await
         else {

@@ -16,7 +16,7 @@
 //! sleeping. Times are Unix milliseconds.
 
 use rusqlite::{Connection, OptionalExtension as _, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Attempts a job gets unless its kind says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
@@ -46,6 +46,77 @@ pub enum JobError {
     LeaseLost(i64),
 }
 
+/// The appliance's kinds of work, each with what it needs: the one list of job kinds and
+/// their payloads (stored as the JSON of the variant's fields).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// run one check run (a host task, or over SSH)
+    RunCheck(RunCheck),
+    /// turn a team's submission into a check batch
+    ScoreSubmission(ScoreSubmission),
+    /// answer a team's question with the hint agent
+    AgentHint(AgentHint),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunCheck {
+    pub check_run_id: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreSubmission {
+    pub submission_id: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHint {
+    pub event_id: i64,
+    pub team_id: i64,
+    pub question: String,
+}
+
+impl Work {
+    pub const RUN_CHECK: &str = "run_check";
+    pub const SCORE_SUBMISSION: &str = "score_submission";
+    pub const AGENT_HINT: &str = "agent_hint";
+    /// Every kind the workers claim.
+    pub const KINDS: [&str; 3] = [Self::RUN_CHECK, Self::SCORE_SUBMISSION, Self::AGENT_HINT];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RunCheck(_) => Self::RUN_CHECK,
+            Self::ScoreSubmission(_) => Self::SCORE_SUBMISSION,
+            Self::AgentHint(_) => Self::AGENT_HINT,
+        }
+    }
+
+    /// The payload as stored.
+    pub fn payload(&self) -> serde_json::Value {
+        let value = match self {
+            Self::RunCheck(work) => serde_json::to_value(work),
+            Self::ScoreSubmission(work) => serde_json::to_value(work),
+            Self::AgentHint(work) => serde_json::to_value(work),
+        };
+        // Plain structs of integers and strings always serialize.
+        value.unwrap_or_default()
+    }
+
+    /// A claimed job's work; why not, for a kind or payload this appliance does not know.
+    pub fn of(job: &Job) -> Result<Self, String> {
+        let payload = job.payload.clone();
+        let parsed = match job.kind.as_str() {
+            Self::RUN_CHECK => serde_json::from_value(payload).map(Self::RunCheck),
+            Self::SCORE_SUBMISSION => serde_json::from_value(payload).map(Self::ScoreSubmission),
+            Self::AGENT_HINT => serde_json::from_value(payload).map(Self::AgentHint),
+            other => return Err(format!("no worker does jobs of kind {other:?}")),
+        };
+        parsed.map_err(|e| format!("the {} job's payload: {e}", job.kind))
+    }
+}
+
 /// A job to add.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -61,6 +132,11 @@ pub struct NewJob {
 }
 
 impl NewJob {
+    /// A job for `work`, with the defaults.
+    pub fn work(work: &Work) -> Self {
+        Self::new(work.kind(), work.payload())
+    }
+
     pub fn new(kind: impl Into<String>, payload: serde_json::Value) -> Self {
         Self {
             kind: kind.into(),
@@ -399,6 +475,61 @@ mod tests {
     fn cleanup(path: &std::path::Path) {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[test]
+    fn work_round_trips_through_its_stored_form_and_odd_jobs_are_named() {
+        let all = [
+            Work::RunCheck(RunCheck { check_run_id: 7 }),
+            Work::ScoreSubmission(ScoreSubmission { submission_id: 3 }),
+            Work::AgentHint(AgentHint {
+                event_id: 1,
+                team_id: 2,
+                question: "why?".into(),
+            }),
+        ];
+        for work in all {
+            let new = NewJob::work(&work);
+            assert_eq!(new.kind, work.kind());
+            let job = Job {
+                kind: new.kind.clone(),
+                payload: new.payload.clone(),
+                ..job_of_kind("")
+            };
+            assert_eq!(Work::of(&job), Ok(work));
+        }
+        assert_eq!(
+            NewJob::work(&Work::RunCheck(RunCheck { check_run_id: 7 })).payload,
+            json!({"check_run_id": 7}),
+            "the stored form is the fields"
+        );
+        let odd = Job {
+            kind: Work::AGENT_HINT.into(),
+            payload: json!({"team_id": 2}),
+            ..job_of_kind("x")
+        };
+        assert!(Work::of(&odd).is_err_and(|e| e.contains("event_id")));
+        assert!(Work::of(&job_of_kind("mystery")).is_err_and(|e| e.contains("mystery")));
+    }
+
+    fn job_of_kind(kind: &str) -> Job {
+        Job {
+            id: 1,
+            kind: kind.into(),
+            payload: json!({}),
+            idempotency_key: None,
+            priority: 0,
+            state: "running".into(),
+            attempts: 1,
+            max_attempts: 5,
+            run_after_ms: 0,
+            lease_owner: None,
+            lease_expires_ms: None,
+            last_error: None,
+            created_ms: 0,
+            updated_ms: 0,
+            fair_key: None,
         }
     }
 

@@ -13,9 +13,6 @@ pub use labrack_provisioner::ranking::{BoardRow, JudgedPoints, LatestResult, ran
 use crate::error::Error;
 use crate::rubric::Rubric;
 
-/// The job kind that turns a team's submission into a check batch.
-pub const SUBMISSION_JOB: &str = "score_submission";
-
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Leaderboard {
     pub event_id: i64,

@@ -69,7 +69,9 @@ fn settings(urls: &[&str], budget: u64, per_minute: u32) -> LlmSettings {
 
 /// Answers a question as the queue's job `job_id` does: the answer is posted in its own write.
 async fn answer(app: &TestApp, job_id: i64, payload: &Value) {
-    let answer = labrack::agents::answer_question(&app.state.agents(), job_id, payload)
+    let hint: labrack::jobs::AgentHint =
+        serde_json::from_value(payload.clone()).expect("a hint job's payload");
+    let answer = labrack::agents::answer_question(&app.state.agents(), job_id, &hint)
         .await
         .expect("answered");
     let now = i64::try_from(labrack::clock::unix_ms()).unwrap_or(0);
@@ -838,7 +840,9 @@ async fn a_retried_question_is_asked_billed_and_answered_once() {
     let payload = json!({"event_id": s.event_id, "team_id": s.team_a, "question": "Why?"});
     // The first attempt got the model's reply (recorded and billed with the job), then its
     // worker died before posting; the retry must not ask or bill again.
-    labrack::agents::answer_question(&app.state.agents(), 77, &payload)
+    let hint: labrack::jobs::AgentHint =
+        serde_json::from_value(payload.clone()).expect("a hint job's payload");
+    labrack::agents::answer_question(&app.state.agents(), 77, &hint)
         .await
         .expect("answered");
     assert_eq!(good.calls.load(Ordering::SeqCst), 1);

@@ -354,7 +354,7 @@ pub async fn ask(
 ) -> Result<(StatusCode, Json<QuestionQueued>), Error> {
     let (team_id, event_id) = participant(&caller)?;
     let question = super::validate::name("question", &body.question, 1000)?;
-    let attempts = state.queue.attempts_for(crate::agents::HINT_JOB);
+    let attempts = state.queue.attempts_for(crate::jobs::Work::AGENT_HINT);
     let job_id = state
         .db
         .writer()
@@ -362,7 +362,7 @@ pub async fn ask(
             require_running(conn, event_id, "the assistant answers")?;
             let pending: bool = conn.query_row(
                 "SELECT EXISTS(SELECT 1 FROM jobs WHERE kind = ?1 AND state IN ('queued', 'running') AND json_extract(payload, '$.team_id') = ?2)",
-                params![crate::agents::HINT_JOB, team_id],
+                params![crate::jobs::Work::AGENT_HINT, team_id],
                 |r| r.get(0),
             )?;
             if pending {
@@ -371,7 +371,7 @@ pub async fn ask(
             let job = NewJob {
                 priority: 1,
                 max_attempts: attempts,
-                ..NewJob::new(crate::agents::HINT_JOB, serde_json::json!({"event_id": event_id, "team_id": team_id, "question": question}))
+                ..NewJob::work(&crate::jobs::Work::AgentHint(crate::jobs::AgentHint { event_id, team_id, question: question.clone() }))
                     .for_team(team_id)
             };
             let (id, _) = jobs::enqueue(conn, &job, crate::clock::now_ms())?;

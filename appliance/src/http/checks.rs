@@ -68,7 +68,7 @@ pub async fn queue_batch(
         check_name,
         reason,
         requested_by: caller.actor(),
-        max_attempts: state.queue.attempts_for(checks::JOB_KIND),
+        max_attempts: state.queue.attempts_for(crate::jobs::Work::RUN_CHECK),
         priority: 0,
     };
     let queued = state
@@ -270,7 +270,7 @@ pub async fn run_mine(
     caller: Caller,
 ) -> Result<(StatusCode, Json<BatchQueued>), Error> {
     let (team_id, event_id) = participant(&caller)?;
-    let max_attempts = state.queue.attempts_for(checks::JOB_KIND);
+    let max_attempts = state.queue.attempts_for(crate::jobs::Work::RUN_CHECK);
     let queued = state
         .db
         .writer()

@@ -433,7 +433,9 @@ pub async fn submit(
         Some(note) => Some(super::validate::name("note", &note, 500)?),
         None => None,
     };
-    let attempts = state.queue.attempts_for(scores::SUBMISSION_JOB);
+    let attempts = state
+        .queue
+        .attempts_for(crate::jobs::Work::SCORE_SUBMISSION);
     let (created, submission) = state
         .db
         .writer()
@@ -467,7 +469,7 @@ pub async fn submit(
             let job = NewJob {
                 idempotency_key: Some(format!("submission-{id}")),
                 max_attempts: attempts,
-                ..NewJob::new(scores::SUBMISSION_JOB, serde_json::json!({"submission_id": id})).for_team(team_id)
+                ..NewJob::work(&crate::jobs::Work::ScoreSubmission(crate::jobs::ScoreSubmission { submission_id: id })).for_team(team_id)
             };
             jobs::enqueue(conn, &job, now)?;
             audit::record(conn, &caller.actor(), &caller.meta, "submission.created", Some(&format!("submission:{id}")),

@@ -98,6 +98,9 @@ pub struct Snapshot {
 struct PinnedCertificate {
     sha256: Vec<u8>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// set when the server showed another certificate: how a failed handshake is told
+    /// apart from other TLS failures (rustls reports both as an I/O error)
+    mismatched: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ServerCertVerifier for PinnedCertificate {
@@ -112,7 +115,11 @@ impl ServerCertVerifier for PinnedCertificate {
         if sha2::Sha256::digest(end_entity.as_ref()).as_slice() == self.sha256.as_slice() {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General("certificate pin mismatch".into()))
+            self.mismatched
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 
@@ -302,6 +309,7 @@ impl DesktopSession {
         let pin = hex::decode(target.cert_sha256.trim())
             .map_err(|_| DesktopError::CertificateMismatch)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mismatched = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut tls_config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| DesktopError::Tls(e.to_string()))?
@@ -309,6 +317,7 @@ impl DesktopSession {
             .with_custom_certificate_verifier(Arc::new(PinnedCertificate {
                 sha256: pin,
                 provider,
+                mismatched: mismatched.clone(),
             }))
             .with_no_client_auth();
         tls_config.resumption = rustls::client::Resumption::disabled();
@@ -318,7 +327,7 @@ impl DesktopSession {
             .map_err(|e| DesktopError::Tls(e.to_string()))?;
         let mut tls = rustls::StreamOwned::new(connection, tcp);
         if let Err(error) = tls.flush() {
-            return Err(if error.to_string().contains("pin mismatch") {
+            return Err(if mismatched.load(std::sync::atomic::Ordering::Relaxed) {
                 DesktopError::CertificateMismatch
             } else {
                 DesktopError::Tls(error.to_string())
